@@ -1,0 +1,51 @@
+"""Bearer keys: parsing, hashing, and the RFC 6750 challenge. Pure."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+_BEARER = re.compile(r"^Bearer +(mcpm_(live|test|oauth)_[A-Za-z0-9]{1,200})$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    token: str
+    kind: str  # 'live' | 'test' | 'oauth'
+
+    @property
+    def hash(self) -> str:
+        return token_hash(self.token)
+
+    @property
+    def prefix(self) -> str:
+        """What may be shown or logged of a key: its first characters, never the secret."""
+        return self.token[: len("mcpm_") + len(self.kind) + 1 + 4] + "…"
+
+
+def parse_authorization(header: str | None) -> Credential | None:
+    """The credential in an Authorization header, or None if it is missing or malformed."""
+    if not header:
+        return None
+    m = _BEARER.match(header.strip())
+    if m is None:
+        return None
+    token = m.group(1)
+    # The scheme is case-insensitive, the token is not: only the prefix is fixed lower-case.
+    if not token.startswith("mcpm_"):
+        return None
+    return Credential(token=token, kind=m.group(2))
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def challenge(resource_metadata_url: str, error: str | None = None) -> str:
+    """WWW-Authenticate value: no error code when no credential was sent (RFC 6750 §3.1)."""
+    parts = ['Bearer realm="mcpmeter"']
+    if error:
+        parts.append(f'error="{error}"')
+    parts.append(f'resource_metadata="{resource_metadata_url}"')
+    return ", ".join(parts)

@@ -1,0 +1,67 @@
+"""Prices, the publisher/platform split, and who pays when a call fails. Pure."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .jsonrpc import Outcome
+from .model import Listing
+
+
+def price_of(listing: Listing, tool_name: str) -> int:
+    """µ¢ for one call: the tool's own rule, else the listing default; null or 0 is free."""
+    price = listing.tool_prices.get(tool_name, listing.default_price)
+    return max(price or 0, 0)
+
+
+def split(amount: int, fee_rate_bps: int) -> tuple[int, int]:
+    """(publisher payout, platform fee); the fee rounds down so the two always add up."""
+    fee = amount * fee_rate_bps // 10_000
+    return amount - fee, fee
+
+
+def period(now: float | None = None) -> str:
+    """The UTC calendar month a free tier and a spending cap count in: 'YYYY-MM'."""
+    return time.strftime("%Y-%m", time.gmtime(time.time() if now is None else now))
+
+
+class Failure(StrEnum):
+    UPSTREAM = "upstream_failed"  # unreachable, or died before the final answer
+    TIMEOUT = "upstream_timeout"
+    CLIENT_GONE = "client_disconnected"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    refund: bool
+    reason: str
+
+
+def decide(
+    status: int | None,
+    outcome: Outcome | None,
+    failure: Failure | None,
+    bill_tool_errors: bool,
+) -> Decision:
+    """Whether a forwarded priced call is paid for, per the SPEC refund table.
+
+    The answer to the call decides when it was seen, whatever happened to the
+    connections afterwards; without an answer, only a client that walked away pays.
+    """
+    if outcome is Outcome.RPC_ERROR:
+        return Decision(True, "rpc_error")
+    if outcome is Outcome.TOOL_ERROR:
+        return Decision(not bill_tool_errors, "tool_error")
+    if outcome is Outcome.RESULT and (status is None or status < 400):
+        return Decision(False, "result")
+    if failure is Failure.CLIENT_GONE:
+        return Decision(False, "client_disconnected")
+    if failure is not None:
+        return Decision(True, failure.value)
+    if status is not None and status >= 500:
+        return Decision(True, "upstream_5xx")
+    if status is not None and status >= 400:
+        return Decision(True, "upstream_4xx")
+    return Decision(True, "no_answer")

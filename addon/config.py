@@ -1,0 +1,282 @@
+"""Gateway configuration: the YAML file named by `mcpmeter_config`, then environment overrides.
+
+The reference gateway's environment variable names are honoured so one `.env` serves both.
+Every problem is a ConfigError naming the key and the bad value; the addon turns it into
+an OptionsError, which stops mitmdump at start.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .auth import parse_authorization
+
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+LISTING_STATUSES = ("draft", "review", "live", "paused", "archived")
+TRANSPORTS = ("http", "sse", "streamable")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class MysqlSettings:
+    host: str = "127.0.0.1"
+    port: int = 3306
+    user: str = "root"
+    password: str = ""
+    database: str = "mcpmeter"
+    pool_size: int = 8
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 2
+    password: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    store: str = "sqlite"
+    cache: str = "memory"
+    sqlite_path: str = "mcpmeter.db"
+    public_url: str | None = None
+    billable_methods: tuple[str, ...] = ("tools/call",)
+    platform_fee_bps: int = 2000
+    default_rpm: int = 60
+    default_rpd: int = 10_000
+    upstream_timeout_ms: int = 30_000
+    max_upstream_timeout_ms: int = 300_000
+    key_cache_ttl_seconds: float = 60
+    mcp_cache_ttl_seconds: float = 60
+    negative_cache_ttl_seconds: float = 30
+    max_body_bytes: int = 10 * 1024 * 1024
+    log_level: str = "info"
+    mysql: MysqlSettings = field(default_factory=MysqlSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    seed: Mapping[str, Any] = field(default_factory=dict)
+
+
+_ENV_INT = {
+    "UPSTREAM_TIMEOUT_MS": "upstream_timeout_ms",
+    "MAX_UPSTREAM_TIMEOUT_MS": "max_upstream_timeout_ms",
+    "DEFAULT_RPM": "default_rpm",
+    "DEFAULT_RPD": "default_rpd",
+}
+_ENV_FLOAT = {
+    "KEY_CACHE_TTL_SECONDS": "key_cache_ttl_seconds",
+    "MCP_CACHE_TTL_SECONDS": "mcp_cache_ttl_seconds",
+}
+_ENV_STR = {
+    "MCPMETER_STORE": "store",
+    "MCPMETER_CACHE": "cache",
+    "MCPMETER_SQLITE_PATH": "sqlite_path",
+    "MCPMETER_PUBLIC_URL": "public_url",
+    "LOG_LEVEL": "log_level",
+}
+_ENV_MYSQL = {"DB_HOST": "host", "DB_PORT": "port", "DB_USER": "user", "DB_PASSWORD": "password", "DB_NAME": "database"}
+_ENV_REDIS = {"REDIS_HOST": "host", "REDIS_PORT": "port", "REDIS_DB": "db", "REDIS_PASSWORD": "password"}
+
+
+def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file (if any), apply environment overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read mcpmeter_config {path!r}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"mcpmeter_config {path!r} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"mcpmeter_config {path!r} must be a mapping at the top level")
+        raw = dict(loaded)
+        if "fee_rate" in raw:  # a friendlier spelling than basis points
+            raw["platform_fee_bps"] = round(_number(raw.pop("fee_rate"), "fee_rate", float) * 10_000)
+    env = os.environ if environ is None else environ
+    for name, key in (_ENV_STR | _ENV_INT | _ENV_FLOAT).items():
+        if env.get(name):
+            raw[key] = env[name]
+    for section, names in (("mysql", _ENV_MYSQL), ("redis", _ENV_REDIS)):
+        sub = dict(raw.get(section) or {})
+        for name, key in names.items():
+            if env.get(name) is not None and (env[name] != "" or key == "password"):
+                sub[key] = env[name]
+        raw[section] = sub
+    return _build(raw)
+
+
+def _build(raw: dict[str, Any]) -> Config:
+    known = set(Config.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("mysql", "redis", "seed"):
+            continue
+        default = Config.__dataclass_fields__[key].default
+        if key == "billable_methods":
+            if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
+                raise ConfigError("billable_methods must be a list of JSON-RPC method names")
+            values[key] = tuple(value)
+        elif key == "public_url":
+            values[key] = str(value).rstrip("/") if value else None
+        elif isinstance(default, bool) or default is None or isinstance(default, str):
+            values[key] = str(value)
+        elif isinstance(default, int):
+            values[key] = _number(value, key, int)
+        else:
+            values[key] = _number(value, key, float)
+    cfg = Config(
+        **values,
+        mysql=_section(MysqlSettings, raw.get("mysql"), "mysql"),
+        redis=_section(RedisSettings, raw.get("redis"), "redis"),
+        seed=_seed(raw.get("seed")),
+    )
+    if cfg.store not in ("sqlite", "mysql"):
+        raise ConfigError(f"store (MCPMETER_STORE) must be 'sqlite' or 'mysql', not {cfg.store!r}")
+    if cfg.cache not in ("memory", "redis"):
+        raise ConfigError(f"cache (MCPMETER_CACHE) must be 'memory' or 'redis', not {cfg.cache!r}")
+    for key in ("default_rpm", "default_rpd", "upstream_timeout_ms", "max_upstream_timeout_ms", "max_body_bytes"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, not {getattr(cfg, key)}")
+    if not 0 <= cfg.platform_fee_bps <= 10_000:
+        raise ConfigError(f"platform_fee_bps must be between 0 and 10000, not {cfg.platform_fee_bps}")
+    if cfg.log_level.lower() not in ("trace", "debug", "info", "warn", "warning", "error", "fatal"):
+        raise ConfigError(f"log_level {cfg.log_level!r} is not one of trace/debug/info/warn/error/fatal")
+    return cfg
+
+
+def _number(value: Any, key: str, kind: type) -> Any:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} must be a number, not {value!r}")
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a number, not {value!r}") from None
+    if kind is int and isinstance(value, float) and value != number:
+        raise ConfigError(f"{key} must be a whole number, not {value!r}")
+    return number
+
+
+def _section(cls: type, raw: Any, name: str) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name} must be a mapping")
+    fields = cls.__dataclass_fields__
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown {name} key(s): {', '.join(unknown)}")
+    values = {}
+    for key, value in raw.items():
+        default = fields[key].default
+        if isinstance(default, int) and not isinstance(default, bool):
+            values[key] = _number(value, f"{name}.{key}", int)
+        else:
+            values[key] = None if value is None else str(value)
+    return cls(**values)
+
+
+# --- the embedded store's seed: catalogue and consumers declared in the YAML -----------------
+
+_LISTING_KEYS = {
+    "slug", "upstream_url", "status", "transport", "upstream_headers", "free_calls_per_consumer",
+    "rate_limit_per_minute", "rate_limit_per_day", "upstream_timeout_seconds", "price_micro_cents",
+    "tool_prices", "bill_tool_errors",
+}
+_CONSUMER_KEYS = {"key", "user_id", "project_id", "credit_micro_cents", "status", "spending_cap_cents_per_month"}
+
+
+def _seed(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        return {"listings": [], "consumers": []}
+    if not isinstance(raw, dict) or set(raw) - {"listings", "consumers"}:
+        raise ConfigError("seed must be a mapping with 'listings' and 'consumers' lists")
+    listings = [_listing(x, i) for i, x in enumerate(raw.get("listings") or [])]
+    consumers = [_consumer(x, i) for i, x in enumerate(raw.get("consumers") or [])]
+    slugs = [x["slug"] for x in listings]
+    if len(set(slugs)) != len(slugs):
+        raise ConfigError("seed.listings: each slug may be listed once")
+    return {"listings": listings, "consumers": consumers}
+
+
+def _listing(x: Any, i: int) -> dict[str, Any]:
+    where = f"seed.listings[{i}]"
+    if not isinstance(x, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    if unknown := sorted(set(x) - _LISTING_KEYS):
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    slug = x.get("slug")
+    if not isinstance(slug, str) or not SLUG_RE.match(slug):
+        raise ConfigError(f"{where}.slug {slug!r} must match {SLUG_RE.pattern}")
+    where = f"seed.listings[{slug}]"
+    status = x.get("status", "live")
+    if status not in LISTING_STATUSES:
+        raise ConfigError(f"{where}.status {status!r} is not one of {', '.join(LISTING_STATUSES)}")
+    transport = x.get("transport", "streamable")
+    if transport not in TRANSPORTS:
+        raise ConfigError(f"{where}.transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
+    url = x.get("upstream_url")
+    if url is not None and (not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url)):
+        raise ConfigError(f"{where}.upstream_url {url!r} must be an http:// or https:// URL")
+    headers = x.get("upstream_headers") or {}
+    if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+        raise ConfigError(f"{where}.upstream_headers must map header names to strings")
+    prices = x.get("tool_prices") or {}
+    if not isinstance(prices, dict):
+        raise ConfigError(f"{where}.tool_prices must map tool names to µ¢ prices")
+    out = {
+        "slug": slug, "status": status, "transport": transport, "upstream_url": url,
+        "upstream_headers": headers,
+        "tool_prices": {str(k): _nonneg(v, f"{where}.tool_prices.{k}") for k, v in prices.items()},
+        "bill_tool_errors": bool(x.get("bill_tool_errors", False)),
+    }
+    for key in ("free_calls_per_consumer", "rate_limit_per_minute", "rate_limit_per_day",
+                "upstream_timeout_seconds", "price_micro_cents"):
+        value = x.get(key)
+        out[key] = None if value is None else _nonneg(value, f"{where}.{key}")
+    out["free_calls_per_consumer"] = out["free_calls_per_consumer"] or 0
+    return out
+
+
+def _consumer(x: Any, i: int) -> dict[str, Any]:
+    where = f"seed.consumers[{i}]"
+    if not isinstance(x, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    if unknown := sorted(set(x) - _CONSUMER_KEYS):
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    key = x.get("key")
+    if not isinstance(key, str) or (cred := parse_authorization(f"Bearer {key}")) is None or cred.kind == "oauth":
+        raise ConfigError(f"{where}.key must look like mcpm_test_<letters and digits> or mcpm_live_...")
+    status = x.get("status", "active")
+    if status not in ("active", "suspended"):
+        raise ConfigError(f"{where}.status {status!r} must be 'active' or 'suspended'")
+    cap = x.get("spending_cap_cents_per_month")
+    return {
+        "key": key, "env": cred.kind, "status": status,
+        "user_id": _nonneg(x.get("user_id", i + 1), f"{where}.user_id"),
+        "project_id": _nonneg(x.get("project_id", x.get("user_id", i + 1)), f"{where}.project_id"),
+        "credit_micro_cents": _nonneg(x.get("credit_micro_cents", 0), f"{where}.credit_micro_cents"),
+        "spending_cap_cents_per_month": None if cap is None else _nonneg(cap, f"{where}.spending_cap_cents_per_month"),
+    }
+
+
+def _nonneg(value: Any, where: str) -> int:
+    number = _number(value, where, int)
+    if number < 0:
+        raise ConfigError(f"{where} must not be negative, not {value!r}")
+    return number

@@ -1,0 +1,107 @@
+"""Value objects shared by the core and the adapters. No I/O here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+MICRO_CENTS_PER_CENT = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Consumer:
+    """Who is calling: resolved from an API key or an OAuth access token."""
+
+    user_id: int
+    project_id: int
+    status: str  # users.status: 'active' | 'suspended'
+    key_id: int | None = None  # api_keys.id; None for OAuth tokens
+    token_id: int | None = None  # oauth_access_tokens.id
+    env: str = "live"  # 'live' | 'test' | 'oauth'
+    expires_at: float | None = None  # OAuth tokens expire; a cached one must not outlive that
+
+    @property
+    def principal(self) -> str:
+        """Stable identity for rate limits and MCP session ownership."""
+        return f"k{self.key_id}" if self.key_id is not None else f"t{self.token_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """A publisher's MCP server as sold through the gateway (an `mcps` row + its prices)."""
+
+    id: int
+    slug: str
+    status: str  # draft | review | live | paused | archived
+    upstream_url: str | None
+    transport: str = "streamable"  # http | sse | streamable
+    upstream_headers: Mapping[str, str] = field(default_factory=dict)
+    free_calls_per_consumer: int = 0
+    rate_limit_per_minute: int | None = None
+    rate_limit_per_day: int | None = None
+    upstream_timeout_seconds: int | None = None
+    default_price: int | None = None  # µ¢ per call; None/0 = free
+    tool_prices: Mapping[str, int] = field(default_factory=dict)
+    bill_tool_errors: bool = False  # bill results with isError: true
+
+
+class Verdict(StrEnum):
+    FREE = "free"  # a free-tier slot was claimed
+    DEBITED = "debited"
+    UNPRICED = "unpriced"  # a billable method whose price is 0: recorded, never charged
+    INSUFFICIENT_CREDIT = "insufficient_credit"
+    PROJECT_CAP_EXCEEDED = "project_cap_exceeded"
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeRequest:
+    """Ask the store to pay for one priced call, atomically, before it is forwarded."""
+
+    request_id: str
+    user_id: int
+    project_id: int
+    listing_id: int
+    tool_name: str
+    price: int  # µ¢; 0 records the call without charging it
+    free_allowance: int  # the listing's monthly free calls per consumer
+    period: str  # 'YYYY-MM' (UTC) the free tier and the cap count in
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeResult:
+    verdict: Verdict
+    amount: int  # µ¢ actually debited (0 when free or refused)
+    balance: int  # the consumer's balance after the transaction
+
+    @property
+    def accepted(self) -> bool:
+        return self.verdict in (Verdict.FREE, Verdict.DEBITED, Verdict.UNPRICED)
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What happened to a forwarded priced call; the store records it and refunds if told to."""
+
+    charge: ChargeRequest
+    refund: bool
+    status: int  # HTTP status the client saw (499: client went away)
+    duration_ms: int
+    called_at: float  # unix seconds
+    key_id: int | None
+    token_id: int | None
+    client: str | None
+    user_agent: str | None
+    fee_bps: int  # the platform's share of what is billed, in basis points
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One recorded call, for the debugging commands."""
+
+    request_id: str
+    slug: str
+    tool_name: str
+    status: int
+    billed: int
+    called_at: str

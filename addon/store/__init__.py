@@ -1,0 +1,20 @@
+"""Ledger and catalogue adapters."""
+
+from __future__ import annotations
+
+from ..config import Config
+from .base import Store, StoreUnavailable
+
+
+def open_store(config: Config) -> Store:
+    """Build the configured store; raises ConfigError if it cannot start."""
+    if config.store == "mysql":
+        from .mysql import MysqlStore
+
+        return MysqlStore(config)
+    from .sqlite import SqliteStore
+
+    return SqliteStore(config)
+
+
+__all__ = ["Store", "StoreUnavailable", "open_store"]

@@ -1,0 +1,40 @@
+"""The store: catalogue, consumers and the money ledger, behind one async interface.
+
+Adapters (SQLite embedded, MySQL production) implement it; the gateway never sees SQL.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..auth import Credential
+from ..model import CallRecord, ChargeRequest, ChargeResult, Consumer, Listing, Settlement
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached now: the call is refused (503), never forwarded unbilled."""
+
+
+class Store(Protocol):
+    async def find_consumer(self, credential: Credential) -> Consumer | None:
+        """The consumer behind a live key or an unexpired, unrevoked OAuth token."""
+
+    async def find_listing(self, slug: str) -> Listing | None: ...
+
+    async def balance(self, user_id: int) -> int:
+        """The consumer's balance read from the database, never from a cache."""
+
+    async def charge(self, request: ChargeRequest) -> ChargeResult:
+        """Claim a free-tier slot or debit the price (with its ledger row) in one transaction."""
+
+    async def settle(self, settlement: Settlement) -> int:
+        """Record the call and refund it if told to, exactly once per request id; returns the balance."""
+
+    async def topup(self, user_id: int, amount: int, description: str) -> int:
+        """Add credit with its ledger row; returns the new balance (debugging and tests)."""
+
+    async def recent_calls(self, limit: int) -> list[CallRecord]: ...
+
+    async def health(self) -> dict[str, object]: ...
+
+    def close(self) -> None: ...

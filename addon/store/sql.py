@@ -1,0 +1,312 @@
+"""The ledger's transactions, written once for every SQL adapter.
+
+Each method runs on a DB-API connection inside one transaction the adapter opened, on
+the adapter's own thread, never on mitmproxy's event loop. Statements use `%s`
+placeholders; a Dialect rewrites what differs between MySQL and SQLite.
+
+Money rules kept here (SPEC I1-I4):
+- a balance changes only together with its credit_transactions row, in one transaction;
+- debits are conditional (`credit >= price`), free-tier claims and cap checks too, so no
+  interleaving of gateways can overspend;
+- every priced call has a row in `mcpmeter_calls` (keyed by request id) written with its
+  debit; settlement flips it once, so a refund can never be paid twice.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..auth import Credential
+from ..billing import split
+from ..model import (
+    MICRO_CENTS_PER_CENT,
+    CallRecord,
+    ChargeRequest,
+    ChargeResult,
+    Consumer,
+    Listing,
+    Settlement,
+    Verdict,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    placeholder: str  # '%s' for pymysql, '?' for sqlite3
+    insert_ignore: str  # 'INSERT IGNORE' | 'INSERT OR IGNORE'
+
+    def sql(self, statement: str) -> str:
+        statement = statement.replace("INSERT IGNORE", self.insert_ignore)
+        return statement if self.placeholder == "%s" else statement.replace("%s", self.placeholder)
+
+
+MYSQL = Dialect("%s", "INSERT IGNORE")
+SQLITE = Dialect("?", "INSERT OR IGNORE")
+
+
+def utc(ts: float | None = None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() if ts is None else ts))
+
+
+def _epoch(value: Any) -> float | None:
+    """A TIMESTAMP column as unix seconds (pymysql gives datetime, sqlite3 gives str)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return float(calendar.timegm(time.strptime(value[:19], "%Y-%m-%d %H:%M:%S")))
+    return float(calendar.timegm(value.timetuple()))
+
+
+class Ledger:
+    """SQL for one connection; the caller owns transactions (begin/commit/rollback)."""
+
+    def __init__(self, conn: Any, dialect: Dialect) -> None:
+        self.conn = conn
+        self.d = dialect
+
+    def _q(self, statement: str, args: Sequence[Any] = ()) -> Any:
+        cur = self.conn.cursor()
+        cur.execute(self.d.sql(statement), tuple(args))
+        return cur
+
+    def _one(self, statement: str, args: Sequence[Any] = ()) -> Any:
+        return self._q(statement, args).fetchone()
+
+    # --- reads -------------------------------------------------------------------------
+
+    def find_consumer(self, cred: Credential) -> Consumer | None:
+        if cred.kind == "oauth":
+            row = self._one(
+                "SELECT t.id, t.user_id, u.status, t.expires_at FROM oauth_access_tokens t"
+                " JOIN users u ON u.id = t.user_id"
+                " WHERE t.token_hash = %s AND t.revoked_at IS NULL AND t.expires_at > %s",
+                (cred.hash, utc()),
+            )
+            if row is None:
+                return None
+            token_id, user_id, status, expires_at = row
+            # OAuth tokens act for the user's oldest project, as in the reference v0.2.
+            project = self._one("SELECT id FROM projects WHERE user_id = %s ORDER BY id LIMIT 1", (user_id,))
+            if project is None:
+                return None
+            return Consumer(user_id=int(user_id), project_id=int(project[0]), status=str(status),
+                            token_id=int(token_id), env="oauth", expires_at=_epoch(expires_at))
+        row = self._one(
+            "SELECT k.id, k.user_id, k.project_id, k.env, u.status FROM api_keys k"
+            " JOIN users u ON u.id = k.user_id WHERE k.key_hash = %s AND k.revoked_at IS NULL",
+            (cred.hash,),
+        )
+        if row is None:
+            return None
+        key_id, user_id, project_id, env, status = row
+        return Consumer(user_id=int(user_id), project_id=int(project_id), status=str(status),
+                        key_id=int(key_id), env=str(env))
+
+    def find_listing(self, slug: str, has_bill_tool_errors: bool = True) -> Listing | None:
+        row = self._one(
+            "SELECT id, slug, status, upstream_url, transport, upstream_headers, free_calls_per_consumer,"
+            " rate_limit_per_minute, rate_limit_per_day, upstream_timeout_seconds"
+            + (", bill_tool_errors" if has_bill_tool_errors else ", 0")
+            + " FROM mcps WHERE slug = %s",
+            (slug,),
+        )
+        if row is None:
+            return None
+        (mcp_id, slug, status, url, transport, headers, free, rpm, rpd, timeout, bill_errors) = row
+        default_price: int | None = None
+        tool_prices: dict[str, int] = {}
+        for tool, price, model in self._q(
+            "SELECT tool_name, price_micro_cents, model FROM pricing_rules WHERE mcp_id = %s", (mcp_id,)
+        ).fetchall():
+            value = 0 if model == "free" else int(price)
+            if tool is None:
+                default_price = value
+            else:
+                tool_prices[str(tool)] = value
+        return Listing(
+            id=int(mcp_id), slug=str(slug), status=str(status), upstream_url=url or None,
+            transport=str(transport), upstream_headers=parse_upstream_headers(headers),
+            free_calls_per_consumer=int(free or 0),
+            rate_limit_per_minute=int(rpm) if rpm else None,
+            rate_limit_per_day=int(rpd) if rpd else None,
+            upstream_timeout_seconds=int(timeout) if timeout else None,
+            default_price=default_price, tool_prices=tool_prices, bill_tool_errors=bool(bill_errors),
+        )
+
+    def balance(self, user_id: int) -> int:
+        row = self._one("SELECT credit_micro_cents FROM users WHERE id = %s", (user_id,))
+        return int(row[0]) if row else 0
+
+    def recent_calls(self, limit: int) -> list[CallRecord]:
+        rows = self._q(
+            "SELECT e.request_id, m.slug, e.tool_name, e.status, e.billed_micro_cents, e.called_at"
+            " FROM usage_events e JOIN mcps m ON m.id = e.mcp_id ORDER BY e.id DESC LIMIT %s",
+            (limit,),
+        ).fetchall()
+        return [CallRecord(str(r[0]), str(r[1]), str(r[2]), int(r[3]), int(r[4]), str(r[5])) for r in rows]
+
+    # --- money ---------------------------------------------------------------------------
+
+    def charge(self, req: ChargeRequest) -> ChargeResult:
+        """Inside a transaction: pay for one call. Returns the verdict; refusals must be rolled back."""
+        now, price = utc(), req.price
+        if price <= 0:
+            self._journal(req, Verdict.UNPRICED, 0, now)
+            return ChargeResult(Verdict.UNPRICED, 0, self.balance(req.user_id))
+        if req.free_allowance > 0 and self._claim_free(req, now):
+            self._journal(req, Verdict.FREE, 0, now)
+            return ChargeResult(Verdict.FREE, 0, self.balance(req.user_id))
+        debited = self._q(
+            "UPDATE users SET credit_micro_cents = credit_micro_cents - %s"
+            " WHERE id = %s AND credit_micro_cents >= %s",
+            (price, req.user_id, price),
+        ).rowcount
+        if debited != 1:
+            return ChargeResult(Verdict.INSUFFICIENT_CREDIT, 0, self.balance(req.user_id))
+        if not self._add_spend(req.project_id, req.period, price, check_cap=True):
+            return ChargeResult(Verdict.PROJECT_CAP_EXCEEDED, 0, self.balance(req.user_id) + price)
+        balance = self.balance(req.user_id)
+        self._ledger_row(req.user_id, -price, "usage", balance, req.request_id,
+                         f"{req.tool_name} on mcp {req.listing_id}", now)
+        self._journal(req, Verdict.DEBITED, price, now)
+        return ChargeResult(Verdict.DEBITED, price, balance)
+
+    def settle(self, s: Settlement) -> int:
+        """Inside a transaction: record the call, refund if due. Idempotent by request id."""
+        req, now = s.charge, utc()
+        flipped = self._q(
+            "UPDATE mcpmeter_calls SET settled_at = %s, refunded = %s, status = %s"
+            " WHERE request_id = %s AND settled_at IS NULL",
+            (now, int(s.refund), s.status, req.request_id),
+        ).rowcount
+        if flipped != 1:
+            return self.balance(req.user_id)
+        row = self._one("SELECT verdict, amount_micro_cents FROM mcpmeter_calls WHERE request_id = %s",
+                        (req.request_id,))
+        verdict, amount = Verdict(row[0]), int(row[1])  # what was really taken, not what the caller thinks
+        billed = 0 if s.refund else amount
+        if s.refund and verdict is Verdict.DEBITED and amount > 0:
+            self._q("UPDATE users SET credit_micro_cents = credit_micro_cents + %s WHERE id = %s",
+                    (amount, req.user_id))
+            self._ledger_row(req.user_id, amount, "refund", self.balance(req.user_id), req.request_id,
+                             f"refund: {req.tool_name} on mcp {req.listing_id}", now)
+            self._add_spend(req.project_id, req.period, -amount, check_cap=False)
+        elif s.refund and verdict is Verdict.FREE:
+            self._q(
+                "UPDATE mcp_consumer_usage SET free_calls_used = free_calls_used - 1, updated_at = %s"
+                " WHERE mcp_id = %s AND user_id = %s AND period_year_month = %s AND free_calls_used > 0",
+                (now, req.listing_id, req.user_id, req.period),
+            )
+        if billed > 0:
+            self._count_billable(req, now)
+        payout, fee = split(billed, s.fee_bps)
+        self._q(
+            "INSERT IGNORE INTO usage_events (project_id, mcp_id, api_key_id, tool_name, client, user_agent,"
+            " called_at, duration_ms, status, billed_micro_cents, publisher_payout_micro_cents,"
+            " platform_fee_micro_cents, request_id, created_at, updated_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (req.project_id, req.listing_id, s.key_id, req.tool_name[:191], s.client,
+             (s.user_agent or None) and s.user_agent[:255], utc(s.called_at), max(s.duration_ms, 0),
+             s.status, billed, payout, fee, req.request_id, now, now),
+        )
+        if s.key_id is not None:
+            self._q("UPDATE api_keys SET last_used_at = %s WHERE id = %s", (now, s.key_id))
+        elif s.token_id is not None:
+            self._q("UPDATE oauth_access_tokens SET last_used_at = %s WHERE id = %s", (now, s.token_id))
+        return self.balance(req.user_id)
+
+    def topup(self, user_id: int, amount: int, description: str) -> int:
+        self._q("UPDATE users SET credit_micro_cents = credit_micro_cents + %s WHERE id = %s", (amount, user_id))
+        balance = self.balance(user_id)
+        self._ledger_row(user_id, amount, "topup", balance, None, description, utc())
+        return balance
+
+    def _claim_free(self, req: ChargeRequest, now: str) -> bool:
+        """Take one free call of this month's allowance, if any is left. The row resets each month."""
+        self._q(
+            "INSERT IGNORE INTO mcp_consumer_usage (mcp_id, user_id, free_calls_used, period_year_month,"
+            " billable_calls, first_called_at, created_at, updated_at) VALUES (%s, %s, 0, %s, 0, %s, %s, %s)",
+            (req.listing_id, req.user_id, req.period, now, now, now),
+        )
+        return self._q(
+            "UPDATE mcp_consumer_usage SET"
+            " billable_calls = CASE WHEN period_year_month = %s THEN billable_calls ELSE 0 END,"
+            " free_calls_used = CASE WHEN period_year_month = %s THEN free_calls_used ELSE 0 END + 1,"
+            " period_year_month = %s, last_called_at = %s, updated_at = %s"
+            " WHERE mcp_id = %s AND user_id = %s"
+            " AND (period_year_month IS NULL OR period_year_month <> %s OR free_calls_used < %s)",
+            (req.period, req.period, req.period, now, now, req.listing_id, req.user_id, req.period,
+             req.free_allowance),
+        ).rowcount == 1
+
+    def _count_billable(self, req: ChargeRequest, now: str) -> None:
+        self._q(
+            "INSERT IGNORE INTO mcp_consumer_usage (mcp_id, user_id, free_calls_used, period_year_month,"
+            " billable_calls, first_called_at, created_at, updated_at) VALUES (%s, %s, 0, %s, 0, %s, %s, %s)",
+            (req.listing_id, req.user_id, req.period, now, now, now),
+        )
+        self._q(
+            "UPDATE mcp_consumer_usage SET"
+            " free_calls_used = CASE WHEN period_year_month = %s THEN free_calls_used ELSE 0 END,"
+            " billable_calls = CASE WHEN period_year_month = %s THEN billable_calls ELSE 0 END + 1,"
+            " period_year_month = %s, last_called_at = %s, updated_at = %s WHERE mcp_id = %s AND user_id = %s",
+            (req.period, req.period, req.period, now, now, req.listing_id, req.user_id),
+        )
+
+    def _add_spend(self, project_id: int, period: str, amount: int, check_cap: bool) -> bool:
+        """Move the project's spend this month; False (caller rolls back) if it would pass the cap."""
+        self._q(
+            "INSERT IGNORE INTO mcpmeter_project_spend (project_id, period_year_month, spent_micro_cents)"
+            " VALUES (%s, %s, 0)",
+            (project_id, period),
+        )
+        self._q(
+            "UPDATE mcpmeter_project_spend SET spent_micro_cents = spent_micro_cents + %s"
+            " WHERE project_id = %s AND period_year_month = %s",
+            (amount, project_id, period),
+        )
+        if not check_cap:
+            return True
+        row = self._one(
+            "SELECT p.spending_cap_cents_per_month, s.spent_micro_cents FROM projects p"
+            " JOIN mcpmeter_project_spend s ON s.project_id = p.id AND s.period_year_month = %s"
+            " WHERE p.id = %s",
+            (period, project_id),
+        )
+        return row is None or row[0] is None or int(row[1]) <= int(row[0]) * MICRO_CENTS_PER_CENT
+
+    def _ledger_row(self, user_id: int, amount: int, kind: str, balance: int, request_id: str | None,
+                    description: str, now: str) -> None:
+        self._q(
+            "INSERT INTO credit_transactions (user_id, amount_micro_cents, type, reference_type,"
+            " balance_after_micro_cents, description, request_id, created_at, updated_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (user_id, amount, kind, "mcpmeter_call" if request_id else None, balance, description[:255],
+             request_id, now, now),
+        )
+
+    def _journal(self, req: ChargeRequest, verdict: Verdict, amount: int, now: str) -> None:
+        self._q(
+            "INSERT INTO mcpmeter_calls (request_id, user_id, project_id, mcp_id, tool_name, verdict,"
+            " amount_micro_cents, period_year_month, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (req.request_id, req.user_id, req.project_id, req.listing_id, req.tool_name[:191], verdict.value,
+             amount, req.period, now),
+        )
+
+
+def parse_upstream_headers(raw: Any) -> dict[str, str]:
+    """The publisher's `upstream_headers` JSON text; anything unusable counts as none."""
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items() if isinstance(k, str) and isinstance(v, (str, int, float))}

@@ -1,0 +1,138 @@
+"""The embedded store: one SQLite file, driven from one dedicated thread.
+
+One writer thread serialises every transaction, which is what SQLite does anyway, and
+keeps blocking file I/O off mitmproxy's event loop. The catalogue and test consumers
+come from the YAML `seed` at start, so `mitmdump -s mcpmeter_addon.py` meters real
+traffic with no database server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from typing import Any, TypeVar
+
+from ..auth import Credential, token_hash
+from ..config import Config, ConfigError
+from ..model import CallRecord, ChargeRequest, ChargeResult, Consumer, Listing, Settlement
+from .base import StoreUnavailable
+from .sql import SQLITE, Ledger, utc
+
+T = TypeVar("T")
+
+
+class SqliteStore:
+    def __init__(self, config: Config) -> None:
+        self.path = config.sqlite_path
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcpmeter-sqlite")
+        try:
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA busy_timeout=5000")
+            self._conn.executescript(resources.files(__package__).joinpath("sqlite_schema.sql").read_text())
+            self._ledger = Ledger(self._conn, SQLITE)
+            self._transaction(lambda ledger: seed(ledger, config.seed))
+        except sqlite3.Error as e:
+            raise ConfigError(f"cannot open the SQLite store at {self.path!r}: {e}") from None
+
+    # Every call below runs on the store's own thread.
+
+    async def _run(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, self._transaction, fn, commit)
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"sqlite: {e}") from e
+
+    def _transaction(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(self._ledger)
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT" if commit(result) else "ROLLBACK")
+        return result
+
+    async def find_consumer(self, credential: Credential) -> Consumer | None:
+        return await self._run(lambda ledger: ledger.find_consumer(credential))
+
+    async def find_listing(self, slug: str) -> Listing | None:
+        return await self._run(lambda ledger: ledger.find_listing(slug))
+
+    async def balance(self, user_id: int) -> int:
+        return await self._run(lambda ledger: ledger.balance(user_id))
+
+    async def charge(self, request: ChargeRequest) -> ChargeResult:
+        return await self._run(lambda ledger: ledger.charge(request), commit=lambda r: r.accepted)
+
+    async def settle(self, settlement: Settlement) -> int:
+        return await self._run(lambda ledger: ledger.settle(settlement))
+
+    async def topup(self, user_id: int, amount: int, description: str) -> int:
+        return await self._run(lambda ledger: ledger.topup(user_id, amount, description))
+
+    async def recent_calls(self, limit: int) -> list[CallRecord]:
+        return await self._run(lambda ledger: ledger.recent_calls(limit))
+
+    async def health(self) -> dict[str, object]:
+        await self._run(lambda ledger: ledger.balance(0))
+        return {"store": "sqlite", "ok": True}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._conn.close()
+
+
+def seed(ledger: Ledger, seed: dict[str, Any]) -> None:
+    """Make the catalogue match the YAML; add consumers that are new. Balances are never reset."""
+    now = utc()
+    q = ledger._q
+    for x in seed.get("listings", []):
+        q(
+            "INSERT INTO mcps (slug, name, upstream_url, upstream_headers, transport, status,"
+            " free_calls_per_consumer, rate_limit_per_minute, rate_limit_per_day, upstream_timeout_seconds,"
+            " bill_tool_errors, created_at, updated_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+            " ON CONFLICT (slug) DO UPDATE SET upstream_url = excluded.upstream_url,"
+            " upstream_headers = excluded.upstream_headers, transport = excluded.transport,"
+            " status = excluded.status, free_calls_per_consumer = excluded.free_calls_per_consumer,"
+            " rate_limit_per_minute = excluded.rate_limit_per_minute,"
+            " rate_limit_per_day = excluded.rate_limit_per_day,"
+            " upstream_timeout_seconds = excluded.upstream_timeout_seconds,"
+            " bill_tool_errors = excluded.bill_tool_errors, updated_at = excluded.updated_at",
+            (x["slug"], x["slug"], x["upstream_url"], _json(x["upstream_headers"]), x["transport"], x["status"],
+             x["free_calls_per_consumer"], x["rate_limit_per_minute"], x["rate_limit_per_day"],
+             x["upstream_timeout_seconds"], int(x["bill_tool_errors"]), now, now),
+        )
+        mcp_id = q("SELECT id FROM mcps WHERE slug = %s", (x["slug"],)).fetchone()[0]
+        q("DELETE FROM pricing_rules WHERE mcp_id = %s", (mcp_id,))
+        rules = [(None, x["price_micro_cents"])] if x["price_micro_cents"] is not None else []
+        rules += list(x["tool_prices"].items())
+        for tool, price in rules:
+            q("INSERT INTO pricing_rules (mcp_id, tool_name, price_micro_cents, created_at, updated_at)"
+              " VALUES (%s, %s, %s, %s, %s)", (mcp_id, tool, price, now, now))
+    for c in seed.get("consumers", []):
+        new_user = q("SELECT 1 FROM users WHERE id = %s", (c["user_id"],)).fetchone() is None
+        if new_user:
+            q("INSERT INTO users (id, name, status, credit_micro_cents, created_at, updated_at)"
+              " VALUES (%s, %s, %s, 0, %s, %s)", (c["user_id"], f"consumer {c['user_id']}", c["status"], now, now))
+            if c["credit_micro_cents"]:
+                ledger.topup(c["user_id"], c["credit_micro_cents"], "opening balance from the seed")
+        else:
+            q("UPDATE users SET status = %s WHERE id = %s", (c["status"], c["user_id"]))
+        q("INSERT INTO projects (id, user_id, name, spending_cap_cents_per_month, created_at, updated_at)"
+          " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET"
+          " spending_cap_cents_per_month = excluded.spending_cap_cents_per_month",
+          (c["project_id"], c["user_id"], f"project {c['project_id']}", c["spending_cap_cents_per_month"], now, now))
+        q("INSERT OR IGNORE INTO api_keys (user_id, project_id, key_prefix, key_hash, env, created_at, updated_at)"
+          " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+          (c["user_id"], c["project_id"], c["key"][:14], token_hash(c["key"]), c["env"], now, now))
+
+
+def _json(value: dict[str, str]) -> str | None:
+    import json
+
+    return json.dumps(value) if value else None
