@@ -1,0 +1,68 @@
+"""Where a metered request goes and with which headers. Pure."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from urllib.parse import urlsplit
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) never cross the gateway; Transfer-Encoding is left
+# to mitmproxy, which frames the body it forwards.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                        "proxy-connection", "te", "trailer", "upgrade"})
+# The consumer's credentials and identity headers are the gateway's, not the publisher's.
+STRIPPED = HOP_BY_HOP | {"authorization", "cookie", "host", "x-forwarded-host"}
+# What an `X-Forward-<Name>` header may not become.
+NOT_UNWRAPPABLE = HOP_BY_HOP | {"host", "content-length", "transfer-encoding"}
+WRAP_PREFIX = "x-forward-"
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def target_url(upstream_url: str, subpath: str, query: str) -> str:
+    """The listing's upstream URL, trailing '/' trimmed, plus '/<subpath>' and the query."""
+    url = upstream_url.rstrip("/")
+    if subpath:
+        url += "/" + subpath
+    if query:
+        url += "?" + query
+    return url
+
+
+def authority(url: str) -> str:
+    return urlsplit(url).netloc
+
+
+def upstream_headers(
+    fields: Iterable[tuple[str, str]], publisher: Mapping[str, str], host: str
+) -> list[tuple[str, str]]:
+    """The headers the upstream receives, in order: the consumer's, unwrapped ones, the publisher's."""
+    fields = list(fields)
+    named_by_connection = {
+        token.strip().lower()
+        for name, value in fields
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    kept: list[tuple[str, str]] = []
+    unwrapped: list[tuple[str, str]] = []
+    for name, value in fields:
+        lower = name.lower()
+        if lower in STRIPPED or lower in named_by_connection:
+            continue
+        if lower.startswith(WRAP_PREFIX):
+            inner = name[len(WRAP_PREFIX):]
+            if inner and _TOKEN.match(inner) and inner.lower() not in NOT_UNWRAPPABLE:
+                unwrapped.append((inner, value))
+            continue
+        kept.append((name, value))
+    # Later sources win: an unwrapped header replaces the consumer's own, the publisher's replace both.
+    result = _override(kept, unwrapped)
+    result = _override(result, [(k, v) for k, v in publisher.items() if k.lower() not in NOT_UNWRAPPABLE])
+    # Identity encoding lets the meter read streamed bytes as they pass.
+    result = _override(result, [("Host", host), ("Accept-Encoding", "identity")])
+    return result
+
+
+def _override(base: list[tuple[str, str]], new: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    replaced = {name.lower() for name, _ in new}
+    return [(k, v) for k, v in base if k.lower() not in replaced] + new

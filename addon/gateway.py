@@ -1,0 +1,569 @@
+"""The mitmproxy addon: the hot path of the SPEC as hooks over the pure core and the adapters.
+
+request         authenticate, resolve the listing, rate-limit, price, charge, then forward
+responseheaders stamp the metering headers; watch SSE streams for the call's answer
+response        settle (bill or refund) and stamp the final headers of buffered answers
+error           settle failed calls (refund, or bill a client that walked away) and answer
+                upstream failures with JSON 502/504
+
+Every hook is guarded: an unexpected error answers JSON 500 and never forwards a call
+unmetered (mitmproxy itself would let the flow continue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mitmproxy import command, ctx, exceptions, http
+
+from . import billing, compat, forwarding
+from .auth import Credential, challenge, parse_authorization
+from .billing import Failure
+from .cache import MISS, Cache, open_cache
+from .clients import classify
+from .config import SLUG_RE, Config, ConfigError, load
+from .errors import GatewayError
+from .jsonrpc import Outcome, PricedCall, answer_outcome, body_outcome, inspect_request
+from .model import ChargeRequest, ChargeResult, Consumer, Listing, Settlement, Verdict
+from .ratelimit import LimitVerdict, headers as limit_headers, windows_for
+from .sse import SseParser
+from .store import Store, StoreUnavailable, open_store
+
+log = logging.getLogger("mcpmeter")
+
+META = "mcpmeter"
+SETTLE_ATTEMPTS = 5
+
+
+@dataclass(eq=False)
+class Call:
+    """The metering state of one forwarded flow, from request to settlement."""
+
+    request_id: str
+    started: float = field(default_factory=time.monotonic)
+    called_at: float = field(default_factory=time.time)
+    consumer: Consumer | None = None
+    listing: Listing | None = None
+    priced: PricedCall | None = None
+    charge: ChargeRequest | None = None
+    charged: ChargeResult | None = None
+    balance: int | None = None
+    balance_task: asyncio.Future[int] | None = None
+    limit_headers: dict[str, str] = field(default_factory=dict)
+    status: int | None = None
+    outcome: Outcome | None = None
+    failure: Failure | None = None
+    refunded: bool = False
+    parser: SseParser | None = None
+    deadline: asyncio.TimerHandle | None = None
+    settlement: asyncio.Future[None] | None = None
+
+    def elapsed_ms(self) -> int:
+        return int((time.monotonic() - self.started) * 1000)
+
+    @property
+    def billed_header(self) -> str:
+        if self.charged is None or self.refunded:
+            return "0"
+        if self.charged.verdict is Verdict.FREE:
+            return "free"
+        return str(self.charged.amount)
+
+
+class Mcpmeter:
+    def __init__(self) -> None:
+        self.config: Config | None = None
+        self.store: Store | None = None
+        self.cache: Cache | None = None
+        self.calls: dict[str, Call] = {}
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "mcpmeter_config",
+            str | None,
+            None,
+            "Path to the mcpmeter YAML configuration (see config.example.yaml). Environment "
+            "variables override it: MCPMETER_STORE=sqlite|mysql, MCPMETER_CACHE=memory|redis, "
+            "DB_*, REDIS_*, UPSTREAM_TIMEOUT_MS, DEFAULT_RPM, DEFAULT_RPD, ... Unset: the embedded "
+            "SQLite store and in-process caches with an empty catalogue.",
+        )
+        compat.install()
+
+    def configure(self, updated: set[str]) -> None:
+        if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
+            # Eager connects to the reverse target before the addon has decided anything.
+            ctx.options.connection_strategy = "lazy"
+        if "mcpmeter_config" not in updated:
+            return
+        try:
+            config = load(ctx.options.mcpmeter_config)
+            store = open_store(config)
+        except ConfigError as e:
+            raise exceptions.OptionsError(f"mcpmeter_config: {e}") from None
+        old, self.config, self.store, self.cache = self.store, config, store, open_cache(config)
+        logging.getLogger("mcpmeter").setLevel(_log_level(config.log_level))
+        if old is not None:
+            old.close()
+        log.info("mcpmeter: %s store, %s cache, billing %s", config.store, config.cache,
+                 ", ".join(config.billable_methods))
+
+    def done(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    # --- hooks -------------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or self.config is None:
+            return
+        length = flow.request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.config.max_body_bytes:
+            # Refuse before mitmproxy buffers the body: the kill becomes this 413 in compat.
+            flow.metadata[META] = {"decision": "refused", "error": "payload_too_large"}
+            compat.answer_failed_flow(flow, self._error_response(GatewayError("payload_too_large",
+                                      limit_bytes=self.config.max_body_bytes), Call(str(uuid.uuid4()))))
+            flow.kill()
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        call = Call(request_id=str(uuid.uuid4()))
+        _redact(flow)
+        try:
+            await self._meter(flow, call)
+        except GatewayError as e:
+            await self._refuse(flow, call, e)
+        except StoreUnavailable as e:
+            log.warning("mcpmeter: store unavailable, refusing %s: %s", call.request_id, e)
+            await self._refuse(flow, call, GatewayError("store_unavailable", headers={"Retry-After": "1"}))
+        except Exception:
+            log.exception("mcpmeter: request %s failed; answering 500, not forwarding", call.request_id)
+            await self._fail_closed(flow, call)
+
+    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        call = self.calls.get(flow.id)
+        if call is None or flow.response is None:
+            return
+        try:
+            call.status = flow.response.status_code
+            session = flow.response.headers.get("mcp-session-id")
+            if session and call.consumer is not None:
+                await self.cache.bind_session(session, call.consumer.principal)
+            if "text/event-stream" in flow.response.headers.get("content-type", "").lower():
+                call.parser = SseParser()
+                flow.response.stream = self._stream_watcher(flow, call)
+                if call.priced is None:
+                    self._cancel_deadline(call)
+                await self._stamp(flow, call)
+        except Exception:
+            log.exception("mcpmeter: responseheaders %s failed", call.request_id)
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        call = self.calls.get(flow.id)
+        if call is None or flow.response is None:
+            return
+        try:
+            self._cancel_deadline(call)
+            if call.parser is None:
+                call.status = flow.response.status_code
+                if call.priced is not None and call.outcome is None:
+                    content = flow.response.get_content(strict=False) or b""
+                    call.outcome = body_outcome(content, call.priced.rpc_id)
+            await self._settle(flow, call)
+            if call.parser is None:
+                await self._stamp(flow, call)
+        except Exception:
+            log.exception("mcpmeter: response %s failed", call.request_id)
+        finally:
+            self._finish(flow, call)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        call = self.calls.get(flow.id)
+        if call is None:
+            return
+        try:
+            self._cancel_deadline(call)
+            if call.failure is None:
+                call.failure = Failure.CLIENT_GONE if compat.client_gone(flow) else Failure.UPSTREAM
+            await self._settle(flow, call)
+            if flow.response is None and call.failure is not Failure.CLIENT_GONE:
+                code = "upstream_timeout" if call.failure is Failure.TIMEOUT else "upstream_failed"
+                call.status = 504 if call.failure is Failure.TIMEOUT else 502
+                answer = self._error_response(GatewayError(code, request_id=call.request_id), call)
+                if call.charged is not None and call.refunded:
+                    answer.headers["X-Mcpmeter-Refunded"] = "1"
+                compat.answer_failed_flow(flow, answer)
+        except Exception:
+            log.exception("mcpmeter: error hook %s failed", call.request_id)
+        finally:
+            self._finish(flow, call)
+
+    # --- the hot path --------------------------------------------------------------------
+
+    async def _meter(self, flow: http.HTTPFlow, call: Call) -> None:
+        assert self.config is not None and self.store is not None and self.cache is not None
+        req = flow.request
+        path, _, query = req.path.partition("?")
+        if path == "/health":
+            return await self._health(flow, call)
+        if path == "/.well-known/oauth-protected-resource" or path.startswith(
+            "/.well-known/oauth-protected-resource/"
+        ):
+            return self._resource_metadata(flow, call)
+        slug, _, subpath = path.lstrip("/").partition("/")
+        if not slug:
+            raise GatewayError("not_found")
+        if not SLUG_RE.match(slug):
+            raise GatewayError("invalid_slug")
+        flow.metadata[META] = {"request_id": call.request_id, "slug": slug}
+
+        credential = flow.metadata.pop("mcpmeter.credential", None)
+        consumer = await self._consumer(credential) if credential else None
+        if consumer is None:
+            raise self._unauthorized(flow, sent=credential is not None or "authorization" in req.headers)
+        call.consumer = consumer
+        if consumer.status == "suspended":
+            raise GatewayError("account_suspended")
+        listing = await self._listing(slug)
+        call.listing = listing
+        _check_live(listing)
+        assert listing is not None and listing.upstream_url
+
+        if len(req.raw_content or b"") > self.config.max_body_bytes:
+            raise GatewayError("payload_too_large", limit_bytes=self.config.max_body_bytes)
+        session = req.headers.get("mcp-session-id")
+        if session:
+            owner = await self.cache.session_owner(session)
+            if owner is not None and owner != consumer.principal:
+                raise GatewayError("session_forbidden")
+        if req.method.upper() == "POST":
+            inspection = inspect_request(
+                req.raw_content or b"", self.config.billable_methods,
+                req.headers.get("mcp-method"), req.headers.get("mcp-name"),
+            )
+            call.priced = inspection.call
+            flow.metadata[META]["method"] = inspection.method
+
+        windows = windows_for(listing.rate_limit_per_minute or self.config.default_rpm,
+                              listing.rate_limit_per_day or self.config.default_rpd)
+        limit = await self.cache.hit(f"{listing.id}:{consumer.principal}", windows)
+        call.limit_headers = limit_headers(limit, windows)
+        if not limit.allowed:
+            raise GatewayError("rate_limited", headers=call.limit_headers, scope=limit.scope,
+                               retry_after=limit.retry_after)
+
+        if call.priced is not None:
+            await self._charge(flow, call, consumer, listing, call.priced)
+        else:
+            call.balance_task = asyncio.ensure_future(self.store.balance(consumer.user_id))
+        self._forward(flow, call, listing, subpath, query)
+
+    async def _consumer(self, credential: Credential) -> Consumer | None:
+        cached = await self.cache.get_consumer(credential.hash)
+        if cached is MISS:
+            cached = await self.store.find_consumer(credential)
+            await self.cache.put_consumer(credential.hash, cached)
+        if cached is not None and cached.expires_at is not None and cached.expires_at <= time.time():
+            return None
+        return cached
+
+    async def _listing(self, slug: str) -> Listing | None:
+        cached = await self.cache.get_listing(slug)
+        if cached is MISS:
+            cached = await self.store.find_listing(slug)
+            await self.cache.put_listing(slug, cached)
+        return cached
+
+    async def _charge(self, flow: http.HTTPFlow, call: Call, consumer: Consumer, listing: Listing,
+                      priced: PricedCall) -> None:
+        price = billing.price_of(listing, priced.tool_name)
+        call.charge = ChargeRequest(
+            request_id=call.request_id, user_id=consumer.user_id, project_id=consumer.project_id,
+            listing_id=listing.id, tool_name=priced.tool_name, price=price,
+            free_allowance=listing.free_calls_per_consumer, period=billing.period(call.called_at),
+        )
+        result = await self.store.charge(call.charge)
+        call.balance = result.balance
+        flow.metadata[META].update(tool=priced.tool_name, price=price)
+        if not result.accepted:
+            call.charge = None
+            details: dict[str, Any] = {"balance_micro_cents": result.balance, "required_micro_cents": price}
+            raise GatewayError(result.verdict.value, **details)
+        call.charged = result
+
+    def _forward(self, flow: http.HTTPFlow, call: Call, listing: Listing, subpath: str, query: str) -> None:
+        assert self.config is not None and listing.upstream_url
+        url = forwarding.target_url(listing.upstream_url, subpath, query)
+        fields = [(k, v) for k, v in flow.request.headers.items(multi=True)]
+        flow.request.url = url
+        flow.request.headers.clear()
+        for name, value in forwarding.upstream_headers(fields, listing.upstream_headers,
+                                                       forwarding.authority(url)):
+            flow.request.headers.add(name, value)
+        timeout_ms = self.config.upstream_timeout_ms
+        if listing.upstream_timeout_seconds:
+            timeout_ms = listing.upstream_timeout_seconds * 1000
+        timeout_ms = min(timeout_ms, self.config.max_upstream_timeout_ms)
+        call.deadline = asyncio.get_running_loop().call_later(timeout_ms / 1000, self._on_deadline, flow, call)
+        self.calls[flow.id] = call
+        flow.metadata[META]["decision"] = "forwarded"
+
+    # --- streams and deadlines ------------------------------------------------------------
+
+    def _stream_watcher(self, flow: http.HTTPFlow, call: Call) -> Callable[[bytes], bytes]:
+        """mitmproxy calls this with each chunk as it passes; it must never raise."""
+
+        def watch(chunk: bytes) -> bytes:
+            try:
+                if call.priced is not None and call.outcome is None and call.parser is not None:
+                    for event in call.parser.feed(chunk):
+                        try:
+                            message = json.loads(event.data)
+                        except ValueError:
+                            continue
+                        outcome = answer_outcome(message, call.priced.rpc_id)
+                        if outcome is not None:
+                            # Settle now: the answer is what was paid for, whatever the stream does next.
+                            call.outcome = outcome
+                            self._cancel_deadline(call)
+                            call.settlement = asyncio.ensure_future(self._settle_now(flow, call))
+                            break
+            except Exception:
+                log.exception("mcpmeter: stream watcher %s failed", call.request_id)
+            return chunk
+
+        return watch
+
+    def _on_deadline(self, flow: http.HTTPFlow, call: Call) -> None:
+        call.deadline = None
+        if call.outcome is not None or call.settlement is not None or not flow.live:
+            return
+        if call.priced is None and flow.response is not None:
+            return
+        call.failure = Failure.TIMEOUT
+        if not compat.abort_upstream(flow):
+            log.error("mcpmeter: could not abort the upstream of %s after its timeout", call.request_id)
+
+    def _cancel_deadline(self, call: Call) -> None:
+        if call.deadline is not None:
+            call.deadline.cancel()
+            call.deadline = None
+
+    # --- settlement -----------------------------------------------------------------------
+
+    async def _settle(self, flow: http.HTTPFlow, call: Call) -> None:
+        if call.settlement is None:
+            call.settlement = asyncio.ensure_future(self._settle_now(flow, call))
+        await call.settlement
+
+    async def _settle_now(self, flow: http.HTTPFlow, call: Call) -> None:
+        meta = flow.metadata.setdefault(META, {"request_id": call.request_id})
+        if call.charge is None or call.charged is None:
+            if call.balance_task is not None:
+                call.balance = await _maybe(call.balance_task)
+            meta["decision"] = "passthrough"
+            meta["balance"] = call.balance
+            return
+        assert self.config is not None and call.listing is not None and call.consumer is not None
+        decision = billing.decide(call.status, call.outcome, call.failure, call.listing.bill_tool_errors)
+        status = {Failure.TIMEOUT: 504, Failure.UPSTREAM: 502, Failure.CLIENT_GONE: 499}.get(
+            call.failure, call.status or 0) if call.outcome is None else (call.status or 200)
+        settlement = Settlement(
+            charge=call.charge, refund=decision.refund, status=status, duration_ms=call.elapsed_ms(),
+            called_at=call.called_at, key_id=call.consumer.key_id, token_id=call.consumer.token_id,
+            client=classify(flow.request.headers.get("user-agent")),
+            user_agent=flow.request.headers.get("user-agent"), fee_bps=self.config.platform_fee_bps,
+        )
+        for attempt in range(SETTLE_ATTEMPTS):
+            try:
+                call.balance = await self.store.settle(settlement)
+                break
+            except StoreUnavailable as e:
+                if attempt == SETTLE_ATTEMPTS - 1:
+                    # The debit and its ledger row are committed and the call journal still says
+                    # unsettled: nothing is lost, the refund or usage row waits for reconciliation.
+                    log.error("mcpmeter: could not settle %s (%s): %s", call.request_id, decision.reason, e)
+                    return
+                await asyncio.sleep(0.05 * 2**attempt)
+        call.refunded = decision.refund
+        verdict = call.charged.verdict
+        label = "refunded" if decision.refund else ("free" if verdict is Verdict.FREE else "billed")
+        meta.update(decision=label, reason=decision.reason, billed=0 if decision.refund else call.charged.amount,
+                    balance=call.balance, status=status)
+        amount = "free tier" if verdict is Verdict.FREE else f"{call.charged.amount} µ¢"
+        flow.comment = (f"{call.listing.slug} · {call.charge.tool_name} · {label} "
+                        f"({amount}{', ' + decision.reason if decision.refund else ''}) · balance {call.balance} µ¢")
+        flow.marked = {"billed": ":moneybag:", "free": ":gift:", "refunded": ":leftwards_arrow_with_hook:"}[label]
+
+    async def _stamp(self, flow: http.HTTPFlow, call: Call) -> None:
+        """The metering headers, on a response whose headers have not been sent yet."""
+        if call.balance is None and call.balance_task is not None:
+            call.balance = await _maybe(call.balance_task)
+        assert flow.response is not None
+        h = flow.response.headers
+        h["X-Mcpmeter-Request-Id"] = call.request_id
+        h["X-Mcpmeter-Billed"] = call.billed_header
+        h["X-Mcpmeter-Duration-Ms"] = str(call.elapsed_ms())
+        if call.balance is not None:
+            h["X-Mcpmeter-Balance"] = str(call.balance)
+        if call.refunded:
+            h["X-Mcpmeter-Refunded"] = "1"
+        for name, value in call.limit_headers.items():
+            h[name] = value
+
+    def _finish(self, flow: http.HTTPFlow, call: Call) -> None:
+        self._cancel_deadline(call)
+        self.calls.pop(flow.id, None)
+
+    # --- answers of the gateway's own -------------------------------------------------------
+
+    async def _refuse(self, flow: http.HTTPFlow, call: Call, error: GatewayError) -> None:
+        if call.consumer is not None and call.balance is None and self.store is not None:
+            try:
+                call.balance = await self.store.balance(call.consumer.user_id)
+            except StoreUnavailable:
+                pass
+        flow.response = self._error_response(error, call)
+        meta = flow.metadata.setdefault(META, {"request_id": call.request_id})
+        meta.update(decision="refused", error=error.spec.code)
+        slug = meta.get("slug", "-")
+        flow.comment = f"{slug} · refused {error.status} {error.spec.code}"
+        flow.marked = ":no_entry:"
+
+    async def _fail_closed(self, flow: http.HTTPFlow, call: Call) -> None:
+        try:
+            if call.charged is not None and call.charge is not None:
+                call.failure, call.status = Failure.UPSTREAM, 500
+                await self._settle(flow, call)
+        except Exception:
+            log.exception("mcpmeter: could not refund %s after an internal error", call.request_id)
+        finally:
+            self.calls.pop(flow.id, None)
+            self._cancel_deadline(call)
+            flow.request.url = "http://mcpmeter.invalid/"  # belt and braces: never the real upstream
+            await self._refuse(flow, call, GatewayError("internal_error", request_id=call.request_id))
+
+    def _error_response(self, error: GatewayError, call: Call) -> http.Response:
+        headers = {"Content-Type": "application/json", **error.headers,
+                   "X-Mcpmeter-Request-Id": call.request_id, "X-Mcpmeter-Billed": "0",
+                   "X-Mcpmeter-Duration-Ms": str(call.elapsed_ms())}
+        if call.balance is not None:
+            headers["X-Mcpmeter-Balance"] = str(call.balance)
+        body = dict(json.loads(error.body()), request_id=call.request_id)
+        return http.Response.make(error.status, json.dumps(body).encode(), headers)
+
+    def _unauthorized(self, flow: http.HTTPFlow, sent: bool) -> GatewayError:
+        metadata_url = self._public_url(flow) + "/.well-known/oauth-protected-resource"
+        return GatewayError("invalid_token", headers={
+            "WWW-Authenticate": challenge(metadata_url, "invalid_token" if sent else None)})
+
+    def _public_url(self, flow: http.HTTPFlow) -> str:
+        if self.config and self.config.public_url:
+            return self.config.public_url
+        host = flow.request.headers.get("host") or f"{flow.request.host}:{flow.request.port}"
+        return f"{flow.request.scheme}://{host}"
+
+    async def _health(self, flow: http.HTTPFlow, call: Call) -> None:
+        if flow.request.method.upper() not in ("GET", "HEAD"):
+            raise GatewayError("method_not_allowed")
+        assert self.store is not None and self.cache is not None
+        checks: dict[str, Any] = {}
+        for name, probe in (("store", self.store.health), ("cache", self.cache.health)):
+            try:
+                checks[name] = await asyncio.wait_for(probe(), timeout=1.0)
+            except Exception as e:  # health reports, it does not fail
+                checks[name] = {"ok": False, "error": str(e) or type(e).__name__}
+        ok = bool(checks["store"].get("ok"))
+        body = {"status": "ok" if ok else "degraded", **checks}
+        flow.response = http.Response.make(200 if ok else 503, json.dumps(body).encode(),
+                                           {"Content-Type": "application/json",
+                                            "X-Mcpmeter-Request-Id": call.request_id})
+        flow.metadata[META] = {"decision": "health"}
+
+    def _resource_metadata(self, flow: http.HTTPFlow, call: Call) -> None:
+        base = self._public_url(flow)
+        body = {
+            "resource": base,
+            "authorization_servers": [base],
+            "bearer_methods_supported": ["header"],
+            "resource_name": "mcpmeter",
+        }
+        flow.response = http.Response.make(200, json.dumps(body).encode(), {
+            "Content-Type": "application/json", "X-Mcpmeter-Request-Id": call.request_id})
+        flow.metadata[META] = {"decision": "metadata"}
+
+    # --- commands for local billing debugging -----------------------------------------------
+
+    @command.command("mcpmeter.balance")
+    def balance_command(self, user_id: int) -> None:
+        """Log a consumer's balance in µ¢ (read from the store)."""
+        self._spawn(self.store.balance(user_id), lambda b: f"user {user_id}: balance {b} µ¢")
+
+    @command.command("mcpmeter.topup")
+    def topup_command(self, user_id: int, micro_cents: int) -> None:
+        """Add credit to a consumer, with its ledger row, and log the new balance."""
+        if micro_cents <= 0:
+            raise exceptions.CommandError("micro_cents must be positive")
+        self._spawn(self.store.topup(user_id, micro_cents, "top-up from mitmproxy command"),
+                    lambda b: f"user {user_id}: topped up {micro_cents} µ¢, balance {b} µ¢")
+
+    @command.command("mcpmeter.calls")
+    def calls_command(self, limit: int = 10) -> None:
+        """Log the most recent metered calls."""
+        self._spawn(self.store.recent_calls(max(1, min(limit, 200))), lambda rows: "\n".join(
+            f"{r.called_at} {r.slug} {r.tool_name} status {r.status} billed {r.billed} µ¢ {r.request_id}"
+            for r in rows) or "no calls recorded yet")
+
+    def _spawn(self, work: Any, describe: Callable[[Any], str]) -> None:
+        async def run() -> None:
+            try:
+                log.warning("mcpmeter: %s", describe(await work))
+            except Exception as e:
+                log.warning("mcpmeter: command failed: %s", e)
+
+        asyncio.ensure_future(run())
+
+
+def _check_live(listing: Listing | None) -> None:
+    if listing is None:
+        raise GatewayError("no_such_mcp")
+    if listing.status == "archived":
+        raise GatewayError("mcp_archived")
+    if listing.status == "paused":
+        raise GatewayError("mcp_paused")
+    if listing.status != "live" or not listing.upstream_url:
+        raise GatewayError("mcp_not_yet_live")
+
+
+def _redact(flow: http.HTTPFlow) -> None:
+    """Keep the bearer key out of the flow mitmweb shows and saves; remember what it was."""
+    header = flow.request.headers.get("authorization")
+    if header is None:
+        return
+    credential = parse_authorization(header)
+    if credential is not None:
+        flow.metadata["mcpmeter.credential"] = credential
+        flow.request.headers["authorization"] = f"Bearer {credential.prefix} (redacted)"
+    else:
+        flow.request.headers["authorization"] = "(redacted)"
+
+
+async def _maybe(task: asyncio.Future[int]) -> int | None:
+    try:
+        return await task
+    except Exception:
+        return None
+
+
+def _log_level(name: str) -> int:
+    return {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+            "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL}[name.lower()]
