@@ -42,6 +42,7 @@ class RedisSettings:
     port: int = 6379
     db: int = 2
     password: str | None = None
+    prefix: str = "mcpmeter:"  # every key the gateway writes starts with this
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +85,8 @@ _ENV_STR = {
     "LOG_LEVEL": "log_level",
 }
 _ENV_MYSQL = {"DB_HOST": "host", "DB_PORT": "port", "DB_USER": "user", "DB_PASSWORD": "password", "DB_NAME": "database"}
-_ENV_REDIS = {"REDIS_HOST": "host", "REDIS_PORT": "port", "REDIS_DB": "db", "REDIS_PASSWORD": "password"}
+_ENV_REDIS = {"REDIS_HOST": "host", "REDIS_PORT": "port", "REDIS_DB": "db", "REDIS_PASSWORD": "password",
+              "MCPMETER_REDIS_PREFIX": "prefix"}
 
 
 def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:

@@ -102,6 +102,9 @@ class Mcpmeter:
         if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
             # Eager connects to the reverse target before the addon has decided anything.
             ctx.options.connection_strategy = "lazy"
+        if "keep_host_header" in updated and not ctx.options.keep_host_header:
+            # The client's Host names this gateway in the OAuth resource metadata URL.
+            ctx.options.keep_host_header = True
         if "mcpmeter_config" not in updated:
             return
         try:
