@@ -40,6 +40,7 @@ log = logging.getLogger("mcpmeter")
 
 META = "mcpmeter"
 SETTLE_ATTEMPTS = 5
+HARD_BODY_LIMIT_FACTOR = 4  # bodies up to 4x the limit are read and dropped to answer 413 cleanly
 
 
 @dataclass(eq=False)
@@ -129,12 +130,18 @@ class Mcpmeter:
         if flow.response or flow.error or not flow.live or self.config is None:
             return
         length = flow.request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.config.max_body_bytes:
-            # Refuse before mitmproxy buffers the body: the kill becomes this 413 in compat.
+        limit = self.config.max_body_bytes
+        if length.isdigit() and int(length) > limit:
             flow.metadata[META] = {"decision": "refused", "error": "payload_too_large"}
-            compat.answer_failed_flow(flow, self._error_response(GatewayError("payload_too_large",
-                                      limit_bytes=self.config.max_body_bytes), Call(str(uuid.uuid4()))))
-            flow.kill()
+            answer = self._error_response(GatewayError("payload_too_large", limit_bytes=limit), Call(str(uuid.uuid4())))
+            if int(length) <= HARD_BODY_LIMIT_FACTOR * limit:
+                # mitmproxy reads (and drops) the body, then sends this: clients that write their whole
+                # body before reading get a clean answer.
+                flow.response = answer
+            else:
+                # Too big to even read: refuse at once; compat turns the kill into this answer.
+                compat.answer_failed_flow(flow, answer)
+                flow.kill()
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:

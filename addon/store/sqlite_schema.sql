@@ -4,6 +4,8 @@ CREATE TABLE IF NOT EXISTS users (
   id INTEGER PRIMARY KEY,
   name TEXT NOT NULL DEFAULT '',
   email TEXT,
+  password TEXT NOT NULL DEFAULT '',
+  role TEXT NOT NULL DEFAULT 'consumer',
   status TEXT NOT NULL DEFAULT 'active',
   credit_micro_cents INTEGER NOT NULL DEFAULT 0,
   created_at TEXT, updated_at TEXT
@@ -12,7 +14,7 @@ CREATE TABLE IF NOT EXISTS projects (
   id INTEGER PRIMARY KEY,
   user_id INTEGER NOT NULL REFERENCES users(id),
   name TEXT NOT NULL DEFAULT '',
-  slug TEXT,
+  slug TEXT UNIQUE,
   spending_cap_cents_per_month INTEGER,
   created_at TEXT, updated_at TEXT
 );
@@ -47,6 +49,7 @@ CREATE TABLE IF NOT EXISTS mcps (
   publisher_id INTEGER NOT NULL DEFAULT 0,
   slug TEXT NOT NULL UNIQUE,
   name TEXT NOT NULL DEFAULT '',
+  category TEXT NOT NULL DEFAULT '',
   upstream_url TEXT,
   upstream_headers TEXT,
   transport TEXT NOT NULL DEFAULT 'streamable',
