@@ -1,0 +1,363 @@
+"""The production store: MySQL 8 / MariaDB, shared by every gateway instance, through pymysql.
+
+A bounded pool of worker threads, each holding its own connection, runs the Ledger's
+transactions (sql.py, the same SQL as the embedded store) off mitmproxy's event loop. The
+database serialises what must be serialised: the conditional UPDATEs lock the rows they
+test, so any number of gateways can share one database without overspending.
+
+When the server cannot be reached, calls fail fast with StoreUnavailable (the gateway
+answers 503 and forwards nothing) and the store reconnects by itself once it is back. A
+database the reference gateway created is upgraded in place at start: the meter's
+additive columns, keys and tables (ADDITIONS, mirrored in schema.sql) are added if missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import pymysql
+from pymysql.constants import CLIENT
+
+from ..auth import Credential
+from ..config import Config, ConfigError, MysqlSettings
+from ..model import CallRecord, ChargeRequest, ChargeResult, Consumer, Listing, Settlement
+from .base import StoreUnavailable
+from .sql import MYSQL, Ledger
+
+T = TypeVar("T")
+log = logging.getLogger("mcpmeter")
+
+CONNECT_TIMEOUT = 1.0  # seconds to open a connection, handshake included
+IO_TIMEOUT = 5.0  # seconds a statement may take on the wire; above LOCK_WAIT_SECONDS
+LOCK_WAIT_SECONDS = 2  # innodb_lock_wait_timeout for our sessions (the server default is 50)
+DOWN_FOR = 1.0  # after a failed connect, refuse at once for this long instead of trying again
+ATTEMPTS = 8  # a transaction chosen as a deadlock victim (or timed out on a lock) is run again
+
+_RETRYABLE = {1205, 1213}  # ER_LOCK_WAIT_TIMEOUT, ER_LOCK_DEADLOCK: InnoDB rolled the work back
+_GONE = {1053, 1077, 1152, 1927, 4031}  # server shutdown, aborted or killed connection, idle disconnect
+_DENIED = {1044, 1045}  # ER_DBACCESS_DENIED_ERROR, ER_ACCESS_DENIED_ERROR
+_UNKNOWN_DB = 1049
+
+# The meter's additive schema, mirrored in schema.sql (tests compare the two). Applied at start to
+# any database that lacks it, e.g. one the reference's Laravel app created.
+ADDED_COLUMNS: dict[str, list[tuple[str, str]]] = {
+    "mcps": [("bill_tool_errors", "`bill_tool_errors` tinyint(1) NOT NULL DEFAULT '0'")],
+    "credit_transactions": [("request_id", "`request_id` varchar(64) COLLATE utf8mb4_unicode_ci DEFAULT NULL")],
+}
+ADDED_UNIQUE_KEYS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
+    "credit_transactions": [("credit_transactions_request_id_type_unique", ("request_id", "type"))],
+    "usage_events": [("usage_events_request_id_unique", ("request_id",))],
+}
+ADDED_TABLES = [
+    """CREATE TABLE IF NOT EXISTS `mcpmeter_calls` (
+  `request_id` varchar(64) COLLATE utf8mb4_unicode_ci NOT NULL,
+  `user_id` bigint unsigned NOT NULL,
+  `project_id` bigint unsigned NOT NULL,
+  `mcp_id` bigint unsigned NOT NULL,
+  `tool_name` varchar(191) COLLATE utf8mb4_unicode_ci NOT NULL,
+  `verdict` varchar(20) COLLATE utf8mb4_unicode_ci NOT NULL,
+  `amount_micro_cents` bigint NOT NULL,
+  `period_year_month` varchar(7) COLLATE utf8mb4_unicode_ci NOT NULL,
+  `status` smallint unsigned DEFAULT NULL,
+  `refunded` tinyint(1) NOT NULL DEFAULT '0',
+  `created_at` timestamp NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  `settled_at` timestamp NULL DEFAULT NULL,
+  PRIMARY KEY (`request_id`),
+  KEY `mcpmeter_calls_user_id_created_at_index` (`user_id`,`created_at`),
+  KEY `mcpmeter_calls_settled_at_created_at_index` (`settled_at`,`created_at`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci""",
+    """CREATE TABLE IF NOT EXISTS `mcpmeter_project_spend` (
+  `project_id` bigint unsigned NOT NULL,
+  `period_year_month` varchar(7) COLLATE utf8mb4_unicode_ci NOT NULL,
+  `spent_micro_cents` bigint NOT NULL DEFAULT '0',
+  PRIMARY KEY (`project_id`,`period_year_month`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci""",
+]
+# Reference tables the gateway reads or writes: without them the database was never initialised.
+REQUIRED_TABLES = ("users", "projects", "api_keys", "oauth_access_tokens", "mcps", "pricing_rules",
+                   "usage_events", "credit_transactions", "mcp_consumer_usage")
+
+
+class MysqlStore:
+    def __init__(self, config: Config) -> None:
+        self.settings = config.mysql
+        if self.settings.pool_size < 1:
+            raise ConfigError(f"mysql.pool_size must be at least 1, not {self.settings.pool_size}")
+        self.where = f"{self.settings.host}:{self.settings.port}/{self.settings.database}"
+        self.retries = 0  # transactions run again after a deadlock or lock wait timeout
+        self._pool = ThreadPoolExecutor(max_workers=self.settings.pool_size, thread_name_prefix="mcpmeter-mysql")
+        self._local = threading.local()
+        self._lock = threading.Lock()  # guards _conns
+        self._schema_lock = threading.Lock()
+        self._conns: set[pymysql.connections.Connection] = set()
+        self._down_until = 0.0
+        self._down_reason = ""
+        self._schema_ready = False
+        self._closed = False
+        if config.seed.get("listings") or config.seed.get("consumers"):
+            log.warning("mcpmeter: the YAML seed is for the embedded SQLite store; the MySQL store ignores it "
+                        "(catalogue and consumers live in the database)")
+        try:
+            conn = self._connect()
+        except pymysql.Error as e:
+            if _code(e) in _DENIED or _code(e) == _UNKNOWN_DB:
+                raise ConfigError(_config_message(self.settings, e)) from None
+            self._mark_down(e)
+            log.warning("mcpmeter: MySQL at %s is unreachable (%s); calls get 503 until it is back",
+                        self.where, _reason(e))
+            return
+        try:
+            self._ensure_schema(conn)
+        except pymysql.Error as e:  # lost mid-way: the first connection of a worker tries again
+            log.warning("mcpmeter: cannot check the MySQL schema at %s yet: %s", self.where, _reason(e))
+        finally:
+            _close_quietly(conn)
+
+    # --- connections (worker threads) ---------------------------------------------------
+
+    def _connect(self) -> pymysql.connections.Connection:
+        s = self.settings
+        conn = pymysql.connect(
+            host=s.host, port=s.port, user=s.user, password=s.password, database=s.database,
+            charset="utf8mb4", autocommit=False, client_flag=CLIENT.FOUND_ROWS,  # rowcount = rows matched
+            connect_timeout=CONNECT_TIMEOUT, read_timeout=CONNECT_TIMEOUT, write_timeout=CONNECT_TIMEOUT,
+            init_command=f"SET time_zone = '+00:00', innodb_lock_wait_timeout = {LOCK_WAIT_SECONDS}",
+        )
+        # The handshake ran under CONNECT_TIMEOUT, so a server that accepts but never answers
+        # fails fast; statements get longer. pymysql applies these on each read and write.
+        conn._read_timeout = conn._write_timeout = IO_TIMEOUT
+        return conn
+
+    def _mark_down(self, e: BaseException) -> None:
+        self._down_reason = _reason(e)
+        self._down_until = time.monotonic() + DOWN_FOR
+
+    def _unavailable(self) -> StoreUnavailable:
+        return StoreUnavailable(f"mysql at {self.where} unreachable: {self._down_reason}")
+
+    def _connection(self) -> tuple[pymysql.connections.Connection, bool]:
+        """This worker's connection and whether it was reused; opens one if needed, fast-failing while down."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn, True
+        if time.monotonic() < self._down_until:
+            raise self._unavailable()
+        try:
+            conn = self._connect()
+        except pymysql.Error as e:
+            self._mark_down(e)
+            raise self._unavailable() from e
+        if not self._schema_ready:
+            try:
+                self._ensure_schema(conn)
+            except (ConfigError, pymysql.Error) as e:
+                _close_quietly(conn)
+                log.error("mcpmeter: cannot prepare the MySQL schema at %s: %s", self.where, e)
+                raise StoreUnavailable(f"mysql schema: {e}") from e
+        self._local.conn = conn
+        with self._lock:
+            self._conns.add(conn)
+        return conn, False
+
+    def _drop(self, conn: pymysql.connections.Connection) -> None:
+        """Forget a connection that failed; the next transaction on this worker opens a new one."""
+        self._local.conn = None
+        with self._lock:
+            self._conns.discard(conn)
+        _close_quietly(conn)
+
+    def _abort(self, conn: pymysql.connections.Connection, error: BaseException | None = None) -> None:
+        if error is not None and _disconnected(error, conn):
+            self._drop(conn)
+            return
+        try:
+            conn.rollback()
+        except Exception:
+            self._drop(conn)
+
+    def _transaction(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
+        attempt = 0
+        while True:
+            attempt += 1
+            conn, reused = self._connection()
+            try:
+                result = fn(Ledger(conn, MYSQL))
+            except pymysql.Error as e:
+                self._abort(conn, e)
+                if _code(e) in _RETRYABLE and attempt < ATTEMPTS:
+                    self.retries += 1
+                    log.debug("mcpmeter: mysql %s, running the transaction again (%d)", _reason(e), attempt)
+                    time.sleep(random.uniform(0.001, 0.005) * attempt)
+                    continue
+                if reused and _disconnected(e, conn):
+                    # A pooled connection the server dropped (restart, idle timeout): nothing was
+                    # committed, so the transaction runs again on a new connection, once.
+                    continue
+                raise StoreUnavailable(f"mysql: {_reason(e)}") from e
+            except BaseException:
+                self._abort(conn)
+                raise
+            try:
+                if commit(result):
+                    conn.commit()
+                else:
+                    conn.rollback()
+            except pymysql.Error as e:
+                # The outcome of an interrupted COMMIT is unknown: never run it again. A charge that
+                # did commit is explained by its ledger and journal rows (request id).
+                self._abort(conn, e)
+                raise StoreUnavailable(f"mysql: {_reason(e)}") from e
+            return result
+
+    # --- schema ------------------------------------------------------------------------------
+
+    def _ensure_schema(self, conn: pymysql.connections.Connection) -> None:
+        """Add the meter's columns, unique keys and tables where missing. Idempotent, concurrent-safe."""
+        with self._schema_lock:
+            if not self._schema_ready:
+                ensure_schema(conn, self.settings)
+                conn.rollback()  # end the information_schema reads' transaction
+                self._schema_ready = True
+
+    # --- the Store protocol (event loop) -------------------------------------------------------
+
+    async def _run(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
+        if self._closed:
+            raise StoreUnavailable("mysql store is closed")
+        if time.monotonic() < self._down_until and not self._conns:
+            raise self._unavailable()  # no queueing behind connect attempts known to fail
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, self._transaction, fn, commit)
+        except RuntimeError as e:  # the pool was shut down
+            raise StoreUnavailable(f"mysql store is closed: {e}") from e
+
+    async def find_consumer(self, credential: Credential) -> Consumer | None:
+        return await self._run(lambda ledger: ledger.find_consumer(credential))
+
+    async def find_listing(self, slug: str) -> Listing | None:
+        return await self._run(lambda ledger: ledger.find_listing(slug))
+
+    async def balance(self, user_id: int) -> int:
+        return await self._run(lambda ledger: ledger.balance(user_id))
+
+    async def charge(self, request: ChargeRequest) -> ChargeResult:
+        return await self._run(lambda ledger: ledger.charge(request), commit=lambda r: r.accepted)
+
+    async def settle(self, settlement: Settlement) -> int:
+        return await self._run(lambda ledger: ledger.settle(settlement))
+
+    async def topup(self, user_id: int, amount: int, description: str) -> int:
+        return await self._run(lambda ledger: ledger.topup(user_id, amount, description))
+
+    async def recent_calls(self, limit: int) -> list[CallRecord]:
+        return await self._run(lambda ledger: ledger.recent_calls(limit))
+
+    async def health(self) -> dict[str, object]:
+        info: dict[str, object] = {"store": "mysql", "database": self.where, "retries": self.retries}
+        try:
+            await self._run(lambda ledger: ledger._one("SELECT 1"))
+        except StoreUnavailable as e:
+            return {**info, "ok": False, "error": str(e)}
+        return {**info, "ok": True}
+
+    def close(self) -> None:
+        self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for conn in conns:
+            _close_quietly(conn)
+
+
+def ensure_schema(conn: pymysql.connections.Connection, settings: MysqlSettings) -> None:
+    """Bring a reference database up to the meter's schema; only what is missing is added."""
+    cur = conn.cursor()
+    cur.execute("SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()")
+    tables = {str(r[0]).lower() for r in cur.fetchall()}
+    missing = [t for t in REQUIRED_TABLES if t not in tables]
+    if missing:
+        raise ConfigError(
+            f"MySQL database DB_NAME={settings.database!r} has no table(s) {', '.join(missing)}: "
+            f"initialise it with schema.sql (mysql -h {settings.host} -u {settings.user} "
+            f"{settings.database} < schema.sql)")
+    cur.execute("SELECT TABLE_NAME, COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()")
+    columns = {(str(t).lower(), str(c).lower()) for t, c in cur.fetchall()}
+    cur.execute(
+        "SELECT TABLE_NAME, INDEX_NAME, COLUMN_NAME FROM information_schema.STATISTICS"
+        " WHERE TABLE_SCHEMA = DATABASE() AND NON_UNIQUE = 0 ORDER BY TABLE_NAME, INDEX_NAME, SEQ_IN_INDEX"
+    )
+    unique: dict[tuple[str, str], list[str]] = {}
+    for table, index, column in cur.fetchall():
+        unique.setdefault((str(table).lower(), str(index)), []).append(str(column).lower())
+    for table in sorted(set(ADDED_COLUMNS) | set(ADDED_UNIQUE_KEYS)):
+        clauses = [f"ADD COLUMN {ddl}" for name, ddl in ADDED_COLUMNS.get(table, []) if (table, name) not in columns]
+        clauses += [
+            f"ADD UNIQUE KEY `{name}` ({', '.join(f'`{c}`' for c in cols)})"
+            for name, cols in ADDED_UNIQUE_KEYS.get(table, [])
+            if not any(t == table and tuple(c) == cols for (t, _), c in unique.items())
+        ]
+        if clauses:
+            _alter(cur, settings, f"ALTER TABLE `{table}` {', '.join(clauses)}")
+    for ddl in ADDED_TABLES:
+        _alter(cur, settings, ddl)
+
+
+def _alter(cur: Any, settings: MysqlSettings, ddl: str) -> None:
+    try:
+        cur.execute(ddl)
+        log.info("mcpmeter: upgraded the MySQL schema: %s", ddl.split("(")[0].strip())
+    except pymysql.Error as e:
+        code = _code(e)
+        if code in (1060, 1061):  # duplicate column / key name: another gateway added it meanwhile
+            return
+        if code == 1062:
+            # Existing rows repeat a request id, so the unique key cannot be added. Refunds stay
+            # exactly once (the call journal decides them); only the belt-and-braces key is missing.
+            log.warning("mcpmeter: cannot add a unique key (%s); duplicate rows exist: %s", ddl, _reason(e))
+            return
+        if code in (1142, 1044, 1045):
+            raise ConfigError(
+                f"MySQL user DB_USER={settings.user!r} may not change the schema of DB_NAME="
+                f"{settings.database!r} ({_reason(e)}); run schema.sql's additions as an administrator "
+                "or grant ALTER and CREATE") from None
+        raise
+
+
+def _close_quietly(conn: pymysql.connections.Connection) -> None:
+    try:
+        conn.close()
+    except Exception:  # already closed, or the server is gone: nothing to release
+        pass
+
+
+def _code(e: BaseException) -> int | None:
+    return e.args[0] if e.args and isinstance(e.args[0], int) else None
+
+
+def _reason(e: BaseException) -> str:
+    if len(e.args) >= 2:
+        return f"({e.args[0]}) {e.args[1]}"
+    return str(e) or type(e).__name__
+
+
+def _disconnected(e: BaseException, conn: pymysql.connections.Connection) -> bool:
+    """The connection cannot be used again: a client-side (2xxx) error, or the server ended it."""
+    code = _code(e)
+    return (isinstance(e, pymysql.err.InterfaceError) or not conn.open
+            or (code is not None and (code >= 2000 or code in _GONE)))
+
+
+def _config_message(s: MysqlSettings, e: BaseException) -> str:
+    if _code(e) == _UNKNOWN_DB:
+        return (f"MySQL database DB_NAME={s.database!r} does not exist on {s.host}:{s.port}; create it "
+                f"and load schema.sql (see its header), or set DB_NAME: {_reason(e)}")
+    return (f"MySQL refused DB_USER={s.user!r} (DB_PASSWORD {'set' if s.password else 'empty'}) for "
+            f"DB_NAME={s.database!r} on {s.host}:{s.port}: {_reason(e)}")
