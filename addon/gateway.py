@@ -147,9 +147,9 @@ class Mcpmeter:
         if flow.response or flow.error or not flow.live:
             return
         call = Call(request_id=str(uuid.uuid4()))
-        _redact(flow)
+        credential = _redact(flow)
         try:
-            await self._meter(flow, call)
+            await self._meter(flow, call, credential)
         except GatewayError as e:
             await self._refuse(flow, call, e)
         except StoreUnavailable as e:
@@ -219,7 +219,7 @@ class Mcpmeter:
 
     # --- the hot path --------------------------------------------------------------------
 
-    async def _meter(self, flow: http.HTTPFlow, call: Call) -> None:
+    async def _meter(self, flow: http.HTTPFlow, call: Call, credential: Credential | None) -> None:
         assert self.config is not None and self.store is not None and self.cache is not None
         req = flow.request
         path, _, query = req.path.partition("?")
@@ -236,7 +236,6 @@ class Mcpmeter:
             raise GatewayError("invalid_slug")
         flow.metadata[META] = {"request_id": call.request_id, "slug": slug}
 
-        credential = flow.metadata.pop("mcpmeter.credential", None)
         consumer = await self._consumer(credential) if credential else None
         if consumer is None:
             raise self._unauthorized(flow, sent=credential is not None or "authorization" in req.headers)
@@ -554,17 +553,14 @@ def _check_live(listing: Listing | None) -> None:
         raise GatewayError("mcp_not_yet_live")
 
 
-def _redact(flow: http.HTTPFlow) -> None:
-    """Keep the bearer key out of the flow mitmweb shows and saves; remember what it was."""
+def _redact(flow: http.HTTPFlow) -> Credential | None:
+    """Keep the bearer key out of the flow mitmweb shows and saves; return what it was."""
     header = flow.request.headers.get("authorization")
     if header is None:
-        return
+        return None
     credential = parse_authorization(header)
-    if credential is not None:
-        flow.metadata["mcpmeter.credential"] = credential
-        flow.request.headers["authorization"] = f"Bearer {credential.prefix} (redacted)"
-    else:
-        flow.request.headers["authorization"] = "(redacted)"
+    flow.request.headers["authorization"] = f"Bearer {credential.prefix} (redacted)" if credential else "(redacted)"
+    return credential
 
 
 async def _maybe(task: asyncio.Future[int]) -> int | None:
