@@ -23,14 +23,14 @@ from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
 
-from . import billing, compat, forwarding
+from . import billing, compat, forwarding, legacy_sse
 from .auth import Credential, challenge, parse_authorization
 from .billing import Failure
 from .cache import MISS, Cache, open_cache
 from .clients import classify
 from .config import SLUG_RE, Config, ConfigError, load
 from .errors import GatewayError
-from .jsonrpc import Outcome, PricedCall, answer_outcome, body_outcome, inspect_request
+from .jsonrpc import JsonId, Outcome, PricedCall, answer_outcome, body_outcome, inspect_request
 from .model import ChargeRequest, ChargeResult, Consumer, Listing, Settlement, Verdict
 from .ratelimit import LimitVerdict, headers as limit_headers, windows_for
 from .sse import SseParser
@@ -65,6 +65,9 @@ class Call:
     parser: SseParser | None = None
     deadline: asyncio.TimerHandle | None = None
     settlement: asyncio.Future[None] | None = None
+    route: str = ""  # path and query as the client sent them
+    rewriter: legacy_sse.EndpointRewriter | None = None  # a legacy SSE session's GET stream
+    awaiting_stream: bool = False  # a legacy SSE POST whose answer comes on the session's stream
 
     def elapsed_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
@@ -84,6 +87,8 @@ class Mcpmeter:
         self.store: Store | None = None
         self.cache: Cache | None = None
         self.calls: dict[str, Call] = {}
+        # Legacy SSE: (listing id, session route) -> JSON-RPC id -> a POSTed call awaiting its answer.
+        self.awaiting: dict[tuple[int, str], dict[JsonId, tuple[http.HTTPFlow, Call]]] = {}
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -170,6 +175,8 @@ class Mcpmeter:
                 await self.cache.bind_session(session, call.consumer.principal)
             if "text/event-stream" in flow.response.headers.get("content-type", "").lower():
                 call.parser = SseParser()
+                if call.listing is not None and call.listing.transport == "sse" and call.listing.upstream_url:
+                    call.rewriter = legacy_sse.EndpointRewriter(call.listing.upstream_url, call.listing.slug)
                 flow.response.stream = self._stream_watcher(flow, call)
                 if call.priced is None:
                     self._cancel_deadline(call)
@@ -188,13 +195,17 @@ class Mcpmeter:
                 if call.priced is not None and call.outcome is None:
                     content = flow.response.get_content(strict=False) or b""
                     call.outcome = body_outcome(content, call.priced.rpc_id)
+                if self._await_stream(flow, call):
+                    await self._stamp(flow, call)
+                    return
             await self._settle(flow, call)
             if call.parser is None:
                 await self._stamp(flow, call)
         except Exception:
             log.exception("mcpmeter: response %s failed", call.request_id)
         finally:
-            self._finish(flow, call)
+            if not call.awaiting_stream:
+                self._finish(flow, call)
 
     async def error(self, flow: http.HTTPFlow) -> None:
         call = self.calls.get(flow.id)
@@ -204,6 +215,7 @@ class Mcpmeter:
             self._cancel_deadline(call)
             if call.failure is None:
                 call.failure = Failure.CLIENT_GONE if compat.client_gone(flow) else Failure.UPSTREAM
+            self._end_session_stream(call)
             await self._settle(flow, call)
             if flow.response is None and call.failure is not Failure.CLIENT_GONE:
                 code = "upstream_timeout" if call.failure is Failure.TIMEOUT else "upstream_failed"
@@ -229,6 +241,7 @@ class Mcpmeter:
             "/.well-known/oauth-protected-resource/"
         ):
             return self._resource_metadata(flow, call)
+        call.route = req.path
         slug, _, subpath = path.lstrip("/").partition("/")
         if not slug:
             raise GatewayError("not_found")
@@ -250,6 +263,8 @@ class Mcpmeter:
         if len(req.raw_content or b"") > self.config.max_body_bytes:
             raise GatewayError("payload_too_large", limit_bytes=self.config.max_body_bytes)
         session = req.headers.get("mcp-session-id")
+        if listing.transport == "sse" and subpath:
+            session = _legacy_session(listing, req.path)
         if session:
             owner = await self.cache.session_owner(session)
             if owner is not None and owner != consumer.principal:
@@ -311,7 +326,10 @@ class Mcpmeter:
 
     def _forward(self, flow: http.HTTPFlow, call: Call, listing: Listing, subpath: str, query: str) -> None:
         assert self.config is not None and listing.upstream_url
-        url = forwarding.target_url(listing.upstream_url, subpath, query)
+        if listing.transport == "sse":
+            url = legacy_sse.target_url(listing.upstream_url, subpath, query)
+        else:
+            url = forwarding.target_url(listing.upstream_url, subpath, query)
         fields = [(k, v) for k, v in flow.request.headers.items(multi=True)]
         flow.request.url = url
         flow.request.headers.clear()
@@ -324,6 +342,9 @@ class Mcpmeter:
         timeout_ms = min(timeout_ms, self.config.max_upstream_timeout_ms)
         call.deadline = asyncio.get_running_loop().call_later(timeout_ms / 1000, self._on_deadline, flow, call)
         self.calls[flow.id] = call
+        if listing.transport == "sse" and call.priced is not None:
+            # Registered before forwarding: the answer can reach the session's stream before the 202.
+            self.awaiting.setdefault((listing.id, call.route), {})[call.priced.rpc_id] = (flow, call)
         flow.metadata[META]["decision"] = "forwarded"
 
     # --- streams and deadlines ------------------------------------------------------------
@@ -333,7 +354,18 @@ class Mcpmeter:
 
         def watch(chunk: bytes) -> bytes:
             try:
-                if call.priced is not None and call.outcome is None and call.parser is not None:
+                if call.rewriter is not None:
+                    had_route = call.rewriter.route is not None
+                    chunk = call.rewriter.feed(chunk)
+                    if not had_route and call.rewriter.route is not None and call.consumer is not None:
+                        # The session's POST route belongs to the key that opened the stream.
+                        asyncio.ensure_future(self.cache.bind_session(
+                            _legacy_session(call.listing, call.rewriter.route), call.consumer.principal))
+                    if call.rewriter.route is not None and call.parser is not None and call.listing is not None:
+                        self._answer_awaiting(call.listing.id, call.rewriter.route, call.parser.feed(chunk))
+                    if not chunk:
+                        self._end_session_stream(call)
+                elif call.priced is not None and call.outcome is None and call.parser is not None:
                     for event in call.parser.feed(chunk):
                         try:
                             message = json.loads(event.data)
@@ -352,8 +384,63 @@ class Mcpmeter:
 
         return watch
 
+    def _await_stream(self, flow: http.HTTPFlow, call: Call) -> bool:
+        """A legacy SSE call answered 202: its result will come on the session's GET stream."""
+        if (call.priced is None or call.outcome is not None or call.listing is None
+                or call.listing.transport != "sse" or call.status is None or not 200 <= call.status < 300):
+            return False
+        call.awaiting_stream = True
+        self.calls.pop(flow.id, None)
+        return True
+
+    def _answer_awaiting(self, listing_id: int, route: str, events: list[Any]) -> None:
+        waiting = self.awaiting.get((listing_id, route))
+        if not waiting:
+            return
+        for event in events:
+            try:
+                message = json.loads(event.data)
+            except ValueError:
+                continue
+            rpc_id = message.get("id") if isinstance(message, dict) else None
+            if rpc_id is None or isinstance(rpc_id, (dict, list)) or rpc_id not in waiting:
+                continue
+            flow, call = waiting[rpc_id]
+            assert call.priced is not None
+            if (outcome := answer_outcome(message, call.priced.rpc_id)) is not None:
+                del waiting[rpc_id]
+                call.outcome = outcome
+                # The answer may overtake the POST's own 202: then the response hook settles it.
+                if call.awaiting_stream:
+                    self._settle_awaiting(flow, call)
+
+    def _end_session_stream(self, call: Call) -> None:
+        """The session's stream is over: calls still awaiting an answer never get one."""
+        if call.rewriter is None or call.rewriter.route is None or call.listing is None:
+            return
+        for flow, waiting in self.awaiting.pop((call.listing.id, call.rewriter.route), {}).values():
+            waiting.failure = Failure.UPSTREAM
+            self._settle_awaiting(flow, waiting)
+
+    def _settle_awaiting(self, flow: http.HTTPFlow, call: Call) -> None:
+        self._cancel_deadline(call)
+
+        async def settle() -> None:
+            try:
+                await self._settle_now(flow, call)
+            except Exception:
+                log.exception("mcpmeter: settling %s failed", call.request_id)
+
+        call.settlement = asyncio.ensure_future(settle())
+
     def _on_deadline(self, flow: http.HTTPFlow, call: Call) -> None:
         call.deadline = None
+        if call.awaiting_stream and call.outcome is None and call.settlement is None:
+            assert call.listing is not None and call.priced is not None
+            self.awaiting.get((call.listing.id, call.route), {}).pop(call.priced.rpc_id, None)
+            call.failure = Failure.TIMEOUT
+            self._settle_awaiting(flow, call)
+            return
         if call.outcome is not None or call.settlement is not None or not flow.live:
             return
         if call.priced is None and flow.response is not None:
@@ -432,6 +519,12 @@ class Mcpmeter:
     def _finish(self, flow: http.HTTPFlow, call: Call) -> None:
         self._cancel_deadline(call)
         self.calls.pop(flow.id, None)
+        if call.priced is not None and call.listing is not None and call.listing.transport == "sse":
+            waiting = self.awaiting.get((call.listing.id, call.route))
+            if waiting is not None and waiting.get(call.priced.rpc_id, (None, None))[1] is call:
+                del waiting[call.priced.rpc_id]
+            if not waiting:
+                self.awaiting.pop((call.listing.id, call.route), None)
 
     # --- answers of the gateway's own -------------------------------------------------------
 
@@ -439,8 +532,8 @@ class Mcpmeter:
         if call.consumer is not None and call.balance is None and self.store is not None:
             try:
                 call.balance = await self.store.balance(call.consumer.user_id)
-            except StoreUnavailable:
-                pass
+            except Exception:  # the balance is a courtesy; a refusal must be answered whatever happens
+                log.warning("mcpmeter: no balance for the refusal of %s", call.request_id, exc_info=True)
         flow.response = self._error_response(error, call)
         meta = flow.metadata.setdefault(META, {"request_id": call.request_id})
         meta.update(decision="refused", error=error.spec.code)
@@ -540,6 +633,10 @@ class Mcpmeter:
                 log.warning("mcpmeter: command failed: %s", e)
 
         asyncio.ensure_future(run())
+
+
+def _legacy_session(listing: Listing | None, route: str) -> str:
+    return f"legacy:{listing.id if listing else 0}:{route}"
 
 
 def _check_live(listing: Listing | None) -> None:
