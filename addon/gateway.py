@@ -115,13 +115,18 @@ class Mcpmeter:
             return
         try:
             config = load(ctx.options.mcpmeter_config)
+            if config == self.config:
+                return  # e.g. mitmproxy rolling back a rejected change: keep what runs
             store = open_store(config)
         except ConfigError as e:
             raise exceptions.OptionsError(f"mcpmeter_config: {e}") from None
-        old, self.config, self.store, self.cache = self.store, config, store, open_cache(config)
+        old_store, old_cache = self.store, self.cache
+        self.config, self.store, self.cache = config, store, open_cache(config)
         logging.getLogger("mcpmeter").setLevel(_log_level(config.log_level))
-        if old is not None:
-            old.close()
+        if old_store is not None:
+            old_store.close()
+        if old_cache is not None:
+            _close_later(old_cache)
         log.info("mcpmeter: %s store, %s cache, billing %s", config.store, config.cache,
                  ", ".join(config.billable_methods))
 
@@ -137,7 +142,9 @@ class Mcpmeter:
         length = flow.request.headers.get("content-length", "")
         limit = self.config.max_body_bytes
         if length.isdigit() and int(length) > limit:
+            _redact(flow)  # `request`, which redacts the key, never runs for this flow
             flow.metadata[META] = {"decision": "refused", "error": "payload_too_large"}
+            flow.comment, flow.marked = "refused 413 payload_too_large", ":no_entry:"
             answer = self._error_response(GatewayError("payload_too_large", limit_bytes=limit), Call(str(uuid.uuid4())))
             if int(length) <= HARD_BODY_LIMIT_FACTOR * limit:
                 # mitmproxy reads (and drops) the body, then sends this: clients that write their whole
@@ -665,6 +672,13 @@ async def _maybe(task: asyncio.Future[int]) -> int | None:
         return await task
     except Exception:
         return None
+
+
+def _close_later(cache: Cache) -> None:
+    try:
+        asyncio.get_running_loop().create_task(cache.close())
+    except RuntimeError:  # no loop yet: nothing was opened on one
+        pass
 
 
 def _log_level(name: str) -> int:
