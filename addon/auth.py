@@ -6,7 +6,8 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-_BEARER = re.compile(r"^Bearer +(mcpm_(live|test|oauth)_[A-Za-z0-9]{1,200})$", re.IGNORECASE)
+# The scheme is case-insensitive (RFC 9110 §11.1), the token is not: its prefix is fixed lower-case.
+_BEARER = re.compile(r"^(?i:Bearer) +(mcpm_(live|test|oauth)_[A-Za-z0-9]{1,200})$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +22,8 @@ class Credential:
     @property
     def prefix(self) -> str:
         """What may be shown or logged of a key: its first characters, never the secret."""
-        return self.token[: len("mcpm_") + len(self.kind) + 1 + 4] + "…"
+        start = len("mcpm_") + len(self.kind) + 1
+        return self.token[: start + min(4, (len(self.token) - start) // 2)] + "…"
 
 
 def parse_authorization(header: str | None) -> Credential | None:
@@ -31,11 +33,7 @@ def parse_authorization(header: str | None) -> Credential | None:
     m = _BEARER.match(header.strip())
     if m is None:
         return None
-    token = m.group(1)
-    # The scheme is case-insensitive, the token is not: only the prefix is fixed lower-case.
-    if not token.startswith("mcpm_"):
-        return None
-    return Credential(token=token, kind=m.group(2))
+    return Credential(token=m.group(1), kind=m.group(2))
 
 
 def token_hash(token: str) -> str:

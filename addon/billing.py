@@ -31,6 +31,7 @@ class Failure(StrEnum):
     UPSTREAM = "upstream_failed"  # unreachable, or died before the final answer
     TIMEOUT = "upstream_timeout"
     CLIENT_GONE = "client_disconnected"
+    INTERNAL = "internal_error"  # the gateway itself failed after the call was paid for
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,16 +53,17 @@ def decide(
     """
     if outcome is Outcome.RPC_ERROR:
         return Decision(True, "rpc_error")
-    if outcome is Outcome.TOOL_ERROR:
+    answered_ok = status is None or status < 400  # a 4xx/5xx is refunded whatever its body says
+    if outcome is Outcome.TOOL_ERROR and answered_ok:
         return Decision(not bill_tool_errors, "tool_error")
-    if outcome is Outcome.RESULT and (status is None or status < 400):
+    if outcome is Outcome.RESULT and answered_ok:
         return Decision(False, "result")
-    if failure is Failure.CLIENT_GONE:
-        return Decision(False, "client_disconnected")
-    if failure is not None:
+    if failure is not None and failure is not Failure.CLIENT_GONE:
         return Decision(True, failure.value)
     if status is not None and status >= 500:
         return Decision(True, "upstream_5xx")
     if status is not None and status >= 400:
         return Decision(True, "upstream_4xx")
+    if failure is Failure.CLIENT_GONE:
+        return Decision(False, "client_disconnected")
     return Decision(True, "no_answer")

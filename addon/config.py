@@ -17,7 +17,7 @@ import yaml
 
 from .auth import parse_authorization
 
-SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]*\Z")
 LISTING_STATUSES = ("draft", "review", "live", "paused", "archived")
 TRANSPORTS = ("http", "sse", "streamable")
 
@@ -57,9 +57,9 @@ class Config:
     default_rpd: int = 10_000
     upstream_timeout_ms: int = 30_000
     max_upstream_timeout_ms: int = 300_000
-    key_cache_ttl_seconds: float = 60
-    mcp_cache_ttl_seconds: float = 60
-    negative_cache_ttl_seconds: float = 30
+    key_cache_ttl_seconds: float = 60.0
+    mcp_cache_ttl_seconds: float = 60.0
+    negative_cache_ttl_seconds: float = 30.0
     max_body_bytes: int = 10 * 1024 * 1024
     log_level: str = "info"
     mysql: MysqlSettings = field(default_factory=MysqlSettings)
@@ -98,7 +98,7 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
                 loaded = yaml.safe_load(f)
         except OSError as e:
             raise ConfigError(f"cannot read mcpmeter_config {path!r}: {e.strerror}") from None
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"mcpmeter_config {path!r} is not valid YAML: {e}") from None
         if loaded is None:
             loaded = {}
@@ -112,6 +112,8 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
         if env.get(name):
             raw[key] = env[name]
     for section, names in (("mysql", _ENV_MYSQL), ("redis", _ENV_REDIS)):
+        if not isinstance(raw.get(section) or {}, dict):
+            raise ConfigError(f"{section} must be a mapping")
         sub = dict(raw.get(section) or {})
         for name, key in names.items():
             if env.get(name) is not None and (env[name] != "" or key == "password"):
@@ -208,6 +210,9 @@ def _seed(raw: Any) -> dict[str, Any]:
         return {"listings": [], "consumers": []}
     if not isinstance(raw, dict) or set(raw) - {"listings", "consumers"}:
         raise ConfigError("seed must be a mapping with 'listings' and 'consumers' lists")
+    for key in ("listings", "consumers"):
+        if not isinstance(raw.get(key) or [], list):
+            raise ConfigError(f"seed.{key} must be a list")
     listings = [_listing(x, i) for i, x in enumerate(raw.get("listings") or [])]
     consumers = [_consumer(x, i) for i, x in enumerate(raw.get("consumers") or [])]
     slugs = [x["slug"] for x in listings]
@@ -238,6 +243,8 @@ def _listing(x: Any, i: int) -> dict[str, Any]:
     headers = x.get("upstream_headers") or {}
     if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
         raise ConfigError(f"{where}.upstream_headers must map header names to strings")
+    if not isinstance(x.get("bill_tool_errors", False), bool):
+        raise ConfigError(f"{where}.bill_tool_errors must be true or false, not {x['bill_tool_errors']!r}")
     prices = x.get("tool_prices") or {}
     if not isinstance(prices, dict):
         raise ConfigError(f"{where}.tool_prices must map tool names to µ¢ prices")
@@ -245,7 +252,7 @@ def _listing(x: Any, i: int) -> dict[str, Any]:
         "slug": slug, "status": status, "transport": transport, "upstream_url": url,
         "upstream_headers": headers,
         "tool_prices": {str(k): _nonneg(v, f"{where}.tool_prices.{k}") for k, v in prices.items()},
-        "bill_tool_errors": bool(x.get("bill_tool_errors", False)),
+        "bill_tool_errors": x.get("bill_tool_errors", False),
     }
     for key in ("free_calls_per_consumer", "rate_limit_per_minute", "rate_limit_per_day",
                 "upstream_timeout_seconds", "price_micro_cents"):
@@ -262,7 +269,8 @@ def _consumer(x: Any, i: int) -> dict[str, Any]:
     if unknown := sorted(set(x) - _CONSUMER_KEYS):
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
     key = x.get("key")
-    if not isinstance(key, str) or (cred := parse_authorization(f"Bearer {key}")) is None or cred.kind == "oauth":
+    cred = parse_authorization(f"Bearer {key}") if isinstance(key, str) else None
+    if cred is None or cred.token != key or cred.kind == "oauth":
         raise ConfigError(f"{where}.key must look like mcpm_test_<letters and digits> or mcpm_live_...")
     status = x.get("status", "active")
     if status not in ("active", "suspended"):

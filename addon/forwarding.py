@@ -12,8 +12,10 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "proxy-connection", "te", "trailer", "upgrade"})
 # The consumer's credentials and identity headers are the gateway's, not the publisher's.
 STRIPPED = HOP_BY_HOP | {"authorization", "cookie", "host", "x-forwarded-host"}
-# What an `X-Forward-<Name>` header may not become.
-NOT_UNWRAPPABLE = HOP_BY_HOP | {"host", "content-length", "transfer-encoding"}
+# What an `X-Forward-<Name>` header may not become: framing, and the headers the gateway checked
+# on the request (session ownership, Mcp-Method/Mcp-Name against the priced body, stripped identity).
+NOT_UNWRAPPABLE = HOP_BY_HOP | {"host", "content-length", "transfer-encoding", "x-forwarded-host",
+                                "mcp-session-id", "mcp-method", "mcp-name"}
 WRAP_PREFIX = "x-forward-"
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 

@@ -269,7 +269,10 @@ class Mcpmeter:
 
         if len(req.raw_content or b"") > self.config.max_body_bytes:
             raise GatewayError("payload_too_large", limit_bytes=self.config.max_body_bytes)
-        session = req.headers.get("mcp-session-id")
+        sessions = req.headers.get_all("mcp-session-id")
+        if len(sessions) > 1:  # the upstream might read another one than the one checked here
+            raise GatewayError("invalid_request", reason="one Mcp-Session-Id header at most")
+        session = sessions[0] if sessions else None
         if listing.transport == "sse" and subpath:
             session = _legacy_session(listing, req.path)
         if session:
@@ -478,7 +481,7 @@ class Mcpmeter:
             return
         assert self.config is not None and call.listing is not None and call.consumer is not None
         decision = billing.decide(call.status, call.outcome, call.failure, call.listing.bill_tool_errors)
-        status = {Failure.TIMEOUT: 504, Failure.UPSTREAM: 502, Failure.CLIENT_GONE: 499}.get(
+        status = {Failure.TIMEOUT: 504, Failure.UPSTREAM: 502, Failure.CLIENT_GONE: 499, Failure.INTERNAL: 500}.get(
             call.failure, call.status or 0) if call.outcome is None else (call.status or 200)
         settlement = Settlement(
             charge=call.charge, refund=decision.refund, status=status, duration_ms=call.elapsed_ms(),
@@ -551,7 +554,7 @@ class Mcpmeter:
     async def _fail_closed(self, flow: http.HTTPFlow, call: Call) -> None:
         try:
             if call.charged is not None and call.charge is not None:
-                call.failure, call.status = Failure.UPSTREAM, 500
+                call.failure, call.status = Failure.INTERNAL, 500
                 await self._settle(flow, call)
         except Exception:
             log.exception("mcpmeter: could not refund %s after an internal error", call.request_id)

@@ -46,7 +46,7 @@ def inspect_request(
     if isinstance(message, list):
         if not message or not all(isinstance(m, dict) for m in message):
             raise GatewayError("invalid_request", reason="empty or malformed batch")
-        if any(m.get("method") in billable for m in message):
+        if any(isinstance(m.get("method"), str) and m["method"] in billable for m in message):
             raise GatewayError("batch_not_supported")
         if mcp_method is not None or mcp_name is not None:
             raise GatewayError("header_mismatch")
@@ -77,7 +77,7 @@ def _check_headers(method: str | None, params: Any, mcp_method: str | None, mcp_
     if mcp_method is not None and mcp_method != method:
         raise GatewayError("header_mismatch")
     if mcp_name is not None:
-        names = {params.get(k) for k in ("name", "uri")} if isinstance(params, dict) else set()
+        names = [params.get(k) for k in ("name", "uri")] if isinstance(params, dict) else []  # may be unhashable
         if mcp_name not in names:
             raise GatewayError("header_mismatch")
 

@@ -67,11 +67,11 @@ class SseParser:
         return None
 
     def _dispatch(self) -> Event | None:
-        data, event = self._data, self._event
+        data, event = "\n".join(self._data), self._event
         self._data, self._size, self._event = [], 0, ""
-        if not data:
+        if not data:  # no data line, or only empty ones: a priming event
             return None
-        return Event(event=event or "message", data="\n".join(data), id=self._id)
+        return Event(event=event or "message", data=data, id=self._id)
 
 
 def _line_end(buf: bytes, final: bool) -> tuple[int, int] | None:

@@ -38,7 +38,8 @@ CONNECT_TIMEOUT = 1.0  # seconds to open a connection, handshake included
 IO_TIMEOUT = 5.0  # seconds a statement may take on the wire; above LOCK_WAIT_SECONDS
 LOCK_WAIT_SECONDS = 2  # innodb_lock_wait_timeout for our sessions (the server default is 50)
 DOWN_FOR = 1.0  # after a failed connect, refuse at once for this long instead of trying again
-ATTEMPTS = 8  # a transaction chosen as a deadlock victim (or timed out on a lock) is run again
+ATTEMPTS = 8  # a transaction chosen as a deadlock victim (or timed out on a lock) is run again...
+RETRY_BUDGET = 5.0  # ... while it has taken less than this many seconds in all
 
 _RETRYABLE = {1205, 1213}  # ER_LOCK_WAIT_TIMEOUT, ER_LOCK_DEADLOCK: InnoDB rolled the work back
 _GONE = {1053, 1077, 1152, 1927, 4031}  # server shutdown, aborted or killed connection, idle disconnect
@@ -159,6 +160,7 @@ class MysqlStore:
                 self._ensure_schema(conn)
             except (ConfigError, pymysql.Error) as e:
                 _close_quietly(conn)
+                self._mark_down(e)
                 log.error("mcpmeter: cannot prepare the MySQL schema at %s: %s", self.where, e)
                 raise StoreUnavailable(f"mysql schema: {e}") from e
         self._local.conn = conn
@@ -183,7 +185,7 @@ class MysqlStore:
             self._drop(conn)
 
     def _transaction(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
-        attempt = 0
+        attempt, started = 0, time.monotonic()
         while True:
             attempt += 1
             conn, reused = self._connection()
@@ -191,7 +193,8 @@ class MysqlStore:
                 result = fn(Ledger(conn, MYSQL))
             except pymysql.Error as e:
                 self._abort(conn, e)
-                if _code(e) in _RETRYABLE and attempt < ATTEMPTS:
+                retry = attempt < ATTEMPTS and time.monotonic() - started < RETRY_BUDGET
+                if _code(e) in _RETRYABLE and retry:
                     self.retries += 1
                     log.debug("mcpmeter: mysql %s, running the transaction again (%d)", _reason(e), attempt)
                     time.sleep(random.uniform(0.001, 0.005) * attempt)
@@ -263,14 +266,14 @@ class MysqlStore:
     async def health(self) -> dict[str, object]:
         info: dict[str, object] = {"store": "mysql", "database": self.where, "retries": self.retries}
         try:
-            await self._run(lambda ledger: ledger._one("SELECT 1"))
+            await self._run(lambda ledger: ledger.balance(0))
         except StoreUnavailable as e:
             return {**info, "ok": False, "error": str(e)}
         return {**info, "ok": True}
 
     def close(self) -> None:
         self._closed = True
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True)  # queued transactions finish, as in the SQLite store
         with self._lock:
             conns, self._conns = list(self._conns), set()
         for conn in conns:

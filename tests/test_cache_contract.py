@@ -1,0 +1,528 @@
+"""The cache contract, run on both adapters; then what only Redis promises.
+
+Both adapters: positive and negative caching with their own TTLs, faithful round trips, the
+sliding-window limit (N allowed then refused, exact Retry-After, refused calls uncounted, windows
+and buckets independent), MCP session ownership. Redis only: its Lua script decides exactly as
+`ratelimit.verdict` does, call for call; two gateways share one limit exactly under concurrency;
+keys live under the prefix with the promised TTLs; a dead, hung or restarted Redis never stalls or
+fails a call, and the cache comes back to Redis by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack
+from dataclasses import replace
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from addon.cache import MISS, Cache, open_cache
+from addon.cache.memory import MemoryCache
+from addon.cache.redis import RedisCache
+from addon.config import Config, RedisSettings
+from addon.model import Consumer, Listing
+from addon.ratelimit import LimitVerdict, Window, verdict, windows_for
+from tests import redisutil
+
+pytestmark = pytest.mark.timeout(60)
+
+CONSUMER = Consumer(user_id=7, project_id=8, status="active", key_id=9, env="test")
+OAUTH = Consumer(user_id=7, project_id=8, status="suspended", token_id=12, env="oauth", expires_at=1_800_000_000.25)
+LISTING = Listing(
+    id=3, slug="weather", status="live", upstream_url="http://127.0.0.1:9/mcp", transport="sse",
+    upstream_headers={"X-Publisher-Key": "s3cret", "X-Note": "café ☕"}, free_calls_per_consumer=5,
+    rate_limit_per_minute=10, rate_limit_per_day=None, upstream_timeout_seconds=12, default_price=1000,
+    tool_prices={"forecast": 2500, "ping": 0}, bill_tool_errors=True,
+)
+BARE_LISTING = Listing(id=4, slug="draft-one", status="draft", upstream_url=None)
+
+MakeCache = Callable[..., Cache]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_cache(request: pytest.FixtureRequest) -> AsyncIterator[MakeCache]:
+    """Build caches of one kind from Config overrides; Redis ones get a prefix of their own.
+
+    A Redis cache must never have fallen back to memory during a contract test: the test would
+    then prove nothing about Redis.
+    """
+    made: list[Cache] = []
+    with ExitStack() as stack:
+        settings = stack.enter_context(redisutil.scratch_prefix()) if request.param == "redis" else None
+
+        def make(**overrides: object) -> Cache:
+            config = replace(Config(), **overrides)
+            if settings is not None:
+                config = replace(config, cache="redis", redis=settings)
+            cache = open_cache(config)
+            assert type(cache) is (RedisCache if settings is not None else MemoryCache)
+            made.append(cache)
+            return cache
+
+        yield make
+        for cache in made:
+            if isinstance(cache, RedisCache):
+                assert cache._epoch == 0, f"the Redis cache fell back to memory: {cache._error}"
+            await cache.close()
+
+
+# --- consumers and listings ------------------------------------------------------------------
+
+
+async def test_consumer_is_cached_until_its_ttl(make_cache: MakeCache) -> None:
+    cache = make_cache(key_cache_ttl_seconds=0.4, negative_cache_ttl_seconds=5)
+    assert await cache.get_consumer("h1") is MISS
+    await cache.put_consumer("h1", CONSUMER)
+    assert await cache.get_consumer("h1") == CONSUMER
+    assert await cache.get_consumer("h2") is MISS
+    await asyncio.sleep(0.6)
+    assert await cache.get_consumer("h1") is MISS
+
+
+async def test_consumers_round_trip_faithfully(make_cache: MakeCache) -> None:
+    cache = make_cache()
+    await cache.put_consumer("oauth", OAUTH)
+    got = await cache.get_consumer("oauth")
+    assert got == OAUTH and isinstance(got, Consumer)
+    assert got.principal == "t12" and got.key_id is None and got.expires_at == 1_800_000_000.25
+
+
+async def test_listing_round_trips_and_expires(make_cache: MakeCache) -> None:
+    cache = make_cache(mcp_cache_ttl_seconds=0.4, negative_cache_ttl_seconds=5)
+    await cache.put_listing("weather", LISTING)
+    await cache.put_listing("draft-one", BARE_LISTING)
+    got = await cache.get_listing("weather")
+    assert got == LISTING and isinstance(got, Listing)
+    assert dict(got.tool_prices) == {"forecast": 2500, "ping": 0}
+    assert all(type(v) is int for v in got.tool_prices.values())
+    assert dict(got.upstream_headers) == {"X-Publisher-Key": "s3cret", "X-Note": "café ☕"}
+    assert await cache.get_listing("draft-one") == BARE_LISTING
+    assert await cache.get_listing("other") is MISS
+    await asyncio.sleep(0.6)
+    assert await cache.get_listing("weather") is MISS
+    assert await cache.get_listing("draft-one") is MISS
+
+
+async def test_unknown_keys_and_slugs_are_cached_for_the_negative_ttl(make_cache: MakeCache) -> None:
+    cache = make_cache(key_cache_ttl_seconds=5, mcp_cache_ttl_seconds=5, negative_cache_ttl_seconds=0.4)
+    await cache.put_consumer("guess", None)
+    await cache.put_listing("nope", None)
+    await cache.put_consumer("real", CONSUMER)
+    await cache.put_listing("weather", LISTING)
+    assert await cache.get_consumer("guess") is None  # known not to exist: not a miss
+    assert await cache.get_listing("nope") is None
+    await asyncio.sleep(0.6)
+    assert await cache.get_consumer("guess") is MISS
+    assert await cache.get_listing("nope") is MISS
+    assert await cache.get_consumer("real") == CONSUMER  # the positive TTL is its own
+    assert await cache.get_listing("weather") == LISTING
+
+
+async def test_a_negative_entry_hides_an_earlier_positive_one(make_cache: MakeCache) -> None:
+    cache = make_cache()
+    await cache.put_consumer("revoked", CONSUMER)
+    await cache.put_consumer("revoked", None)
+    assert await cache.get_consumer("revoked") is None
+    await cache.put_listing("gone", LISTING)
+    await cache.put_listing("gone", None)
+    assert await cache.get_listing("gone") is None
+
+
+# --- rate limits -------------------------------------------------------------------------------
+
+
+async def test_n_calls_per_window_then_refused_with_exact_retry_after(make_cache: MakeCache) -> None:
+    cache = make_cache()
+    windows = windows_for(3, 100)
+    verdicts = [await cache.hit("1:k1", windows) for _ in range(4)]
+    assert [v.allowed for v in verdicts] == [True, True, True, False]
+    assert [v.remaining for v in verdicts[:3]] == [2, 1, 0]
+    assert all(v.scope == "minute" and v.limit == 3 for v in verdicts)
+    assert verdicts[0].reset_seconds == 60 and verdicts[0].retry_after == 0
+    refused = verdicts[3]
+    # The first call leaves the 60 s window a few ms from now.
+    assert refused.remaining == 0 and refused.retry_after in (59, 60) and refused.reset_seconds == refused.retry_after
+
+
+async def test_refused_calls_are_not_counted(make_cache: MakeCache) -> None:
+    cache = make_cache()
+    windows = (Window("minute", 2, 2), Window("day", 3600, 100))
+    start = time.monotonic()
+    assert [(await cache.hit("b", windows)).allowed for _ in range(2)] == [True, True]
+    await asyncio.sleep(1.0)
+    refused = [await cache.hit("b", windows) for _ in range(3)]
+    assert not any(v.allowed for v in refused)
+    assert {v.retry_after for v in refused} == {1}  # the first call leaves at start + 2 s
+    await asyncio.sleep(2.1 - (time.monotonic() - start))
+    # The accepted calls have left the window; the refused ones (1 s old) were never in it.
+    again = [await cache.hit("b", windows) for _ in range(3)]
+    assert [v.allowed for v in again] == [True, True, False]
+
+
+async def test_day_window_counts_independently_of_the_minute_window(make_cache: MakeCache) -> None:
+    cache = make_cache()
+    windows = (Window("minute", 2, 2), Window("day", 3600, 3))
+    first = [await cache.hit("b", windows) for _ in range(3)]
+    assert [v.allowed for v in first] == [True, True, False]
+    assert first[2].scope == "minute" and first[2].retry_after in (1, 2)
+    await asyncio.sleep(2.1)
+    third = await cache.hit("b", windows)  # minute window empty again, day window has 2 of 3
+    assert third.allowed and third.scope == "day" and third.limit == 3 and third.remaining == 0
+    fourth = await cache.hit("b", windows)
+    assert not fourth.allowed and fourth.scope == "day" and fourth.limit == 3
+    assert 3597 <= fourth.retry_after <= 3598  # the first call leaves the hour 2.1 s after it came
+
+
+async def test_the_tightest_window_is_reported(make_cache: MakeCache) -> None:
+    cache = make_cache()
+    v = await cache.hit("b", windows_for(10, 3))
+    assert v == LimitVerdict(True, "day", 3, 2, 86_400)
+
+
+async def test_retry_after_waits_for_every_refusing_window(make_cache: MakeCache) -> None:
+    cache = make_cache()
+    windows = (Window("minute", 2, 1), Window("day", 4, 1))
+    assert (await cache.hit("b", windows)).allowed
+    v = await cache.hit("b", windows)
+    assert not v.allowed and v.scope == "day" and v.retry_after == 4
+
+
+async def test_reset_tracks_the_oldest_call_in_the_window(make_cache: MakeCache) -> None:
+    cache = make_cache()
+    windows = (Window("minute", 5, 3),)
+    assert (await cache.hit("b", windows)).reset_seconds == 5
+    await asyncio.sleep(1.2)
+    v = await cache.hit("b", windows)
+    assert v.allowed and v.remaining == 1 and v.reset_seconds == 4  # ceil(5 - 1.2)
+
+
+async def test_a_zero_limit_refuses_everything(make_cache: MakeCache) -> None:
+    cache = make_cache()
+    v = await cache.hit("b", (Window("minute", 60, 0), Window("day", 86_400, 10)))
+    assert v == LimitVerdict(False, "minute", 0, 0, 60, 60)
+
+
+async def test_buckets_are_independent(make_cache: MakeCache) -> None:
+    cache = make_cache()
+    windows = windows_for(2, 100)
+    assert [(await cache.hit("1:k1", windows)).allowed for _ in range(3)] == [True, True, False]
+    for other in ("1:k2", "2:k1"):
+        v = await cache.hit(other, windows)
+        assert v.allowed and v.remaining == 1
+
+
+# --- sessions and health ---------------------------------------------------------------------
+
+
+async def test_session_ownership(make_cache: MakeCache) -> None:
+    cache = make_cache()
+    assert await cache.session_owner("s-1") is None
+    await cache.bind_session("s-1", "k9")
+    await cache.bind_session("s-2", "t12")
+    assert await cache.session_owner("s-1") == "k9"
+    assert await cache.session_owner("s-2") == "t12"
+    assert await cache.session_owner("s-3") is None
+
+
+async def test_health(make_cache: MakeCache) -> None:
+    cache = make_cache()
+    health = await cache.health()
+    assert health["ok"] is True
+    assert health["cache"] == ("redis" if isinstance(cache, RedisCache) else "memory")
+    if isinstance(cache, RedisCache):
+        assert health["degraded"] is False and health["error"] is None
+
+
+# --- Redis only --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def redis_settings() -> AsyncIterator[RedisSettings]:
+    with redisutil.scratch_prefix() as settings:
+        yield settings
+
+
+def _config(settings: RedisSettings, **overrides: object) -> Config:
+    return replace(Config(), cache="redis", redis=settings, **overrides)
+
+
+@pytest.mark.parametrize("windows", [
+    (Window("minute", 10, 3), Window("day", 60, 5)),
+    (Window("day", 20, 4), Window("minute", 5, 2)),
+    (Window("minute", 5, 1),),
+    (Window("minute", 10, 0), Window("day", 60, 5)),
+    None,  # limits change between calls, as when a publisher edits them: a window can hold more than its limit
+], ids=["minute+day", "day-first", "one-window", "zero-limit", "changing-limits"])
+async def test_the_script_decides_exactly_as_the_pure_verdict(redis_settings: RedisSettings,
+                                                             windows: tuple[Window, ...] | None) -> None:
+    """Same call times (a synthetic clock, exact in both float and µs), same verdicts, call for call.
+
+    Times are multiples of 1/64 s, so the pure side's float arithmetic is exact; jumps land on
+    exact window boundaries (a call aged exactly one window has left it) as well as in between.
+    """
+    changing = windows is None
+    if windows is None:
+        windows = (Window("minute", 10, 6), Window("day", 60, 9))
+    cache = RedisCache(_config(redis_settings))
+    ticks = 1_700_000_000 * 64  # 1/64 s = 15625 µs
+    memory = MemoryCache(Config(), clock=lambda: ticks / 64)
+    rng = random.Random(f"{windows}")
+    accepted: list[int] = []
+    seen = {"allowed": 0, "refused": 0, "on_boundary": 0, "over_limit": 0}
+    try:
+        for _ in range(200):
+            edges = [a + w.seconds * 64 for a in accepted[-8:] for w in windows if a + w.seconds * 64 > ticks]
+            if edges and rng.random() < 0.3:
+                ticks = rng.choice(edges)
+                seen["on_boundary"] += 1
+            else:
+                ticks += rng.choice([0, 1, 5, 32, 64, 200, 640])
+            if changing:
+                windows = (Window("minute", 10, rng.choice([1, 2, 6])), Window("day", 60, rng.choice([3, 9])))
+            expected = memory.hit_now("b", windows)
+            got, now_us = await cache._hit_redis("b", windows, now_us=ticks * 15_625)
+            assert now_us == ticks * 15_625
+            assert got == expected, f"at tick {ticks}"
+            seen["allowed" if got.allowed else "refused"] += 1
+            in_window = sum(1 for a in accepted if a > ticks - windows[0].seconds * 64)
+            seen["over_limit"] += in_window > windows[0].limit
+            if got.allowed:
+                accepted.append(ticks)
+        assert seen["refused"] > 0
+        if windows[0].limit > 0:
+            assert not changing or seen["over_limit"] > 0
+            assert seen["allowed"] > 0 and seen["on_boundary"] > 0
+        assert cache._epoch == 0
+    finally:
+        await cache.close()
+
+
+async def test_the_script_uses_redis_time_and_matches_the_pure_verdict(redis_settings: RedisSettings) -> None:
+    """On the server's own clock: replay the times it judged at through `ratelimit.verdict`, exactly."""
+    cache = RedisCache(_config(redis_settings))
+    windows = (Window("minute", 1, 3), Window("day", 3, 5))
+    logs: list[list[Fraction]] = [[], []]
+    outcomes = []
+    try:
+        for _ in range(14):
+            got, now_us = await cache._hit_redis("b", windows)
+            assert abs(now_us / 1e6 - time.time()) < 5, "the script's clock is Redis TIME, in µs"
+            now = Fraction(now_us, 1_000_000)
+            assert got == verdict(logs, windows, now)
+            if got.allowed:
+                for log in logs:
+                    log.append(now)
+            outcomes.append(got.allowed)
+            await asyncio.sleep(0.12)
+        assert True in outcomes and False in outcomes
+    finally:
+        await cache.close()
+
+
+async def test_two_gateways_share_one_limit_exactly(redis_settings: RedisSettings) -> None:
+    gateways = [RedisCache(_config(redis_settings)), RedisCache(_config(redis_settings))]
+    windows = windows_for(30, 1000)
+    try:
+        verdicts = await asyncio.gather(*(gateways[i % 2].hit("7:k1", windows) for i in range(100)))
+        allowed = [v for v in verdicts if v.allowed]
+        assert len(allowed) == 30
+        assert sorted(v.remaining for v in allowed) == list(range(30))  # each slot handed out once
+        assert all(v.scope == "minute" and v.retry_after in (59, 60) for v in verdicts if not v.allowed)
+        with redisutil.client(redis_settings) as r:
+            assert r.zcard(f"{redis_settings.prefix}rl:7:k1:60") == 30
+            assert r.zcard(f"{redis_settings.prefix}rl:7:k1:86400") == 30
+        assert [g._epoch for g in gateways] == [0, 0]
+    finally:
+        for g in gateways:
+            await g.close()
+
+
+async def test_keys_live_under_the_prefix_with_their_ttls(redis_settings: RedisSettings) -> None:
+    cache = RedisCache(_config(redis_settings, key_cache_ttl_seconds=60, mcp_cache_ttl_seconds=120))
+    p = redis_settings.prefix
+    try:
+        await cache.put_consumer("abc", CONSUMER)
+        await cache.put_consumer("guess", None)
+        await cache.put_listing("weather", LISTING)
+        await cache.bind_session("sess", "k9")
+        windows = (Window("minute", 60, 1), Window("day", 86_400, 5))
+        await cache.hit("3:k9", windows)
+        await cache.hit("3:k9", windows)  # refused: adds nothing
+        with redisutil.client(redis_settings) as r:
+            assert redisutil.keys(redis_settings) == {
+                f"{p}key:abc", f"{p}key:guess", f"{p}mcp:weather", f"{p}session:sess",
+                f"{p}rl:3:k9:60", f"{p}rl:3:k9:86400"}
+            ttl = {k.removeprefix(p): r.pttl(k) for k in redisutil.keys(redis_settings)}
+            assert 59_000 < ttl["key:abc"] <= 60_000
+            assert 29_000 < ttl["key:guess"] <= 30_000  # the negative TTL
+            assert 119_000 < ttl["mcp:weather"] <= 120_000
+            assert 86_399_000 < ttl["session:sess"] <= 86_400_000
+            assert 59_000 < ttl["rl:3:k9:60"] <= 60_000
+            assert 86_399_000 < ttl["rl:3:k9:86400"] <= 86_400_000
+            assert r.zcard(f"{p}rl:3:k9:60") == 1 and r.zcard(f"{p}rl:3:k9:86400") == 1
+            assert r.get(f"{p}key:guess") == "null"
+        assert cache._epoch == 0
+    finally:
+        await cache.close()
+
+
+async def test_foreign_or_damaged_entries_are_misses(redis_settings: RedisSettings) -> None:
+    cache = RedisCache(_config(redis_settings))
+    p = redis_settings.prefix
+    try:
+        with redisutil.client(redis_settings) as r:
+            r.set(f"{p}key:garbage", "{not json")
+            r.set(f"{p}key:newer", '{"user_id": 1, "project_id": 1, "status": "active", "future_field": 1}')
+            r.set(f"{p}mcp:odd", "[1, 2]")
+            r.set(f"{p}mcp:num", "5")
+        assert await cache.get_consumer("garbage") is MISS
+        assert await cache.get_consumer("newer") is MISS
+        assert await cache.get_listing("odd") is MISS
+        assert await cache.get_listing("num") is MISS
+        assert cache._epoch == 0
+    finally:
+        await cache.close()
+
+
+async def test_a_flushed_script_cache_is_refilled(tmp_path: Path) -> None:
+    with redisutil.RedisProcess(tmp_path) as server:
+        settings = server.settings()
+        cache = RedisCache(_config(settings))
+        try:
+            windows = windows_for(5, 100)
+            assert (await cache.hit("b", windows)).remaining == 4
+            with redisutil.client(settings) as r:
+                r.script_flush()
+            assert (await cache.hit("b", windows)).remaining == 3
+            with redisutil.client(settings) as r:
+                assert r.zcard(f"{settings.prefix}rl:b:60") == 2
+            assert cache._epoch == 0
+        finally:
+            await cache.close()
+
+
+def _transitions(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return ["down" if "failed" in r.getMessage() else "up" for r in caplog.records
+            if r.name == "mcpmeter" and r.levelno == logging.WARNING and "Redis" in r.getMessage()]
+
+
+async def test_redis_going_down_falls_back_to_memory_and_comes_back_by_itself(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.WARNING, logger="mcpmeter")
+    with redisutil.RedisProcess(tmp_path) as server:
+        settings = server.settings()
+        cache = RedisCache(_config(settings))
+        windows = windows_for(5, 100)
+        try:
+            assert (await cache.hit("b", windows)).remaining == 4
+            await cache.bind_session("s-1", "k9")
+            await cache.put_consumer("h", CONSUMER)
+            assert await cache.get_consumer("h") == CONSUMER
+            assert len(redisutil.keys(settings)) == 4
+
+            server.stop()
+            started = time.monotonic()
+            # Many calls in flight find Redis gone at once: one warning, and every call is answered.
+            verdicts = await asyncio.gather(*(cache.hit("b", windows) for _ in range(7)))
+            # Per-process windows now: five fresh slots, then refusals.
+            assert sorted(v.allowed for v in verdicts) == [False] * 2 + [True] * 5
+            assert _transitions(caplog) == ["down"]
+            assert await cache.get_consumer("h") is MISS  # only Redis had it
+            await cache.put_consumer("h", CONSUMER)
+            assert await cache.get_consumer("h") == CONSUMER
+            assert await cache.session_owner("s-1") == "k9"  # sessions are also kept in memory
+            await cache.bind_session("s-2", "t1")
+            assert await cache.session_owner("s-2") == "t1"
+            assert time.monotonic() - started < 1.0
+            health = await cache.health()
+            assert health["ok"] is False and health["degraded"] is True and health["cache"] == "redis"
+            assert health["error"]
+
+            pings = 0
+            real_ping = cache._redis.ping
+
+            async def counted_ping(**kwargs: object) -> object:
+                nonlocal pings
+                pings += 1
+                return await real_ping(**kwargs)
+
+            monkeypatch.setattr(cache._redis, "ping", counted_ping)
+            spin_until = time.monotonic() + 2.5
+            calls = 0
+            while time.monotonic() < spin_until:
+                await cache.get_listing("x")
+                await cache.hit("c", windows)
+                calls += 2
+                await asyncio.sleep(0.005)
+            assert calls > 100 and 2 <= pings <= 3, f"{pings} probes during 2.5 s of calls"
+            assert _transitions(caplog) == ["down"]
+
+            server.start()
+            started = time.monotonic()
+            while cache._degraded and time.monotonic() - started < 3:
+                await cache.get_consumer("h")
+                await asyncio.sleep(0.02)
+            assert not cache._degraded, "did not recover within 3 s"
+            assert time.monotonic() - started < 1.5  # the next probe, at most a second away
+            assert _transitions(caplog) == ["down", "up"]
+            health = await cache.health()
+            assert health == {"cache": "redis", "ok": True, "degraded": False, "error": None}
+
+            # Redis is used again: the new, empty server starts counting afresh and holds the keys.
+            assert (await cache.hit("b", windows)).remaining == 4
+            await cache.put_listing("weather", LISTING)
+            assert redisutil.keys(settings) == {f"{settings.prefix}rl:b:60", f"{settings.prefix}rl:b:86400",
+                                                f"{settings.prefix}mcp:weather"}
+            assert _transitions(caplog) == ["down", "up"]
+        finally:
+            await cache.close()
+
+
+async def test_a_hung_redis_costs_one_short_timeout_then_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    """A server that accepts connections and never answers (a stuck or partitioned Redis)."""
+    caplog.set_level(logging.WARNING, logger="mcpmeter")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)  # connections complete in the kernel; nobody ever reads or answers
+        settings = RedisSettings(host="127.0.0.1", port=listener.getsockname()[1], db=0, prefix="hung:")
+        cache = RedisCache(_config(settings))
+        try:
+            started = time.monotonic()
+            assert (await cache.hit("b", windows_for(3, 100))).allowed
+            assert time.monotonic() - started < 1.2
+            started = time.monotonic()
+            for _ in range(50):
+                await cache.put_consumer("h", CONSUMER)
+                assert await cache.get_consumer("h") == CONSUMER
+            assert time.monotonic() - started < 0.2  # degraded: no more waiting on Redis
+            started = time.monotonic()
+            health = await cache.health()
+            assert time.monotonic() - started < 1.0
+            assert health["ok"] is False and health["degraded"] is True and "Timeout" in str(health["error"])
+            assert _transitions(caplog) == ["down"]
+        finally:
+            await cache.close()
+
+
+async def test_an_unreachable_redis_from_the_start_still_serves(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="mcpmeter")
+    settings = RedisSettings(host="127.0.0.1", port=redisutil.free_port(), db=0, prefix="nobody:")
+    cache = RedisCache(_config(settings))
+    try:
+        health = await cache.health()  # the first thing asked: health checks Redis itself
+        assert health["ok"] is False and health["degraded"] is True and "Connect" in str(health["error"])
+        assert await cache.get_listing("weather") is MISS
+        await cache.put_listing("weather", LISTING)
+        assert await cache.get_listing("weather") == LISTING
+        assert [(await cache.hit("b", windows_for(2, 100))).allowed for _ in range(3)] == [True, True, False]
+        assert (await cache.health())["degraded"] is True
+        assert _transitions(caplog) == ["down"]
+    finally:
+        await cache.close()

@@ -1,0 +1,188 @@
+"""addon.forwarding: the upstream URL, and exactly which headers the upstream receives."""
+
+from __future__ import annotations
+
+import pytest
+
+from addon.forwarding import authority, target_url, upstream_headers
+
+HOST = "mcp.publisher.example:8443"
+
+
+def fwd(fields: list[tuple[str, str]], publisher: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    return upstream_headers(fields, publisher or {}, HOST)
+
+
+def names(headers: list[tuple[str, str]]) -> list[str]:
+    return [k.lower() for k, _ in headers]
+
+
+def values(headers: list[tuple[str, str]], name: str) -> list[str]:
+    return [v for k, v in headers if k.lower() == name.lower()]
+
+
+# --- target_url -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("upstream, subpath, query, url", [
+    ("http://u:9000/mcp", "", "", "http://u:9000/mcp"),
+    ("http://u:9000/mcp/", "", "", "http://u:9000/mcp"),  # trailing slash trimmed
+    ("http://u:9000/mcp//", "", "", "http://u:9000/mcp"),
+    ("http://u:9000/mcp/", "messages", "", "http://u:9000/mcp/messages"),
+    ("http://u:9000/mcp", "a/b/c", "", "http://u:9000/mcp/a/b/c"),
+    ("http://u:9000/mcp/", "", "x=1", "http://u:9000/mcp?x=1"),
+    ("http://u:9000/mcp/", "messages", "session_id=abc&x=%20", "http://u:9000/mcp/messages?session_id=abc&x=%20"),
+    ("https://u.example", "", "", "https://u.example"),
+    ("https://u.example/", "sse", "", "https://u.example/sse"),
+])
+def test_target_url(upstream: str, subpath: str, query: str, url: str) -> None:
+    assert target_url(upstream, subpath, query) == url
+
+
+@pytest.mark.parametrize("url, netloc", [
+    ("http://127.0.0.1:3011/mcp", "127.0.0.1:3011"),
+    ("https://mcp.example.com/x", "mcp.example.com"),
+    ("https://mcp.example.com:8443", "mcp.example.com:8443"),
+])
+def test_authority(url: str, netloc: str) -> None:
+    assert authority(url) == netloc
+
+
+# --- what is stripped -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [
+    "Authorization", "authorization", "AUTHORIZATION", "Cookie", "cookie", "Host", "host",
+    "X-Forwarded-Host", "x-forwarded-host",
+    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection",
+    "TE", "te", "Trailer", "Upgrade",
+])
+def test_consumer_identity_and_hop_by_hop_headers_are_stripped(name: str) -> None:
+    got = fwd([(name, "v"), ("Content-Type", "application/json")])
+    assert name.lower() not in names(got) or name.lower() == "host"
+    assert "v" not in [v for _, v in got]
+    assert ("Content-Type", "application/json") in got
+
+
+def test_headers_named_in_connection_are_stripped() -> None:
+    got = fwd([("Connection", "keep-alive, X-Secret-Hop ,  x-other"), ("X-Secret-Hop", "1"),
+               ("X-Other", "2"), ("X-Kept", "3")])
+    assert names(got) == ["x-kept", "host", "accept-encoding"]
+
+
+def test_every_connection_header_counts() -> None:
+    got = fwd([("Connection", "x-a"), ("connection", "X-B"), ("X-A", "1"), ("X-B", "2"), ("X-C", "3")])
+    assert "x-a" not in names(got) and "x-b" not in names(got)
+    assert ("X-C", "3") in got
+
+
+def test_ordinary_headers_pass_in_order_with_their_case_and_duplicates() -> None:
+    fields = [("Content-Type", "application/json"), ("Accept", "application/json, text/event-stream"),
+              ("Mcp-Session-Id", "s1"), ("MCP-Protocol-Version", "2025-06-18"), ("User-Agent", "ua"),
+              ("X-Dup", "1"), ("X-Dup", "2"), ("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-Proto", "https")]
+    got = fwd(fields)
+    assert got == fields + [("Host", HOST), ("Accept-Encoding", "identity")]
+
+
+# --- Host and Accept-Encoding -----------------------------------------------------------------
+
+def test_host_is_the_upstream_authority_and_encoding_identity() -> None:
+    got = fwd([("Host", "gw.example:3010"), ("Accept-Encoding", "gzip, br"), ("accept-encoding", "zstd")])
+    assert values(got, "host") == [HOST]
+    assert values(got, "accept-encoding") == ["identity"]
+
+
+def test_no_one_can_override_host_or_accept_encoding() -> None:
+    got = fwd([("X-Forward-Host", "evil"), ("X-Forward-Accept-Encoding", "gzip")],
+              {"Host": "pub-evil", "Accept-Encoding": "br", "host": "x"})
+    assert values(got, "host") == [HOST]
+    assert values(got, "accept-encoding") == ["identity"]
+
+
+# --- X-Forward-<Name> unwrapping --------------------------------------------------------------
+
+@pytest.mark.parametrize("wrapped, inner", [
+    ("X-Forward-Authorization", "Authorization"),  # the consumer's own upstream credential
+    ("x-forward-authorization", "authorization"),
+    ("X-Forward-Cookie", "Cookie"),
+    ("X-Forward-X-Api-Key", "X-Api-Key"),
+    ("X-FORWARD-Api-Token", "Api-Token"),
+])
+def test_x_forward_is_unwrapped(wrapped: str, inner: str) -> None:
+    got = fwd([(wrapped, "secret-v")])
+    assert (inner, "secret-v") in got
+    assert wrapped.lower() not in names(got)
+
+
+def test_unwrapped_header_replaces_the_consumers_own() -> None:
+    got = fwd([("X-Api-Key", "plain"), ("X-Forward-X-Api-Key", "wrapped"), ("x-api-key", "plain2")])
+    assert values(got, "x-api-key") == ["wrapped"]
+
+
+def test_unwrapped_authorization_never_carries_the_gateway_key() -> None:
+    got = fwd([("Authorization", "Bearer mcpm_live_secret"), ("X-Forward-Authorization", "Bearer upstream-tok")])
+    assert values(got, "authorization") == ["Bearer upstream-tok"]
+    assert all("mcpm_live_secret" not in v for _, v in got)
+
+
+@pytest.mark.parametrize("wrapped", [
+    "X-Forward-Host", "x-forward-host", "X-Forward-Content-Length", "X-Forward-Transfer-Encoding",
+    "X-Forward-Connection", "X-Forward-Keep-Alive", "X-Forward-Upgrade", "X-Forward-TE", "X-Forward-Trailer",
+    "X-Forward-Proxy-Authorization", "X-Forward-Proxy-Connection",
+    # headers the gateway checked on the consumer's request: a wrapped copy must not replace them
+    "X-Forward-Mcp-Session-Id", "X-Forward-Mcp-Method", "X-Forward-Mcp-Name", "X-Forward-X-Forwarded-Host",
+    "X-Forward-", "X-Forward-a(b", "X-Forward-a b", "X-Forward-a:b",
+])
+def test_x_forward_is_not_unwrapped_into_forbidden_or_invalid_names(wrapped: str) -> None:
+    got = fwd([(wrapped, "smuggled")])
+    assert "smuggled" not in [v for _, v in got]
+    assert names(got) == ["host", "accept-encoding"]
+
+
+def test_a_wrapped_session_id_cannot_replace_the_checked_one() -> None:
+    got = fwd([("Mcp-Session-Id", "mine"), ("X-Forward-Mcp-Session-Id", "someone-elses")])
+    assert values(got, "mcp-session-id") == ["mine"]
+
+
+def test_a_wrapped_mcp_name_cannot_replace_the_checked_one() -> None:
+    got = fwd([("Mcp-Method", "tools/call"), ("Mcp-Name", "cheap"),
+               ("X-Forward-Mcp-Name", "expensive"), ("X-Forward-Mcp-Method", "tools/list")])
+    assert values(got, "mcp-name") == ["cheap"]
+    assert values(got, "mcp-method") == ["tools/call"]
+
+
+def test_x_forwarded_headers_are_not_x_forward_wrappers() -> None:
+    got = fwd([("X-Forwarded-For", "1.2.3.4"), ("X-Forwarded-Proto", "https")])
+    assert ("X-Forwarded-For", "1.2.3.4") in got and ("X-Forwarded-Proto", "https") in got
+    assert "for" not in names(got) and "proto" not in names(got)
+
+
+def test_a_connection_listed_wrapper_is_stripped_too() -> None:
+    got = fwd([("Connection", "X-Forward-Authorization"), ("X-Forward-Authorization", "tok")])
+    assert "authorization" not in names(got)
+
+
+# --- the publisher's headers win --------------------------------------------------------------
+
+def test_publisher_headers_win_over_everything() -> None:
+    fields = [("X-Api-Key", "consumer"), ("X-Forward-X-Api-Key", "wrapped"), ("X-Forward-Authorization", "c-tok"),
+              ("Content-Type", "application/json")]
+    got = fwd(fields, {"x-api-key": "publisher", "Authorization": "Bearer pub-tok"})
+    assert values(got, "x-api-key") == ["publisher"]
+    assert values(got, "authorization") == ["Bearer pub-tok"]
+    assert ("Content-Type", "application/json") in got
+
+
+def test_publisher_headers_are_added_when_the_consumer_sent_none() -> None:
+    got = fwd([("Content-Type", "application/json")], {"X-Publisher-Key": "pub-secret"})
+    assert got == [("Content-Type", "application/json"), ("X-Publisher-Key", "pub-secret"),
+                   ("Host", HOST), ("Accept-Encoding", "identity")]
+
+
+@pytest.mark.parametrize("name", ["Content-Length", "Transfer-Encoding", "Connection", "Host"])
+def test_publisher_cannot_set_framing_or_hop_by_hop_headers(name: str) -> None:
+    got = fwd([("Content-Type", "application/json")], {name: "999"})
+    assert "999" not in [v for _, v in got]
+
+
+def test_fields_may_be_any_iterable() -> None:
+    got = upstream_headers(iter([("Authorization", "x"), ("X-A", "1")]), {}, HOST)
+    assert got == [("X-A", "1"), ("Host", HOST), ("Accept-Encoding", "identity")]

@@ -1,0 +1,285 @@
+"""addon.jsonrpc (what a request asks for, what a response answers) and the addon.errors table."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from addon.errors import ERRORS, GatewayError, error_body
+from addon.jsonrpc import Inspection, Outcome, PricedCall, answer_outcome, body_outcome, inspect_request
+
+BILLABLE = ("tools/call",)
+
+
+def body(obj: Any) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def call(name: Any = "search", rpc_id: Any = 1, **extra: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": rpc_id, "method": "tools/call",
+            "params": {"name": name, "arguments": {}}, **extra}
+
+
+def refused(raw: bytes, billable: Any = BILLABLE, **headers: Any) -> str:
+    with pytest.raises(GatewayError) as e:
+        inspect_request(raw, billable, **headers)
+    return e.value.spec.code
+
+
+# --- inspect_request: what is priced --------------------------------------------------------
+
+@pytest.mark.parametrize("rpc_id", [1, 0, -7, "abc", "", 2.5])
+def test_tools_call_is_priced_under_its_tool_name(rpc_id: Any) -> None:
+    got = inspect_request(body(call("get_weather", rpc_id)), BILLABLE)
+    assert got == Inspection(method="tools/call", call=PricedCall("tools/call", rpc_id, "get_weather"))
+
+
+@pytest.mark.parametrize("message", [
+    {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}},
+    {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+    {"jsonrpc": "2.0", "id": 3, "method": "ping"},
+    {"jsonrpc": "2.0", "id": 4, "method": "resources/read", "params": {"uri": "file:///a"}},
+    {"jsonrpc": "2.0", "method": "notifications/initialized"},
+    {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}},
+])
+def test_other_methods_pass_unpriced(message: dict[str, Any]) -> None:
+    assert inspect_request(body(message), BILLABLE) == Inspection(method=message["method"], call=None)
+
+
+@pytest.mark.parametrize("message", [
+    {"jsonrpc": "2.0", "id": 9, "result": {}},  # the client answering a server request
+    {"jsonrpc": "2.0", "id": 9, "error": {"code": -32601, "message": "nope"}},
+])
+def test_client_responses_pass_unpriced(message: dict[str, Any]) -> None:
+    assert inspect_request(body(message), BILLABLE) == Inspection(method=None, call=None)
+
+
+def test_configured_billable_method_is_priced_under_its_method_name() -> None:
+    billable = ("tools/call", "resources/read")
+    message = {"jsonrpc": "2.0", "id": "r1", "method": "resources/read", "params": {"uri": "file:///x"}}
+    got = inspect_request(body(message), billable)
+    assert got.call == PricedCall("resources/read", "r1", "resources/read")
+    # tools/call keeps being priced by tool name alongside it
+    assert inspect_request(body(call("t")), billable).call == PricedCall("tools/call", 1, "t")
+
+
+def test_tools_call_is_free_when_not_billable() -> None:
+    assert inspect_request(body(call()), ("resources/read",)).call is None
+    assert inspect_request(body(call()), ()).call is None
+
+
+# --- inspect_request: what is refused ---------------------------------------------------------
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"not json", b"\xff\xfe\x00", b'{"id": 1,}', b"{'a': 1}"])
+def test_invalid_json(raw: bytes) -> None:
+    assert refused(raw) == "invalid_json"
+
+
+@pytest.mark.parametrize("raw", [b"1", b'"tools/call"', b"null", b"true", b"3.5"])
+def test_a_message_must_be_an_object(raw: bytes) -> None:
+    assert refused(raw) == "invalid_request"
+
+
+@pytest.mark.parametrize("method", [1, ["tools/call"], {"a": 1}, True])
+def test_method_must_be_a_string(method: Any) -> None:
+    assert refused(body({"jsonrpc": "2.0", "id": 1, "method": method})) == "invalid_request"
+
+
+@pytest.mark.parametrize("rpc_id", ["missing", None, True, False, [1], {"a": 1}])
+def test_priced_call_needs_an_id(rpc_id: Any) -> None:
+    message = call()
+    if rpc_id == "missing":
+        del message["id"]  # a notification
+    else:
+        message["id"] = rpc_id
+    assert refused(body(message)) == "invalid_request"
+
+
+def test_configured_billable_notification_is_refused() -> None:
+    message = {"jsonrpc": "2.0", "method": "resources/read", "params": {"uri": "x"}}
+    assert refused(body(message), ("resources/read",)) == "invalid_request"
+
+
+@pytest.mark.parametrize("params", ["missing", None, [], "search", {}, {"name": ""}, {"name": 5},
+                                    {"name": None}, {"name": ["a"]}, {"arguments": {}}])
+def test_tools_call_needs_params_name(params: Any) -> None:
+    message = call()
+    if params == "missing":
+        del message["params"]
+    else:
+        message["params"] = params
+    assert refused(body(message)) == "invalid_request"
+
+
+@pytest.mark.parametrize("billable", [BILLABLE, frozenset(BILLABLE), ["tools/call"]])
+@pytest.mark.parametrize("batch", [
+    [call()],
+    [{"jsonrpc": "2.0", "method": "notifications/initialized"}, call("x", 2)],
+    [{"jsonrpc": "2.0", "id": 1, "method": "ping"}, call("x", 2)],
+    [call("x", 1), call("y", 2)],
+    [{"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "x"}}],  # even as a notification
+])
+def test_batch_with_a_billable_element_is_refused(batch: list[Any], billable: Any) -> None:
+    assert refused(body(batch), billable) == "batch_not_supported"
+
+
+@pytest.mark.parametrize("billable", [BILLABLE, frozenset(BILLABLE)])
+@pytest.mark.parametrize("batch", [
+    [{"jsonrpc": "2.0", "method": "notifications/initialized"}],
+    [{"jsonrpc": "2.0", "method": "notifications/initialized"},
+     {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}],
+    [{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, {"jsonrpc": "2.0", "id": 2, "result": {}}],
+    [{"jsonrpc": "2.0", "id": 1, "method": ["tools/call"]}],  # an unhashable method is simply not billable
+])
+def test_batch_without_billable_elements_passes_unpriced(batch: list[Any], billable: Any) -> None:
+    assert inspect_request(body(batch), billable) == Inspection(method=None, call=None)
+
+
+@pytest.mark.parametrize("batch", [[], [1], [call(), "x"], [None], [[call()]]])
+def test_empty_or_malformed_batch(batch: list[Any]) -> None:
+    assert refused(body(batch)) == "invalid_request"
+
+
+def test_empty_batch_is_refused_even_with_no_billable_methods() -> None:
+    assert refused(b"[]", ()) == "invalid_request"
+
+
+# --- inspect_request: Mcp-Method / Mcp-Name headers (revision 2026-07-28) --------------------
+
+@pytest.mark.parametrize("message, mcp_method, mcp_name", [
+    (call("search"), "tools/call", "search"),
+    (call("search"), "tools/call", None),
+    (call("search"), None, "search"),
+    ({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, "tools/list", None),
+    ({"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": {"uri": "file:///a"}},
+     "resources/read", "file:///a"),
+    ({"jsonrpc": "2.0", "id": 1, "method": "prompts/get", "params": {"name": "p"}}, "prompts/get", "p"),
+])
+def test_matching_headers_pass(message: dict[str, Any], mcp_method: str | None, mcp_name: str | None) -> None:
+    got = inspect_request(body(message), BILLABLE, mcp_method=mcp_method, mcp_name=mcp_name)
+    assert got.method == message["method"]
+
+
+def test_matching_headers_keep_the_price() -> None:
+    got = inspect_request(body(call("search")), BILLABLE, mcp_method="tools/call", mcp_name="search")
+    assert got.call == PricedCall("tools/call", 1, "search")
+
+
+@pytest.mark.parametrize("message, mcp_method, mcp_name", [
+    (call("search"), "tools/list", None),  # claims a free method for a priced call
+    (call("search"), "Tools/Call", None),
+    (call("search"), "", None),
+    (call("cheap"), "tools/call", "expensive"),  # routes to another tool than the one priced
+    (call("search"), None, ""),
+    (call("search"), None, "SEARCH"),
+    ({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, "tools/call", None),
+    ({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, None, "search"),  # no params to name
+    ({"jsonrpc": "2.0", "id": 1, "result": {}}, "tools/call", None),  # a response has no method
+    ({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": ["x"]}}, None, "x"),
+    ({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": {"a": 1}}}, None, "x"),
+    ({"jsonrpc": "2.0", "id": 1, "method": "x", "params": {"uri": [1], "name": {}}}, None, "x"),
+    ({"jsonrpc": "2.0", "id": 1, "method": "x", "params": ["x"]}, None, "x"),
+])
+def test_mismatching_headers_are_refused(message: dict[str, Any], mcp_method: str | None,
+                                         mcp_name: str | None) -> None:
+    assert refused(body(message), mcp_method=mcp_method, mcp_name=mcp_name) == "header_mismatch"
+
+
+@pytest.mark.parametrize("headers", [{"mcp_method": "tools/list"}, {"mcp_name": "x"}])
+def test_headers_on_a_batch_are_refused(headers: dict[str, str]) -> None:
+    batch = [{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}]
+    assert refused(body(batch), **headers) == "header_mismatch"
+
+
+# --- answer_outcome -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("message, rpc_id, expected", [
+    ({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}, 1, Outcome.RESULT),
+    ({"jsonrpc": "2.0", "id": "a", "result": {"content": []}}, "a", Outcome.RESULT),
+    ({"jsonrpc": "2.0", "id": 1, "result": {"content": [], "isError": False}}, 1, Outcome.RESULT),
+    ({"jsonrpc": "2.0", "id": 1, "result": {"isError": "true"}}, 1, Outcome.RESULT),  # only true is true
+    ({"jsonrpc": "2.0", "id": 1, "result": {"isError": 1}}, 1, Outcome.RESULT),
+    ({"jsonrpc": "2.0", "id": 1, "result": None}, 1, Outcome.RESULT),
+    ({"jsonrpc": "2.0", "id": 1, "result": []}, 1, Outcome.RESULT),
+    ({"jsonrpc": "2.0", "id": 1, "result": {"content": [], "isError": True}}, 1, Outcome.TOOL_ERROR),
+    ({"jsonrpc": "2.0", "id": 1, "error": {"code": -32602, "message": "bad"}}, 1, Outcome.RPC_ERROR),
+    ({"jsonrpc": "2.0", "id": "x", "error": {"code": -32000, "message": "boom"}}, "x", Outcome.RPC_ERROR),
+    ({"jsonrpc": "2.0", "id": 1.0, "result": {}}, 1, Outcome.RESULT),  # the same JSON number
+])
+def test_answer_outcome(message: dict[str, Any], rpc_id: Any, expected: Outcome) -> None:
+    assert answer_outcome(message, rpc_id) is expected
+
+
+@pytest.mark.parametrize("message, rpc_id", [
+    ({"jsonrpc": "2.0", "id": 2, "result": {}}, 1),  # another call's answer
+    ({"jsonrpc": "2.0", "id": "1", "result": {}}, 1),  # a string id is not a number id
+    ({"jsonrpc": "2.0", "id": 1, "result": {}}, "1"),
+    ({"jsonrpc": "2.0", "id": True, "result": {}}, 1),  # true == 1 in Python, not in JSON-RPC
+    ({"jsonrpc": "2.0", "id": False, "result": {}}, 0),
+    ({"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "parse"}}, 1),
+    ({"jsonrpc": "2.0", "result": {}}, 1),  # no id at all
+    ({"jsonrpc": "2.0", "id": 1}, 1),  # neither result nor error
+    ({"jsonrpc": "2.0", "id": 1, "method": "sampling/createMessage", "params": {}}, 1),  # a server request
+    ({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1}}, 1),
+    ({"jsonrpc": "2.0", "id": 1, "method": "x", "result": {}}, 1),
+    ([{"jsonrpc": "2.0", "id": 1, "result": {}}], 1),  # a batch is not a message
+    ("result", 1),
+    (None, 1),
+    (1, 1),
+])
+def test_answer_outcome_ignores_what_does_not_answer_the_call(message: Any, rpc_id: Any) -> None:
+    assert answer_outcome(message, rpc_id) is None
+
+
+# --- body_outcome ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, rpc_id, expected", [
+    (body({"jsonrpc": "2.0", "id": 7, "result": {"content": []}}), 7, Outcome.RESULT),
+    (body({"jsonrpc": "2.0", "id": 7, "result": {"isError": True}}), 7, Outcome.TOOL_ERROR),
+    (body({"jsonrpc": "2.0", "id": 7, "error": {"code": 1, "message": "m"}}), 7, Outcome.RPC_ERROR),
+    (body({"jsonrpc": "2.0", "id": 8, "result": {}}), 7, None),
+    (body({"jsonrpc": "2.0", "id": "7", "result": {}}), 7, None),
+    # batch responses from 2025-03-26 servers: the element answering the call decides
+    (body([{"jsonrpc": "2.0", "id": 1, "result": {}}, {"jsonrpc": "2.0", "id": 7, "error": {}}]), 7,
+     Outcome.RPC_ERROR),
+    (body([{"jsonrpc": "2.0", "id": 7, "result": {"isError": True}}, {"jsonrpc": "2.0", "id": 1, "error": {}}]), 7,
+     Outcome.TOOL_ERROR),
+    (body([{"jsonrpc": "2.0", "id": 1, "result": {}}, {"jsonrpc": "2.0", "id": 2, "result": {}}]), 7, None),
+    (body([]), 7, None),
+    (body([1, "x", None]), 7, None),
+    (b"", 7, None),
+    (b"<html>502 Bad Gateway</html>", 7, None),
+    (b"\xff\xfe", 7, None),
+    (b'event: message\ndata: {"jsonrpc":"2.0","id":7,"result":{}}\n\n', 7, None),  # SSE is not JSON
+])
+def test_body_outcome(raw: bytes, rpc_id: Any, expected: Outcome | None) -> None:
+    assert body_outcome(raw, rpc_id) is expected
+
+
+# --- the error table -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("code, status", [
+    ("invalid_slug", 400), ("invalid_json", 400), ("invalid_request", 400), ("batch_not_supported", 400),
+    ("header_mismatch", 400), ("invalid_token", 401), ("insufficient_credit", 402),
+    ("project_cap_exceeded", 402), ("account_suspended", 403), ("no_such_mcp", 404), ("mcp_archived", 410),
+    ("payload_too_large", 413), ("rate_limited", 429), ("upstream_failed", 502), ("mcp_paused", 503),
+    ("mcp_not_yet_live", 503), ("upstream_timeout", 504),
+])
+def test_spec_error_codes_and_statuses(code: str, status: int) -> None:
+    assert ERRORS[code].status == status
+    assert GatewayError(code).status == status
+
+
+def test_gateway_error_body_carries_code_message_and_details() -> None:
+    e = GatewayError("insufficient_credit", headers={"X-A": "1"}, balance_micro_cents=5, required_micro_cents=9)
+    assert json.loads(e.body()) == {"error": "insufficient_credit", "message": ERRORS["insufficient_credit"].message,
+                                    "balance_micro_cents": 5, "required_micro_cents": 9}
+    assert e.headers == {"X-A": "1"}
+    assert json.loads(error_body("no_such_mcp"))["error"] == "no_such_mcp"
+
+
+def test_unknown_error_code_is_a_programming_error() -> None:
+    with pytest.raises(KeyError):
+        GatewayError("no_such_code")

@@ -1,0 +1,167 @@
+"""addon.sse.SseParser: the WHATWG event-stream rules MCP streams rely on, fed in every chunking."""
+
+from __future__ import annotations
+
+import pytest
+
+from addon.sse import Event, SseParser
+
+
+def parse_whole(stream: bytes) -> list[Event]:
+    p = SseParser()
+    return p.feed(stream) + p.feed(b"")
+
+
+def parse_bytewise(stream: bytes) -> list[Event]:
+    p = SseParser()
+    events: list[Event] = []
+    for i in range(len(stream)):
+        events += p.feed(stream[i : i + 1])
+    return events + p.feed(b"")
+
+
+def parse_split(stream: bytes, *cuts: int) -> list[Event]:
+    p = SseParser()
+    events: list[Event] = []
+    start = 0
+    for cut in [*cuts, len(stream)]:
+        if cut > start:  # an empty chunk would mark the end of the stream
+            events += p.feed(stream[start:cut])
+        start = cut
+    return events + p.feed(b"")
+
+
+def msg(data: str, id: str | None = None, event: str = "message") -> Event:
+    return Event(event=event, data=data, id=id)
+
+
+# A realistic MCP stream: priming event with an id and empty data, a comment, a progress
+# notification, then the result, with a multi-byte character to split.
+MCP_STREAM = (
+    b"id: 0\ndata:\n\n"
+    b": keep-alive\n\n"
+    b'event: message\nid: 1\ndata: {"jsonrpc":"2.0","method":"notifications/progress"}\n\n'
+    b'event: message\nid: 2\ndata: {"jsonrpc":"2.0","id":1,\ndata: "result":{"t":"\xc3\xa9\xe2\x82\xac"}}\n\n'
+)
+MCP_EVENTS = [
+    msg('{"jsonrpc":"2.0","method":"notifications/progress"}', id="1"),
+    msg('{"jsonrpc":"2.0","id":1,\n"result":{"t":"é€"}}', id="2"),
+]
+
+
+CASES = [
+    (MCP_STREAM, MCP_EVENTS),
+    (b"data: a\n\n", [msg("a")]),
+    (b"data: a\r\n\r\n", [msg("a")]),
+    (b"data: a\r\r", [msg("a")]),
+    (b"data: a\n\ndata: b\n\n", [msg("a"), msg("b")]),
+    (b"data: a\r\n\r\ndata: b\r\n\r\n", [msg("a"), msg("b")]),
+    (b"data: a\r\rdata: b\r\r", [msg("a"), msg("b")]),
+    (b"data: a\r\ndata: b\rdata: c\n\r\n", [msg("a\nb\nc")]),  # mixed line ends within one event
+    (b"data: a\r\n\n", [msg("a")]),  # CRLF then LF: two line ends
+    (b"data: a\n\r", [msg("a")]),  # LF then a final CR: the stream's end completes the CR
+    (b"data: line1\ndata: line2\ndata: line3\n\n", [msg("line1\nline2\nline3")]),
+    (b"data:no-space\n\n", [msg("no-space")]),
+    (b"data:  two spaces\n\n", [msg(" two spaces")]),  # only one leading space is removed
+    (b"data: a: b: c\n\n", [msg("a: b: c")]),
+    (b"data\n\n", []),  # a field named data with an empty value, like a priming event
+    (b"data\ndata: x\n\n", [msg("\nx")]),
+    (b": comment\ndata: a\n: another\n\n", [msg("a")]),
+    (b":\n\n", []),
+    (b": only comments\n\n: more\n\n", []),
+    (b"event: endpoint\ndata: /messages?session_id=abc\n\n", [msg("/messages?session_id=abc", event="endpoint")]),
+    (b"event:\ndata: x\n\n", [msg("x")]),  # an empty event type is "message"
+    (b"event: a\n\ndata: x\n\n", [msg("x")]),  # the event type does not outlive its event
+    (b"id: 5\ndata: x\n\n", [msg("x", id="5")]),
+    (b"id: 5\ndata: x\n\ndata: y\n\n", [msg("x", id="5"), msg("y", id="5")]),  # the last event id persists
+    (b"id: 5\ndata: x\n\nid\ndata: y\n\n", [msg("x", id="5"), msg("y", id="")]),  # ... until reset
+    (b"id: 5\ndata:\n\ndata: y\n\n", [msg("y", id="5")]),  # a priming event's id counts
+    (b"id: a\x00b\ndata: x\n\n", [msg("x")]),  # an id with NUL is ignored
+    (b"retry: 1000\ndata: x\n\n", [msg("x")]),
+    (b"foo: bar\ndata: x\nDATA: y\n\n", [msg("x")]),  # unknown fields are ignored, names are case-sensitive
+    (b"data:\n\n", []),  # a priming event is not dispatched
+    (b"data: \n\n", []),
+    (b"data:\r\n\r\n", []),
+    (b"\n\n\n\r\n\r\r", []),  # blank lines with nothing pending
+    (b"data: a\n", []),  # no blank line: the event is incomplete when the stream ends
+    (b"data: a\n\ndata: b\n", [msg("a")]),
+    (b"data: a", []),  # an incomplete line
+    (b"", []),
+]
+
+
+@pytest.mark.parametrize("stream, expected", CASES)
+def test_all_at_once(stream: bytes, expected: list[Event]) -> None:
+    assert parse_whole(stream) == expected
+
+
+@pytest.mark.parametrize("stream, expected", CASES)
+def test_one_byte_at_a_time(stream: bytes, expected: list[Event]) -> None:
+    assert parse_bytewise(stream) == expected
+
+
+@pytest.mark.parametrize("stream, expected", CASES)
+def test_every_two_chunk_split(stream: bytes, expected: list[Event]) -> None:
+    for cut in range(len(stream) + 1):
+        assert parse_split(stream, cut) == expected, f"split at {cut}: {stream[:cut]!r} | {stream[cut:]!r}"
+
+
+def test_every_three_chunk_split_of_the_mcp_stream() -> None:
+    stream = b"data: a\r\n\r\nid: 7\r\ndata: b\r\ndata: c\r\n\r\n"
+    expected = [msg("a"), msg("b\nc", id="7")]
+    for i in range(len(stream) + 1):
+        for j in range(i, len(stream) + 1):
+            assert parse_split(stream, i, j) == expected, (i, j)
+
+
+def test_events_come_out_as_soon_as_their_blank_line_arrives() -> None:
+    p = SseParser()
+    assert p.feed(b"data: a\n") == []
+    assert p.feed(b"\n") == [msg("a")]
+    assert p.feed(b"data: b\r\n") == []
+    assert p.feed(b"\r\n") == [msg("b")]
+
+
+def test_crlf_split_between_chunks_is_one_line_end() -> None:
+    p = SseParser()
+    assert p.feed(b"data: a\r") == []  # could be the first half of CRLF
+    assert p.feed(b"\n") == []  # it was: still one line end, no blank line yet
+    assert p.feed(b"\r") == []
+    assert p.feed(b"\n") == [msg("a")]
+    assert p.feed(b"") == []
+
+
+def test_a_lone_cr_is_a_line_end_once_the_next_byte_shows_it() -> None:
+    p = SseParser()
+    assert p.feed(b"data: a\r") == []
+    assert p.feed(b"\r") == []  # the first CR ended the data line; this one may start a CRLF
+    assert p.feed(b"data: b\r\r") == [msg("a")]  # the byte after the blank line settles it
+
+
+def test_end_of_stream_completes_a_trailing_cr() -> None:
+    p = SseParser()
+    assert p.feed(b"data: a\r\r") == []
+    assert p.feed(b"") == [msg("a")]
+
+
+def test_end_of_stream_discards_an_incomplete_event() -> None:
+    p = SseParser()
+    assert p.feed(b"data: a\ndata: b") == []
+    assert p.feed(b"") == []
+
+
+def test_many_events_in_one_chunk_come_out_in_order() -> None:
+    stream = b"".join(f"id: {i}\ndata: {i}\n\n".encode() for i in range(100))
+    assert parse_whole(stream) == [msg(str(i), id=str(i)) for i in range(100)]
+
+
+def test_invalid_utf8_is_replaced_not_raised() -> None:
+    assert parse_whole(b"data: \xff\n\n") == [msg("\ufffd")]
+
+
+def test_an_oversized_event_is_dropped_and_parsing_continues(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(SseParser, "MAX_EVENT_BYTES", 10)
+    p = SseParser()
+    events = p.feed(b"data: 0123456789ABCDEF\n\ndata: ok\n\n")
+    assert msg("ok") in events
+    assert all(len(e.data) <= 10 for e in events)
