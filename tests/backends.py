@@ -152,3 +152,43 @@ class SqliteBackend(Backend):
 
     def close(self) -> None:
         self.conn.close()
+
+
+class ProductionBackend(Backend):
+    """MySQL (a throwaway database built from schema.sql) and Redis (a throwaway key prefix)."""
+
+    kind = "mysql"
+
+    def __init__(self) -> None:
+        from contextlib import ExitStack
+
+        from tests import dbutil, redisutil
+
+        self._stack = ExitStack()
+        try:
+            self.mysql = self._stack.enter_context(dbutil.scratch_database(dbutil.SCHEMA))
+            self.redis = self._stack.enter_context(redisutil.scratch_prefix())
+            self.db = dbutil.Db(self.mysql)
+            self._stack.callback(self.db.close)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def env(self) -> dict[str, str]:
+        m, r = self.mysql, self.redis
+        return {"MCPMETER_STORE": "mysql", "MCPMETER_CACHE": "redis",
+                "DB_HOST": m.host, "DB_PORT": str(m.port), "DB_USER": m.user, "DB_PASSWORD": m.password,
+                "DB_NAME": m.database, "REDIS_HOST": r.host, "REDIS_PORT": str(r.port), "REDIS_DB": str(r.db),
+                "MCPMETER_REDIS_PREFIX": r.prefix}
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+    def execute(self, sql: str, args: tuple[Any, ...] = ()) -> int:
+        return self.db.execute(sql, args)
+
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return self.db.rows(sql, args)
+
+    def close(self) -> None:
+        self._stack.close()

@@ -24,12 +24,12 @@ def fault_url() -> Iterator[str]:
 def _open_backend(kind: str, workdir: Path) -> Backend:
     if kind == "sqlite":
         return SqliteBackend(workdir / "mcpmeter.db")
-    from tests.dbutil import MysqlBackend
+    from tests.backends import ProductionBackend
 
-    return MysqlBackend.create()
+    return ProductionBackend()
 
 
-@pytest.fixture(scope="module", params=["sqlite", "mysql"])
+@pytest.fixture(scope="module", params=["sqlite", "mysql"], ids=["embedded", "mysql+redis"])
 def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     """The store a module's gateway runs on: every behaviour test runs on both kinds."""
     b = _open_backend(request.param, tmp_path_factory.mktemp(f"store-{request.param}"))
