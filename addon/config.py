@@ -61,6 +61,7 @@ class Config:
     mcp_cache_ttl_seconds: float = 60.0
     negative_cache_ttl_seconds: float = 30.0
     max_body_bytes: int = 10 * 1024 * 1024
+    stale_call_seconds: float = 600.0  # a paid call unsettled this long lost its gateway: refund it
     log_level: str = "info"
     mysql: MysqlSettings = field(default_factory=MysqlSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
@@ -157,6 +158,9 @@ def _build(raw: dict[str, Any]) -> Config:
     for key in ("default_rpm", "default_rpd", "upstream_timeout_ms", "max_upstream_timeout_ms", "max_body_bytes"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, not {getattr(cfg, key)}")
+    if cfg.stale_call_seconds <= cfg.max_upstream_timeout_ms / 1000:
+        raise ConfigError(f"stale_call_seconds ({cfg.stale_call_seconds}) must exceed the longest upstream timeout "
+                          f"(max_upstream_timeout_ms = {cfg.max_upstream_timeout_ms})")
     if not 0 <= cfg.platform_fee_bps <= 10_000:
         raise ConfigError(f"platform_fee_bps must be between 0 and 10000, not {cfg.platform_fee_bps}")
     if cfg.log_level.lower() not in ("trace", "debug", "info", "warn", "warning", "error", "fatal"):

@@ -32,7 +32,7 @@ from .config import SLUG_RE, Config, ConfigError, load
 from .errors import GatewayError
 from .jsonrpc import JsonId, Outcome, PricedCall, answer_outcome, body_outcome, inspect_request
 from .model import ChargeRequest, ChargeResult, Consumer, Listing, Settlement, Verdict
-from .ratelimit import LimitVerdict, headers as limit_headers, windows_for
+from .ratelimit import headers as limit_headers, windows_for
 from .sse import SseParser
 from .store import Store, StoreUnavailable, open_store
 
@@ -87,6 +87,7 @@ class Mcpmeter:
         self.store: Store | None = None
         self.cache: Cache | None = None
         self.calls: dict[str, Call] = {}
+        self.sweeper: asyncio.Task[None] | None = None
         # Legacy SSE: (listing id, session route) -> JSON-RPC id -> a POSTed call awaiting its answer.
         self.awaiting: dict[tuple[int, str], dict[JsonId, tuple[http.HTTPFlow, Call]]] = {}
 
@@ -130,7 +131,27 @@ class Mcpmeter:
         log.info("mcpmeter: %s store, %s cache, billing %s", config.store, config.cache,
                  ", ".join(config.billable_methods))
 
+    def running(self) -> None:
+        if self.sweeper is None:
+            self.sweeper = asyncio.ensure_future(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        """Refund paid calls whose gateway (this one, before a restart, or another) died mid-call."""
+        while True:
+            config, store = self.config, self.store
+            if config is not None and store is not None:
+                try:
+                    if refunded := await store.sweep(config.stale_call_seconds, config.platform_fee_bps):
+                        log.warning("mcpmeter: refunded %d call(s) left unsettled by a stopped gateway", refunded)
+                except StoreUnavailable:
+                    pass
+                except Exception:
+                    log.exception("mcpmeter: sweeping unsettled calls failed")
+            await asyncio.sleep(min(60.0, config.stale_call_seconds / 4) if config else 60.0)
+
     def done(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         if self.store is not None:
             self.store.close()
 

@@ -67,10 +67,10 @@ async def make_cache(request: pytest.FixtureRequest) -> AsyncIterator[MakeCache]
             return cache
 
         yield make
+        fell_back = [c._error for c in made if isinstance(c, RedisCache) and c._epoch != 0]
         for cache in made:
-            if isinstance(cache, RedisCache):
-                assert cache._epoch == 0, f"the Redis cache fell back to memory: {cache._error}"
             await cache.close()
+        assert not fell_back, f"the Redis cache fell back to memory: {fell_back}"
 
 
 # --- consumers and listings ------------------------------------------------------------------
@@ -446,14 +446,14 @@ async def test_redis_going_down_falls_back_to_memory_and_comes_back_by_itself(
             assert health["error"]
 
             pings = 0
-            real_ping = cache._redis.ping
+            real_check = cache._check
 
-            async def counted_ping(**kwargs: object) -> object:
+            async def counted_check() -> None:
                 nonlocal pings
                 pings += 1
-                return await real_ping(**kwargs)
+                await real_check()
 
-            monkeypatch.setattr(cache._redis, "ping", counted_ping)
+            monkeypatch.setattr(cache, "_check", counted_check)
             spin_until = time.monotonic() + 2.5
             calls = 0
             while time.monotonic() < spin_until:
@@ -479,7 +479,7 @@ async def test_redis_going_down_falls_back_to_memory_and_comes_back_by_itself(
             assert (await cache.hit("b", windows)).remaining == 4
             await cache.put_listing("weather", LISTING)
             assert redisutil.keys(settings) == {f"{settings.prefix}rl:b:60", f"{settings.prefix}rl:b:86400",
-                                                f"{settings.prefix}mcp:weather"}
+                                                f"{settings.prefix}mcp:weather", f"{settings.prefix}probe"}
             assert _transitions(caplog) == ["down", "up"]
         finally:
             await cache.close()
@@ -526,3 +526,32 @@ async def test_an_unreachable_redis_from_the_start_still_serves(caplog: pytest.L
         assert _transitions(caplog) == ["down"]
     finally:
         await cache.close()
+
+
+async def test_a_redis_that_refuses_writes_stays_down_without_flapping(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Answers PING but refuses writes (as a read-only replica after a failover, or out of memory)."""
+    caplog.set_level(logging.WARNING, logger="mcpmeter")
+    with redisutil.RedisProcess(tmp_path) as server:
+        settings = server.settings()
+        cache = RedisCache(_config(settings))
+        try:
+            assert (await cache.hit("b", windows_for(3, 100))).allowed
+            with redisutil.client(settings) as r:
+                r.config_set("min-replicas-to-write", 1)  # every write now fails with NOREPLICAS
+            spin_until = time.monotonic() + 2.5
+            while time.monotonic() < spin_until:
+                await cache.hit("b", windows_for(1000, 10_000))
+                await cache.put_consumer("h", CONSUMER)
+                await asyncio.sleep(0.01)
+            assert cache._degraded and "NOREPLICAS" in str((await cache.health())["error"])
+            assert _transitions(caplog) == ["down"]
+            with redisutil.client(settings) as r:
+                r.config_set("min-replicas-to-write", 0)
+            started = time.monotonic()
+            while cache._degraded and time.monotonic() - started < 3:
+                await cache.get_consumer("h")
+                await asyncio.sleep(0.02)
+            assert not cache._degraded and _transitions(caplog) == ["down", "up"]
+        finally:
+            await cache.close()

@@ -12,8 +12,10 @@ same rules as `ratelimit.verdict` (tests prove the two agree call for call).
 
 Redis is a cache here, never the source of truth, so it must not take the gateway down: a call
 that fails or takes longer than OP_TIMEOUT falls back to a per-process MemoryCache, one WARNING
-says so, and from then on calls go straight to memory while a background PING, at most once per
+says so, and from then on calls go straight to memory while a background probe, at most once per
 PROBE_INTERVAL, waits for Redis to answer again (one more WARNING). No Redis error reaches a caller.
+The probe is a PING and a small write, so a Redis that answers but refuses writes (a read-only
+replica after a failover, out of memory) stays "down" instead of flapping every second.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ log = logging.getLogger("mcpmeter")
 CONNECT_TIMEOUT = 0.25  # seconds to open a connection
 SOCKET_TIMEOUT = 0.5  # seconds for one reply
 OP_TIMEOUT = 0.75  # seconds for a whole operation, connection set-up included
-PROBE_INTERVAL = 1.0  # while degraded, at most one PING per this many seconds
+PROBE_INTERVAL = 1.0  # while degraded, at most one probe per this many seconds
 
 _US = 1_000_000
 _T = TypeVar("_T")
@@ -209,7 +211,7 @@ class RedisCache:
             epoch = self._epoch
             try:
                 async with asyncio.timeout(OP_TIMEOUT):
-                    pass
+                    await self._check()
             except _FAILURES as e:
                 self._fail(e, epoch)
         else:
@@ -253,12 +255,17 @@ class RedisCache:
         if self._probe is not None or now - self._last_probe < PROBE_INTERVAL:
             return
         self._last_probe = now
-        self._probe = asyncio.get_running_loop().create_task(self._ping())
+        self._probe = asyncio.get_running_loop().create_task(self._probe_once())
 
-    async def _ping(self) -> None:
+    async def _check(self) -> None:
+        """Does Redis answer, and take writes?"""
+        await self._redis.ping()
+        await self._redis.set(f"{self._prefix}probe", "1", px=10_000)
+
+    async def _probe_once(self) -> None:
         try:
             async with asyncio.timeout(OP_TIMEOUT):
-                await self._redis.ping()
+                await self._check()
         except _FAILURES as e:
             self._error = _describe(e)
         else:

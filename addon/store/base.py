@@ -35,6 +35,9 @@ class Store(Protocol):
 
     async def recent_calls(self, limit: int) -> list[CallRecord]: ...
 
+    async def sweep(self, older_than_seconds: float, fee_bps: int, limit: int = 100) -> int:
+        """Refund priced calls left unsettled (their gateway died mid-call); returns how many."""
+
     async def health(self) -> dict[str, object]: ...
 
     def close(self) -> None: ...

@@ -25,11 +25,9 @@ from typing import Any, TypeVar
 import pymysql
 from pymysql.constants import CLIENT
 
-from ..auth import Credential
 from ..config import Config, ConfigError, MysqlSettings
-from ..model import CallRecord, ChargeRequest, ChargeResult, Consumer, Listing, Settlement
 from .base import StoreUnavailable
-from .sql import MYSQL, Ledger
+from .sql import MYSQL, Ledger, SqlStore
 
 T = TypeVar("T")
 log = logging.getLogger("mcpmeter")
@@ -86,7 +84,7 @@ REQUIRED_TABLES = ("users", "projects", "api_keys", "oauth_access_tokens", "mcps
                    "usage_events", "credit_transactions", "mcp_consumer_usage")
 
 
-class MysqlStore:
+class MysqlStore(SqlStore):
     def __init__(self, config: Config) -> None:
         self.settings = config.mysql
         if self.settings.pool_size < 1:
@@ -241,27 +239,6 @@ class MysqlStore:
             return await loop.run_in_executor(self._pool, self._transaction, fn, commit)
         except RuntimeError as e:  # the pool was shut down
             raise StoreUnavailable(f"mysql store is closed: {e}") from e
-
-    async def find_consumer(self, credential: Credential) -> Consumer | None:
-        return await self._run(lambda ledger: ledger.find_consumer(credential))
-
-    async def find_listing(self, slug: str) -> Listing | None:
-        return await self._run(lambda ledger: ledger.find_listing(slug))
-
-    async def balance(self, user_id: int) -> int:
-        return await self._run(lambda ledger: ledger.balance(user_id))
-
-    async def charge(self, request: ChargeRequest) -> ChargeResult:
-        return await self._run(lambda ledger: ledger.charge(request), commit=lambda r: r.accepted)
-
-    async def settle(self, settlement: Settlement) -> int:
-        return await self._run(lambda ledger: ledger.settle(settlement))
-
-    async def topup(self, user_id: int, amount: int, description: str) -> int:
-        return await self._run(lambda ledger: ledger.topup(user_id, amount, description))
-
-    async def recent_calls(self, limit: int) -> list[CallRecord]:
-        return await self._run(lambda ledger: ledger.recent_calls(limit))
 
     async def health(self) -> dict[str, object]:
         info: dict[str, object] = {"store": "mysql", "database": self.where, "retries": self.retries}

@@ -17,9 +17,9 @@ from __future__ import annotations
 import calendar
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ..auth import Credential
 from ..billing import split
@@ -44,6 +44,8 @@ class Dialect:
         statement = statement.replace("INSERT IGNORE", self.insert_ignore)
         return statement if self.placeholder == "%s" else statement.replace("%s", self.placeholder)
 
+
+T = TypeVar("T")
 
 MYSQL = Dialect("%s", "INSERT IGNORE")
 SQLITE = Dialect("?", "INSERT OR IGNORE")
@@ -290,6 +292,27 @@ class Ledger:
              request_id, now, now),
         )
 
+    def stale_calls(self, cutoff: str, limit: int) -> list[str]:
+        """Calls paid for before `cutoff` and never settled: their gateway stopped mid-call."""
+        rows = self._q("SELECT request_id FROM mcpmeter_calls WHERE settled_at IS NULL AND created_at < %s"
+                       " ORDER BY created_at LIMIT %s", (cutoff, limit)).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def settle_stale(self, request_id: str, fee_bps: int) -> bool:
+        """Refund a call whose gateway stopped before settling it: nobody can show it was delivered."""
+        row = self._one("SELECT user_id, project_id, mcp_id, tool_name, amount_micro_cents, period_year_month,"
+                        " created_at FROM mcpmeter_calls WHERE request_id = %s AND settled_at IS NULL", (request_id,))
+        if row is None:
+            return False
+        user_id, project_id, mcp_id, tool, amount, period, created = row
+        req = ChargeRequest(request_id=request_id, user_id=int(user_id), project_id=int(project_id),
+                            listing_id=int(mcp_id), tool_name=str(tool), price=int(amount), free_allowance=0,
+                            period=str(period))
+        self.settle(Settlement(charge=req, refund=True, status=0, duration_ms=0,
+                               called_at=_epoch(created) or time.time(), key_id=None, token_id=None,
+                               client=None, user_agent=None, fee_bps=fee_bps))
+        return True
+
     def _journal(self, req: ChargeRequest, verdict: Verdict, amount: int, now: str) -> None:
         self._q(
             "INSERT INTO mcpmeter_calls (request_id, user_id, project_id, mcp_id, tool_name, verdict,"
@@ -297,6 +320,44 @@ class Ledger:
             (req.request_id, req.user_id, req.project_id, req.listing_id, req.tool_name[:191], verdict.value,
              amount, req.period, now),
         )
+
+
+class SqlStore:
+    """The Store protocol over a Ledger; adapters provide `_run`, which runs one transaction off the loop."""
+
+    async def _run(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
+        raise NotImplementedError
+
+    async def find_consumer(self, credential: Credential) -> Consumer | None:
+        return await self._run(lambda ledger: ledger.find_consumer(credential))
+
+    async def find_listing(self, slug: str) -> Listing | None:
+        return await self._run(lambda ledger: ledger.find_listing(slug))
+
+    async def balance(self, user_id: int) -> int:
+        return await self._run(lambda ledger: ledger.balance(user_id))
+
+    async def charge(self, request: ChargeRequest) -> ChargeResult:
+        # A refusal rolls back whatever the attempt touched (the debit before a cap check, say).
+        return await self._run(lambda ledger: ledger.charge(request), commit=lambda r: r.accepted)
+
+    async def settle(self, settlement: Settlement) -> int:
+        return await self._run(lambda ledger: ledger.settle(settlement))
+
+    async def topup(self, user_id: int, amount: int, description: str) -> int:
+        return await self._run(lambda ledger: ledger.topup(user_id, amount, description))
+
+    async def recent_calls(self, limit: int) -> list[CallRecord]:
+        return await self._run(lambda ledger: ledger.recent_calls(limit))
+
+    async def sweep(self, older_than_seconds: float, fee_bps: int, limit: int = 100) -> int:
+        """Refund calls left unsettled for longer than any call may run; one transaction each."""
+        cutoff = utc(time.time() - older_than_seconds)
+        stale = await self._run(lambda ledger: ledger.stale_calls(cutoff, limit))
+        done = 0
+        for request_id in stale:
+            done += await self._run(lambda ledger, rid=request_id: ledger.settle_stale(rid, fee_bps))
+        return done
 
 
 def parse_upstream_headers(raw: Any) -> dict[str, str]:

@@ -15,16 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any, TypeVar
 
-from ..auth import Credential, token_hash
+from ..auth import token_hash
 from ..config import Config, ConfigError
-from ..model import CallRecord, ChargeRequest, ChargeResult, Consumer, Listing, Settlement
 from .base import StoreUnavailable
-from .sql import SQLITE, Ledger, utc
+from .sql import SQLITE, Ledger, SqlStore, utc
 
 T = TypeVar("T")
 
 
-class SqliteStore:
+class SqliteStore(SqlStore):
     def __init__(self, config: Config) -> None:
         self.path = config.sqlite_path
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcpmeter-sqlite")
@@ -56,27 +55,6 @@ class SqliteStore:
             raise
         self._conn.execute("COMMIT" if commit(result) else "ROLLBACK")
         return result
-
-    async def find_consumer(self, credential: Credential) -> Consumer | None:
-        return await self._run(lambda ledger: ledger.find_consumer(credential))
-
-    async def find_listing(self, slug: str) -> Listing | None:
-        return await self._run(lambda ledger: ledger.find_listing(slug))
-
-    async def balance(self, user_id: int) -> int:
-        return await self._run(lambda ledger: ledger.balance(user_id))
-
-    async def charge(self, request: ChargeRequest) -> ChargeResult:
-        return await self._run(lambda ledger: ledger.charge(request), commit=lambda r: r.accepted)
-
-    async def settle(self, settlement: Settlement) -> int:
-        return await self._run(lambda ledger: ledger.settle(settlement))
-
-    async def topup(self, user_id: int, amount: int, description: str) -> int:
-        return await self._run(lambda ledger: ledger.topup(user_id, amount, description))
-
-    async def recent_calls(self, limit: int) -> list[CallRecord]:
-        return await self._run(lambda ledger: ledger.recent_calls(limit))
 
     async def health(self) -> dict[str, object]:
         await self._run(lambda ledger: ledger.balance(0))
