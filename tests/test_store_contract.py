@@ -602,3 +602,24 @@ async def test_two_gateways_refund_a_call_once(mysql_db: Backend) -> None:
     assert mysql_db.rows("SELECT type FROM credit_transactions WHERE request_id = %s ORDER BY id",
                          (req.request_id,)) == [("usage",), ("refund",)]
     reconcile(mysql_db)
+
+
+async def test_sweep_refunds_calls_their_gateway_never_settled(db: Backend) -> None:
+    who = add_consumer(db, 1, credit=10_000)
+    add_listing(db, 10, "w", price=1000, free=1)
+    free, orphan, settled, fresh = (call(who, 10, 1000, free=1) for _ in range(4))
+    for req in (free, orphan, settled, fresh):
+        assert (await db.store.charge(req)).accepted
+    await db.store.settle(outcome(settled, who))
+    # The gateway that took `free` and `orphan` died an hour ago; `fresh` may still be running.
+    an_hour_ago = utc(time.time() - 3600)
+    db.execute("UPDATE mcpmeter_calls SET created_at = %s WHERE request_id IN (%s, %s, %s)",
+               (an_hour_ago, free.request_id, orphan.request_id, settled.request_id))
+
+    assert await db.store.sweep(600, FEE_BPS) == 2
+    assert await db.store.sweep(600, FEE_BPS) == 0  # exactly once
+    assert await db.store.balance(1) == 10_000 - 1000 - 1000  # `settled` and `fresh` stay paid
+    assert db.rows("SELECT request_id, status, billed_micro_cents FROM usage_events ORDER BY id") == [
+        (settled.request_id, 200, 1000), (free.request_id, 0, 0), (orphan.request_id, 0, 0)]
+    assert (await db.store.charge(call(who, 10, 1000, free=1))).verdict is Verdict.FREE  # the slot came back
+    reconcile(db)
