@@ -1,0 +1,203 @@
+"""Two gateway processes sharing one MySQL and one Redis, under load and faults (SPEC I1-I4).
+
+Everything here runs real `mitmdump` processes against a throwaway MySQL database and a
+Redis server of the test's own (so it can be stopped and started), in front of the
+fault-on-demand upstream; the ledger is reconciled to the micro-cent at the end of each test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+
+from tests import dbutil, redisutil
+from tests.backends import Backend, ProductionBackend
+from tests.gateway_proc import Gateway, start_gateway
+from tests.test_e2e_gateway import MCP_HEADERS, call, eventually, slug
+
+
+class OwnRedisBackend(ProductionBackend):
+    """MySQL as usual, but a Redis server of this test's own, which it may stop and start."""
+
+    def __init__(self, redis_proc: redisutil.RedisProcess) -> None:
+        super().__init__()
+        self.redis = redis_proc.settings()
+
+
+@pytest.fixture
+def redis_proc(tmp_path: Path) -> Iterator[redisutil.RedisProcess]:
+    dbutil.require_server()
+    proc = redisutil.RedisProcess(tmp_path)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def prod(redis_proc: redisutil.RedisProcess) -> Iterator[Backend]:
+    b = OwnRedisBackend(redis_proc)
+    yield b
+    assert b.unreconciled() == [], "balances differ from their ledgers"
+    b.close()
+
+
+@pytest.fixture
+def pair(prod: Backend, tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
+    """Two gateways behind an imaginary load balancer: same database, same Redis."""
+    settings = {"stale_call_seconds": 301}
+    a = start_gateway(settings, tmp_path, env=prod.env(), name="gateway-a")
+    try:
+        b = start_gateway(settings, tmp_path, env=prod.env(), name="gateway-b")
+    except BaseException:
+        a.stop()
+        raise
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+async def spray(gateways: tuple[Gateway, ...], path: str, auth: dict[str, str], n: int,
+                tool: str = "ok", args: dict[str, Any] | None = None, timeout: float = 60) -> Counter[int]:
+    """n concurrent calls, alternating between the gateways; returns the count of each status."""
+    limits = httpx2.Limits(max_connections=n + 10, max_keepalive_connections=n + 10)
+    async with httpx2.AsyncClient(timeout=timeout, limits=limits) as client:
+        async def one(i: int) -> int:
+            gw = gateways[i % len(gateways)]
+            try:
+                r = await client.post(gw.url + path, content=json.dumps(call(tool, args, rpc_id=i)).encode(),
+                                      headers={**MCP_HEADERS, **auth})
+                return r.status_code
+            except httpx2.HTTPError:
+                return -1  # no answer at all (a killed gateway)
+
+        return Counter(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+async def test_two_gateways_200_calls_against_a_balance_for_80(pair: tuple[Gateway, Gateway], prod: Backend,
+                                                              fault_url: str) -> None:
+    s = slug("prod")
+    prod.add_listing(s, fault_url + "/mcp", price=1000, rpm=10_000, rpd=100_000)
+    c = prod.add_consumer(credit=80_000)
+    statuses = await spray(pair, f"/{s}", c.auth, 200)
+    assert statuses == Counter({200: 80, 402: 120})
+    assert prod.balance(c.user_id) == 0
+    await eventually(lambda: len(prod.usage(c)) == 80)
+    assert sum(u["billed"] for u in prod.usage(c)) == 80_000
+    assert [t for _, t, _ in prod.ledger(c.user_id)].count("usage") == 80
+
+
+async def test_two_gateways_never_exceed_a_free_allowance(pair: tuple[Gateway, Gateway], prod: Backend,
+                                                          fault_url: str) -> None:
+    s = slug("prod")
+    mcp_id = prod.add_listing(s, fault_url + "/mcp", price=1000, free=10, rpm=10_000, rpd=100_000)
+    c = prod.add_consumer(credit=0)
+    statuses = await spray(pair, f"/{s}", c.auth, 60)
+    assert statuses == Counter({200: 10, 402: 50})
+    assert prod.free_used(mcp_id, c.user_id) == 10
+    assert prod.balance(c.user_id) == 0
+
+
+async def test_two_gateways_share_one_rate_limit(pair: tuple[Gateway, Gateway], prod: Backend,
+                                                 fault_url: str) -> None:
+    s = slug("prod")
+    prod.add_listing(s, fault_url + "/mcp", price=10, rpm=30)
+    c = prod.add_consumer(credit=1_000_000)
+    statuses = await spray(pair, f"/{s}", c.auth, 90)
+    assert statuses == Counter({200: 30, 429: 60})
+    assert prod.balance(c.user_id) == 1_000_000 - 30 * 10
+
+
+async def test_redis_stopped_and_started_mid_run(pair: tuple[Gateway, Gateway], prod: Backend,
+                                                 redis_proc: redisutil.RedisProcess, fault_url: str) -> None:
+    s = slug("prod")
+    prod.add_listing(s, fault_url + "/mcp", price=100, rpm=10_000, rpd=100_000)
+    c = prod.add_consumer(credit=1_000_000)
+    before = await spray(pair, f"/{s}", c.auth, 20)
+    redis_proc.stop()
+    during = await spray(pair, f"/{s}", c.auth, 20)  # auth and limits fall back to each process
+    async with httpx2.AsyncClient() as client:
+        health = (await client.get(pair[0].url + "/health")).json()
+    assert health["cache"]["degraded"] is True
+    redis_proc.start()
+
+    async def recovered() -> bool:
+        async with httpx2.AsyncClient() as client:
+            return all([(await client.get(gw.url + "/health")).json()["cache"].get("degraded") is False
+                        for gw in pair])
+
+    deadline = time.monotonic() + 10
+    while not await recovered():
+        assert time.monotonic() < deadline, "the gateways did not go back to Redis by themselves"
+        await asyncio.sleep(0.2)
+    after = await spray(pair, f"/{s}", c.auth, 20)
+    assert before == during == after == Counter({200: 20})
+    assert prod.balance(c.user_id) == 1_000_000 - 60 * 100
+    await eventually(lambda: len(prod.usage(c)) == 60)
+
+
+async def test_gateway_killed_mid_load_leaves_no_debit_unexplained(pair: tuple[Gateway, Gateway], prod: Backend,
+                                                                   fault_url: str) -> None:
+    a, b = pair
+    s = slug("prod")
+    prod.add_listing(s, fault_url + "/mcp", price=1000, rpm=10_000, rpd=100_000)
+    c = prod.add_consumer(credit=1_000_000)
+
+    async def kill_soon() -> None:
+        await asyncio.sleep(0.8)
+        os.kill(a.proc.pid, signal.SIGKILL)
+
+    load = asyncio.ensure_future(spray((a, b), f"/{s}", c.auth, 60, tool="slow", args={"seconds": 1.5}))
+    await kill_soon()
+    statuses = await load
+    assert statuses[-1] > 0, "calls in flight on the killed gateway get no answer"
+    assert a.proc.wait(5) == -signal.SIGKILL
+    # Every debit has its ledger row, whatever was in flight on the killed process (I1, I4).
+    debited = {r[0] for r in prod.query("SELECT request_id FROM mcpmeter_calls WHERE verdict = 'debited'")}
+    usage_rows = {r[0] for r in prod.query("SELECT request_id FROM credit_transactions WHERE type = 'usage'")}
+    assert debited == usage_rows and len(debited) >= statuses[200]
+    await eventually(lambda: len(prod.usage(c)) >= statuses[200], timeout=10)
+    unsettled = prod.query("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL")[0][0]
+    assert unsettled > 0, "the killed gateway left calls for the sweeper"
+
+
+async def test_mysql_unreachable_answers_503_fast_and_recovers(prod: Backend, tmp_path: Path,
+                                                               fault_url: str) -> None:
+    relay = dbutil.Relay(prod.mysql)  # type: ignore[attr-defined]
+    relay.start()
+    env = {**prod.env(), "DB_PORT": str(relay.port)}
+    gw = start_gateway({}, tmp_path, env=env, name="gateway-relay")
+    try:
+        s = slug("prod")
+        prod.add_listing(s, fault_url + "/mcp", price=1000)
+        c = prod.add_consumer(credit=10_000)
+        assert (await spray((gw,), f"/{s}", c.auth, 1)) == Counter({200: 1})
+        relay.stop()
+        started = time.monotonic()
+        async with httpx2.AsyncClient(timeout=10) as client:
+            r = await client.post(gw.url + f"/{s}", content=json.dumps(call("ok")).encode(),
+                                  headers={**MCP_HEADERS, **c.auth})
+        assert time.monotonic() - started < 1.5
+        assert r.status_code == 503 and r.json()["error"] == "store_unavailable"
+        assert r.headers["Retry-After"] == "1"
+        relay.start()
+        await eventually(lambda: True)
+        deadline = time.monotonic() + 10
+        while (await spray((gw,), f"/{s}", c.auth, 1)) != Counter({200: 1}):
+            assert time.monotonic() < deadline, "the gateway did not recover when MySQL came back"
+            await asyncio.sleep(0.3)
+        assert prod.balance(c.user_id) == 8_000
+    finally:
+        gw.stop()
+        relay.stop()
