@@ -152,6 +152,8 @@ class Mcpmeter:
     def done(self) -> None:
         if self.sweeper is not None:
             self.sweeper.cancel()
+        if self.cache is not None:
+            _close_later(self.cache)
         if self.store is not None:
             self.store.close()
 
@@ -698,11 +700,16 @@ async def _maybe(task: asyncio.Future[int]) -> int | None:
         return None
 
 
+_closing: set[asyncio.Task[None]] = set()  # tasks must be referenced until done
+
+
 def _close_later(cache: Cache) -> None:
     try:
-        asyncio.get_running_loop().create_task(cache.close())
-    except RuntimeError:  # no loop yet: nothing was opened on one
-        pass
+        task = asyncio.get_running_loop().create_task(cache.close())
+    except RuntimeError:  # no loop running: nothing was opened on one
+        return
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
 
 
 def _log_level(name: str) -> int:

@@ -69,6 +69,21 @@ class Backend:
             self.topup(user_id, credit)
         return TestConsumer(key, user_id, project_id, key_id)
 
+    def add_oauth_token(self, user_id: int, expires_in: float = 3600, revoked: bool = False) -> str:
+        """An OAuth access token for the user, as the web app's authorization server issues them."""
+        import time
+
+        n = next(_ids)
+        client = self.execute("INSERT INTO oauth_clients (client_id, name, redirect_uris) VALUES (%s, %s, %s)",
+                              (f"client-{n}", f"client {n}", "[]"))
+        token = f"mcpm_oauth_t{n}x{user_id}secret"
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() + expires_in))
+        self.execute("INSERT INTO oauth_access_tokens (token_hash, token_prefix, user_id, client_id, scopes,"
+                     " expires_at, revoked_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                     (token_hash(token), token[:16], user_id, client, '["mcp"]', stamp,
+                      stamp if revoked else None))
+        return token
+
     def topup(self, user_id: int, amount: int) -> None:
         # As the web app does: the balance and its ledger row together.
         self.execute("UPDATE users SET credit_micro_cents = credit_micro_cents + %s WHERE id = %s", (amount, user_id))
@@ -109,8 +124,8 @@ class Backend:
     def usage(self, consumer: TestConsumer) -> list[dict[str, Any]]:
         rows = self.query(
             "SELECT tool_name, status, billed_micro_cents, publisher_payout_micro_cents, platform_fee_micro_cents,"
-            " request_id, client FROM usage_events WHERE api_key_id = %s ORDER BY id", (consumer.key_id,))
-        keys = ("tool_name", "status", "billed", "payout", "fee", "request_id", "client")
+            " request_id, client, project_id FROM usage_events WHERE api_key_id = %s ORDER BY id", (consumer.key_id,))
+        keys = ("tool_name", "status", "billed", "payout", "fee", "request_id", "client", "project_id")
         return [dict(zip(keys, r)) for r in rows]
 
     def free_used(self, mcp_id: int, user_id: int) -> int:

@@ -506,3 +506,23 @@ async def test_50_concurrent_paid_calls_against_a_balance_for_20(gateway: Gatewa
     assert backend.balance(c.user_id) == 0
     assert len([u for u in backend.usage(c) if u["billed"] == 1000]) == 20
     assert len(backend.ledger(c.user_id)) == 21
+
+
+async def test_oauth_tokens_bill_the_users_oldest_project(gateway: Gateway, backend: Backend,
+                                                          fault_listing: Callable[..., tuple[str, int]]) -> None:
+    s, _ = fault_listing(price=1000)
+    c = backend.add_consumer(credit=10_000)
+    backend.execute("INSERT INTO projects (user_id, name, slug) VALUES (%s, %s, %s)",
+                    (c.user_id, "newer project", f"newer-{uuid.uuid4().hex[:8]}"))
+    token = backend.add_oauth_token(c.user_id)
+    r = await post(gateway, f"/{s}", call("ok"), headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200 and r.headers["X-Mcpmeter-Billed"] == "1000"
+    assert_meter_headers(r, balance=9_000)
+    rows = backend.query("SELECT project_id, api_key_id, billed_micro_cents FROM usage_events WHERE request_id = %s",
+                         (r.headers["X-Mcpmeter-Request-Id"],))
+    assert [tuple(int(x) if x is not None else None for x in row) for row in rows] == [(c.project_id, None, 1000)]
+    for bad in (backend.add_oauth_token(c.user_id, expires_in=-60),
+                backend.add_oauth_token(c.user_id, revoked=True)):
+        r = await post(gateway, f"/{s}", call("ok"), headers={"Authorization": f"Bearer {bad}"})
+        assert r.status_code == 401 and 'error="invalid_token"' in r.headers["WWW-Authenticate"]
+    assert backend.balance(c.user_id) == 9_000

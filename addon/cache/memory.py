@@ -47,6 +47,7 @@ class MemoryCache:
         if value is None:
             self._unknown[negative_key] = True
         else:
+            self._unknown.pop(negative_key, None)  # the last write wins, as in Redis
             cache[key] = value
 
     async def hit(self, bucket: str, windows: Sequence[Window]) -> LimitVerdict:

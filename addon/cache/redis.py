@@ -164,7 +164,12 @@ class RedisCache:
             ttl = self._config.negative_cache_ttl_seconds
         if ttl <= 0:
             return
-        await self._redis.set(key, json.dumps(value, separators=(",", ":")), px=max(1, round(ttl * 1000)))
+        try:
+            text = json.dumps(value, separators=(",", ":"))
+        except (TypeError, ValueError):  # not plain data: leave it uncached rather than fail the call
+            log.debug("mcpmeter: not caching %s: not JSON-serialisable", key)
+            return
+        await self._redis.set(key, text, px=max(1, round(ttl * 1000)))
 
     # --- rate limits ----------------------------------------------------------------------------
 
@@ -175,7 +180,7 @@ class RedisCache:
         return await self._run(shared, lambda: self._fallback.hit(bucket, windows))
 
     async def _hit_redis(self, bucket: str, windows: Sequence[Window],
-                            now_us: int | None = None) -> tuple[LimitVerdict, int]:
+                         now_us: int | None = None) -> tuple[LimitVerdict, int]:
         """One script run; also returns the time it judged at (µs). `now_us` overrides it, for tests."""
         self._calls += 1
         keys = [f"{self._prefix}rl:{bucket}:{w.seconds}" for w in windows]
