@@ -49,6 +49,8 @@ def require_server() -> MysqlSettings:
         except pymysql.Error as e:
             _unreachable = f"{e.args[0]}: {e.args[1]}" if len(e.args) > 1 else str(e)
     if _unreachable is not None:
+        if os.environ.get("MCPMETER_REQUIRE_BACKENDS") == "1":  # CI: a skipped production test is a failure
+            pytest.fail(f"MCPMETER_REQUIRE_BACKENDS=1 but MySQL/MariaDB is not reachable: {_unreachable}")
         pytest.skip(f"MySQL/MariaDB not reachable at {SERVER.host}:{SERVER.port} as {SERVER.user!r} "
                     f"({_unreachable}); set MCPMETER_TEST_MYSQL_HOST/_PORT/_USER/_PASSWORD to run these tests")
     return SERVER

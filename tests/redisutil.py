@@ -48,6 +48,8 @@ def require_server() -> RedisSettings:
         except redis.RedisError as e:
             _unreachable = str(e) or type(e).__name__
     if _unreachable is not None:
+        if os.environ.get("MCPMETER_REQUIRE_BACKENDS") == "1":  # CI: a skipped production test is a failure
+            pytest.fail(f"MCPMETER_REQUIRE_BACKENDS=1 but Redis is not reachable: {_unreachable}")
         pytest.skip(f"Redis not reachable at {SERVER.host}:{SERVER.port} ({_unreachable}); "
                     "set MCPMETER_TEST_REDIS_HOST/_PORT/_DB/_PASSWORD to run these tests")
     return SERVER
