@@ -281,7 +281,8 @@ CREATE TABLE `oauth_refresh_tokens` (
 -- mcpmeter: the call journal. One row per priced call, written in the transaction that claims its free
 -- slot or debits it; settlement flips settled_at once, so a call is recorded and refunded exactly once.
 -- Rows with settled_at NULL are calls whose gateway never settled them (a crash): each debit stays
--- explained by its credit_transactions row (request_id) and can be settled by hand.
+-- explained by its credit_transactions row (request_id), and the gateways' sweeper refunds them once
+-- they are older than stale_call_seconds.
 CREATE TABLE `mcpmeter_calls` (
   `request_id` varchar(64) COLLATE utf8mb4_unicode_ci NOT NULL,
   `user_id` bigint unsigned NOT NULL,
