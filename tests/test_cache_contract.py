@@ -434,6 +434,8 @@ async def test_redis_going_down_falls_back_to_memory_and_comes_back_by_itself(
             # Per-process windows now: five fresh slots, then refusals.
             assert sorted(v.allowed for v in verdicts) == [False] * 2 + [True] * 5
             assert _transitions(caplog) == ["down"]
+            assert await cache.get_consumer("h") == CONSUMER  # still warm in the near cache
+            cache._near.clear()  # as NEAR_CACHE_SECONDS later
             assert await cache.get_consumer("h") is MISS  # only Redis had it
             await cache.put_consumer("h", CONSUMER)
             assert await cache.get_consumer("h") == CONSUMER
@@ -467,7 +469,7 @@ async def test_redis_going_down_falls_back_to_memory_and_comes_back_by_itself(
             server.start()
             started = time.monotonic()
             while cache._degraded and time.monotonic() - started < 3:
-                await cache.get_consumer("h")
+                await cache.get_listing("never-cached")  # a near-cache miss: the call that triggers probes
                 await asyncio.sleep(0.02)
             assert not cache._degraded, "did not recover within 3 s"
             assert time.monotonic() - started < 1.5  # the next probe, at most a second away
@@ -550,8 +552,21 @@ async def test_a_redis_that_refuses_writes_stays_down_without_flapping(
                 r.config_set("min-replicas-to-write", 0)
             started = time.monotonic()
             while cache._degraded and time.monotonic() - started < 3:
-                await cache.get_consumer("h")
+                await cache.get_listing("never-cached")  # a near-cache miss: the call that triggers probes
                 await asyncio.sleep(0.02)
             assert not cache._degraded and _transitions(caplog) == ["down", "up"]
+        finally:
+            await cache.close()
+
+
+async def test_redis_near_cache_serves_warm_entries_without_a_round_trip(tmp_path: Path) -> None:
+    with redisutil.scratch_prefix() as settings:
+        cache = RedisCache(_config(settings))
+        try:
+            await cache.put_consumer("h", CONSUMER)
+            redisutil.delete_prefix(settings)  # Redis forgets; the near cache still knows
+            assert await cache.get_consumer("h") == CONSUMER
+            cache._near.clear()
+            assert await cache.get_consumer("h") is MISS
         finally:
             await cache.close()

@@ -31,6 +31,7 @@ from dataclasses import fields
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from cachetools import TTLCache
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
@@ -47,6 +48,7 @@ CONNECT_TIMEOUT = 0.25  # seconds to open a connection
 SOCKET_TIMEOUT = 0.5  # seconds for one reply
 OP_TIMEOUT = 0.75  # seconds for a whole operation, connection set-up included
 PROBE_INTERVAL = 1.0  # while degraded, at most one probe per this many seconds
+NEAR_CACHE_SECONDS = 2.0  # how long a key or listing read from Redis is reused in-process
 
 _US = 1_000_000
 _T = TypeVar("_T")
@@ -120,6 +122,11 @@ class RedisCache:
             retry=Retry(NoBackoff(), 0), decode_responses=True,
         )
         self._fallback = MemoryCache(config)
+        # A near cache in front of Redis: a warm key or listing costs no round trip at all, and is
+        # at most NEAR_CACHE_SECONDS staler than Redis (whose own TTLs bound the staleness anyway).
+        self._near: TTLCache[str, Any] = TTLCache(
+            100_000, min(NEAR_CACHE_SECONDS, config.key_cache_ttl_seconds, config.mcp_cache_ttl_seconds,
+                         config.negative_cache_ttl_seconds) or 0.001)
         self._degraded = False
         self._error: str | None = None
         self._epoch = 0  # bumped on every transition, so a failure from before one cannot undo it
@@ -131,23 +138,35 @@ class RedisCache:
     # --- consumers and listings ---------------------------------------------------------------
 
     async def get_consumer(self, key_hash: str) -> Consumer | None | _Miss:
-        return await self._run(lambda: self._get(f"{self._prefix}key:{key_hash}", _decode_consumer),
-                               lambda: self._fallback.get_consumer(key_hash))
+        return await self._near_get(f"key:{key_hash}", lambda: self._run(
+            lambda: self._get(f"{self._prefix}key:{key_hash}", _decode_consumer),
+            lambda: self._fallback.get_consumer(key_hash)))
 
     async def put_consumer(self, key_hash: str, consumer: Consumer | None) -> None:
+        self._near[f"key:{key_hash}"] = consumer
         value = None if consumer is None else {f: getattr(consumer, f) for f in _CONSUMER_FIELDS}
         await self._run(lambda: self._put(f"{self._prefix}key:{key_hash}", value,
                                           self._config.key_cache_ttl_seconds),
                         lambda: self._fallback.put_consumer(key_hash, consumer))
 
     async def get_listing(self, slug: str) -> Listing | None | _Miss:
-        return await self._run(lambda: self._get(f"{self._prefix}mcp:{slug}", _decode_listing),
-                               lambda: self._fallback.get_listing(slug))
+        return await self._near_get(f"mcp:{slug}", lambda: self._run(
+            lambda: self._get(f"{self._prefix}mcp:{slug}", _decode_listing),
+            lambda: self._fallback.get_listing(slug)))
 
     async def put_listing(self, slug: str, listing: Listing | None) -> None:
+        self._near[f"mcp:{slug}"] = listing
         value = None if listing is None else _encode_listing(listing)
         await self._run(lambda: self._put(f"{self._prefix}mcp:{slug}", value, self._config.mcp_cache_ttl_seconds),
                         lambda: self._fallback.put_listing(slug, listing))
+
+    async def _near_get(self, key: str, far: Callable[[], Awaitable[Any]]) -> Any:
+        value = self._near.get(key, MISS)
+        if value is MISS:
+            value = await far()
+            if value is not MISS:
+                self._near[key] = value
+        return value
 
     async def _get(self, key: str, decode: Callable[[Any], Any]) -> Any:
         raw = await self._redis.get(key)
