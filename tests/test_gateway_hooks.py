@@ -1094,3 +1094,38 @@ def test_load_installs_the_compat_patches() -> None:
     with taddons.context(Mcpmeter()):
         assert compat._installed
         assert _http1.make_error_response is compat._json_error_response
+
+
+# --- commands for local billing debugging ------------------------------------------------------
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, needle: str, timeout: float = 3.0) -> str:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        for record in caplog.records:
+            if needle in record.getMessage():
+                return record.getMessage()
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"nothing logged with {needle!r}: {[r.getMessage() for r in caplog.records]}")
+
+
+async def test_commands_show_balance_top_up_and_list_calls(gw: Gw, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mcpmeter")
+    flow = make_flow(body=tool_call())
+    await gw.addon.request(flow)
+    await upstream_answers(gw, flow, json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}))
+
+    gw.tctx.command(gw.addon.balance_command, "1")
+    assert await _logged(caplog, "user 1: balance") == f"mcpmeter: user 1: balance {OPENING - PRICE} µ¢"
+    gw.tctx.command(gw.addon.topup_command, "1", "2500")
+    await _logged(caplog, "topped up 2500")
+    assert gw.db.balance(1) == OPENING - PRICE + 2500
+    assert gw.db.ledger(1)[-1] == ("topup", 2500)
+    gw.db.assert_reconciled()
+    gw.tctx.command(gw.addon.calls_command, "5")
+    listed = await _logged(caplog, "billed")
+    assert "echo-test echo status 200 billed" in listed and meta(flow)["request_id"] in listed
+
+    with pytest.raises(exceptions.CommandError):
+        gw.tctx.command(gw.addon.topup_command, "1", "-5")
+    assert gw.db.balance(1) == OPENING - PRICE + 2500
