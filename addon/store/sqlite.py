@@ -30,6 +30,10 @@ class SqliteStore(SqlStore):
         try:
             self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode=WAL")
+            # In WAL mode NORMAL still survives a crash of the gateway process (each commit is in the
+            # WAL before it returns); only an OS crash or power loss may undo the last commits. It
+            # halves the cost of a commit, which the embedded store pays twice per paid call.
+            self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA busy_timeout=5000")
             self._conn.executescript(resources.files(__package__).joinpath("sqlite_schema.sql").read_text())
             self._ledger = Ledger(self._conn, SQLITE)

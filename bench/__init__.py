@@ -1,0 +1,1 @@
+"""mcpmeter's benchmark: the gateway against bare mitmproxy, on one machine (`python -m bench.run`)."""

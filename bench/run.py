@@ -1,0 +1,981 @@
+"""Benchmark the meter against bare mitmproxy, on one machine, in one run.
+
+    .venv/bin/python -m bench.run [--quick] [--duration S] [--out FILE] [--compare OLD.json]
+    .venv/bin/python -m bench.run --memory [N]
+    .venv/bin/python -m bench.run --compare OLD.json NEW.json     # compare two runs, run nothing
+
+Starts a trivial JSON-RPC upstream (bench/upstream.py), then for each scenario the process
+under test on a free loopback port, warms it up, and drives it with the load generator
+(bench/loadgen.py, a separate process) at concurrency 1 and 32 for a fixed time each:
+
+  direct              the load generator talks to the upstream itself (the floor)
+  bare                `mitmdump --mode reverse:<upstream>`, no addon
+  gateway-embedded    `mitmdump -s mcpmeter_addon.py`, SQLite store + in-process cache
+  gateway-production  the same on MySQL + Redis (a scratch database and Redis key prefix,
+                      both removed at the end); skipped, saying why, when unavailable
+
+Every request is a paid JSON-RPC tools/call (1000 µ¢) by a consumer with ample credit, and
+rate limits far above what one core can send. After each gateway scenario the ledger is
+checked: every debit has its usage ledger row, every refund its refund row, every call is
+settled, and every balance equals the sum of its ledger. The table (requests/s, latency
+percentiles, CPU ms per request of the proxy process from /proc) and the gateway/bare ratios
+against the targets of issue #4 are printed, and everything is written as JSON.
+
+With two or more CPUs the proxy under test is pinned to one CPU and the load generator and
+upstream to the others (--no-pin to disable), so that "one core" means one core. A run in which
+other processes (or the hypervisor) took more than 5 % of the proxy's CPU is flagged as noisy.
+
+--memory [N] instead sends N calls (default 100,000) through gateway-embedded at c=32 and
+reports the proxy's RSS after a warm-up and at the end (target: growth <= 20 MB).
+
+MySQL and Redis for gateway-production: MCPMETER_BENCH_MYSQL_HOST/_PORT/_USER/_PASSWORD (else
+the tests' MCPMETER_TEST_MYSQL_*, else root@127.0.0.1:3306) and MCPMETER_BENCH_REDIS_HOST/_PORT/_DB
+(else 127.0.0.1:6379 db 2). The gateway's own DB_* / REDIS_* variables are never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import re
+import secrets
+import select
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MITMDUMP = BIN / "mitmdump"
+PYTHON = sys.executable
+ADDON = ROOT / "mcpmeter_addon.py"
+SCHEMA = ROOT / "schema.sql"
+
+SLUG = "bench"
+TOOL = "echo"
+PRICE = 1000  # µ¢ per tools/call
+KEY = "mcpm_test_bench0123456789abcdef"
+CREDIT = 10**15  # µ¢: enough for any run
+LIMIT = 1_000_000_000  # rpm / rpd: far above what one core can send (fits MySQL's int unsigned)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+STARTUP_TIMEOUT = 30.0
+SCENARIOS = ("direct", "bare", "gateway-embedded", "gateway-production")
+
+# Targets of issue #4, as (label, scenario, metric, comparison, bound).
+TARGETS = (
+    ("gateway-production req/s at c=32 / bare", "gateway-production", "rps_ratio", ">=", 0.85),
+    ("gateway-production p50 at c=1 - bare", "gateway-production", "p50_delta", "<=", 0.5),
+    ("gateway-embedded req/s at c=32 / bare", "gateway-embedded", "rps_ratio", ">=", 0.90),
+    ("gateway-embedded p50 at c=1 - bare", "gateway-embedded", "p50_delta", None, None),
+)
+MEMORY_GROWTH_TARGET_MB = 20.0
+
+
+class Skip(Exception):
+    """A scenario that cannot run here; its row says why."""
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path | None = None
+    port: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log_tail(self, lines: int = 30) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class Processes:
+    """Every child the benchmark starts; all of them are stopped on exit, whatever happens."""
+
+    def __init__(self, proxy_cpus: set[int] | None) -> None:
+        self.procs: list[Proc] = []
+        self.proxy_cpus = proxy_cpus
+
+    def start(self, name: str, cmd: list[str], *, log_path: Path | None = None, env: dict[str, str] | None = None,
+              cwd: Path | None = None, pin_proxy: bool = False, stdout_pipe: bool = False) -> Proc:
+        cpus = self.proxy_cpus if pin_proxy else None
+        out: Any = subprocess.PIPE if stdout_pipe else (log_path.open("wb") if log_path else subprocess.DEVNULL)
+        popen = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT if log_path or stdout_pipe else subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, env=env, cwd=cwd,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        )
+        if log_path and not stdout_pipe:
+            out.close()
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc, timeout: float = 10.0) -> None:
+        if proc.popen.poll() is None:
+            proc.popen.terminate()
+            try:
+                proc.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait(5)
+        if proc.popen.stdout is not None:
+            proc.popen.stdout.close()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.procs)):
+            with contextlib.suppress(Exception):
+                self.stop(proc, timeout=5.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all its threads), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def cpu_times(cpus: set[int]) -> tuple[float, float]:
+    """(busy, steal) seconds summed over `cpus` since boot, from /proc/stat."""
+    busy = steal = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                parts = line.split()
+                if int(parts[0][3:]) in cpus:
+                    user, nice, system, _idle, _iowait, irq, softirq, st = (int(x) for x in parts[1:9])
+                    busy += user + nice + system + irq + softirq
+                    steal += st
+    return busy / CLK_TCK, steal / CLK_TCK
+
+
+BACKEND_SERVERS = ("mariadbd", "mysqld", "redis-server")
+
+
+def backend_pids() -> dict[str, list[int]]:
+    """The local database and cache servers' processes, by name (their CPU is the production row's too)."""
+    found: dict[str, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                comm = Path(f"/proc/{entry}/comm").read_text().strip()
+            except OSError:
+                continue
+            if comm in BACKEND_SERVERS:
+                found.setdefault(comm, []).append(int(entry))
+    return found
+
+
+def backend_cpu(pids: dict[str, list[int]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, ids in pids.items():
+        total = 0.0
+        for pid in ids:
+            with contextlib.suppress(OSError):
+                total += cpu_seconds(pid)
+        out[name] = total
+    return out
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment without the gateway's own variables (they would override the YAML), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_", "MCPMETER_"))}
+    env.update(extra or {})
+    return env
+
+
+def wait_http(url_host: str, port: int, method: str, path: str, ok: Callable[[int], bool], proc: Proc,
+              body: bytes | None = None, headers: dict[str, str] | None = None) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
+        try:
+            conn = http.client.HTTPConnection(url_host, port, timeout=2)
+            conn.request(method, path, body=body, headers=headers or {})
+            status = conn.getresponse().status
+            conn.close()
+            if ok(status):
+                return
+            last = f"status {status}"
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.1)
+    raise RuntimeError(f"{proc.name} did not become ready ({last}):\n{proc.log_tail()}")
+
+
+# --- the pieces of a scenario -------------------------------------------------------------------
+
+
+def upstream_stats(port: int) -> dict[str, int]:
+    """The upstream's counters: connections accepted and POSTs answered since it started."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/__stats")
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def start_upstream(procs: Processes) -> tuple[Proc, int]:
+    proc = procs.start("upstream", [PYTHON, "-m", "bench.upstream", "--port", "0"], cwd=ROOT, stdout_pipe=True)
+    assert proc.popen.stdout is not None
+    ready, _, _ = select.select([proc.popen.stdout], [], [], STARTUP_TIMEOUT)
+    line = proc.popen.stdout.readline().decode() if ready else ""
+    if not line.startswith("READY "):
+        raise RuntimeError(f"the bench upstream did not start: {line!r}")
+    proc.port = int(line.split()[1])
+    return proc, proc.port
+
+
+def bare_command(upstream_port: int, port: int) -> list[str]:
+    return [str(MITMDUMP), "-q", "--mode", f"reverse:http://127.0.0.1:{upstream_port}",
+            "--listen-host", "127.0.0.1", "--listen-port", str(port)]
+
+
+def gateway_command(upstream_port: int, port: int, config_path: Path) -> list[str]:
+    return [str(MITMDUMP), "-q", "-s", str(ADDON), "--mode", f"reverse:http://127.0.0.1:{upstream_port}",
+            "--listen-host", "127.0.0.1", "--listen-port", str(port), "--set", f"mcpmeter_config={config_path}"]
+
+
+def gateway_config(upstream_port: int, **extra: Any) -> dict[str, Any]:
+    return {"default_rpm": LIMIT, "default_rpd": LIMIT, "log_level": "warn", **extra}
+
+
+def embedded_config(upstream_port: int, sqlite_path: Path) -> dict[str, Any]:
+    return gateway_config(upstream_port, store="sqlite", cache="memory", sqlite_path=str(sqlite_path), seed={
+        "listings": [{
+            "slug": SLUG, "upstream_url": f"http://127.0.0.1:{upstream_port}/mcp", "status": "live",
+            "transport": "streamable", "price_micro_cents": PRICE, "free_calls_per_consumer": 0,
+            "rate_limit_per_minute": LIMIT, "rate_limit_per_day": LIMIT, "upstream_timeout_seconds": 30,
+        }],
+        "consumers": [{"key": KEY, "user_id": 1, "project_id": 1, "credit_micro_cents": CREDIT}],
+    })
+
+
+def start_gateway(procs: Processes, workdir: Path, name: str, upstream_port: int, config: dict[str, Any],
+                  env: dict[str, str] | None = None) -> tuple[Proc, int]:
+    config_path = workdir / f"{name}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    proc = procs.start(name, gateway_command(upstream_port, port, config_path), log_path=workdir / f"{name}.log",
+                       env=clean_env(env), cwd=workdir, pin_proxy=True)
+    wait_http("127.0.0.1", port, "GET", "/health", lambda s: s == 200, proc)
+    return proc, port
+
+
+def start_bare(procs: Processes, workdir: Path, upstream_port: int) -> tuple[Proc, int]:
+    port = free_port()
+    proc = procs.start("bare", bare_command(upstream_port, port), log_path=workdir / "bare.log",
+                       env=clean_env(), cwd=workdir, pin_proxy=True)
+    wait_http("127.0.0.1", port, "POST", "/mcp", lambda s: s == 200, proc, body=b'{"id":0}',
+              headers={"Content-Type": "application/json"})
+    return proc, port
+
+
+def loadgen(url: str, concurrency: int, duration: float, max_requests: int, *, key: str = KEY,
+            sample: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run the load generator to completion (bounded by its own duration and count) and parse its JSON."""
+    cmd = [PYTHON, "-m", "bench.loadgen", "--url", url, "-c", str(concurrency), "-d", str(duration),
+           "-n", str(max_requests), "--key", key, "--tool", TOOL]
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL) as p:
+        hard_deadline = time.monotonic() + duration + 60
+        try:
+            while p.poll() is None:
+                if time.monotonic() > hard_deadline:
+                    p.kill()
+                    raise RuntimeError("the load generator overran its time bound")
+                if sample is not None:
+                    sample()
+                try:
+                    p.wait(1.0 if sample is not None else 0.5)
+                except subprocess.TimeoutExpired:
+                    pass
+            out, err = p.communicate()
+        finally:
+            if p.poll() is None:
+                p.kill()
+    if p.returncode not in (0, 1) or not out.strip():
+        raise RuntimeError(f"the load generator failed ({p.returncode}): {err.decode(errors='replace')[-2000:]}")
+    result = json.loads(out)
+    if "fatal" in result:
+        raise RuntimeError(f"the load generator failed: {result['fatal']}")
+    return result
+
+
+def measure(url: str, concurrency: int, duration: float, max_requests: int, pid: int, upstream: tuple[int, int],
+            key: str, proxy_cpus: set[int] | None, backends: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """One measured run: the load generator's numbers plus the CPU the process under test spent on them.
+
+    With the proxy pinned, also how busy others kept its CPU meanwhile (other processes, and the
+    hypervisor's steal): a noisy neighbour there makes the run's numbers unreliable.
+    """
+    upstream_pid, upstream_port = upstream
+    stats0 = upstream_stats(upstream_port)
+    t0, cpu0, up0 = time.monotonic(), cpu_seconds(pid), cpu_seconds(upstream_pid)
+    busy0, steal0 = cpu_times(proxy_cpus) if proxy_cpus else (0.0, 0.0)
+    back0 = backend_cpu(backends or {})
+    result = loadgen(url, concurrency, duration, max_requests, key=key)
+    cpu, up1 = cpu_seconds(pid) - cpu0, cpu_seconds(upstream_pid)
+    busy1, steal1 = cpu_times(proxy_cpus) if proxy_cpus else (0.0, 0.0)
+    back = {name: spent - back0.get(name, 0.0) for name, spent in backend_cpu(backends or {}).items()}
+    wall = time.monotonic() - t0
+    stats1 = upstream_stats(upstream_port)
+    # A proxy that reuses its upstream connections opens at most one per client connection.
+    result["upstream_connections_opened"] = stats1["connections"] - stats0["connections"] - 1
+    result["upstream_requests"] = stats1["requests"] - stats0["requests"]
+    done = max(int(result["requests"]), 1)
+    result["proxy_cpu_s"] = round(cpu, 3)
+    result["proxy_cpu_ms_per_req"] = round(cpu * 1000 / done, 4)
+    result["proxy_cpu_utilisation"] = round(cpu / result["elapsed_s"], 3)
+    result["proxy_rss_mb"] = _round(rss_mb(pid), 1)
+    result["upstream_cpu_ms_per_req"] = round((up1 - up0) * 1000 / done, 4)
+    if back:
+        result["backend_cpu_ms_per_req"] = {name: round(spent * 1000 / done, 4) for name, spent in back.items()}
+    if proxy_cpus and pid != upstream_pid:
+        # The database servers may run on the proxy's CPU too; that is the scenario's own cost, not noise.
+        others = busy1 - busy0 - cpu - sum(back.values())
+        result["others_on_proxy_cpu"] = round(max(0.0, others) / wall, 3)
+        result["steal_on_proxy_cpu"] = round((steal1 - steal0) / wall, 3)
+    return result
+
+
+# --- the ledger check ------------------------------------------------------------------------------
+
+
+def check_ledger(query: Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]],
+                 billed_responses: int) -> dict[str, Any]:
+    """Every debit has its ledger row, every refund too, every call is settled, balances reconcile (I1, I4)."""
+
+    def one(sql: str) -> int:
+        return int(query(sql, ())[0][0] or 0)
+
+    debited = one("SELECT COUNT(*) FROM mcpmeter_calls WHERE verdict = 'debited'")
+    usage_rows = one("SELECT COUNT(*) FROM credit_transactions WHERE type = 'usage'")
+    usage_with_call = one("SELECT COUNT(*) FROM credit_transactions t JOIN mcpmeter_calls c"
+                          " ON c.request_id = t.request_id WHERE t.type = 'usage' AND c.verdict = 'debited'")
+    refunded_calls = one("SELECT COUNT(*) FROM mcpmeter_calls WHERE verdict = 'debited' AND refunded = 1")
+    refund_rows = one("SELECT COUNT(*) FROM credit_transactions WHERE type = 'refund'")
+    unsettled = one("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL")
+    settled = one("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NOT NULL")
+    usage_events = one("SELECT COUNT(*) FROM usage_events")
+    unreconciled = [
+        (int(u), int(b), int(s)) for u, b, s in query(
+            "SELECT u.id, u.credit_micro_cents, COALESCE(SUM(t.amount_micro_cents), 0) FROM users u"
+            " LEFT JOIN credit_transactions t ON t.user_id = u.id GROUP BY u.id, u.credit_micro_cents", ())
+        if int(b) != int(s)
+    ]
+    problems = []
+    if debited != usage_rows or usage_with_call != debited:
+        problems.append(f"{debited} debits but {usage_rows} usage ledger rows ({usage_with_call} matching)")
+    if refunded_calls != refund_rows:
+        problems.append(f"{refunded_calls} refunded calls but {refund_rows} refund ledger rows")
+    if unsettled:
+        problems.append(f"{unsettled} calls unsettled")
+    if usage_events != settled:
+        problems.append(f"{settled} settled calls but {usage_events} usage_events rows")
+    if unreconciled:
+        problems.append(f"balance != sum of ledger for (user, balance, ledger): {unreconciled[:5]}")
+    if billed_responses > debited - refunded_calls:
+        problems.append(f"{billed_responses} responses said billed but only {debited - refunded_calls} debits stand")
+    return {"ok": not problems, "problems": problems, "debited": debited, "usage_ledger_rows": usage_rows,
+            "refunded": refunded_calls, "refund_ledger_rows": refund_rows, "unsettled": unsettled,
+            "usage_events": usage_events, "billed_responses": billed_responses}
+
+
+def sqlite_query(path: Path) -> Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]]:
+    def query(sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        conn = sqlite3.connect(path, timeout=10)
+        try:
+            return conn.execute(sql.replace("%s", "?"), args).fetchall()
+        finally:
+            conn.close()
+
+    return query
+
+
+# --- production backends: MySQL + Redis ----------------------------------------------------------------
+
+
+def _env(*names: str, default: str) -> str:
+    for name in names:
+        if os.environ.get(name) is not None:
+            return os.environ[name]
+    return default
+
+
+@contextlib.contextmanager
+def production_backend() -> Iterator[dict[str, Any]]:
+    """A scratch MySQL database loaded from schema.sql and a unique Redis prefix; both removed on exit.
+
+    The servers are those the tests use: MCPMETER_BENCH_MYSQL_HOST/_PORT/_USER/_PASSWORD, else
+    MCPMETER_TEST_MYSQL_*, else 127.0.0.1:3306 as root; MCPMETER_BENCH_REDIS_HOST/_PORT/_DB, else
+    127.0.0.1:6379 db 2. The gateway's own DB_* and REDIS_* are deliberately not read.
+    """
+    for module, what in (("addon.store.mysql", "the MySQL store"), ("addon.cache.redis", "the Redis cache")):
+        try:
+            __import__(module)
+        except ImportError as e:
+            raise Skip(f"{what} is not available ({module}: {e})") from None
+    try:
+        import pymysql
+        import redis
+    except ImportError as e:
+        raise Skip(f"client library missing: {e}") from None
+    my = {
+        "host": _env("MCPMETER_BENCH_MYSQL_HOST", "MCPMETER_TEST_MYSQL_HOST", default="127.0.0.1"),
+        "port": int(_env("MCPMETER_BENCH_MYSQL_PORT", "MCPMETER_TEST_MYSQL_PORT", default="3306")),
+        "user": _env("MCPMETER_BENCH_MYSQL_USER", "MCPMETER_TEST_MYSQL_USER", default="root"),
+        "password": _env("MCPMETER_BENCH_MYSQL_PASSWORD", "MCPMETER_TEST_MYSQL_PASSWORD", default=""),
+    }
+    rd = {
+        "host": _env("MCPMETER_BENCH_REDIS_HOST", default="127.0.0.1"),
+        "port": int(_env("MCPMETER_BENCH_REDIS_PORT", default="6379")),
+        "db": int(_env("MCPMETER_BENCH_REDIS_DB", default="2")),
+    }
+    try:
+        r = redis.Redis(socket_connect_timeout=2, socket_timeout=5, **rd)
+        r.ping()
+    except redis.RedisError as e:
+        raise Skip(f"Redis not reachable at {rd['host']}:{rd['port']} ({e})") from None
+
+    def connect(database: str | None = None) -> Any:
+        return pymysql.connect(host=my["host"], port=my["port"], user=my["user"], password=my["password"],
+                               database=database, charset="utf8mb4", autocommit=True, connect_timeout=2,
+                               init_command="SET time_zone = '+00:00'")
+
+    try:
+        admin = connect()
+    except pymysql.Error as e:
+        r.close()
+        raise Skip(f"MySQL not reachable at {my['host']}:{my['port']} as {my['user']!r} ({e})") from None
+    token = f"{os.getpid()}_{secrets.token_hex(4)}"
+    database = f"mcpmeter_bench_{token}"
+    prefix = f"mcpmeter-bench:{token}:"
+    conn = None
+    try:
+        admin.cursor().execute(f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+        conn = connect(database)
+        cur = conn.cursor()
+        for statement in split_sql(SCHEMA.read_text()):
+            cur.execute(statement)
+
+        def query(sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+            c = conn.cursor()
+            c.execute(sql, args)
+            return list(c.fetchall())
+
+        def execute(sql: str, args: tuple[Any, ...] = ()) -> int:
+            c = conn.cursor()
+            c.execute(sql, args)
+            return int(c.lastrowid or 0)
+
+        yield {"mysql": my, "redis": rd, "database": database, "prefix": prefix, "query": query,
+               "execute": execute}
+    finally:
+        with contextlib.suppress(Exception):
+            if conn is not None:
+                conn.close()
+        with contextlib.suppress(Exception):
+            admin.close()
+            admin = connect()
+            admin.cursor().execute(f"DROP DATABASE IF EXISTS `{database}`")
+            admin.close()
+        with contextlib.suppress(Exception):
+            keys = list(r.scan_iter(match=prefix.replace("*", r"\*") + "*", count=1000))
+            for i in range(0, len(keys), 500):
+                r.delete(*keys[i:i + 500])
+            r.close()
+
+
+def split_sql(text: str) -> list[str]:
+    """The statements of a schema dump: `--` comment lines dropped, split at `;` ending a line."""
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("--")]
+    return [s.strip() for s in re.split(r";\s*$", "\n".join(lines), flags=re.MULTILINE) if s.strip()]
+
+
+def seed_production(db: dict[str, Any], upstream_port: int) -> str:
+    """The listing and the consumer, inserted by plain SQL as the reference's web app writes them."""
+    from tests.backends import Backend
+
+    class Rows(Backend):
+        kind = "mysql"
+
+        def execute(self, sql: str, args: tuple[Any, ...] = ()) -> int:
+            return int(db["execute"](sql, args))
+
+        def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+            return db["query"](sql, args)
+
+    rows = Rows()
+    rows.add_listing(SLUG, f"http://127.0.0.1:{upstream_port}/mcp", price=PRICE, rpm=LIMIT, rpd=LIMIT, timeout=30)
+    return rows.add_consumer(credit=CREDIT).key
+
+
+# --- scenarios ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    duration: float
+    warmup: float
+    concurrencies: tuple[int, ...]
+    max_requests: int
+    scenarios: tuple[str, ...]
+    proxy_cpus: set[int] | None
+    load_cpus: set[int] | None
+
+
+@dataclass
+class Scenario:
+    name: str
+    status: str = "ok"  # ok | skipped | failed
+    reason: str | None = None
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    warmup: dict[str, Any] | None = None
+    ledger: dict[str, Any] | None = None
+    rss_mb: dict[str, float | None] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "reason": self.reason, "runs": self.runs, "warmup": self.warmup,
+                "ledger": self.ledger, "rss_mb": self.rss_mb}
+
+
+def drive(sc: Scenario, s: Settings, url: str, proxy: Proc | None, upstream: Proc, key: str = KEY,
+          backends: dict[str, list[int]] | None = None) -> None:
+    """Warm up, then one measured run per concurrency."""
+    sc.warmup = loadgen(url, max(s.concurrencies), s.warmup, s.max_requests, key=key)
+    if proxy is not None:
+        sc.rss_mb["after_warmup"] = _round(rss_mb(proxy.pid), 1)
+    for c in s.concurrencies:
+        sc.runs[str(c)] = measure(url, c, s.duration, s.max_requests, proxy.pid if proxy else upstream.pid,
+                                  (upstream.pid, upstream.port or 0), key, s.proxy_cpus, backends)
+        if sc.runs[str(c)]["ok"] == 0:
+            raise RuntimeError(f"no successful request at c={c}: {sc.runs[str(c)]['error_kinds']}")
+    if proxy is not None:
+        sc.rss_mb["end"] = _round(rss_mb(proxy.pid), 1)
+
+
+def billed_responses(sc: Scenario) -> int:
+    results = [sc.warmup, *sc.runs.values()]
+    return sum(int((r or {}).get("billed", {}).get(str(PRICE), 0)) for r in results)
+
+
+def run_scenario(name: str, s: Settings, procs: Processes, workdir: Path, upstream: Proc,
+                 upstream_port: int) -> Scenario:
+    sc = Scenario(name)
+    proxy: Proc | None = None
+    try:
+        if name == "direct":
+            drive(sc, s, f"http://127.0.0.1:{upstream_port}/mcp", None, upstream)
+        elif name == "bare":
+            proxy, port = start_bare(procs, workdir, upstream_port)
+            drive(sc, s, f"http://127.0.0.1:{port}/mcp", proxy, upstream)
+        elif name == "gateway-embedded":
+            db_path = workdir / "embedded.db"
+            proxy, port = start_gateway(procs, workdir, name, upstream_port, embedded_config(upstream_port, db_path))
+            drive(sc, s, f"http://127.0.0.1:{port}/{SLUG}", proxy, upstream)
+            procs.stop(proxy)
+            sc.ledger = check_ledger(sqlite_query(db_path), billed_responses(sc))
+        elif name == "gateway-production":
+            with production_backend() as db:
+                key = seed_production(db, upstream_port)
+                env = {
+                    "MCPMETER_STORE": "mysql", "MCPMETER_CACHE": "redis",
+                    "DB_HOST": db["mysql"]["host"], "DB_PORT": str(db["mysql"]["port"]),
+                    "DB_USER": db["mysql"]["user"], "DB_PASSWORD": db["mysql"]["password"],
+                    "DB_NAME": db["database"], "REDIS_HOST": db["redis"]["host"],
+                    "REDIS_PORT": str(db["redis"]["port"]), "REDIS_DB": str(db["redis"]["db"]),
+                    "MCPMETER_REDIS_PREFIX": db["prefix"],
+                }
+                try:
+                    proxy, port = start_gateway(procs, workdir, name, upstream_port,
+                                                gateway_config(upstream_port), env)
+                    drive(sc, s, f"http://127.0.0.1:{port}/{SLUG}", proxy, upstream, key, backend_pids())
+                finally:
+                    if proxy is not None:
+                        procs.stop(proxy)  # before its database is dropped
+                sc.ledger = check_ledger(db["query"], billed_responses(sc))
+        else:
+            raise ValueError(name)
+    except Skip as e:
+        sc.status, sc.reason = "skipped", str(e)
+    except Exception as e:
+        sc.status, sc.reason = "failed", f"{type(e).__name__}: {e}"
+    finally:
+        if proxy is not None:
+            procs.stop(proxy)
+    return sc
+
+
+def ratios(scenarios: dict[str, dict[str, Any]], concurrencies: tuple[int, ...] | list[int]) -> list[dict[str, Any]]:
+    """The gateway/bare comparisons of issue #4, from one run's scenarios."""
+    lo, hi = str(min(concurrencies)), str(max(concurrencies))
+    bare = scenarios.get("bare", {})
+    out = []
+    for label, name, metric, op, bound in TARGETS:
+        gw = scenarios.get(name, {})
+        label = label.replace("c=32", f"c={hi}").replace("c=1", f"c={lo}")
+        value = None
+        verdict = "n/a"
+        if gw.get("status") == "ok" and bare.get("status") == "ok":
+            if metric == "rps_ratio":
+                value = gw["runs"][hi]["rps"] / bare["runs"][hi]["rps"]
+            else:
+                value = gw["runs"][lo]["latency_ms"]["p50"] - bare["runs"][lo]["latency_ms"]["p50"]
+            if op is not None:
+                verdict = "PASS" if (value >= bound if op == ">=" else value <= bound) else "MISS"
+            else:
+                verdict = "info"
+        elif gw.get("status") != "ok":
+            verdict = f"{gw.get('status', 'not run')}"
+        else:
+            verdict = "bare " + str(bare.get("status", "not run"))
+        out.append({"label": label, "scenario": name, "metric": metric, "value": _round(value, 3),
+                    "op": op, "bound": bound, "verdict": verdict})
+    return out
+
+
+# --- memory mode -----------------------------------------------------------------------------------
+
+
+def run_memory(n: int, warmup_calls: int, procs: Processes, workdir: Path, upstream: Proc,
+               upstream_port: int) -> dict[str, Any]:
+    """N calls through the embedded gateway at c=32; RSS after warm-up and at the end."""
+    db_path = workdir / "memory.db"
+    proxy, port = start_gateway(procs, workdir, "gateway-memory", upstream_port,
+                                embedded_config(upstream_port, db_path))
+    url = f"http://127.0.0.1:{port}/{SLUG}"
+    try:
+        started = rss_mb(proxy.pid)
+        warm = loadgen(url, 32, 600, warmup_calls)
+        after_warmup = rss_mb(proxy.pid)
+        samples: list[tuple[float, float | None]] = []
+        t0 = time.monotonic()
+
+        def sample() -> None:
+            samples.append((round(time.monotonic() - t0, 1), _round(rss_mb(proxy.pid), 1)))
+
+        # Bounded in count by N and in time by a generous floor of 100 calls/s.
+        main = loadgen(url, 32, max(60.0, n / 100), n, sample=sample)
+        end = rss_mb(proxy.pid)
+        procs.stop(proxy)
+        ledger = check_ledger(sqlite_query(db_path), int(warm["billed"].get(str(PRICE), 0))
+                              + int(main["billed"].get(str(PRICE), 0)))
+    finally:
+        procs.stop(proxy)
+    peak = max([s[1] for s in samples if s[1] is not None] + [end or 0])
+    growth = (end or 0) - (after_warmup or 0)
+    # MB per second over the second half of the run, when warm-up effects are over.
+    slope = _slope([(t, m) for t, m in samples[len(samples) // 2:] if m is not None])
+    per_100k = None if slope is None or not main["rps"] else slope / main["rps"] * 100_000
+    return {
+        "calls": n, "warmup_calls": warmup_calls, "concurrency": 32,
+        "ok": main["ok"], "errors": main["errors"], "error_kinds": main["error_kinds"], "rps": main["rps"],
+        "elapsed_s": main["elapsed_s"], "latency_ms": main["latency_ms"],
+        "rss_mb": {"start": _round(started, 1), "after_warmup": _round(after_warmup, 1), "end": _round(end, 1),
+                   "peak": _round(peak, 1)},
+        "growth_mb": _round(growth, 1), "target_mb": MEMORY_GROWTH_TARGET_MB,
+        "trend_mb_per_100k_calls": _round(per_100k, 2),
+        "verdict": "PASS" if growth <= MEMORY_GROWTH_TARGET_MB and main["ok"] == n else "MISS",
+        "samples": samples, "ledger": ledger,
+    }
+
+
+def _slope(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of y over x."""
+    if len(points) < 3:
+        return None
+    n = len(points)
+    mx, my = sum(p[0] for p in points) / n, sum(p[1] for p in points) / n
+    var = sum((p[0] - mx) ** 2 for p in points)
+    return None if var == 0 else sum((p[0] - mx) * (p[1] - my) for p in points) / var
+
+
+# --- output -------------------------------------------------------------------------------------------
+
+
+def _round(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else x * 100
+
+
+def _f(x: Any, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print()
+    header = f"{'scenario':<20}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}" \
+             f"{'CPU ms/req':>12}{'CPU %':>7}{'errors':>8}"
+    print(header)
+    print("-" * len(header))
+    for name, sc in result["scenarios"].items():
+        if sc["status"] != "ok":
+            print(f"{name:<20}  {sc['status']}: {sc['reason']}")
+            continue
+        for c, r in sc["runs"].items():
+            lat = r["latency_ms"]
+            cpu = r.get("proxy_cpu_ms_per_req")
+            cpu_s = _f(cpu, ".3f") + ("*" if name == "direct" else " ")
+            print(f"{name:<20}{c:>5}{r['rps']:>10.0f}{_f(lat['p50'], '.3f'):>9}{_f(lat['p90'], '.3f'):>9}"
+                  f"{_f(lat['p99'], '.3f'):>9}{cpu_s:>12}{_f(_pct(r.get('proxy_cpu_utilisation')), '.0f'):>7}"
+                  f"{r['errors']:>8}")
+    print("  * direct: CPU of the upstream itself (there is no proxy).  CPU %: of one core, 100 = CPU-bound")
+    for name, sc in result["scenarios"].items():
+        for c, r in sc.get("runs", {}).items():
+            if r.get("backend_cpu_ms_per_req"):
+                spent = ", ".join(f"{k} {v:.3f}" for k, v in r["backend_cpu_ms_per_req"].items())
+                print(f"  {name} c={c}: database servers' CPU ms/req (not included above): {spent}")
+    noisy = [f"{name} c={c}: {r['others_on_proxy_cpu']:.0%} others, {r['steal_on_proxy_cpu']:.0%} steal"
+             for name, sc in result["scenarios"].items() if sc["status"] == "ok"
+             for c, r in sc["runs"].items() if r.get("others_on_proxy_cpu", 0) + r.get("steal_on_proxy_cpu", 0) > 0.05]
+    if noisy:
+        print("  ! the proxy's CPU was not quiet (numbers unreliable; rerun on an idle machine):")
+        for line in noisy:
+            print(f"      {line}")
+    print()
+    for name, sc in result["scenarios"].items():
+        if sc.get("ledger"):
+            lg = sc["ledger"]
+            detail = (f"{lg['debited']} debits, {lg['usage_ledger_rows']} usage ledger rows, {lg['refunded']} refunds,"
+                      f" {lg['unsettled']} unsettled, {lg['billed_responses']} billed responses")
+            print(f"ledger {name}: {'OK' if lg['ok'] else 'FAIL'} ({detail})")
+            for p in lg["problems"]:
+                print(f"    {p}")
+    print()
+    print(f"{'gateway / bare (same run)':<46}{'value':>10}  {'target':<10}")
+    for r in result["ratios"]:
+        unit = " ms" if r["metric"] == "p50_delta" else ""
+        value = "-" if r["value"] is None else (f"{r['value']:+.3f}{unit}" if unit else f"{r['value']:.3f}")
+        target = "" if r["op"] is None else f"{r['op']} {'+' if unit else ''}{r['bound']}{unit}"
+        print(f"{r['label']:<46}{value:>10}  {target:<10}  {r['verdict']}")
+
+
+def print_memory(m: dict[str, Any]) -> None:
+    rss = m["rss_mb"]
+    print()
+    print(f"memory: {m['calls']} calls through gateway-embedded at c={m['concurrency']} "
+          f"({m['ok']} ok, {m['errors']} errors, {m['rps']:.0f} req/s, {m['elapsed_s']:.0f} s)")
+    print(f"  RSS MB: start {rss['start']}, after {m['warmup_calls']}-call warm-up {rss['after_warmup']},"
+          f" end {rss['end']}, peak {rss['peak']}")
+    print(f"  growth after warm-up: {m['growth_mb']:+.1f} MB (target <= {m['target_mb']:.0f} MB)  {m['verdict']}")
+    if m.get("trend_mb_per_100k_calls") is not None:
+        print(f"  trend over the second half of the run: {m['trend_mb_per_100k_calls']:+.2f} MB per 100,000 calls")
+    lg = m["ledger"]
+    print(f"  ledger: {'OK' if lg['ok'] else 'FAIL'} ({lg['debited']} debits, {lg['usage_ledger_rows']} usage rows,"
+          f" {lg['unsettled']} unsettled)")
+    for p in lg["problems"]:
+        print(f"    {p}")
+
+
+def compare(old: dict[str, Any], new: dict[str, Any]) -> None:
+    print()
+    print(f"compared with {old.get('started_at', '?')} (old -> new)")
+    header = f"{'scenario':<20}{'conc':>5}  {'req/s':>22}  {'p50 ms':>26}  {'CPU ms/req':>22}"
+    print(header)
+    print("-" * len(header))
+    for name, sc in new.get("scenarios", {}).items():
+        osc = old.get("scenarios", {}).get(name)
+        if sc.get("status") != "ok" or not osc or osc.get("status") != "ok":
+            print(f"{name:<20}  not comparable (old: {osc and osc.get('status')}, new: {sc.get('status')})")
+            continue
+        for c, r in sc["runs"].items():
+            o = osc["runs"].get(c)
+            if o is None:
+                continue
+            print(f"{name:<20}{c:>5}  {_delta(o['rps'], r['rps'], '.0f', pct=True):>22}"
+                  f"  {_delta(o['latency_ms']['p50'], r['latency_ms']['p50'], '.3f'):>26}"
+                  f"  {_delta(o.get('proxy_cpu_ms_per_req'), r.get('proxy_cpu_ms_per_req'), '.3f'):>22}")
+    old_ratios = {r["label"]: r for r in old.get("ratios", [])}
+    for r in new.get("ratios", []):
+        o = old_ratios.get(r["label"])
+        if o is not None and o["value"] is not None and r["value"] is not None:
+            print(f"{r['label']:<46}{o['value']:>8.3f} -> {r['value']:.3f}  ({o['verdict']} -> {r['verdict']})")
+    if old.get("memory") and new.get("memory"):
+        print(f"memory growth MB: {old['memory']['growth_mb']} -> {new['memory']['growth_mb']}")
+
+
+def _delta(old: float | None, new: float | None, fmt: str, pct: bool = False) -> str:
+    if old is None or new is None:
+        return "-"
+    d = new - old
+    extra = f" ({d / old * 100:+.0f}%)" if pct and old else f" ({d:+{fmt}})"
+    return f"{old:{fmt}} -> {new:{fmt}}{extra}"
+
+
+def host_info(s: Settings | None) -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    try:
+        import mitmproxy.version
+
+        mitm = mitmproxy.version.VERSION
+    except ImportError:
+        mitm = None
+    return {"cpu": model, "cpus": os.cpu_count(), "python": platform.python_version(), "mitmproxy": mitm,
+            "kernel": platform.release(),
+            "proxy_cpus": sorted(s.proxy_cpus) if s and s.proxy_cpus else None,
+            "load_cpus": sorted(s.load_cpus) if s and s.load_cpus else None}
+
+
+# --- main -----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("--duration", type=float, help="seconds per measured run (default 5, --quick 1)")
+    p.add_argument("--warmup", type=float, help="seconds of warm-up per scenario (default 2, --quick 0.5)")
+    p.add_argument("--quick", action="store_true", help="a short smoke run (1 s runs, 0.5 s warm-up)")
+    p.add_argument("--concurrency", default="1,32", help="comma-separated concurrencies (default 1,32)")
+    p.add_argument("--max-requests", type=int, default=1_000_000, help="cap on requests per run")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of {', '.join(SCENARIOS)}")
+    p.add_argument("--memory", type=int, nargs="?", const=100_000, metavar="N",
+                   help="instead: N calls (default 100000) through gateway-embedded, RSS growth after warm-up")
+    p.add_argument("--memory-warmup", type=int, default=10_000, metavar="CALLS", help="warm-up calls of --memory")
+    p.add_argument("--out", default="bench-results.json", help="where to write the JSON results")
+    p.add_argument("--compare", nargs="+", metavar="JSON",
+                   help="OLD.json: print deltas after this run; OLD.json NEW.json: compare two runs, run nothing")
+    p.add_argument("--no-pin", action="store_true", help="do not pin the proxy and the load to separate CPUs")
+    args = p.parse_args(argv)
+    if args.compare and len(args.compare) > 2:
+        p.error("--compare takes OLD.json, or OLD.json NEW.json")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.compare and len(args.compare) == 2:
+        compare(json.loads(Path(args.compare[0]).read_text()), json.loads(Path(args.compare[1]).read_text()))
+        return 0
+    if not MITMDUMP.exists():
+        print(f"mitmdump not found next to {PYTHON}", file=sys.stderr)
+        return 2
+    concurrencies = tuple(int(c) for c in args.concurrency.split(","))
+    scenarios = tuple(x.strip() for x in args.scenarios.split(",") if x.strip())
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown:
+        print(f"unknown scenario(s): {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    cpus = sorted(os.sched_getaffinity(0))
+    proxy_cpus = load_cpus = None
+    if not args.no_pin and len(cpus) >= 2:
+        proxy_cpus, load_cpus = {cpus[0]}, set(cpus[1:])
+        os.sched_setaffinity(0, load_cpus)  # this process, and so the load generator and upstream it starts
+    s = Settings(
+        duration=args.duration or (1.0 if args.quick else 5.0),
+        warmup=args.warmup if args.warmup is not None else (0.5 if args.quick else 2.0),
+        concurrencies=concurrencies, max_requests=args.max_requests, scenarios=scenarios,
+        proxy_cpus=proxy_cpus, load_cpus=load_cpus,
+    )
+
+    procs = Processes(proxy_cpus)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    workdir = Path(tempfile.mkdtemp(prefix="mcpmeter-bench-"))
+    result: dict[str, Any] = {
+        "version": 1, "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "host": host_info(s),
+        "settings": {"duration_s": s.duration, "warmup_s": s.warmup, "concurrencies": list(concurrencies),
+                     "max_requests": s.max_requests, "price_micro_cents": PRICE, "quick": args.quick},
+    }
+    t0 = time.monotonic()
+    try:
+        upstream, upstream_port = start_upstream(procs)
+        if args.memory is not None:
+            print(f"memory run: {args.memory} calls at c=32 through gateway-embedded (pinned: "
+                  f"{'proxy on CPU ' + str(sorted(proxy_cpus)) if proxy_cpus else 'no'})", flush=True)
+            result["memory"] = run_memory(args.memory, args.memory_warmup, procs, workdir, upstream, upstream_port)
+            print_memory(result["memory"])
+        else:
+            print(f"benchmark: {s.duration:g} s per run, {s.warmup:g} s warm-up, concurrency "
+                  f"{', '.join(map(str, concurrencies))}; proxy pinned to CPU "
+                  f"{sorted(proxy_cpus) if proxy_cpus else '(not pinned)'}, load on {sorted(load_cpus or [])}",
+                  flush=True)
+            result["scenarios"] = {}
+            for name in scenarios:
+                sc = run_scenario(name, s, procs, workdir, upstream, upstream_port)
+                result["scenarios"][name] = sc.to_json()
+                summary = sc.status if sc.status != "ok" else ", ".join(
+                    f"c={c} {r['rps']:.0f} req/s" for c, r in sc.runs.items())
+                print(f"  {name}: {summary}{'' if sc.status == 'ok' else ' (' + str(sc.reason) + ')'}", flush=True)
+            result["ratios"] = ratios(result["scenarios"], concurrencies)
+            print_table(result)
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping everything", file=sys.stderr)
+        return 130
+    finally:
+        procs.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+    result["wall_s"] = round(time.monotonic() - t0, 1)
+    out = Path(args.out)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nresults written to {out} ({result['wall_s']} s)")
+    if args.compare:
+        compare(json.loads(Path(args.compare[0]).read_text()), result)
+    failed = [n for n, sc in result.get("scenarios", {}).items() if sc["status"] == "failed"]
+    ledger_bad = [n for n, sc in result.get("scenarios", {}).items() if sc.get("ledger") and not sc["ledger"]["ok"]]
+    if result.get("memory") and not result["memory"]["ledger"]["ok"]:
+        ledger_bad.append("memory")
+    return 1 if failed or ledger_bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
