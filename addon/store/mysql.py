@@ -85,8 +85,11 @@ REQUIRED_TABLES = ("users", "projects", "api_keys", "oauth_access_tokens", "mcps
 
 
 class MysqlStore(SqlStore):
+    db_errors = (pymysql.Error,)
+
     def __init__(self, config: Config) -> None:
         self.settings = config.mysql
+        self.parallel = self.settings.pool_size
         if self.settings.pool_size < 1:
             raise ConfigError(f"mysql.pool_size must be at least 1, not {self.settings.pool_size}")
         self.where = f"{self.settings.host}:{self.settings.port}/{self.settings.database}"

@@ -33,6 +33,7 @@ from ..model import (
     Settlement,
     Verdict,
 )
+from .group_commit import GroupCommit
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,40 +324,54 @@ class Ledger:
 
 
 class SqlStore:
-    """The Store protocol over a Ledger; adapters provide `_run`, which runs one transaction off the loop."""
+    """The Store protocol over a Ledger, with group commit.
+
+    Adapters provide `_run(fn, commit)`, which runs one transaction off the event loop,
+    `db_errors` (their driver's error classes) and `parallel` (how many transactions may
+    run at once); every call goes through `_submit`, which batches concurrent ones.
+    """
+
+    db_errors: tuple[type[BaseException], ...] = ()
+    parallel = 1
+    _group: GroupCommit[Ledger] | None = None
 
     async def _run(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
         raise NotImplementedError
 
+    async def _submit(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
+        if self._group is None:
+            self._group = GroupCommit(self._run, lambda ledger, sql: ledger._q(sql), self.db_errors, self.parallel)
+        return await self._group.submit(fn, commit)
+
     async def find_consumer(self, credential: Credential) -> Consumer | None:
-        return await self._run(lambda ledger: ledger.find_consumer(credential))
+        return await self._submit(lambda ledger: ledger.find_consumer(credential))
 
     async def find_listing(self, slug: str) -> Listing | None:
-        return await self._run(lambda ledger: ledger.find_listing(slug))
+        return await self._submit(lambda ledger: ledger.find_listing(slug))
 
     async def balance(self, user_id: int) -> int:
-        return await self._run(lambda ledger: ledger.balance(user_id))
+        return await self._submit(lambda ledger: ledger.balance(user_id))
 
     async def charge(self, request: ChargeRequest) -> ChargeResult:
         # A refusal rolls back whatever the attempt touched (the debit before a cap check, say).
-        return await self._run(lambda ledger: ledger.charge(request), commit=lambda r: r.accepted)
+        return await self._submit(lambda ledger: ledger.charge(request), commit=lambda r: r.accepted)
 
     async def settle(self, settlement: Settlement) -> int:
-        return await self._run(lambda ledger: ledger.settle(settlement))
+        return await self._submit(lambda ledger: ledger.settle(settlement))
 
     async def topup(self, user_id: int, amount: int, description: str) -> int:
-        return await self._run(lambda ledger: ledger.topup(user_id, amount, description))
+        return await self._submit(lambda ledger: ledger.topup(user_id, amount, description))
 
     async def recent_calls(self, limit: int) -> list[CallRecord]:
-        return await self._run(lambda ledger: ledger.recent_calls(limit))
+        return await self._submit(lambda ledger: ledger.recent_calls(limit))
 
     async def sweep(self, older_than_seconds: float, fee_bps: int, limit: int = 100) -> int:
         """Refund calls left unsettled for longer than any call may run; one transaction each."""
         cutoff = utc(time.time() - older_than_seconds)
-        stale = await self._run(lambda ledger: ledger.stale_calls(cutoff, limit))
+        stale = await self._submit(lambda ledger: ledger.stale_calls(cutoff, limit))
         done = 0
         for request_id in stale:
-            done += await self._run(lambda ledger, rid=request_id: ledger.settle_stale(rid, fee_bps))
+            done += await self._submit(lambda ledger, rid=request_id: ledger.settle_stale(rid, fee_bps))
         return done
 
 

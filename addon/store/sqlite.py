@@ -24,6 +24,8 @@ T = TypeVar("T")
 
 
 class SqliteStore(SqlStore):
+    db_errors = (sqlite3.Error,)
+    parallel = 1  # one writer thread: SQLite serialises writers anyway
     def __init__(self, config: Config) -> None:
         self.path = config.sqlite_path
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcpmeter-sqlite")
