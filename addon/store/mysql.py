@@ -27,7 +27,7 @@ from pymysql.constants import CLIENT
 
 from ..config import Config, ConfigError, MysqlSettings
 from .base import StoreUnavailable
-from .sql import MYSQL, Ledger, SqlStore
+from .sql import MYSQL, LastUsed, Ledger, SqlStore
 
 T = TypeVar("T")
 log = logging.getLogger("mcpmeter")
@@ -93,6 +93,7 @@ class MysqlStore(SqlStore):
         if self.settings.pool_size < 1:
             raise ConfigError(f"mysql.pool_size must be at least 1, not {self.settings.pool_size}")
         self.where = f"{self.settings.host}:{self.settings.port}/{self.settings.database}"
+        self._last_used = LastUsed()
         self.retries = 0  # transactions run again after a deadlock or lock wait timeout
         self._pool = ThreadPoolExecutor(max_workers=self.settings.pool_size, thread_name_prefix="mcpmeter-mysql")
         self._local = threading.local()
@@ -191,7 +192,7 @@ class MysqlStore(SqlStore):
             attempt += 1
             conn, reused = self._connection()
             try:
-                result = fn(Ledger(conn, MYSQL))
+                result = fn(Ledger(conn, MYSQL, self._last_used))
             except pymysql.Error as e:
                 self._abort(conn, e)
                 retry = attempt < ATTEMPTS and time.monotonic() - started < RETRY_BUDGET

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import calendar
 import json
+import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,15 +43,28 @@ class Dialect:
     placeholder: str  # '%s' for pymysql, '?' for sqlite3
     insert_ignore: str  # 'INSERT IGNORE' | 'INSERT OR IGNORE'
 
+    on_duplicate: str  # how an upsert starts its UPDATE part; {key} names the unique key's columns
+    new_value: str  # how that UPDATE part names the value the INSERT proposed; {col} is the column
+
     def sql(self, statement: str) -> str:
         statement = statement.replace("INSERT IGNORE", self.insert_ignore)
         return statement if self.placeholder == "%s" else statement.replace("%s", self.placeholder)
 
+    def upsert(self, insert: str, key: str, updates: list[tuple[str, str]]) -> str:
+        """INSERT ... or, when `key` exists, UPDATE; `updates` expressions say NEW(col) for the proposed value.
+
+        Assignments are applied in order (MySQL evaluates them left to right): assign a column only
+        after the expressions that read its old value.
+        """
+        sets = ", ".join(f"{col} = {expr}" for col, expr in updates)
+        return f"{insert} {self.on_duplicate.format(key=key)} " + re.sub(
+            r"NEW\((\w+)\)", lambda m: self.new_value.format(col=m.group(1)), sets)
+
 
 T = TypeVar("T")
 
-MYSQL = Dialect("%s", "INSERT IGNORE")
-SQLITE = Dialect("?", "INSERT OR IGNORE")
+MYSQL = Dialect("%s", "INSERT IGNORE", "ON DUPLICATE KEY UPDATE", "VALUES({col})")
+SQLITE = Dialect("?", "INSERT OR IGNORE", "ON CONFLICT ({key}) DO UPDATE SET", "excluded.{col}")
 
 
 def utc(ts: float | None = None) -> str:
@@ -65,12 +80,33 @@ def _epoch(value: Any) -> float | None:
     return float(calendar.timegm(value.timetuple()))
 
 
+class LastUsed:
+    """When a store last wrote a key's last_used_at: informational, so once a minute is enough."""
+
+    PRECISION = 60.0  # seconds
+
+    def __init__(self) -> None:
+        self._stamped: dict[tuple[str, int], float] = {}
+        self._lock = threading.Lock()  # the MySQL store's worker threads share one
+
+    def due(self, table: str, row_id: int) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._stamped.get((table, row_id), float("-inf")) < self.PRECISION:
+                return False
+            if len(self._stamped) > 100_000:
+                self._stamped.clear()
+            self._stamped[(table, row_id)] = now
+            return True
+
+
 class Ledger:
     """SQL for one connection; the caller owns transactions (begin/commit/rollback)."""
 
-    def __init__(self, conn: Any, dialect: Dialect) -> None:
+    def __init__(self, conn: Any, dialect: Dialect, last_used: LastUsed | None = None) -> None:
         self.conn = conn
         self.d = dialect
+        self.last_used = last_used or LastUsed()
 
     def _q(self, statement: str, args: Sequence[Any] = ()) -> Any:
         cur = self.conn.cursor()
@@ -171,9 +207,16 @@ class Ledger:
         ).rowcount
         if debited != 1:
             return ChargeResult(Verdict.INSUFFICIENT_CREDIT, 0, self.balance(req.user_id))
-        if not self._add_spend(req.project_id, req.period, price, check_cap=True):
-            return ChargeResult(Verdict.PROJECT_CAP_EXCEEDED, 0, self.balance(req.user_id) + price)
-        balance = self.balance(req.user_id)
+        self._add_spend(req.project_id, req.period, price)
+        balance, cap, spent = self._one(
+            "SELECT u.credit_micro_cents, p.spending_cap_cents_per_month, s.spent_micro_cents FROM users u"
+            " JOIN projects p ON p.id = %s"
+            " JOIN mcpmeter_project_spend s ON s.project_id = p.id AND s.period_year_month = %s WHERE u.id = %s",
+            (req.project_id, req.period, req.user_id),
+        ) or (self.balance(req.user_id), None, 0)
+        if cap is not None and int(spent) > int(cap) * MICRO_CENTS_PER_CENT:
+            return ChargeResult(Verdict.PROJECT_CAP_EXCEEDED, 0, int(balance) + price)  # caller rolls back
+        balance = int(balance)
         self._ledger_row(req.user_id, -price, "usage", balance, req.request_id,
                          f"{req.tool_name} on mcp {req.listing_id}", now)
         self._journal(req, Verdict.DEBITED, price, now)
@@ -198,7 +241,7 @@ class Ledger:
                     (amount, req.user_id))
             self._ledger_row(req.user_id, amount, "refund", self.balance(req.user_id), req.request_id,
                              f"refund: {req.tool_name} on mcp {req.listing_id}", now)
-            self._add_spend(req.project_id, req.period, -amount, check_cap=False)
+            self._add_spend(req.project_id, req.period, -amount)
         elif s.refund and verdict is Verdict.FREE:
             self._q(
                 "UPDATE mcp_consumer_usage SET free_calls_used = free_calls_used - 1, updated_at = %s"
@@ -217,9 +260,9 @@ class Ledger:
              (s.user_agent or None) and s.user_agent[:255], utc(s.called_at), max(s.duration_ms, 0),
              s.status, billed, payout, fee, req.request_id, now, now),
         )
-        if s.key_id is not None:
+        if s.key_id is not None and self.last_used.due("api_keys", s.key_id):
             self._q("UPDATE api_keys SET last_used_at = %s WHERE id = %s", (now, s.key_id))
-        elif s.token_id is not None:
+        elif s.token_id is not None and self.last_used.due("oauth_access_tokens", s.token_id):
             self._q("UPDATE oauth_access_tokens SET last_used_at = %s WHERE id = %s", (now, s.token_id))
         return self.balance(req.user_id)
 
@@ -248,40 +291,25 @@ class Ledger:
         ).rowcount == 1
 
     def _count_billable(self, req: ChargeRequest, now: str) -> None:
-        self._q(
-            "INSERT IGNORE INTO mcp_consumer_usage (mcp_id, user_id, free_calls_used, period_year_month,"
-            " billable_calls, first_called_at, created_at, updated_at) VALUES (%s, %s, 0, %s, 0, %s, %s, %s)",
-            (req.listing_id, req.user_id, req.period, now, now, now),
-        )
-        self._q(
-            "UPDATE mcp_consumer_usage SET"
-            " free_calls_used = CASE WHEN period_year_month = %s THEN free_calls_used ELSE 0 END,"
-            " billable_calls = CASE WHEN period_year_month = %s THEN billable_calls ELSE 0 END + 1,"
-            " period_year_month = %s, last_called_at = %s, updated_at = %s WHERE mcp_id = %s AND user_id = %s",
-            (req.period, req.period, req.period, now, now, req.listing_id, req.user_id),
-        )
+        """One more billed call this month in the consumer's usage row (which resets each month)."""
+        this_month = "period_year_month = NEW(period_year_month)"
+        self._q(self.d.upsert(
+            "INSERT INTO mcp_consumer_usage (mcp_id, user_id, free_calls_used, period_year_month, billable_calls,"
+            " first_called_at, last_called_at, created_at, updated_at) VALUES (%s, %s, 0, %s, 1, %s, %s, %s, %s)",
+            "mcp_id, user_id",
+            [("billable_calls", f"CASE WHEN {this_month} THEN billable_calls ELSE 0 END + 1"),
+             ("free_calls_used", f"CASE WHEN {this_month} THEN free_calls_used ELSE 0 END"),
+             ("period_year_month", "NEW(period_year_month)"),
+             ("last_called_at", "NEW(last_called_at)"), ("updated_at", "NEW(updated_at)")],
+        ), (req.listing_id, req.user_id, req.period, now, now, now, now))
 
-    def _add_spend(self, project_id: int, period: str, amount: int, check_cap: bool) -> bool:
-        """Move the project's spend this month; False (caller rolls back) if it would pass the cap."""
-        self._q(
-            "INSERT IGNORE INTO mcpmeter_project_spend (project_id, period_year_month, spent_micro_cents)"
-            " VALUES (%s, %s, 0)",
-            (project_id, period),
-        )
-        self._q(
-            "UPDATE mcpmeter_project_spend SET spent_micro_cents = spent_micro_cents + %s"
-            " WHERE project_id = %s AND period_year_month = %s",
-            (amount, project_id, period),
-        )
-        if not check_cap:
-            return True
-        row = self._one(
-            "SELECT p.spending_cap_cents_per_month, s.spent_micro_cents FROM projects p"
-            " JOIN mcpmeter_project_spend s ON s.project_id = p.id AND s.period_year_month = %s"
-            " WHERE p.id = %s",
-            (period, project_id),
-        )
-        return row is None or row[0] is None or int(row[1]) <= int(row[0]) * MICRO_CENTS_PER_CENT
+    def _add_spend(self, project_id: int, period: str, amount: int) -> None:
+        """Move the project's spend this month (the cap is checked by the caller, in the same transaction)."""
+        self._q(self.d.upsert(
+            "INSERT INTO mcpmeter_project_spend (project_id, period_year_month, spent_micro_cents) VALUES (%s, %s, %s)",
+            "project_id, period_year_month",
+            [("spent_micro_cents", "spent_micro_cents + NEW(spent_micro_cents)")],
+        ), (project_id, period, amount))
 
     def _ledger_row(self, user_id: int, amount: int, kind: str, balance: int, request_id: str | None,
                     description: str, now: str) -> None:
