@@ -40,6 +40,7 @@ log = logging.getLogger("mcpmeter")
 
 META = "mcpmeter"
 SETTLE_ATTEMPTS = 5
+MAX_BACKGROUND_SETTLEMENTS = 1000  # beyond this, responses wait for their settlement (backpressure)
 HARD_BODY_LIMIT_FACTOR = 4  # bodies up to 4x the limit are read and dropped to answer 413 cleanly
 
 
@@ -88,6 +89,7 @@ class Mcpmeter:
         self.cache: Cache | None = None
         self.calls: dict[str, Call] = {}
         self.sweeper: asyncio.Task[None] | None = None
+        self.background: set[asyncio.Future[None]] = set()  # settlements of answered, billed calls
         # Legacy SSE: (listing id, session route) -> JSON-RPC id -> a POSTed call awaiting its answer.
         self.awaiting: dict[tuple[int, str], dict[JsonId, tuple[http.HTTPFlow, Call]]] = {}
 
@@ -228,7 +230,12 @@ class Mcpmeter:
                 if self._await_stream(flow, call):
                     await self._stamp(flow, call)
                     return
-            await self._settle(flow, call)
+            if call.parser is None and self._billed_without_refund(call):
+                # The debit and its ledger row are committed and the headers need nothing from the
+                # settlement (the balance comes from the debit's transaction): answer now, record after.
+                self._settle_in_background(flow, call)
+            else:
+                await self._settle(flow, call)
             if call.parser is None:
                 await self._stamp(flow, call)
         except Exception:
@@ -489,6 +496,28 @@ class Mcpmeter:
 
     # --- settlement -----------------------------------------------------------------------
 
+    def _billed_without_refund(self, call: Call) -> bool:
+        if call.charged is None or call.listing is None or len(self.background) >= MAX_BACKGROUND_SETTLEMENTS:
+            return False  # not paid for, or settlements are backing up: wait for this one
+        return not _decision(call)[0].refund
+
+    async def drain(self) -> None:
+        """Wait for the settlements still being written (tests, and an orderly stop)."""
+        while self.background:
+            await asyncio.gather(*list(self.background), return_exceptions=True)
+
+    def _settle_in_background(self, flow: http.HTTPFlow, call: Call) -> None:
+        async def settle() -> None:
+            try:
+                await self._settle_now(flow, call)
+            except Exception:
+                log.exception("mcpmeter: settling %s failed; the sweeper will", call.request_id)
+
+        _annotate(flow, call, *_decision(call))  # what mitmweb shows does not wait for the database
+        call.settlement = task = asyncio.ensure_future(settle())
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
     async def _settle(self, flow: http.HTTPFlow, call: Call) -> None:
         if call.settlement is None:
             call.settlement = asyncio.ensure_future(self._settle_now(flow, call))
@@ -503,9 +532,7 @@ class Mcpmeter:
             meta["balance"] = call.balance
             return
         assert self.config is not None and call.listing is not None and call.consumer is not None
-        decision = billing.decide(call.status, call.outcome, call.failure, call.listing.bill_tool_errors)
-        status = {Failure.TIMEOUT: 504, Failure.UPSTREAM: 502, Failure.CLIENT_GONE: 499, Failure.INTERNAL: 500}.get(
-            call.failure, call.status or 0) if call.outcome is None else (call.status or 200)
+        decision, status = _decision(call)
         settlement = Settlement(
             charge=call.charge, refund=decision.refund, status=status, duration_ms=call.elapsed_ms(),
             called_at=call.called_at, key_id=call.consumer.key_id, token_id=call.consumer.token_id,
@@ -524,14 +551,7 @@ class Mcpmeter:
                     return
                 await asyncio.sleep(0.05 * 2**attempt)
         call.refunded = decision.refund
-        verdict = call.charged.verdict
-        label = "refunded" if decision.refund else ("free" if verdict is Verdict.FREE else "billed")
-        meta.update(decision=label, reason=decision.reason, billed=0 if decision.refund else call.charged.amount,
-                    balance=call.balance, status=status)
-        amount = "free tier" if verdict is Verdict.FREE else f"{call.charged.amount} µ¢"
-        flow.comment = (f"{call.listing.slug} · {call.charge.tool_name} · {label} "
-                        f"({amount}{', ' + decision.reason if decision.refund else ''}) · balance {call.balance} µ¢")
-        flow.marked = {"billed": ":moneybag:", "free": ":gift:", "refunded": ":leftwards_arrow_with_hook:"}[label]
+        _annotate(flow, call, decision, status)
 
     async def _stamp(self, flow: http.HTTPFlow, call: Call) -> None:
         """The metering headers, on a response whose headers have not been sent yet."""
@@ -666,6 +686,30 @@ class Mcpmeter:
                 log.warning("mcpmeter: command failed: %s", e)
 
         asyncio.ensure_future(run())
+
+
+def _decision(call: Call) -> tuple[billing.Decision, int]:
+    """Whether the forwarded call is refunded, and the status it is recorded with."""
+    assert call.listing is not None
+    decision = billing.decide(call.status, call.outcome, call.failure, call.listing.bill_tool_errors)
+    if call.outcome is not None:
+        return decision, call.status or 200
+    failed = {Failure.TIMEOUT: 504, Failure.UPSTREAM: 502, Failure.CLIENT_GONE: 499, Failure.INTERNAL: 500}
+    return decision, failed.get(call.failure, call.status or 0) if call.failure else (call.status or 0)
+
+
+def _annotate(flow: http.HTTPFlow, call: Call, decision: billing.Decision, status: int) -> None:
+    """The metering decision on the flow: metadata for addons, comment and mark for mitmweb."""
+    assert call.charged is not None and call.charge is not None and call.listing is not None
+    verdict = call.charged.verdict
+    label = "refunded" if decision.refund else ("free" if verdict is Verdict.FREE else "billed")
+    flow.metadata.setdefault(META, {"request_id": call.request_id}).update(
+        decision=label, reason=decision.reason, billed=0 if decision.refund else call.charged.amount,
+        balance=call.balance, status=status)
+    amount = "free tier" if verdict is Verdict.FREE else f"{call.charged.amount} µ¢"
+    flow.comment = (f"{call.listing.slug} · {call.charge.tool_name} · {label} "
+                    f"({amount}{', ' + decision.reason if decision.refund else ''}) · balance {call.balance} µ¢")
+    flow.marked = {"billed": ":moneybag:", "free": ":gift:", "refunded": ":leftwards_arrow_with_hook:"}[label]
 
 
 def _legacy_session(listing: Listing | None, route: str) -> str:

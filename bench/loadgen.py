@@ -5,6 +5,11 @@ Run it as its own process so that it does not share the proxy's core:
     python -m bench.loadgen --url http://127.0.0.1:PORT/slug --concurrency 32 --duration 5 \
         --max-requests 100000 [--key mcpm_test_...]
 
+--url may be given several times (several gateway processes behind a notional load balancer):
+connection i then goes to URL i mod n, round-robin, and keeps that target when it reconnects; the
+result adds each target's connections, successes and errors under "per_target". With fewer
+connections than URLs the last URLs get none.
+
 Each connection sends one request, waits for the whole response, and sends the next (a
 closed loop), until the duration is up or max-requests have been started. Every request's
 latency is recorded from the first byte written to the last byte read. Only 200s count as
@@ -152,14 +157,28 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[rank - 1]
 
 
-async def run(url: str, concurrency: int, duration: float, max_requests: int, key: str | None,
+class Target:
+    """One URL to load: where to connect and what to put in the request line and Host."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise SystemExit("the load generator only talks plain HTTP to loopback")
+        self.url = url
+        self.host, self.port = parts.hostname, parts.port or 80
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.authority = f"{self.host}:{self.port}"
+        self.connections = self.ok = 0
+        self.errors = 0
+
+
+async def run(url: str | list[str], concurrency: int, duration: float, max_requests: int, key: str | None,
               tool: str, timeout: float) -> dict[str, object]:
-    parts = urlsplit(url)
-    if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
-        raise SystemExit("the load generator only talks plain HTTP to loopback")
-    host, port = parts.hostname, parts.port or 80
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    authority = f"{host}:{port}"
+    urls = [url] if isinstance(url, str) else list(url)
+    if not urls:
+        raise SystemExit("no URL to load")
+    targets = [Target(u) for u in urls]
+    shown_url: object = urls[0] if len(urls) == 1 else urls
     loop = asyncio.get_running_loop()
 
     latencies: list[float] = []
@@ -169,34 +188,39 @@ async def run(url: str, concurrency: int, duration: float, max_requests: int, ke
     started = 0
     reconnects = 0
 
-    async def connect() -> Connection:
-        _, conn = await asyncio.wait_for(loop.create_connection(Connection, host, port), CONNECT_TIMEOUT)
+    async def connect(target: Target) -> Connection:
+        _, conn = await asyncio.wait_for(loop.create_connection(Connection, target.host, target.port),
+                                         CONNECT_TIMEOUT)
         return conn
 
-    conns = await asyncio.gather(*(connect() for _ in range(concurrency)), return_exceptions=True)
+    # Round-robin: connection i goes to target i mod n.
+    assigned = [targets[i % len(targets)] for i in range(concurrency)]
+    for target in assigned:
+        target.connections += 1
+    conns = await asyncio.gather(*(connect(t) for t in assigned), return_exceptions=True)
     failed = [c for c in conns if isinstance(c, BaseException)]
     if failed:
         for c in conns:
             if isinstance(c, Connection):
                 c.close()
-        return {"url": url, "concurrency": concurrency, "fatal": f"cannot connect: {failed[0]!r}"}
+        return {"url": shown_url, "concurrency": concurrency, "fatal": f"cannot connect: {failed[0]!r}"}
 
     t_start = time.perf_counter()
     deadline = t_start + duration
     next_id = 0
 
-    async def worker(conn: Connection) -> None:
+    async def worker(conn: Connection, target: Target) -> None:
         nonlocal started, next_id, reconnects
         perf = time.perf_counter
         while started < max_requests and perf() < deadline:
             started += 1
             next_id += 1
-            data = build_request(authority, path, key, tool, next_id)
+            data = build_request(target.authority, target.path, key, tool, next_id)
             t0 = perf()
             try:
                 if conn.closed:
                     reconnects += 1
-                    conn = await connect()
+                    conn = await connect(target)
                 waiter = conn.request(data)
                 timer = loop.call_later(timeout, _expire, waiter)
                 try:
@@ -205,21 +229,25 @@ async def run(url: str, concurrency: int, duration: float, max_requests: int, ke
                     timer.cancel()
             except TimeoutError:
                 errors["timeout"] += 1
+                target.errors += 1
                 conn.close()
                 conn.closed = True
                 continue
             except (Broken, OSError) as e:
                 errors[f"connection: {e}"[:60]] += 1
+                target.errors += 1
                 conn.close()
                 conn.closed = True
                 continue
             elapsed = perf() - t0
             if status == 200:
                 latencies.append(elapsed)
+                target.ok += 1
                 m = _BILLED.search(head)
                 billed[m.group(1).decode(errors="replace") if m else "-"] += 1
             else:
                 errors[f"status {status}"] += 1
+                target.errors += 1
                 if len(samples) < 3:
                     line, _, rest = head.partition(b"\r\n")
                     samples.append((line + b" " + rest.partition(b"\r\n\r\n")[2][:300]).decode(errors="replace"))
@@ -228,13 +256,13 @@ async def run(url: str, concurrency: int, duration: float, max_requests: int, ke
                 conn.closed = True
         conn.close()
 
-    await asyncio.gather(*(worker(c) for c in conns))  # type: ignore[arg-type]
+    await asyncio.gather(*(worker(c, t) for c, t in zip(conns, assigned)))  # type: ignore[arg-type]
     elapsed = time.perf_counter() - t_start
     latencies.sort()
     ok = len(latencies)
     ms = [x * 1000 for x in latencies]
-    return {
-        "url": url,
+    result: dict[str, object] = {
+        "url": shown_url,
         "concurrency": concurrency,
         "elapsed_s": round(elapsed, 4),
         "requests": started,
@@ -250,6 +278,10 @@ async def run(url: str, concurrency: int, duration: float, max_requests: int, ke
             "max": _r(ms[-1] if ms else None), "mean": _r(sum(ms) / ok if ok else None),
         },
     }
+    if len(targets) > 1:
+        result["per_target"] = [{"url": t.url, "connections": t.connections, "ok": t.ok, "errors": t.errors,
+                                 "rps": round(t.ok / elapsed, 2) if elapsed > 0 else 0.0} for t in targets]
+    return result
 
 
 def _expire(waiter: asyncio.Future[object]) -> None:
@@ -263,7 +295,8 @@ def _r(x: float | None) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--url", required=True, help="http://127.0.0.1:PORT/PATH")
+    p.add_argument("--url", required=True, action="append",
+                   help="http://127.0.0.1:PORT/PATH; repeat it to spread the connections round-robin over several")
     p.add_argument("--concurrency", "-c", type=int, default=1, help="connections, one request in flight each")
     p.add_argument("--duration", "-d", type=float, default=5.0, help="seconds to send for (at most)")
     p.add_argument("--max-requests", "-n", type=int, default=1_000_000, help="requests to send (at most)")
@@ -273,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not (1 <= args.concurrency <= 4096 and 0 < args.duration <= 3600 and args.max_requests >= 1):
         p.error("concurrency 1..4096, duration 0..3600 s, max-requests >= 1")
-    result = asyncio.run(run(args.url, args.concurrency, args.duration, args.max_requests, args.key,
+    urls = args.url[0] if len(args.url) == 1 else args.url
+    result = asyncio.run(run(urls, args.concurrency, args.duration, args.max_requests, args.key,
                              args.tool, args.timeout))
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")

@@ -13,6 +13,11 @@ under test on a free loopback port, warms it up, and drives it with the load gen
   gateway-embedded    `mitmdump -s mcpmeter_addon.py`, SQLite store + in-process cache
   gateway-production  the same on MySQL + Redis (a scratch database and Redis key prefix,
                       both removed at the end); skipped, saying why, when unavailable
+  gateway-production-x2
+                      two such gateway processes sharing one database and one Redis prefix
+                      (scaling past one core: N processes behind a load balancer); the load
+                      generator spreads its connections over both, round-robin (so at c=1 only
+                      the first carries traffic). Its CPU ms/req sums both processes.
 
 Every request is a paid JSON-RPC tools/call (1000 µ¢) by a consumer with ample credit, and
 rate limits far above what one core can send. After each gateway scenario the ledger is
@@ -24,6 +29,10 @@ against the targets of issue #4 are printed, and everything is written as JSON.
 With two or more CPUs the proxy under test is pinned to one CPU and the load generator and
 upstream to the others (--no-pin to disable), so that "one core" means one core. A run in which
 other processes (or the hypervisor) took more than 5 % of the proxy's CPU is flagged as noisy.
+gateway-production-x2 pins its first gateway to the first CPU and its second to the second
+(--no-pin: neither); the load generator, upstream and database servers share those CPUs, so on
+a 2-CPU machine its figure understates what two dedicated cores would give. Its runs also say
+where the CPUs' time went (gateways, load generator, upstream, database servers, the rest).
 
 --memory [N] instead sends N calls (default 100,000) through gateway-embedded at c=32 and
 reports the proxy's RSS after a warm-up and at the end (target: growth <= 20 MB).
@@ -43,6 +52,7 @@ import json
 import os
 import platform
 import re
+import resource
 import secrets
 import select
 import shutil
@@ -53,7 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +86,7 @@ LIMIT = 1_000_000_000  # rpm / rpd: far above what one core can send (fits MySQL
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 STARTUP_TIMEOUT = 30.0
-SCENARIOS = ("direct", "bare", "gateway-embedded", "gateway-production")
+SCENARIOS = ("direct", "bare", "gateway-embedded", "gateway-production", "gateway-production-x2")
 
 # Targets of issue #4, as (label, scenario, metric, comparison, bound).
 TARGETS = (
@@ -86,6 +96,9 @@ TARGETS = (
     ("gateway-embedded p50 at c=1 - bare", "gateway-embedded", "p50_delta", None, None),
 )
 MEMORY_GROWTH_TARGET_MB = 20.0
+# Informational ratios between two scenarios of the same run: (label, scenario, base scenario).
+SCALING = (("gateway-production-x2 / gateway-production req/s at c=32", "gateway-production-x2",
+            "gateway-production"),)
 
 
 class Skip(Exception):
@@ -120,8 +133,10 @@ class Processes:
         self.proxy_cpus = proxy_cpus
 
     def start(self, name: str, cmd: list[str], *, log_path: Path | None = None, env: dict[str, str] | None = None,
-              cwd: Path | None = None, pin_proxy: bool = False, stdout_pipe: bool = False) -> Proc:
-        cpus = self.proxy_cpus if pin_proxy else None
+              cwd: Path | None = None, pin_proxy: bool = False, stdout_pipe: bool = False,
+              cpus: set[int] | None = None) -> Proc:
+        """`cpus` pins the process there; else `pin_proxy` pins it to the proxy's CPU (if pinning)."""
+        cpus = cpus or (self.proxy_cpus if pin_proxy else None)
         out: Any = subprocess.PIPE if stdout_pipe else (log_path.open("wb") if log_path else subprocess.DEVNULL)
         popen = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT if log_path or stdout_pipe else subprocess.DEVNULL,
@@ -297,12 +312,12 @@ def embedded_config(upstream_port: int, sqlite_path: Path) -> dict[str, Any]:
 
 
 def start_gateway(procs: Processes, workdir: Path, name: str, upstream_port: int, config: dict[str, Any],
-                  env: dict[str, str] | None = None) -> tuple[Proc, int]:
+                  env: dict[str, str] | None = None, cpus: set[int] | None = None) -> tuple[Proc, int]:
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     port = free_port()
     proc = procs.start(name, gateway_command(upstream_port, port, config_path), log_path=workdir / f"{name}.log",
-                       env=clean_env(env), cwd=workdir, pin_proxy=True)
+                       env=clean_env(env), cwd=workdir, pin_proxy=True, cpus=cpus)
     wait_http("127.0.0.1", port, "GET", "/health", lambda s: s == 200, proc)
     return proc, port
 
@@ -316,11 +331,14 @@ def start_bare(procs: Processes, workdir: Path, upstream_port: int) -> tuple[Pro
     return proc, port
 
 
-def loadgen(url: str, concurrency: int, duration: float, max_requests: int, *, key: str = KEY,
+def loadgen(url: str | Sequence[str], concurrency: int, duration: float, max_requests: int, *, key: str = KEY,
             sample: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Run the load generator to completion (bounded by its own duration and count) and parse its JSON."""
-    cmd = [PYTHON, "-m", "bench.loadgen", "--url", url, "-c", str(concurrency), "-d", str(duration),
-           "-n", str(max_requests), "--key", key, "--tool", TOOL]
+    """Run the load generator to completion (bounded by its own duration and count) and parse its JSON.
+
+    Several URLs: its connections are spread over them round-robin."""
+    urls = [url] if isinstance(url, str) else list(url)
+    cmd = [PYTHON, "-m", "bench.loadgen", *(a for u in urls for a in ("--url", u)), "-c", str(concurrency),
+           "-d", str(duration), "-n", str(max_requests), "--key", key, "--tool", TOOL]
     with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           stdin=subprocess.DEVNULL) as p:
         hard_deadline = time.monotonic() + duration + 60
@@ -347,22 +365,43 @@ def loadgen(url: str, concurrency: int, duration: float, max_requests: int, *, k
     return result
 
 
-def measure(url: str, concurrency: int, duration: float, max_requests: int, pid: int, upstream: tuple[int, int],
-            key: str, proxy_cpus: set[int] | None, backends: dict[str, list[int]] | None = None) -> dict[str, Any]:
-    """One measured run: the load generator's numbers plus the CPU the process under test spent on them.
+def _children_cpu() -> float:
+    """CPU seconds of this process's reaped children (the load generator, once it has finished)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _self_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def measure(url: str | Sequence[str], concurrency: int, duration: float, max_requests: int,
+            pid: int | Sequence[int], upstream: tuple[int, int], key: str, proxy_cpus: set[int] | None,
+            backends: dict[str, list[int]] | None = None, whole_machine: set[int] | None = None) -> dict[str, Any]:
+    """One measured run: the load generator's numbers plus the CPU the process(es) under test spent on them.
 
     With the proxy pinned, also how busy others kept its CPU meanwhile (other processes, and the
     hypervisor's steal): a noisy neighbour there makes the run's numbers unreliable.
+    Several proxy processes: their CPU is summed. `whole_machine` (the CPUs everything runs on):
+    also where those CPUs' time went, and the noise is what none of the benchmark's own processes
+    account for there.
     """
+    pids = [pid] if isinstance(pid, int) else list(pid)
     upstream_pid, upstream_port = upstream
+    watch = whole_machine or proxy_cpus
     stats0 = upstream_stats(upstream_port)
-    t0, cpu0, up0 = time.monotonic(), cpu_seconds(pid), cpu_seconds(upstream_pid)
-    busy0, steal0 = cpu_times(proxy_cpus) if proxy_cpus else (0.0, 0.0)
+    t0, up0 = time.monotonic(), cpu_seconds(upstream_pid)
+    cpu0 = [cpu_seconds(p) for p in pids]
+    busy0, steal0 = cpu_times(watch) if watch else (0.0, 0.0)
     back0 = backend_cpu(backends or {})
+    kids0, self0 = _children_cpu(), _self_cpu()
     result = loadgen(url, concurrency, duration, max_requests, key=key)
-    cpu, up1 = cpu_seconds(pid) - cpu0, cpu_seconds(upstream_pid)
-    busy1, steal1 = cpu_times(proxy_cpus) if proxy_cpus else (0.0, 0.0)
+    each = [cpu_seconds(p) - c0 for p, c0 in zip(pids, cpu0)]
+    cpu, up1 = sum(each), cpu_seconds(upstream_pid)
+    busy1, steal1 = cpu_times(watch) if watch else (0.0, 0.0)
     back = {name: spent - back0.get(name, 0.0) for name, spent in backend_cpu(backends or {}).items()}
+    load_cpu, self_cpu = _children_cpu() - kids0, _self_cpu() - self0
     wall = time.monotonic() - t0
     stats1 = upstream_stats(upstream_port)
     # A proxy that reuses its upstream connections opens at most one per client connection.
@@ -372,11 +411,28 @@ def measure(url: str, concurrency: int, duration: float, max_requests: int, pid:
     result["proxy_cpu_s"] = round(cpu, 3)
     result["proxy_cpu_ms_per_req"] = round(cpu * 1000 / done, 4)
     result["proxy_cpu_utilisation"] = round(cpu / result["elapsed_s"], 3)
-    result["proxy_rss_mb"] = _round(rss_mb(pid), 1)
+    rss = [rss_mb(p) for p in pids]
+    result["proxy_rss_mb"] = _round(sum(r or 0 for r in rss), 1) if all(r is not None for r in rss) else None
+    if len(pids) > 1:
+        result["proxy_processes"] = len(pids)
+        result["proxy_cpu_s_each"] = [round(c, 3) for c in each]
+        result["proxy_rss_mb_each"] = [_round(r, 1) for r in rss]
     result["upstream_cpu_ms_per_req"] = round((up1 - up0) * 1000 / done, 4)
+    result["loadgen_cpu_ms_per_req"] = round(load_cpu * 1000 / done, 4)
     if back:
         result["backend_cpu_ms_per_req"] = {name: round(spent * 1000 / done, 4) for name, spent in back.items()}
-    if proxy_cpus and pid != upstream_pid:
+    if whole_machine:
+        # Everything the benchmark runs shares these CPUs: account for their time, in cores (1.0 = one CPU busy).
+        own = {"gateways": cpu, "load generator": load_cpu, "upstream": up1 - up0, **back, "bench driver": self_cpu}
+        others = busy1 - busy0 - sum(own.values())
+        result["cpu_accounting"] = {
+            "cpus": len(whole_machine), "wall_s": round(wall, 3), "busy_cores": round((busy1 - busy0) / wall, 3),
+            **{name: round(spent / wall, 3) for name, spent in own.items()},
+            "others": round(max(0.0, others) / wall, 3), "steal": round((steal1 - steal0) / wall, 3),
+        }
+        result["others_on_proxy_cpu"] = result["cpu_accounting"]["others"]
+        result["steal_on_proxy_cpu"] = result["cpu_accounting"]["steal"]
+    elif proxy_cpus and pids != [upstream_pid]:
         # The database servers may run on the proxy's CPU too; that is the scenario's own cost, not noise.
         others = busy1 - busy0 - cpu - sum(back.values())
         result["others_on_proxy_cpu"] = round(max(0.0, others) / wall, 3)
@@ -579,25 +635,37 @@ class Scenario:
     warmup: dict[str, Any] | None = None
     ledger: dict[str, Any] | None = None
     rss_mb: dict[str, float | None] = field(default_factory=dict)
+    placement: str | None = None  # where its processes ran, when that differs from the others
 
     def to_json(self) -> dict[str, Any]:
-        return {"status": self.status, "reason": self.reason, "runs": self.runs, "warmup": self.warmup,
-                "ledger": self.ledger, "rss_mb": self.rss_mb}
+        out = {"status": self.status, "reason": self.reason, "runs": self.runs, "warmup": self.warmup,
+               "ledger": self.ledger, "rss_mb": self.rss_mb}
+        if self.placement:
+            out["placement"] = self.placement
+        return out
 
 
-def drive(sc: Scenario, s: Settings, url: str, proxy: Proc | None, upstream: Proc, key: str = KEY,
-          backends: dict[str, list[int]] | None = None) -> None:
-    """Warm up, then one measured run per concurrency."""
+def drive(sc: Scenario, s: Settings, url: str | Sequence[str], proxy: Proc | Sequence[Proc] | None, upstream: Proc,
+          key: str = KEY, backends: dict[str, list[int]] | None = None,
+          whole_machine: set[int] | None = None) -> None:
+    """Warm up, then one measured run per concurrency (several proxies: URLs round-robin, CPU and RSS summed)."""
+    proxies = [] if proxy is None else [proxy] if isinstance(proxy, Proc) else list(proxy)
+
+    def rss_total() -> float | None:
+        sizes = [rss_mb(p.pid) for p in proxies]
+        return None if any(x is None for x in sizes) else _round(sum(sizes), 1)  # type: ignore[arg-type]
+
     sc.warmup = loadgen(url, max(s.concurrencies), s.warmup, s.max_requests, key=key)
-    if proxy is not None:
-        sc.rss_mb["after_warmup"] = _round(rss_mb(proxy.pid), 1)
+    if proxies:
+        sc.rss_mb["after_warmup"] = rss_total()
+    pids = [p.pid for p in proxies] or [upstream.pid]
     for c in s.concurrencies:
-        sc.runs[str(c)] = measure(url, c, s.duration, s.max_requests, proxy.pid if proxy else upstream.pid,
-                                  (upstream.pid, upstream.port or 0), key, s.proxy_cpus, backends)
+        sc.runs[str(c)] = measure(url, c, s.duration, s.max_requests, pids[0] if len(pids) == 1 else pids,
+                                  (upstream.pid, upstream.port or 0), key, s.proxy_cpus, backends, whole_machine)
         if sc.runs[str(c)]["ok"] == 0:
             raise RuntimeError(f"no successful request at c={c}: {sc.runs[str(c)]['error_kinds']}")
-    if proxy is not None:
-        sc.rss_mb["end"] = _round(rss_mb(proxy.pid), 1)
+    if proxies:
+        sc.rss_mb["end"] = rss_total()
 
 
 def billed_responses(sc: Scenario) -> int:
@@ -624,22 +692,16 @@ def run_scenario(name: str, s: Settings, procs: Processes, workdir: Path, upstre
         elif name == "gateway-production":
             with production_backend() as db:
                 key = seed_production(db, upstream_port)
-                env = {
-                    "MCPMETER_STORE": "mysql", "MCPMETER_CACHE": "redis",
-                    "DB_HOST": db["mysql"]["host"], "DB_PORT": str(db["mysql"]["port"]),
-                    "DB_USER": db["mysql"]["user"], "DB_PASSWORD": db["mysql"]["password"],
-                    "DB_NAME": db["database"], "REDIS_HOST": db["redis"]["host"],
-                    "REDIS_PORT": str(db["redis"]["port"]), "REDIS_DB": str(db["redis"]["db"]),
-                    "MCPMETER_REDIS_PREFIX": db["prefix"],
-                }
                 try:
                     proxy, port = start_gateway(procs, workdir, name, upstream_port,
-                                                gateway_config(upstream_port), env)
+                                                gateway_config(upstream_port), production_env(db))
                     drive(sc, s, f"http://127.0.0.1:{port}/{SLUG}", proxy, upstream, key, backend_pids())
                 finally:
                     if proxy is not None:
                         procs.stop(proxy)  # before its database is dropped
                 sc.ledger = check_ledger(db["query"], billed_responses(sc))
+        elif name == "gateway-production-x2":
+            run_production_x2(sc, s, procs, workdir, upstream, upstream_port)
         else:
             raise ValueError(name)
     except Skip as e:
@@ -650,6 +712,52 @@ def run_scenario(name: str, s: Settings, procs: Processes, workdir: Path, upstre
         if proxy is not None:
             procs.stop(proxy)
     return sc
+
+
+def production_env(db: dict[str, Any]) -> dict[str, str]:
+    """The environment that points a gateway at the scratch database and Redis prefix of `db`."""
+    return {
+        "MCPMETER_STORE": "mysql", "MCPMETER_CACHE": "redis",
+        "DB_HOST": db["mysql"]["host"], "DB_PORT": str(db["mysql"]["port"]),
+        "DB_USER": db["mysql"]["user"], "DB_PASSWORD": db["mysql"]["password"],
+        "DB_NAME": db["database"], "REDIS_HOST": db["redis"]["host"],
+        "REDIS_PORT": str(db["redis"]["port"]), "REDIS_DB": str(db["redis"]["db"]),
+        "MCPMETER_REDIS_PREFIX": db["prefix"],
+    }
+
+
+def x2_placement(s: Settings) -> tuple[set[int] | None, set[int] | None, str]:
+    """The CPUs of gateways A and B in gateway-production-x2, and a sentence saying where everything ran."""
+    where = (f"the load generator and upstream run on CPU {sorted(s.load_cpus)}, MariaDB and Redis on any CPU"
+             if s.load_cpus else "the load generator, upstream, MariaDB and Redis run on any CPU")
+    shared = f"{where}: they share the gateways' cores, so this figure understates what two dedicated cores give"
+    if s.proxy_cpus and s.load_cpus:
+        a, b = min(s.proxy_cpus), min(s.load_cpus)
+        return {a}, {b}, f"gateway A pinned to CPU {a}, gateway B to CPU {b}; {shared}"
+    return None, None, f"gateways A and B not pinned; {shared}"
+
+
+def run_production_x2(sc: Scenario, s: Settings, procs: Processes, workdir: Path, upstream: Proc,
+                      upstream_port: int) -> None:
+    """Two gateway processes on one database and one Redis prefix, the load spread over both."""
+    cpus_a, cpus_b, sc.placement = x2_placement(s)
+    machine = set(os.sched_getaffinity(0)) | (s.proxy_cpus or set())
+    gateways: list[Proc] = []
+    with production_backend() as db:
+        key = seed_production(db, upstream_port)
+        env = production_env(db)
+        try:
+            urls = []
+            for label, cpus in (("a", cpus_a), ("b", cpus_b)):
+                proc, port = start_gateway(procs, workdir, f"{sc.name}-{label}", upstream_port,
+                                           gateway_config(upstream_port), env, cpus=cpus)
+                gateways.append(proc)
+                urls.append(f"http://127.0.0.1:{port}/{SLUG}")
+            drive(sc, s, urls, gateways, upstream, key, backend_pids(), whole_machine=machine)
+        finally:
+            for proc in gateways:
+                procs.stop(proc)  # before their database is dropped
+        sc.ledger = check_ledger(db["query"], billed_responses(sc))
 
 
 def ratios(scenarios: dict[str, dict[str, Any]], concurrencies: tuple[int, ...] | list[int]) -> list[dict[str, Any]]:
@@ -677,6 +785,18 @@ def ratios(scenarios: dict[str, dict[str, Any]], concurrencies: tuple[int, ...] 
             verdict = "bare " + str(bare.get("status", "not run"))
         out.append({"label": label, "scenario": name, "metric": metric, "value": _round(value, 3),
                     "op": op, "bound": bound, "verdict": verdict})
+    for label, name, base in SCALING:
+        sc, bsc = scenarios.get(name, {}), scenarios.get(base, {})
+        label = label.replace("c=32", f"c={hi}")
+        value = None
+        if sc.get("status") == "ok" and bsc.get("status") == "ok":
+            value, verdict = sc["runs"][hi]["rps"] / bsc["runs"][hi]["rps"], "info"
+        elif sc.get("status") != "ok":
+            verdict = str(sc.get("status", "not run"))
+        else:
+            verdict = f"{base} {bsc.get('status', 'not run')}"
+        out.append({"label": label, "scenario": name, "metric": "rps_ratio", "base": base,
+                    "value": _round(value, 3), "op": None, "bound": None, "verdict": verdict})
     return out
 
 
@@ -753,22 +873,38 @@ def _f(x: Any, fmt: str) -> str:
 
 def print_table(result: dict[str, Any]) -> None:
     print()
-    header = f"{'scenario':<20}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}" \
+    header = f"{'scenario':<22}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}" \
              f"{'CPU ms/req':>12}{'CPU %':>7}{'errors':>8}"
     print(header)
     print("-" * len(header))
     for name, sc in result["scenarios"].items():
         if sc["status"] != "ok":
-            print(f"{name:<20}  {sc['status']}: {sc['reason']}")
+            print(f"{name:<22}  {sc['status']}: {sc['reason']}")
             continue
         for c, r in sc["runs"].items():
             lat = r["latency_ms"]
             cpu = r.get("proxy_cpu_ms_per_req")
             cpu_s = _f(cpu, ".3f") + ("*" if name == "direct" else " ")
-            print(f"{name:<20}{c:>5}{r['rps']:>10.0f}{_f(lat['p50'], '.3f'):>9}{_f(lat['p90'], '.3f'):>9}"
+            print(f"{name:<22}{c:>5}{r['rps']:>10.0f}{_f(lat['p50'], '.3f'):>9}{_f(lat['p90'], '.3f'):>9}"
                   f"{_f(lat['p99'], '.3f'):>9}{cpu_s:>12}{_f(_pct(r.get('proxy_cpu_utilisation')), '.0f'):>7}"
                   f"{r['errors']:>8}")
     print("  * direct: CPU of the upstream itself (there is no proxy).  CPU %: of one core, 100 = CPU-bound")
+    for name, sc in result["scenarios"].items():
+        if sc["status"] == "ok" and any(r.get("proxy_processes") for r in sc["runs"].values()):
+            print(f"  {name}: CPU ms/req and CPU % sum both gateway processes (200 % = both CPU-bound);"
+                  f" at c=1 the one connection goes to gateway A only")
+            if sc.get("placement"):
+                print(f"    {sc['placement']}")
+            for c, r in sc["runs"].items():
+                acct = r.get("cpu_accounting")
+                if acct:
+                    parts = ", ".join(f"{k} {v * 100:.0f}" for k, v in acct.items()
+                                      if k not in ("cpus", "wall_s", "busy_cores"))
+                    print(f"    c={c}: the {acct['cpus']} CPUs were {acct['busy_cores'] * 100:.0f} % busy"
+                          f" (of one core): {parts}")
+                if r.get("per_target"):
+                    split = " / ".join(f"{t['rps']:.0f}" for t in r["per_target"])
+                    print(f"    c={c}: req/s per gateway (A / B): {split}")
     for name, sc in result["scenarios"].items():
         for c, r in sc.get("runs", {}).items():
             if r.get("backend_cpu_ms_per_req"):
@@ -791,12 +927,12 @@ def print_table(result: dict[str, Any]) -> None:
             for p in lg["problems"]:
                 print(f"    {p}")
     print()
-    print(f"{'gateway / bare (same run)':<46}{'value':>10}  {'target':<10}")
+    print(f"{'ratios (same run)':<58}{'value':>10}  {'target':<10}")
     for r in result["ratios"]:
         unit = " ms" if r["metric"] == "p50_delta" else ""
         value = "-" if r["value"] is None else (f"{r['value']:+.3f}{unit}" if unit else f"{r['value']:.3f}")
         target = "" if r["op"] is None else f"{r['op']} {'+' if unit else ''}{r['bound']}{unit}"
-        print(f"{r['label']:<46}{value:>10}  {target:<10}  {r['verdict']}")
+        print(f"{r['label']:<58}{value:>10}  {target:<10}  {r['verdict']}")
 
 
 def print_memory(m: dict[str, Any]) -> None:
@@ -819,26 +955,26 @@ def print_memory(m: dict[str, Any]) -> None:
 def compare(old: dict[str, Any], new: dict[str, Any]) -> None:
     print()
     print(f"compared with {old.get('started_at', '?')} (old -> new)")
-    header = f"{'scenario':<20}{'conc':>5}  {'req/s':>22}  {'p50 ms':>26}  {'CPU ms/req':>22}"
+    header = f"{'scenario':<22}{'conc':>5}  {'req/s':>22}  {'p50 ms':>26}  {'CPU ms/req':>22}"
     print(header)
     print("-" * len(header))
     for name, sc in new.get("scenarios", {}).items():
         osc = old.get("scenarios", {}).get(name)
         if sc.get("status") != "ok" or not osc or osc.get("status") != "ok":
-            print(f"{name:<20}  not comparable (old: {osc and osc.get('status')}, new: {sc.get('status')})")
+            print(f"{name:<22}  not comparable (old: {osc and osc.get('status')}, new: {sc.get('status')})")
             continue
         for c, r in sc["runs"].items():
             o = osc["runs"].get(c)
             if o is None:
                 continue
-            print(f"{name:<20}{c:>5}  {_delta(o['rps'], r['rps'], '.0f', pct=True):>22}"
+            print(f"{name:<22}{c:>5}  {_delta(o['rps'], r['rps'], '.0f', pct=True):>22}"
                   f"  {_delta(o['latency_ms']['p50'], r['latency_ms']['p50'], '.3f'):>26}"
                   f"  {_delta(o.get('proxy_cpu_ms_per_req'), r.get('proxy_cpu_ms_per_req'), '.3f'):>22}")
     old_ratios = {r["label"]: r for r in old.get("ratios", [])}
     for r in new.get("ratios", []):
         o = old_ratios.get(r["label"])
         if o is not None and o["value"] is not None and r["value"] is not None:
-            print(f"{r['label']:<46}{o['value']:>8.3f} -> {r['value']:.3f}  ({o['verdict']} -> {r['verdict']})")
+            print(f"{r['label']:<58}{o['value']:>8.3f} -> {r['value']:.3f}  ({o['verdict']} -> {r['verdict']})")
     if old.get("memory") and new.get("memory"):
         print(f"memory growth MB: {old['memory']['growth_mb']} -> {new['memory']['growth_mb']}")
 

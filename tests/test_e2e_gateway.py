@@ -177,8 +177,8 @@ async def test_paid_call_is_debited_recorded_and_headed(gateway: Gateway, backen
     assert fault_server.calls["ok"] == before + 1
     r = await post(gateway, f"/{s}", call("headers"), c)
     assert r.headers["X-Mcpmeter-Billed"] == "2500"
-    assert backend.balance(c.user_id) == 6_500
-    usage = backend.usage(c)
+    assert backend.balance(c.user_id) == 6_500  # the debit commits before the call is forwarded
+    usage = await eventually(lambda: len(backend.usage(c)) == 2 and backend.usage(c))
     assert [(u["tool_name"], u["status"], u["billed"]) for u in usage] == [("ok", 200, 1000), ("headers", 200, 2500)]
     assert usage[0]["payout"] == 800 and usage[0]["fee"] == 200
     assert usage[0]["request_id"]
@@ -504,7 +504,7 @@ async def test_50_concurrent_paid_calls_against_a_balance_for_20(gateway: Gatewa
     statuses = sorted(r.status_code for r in responses)
     assert statuses.count(200) == 20 and statuses.count(402) == 30
     assert backend.balance(c.user_id) == 0
-    assert len([u for u in backend.usage(c) if u["billed"] == 1000]) == 20
+    await eventually(lambda: len([u for u in backend.usage(c) if u["billed"] == 1000]) == 20)
     assert len(backend.ledger(c.user_id)) == 21
 
 
@@ -518,8 +518,9 @@ async def test_oauth_tokens_bill_the_users_oldest_project(gateway: Gateway, back
     r = await post(gateway, f"/{s}", call("ok"), headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 200 and r.headers["X-Mcpmeter-Billed"] == "1000"
     assert_meter_headers(r, balance=9_000)
-    rows = backend.query("SELECT project_id, api_key_id, billed_micro_cents FROM usage_events WHERE request_id = %s",
-                         (r.headers["X-Mcpmeter-Request-Id"],))
+    rows = await eventually(lambda: backend.query(
+        "SELECT project_id, api_key_id, billed_micro_cents FROM usage_events WHERE request_id = %s",
+        (r.headers["X-Mcpmeter-Request-Id"],)))  # recorded just after the answer was sent
     assert [tuple(int(x) if x is not None else None for x in row) for row in rows] == [(c.project_id, None, 1000)]
     for bad in (backend.add_oauth_token(c.user_id, expires_in=-60),
                 backend.add_oauth_token(c.user_id, revoked=True)):

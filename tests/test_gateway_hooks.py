@@ -198,6 +198,7 @@ async def upstream_answers(gw: Gw, flow: http.HTTPFlow, response: http.Response)
     flow.response = response
     await gw.addon.responseheaders(flow)
     await gw.addon.response(flow)
+    await gw.addon.drain()  # billed answers are recorded just after they are sent
 
 
 async def upstream_fails(gw: Gw, flow: http.HTTPFlow, msg: str) -> None:

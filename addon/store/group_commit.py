@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 L = TypeVar("L")  # the Ledger; generic here to keep this module free of SQL
 
-MAX_BATCH = 64
+MAX_BATCH = 64  # the default cap on jobs per transaction
 
 
 @dataclass(eq=False)
@@ -37,11 +37,13 @@ class GroupCommit(Generic[L]):
         savepoint: Callable[[L, str], None],
         db_errors: tuple[type[BaseException], ...],
         parallel: int,
+        max_batch: int = MAX_BATCH,
     ) -> None:
         """`run(fn, commit)` runs one transaction off the event loop; `savepoint(ledger, sql)` runs
         SAVEPOINT / RELEASE / ROLLBACK TO statements; `parallel` is how many transactions may run at once."""
         self._run, self._savepoint, self._db_errors = run, savepoint, db_errors
         self._slots = asyncio.Semaphore(max(parallel, 1))
+        self._max_batch = max(max_batch, 1)
         self._queue: deque[_Job[L]] = deque()
         self._flusher: asyncio.Future[None] | None = None
         self._batches: set[asyncio.Future[None]] = set()
@@ -56,7 +58,7 @@ class GroupCommit(Generic[L]):
     async def _flush(self) -> None:
         while self._queue:
             await self._slots.acquire()
-            jobs = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+            jobs = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
             if not jobs:
                 self._slots.release()
                 break

@@ -361,6 +361,7 @@ class SqlStore:
 
     db_errors: tuple[type[BaseException], ...] = ()
     parallel = 1
+    max_batch = 64
     _group: GroupCommit[Ledger] | None = None
 
     async def _run(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
@@ -368,7 +369,8 @@ class SqlStore:
 
     async def _submit(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
         if self._group is None:
-            self._group = GroupCommit(self._run, lambda ledger, sql: ledger._q(sql), self.db_errors, self.parallel)
+            self._group = GroupCommit(self._run, lambda ledger, sql: ledger._q(sql), self.db_errors, self.parallel,
+                                      self.max_batch)
         return await self._group.submit(fn, commit)
 
     async def find_consumer(self, credential: Credential) -> Consumer | None:
