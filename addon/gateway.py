@@ -509,7 +509,7 @@ class Mcpmeter:
     def _settle_in_background(self, flow: http.HTTPFlow, call: Call) -> None:
         async def settle() -> None:
             try:
-                await self._settle_now(flow, call)
+                await self._settle_now(flow, call, background=True)
             except Exception:
                 log.exception("mcpmeter: settling %s failed; the sweeper will", call.request_id)
 
@@ -523,7 +523,7 @@ class Mcpmeter:
             call.settlement = asyncio.ensure_future(self._settle_now(flow, call))
         await call.settlement
 
-    async def _settle_now(self, flow: http.HTTPFlow, call: Call) -> None:
+    async def _settle_now(self, flow: http.HTTPFlow, call: Call, background: bool = False) -> None:
         meta = flow.metadata.setdefault(META, {"request_id": call.request_id})
         if call.charge is None or call.charged is None:
             if call.balance_task is not None:
@@ -538,10 +538,12 @@ class Mcpmeter:
             called_at=call.called_at, key_id=call.consumer.key_id, token_id=call.consumer.token_id,
             client=classify(flow.request.headers.get("user-agent")),
             user_agent=flow.request.headers.get("user-agent"), fee_bps=self.config.platform_fee_bps,
+            taken=call.charged, need_balance=not background,
         )
         for attempt in range(SETTLE_ATTEMPTS):
             try:
-                call.balance = await self.store.settle(settlement)
+                balance = await self.store.settle(settlement)
+                call.balance = call.balance if balance is None else balance
                 break
             except StoreUnavailable as e:
                 if attempt == SETTLE_ATTEMPTS - 1:

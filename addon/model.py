@@ -93,6 +93,8 @@ class Settlement:
     client: str | None
     user_agent: str | None
     fee_bps: int  # the platform's share of what is billed, in basis points
+    taken: ChargeResult | None = None  # what the charge reported taking; saves reading it back
+    need_balance: bool = True  # False when nobody will show the balance (headers already sent)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ reference's app would, drives the store only through its async interface, and en
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 import sqlite3
 import time
@@ -623,4 +624,33 @@ async def test_sweep_refunds_calls_their_gateway_never_settled(db: Backend) -> N
     assert rows[0] == (settled.request_id, 200, 1000)
     assert sorted(rows[1:]) == sorted([(free.request_id, 0, 0), (orphan.request_id, 0, 0)])  # swept in any order
     assert (await db.store.charge(call(who, 10, 1000, free=1))).verdict is Verdict.FREE  # the slot came back
+    reconcile(db)
+
+
+async def test_settle_trusts_the_journal_over_what_the_caller_says_was_taken(db: Backend) -> None:
+    who = add_consumer(db, 1, credit=5000)
+    add_listing(db, 10, "w", price=1000)
+    req = call(who, 10, 1000)
+    taken = await db.store.charge(req)
+    assert taken.verdict is Verdict.DEBITED
+    # A caller that believes the call was free (a bug) must not refund less or more than was debited.
+    wrong = ChargeResult(Verdict.FREE, 0, taken.balance)
+    settlement = dataclasses.replace(outcome(req, who, refund=True, status=502), taken=wrong)
+    assert await db.store.settle(settlement) == 5000
+    assert await db.store.settle(settlement) == 5000  # and only once
+    quiet = dataclasses.replace(outcome(req, who), taken=taken, need_balance=False)
+    assert await db.store.settle(quiet) is None  # settled already: nothing happens, nothing read
+    assert db.rows("SELECT type, amount_micro_cents FROM credit_transactions WHERE user_id = 1 ORDER BY id") == [
+        ("usage", -1000), ("refund", 1000)]
+    reconcile(db)
+
+
+async def test_settle_with_what_was_taken_records_without_reading_back(db: Backend) -> None:
+    who = add_consumer(db, 1, credit=5000)
+    add_listing(db, 10, "w", price=1000)
+    req = call(who, 10, 1000)
+    taken = await db.store.charge(req)
+    assert await db.store.settle(dataclasses.replace(outcome(req, who), taken=taken, need_balance=False)) is None
+    assert db.rows("SELECT status, billed_micro_cents FROM usage_events") == [(200, 1000)]
+    assert await db.store.balance(1) == 4000
     reconcile(db)

@@ -27,8 +27,9 @@ class Store(Protocol):
     async def charge(self, request: ChargeRequest) -> ChargeResult:
         """Claim a free-tier slot or debit the price (with its ledger row) in one transaction."""
 
-    async def settle(self, settlement: Settlement) -> int:
-        """Record the call and refund it if told to, exactly once per request id; returns the balance."""
+    async def settle(self, settlement: Settlement) -> int | None:
+        """Record the call and refund it if told to, exactly once per request id; returns the balance
+        (None when the settlement says nobody needs it)."""
 
     async def topup(self, user_id: int, amount: int, description: str) -> int:
         """Add credit with its ledger row; returns the new balance (debugging and tests)."""

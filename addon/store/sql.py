@@ -222,19 +222,25 @@ class Ledger:
         self._journal(req, Verdict.DEBITED, price, now)
         return ChargeResult(Verdict.DEBITED, price, balance)
 
-    def settle(self, s: Settlement) -> int:
-        """Inside a transaction: record the call, refund if due. Idempotent by request id."""
+    def settle(self, s: Settlement) -> int | None:
+        """Inside a transaction: record the call, refund if due. Idempotent by request id.
+
+        Returns the balance after, or None when `need_balance` is off.
+        """
         req, now = s.charge, utc()
-        flipped = self._q(
-            "UPDATE mcpmeter_calls SET settled_at = %s, refunded = %s, status = %s"
-            " WHERE request_id = %s AND settled_at IS NULL",
-            (now, int(s.refund), s.status, req.request_id),
-        ).rowcount
-        if flipped != 1:
-            return self.balance(req.user_id)
-        row = self._one("SELECT verdict, amount_micro_cents FROM mcpmeter_calls WHERE request_id = %s",
-                        (req.request_id,))
-        verdict, amount = Verdict(row[0]), int(row[1])  # what was really taken, not what the caller thinks
+        flip = ("UPDATE mcpmeter_calls SET settled_at = %s, refunded = %s, status = %s"
+                " WHERE request_id = %s AND settled_at IS NULL")
+        args = (now, int(s.refund), s.status, req.request_id)
+        if s.taken is not None and self._q(flip + " AND verdict = %s AND amount_micro_cents = %s",
+                                           args + (s.taken.verdict.value, s.taken.amount)).rowcount == 1:
+            # The journal agrees with what the charge reported: nothing to read back.
+            verdict, amount = s.taken.verdict, s.taken.amount
+        elif self._q(flip, args).rowcount == 1:
+            row = self._one("SELECT verdict, amount_micro_cents FROM mcpmeter_calls WHERE request_id = %s",
+                            (req.request_id,))
+            verdict, amount = Verdict(row[0]), int(row[1])  # what was really taken, not what the caller thinks
+        else:
+            return self.balance(req.user_id) if s.need_balance else None  # settled before, or unknown
         billed = 0 if s.refund else amount
         if s.refund and verdict is Verdict.DEBITED and amount > 0:
             self._q("UPDATE users SET credit_micro_cents = credit_micro_cents + %s WHERE id = %s",
@@ -264,7 +270,7 @@ class Ledger:
             self._q("UPDATE api_keys SET last_used_at = %s WHERE id = %s", (now, s.key_id))
         elif s.token_id is not None and self.last_used.due("oauth_access_tokens", s.token_id):
             self._q("UPDATE oauth_access_tokens SET last_used_at = %s WHERE id = %s", (now, s.token_id))
-        return self.balance(req.user_id)
+        return self.balance(req.user_id) if s.need_balance else None
 
     def topup(self, user_id: int, amount: int, description: str) -> int:
         self._q("UPDATE users SET credit_micro_cents = credit_micro_cents + %s WHERE id = %s", (amount, user_id))
@@ -386,7 +392,7 @@ class SqlStore:
         # A refusal rolls back whatever the attempt touched (the debit before a cap check, say).
         return await self._submit(lambda ledger: ledger.charge(request), commit=lambda r: r.accepted)
 
-    async def settle(self, settlement: Settlement) -> int:
+    async def settle(self, settlement: Settlement) -> int | None:
         return await self._submit(lambda ledger: ledger.settle(settlement))
 
     async def topup(self, user_id: int, amount: int, description: str) -> int:
