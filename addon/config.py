@@ -225,12 +225,16 @@ def _seed(raw: Any) -> dict[str, Any]:
     return {"listings": listings, "consumers": consumers}
 
 
-def _listing(x: Any, i: int) -> dict[str, Any]:
-    where = f"seed.listings[{i}]"
+def _entry(x: Any, where: str, allowed: set[str]) -> None:
     if not isinstance(x, dict):
         raise ConfigError(f"{where} must be a mapping")
-    if unknown := sorted(set(x) - _LISTING_KEYS):
+    if unknown := sorted(set(x) - allowed):
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+
+
+def _listing(x: Any, i: int) -> dict[str, Any]:
+    where = f"seed.listings[{i}]"
+    _entry(x, where, _LISTING_KEYS)
     slug = x.get("slug")
     if not isinstance(slug, str) or not SLUG_RE.match(slug):
         raise ConfigError(f"{where}.slug {slug!r} must match {SLUG_RE.pattern}")
@@ -268,10 +272,7 @@ def _listing(x: Any, i: int) -> dict[str, Any]:
 
 def _consumer(x: Any, i: int) -> dict[str, Any]:
     where = f"seed.consumers[{i}]"
-    if not isinstance(x, dict):
-        raise ConfigError(f"{where} must be a mapping")
-    if unknown := sorted(set(x) - _CONSUMER_KEYS):
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    _entry(x, where, _CONSUMER_KEYS)
     key = x.get("key")
     cred = parse_authorization(f"Bearer {key}") if isinstance(key, str) else None
     if cred is None or cred.token != key or cred.kind == "oauth":

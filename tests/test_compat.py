@@ -6,7 +6,6 @@ If a mitmproxy upgrade moves any of them, these tests fail (and `install()` refu
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 from mitmproxy import http, version
@@ -19,6 +18,7 @@ from mitmproxy.proxy.layers.http import ErrorCode, ResponseProtocolError, _base,
 from mitmproxy.test import taddons, tflow
 
 from addon import compat
+from tests.mitm_fakes import FakeHandler, FakeProxyserver
 
 
 @pytest.fixture(autouse=True)
@@ -162,22 +162,6 @@ def test_malformed_request_gets_a_json_400() -> None:
 
 
 # --- abort_upstream and client_gone --------------------------------------------------------------
-
-
-class FakeHandler:
-    def __init__(self, *transports: Any) -> None:
-        self.transports = {t: None for t in transports}
-        self.closed: list[Any] = []
-
-    def close_connection(self, conn: Any) -> None:
-        self.closed.append(conn)
-
-
-class FakeProxyserver:
-    name = "proxyserver"
-
-    def __init__(self) -> None:
-        self.connections: dict[str, FakeHandler] = {}
 
 
 def server_conn(address: tuple[str, int]) -> Server:

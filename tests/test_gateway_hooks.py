@@ -28,6 +28,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from addon import compat, config as config_module, forwarding
 from addon.gateway import META, Mcpmeter
 from addon.store import StoreUnavailable
+from tests.mitm_fakes import FakeHandler, FakeProxyserver
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -564,30 +565,12 @@ async def test_upstream_failure_is_refunded_and_answered_with_json_502(gw: Gw, m
     assert flow.client_conn.id not in compat._pending
 
 
-class FakeHandler:
-    def __init__(self, transports: list[Any]) -> None:
-        self.transports = {t: None for t in transports}
-        self.closed: list[Any] = []
-
-    def close_connection(self, conn: Any) -> None:
-        self.closed.append(conn)
-
-
-class FakeProxyserver:
-    """Stands in for mitmproxy's proxyserver addon: client connection id -> connection handler."""
-
-    name = "proxyserver"
-
-    def __init__(self) -> None:
-        self.connections: dict[str, FakeHandler] = {}
-
-
 async def test_upstream_timeout_aborts_the_upstream_refunds_and_answers_504(gw: Gw) -> None:
     proxyserver = FakeProxyserver()
     gw.tctx.master.addons.add(proxyserver)
     gw.addon.config = dataclasses.replace(gw.addon.config, upstream_timeout_ms=20)
     flow = make_flow("/freebies", token=BOB, body=tool_call())  # no listing timeout: the config's
-    handler = proxyserver.connections[flow.client_conn.id] = FakeHandler([flow.server_conn])
+    handler = proxyserver.connections[flow.client_conn.id] = FakeHandler(flow.server_conn)
     # Use up Bob's free call so this one is a paid one.
     first = make_flow("/freebies", token=BOB)
     await gw.addon.request(first)
