@@ -395,7 +395,7 @@ class Mcpmeter:
         def watch(chunk: bytes) -> bytes:
             try:
                 if call.rewriter is not None:
-                    had_route = call.rewriter.route is not None
+                    ended, had_route = not chunk, call.rewriter.route is not None
                     chunk = call.rewriter.feed(chunk)
                     if not had_route and call.rewriter.route is not None and call.consumer is not None:
                         # The session's POST route belongs to the key that opened the stream.
@@ -403,7 +403,7 @@ class Mcpmeter:
                             _legacy_session(call.listing, call.rewriter.route), call.consumer.principal))
                     if call.rewriter.route is not None and call.parser is not None and call.listing is not None:
                         self._answer_awaiting(call.listing.id, call.rewriter.route, call.parser.feed(chunk))
-                    if not chunk:
+                    if ended:  # the final b"": a held-back chunk (b"" returned) is not the end
                         self._end_session_stream(call)
                 elif call.priced is not None and call.outcome is None and call.parser is not None:
                     for event in call.parser.feed(chunk):

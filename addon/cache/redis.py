@@ -220,7 +220,7 @@ class RedisCache:
         # Also kept in memory, so that while Redis is down this process still knows its own sessions.
         await self._fallback.bind_session(session_id, principal)
         await self._run(lambda: self._redis.set(f"{self._prefix}session:{session_id}", principal, ex=SESSION_TTL),
-                        _nothing)
+                        _none)
 
     async def session_owner(self, session_id: str) -> str | None:
         owner = await self._run(lambda: self._redis.get(f"{self._prefix}session:{session_id}"), _none)
@@ -354,9 +354,6 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-async def _nothing() -> None:
-    return None
-
-
-async def _none() -> str | None:
+async def _none() -> None:
+    """The in-memory side of an operation that has nothing to fall back to."""
     return None

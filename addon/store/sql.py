@@ -146,12 +146,11 @@ class Ledger:
         return Consumer(user_id=int(user_id), project_id=int(project_id), status=str(status),
                         key_id=int(key_id), env=str(env))
 
-    def find_listing(self, slug: str, has_bill_tool_errors: bool = True) -> Listing | None:
+    def find_listing(self, slug: str) -> Listing | None:
         row = self._one(
             "SELECT id, slug, status, upstream_url, transport, upstream_headers, free_calls_per_consumer,"
-            " rate_limit_per_minute, rate_limit_per_day, upstream_timeout_seconds"
-            + (", bill_tool_errors" if has_bill_tool_errors else ", 0")
-            + " FROM mcps WHERE slug = %s",
+            " rate_limit_per_minute, rate_limit_per_day, upstream_timeout_seconds, bill_tool_errors"
+            " FROM mcps WHERE slug = %s",
             (slug,),
         )
         if row is None:
