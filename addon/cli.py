@@ -132,15 +132,21 @@ def user(text: str) -> str:
 
 
 def parser() -> Command:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
-                        help="the gateway's YAML configuration (environment variables override it, as in the gateway)")
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of a table")
+    def options(parser: Any, top_level: bool) -> Any:
+        # Accepted before or after the subcommand. Only the top level has defaults: a subcommand
+        # that has none keeps what the top level read.
+        unset = argparse.SUPPRESS
+        parser.add_argument("--config", metavar="FILE", default=None if top_level else unset,
+                            help="the gateway's YAML configuration (environment variables override it, "
+                                 "as in the gateway)")
+        parser.add_argument("--json", action="store_true", default=False if top_level else unset,
+                            help="print JSON instead of a table")
+        return parser
 
-    top = Command(prog="mcpmeter", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
-                  description="Manage mcpmeter's listings, keys and credit; report usage and payouts; "
-                              "reconcile the ledger.\n\n" + TTL_NOTE)
-    top.set_defaults(config=None, json=False)
+    common = options(argparse.ArgumentParser(add_help=False), top_level=False)
+    top: Command = options(Command(prog="mcpmeter", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   description="Manage mcpmeter's listings, keys and credit; report usage and "
+                                               "payouts; reconcile the ledger.\n\n" + TTL_NOTE), top_level=True)
     groups = top.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Command)
 
     def sub(group: Any, name: str, help: str, **kw: Any) -> Command:
@@ -308,7 +314,7 @@ def _dispatch(a: admin.Admin, args: argparse.Namespace) -> int:
                            f"{len(c.discrepancies)} discrepancies"} for c in checks], ["invariant", "rule", "result"]))
         for c in bad:
             for d in c.discrepancies:
-                print(f"mcpmeter: {c.invariant}: {d}", file=sys.stderr)
+                print(f"mcpmeter: discrepancy: {c.invariant}: {d}", file=sys.stderr)
         return REFUSED if bad else OK
     raise AssertionError(command)  # every parser branch is handled above
 
