@@ -31,6 +31,7 @@ DEFAULT_PUBLISHER = "publisher@localhost"  # owner of listings added without --p
 KEY_ALPHABET = string.ascii_letters + string.digits
 KEY_SECRET_LENGTH = 32
 KEY_PREFIX_LENGTH = 14  # what api_keys.key_prefix holds, as the web app writes it ('mcpm_live_' + 4)
+MAX_USAGE_ROWS = 2_000_000  # a usage report reads at most this many calls (percentiles are computed here)
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\Z")
 
 
@@ -249,7 +250,11 @@ class Admin:
             if since is not None:
                 sql += " AND e.called_at >= %s"
                 args.append(f"{since} 00:00:00")
-            return ledger._q(sql + " ORDER BY e.id", args).fetchall()
+            rows = ledger._q(sql + " ORDER BY e.id LIMIT %s", [*args, MAX_USAGE_ROWS + 1]).fetchall()
+            if len(rows) > MAX_USAGE_ROWS:
+                raise AdminError(f"more than {MAX_USAGE_ROWS} calls match: narrow the report with --since, "
+                                 "--listing or --consumer")
+            return rows
 
         groups: dict[str, dict[str, Any]] = {}
         for slug, tool, email, user_id, called_at, duration, billed, verdict, refunded in self._tx(run):

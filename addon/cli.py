@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -79,13 +80,17 @@ def url(text: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in text) \
             or len(text) > 255:
         raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise argparse.ArgumentTypeError("the URL holds credentials, which would be shown in listings: "
+                                         "send them with --header NAME=VALUE instead")
     return text
 
 
 def email(text: str) -> str:
+    """Lower-cased: MySQL compares emails without case and SQLite with it; both then find the same user."""
     if not admin.EMAIL_RE.match(text) or len(text) > 255:
         raise argparse.ArgumentTypeError(f"{text!r} is not an email address")
-    return text
+    return text.lower()
 
 
 def tool_price(text: str) -> tuple[str, int]:
@@ -99,8 +104,8 @@ def header(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not HEADER_NAME_RE.match(name):
         raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE with a valid header name")
-    if any(c in value for c in "\r\n\0"):
-        raise argparse.ArgumentTypeError(f"the value of header {name!r} contains a line break or NUL")
+    if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F for c in value):
+        raise argparse.ArgumentTypeError(f"the value of header {name!r} contains a control character")
     return name, value
 
 
@@ -227,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load(args.config)
     except ConfigError as e:
         return _fail(f"configuration: {e}", UNAVAILABLE)
+    if config.store == "sqlite" and not os.path.exists(config.sqlite_path):
+        print(f"mcpmeter: note: no embedded store at {config.sqlite_path!r} yet: making a new, empty one "
+              "(set MCPMETER_SQLITE_PATH or --config to use the gateway's)", file=sys.stderr)
     try:
         store = admin.open_admin(config)
     except ConfigError as e:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ import httpx2
 import pytest
 import yaml
 
+from addon import admin
 from addon.auth import parse_authorization, token_hash
 from addon.billing import period
 from addon.cli import main
@@ -133,7 +135,10 @@ def count_rules(backend: Backend, s: str) -> int:
     ["listing", "add", "ok-slug", "--upstream", "http://h/mcp", "--free", "x"],
     ["listing", "add", "ok-slug", "--upstream", "http://h/mcp", "--timeout-ms", "1500"],
     ["listing", "add", "ok-slug", "--upstream", "http://h/mcp", "--timeout-ms", "600000"],
+    ["listing", "add", "ok-slug", "--upstream", "http://user:pw@h/mcp"],
+    ["listing", "add", "ok-slug", "--upstream", "http://[::1/mcp"],
     ["listing", "add", "ok-slug", "--upstream", "http://h/mcp", "--header", "Bad Name=1"],
+    ["listing", "add", "ok-slug", "--upstream", "http://h/mcp", "--header", "X-A=1\x01"],
     ["listing", "add", "ok-slug", "--upstream", "http://h/mcp", "--transport", "ws"],
     ["listing", "frobnicate"],
     ["key", "create", "--email", "not-an-email"],
@@ -171,6 +176,19 @@ def test_a_bad_configuration_is_a_message(run: Run, tmp_path: Path) -> None:
     assert "missing.yaml" in err
 
 
+def test_an_unreachable_database_is_a_message(run: Run, backend: Backend, monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    if backend.kind == "sqlite":
+        monkeypatch.setenv("MCPMETER_SQLITE_PATH", str(tmp_path / "no-such-dir" / "x.db"))
+    else:
+        with socket.socket() as s:  # a port nothing listens on
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        monkeypatch.setenv("DB_PORT", str(port))
+    _, err = run("credit", "add", "someone@example.test", "100", code=3)
+    assert "x.db" in err or "unavailable" in err
+
+
 # --- keys and credit ------------------------------------------------------------------------
 
 
@@ -194,7 +212,12 @@ def test_key_create_makes_user_project_key_and_opening_credit(run: Run, backend:
     assert (second["user_id"], second["project_id"]) == (user_id, project_id)
     assert second["balance_micro_cents"] == 5000
 
-    listed = js(run, "key", "list", "--email", email)
+    # Emails are matched without case on both backends (MySQL's collation ignores it; SQLite's does not).
+    third = js(run, "key", "create", "--email", email.upper())
+    assert (third["user_id"], third["email"]) == (user_id, email)
+    run("key", "revoke", third["key"])
+
+    listed = js(run, "key", "list", "--email", email)[:2]
     assert [k["prefix"] for k in listed] == [key[:14], second["key"][:14]]
     assert all(k["revoked_at"] is None and k["email"] == email for k in listed)
     out, _ = run("key", "list")
@@ -275,7 +298,7 @@ async def record_calls(backend: Backend, s: str, user: dict[str, Any],
         store.close()
 
 
-async def test_usage_payouts_and_reconcile(run: Run, backend: Backend) -> None:
+async def test_usage_payouts_and_reconcile(run: Run, backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     s = slug("rep")
     publisher = f"pub-{s}@example.test"
     run("listing", "add", s, "--upstream", "http://127.0.0.1:9/mcp", "--price", "1000", "--publisher", publisher)
@@ -310,6 +333,10 @@ async def test_usage_payouts_and_reconcile(run: Run, backend: Backend) -> None:
     assert js(run, "payouts", "--month", "2001-12")["lines"] == []
 
     assert js(run, "reconcile")["ok"] is True
+
+    monkeypatch.setattr(admin, "MAX_USAGE_ROWS", 3)  # a report reads a bounded number of calls
+    _, err = run("usage", "--listing", s, code=1)
+    assert "more than 3 calls" in err
 
 
 def test_reconcile_names_each_discrepancy(run: Run, backend: Backend) -> None:
