@@ -11,12 +11,13 @@ cache TTLs: listings MCP_CACHE_TTL_SECONDS, keys KEY_CACHE_TTL_SECONDS; balances
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import secrets
 import string
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -375,6 +376,9 @@ class Check:
     def ok(self) -> bool:
         return not self.discrepancies
 
+    def as_dict(self) -> dict[str, Any]:
+        return {"invariant": self.invariant, "rule": self.rule, "ok": self.ok, "discrepancies": self.discrepancies}
+
 
 def sweep_interval(config: Config) -> float:
     """How long the gateway's sweeper sleeps between sweeps (gateway.py, _sweep_forever)."""
@@ -455,8 +459,6 @@ def _listing_row(ledger: Ledger, mcp_id: int) -> dict[str, Any]:
 
 
 def _headers_json(headers: Mapping[str, str]) -> str | None:
-    import json
-
     return json.dumps(dict(headers)) if headers else None
 
 
@@ -467,7 +469,3 @@ def _stamp(value: Any) -> str | None:
     if isinstance(value, str):
         return value[:19]
     return value.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def rows_of(items: Iterable[Check]) -> list[dict[str, Any]]:
-    return [{"invariant": c.invariant, "rule": c.rule, "ok": c.ok, "discrepancies": c.discrepancies} for c in items]

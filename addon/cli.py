@@ -316,7 +316,7 @@ def _dispatch(a: admin.Admin, args: argparse.Namespace) -> int:
         checks = a.reconcile()
         bad = [c for c in checks if not c.ok]
         if args.json:
-            _print_json({"ok": not bad, "checks": admin.rows_of(checks)})
+            _print_json({"ok": not bad, "checks": [c.as_dict() for c in checks]})
         else:
             print(_table([{"invariant": c.invariant, "rule": c.rule, "result": "ok" if c.ok else
                            f"{len(c.discrepancies)} discrepancies"} for c in checks], ["invariant", "rule", "result"]))
