@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import admin
-from .config import SLUG_RE, TRANSPORTS, ConfigError, load
+from .config import LISTING_STATUSES, SLUG_RE, TRANSPORTS, ConfigError, load
 from .store.base import StoreUnavailable
 
 OK, REFUSED, USAGE, UNAVAILABLE = 0, 1, 2, 3
@@ -176,12 +176,12 @@ def parser() -> Command:
         p.add_argument("--rpm", type=_int(0, 2**32 - 1), metavar="N", help="calls per minute per consumer (0: default)")
         p.add_argument("--rpd", type=_int(0, 2**32 - 1), metavar="N", help="calls per day per consumer (0: default)")
         p.add_argument("--timeout-ms", type=_int(0, 65535 * 1000), metavar="N",
-                       help="upstream timeout in whole seconds' worth of ms (0: the gateway's default)")
+                       help="upstream timeout in ms, a multiple of 1000 (0: the gateway's default)")
         p.add_argument("--header", type=header, action="append", default=[], metavar="NAME=VALUE",
                        help="a header sent to the upstream (repeatable; values are never printed)")
         p.add_argument("--publisher", type=email, metavar="EMAIL",
                        help=f"the publisher paid for the listing (made if new; default {admin.DEFAULT_PUBLISHER})")
-        p.add_argument("--status", choices=("draft", "review", "live", "paused", "archived"))
+        p.add_argument("--status", choices=LISTING_STATUSES)
         if name == "set":
             p.add_argument("--clear-tool-prices", action="store_true", help="drop every tool's own price first")
             p.add_argument("--clear-headers", action="store_true", help="drop every upstream header first")
@@ -242,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(store, args)
     except BrokenPipeError:  # `mcpmeter ... | head`: the reader has what it wanted
-        sys.stdout = None  # type: ignore[assignment]  (no flush error at exit)
+        # Python's documented remedy: stdout to devnull, so the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return OK
     except admin.AdminError as e:
         return _fail(str(e), REFUSED)
