@@ -15,6 +15,14 @@ class StoreUnavailable(Exception):
     """The database cannot be reached now: the call is refused (503), never forwarded unbilled."""
 
 
+class UnknownUser(LookupError):
+    """No user has this id: nothing was written (a top-up never leaves an orphan ledger row)."""
+
+    def __init__(self, user_id: int) -> None:
+        super().__init__(f"no user with id {user_id}")
+        self.user_id = user_id
+
+
 class Store(Protocol):
     async def find_consumer(self, credential: Credential) -> Consumer | None:
         """The consumer behind a live key or an unexpired, unrevoked OAuth token."""
@@ -32,7 +40,9 @@ class Store(Protocol):
         (None when the settlement says nobody needs it)."""
 
     async def topup(self, user_id: int, amount: int, description: str) -> int:
-        """Add credit with its ledger row; returns the new balance (debugging and tests)."""
+        """Add credit with its ledger row; returns the new balance (debugging and tests).
+
+        Raises UnknownUser, writing nothing, when no user has this id."""
 
     async def recent_calls(self, limit: int) -> list[CallRecord]: ...
 

@@ -35,6 +35,7 @@ from ..model import (
     Settlement,
     Verdict,
 )
+from .base import StoreUnavailable, UnknownUser
 from .group_commit import GroupCommit
 
 
@@ -272,7 +273,11 @@ class Ledger:
         return self.balance(req.user_id) if s.need_balance else None
 
     def topup(self, user_id: int, amount: int, description: str) -> int:
-        self._q("UPDATE users SET credit_micro_cents = credit_micro_cents + %s WHERE id = %s", (amount, user_id))
+        """Inside a transaction: credit and its `topup` row; UnknownUser (nothing written) for no such user."""
+        # rowcount counts matched rows on both drivers (the MySQL store connects with FOUND_ROWS).
+        if self._q("UPDATE users SET credit_micro_cents = credit_micro_cents + %s WHERE id = %s",
+                   (amount, user_id)).rowcount != 1:
+            raise UnknownUser(user_id)
         balance = self.balance(user_id)
         self._ledger_row(user_id, amount, "topup", balance, None, description, utc())
         return balance
@@ -371,6 +376,18 @@ class SqlStore:
 
     async def _run(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
         raise NotImplementedError
+
+    def _transaction(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
+        raise NotImplementedError
+
+    def transaction(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
+        """Run one transaction on the caller's thread: for the admin command, which runs outside mitmproxy.
+
+        Raises StoreUnavailable when the database fails."""
+        try:
+            return self._transaction(fn, commit)
+        except self.db_errors as e:
+            raise StoreUnavailable(f"{type(self).__name__}: {e}") from e
 
     async def _submit(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
         if self._group is None:

@@ -1,0 +1,471 @@
+"""The operator's operations on the store: listings, keys, credit, usage, payouts, reconciliation.
+
+Used by the `mcpmeter` command (cli.py). Each operation is one transaction on the SQL adapters'
+own connections (sqlite.py, mysql.py), run synchronously on the caller's thread: the command runs
+outside mitmproxy. SQL is written once with `%s` placeholders, as in store/sql.py.
+
+Rows are written the way the reference's web app writes them (tests/backends.py), so gateways,
+the web app and this command share one database. Running gateways see a change within their
+cache TTLs: listings MCP_CACHE_TTL_SECONDS, keys KEY_CACHE_TTL_SECONDS; balances are never cached.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import secrets
+import string
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from .auth import token_hash
+from .config import Config
+from .store.base import UnknownUser
+from .store.sql import Ledger, SqlStore, parse_upstream_headers, utc
+
+T = TypeVar("T")
+
+DEFAULT_PUBLISHER = "publisher@localhost"  # owner of listings added without --publisher
+KEY_ALPHABET = string.ascii_letters + string.digits
+KEY_SECRET_LENGTH = 32
+KEY_PREFIX_LENGTH = 14  # what api_keys.key_prefix holds, as the web app writes it ('mcpm_live_' + 4)
+MAX_USAGE_ROWS = 2_000_000  # a usage report reads at most this many calls (percentiles are computed here)
+EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\Z")
+
+
+class AdminError(Exception):
+    """A request the store cannot do as asked (unknown, ambiguous, already there): nothing was written."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListingChange:
+    """What `listing add` / `listing set` write; None leaves a field as it is (or its default on add)."""
+
+    upstream_url: str | None = None
+    transport: str | None = None
+    price: int | None = None
+    tool_prices: Mapping[str, int] = field(default_factory=dict)
+    clear_tool_prices: bool = False
+    free: int | None = None
+    rpm: int | None = None  # 0: the gateway's default
+    rpd: int | None = None
+    timeout_seconds: int | None = None  # 0: the gateway's default
+    headers: Mapping[str, str] = field(default_factory=dict)
+    clear_headers: bool = False
+    publisher: str | None = None
+    status: str | None = None
+
+
+def open_admin(config: Config) -> Admin:
+    """The configured store, opened for admin work (the YAML seed is not applied: it is the gateway's)."""
+    config = replace(config, seed={"listings": [], "consumers": []})
+    if config.store == "mysql":
+        from .store.mysql import MysqlStore
+
+        return Admin(MysqlStore(config), config)
+    from .store.sqlite import SqliteStore
+
+    return Admin(SqliteStore(config), config)
+
+
+class Admin:
+    def __init__(self, store: SqlStore, config: Config) -> None:
+        self.store = store
+        self.config = config
+
+    def close(self) -> None:
+        self.store.close()
+
+    def _tx(self, fn: Callable[[Ledger], T]) -> T:
+        return self.store.transaction(fn)
+
+    # --- listings ----------------------------------------------------------------------------
+
+    def add_listing(self, slug: str, change: ListingChange) -> dict[str, Any]:
+        def run(ledger: Ledger) -> dict[str, Any]:
+            if _listing_id(ledger, slug) is not None:
+                raise AdminError(f"listing {slug!r} exists already: change it with `mcpmeter listing set {slug}`")
+            now = utc()
+            publisher = _user_id(ledger, change.publisher or DEFAULT_PUBLISHER, create_as="publisher")
+            headers = dict(change.headers)
+            ledger._q(
+                "INSERT INTO mcps (publisher_id, slug, name, category, upstream_url, upstream_headers, transport,"
+                " status, free_calls_per_consumer, rate_limit_per_minute, rate_limit_per_day,"
+                " upstream_timeout_seconds, bill_tool_errors, created_at, updated_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 0, %s, %s)",
+                (publisher, slug, slug, "mcp", change.upstream_url, _headers_json(headers),
+                 change.transport or "streamable", change.status or "live", change.free or 0,
+                 change.rpm or None, change.rpd or None, change.timeout_seconds or None, now, now))
+            mcp_id = _listing_id(ledger, slug)
+            assert mcp_id is not None
+            _write_prices(ledger, mcp_id, change, now)
+            return _listing_row(ledger, mcp_id)
+
+        return self._tx(run)
+
+    def set_listing(self, slug: str, change: ListingChange) -> dict[str, Any]:
+        def run(ledger: Ledger) -> dict[str, Any]:
+            mcp_id = _require_listing(ledger, slug)
+            now = utc()
+            sets: list[tuple[str, Any]] = []
+            if change.upstream_url is not None:
+                sets.append(("upstream_url", change.upstream_url))
+            if change.transport is not None:
+                sets.append(("transport", change.transport))
+            if change.status is not None:
+                sets.append(("status", change.status))
+            if change.free is not None:
+                sets.append(("free_calls_per_consumer", change.free))
+            for column, value in (("rate_limit_per_minute", change.rpm), ("rate_limit_per_day", change.rpd),
+                                  ("upstream_timeout_seconds", change.timeout_seconds)):
+                if value is not None:
+                    sets.append((column, value or None))
+            if change.publisher is not None:
+                sets.append(("publisher_id", _user_id(ledger, change.publisher, create_as="publisher")))
+            if change.headers or change.clear_headers:
+                row = ledger._one("SELECT upstream_headers FROM mcps WHERE id = %s", (mcp_id,))
+                headers = {} if change.clear_headers else parse_upstream_headers(row[0])
+                sets.append(("upstream_headers", _headers_json({**headers, **change.headers})))
+            sets.append(("updated_at", now))
+            ledger._q(f"UPDATE mcps SET {', '.join(f'{c} = %s' for c, _ in sets)} WHERE id = %s",
+                      [v for _, v in sets] + [mcp_id])
+            _write_prices(ledger, mcp_id, change, now)
+            return _listing_row(ledger, mcp_id)
+
+        return self._tx(run)
+
+    def listings(self) -> list[dict[str, Any]]:
+        def run(ledger: Ledger) -> list[dict[str, Any]]:
+            ids = [int(r[0]) for r in ledger._q("SELECT id FROM mcps ORDER BY slug").fetchall()]
+            return [_listing_row(ledger, i) for i in ids]
+
+        return self._tx(run)
+
+    # --- keys --------------------------------------------------------------------------------
+
+    def create_key(self, email: str, env: str, credit: int) -> dict[str, Any]:
+        """A new key for the user with this email (user and project made if needed), with opening credit."""
+        key = f"mcpm_{env}_" + "".join(secrets.choice(KEY_ALPHABET) for _ in range(KEY_SECRET_LENGTH))
+
+        def run(ledger: Ledger) -> dict[str, Any]:
+            now = utc()
+            user_id = _user_id(ledger, email, create_as="consumer")
+            row = ledger._one("SELECT id FROM projects WHERE user_id = %s ORDER BY id LIMIT 1", (user_id,))
+            if row is None:
+                local = re.sub(r"[^a-z0-9]+", "-", email.split("@")[0].lower()).strip("-") or "user"
+                ledger._q("INSERT INTO projects (user_id, name, slug, created_at, updated_at)"
+                          " VALUES (%s, %s, %s, %s, %s)",
+                          (user_id, "Default project", f"{local[:40]}-{secrets.token_hex(4)}", now, now))
+                row = ledger._one("SELECT id FROM projects WHERE user_id = %s ORDER BY id LIMIT 1", (user_id,))
+            project_id = int(row[0])
+            ledger._q("INSERT INTO api_keys (user_id, project_id, name, key_prefix, key_hash, env, created_at,"
+                      " updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                      (user_id, project_id, "mcpmeter key create", key[:KEY_PREFIX_LENGTH], token_hash(key), env,
+                       now, now))
+            balance = ledger.balance(user_id)
+            if credit > 0:
+                balance = ledger.topup(user_id, credit, "opening credit (mcpmeter key create)")
+            return {"key": key, "prefix": key[:KEY_PREFIX_LENGTH], "user_id": user_id, "email": email,
+                    "project_id": project_id, "env": env, "balance_micro_cents": balance}
+
+        return self._tx(run)
+
+    def keys(self, email: str | None = None) -> list[dict[str, Any]]:
+        def run(ledger: Ledger) -> list[dict[str, Any]]:
+            sql = ("SELECT k.id, k.key_prefix, k.user_id, u.email, k.env, k.created_at, k.last_used_at, k.revoked_at"
+                   " FROM api_keys k JOIN users u ON u.id = k.user_id")
+            args: tuple[Any, ...] = ()
+            if email is not None:
+                sql, args = sql + " WHERE u.email = %s", (email,)
+            rows = ledger._q(sql + " ORDER BY k.id", args).fetchall()
+            return [{"id": int(r[0]), "prefix": r[1], "user_id": int(r[2]), "email": r[3], "env": r[4],
+                     "created_at": _stamp(r[5]), "last_used_at": _stamp(r[6]), "revoked_at": _stamp(r[7])}
+                    for r in rows]
+
+        return self._tx(run)
+
+    def revoke_key(self, prefix: str) -> dict[str, Any]:
+        """Revoke the one active key whose prefix starts with `prefix` (or whose id or whole key it is)."""
+        def run(ledger: Ledger) -> dict[str, Any]:
+            rows = ledger._q("SELECT k.id, k.key_prefix, u.email, k.key_hash FROM api_keys k"
+                             " JOIN users u ON u.id = k.user_id WHERE k.revoked_at IS NULL ORDER BY k.id").fetchall()
+            # Matched here, not by LIKE: exact and case-sensitive on both backends.
+            if prefix.isdigit():
+                rows = [r for r in rows if int(r[0]) == int(prefix)]
+            elif len(prefix) > KEY_PREFIX_LENGTH:  # a whole key: its hash names it exactly
+                rows = [r for r in rows if r[3] == token_hash(prefix)]
+            else:
+                rows = [r for r in rows if str(r[1]).startswith(prefix)]
+            if not rows:
+                raise AdminError(f"no active key matches {prefix!r} (see `mcpmeter key list`)")
+            if len(rows) > 1:
+                names = ", ".join(f"#{r[0]} {r[1]} ({r[2]})" for r in rows[:10])
+                raise AdminError(f"{len(rows)} active keys match {prefix!r}: {names}; "
+                                 "give a longer prefix or the key's id")
+            key_id, key_prefix, owner, _ = rows[0]
+            now = utc()
+            ledger._q("UPDATE api_keys SET revoked_at = %s, updated_at = %s WHERE id = %s", (now, now, key_id))
+            return {"id": int(key_id), "prefix": key_prefix, "email": owner, "revoked_at": now}
+
+        return self._tx(run)
+
+    # --- credit ------------------------------------------------------------------------------
+
+    def add_credit(self, who: str, amount: int) -> dict[str, Any]:
+        """A top-up: the balance and its `topup` ledger row in one transaction; unknown user: nothing written."""
+        def run(ledger: Ledger) -> dict[str, Any]:
+            user_id = _find_user(ledger, who)
+            try:
+                balance = ledger.topup(user_id, amount, "top-up (mcpmeter credit add)")
+            except UnknownUser:
+                raise AdminError(f"no user {who!r}: nothing written") from None
+            return {"user_id": user_id, "added_micro_cents": amount, "balance_micro_cents": balance}
+
+        return self._tx(run)
+
+    # --- reports -----------------------------------------------------------------------------
+
+    def usage(self, listing: str | None = None, consumer: str | None = None, since: str | None = None,
+              by: str = "listing") -> list[dict[str, Any]]:
+        """Calls per group: calls, free, billed, refunded, µ¢ billed, p50/p95 duration (ms).
+
+        Percentiles are nearest-rank, computed here over the selected rows, so both backends agree."""
+        def run(ledger: Ledger) -> list[tuple[Any, ...]]:
+            sql = ("SELECT m.slug, e.tool_name, u.email, p.user_id, e.called_at, e.duration_ms,"
+                   " e.billed_micro_cents, c.verdict, c.refunded FROM usage_events e"
+                   " JOIN mcps m ON m.id = e.mcp_id"
+                   " LEFT JOIN projects p ON p.id = e.project_id LEFT JOIN users u ON u.id = p.user_id"
+                   " LEFT JOIN mcpmeter_calls c ON c.request_id = e.request_id WHERE 1 = 1")
+            args: list[Any] = []
+            if listing is not None:
+                if _listing_id(ledger, listing) is None:
+                    raise AdminError(f"no listing {listing!r}")
+                sql += " AND m.slug = %s"
+                args.append(listing)
+            if consumer is not None:
+                sql += " AND p.user_id = %s"
+                args.append(_find_user(ledger, consumer))
+            if since is not None:
+                sql += " AND e.called_at >= %s"
+                args.append(f"{since} 00:00:00")
+            rows = ledger._q(sql + " ORDER BY e.id LIMIT %s", [*args, MAX_USAGE_ROWS + 1]).fetchall()
+            if len(rows) > MAX_USAGE_ROWS:
+                raise AdminError(f"more than {MAX_USAGE_ROWS} calls match: narrow the report with --since, "
+                                 "--listing or --consumer")
+            return rows
+
+        groups: dict[str, dict[str, Any]] = {}
+        for slug, tool, email, user_id, called_at, duration, billed, verdict, refunded in self._tx(run):
+            name = {"listing": slug, "tool": f"{slug} · {tool}", "day": (_stamp(called_at) or "")[:10],
+                    "consumer": email or f"user {user_id}"}[by]
+            g = groups.setdefault(name, {by: name, "calls": 0, "free": 0, "billed": 0, "refunded": 0,
+                                         "billed_micro_cents": 0, "_durations": []})
+            g["calls"] += 1
+            g["free"] += int(verdict == "free" and not refunded)
+            g["billed"] += int(int(billed) > 0)
+            g["refunded"] += int(bool(refunded))
+            g["billed_micro_cents"] += int(billed)
+            g["_durations"].append(int(duration))
+        out = []
+        for name in sorted(groups):
+            g = groups[name]
+            durations = sorted(g.pop("_durations"))
+            out.append({**g, "p50_ms": percentile(durations, 50), "p95_ms": percentile(durations, 95)})
+        return out
+
+    def payouts(self, month: str) -> dict[str, Any]:
+        """Per publisher and listing for a UTC month: gross, platform fee, payout (fee + payout == gross)."""
+        year, mon = int(month[:4]), int(month[5:7])
+        start = f"{month}-01 00:00:00"
+        end = f"{year + mon // 12:04d}-{mon % 12 + 1:02d}-01 00:00:00"
+
+        def run(ledger: Ledger) -> tuple[list[tuple[Any, ...]], Any]:
+            rows = ledger._q(
+                "SELECT m.publisher_id, pu.email, m.slug, COUNT(*), SUM(e.billed_micro_cents),"
+                " SUM(e.platform_fee_micro_cents), SUM(e.publisher_payout_micro_cents) FROM usage_events e"
+                " JOIN mcps m ON m.id = e.mcp_id LEFT JOIN users pu ON pu.id = m.publisher_id"
+                " WHERE e.called_at >= %s AND e.called_at < %s AND e.billed_micro_cents > 0"
+                " GROUP BY m.publisher_id, pu.email, m.slug ORDER BY pu.email, m.slug", (start, end)).fetchall()
+            total = ledger._one("SELECT COALESCE(SUM(billed_micro_cents), 0) FROM usage_events"
+                                " WHERE called_at >= %s AND called_at < %s", (start, end))[0]
+            return rows, total
+
+        rows, billed = self._tx(run)
+        lines = [{"publisher": email or f"user {pid}", "listing": slug, "billed_calls": int(n),
+                  "gross_micro_cents": int(gross), "fee_micro_cents": int(fee), "payout_micro_cents": int(payout)}
+                 for pid, email, slug, n, gross, fee, payout in rows]
+        totals = {k: sum(x[k] for x in lines) for k in
+                  ("billed_calls", "gross_micro_cents", "fee_micro_cents", "payout_micro_cents")}
+        return {"month": month, "fee_bps": self.config.platform_fee_bps, "lines": lines, "totals": totals,
+                "billed_micro_cents": int(billed),
+                "adds_up": totals["gross_micro_cents"] == int(billed)
+                and totals["fee_micro_cents"] + totals["payout_micro_cents"] == int(billed)}
+
+    def reconcile(self, now: float | None = None) -> list[Check]:
+        """Every money invariant the README states, checked against the database; each lists its discrepancies."""
+        stale_limit = self.config.stale_call_seconds + sweep_interval(self.config)
+        cutoff = utc((time.time() if now is None else now) - stale_limit)
+
+        def run(ledger: Ledger) -> list[Check]:
+            q = ledger._q
+            checks = [
+                Check("I1", "balance == opening (0) + the sum of the user's ledger rows", [
+                    f"user {u} ({e}): balance {int(b)} µ¢, ledger sums to {int(s)} µ¢"
+                    for u, e, b, s in q(
+                        "SELECT u.id, u.email, u.credit_micro_cents, COALESCE(SUM(t.amount_micro_cents), 0)"
+                        " FROM users u LEFT JOIN credit_transactions t ON t.user_id = u.id"
+                        " GROUP BY u.id, u.email, u.credit_micro_cents").fetchall() if int(b) != int(s)]),
+                Check("I3", "no balance below zero", [
+                    f"user {u} ({e}): balance {int(b)} µ¢" for u, e, b in
+                    q("SELECT id, email, credit_micro_cents FROM users WHERE credit_micro_cents < 0").fetchall()]),
+                Check("I4", "every debit has its usage ledger row", [
+                    f"call {r}: debited {int(a)} µ¢ but its ledger row is {'missing' if t is None else f'{int(t)} µ¢'}"
+                    for r, a, t in q(
+                        "SELECT c.request_id, c.amount_micro_cents, t.amount_micro_cents FROM mcpmeter_calls c"
+                        " LEFT JOIN credit_transactions t ON t.request_id = c.request_id AND t.type = 'usage'"
+                        " WHERE c.verdict = 'debited'"
+                        " AND (t.id IS NULL OR t.amount_micro_cents <> -c.amount_micro_cents)").fetchall()]),
+                Check("I4", "refunds exactly once: a refunded debit has one refund row, others none", [
+                    f"call {r}: {'refunded' if int(f) else 'not refunded'}, refund row "
+                    f"{'missing' if t is None else f'{int(t)} µ¢'} (debit {int(a)} µ¢)"
+                    for r, a, f, t in q(
+                        "SELECT c.request_id, c.amount_micro_cents, c.refunded, t.amount_micro_cents"
+                        " FROM mcpmeter_calls c"
+                        " LEFT JOIN credit_transactions t ON t.request_id = c.request_id AND t.type = 'refund'"
+                        " WHERE (c.refunded = 1 AND c.verdict = 'debited'"
+                        " AND (t.id IS NULL OR t.amount_micro_cents <> c.amount_micro_cents))"
+                        " OR ((c.refunded = 0 OR c.verdict <> 'debited') AND t.id IS NOT NULL)").fetchall()]),
+                Check("usage", "one usage row per settled call, billing what was kept", [
+                    f"call {r}: settled, " + ("no usage row" if e is None else
+                                             f"usage row bills {int(e)} µ¢ instead of {int(want)} µ¢")
+                    for r, e, want in q(
+                        "SELECT c.request_id, e.billed_micro_cents,"
+                        " CASE WHEN c.refunded = 1 THEN 0 ELSE c.amount_micro_cents END FROM mcpmeter_calls c"
+                        " LEFT JOIN usage_events e ON e.request_id = c.request_id WHERE c.settled_at IS NOT NULL"
+                        " AND (e.id IS NULL OR e.billed_micro_cents <>"
+                        " CASE WHEN c.refunded = 1 THEN 0 ELSE c.amount_micro_cents END)").fetchall()]),
+                Check("split", "each usage row's payout + platform fee == billed", [
+                    f"usage row {i} ({r}): billed {int(b)} µ¢ != payout {int(p)} + fee {int(f)}"
+                    for i, r, b, p, f in q(
+                        "SELECT id, request_id, billed_micro_cents, publisher_payout_micro_cents,"
+                        " platform_fee_micro_cents FROM usage_events"
+                        " WHERE billed_micro_cents <> publisher_payout_micro_cents + platform_fee_micro_cents"
+                    ).fetchall()]),
+                Check("sweeper", f"no call left unsettled longer than stale_call_seconds + one sweep "
+                                 f"({stale_limit:g} s)", [
+                    f"call {r}: {v} {int(a)} µ¢ at {_stamp(c)}, never settled (is any gateway running?)"
+                    for r, v, a, c in q(
+                        "SELECT request_id, verdict, amount_micro_cents, created_at FROM mcpmeter_calls"
+                        " WHERE settled_at IS NULL AND created_at < %s ORDER BY created_at", (cutoff,)).fetchall()]),
+            ]
+            return checks
+
+        return self._tx(run)
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    invariant: str
+    rule: str
+    discrepancies: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.discrepancies
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"invariant": self.invariant, "rule": self.rule, "ok": self.ok, "discrepancies": self.discrepancies}
+
+
+def sweep_interval(config: Config) -> float:
+    """How long the gateway's sweeper sleeps between sweeps (gateway.py, _sweep_forever)."""
+    return min(60.0, config.stale_call_seconds / 4)
+
+
+def percentile(sorted_values: list[int], pct: float) -> int | None:
+    """Nearest-rank percentile of sorted values; None for none."""
+    if not sorted_values:
+        return None
+    return sorted_values[max(1, math.ceil(pct / 100 * len(sorted_values))) - 1]
+
+
+# --- helpers (inside a transaction) ---------------------------------------------------------
+
+
+def _listing_id(ledger: Ledger, slug: str) -> int | None:
+    row = ledger._one("SELECT id FROM mcps WHERE slug = %s", (slug,))
+    return None if row is None else int(row[0])
+
+
+def _require_listing(ledger: Ledger, slug: str) -> int:
+    mcp_id = _listing_id(ledger, slug)
+    if mcp_id is None:
+        raise AdminError(f"no listing {slug!r} (add it with `mcpmeter listing add {slug} --upstream URL`)")
+    return mcp_id
+
+
+def _find_user(ledger: Ledger, who: str) -> int:
+    """A user by email, or by id when `who` is all digits; AdminError if there is none."""
+    if who.isdigit():
+        row = ledger._one("SELECT id FROM users WHERE id = %s", (int(who),))
+    else:
+        row = ledger._one("SELECT id FROM users WHERE email = %s", (who,))
+    if row is None:
+        raise AdminError(f"no user {who!r}: nothing written")
+    return int(row[0])
+
+
+def _user_id(ledger: Ledger, email: str, create_as: str) -> int:
+    row = ledger._one("SELECT id FROM users WHERE email = %s", (email,))
+    if row is not None:
+        return int(row[0])
+    now = utc()
+    ledger._q("INSERT INTO users (name, email, password, role, status, credit_micro_cents, created_at, updated_at)"
+              " VALUES (%s, %s, '', %s, 'active', 0, %s, %s)", (email.split("@")[0], email, create_as, now, now))
+    return int(ledger._one("SELECT id FROM users WHERE email = %s", (email,))[0])
+
+
+def _write_prices(ledger: Ledger, mcp_id: int, change: ListingChange, now: str) -> None:
+    if change.clear_tool_prices:
+        ledger._q("DELETE FROM pricing_rules WHERE mcp_id = %s AND tool_name IS NOT NULL", (mcp_id,))
+    rules: list[tuple[str | None, int]] = [] if change.price is None else [(None, change.price)]
+    for tool, price in [*rules, *change.tool_prices.items()]:
+        if tool is None:
+            ledger._q("DELETE FROM pricing_rules WHERE mcp_id = %s AND tool_name IS NULL", (mcp_id,))
+        else:
+            ledger._q("DELETE FROM pricing_rules WHERE mcp_id = %s AND tool_name = %s", (mcp_id, tool))
+        ledger._q("INSERT INTO pricing_rules (mcp_id, tool_name, model, price_micro_cents, created_at, updated_at)"
+                  " VALUES (%s, %s, 'per_call', %s, %s, %s)", (mcp_id, tool, price, now, now))
+
+
+def _listing_row(ledger: Ledger, mcp_id: int) -> dict[str, Any]:
+    """A listing as the command shows it: header names only, never their values (they are secrets)."""
+    slug = ledger._one("SELECT slug FROM mcps WHERE id = %s", (mcp_id,))[0]
+    listing = ledger.find_listing(str(slug))
+    assert listing is not None
+    publisher = ledger._one("SELECT u.email FROM mcps m LEFT JOIN users u ON u.id = m.publisher_id"
+                            " WHERE m.id = %s", (mcp_id,))[0]
+    return {
+        "slug": listing.slug, "status": listing.status, "transport": listing.transport,
+        "upstream_url": listing.upstream_url, "price_micro_cents": listing.default_price,
+        "tool_prices": dict(sorted(listing.tool_prices.items())), "free_calls": listing.free_calls_per_consumer,
+        "rpm": listing.rate_limit_per_minute, "rpd": listing.rate_limit_per_day,
+        "timeout_ms": None if listing.upstream_timeout_seconds is None else listing.upstream_timeout_seconds * 1000,
+        "header_names": sorted(listing.upstream_headers), "publisher": publisher,
+    }
+
+
+def _headers_json(headers: Mapping[str, str]) -> str | None:
+    return json.dumps(dict(headers)) if headers else None
+
+
+def _stamp(value: Any) -> str | None:
+    """A TIMESTAMP column as 'YYYY-MM-DD HH:MM:SS' (pymysql gives datetime, sqlite3 gives str)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value[:19]
+    return value.strftime("%Y-%m-%d %H:%M:%S")
