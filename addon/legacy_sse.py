@@ -3,8 +3,9 @@
 The client GETs an event stream whose first event, `endpoint`, names the URL to POST
 messages to; each POST is answered 202 and its result arrives later on the GET stream.
 Behind the gateway the endpoint must point back under `/<slug>/`, so the stream's first
-event is rewritten, and subpaths of a `sse` listing resolve against its URL the way a
-browser resolves a relative link (`http://h/sse` + `messages/` = `http://h/messages/`).
+event is rewritten, and subpaths of a `sse` listing go under the directory of its URL
+(`http://h/sse` + `messages/` = `http://h/messages/`), by concatenation after the checks of
+`paths` (a client's subpath is never resolved as a relative link).
 """
 
 from __future__ import annotations
