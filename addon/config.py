@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from . import origins
 from .auth import parse_authorization
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]*\Z")
@@ -51,6 +52,7 @@ class Config:
     cache: str = "memory"
     sqlite_path: str = "mcpmeter.db"
     public_url: str | None = None
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed besides public_url's (normalized)
     billable_methods: tuple[str, ...] = ("tools/call",)
     platform_fee_bps: int = 2000
     default_rpm: int = 60
@@ -83,6 +85,7 @@ _ENV_STR = {
     "MCPMETER_CACHE": "cache",
     "MCPMETER_SQLITE_PATH": "sqlite_path",
     "MCPMETER_PUBLIC_URL": "public_url",
+    "MCPMETER_ALLOWED_ORIGINS": "allowed_origins",
     "LOG_LEVEL": "log_level",
 }
 _ENV_MYSQL = {"DB_HOST": "host", "DB_PORT": "port", "DB_USER": "user", "DB_PASSWORD": "password", "DB_NAME": "database"}
@@ -137,6 +140,8 @@ def _build(raw: dict[str, Any]) -> Config:
             if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
                 raise ConfigError("billable_methods must be a list of JSON-RPC method names")
             values[key] = tuple(value)
+        elif key == "allowed_origins":
+            values[key] = _origins(value)
         elif key == "public_url":
             values[key] = str(value).rstrip("/") if value else None
         elif isinstance(default, bool) or default is None or isinstance(default, str):
@@ -166,6 +171,23 @@ def _build(raw: dict[str, Any]) -> Config:
     if cfg.log_level.lower() not in ("trace", "debug", "info", "warn", "warning", "error", "fatal"):
         raise ConfigError(f"log_level {cfg.log_level!r} is not one of trace/debug/info/warn/error/fatal")
     return cfg
+
+
+def _origins(value: Any) -> tuple[str, ...]:
+    """A list (YAML) or a comma-separated string (MCPMETER_ALLOWED_ORIGINS) of scheme://host[:port]."""
+    if isinstance(value, str):
+        value = [v for v in (part.strip() for part in value.split(",")) if v]
+    if value is None:
+        value = []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError("allowed_origins must be a list of origins like https://app.example")
+    normalized = []
+    for v in value:
+        origin = origins.normalize(v)
+        if origin is None:
+            raise ConfigError(f"allowed_origins: {v!r} is not an origin (scheme://host[:port], no path)")
+        normalized.append(origin)
+    return tuple(normalized)
 
 
 def _number(value: Any, key: str, kind: type) -> Any:

@@ -19,6 +19,7 @@ class ErrorSpec:
 
 _TABLE = [
     ErrorSpec(400, "invalid_slug", "The path must be /<slug> with a slug of lowercase letters, digits and dashes."),
+    ErrorSpec(400, "invalid_path", "The path or query may not be forwarded (dot segment, encoded slash, empty segment, control character or malformed escape)."),
     ErrorSpec(400, "invalid_json", "The request body is not valid JSON-RPC JSON."),
     ErrorSpec(400, "invalid_request", "The request is not a JSON-RPC message this gateway can meter."),
     ErrorSpec(400, "batch_not_supported", "JSON-RPC batches that contain priced calls are not accepted; send one call per request."),
@@ -27,6 +28,7 @@ _TABLE = [
     ErrorSpec(402, "insufficient_credit", "Not enough credit for this call; top up your balance."),
     ErrorSpec(402, "project_cap_exceeded", "This call would exceed the project's monthly spending cap."),
     ErrorSpec(403, "account_suspended", "The account that owns this key is suspended."),
+    ErrorSpec(403, "origin_forbidden", "Requests from this browser origin are not accepted; see allowed_origins."),
     ErrorSpec(403, "session_forbidden", "This MCP session belongs to another key."),
     ErrorSpec(404, "no_such_mcp", "No MCP server is listed under this slug."),
     ErrorSpec(404, "not_found", "Nothing is served here; call /<slug>."),

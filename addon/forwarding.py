@@ -6,6 +6,8 @@ import re
 from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
 
+from . import paths
+
 # Hop-by-hop headers (RFC 9110 §7.6.1) never cross the gateway; Transfer-Encoding is left
 # to mitmproxy, which frames the body it forwards.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
@@ -21,13 +23,10 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 def target_url(upstream_url: str, subpath: str, query: str) -> str:
-    """The listing's upstream URL, trailing '/' trimmed, plus '/<subpath>' and the query."""
-    url = upstream_url.rstrip("/")
-    if subpath:
-        url += "/" + subpath
-    if query:
-        url += "?" + query
-    return url
+    """The listing's upstream URL, trailing '/' trimmed, plus '/<subpath>' and the query.
+
+    Raises paths.InvalidPath for a subpath or query that may not be forwarded (see paths)."""
+    return paths.target_url(upstream_url, "streamable", subpath, query)
 
 
 def authority(url: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
 
-from . import billing, compat, forwarding, legacy_sse
+from . import billing, compat, forwarding, legacy_sse, origins, paths
 from .auth import Credential, challenge, parse_authorization
 from .billing import Failure
 from .cache import MISS, Cache, open_cache
@@ -67,6 +67,7 @@ class Call:
     deadline: asyncio.TimerHandle | None = None
     settlement: asyncio.Future[None] | None = None
     route: str = ""  # path and query as the client sent them
+    legacy_session: str = ""  # a legacy SSE session's identity (see _legacy_session), POSTs and stream
     rewriter: legacy_sse.EndpointRewriter | None = None  # a legacy SSE session's GET stream
     awaiting_stream: bool = False  # a legacy SSE POST whose answer comes on the session's stream
 
@@ -90,8 +91,9 @@ class Mcpmeter:
         self.calls: dict[str, Call] = {}
         self.sweeper: asyncio.Task[None] | None = None
         self.background: set[asyncio.Future[None]] = set()  # settlements of answered, billed calls
-        # Legacy SSE: (listing id, session route) -> JSON-RPC id -> a POSTed call awaiting its answer.
-        self.awaiting: dict[tuple[int, str], dict[JsonId, tuple[http.HTTPFlow, Call]]] = {}
+        # Legacy SSE: session identity (_legacy_session) -> JSON-RPC id -> the POSTed calls awaiting
+        # their answer, oldest first (an id POSTed twice is answered twice, each answer settles one).
+        self.awaiting: dict[str, dict[JsonId, list[tuple[http.HTTPFlow, Call]]]] = {}
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -278,13 +280,19 @@ class Mcpmeter:
             "/.well-known/oauth-protected-resource/"
         ):
             return self._resource_metadata(flow, call)
+        self._check_origin(flow)
         call.route = req.path
-        slug, _, subpath = path.lstrip("/").partition("/")
+        slug, subpath, query = paths.split_route(req.path)
         if not slug:
             raise GatewayError("not_found")
         if not SLUG_RE.match(slug):
             raise GatewayError("invalid_slug")
         flow.metadata[META] = {"request_id": call.request_id, "slug": slug}
+        try:  # before anything is built from them, and before authentication: nothing to look up
+            paths.check_subpath(subpath)
+            paths.check_query(query)
+        except paths.InvalidPath as e:
+            raise GatewayError("invalid_path", reason=str(e)) from None
 
         consumer = await self._consumer(credential) if credential else None
         if consumer is None:
@@ -304,7 +312,7 @@ class Mcpmeter:
             raise GatewayError("invalid_request", reason="one Mcp-Session-Id header at most")
         session = sessions[0] if sessions else None
         if listing.transport == "sse" and subpath:
-            session = _legacy_session(listing, req.path)
+            session = call.legacy_session = _legacy_session(listing.id, subpath, query)
         if session:
             owner = await self.cache.session_owner(session)
             if owner is not None and owner != consumer.principal:
@@ -366,26 +374,33 @@ class Mcpmeter:
 
     def _forward(self, flow: http.HTTPFlow, call: Call, listing: Listing, subpath: str, query: str) -> None:
         assert self.config is not None and listing.upstream_url
-        if listing.transport == "sse":
-            url = legacy_sse.target_url(listing.upstream_url, subpath, query)
-        else:
-            url = forwarding.target_url(listing.upstream_url, subpath, query)
+        try:
+            if listing.transport == "sse":
+                url = legacy_sse.target_url(listing.upstream_url, subpath, query)
+            else:
+                url = forwarding.target_url(listing.upstream_url, subpath, query)
+        except paths.InvalidPath as e:  # checked in _meter already: only a listing URL can get here
+            raise GatewayError("invalid_path", reason=str(e)) from None
         fields = [(k, v) for k, v in flow.request.headers.items(multi=True)]
         flow.request.url = url
         flow.request.headers.clear()
         for name, value in forwarding.upstream_headers(fields, listing.upstream_headers,
                                                        forwarding.authority(url)):
             flow.request.headers.add(name, value)
+        call.deadline = asyncio.get_running_loop().call_later(self._timeout(listing), self._on_deadline, flow, call)
+        self.calls[flow.id] = call
+        if listing.transport == "sse" and call.priced is not None and call.legacy_session:
+            # Registered before forwarding: the answer can reach the session's stream before the 202.
+            self.awaiting.setdefault(call.legacy_session, {}).setdefault(call.priced.rpc_id, []).append((flow, call))
+        flow.metadata[META]["decision"] = "forwarded"
+
+    def _timeout(self, listing: Listing) -> float:
+        """The listing's upstream timeout in seconds, capped."""
+        assert self.config is not None
         timeout_ms = self.config.upstream_timeout_ms
         if listing.upstream_timeout_seconds:
             timeout_ms = listing.upstream_timeout_seconds * 1000
-        timeout_ms = min(timeout_ms, self.config.max_upstream_timeout_ms)
-        call.deadline = asyncio.get_running_loop().call_later(timeout_ms / 1000, self._on_deadline, flow, call)
-        self.calls[flow.id] = call
-        if listing.transport == "sse" and call.priced is not None:
-            # Registered before forwarding: the answer can reach the session's stream before the 202.
-            self.awaiting.setdefault((listing.id, call.route), {})[call.priced.rpc_id] = (flow, call)
-        flow.metadata[META]["decision"] = "forwarded"
+        return min(timeout_ms, self.config.max_upstream_timeout_ms) / 1000
 
     # --- streams and deadlines ------------------------------------------------------------
 
@@ -397,12 +412,14 @@ class Mcpmeter:
                 if call.rewriter is not None:
                     ended, had_route = not chunk, call.rewriter.route is not None
                     chunk = call.rewriter.feed(chunk)
-                    if not had_route and call.rewriter.route is not None and call.consumer is not None:
-                        # The session's POST route belongs to the key that opened the stream.
-                        asyncio.ensure_future(self.cache.bind_session(
-                            _legacy_session(call.listing, call.rewriter.route), call.consumer.principal))
-                    if call.rewriter.route is not None and call.parser is not None and call.listing is not None:
-                        self._answer_awaiting(call.listing.id, call.rewriter.route, call.parser.feed(chunk))
+                    if not had_route and call.rewriter.route is not None and call.listing is not None:
+                        _, subpath, query = paths.split_route(call.rewriter.route)
+                        call.legacy_session = _legacy_session(call.listing.id, subpath, query)
+                        if call.consumer is not None:
+                            # The session belongs to the key that opened the stream.
+                            asyncio.ensure_future(self.cache.bind_session(call.legacy_session, call.consumer.principal))
+                    if call.rewriter.route is not None and call.parser is not None:
+                        self._answer_awaiting(call.legacy_session, call.parser.feed(chunk))
                     if ended:  # the final b"": a held-back chunk (b"" returned) is not the end
                         self._end_session_stream(call)
                 elif call.priced is not None and call.outcome is None and call.parser is not None:
@@ -425,16 +442,25 @@ class Mcpmeter:
         return watch
 
     def _await_stream(self, flow: http.HTTPFlow, call: Call) -> bool:
-        """A legacy SSE call answered 202: its result will come on the session's GET stream."""
-        if (call.priced is None or call.outcome is not None or call.listing is None
-                or call.listing.transport != "sse" or call.status is None or not 200 <= call.status < 300):
+        """A legacy SSE call answered 202: its result will come on the session's GET stream,
+        or its deadline (the listing's timeout, counted from the call's start) refunds it."""
+        if (call.priced is None or call.listing is None or call.listing.transport != "sse"
+                or call.status is None or not 200 <= call.status < 300):
             return False
+        if call.outcome is not None:
+            if call.status == 202:  # the answer overtook the 202 on the stream: it was delivered
+                call.status = 200
+            return False
+        if not any(c is call for _, c in self.awaiting.get(call.legacy_session, {}).get(call.priced.rpc_id, ())):
+            return False  # no session to answer it (a POST without one): settled as a JSON answer
         call.awaiting_stream = True
         self.calls.pop(flow.id, None)
+        remaining = max(0.0, self._timeout(call.listing) - (time.monotonic() - call.started))
+        call.deadline = asyncio.get_running_loop().call_later(remaining, self._on_deadline, flow, call)
         return True
 
-    def _answer_awaiting(self, listing_id: int, route: str, events: list[Any]) -> None:
-        waiting = self.awaiting.get((listing_id, route))
+    def _answer_awaiting(self, session: str, events: list[Any]) -> None:
+        waiting = self.awaiting.get(session)
         if not waiting:
             return
         for event in events:
@@ -445,22 +471,38 @@ class Mcpmeter:
             rpc_id = message.get("id") if isinstance(message, dict) else None
             if rpc_id is None or isinstance(rpc_id, (dict, list)) or rpc_id not in waiting:
                 continue
-            flow, call = waiting[rpc_id]
+            flow, call = waiting[rpc_id][0]
             assert call.priced is not None
             if (outcome := answer_outcome(message, call.priced.rpc_id)) is not None:
-                del waiting[rpc_id]
+                self._unregister(call)
                 call.outcome = outcome
                 # The answer may overtake the POST's own 202: then the response hook settles it.
                 if call.awaiting_stream:
+                    call.status = 200  # recorded as answered, not as the 202 that acknowledged the POST
                     self._settle_awaiting(flow, call)
+
+    def _unregister(self, call: Call) -> None:
+        """The call no longer awaits an answer on its session's stream."""
+        waiting = self.awaiting.get(call.legacy_session)
+        if waiting is None or call.priced is None:
+            return
+        calls = [entry for entry in waiting.get(call.priced.rpc_id, []) if entry[1] is not call]
+        if calls:
+            waiting[call.priced.rpc_id] = calls
+        else:
+            waiting.pop(call.priced.rpc_id, None)
+        if not waiting:
+            self.awaiting.pop(call.legacy_session, None)
 
     def _end_session_stream(self, call: Call) -> None:
         """The session's stream is over: calls still awaiting an answer never get one."""
-        if call.rewriter is None or call.rewriter.route is None or call.listing is None:
+        if call.rewriter is None or call.rewriter.route is None or not call.legacy_session:
             return
-        for flow, waiting in self.awaiting.pop((call.listing.id, call.rewriter.route), {}).values():
-            waiting.failure = Failure.UPSTREAM
-            self._settle_awaiting(flow, waiting)
+        for calls in self.awaiting.pop(call.legacy_session, {}).values():
+            for flow, waiting in calls:
+                waiting.failure = Failure.UPSTREAM
+                if waiting.awaiting_stream:
+                    self._settle_awaiting(flow, waiting)
 
     def _settle_awaiting(self, flow: http.HTTPFlow, call: Call) -> None:
         self._cancel_deadline(call)
@@ -476,8 +518,7 @@ class Mcpmeter:
     def _on_deadline(self, flow: http.HTTPFlow, call: Call) -> None:
         call.deadline = None
         if call.awaiting_stream and call.outcome is None and call.settlement is None:
-            assert call.listing is not None and call.priced is not None
-            self.awaiting.get((call.listing.id, call.route), {}).pop(call.priced.rpc_id, None)
+            self._unregister(call)
             call.failure = Failure.TIMEOUT
             self._settle_awaiting(flow, call)
             return
@@ -574,12 +615,7 @@ class Mcpmeter:
     def _finish(self, flow: http.HTTPFlow, call: Call) -> None:
         self._cancel_deadline(call)
         self.calls.pop(flow.id, None)
-        if call.priced is not None and call.listing is not None and call.listing.transport == "sse":
-            waiting = self.awaiting.get((call.listing.id, call.route))
-            if waiting is not None and waiting.get(call.priced.rpc_id, (None, None))[1] is call:
-                del waiting[call.priced.rpc_id]
-            if not waiting:
-                self.awaiting.pop((call.listing.id, call.route), None)
+        self._unregister(call)
 
     # --- answers of the gateway's own -------------------------------------------------------
 
@@ -624,10 +660,27 @@ class Mcpmeter:
             "WWW-Authenticate": challenge(metadata_url, "invalid_token" if sent else None)})
 
     def _public_url(self, flow: http.HTTPFlow) -> str:
+        """Where clients reach the gateway: `public_url`, else the request's Host if it is a plain
+        host[:port] (it is reflected in the metadata and WWW-Authenticate), else 400."""
         if self.config and self.config.public_url:
             return self.config.public_url
-        host = flow.request.headers.get("host") or f"{flow.request.host}:{flow.request.port}"
+        host = flow.request.host_header
+        if not host or not origins.valid_host(host):
+            raise GatewayError("invalid_request", reason="the Host header is not a valid host[:port]")
         return f"{flow.request.scheme}://{host}"
+
+    def _check_origin(self, flow: http.HTTPFlow) -> None:
+        """A browser page on a foreign origin may not use the gateway (DNS rebinding): 403 before
+        authentication. No Origin (not a browser, or same-origin GET) passes."""
+        assert self.config is not None
+        sent = flow.request.headers.get_all("origin")
+        if not sent:
+            return
+        allowed = set(self.config.allowed_origins)
+        if self.config.public_url and (public := origins.of_url(self.config.public_url)):
+            allowed.add(public)
+        if len(sent) > 1 or origins.normalize(sent[0]) not in allowed:
+            raise GatewayError("origin_forbidden")
 
     async def _health(self, flow: http.HTTPFlow, call: Call) -> None:
         if flow.request.method.upper() not in ("GET", "HEAD"):
@@ -714,8 +767,12 @@ def _annotate(flow: http.HTTPFlow, call: Call, decision: billing.Decision, statu
     flow.marked = {"billed": ":moneybag:", "free": ":gift:", "refunded": ":leftwards_arrow_with_hook:"}[label]
 
 
-def _legacy_session(listing: Listing | None, route: str) -> str:
-    return f"legacy:{listing.id if listing else 0}:{route}"
+def _legacy_session(listing_id: int, subpath: str, query: str) -> str:
+    """A legacy SSE session's identity: its session id, not the route's spelling (paths.session_identity)."""
+    try:
+        return f"legacy:{listing_id}:{paths.session_identity(subpath, query)}"
+    except paths.InvalidPath as e:
+        raise GatewayError("invalid_request", reason=str(e)) from None
 
 
 def _check_live(listing: Listing | None) -> None:

@@ -406,3 +406,20 @@ def test_seed_consumer_defaults_and_values(tmp_path: Path) -> None:
 def test_invalid_consumer_names_the_key(tmp_path: Path, consumer: dict[str, Any], key: str) -> None:
     message = error(tmp_path, seed(consumers=[consumer]))
     assert "seed.consumers[0]" in message and key in message
+
+
+# --- allowed_origins (issue 7) ---------------------------------------------------------------------
+
+def test_allowed_origins_from_yaml_and_environment(tmp_path: Path) -> None:
+    assert load(None, environ=NO_ENV).allowed_origins == ()
+    cfg = load_yaml(tmp_path, {"allowed_origins": ["https://App.example:443", "http://localhost:6274"]})
+    assert cfg.allowed_origins == ("https://app.example", "http://localhost:6274")
+    cfg = load_yaml(tmp_path, {"allowed_origins": ["https://a.example"]},
+                    {"MCPMETER_ALLOWED_ORIGINS": " https://b.example , http://c.example:8080,"})
+    assert cfg.allowed_origins == ("https://b.example", "http://c.example:8080")
+
+
+@pytest.mark.parametrize("value", ["https://a.example/path", ["null"], ["a.example"], [1], {"a": 1},
+                                   ["https://u@a.example"], ["ftp://a.example"]])
+def test_bad_allowed_origins_name_the_key(tmp_path: Path, value: Any) -> None:
+    assert "allowed_origins" in error(tmp_path, {"allowed_origins": value})
