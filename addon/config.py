@@ -51,6 +51,9 @@ class Config:
     cache: str = "memory"
     sqlite_path: str = "mcpmeter.db"
     public_url: str | None = None
+    top_up_url: str | None = None  # named in 402 refusals: where a consumer adds credit
+    metrics_token: str | None = None  # GET /metrics needs it as a bearer token (mcpm_live_...)
+    metrics_public: bool = False  # without a token, /metrics answers 404 unless this is true
     billable_methods: tuple[str, ...] = ("tools/call",)
     platform_fee_bps: int = 2000
     default_rpm: int = 60
@@ -83,6 +86,8 @@ _ENV_STR = {
     "MCPMETER_CACHE": "cache",
     "MCPMETER_SQLITE_PATH": "sqlite_path",
     "MCPMETER_PUBLIC_URL": "public_url",
+    "MCPMETER_TOP_UP_URL": "top_up_url",
+    "MCPMETER_METRICS_TOKEN": "metrics_token",
     "LOG_LEVEL": "log_level",
 }
 _ENV_MYSQL = {"DB_HOST": "host", "DB_PORT": "port", "DB_USER": "user", "DB_PASSWORD": "password", "DB_NAME": "database"}
@@ -139,8 +144,12 @@ def _build(raw: dict[str, Any]) -> Config:
             values[key] = tuple(value)
         elif key == "public_url":
             values[key] = str(value).rstrip("/") if value else None
-        elif isinstance(default, bool) or default is None or isinstance(default, str):
-            values[key] = str(value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key} must be true or false, not {value!r}")
+            values[key] = value
+        elif default is None or isinstance(default, str):
+            values[key] = None if value is None and default is None else str(value)
         elif isinstance(default, int):
             values[key] = _number(value, key, int)
         else:
@@ -161,6 +170,13 @@ def _build(raw: dict[str, Any]) -> Config:
     if cfg.stale_call_seconds <= cfg.max_upstream_timeout_ms / 1000:
         raise ConfigError(f"stale_call_seconds ({cfg.stale_call_seconds}) must exceed the longest upstream timeout "
                           f"(max_upstream_timeout_ms = {cfg.max_upstream_timeout_ms})")
+    if cfg.metrics_token is not None:
+        cred = parse_authorization(f"Bearer {cfg.metrics_token}")
+        if cred is None or cred.token != cfg.metrics_token or cred.kind != "live" or len(cred.token) < 32:
+            raise ConfigError("metrics_token must look like mcpm_live_<at least 22 letters and digits> "
+                              "(the gateway redacts such bearer tokens from flows and logs)")
+        if cfg.metrics_public:
+            raise ConfigError("metrics_public: true and a metrics_token contradict each other; set one")
     if not 0 <= cfg.platform_fee_bps <= 10_000:
         raise ConfigError(f"platform_fee_bps must be between 0 and 10000, not {cfg.platform_fee_bps}")
     if cfg.log_level.lower() not in ("trace", "debug", "info", "warn", "warning", "error", "fatal"):
