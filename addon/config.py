@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from .auth import parse_authorization
+from .breaker import BreakerConfig, BreakerSettings
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]*\Z")
 LISTING_STATUSES = ("draft", "review", "live", "paused", "archived")
@@ -69,6 +70,7 @@ class Config:
     mysql: MysqlSettings = field(default_factory=MysqlSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     seed: Mapping[str, Any] = field(default_factory=dict)
+    circuit_breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 
 _ENV_INT = {
@@ -135,7 +137,7 @@ def _build(raw: dict[str, Any]) -> Config:
         raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in ("mysql", "redis", "seed"):
+        if key in ("mysql", "redis", "seed", "circuit_breaker"):
             continue
         default = Config.__dataclass_fields__[key].default
         if key == "billable_methods":
@@ -159,6 +161,7 @@ def _build(raw: dict[str, Any]) -> Config:
         mysql=_section(MysqlSettings, raw.get("mysql"), "mysql"),
         redis=_section(RedisSettings, raw.get("redis"), "redis"),
         seed=_seed(raw.get("seed")),
+        circuit_breaker=_circuit_breaker(raw.get("circuit_breaker")),
     )
     if cfg.store not in ("sqlite", "mysql"):
         raise ConfigError(f"store (MCPMETER_STORE) must be 'sqlite' or 'mysql', not {cfg.store!r}")
@@ -213,6 +216,35 @@ def _section(cls: type, raw: Any, name: str) -> Any:
         else:
             values[key] = None if value is None else str(value)
     return cls(**values)
+
+
+# --- circuit breakers: defaults, and listings (by slug) with their own thresholds ---------------
+
+
+def _circuit_breaker(raw: Any) -> BreakerConfig:
+    if raw is None:
+        return BreakerConfig()
+    if not isinstance(raw, dict) or set(raw) - {"failures", "cooldown_seconds", "listings"}:
+        raise ConfigError("circuit_breaker must be a mapping of failures, cooldown_seconds and listings")
+    default = _breaker_settings(raw, "circuit_breaker", BreakerSettings())
+    listings = raw.get("listings") or {}
+    if not isinstance(listings, dict):
+        raise ConfigError("circuit_breaker.listings must map listing slugs to their thresholds")
+    own = {}
+    for slug, x in listings.items():
+        where = f"circuit_breaker.listings.{slug}"
+        if not isinstance(x, dict) or set(x) - {"failures", "cooldown_seconds"}:
+            raise ConfigError(f"{where} must be a mapping of failures and cooldown_seconds")
+        own[str(slug)] = _breaker_settings(x, where, default)
+    return BreakerConfig(default, own)
+
+
+def _breaker_settings(x: dict[str, Any], where: str, base: BreakerSettings) -> BreakerSettings:
+    failures = _nonneg(x.get("failures", base.failures), f"{where}.failures")
+    cooldown = _number(x.get("cooldown_seconds", base.cooldown_seconds), f"{where}.cooldown_seconds", float)
+    if not cooldown > 0:
+        raise ConfigError(f"{where}.cooldown_seconds must be positive, not {cooldown}")
+    return BreakerSettings(failures, cooldown)
 
 
 # --- the embedded store's seed: catalogue and consumers declared in the YAML -----------------

@@ -42,6 +42,10 @@ _TABLE = [
     ErrorSpec(504, "upstream_timeout", "The MCP server did not answer in time; the call was refunded."),
 ]
 
+_TABLE += [  # the circuit breaker (addon/circuits.py)
+    ErrorSpec(503, "upstream_unavailable", "This MCP server is failing, so calls to it are paused for a short "
+              "cool-down; this call was not forwarded and not charged."),
+]
 _TABLE += [  # GET /metrics (addon/metrics.py)
     ErrorSpec(401, "metrics_unauthorized", "GET /metrics needs Authorization: Bearer <metrics_token>."),
     ErrorSpec(403, "metrics_forbidden", "This bearer token is not the configured metrics_token."),

@@ -27,6 +27,7 @@ from . import billing, compat, forwarding, legacy_sse, rpc_errors
 from .auth import Credential, challenge, parse_authorization
 from .billing import Failure
 from .cache import MISS, Cache, open_cache
+from .circuits import Circuits
 from .clients import classify
 from .config import SLUG_RE, Config, ConfigError, load
 from .errors import GatewayError
@@ -96,6 +97,8 @@ class Mcpmeter:
         # Legacy SSE: (listing id, session route) -> JSON-RPC id -> a POSTed call awaiting its answer.
         self.awaiting: dict[tuple[int, str], dict[JsonId, tuple[http.HTTPFlow, Call]]] = {}
         self.metrics = Metrics(backlog=lambda: len(self.background), cache_degraded=lambda: cache_degraded(self.cache))
+        self.circuits = Circuits(lambda: self.cache, lambda: self.config and self.config.circuit_breaker,
+                                 self.metrics.circuit_state)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -334,6 +337,7 @@ class Mcpmeter:
             raise GatewayError("rate_limited", headers=call.limit_headers, scope=limit.scope,
                                retry_after=limit.retry_after)
 
+        await self.circuits.admit(listing, priced=call.priced is not None)
         if call.priced is not None:
             await self._charge(flow, call, consumer, listing, call.priced)
         else:
@@ -540,11 +544,13 @@ class Mcpmeter:
                 call.balance = await _maybe(call.balance_task)
             meta["decision"] = "passthrough"
             self.metrics.settled(call, None, call.status)
+            await self.circuits.record(call.listing, call.status, call.failure)
             meta["balance"] = call.balance
             return
         assert self.config is not None and call.listing is not None and call.consumer is not None
         decision, status = _decision(call)
         self.metrics.settled(call, decision.refund, status)
+        await self.circuits.record(call.listing, status, call.failure)
         settlement = Settlement(
             charge=call.charge, refund=decision.refund, status=status, duration_ms=call.elapsed_ms(),
             called_at=call.called_at, key_id=call.consumer.key_id, token_id=call.consumer.token_id,
@@ -654,7 +660,7 @@ class Mcpmeter:
             except Exception as e:  # health reports, it does not fail
                 checks[name] = {"ok": False, "error": str(e) or type(e).__name__}
         ok = bool(checks["store"].get("ok"))
-        body = {"status": "ok" if ok else "degraded", **checks}
+        body = {"status": "ok" if ok else "degraded", **checks, "circuits": self.circuits.snapshot()}
         flow.response = http.Response.make(200 if ok else 503, json.dumps(body).encode(),
                                            {"Content-Type": "application/json",
                                             "X-Mcpmeter-Request-Id": call.request_id})
