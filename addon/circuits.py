@@ -9,6 +9,7 @@ reaches this one within REFRESH_SECONDS. The database is never involved.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -31,6 +32,7 @@ class Circuits:
                  clock: Callable[[], float] = time.time) -> None:
         self._cache, self._config, self._on_change, self._clock = cache, config, on_change, clock
         self._near: dict[int, tuple[Circuit, float, str]] = {}  # listing id -> (circuit, read at, slug)
+        self._reading: dict[int, asyncio.Future[Circuit]] = {}  # the one read in flight per listing
 
     async def admit(self, listing: Listing, priced: bool) -> None:
         """Refuse a priced call to an open circuit (503 upstream_unavailable); let one probe through."""
@@ -75,11 +77,23 @@ class Circuits:
         return {slug: str(state(c, now)) for c, _, slug in self._near.values() if state(c, now) is not CircuitState.CLOSED}
 
     async def _read(self, cache: CircuitStore, listing: Listing) -> Circuit:
+        """The near copy, read again when older than REFRESH_SECONDS: one read for all waiting calls."""
         near = self._near.get(listing.id)
-        now = time.monotonic()
-        if near is not None and now - near[1] < REFRESH_SECONDS:
+        if near is not None and time.monotonic() - near[1] < REFRESH_SECONDS:
             return near[0]
-        circuit = await cache.circuit(listing.id)
+        reading = self._reading.get(listing.id)
+        if reading is None:
+            reading = self._reading[listing.id] = asyncio.ensure_future(self._fetch(cache, listing))
+            reading.add_done_callback(lambda _: self._reading.pop(listing.id, None))
+        return await asyncio.shield(reading)
+
+    async def _fetch(self, cache: CircuitStore, listing: Listing) -> Circuit:
+        try:
+            circuit = await cache.circuit(listing.id)
+        except Exception:  # the caches fall back rather than raise; should one raise, keep what we knew
+            log.exception("mcpmeter: reading the circuit of %s failed", listing.slug)
+            near = self._near.get(listing.id)
+            return near[0] if near is not None else CLOSED
         self._remember(listing, circuit)
         return circuit
 
