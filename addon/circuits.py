@@ -55,10 +55,10 @@ class Circuits:
 
     async def record(self, listing: Listing | None, status: int | None, failure: Failure | None) -> None:
         """How the upstream did on a forwarded call. Never raises."""
-        config, cache = self._config(), self._cache()
-        if listing is None or config is None or cache is None:
-            return
         try:
+            config, cache = self._config(), self._cache()
+            if listing is None or config is None or cache is None:
+                return
             failed = upstream_failed(status, failure)
             settings = config.for_listing(listing.slug)
             if failed is None or settings.failures <= 0:
@@ -69,7 +69,7 @@ class Circuits:
                 await cache.circuit_reset(listing.id)
                 self._remember(listing, CLOSED)
         except Exception:
-            log.exception("mcpmeter: recording the circuit of %s failed", listing.slug)
+            log.exception("mcpmeter: recording the circuit of %s failed", listing and listing.slug)
 
     def snapshot(self) -> dict[str, str]:
         """The circuits this gateway last saw not closed, by slug (for /health)."""

@@ -14,6 +14,7 @@ one); without a token it answers 404 unless `metrics_public: true`.
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,8 @@ from .model import Verdict
 
 if TYPE_CHECKING:
     from .config import Config
+
+log = logging.getLogger("mcpmeter")
 
 OTHER = "other"
 NO_TOOL = "-"  # calls that are not priced: initialize, tools/list, streams...
@@ -66,10 +69,21 @@ class Metrics:
     # --- observations (each a few dictionary look-ups and additions) -------------------------
 
     def refused(self, code: str) -> None:
-        self.refusals.labels(code).inc()
+        try:
+            self.refusals.labels(code).inc()
+        except Exception:  # counting must never cost a call its answer
+            log.exception("mcpmeter: counting a refusal failed")
 
     def settled(self, call: Any, refund: bool | None, status: int | None) -> None:
-        """A forwarded call got its answer (or failed): `refund` None for a call that was not priced."""
+        """A forwarded call got its answer (or failed): `refund` None for a call that was not priced.
+
+        Runs on the settlement path, before the ledger write: it never raises."""
+        try:
+            self._settled(call, refund, status)
+        except Exception:
+            log.exception("mcpmeter: counting call %s failed", getattr(call, "request_id", "?"))
+
+    def _settled(self, call: Any, refund: bool | None, status: int | None) -> None:
         listing = call.listing
         if listing is None:
             return

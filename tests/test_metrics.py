@@ -122,3 +122,15 @@ def test_each_gateway_has_its_own_registry() -> None:
 def test_metrics_settings_are_validated(raw: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         _build(raw)
+
+
+async def test_a_failing_counter_never_costs_a_call_its_settlement(gw: Gw, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any) -> None:
+        raise RuntimeError("counter broke")
+
+    monkeypatch.setattr(gw.addon.metrics.calls, "labels", broken)
+    flow = make_flow()
+    await gw.addon.request(flow)
+    await upstream_fails(gw, flow, "Connection refused")
+    assert gw.db.balance(1) == gw.db.ledger(1)[0][1]  # refunded all the same
+    assert gw.db.ledger(1)[-1][0] == "refund"
