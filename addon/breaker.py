@@ -1,6 +1,6 @@
 """The circuit breaker of a listing's upstream, as a pure state machine. No I/O here.
 
-N consecutive upstream failures (a 5xx answer, an unreachable upstream, a timeout) open the
+N consecutive upstream failures of priced calls (a 5xx answer, an unreachable upstream, a timeout) open the
 circuit for a cool-down; while it is open, priced calls are refused before any money moves. When
 the cool-down is over the circuit is half-open: one probe call is let through (the cache hands
 out that single slot across gateways), and its success closes the circuit while its failure opens

@@ -544,7 +544,6 @@ class Mcpmeter:
                 call.balance = await _maybe(call.balance_task)
             meta["decision"] = "passthrough"
             self.metrics.settled(call, None, call.status)
-            await self.circuits.record(call.listing, call.status, call.failure)
             meta["balance"] = call.balance
             return
         assert self.config is not None and call.listing is not None and call.consumer is not None

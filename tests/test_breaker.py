@@ -137,7 +137,11 @@ async def test_open_circuit_refuses_priced_calls_before_money_moves_then_probes(
     assert gw.db.balance(1) == balance and gw.db.ledger(1) == ledger  # nothing charged, nothing recorded
     unpriced = make_flow(body=rpc("tools/list"))
     await gw.addon.request(unpriced)
-    assert forwarded(unpriced)
+    assert forwarded(unpriced)  # only priced calls are refused...
+    await upstream_answers(gw, unpriced, json_response({"jsonrpc": "2.0", "id": 1, "result": {"tools": []}}))
+    still = make_flow()
+    await gw.addon.request(still)
+    assert still.response.status_code == 503  # ...and only their answers close the circuit
 
     health = make_flow("/health", method="GET")
     await gw.addon.request(health)
