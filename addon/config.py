@@ -17,6 +17,7 @@ import yaml
 
 from . import origins
 from .auth import parse_authorization
+from .breaker import BreakerConfig, BreakerSettings
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]*\Z")
 LISTING_STATUSES = ("draft", "review", "live", "paused", "archived")
@@ -53,6 +54,9 @@ class Config:
     sqlite_path: str = "mcpmeter.db"
     public_url: str | None = None
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed besides public_url's (normalized)
+    top_up_url: str | None = None  # named in 402 refusals: where a consumer adds credit
+    metrics_token: str | None = None  # GET /metrics needs it as a bearer token (mcpm_live_...)
+    metrics_public: bool = False  # without a token, /metrics answers 404 unless this is true
     billable_methods: tuple[str, ...] = ("tools/call",)
     platform_fee_bps: int = 2000
     default_rpm: int = 60
@@ -68,6 +72,7 @@ class Config:
     mysql: MysqlSettings = field(default_factory=MysqlSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     seed: Mapping[str, Any] = field(default_factory=dict)
+    circuit_breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 
 _ENV_INT = {
@@ -86,6 +91,8 @@ _ENV_STR = {
     "MCPMETER_SQLITE_PATH": "sqlite_path",
     "MCPMETER_PUBLIC_URL": "public_url",
     "MCPMETER_ALLOWED_ORIGINS": "allowed_origins",
+    "MCPMETER_TOP_UP_URL": "top_up_url",
+    "MCPMETER_METRICS_TOKEN": "metrics_token",
     "LOG_LEVEL": "log_level",
 }
 _ENV_MYSQL = {"DB_HOST": "host", "DB_PORT": "port", "DB_USER": "user", "DB_PASSWORD": "password", "DB_NAME": "database"}
@@ -133,7 +140,7 @@ def _build(raw: dict[str, Any]) -> Config:
         raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in ("mysql", "redis", "seed"):
+        if key in ("mysql", "redis", "seed", "circuit_breaker"):
             continue
         default = Config.__dataclass_fields__[key].default
         if key == "billable_methods":
@@ -144,8 +151,12 @@ def _build(raw: dict[str, Any]) -> Config:
             values[key] = _origins(value)
         elif key == "public_url":
             values[key] = str(value).rstrip("/") if value else None
-        elif isinstance(default, bool) or default is None or isinstance(default, str):
-            values[key] = str(value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key} must be true or false, not {value!r}")
+            values[key] = value
+        elif default is None or isinstance(default, str):
+            values[key] = None if value is None and default is None else str(value)
         elif isinstance(default, int):
             values[key] = _number(value, key, int)
         else:
@@ -155,6 +166,7 @@ def _build(raw: dict[str, Any]) -> Config:
         mysql=_section(MysqlSettings, raw.get("mysql"), "mysql"),
         redis=_section(RedisSettings, raw.get("redis"), "redis"),
         seed=_seed(raw.get("seed")),
+        circuit_breaker=_circuit_breaker(raw.get("circuit_breaker")),
     )
     if cfg.store not in ("sqlite", "mysql"):
         raise ConfigError(f"store (MCPMETER_STORE) must be 'sqlite' or 'mysql', not {cfg.store!r}")
@@ -166,6 +178,13 @@ def _build(raw: dict[str, Any]) -> Config:
     if cfg.stale_call_seconds <= cfg.max_upstream_timeout_ms / 1000:
         raise ConfigError(f"stale_call_seconds ({cfg.stale_call_seconds}) must exceed the longest upstream timeout "
                           f"(max_upstream_timeout_ms = {cfg.max_upstream_timeout_ms})")
+    if cfg.metrics_token is not None:
+        cred = parse_authorization(f"Bearer {cfg.metrics_token}")
+        if cred is None or cred.token != cfg.metrics_token or cred.kind != "live" or len(cred.token) < 32:
+            raise ConfigError("metrics_token must look like mcpm_live_<at least 22 letters and digits> "
+                              "(the gateway redacts such bearer tokens from flows and logs)")
+        if cfg.metrics_public:
+            raise ConfigError("metrics_public: true and a metrics_token contradict each other; set one")
     if not 0 <= cfg.platform_fee_bps <= 10_000:
         raise ConfigError(f"platform_fee_bps must be between 0 and 10000, not {cfg.platform_fee_bps}")
     if cfg.log_level.lower() not in ("trace", "debug", "info", "warn", "warning", "error", "fatal"):
@@ -219,6 +238,35 @@ def _section(cls: type, raw: Any, name: str) -> Any:
         else:
             values[key] = None if value is None else str(value)
     return cls(**values)
+
+
+# --- circuit breakers: defaults, and listings (by slug) with their own thresholds ---------------
+
+
+def _circuit_breaker(raw: Any) -> BreakerConfig:
+    if raw is None:
+        return BreakerConfig()
+    if not isinstance(raw, dict) or set(raw) - {"failures", "cooldown_seconds", "listings"}:
+        raise ConfigError("circuit_breaker must be a mapping of failures, cooldown_seconds and listings")
+    default = _breaker_settings(raw, "circuit_breaker", BreakerSettings())
+    listings = raw.get("listings") or {}
+    if not isinstance(listings, dict):
+        raise ConfigError("circuit_breaker.listings must map listing slugs to their thresholds")
+    own = {}
+    for slug, x in listings.items():
+        where = f"circuit_breaker.listings.{slug}"
+        if not isinstance(x, dict) or set(x) - {"failures", "cooldown_seconds"}:
+            raise ConfigError(f"{where} must be a mapping of failures and cooldown_seconds")
+        own[str(slug)] = _breaker_settings(x, where, default)
+    return BreakerConfig(default, own)
+
+
+def _breaker_settings(x: dict[str, Any], where: str, base: BreakerSettings) -> BreakerSettings:
+    failures = _nonneg(x.get("failures", base.failures), f"{where}.failures")
+    cooldown = _number(x.get("cooldown_seconds", base.cooldown_seconds), f"{where}.cooldown_seconds", float)
+    if not cooldown > 0:
+        raise ConfigError(f"{where}.cooldown_seconds must be positive, not {cooldown}")
+    return BreakerSettings(failures, cooldown)
 
 
 # --- the embedded store's seed: catalogue and consumers declared in the YAML -----------------

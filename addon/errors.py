@@ -44,6 +44,15 @@ _TABLE = [
     ErrorSpec(504, "upstream_timeout", "The MCP server did not answer in time; the call was refunded."),
 ]
 
+_TABLE += [  # the circuit breaker (addon/circuits.py)
+    ErrorSpec(503, "upstream_unavailable", "This MCP server is failing, so calls to it are paused for a short "
+              "cool-down; this call was not forwarded and not charged."),
+]
+_TABLE += [  # GET /metrics (addon/metrics.py)
+    ErrorSpec(401, "metrics_unauthorized", "GET /metrics needs Authorization: Bearer <metrics_token>."),
+    ErrorSpec(403, "metrics_forbidden", "This bearer token is not the configured metrics_token."),
+]
+
 ERRORS: dict[str, ErrorSpec] = {e.code: e for e in _TABLE}
 
 
@@ -67,3 +76,40 @@ class GatewayError(Exception):
 def error_body(code: str, **details: Any) -> bytes:
     spec = ERRORS[code]
     return json.dumps({"error": spec.code, "message": spec.message, **details}).encode()
+
+
+# --- JSON-RPC error codes: how a refusal reads to an MCP client (see addon/rpc_errors.py) -----
+#
+# A refusal of a request that carries a JSON-RPC id is a JSON-RPC error with one of these codes,
+# chosen by the HTTP status so a code added to the table above gets one without an edit here.
+# The MCP spec reserves -32020..-32099 for its own codes and retired -32002 and -32042; the SDKs
+# use -32000 (connection closed) and -32001 (request timeout). The gateway's codes are therefore
+# in the remaining implementation-defined band -32003..-32019, plus the standard JSON-RPC codes
+# (and the spec's -32020 header mismatch) where those say exactly what happened.
+RPC_CODES: dict[int, int] = {
+    400: -32600,  # Invalid Request (standard)
+    401: -32003,  # authentication required
+    402: -32004,  # payment required: credit or spending cap
+    403: -32005,  # forbidden
+    404: -32006,  # no such MCP server
+    405: -32007,  # HTTP method not allowed
+    410: -32008,  # listing archived
+    413: -32009,  # request too large
+    429: -32010,  # rate limited
+    500: -32603,  # Internal error (standard)
+    502: -32011,  # the upstream MCP server failed
+    503: -32012,  # temporarily unavailable: retry later
+    504: -32013,  # the upstream MCP server timed out
+}
+RPC_CODE_OVERRIDES: dict[str, int] = {
+    "invalid_json": -32700,  # Parse error (standard)
+    "header_mismatch": -32020,  # the MCP spec's HEADER_MISMATCH
+}
+
+
+def rpc_code(code: str) -> int:
+    """The JSON-RPC error code for a gateway error code."""
+    if code in RPC_CODE_OVERRIDES:
+        return RPC_CODE_OVERRIDES[code]
+    status = ERRORS[code].status
+    return RPC_CODES.get(status, -32600 if status < 500 else -32603)

@@ -23,14 +23,16 @@ from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
 
-from . import billing, compat, forwarding, legacy_sse, origins, paths
+from . import billing, compat, forwarding, legacy_sse, origins, paths, rpc_errors
 from .auth import Credential, challenge, parse_authorization
 from .billing import Failure
 from .cache import MISS, Cache, open_cache
+from .circuits import Circuits
 from .clients import classify
 from .config import SLUG_RE, Config, ConfigError, load
 from .errors import GatewayError
 from .jsonrpc import JsonId, Outcome, PricedCall, answer_outcome, body_outcome, inspect_request
+from .metrics import Metrics, cache_degraded
 from .model import ChargeRequest, ChargeResult, Consumer, Listing, Settlement, Verdict
 from .ratelimit import headers as limit_headers, windows_for
 from .sse import SseParser
@@ -70,6 +72,8 @@ class Call:
     legacy_session: str = ""  # a legacy SSE session's identity (see _legacy_session), POSTs and stream
     rewriter: legacy_sse.EndpointRewriter | None = None  # a legacy SSE session's GET stream
     awaiting_stream: bool = False  # a legacy SSE POST whose answer comes on the session's stream
+    rpc_id: JsonId | None = None  # the JSON-RPC id a refusal answers (rpc_errors.peek_id)
+    forwarded: float | None = None  # monotonic time the call left for the upstream
 
     def elapsed_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
@@ -94,6 +98,9 @@ class Mcpmeter:
         # Legacy SSE: session identity (_legacy_session) -> JSON-RPC id -> the POSTed calls awaiting
         # their answer, oldest first (an id POSTed twice is answered twice, each answer settles one).
         self.awaiting: dict[str, dict[JsonId, list[tuple[http.HTTPFlow, Call]]]] = {}
+        self.metrics = Metrics(backlog=lambda: len(self.background), cache_degraded=lambda: cache_degraded(self.cache))
+        self.circuits = Circuits(lambda: self.cache, lambda: self.config and self.config.circuit_breaker,
+                                 self.metrics.circuit_state)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -259,6 +266,7 @@ class Mcpmeter:
             if flow.response is None and call.failure is not Failure.CLIENT_GONE:
                 code = "upstream_timeout" if call.failure is Failure.TIMEOUT else "upstream_failed"
                 call.status = 504 if call.failure is Failure.TIMEOUT else 502
+                call.rpc_id = call.priced.rpc_id if call.priced else None
                 answer = self._error_response(GatewayError(code, request_id=call.request_id), call)
                 if call.charged is not None and call.refunded:
                     answer.headers["X-Mcpmeter-Refunded"] = "1"
@@ -276,6 +284,10 @@ class Mcpmeter:
         path, _, query = req.path.partition("?")
         if path == "/health":
             return await self._health(flow, call)
+        if path == "/metrics":
+            scraped = self.metrics.scrape(self.config, req.method, credential, "authorization" in req.headers)
+            flow.response = http.Response.make(*scraped)
+            return
         if path == "/.well-known/oauth-protected-resource" or path.startswith(
             "/.well-known/oauth-protected-resource/"
         ):
@@ -333,6 +345,7 @@ class Mcpmeter:
             raise GatewayError("rate_limited", headers=call.limit_headers, scope=limit.scope,
                                retry_after=limit.retry_after)
 
+        await self.circuits.admit(listing, priced=call.priced is not None)
         if call.priced is not None:
             await self._charge(flow, call, consumer, listing, call.priced)
         else:
@@ -393,6 +406,7 @@ class Mcpmeter:
             # Registered before forwarding: the answer can reach the session's stream before the 202.
             self.awaiting.setdefault(call.legacy_session, {}).setdefault(call.priced.rpc_id, []).append((flow, call))
         flow.metadata[META]["decision"] = "forwarded"
+        call.forwarded = time.monotonic()
 
     def _timeout(self, listing: Listing) -> float:
         """The listing's upstream timeout in seconds, capped."""
@@ -570,10 +584,13 @@ class Mcpmeter:
             if call.balance_task is not None:
                 call.balance = await _maybe(call.balance_task)
             meta["decision"] = "passthrough"
+            self.metrics.settled(call, None, call.status)
             meta["balance"] = call.balance
             return
         assert self.config is not None and call.listing is not None and call.consumer is not None
         decision, status = _decision(call)
+        self.metrics.settled(call, decision.refund, status)
+        await self.circuits.record(call.listing, status, call.failure)
         settlement = Settlement(
             charge=call.charge, refund=decision.refund, status=status, duration_ms=call.elapsed_ms(),
             called_at=call.called_at, key_id=call.consumer.key_id, token_id=call.consumer.token_id,
@@ -625,7 +642,9 @@ class Mcpmeter:
                 call.balance = await self.store.balance(call.consumer.user_id)
             except Exception:  # the balance is a courtesy; a refusal must be answered whatever happens
                 log.warning("mcpmeter: no balance for the refusal of %s", call.request_id, exc_info=True)
+        call.rpc_id = call.priced.rpc_id if call.priced else rpc_errors.peek_id(flow.request.raw_content)
         flow.response = self._error_response(error, call)
+        self.metrics.refused(error.spec.code)
         meta = flow.metadata.setdefault(META, {"request_id": call.request_id})
         meta.update(decision="refused", error=error.spec.code)
         slug = meta.get("slug", "-")
@@ -651,8 +670,8 @@ class Mcpmeter:
                    "X-Mcpmeter-Duration-Ms": str(call.elapsed_ms())}
         if call.balance is not None:
             headers["X-Mcpmeter-Balance"] = str(call.balance)
-        body = dict(json.loads(error.body()), request_id=call.request_id)
-        return http.Response.make(error.status, json.dumps(body).encode(), headers)
+        body = rpc_errors.refusal_body(error, call.request_id, call.rpc_id, self.config and self.config.top_up_url)
+        return http.Response.make(error.status, body, headers)
 
     def _unauthorized(self, flow: http.HTTPFlow, sent: bool) -> GatewayError:
         metadata_url = self._public_url(flow) + "/.well-known/oauth-protected-resource"
@@ -693,7 +712,7 @@ class Mcpmeter:
             except Exception as e:  # health reports, it does not fail
                 checks[name] = {"ok": False, "error": str(e) or type(e).__name__}
         ok = bool(checks["store"].get("ok"))
-        body = {"status": "ok" if ok else "degraded", **checks}
+        body = {"status": "ok" if ok else "degraded", **checks, "circuits": self.circuits.snapshot()}
         flow.response = http.Response.make(200 if ok else 503, json.dumps(body).encode(),
                                            {"Content-Type": "application/json",
                                             "X-Mcpmeter-Request-Id": call.request_id})

@@ -17,6 +17,7 @@ from mitmproxy import http
 from mitmproxy.test import taddons
 
 from addon.gateway import Mcpmeter
+from tests.refusals import refusal
 from tests.test_gateway_hooks import (  # noqa: F401  (isolated: an autouse fixture)
     ALICE, BOB, OPENING, PRICE, SEED, UPSTREAM, Db, Gw, isolated, json_response, make_flow, meta,
     sse_response, tool_call, upstream_answers, write_config,
@@ -53,7 +54,7 @@ async def gw_public(tmp_path: Path) -> AsyncIterator[Gw]:
 
 def error_of(flow: http.HTTPFlow) -> str:
     assert flow.response is not None
-    return json.loads(flow.response.content)["error"]
+    return refusal(flow.response)["error"]
 
 
 def untouched(flow: http.HTTPFlow) -> bool:

@@ -21,6 +21,7 @@ import pytest
 
 from tests.backends import Backend, TestConsumer
 from tests.gateway_proc import Gateway
+from tests.refusals import refusal
 from tests.test_e2e_gateway import MCP_HEADERS, call, eventually, post, slug
 from tests.test_e2e_legacy_sse import legacy_url  # noqa: F401  (a fixture: the SDK's legacy server)
 
@@ -144,7 +145,7 @@ def test_hostile_paths_never_leave_the_listing(gateway: Gateway, backend: Backen
             status, headers, content = raw_request(gateway, f"/{s}/".encode() + tail, auth(c), body)
             assert 400 <= status < 500, (tail, status, content)
             if status == 400 and headers.get("content-type") == "application/json":
-                assert json.loads(content)["error"] in ("invalid_path", "invalid_request"), (tail, content)
+                assert refusal(content)["error"] in ("invalid_path", "invalid_request"), (tail, content)
     assert canary.seen == [] and upstream.seen == []
     assert backend.balance(c.user_id) == 100_000 and backend.usage(c) == []
 
@@ -179,7 +180,7 @@ async def test_a_legacy_session_is_matched_by_identity_not_by_spelling(
             route = await _endpoint(lines)
             for variant in (route + "&x=1", route + "&", route.replace("/messages/?", "/messages/?y=2&")):
                 r = await post(gateway, variant, call("echo", {"text": "x"}), other)
-                assert r.status_code == 403 and r.json()["error"] == "session_forbidden", variant
+                assert r.status_code == 403 and refusal(r)["error"] == "session_forbidden", variant
             await post(gateway, route, {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
                 "protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}, owner)
             await _message(lines, 0)
@@ -227,7 +228,7 @@ async def test_a_foreign_origin_is_refused_and_an_allowed_one_passes(
     for origin in ("http://localhost:1", "null", "https://app.example.evil"):
         for consumer in (c, None):
             r = await post(gateway, f"/{s}", call("echo"), consumer, headers={"Origin": origin})
-            assert r.status_code == 403 and r.json()["error"] == "origin_forbidden"
+            assert r.status_code == 403 and refusal(r)["error"] == "origin_forbidden"
             assert "WWW-Authenticate" not in r.headers
     assert upstream.seen == [] and backend.balance(c.user_id) == 10_000
     r = await post(gateway, f"/{s}", {"jsonrpc": "2.0", "id": 1, "method": "ping"}, c, headers={"Origin": APP})

@@ -20,6 +20,7 @@ import httpx2
 import pytest
 
 from tests import fault_server
+from tests.refusals import refusal
 from tests.backends import Backend, TestConsumer
 from tests.fault_server import start_hang_up_server
 from tests.gateway_proc import Gateway, free_port
@@ -97,9 +98,9 @@ async def test_health_and_resource_metadata(gateway: Gateway) -> None:
 
 async def test_root_and_invalid_slug(gateway: Gateway) -> None:
     r = await post(gateway, "/", call("ok"))
-    assert r.status_code == 404 and r.json()["error"] == "not_found"
+    assert r.status_code == 404 and refusal(r)["error"] == "not_found"
     r = await post(gateway, "/Bad_Slug", call("ok"))
-    assert r.status_code == 400 and r.json()["error"] == "invalid_slug"
+    assert r.status_code == 400 and refusal(r)["error"] == "invalid_slug"
     assert_meter_headers(r)
 
 
@@ -113,7 +114,7 @@ async def test_unauthenticated_calls_get_401_with_challenge(gateway: Gateway, ba
                                ({"Authorization": "Bearer mcpm_live_unknownkey123"}, True)):
         r = await post(gateway, f"/{s}", call("ok"), headers=headers)
         assert r.status_code == 401
-        assert r.json()["error"] == "invalid_token"
+        assert refusal(r)["error"] == "invalid_token"
         challenge = r.headers["WWW-Authenticate"]
         assert challenge.startswith("Bearer ")
         assert f'resource_metadata="{gateway.url}/.well-known/oauth-protected-resource"' in challenge
@@ -131,7 +132,7 @@ async def test_revoked_key_and_suspended_account(gateway: Gateway, backend: Back
     assert r.status_code == 401
     suspended = backend.add_consumer(credit=10_000, status="suspended")
     r = await post(gateway, f"/{s}", call("ok"), suspended)
-    assert r.status_code == 403 and r.json()["error"] == "account_suspended"
+    assert r.status_code == 403 and refusal(r)["error"] == "account_suspended"
     assert backend.balance(suspended.user_id) == 10_000
 
 
@@ -147,18 +148,18 @@ async def test_listing_status(gateway: Gateway, backend: Backend, fault_listing:
     s, _ = fault_listing(status=status)
     c = backend.add_consumer(credit=10_000)
     r = await post(gateway, f"/{s}", call("ok"), c)
-    assert (r.status_code, r.json()["error"]) == (code, error)
+    assert (r.status_code, refusal(r)["error"]) == (code, error)
     assert_meter_headers(r, balance=10_000)
 
 
 async def test_unknown_slug_and_live_listing_without_upstream(gateway: Gateway, backend: Backend) -> None:
     c = backend.add_consumer(credit=10_000)
     r = await post(gateway, f"/{slug('nope')}", call("ok"), c)
-    assert (r.status_code, r.json()["error"]) == (404, "no_such_mcp")
+    assert (r.status_code, refusal(r)["error"]) == (404, "no_such_mcp")
     s = slug()
     backend.add_listing(s, None, price=1000)
     r = await post(gateway, f"/{s}", call("ok"), c)
-    assert (r.status_code, r.json()["error"]) == (503, "mcp_not_yet_live")
+    assert (r.status_code, refusal(r)["error"]) == (503, "mcp_not_yet_live")
 
 
 # --- billing -----------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ async def test_insufficient_credit_is_402_and_never_forwarded(gateway: Gateway, 
     before = fault_server.calls["sse_ok"]
     r = await post(gateway, f"/{s}", call("sse_ok"), c)
     assert r.status_code == 402
-    body = r.json()
+    body = refusal(r)
     assert body["error"] == "insufficient_credit"
     assert body["balance_micro_cents"] == 4_000 and body["required_micro_cents"] == 5_000
     assert_meter_headers(r, balance=4_000)
@@ -232,7 +233,7 @@ async def test_project_cap_is_402_and_never_forwarded(gateway: Gateway, backend:
     c = backend.add_consumer(credit=10_000_000, cap_cents=1)
     statuses = [(await post(gateway, f"/{s}", call("ok"), c)) for _ in range(3)]
     assert [r.status_code for r in statuses] == [200, 200, 402]
-    assert statuses[2].json()["error"] == "project_cap_exceeded"
+    assert refusal(statuses[2])["error"] == "project_cap_exceeded"
     assert backend.balance(c.user_id) == 9_200_000
 
 
@@ -243,7 +244,7 @@ async def test_rate_limit_429_with_exact_retry_after(gateway: Gateway, backend: 
     responses = [await post(gateway, f"/{s}", call("ok"), c) for _ in range(4)]
     assert [r.status_code for r in responses] == [200, 200, 200, 429]
     refused = responses[3]
-    assert refused.json()["error"] == "rate_limited" and refused.json()["scope"] == "minute"
+    assert refusal(refused)["error"] == "rate_limited" and refusal(refused)["scope"] == "minute"
     assert 55 <= int(refused.headers["Retry-After"]) <= 60
     assert refused.headers["RateLimit-Remaining"] == "0"
     assert responses[0].headers["RateLimit-Remaining"] == "2"
@@ -255,14 +256,14 @@ async def test_batches_and_header_mismatch_are_400(gateway: Gateway, backend: Ba
     s, _ = fault_listing(price=1000)
     c = backend.add_consumer(credit=10_000)
     r = await post(gateway, f"/{s}", [call("ok", rpc_id=1), call("ok", rpc_id=2)], c)
-    assert (r.status_code, r.json()["error"]) == (400, "batch_not_supported")
+    assert (r.status_code, refusal(r)["error"]) == (400, "batch_not_supported")
     r = await post(gateway, f"/{s}", call("ok"), c, headers={"Mcp-Method": "tools/list"})
-    assert (r.status_code, r.json()["error"]) == (400, "header_mismatch")
+    assert (r.status_code, refusal(r)["error"]) == (400, "header_mismatch")
     r = await post(gateway, f"/{s}", call("ok"), c, headers={"Mcp-Method": "tools/call", "Mcp-Name": "free_tool"})
-    assert (r.status_code, r.json()["error"]) == (400, "header_mismatch")
+    assert (r.status_code, refusal(r)["error"]) == (400, "header_mismatch")
     async with httpx2.AsyncClient() as client:
         r = await client.post(gateway.url + f"/{s}", content=b"{not json", headers={**MCP_HEADERS, **c.auth})
-    assert (r.status_code, r.json()["error"]) == (400, "invalid_json")
+    assert (r.status_code, refusal(r)["error"]) == (400, "invalid_json")
     assert backend.balance(c.user_id) == 10_000
 
 
@@ -273,7 +274,7 @@ async def test_body_over_limit_is_413_and_never_forwarded(gateway: Gateway, back
     big = call("ok", {"blob": "x" * (10 * 1024 * 1024 + 10)})
     before = fault_server.calls["ok"]
     r = await post(gateway, f"/{s}", big, c)
-    assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
+    assert r.status_code == 413 and refusal(r)["error"] == "payload_too_large"
     assert_meter_headers(r)
     assert fault_server.calls["ok"] == before
     assert backend.balance(c.user_id) == 10_000
@@ -325,7 +326,7 @@ async def test_unreachable_upstream_is_502_json_and_refunded(gateway: Gateway, b
     s, _ = fault_listing(price=1000, upstream_url=f"http://127.0.0.1:{free_port()}/mcp")
     c = backend.add_consumer(credit=10_000)
     r = await post(gateway, f"/{s}", call("ok"), c)
-    assert r.status_code == 502 and r.json()["error"] == "upstream_failed"
+    assert r.status_code == 502 and refusal(r)["error"] == "upstream_failed"
     assert r.headers["X-Mcpmeter-Refunded"] == "1"
     assert_meter_headers(r, balance=10_000)
     assert [(u["status"], u["billed"]) for u in backend.usage(c)] == [(502, 0)]
@@ -338,7 +339,7 @@ async def test_upstream_that_hangs_up_is_502_and_refunded(gateway: Gateway, back
         s, _ = fault_listing(price=1000, upstream_url=f"http://127.0.0.1:{port}/mcp")
         c = backend.add_consumer(credit=10_000)
         r = await post(gateway, f"/{s}", call("ok"), c)
-        assert r.status_code == 502 and r.json()["error"] == "upstream_failed"
+        assert r.status_code == 502 and refusal(r)["error"] == "upstream_failed"
         assert backend.balance(c.user_id) == 10_000
     finally:
         stop()
@@ -351,7 +352,7 @@ async def test_slow_upstream_is_504_json_and_refunded(gateway: Gateway, backend:
     started = time.monotonic()
     r = await post(gateway, f"/{s}", call("slow", {"seconds": 5}), c)
     assert time.monotonic() - started < 3
-    assert r.status_code == 504 and r.json()["error"] == "upstream_timeout"
+    assert r.status_code == 504 and refusal(r)["error"] == "upstream_timeout"
     assert r.headers["X-Mcpmeter-Refunded"] == "1"
     assert_meter_headers(r, balance=10_000)
     assert [(u["status"], u["billed"]) for u in backend.usage(c)] == [(504, 0)]

@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from demos import echo
+from tests.refusals import refusal
 from tests.backends import Backend
 from tests.demo_servers import serve_in_thread
 from tests.gateway_proc import Gateway
@@ -56,7 +57,7 @@ async def test_legacy_session_route_belongs_to_its_key(gateway: Gateway, backend
         await mcp.list_tools()
         route = await _session_route(gateway, s, owner)
         r = await post(gateway, route, call("echo", {"text": "x"}), other)
-        assert r.status_code == 403 and r.json()["error"] == "session_forbidden"
+        assert r.status_code == 403 and refusal(r)["error"] == "session_forbidden"
     assert backend.balance(other.user_id) == 10_000
 
 

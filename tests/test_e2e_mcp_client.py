@@ -12,6 +12,8 @@ from mcp import Client
 from mcp.shared.exceptions import MCPError
 from mcp.client.streamable_http import streamable_http_client
 
+from addon.errors import rpc_code
+from tests.refusals import refusal
 from tests.backends import Backend, TestConsumer
 from tests.gateway_proc import Gateway, run_gateway_expecting_failure, write_config
 from tests.test_e2e_gateway import MCP_HEADERS, call, eventually, post, slug
@@ -20,6 +22,11 @@ from tests.test_e2e_gateway import MCP_HEADERS, call, eventually, post, slug
 def client(gw: Gateway, path: str, consumer: TestConsumer, mode: str = "auto") -> tuple[httpx2.AsyncClient, Client]:
     http = httpx2.AsyncClient(headers=consumer.auth, timeout=httpx2.Timeout(10.0, read=30.0))
     return http, Client(streamable_http_client(gw.url + path, http_client=http), mode=mode)
+
+
+@pytest.fixture(scope="module")
+def gateway_settings() -> dict[str, object]:
+    return {"top_up_url": "https://pay.example/top-up"}
 
 
 @pytest.fixture
@@ -71,11 +78,36 @@ async def test_sdk_client_without_credit_sees_the_402(gateway: Gateway, backend:
     http, mcp = client(gateway, f"/{s}", c)
     async with http, mcp:
         await mcp.list_tools()  # unpriced: passes
-        # The SDK surfaces a non-JSON-RPC HTTP error as an MCPError; the 402 body is for raw clients.
-        with pytest.raises(MCPError):
+        # The 402 is a JSON-RPC error answering the call: the SDK raises it with its words and data.
+        with pytest.raises(MCPError) as refused:
             await mcp.call_tool("echo", {"text": "x"})
+    assert refused.value.code == rpc_code("insufficient_credit")
+    assert "1000 µ¢" in refused.value.message and "500 µ¢" in refused.value.message
+    assert "https://pay.example/top-up" in refused.value.message
+    data = refused.value.data
+    assert data["error"] == "insufficient_credit" and data["balance_micro_cents"] == 500
+    assert data["required_micro_cents"] == 1000 and data["request_id"]
     assert backend.balance(c.user_id) == 500
     assert backend.usage(c) == []
+
+
+async def test_sdk_client_rate_limited_sees_when_to_retry(gateway: Gateway, backend: Backend,
+                                                          echo_listing: Callable[..., str]) -> None:
+    s = echo_listing(price=1000, rpm=4)
+    c = backend.add_consumer(credit=100_000)
+    http, mcp = client(gateway, f"/{s}", c, "legacy")
+    async with http, mcp:
+        answered = 0
+        with pytest.raises(MCPError) as refused:
+            for _ in range(5):  # initialize and its notification count too
+                await mcp.call_tool("echo", {"text": "x"})
+                answered += 1
+    assert refused.value.code == rpc_code("rate_limited")
+    data = refused.value.data
+    assert data["error"] == "rate_limited" and data["scope"] == "minute" and data["retry_after"] >= 1
+    assert f"retry in {data['retry_after']} s" in refused.value.message
+    await eventually(lambda: len(backend.usage(c)) == answered)
+    assert backend.balance(c.user_id) == 100_000 - 1000 * answered  # the refused call cost nothing
 
 
 async def test_session_belongs_to_the_key_that_opened_it(gateway: Gateway, backend: Backend, fault_url: str) -> None:
@@ -85,7 +117,7 @@ async def test_session_belongs_to_the_key_that_opened_it(gateway: Gateway, backe
     r = await post(gateway, f"/{s}", {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}, owner)
     session = r.headers["Mcp-Session-Id"]
     r = await post(gateway, f"/{s}", call("ok"), other, headers={"Mcp-Session-Id": session})
-    assert r.status_code == 403 and r.json()["error"] == "session_forbidden"
+    assert r.status_code == 403 and refusal(r)["error"] == "session_forbidden"
     r = await post(gateway, f"/{s}", call("ok"), owner, headers={"Mcp-Session-Id": session})
     assert r.status_code == 200
     assert backend.balance(other.user_id) == 10_000

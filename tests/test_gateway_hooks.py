@@ -26,7 +26,9 @@ from mitmproxy.net.http import http1
 from mitmproxy.test import taddons, tflow, tutils
 
 from addon import compat, config as config_module, forwarding
+from addon.errors import rpc_code
 from addon.gateway import META, Mcpmeter
+from tests.refusals import refusal
 from addon.store import StoreUnavailable
 from tests.mitm_fakes import FakeHandler, FakeProxyserver
 
@@ -554,7 +556,7 @@ async def test_upstream_failure_is_refunded_and_answered_with_json_502(gw: Gw, m
 
     response, body = parse_raw(compat._pending[flow.client_conn.id])
     assert response.status_code == 502
-    answer = json.loads(body)
+    answer = refusal(body)
     assert answer["error"] == "upstream_failed" and answer["request_id"] == meta(flow)["request_id"]
     h = response.headers
     assert h["Content-Type"] == "application/json" and h["Connection"] == "close"
@@ -582,7 +584,7 @@ async def test_upstream_timeout_aborts_the_upstream_refunds_and_answers_504(gw: 
     assert handler.closed == [flow.server_conn]  # the deadline closed the upstream connection
     await upstream_fails(gw, flow, "Connection killed.")  # what mitmproxy reports next
     response, body = parse_raw(compat._pending[flow.client_conn.id])
-    assert response.status_code == 504 and json.loads(body)["error"] == "upstream_timeout"
+    assert response.status_code == 504 and refusal(body)["error"] == "upstream_timeout"
     assert response.headers["X-Mcpmeter-Refunded"] == "1"
     assert gw.db.balance(2) == OPENING
     assert gw.db.usage()[-1]["status"] == 504
@@ -663,7 +665,7 @@ async def test_refusals_answer_json_and_never_forward(gw: Gw, caplog: pytest.Log
     assert flow.response.status_code == case.status
     h = flow.response.headers
     assert h["Content-Type"] == "application/json"
-    body = json.loads(flow.response.content)
+    body = refusal(flow.response)
     assert body["error"] == case.code and body["message"]
     assert is_uuid4(h["X-Mcpmeter-Request-Id"]) and body["request_id"] == h["X-Mcpmeter-Request-Id"]
     assert h["X-Mcpmeter-Billed"] == "0" and h["X-Mcpmeter-Duration-Ms"].isdigit()
@@ -700,10 +702,10 @@ async def test_402_bodies_say_balance_and_required(gw: Gw) -> None:
     poor, capped = make_flow(token=POOR), make_flow(token=CAPPED)
     await gw.addon.request(poor)
     await gw.addon.request(capped)
-    body = json.loads(poor.response.content)
+    body = refusal(poor.response)
     assert body["balance_micro_cents"] == 100 and body["required_micro_cents"] == PRICE
     assert poor.response.headers["X-Mcpmeter-Balance"] == "100"
-    body = json.loads(capped.response.content)
+    body = refusal(capped.response)
     assert body["error"] == "project_cap_exceeded" and body["required_micro_cents"] == PRICE
     assert body["balance_micro_cents"] == OPENING
     assert gw.db.ledger(5) == [("topup", OPENING)]
@@ -724,7 +726,7 @@ async def test_rate_limit_answers_429_with_retry_after_and_ratelimit_headers(gw:
     assert h["RateLimit-Policy"] == "1;w=60, 10000;w=86400"
     assert h["RateLimit-Limit"] == "1" and h["RateLimit-Remaining"] == "0"
     assert int(h["RateLimit-Reset"]) >= 1
-    body = json.loads(second.response.content)
+    body = refusal(second.response)
     assert body["error"] == "rate_limited" and body["scope"] == "minute"
     assert body["retry_after"] == int(h["Retry-After"])
     assert meta(second)["decision"] == "refused" and second.marked
@@ -746,7 +748,7 @@ async def test_session_belongs_to_the_key_that_opened_it(gw: Gw, caplog: pytest.
     hijack = make_flow(token=BOB, body=rpc("tools/list"), headers={"Mcp-Session-Id": "sess-alice"})
     await gw.addon.request(hijack)
     assert hijack.response.status_code == 403 and not forwarded(hijack)
-    assert json.loads(hijack.response.content)["error"] == "session_forbidden"
+    assert refusal(hijack.response)["error"] == "session_forbidden"
     assert meta(hijack)["decision"] == "refused"
     assert_no_secret(hijack, caplog)
 
@@ -760,7 +762,7 @@ async def test_session_belongs_to_the_key_that_opened_it(gw: Gw, caplog: pytest.
 
 def assert_internal_error(flow: http.HTTPFlow) -> None:
     assert flow.response is not None and flow.response.status_code == 500
-    assert json.loads(flow.response.content)["error"] == "internal_error"
+    assert refusal(flow.response)["error"] == "internal_error"
     assert not forwarded(flow)
     assert meta(flow)["decision"] == "refused"
 
@@ -827,7 +829,7 @@ async def test_store_unavailable_answers_503_with_retry_after(
     url = flow.request.url
     await gw.addon.request(flow)
     assert flow.response.status_code == 503 and flow.request.url == url
-    assert json.loads(flow.response.content)["error"] == "store_unavailable"
+    assert refusal(flow.response)["error"] == "store_unavailable"
     assert flow.response.headers["Retry-After"] == "1"
     assert meta(flow)["decision"] == "refused"
     assert gw.db.balance(1) == OPENING
@@ -906,7 +908,7 @@ async def test_health(gw: Gw, caplog: pytest.LogCaptureFixture) -> None:
     post = make_flow("/health", body=rpc("ping"))
     await gw.addon.request(post)
     assert post.response.status_code == 405
-    assert json.loads(post.response.content)["error"] == "method_not_allowed"
+    assert refusal(post.response)["error"] == "method_not_allowed"
 
 
 async def test_health_reports_a_dead_store(gw: Gw, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1113,3 +1115,68 @@ async def test_commands_show_balance_top_up_and_list_calls(gw: Gw, caplog: pytes
     with pytest.raises(exceptions.CommandError):
         gw.tctx.command(gw.addon.topup_command, "1", "-5")
     assert gw.db.balance(1) == OPENING - PRICE + 2500
+
+
+# --- refusals an agent can read: JSON-RPC errors answering the call's id --------------------------
+
+
+@pytest.mark.parametrize("case, rpc_id", [
+    (Refusal(401, "invalid_token", token=None), "call-7"),
+    (Refusal(404, "no_such_mcp", path="/nope"), 7),
+    (Refusal(410, "mcp_archived", path="/old-one"), 7),
+    (Refusal(503, "mcp_paused", path="/paused-one"), 7),
+    (Refusal(403, "account_suspended", token=SUSPENDED), 7),
+    (Refusal(402, "insufficient_credit", token=POOR), 7),
+    (Refusal(402, "project_cap_exceeded", token=CAPPED), 7),
+])
+async def test_refusal_of_a_json_rpc_request_answers_its_id(tmp_path: Path, case: Refusal, rpc_id: Any) -> None:
+    addon = Mcpmeter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, mcpmeter_config=str(write_config(tmp_path, top_up_url="https://pay.example/top-up")))
+        flow = make_flow(case.path, token=case.token, body=tool_call(rpc_id=rpc_id))
+        await addon.request(flow)
+        addon.done()
+    assert flow.response.status_code == case.status and not forwarded(flow)
+    body = json.loads(flow.response.content)
+    assert body["jsonrpc"] == "2.0" and body["id"] == rpc_id
+    error = body["error"]
+    assert error["code"] == rpc_code(case.code) and -32019 <= error["code"] <= -32003
+    assert error["data"]["error"] == case.code
+    assert error["data"]["request_id"] == flow.response.headers["X-Mcpmeter-Request-Id"]
+    if case.status == 402:
+        assert error["data"]["required_micro_cents"] == PRICE and "top_up_url" in error["data"]
+        assert "https://pay.example/top-up" in error["message"] and f"{PRICE} µ¢" in error["message"]
+    if case.status == 401:
+        assert flow.response.headers["WWW-Authenticate"].startswith("Bearer ")
+
+
+async def test_refusal_without_an_id_keeps_the_plain_body(gw: Gw) -> None:
+    for body in (rpc("tools/call", None, name="echo"), [tool_call(rpc_id=1), tool_call(rpc_id=2)]):
+        flow = make_flow(token=POOR, body=body)
+        await gw.addon.request(flow)
+        answer = json.loads(flow.response.content)
+        assert "jsonrpc" not in answer and answer["error"] in ("invalid_request", "batch_not_supported")
+
+
+async def test_429_answers_the_id_with_retry_after(gw: Gw) -> None:
+    first = make_flow("/strict", body=rpc("tools/list"))
+    await gw.addon.request(first)
+    await upstream_answers(gw, first, json_response({"jsonrpc": "2.0", "id": 1, "result": {"tools": []}}))
+    second = make_flow("/strict", body=tool_call(rpc_id=42))
+    await gw.addon.request(second)
+    body = json.loads(second.response.content)
+    assert second.response.status_code == 429 and body["id"] == 42
+    data = body["error"]["data"]
+    assert data["scope"] == "minute" and data["retry_after"] == int(second.response.headers["Retry-After"])
+    assert f"retry in {data['retry_after']} s" in body["error"]["message"]
+
+
+async def test_upstream_failure_answers_the_call_id(gw: Gw) -> None:
+    flow = make_flow(body=tool_call(rpc_id="up-1"))
+    await gw.addon.request(flow)
+    await upstream_fails(gw, flow, "Connection refused")
+    response, raw = parse_raw(compat._pending[flow.client_conn.id])
+    body = json.loads(raw)
+    assert response.status_code == 502 and body["id"] == "up-1"
+    assert body["error"]["code"] == rpc_code("upstream_failed") and body["error"]["data"]["error"] == "upstream_failed"
+    compat.forget(flow)

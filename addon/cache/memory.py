@@ -12,11 +12,12 @@ from ..config import Config
 from ..model import Consumer, Listing
 from ..ratelimit import LimitVerdict, Window, verdict
 from .base import MISS, _Miss
+from .breaker import MemoryBreakers
 
 SESSION_TTL = 24 * 3600
 
 
-class MemoryCache:
+class MemoryCache(MemoryBreakers):
     def __init__(self, config: Config, clock=time.time) -> None:
         self._clock = clock
         self._consumers: TTLCache[str, Consumer] = TTLCache(100_000, config.key_cache_ttl_seconds, timer=clock)

@@ -40,6 +40,7 @@ from ..config import Config
 from ..model import Consumer, Listing
 from ..ratelimit import LimitVerdict, Window
 from .base import MISS, _Miss
+from .breaker import RedisBreakers
 from .memory import SESSION_TTL, MemoryCache
 
 log = logging.getLogger("mcpmeter")
@@ -108,7 +109,7 @@ _LISTING_FIELDS = frozenset(f.name for f in fields(Listing))
 _FAILURES = (RedisError, OSError, TimeoutError)  # TimeoutError: OP_TIMEOUT (asyncio.timeout)
 
 
-class RedisCache:
+class RedisCache(RedisBreakers):
     def __init__(self, config: Config) -> None:
         s = config.redis
         self._config = config

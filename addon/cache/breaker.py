@@ -1,0 +1,114 @@
+"""Circuit breaker state in the cache: in-process, or in Redis shared by every gateway.
+
+Kept apart from the caches' other methods: MemoryCache and RedisCache take these as mixins.
+Keys (under the prefix): `circuit:<listing id>` a hash {failures, open_until}, and
+`circuit:<listing id>:probe` the half-open circuit's single probe slot (SET NX with a TTL, so a
+probe that never reports back frees the slot). Only failures, resets and probes write; a
+healthy listing's calls write nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ..breaker import CLOSED, BreakerSettings, Circuit, after_failure
+
+FORGET_SECONDS = 3600  # failures older than this (with no new one) are forgotten
+
+# KEYS[1] the circuit hash, KEYS[2] its probe slot; ARGV[1] threshold, ARGV[2] open_until should this
+# failure open the circuit, ARGV[3] the hash's TTL in ms. Returns {failures, open_until}.
+FAILURE_SCRIPT = """
+local f = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+if f >= tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'open_until', ARGV[2])
+  redis.call('DEL', KEYS[2])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {f, redis.call('HGET', KEYS[1], 'open_until') or '0'}
+"""
+
+
+class MemoryBreakers:
+    """For MemoryCache: the state of this process's circuits."""
+
+    def _circuits(self) -> tuple[dict[int, Circuit], dict[int, float]]:
+        state = self.__dict__.get("_breaker_state")
+        if state is None:
+            state = self.__dict__["_breaker_state"] = ({}, {})
+        return state
+
+    async def circuit(self, listing_id: int) -> Circuit:
+        return self._circuits()[0].get(listing_id, CLOSED)
+
+    async def circuit_failed(self, listing_id: int, settings: BreakerSettings, now: float) -> Circuit:
+        circuits, probes = self._circuits()
+        circuit = circuits[listing_id] = after_failure(circuits.get(listing_id, CLOSED), settings, now)
+        if circuit.failures >= settings.failures:
+            probes.pop(listing_id, None)
+        return circuit
+
+    async def circuit_reset(self, listing_id: int) -> None:
+        circuits, probes = self._circuits()
+        circuits.pop(listing_id, None)
+        probes.pop(listing_id, None)
+
+    async def circuit_probe(self, listing_id: int, ttl_seconds: float, now: float) -> bool:
+        """Claim the half-open circuit's one probe; False while another probe holds it."""
+        probes = self._circuits()[1]
+        if probes.get(listing_id, 0.0) > now:
+            return False
+        probes[listing_id] = now + ttl_seconds
+        return True
+
+
+class RedisBreakers:
+    """For RedisCache: shared circuits; on Redis failure, the in-process fallback's."""
+
+    _redis: Any
+    _prefix: str
+    _fallback: Any
+    _run: Any
+
+    def _circuit_keys(self, listing_id: int) -> tuple[str, str]:
+        key = f"{self._prefix}circuit:{listing_id}"
+        return key, key + ":probe"
+
+    async def circuit(self, listing_id: int) -> Circuit:
+        async def read() -> Circuit:
+            raw = await self._redis.hgetall(self._circuit_keys(listing_id)[0])
+            return Circuit(int(raw.get("failures", 0)), float(raw.get("open_until", 0))) if raw else CLOSED
+
+        return await self._run(read, lambda: self._fallback.circuit(listing_id))
+
+    async def circuit_failed(self, listing_id: int, settings: BreakerSettings, now: float) -> Circuit:
+        async def fail() -> Circuit:
+            opened = now + settings.cooldown_seconds
+            ttl_ms = int(max(FORGET_SECONDS, settings.cooldown_seconds * 2) * 1000)
+            failures, open_until = await self._redis.eval(
+                FAILURE_SCRIPT, 2, *self._circuit_keys(listing_id), settings.failures, repr(opened), ttl_ms)
+            return Circuit(int(failures), float(open_until))
+
+        return await self._run(fail, lambda: self._fallback.circuit_failed(listing_id, settings, now))
+
+    async def circuit_reset(self, listing_id: int) -> None:
+        await self._run(lambda: self._redis.delete(*self._circuit_keys(listing_id)),
+                        lambda: self._fallback.circuit_reset(listing_id))
+
+    async def circuit_probe(self, listing_id: int, ttl_seconds: float, now: float) -> bool:
+        async def claim() -> bool:
+            key = self._circuit_keys(listing_id)[1]
+            return bool(await self._redis.set(key, "1", nx=True, px=max(1, int(ttl_seconds * 1000))))
+
+        return await self._run(claim, lambda: self._fallback.circuit_probe(listing_id, ttl_seconds, now))
+
+
+class CircuitStore(Protocol):
+    """The part of the Cache interface the circuit breaker uses."""
+
+    async def circuit(self, listing_id: int) -> Circuit: ...
+
+    async def circuit_failed(self, listing_id: int, settings: BreakerSettings, now: float) -> Circuit: ...
+
+    async def circuit_reset(self, listing_id: int) -> None: ...
+
+    async def circuit_probe(self, listing_id: int, ttl_seconds: float, now: float) -> bool: ...
