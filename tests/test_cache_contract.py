@@ -13,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import shutil
 import socket
+import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
@@ -21,10 +24,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import redis
 
 from addon.cache import MISS, Cache, open_cache
 from addon.cache.memory import MemoryCache
-from addon.cache.redis import RedisCache
+from addon.cache.redis import RedisCache, rate_keys
 from addon.config import Config, RedisSettings
 from addon.model import Consumer, Listing
 from addon.ratelimit import US, LimitVerdict, Window, check, windows_for
@@ -568,3 +572,113 @@ async def test_redis_near_cache_serves_warm_entries_without_a_round_trip(tmp_pat
             assert await cache.get_consumer("h") is MISS
         finally:
             await cache.close()
+
+
+# --- O(1) memory and the Redis Cluster key layout ----------------------------------------------
+
+async def test_redis_memory_per_pair_is_constant_whatever_the_limits_and_the_calls(
+        redis_settings: RedisSettings) -> None:
+    """One small string per window: after 500 calls as after 1 (the sliding log held 500 entries)."""
+    cache = RedisCache(_config(redis_settings))
+    p = redis_settings.prefix
+    windows = windows_for(600, 1_000_000)  # 500 calls fit in the bursts
+    try:
+        assert (await cache.hit("3:k9", windows)).allowed
+        with redisutil.client(redis_settings) as r:
+            after_one = {k: r.memory_usage(k) for k in redisutil.keys(redis_settings)}
+        for _ in range(499):
+            assert (await cache.hit("3:k9", windows)).allowed
+        with redisutil.client(redis_settings) as r:
+            keys = redisutil.keys(redis_settings)
+            assert keys == {f"{p}rl:{{3:k9}}:60", f"{p}rl:{{3:k9}}:86400"}
+            assert all(r.type(k) == "string" and r.strlen(k) <= 16 for k in keys)
+            after_500 = {k: r.memory_usage(k) for k in keys}
+        # (A TAT a few ms ahead may already have expired when measured after one call.)
+        assert all(after_500[k] == size for k, size in after_one.items()) and after_one, (after_one, after_500)
+        assert max(after_500.values()) < 128, after_500
+        assert cache._epoch == 0
+    finally:
+        await cache.close()
+
+
+def crc16_xmodem(data: bytes) -> int:
+    """CRC16-CCITT (XMODEM), the checksum Redis Cluster hashes keys with."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def cluster_slot(key: str) -> int:
+    """The Redis Cluster slot of a key: only the text in the first `{...}` counts, when not empty."""
+    raw = key.encode()
+    start = raw.find(b"{")
+    if start != -1:
+        end = raw.find(b"}", start + 1)
+        if end > start + 1:
+            raw = raw[start + 1:end]
+    return crc16_xmodem(raw) % 16384
+
+
+HOSTILE_BUCKETS = ["3:k9", "3:user:42", "7:}", "7:{", "7:{x}", "7:}{", "7:a{b}c", "12:café ☕", "1:" + "z" * 300]
+
+
+def test_the_cluster_slot_function_matches_redis() -> None:
+    assert crc16_xmodem(b"123456789") == 0x31C3  # the CRC's published check value
+    assert cluster_slot("foo") == 12182 and cluster_slot("{foo}bar") == cluster_slot("foo")
+    assert cluster_slot("{}x") == crc16_xmodem(b"{}x") % 16384  # an empty tag hashes the whole key
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return
+    port = redisutil.free_port()
+    with tempfile.TemporaryDirectory() as workdir:  # a cluster-enabled server answers CLUSTER KEYSLOT
+        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--cluster-enabled", "yes", "--cluster-config-file", f"{workdir}/nodes.conf",
+                                 "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            r = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    r.ping()
+                    break
+                except redis.RedisError:
+                    assert time.monotonic() < deadline, "cluster-enabled redis-server did not start"
+                    time.sleep(0.05)
+            for bucket in HOSTILE_BUCKETS:
+                for key in rate_keys("mcpmeter:", bucket, windows_for(1, 1)) + [f"x{bucket}", bucket]:
+                    assert cluster_slot(key) == r.execute_command("CLUSTER", "KEYSLOT", key), key
+            r.close()
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("prefix", ["mcpmeter:", "", "tenant{7}:", "a}b:", "{:"])
+@pytest.mark.parametrize("bucket", HOSTILE_BUCKETS)
+def test_every_rate_limit_script_run_touches_one_cluster_slot(prefix: str, bucket: str) -> None:
+    keys = rate_keys(prefix, bucket, windows_for(60, 10_000))
+    assert len(keys) == 2 and len({cluster_slot(k) for k in keys}) == 1, keys
+
+
+async def test_the_keys_the_script_is_really_called_with_share_one_slot(redis_settings: RedisSettings) -> None:
+    cache = RedisCache(_config(redis_settings))
+    seen: list[list[str]] = []
+    real = cache._redis.evalsha
+
+    async def spy(sha: str, numkeys: int, *keys_and_args: str):
+        seen.append(list(keys_and_args[:numkeys]))
+        return await real(sha, numkeys, *keys_and_args)
+
+    cache._redis.evalsha = spy  # type: ignore[method-assign]
+    try:
+        for bucket in HOSTILE_BUCKETS:
+            await cache.hit(bucket, windows_for(60, 10_000))
+        assert len(seen) == len(HOSTILE_BUCKETS)
+        assert all(len(keys) == 2 and len({cluster_slot(k) for k in keys}) == 1 for keys in seen), seen
+        assert cache._epoch == 0
+    finally:
+        await cache.close()
