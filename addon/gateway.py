@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ log = logging.getLogger("mcpmeter")
 META = "mcpmeter"
 SETTLE_ATTEMPTS = 5
 MAX_BACKGROUND_SETTLEMENTS = 1000  # beyond this, responses wait for their settlement (backpressure)
+STOP_GRACE_SECONDS = 10.0  # on a stop, paid calls in flight get this long to be answered, then are refunded
 HARD_BODY_LIMIT_FACTOR = 4  # bodies up to 4x the limit are read and dropped to answer 413 cleanly
 
 
@@ -69,6 +70,7 @@ class Call:
     route: str = ""  # path and query as the client sent them
     rewriter: legacy_sse.EndpointRewriter | None = None  # a legacy SSE session's GET stream
     awaiting_stream: bool = False  # a legacy SSE POST whose answer comes on the session's stream
+    flow: http.HTTPFlow | None = field(default=None, repr=False)  # set when forwarded: a stop settles it
 
     def elapsed_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
@@ -89,7 +91,9 @@ class Mcpmeter:
         self.cache: Cache | None = None
         self.calls: dict[str, Call] = {}
         self.sweeper: asyncio.Task[None] | None = None
-        self.background: set[asyncio.Future[None]] = set()  # settlements of answered, billed calls
+        # Every settlement task, and the sweeper: one owner, drained by stop() before the store closes.
+        self.background: set[asyncio.Future[None]] = set()
+        self.stopping = False  # stop() has begun: no new call is admitted
         # Legacy SSE: (listing id, session route) -> JSON-RPC id -> a POSTed call awaiting its answer.
         self.awaiting: dict[tuple[int, str], dict[JsonId, tuple[http.HTTPFlow, Call]]] = {}
 
@@ -151,11 +155,77 @@ class Mcpmeter:
                     log.exception("mcpmeter: sweeping unsettled calls failed")
             await asyncio.sleep(min(60.0, config.stale_call_seconds / 4) if config else 60.0)
 
-    def done(self) -> None:
+    def done(self) -> asyncio.Task[None] | None:
+        """Stop: settle every call, then close the cache and the store (see `stop`).
+
+        mitmproxy 12.3 calls `done` two ways. On shutdown (SIGINT/SIGTERM) Master.run ends with
+        Master.done -> AddonManager.trigger_event -> invoke_addon, which awaits whatever a hook
+        returns, before the event loop ends. On a script reload AddonManager.remove calls
+        invoke_addon_sync, which refuses an `async def` hook (AddonManagerError: the reload breaks
+        half way) and drops what it returns, while the loop runs on. So `done` is a plain function
+        that returns the stop as a task: awaited to the end on shutdown, left to finish in the
+        background after a reload (referenced in `_closing`). With nothing to settle, it closes now.
+        """
+        self.stopping = True
         if self.sweeper is not None:
             self.sweeper.cancel()
+            self.sweeper = None
+        if not self.background and not self._unsettled():
+            self._close()
+            return None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop, so no task was ever started on one
+            self._close()
+            return None
+        task = loop.create_task(self.stop())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+        return task
+
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Drain, then close: every billed answer that went out gets its usage row.
+
+        New calls are refused (503 gateway_stopping) from the first moment. Paid calls in flight
+        get `grace` seconds to be answered and settle as usual; those still unanswered then are
+        aborted and refunded (an answer that comes after that is sent marked refunded, billed 0).
+        Then every settlement task is awaited, and only then are the cache and the store closed.
+        """
+        self.stopping = True
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._unsettled() and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for flow, call in self._unsettled():
+            log.warning("mcpmeter: stopping; refunding %s, still unanswered after %.0f s", call.request_id, grace)
+            call.failure = call.failure or Failure.INTERNAL
+            if call.awaiting_stream and call.listing is not None and call.priced is not None:
+                self.awaiting.get((call.listing.id, call.route), {}).pop(call.priced.rpc_id, None)
+                self._settle_awaiting(flow, call)
+            else:
+                self._cancel_deadline(call)
+                if flow.live:
+                    compat.abort_upstream(flow)
+                self._own(self._settle(flow, call))
+        await self.drain()
+        if self.cache is not None:
+            await self.cache.close()
+            self.cache = None
+        self._close()
+
+    def _unsettled(self) -> list[tuple[http.HTTPFlow, Call]]:
+        """Paid calls forwarded and not yet settled (nor settling)."""
+        pending = [(c.flow, c) for c in self.calls.values() if c.flow is not None]
+        pending += [fc for waiting in self.awaiting.values() for fc in waiting.values()]
+        return [(f, c) for f, c in pending if c.charged is not None and c.settlement is None]
+
+    def _close(self) -> None:
         if self.cache is not None:
             _close_later(self.cache)
+            self.cache = None
         if self.store is not None:
             self.store.close()
 
@@ -185,6 +255,9 @@ class Mcpmeter:
             return
         call = Call(request_id=str(uuid.uuid4()))
         credential = _redact(flow)
+        if self.stopping:  # draining for a stop: take no new money
+            await self._refuse(flow, call, GatewayError("gateway_stopping", headers={"Retry-After": "1"}))
+            return
         try:
             await self._meter(flow, call, credential)
         except GatewayError as e:
@@ -382,6 +455,7 @@ class Mcpmeter:
         timeout_ms = min(timeout_ms, self.config.max_upstream_timeout_ms)
         call.deadline = asyncio.get_running_loop().call_later(timeout_ms / 1000, self._on_deadline, flow, call)
         self.calls[flow.id] = call
+        call.flow = flow
         if listing.transport == "sse" and call.priced is not None:
             # Registered before forwarding: the answer can reach the session's stream before the 202.
             self.awaiting.setdefault((listing.id, call.route), {})[call.priced.rpc_id] = (flow, call)
@@ -416,7 +490,7 @@ class Mcpmeter:
                             # Settle now: the answer is what was paid for, whatever the stream does next.
                             call.outcome = outcome
                             self._cancel_deadline(call)
-                            call.settlement = asyncio.ensure_future(self._settle_now(flow, call))
+                            call.settlement = self._own(self._settle_now(flow, call))
                             break
             except Exception:
                 log.exception("mcpmeter: stream watcher %s failed", call.request_id)
@@ -471,7 +545,7 @@ class Mcpmeter:
             except Exception:
                 log.exception("mcpmeter: settling %s failed", call.request_id)
 
-        call.settlement = asyncio.ensure_future(settle())
+        call.settlement = self._own(settle())
 
     def _on_deadline(self, flow: http.HTTPFlow, call: Call) -> None:
         call.deadline = None
@@ -497,14 +571,22 @@ class Mcpmeter:
     # --- settlement -----------------------------------------------------------------------
 
     def _billed_without_refund(self, call: Call) -> bool:
-        if call.charged is None or call.listing is None or len(self.background) >= MAX_BACKGROUND_SETTLEMENTS:
-            return False  # not paid for, or settlements are backing up: wait for this one
+        if (call.charged is None or call.listing is None or call.settlement is not None
+                or len(self.background) >= MAX_BACKGROUND_SETTLEMENTS):
+            return False  # not paid for, settling already (a stop), or settlements backing up: wait
         return not _decision(call)[0].refund
 
     async def drain(self) -> None:
         """Wait for the settlements still being written (tests, and an orderly stop)."""
         while self.background:
             await asyncio.gather(*list(self.background), return_exceptions=True)
+
+    def _own(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+        """Start a settlement as a task of this addon's, which `drain` waits for."""
+        task = asyncio.ensure_future(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
 
     def _settle_in_background(self, flow: http.HTTPFlow, call: Call) -> None:
         async def settle() -> None:
@@ -514,13 +596,11 @@ class Mcpmeter:
                 log.exception("mcpmeter: settling %s failed; the sweeper will", call.request_id)
 
         _annotate(flow, call, *_decision(call))  # what mitmweb shows does not wait for the database
-        call.settlement = task = asyncio.ensure_future(settle())
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        call.settlement = self._own(settle())
 
     async def _settle(self, flow: http.HTTPFlow, call: Call) -> None:
         if call.settlement is None:
-            call.settlement = asyncio.ensure_future(self._settle_now(flow, call))
+            call.settlement = self._own(self._settle_now(flow, call))
         await call.settlement
 
     async def _settle_now(self, flow: http.HTTPFlow, call: Call, background: bool = False) -> None:
