@@ -94,6 +94,7 @@ class Mcpmeter:
         # Every settlement task, and the sweeper: one owner, drained by stop() before the store closes.
         self.background: set[asyncio.Future[None]] = set()
         self.stopping = False  # stop() has begun: no new call is admitted
+        self.admitting = 0  # calls inside the request hook (authenticating, charging)
         # Legacy SSE: (listing id, session route) -> JSON-RPC id -> a POSTed call awaiting its answer.
         self.awaiting: dict[tuple[int, str], dict[JsonId, tuple[http.HTTPFlow, Call]]] = {}
 
@@ -170,7 +171,7 @@ class Mcpmeter:
         if self.sweeper is not None:
             self.sweeper.cancel()
             self.sweeper = None
-        if not self.background and not self._unsettled():
+        if not self.background and not self.admitting and not self._unsettled():
             self._close()
             return None
         try:
@@ -186,8 +187,9 @@ class Mcpmeter:
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """Drain, then close: every billed answer that went out gets its usage row.
 
-        New calls are refused (503 gateway_stopping) from the first moment. Paid calls in flight
-        get `grace` seconds to be answered and settle as usual; those still unanswered then are
+        New calls are refused (503 gateway_stopping) from the first moment. Calls being admitted
+        (possibly charged, not yet forwarded) and paid calls in flight get `grace` seconds to be
+        answered and settle as usual; those still unanswered then are
         aborted and refunded (an answer that comes after that is sent marked refunded, billed 0).
         Then every settlement task is awaited, and only then are the cache and the store closed.
         """
@@ -197,7 +199,7 @@ class Mcpmeter:
             self.sweeper = None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while self._unsettled() and loop.time() < deadline:
+        while (self.admitting or self._unsettled()) and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for flow, call in self._unsettled():
             log.warning("mcpmeter: stopping; refunding %s, still unanswered after %.0f s", call.request_id, grace)
@@ -258,6 +260,7 @@ class Mcpmeter:
         if self.stopping:  # draining for a stop: take no new money
             await self._refuse(flow, call, GatewayError("gateway_stopping", headers={"Retry-After": "1"}))
             return
+        self.admitting += 1  # a stop waits for this call: it may be charged and not yet forwarded
         try:
             await self._meter(flow, call, credential)
         except GatewayError as e:
@@ -268,6 +271,8 @@ class Mcpmeter:
         except Exception:
             log.exception("mcpmeter: request %s failed; answering 500, not forwarding", call.request_id)
             await self._fail_closed(flow, call)
+        finally:
+            self.admitting -= 1
 
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
         call = self.calls.get(flow.id)
