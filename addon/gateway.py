@@ -31,7 +31,8 @@ from .clients import classify
 from .config import SLUG_RE, Config, ConfigError, load
 from .errors import GatewayError
 from .jsonrpc import JsonId, Outcome, PricedCall, answer_outcome, body_outcome, inspect_request
-from .model import ChargeRequest, ChargeResult, Consumer, Listing, Settlement, Verdict
+from .model import (ChargeRequest, ChargeResult, Consumer, ConsumerStatus, Listing, ListingStatus, Settlement,
+                    Transport, Verdict)
 from .ratelimit import headers as limit_headers, windows_for
 from .sse import SseParser
 from .store import Store, StoreUnavailable, open_store
@@ -285,7 +286,7 @@ class Mcpmeter:
                 await self.cache.bind_session(session, call.consumer.principal)
             if "text/event-stream" in flow.response.headers.get("content-type", "").lower():
                 call.parser = SseParser()
-                if call.listing is not None and call.listing.transport == "sse" and call.listing.upstream_url:
+                if call.listing is not None and call.listing.transport is Transport.SSE and call.listing.upstream_url:
                     call.rewriter = legacy_sse.EndpointRewriter(call.listing.upstream_url, call.listing.slug)
                 flow.response.stream = self._stream_watcher(flow, call)
                 if call.priced is None:
@@ -368,7 +369,7 @@ class Mcpmeter:
         if consumer is None:
             raise self._unauthorized(flow, sent=credential is not None or "authorization" in req.headers)
         call.consumer = consumer
-        if consumer.status == "suspended":
+        if consumer.status is ConsumerStatus.SUSPENDED:
             raise GatewayError("account_suspended")
         listing = await self._listing(slug)
         call.listing = listing
@@ -381,7 +382,7 @@ class Mcpmeter:
         if len(sessions) > 1:  # the upstream might read another one than the one checked here
             raise GatewayError("invalid_request", reason="one Mcp-Session-Id header at most")
         session = sessions[0] if sessions else None
-        if listing.transport == "sse" and subpath:
+        if listing.transport is Transport.SSE and subpath:
             session = _legacy_session(listing, req.path)
         if session:
             owner = await self.cache.session_owner(session)
@@ -444,7 +445,7 @@ class Mcpmeter:
 
     def _forward(self, flow: http.HTTPFlow, call: Call, listing: Listing, subpath: str, query: str) -> None:
         assert self.config is not None and listing.upstream_url
-        if listing.transport == "sse":
+        if listing.transport is Transport.SSE:
             url = legacy_sse.target_url(listing.upstream_url, subpath, query)
         else:
             url = forwarding.target_url(listing.upstream_url, subpath, query)
@@ -461,7 +462,7 @@ class Mcpmeter:
         call.deadline = asyncio.get_running_loop().call_later(timeout_ms / 1000, self._on_deadline, flow, call)
         self.calls[flow.id] = call
         call.flow = flow
-        if listing.transport == "sse" and call.priced is not None:
+        if listing.transport is Transport.SSE and call.priced is not None:
             # Registered before forwarding: the answer can reach the session's stream before the 202.
             self.awaiting.setdefault((listing.id, call.route), {})[call.priced.rpc_id] = (flow, call)
         flow.metadata[META]["decision"] = "forwarded"
@@ -506,7 +507,7 @@ class Mcpmeter:
     def _await_stream(self, flow: http.HTTPFlow, call: Call) -> bool:
         """A legacy SSE call answered 202: its result will come on the session's GET stream."""
         if (call.priced is None or call.outcome is not None or call.listing is None
-                or call.listing.transport != "sse" or call.status is None or not 200 <= call.status < 300):
+                or call.listing.transport is not Transport.SSE or call.status is None or not 200 <= call.status < 300):
             return False
         call.awaiting_stream = True
         self.calls.pop(flow.id, None)
@@ -659,7 +660,7 @@ class Mcpmeter:
     def _finish(self, flow: http.HTTPFlow, call: Call) -> None:
         self._cancel_deadline(call)
         self.calls.pop(flow.id, None)
-        if call.priced is not None and call.listing is not None and call.listing.transport == "sse":
+        if call.priced is not None and call.listing is not None and call.listing.transport is Transport.SSE:
             waiting = self.awaiting.get((call.listing.id, call.route))
             if waiting is not None and waiting.get(call.priced.rpc_id, (None, None))[1] is call:
                 del waiting[call.priced.rpc_id]
@@ -806,11 +807,11 @@ def _legacy_session(listing: Listing | None, route: str) -> str:
 def _check_live(listing: Listing | None) -> None:
     if listing is None:
         raise GatewayError("no_such_mcp")
-    if listing.status == "archived":
+    if listing.status is ListingStatus.ARCHIVED:
         raise GatewayError("mcp_archived")
-    if listing.status == "paused":
+    if listing.status is ListingStatus.PAUSED:
         raise GatewayError("mcp_paused")
-    if listing.status != "live" or not listing.upstream_url:
+    if listing.status is not ListingStatus.LIVE or not listing.upstream_url:
         raise GatewayError("mcp_not_yet_live")
 
 

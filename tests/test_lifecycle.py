@@ -122,3 +122,22 @@ async def test_a_stop_lets_calls_in_flight_finish_then_refunds_the_unanswered(gw
     assert hung.response.headers["X-Mcpmeter-Billed"] == "0"
     assert hung.response.headers["X-Mcpmeter-Refunded"] == "1"
     assert gw.db.balance() == OPENING - PRICE
+
+
+# --- the string-typed fields of addon.model are enums with the database's values ---------------
+
+def test_statuses_and_transports_are_enums_with_the_database_values() -> None:
+    from addon import config
+    from addon.model import Consumer, ConsumerStatus, Listing, ListingStatus, Transport
+
+    assert tuple(ListingStatus) == config.LISTING_STATUSES and tuple(Transport) == config.TRANSPORTS
+    listing = Listing(id=1, slug="a", status="paused", upstream_url=None, transport="sse")
+    assert listing.status is ListingStatus.PAUSED and listing.transport is Transport.SSE
+    assert Listing(id=1, slug="a", status="live", upstream_url=None).transport is Transport.STREAMABLE
+    with pytest.raises(ValueError):
+        Listing(id=1, slug="a", status="gone", upstream_url=None)
+    assert Consumer(user_id=1, project_id=1, status="active").status is ConsumerStatus.ACTIVE
+    # users.status is a varchar: a value the gateway does not know is refused, not let through.
+    assert Consumer(user_id=1, project_id=1, status="banned").status is ConsumerStatus.SUSPENDED
+    assert json.dumps({"status": listing.status, "transport": listing.transport}) == \
+        '{"status": "paused", "transport": "sse"}'  # cached in Redis as the plain values
