@@ -92,7 +92,7 @@ class Mcpmeter:
         self.cache: Cache | None = None
         self.calls: dict[str, Call] = {}
         self.sweeper: asyncio.Task[None] | None = None
-        # Every settlement task, and the sweeper: one owner, drained by stop() before the store closes.
+        # Every settlement task (see `_own`): drained by stop() before the store closes.
         self.background: set[asyncio.Future[None]] = set()
         self.stopping = False  # stop() has begun: no new call is admitted
         self.admitting = 0  # calls inside the request hook (authenticating, charging)
@@ -190,8 +190,10 @@ class Mcpmeter:
 
         New calls are refused (503 gateway_stopping) from the first moment. Calls being admitted
         (possibly charged, not yet forwarded) and paid calls in flight get `grace` seconds to be
-        answered and settle as usual; those still unanswered then are
-        aborted and refunded (an answer that comes after that is sent marked refunded, billed 0).
+        answered and settle as usual; those still unanswered then are aborted and refunded (an
+        answer that comes after that is sent marked refunded, billed 0). After a script reload the
+        old instance's calls get no more hooks (they reach the new instance, which does not know
+        them), so they are refunded at the end of the grace.
         Then every settlement task is awaited, and only then are the cache and the store closed.
         """
         self.stopping = True
@@ -212,7 +214,7 @@ class Mcpmeter:
                 self._cancel_deadline(call)
                 if flow.live:
                     compat.abort_upstream(flow)
-                self._own(self._settle(flow, call))
+                call.settlement = self._own(self._settle_now(flow, call))
         await self.drain()
         if self.cache is not None:
             await self.cache.close()
