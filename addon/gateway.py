@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,8 @@ from .config import SLUG_RE, Config, ConfigError, load
 from .errors import GatewayError
 from .jsonrpc import JsonId, Outcome, PricedCall, answer_outcome, body_outcome, inspect_request
 from .metrics import Metrics, cache_degraded
-from .model import ChargeRequest, ChargeResult, Consumer, Listing, Settlement, Verdict
+from .model import (ChargeRequest, ChargeResult, Consumer, ConsumerStatus, Listing, ListingStatus, Settlement,
+                    Transport, Verdict)
 from .ratelimit import headers as limit_headers, windows_for
 from .sse import SseParser
 from .store import Store, StoreUnavailable, open_store
@@ -43,6 +44,7 @@ log = logging.getLogger("mcpmeter")
 META = "mcpmeter"
 SETTLE_ATTEMPTS = 5
 MAX_BACKGROUND_SETTLEMENTS = 1000  # beyond this, responses wait for their settlement (backpressure)
+STOP_GRACE_SECONDS = 10.0  # on a stop, paid calls in flight get this long to be answered, then are refunded
 HARD_BODY_LIMIT_FACTOR = 4  # bodies up to 4x the limit are read and dropped to answer 413 cleanly
 
 
@@ -74,6 +76,7 @@ class Call:
     awaiting_stream: bool = False  # a legacy SSE POST whose answer comes on the session's stream
     rpc_id: JsonId | None = None  # the JSON-RPC id a refusal answers (rpc_errors.peek_id)
     forwarded: float | None = None  # monotonic time the call left for the upstream
+    flow: http.HTTPFlow | None = field(default=None, repr=False)  # set when forwarded: a stop settles it
 
     def elapsed_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
@@ -94,7 +97,10 @@ class Mcpmeter:
         self.cache: Cache | None = None
         self.calls: dict[str, Call] = {}
         self.sweeper: asyncio.Task[None] | None = None
-        self.background: set[asyncio.Future[None]] = set()  # settlements of answered, billed calls
+        # Every settlement task (see `_own`): drained by stop() before the store closes.
+        self.background: set[asyncio.Future[None]] = set()
+        self.stopping = False  # stop() has begun: no new call is admitted
+        self.admitting = 0  # calls inside the request hook (authenticating, charging)
         # Legacy SSE: session identity (_legacy_session) -> JSON-RPC id -> the POSTed calls awaiting
         # their answer, oldest first (an id POSTed twice is answered twice, each answer settles one).
         self.awaiting: dict[str, dict[JsonId, list[tuple[http.HTTPFlow, Call]]]] = {}
@@ -160,11 +166,80 @@ class Mcpmeter:
                     log.exception("mcpmeter: sweeping unsettled calls failed")
             await asyncio.sleep(min(60.0, config.stale_call_seconds / 4) if config else 60.0)
 
-    def done(self) -> None:
+    def done(self) -> asyncio.Task[None] | None:
+        """Stop: settle every call, then close the cache and the store (see `stop`).
+
+        mitmproxy 12.3 calls `done` two ways. On shutdown (SIGINT/SIGTERM) Master.run ends with
+        Master.done -> AddonManager.trigger_event -> invoke_addon, which awaits whatever a hook
+        returns, before the event loop ends. On a script reload AddonManager.remove calls
+        invoke_addon_sync, which refuses an `async def` hook (AddonManagerError: the reload breaks
+        half way) and drops what it returns, while the loop runs on. So `done` is a plain function
+        that returns the stop as a task: awaited to the end on shutdown, left to finish in the
+        background after a reload (referenced in `_closing`). With nothing to settle, it closes now.
+        """
+        self.stopping = True
         if self.sweeper is not None:
             self.sweeper.cancel()
+            self.sweeper = None
+        if not self.background and not self.admitting and not self._unsettled():
+            self._close()
+            return None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop, so no task was ever started on one
+            self._close()
+            return None
+        task = loop.create_task(self.stop())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+        return task
+
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Drain, then close: every billed answer that went out gets its usage row.
+
+        New calls are refused (503 gateway_stopping) from the first moment. Calls being admitted
+        (possibly charged, not yet forwarded) and paid calls in flight get `grace` seconds to be
+        answered and settle as usual; those still unanswered then are aborted and refunded (an
+        answer that comes after that is sent marked refunded, billed 0). After a script reload the
+        old instance's calls get no more hooks (they reach the new instance, which does not know
+        them), so they are refunded at the end of the grace.
+        Then every settlement task is awaited, and only then are the cache and the store closed.
+        """
+        self.stopping = True
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while (self.admitting or self._unsettled()) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for flow, call in self._unsettled():
+            log.warning("mcpmeter: stopping; refunding %s, still unanswered after %.0f s", call.request_id, grace)
+            call.failure = call.failure or Failure.INTERNAL
+            if call.awaiting_stream:
+                self._unregister(call)
+                self._settle_awaiting(flow, call)
+            else:
+                self._cancel_deadline(call)
+                if flow.live:
+                    compat.abort_upstream(flow)
+                call.settlement = self._own(self._settle_now(flow, call))
+        await self.drain()
+        if self.cache is not None:
+            await self.cache.close()
+            self.cache = None
+        self._close()
+
+    def _unsettled(self) -> list[tuple[http.HTTPFlow, Call]]:
+        """Paid calls forwarded and not yet settled (nor settling)."""
+        pending = [(c.flow, c) for c in self.calls.values() if c.flow is not None]
+        pending += [fc for waiting in self.awaiting.values() for calls in waiting.values() for fc in calls]
+        return [(f, c) for f, c in pending if c.charged is not None and c.settlement is None]
+
+    def _close(self) -> None:
         if self.cache is not None:
             _close_later(self.cache)
+            self.cache = None
         if self.store is not None:
             self.store.close()
 
@@ -194,6 +269,10 @@ class Mcpmeter:
             return
         call = Call(request_id=str(uuid.uuid4()))
         credential = _redact(flow)
+        if self.stopping:  # draining for a stop: take no new money
+            await self._refuse(flow, call, GatewayError("gateway_stopping", headers={"Retry-After": "1"}))
+            return
+        self.admitting += 1  # a stop waits for this call: it may be charged and not yet forwarded
         try:
             await self._meter(flow, call, credential)
         except GatewayError as e:
@@ -204,6 +283,8 @@ class Mcpmeter:
         except Exception:
             log.exception("mcpmeter: request %s failed; answering 500, not forwarding", call.request_id)
             await self._fail_closed(flow, call)
+        finally:
+            self.admitting -= 1
 
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
         call = self.calls.get(flow.id)
@@ -216,7 +297,7 @@ class Mcpmeter:
                 await self.cache.bind_session(session, call.consumer.principal)
             if "text/event-stream" in flow.response.headers.get("content-type", "").lower():
                 call.parser = SseParser()
-                if call.listing is not None and call.listing.transport == "sse" and call.listing.upstream_url:
+                if call.listing is not None and call.listing.transport is Transport.SSE and call.listing.upstream_url:
                     call.rewriter = legacy_sse.EndpointRewriter(call.listing.upstream_url, call.listing.slug)
                 flow.response.stream = self._stream_watcher(flow, call)
                 if call.priced is None:
@@ -310,7 +391,7 @@ class Mcpmeter:
         if consumer is None:
             raise self._unauthorized(flow, sent=credential is not None or "authorization" in req.headers)
         call.consumer = consumer
-        if consumer.status == "suspended":
+        if consumer.status is ConsumerStatus.SUSPENDED:
             raise GatewayError("account_suspended")
         listing = await self._listing(slug)
         call.listing = listing
@@ -323,7 +404,7 @@ class Mcpmeter:
         if len(sessions) > 1:  # the upstream might read another one than the one checked here
             raise GatewayError("invalid_request", reason="one Mcp-Session-Id header at most")
         session = sessions[0] if sessions else None
-        if listing.transport == "sse" and subpath:
+        if listing.transport is Transport.SSE and subpath:
             session = call.legacy_session = _legacy_session(listing.id, subpath, query)
         if session:
             owner = await self.cache.session_owner(session)
@@ -388,7 +469,7 @@ class Mcpmeter:
     def _forward(self, flow: http.HTTPFlow, call: Call, listing: Listing, subpath: str, query: str) -> None:
         assert self.config is not None and listing.upstream_url
         try:
-            if listing.transport == "sse":
+            if listing.transport is Transport.SSE:
                 url = legacy_sse.target_url(listing.upstream_url, subpath, query)
             else:
                 url = forwarding.target_url(listing.upstream_url, subpath, query)
@@ -402,7 +483,8 @@ class Mcpmeter:
             flow.request.headers.add(name, value)
         call.deadline = asyncio.get_running_loop().call_later(self._timeout(listing), self._on_deadline, flow, call)
         self.calls[flow.id] = call
-        if listing.transport == "sse" and call.priced is not None and call.legacy_session:
+        call.flow = flow
+        if listing.transport is Transport.SSE and call.priced is not None and call.legacy_session:
             # Registered before forwarding: the answer can reach the session's stream before the 202.
             self.awaiting.setdefault(call.legacy_session, {}).setdefault(call.priced.rpc_id, []).append((flow, call))
         flow.metadata[META]["decision"] = "forwarded"
@@ -447,7 +529,7 @@ class Mcpmeter:
                             # Settle now: the answer is what was paid for, whatever the stream does next.
                             call.outcome = outcome
                             self._cancel_deadline(call)
-                            call.settlement = asyncio.ensure_future(self._settle_now(flow, call))
+                            call.settlement = self._own(self._settle_now(flow, call))
                             break
             except Exception:
                 log.exception("mcpmeter: stream watcher %s failed", call.request_id)
@@ -458,7 +540,7 @@ class Mcpmeter:
     def _await_stream(self, flow: http.HTTPFlow, call: Call) -> bool:
         """A legacy SSE call answered 202: its result will come on the session's GET stream,
         or its deadline (the listing's timeout, counted from the call's start) refunds it."""
-        if (call.priced is None or call.listing is None or call.listing.transport != "sse"
+        if (call.priced is None or call.listing is None or call.listing.transport is not Transport.SSE
                 or call.status is None or not 200 <= call.status < 300):
             return False
         if call.outcome is not None:
@@ -527,7 +609,7 @@ class Mcpmeter:
             except Exception:
                 log.exception("mcpmeter: settling %s failed", call.request_id)
 
-        call.settlement = asyncio.ensure_future(settle())
+        call.settlement = self._own(settle())
 
     def _on_deadline(self, flow: http.HTTPFlow, call: Call) -> None:
         call.deadline = None
@@ -552,14 +634,22 @@ class Mcpmeter:
     # --- settlement -----------------------------------------------------------------------
 
     def _billed_without_refund(self, call: Call) -> bool:
-        if call.charged is None or call.listing is None or len(self.background) >= MAX_BACKGROUND_SETTLEMENTS:
-            return False  # not paid for, or settlements are backing up: wait for this one
+        if (call.charged is None or call.listing is None or call.settlement is not None
+                or len(self.background) >= MAX_BACKGROUND_SETTLEMENTS):
+            return False  # not paid for, settling already (a stop), or settlements backing up: wait
         return not _decision(call)[0].refund
 
     async def drain(self) -> None:
         """Wait for the settlements still being written (tests, and an orderly stop)."""
         while self.background:
             await asyncio.gather(*list(self.background), return_exceptions=True)
+
+    def _own(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+        """Start a settlement as a task of this addon's, which `drain` waits for."""
+        task = asyncio.ensure_future(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
 
     def _settle_in_background(self, flow: http.HTTPFlow, call: Call) -> None:
         async def settle() -> None:
@@ -569,13 +659,11 @@ class Mcpmeter:
                 log.exception("mcpmeter: settling %s failed; the sweeper will", call.request_id)
 
         _annotate(flow, call, *_decision(call))  # what mitmweb shows does not wait for the database
-        call.settlement = task = asyncio.ensure_future(settle())
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        call.settlement = self._own(settle())
 
     async def _settle(self, flow: http.HTTPFlow, call: Call) -> None:
         if call.settlement is None:
-            call.settlement = asyncio.ensure_future(self._settle_now(flow, call))
+            call.settlement = self._own(self._settle_now(flow, call))
         await call.settlement
 
     async def _settle_now(self, flow: http.HTTPFlow, call: Call, background: bool = False) -> None:
@@ -797,11 +885,11 @@ def _legacy_session(listing_id: int, subpath: str, query: str) -> str:
 def _check_live(listing: Listing | None) -> None:
     if listing is None:
         raise GatewayError("no_such_mcp")
-    if listing.status == "archived":
+    if listing.status is ListingStatus.ARCHIVED:
         raise GatewayError("mcp_archived")
-    if listing.status == "paused":
+    if listing.status is ListingStatus.PAUSED:
         raise GatewayError("mcp_paused")
-    if listing.status != "live" or not listing.upstream_url:
+    if listing.status is not ListingStatus.LIVE or not listing.upstream_url:
         raise GatewayError("mcp_not_yet_live")
 
 

@@ -9,17 +9,49 @@ from enum import StrEnum
 MICRO_CENTS_PER_CENT = 1_000_000
 
 
+class ConsumerStatus(StrEnum):
+    """users.status (a varchar): any value but these two is refused as suspended (fail closed)."""
+
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+
+    @classmethod
+    def _missing_(cls, value: object) -> ConsumerStatus:
+        return cls.SUSPENDED
+
+
+class ListingStatus(StrEnum):
+    """mcps.status, a MySQL enum."""
+
+    DRAFT = "draft"
+    REVIEW = "review"
+    LIVE = "live"
+    PAUSED = "paused"
+    ARCHIVED = "archived"
+
+
+class Transport(StrEnum):
+    """mcps.transport, a MySQL enum."""
+
+    HTTP = "http"
+    SSE = "sse"
+    STREAMABLE = "streamable"
+
+
 @dataclass(frozen=True, slots=True)
 class Consumer:
     """Who is calling: resolved from an API key or an OAuth access token."""
 
     user_id: int
     project_id: int
-    status: str  # users.status: 'active' | 'suspended'
+    status: ConsumerStatus  # a str from the database is converted
     key_id: int | None = None  # api_keys.id; None for OAuth tokens
     token_id: int | None = None  # oauth_access_tokens.id
     env: str = "live"  # 'live' | 'test' | 'oauth'
     expires_at: float | None = None  # OAuth tokens expire; a cached one must not outlive that
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", ConsumerStatus(self.status))
 
     @property
     def principal(self) -> str:
@@ -33,9 +65,9 @@ class Listing:
 
     id: int
     slug: str
-    status: str  # draft | review | live | paused | archived
+    status: ListingStatus  # strs from the database are converted (an unknown one raises ValueError)
     upstream_url: str | None
-    transport: str = "streamable"  # http | sse | streamable
+    transport: Transport = Transport.STREAMABLE
     upstream_headers: Mapping[str, str] = field(default_factory=dict)
     free_calls_per_consumer: int = 0
     rate_limit_per_minute: int | None = None
@@ -44,6 +76,10 @@ class Listing:
     default_price: int | None = None  # µ¢ per call; None/0 = free
     tool_prices: Mapping[str, int] = field(default_factory=dict)
     bill_tool_errors: bool = False  # bill results with isError: true
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", ListingStatus(self.status))
+        object.__setattr__(self, "transport", Transport(self.transport))
 
 
 class Verdict(StrEnum):

@@ -1,9 +1,9 @@
 """The cache contract, run on both adapters; then what only Redis promises.
 
 Both adapters: positive and negative caching with their own TTLs, faithful round trips, the
-sliding-window limit (N allowed then refused, exact Retry-After, refused calls uncounted, windows
+GCRA limit (N allowed then refused, exact Retry-After, refused calls uncounted, windows
 and buckets independent), MCP session ownership. Redis only: its Lua script decides exactly as
-`ratelimit.verdict` does, call for call; two gateways share one limit exactly under concurrency;
+`ratelimit.check` does, call for call; two gateways share one limit exactly under concurrency;
 keys live under the prefix with the promised TTLs; a dead, hung or restarted Redis never stalls or
 fails a call, and the cache comes back to Redis by itself.
 """
@@ -13,22 +13,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import shutil
 import socket
+import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
 from dataclasses import replace
-from fractions import Fraction
 from pathlib import Path
 
 import pytest
+import redis
 
 from addon.cache import MISS, Cache, open_cache
 from addon.cache.memory import MemoryCache
-from addon.cache.redis import RedisCache
+from addon.cache.redis import RedisCache, rate_keys
 from addon.config import Config, RedisSettings
 from addon.model import Consumer, Listing
-from addon.ratelimit import LimitVerdict, Window, verdict, windows_for
+from addon.ratelimit import US, LimitVerdict, Window, check, windows_for
 from tests import redisutil
 
 pytestmark = pytest.mark.timeout(60)
@@ -145,10 +148,10 @@ async def test_n_calls_per_window_then_refused_with_exact_retry_after(make_cache
     assert [v.allowed for v in verdicts] == [True, True, True, False]
     assert [v.remaining for v in verdicts[:3]] == [2, 1, 0]
     assert all(v.scope == "minute" and v.limit == 3 for v in verdicts)
-    assert verdicts[0].reset_seconds == 60 and verdicts[0].retry_after == 0
+    assert verdicts[0].reset_seconds == 20 and verdicts[0].retry_after == 0  # one cell: 60 s / 3
     refused = verdicts[3]
-    # The first call leaves the 60 s window a few ms from now.
-    assert refused.remaining == 0 and refused.retry_after in (59, 60) and refused.reset_seconds == refused.retry_after
+    # One cell (20 s) refills a few ms from now.
+    assert refused.remaining == 0 and refused.retry_after in (19, 20) and refused.reset_seconds == refused.retry_after
 
 
 async def test_refused_calls_are_not_counted(make_cache: MakeCache) -> None:
@@ -156,12 +159,12 @@ async def test_refused_calls_are_not_counted(make_cache: MakeCache) -> None:
     windows = (Window("minute", 2, 2), Window("day", 3600, 100))
     start = time.monotonic()
     assert [(await cache.hit("b", windows)).allowed for _ in range(2)] == [True, True]
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(0.5)
     refused = [await cache.hit("b", windows) for _ in range(3)]
     assert not any(v.allowed for v in refused)
-    assert {v.retry_after for v in refused} == {1}  # the first call leaves at start + 2 s
+    assert {v.retry_after for v in refused} == {1}  # one cell (1 s) refills at start + 1 s
     await asyncio.sleep(2.1 - (time.monotonic() - start))
-    # The accepted calls have left the window; the refused ones (1 s old) were never in it.
+    # The window is full again; the refused calls moved no TAT (counted, they would still weigh 3 s).
     again = [await cache.hit("b", windows) for _ in range(3)]
     assert [v.allowed for v in again] == [True, True, False]
 
@@ -177,13 +180,13 @@ async def test_day_window_counts_independently_of_the_minute_window(make_cache: 
     assert third.allowed and third.scope == "day" and third.limit == 3 and third.remaining == 0
     fourth = await cache.hit("b", windows)
     assert not fourth.allowed and fourth.scope == "day" and fourth.limit == 3
-    assert 3597 <= fourth.retry_after <= 3598  # the first call leaves the hour 2.1 s after it came
+    assert 1197 <= fourth.retry_after <= 1198  # the day's next cell (3600 s / 3) refills 2.1 s earlier
 
 
 async def test_the_tightest_window_is_reported(make_cache: MakeCache) -> None:
     cache = make_cache()
     v = await cache.hit("b", windows_for(10, 3))
-    assert v == LimitVerdict(True, "day", 3, 2, 86_400)
+    assert v == LimitVerdict(True, "day", 3, 2, 28_800)  # back to full one cell (86400 s / 3) from now
 
 
 async def test_retry_after_waits_for_every_refusing_window(make_cache: MakeCache) -> None:
@@ -194,13 +197,13 @@ async def test_retry_after_waits_for_every_refusing_window(make_cache: MakeCache
     assert not v.allowed and v.scope == "day" and v.retry_after == 4
 
 
-async def test_reset_tracks_the_oldest_call_in_the_window(make_cache: MakeCache) -> None:
+async def test_reset_is_until_the_window_is_full_again(make_cache: MakeCache) -> None:
     cache = make_cache()
-    windows = (Window("minute", 5, 3),)
-    assert (await cache.hit("b", windows)).reset_seconds == 5
+    windows = (Window("minute", 5, 3),)  # one cell: 5/3 s
+    assert (await cache.hit("b", windows)).reset_seconds == 2  # ceil(1.67)
     await asyncio.sleep(1.2)
     v = await cache.hit("b", windows)
-    assert v.allowed and v.remaining == 1 and v.reset_seconds == 4  # ceil(5 - 1.2)
+    assert v.allowed and v.remaining == 1 and v.reset_seconds == 3  # ceil(2 * 5/3 - 1.2)
 
 
 async def test_a_zero_limit_refuses_everything(make_cache: MakeCache) -> None:
@@ -305,20 +308,17 @@ async def test_the_script_decides_exactly_as_the_pure_verdict(redis_settings: Re
 
 
 async def test_the_script_uses_redis_time_and_matches_the_pure_verdict(redis_settings: RedisSettings) -> None:
-    """On the server's own clock: replay the times it judged at through `ratelimit.verdict`, exactly."""
+    """On the server's own clock: replay the times it judged at through `ratelimit.check`, exactly."""
     cache = RedisCache(_config(redis_settings))
     windows = (Window("minute", 1, 3), Window("day", 3, 5))
-    logs: list[list[Fraction]] = [[], []]
+    tats: tuple[int, ...] = (0, 0)
     outcomes = []
     try:
         for _ in range(14):
             got, now_us = await cache._hit_redis("b", windows)
             assert abs(now_us / 1e6 - time.time()) < 5, "the script's clock is Redis TIME, in µs"
-            now = Fraction(now_us, 1_000_000)
-            assert got == verdict(logs, windows, now)
-            if got.allowed:
-                for log in logs:
-                    log.append(now)
+            expected, tats = check(now_us, tats, windows)
+            assert got == expected
             outcomes.append(got.allowed)
             await asyncio.sleep(0.12)
         assert True in outcomes and False in outcomes
@@ -334,10 +334,11 @@ async def test_two_gateways_share_one_limit_exactly(redis_settings: RedisSetting
         allowed = [v for v in verdicts if v.allowed]
         assert len(allowed) == 30
         assert sorted(v.remaining for v in allowed) == list(range(30))  # each slot handed out once
-        assert all(v.scope == "minute" and v.retry_after in (59, 60) for v in verdicts if not v.allowed)
-        with redisutil.client(redis_settings) as r:
-            assert r.zcard(f"{redis_settings.prefix}rl:7:k1:60") == 30
-            assert r.zcard(f"{redis_settings.prefix}rl:7:k1:86400") == 30
+        assert all(v.scope == "minute" and v.retry_after in (1, 2) for v in verdicts if not v.allowed)  # 1 cell: 2 s
+        with redisutil.client(redis_settings) as r:  # 30 cells ahead of the first call in each window
+            tat_minute = int(r.get(f"{redis_settings.prefix}rl:{{7:k1}}:60"))
+            tat_day = int(r.get(f"{redis_settings.prefix}rl:{{7:k1}}:86400"))
+            assert tat_day - tat_minute == 30 * (86_400 * US // 1000) - 30 * (60 * US // 30)
         assert [g._epoch for g in gateways] == [0, 0]
     finally:
         for g in gateways:
@@ -358,15 +359,16 @@ async def test_keys_live_under_the_prefix_with_their_ttls(redis_settings: RedisS
         with redisutil.client(redis_settings) as r:
             assert redisutil.keys(redis_settings) == {
                 f"{p}key:abc", f"{p}key:guess", f"{p}mcp:weather", f"{p}session:sess",
-                f"{p}rl:3:k9:60", f"{p}rl:3:k9:86400"}
+                f"{p}rl:{{3:k9}}:60", f"{p}rl:{{3:k9}}:86400"}
             ttl = {k.removeprefix(p): r.pttl(k) for k in redisutil.keys(redis_settings)}
             assert 59_000 < ttl["key:abc"] <= 60_000
             assert 29_000 < ttl["key:guess"] <= 30_000  # the negative TTL
             assert 119_000 < ttl["mcp:weather"] <= 120_000
             assert 86_399_000 < ttl["session:sess"] <= 86_400_000
-            assert 59_000 < ttl["rl:3:k9:60"] <= 60_000
-            assert 86_399_000 < ttl["rl:3:k9:86400"] <= 86_400_000
-            assert r.zcard(f"{p}rl:3:k9:60") == 1 and r.zcard(f"{p}rl:3:k9:86400") == 1
+            # A TAT lives until it falls behind the clock: one cell after one call (60 s / 1, 86400 s / 5).
+            assert 59_000 < ttl["rl:{3:k9}:60"] <= 60_000
+            assert 17_279_000 < ttl["rl:{3:k9}:86400"] <= 17_280_000
+            assert r.get(f"{p}rl:{{3:k9}}:60").isdigit() and r.get(f"{p}rl:{{3:k9}}:86400").isdigit()
             assert r.get(f"{p}key:guess") == "null"
         assert cache._epoch == 0
     finally:
@@ -402,7 +404,7 @@ async def test_a_flushed_script_cache_is_refilled(tmp_path: Path) -> None:
                 r.script_flush()
             assert (await cache.hit("b", windows)).remaining == 3
             with redisutil.client(settings) as r:
-                assert r.zcard(f"{settings.prefix}rl:b:60") == 2
+                assert r.get(f"{settings.prefix}rl:{{b}}:60").isdigit()
             assert cache._epoch == 0
         finally:
             await cache.close()
@@ -480,7 +482,7 @@ async def test_redis_going_down_falls_back_to_memory_and_comes_back_by_itself(
             # Redis is used again: the new, empty server starts counting afresh and holds the keys.
             assert (await cache.hit("b", windows)).remaining == 4
             await cache.put_listing("weather", LISTING)
-            assert redisutil.keys(settings) == {f"{settings.prefix}rl:b:60", f"{settings.prefix}rl:b:86400",
+            assert redisutil.keys(settings) == {f"{settings.prefix}rl:{{b}}:60", f"{settings.prefix}rl:{{b}}:86400",
                                                 f"{settings.prefix}mcp:weather", f"{settings.prefix}probe"}
             assert _transitions(caplog) == ["down", "up"]
         finally:
@@ -570,3 +572,113 @@ async def test_redis_near_cache_serves_warm_entries_without_a_round_trip(tmp_pat
             assert await cache.get_consumer("h") is MISS
         finally:
             await cache.close()
+
+
+# --- O(1) memory and the Redis Cluster key layout ----------------------------------------------
+
+async def test_redis_memory_per_pair_is_constant_whatever_the_limits_and_the_calls(
+        redis_settings: RedisSettings) -> None:
+    """One small string per window: after 500 calls as after 1 (the sliding log held 500 entries)."""
+    cache = RedisCache(_config(redis_settings))
+    p = redis_settings.prefix
+    windows = windows_for(600, 1_000_000)  # 500 calls fit in the bursts
+    try:
+        assert (await cache.hit("3:k9", windows)).allowed
+        with redisutil.client(redis_settings) as r:
+            after_one = {k: r.memory_usage(k) for k in redisutil.keys(redis_settings)}
+        for _ in range(499):
+            assert (await cache.hit("3:k9", windows)).allowed
+        with redisutil.client(redis_settings) as r:
+            keys = redisutil.keys(redis_settings)
+            assert keys == {f"{p}rl:{{3:k9}}:60", f"{p}rl:{{3:k9}}:86400"}
+            assert all(r.type(k) == "string" and r.strlen(k) <= 16 for k in keys)
+            after_500 = {k: r.memory_usage(k) for k in keys}
+        # (A TAT a few ms ahead may already have expired when measured after one call.)
+        assert all(after_500[k] == size for k, size in after_one.items()) and after_one, (after_one, after_500)
+        assert max(after_500.values()) < 128, after_500
+        assert cache._epoch == 0
+    finally:
+        await cache.close()
+
+
+def crc16_xmodem(data: bytes) -> int:
+    """CRC16-CCITT (XMODEM), the checksum Redis Cluster hashes keys with."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def cluster_slot(key: str) -> int:
+    """The Redis Cluster slot of a key: only the text in the first `{...}` counts, when not empty."""
+    raw = key.encode()
+    start = raw.find(b"{")
+    if start != -1:
+        end = raw.find(b"}", start + 1)
+        if end > start + 1:
+            raw = raw[start + 1:end]
+    return crc16_xmodem(raw) % 16384
+
+
+HOSTILE_BUCKETS = ["3:k9", "3:user:42", "7:}", "7:{", "7:{x}", "7:}{", "7:a{b}c", "12:café ☕", "1:" + "z" * 300]
+
+
+def test_the_cluster_slot_function_matches_redis() -> None:
+    assert crc16_xmodem(b"123456789") == 0x31C3  # the CRC's published check value
+    assert cluster_slot("foo") == 12182 and cluster_slot("{foo}bar") == cluster_slot("foo")
+    assert cluster_slot("{}x") == crc16_xmodem(b"{}x") % 16384  # an empty tag hashes the whole key
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return
+    port = redisutil.free_port()
+    with tempfile.TemporaryDirectory() as workdir:  # a cluster-enabled server answers CLUSTER KEYSLOT
+        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--cluster-enabled", "yes", "--cluster-config-file", f"{workdir}/nodes.conf",
+                                 "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            r = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    r.ping()
+                    break
+                except redis.RedisError:
+                    assert time.monotonic() < deadline, "cluster-enabled redis-server did not start"
+                    time.sleep(0.05)
+            for bucket in HOSTILE_BUCKETS:
+                for key in rate_keys("mcpmeter:", bucket, windows_for(1, 1)) + [f"x{bucket}", bucket]:
+                    assert cluster_slot(key) == r.execute_command("CLUSTER", "KEYSLOT", key), key
+            r.close()
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("prefix", ["mcpmeter:", "", "tenant{7}:", "a}b:", "{:"])
+@pytest.mark.parametrize("bucket", HOSTILE_BUCKETS)
+def test_every_rate_limit_script_run_touches_one_cluster_slot(prefix: str, bucket: str) -> None:
+    keys = rate_keys(prefix, bucket, windows_for(60, 10_000))
+    assert len(keys) == 2 and len({cluster_slot(k) for k in keys}) == 1, keys
+
+
+async def test_the_keys_the_script_is_really_called_with_share_one_slot(redis_settings: RedisSettings) -> None:
+    cache = RedisCache(_config(redis_settings))
+    seen: list[list[str]] = []
+    real = cache._redis.evalsha
+
+    async def spy(sha: str, numkeys: int, *keys_and_args: str):
+        seen.append(list(keys_and_args[:numkeys]))
+        return await real(sha, numkeys, *keys_and_args)
+
+    cache._redis.evalsha = spy  # type: ignore[method-assign]
+    try:
+        for bucket in HOSTILE_BUCKETS:
+            await cache.hit(bucket, windows_for(60, 10_000))
+        assert len(seen) == len(HOSTILE_BUCKETS)
+        assert all(len(keys) == 2 and len({cluster_slot(k) for k in keys}) == 1 for keys in seen), seen
+        assert cache._epoch == 0
+    finally:
+        await cache.close()

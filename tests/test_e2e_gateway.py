@@ -245,7 +245,7 @@ async def test_rate_limit_429_with_exact_retry_after(gateway: Gateway, backend: 
     assert [r.status_code for r in responses] == [200, 200, 200, 429]
     refused = responses[3]
     assert refusal(refused)["error"] == "rate_limited" and refusal(refused)["scope"] == "minute"
-    assert 55 <= int(refused.headers["Retry-After"]) <= 60
+    assert 15 <= int(refused.headers["Retry-After"]) <= 20  # GCRA: the next of 3 cells refills 60 s / 3 after the burst
     assert refused.headers["RateLimit-Remaining"] == "0"
     assert responses[0].headers["RateLimit-Remaining"] == "2"
     assert backend.balance(c.user_id) == 10_000 - 30  # the refused call cost nothing

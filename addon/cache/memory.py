@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Sequence
 
 from cachetools import TTLCache
 
 from ..config import Config
 from ..model import Consumer, Listing
-from ..ratelimit import LimitVerdict, Window, verdict
+from ..ratelimit import US, LimitVerdict, Window, check
 from .base import MISS, _Miss
 from .breaker import MemoryBreakers
 
@@ -23,8 +22,9 @@ class MemoryCache(MemoryBreakers):
         self._consumers: TTLCache[str, Consumer] = TTLCache(100_000, config.key_cache_ttl_seconds, timer=clock)
         self._listings: TTLCache[str, Listing] = TTLCache(10_000, config.mcp_cache_ttl_seconds, timer=clock)
         self._unknown: TTLCache[str, bool] = TTLCache(100_000, config.negative_cache_ttl_seconds, timer=clock)
-        # A bucket idle for a day has nothing left in any window.
-        self._windows: TTLCache[str, tuple[deque[float], ...]] = TTLCache(200_000, 86_400, timer=clock)
+        # One TAT per window of a bucket (GCRA, see addon.ratelimit). A TAT is at most one window
+        # ahead of the clock, so a bucket idle for a day is back to full and can be forgotten.
+        self._tats: TTLCache[str, tuple[tuple[int, int], ...]] = TTLCache(200_000, 86_400, timer=clock)
         self._sessions: TTLCache[str, str] = TTLCache(100_000, SESSION_TTL, timer=clock)
 
     async def get_consumer(self, key_hash: str) -> Consumer | None | _Miss:
@@ -55,18 +55,11 @@ class MemoryCache(MemoryBreakers):
         return self.hit_now(bucket, windows)
 
     def hit_now(self, bucket: str, windows: Sequence[Window]) -> LimitVerdict:
-        now = self._clock()
-        logs = self._windows.get(bucket)
-        if logs is None or len(logs) != len(windows):
-            logs = tuple(deque() for _ in windows)
-        for log, w in zip(logs, windows, strict=True):
-            while log and log[0] <= now - w.seconds:
-                log.popleft()
-        v = verdict(logs, windows, now)
-        if v.allowed:
-            for log in logs:
-                log.append(now)
-        self._windows[bucket] = logs  # re-set so the idle TTL restarts
+        now = round(self._clock() * US)
+        stored = dict(self._tats.get(bucket, ()))  # window length -> TAT
+        v, tats = check(now, [stored.get(w.seconds, 0) for w in windows], windows)
+        if v.allowed:  # a refused call changes no TAT
+            self._tats[bucket] = tuple((w.seconds, tat) for w, tat in zip(windows, tats))
         return v
 
     async def bind_session(self, session_id: str, principal: str) -> None:

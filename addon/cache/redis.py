@@ -2,13 +2,15 @@
 
 Keys (all under the configured prefix): `key:<sha256>` and `mcp:<slug>` hold a Consumer or a
 Listing as JSON (`null` caches "no such key/listing" for the negative TTL), `session:<id>` the
-principal that opened an MCP session, `rl:<bucket>:<seconds>` the sliding log of one rate window
-(a sorted set of accepted call times, in microseconds of Redis server time).
+principal that opened an MCP session, `rl:{<bucket>}:<seconds>` the GCRA TAT of one rate window
+(one integer, µs of Redis server time; see addon.ratelimit). A bucket is `<listing id>:<principal>`
+and its windows' keys share the hash tag `{<bucket>}`, so the one script that touches them together
+runs unchanged on Redis Cluster; every other operation touches a single key.
 
-A rate-limit check is one EVALSHA of RATE_LIMIT_SCRIPT: prune, count and decide over every window,
-then record the call in all of them or in none, atomically and on the server's clock, so any
-number of gateways share one exact limit. The verdict is built from the script's counts by the
-same rules as `ratelimit.verdict` (tests prove the two agree call for call).
+A rate-limit check is one EVALSHA of RATE_LIMIT_SCRIPT: decide over every window, then advance all
+of their TATs or none, atomically and on the server's clock, so any number of gateways share one
+limit, in O(1) memory per (listing, consumer) pair. The verdict is built from the TATs the script
+saw by `ratelimit.check` itself (tests prove the two agree call for call).
 
 Redis is a cache here, never the source of truth, so it must not take the gateway down: a call
 that fails or takes longer than OP_TIMEOUT falls back to a per-process MemoryCache, one WARNING
@@ -24,7 +26,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import fields
@@ -38,7 +39,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from ..config import Config
 from ..model import Consumer, Listing
-from ..ratelimit import LimitVerdict, Window
+from ..ratelimit import LimitVerdict, Window, check
 from .base import MISS, _Miss
 from .breaker import RedisBreakers
 from .memory import SESSION_TTL, MemoryCache
@@ -51,55 +52,42 @@ OP_TIMEOUT = 0.75  # seconds for a whole operation, connection set-up included
 PROBE_INTERVAL = 1.0  # while degraded, at most one probe per this many seconds
 NEAR_CACHE_SECONDS = 2.0  # how long a key or listing read from Redis is reused in-process
 
-_US = 1_000_000
 _T = TypeVar("_T")
 
-# KEYS[i]  the sorted set of window i (scores and members: accepted call times, µs).
-# ARGV[1]  a unique id for this call; ARGV[2] "now" in µs, or "" for the server's TIME.
-# ARGV[2i+1], ARGV[2i+2]  window i's length in whole seconds and its limit.
-# Returns {allowed (1/0), now_us, then per window: count, oldest_us, anchor_us} where count is the
-# calls inside the window before this one, oldest_us the oldest of them (0 if none), and anchor_us
-# (refused windows with limit > 0, else 0) the call whose leaving makes room: the window frees at
-# anchor_us + length. A window holds the calls with time > now - length, as in ratelimit.verdict.
+# GCRA over every window of one bucket, the same arithmetic as `ratelimit.decide` (all integers in
+# µs; Lua's doubles hold them exactly until the year 2255).
+# KEYS[i]  window i's TAT (a string of µs), `rl:{<bucket>}:<seconds>`: one hash tag, one slot.
+# ARGV[1]  "now" in µs, or "" for the server's TIME.
+# ARGV[3i-1], ARGV[3i], ARGV[3i+1]  window i's limit, emission interval T and tolerance tau (µs).
+# Returns {allowed (1/0), now, then each window's TAT as it was before this call (0 if none)}.
+# Only when every window conforms are the new TATs written, each expiring when it falls behind
+# `now` (then it means the same as no key): refused calls change nothing.
 RATE_LIMIT_SCRIPT = """
 local now
-if ARGV[2] ~= '' then
-  now = tonumber(ARGV[2])
+if ARGV[1] ~= '' then
+  now = tonumber(ARGV[1])
 else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-local out = {0, now}
-local allowed = 1
+local out = {1, now}
+local base = {}
 for i = 1, #KEYS do
-  local key = KEYS[i]
-  local length = tonumber(ARGV[2 * i + 1]) * 1000000
-  local limit = tonumber(ARGV[2 * i + 2])
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%d', now - length))
-  local count = redis.call('ZCARD', key)
-  local oldest, anchor = 0, 0
-  if count > 0 then
-    oldest = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0') or 0
+  local limit = tonumber(ARGV[3 * i - 1])
+  local tau = tonumber(ARGV[3 * i + 1])
+  base[i] = math.max(tat, now)
+  if limit <= 0 or base[i] - now > tau then
+    out[1] = 0
   end
-  if count >= limit then
-    allowed = 0
-    if limit > 0 then
-      anchor = tonumber(redis.call('ZRANGE', key, count - limit, count - limit, 'WITHSCORES')[2])
-    end
-  end
-  out[#out + 1] = count
-  out[#out + 1] = oldest
-  out[#out + 1] = anchor
+  out[#out + 1] = tat
 end
-if allowed == 1 then
-  local score = string.format('%d', now)
-  local member = score .. '-' .. ARGV[1]
+if out[1] == 1 then
   for i = 1, #KEYS do
-    redis.call('ZADD', KEYS[i], score, member)
-    redis.call('PEXPIRE', KEYS[i], string.format('%d', tonumber(ARGV[2 * i + 1]) * 1000))
+    local new = base[i] + tonumber(ARGV[3 * i])
+    redis.call('SET', KEYS[i], string.format('%d', new), 'PX', string.format('%d', math.ceil((new - now) / 1000)))
   end
 end
-out[1] = allowed
 return out
 """
 _SCRIPT_SHA = hashlib.sha1(RATE_LIMIT_SCRIPT.encode()).hexdigest()
@@ -133,8 +121,6 @@ class RedisCache(RedisBreakers):
         self._epoch = 0  # bumped on every transition, so a failure from before one cannot undo it
         self._last_probe = float("-inf")
         self._probe: asyncio.Task[None] | None = None
-        self._instance = secrets.token_hex(6)  # with a call counter: unique members in the logs
-        self._calls = 0
 
     # --- consumers and listings ---------------------------------------------------------------
 
@@ -201,19 +187,26 @@ class RedisCache(RedisBreakers):
 
     async def _hit_redis(self, bucket: str, windows: Sequence[Window],
                          now_us: int | None = None) -> tuple[LimitVerdict, int]:
-        """One script run; also returns the time it judged at (µs). `now_us` overrides it, for tests."""
-        self._calls += 1
-        keys = [f"{self._prefix}rl:{bucket}:{w.seconds}" for w in windows]
-        args: list[str] = [f"{self._instance}.{self._calls}", "" if now_us is None else str(now_us)]
+        """One script run; also returns the time it judged at (µs). `now_us` overrides it, for tests.
+
+        The script reads Redis's own clock (TIME) rather than taking `now` from the gateway: every
+        gateway then judges on one clock, so a gateway whose clock runs ahead cannot push a TAT
+        into the future for everyone (nor one running behind grant extra calls), and a TAT written
+        by one gateway means the same to all. Redis >= 5 replicates a script's effects, not the
+        script, so calling TIME in a script that writes is allowed."""
+        keys = rate_keys(self._prefix, bucket, windows)
+        args: list[str] = ["" if now_us is None else str(now_us)]
         for w in windows:
-            args += [str(w.seconds), str(w.limit)]
+            args += [str(w.limit), *((str(w.interval_us), str(w.tolerance_us)) if w.limit > 0 else ("0", "0"))]
         try:
             reply = await self._redis.evalsha(_SCRIPT_SHA, len(keys), *keys, *args)
         except NoScriptError:  # a new or flushed server: EVAL sends the text and caches it
             reply = await self._redis.eval(RATE_LIMIT_SCRIPT, len(keys), *keys, *args)
-        allowed, now = bool(reply[0]), int(reply[1])
-        counts = [tuple(int(x) for x in reply[2 + 3 * i: 5 + 3 * i]) for i in range(len(windows))]
-        return verdict_from_counts(allowed, counts, windows, now), now
+        now = int(reply[1])
+        v, _ = check(now, [int(x) for x in reply[2:]], windows)  # the verdict, from the TATs the script saw
+        if v.allowed != bool(reply[0]):  # cannot happen: the same integer arithmetic on both sides
+            raise RedisError(f"rate-limit script and ratelimit.check disagree for {bucket!r}")
+        return v, now
 
     # --- MCP sessions ---------------------------------------------------------------------------
 
@@ -302,32 +295,12 @@ class RedisCache(RedisBreakers):
             self._probe = None
 
 
-def verdict_from_counts(allowed: bool, counts: Sequence[tuple[int, ...]], windows: Sequence[Window],
-                        now: int) -> LimitVerdict:
-    """`ratelimit.verdict`, computed from the script's per-window (count, oldest, anchor) in exact µs."""
-    refused: list[tuple[int, Window]] = []
-    tightest: tuple[int, int, Window] | None = None
-    for (count, oldest, anchor), w in zip(counts, windows, strict=True):
-        length = w.seconds * _US
-        if count >= w.limit:
-            frees_at = anchor + length if w.limit > 0 else now + length
-            refused.append((frees_at - now, w))
-            continue
-        remaining = w.limit - count - 1
-        reset = _ceil_seconds(oldest + length - now) if count else w.seconds
-        if tightest is None or remaining < tightest[0]:
-            tightest = (remaining, reset, w)
-    if refused:
-        wait, w = max(refused, key=lambda r: r[0])
-        retry = max(1, _ceil_seconds(wait))
-        return LimitVerdict(False, w.scope, w.limit, 0, retry, retry)
-    assert allowed and tightest is not None
-    remaining, reset, w = tightest
-    return LimitVerdict(True, w.scope, w.limit, remaining, max(reset, 1))
-
-
-def _ceil_seconds(us: int) -> int:
-    return -(-us // _US)
+def rate_keys(prefix: str, bucket: str, windows: Sequence[Window]) -> list[str]:
+    """The keys of one bucket's windows. `{bucket}` is a Redis Cluster hash tag: only the text
+    between the first `{` and the next `}` is hashed, and every key here starts with the same
+    `<prefix>rl:{<bucket>`, so all land in one slot (whatever the bucket holds, `}` included, and
+    as long as the prefix has no braces of its own; with them, the prefix's tag rules: one slot)."""
+    return [f"{prefix}rl:{{{bucket}}}:{w.seconds}" for w in windows]
 
 
 def _encode_listing(listing: Listing) -> dict[str, Any]:
