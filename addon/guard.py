@@ -7,8 +7,9 @@ script loader, so after the meter), and stays there across reloads. Its `request
 answers 503 `meter_unavailable` to every flow that no working meter has claimed and that
 nobody has answered: a meter claims a flow only when it decided to forward it.
 
-It imports nothing that a reload or a broken dependency could take away, and keeps no
-state but a weak set of claimed flows.
+It also redacts credential headers in `requestheaders` (a no-op after the meter did), so a
+flow saved while no meter is loaded holds no key either. It imports nothing that a reload or
+a broken dependency could take away, and keeps no state but a weak set of claimed flows.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from mitmproxy import http
 
 from .errors import ERRORS
+from .redaction import redact_credentials
 
 log = logging.getLogger("mcpmeter")
 
@@ -37,6 +39,10 @@ def claim(flow: http.HTTPFlow) -> None:
 
 class FailClosedGuard:
     name = NAME
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # The meter redacts first; without one, the guard does (idempotent), before any flow is saved.
+        redact_credentials(flow.request.headers)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None or not flow.live:

@@ -19,7 +19,7 @@ GATEWAY_PREFIX = "x-mcpmeter-"
 def redact_credentials(headers: Headers, key_prefix: str | None = None) -> None:
     """Replace every credential header's value; a bearer key keeps its displayable prefix."""
     for name in CREDENTIAL_HEADERS:
-        if name in headers:
+        if name in headers and not all(v.endswith(REDACTED) for v in headers.get_all(name)):
             shown = f"Bearer {key_prefix} {REDACTED}" if name == "authorization" and key_prefix else REDACTED
             headers[name] = shown
 

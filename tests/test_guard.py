@@ -53,3 +53,15 @@ def test_install_adds_one_guard_at_the_end_of_the_chain() -> None:
         assert [type(a) for a in chain].count(guard.FailClosedGuard) == 1
         assert isinstance(chain[-1], guard.FailClosedGuard)
     guard.install(None)  # imported outside mitmproxy: nothing to guard
+
+
+def test_guard_redacts_credentials_and_keeps_the_meters_redaction() -> None:
+    flow = live_flow()
+    flow.request.headers["Authorization"] = "Bearer mcpm_live_secret0123456789"
+    flow.request.headers["Cookie"] = "s=secret"
+    guard.FailClosedGuard().requestheaders(flow)
+    assert "secret" not in repr(flow.request.headers)
+    already = live_flow()
+    already.request.headers["Authorization"] = "Bearer mcpm_live_se… (redacted)"  # what the meter shows
+    guard.FailClosedGuard().requestheaders(already)
+    assert already.request.headers["Authorization"] == "Bearer mcpm_live_se… (redacted)"
