@@ -250,6 +250,7 @@ class Mcpmeter:
                 self._finish(flow, call)
 
     async def error(self, flow: http.HTTPFlow) -> None:
+        _credentials.pop(flow, None)  # died between requestheaders and request
         call = self.calls.get(flow.id)
         if call is None:
             return

@@ -1172,3 +1172,13 @@ async def test_only_forwarded_flows_are_claimed_for_the_guard(gw: Gw) -> None:
     assert forwarded_flow in guard._claimed and refused_flow not in guard._claimed
     assert refused_flow.response is not None and refused_flow.response.status_code == 401
     await upstream_answers(gw, forwarded_flow, json_response({"jsonrpc": "2.0", "id": 1, "result": {}}))
+
+
+async def test_a_flow_that_dies_before_request_leaves_no_credential_behind(gw: Gw) -> None:
+    from addon import gateway
+
+    flow = make_flow()
+    gw.addon.requestheaders(flow)
+    assert flow in gateway._credentials
+    await upstream_fails(gw, flow, "Client disconnected.")
+    assert flow not in gateway._credentials
