@@ -222,7 +222,11 @@ def abort_upstream(flow: http.HTTPFlow) -> bool:
     for conn in list(handler.transports):
         # While connecting, the flow does not hold its server connection yet: find it by address.
         # HTTP/1 clients have one request in flight per connection, so the match is this flow's.
-        if isinstance(conn, Server) and (conn is flow.server_conn or conn.address == target):
+        # An HTTP/2 client's other streams hold their own connections to the same upstream once
+        # connected: only a connection still being opened can be this flow's.
+        if not isinstance(conn, Server):
+            continue
+        if conn is flow.server_conn or (conn.address == target and not (flow.request.is_http2 and conn.connected)):
             handler.close_connection(conn)
             closed = True
     return closed

@@ -227,6 +227,20 @@ def test_abort_upstream_closes_the_flows_connection_or_the_one_it_is_opening() -
         assert compat.abort_upstream(flow) is False and handler.closed == []
 
 
+def test_abort_upstream_of_an_http2_stream_spares_the_other_streams_connections() -> None:
+    proxyserver = FakeProxyserver()
+    with taddons.context(proxyserver):
+        flow = tflow.tflow()
+        flow.request.url = "http://127.0.0.1:4000/mcp"
+        flow.request.http_version = "HTTP/2.0"
+        other_stream = server_conn(("127.0.0.1", 4000))
+        other_stream.state = ConnectionState.OPEN  # another stream's call, in flight
+        connecting = server_conn(("127.0.0.1", 4000))
+        handler = proxyserver.connections[flow.client_conn.id] = FakeHandler(other_stream, connecting)
+        assert compat.abort_upstream(flow) is True
+        assert handler.closed == [connecting]
+
+
 def test_client_gone() -> None:
     flow = tflow.tflow()
     flow.error = tflow.terr("Client disconnected.")
