@@ -269,14 +269,18 @@ def test_a_script_that_stops_loading_leaves_every_request_refused(recorder: Reco
         script.parent.mkdir()
         shutil.copy(ROOT / "mcpmeter_addon.py", script)
         original = script.read_text()
+        flows_file = tmp_path / "flows.mitm"
+        key = f"mcpm_live_{uuid.uuid4().hex}"
         gw = start_gateway(backend.config(), tmp_path, env={**backend.env(), "PYTHONPATH": str(ROOT)},
-                           script=script, reverse_target=recorder.url)  # the reverse target is a live server
+                           script=script, reverse_target=recorder.url,  # the reverse target is a live server
+                           extra_args=["-w", str(flows_file)])
         try:
             def health() -> int:
                 return httpx2.get(gw.url + "/health", timeout=5).status_code
 
-            def unauthenticated_call() -> httpx2.Response:
-                return httpx2.post(gw.url + "/some-slug", content=tools_call(), headers=MCP_HEADERS, timeout=5)
+            def unauthenticated_call() -> httpx2.Response:  # an unknown key: 401 when metered
+                return httpx2.post(gw.url + "/some-slug", content=tools_call(), timeout=5,
+                                   headers={**MCP_HEADERS, "Authorization": f"Bearer {key}"})
 
             seen = len(recorder.requests)
             assert health() == 200 and unauthenticated_call().status_code == 401  # metered
@@ -297,5 +301,9 @@ def test_a_script_that_stops_loading_leaves_every_request_refused(recorder: Reco
             assert gw.proc.poll() is None
         finally:
             gw.stop()
+        raw, flows = saved(flows_file)
+        refused = [f for f in flows if f.response is not None and f.response.status_code == 503
+                   and f.request.path == "/some-slug"]
+        assert len(refused) == 2 and key.encode() not in raw  # the guard redacted what it refused
     finally:
         backend.close()
