@@ -9,14 +9,27 @@ gateway close both gaps:
 - `abort_upstream` closes a flow's server connection, connecting or connected, through
   the proxyserver's connection handler, which mitmproxy turns into the flow's `error`.
 
+- `Http2Server._handle_event` does the same for HTTP/2 clients, per stream (the stream of a
+  failed flow is learnt in `HttpStream.handle_protocol_error`), and answers failures the addon
+  did not register with a JSON body instead of mitmproxy's text/html page;
+- `Http1Client.send` / `_http2.format_h2_request_headers` put the publisher's upstream headers
+  into the bytes sent upstream, so the flow (saved with `-w`, shown by mitmweb) only ever holds
+  a redacted marker for them (`hide_upstream_headers`).
+
 `install()` checks the internals it relies on and raises if they moved, so a mitmproxy
-upgrade fails at start instead of silently serving HTML or never timing out.
+upgrade fails at start instead of silently serving HTML, leaking secrets or never timing out.
+mitmproxy's own error messages name upstream addresses: they are logged with a request id
+and never sent to the client.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Generator
+import logging
+import uuid
+import weakref
+from collections.abc import Generator, Iterable
 from typing import Any
 
 from cachetools import TTLCache
@@ -24,14 +37,32 @@ from mitmproxy import ctx, http, version
 from mitmproxy.connection import ConnectionState, Server
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands
-from mitmproxy.proxy.layers.http import ResponseProtocolError, _base, _http1, _http2
+from mitmproxy.proxy import layers as _layers
+from mitmproxy.proxy.layers.http import RequestHeaders, ResponseProtocolError, _base, _http1, _http2, _http3
+
+from .errors import ERRORS
+from .redaction import REDACTED
+
+log = logging.getLogger("mcpmeter")
 
 TESTED_VERSIONS = ("12.3.",)
 
 # client connection id -> raw HTTP/1 response to send instead of mitmproxy's error page.
 # Entries are consumed at once; the TTL only bounds what a vanished connection leaves behind.
 _pending: TTLCache[str, bytes] = TTLCache(maxsize=100_000, ttl=120)
+# (client connection id, stream id) -> the response an HTTP/2 client gets for a failed stream.
+_pending_h2: TTLCache[tuple[str, int], http.Response] = TTLCache(maxsize=100_000, ttl=120)
+# A failed HTTP/2 flow -> its stream id on the client connection, learnt as the failure is handled.
+_h2_streams: weakref.WeakKeyDictionary[http.HTTPFlow, int] = weakref.WeakKeyDictionary()
+# A request on its way upstream -> the publisher's header values the flow shows as REDACTED.
+_hidden: weakref.WeakKeyDictionary[http.Request, list[tuple[str, str]]] = weakref.WeakKeyDictionary()
 _installed = False
+
+_INTERNALS: tuple[tuple[Any, str], ...] = (
+    (_http1.Http1Server, "send"), (_http1.Http1Client, "send"), (_http1, "make_error_response"),
+    (_http2, "format_error"), (_http2.Http2Server, "_handle_event"), (_http2, "format_h2_request_headers"),
+    (_http3, "format_error"), (_layers.http.HttpStream, "handle_protocol_error"),
+)
 
 
 def install() -> None:
@@ -43,9 +74,11 @@ def install() -> None:
             f"mcpmeter was tested with mitmproxy {', '.join(TESTED_VERSIONS)}x, not {version.VERSION}; "
             "its upstream timeouts and JSON error pages depend on mitmproxy internals"
         )
-    for owner, name in ((_http1.Http1Server, "send"), (_http1, "make_error_response"), (_http2, "format_error")):
-        if not callable(getattr(owner, name, None)):
+    for owner, name in _INTERNALS:
+        if not callable(vars(owner).get(name)):
             raise RuntimeError(f"mitmproxy internals changed: {owner.__name__}.{name} is missing")
+    if [f.name for f in dataclasses.fields(RequestHeaders)][:3] != ["stream_id", "request", "end_stream"]:
+        raise RuntimeError("mitmproxy internals changed: RequestHeaders fields")
     original_send = _http1.Http1Server.send
 
     def send(self: _http1.Http1Server, event: Any) -> Generator[commands.Command, Any, None]:
@@ -58,28 +91,114 @@ def install() -> None:
         yield from original_send(self, event)
 
     _http1.Http1Server.send = send  # type: ignore[method-assign]
+    _install_http2_answers()
+    _install_upstream_headers()
     # Errors the addon did not answer itself (malformed requests...) still get a JSON body.
     _http1.make_error_response = _json_error_response
     _http2.format_error = _json_error_body
+    _http3.format_error = _json_error_body
     _base.format_error = _json_error_body
     _installed = True
 
 
+def _install_http2_answers() -> None:
+    original_protocol_error = _layers.http.HttpStream.handle_protocol_error
+    original_h2_event = _http2.Http2Server._handle_event
+
+    def handle_protocol_error(self: Any, event: Any) -> Generator[commands.Command, Any, None]:
+        flow = getattr(self, "flow", None)
+        if flow is not None and flow.request.is_http2:
+            _h2_streams[flow] = self.stream_id  # read by answer_failed_flow, from the error hook
+        return (yield from original_protocol_error(self, event))
+
+    def h2_event(self: _http2.Http2Server, event: Any) -> Generator[commands.Command, Any, None]:
+        if isinstance(event, ResponseProtocolError) and self.is_open_for_us(event.stream_id):
+            stream = self.h2_conn.streams[event.stream_id]
+            answer = _pending_h2.pop((self.conn.id, event.stream_id), None)
+            status = event.code.http_status_code()
+            if not stream.state_machine.headers_sent and (answer is not None or status is not None):
+                response = answer or _proxy_error(status or 502, event.message)
+                headers = [(b":status", b"%d" % response.status_code)] + [
+                    (k.lower(), v) for k, v in response.headers.fields
+                    if k.lower() not in (b"connection", b"content-length")]
+                self.h2_conn.send_headers(event.stream_id, headers)
+                self.h2_conn.send_data(event.stream_id, response.raw_content or b"", end_stream=True)
+                yield commands.SendData(self.conn, self.h2_conn.data_to_send())
+                return
+        yield from original_h2_event(self, event)
+
+    _layers.http.HttpStream.handle_protocol_error = handle_protocol_error  # type: ignore[method-assign]
+    _http2.Http2Server._handle_event = h2_event  # type: ignore[method-assign]
+
+
+def _install_upstream_headers() -> None:
+    original_h1_send = _http1.Http1Client.send
+    original_h2_headers = _http2.format_h2_request_headers
+
+    def h1_send(self: _http1.Http1Client, event: Any) -> Generator[commands.Command, Any, None]:
+        if isinstance(event, RequestHeaders) and event.request in _hidden:
+            event = dataclasses.replace(event, request=_revealed(event.request))
+        yield from original_h1_send(self, event)
+
+    def h2_headers(context: Any, event: RequestHeaders) -> Generator[commands.Command, Any, Any]:
+        if event.request in _hidden:
+            event = dataclasses.replace(event, request=_revealed(event.request))
+        return (yield from original_h2_headers(context, event))
+
+    _http1.Http1Client.send = h1_send  # type: ignore[method-assign]
+    _http2.format_h2_request_headers = h2_headers
+
+
+def hide_upstream_headers(request: http.Request, names: Iterable[str]) -> None:
+    """Show the named headers as REDACTED on the flow; their values go only into the bytes sent upstream."""
+    hidden: list[tuple[str, str]] = []
+    for name in dict.fromkeys(n.lower() for n in names):
+        values = request.headers.get_all(name)
+        if values:
+            hidden.extend((name, v) for v in values)
+            request.headers.set_all(name, [REDACTED] * len(values))
+    if hidden:
+        _hidden[request] = hidden
+
+
+def _revealed(request: http.Request) -> http.Request:
+    """A copy of `request` with the hidden values back, for the wire only; the secret leaves the registry."""
+    hidden = _hidden.pop(request, [])
+    real = request.copy()
+    for name in dict.fromkeys(n for n, _ in hidden):
+        real.headers.set_all(name, [v for n, v in hidden if n == name])
+    return real
+
+
+def _proxy_error(status_code: int, message: str) -> http.Response:
+    """mitmproxy's own failure, answered as gateway JSON: the detail (it may name an upstream
+    address or echo client bytes) goes to the log under the request id, never to the client."""
+    request_id = str(uuid.uuid4())
+    log.info("mcpmeter: proxy error %d %s: %s", status_code, request_id, message)
+    spec = ERRORS["proxy_error"]
+    body = json.dumps({"error": spec.code, "message": spec.message, "request_id": request_id}).encode()
+    return http.Response.make(status_code, body, {
+        "Server": "mcpmeter", "Content-Type": "application/json",
+        "X-Mcpmeter-Request-Id": request_id, "X-Mcpmeter-Billed": "0"})
+
+
 def _json_error_body(status_code: int, message: str) -> bytes:
-    return json.dumps({"error": "proxy_error", "message": message}).encode()
+    return _proxy_error(status_code, message).raw_content or b""
 
 
 def _json_error_response(status_code: int, message: str = "") -> bytes:
-    resp = http.Response.make(
-        status_code,
-        _json_error_body(status_code, message),
-        {"Server": "mcpmeter", "Connection": "close", "Content-Type": "application/json"},
-    )
+    resp = _proxy_error(status_code, message)
+    resp.headers["Connection"] = "close"
     return http1.assemble_response(resp)
 
 
 def answer_failed_flow(flow: http.HTTPFlow, response: http.Response) -> None:
     """Have the client receive `response` when this flow's upstream failure is reported."""
+    if flow.request.is_http2:
+        stream_id = _h2_streams.pop(flow, None)
+        if stream_id is not None:
+            _pending_h2[(flow.client_conn.id, stream_id)] = response
+        return  # no stream known (a kill in requestheaders): the stream is reset
     response.headers["Connection"] = "close"
     response.headers["Content-Length"] = str(len(response.raw_content or b""))
     _pending[flow.client_conn.id] = http1.assemble_response(response)
@@ -87,6 +206,9 @@ def answer_failed_flow(flow: http.HTTPFlow, response: http.Response) -> None:
 
 def forget(flow: http.HTTPFlow) -> None:
     _pending.pop(flow.client_conn.id, None)
+    stream_id = _h2_streams.pop(flow, None)
+    if stream_id is not None:
+        _pending_h2.pop((flow.client_conn.id, stream_id), None)
 
 
 def abort_upstream(flow: http.HTTPFlow) -> bool:
@@ -100,7 +222,11 @@ def abort_upstream(flow: http.HTTPFlow) -> bool:
     for conn in list(handler.transports):
         # While connecting, the flow does not hold its server connection yet: find it by address.
         # HTTP/1 clients have one request in flight per connection, so the match is this flow's.
-        if isinstance(conn, Server) and (conn is flow.server_conn or conn.address == target):
+        # An HTTP/2 client's other streams hold their own connections to the same upstream once
+        # connected: only a connection still being opened can be this flow's.
+        if not isinstance(conn, Server):
+            continue
+        if conn is flow.server_conn or (conn.address == target and not (flow.request.is_http2 and conn.connected)):
             handler.close_connection(conn)
             closed = True
     return closed

@@ -36,12 +36,14 @@ _TABLE = [
     ErrorSpec(410, "mcp_archived", "This listing has been archived by its publisher."),
     ErrorSpec(413, "payload_too_large", "The request body is over the gateway's limit."),
     ErrorSpec(429, "rate_limited", "Too many calls; retry after the number of seconds in Retry-After."),
+    ErrorSpec(400, "proxy_error", "The gateway's HTTP layer could not read or complete this request (the status says which)."),
     ErrorSpec(500, "internal_error", "The gateway failed to meter this call; it was not forwarded and not billed."),
     ErrorSpec(502, "upstream_failed", "The MCP server could not be reached or failed before answering; the call was refunded."),
     ErrorSpec(503, "mcp_paused", "The publisher has paused this listing."),
     ErrorSpec(503, "mcp_not_yet_live", "This listing is not live yet."),
     ErrorSpec(503, "store_unavailable", "The billing database is unavailable; the call was not forwarded."),
     ErrorSpec(503, "gateway_stopping", "This gateway is stopping; the call was not forwarded. Retry shortly."),
+    ErrorSpec(503, "meter_unavailable", "The meter is not loaded (a failed reload?); nothing is forwarded until it is back."),
     ErrorSpec(504, "upstream_timeout", "The MCP server did not answer in time; the call was refunded."),
 ]
 

@@ -17,13 +17,14 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
 
-from . import billing, compat, forwarding, legacy_sse, origins, paths, rpc_errors
+from . import billing, compat, forwarding, guard, legacy_sse, origins, paths, redaction, rpc_errors
 from .auth import Credential, challenge, parse_authorization
 from .billing import Failure
 from .cache import MISS, Cache, open_cache
@@ -246,12 +247,13 @@ class Mcpmeter:
     # --- hooks -------------------------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # First, before anything can fail: a flow that dies before `request` keeps no credential.
+        _credentials[flow] = _redact(flow)
         if flow.response or flow.error or not flow.live or self.config is None:
             return
         length = flow.request.headers.get("content-length", "")
         limit = self.config.max_body_bytes
         if length.isdigit() and int(length) > limit:
-            _redact(flow)  # `request`, which redacts the key, never runs for this flow
             flow.metadata[META] = {"decision": "refused", "error": "payload_too_large"}
             flow.comment, flow.marked = "refused 413 payload_too_large", ":no_entry:"
             answer = self._error_response(GatewayError("payload_too_large", limit_bytes=limit), Call(str(uuid.uuid4())))
@@ -268,13 +270,15 @@ class Mcpmeter:
         if flow.response or flow.error or not flow.live:
             return
         call = Call(request_id=str(uuid.uuid4()))
-        credential = _redact(flow)
+        credential = _credentials.pop(flow) if flow in _credentials else _redact(flow)
         if self.stopping:  # draining for a stop: take no new money
             await self._refuse(flow, call, GatewayError("gateway_stopping", headers={"Retry-After": "1"}))
             return
         self.admitting += 1  # a stop waits for this call: it may be charged and not yet forwarded
         try:
             await self._meter(flow, call, credential)
+            if flow.response is None:
+                guard.claim(flow)  # metered and forwarded: the fail-closed guard lets it pass
         except GatewayError as e:
             await self._refuse(flow, call, e)
         except StoreUnavailable as e:
@@ -290,6 +294,7 @@ class Mcpmeter:
         call = self.calls.get(flow.id)
         if call is None or flow.response is None:
             return
+        redaction.drop_gateway_headers(flow.response.headers)  # only the gateway says X-Mcpmeter-*
         try:
             call.status = flow.response.status_code
             session = flow.response.headers.get("mcp-session-id")
@@ -335,6 +340,7 @@ class Mcpmeter:
                 self._finish(flow, call)
 
     async def error(self, flow: http.HTTPFlow) -> None:
+        _credentials.pop(flow, None)  # died between requestheaders and request
         call = self.calls.get(flow.id)
         if call is None:
             return
@@ -481,6 +487,7 @@ class Mcpmeter:
         for name, value in forwarding.upstream_headers(fields, listing.upstream_headers,
                                                        forwarding.authority(url)):
             flow.request.headers.add(name, value)
+        compat.hide_upstream_headers(flow.request, listing.upstream_headers)  # values only on the wire
         call.deadline = asyncio.get_running_loop().call_later(self._timeout(listing), self._on_deadline, flow, call)
         self.calls[flow.id] = call
         call.flow = flow
@@ -893,13 +900,15 @@ def _check_live(listing: Listing | None) -> None:
         raise GatewayError("mcp_not_yet_live")
 
 
+# requestheaders -> request: the consumer's credential, kept off the flow (flow.metadata is saved
+# with it). Weak keys: an entry goes with its flow, whichever way the flow ends.
+_credentials: weakref.WeakKeyDictionary[http.HTTPFlow, Credential | None] = weakref.WeakKeyDictionary()
+
+
 def _redact(flow: http.HTTPFlow) -> Credential | None:
-    """Keep the bearer key out of the flow mitmweb shows and saves; return what it was."""
-    header = flow.request.headers.get("authorization")
-    if header is None:
-        return None
-    credential = parse_authorization(header)
-    flow.request.headers["authorization"] = f"Bearer {credential.prefix} (redacted)" if credential else "(redacted)"
+    """Keep the consumer's credentials out of the flow mitmweb shows and saves; return the bearer key."""
+    credential = parse_authorization(flow.request.headers.get("authorization"))
+    redaction.redact_credentials(flow.request.headers, credential.prefix if credential else None)
     return credential
 
 

@@ -56,27 +56,34 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
 
 
 def start_gateway(config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None,
-                  port: int | None = None, name: str = "gateway") -> Gateway:
-    """Start mitmdump with `config` written as YAML; returns once /health answers."""
+                  port: int | None = None, name: str = "gateway", extra_args: list[str] | None = None,
+                  script: Path | None = None, reverse_target: str | None = None) -> Gateway:
+    """Start mitmdump with `config` written as YAML; returns once /health answers.
+
+    `extra_args` are added to mitmdump's command line (e.g. `-w FILE`); `script` replaces
+    mcpmeter_addon.py (a copy to break under a running gateway); `reverse_target` replaces the
+    closed port (an `https://` target makes clients speak TLS, and HTTP/2)."""
     config_path = write_config(workdir / f"{name}.yaml", config)
     port = port or free_port()
     log_path = workdir / f"{name}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_", "MCPMETER_"))}
     full_env.update(env or {})
+    target = reverse_target or f"http://127.0.0.1:{closed_port()}"
     proc = subprocess.Popen(
-        [str(MITMDUMP), "-s", str(ROOT / "mcpmeter_addon.py"),
-         "--mode", f"reverse:http://127.0.0.1:{closed_port()}",
+        [str(MITMDUMP), "-s", str(script or ROOT / "mcpmeter_addon.py"),
+         "--mode", f"reverse:{target}",
          "--listen-host", "127.0.0.1", "--listen-port", str(port),
-         "--set", f"mcpmeter_config={config_path}", "--set", "termlog_verbosity=info"],
+         "--set", f"mcpmeter_config={config_path}", "--set", "termlog_verbosity=info", *(extra_args or [])],
         cwd=workdir, env=full_env, stdout=log_path.open("w"), stderr=subprocess.STDOUT, text=True,
     )
-    gw = Gateway(f"http://127.0.0.1:{port}", proc, log_path, config_path)
+    scheme = "https" if target.startswith("https://") else "http"
+    gw = Gateway(f"{scheme}://127.0.0.1:{port}", proc, log_path, config_path)
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"gateway exited with {proc.returncode}:\n{gw.log()}")
         try:
-            if httpx2.get(gw.url + "/health", timeout=1).status_code in (200, 503):
+            if httpx2.get(gw.url + "/health", timeout=1, verify=False).status_code in (200, 503):
                 return gw
         except httpx2.HTTPError:
             pass

@@ -14,10 +14,12 @@ from mitmproxy.net.http import http1
 from mitmproxy.options import Options
 from mitmproxy.proxy import commands
 from mitmproxy.proxy.context import Context
-from mitmproxy.proxy.layers.http import ErrorCode, ResponseProtocolError, _base, _http1, _http2
+from mitmproxy.proxy.layers.http import ErrorCode, RequestHeaders, ResponseProtocolError, _base, _http1, _http2, _http3
 from mitmproxy.test import taddons, tflow
 
 from addon import compat
+from addon.errors import ERRORS
+from addon.redaction import REDACTED
 from tests.mitm_fakes import FakeHandler, FakeProxyserver
 
 
@@ -58,6 +60,28 @@ def test_install_is_idempotent() -> None:
     assert _http1.make_error_response is make_error is compat._json_error_response
     assert _http2.format_error is compat._json_error_body
     assert _base.format_error is compat._json_error_body
+    assert _http3.format_error is compat._json_error_body
+
+
+@pytest.mark.parametrize("owner, name", compat._INTERNALS)
+def test_install_refuses_when_any_patched_internal_moved(monkeypatch: pytest.MonkeyPatch, owner: object,
+                                                         name: str) -> None:
+    monkeypatch.setattr(compat, "_installed", False)
+    monkeypatch.delattr(owner, name)
+    with pytest.raises(RuntimeError, match=name):
+        compat.install()
+
+
+def test_patched_internals_are_the_ones_mitmproxy_calls() -> None:
+    """The wrappers only work if mitmproxy looks these names up at call time, as 12.3 does."""
+    import inspect
+
+    from mitmproxy.proxy import layers
+
+    assert "yield from format_h2_request_headers(self.context, event)" in inspect.getsource(_http2.Http2Client)
+    assert "self.handle_protocol_error(" in inspect.getsource(layers.http.HttpStream)
+    assert "format_error(status, event.message)" in inspect.getsource(_http2.Http2Connection)
+    assert "raw = http1.assemble_request_head(request)" in inspect.getsource(_http1)
 
 
 def test_install_refuses_an_untested_mitmproxy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,7 +132,7 @@ def test_unregistered_failures_get_a_json_error_page() -> None:
     response, body = parse(sent[0].data)
     assert response.status_code == 502
     assert response.headers["Content-Type"] == "application/json"
-    assert json.loads(body) == {"error": "proxy_error", "message": "Connection refused"}
+    assert json.loads(body)["error"] == "proxy_error"
     assert b"<html" not in sent[0].data.lower()
 
 
@@ -137,16 +161,25 @@ def test_forget_drops_a_registered_answer() -> None:
     compat.forget(flow)  # twice is fine
 
 
-def test_json_error_response_and_body() -> None:
-    response, body = parse(compat._json_error_response(502, "Connection refused"))
+def test_json_error_response_and_body(caplog: pytest.LogCaptureFixture) -> None:
+    """mitmproxy's message names the upstream (or echoes client bytes): logged under the request id, never sent."""
+    caplog.set_level("INFO", logger="mcpmeter")
+    raw = compat._json_error_response(502, "Connection refused (10.9.8.7:4113)")
+    response, body = parse(raw)
     assert response.status_code == 502
     assert response.headers["Content-Type"] == "application/json"
     assert response.headers["Content-Length"] == str(len(body))
-    assert json.loads(body) == {"error": "proxy_error", "message": "Connection refused"}
-    # The HTTP/2 path formats only a body.
-    assert json.loads(_http2.format_error(504, "timeout")) == {"error": "proxy_error", "message": "timeout"}
-    # A message with quotes or markup stays valid JSON.
-    assert json.loads(parse(compat._json_error_response(400, '<b>"x"</b>'))[1])["message"] == '<b>"x"</b>'
+    answer = json.loads(body)
+    assert answer["error"] == "proxy_error" and answer["message"] == ERRORS["proxy_error"].message
+    assert response.headers["X-Mcpmeter-Request-Id"] == answer["request_id"]
+    assert b"10.9.8.7" not in raw and b"4113" not in raw
+    assert answer["request_id"] in caplog.text and "10.9.8.7:4113" in caplog.text
+    # The HTTP/2 and HTTP/3 paths format only a body: the same JSON, a fresh request id each time.
+    for format_error in (_http2.format_error, _base.format_error, _http3.format_error):
+        h2_body = json.loads(format_error(504, "timeout talking to 10.9.8.7"))
+        assert h2_body["error"] == "proxy_error" and "10.9.8.7" not in json.dumps(h2_body)
+        assert h2_body["request_id"] != answer["request_id"]
+    assert json.loads(parse(compat._json_error_response(400, '<b>"x"</b>'))[1])["error"] == "proxy_error"
 
 
 def test_malformed_request_gets_a_json_400() -> None:
@@ -194,6 +227,20 @@ def test_abort_upstream_closes_the_flows_connection_or_the_one_it_is_opening() -
         assert compat.abort_upstream(flow) is False and handler.closed == []
 
 
+def test_abort_upstream_of_an_http2_stream_spares_the_other_streams_connections() -> None:
+    proxyserver = FakeProxyserver()
+    with taddons.context(proxyserver):
+        flow = tflow.tflow()
+        flow.request.url = "http://127.0.0.1:4000/mcp"
+        flow.request.http_version = "HTTP/2.0"
+        other_stream = server_conn(("127.0.0.1", 4000))
+        other_stream.state = ConnectionState.OPEN  # another stream's call, in flight
+        connecting = server_conn(("127.0.0.1", 4000))
+        handler = proxyserver.connections[flow.client_conn.id] = FakeHandler(other_stream, connecting)
+        assert compat.abort_upstream(flow) is True
+        assert handler.closed == [connecting]
+
+
 def test_client_gone() -> None:
     flow = tflow.tflow()
     flow.error = tflow.terr("Client disconnected.")
@@ -216,3 +263,123 @@ def test_proxyserver_still_has_the_attributes_abort_upstream_uses() -> None:
     assert "register_connection(handler.layer.context.client.id" in inspect.getsource(mode_servers)
     assert "transports" in ConnectionHandler.__annotations__
     assert list(inspect.signature(ConnectionHandler.close_connection).parameters)[:2] == ["self", "connection"]
+
+
+# --- publisher headers: on the wire only --------------------------------------------------------
+
+
+def forwarded_request() -> http.Request:
+    request = tflow.treq(headers=http.Headers(host="upstream", x_api_key="consumer-sent", accept="*/*"))
+    request.headers["X-Api-Key"] = "pub-secret-1"
+    request.headers.add("X-Second", "pub-secret-2")
+    return request
+
+
+def test_hidden_headers_reach_the_http1_wire_and_not_the_flow() -> None:
+    request = forwarded_request()
+    compat.hide_upstream_headers(request, ["X-Api-Key", "x-second", "X-Absent"])
+    assert request.headers["x-api-key"] == REDACTED and request.headers["x-second"] == REDACTED
+    assert b"pub-secret" not in bytes(str(request.headers), "utf8")
+
+    client = _http1.Http1Client(Context(tflow.tclient_conn(), Options()))
+    sent = list(client.send(RequestHeaders(1, request, end_stream=True)))
+    wire = b"".join(c.data for c in sent if isinstance(c, commands.SendData))
+    assert b"x-api-key: pub-secret-1\r\n" in wire.lower() and b"x-second: pub-secret-2\r\n" in wire.lower()
+    assert REDACTED.encode() not in wire
+    assert request.headers["x-api-key"] == REDACTED  # the flow's request still shows the marker
+    assert request not in compat._hidden  # the secret left the registry with the bytes
+
+
+def test_hidden_headers_reach_the_http2_wire() -> None:
+    request = forwarded_request()
+    request.http_version = "HTTP/2.0"
+    compat.hide_upstream_headers(request, ["X-Api-Key"])
+    from mitmproxy.addons.proxyserver import Proxyserver
+
+    with taddons.context(Proxyserver()) as tctx:
+        gen = _http2.format_h2_request_headers(Context(tflow.tclient_conn(), tctx.options),
+                                               RequestHeaders(1, request, end_stream=True))
+        try:
+            while True:
+                next(gen)
+        except StopIteration as done:
+            headers = dict(done.value)
+    assert headers[b"x-api-key"] == b"pub-secret-1"
+    assert request.headers["x-api-key"] == REDACTED
+
+
+def test_nothing_hidden_sends_the_request_as_it_is() -> None:
+    request = forwarded_request()
+    compat.hide_upstream_headers(request, ["X-Absent"])
+    assert request not in compat._hidden
+    client = _http1.Http1Client(Context(tflow.tclient_conn(), Options()))
+    wire = list(client.send(RequestHeaders(1, request, end_stream=True)))[0].data
+    assert b"x-api-key: pub-secret-1" in wire.lower()
+
+
+# --- HTTP/2 clients: per-stream answers -----------------------------------------------------------
+
+
+def proxy_options() -> Options:
+    """Options with the proxy core's (HTTP/2 settings...), as a running mitmproxy has them."""
+    from mitmproxy.addons.proxyserver import Proxyserver
+
+    with taddons.context(Proxyserver()) as tctx:
+        return tctx.options
+
+
+def h2_server_with_open_stream() -> tuple[_http2.Http2Server, object]:
+    """mitmproxy's HTTP/2 server layer, with stream 1 opened by a real h2 client."""
+    import h2.config
+    import h2.connection
+    from mitmproxy.proxy import events
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "POST"), (":scheme", "https"), (":authority", "gw"), (":path", "/s")],
+                        end_stream=True)
+    server = _http2.Http2Server(Context(tflow.tclient_conn(), proxy_options()))
+    list(server.handle_event(events.Start()))
+    list(server.handle_event(events.DataReceived(server.conn, client.data_to_send())))
+    return server, client
+
+
+def h2_answer(server: _http2.Http2Server, client: object, event: ResponseProtocolError) -> tuple[dict, bytes]:
+    import h2.events
+
+    sent = list(server.handle_event(event))
+    received = client.receive_data(b"".join(c.data for c in sent if isinstance(c, commands.SendData)))
+    headers = next(e.headers for e in received if isinstance(e, h2.events.ResponseReceived))
+    body = b"".join(e.data for e in received if isinstance(e, h2.events.DataReceived))
+    return dict(headers), body
+
+
+def test_http2_failed_stream_gets_the_registered_answer() -> None:
+    server, client = h2_server_with_open_stream()
+    flow = tflow.tflow(client_conn=server.conn)
+    flow.request.http_version = "HTTP/2.0"
+    compat._h2_streams[flow] = 1  # what the patched HttpStream.handle_protocol_error records
+    compat.answer_failed_flow(flow, answer(504))
+
+    headers, body = h2_answer(server, client, failure(message="Connection refused (10.9.8.7:4113)"))
+    assert headers[b":status"] == b"504"
+    assert headers[b"content-type"] == b"application/json" and headers[b"x-mcpmeter-request-id"] == b"r-1"
+    assert b"connection" not in headers
+    assert json.loads(body) == {"error": "upstream_failed", "request_id": "r-1"}
+    assert not compat._pending_h2 and server.conn.id not in compat._pending
+
+
+def test_http2_unregistered_failure_is_json_without_the_address() -> None:
+    server, client = h2_server_with_open_stream()
+    headers, body = h2_answer(server, client, failure(message="Connection refused (10.9.8.7:4113)"))
+    assert headers[b":status"] == b"502" and headers[b"content-type"] == b"application/json"
+    answer_ = json.loads(body)
+    assert answer_["error"] == "proxy_error" and headers[b"x-mcpmeter-request-id"] == answer_["request_id"].encode()
+    assert b"10.9.8.7" not in body
+
+
+def test_http2_flow_without_a_known_stream_registers_nothing() -> None:
+    flow = tflow.tflow()
+    flow.request.http_version = "HTTP/2.0"
+    compat.answer_failed_flow(flow, answer())
+    assert flow.client_conn.id not in compat._pending and not compat._pending_h2

@@ -271,7 +271,9 @@ async def test_priced_call_is_retargeted_with_clean_headers_and_debited(gw: Gw) 
     assert h["accept-encoding"] == "identity"
     assert h["x-api-key"] == "consumer-upstream-key"
     assert not any(k.lower().startswith("x-forward-") for k in h)
-    assert h.get_all("x-publisher-key") == ["pub-secret"]  # the publisher's header wins
+    # The publisher's header wins; the flow shows it redacted, its value goes only on the wire.
+    assert h.get_all("x-publisher-key") == ["(redacted)"]
+    assert compat._hidden[flow.request] == [("x-publisher-key", "pub-secret")]
     assert h["mcp-session-id"] == "s-123"
     assert h["user-agent"] == "claude-code/1.0"
     assert json.loads(flow.request.content) == tool_call()
@@ -1180,3 +1182,69 @@ async def test_upstream_failure_answers_the_call_id(gw: Gw) -> None:
     assert response.status_code == 502 and body["id"] == "up-1"
     assert body["error"]["code"] == rpc_code("upstream_failed") and body["error"]["data"]["error"] == "upstream_failed"
     compat.forget(flow)
+
+# --- secrets: redacted from the first hook; gateway headers only from the gateway ---------------
+
+
+async def test_requestheaders_redacts_every_credential_before_the_body_is_read(
+        gw: Gw, caplog: pytest.LogCaptureFixture) -> None:
+    """A flow that dies before `request` (client gone mid-upload) holds no credential."""
+    flow = make_flow(headers={"Cookie": "session=cookie-secret", "Proxy-Authorization": "Basic proxy-secret"})
+    flow.request.headers.add("Cookie", "second=cookie-secret-2")
+    flow.request.content = None  # requestheaders runs before the body is read
+    gw.addon.requestheaders(flow)
+    h = flow.request.headers
+    assert h["authorization"].startswith("Bearer mcpm_test_") and h["authorization"].endswith("(redacted)")
+    assert h.get_all("cookie") == ["(redacted)"] and h["proxy-authorization"] == "(redacted)"
+    assert_no_secret(flow, caplog, ALICE, "cookie-secret", "proxy-secret")
+    assert not any(ALICE in repr(v) for v in flow.metadata.values())
+
+    # The credential still reaches `request`, which meters the call with it.
+    flow.request.content = json.dumps(tool_call()).encode()
+    await gw.addon.request(flow)
+    assert flow.response is None and forwarded(flow) and gw.db.balance() == OPENING - PRICE
+    await upstream_answers(gw, flow, json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}))
+    assert_no_secret(flow, caplog, ALICE, "cookie-secret", "proxy-secret")
+    gw.db.assert_reconciled()
+
+
+async def test_requestheaders_redacts_even_before_the_addon_is_configured() -> None:
+    addon = Mcpmeter()
+    flow = make_flow()
+    addon.requestheaders(flow)
+    assert ALICE not in repr(flow.get_state())
+
+
+async def test_upstream_cannot_send_gateway_headers(gw: Gw) -> None:
+    flow = make_flow()
+    await gw.addon.request(flow)
+    forged = {"X-Mcpmeter-Billed": "0", "x-mcpmeter-refunded": "1", "X-Mcpmeter-Balance": "999999999",
+              "X-Mcpmeter-Custom": "upstream"}
+    await upstream_answers(gw, flow, json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}},
+                                                   headers=forged))
+    h = flow.response.headers
+    assert h["X-Mcpmeter-Billed"] == str(PRICE)
+    assert "x-mcpmeter-refunded" not in h and "x-mcpmeter-custom" not in h
+    assert h.get_all("x-mcpmeter-balance") == [str(OPENING - PRICE)]
+    gw.db.assert_reconciled()
+
+
+async def test_only_forwarded_flows_are_claimed_for_the_guard(gw: Gw) -> None:
+    from addon import guard
+
+    forwarded_flow, refused_flow = make_flow(), make_flow(token=None)
+    await gw.addon.request(forwarded_flow)
+    await gw.addon.request(refused_flow)
+    assert forwarded_flow in guard._claimed and refused_flow not in guard._claimed
+    assert refused_flow.response is not None and refused_flow.response.status_code == 401
+    await upstream_answers(gw, forwarded_flow, json_response({"jsonrpc": "2.0", "id": 1, "result": {}}))
+
+
+async def test_a_flow_that_dies_before_request_leaves_no_credential_behind(gw: Gw) -> None:
+    from addon import gateway
+
+    flow = make_flow()
+    gw.addon.requestheaders(flow)
+    assert flow in gateway._credentials
+    await upstream_fails(gw, flow, "Client disconnected.")
+    assert flow not in gateway._credentials

@@ -1,0 +1,67 @@
+"""addon/guard.py: every flow that no working meter claimed is refused 503, never forwarded."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from mitmproxy import http
+from mitmproxy.test import taddons, tflow
+
+from addon import guard
+
+
+def live_flow() -> http.HTTPFlow:
+    flow = tflow.tflow()
+    flow.live = True
+    return flow
+
+
+def test_unclaimed_flow_is_refused_with_gateway_json() -> None:
+    flow = live_flow()
+    guard.FailClosedGuard().request(flow)
+    assert flow.response is not None and flow.response.status_code == 503
+    body = json.loads(flow.response.content)
+    assert body["error"] == "meter_unavailable" and uuid.UUID(body["request_id"]).version == 4
+    assert flow.response.headers["X-Mcpmeter-Request-Id"] == body["request_id"]
+    assert flow.response.headers["Content-Type"] == "application/json"
+
+
+def test_claimed_flow_passes_once() -> None:
+    flow = live_flow()
+    guard.claim(flow)
+    guard.FailClosedGuard().request(flow)
+    assert flow.response is None
+    assert flow not in guard._claimed
+
+
+def test_answered_or_dead_flows_are_left_alone() -> None:
+    answered = live_flow()
+    answered.response = http.Response.make(401)
+    dead = live_flow()
+    dead.live = False
+    for flow in (answered, dead):
+        guard.FailClosedGuard().request(flow)
+    assert answered.response.status_code == 401 and dead.response is None
+
+
+def test_install_adds_one_guard_at_the_end_of_the_chain() -> None:
+    with taddons.context() as tctx:
+        guard.install(tctx.master)
+        guard.install(tctx.master)  # a script reload runs it again
+        chain = tctx.master.addons.chain
+        assert [type(a) for a in chain].count(guard.FailClosedGuard) == 1
+        assert isinstance(chain[-1], guard.FailClosedGuard)
+    guard.install(None)  # imported outside mitmproxy: nothing to guard
+
+
+def test_guard_redacts_credentials_and_keeps_the_meters_redaction() -> None:
+    flow = live_flow()
+    flow.request.headers["Authorization"] = "Bearer mcpm_live_secret0123456789"
+    flow.request.headers["Cookie"] = "s=secret"
+    guard.FailClosedGuard().requestheaders(flow)
+    assert "secret" not in repr(flow.request.headers)
+    already = live_flow()
+    already.request.headers["Authorization"] = "Bearer mcpm_live_se… (redacted)"  # what the meter shows
+    guard.FailClosedGuard().requestheaders(already)
+    assert already.request.headers["Authorization"] == "Bearer mcpm_live_se… (redacted)"
