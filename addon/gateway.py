@@ -538,7 +538,7 @@ class Mcpmeter:
             called_at=call.called_at, key_id=call.consumer.key_id, token_id=call.consumer.token_id,
             client=classify(flow.request.headers.get("user-agent")),
             user_agent=flow.request.headers.get("user-agent"), fee_bps=self.config.platform_fee_bps,
-            taken=call.charged, need_balance=not background,
+            taken=call.charged, need_balance=not background, reason=decision.reason,
         )
         for attempt in range(SETTLE_ATTEMPTS):
             try:
