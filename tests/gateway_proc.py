@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,11 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
 
 
 def start_gateway(config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None,
-                  port: int | None = None, name: str = "gateway") -> Gateway:
-    """Start mitmdump with `config` written as YAML; returns once /health answers."""
+                  port: int | None = None, name: str = "gateway", extra_args: Sequence[str] = ()) -> Gateway:
+    """Start mitmdump with `config` written as YAML; returns once /health answers (over plain HTTP).
+
+    `extra_args` are more mitmdump arguments, e.g. `--certs` or `--set ssl_verify_upstream_trusted_ca=...`.
+    """
     config_path = write_config(workdir / f"{name}.yaml", config)
     port = port or free_port()
     log_path = workdir / f"{name}.log"
@@ -67,7 +71,7 @@ def start_gateway(config: dict[str, Any], workdir: Path, env: dict[str, str] | N
         [str(MITMDUMP), "-s", str(ROOT / "mcpmeter_addon.py"),
          "--mode", f"reverse:http://127.0.0.1:{closed_port()}",
          "--listen-host", "127.0.0.1", "--listen-port", str(port),
-         "--set", f"mcpmeter_config={config_path}", "--set", "termlog_verbosity=info"],
+         "--set", f"mcpmeter_config={config_path}", "--set", "termlog_verbosity=info", *extra_args],
         cwd=workdir, env=full_env, stdout=log_path.open("w"), stderr=subprocess.STDOUT, text=True,
     )
     gw = Gateway(f"http://127.0.0.1:{port}", proc, log_path, config_path)
