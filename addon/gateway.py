@@ -695,6 +695,9 @@ def _decision(call: Call) -> tuple[billing.Decision, int]:
     assert call.listing is not None
     decision = billing.decide(call.status, call.outcome, call.failure, call.listing.bill_tool_errors)
     if call.outcome is not None:
+        if call.listing.transport == "sse" and call.status == 202:
+            # A legacy SSE POST's 202 only accepted the message: the answer came on the session's stream.
+            return decision, 200
         return decision, call.status or 200
     failed = {Failure.TIMEOUT: 504, Failure.UPSTREAM: 502, Failure.CLIENT_GONE: 499, Failure.INTERNAL: 500}
     return decision, failed.get(call.failure, call.status or 0) if call.failure else (call.status or 0)
