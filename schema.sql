@@ -282,7 +282,8 @@ CREATE TABLE `oauth_refresh_tokens` (
 -- slot or debits it; settlement flips settled_at once, so a call is recorded and refunded exactly once.
 -- Rows with settled_at NULL are calls whose gateway never settled them (a crash): each debit stays
 -- explained by its credit_transactions row (request_id), and the gateways' sweeper refunds them once
--- they are older than stale_call_seconds.
+-- they are older than stale_call_seconds. reason says why a settled call was billed or refunded
+-- (result, tool_error, rpc_error, upstream_timeout, ..., swept: see the README's refund table).
 CREATE TABLE `mcpmeter_calls` (
   `request_id` varchar(64) COLLATE utf8mb4_unicode_ci NOT NULL,
   `user_id` bigint unsigned NOT NULL,
@@ -296,6 +297,7 @@ CREATE TABLE `mcpmeter_calls` (
   `refunded` tinyint(1) NOT NULL DEFAULT '0',
   `created_at` timestamp NOT NULL DEFAULT CURRENT_TIMESTAMP,
   `settled_at` timestamp NULL DEFAULT NULL,
+  `reason` varchar(32) COLLATE utf8mb4_unicode_ci DEFAULT NULL,
   PRIMARY KEY (`request_id`),
   KEY `mcpmeter_calls_user_id_created_at_index` (`user_id`,`created_at`),
   KEY `mcpmeter_calls_settled_at_created_at_index` (`settled_at`,`created_at`)

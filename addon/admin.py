@@ -32,6 +32,7 @@ DEFAULT_PUBLISHER = "publisher@localhost"  # owner of listings added without --p
 KEY_ALPHABET = string.ascii_letters + string.digits
 KEY_SECRET_LENGTH = 32
 KEY_PREFIX_LENGTH = 14  # what api_keys.key_prefix holds, as the web app writes it ('mcpm_live_' + 4)
+UNRECORDED = "unrecorded"  # `usage --by reason` for calls settled before settlements kept their reason
 MAX_USAGE_ROWS = 2_000_000  # a usage report reads at most this many calls (percentiles are computed here)
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\Z")
 
@@ -235,7 +236,7 @@ class Admin:
         Percentiles are nearest-rank, computed here over the selected rows, so both backends agree."""
         def run(ledger: Ledger) -> list[tuple[Any, ...]]:
             sql = ("SELECT m.slug, e.tool_name, u.email, p.user_id, e.called_at, e.duration_ms,"
-                   " e.billed_micro_cents, c.verdict, c.refunded FROM usage_events e"
+                   " e.billed_micro_cents, c.verdict, c.refunded, c.reason FROM usage_events e"
                    " JOIN mcps m ON m.id = e.mcp_id"
                    " LEFT JOIN projects p ON p.id = e.project_id LEFT JOIN users u ON u.id = p.user_id"
                    " LEFT JOIN mcpmeter_calls c ON c.request_id = e.request_id WHERE 1 = 1")
@@ -258,9 +259,9 @@ class Admin:
             return rows
 
         groups: dict[str, dict[str, Any]] = {}
-        for slug, tool, email, user_id, called_at, duration, billed, verdict, refunded in self._tx(run):
+        for slug, tool, email, user_id, called_at, duration, billed, verdict, refunded, reason in self._tx(run):
             name = {"listing": slug, "tool": f"{slug} · {tool}", "day": (_stamp(called_at) or "")[:10],
-                    "consumer": email or f"user {user_id}"}[by]
+                    "consumer": email or f"user {user_id}", "reason": reason or UNRECORDED}[by]
             g = groups.setdefault(name, {by: name, "calls": 0, "free": 0, "billed": 0, "refunded": 0,
                                          "billed_micro_cents": 0, "_durations": []})
             g["calls"] += 1

@@ -211,7 +211,8 @@ def parser() -> Command:
     p.add_argument("--listing", type=slug, metavar="SLUG")
     p.add_argument("--consumer", type=user, metavar="EMAIL")
     p.add_argument("--since", type=day, metavar="YYYY-MM-DD", help="from this UTC day on")
-    p.add_argument("--by", choices=("tool", "consumer", "listing", "day"), default="listing")
+    p.add_argument("--by", choices=("tool", "consumer", "listing", "day", "reason"), default="listing",
+                   help="reason: why calls were billed or refunded (result, upstream_timeout, swept, ...)")
 
     p = sub(groups, "payouts", "per publisher and listing: gross, platform fee, payout for a UTC month")
     p.add_argument("--month", type=month, metavar="YYYY-MM", help="default: this month")

@@ -691,7 +691,7 @@ class Mcpmeter:
             called_at=call.called_at, key_id=call.consumer.key_id, token_id=call.consumer.token_id,
             client=classify(flow.request.headers.get("user-agent")),
             user_agent=flow.request.headers.get("user-agent"), fee_bps=self.config.platform_fee_bps,
-            taken=call.charged, need_balance=not background,
+            taken=call.charged, need_balance=not background, reason=decision.reason,
         )
         for attempt in range(SETTLE_ATTEMPTS):
             try:
@@ -862,6 +862,9 @@ def _decision(call: Call) -> tuple[billing.Decision, int]:
     assert call.listing is not None
     decision = billing.decide(call.status, call.outcome, call.failure, call.listing.bill_tool_errors)
     if call.outcome is not None:
+        if call.listing.transport == "sse" and call.status == 202:
+            # A legacy SSE POST's 202 only accepted the message: the answer came on the session's stream.
+            return decision, 200
         return decision, call.status or 200
     failed = {Failure.TIMEOUT: 504, Failure.UPSTREAM: 502, Failure.CLIENT_GONE: 499, Failure.INTERNAL: 500}
     return decision, failed.get(call.failure, call.status or 0) if call.failure else (call.status or 0)

@@ -131,6 +131,9 @@ class Settlement:
     fee_bps: int  # the platform's share of what is billed, in basis points
     taken: ChargeResult | None = None  # what the charge reported taking; saves reading it back
     need_balance: bool = True  # False when nobody will show the balance (headers already sent)
+    # Why it was billed or refunded (billing.Decision.reason, or the sweeper's SWEPT): kept in the
+    # call journal and in a refund's ledger row, so every settlement can be audited afterwards.
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

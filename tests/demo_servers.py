@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import pytest
 import uvicorn
@@ -29,8 +30,11 @@ BASE_URL_ENV_VARS = (
 )
 
 
-def serve_in_thread(app: ASGIApp, port: int = 0, host: str = "127.0.0.1") -> tuple[str, Callable[[], None]]:
+def serve_in_thread(app: ASGIApp, port: int = 0, host: str = "127.0.0.1",
+                    **uvicorn_options: Any) -> tuple[str, Callable[[], None]]:
     """Serve `app` on `host:port` (0: a free port) until the returned `stop()` is called.
+
+    `uvicorn_options` go to uvicorn.Config (e.g. ssl_certfile and ssl_keyfile: then the URL is https).
 
     The socket is bound here, so the port is known without racing for it; this returns
     once the app's lifespan startup has completed.
@@ -38,7 +42,8 @@ def serve_in_thread(app: ASGIApp, port: int = 0, host: str = "127.0.0.1") -> tup
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    config = uvicorn.Config(app, lifespan="on", log_config=None, log_level="warning", timeout_graceful_shutdown=2)
+    config = uvicorn.Config(app, lifespan="on", log_config=None, log_level="warning", timeout_graceful_shutdown=2,
+                            **uvicorn_options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}", daemon=True)
     thread.start()
@@ -56,7 +61,8 @@ def serve_in_thread(app: ASGIApp, port: int = 0, host: str = "127.0.0.1") -> tup
         thread.join(SHUTDOWN_TIMEOUT)
         sock.close()
 
-    return f"http://{host}:{sock.getsockname()[1]}", stop
+    scheme = "https" if uvicorn_options.get("ssl_certfile") else "http"
+    return f"{scheme}://{host}:{sock.getsockname()[1]}", stop
 
 
 def fake_api_env(fake_apis_url: str) -> dict[str, str]:

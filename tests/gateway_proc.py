@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,14 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
 
 
 def start_gateway(config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None,
-                  port: int | None = None, name: str = "gateway", extra_args: list[str] | None = None,
+                  port: int | None = None, name: str = "gateway", extra_args: Sequence[str] = (),
                   script: Path | None = None, reverse_target: str | None = None) -> Gateway:
     """Start mitmdump with `config` written as YAML; returns once /health answers.
 
-    `extra_args` are added to mitmdump's command line (e.g. `-w FILE`); `script` replaces
-    mcpmeter_addon.py (a copy to break under a running gateway); `reverse_target` replaces the
-    closed port (an `https://` target makes clients speak TLS, and HTTP/2)."""
+    `extra_args` are more mitmdump arguments (e.g. `-w FILE`, `--certs`, `--set
+    ssl_verify_upstream_trusted_ca=...`); `script` replaces mcpmeter_addon.py (a copy to break
+    under a running gateway); `reverse_target` replaces the closed port (an `https://` target makes
+    clients speak TLS, and HTTP/2)."""
     config_path = write_config(workdir / f"{name}.yaml", config)
     port = port or free_port()
     log_path = workdir / f"{name}.log"
@@ -73,7 +75,7 @@ def start_gateway(config: dict[str, Any], workdir: Path, env: dict[str, str] | N
         [str(MITMDUMP), "-s", str(script or ROOT / "mcpmeter_addon.py"),
          "--mode", f"reverse:{target}",
          "--listen-host", "127.0.0.1", "--listen-port", str(port),
-         "--set", f"mcpmeter_config={config_path}", "--set", "termlog_verbosity=info", *(extra_args or [])],
+         "--set", f"mcpmeter_config={config_path}", "--set", "termlog_verbosity=info", *extra_args],
         cwd=workdir, env=full_env, stdout=log_path.open("w"), stderr=subprocess.STDOUT, text=True,
     )
     scheme = "https" if target.startswith("https://") else "http"

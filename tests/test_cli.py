@@ -427,3 +427,30 @@ def test_help_states_the_cache_ttls(run: Run) -> None:
     assert "MCP_CACHE_TTL_SECONDS" in out
     out, _ = run("key", "revoke", "--help")
     assert "KEY_CACHE_TTL_SECONDS" in out
+
+
+async def test_usage_by_reason_says_why_calls_were_billed_or_refunded(run: Run, backend: Backend) -> None:
+    s = slug("why")
+    run("listing", "add", s, "--upstream", "http://127.0.0.1:9/mcp", "--price", "1000")
+    user = js(run, "key", "create", "--email", f"why-{s}@example.test", "--credit", "10000")
+    store = open_store(load(None, cli_env(backend)))
+    try:
+        for refund, status, reason in ((False, 200, "result"), (True, 504, "upstream_timeout"),
+                                       (True, 504, "upstream_timeout"), (True, 502, "upstream_failed")):
+            req = ChargeRequest(request_id=str(uuid.uuid4()), user_id=user["user_id"], project_id=user["project_id"],
+                                listing_id=listing_id(backend, s), tool_name="t", price=1000, free_allowance=0,
+                                period=period())
+            taken = await store.charge(req)
+            await store.settle(Settlement(charge=req, refund=refund, status=status, duration_ms=5,
+                                          called_at=time.time(), key_id=None, token_id=None, client=None,
+                                          user_agent=None, fee_bps=2000, taken=taken, reason=reason))
+    finally:
+        store.close()
+
+    rows = js(run, "usage", "--listing", s, "--by", "reason")
+    assert [(r["reason"], r["calls"], r["billed"], r["refunded"], r["billed_micro_cents"]) for r in rows] == [
+        ("result", 1, 1, 0, 1000), ("upstream_failed", 1, 0, 1, 0), ("upstream_timeout", 2, 0, 2, 0)]
+    table, _ = run("usage", "--listing", s, "--by", "reason")
+    assert table.splitlines()[0].split()[0] == "reason"
+    assert any(line.split()[:2] == ["upstream_timeout", "2"] for line in table.splitlines())
+    assert js(run, "reconcile")["ok"] is True

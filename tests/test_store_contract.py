@@ -654,3 +654,50 @@ async def test_settle_with_what_was_taken_records_without_reading_back(db: Backe
     assert db.rows("SELECT status, billed_micro_cents FROM usage_events") == [(200, 1000)]
     assert await db.store.balance(1) == 4000
     reconcile(db)
+
+
+async def test_each_settlement_keeps_its_reason(db: Backend) -> None:
+    who = add_consumer(db, 1, credit=10_000)
+    add_listing(db, 10, "w", price=1000, free=1)
+    free, billed, timed_out, orphan = (call(who, 10, 1000, free=1) for _ in range(4))
+    for req in (free, billed, timed_out, orphan):
+        assert (await db.store.charge(req)).accepted
+    await db.store.settle(dataclasses.replace(outcome(free, who, refund=True, status=502), reason="upstream_failed"))
+    await db.store.settle(dataclasses.replace(outcome(billed, who), reason="result"))
+    await db.store.settle(dataclasses.replace(outcome(timed_out, who, refund=True, status=504),
+                                              reason="upstream_timeout"))
+    # A second settlement of a settled call changes nothing, its reason included.
+    await db.store.settle(dataclasses.replace(outcome(timed_out, who), reason="result"))
+    db.execute("UPDATE mcpmeter_calls SET created_at = %s WHERE request_id = %s",
+               (utc(time.time() - 3600), orphan.request_id))
+    assert await db.store.sweep(600, FEE_BPS) == 1
+
+    reasons = dict(db.rows("SELECT request_id, reason FROM mcpmeter_calls"))
+    assert reasons == {free.request_id: "upstream_failed", billed.request_id: "result",
+                       timed_out.request_id: "upstream_timeout", orphan.request_id: "swept"}
+    refunds = db.rows("SELECT request_id, description FROM credit_transactions WHERE type = 'refund'")
+    assert sorted(refunds) == sorted([(timed_out.request_id, "refund: search on mcp 10 (upstream_timeout)"),
+                                      (orphan.request_id, "refund: search on mcp 10 (swept)")])
+    reconcile(db)
+
+
+async def test_a_journal_made_before_reasons_gets_the_column(db: Backend) -> None:
+    who = add_consumer(db, 1, credit=5000)
+    add_listing(db, 10, "w", price=1000)
+    old = call(who, 10, 1000)
+    await db.store.charge(old)
+    await db.store.settle(outcome(old, who))
+    db.store.close()
+    db.execute("ALTER TABLE mcpmeter_calls DROP COLUMN reason")  # as an older mcpmeter made it
+    assert "reason" not in {str(r[0]).lower() for r in db.rows(
+        "SELECT name FROM pragma_table_info('mcpmeter_calls')" if db.name == "sqlite" else
+        "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()"
+        " AND TABLE_NAME = 'mcpmeter_calls'")}
+
+    db.store = SqliteStore(db.config) if db.name == "sqlite" else db.open_store()  # the next start upgrades it
+    new = call(who, 10, 1000)
+    await db.store.charge(new)
+    await db.store.settle(dataclasses.replace(outcome(new, who, refund=True, status=502), reason="upstream_5xx"))
+    assert dict(db.rows("SELECT request_id, reason FROM mcpmeter_calls")) == {
+        old.request_id: None, new.request_id: "upstream_5xx"}
+    reconcile(db)

@@ -49,6 +49,8 @@ _UNKNOWN_DB = 1049
 ADDED_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "mcps": [("bill_tool_errors", "`bill_tool_errors` tinyint(1) NOT NULL DEFAULT '0'")],
     "credit_transactions": [("request_id", "`request_id` varchar(64) COLLATE utf8mb4_unicode_ci DEFAULT NULL")],
+    # A journal made before settlements kept their reason (a new journal is made with it, below).
+    "mcpmeter_calls": [("reason", "`reason` varchar(32) COLLATE utf8mb4_unicode_ci DEFAULT NULL")],
 }
 ADDED_UNIQUE_KEYS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "credit_transactions": [("credit_transactions_request_id_type_unique", ("request_id", "type"))],
@@ -68,6 +70,7 @@ ADDED_TABLES = [
   `refunded` tinyint(1) NOT NULL DEFAULT '0',
   `created_at` timestamp NOT NULL DEFAULT CURRENT_TIMESTAMP,
   `settled_at` timestamp NULL DEFAULT NULL,
+  `reason` varchar(32) COLLATE utf8mb4_unicode_ci DEFAULT NULL,
   PRIMARY KEY (`request_id`),
   KEY `mcpmeter_calls_user_id_created_at_index` (`user_id`,`created_at`),
   KEY `mcpmeter_calls_settled_at_created_at_index` (`settled_at`,`created_at`)
@@ -286,7 +289,7 @@ def ensure_schema(conn: pymysql.connections.Connection, settings: MysqlSettings)
     unique: dict[tuple[str, str], list[str]] = {}
     for table, index, column in cur.fetchall():
         unique.setdefault((str(table).lower(), str(index)), []).append(str(column).lower())
-    for table in sorted(set(ADDED_COLUMNS) | set(ADDED_UNIQUE_KEYS)):
+    for table in sorted((set(ADDED_COLUMNS) | set(ADDED_UNIQUE_KEYS)) & tables):  # the rest are made below
         clauses = [f"ADD COLUMN {ddl}" for name, ddl in ADDED_COLUMNS.get(table, []) if (table, name) not in columns]
         clauses += [
             f"ADD UNIQUE KEY `{name}` ({', '.join(f'`{c}`' for c in cols)})"

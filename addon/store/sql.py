@@ -38,6 +38,9 @@ from ..model import (
 from .base import StoreUnavailable, UnknownUser
 from .group_commit import GroupCommit
 
+# The reason a call is settled with when its gateway stopped before settling it (see settle_stale).
+SWEPT = "swept"
+
 
 @dataclass(frozen=True, slots=True)
 class Dialect:
@@ -228,9 +231,10 @@ class Ledger:
         Returns the balance after, or None when `need_balance` is off.
         """
         req, now = s.charge, utc()
-        flip = ("UPDATE mcpmeter_calls SET settled_at = %s, refunded = %s, status = %s"
+        flip = ("UPDATE mcpmeter_calls SET settled_at = %s, refunded = %s, status = %s, reason = %s"
                 " WHERE request_id = %s AND settled_at IS NULL")
-        args = (now, int(s.refund), s.status, req.request_id)
+        reason = s.reason[:32] if s.reason else None
+        args = (now, int(s.refund), s.status, reason, req.request_id)
         if s.taken is not None and self._q(flip + " AND verdict = %s AND amount_micro_cents = %s",
                                            args + (s.taken.verdict.value, s.taken.amount)).rowcount == 1:
             # The journal agrees with what the charge reported: nothing to read back.
@@ -246,7 +250,8 @@ class Ledger:
             self._q("UPDATE users SET credit_micro_cents = credit_micro_cents + %s WHERE id = %s",
                     (amount, req.user_id))
             self._ledger_row(req.user_id, amount, "refund", self.balance(req.user_id), req.request_id,
-                             f"refund: {req.tool_name} on mcp {req.listing_id}", now)
+                             f"refund: {req.tool_name} on mcp {req.listing_id}" + (f" ({reason})" if reason else ""),
+                             now)
             self._add_spend(req.project_id, req.period, -amount)
         elif s.refund and verdict is Verdict.FREE:
             self._q(
@@ -349,7 +354,7 @@ class Ledger:
                             period=str(period))
         self.settle(Settlement(charge=req, refund=True, status=0, duration_ms=0,
                                called_at=_epoch(created) or time.time(), key_id=None, token_id=None,
-                               client=None, user_agent=None, fee_bps=fee_bps))
+                               client=None, user_agent=None, fee_bps=fee_bps, reason=SWEPT))
         return True
 
     def _journal(self, req: ChargeRequest, verdict: Verdict, amount: int, now: str) -> None:

@@ -38,6 +38,7 @@ class SqliteStore(SqlStore):
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA busy_timeout=5000")
             self._conn.executescript(resources.files(__package__).joinpath("sqlite_schema.sql").read_text())
+            _add_missing_columns(self._conn)
             self._ledger = Ledger(self._conn, SQLITE)
             self._transaction(lambda ledger: seed(ledger, config.seed))
         except sqlite3.Error as e:
@@ -120,3 +121,19 @@ def _json(value: dict[str, str]) -> str | None:
     import json
 
     return json.dumps(value) if value else None
+
+
+# Columns added to the embedded schema after files were made with it: (table, column, type).
+ADDED_COLUMNS = [("mcpmeter_calls", "reason", "TEXT")]
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Bring a store file made by an older mcpmeter up to sqlite_schema.sql (CREATE IF NOT EXISTS cannot)."""
+    for table, column, kind in ADDED_COLUMNS:
+        if column in {str(row[1]) for row in conn.execute(f"PRAGMA table_info({table})")}:
+            continue
+        try:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        except sqlite3.OperationalError as e:
+            if "duplicate column" not in str(e):  # another process opening the file added it meanwhile
+                raise

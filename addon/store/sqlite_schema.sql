@@ -135,7 +135,8 @@ CREATE TABLE IF NOT EXISTS mcpmeter_calls (
   status INTEGER,
   refunded INTEGER NOT NULL DEFAULT 0,
   created_at TEXT NOT NULL,
-  settled_at TEXT
+  settled_at TEXT,
+  reason TEXT
 );
 CREATE TABLE IF NOT EXISTS mcpmeter_project_spend (
   project_id INTEGER NOT NULL,
