@@ -109,11 +109,12 @@ class Mcpmeter:
         )
         loader.add_option(
             "mcpmeter_show_streams",
-            bool | None,
-            None,
-            "Keep a copy of each streamed answer (its first 1 MiB) so mitmweb can show it; unset: on "
-            "under mitmweb, off under mitmdump. The copy stays on the flow in memory (and in flows "
-            "saved with -w); it is never written to the database or the logs.",
+            str,
+            "auto",
+            "Keep a copy of each streamed answer (its first 1 MiB) so mitmweb can show it: auto (on "
+            "under mitmweb, off under mitmdump), on or off. The copy stays on the flow in memory (and in "
+            "flows saved with -w); it is never written to the database or the logs.",
+            choices=["auto", "on", "off"],
         )
         compat.install()
 
@@ -350,7 +351,7 @@ class Mcpmeter:
 
     def _show_streams(self) -> bool:
         chosen = ctx.options.mcpmeter_show_streams
-        return display.under_mitmweb(ctx.master) if chosen is None else bool(chosen)
+        return display.under_mitmweb(ctx.master) if chosen == "auto" else chosen == "on"
 
     async def _consumer(self, credential: Credential) -> Consumer | None:
         cached = await self.cache.get_consumer(credential.hash)

@@ -43,7 +43,7 @@ async def stream(gw: Gw, flow: Any, chunks: list[bytes]) -> None:
 
 @pytest.mark.parametrize("show", [True, False])
 async def test_streamed_answer_is_kept_for_display_only_when_asked(gw: Gw, show: bool) -> None:
-    gw.tctx.options.mcpmeter_show_streams = show
+    gw.tctx.options.mcpmeter_show_streams = "on" if show else "off"
     flow = make_flow()
     await gw.addon.request(flow)
     chunks = sse_chunks(RESULT)
@@ -59,13 +59,13 @@ async def test_streamed_answer_is_kept_for_display_only_when_asked(gw: Gw, show:
 def test_show_streams_defaults_to_mitmweb_only() -> None:
     addon = Mcpmeter()
     with taddons.context(addon) as tctx:
-        assert tctx.options.mcpmeter_show_streams is None
+        assert tctx.options.mcpmeter_show_streams == "auto"
         assert addon._show_streams() is False  # a test master is not mitmweb
         assert display.under_mitmweb(type("WebMaster", (), {})())
 
 
 async def test_display_copy_is_bounded(gw: Gw, monkeypatch: pytest.MonkeyPatch) -> None:
-    gw.tctx.options.mcpmeter_show_streams = True
+    gw.tctx.options.mcpmeter_show_streams = "on"
     monkeypatch.setattr(display, "MAX_COPY_BYTES", 64)
     monkeypatch.setattr(display.keep_copy, "__defaults__", (64,))
     flow = make_flow()
