@@ -758,14 +758,14 @@ def _annotate(flow: http.HTTPFlow, call: Call, decision: billing.Decision, statu
     verdict = call.charged.verdict
     meta = flow.metadata.setdefault(META, {"request_id": call.request_id})
     label = "refunded" if decision.refund else ("free" if verdict is Verdict.FREE else "billed")
+    amount = "free tier" if verdict is Verdict.FREE else f"{call.charged.amount} µ¢"
+    if (would := meta.get("shadow")) is not None:  # shadow mode: recorded unpriced, the would-be verdict shown
+        label, amount = "shadow", f"would {shadow.describe(would)}, charged nothing"
     billed = 0 if decision.refund else call.charged.amount
     meta.update(decision=label, reason=decision.reason, billed=billed, balance=call.balance, status=status,
                 user_id=call.consumer.user_id)
     price = meta.setdefault("price", call.charge.price)
-    amount = "free tier" if verdict is Verdict.FREE else f"{call.charged.amount} µ¢"
     who = display.consumer_label(flow, call.consumer.user_id)
-    if (would := meta.get("shadow")) is not None:
-        label, amount = "shadow", f"would {shadow.describe(would)}, charged nothing"
     flow.comment = (f"{who} · {call.listing.slug} · {call.charge.tool_name} · price {price} µ¢ · "
                     f"{label} ({amount}; {decision.reason}) · balance {call.balance} µ¢")
     flow.marked = {"billed": ":moneybag:", "free": ":gift:", "refunded": ":leftwards_arrow_with_hook:",

@@ -138,7 +138,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No environment override may redirect these tests, and a store opened with the default
     path (what a rolled-back bad option reloads) lands in tmp_path, not in the repository."""
     for name in (*config_module._ENV_STR, *config_module._ENV_INT, *config_module._ENV_FLOAT,
-                 *config_module._ENV_MYSQL, *config_module._ENV_REDIS):
+                 *config_module._ENV_MYSQL, *config_module._ENV_REDIS, *config_module._ENV_LIST, "MCPMETER_SHADOW"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
 

@@ -247,6 +247,7 @@ async def test_shadow_listing_records_what_it_would_bill_and_charges_nothing(sha
     [row] = gw.db.usage()
     assert row["billed_micro_cents"] == 0 and row["status"] == 200  # the call is recorded, unbilled
     assert meta(flow)["shadow"]["verdict"] == "debited" and meta(flow)["shadow"]["amount"] == PRICE
+    assert meta(flow)["decision"] == "shadow" and meta(flow)["billed"] == 0 and meta(flow)["price"] == PRICE
     assert flow.marked == ":ghost:" and f"shadow (would debit {PRICE} µ¢, charged nothing" in flow.comment
     assert flow.response.headers["X-Mcpmeter-Billed"] == "0"
     gw.db.assert_reconciled()
