@@ -69,6 +69,9 @@ class Config:
     max_body_bytes: int = 10 * 1024 * 1024
     stale_call_seconds: float = 600.0  # a paid call unsettled this long lost its gateway: refund it
     log_level: str = "info"
+    shadow: bool = False  # meter and record, but refuse and charge nothing (every listing)
+    shadow_listings: tuple[str, ...] = ()  # slugs in shadow mode
+    authorization_servers: tuple[str, ...] = ()  # named in the OAuth protected-resource metadata
     mysql: MysqlSettings = field(default_factory=MysqlSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     seed: Mapping[str, Any] = field(default_factory=dict)
@@ -100,9 +103,37 @@ _ENV_REDIS = {"REDIS_HOST": "host", "REDIS_PORT": "port", "REDIS_DB": "db", "RED
               "MCPMETER_REDIS_PREFIX": "prefix"}
 
 
+_ENV_LIST = {
+    "MCPMETER_SHADOW_LISTINGS": "shadow_listings",
+    "MCPMETER_AUTHORIZATION_SERVERS": "authorization_servers",
+}
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand(value: Any, env: Mapping[str, str], where: str = "") -> Any:
+    """`${NAME}` and `${NAME:-default}` in the YAML's strings, from the environment."""
+    if isinstance(value, dict):
+        return {k: expand(v, env, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def one(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if env.get(name):
+            return env[name]
+        if default is None:
+            raise ConfigError(f"{where}: environment variable {name} is not set (write ${{{name}:-default}})")
+        return default
+
+    return _VAR.sub(one, value)
+
+
 def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
-    """Read the YAML file (if any), apply environment overrides, validate."""
+    """Read the YAML file (if any), expand ${VARS}, apply environment overrides, validate."""
     raw: dict[str, Any] = {}
+    env = os.environ if environ is None else environ
     if path:
         try:
             with open(path, encoding="utf-8") as f:
@@ -115,10 +146,14 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"mcpmeter_config {path!r} must be a mapping at the top level")
-        raw = dict(loaded)
+        raw = expand(dict(loaded), env)
         if "fee_rate" in raw:  # a friendlier spelling than basis points
             raw["platform_fee_bps"] = round(_number(raw.pop("fee_rate"), "fee_rate", float) * 10_000)
-    env = os.environ if environ is None else environ
+    for name, key in _ENV_LIST.items():
+        if env.get(name):
+            raw[key] = [x.strip() for x in env[name].split(",") if x.strip()]
+    if env.get("MCPMETER_SHADOW"):
+        raw["shadow"] = env["MCPMETER_SHADOW"]
     for name, key in (_ENV_STR | _ENV_INT | _ENV_FLOAT).items():
         if env.get(name):
             raw[key] = env[name]
@@ -149,6 +184,16 @@ def _build(raw: dict[str, Any]) -> Config:
             values[key] = tuple(value)
         elif key == "allowed_origins":
             values[key] = _origins(value)
+        elif key == "shadow":
+            values[key] = _flag(value, key)
+        elif key in ("shadow_listings", "authorization_servers"):
+            if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
+                raise ConfigError(f"{key} must be a list of strings")
+            if key == "shadow_listings" and (bad := [x for x in value if not SLUG_RE.match(x)]):
+                raise ConfigError(f"shadow_listings: {bad[0]!r} is not a listing slug")
+            if key == "authorization_servers" and (bad := [x for x in value if not re.match(r"^https?://[^/\s]+", x)]):
+                raise ConfigError(f"authorization_servers: {bad[0]!r} must be an http:// or https:// URL")
+            values[key] = tuple(x.rstrip("/") if key == "authorization_servers" else x for x in value)
         elif key == "public_url":
             values[key] = str(value).rstrip("/") if value else None
         elif isinstance(default, bool):
@@ -207,6 +252,15 @@ def _origins(value: Any) -> tuple[str, ...]:
             raise ConfigError(f"allowed_origins: {v!r} is not an origin (scheme://host[:port], no path)")
         normalized.append(origin)
     return tuple(normalized)
+def _flag(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{key} must be true or false, not {value!r}")
 
 
 def _number(value: Any, key: str, kind: type) -> Any:

@@ -24,7 +24,7 @@ from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
 
-from . import billing, compat, forwarding, guard, legacy_sse, origins, paths, redaction, rpc_errors
+from . import billing, commands, compat, display, dryrun, forwarding, guard, legacy_sse, origins, paths, redaction, rpc_errors, shadow
 from .auth import Credential, challenge, parse_authorization
 from .billing import Failure
 from .cache import MISS, Cache, open_cache
@@ -108,6 +108,8 @@ class Mcpmeter:
         self.metrics = Metrics(backlog=lambda: len(self.background), cache_degraded=lambda: cache_degraded(self.cache))
         self.circuits = Circuits(lambda: self.cache, lambda: self.config and self.config.circuit_breaker,
                                  self.metrics.circuit_state)
+        self.results = commands.Results()  # the debugging commands' answers and this gateway's calls
+        self.replays = dryrun.Originals()  # who made each flow, so replaying it is a dry run as them
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -120,6 +122,15 @@ class Mcpmeter:
             "variables override it: MCPMETER_STORE=sqlite|mysql, MCPMETER_CACHE=memory|redis, "
             "DB_*, REDIS_*, UPSTREAM_TIMEOUT_MS, DEFAULT_RPM, DEFAULT_RPD, ... Unset: the embedded "
             "SQLite store and in-process caches with an empty catalogue.",
+        )
+        loader.add_option(
+            "mcpmeter_show_streams",
+            str,
+            "auto",
+            "Keep a copy of each streamed answer (its first 1 MiB) so mitmweb can show it: auto (on "
+            "under mitmweb, off under mitmdump), on or off. The copy stays on the flow in memory (and in "
+            "flows saved with -w); it is never written to the database or the logs.",
+            choices=["auto", "on", "off"],
         )
         compat.install()
 
@@ -271,6 +282,9 @@ class Mcpmeter:
             return
         call = Call(request_id=str(uuid.uuid4()))
         credential = _credentials.pop(flow) if flow in _credentials else _redact(flow)
+        if dryrun.is_replay(flow):
+            return await dryrun.answer(self, flow, call)  # never forwarded, charged or counted
+        self.replays.remember(flow, credential)
         if self.stopping:  # draining for a stop: take no new money
             await self._refuse(flow, call, GatewayError("gateway_stopping", headers={"Retry-After": "1"}))
             return
@@ -305,6 +319,8 @@ class Mcpmeter:
                 if call.listing is not None and call.listing.transport is Transport.SSE and call.listing.upstream_url:
                     call.rewriter = legacy_sse.EndpointRewriter(call.listing.upstream_url, call.listing.slug)
                 flow.response.stream = self._stream_watcher(flow, call)
+                if self._show_streams():
+                    display.keep_copy(flow)
                 if call.priced is None:
                     self._cancel_deadline(call)
                 await self._stamp(flow, call)
@@ -428,7 +444,9 @@ class Mcpmeter:
                               listing.rate_limit_per_day or self.config.default_rpd)
         limit = await self.cache.hit(f"{listing.id}:{consumer.principal}", windows)
         call.limit_headers = limit_headers(limit, windows)
-        if not limit.allowed:
+        if not limit.allowed and shadow.applies(self.config, listing):
+            shadow.note_refusal(flow, "rate_limited")  # shadow mode: recorded, let through
+        elif not limit.allowed:
             raise GatewayError("rate_limited", headers=call.limit_headers, scope=limit.scope,
                                retry_after=limit.retry_after)
 
@@ -438,6 +456,10 @@ class Mcpmeter:
         else:
             call.balance_task = asyncio.ensure_future(self.store.balance(consumer.user_id))
         self._forward(flow, call, listing, subpath, query)
+
+    def _show_streams(self) -> bool:
+        chosen = ctx.options.mcpmeter_show_streams
+        return display.under_mitmweb(ctx.master) if chosen == "auto" else chosen == "on"
 
     async def _consumer(self, credential: Credential) -> Consumer | None:
         cached = await self.cache.get_consumer(credential.hash)
@@ -463,6 +485,8 @@ class Mcpmeter:
             listing_id=listing.id, tool_name=priced.tool_name, price=price,
             free_allowance=listing.free_calls_per_consumer, period=billing.period(call.called_at),
         )
+        if shadow.applies(self.config, listing):  # record what it would cost; charge nothing
+            call.charge = await shadow.charge_request(self.store, flow, call.charge)
         result = await self.store.charge(call.charge)
         call.balance = result.balance
         flow.metadata[META].update(tool=priced.tool_name, price=price)
@@ -665,7 +689,7 @@ class Mcpmeter:
             except Exception:
                 log.exception("mcpmeter: settling %s failed; the sweeper will", call.request_id)
 
-        _annotate(flow, call, *_decision(call))  # what mitmweb shows does not wait for the database
+        _annotate(flow, call, *_decision(call), self.results)  # what mitmweb shows does not wait for the database
         call.settlement = self._own(settle())
 
     async def _settle(self, flow: http.HTTPFlow, call: Call) -> None:
@@ -706,7 +730,7 @@ class Mcpmeter:
                     return
                 await asyncio.sleep(0.05 * 2**attempt)
         call.refunded = decision.refund
-        _annotate(flow, call, decision, status)
+        _annotate(flow, call, decision, status, self.results)
 
     async def _stamp(self, flow: http.HTTPFlow, call: Call) -> None:
         """The metering headers, on a response whose headers have not been sent yet."""
@@ -742,9 +766,9 @@ class Mcpmeter:
         self.metrics.refused(error.spec.code)
         meta = flow.metadata.setdefault(META, {"request_id": call.request_id})
         meta.update(decision="refused", error=error.spec.code)
-        slug = meta.get("slug", "-")
-        flow.comment = f"{slug} · refused {error.status} {error.spec.code}"
-        flow.marked = ":no_entry:"
+        who = display.consumer_label(flow, call.consumer.user_id) if call.consumer else "no consumer"
+        display.gateway_answered(flow, f"{who} · {meta.get('slug', '-')} · refused {error.status} {error.spec.code}",
+                                 ":no_entry:")
 
     async def _fail_closed(self, flow: http.HTTPFlow, call: Call) -> None:
         try:
@@ -798,7 +822,7 @@ class Mcpmeter:
 
     async def _health(self, flow: http.HTTPFlow, call: Call) -> None:
         if flow.request.method.upper() not in ("GET", "HEAD"):
-            raise GatewayError("method_not_allowed")
+            raise GatewayError("method_not_allowed", headers={"Allow": "GET, HEAD"})
         assert self.store is not None and self.cache is not None
         checks: dict[str, Any] = {}
         for name, probe in (("store", self.store.health), ("cache", self.cache.health)):
@@ -812,49 +836,75 @@ class Mcpmeter:
                                            {"Content-Type": "application/json",
                                             "X-Mcpmeter-Request-Id": call.request_id})
         flow.metadata[META] = {"decision": "health"}
+        display.gateway_answered(flow, f"health {body['status']}", ":information_source:")
 
     def _resource_metadata(self, flow: http.HTTPFlow, call: Call) -> None:
         base = self._public_url(flow)
-        body = {
-            "resource": base,
-            "authorization_servers": [base],
-            "bearer_methods_supported": ["header"],
-            "resource_name": "mcpmeter",
-        }
+        body: dict[str, Any] = {"resource": base}
+        if self.config and self.config.authorization_servers:
+            # The servers that issue tokens for this gateway (RFC 9728 §2): only the configured ones,
+            # never the gateway itself unless it is configured as one.
+            body["authorization_servers"] = list(self.config.authorization_servers)
+        body.update(bearer_methods_supported=["header"], resource_name="mcpmeter")
         flow.response = http.Response.make(200, json.dumps(body).encode(), {
             "Content-Type": "application/json", "X-Mcpmeter-Request-Id": call.request_id})
         flow.metadata[META] = {"decision": "metadata"}
+        display.gateway_answered(flow, "OAuth protected-resource metadata", ":information_source:")
 
     # --- commands for local billing debugging -----------------------------------------------
 
     @command.command("mcpmeter.balance")
-    def balance_command(self, user_id: int) -> None:
-        """Log a consumer's balance in µ¢ (read from the store)."""
-        self._spawn(self.store.balance(user_id), lambda b: f"user {user_id}: balance {b} µ¢")
+    def balance_command(self, user_id: int) -> str:
+        """A consumer's balance in µ¢, read from the store (the command answers with the last read)."""
+        user_id = commands.user_id_arg(user_id)
+        store = self._store_for_command()
+        key = ("balance", user_id)
+
+        async def read() -> str:
+            if not await commands.user_exists(store, user_id):
+                self.results.missing.add(user_id)
+                return f"user {user_id}: no such user"
+            self.results.missing.discard(user_id)
+            return f"user {user_id}: balance {await store.balance(user_id)} µ¢"
+
+        self.results.start(key, read)
+        return self.results.answer(key, f"user {user_id}: reading the balance")
 
     @command.command("mcpmeter.topup")
-    def topup_command(self, user_id: int, micro_cents: int) -> None:
-        """Add credit to a consumer, with its ledger row, and log the new balance."""
-        if micro_cents <= 0:
-            raise exceptions.CommandError("micro_cents must be positive")
-        self._spawn(self.store.topup(user_id, micro_cents, "top-up from mitmproxy command"),
-                    lambda b: f"user {user_id}: topped up {micro_cents} µ¢, balance {b} µ¢")
+    def topup_command(self, user_id: int, micro_cents: int) -> str:
+        """Add credit to an existing consumer, with its ledger row (unknown users: nothing written)."""
+        user_id, micro_cents = commands.user_id_arg(user_id), commands.amount_arg(micro_cents)
+        if user_id in self.results.missing:
+            raise exceptions.CommandError(f"user {user_id} does not exist: nothing written")
+        store = self._store_for_command()
+
+        async def topup() -> str:
+            if not await commands.user_exists(store, user_id):
+                self.results.missing.add(user_id)
+                return f"user {user_id}: no such user, nothing written"
+            try:
+                balance = await store.topup(user_id, micro_cents, "top-up from mitmproxy command")
+            except Exception as e:
+                if type(e).__name__ == "UnknownUser":  # the store's own check, where it has one
+                    self.results.missing.add(user_id)
+                    return f"user {user_id}: no such user, nothing written"
+                raise
+            self.results.answers[("balance", user_id)] = (time.time(), f"user {user_id}: balance {balance} µ¢")
+            return f"user {user_id}: topped up {micro_cents} µ¢, balance {balance} µ¢"
+
+        self.results.start(("topup", user_id), topup)
+        return (f"user {user_id}: topping up {micro_cents} µ¢ (the user is checked first); "
+                f"`mcpmeter.balance {user_id}` shows the new balance")
 
     @command.command("mcpmeter.calls")
-    def calls_command(self, limit: int = 10) -> None:
-        """Log the most recent metered calls."""
-        self._spawn(self.store.recent_calls(max(1, min(limit, 200))), lambda rows: "\n".join(
-            f"{r.called_at} {r.slug} {r.tool_name} status {r.status} billed {r.billed} µ¢ {r.request_id}"
-            for r in rows) or "no calls recorded yet")
+    def calls_command(self, limit: int = 10) -> str:
+        """The most recent calls this gateway metered, newest first."""
+        return self.results.calls(commands.limit_arg(limit))
 
-    def _spawn(self, work: Any, describe: Callable[[Any], str]) -> None:
-        async def run() -> None:
-            try:
-                log.warning("mcpmeter: %s", describe(await work))
-            except Exception as e:
-                log.warning("mcpmeter: command failed: %s", e)
-
-        asyncio.ensure_future(run())
+    def _store_for_command(self) -> Store:
+        if self.store is None:
+            raise exceptions.CommandError("mcpmeter has no store yet (is mcpmeter_config loading?)")
+        return self.store
 
 
 def _decision(call: Call) -> tuple[billing.Decision, int]:
@@ -870,18 +920,30 @@ def _decision(call: Call) -> tuple[billing.Decision, int]:
     return decision, failed.get(call.failure, call.status or 0) if call.failure else (call.status or 0)
 
 
-def _annotate(flow: http.HTTPFlow, call: Call, decision: billing.Decision, status: int) -> None:
+def _annotate(flow: http.HTTPFlow, call: Call, decision: billing.Decision, status: int,
+              results: commands.Results | None = None) -> None:
     """The metering decision on the flow: metadata for addons, comment and mark for mitmweb."""
     assert call.charged is not None and call.charge is not None and call.listing is not None
+    assert call.consumer is not None
     verdict = call.charged.verdict
+    meta = flow.metadata.setdefault(META, {"request_id": call.request_id})
     label = "refunded" if decision.refund else ("free" if verdict is Verdict.FREE else "billed")
-    flow.metadata.setdefault(META, {"request_id": call.request_id}).update(
-        decision=label, reason=decision.reason, billed=0 if decision.refund else call.charged.amount,
-        balance=call.balance, status=status)
     amount = "free tier" if verdict is Verdict.FREE else f"{call.charged.amount} µ¢"
-    flow.comment = (f"{call.listing.slug} · {call.charge.tool_name} · {label} "
-                    f"({amount}{', ' + decision.reason if decision.refund else ''}) · balance {call.balance} µ¢")
-    flow.marked = {"billed": ":moneybag:", "free": ":gift:", "refunded": ":leftwards_arrow_with_hook:"}[label]
+    if (would := meta.get("shadow")) is not None:  # shadow mode: recorded unpriced, the would-be verdict shown
+        label, amount = "shadow", f"would {shadow.describe(would)}, charged nothing"
+    billed = 0 if decision.refund else call.charged.amount
+    meta.update(decision=label, reason=decision.reason, billed=billed, balance=call.balance, status=status,
+                user_id=call.consumer.user_id)
+    price = meta.setdefault("price", call.charge.price)
+    who = display.consumer_label(flow, call.consumer.user_id)
+    flow.comment = (f"{who} · {call.listing.slug} · {call.charge.tool_name} · price {price} µ¢ · "
+                    f"{label} ({amount}; {decision.reason}) · balance {call.balance} µ¢")
+    flow.marked = {"billed": ":moneybag:", "free": ":gift:", "refunded": ":leftwards_arrow_with_hook:",
+                   "shadow": ":ghost:"}[label]
+    if results is not None:
+        results.note(commands.Recent(
+            time.time(), call.request_id, call.consumer.user_id, call.listing.slug, call.charge.tool_name,
+            label, billed, status))
 
 
 def _legacy_session(listing_id: int, subpath: str, query: str) -> str:

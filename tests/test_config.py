@@ -423,3 +423,35 @@ def test_allowed_origins_from_yaml_and_environment(tmp_path: Path) -> None:
                                    ["https://u@a.example"], ["ftp://a.example"]])
 def test_bad_allowed_origins_name_the_key(tmp_path: Path, value: Any) -> None:
     assert "allowed_origins" in error(tmp_path, {"allowed_origins": value})
+
+
+# --- issue 9: ${VARS} in the YAML, shadow mode, authorization servers ---------------------------
+
+
+def test_environment_variables_expand_in_the_yaml(tmp_path: Path) -> None:
+    data = {"seed": {"listings": [{"slug": "echo", "upstream_url": "http://127.0.0.1:${DEMOS_PORT:-3011}/mcp"},
+                                  {"slug": "two", "upstream_url": "http://${HOST}:1/mcp"}]}}
+    cfg = load_yaml(tmp_path, data, {"DEMOS_PORT": "4011", "HOST": "h.example"})
+    assert [x["upstream_url"] for x in cfg.seed["listings"]] == ["http://127.0.0.1:4011/mcp", "http://h.example:1/mcp"]
+    cfg = load_yaml(tmp_path, {**data, "seed": {"listings": data["seed"]["listings"][:1]}})
+    assert cfg.seed["listings"][0]["upstream_url"] == "http://127.0.0.1:3011/mcp"  # the default
+    assert "HOST is not set" in error(tmp_path, data)
+
+
+def test_shadow_settings(tmp_path: Path) -> None:
+    assert load(None, environ=NO_ENV).shadow is False
+    assert load(None, environ={"MCPMETER_SHADOW": "1"}).shadow is True
+    assert load(None, environ={"MCPMETER_SHADOW": "false"}).shadow is False
+    assert "shadow must be true or false" in env_error({"MCPMETER_SHADOW": "maybe"})
+    assert load_yaml(tmp_path, {"shadow": True}).shadow is True
+    assert load_yaml(tmp_path, {"shadow_listings": ["echo-test"]}).shadow_listings == ("echo-test",)
+    assert load(None, environ={"MCPMETER_SHADOW_LISTINGS": "a, b"}).shadow_listings == ("a", "b")
+    assert "not a listing slug" in error(tmp_path, {"shadow_listings": ["Bad Slug"]})
+    assert "list of strings" in error(tmp_path, {"shadow_listings": "echo-test"})
+
+
+def test_authorization_servers(tmp_path: Path) -> None:
+    assert load(None, environ=NO_ENV).authorization_servers == ()
+    cfg = load_yaml(tmp_path, {"authorization_servers": ["https://auth.example/"]})
+    assert cfg.authorization_servers == ("https://auth.example",)
+    assert "http:// or https://" in error(tmp_path, {"authorization_servers": ["auth.example"]})
