@@ -98,9 +98,3 @@ def limit_arg(limit: int) -> int:
     if not 1 <= limit <= MAX_RECENT:
         raise exceptions.CommandError(f"limit must be between 1 and {MAX_RECENT}, not {limit}")
     return limit
-
-
-async def user_exists(store: Any, user_id: int) -> bool:
-    """A read of the users table (the store's balance reads 0 for a user that does not exist)."""
-    row = await store._submit(lambda ledger: ledger._one("SELECT id FROM users WHERE id = %s", (user_id,)))
-    return row is not None

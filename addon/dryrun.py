@@ -27,7 +27,6 @@ from .auth import Credential
 from .errors import GatewayError
 from .jsonrpc import inspect_request
 from .model import ChargeRequest
-from .preview import preview
 
 if TYPE_CHECKING:
     from .gateway import Call, Mcpmeter
@@ -127,7 +126,7 @@ async def _decide(gw: Mcpmeter, flow: http.HTTPFlow, call: Call, slug: Any) -> d
     req = ChargeRequest(request_id=call.request_id, user_id=consumer.user_id, project_id=consumer.project_id,
                         listing_id=listing.id, tool_name=tool, price=price,
                         free_allowance=listing.free_calls_per_consumer, period=billing.period(call.called_at))
-    seen = await preview(gw.store, req)
+    seen = await gw.store.preview(req)
     would = {"debited": "debit", "free": "use the free tier", "unpriced": "forward unpriced"}.get(
         seen.verdict.value, "refuse")
     if consumer.status == "suspended":

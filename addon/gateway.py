@@ -38,7 +38,7 @@ from .model import (ChargeRequest, ChargeResult, Consumer, ConsumerStatus, Listi
                     Transport, Verdict)
 from .ratelimit import headers as limit_headers, windows_for
 from .sse import SseParser
-from .store import Store, StoreUnavailable, open_store
+from .store import Store, StoreUnavailable, UnknownUser, open_store
 
 log = logging.getLogger("mcpmeter")
 
@@ -861,7 +861,7 @@ class Mcpmeter:
         key = ("balance", user_id)
 
         async def read() -> str:
-            if not await commands.user_exists(store, user_id):
+            if not await store.user_exists(user_id):
                 self.results.missing.add(user_id)
                 return f"user {user_id}: no such user"
             self.results.missing.discard(user_id)
@@ -879,16 +879,11 @@ class Mcpmeter:
         store = self._store_for_command()
 
         async def topup() -> str:
-            if not await commands.user_exists(store, user_id):
+            try:  # the store checks the user in the top-up's own transaction
+                balance = await store.topup(user_id, micro_cents, "top-up from mitmproxy command")
+            except UnknownUser:
                 self.results.missing.add(user_id)
                 return f"user {user_id}: no such user, nothing written"
-            try:
-                balance = await store.topup(user_id, micro_cents, "top-up from mitmproxy command")
-            except Exception as e:
-                if type(e).__name__ == "UnknownUser":  # the store's own check, where it has one
-                    self.results.missing.add(user_id)
-                    return f"user {user_id}: no such user, nothing written"
-                raise
             self.results.answers[("balance", user_id)] = (time.time(), f"user {user_id}: balance {balance} µ¢")
             return f"user {user_id}: topped up {micro_cents} µ¢, balance {balance} µ¢"
 

@@ -45,19 +45,3 @@ def decide(req: ChargeRequest, free_used: int, balance: int, cap_cents: int | No
     else:
         verdict = Verdict.DEBITED
     return Preview(verdict, req.price, req.free_allowance, free_left, balance, cap_cents, spent)
-
-
-def _read(ledger: Any, req: ChargeRequest) -> Preview:
-    row = ledger._one("SELECT free_calls_used FROM mcp_consumer_usage"
-                      " WHERE mcp_id = %s AND user_id = %s AND period_year_month = %s",
-                      (req.listing_id, req.user_id, req.period))
-    cap = ledger._one("SELECT spending_cap_cents_per_month FROM projects WHERE id = %s", (req.project_id,))
-    spent = ledger._one("SELECT spent_micro_cents FROM mcpmeter_project_spend"
-                        " WHERE project_id = %s AND period_year_month = %s", (req.project_id, req.period))
-    return decide(req, int(row[0]) if row else 0, ledger.balance(req.user_id),
-                  None if cap is None or cap[0] is None else int(cap[0]), int(spent[0]) if spent else 0)
-
-
-async def preview(store: Any, req: ChargeRequest) -> Preview:
-    """Read-only: a transaction that only selects (it commits nothing)."""
-    return await store._submit(lambda ledger: _read(ledger, req))

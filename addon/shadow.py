@@ -17,7 +17,6 @@ from mitmproxy import http
 
 from .config import Config
 from .model import ChargeRequest, Listing
-from .preview import preview
 
 log = logging.getLogger("mcpmeter")
 META = "mcpmeter"
@@ -47,7 +46,7 @@ def note_refusal(flow: http.HTTPFlow, code: str) -> None:
 
 async def charge_request(store: Any, flow: http.HTTPFlow, req: ChargeRequest) -> ChargeRequest:
     """What the call would cost, put on the flow; returns the request to record it at no cost."""
-    would = (await preview(store, req)).as_dict()
+    would = (await store.preview(req)).as_dict()
     note = flow.metadata.setdefault(META, {}).setdefault("shadow", {})
     note.update(would)
     log.info("mcpmeter: shadow %s %s would %s", req.request_id, req.tool_name, describe(note))

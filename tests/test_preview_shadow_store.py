@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from addon import commands, preview
 from addon.model import Verdict
 
 from .test_store_contract import (  # noqa: F401  (db is a fixture)
@@ -28,7 +27,7 @@ async def test_preview_agrees_with_the_charge_and_writes_nothing(db: Backend, ca
     add_listing(db, 10, "w", price=case["price"], free=case["free"])
     req = call(who, 10, case["price"], free=case["free"])
     before = snapshot(db)
-    seen = await preview.preview(db.store, req)
+    seen = await db.store.preview(req)
     assert snapshot(db) == before  # read-only
     assert seen.verdict is case["want"] and seen.balance == case["credit"]
     assert seen.free_left == case["free"]
@@ -41,7 +40,7 @@ async def test_preview_counts_the_free_tier_used_this_month(db: Backend) -> None
     who = add_consumer(db, 1, credit=10_000)
     add_listing(db, 10, "w", price=3000, free=2)
     await db.store.charge(call(who, 10, 3000, free=2))
-    assert (await preview.preview(db.store, call(who, 10, 3000, free=2))).free_left == 1
+    assert (await db.store.preview(call(who, 10, 3000, free=2))).free_left == 1
     reconcile(db)
 
 
@@ -65,6 +64,6 @@ async def test_a_shadow_call_is_recorded_without_moving_money(db: Backend) -> No
 
 async def test_user_exists_check_of_the_topup_command(db: Backend) -> None:
     add_consumer(db, 1, credit=5)
-    assert await commands.user_exists(db.store, 1) is True
-    assert await commands.user_exists(db.store, 77) is False
+    assert await db.store.user_exists(1) is True
+    assert await db.store.user_exists(77) is False
     reconcile(db)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..auth import Credential
+from ..preview import Preview
 from ..model import CallRecord, ChargeRequest, ChargeResult, Consumer, Listing, Settlement
 
 
@@ -31,6 +32,11 @@ class Store(Protocol):
 
     async def balance(self, user_id: int) -> int:
         """The consumer's balance read from the database, never from a cache."""
+
+    async def user_exists(self, user_id: int) -> bool: ...
+
+    async def preview(self, request: ChargeRequest) -> Preview:
+        """What `charge` would decide now, without writing anything (shadow mode, dry runs)."""
 
     async def charge(self, request: ChargeRequest) -> ChargeResult:
         """Claim a free-tier slot or debit the price (with its ledger row) in one transaction."""
