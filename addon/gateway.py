@@ -46,6 +46,7 @@ META = "mcpmeter"
 SETTLE_ATTEMPTS = 5
 MAX_BACKGROUND_SETTLEMENTS = 1000  # beyond this, responses wait for their settlement (backpressure)
 STOP_GRACE_SECONDS = 10.0  # on a stop, paid calls in flight get this long to be answered, then are refunded
+PUBLIC_HEALTH_FIELDS = ("store", "cache", "ok", "degraded")
 HARD_BODY_LIMIT_FACTOR = 4  # bodies up to 4x the limit are read and dropped to answer 413 cleanly
 
 
@@ -359,6 +360,7 @@ class Mcpmeter:
         _credentials.pop(flow, None)  # died between requestheaders and request
         call = self.calls.get(flow.id)
         if call is None:
+            redaction.redact_forwarded_credentials(flow.request.headers)  # never forwarded
             return
         try:
             self._cancel_deadline(call)
@@ -511,7 +513,8 @@ class Mcpmeter:
         for name, value in forwarding.upstream_headers(fields, listing.upstream_headers,
                                                        forwarding.authority(url)):
             flow.request.headers.add(name, value)
-        compat.hide_upstream_headers(flow.request, listing.upstream_headers)  # values only on the wire
+        # Values only on the wire: the publisher's headers, and credentials the consumer wrapped in X-Forward-*.
+        compat.hide_upstream_headers(flow.request, [*listing.upstream_headers, *redaction.CREDENTIAL_HEADERS])
         call.deadline = asyncio.get_running_loop().call_later(self._timeout(listing), self._on_deadline, flow, call)
         self.calls[flow.id] = call
         call.flow = flow
@@ -756,6 +759,7 @@ class Mcpmeter:
     # --- answers of the gateway's own -------------------------------------------------------
 
     async def _refuse(self, flow: http.HTTPFlow, call: Call, error: GatewayError) -> None:
+        redaction.redact_forwarded_credentials(flow.request.headers)  # refused: they go nowhere
         if call.consumer is not None and call.balance is None and self.store is not None:
             try:
                 call.balance = await self.store.balance(call.consumer.user_id)
@@ -827,9 +831,13 @@ class Mcpmeter:
         checks: dict[str, Any] = {}
         for name, probe in (("store", self.store.health), ("cache", self.cache.health)):
             try:
-                checks[name] = await asyncio.wait_for(probe(), timeout=1.0)
+                check = await asyncio.wait_for(probe(), timeout=1.0)
             except Exception as e:  # health reports, it does not fail
-                checks[name] = {"ok": False, "error": str(e) or type(e).__name__}
+                check = {"ok": False, "error": str(e) or type(e).__name__}
+            if not check.get("ok"):
+                log.warning("mcpmeter: health: %s %s", name, check)
+            # /health is public: addresses and driver messages (hosts, database names) go to the log only.
+            checks[name] = {k: v for k, v in check.items() if k in PUBLIC_HEALTH_FIELDS}
         ok = bool(checks["store"].get("ok"))
         body = {"status": "ok" if ok else "degraded", **checks, "circuits": self.circuits.snapshot()}
         flow.response = http.Response.make(200 if ok else 503, json.dumps(body).encode(),

@@ -68,7 +68,7 @@ class Listing:
     status: ListingStatus  # strs from the database are converted (an unknown one raises ValueError)
     upstream_url: str | None
     transport: Transport = Transport.STREAMABLE
-    upstream_headers: Mapping[str, str] = field(default_factory=dict)
+    upstream_headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # the publisher's secrets
     free_calls_per_consumer: int = 0
     rate_limit_per_minute: int | None = None
     rate_limit_per_day: int | None = None

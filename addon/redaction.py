@@ -13,6 +13,8 @@ from mitmproxy.http import Headers
 REDACTED = "(redacted)"
 # What a consumer may send that carries a credential; forwarding strips all of them.
 CREDENTIAL_HEADERS = ("authorization", "proxy-authorization", "cookie")
+# A consumer's own credential for the upstream, wrapped so the gateway forwards it (see forwarding).
+FORWARDED_CREDENTIAL_HEADERS = tuple(f"x-forward-{name}" for name in CREDENTIAL_HEADERS)
 GATEWAY_PREFIX = "x-mcpmeter-"
 
 
@@ -22,6 +24,13 @@ def redact_credentials(headers: Headers, key_prefix: str | None = None) -> None:
         if name in headers and not all(v.endswith(REDACTED) for v in headers.get_all(name)):
             shown = f"Bearer {key_prefix} {REDACTED}" if name == "authorization" and key_prefix else REDACTED
             headers[name] = shown
+
+
+def redact_forwarded_credentials(headers: Headers) -> None:
+    """A request that is not forwarded keeps no `X-Forward-Authorization` (or cookie) value on its flow."""
+    for name in FORWARDED_CREDENTIAL_HEADERS:
+        if name in headers:
+            headers.set_all(name, [REDACTED] * len(headers.get_all(name)))
 
 
 def drop_gateway_headers(headers: Headers) -> list[str]:

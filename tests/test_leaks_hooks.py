@@ -1,0 +1,74 @@
+"""Secrets that are neither the bearer key nor a publisher header: what a consumer wraps for the
+upstream (`X-Forward-Authorization`), and what /health would tell the public about the backends."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from addon import compat
+from addon.model import Listing
+from tests.test_gateway_hooks import (  # noqa: F401  (gw and isolated are fixtures)
+    ALICE, Gw, forwarded, gw, isolated, json_response, make_flow, tool_call, upstream_answers, upstream_fails,
+)
+
+UPSTREAM_TOKEN = "consumer-own-upstream-token-123"
+COOKIE = "upstream-session=cookie-value-456"
+
+
+def wrapped() -> dict[str, str]:
+    return {"X-Forward-Authorization": f"Bearer {UPSTREAM_TOKEN}", "X-Forward-Cookie": COOKIE}
+
+
+def assert_hidden(flow: Any) -> None:
+    state = repr(flow.get_state())
+    assert UPSTREAM_TOKEN not in state and "cookie-value-456" not in state
+
+
+async def test_a_wrapped_credential_goes_upstream_only_on_the_wire(gw: Gw) -> None:
+    flow = make_flow(headers=wrapped())
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    assert_hidden(flow)
+    # The bytes mitmproxy sends upstream carry the real values (compat reveals them on the wire).
+    real = compat._revealed(flow.request)
+    assert real.headers["authorization"] == f"Bearer {UPSTREAM_TOKEN}" and real.headers["cookie"] == COOKIE
+    await upstream_answers(gw, flow, json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}))
+    assert_hidden(flow)
+    gw.db.assert_reconciled()
+
+
+@pytest.mark.parametrize("token,body", [(None, tool_call()), (ALICE, b"{not json")],
+                         ids=["refused-unauthenticated", "refused-bad-json"])
+async def test_a_refused_request_keeps_no_wrapped_credential(gw: Gw, token: str | None, body: Any) -> None:
+    flow = make_flow(token=token, body=body, headers=wrapped())
+    await gw.addon.request(flow)
+    assert flow.response is not None and flow.response.status_code in (400, 401)
+    assert_hidden(flow)
+
+
+async def test_a_flow_that_dies_before_request_keeps_no_wrapped_credential(gw: Gw) -> None:
+    flow = make_flow(headers=wrapped())
+    gw.addon.requestheaders(flow)
+    await upstream_fails(gw, flow, "Client disconnected.")
+    assert_hidden(flow)
+
+
+async def test_health_names_no_backend_address_or_driver_message(gw: Gw) -> None:
+    async def failing() -> dict[str, object]:
+        raise ConnectionError("cannot reach db.internal.example:3306 as mcpmeter@10.1.2.3")
+
+    gw.addon.store.health = failing  # type: ignore[method-assign]
+    flow = make_flow(path="/health", method="GET", token=None)
+    await gw.addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 503
+    body = json.loads(flow.response.content)
+    assert body["store"] == {"ok": False}
+    assert "db.internal" not in flow.response.text and "10.1.2.3" not in flow.response.text
+
+
+def test_a_listing_repr_shows_no_publisher_secret() -> None:
+    listing = Listing(id=1, slug="s", status="live", upstream_url="http://h/", upstream_headers={"X-Key": "pub-secret"})
+    assert "pub-secret" not in repr(listing)
