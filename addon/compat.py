@@ -16,7 +16,8 @@ upgrade fails at start instead of silently serving HTML or never timing out.
 from __future__ import annotations
 
 import json
-from collections.abc import Generator
+import weakref
+from collections.abc import Callable, Generator
 from typing import Any
 
 from cachetools import TTLCache
@@ -24,7 +25,7 @@ from mitmproxy import ctx, http, version
 from mitmproxy.connection import ConnectionState, Server
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands
-from mitmproxy.proxy.layers.http import ResponseProtocolError, _base, _http1, _http2
+from mitmproxy.proxy.layers.http import HttpStream, RequestData, ResponseProtocolError, _base, _http1, _http2
 
 TESTED_VERSIONS = ("12.3.",)
 
@@ -62,6 +63,7 @@ def install() -> None:
     _http1.make_error_response = _json_error_response
     _http2.format_error = _json_error_body
     _base.format_error = _json_error_body
+    _install_request_body_limit()
     _installed = True
 
 
@@ -110,3 +112,40 @@ def client_gone(flow: http.HTTPFlow) -> bool:
     """Whether the flow failed because the client went away (as opposed to the upstream)."""
     msg = flow.error.msg if flow.error else ""
     return "Client disconnected" in msg or not (flow.client_conn.state & ConnectionState.CAN_WRITE)
+
+
+# --- request bodies read with a ceiling, whatever their framing -----------------------------------
+
+# flow -> (limit, the answer to send when the body passes it). Weak: gone with the flow.
+_body_limits: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[int, Callable[[], http.Response]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def limit_request_body(flow: http.HTTPFlow, limit: int, refuse: Callable[[], http.Response]) -> None:
+    """Stop reading `flow`'s request body once it passes `limit` bytes, and answer `refuse()`.
+
+    mitmproxy buffers a request body whole before the `request` hook; only a Content-Length
+    can be checked earlier. A chunked (or HTTP/2) body has none, so the check is made as
+    each piece arrives: the body buffered never passes the limit by more than one read.
+    """
+    _body_limits[flow] = (limit, refuse)
+
+
+def _install_request_body_limit() -> None:
+    for name in ("state_consume_request_body", "check_killed"):
+        if not callable(getattr(HttpStream, name, None)):
+            raise RuntimeError(f"mitmproxy internals changed: HttpStream.{name} is missing")
+    original = HttpStream.state_consume_request_body
+
+    def state_consume_request_body(self: HttpStream, event: Any) -> Generator[commands.Command, Any, None]:
+        bound = _body_limits.get(self.flow) if isinstance(event, RequestData) else None
+        if bound is not None and len(self.request_body_buf) + len(event.data) > bound[0]:
+            del _body_limits[self.flow]
+            self.request_body_buf.clear()
+            answer_failed_flow(self.flow, bound[1]())
+            self.flow.kill()
+            yield from self.check_killed(True)
+            return
+        yield from original(self, event)
+
+    HttpStream.state_consume_request_body = state_consume_request_body  # type: ignore[method-assign]

@@ -85,6 +85,21 @@ def inspect_request(
     return Inspection(method=method, call=PricedCall(method, rpc_id, method))
 
 
+ALLOWED_HTTP_METHODS = ("GET", "POST", "DELETE", "HEAD", "OPTIONS")
+
+
+def check_http_method(method: str, body: bytes) -> None:
+    """Only POST carries JSON-RPC; the other MCP methods pass with an empty body, nothing else passes.
+
+    A tools/call body sent with PUT, or with GET, would otherwise reach an upstream that may
+    run it whatever the method, without ever being priced. Methods are case-sensitive.
+    """
+    if method not in ALLOWED_HTTP_METHODS:
+        raise GatewayError("method_not_allowed", headers={"Allow": ", ".join(ALLOWED_HTTP_METHODS)})
+    if method != "POST" and body:
+        raise GatewayError("invalid_request", reason=f"a {method} request must not carry a body")
+
+
 def parse_strict(body: bytes) -> Any:
     """The JSON value of a request body, refusing what parsers could read differently.
 
