@@ -296,7 +296,7 @@ class Mcpmeter:
         if not SLUG_RE.match(slug):
             raise GatewayError("invalid_slug")
         flow.metadata[META] = {"request_id": call.request_id, "slug": slug}
-        check_http_method(req.method, req.raw_content or b"")
+        check_http_method(req.data.method.decode("ascii", "replace"), req.raw_content or b"")  # as sent: case counts
 
         consumer = await self._consumer(credential) if credential else None
         if consumer is None:
