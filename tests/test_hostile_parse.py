@@ -202,3 +202,10 @@ async def test_requestheaders_bounds_a_body_without_content_length(gw: Gw) -> No
     answer = refuse()
     assert answer.status_code == 413 and json.loads(answer.content)["error"] == "payload_too_large"
     assert ALICE not in flow.request.headers["authorization"]  # the flow dies before `request` redacts
+
+
+def test_install_bounds_request_bodies_in_mitmproxy() -> None:
+    from mitmproxy.proxy.layers.http import HttpStream
+
+    compat.install()
+    assert "_install_request_body_limit" in HttpStream.state_consume_request_body.__qualname__
