@@ -28,8 +28,8 @@ from .auth import Credential, challenge, parse_authorization
 from .billing import Failure
 from .cache import MISS, Cache, open_cache
 from .clients import classify
-from .decoding import TooLarge, decode_bounded
 from .config import SLUG_RE, Config, ConfigError, load
+from .decoding import TooLarge, decode_bounded
 from .errors import GatewayError
 from .jsonrpc import (
     JsonId, Outcome, PricedCall, answer_outcome, body_outcome, check_http_method, inspect_request, scanned_outcome,
@@ -506,7 +506,8 @@ class Mcpmeter:
 
     def _body_outcome(self, response: http.Response, rpc_id: JsonId) -> Outcome | None:
         """What a buffered answer says, decoded by the meter with a ceiling (never by mitmproxy)."""
-        limit = self.config.max_body_bytes if self.config else DEFAULT_MAX_EVENT_BYTES
+        assert self.config is not None
+        limit = self.config.max_body_bytes
         try:
             body = decode_bounded(response.raw_content or b"", response.headers.get("content-encoding"), limit)
         except TooLarge:

@@ -20,7 +20,7 @@ from typing import Any
 
 MAX_MESSAGES = 1024  # summaries kept from one batch; a batch answering a single call needs one
 _MAX_KEY = 64  # raw bytes of a key worth reading: "isError" spelled with \u escapes is 42
-_MAX_SCALAR = 1024  # raw bytes of an id or isError value worth reading; longer ids never match a call
+_MAX_SCALAR = 4096  # raw bytes of an id worth reading: 200 characters as \uXXXX surrogate pairs fit
 
 _WS = frozenset(b" \t\r\n")
 _SHALLOW = re.compile(rb'[{}\[\]:,"]|[^\s{}\[\]:,"]+')  # structure, strings, and runs of scalar bytes

@@ -397,3 +397,13 @@ def test_a_huge_result_is_read() -> None:
 ])
 def test_body_outcome_reads_like_json(raw: bytes, rpc_id: Any, expected: Outcome | None) -> None:
     assert body_outcome(raw, rpc_id) is expected
+
+
+def test_the_longest_id_matches_however_the_upstream_escapes_it() -> None:
+    rpc_id = "\U0001F600" * 200  # accepted: 200 characters
+    assert inspect_request(body(call("a", rpc_id)), BILLABLE).call is not None
+    escaped = json.dumps({"jsonrpc": "2.0", "id": rpc_id, "result": {}}).encode()  # \ud83d\ude00 x 200
+    assert len(escaped) > 2400
+    assert body_outcome(escaped, rpc_id) is Outcome.RESULT
+    raw = json.dumps({"jsonrpc": "2.0", "id": rpc_id, "result": {}}, ensure_ascii=False).encode()
+    assert body_outcome(raw, rpc_id) is Outcome.RESULT
