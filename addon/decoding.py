@@ -84,3 +84,47 @@ def _brotli(data: bytes, limit: int) -> bytes:
     if not d.is_finished():
         raise EOFError("truncated")
     return bytes(out)
+
+
+class StreamDecoder:
+    """Undo one content coding of a streamed answer, piece by piece, up to `limit` bytes in all.
+
+    Past the limit (or on a broken stream) it yields nothing more: the meter stops reading,
+    the client still gets every byte as sent.
+    """
+
+    def __init__(self, coding: str, limit: int) -> None:
+        coding = coding.strip().lower()
+        self.limit, self.total, self.failed = limit, 0, False
+        if coding in ("gzip", "x-gzip"):
+            self._d: Any = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        elif coding == "deflate":
+            self._d = zlib.decompressobj(zlib.MAX_WBITS | 32)  # zlib or gzip header, detected
+        elif coding == "zstd":
+            self._d = zstd.ZstdDecompressor()
+        elif coding == "br":
+            self._d = brotli.Decompressor()
+        else:
+            self._d, self.failed = None, True
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.failed or not chunk:
+            return b""
+        room = self.limit - self.total
+        try:
+            if isinstance(self._d, brotli.Decompressor):
+                out = self._d.process(chunk, output_buffer_limit=room + 1)
+                if not self._d.can_accept_more_data():
+                    self.failed = True  # output held back past the limit
+            else:
+                out = self._d.decompress(chunk, room + 1)
+                if getattr(self._d, "unconsumed_tail", b""):
+                    self.failed = True
+        except (zlib.error, brotli.error, zstd.ZstdError, EOFError):
+            self.failed = True
+            return b""
+        self.total += len(out)
+        if self.total > self.limit:
+            self.failed = True
+            return b""
+        return out

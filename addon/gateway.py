@@ -29,7 +29,7 @@ from .billing import Failure
 from .cache import MISS, Cache, open_cache
 from .clients import classify
 from .config import SLUG_RE, Config, ConfigError, load
-from .decoding import TooLarge, decode_bounded
+from .decoding import StreamDecoder, TooLarge, decode_bounded
 from .errors import GatewayError
 from .jsonrpc import (
     JsonId, Outcome, PricedCall, answer_outcome, body_outcome, check_http_method, inspect_request, scanned_outcome,
@@ -67,6 +67,7 @@ class Call:
     failure: Failure | None = None
     refunded: bool = False
     parser: SseParser | None = None
+    decoder: StreamDecoder | None = None  # a compressed stream, decoded for the meter with a ceiling
     deadline: asyncio.TimerHandle | None = None
     settlement: asyncio.Future[None] | None = None
     route: str = ""  # path and query as the client sent them
@@ -217,6 +218,9 @@ class Mcpmeter:
                 await self.cache.bind_session(session, call.consumer.principal)
             if "text/event-stream" in flow.response.headers.get("content-type", "").lower():
                 call.parser = SseParser(self.config.max_event_bytes if self.config else DEFAULT_MAX_EVENT_BYTES)
+                coding = flow.response.headers.get("content-encoding", "").strip()
+                if coding and coding.lower() != "identity" and self.config is not None:  # asked for identity
+                    call.decoder = StreamDecoder(coding, self.config.max_body_bytes)
                 if call.listing is not None and call.listing.transport == "sse" and call.listing.upstream_url:
                     call.rewriter = legacy_sse.EndpointRewriter(call.listing.upstream_url, call.listing.slug)
                 flow.response.stream = self._stream_watcher(flow, call)
@@ -418,7 +422,8 @@ class Mcpmeter:
                     if ended:  # the final b"": a held-back chunk (b"" returned) is not the end
                         self._end_session_stream(call)
                 elif call.priced is not None and call.outcome is None and call.parser is not None:
-                    for event in call.parser.feed(chunk):
+                    data = call.decoder.feed(chunk) if call.decoder is not None and chunk else chunk
+                    for event in call.parser.feed(data) if data or not chunk else ():
                         outcome = _event_outcome(event, call.priced.rpc_id)
                         if outcome is not None:
                             # Settle now: the answer is what was paid for, whatever the stream does next.

@@ -69,3 +69,18 @@ def test_exactly_the_limit_passes() -> None:
     assert decode_bounded(gzip.compress(b"a" * 100), "gzip", 100) == b"a" * 100
     with pytest.raises(TooLarge):
         decode_bounded(gzip.compress(b"a" * 101), "gzip", 100)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd"])
+def test_a_stream_decodes_in_pieces_and_stops_at_the_limit(coding: str) -> None:
+    from addon.decoding import StreamDecoder
+
+    data = b"data: hello\n\n" * 1000
+    raw = CODERS[coding](data)
+    d = StreamDecoder(coding, 1 << 20)
+    assert b"".join(d.feed(raw[i : i + 7]) for i in range(0, len(raw), 7)) == data and not d.failed
+    bomb = CODERS[coding](b"\0" * (8 << 20))
+    d = StreamDecoder(coding, 1 << 16)
+    assert sum(len(d.feed(bomb[i : i + 512])) for i in range(0, len(bomb), 512)) <= 1 << 16
+    assert d.failed
+    assert StreamDecoder("compress", 100).feed(b"x") == b""

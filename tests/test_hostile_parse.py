@@ -209,3 +209,40 @@ def test_install_bounds_request_bodies_in_mitmproxy() -> None:
 
     compat.install()
     assert "_install_request_body_limit" in HttpStream.state_consume_request_body.__qualname__
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br"])
+async def test_a_compressed_sse_stream_is_read_through_a_bounded_decoder(gw: Gw, coding: str) -> None:
+    import brotli
+
+    flow = make_flow()
+    await gw.addon.request(flow)
+    flow.response = sse_response()
+    flow.response.headers["Content-Encoding"] = coding
+    await gw.addon.responseheaders(flow)
+    stream = b'data: {"jsonrpc":"2.0","id":1,"result":{"content":[]}}\n\n'
+    raw = gzip.compress(stream) if coding == "gzip" else brotli.compress(stream)
+    for i in range(0, len(raw), 5):
+        assert flow.response.stream(raw[i : i + 5]) == raw[i : i + 5]  # passed on as sent
+    await gw.addon.calls[flow.id].settlement
+    assert gw.db.ledger(1) == [("topup", OPENING), ("usage", -PRICE)]
+
+
+async def test_a_compressed_sse_bomb_stops_the_meter_reading_and_refunds(gw: Gw) -> None:
+    flow = make_flow()
+    await gw.addon.request(flow)
+    flow.response = sse_response()
+    flow.response.headers["Content-Encoding"] = "gzip"
+    await gw.addon.responseheaders(flow)
+    bomb = gzip.compress(b": " + b"x" * (32 * 1024 * 1024) + b'\n\ndata: {"jsonrpc":"2.0","id":1,"result":{}}\n\n')
+    tracemalloc.start()
+    try:
+        for i in range(0, len(bomb), 16384):
+            flow.response.stream(bomb[i : i + 16384])
+        flow.response.stream(b"")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MAX_BODY + 1024 * 1024
+    await gw.addon.response(flow)
+    assert meta(flow)["decision"] == "refunded"
