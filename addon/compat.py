@@ -29,7 +29,7 @@ import json
 import logging
 import uuid
 import weakref
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
 from cachetools import TTLCache
@@ -38,7 +38,8 @@ from mitmproxy.connection import ConnectionState, Server
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands
 from mitmproxy.proxy import layers as _layers
-from mitmproxy.proxy.layers.http import RequestHeaders, ResponseProtocolError, _base, _http1, _http2, _http3
+from mitmproxy.proxy.layers.http import (HttpStream, RequestData, RequestHeaders, ResponseProtocolError, _base, _http1,
+                                          _http2, _http3)
 
 from .errors import ERRORS
 from .redaction import REDACTED
@@ -98,6 +99,7 @@ def install() -> None:
     _http2.format_error = _json_error_body
     _http3.format_error = _json_error_body
     _base.format_error = _json_error_body
+    _install_request_body_limit()
     _installed = True
 
 
@@ -236,3 +238,40 @@ def client_gone(flow: http.HTTPFlow) -> bool:
     """Whether the flow failed because the client went away (as opposed to the upstream)."""
     msg = flow.error.msg if flow.error else ""
     return "Client disconnected" in msg or not (flow.client_conn.state & ConnectionState.CAN_WRITE)
+
+
+# --- request bodies read with a ceiling, whatever their framing -----------------------------------
+
+# flow -> (limit, the answer to send when the body passes it). Weak: gone with the flow.
+_body_limits: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[int, Callable[[], http.Response]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def limit_request_body(flow: http.HTTPFlow, limit: int, refuse: Callable[[], http.Response]) -> None:
+    """Stop reading `flow`'s request body once it passes `limit` bytes, and answer `refuse()`.
+
+    mitmproxy buffers a request body whole before the `request` hook; only a Content-Length
+    can be checked earlier. A chunked (or HTTP/2) body has none, so the check is made as
+    each piece arrives: the body buffered never passes the limit by more than one read.
+    """
+    _body_limits[flow] = (limit, refuse)
+
+
+def _install_request_body_limit() -> None:
+    for name in ("state_consume_request_body", "check_killed"):
+        if not callable(getattr(HttpStream, name, None)):
+            raise RuntimeError(f"mitmproxy internals changed: HttpStream.{name} is missing")
+    original = HttpStream.state_consume_request_body
+
+    def state_consume_request_body(self: HttpStream, event: Any) -> Generator[commands.Command, Any, None]:
+        bound = _body_limits.get(self.flow) if isinstance(event, RequestData) else None
+        if bound is not None and len(self.request_body_buf) + len(event.data) > bound[0]:
+            del _body_limits[self.flow]
+            self.request_body_buf.clear()
+            answer_failed_flow(self.flow, bound[1]())
+            self.flow.kill()
+            yield from self.check_killed(True)
+            return
+        yield from original(self, event)
+
+    HttpStream.state_consume_request_body = state_consume_request_body  # type: ignore[method-assign]

@@ -67,6 +67,7 @@ class Config:
     mcp_cache_ttl_seconds: float = 60.0
     negative_cache_ttl_seconds: float = 30.0
     max_body_bytes: int = 10 * 1024 * 1024
+    max_event_bytes: int = 16 * 1024 * 1024  # an SSE event held whole up to this; bigger ones are scanned
     stale_call_seconds: float = 600.0  # a paid call unsettled this long lost its gateway: refund it
     log_level: str = "info"
     shadow: bool = False  # meter and record, but refuse and charge nothing (every listing)
@@ -217,7 +218,8 @@ def _build(raw: dict[str, Any]) -> Config:
         raise ConfigError(f"store (MCPMETER_STORE) must be 'sqlite' or 'mysql', not {cfg.store!r}")
     if cfg.cache not in ("memory", "redis"):
         raise ConfigError(f"cache (MCPMETER_CACHE) must be 'memory' or 'redis', not {cfg.cache!r}")
-    for key in ("default_rpm", "default_rpd", "upstream_timeout_ms", "max_upstream_timeout_ms", "max_body_bytes"):
+    for key in ("default_rpm", "default_rpd", "upstream_timeout_ms", "max_upstream_timeout_ms", "max_body_bytes",
+                "max_event_bytes"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, not {getattr(cfg, key)}")
     if cfg.stale_call_seconds <= cfg.max_upstream_timeout_ms / 1000:

@@ -32,7 +32,7 @@ _TABLE = [
     ErrorSpec(403, "session_forbidden", "This MCP session belongs to another key."),
     ErrorSpec(404, "no_such_mcp", "No MCP server is listed under this slug."),
     ErrorSpec(404, "not_found", "Nothing is served here; call /<slug>."),
-    ErrorSpec(405, "method_not_allowed", "This endpoint only answers GET."),
+    ErrorSpec(405, "method_not_allowed", "This HTTP method is not allowed here; the Allow header lists those that are."),
     ErrorSpec(410, "mcp_archived", "This listing has been archived by its publisher."),
     ErrorSpec(413, "payload_too_large", "The request body is over the gateway's limit."),
     ErrorSpec(429, "rate_limited", "Too many calls; retry after the number of seconds in Retry-After."),

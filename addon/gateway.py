@@ -31,13 +31,17 @@ from .cache import MISS, Cache, open_cache
 from .circuits import Circuits
 from .clients import classify
 from .config import SLUG_RE, Config, ConfigError, load
+from .decoding import StreamDecoder, TooLarge, decode_bounded
 from .errors import GatewayError
-from .jsonrpc import JsonId, Outcome, PricedCall, answer_outcome, body_outcome, inspect_request
+from .jsonrpc import (
+    JsonId, Outcome, PricedCall, answer_messages, answer_outcome, body_outcome, check_http_method, inspect_request,
+    scanned_outcome,
+)
 from .metrics import Metrics, cache_degraded
 from .model import (ChargeRequest, ChargeResult, Consumer, ConsumerStatus, Listing, ListingStatus, Settlement,
                     Transport, Verdict)
 from .ratelimit import headers as limit_headers, windows_for
-from .sse import SseParser
+from .sse import DEFAULT_MAX_EVENT_BYTES, Event, SseParser
 from .store import Store, StoreUnavailable, UnknownUser, open_store
 
 log = logging.getLogger("mcpmeter")
@@ -70,6 +74,7 @@ class Call:
     failure: Failure | None = None
     refunded: bool = False
     parser: SseParser | None = None
+    decoder: StreamDecoder | None = None  # a compressed stream, decoded for the meter with a ceiling
     deadline: asyncio.TimerHandle | None = None
     settlement: asyncio.Future[None] | None = None
     route: str = ""  # path and query as the client sent them
@@ -265,10 +270,17 @@ class Mcpmeter:
             return
         length = flow.request.headers.get("content-length", "")
         limit = self.config.max_body_bytes
-        if length.isdigit() and int(length) > limit:
+
+        def too_large() -> http.Response:
             flow.metadata[META] = {"decision": "refused", "error": "payload_too_large"}
             flow.comment, flow.marked = "refused 413 payload_too_large", ":no_entry:"
-            answer = self._error_response(GatewayError("payload_too_large", limit_bytes=limit), Call(str(uuid.uuid4())))
+            return self._error_response(GatewayError("payload_too_large", limit_bytes=limit), Call(str(uuid.uuid4())))
+
+        if not (length.isdigit() and int(length) > limit):
+            # Chunked and HTTP/2 bodies have no length to check here: stop reading at the limit.
+            compat.limit_request_body(flow, limit, too_large)
+        else:
+            answer = too_large()
             if int(length) <= HARD_BODY_LIMIT_FACTOR * limit:
                 # mitmproxy reads (and drops) the body, then sends this: clients that write their whole
                 # body before reading get a clean answer.
@@ -316,7 +328,10 @@ class Mcpmeter:
             if session and call.consumer is not None:
                 await self.cache.bind_session(session, call.consumer.principal)
             if "text/event-stream" in flow.response.headers.get("content-type", "").lower():
-                call.parser = SseParser()
+                call.parser = SseParser(self.config.max_event_bytes if self.config else DEFAULT_MAX_EVENT_BYTES)
+                coding = flow.response.headers.get("content-encoding", "").strip()
+                if coding and coding.lower() != "identity" and self.config is not None:  # asked for identity
+                    call.decoder = StreamDecoder(coding, self.config.max_body_bytes)
                 if call.listing is not None and call.listing.transport is Transport.SSE and call.listing.upstream_url:
                     call.rewriter = legacy_sse.EndpointRewriter(call.listing.upstream_url, call.listing.slug)
                 flow.response.stream = self._stream_watcher(flow, call)
@@ -337,8 +352,7 @@ class Mcpmeter:
             if call.parser is None:
                 call.status = flow.response.status_code
                 if call.priced is not None and call.outcome is None:
-                    content = flow.response.get_content(strict=False) or b""
-                    call.outcome = body_outcome(content, call.priced.rpc_id)
+                    call.outcome = self._body_outcome(flow.response, call.priced.rpc_id)
                 if self._await_stream(flow, call):
                     await self._stamp(flow, call)
                     return
@@ -351,7 +365,8 @@ class Mcpmeter:
             if call.parser is None:
                 await self._stamp(flow, call)
         except Exception:
-            log.exception("mcpmeter: response %s failed", call.request_id)
+            log.exception("mcpmeter: response %s failed; settling it all the same", call.request_id)
+            await self._settle_anyway(flow, call, delivered=True)
         finally:
             if not call.awaiting_stream:
                 self._finish(flow, call)
@@ -377,7 +392,8 @@ class Mcpmeter:
                     answer.headers["X-Mcpmeter-Refunded"] = "1"
                 compat.answer_failed_flow(flow, answer)
         except Exception:
-            log.exception("mcpmeter: error hook %s failed", call.request_id)
+            log.exception("mcpmeter: error hook %s failed; settling it all the same", call.request_id)
+            await self._settle_anyway(flow, call, delivered=call.outcome is not None)
         finally:
             self._finish(flow, call)
 
@@ -410,6 +426,7 @@ class Mcpmeter:
             paths.check_query(query)
         except paths.InvalidPath as e:
             raise GatewayError("invalid_path", reason=str(e)) from None
+        check_http_method(req.data.method.decode("ascii", "replace"), req.raw_content or b"")  # as sent: case counts
 
         consumer = await self._consumer(credential) if credential else None
         if consumer is None:
@@ -434,7 +451,7 @@ class Mcpmeter:
             owner = await self.cache.session_owner(session)
             if owner is not None and owner != consumer.principal:
                 raise GatewayError("session_forbidden")
-        if req.method.upper() == "POST":
+        if req.method == "POST":
             inspection = inspect_request(
                 req.raw_content or b"", self.config.billable_methods,
                 req.headers.get("mcp-method"), req.headers.get("mcp-name"),
@@ -553,12 +570,9 @@ class Mcpmeter:
                     if ended:  # the final b"": a held-back chunk (b"" returned) is not the end
                         self._end_session_stream(call)
                 elif call.priced is not None and call.outcome is None and call.parser is not None:
-                    for event in call.parser.feed(chunk):
-                        try:
-                            message = json.loads(event.data)
-                        except ValueError:
-                            continue
-                        outcome = answer_outcome(message, call.priced.rpc_id)
+                    data = call.decoder.feed(chunk) if call.decoder is not None and chunk else chunk
+                    for event in call.parser.feed(data) if data or not chunk else ():
+                        outcome = _event_outcome(event, call.priced.rpc_id)
                         if outcome is not None:
                             # Settle now: the answer is what was paid for, whatever the stream does next.
                             call.outcome = outcome
@@ -567,6 +581,8 @@ class Mcpmeter:
                             break
             except Exception:
                 log.exception("mcpmeter: stream watcher %s failed", call.request_id)
+                if call.outcome is not None and call.settlement is None:  # seen, then something broke
+                    call.settlement = asyncio.ensure_future(self._settle_now(flow, call))
             return chunk
 
         return watch
@@ -594,16 +610,14 @@ class Mcpmeter:
         if not waiting:
             return
         for event in events:
-            try:
-                message = json.loads(event.data)
-            except ValueError:
-                continue
-            rpc_id = message.get("id") if isinstance(message, dict) else None
-            if rpc_id is None or isinstance(rpc_id, (dict, list)) or rpc_id not in waiting:
+            messages = event.messages if event.oversized else answer_messages(event.data.encode("utf-8", "surrogatepass"))
+            ids = [m.id_value() for m in messages or () if not m.has_method]
+            rpc_id = next((i for i in ids if isinstance(i, (str, int, float)) and i in waiting), None)
+            if rpc_id is None:
                 continue
             flow, call = waiting[rpc_id][0]
             assert call.priced is not None
-            if (outcome := answer_outcome(message, call.priced.rpc_id)) is not None:
+            if (outcome := _event_outcome(event, call.priced.rpc_id)) is not None:
                 self._unregister(call)
                 call.outcome = outcome
                 # The answer may overtake the POST's own 202: then the response hook settles it.
@@ -665,7 +679,37 @@ class Mcpmeter:
             call.deadline.cancel()
             call.deadline = None
 
+    def _body_outcome(self, response: http.Response, rpc_id: JsonId) -> Outcome | None:
+        """What a buffered answer says, decoded by the meter with a ceiling (never by mitmproxy)."""
+        assert self.config is not None
+        limit = self.config.max_body_bytes
+        try:
+            body = decode_bounded(response.raw_content or b"", response.headers.get("content-encoding"), limit)
+        except TooLarge:
+            log.warning("mcpmeter: a compressed answer inflates past max_body_bytes (%d); not read further", limit)
+            return None
+        return None if body is None else body_outcome(body, rpc_id)
+
     # --- settlement -----------------------------------------------------------------------
+
+    async def _settle_anyway(self, flow: http.HTTPFlow, call: Call, delivered: bool) -> None:
+        """A settling hook failed: settle all the same, billing an answer the client gets and
+        refunding otherwise, and stamp the metering headers if they are not sent yet."""
+        try:
+            if call.settlement is None and call.outcome is None and call.failure is None:
+                ok = call.status is not None and call.status < 400
+                if delivered and ok:
+                    call.outcome = Outcome.RESULT
+                else:
+                    call.failure = Failure.INTERNAL
+            await self._settle(flow, call)
+        except Exception:
+            log.exception("mcpmeter: could not settle %s; the sweeper will", call.request_id)
+        try:
+            if flow.response is not None and call.parser is None:  # a buffered answer: headers not sent yet
+                await self._stamp(flow, call)
+        except Exception:
+            log.exception("mcpmeter: could not stamp the answer to %s", call.request_id)
 
     def _billed_without_refund(self, call: Call) -> bool:
         if (call.charged is None or call.listing is None or call.settlement is not None
@@ -910,12 +954,18 @@ class Mcpmeter:
         return self.store
 
 
+def _event_outcome(event: Event, rpc_id: JsonId) -> Outcome | None:
+    if event.oversized:
+        return scanned_outcome(event.messages, rpc_id)
+    return body_outcome(event.data.encode("utf-8", "surrogatepass"), rpc_id)
+
+
 def _decision(call: Call) -> tuple[billing.Decision, int]:
     """Whether the forwarded call is refunded, and the status it is recorded with."""
     assert call.listing is not None
     decision = billing.decide(call.status, call.outcome, call.failure, call.listing.bill_tool_errors)
     if call.outcome is not None:
-        if call.listing.transport == "sse" and call.status == 202:
+        if call.listing.transport is Transport.SSE and call.status == 202:
             # A legacy SSE POST's 202 only accepted the message: the answer came on the session's stream.
             return decision, 200
         return decision, call.status or 200

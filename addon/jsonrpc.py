@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from .errors import GatewayError
+from .scan import Message, scan
 
 JsonId = str | int | float
+
+MAX_DEPTH = 64  # deeper bodies are refused: no MCP call needs them, and parsers disagree past some depth
+MAX_SAFE_INTEGER = 2**53 - 1  # the largest id every JSON implementation (JavaScript's doubles) reads exactly
+MAX_STRING_ID = 200
+
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[{]|[\]}]', re.DOTALL)
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+
+
+class _Unreadable(ValueError):
+    """A body two JSON parsers could read differently: refused rather than guessed at."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +52,12 @@ def inspect_request(
     A batch that holds a billable method is refused: pricing several calls under one
     request id would let one refund or one debit stand for many calls.
     """
-    try:
-        message = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise GatewayError("invalid_json") from None
+    message = parse_strict(body)
     if isinstance(message, list):
         if not message or not all(isinstance(m, dict) for m in message):
             raise GatewayError("invalid_request", reason="empty or malformed batch")
+        for m in message:
+            _check_id(m)
         if any(isinstance(m.get("method"), str) and m["method"] in billable for m in message):
             raise GatewayError("batch_not_supported")
         if mcp_method is not None or mcp_name is not None:
@@ -53,6 +65,7 @@ def inspect_request(
         return Inspection(method=None, call=None)
     if not isinstance(message, dict):
         raise GatewayError("invalid_request", reason="a JSON-RPC message is an object")
+    _check_id(message)
     method = message.get("method")
     if method is not None and not isinstance(method, str):
         raise GatewayError("invalid_request", reason="method must be a string")
@@ -70,6 +83,90 @@ def inspect_request(
             raise GatewayError("invalid_request", reason="tools/call needs params.name")
         return Inspection(method=method, call=PricedCall(method, rpc_id, name))
     return Inspection(method=method, call=PricedCall(method, rpc_id, method))
+
+
+ALLOWED_HTTP_METHODS = ("GET", "POST", "DELETE", "HEAD", "OPTIONS")
+
+
+def check_http_method(method: str, body: bytes) -> None:
+    """Only POST carries JSON-RPC; the other MCP methods pass with an empty body, nothing else passes.
+
+    A tools/call body sent with PUT, or with GET, would otherwise reach an upstream that may
+    run it whatever the method, without ever being priced. Methods are case-sensitive.
+    """
+    if method not in ALLOWED_HTTP_METHODS:
+        raise GatewayError("method_not_allowed", headers={"Allow": ", ".join(ALLOWED_HTTP_METHODS)})
+    if method != "POST" and body:
+        raise GatewayError("invalid_request", reason=f"a {method} request must not carry a body")
+
+
+def parse_strict(body: bytes) -> Any:
+    """The JSON value of a request body, refusing what parsers could read differently.
+
+    Duplicate keys (some parsers keep the first, Python the last), NaN and Infinity (not JSON),
+    nesting deeper than MAX_DEPTH, invalid UTF-8 and lone surrogates (which other languages
+    replace or reject) all raise GatewayError("invalid_json").
+    """
+    try:
+        text = body.decode("utf-8")  # strict: json.loads(bytes) would let encoded surrogates through
+        if _depth(body) > MAX_DEPTH:
+            raise _Unreadable(f"nesting deeper than {MAX_DEPTH}")
+        message = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        if _SURROGATE_ESCAPE.search(body):  # rare: only then pay for the full check
+            json.dumps(message, ensure_ascii=False).encode("utf-8")
+    except _Unreadable as e:
+        raise GatewayError("invalid_json", reason=str(e)) from None
+    except UnicodeError:
+        raise GatewayError("invalid_json", reason="invalid UTF-8 or a lone surrogate") from None
+    except (ValueError, RecursionError):
+        raise GatewayError("invalid_json") from None
+    return message
+
+
+def _depth(body: bytes) -> int:
+    """How deep arrays and objects nest, in one pass that skips strings. Linear, never recursive."""
+    if body.count(b"[") + body.count(b"{") <= MAX_DEPTH:
+        return 0  # cannot nest deeper than the brackets it has: the common case costs two counts
+    depth = deepest = 0
+    for token in _TOKEN.finditer(body):
+        t = token.group()
+        if t in (b"[", b"{"):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_DEPTH:
+                    break
+        elif t in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _Unreadable(f"duplicate key {duplicate[:50]!r}")
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise _Unreadable(f"{name} is not JSON")
+
+
+def _check_id(message: Mapping[str, Any]) -> None:
+    """An id every JSON-RPC peer reads the same, so the upstream's answer can always be matched."""
+    if "id" not in message:
+        return
+    rpc_id = message["id"]
+    if rpc_id is None:
+        return
+    if isinstance(rpc_id, bool) or not isinstance(rpc_id, (str, int)):
+        raise GatewayError("invalid_request", reason="a JSON-RPC id is a string or an integer")
+    if isinstance(rpc_id, int) and abs(rpc_id) > MAX_SAFE_INTEGER:
+        raise GatewayError("invalid_request", reason=f"a numeric id is at most {MAX_SAFE_INTEGER} in size")
+    if isinstance(rpc_id, str) and len(rpc_id) > MAX_STRING_ID:
+        raise GatewayError("invalid_request", reason=f"a string id is at most {MAX_STRING_ID} characters")
 
 
 def _check_headers(method: str | None, params: Any, mcp_method: str | None, mcp_name: str | None) -> None:
@@ -90,10 +187,7 @@ class Outcome(StrEnum):
 
 def answer_outcome(message: Any, rpc_id: JsonId) -> Outcome | None:
     """The outcome if `message` is the response to the request `rpc_id`, else None."""
-    if not isinstance(message, Mapping) or "method" in message:
-        return None
-    mid = message.get("id")
-    if mid != rpc_id or type(mid) is bool or isinstance(mid, str) != isinstance(rpc_id, str):
+    if not isinstance(message, Mapping) or "method" in message or not _same_id(message.get("id"), rpc_id):
         return None
     if "error" in message:
         return Outcome.RPC_ERROR
@@ -105,14 +199,52 @@ def answer_outcome(message: Any, rpc_id: JsonId) -> Outcome | None:
     return Outcome.RESULT
 
 
+def scanned_outcome(messages: list[Message] | None, rpc_id: JsonId) -> Outcome | None:
+    """answer_outcome for messages read by the scanner, without parsing them whole."""
+    for m in messages or ():
+        if m.has_method or not _same_id(m.id_value(), rpc_id):
+            continue
+        if m.has_error:
+            return Outcome.RPC_ERROR
+        if m.has_result:
+            return Outcome.TOOL_ERROR if m.is_error else Outcome.RESULT
+    return None
+
+
 def body_outcome(body: bytes, rpc_id: JsonId) -> Outcome | None:
     """The outcome carried by a JSON response body (a message or, from older servers, a batch)."""
+    return scanned_outcome(answer_messages(body), rpc_id)
+
+
+def answer_messages(body: bytes) -> list[Message] | None:
+    """What each top-level message of an answer says, or None if the body is not one JSON value.
+
+    Parsed by the json module (C speed) when it can; a body too deep for it is read by the scanner,
+    which is linear in the body's size however deeply it nests (but runs at Python speed).
+    """
     try:
-        message = json.loads(body)
+        parsed = json.loads(body)
+    except RecursionError:
+        return scan(body)
     except (ValueError, UnicodeDecodeError):
         return None
-    messages = message if isinstance(message, list) else [message]
-    for m in messages:
-        if (outcome := answer_outcome(m, rpc_id)) is not None:
-            return outcome
-    return None
+    return [_summary(m) for m in (parsed if isinstance(parsed, list) else [parsed])]
+
+
+def _summary(message: Any) -> Message:
+    if not isinstance(message, dict):
+        return Message()
+    mid = message.get("id")
+    result = message.get("result")
+    return Message(
+        id_raw=json.dumps(mid).encode() if isinstance(mid, (str, int, float)) and not isinstance(mid, bool) else None,
+        has_method="method" in message, has_error="error" in message, has_result="result" in message,
+        is_error=isinstance(result, dict) and result.get("isError") is True,
+    )
+
+
+def _same_id(mid: Any, rpc_id: JsonId) -> bool:
+    """The same JSON value: 1 and 1.0 are one number, "1" is not 1, and true is not 1."""
+    if mid is None or isinstance(mid, bool) or isinstance(mid, str) != isinstance(rpc_id, str):
+        return False
+    return isinstance(mid, (str, int, float)) and mid == rpc_id

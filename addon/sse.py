@@ -3,11 +3,21 @@
 Follows the WHATWG event-stream rules that matter for MCP: LF, CRLF or CR line ends
 split anywhere across chunks, multi-line `data:`, comments, and events whose data is
 empty (MCP servers send such a priming event) which are not dispatched.
+
+Linear in the bytes fed, with bounded memory: an event's data is held up to
+`max_event_bytes`; a bigger event is not held but read on the fly by a `MessageScanner`,
+so the event still comes out (with empty `data` and the scanner's `messages`) and the
+call it answers still settles. Other lines (comments, `event:`, `id:`) longer than the
+limit are skipped.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .scan import Message, MessageScanner
+
+DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,73 +25,136 @@ class Event:
     event: str
     data: str
     id: str | None
+    # an event over max_event_bytes: its data is not kept, this is what it said (None: not one JSON value)
+    messages: list[Message] | None = None
+    oversized: bool = False
 
 
 class SseParser:
-    # An event bigger than this is not an MCP message we could act on; drop it rather than grow.
-    MAX_EVENT_BYTES = 16 * 1024 * 1024
-
-    def __init__(self) -> None:
-        self._buf = b""
-        self._data: list[str] = []
+    def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self.max_event_bytes = max_event_bytes
+        self._buf = bytearray()
+        self._searched = 0  # bytes of _buf known to hold no line end
+        self._cr_pending = False  # the previous chunk ended with CR: a LF starting this one belongs to it
+        self._partial: str | None = None  # "data" or "skip": a long line already being consumed
+        self._data: list[bytes] = []
+        self._lines = 0  # data lines in the event
         self._size = 0
+        self._scanner: MessageScanner | None = None  # the event outgrew the limit
         self._event = ""
         self._id: str | None = None
 
     def feed(self, chunk: bytes) -> list[Event]:
         """Parse one chunk; b"" marks the end of the stream."""
         final = not chunk
-        self._buf += chunk
         events: list[Event] = []
+        buf = self._buf
+        if self._cr_pending and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        self._cr_pending = False
+        buf += chunk
+        start = 0
+        lf = cr = -2  # the next LF / CR at or after start; -1 none, -2 not looked for yet
         while True:
-            cut = _line_end(self._buf, final)
-            if cut is None:
+            at = max(start, self._searched)
+            if lf < at and lf != -1:
+                lf = buf.find(b"\n", at)
+            if cr < at and cr != -1:
+                cr = buf.find(b"\r", at)
+            if lf == -1 and cr == -1:
                 break
-            end, nxt = cut
-            line = self._buf[:end]
-            self._buf = self._buf[nxt:]
-            if (event := self._line(line.decode("utf-8", "replace"))) is not None:
+            end = lf if cr == -1 or (lf != -1 and lf < cr) else cr
+            nxt = end + 1
+            if buf[end] == 0x0D:
+                if nxt < len(buf):
+                    nxt += buf[nxt] == 0x0A
+                else:
+                    self._cr_pending = True
+            if (event := self._line(bytes(buf[start:end]))) is not None:
                 events.append(event)
-        if len(self._buf) > self.MAX_EVENT_BYTES:
-            self._buf = b""
+            start = nxt
+        del buf[:start]
+        self._searched = len(buf)
         if final:
-            self._buf = b""
+            buf.clear()  # an unterminated last line, and an event without its blank line, never count
+            self._searched = 0
+            self._reset()
+        elif len(buf) > _LONG_LINE:
+            self._consume_partial()
         return events
 
-    def _line(self, line: str) -> Event | None:
-        if not line:
-            return self._dispatch()
-        if line.startswith(":"):
+    # --- lines -----------------------------------------------------------------------------------
+
+    def _line(self, raw: bytes) -> Event | None:
+        partial, self._partial = self._partial, None
+        if partial == "data":
+            self._add_data(raw, continued=True)
             return None
-        name, _, value = line.partition(":")
-        if value.startswith(" "):
+        if partial == "skip":
+            return None
+        if not raw:
+            return self._dispatch()
+        if raw[:1] == b":":
+            return None
+        name, _, value = raw.partition(b":")
+        if value[:1] == b" ":
             value = value[1:]
-        if name == "data":
-            self._size += len(value)
-            if self._size <= self.MAX_EVENT_BYTES:
-                self._data.append(value)
-        elif name == "event":
-            self._event = value
-        elif name == "id" and "\0" not in value:
-            self._id = value
+        if name == b"data":
+            self._add_data(value)
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace")
+        elif name == b"id" and b"\0" not in value:
+            self._id = value.decode("utf-8", "replace")
         return None
+
+    def _consume_partial(self) -> None:
+        """A line too long to hold: pass what has come of it on (data) or drop it (anything else)."""
+        buf = self._buf
+        if self._partial is None:
+            if buf.startswith(b"data:"):
+                head = 6 if buf[5:6] == b" " else 5
+                self._partial = "data"
+                self._add_data(bytes(buf[head:]))
+            else:
+                self._partial = "skip"
+        elif self._partial == "data":
+            self._add_data(bytes(buf), continued=True)
+        buf.clear()
+        self._searched = 0
+
+    def _add_data(self, piece: bytes, continued: bool = False) -> None:
+        if not continued:
+            if self._lines:
+                piece = b"\n" + piece
+            self._lines += 1
+        if self._scanner is not None:
+            self._scanner.feed(piece)
+            self._size += len(piece)
+            return
+        self._size += len(piece)
+        if self._size <= self.max_event_bytes:
+            self._data.append(piece)
+            return
+        self._scanner = MessageScanner()  # from here on the event is read, not held
+        for held in self._data:
+            self._scanner.feed(held)
+        self._scanner.feed(piece)
+        self._data = []
 
     def _dispatch(self) -> Event | None:
-        data, event = "\n".join(self._data), self._event
-        self._data, self._size, self._event = [], 0, ""
-        if not data:  # no data line, or only empty ones: a priming event
-            return None
-        return Event(event=event or "message", data=data, id=self._id)
+        if self._scanner is not None:
+            event = Event(event=self._event or "message", data="", id=self._id,
+                          messages=self._scanner.finish(), oversized=True)
+        else:
+            data = b"".join(self._data).decode("utf-8", "replace")
+            # no data line, or a single empty one: a priming event
+            event = Event(event=self._event or "message", data=data, id=self._id) if data else None
+        self._reset()
+        return event
+
+    def _reset(self) -> None:
+        self._data, self._lines, self._size, self._scanner, self._event = [], 0, 0, None, ""
+        self._partial = None
 
 
-def _line_end(buf: bytes, final: bool) -> tuple[int, int] | None:
-    """(end of line, start of next) for the first complete line in buf."""
-    lf, cr = buf.find(b"\n"), buf.find(b"\r")
-    if cr == -1 and lf == -1:
-        return None
-    if cr == -1 or (lf != -1 and lf < cr):
-        return lf, lf + 1
-    if cr + 1 < len(buf):
-        return cr, cr + 2 if buf[cr + 1 : cr + 2] == b"\n" else cr + 1
-    # A trailing CR may be the first half of CRLF: wait for the next chunk unless none comes.
-    return (cr, cr + 1) if final else None
+_LONG_LINE = 64 * 1024  # a line held longer than this is consumed as it comes

@@ -93,6 +93,13 @@ async def mcp(request: Request) -> Response:
             return _sse_response(_sse(progress), die=True)
         case "sse_slow":
             return _sse_response(_sse(progress), delay=float(args.get("seconds", 5)))
+        case "sse_big":  # one result event far over the gateway's max_event_bytes
+            return _sse_response(_sse(_result(rpc_id, "b" * int(args.get("size", 1 << 20)),
+                                              is_error=bool(args.get("is_error")))))
+        case "deep":  # a result nested deeper than any recursive parser goes
+            depth = int(args.get("depth", 100_000))
+            return Response(b'{"jsonrpc":"2.0","id":' + json.dumps(rpc_id).encode() + b',"result":{"content":'
+                            + b"[" * depth + b"]" * depth + b"}}", media_type="application/json")
     return JSONResponse(_result(rpc_id, f"unknown tool {name}", is_error=True))
 
 

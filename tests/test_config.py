@@ -48,6 +48,7 @@ def test_defaults_with_no_file(path: str | None) -> None:
     assert (cfg.platform_fee_bps, cfg.default_rpm, cfg.default_rpd) == (2000, 60, 10_000)
     assert (cfg.upstream_timeout_ms, cfg.max_upstream_timeout_ms) == (30_000, 300_000)
     assert cfg.max_body_bytes == 10 * 1024 * 1024
+    assert cfg.max_event_bytes == 16 * 1024 * 1024
     assert cfg.mysql == MysqlSettings("127.0.0.1", 3306, "root", "", "mcpmeter", 8)
     assert cfg.redis == RedisSettings("127.0.0.1", 6379, 2, None, "mcpmeter:")
 
@@ -246,6 +247,8 @@ def test_unknown_backend(tmp_path: Path, data: dict[str, Any], key: str) -> None
     ({"default_rpm": 0}, "default_rpm"),
     ({"default_rpd": -5}, "default_rpd"),
     ({"max_body_bytes": 0}, "max_body_bytes"),
+    ({"max_event_bytes": 0}, "max_event_bytes"),
+    ({"max_event_bytes": "big"}, "max_event_bytes"),
     ({"max_upstream_timeout_ms": -1}, "max_upstream_timeout_ms"),
     ({"platform_fee_bps": 10_001}, "platform_fee_bps"),
     ({"platform_fee_bps": -1}, "platform_fee_bps"),

@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 
 from addon.errors import ERRORS, GatewayError, error_body
-from addon.jsonrpc import Inspection, Outcome, PricedCall, answer_outcome, body_outcome, inspect_request
+from addon.jsonrpc import (
+    MAX_DEPTH, Inspection, Outcome, PricedCall, answer_outcome, body_outcome, inspect_request, parse_strict,
+)
 
 BILLABLE = ("tools/call",)
 
@@ -30,7 +32,7 @@ def refused(raw: bytes, billable: Any = BILLABLE, **headers: Any) -> str:
 
 # --- inspect_request: what is priced --------------------------------------------------------
 
-@pytest.mark.parametrize("rpc_id", [1, 0, -7, "abc", "", 2.5])
+@pytest.mark.parametrize("rpc_id", [1, 0, -7, "abc", "", 2**53 - 1, -(2**53 - 1), "x" * 200])
 def test_tools_call_is_priced_under_its_tool_name(rpc_id: Any) -> None:
     got = inspect_request(body(call("get_weather", rpc_id)), BILLABLE)
     assert got == Inspection(method="tools/call", call=PricedCall("tools/call", rpc_id, "get_weather"))
@@ -75,6 +77,86 @@ def test_tools_call_is_free_when_not_billable() -> None:
 @pytest.mark.parametrize("raw", [b"", b"{", b"not json", b"\xff\xfe\x00", b'{"id": 1,}', b"{'a': 1}"])
 def test_invalid_json(raw: bytes) -> None:
     assert refused(raw) == "invalid_json"
+
+
+# --- strict parsing: the gateway and the upstream must read the same call ------------------------
+
+@pytest.mark.parametrize("raw, says", [
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/list","method":"tools/call","params":{"name":"x"}}', "'method'"),
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"free","name":"paid"}}', "'name'"),
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"k":1,"k":2}}}', "'k'"),
+    (b'{"id":1,"\\u0069d":2,"method":"ping"}', "'id'"),  # the same key spelled with an escape
+    (b'[{"jsonrpc":"2.0","method":"ping","method":"tools/call"}]', "'method'"),
+    (b'{"jsonrpc":"2.0","id":1,"method":"ping","params":[{"a":1,"a":1}]}', "'a'"),
+])
+def test_duplicate_keys_at_any_depth_are_refused(raw: bytes, says: str) -> None:
+    with pytest.raises(GatewayError) as e:
+        inspect_request(raw, BILLABLE)
+    assert e.value.spec.code == "invalid_json" and "duplicate key" in e.value.details["reason"]
+    assert says in e.value.details["reason"]
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_json_numbers_are_refused_anywhere(constant: bytes) -> None:
+    assert refused(b'{"jsonrpc":"2.0","id":' + constant + b',"method":"tools/call","params":{"name":"a"}}') == \
+        "invalid_json"
+    assert refused(b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":[' + constant + b']}}') == "invalid_json"
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 5_000, 1_000_000])
+def test_nesting_deeper_than_the_limit_is_refused_without_recursion(depth: int) -> None:
+    inner = b"[" * (depth - 2) + b"]" * (depth - 2)
+    raw = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":' + inner + b"}}"
+    with pytest.raises(GatewayError) as e:
+        inspect_request(raw, BILLABLE)
+    assert e.value.spec.code == "invalid_json" and "deeper" in e.value.details["reason"]
+
+
+def test_nesting_at_the_limit_passes() -> None:
+    inner = b"[" * (MAX_DEPTH - 2) + b"]" * (MAX_DEPTH - 2)
+    raw = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":' + inner + b"}}"
+    assert inspect_request(raw, BILLABLE).call == PricedCall("tools/call", 1, "a")
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    text = '"' + "[{" * 1000 + '\\"]' + '"'
+    raw = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":' + text.encode() + b"}}"
+    assert inspect_request(raw, BILLABLE).call is not None
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"\xed\xa0\x80"}}',  # an encoded surrogate
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"\\ud800"}}',  # an escaped lone one
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a\\udc00b"}}',
+    b'{"jsonrpc":"2.0","id":"\\udfff","method":"tools/call","params":{"name":"a"}}',
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"\xc3"}}',  # truncated UTF-8
+    b'\xef\xbb\xbf{"jsonrpc":"2.0","id":1,"method":"ping"}',  # a BOM
+    b'{\x00"\x00i\x00d\x00"\x00:\x001\x00}\x00',  # UTF-16, which json.loads(bytes) would guess
+])
+def test_invalid_utf8_and_lone_surrogates_are_refused(raw: bytes) -> None:
+    assert refused(raw) == "invalid_json"
+
+
+def test_a_surrogate_pair_is_fine() -> None:
+    raw = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"\\ud83d\\ude00"}}'
+    assert inspect_request(raw, BILLABLE).call == PricedCall("tools/call", 1, "\U0001F600")
+
+
+@pytest.mark.parametrize("rpc_id", [b"1.0", b"1e3", b"2.5", b"-0.0", b"9007199254740992", b"-9007199254740992",
+                                    b"1" + b"0" * 30, b"true", b"[1]", b'{"a":1}', b'"' + b"x" * 201 + b'"'])
+@pytest.mark.parametrize("method", ["tools/call", "ping"])
+def test_ids_other_peers_could_read_differently_are_refused(rpc_id: bytes, method: str) -> None:
+    raw = b'{"jsonrpc":"2.0","id":' + rpc_id + b',"method":"' + method.encode() + b'","params":{"name":"a"}}'
+    assert refused(raw) == "invalid_request"
+
+
+def test_ids_in_a_batch_are_checked_too() -> None:
+    assert refused(b'[{"jsonrpc":"2.0","id":1.5,"method":"ping"}]') == "invalid_request"
+
+
+def test_parse_strict_reads_what_json_reads() -> None:
+    raw = b'{"a":[1,2.5,"\\u0061",null,true,{"b":{}}]}'
+    assert parse_strict(raw) == json.loads(raw)
 
 
 @pytest.mark.parametrize("raw", [b"1", b'"tools/call"', b"null", b"true", b"3.5"])
@@ -283,3 +365,45 @@ def test_gateway_error_body_carries_code_message_and_details() -> None:
 def test_unknown_error_code_is_a_programming_error() -> None:
     with pytest.raises(KeyError):
         GatewayError("no_such_code")
+
+
+# --- body_outcome: any size, any shape ------------------------------------------------------------
+
+def test_a_deeply_nested_result_is_read_without_recursion() -> None:
+    nested = b"[" * 200_000 + b"]" * 200_000
+    assert body_outcome(b'{"jsonrpc":"2.0","id":7,"result":{"content":' + nested + b"}}", 7) is Outcome.RESULT
+    raw = b'{"jsonrpc":"2.0","id":7,"result":{"c":' + nested + b',"isError":true}}'
+    assert body_outcome(raw, 7) is Outcome.TOOL_ERROR
+
+
+def test_a_huge_result_is_read() -> None:
+    text = b"z\\n" * 5_000_000
+    raw = b'{"jsonrpc":"2.0","id":"q","result":{"content":[{"type":"text","text":"' + text + b'"}],"isError":true}}'
+    assert body_outcome(raw, "q") is Outcome.TOOL_ERROR
+
+
+@pytest.mark.parametrize("raw, rpc_id, expected", [
+    (b'{"jsonrpc":"2.0","id":7.0,"result":{}}', 7, Outcome.RESULT),  # the same JSON number
+    (b'{"jsonrpc":"2.0","id":7e0,"result":{}}', 7, Outcome.RESULT),
+    (b'{"jsonrpc":"2.0","id":"\\u0061","result":{}}', "a", Outcome.RESULT),  # the same string
+    (b'{"jsonrpc":"2.0","id":true,"result":{}}', 1, None),
+    (b'{"jsonrpc":"2.0","id":"7","result":{}}', 7, None),
+    (b'{"jsonrpc":"2.0","id":7,"result":{"content":[{"isError":true}]}}', 7, Outcome.RESULT),  # not top-level
+    (b'{"jsonrpc":"2.0","id":7,"result":{"isError":"true"}}', 7, Outcome.RESULT),
+    (b'{"jsonrpc":"2.0","id":7,"result":{"isError":true}} trailing', 7, None),  # not one JSON value
+    (b'{"jsonrpc":"2.0","id":7,"result":{"isError":true}', 7, None),
+    (b'{"jsonrpc":"2.0","id":7,"result":{"isError":true]}', 7, None),
+    (b'{"jsonrpc":"2.0","id":7,"method":"x","result":{}}', 7, None),
+])
+def test_body_outcome_reads_like_json(raw: bytes, rpc_id: Any, expected: Outcome | None) -> None:
+    assert body_outcome(raw, rpc_id) is expected
+
+
+def test_the_longest_id_matches_however_the_upstream_escapes_it() -> None:
+    rpc_id = "\U0001F600" * 200  # accepted: 200 characters
+    assert inspect_request(body(call("a", rpc_id)), BILLABLE).call is not None
+    escaped = json.dumps({"jsonrpc": "2.0", "id": rpc_id, "result": {}}).encode()  # \ud83d\ude00 x 200
+    assert len(escaped) > 2400
+    assert body_outcome(escaped, rpc_id) is Outcome.RESULT
+    raw = json.dumps({"jsonrpc": "2.0", "id": rpc_id, "result": {}}, ensure_ascii=False).encode()
+    assert body_outcome(raw, rpc_id) is Outcome.RESULT

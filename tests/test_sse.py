@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from addon.scan import Message
 from addon.sse import Event, SseParser
 
 
@@ -124,24 +125,24 @@ def test_events_come_out_as_soon_as_their_blank_line_arrives() -> None:
 
 def test_crlf_split_between_chunks_is_one_line_end() -> None:
     p = SseParser()
-    assert p.feed(b"data: a\r") == []  # could be the first half of CRLF
-    assert p.feed(b"\n") == []  # it was: still one line end, no blank line yet
-    assert p.feed(b"\r") == []
-    assert p.feed(b"\n") == [msg("a")]
+    assert p.feed(b"data: a\r") == []  # a CR ends the line at once; a LF right after belongs to it
+    assert p.feed(b"\n") == []  # it did: still one line end, no blank line yet
+    assert p.feed(b"\r") == [msg("a")]  # the blank line
+    assert p.feed(b"\n") == []  # the second half of that CRLF, not another blank line
     assert p.feed(b"") == []
 
 
-def test_a_lone_cr_is_a_line_end_once_the_next_byte_shows_it() -> None:
+def test_a_lone_cr_is_a_line_end_as_soon_as_it_arrives() -> None:
     p = SseParser()
     assert p.feed(b"data: a\r") == []
-    assert p.feed(b"\r") == []  # the first CR ended the data line; this one may start a CRLF
-    assert p.feed(b"data: b\r\r") == [msg("a")]  # the byte after the blank line settles it
+    assert p.feed(b"\r") == [msg("a")]  # CR and CRLF end a line alike: no need to wait for the next byte
+    assert p.feed(b"data: b\r\r") == [msg("b")]
 
 
-def test_end_of_stream_completes_a_trailing_cr() -> None:
+def test_a_trailing_cr_dispatches_without_the_end_of_stream() -> None:
     p = SseParser()
-    assert p.feed(b"data: a\r\r") == []
-    assert p.feed(b"") == [msg("a")]
+    assert p.feed(b"data: a\r\r") == [msg("a")]
+    assert p.feed(b"") == []
 
 
 def test_end_of_stream_discards_an_incomplete_event() -> None:
@@ -159,9 +160,45 @@ def test_invalid_utf8_is_replaced_not_raised() -> None:
     assert parse_whole(b"data: \xff\n\n") == [msg("\ufffd")]
 
 
-def test_an_oversized_event_is_dropped_and_parsing_continues(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(SseParser, "MAX_EVENT_BYTES", 10)
+def test_an_oversized_event_is_scanned_not_held_and_parsing_continues() -> None:
+    p = SseParser(max_event_bytes=10)
+    events = p.feed(b'data: {"id": 1,\ndata:  "result": {"isError": true}}\n\ndata: ok\n\n')
+    big, small = events
+    assert big.oversized and big.data == "" and big.messages == [
+        Message(id_raw=b"1", has_result=True, is_error=True)]
+    assert small == msg("ok")
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096, 70_000])
+def test_an_event_far_over_the_limit_is_read_at_any_split(size: int) -> None:
+    text = "x" * 300_000
+    event = b'data: {"jsonrpc":"2.0","id":"k","result":{"content":[{"type":"text","text":"' + text.encode() + \
+        b'"}],"isError":true}}\n\n'
+    p = SseParser(max_event_bytes=1000)
+    events = [e for i in range(0, len(event), size) for e in p.feed(event[i : i + size])]
+    [e] = events
+    assert e.messages == [Message(id_raw=b'"k"', has_result=True, is_error=True)]
+    assert len(p._buf) <= 70_000 + size and not p._data  # never the whole event in memory
+
+
+def test_a_long_comment_line_is_skipped_in_bounded_memory() -> None:
+    p = SseParser(max_event_bytes=1000)
+    for _ in range(100):
+        assert p.feed(b": " + b"c" * 65536) == []
+        assert len(p._buf) <= 2 * 65536
+    assert p.feed(b"\ndata: ok\n\n") == [msg("ok")]
+
+
+def test_one_long_line_in_small_chunks_is_linear() -> None:
+    """Each chunk is looked at once: 4 MB in 1 KB chunks is fast (the old parser re-copied the line)."""
+    import time
+
     p = SseParser()
-    events = p.feed(b"data: 0123456789ABCDEF\n\ndata: ok\n\n")
-    assert msg("ok") in events
-    assert all(len(e.data) <= 10 for e in events)
+    chunk = b"y" * 1024
+    started = time.process_time()
+    assert p.feed(b"data: ") == []
+    for _ in range(4096):
+        p.feed(chunk)
+    [e] = p.feed(b"\n\n")
+    assert len(e.data) == 4096 * 1024
+    assert time.process_time() - started < 2.0

@@ -1,0 +1,144 @@
+"""End to end, both backends: issue 7 classes 2-4 through a real mitmdump.
+
+Methods and ambiguous bodies never reach the upstream; answers of any size or depth settle;
+a chunked upload is cut at max_body_bytes before authentication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx2
+import pytest
+
+from tests import fault_server
+from tests.backends import Backend
+from tests.gateway_proc import Gateway
+from tests.refusals import refusal
+from tests.test_e2e_gateway import MCP_HEADERS, assert_meter_headers, call, eventually, fault_listing, post  # noqa: F401
+
+pytestmark = pytest.mark.timeout(120)
+
+MAX_BODY = 1024 * 1024
+MAX_EVENT = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def gateway_settings() -> dict[str, object]:
+    return {"max_body_bytes": MAX_BODY, "max_event_bytes": MAX_EVENT}
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "PROPFIND"])
+async def test_a_call_sent_with_another_method_is_405_and_never_forwarded(
+        gateway: Gateway, backend: Backend, fault_listing: Callable[..., tuple[str, int]], method: str) -> None:
+    s, _ = fault_listing(price=1000)
+    c = backend.add_consumer(credit=10_000)
+    before = fault_server.calls["ok"]
+    async with httpx2.AsyncClient(timeout=20) as client:
+        r = await client.request(method, f"{gateway.url}/{s}", content=json.dumps(call("ok")).encode(),
+                                 headers={**MCP_HEADERS, **c.auth})
+    assert r.status_code == 405 and refusal(r)["error"] == "method_not_allowed"
+    assert r.headers["Allow"] == "GET, POST, DELETE, HEAD, OPTIONS"
+    assert_meter_headers(r)
+    assert fault_server.calls["ok"] == before and backend.balance(c.user_id) == 10_000
+
+
+async def test_a_call_in_a_get_body_is_400_and_never_forwarded(
+        gateway: Gateway, backend: Backend, fault_listing: Callable[..., tuple[str, int]]) -> None:
+    s, _ = fault_listing(price=1000)
+    c = backend.add_consumer(credit=10_000)
+    before = fault_server.calls["ok"]
+    async with httpx2.AsyncClient(timeout=20) as client:
+        r = await client.request("GET", f"{gateway.url}/{s}", content=json.dumps(call("ok")).encode(),
+                                 headers={**MCP_HEADERS, **c.auth})
+    assert r.status_code == 400 and refusal(r)["error"] == "invalid_request"
+    assert fault_server.calls["ok"] == before and backend.balance(c.user_id) == 10_000
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"ok","name":"http500"}}',
+    b'{"jsonrpc":"2.0","id":1.0,"method":"tools/call","params":{"name":"ok"}}',
+    b'{"jsonrpc":"2.0","id":Infinity,"method":"tools/call","params":{"name":"ok"}}',
+])
+async def test_ambiguous_bodies_are_400_and_never_forwarded(
+        gateway: Gateway, backend: Backend, fault_listing: Callable[..., tuple[str, int]], raw: bytes) -> None:
+    s, _ = fault_listing(price=1000)
+    c = backend.add_consumer(credit=10_000)
+    before = dict(fault_server.calls)
+    async with httpx2.AsyncClient(timeout=20) as client:
+        r = await client.post(f"{gateway.url}/{s}", content=raw, headers={**MCP_HEADERS, **c.auth})
+    assert r.status_code == 400 and refusal(r)["error"] in ("invalid_json", "invalid_request")
+    assert dict(fault_server.calls) == before and backend.balance(c.user_id) == 10_000
+
+
+async def test_an_sse_result_far_over_max_event_bytes_is_billed(
+        gateway: Gateway, backend: Backend, fault_listing: Callable[..., tuple[str, int]]) -> None:
+    s, _ = fault_listing(price=1000)
+    c = backend.add_consumer(credit=10_000)
+    r = await post(gateway, f"/{s}", call("sse_big", {"size": 40 * MAX_EVENT}), c, timeout=60)
+    assert r.status_code == 200 and len(r.content) > 40 * MAX_EVENT  # delivered whole
+    assert r.headers["X-Mcpmeter-Billed"] == "1000"
+    await eventually(lambda: [(u["status"], u["billed"]) for u in backend.usage(c)] == [(200, 1000)])
+    assert backend.balance(c.user_id) == 9_000
+
+
+async def test_an_sse_tool_error_over_max_event_bytes_is_refunded(
+        gateway: Gateway, backend: Backend, fault_listing: Callable[..., tuple[str, int]]) -> None:
+    s, _ = fault_listing(price=1000)
+    c = backend.add_consumer(credit=10_000)
+    r = await post(gateway, f"/{s}", call("sse_big", {"size": 4 * MAX_EVENT, "is_error": True}), c, timeout=60)
+    assert r.status_code == 200
+    await eventually(lambda: backend.balance(c.user_id) == 10_000)
+    assert [(u["status"], u["billed"]) for u in backend.usage(c)] == [(200, 0)]
+
+
+async def test_a_deeply_nested_json_result_is_billed_with_headers(
+        gateway: Gateway, backend: Backend, fault_listing: Callable[..., tuple[str, int]]) -> None:
+    s, _ = fault_listing(price=1000)
+    c = backend.add_consumer(credit=10_000)
+    r = await post(gateway, f"/{s}", call("deep", {"depth": 100_000}), c, timeout=60)
+    assert r.status_code == 200
+    assert_meter_headers(r, balance=9_000)  # the old hook crashed: no headers, settled by the sweeper
+    assert r.headers["X-Mcpmeter-Billed"] == "1000"
+    await eventually(lambda: [(u["status"], u["billed"]) for u in backend.usage(c)] == [(200, 1000)])
+
+
+def _chunked_upload(url: str, path: str, total: int) -> tuple[bytes, int]:
+    """Send a chunked body without Content-Length until the gateway answers or hangs up."""
+    parts = urlsplit(url)
+    sent = 0
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        piece = b"x" * 65536
+        chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+        try:
+            while sent < total:
+                sock.sendall(chunk)
+                sent += len(piece)
+            sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # the gateway answered and closed while we were still sending
+        answer = b""
+        try:
+            while data := sock.recv(65536):
+                answer += data
+        except OSError:
+            pass
+    return answer, sent
+
+
+async def test_an_unauthenticated_chunked_upload_is_cut_at_the_limit(
+        gateway: Gateway, backend: Backend, fault_listing: Callable[..., tuple[str, int]]) -> None:
+    s, _ = fault_listing(price=1000)
+    total = 64 * MAX_BODY
+    answer, sent = await asyncio.to_thread(_chunked_upload, gateway.url, f"/{s}", total)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert refusal(body)["error"] == "payload_too_large"
+    assert sent < total  # refused while the upload was still going, not after buffering it all
