@@ -77,7 +77,8 @@ def normalise(path: str) -> str:
 
 
 def has_dot_segment(path: str) -> bool:
-    return any(seg in (".", "..") for seg in unquote(unquote(path)).replace("\\", "/").split("/"))
+    """A `.`/`..` segment, encoded or not, or with `;params` (Tomcat and Jetty resolve `..;` as `..`)."""
+    return any(seg.split(";")[0] in (".", "..") for seg in unquote(unquote(path)).replace("\\", "/").split("/"))
 
 
 # --- what the server saw ------------------------------------------------------------------

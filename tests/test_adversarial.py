@@ -262,6 +262,18 @@ def test_ordinary_subpaths_are_forwarded_exactly_as_sent(
     check(backend, listing, hostile, canary)
 
 
+@found_by_fuzz("mitmproxy's Request.url setter drops an empty ';' params part of the last segment, so "
+               "/<slug>/a/.; reaches the upstream as /a/. and /<slug>/..; as /.. (a dot segment made after any "
+               "check on the client's subpath; Tomcat/Jetty also resolve '..;' as '..')")
+@pytest.mark.parametrize("subpath", [".;", "a/.;", "..;", "a/..;"])
+def test_semicolon_dot_segments_are_refused_or_forwarded_unchanged(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient, subpath: str) -> None:
+    listing = make_listing(backend, hostile)
+    r = client.request("POST", f"{listing.path}/{subpath}", listing.auth(), rpc())
+    assert r.status in (200, 400)
+    assert [s.target for s in hostile.records(listing.slug)] in ([], [f"{listing.base}/{subpath}"])
+
+
 @PENDING_CONFINEMENT
 @pytest.mark.parametrize("query", ["a=\x01", "a=\x7f", "a=\x00", "a=\x1b[31m"])
 def test_raw_control_characters_in_the_query_are_refused(
