@@ -151,9 +151,19 @@ class HostileUpstream:
         return self
 
     def stop(self) -> None:
-        if self.loop is not None and self._server is not None:
-            self.loop.call_soon_threadsafe(self._server.close)
-            self.loop.call_soon_threadsafe(self.loop.stop)
+        loop, server = self.loop, self._server
+        if loop is not None and server is not None:
+            async def shutdown() -> None:
+                server.close()
+                for task in asyncio.all_tasks():
+                    if task is not asyncio.current_task():
+                        task.cancel()
+
+            try:
+                asyncio.run_coroutine_threadsafe(shutdown(), loop).result(5)
+            except Exception:
+                pass
+            loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(5)
 

