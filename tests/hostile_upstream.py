@@ -259,6 +259,8 @@ class HostileUpstream:
                 return await _send(writer, 200, ok)
             case "sse":
                 return await _send_sse(writer, [_sse_event(ok)])
+            case "sse_other_event":  # the result under an event type MCP clients ignore
+                return await _send_sse(writer, [b"event: debug\ndata: " + ok + b"\n\n"])
             case "huge_sse":  # one event of `mb` MB on one data line, then the stream ends
                 text = "x" * int(mb * 1024 * 1024)
                 return await _send_sse(writer, [_sse_event(_tool_result(rpc_id, text))],
@@ -314,7 +316,13 @@ class HostileUpstream:
         hold = float(seen.header("x-hostile-hold") or 30)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n")
-        await _chunk(writer, f"event: endpoint\ndata: {endpoint}\n\n".encode())
+        layout = seen.header("x-hostile-endpoint-layout") or "plain"
+        event = {"plain": f"event: endpoint\ndata: {endpoint}\n\n",
+                 "id-between": f"event: endpoint\nid: 1\ndata: {endpoint}\n\n",
+                 "data-first": f"data: {endpoint}\nevent: endpoint\n\n",
+                 "no-space-crlf": f"event:endpoint\r\ndata:{endpoint}\r\n\r\n",
+                 "cr-only": f"event: endpoint\rdata: {endpoint}\r\r"}[layout]
+        await _chunk(writer, event.encode())
         deadline = time.monotonic() + hold
         try:
             while (left := deadline - time.monotonic()) > 0:

@@ -14,6 +14,7 @@ one place: the lead removes a marker once its class is merged (strict: an unexpe
 from __future__ import annotations
 
 import itertools
+import re
 import json
 import os
 import socket
@@ -311,7 +312,7 @@ def test_sse_listing_cannot_be_pointed_at_another_host(
 @PENDING_CONFINEMENT
 @pytest.mark.parametrize("announced", [
     "messages/..%2f..%2fadmin?session_id={sid}", "messages/%2e%2e/%2e%2e/admin?session_id={sid}",
-    "messages//x?session_id={sid}", "messages/a%5c..%5c..%5cadmin?session_id={sid}",
+    "messages/a%5c..%5c..%5cadmin?session_id={sid}",
 ])
 def test_announced_legacy_endpoint_obeys_the_same_rule(
         backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient, announced: str) -> None:
@@ -319,9 +320,12 @@ def test_announced_legacy_endpoint_obeys_the_same_rule(
     listing = make_listing(backend, hostile, "sse")
     with LegacyStream(client.addr, listing, endpoint=announced) as stream:
         route = stream.route
-        if route.startswith(f"{listing.path}/"):
-            r = client.request("POST", route, listing.auth(), rpc(name="pricey"))
-            assert r.status == 400 or r.status == 403, (route, r.status)
+        if route.startswith(f"{listing.path}/"):  # rewritten: then it must be a route the gateway would accept
+            path = route.partition("?")[0]
+            assert not has_dot_segment(path) and "%2f" not in path.lower() and "%5c" not in path.lower(), route
+            assert "//" not in path, route
+            client.request("POST", route, listing.auth(), rpc(name="pricey"))
+            stream.read_more(0.5)
     check(backend, listing, hostile, canary)
 
 
@@ -653,11 +657,15 @@ def test_upstream_cannot_set_the_gateways_headers(backend: Backend, hostile: Hos
 # === 6. legacy HTTP+SSE sessions ==================================================================
 
 
+_ENDPOINT_DATA = re.compile(rb"data: ?([^\r\n]*(?:session_id|/)[^\r\n]*)[\r\n]")
+
+
 class LegacyStream:
     """A legacy session's GET stream through the gateway, read until its endpoint event."""
 
-    def __init__(self, addr: tuple[str, int], listing: Listing, endpoint: str | None = None, hold: float = 30) -> None:
-        self.addr, self.listing, self.endpoint, self.hold = addr, listing, endpoint, hold
+    def __init__(self, addr: tuple[str, int], listing: Listing, endpoint: str | None = None, hold: float = 30,
+                 layout: str = "plain") -> None:
+        self.addr, self.listing, self.endpoint, self.hold, self.layout = addr, listing, endpoint, hold, layout
         self.sock: socket.socket | None = None
         self.route = ""
         self.data = b""
@@ -667,14 +675,13 @@ class LegacyStream:
         extra = f"X-Hostile-Endpoint: {self.endpoint}\r\n" if self.endpoint else ""
         self.sock.sendall(f"GET {self.listing.path} HTTP/1.1\r\nHost: g\r\nAccept: text/event-stream\r\n"
                           f"Authorization: Bearer {self.listing.consumer.key}\r\nX-Hostile-Hold: {self.hold}\r\n"
-                          f"{extra}\r\n".encode())
-        while b"event: endpoint" not in self.data or b"\n\n" not in self.data.split(b"event: endpoint", 1)[1]:
+                          f"X-Hostile-Endpoint-Layout: {self.layout}\r\n{extra}\r\n".encode())
+        while (match := _ENDPOINT_DATA.search(self.data)) is None:
             more = self.sock.recv(65536)
             if not more:
                 raise AssertionError(f"stream ended before its endpoint: {self.data[:500]!r}")
             self.data += more
-        line = self.data.split(b"event: endpoint", 1)[1].split(b"data:", 1)[1].split(b"\n", 1)[0]
-        self.route = line.strip().decode()
+        self.route = match.group(1).decode()
         return self
 
     def read_more(self, seconds: float) -> bytes:
@@ -705,6 +712,44 @@ def test_legacy_session_calls_are_billed_from_the_stream(
         assert r.status == 202
         assert b'"id": 7' in stream.read_more(1.0)
         check(backend, listing, hostile, canary)
+
+
+@found_by_fuzz("the endpoint rewriter matches the exact text 'event: endpoint\\ndata: ...', so a valid SSE "
+               "endpoint event laid out otherwise (an id: line between, data before event, CR line ends) reaches "
+               "the client unrewritten: an absolute endpoint names the upstream's address and lets the client "
+               "post to the upstream directly, unmetered")
+@pytest.mark.parametrize("layout", ["id-between", "data-first", "cr-only"])
+def test_every_valid_layout_of_the_endpoint_event_is_rewritten(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient, layout: str) -> None:
+    listing = make_listing(backend, hostile, "sse")
+    absolute = f"{hostile.url}{listing.base}messages/?session_id={{sid}}"
+    with LegacyStream(client.addr, listing, endpoint=absolute, layout=layout) as stream:
+        assert stream.route.startswith(f"{listing.path}/messages/?session_id="), stream.route
+        assert str(hostile.port) not in stream.data.decode("latin-1")
+
+
+def test_plain_endpoint_event_is_rewritten(backend: Backend, hostile: HostileUpstream, client: RawClient) -> None:
+    listing = make_listing(backend, hostile, "sse")
+    absolute = f"{hostile.url}{listing.base}messages/?session_id={{sid}}"
+    for layout in ("plain", "no-space-crlf"):
+        with LegacyStream(client.addr, listing, endpoint=absolute, layout=layout) as stream:
+            assert stream.route.startswith(f"{listing.path}/messages/?session_id="), (layout, stream.route)
+
+
+@found_by_fuzz("a streamed result under an SSE event type other than 'message' is billed, but MCP clients "
+               "(Python and TypeScript SDKs) ignore such events: the consumer pays for an answer it never gets")
+def test_result_under_a_foreign_event_type_is_not_billed(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient) -> None:
+    listing = make_listing(backend, hostile, timeout=5)
+    r = client.request("POST", listing.path, listing.auth(), rpc(name="sse_other_event"))
+    assert r.status == 200 and b"event: debug" in r.body
+    deadline = time.monotonic() + 10
+    rows: list[Any] = []
+    while time.monotonic() < deadline and not rows:
+        rows = backend.query("SELECT billed_micro_cents FROM usage_events WHERE mcp_id = %s", (listing.mcp_id,))
+        time.sleep(0.1)
+    assert [int(b) for b, in rows] == [0]
+    assert backend.balance(listing.consumer.user_id) == CREDIT
 
 
 @PENDING_SESSIONS
