@@ -24,6 +24,7 @@ import asyncio
 import gzip
 import json
 import math
+import os
 import posixpath
 import socket
 import threading
@@ -264,6 +265,12 @@ class HostileUpstream:
             case "huge_sse":  # one event of `mb` MB on one data line, then the stream ends
                 text = "x" * int(mb * 1024 * 1024)
                 return await _send_sse(writer, [_sse_event(_tool_result(rpc_id, text))],
+                                       chunk=int(args.get("chunk", 64 * 1024)))
+            case "sse_many":  # the same bytes as huge_sse, as ~1 KB progress events, then the result
+                note = _sse_event(json.dumps({"jsonrpc": "2.0", "method": "notifications/progress",
+                                              "params": {"progressToken": 1, "pad": "x" * 1000}}).encode())
+                count = int(mb * 1024 * 1024) // len(note)
+                return await _send_sse(writer, [note * 64] * (count // 64) + [_sse_event(ok)],
                                        chunk=int(args.get("chunk", 64 * 1024)))
             case "huge_json":
                 return await _send(writer, 200, _tool_result(rpc_id, "x" * int(mb * 1024 * 1024)))
@@ -511,6 +518,13 @@ class RawClient:
         if h.get("connection", "").lower() == "close":
             self.close()
         return RawResponse(status, headers, body)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_bytes(pid: int) -> int:

@@ -44,6 +44,7 @@ from tests.test_adversarial import (  # noqa: F401  (module fixtures, shared wit
 )
 
 SCALE = float(os.environ.get("MCPMETER_FUZZ_SCALE", "1"))
+CAMPAIGN_TIMEOUT = pytest.mark.timeout(600)  # one campaign is thousands of requests: above the suite's 120 s
 PHASES = [Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("MCPMETER_FUZZ_SHRINK") else [])
 RSS_GROWTH_LIMIT = 150 * 1024 * 1024
 DELIBERATE_5XX = {"upstream_failed", "upstream_timeout", "store_unavailable", "meter_unavailable"}
@@ -252,6 +253,7 @@ LEGAL_ARGS = st.dictionaries(st.text(max_size=4), st.recursive(
     lambda inner: st.lists(inner, max_size=3), max_leaves=6), max_size=3)
 
 
+@CAMPAIGN_TIMEOUT
 @given(segments=st.lists(SAFE_SEGMENT, max_size=4), query=st.text(alphabet="abc=&%2e12", max_size=10),
        name=LEGAL_NAMES, rpc_id=LEGAL_IDS, args=LEGAL_ARGS, sse=st.booleans())
 @budget(3000)
@@ -275,6 +277,7 @@ LEGAL_HEADERS = st.lists(st.sampled_from([
 ]), max_size=4, unique=True)
 
 
+@CAMPAIGN_TIMEOUT
 @given(extra=LEGAL_HEADERS, name=st.sampled_from(["cheap", "pricey", "other"]))
 @budget(2000)
 def test_fuzz_legal_header_variations_change_nothing(campaign: Campaign, extra: list[tuple[str, str]],
@@ -288,6 +291,7 @@ def test_fuzz_legal_header_variations_change_nothing(campaign: Campaign, extra: 
 
 
 @PENDING_CONFINEMENT
+@CAMPAIGN_TIMEOUT
 @given(data=st.data())
 @budget(2500)
 def test_fuzz_paths_stay_in_their_listing(campaign: Campaign, data: st.DataObject) -> None:
@@ -301,6 +305,7 @@ def test_fuzz_paths_stay_in_their_listing(campaign: Campaign, data: st.DataObjec
 
 
 @PENDING_SAME_CALL
+@CAMPAIGN_TIMEOUT
 @given(data=st.data())
 @budget(2000)
 def test_fuzz_bodies_are_read_as_the_upstream_reads_them(campaign: Campaign, data: st.DataObject) -> None:
@@ -313,6 +318,7 @@ def test_fuzz_bodies_are_read_as_the_upstream_reads_them(campaign: Campaign, dat
 
 
 @PENDING_SAME_CALL
+@CAMPAIGN_TIMEOUT
 @given(data=st.data())
 @budget(500)
 def test_fuzz_methods_carry_no_unpriced_call(campaign: Campaign, data: st.DataObject) -> None:
