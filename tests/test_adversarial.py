@@ -729,7 +729,8 @@ def test_every_valid_layout_of_the_endpoint_event_is_rewritten(
         backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient, layout: str) -> None:
     listing = make_listing(backend, hostile, "sse")
     absolute = f"{hostile.url}{listing.base}messages/?session_id={{sid}}"
-    with LegacyStream(client.addr, listing, endpoint=absolute, layout=layout) as stream:
+    # hold=3: unrewritten, the endpoint is held back until the stream ends (the rewriter waits for its text)
+    with LegacyStream(client.addr, listing, endpoint=absolute, layout=layout, hold=3) as stream:
         assert stream.route.startswith(f"{listing.path}/messages/?session_id="), stream.route
         assert str(hostile.port) not in stream.data.decode("latin-1")
 
