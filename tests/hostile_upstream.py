@@ -423,10 +423,18 @@ class RawResponse:
     def json(self) -> Any:
         return json.loads(self.body)
 
+    def refusal(self) -> Any:
+        """The gateway's refusal fields, whether it answered plainly or as a JSON-RPC error (its `data`)."""
+        body = self.json()
+        error = body.get("error") if isinstance(body, dict) and "jsonrpc" in body else None
+        if isinstance(error, dict) and isinstance(error.get("data"), dict):
+            return {**error["data"], "message": error.get("message")}
+        return body
+
     @property
     def error(self) -> str | None:
         try:
-            body = self.json()
+            body = self.refusal()
         except ValueError:
             return None
         return body.get("error") if isinstance(body, dict) else None
