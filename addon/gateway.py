@@ -444,9 +444,6 @@ class Mcpmeter:
             )
             call.priced = inspection.call
             flow.metadata[META]["method"] = inspection.method
-        if await self._idempotent(flow, call, listing):
-            return  # answered with the first attempt's stored outcome: not forwarded, not charged
-
         windows = windows_for(listing.rate_limit_per_minute or self.config.default_rpm,
                               listing.rate_limit_per_day or self.config.default_rpd)
         limit = await self.cache.hit(f"{listing.id}:{consumer.principal}", windows)
@@ -456,6 +453,8 @@ class Mcpmeter:
         elif not limit.allowed:
             raise GatewayError("rate_limited", headers=call.limit_headers, scope=limit.scope,
                                retry_after=limit.retry_after)
+        if await self._idempotent(flow, call, listing):  # a replay counts against the rate limit, like any request
+            return  # answered with the first attempt's stored outcome: not forwarded, not charged
 
         await self.circuits.admit(listing, priced=call.priced is not None)
         if call.priced is not None:
@@ -496,6 +495,7 @@ class Mcpmeter:
         flow.response.raw_content = answer.body
         flow.response.headers["content-length"] = str(len(answer.body))
         flow.response.headers[idempotency.REPLAYED] = "true"
+        flow.response.headers.update(call.limit_headers)
         flow.metadata[META].update(decision="replayed", replay_of=flow.response.headers.get("x-mcpmeter-request-id"))
         who = display.consumer_label(flow, call.consumer.user_id)
         display.gateway_answered(flow, f"{who} · {listing.slug} · replayed (Idempotency-Key), not charged", ":repeat:")
