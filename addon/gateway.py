@@ -444,6 +444,7 @@ class Mcpmeter:
             )
             call.priced = inspection.call
             flow.metadata[META]["method"] = inspection.method
+
         windows = windows_for(listing.rate_limit_per_minute or self.config.default_rpm,
                               listing.rate_limit_per_day or self.config.default_rpd)
         limit = await self.cache.hit(f"{listing.id}:{consumer.principal}", windows)
