@@ -56,6 +56,14 @@ _TABLE += [  # GET /metrics (addon/metrics.py)
     ErrorSpec(403, "metrics_forbidden", "This bearer token is not the configured metrics_token."),
 ]
 
+_TABLE += [  # Idempotency-Key (addon/idempotency.py)
+    ErrorSpec(400, "invalid_idempotency_key", "The Idempotency-Key header must be 1-255 printable ASCII characters, sent once."),
+    ErrorSpec(409, "idempotency_in_flight", "A call with this Idempotency-Key is still running; retry after "
+              "Retry-After seconds to get its answer. This request was not forwarded and not charged."),
+    ErrorSpec(422, "idempotency_key_reused", "This Idempotency-Key was used for a different request body; "
+              "use a new key for a new call. This request was not forwarded and not charged."),
+]
+
 ERRORS: dict[str, ErrorSpec] = {e.code: e for e in _TABLE}
 
 
@@ -97,7 +105,9 @@ RPC_CODES: dict[int, int] = {
     404: -32006,  # no such MCP server
     405: -32007,  # HTTP method not allowed
     410: -32008,  # listing archived
+    409: -32014,  # conflict: the same Idempotency-Key is still in flight
     413: -32009,  # request too large
+    422: -32015,  # unprocessable: an Idempotency-Key reused for another body
     429: -32010,  # rate limited
     500: -32603,  # Internal error (standard)
     502: -32011,  # the upstream MCP server failed

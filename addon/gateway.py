@@ -24,10 +24,11 @@ from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
 
-from . import billing, commands, compat, display, dryrun, forwarding, guard, legacy_sse, origins, paths, redaction, rpc_errors, shadow
+from . import billing, commands, compat, display, dryrun, forwarding, guard, idempotency, legacy_sse, origins, paths, redaction, rpc_errors, shadow
 from .auth import Credential, challenge, parse_authorization
 from .billing import Failure
 from .cache import MISS, Cache, open_cache
+from .cache.idempotency import conclude as conclude_idempotency
 from .circuits import Circuits
 from .clients import classify
 from .config import SLUG_RE, Config, ConfigError, load
@@ -84,6 +85,7 @@ class Call:
     rpc_id: JsonId | None = None  # the JSON-RPC id a refusal answers (rpc_errors.peek_id)
     forwarded: float | None = None  # monotonic time the call left for the upstream
     flow: http.HTTPFlow | None = field(default=None, repr=False)  # set when forwarded: a stop settles it
+    idempotency: idempotency.Claim | None = None  # this call's claim on its Idempotency-Key
 
     def elapsed_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
@@ -337,6 +339,8 @@ class Mcpmeter:
                 flow.response.stream = self._stream_watcher(flow, call)
                 if self._show_streams():
                     display.keep_copy(flow)
+                if call.idempotency is not None:  # the streamed answer's bytes, for a replay
+                    flow.response.stream = idempotency.capture(flow.response.stream, call.idempotency)
                 if call.priced is None:
                     self._cancel_deadline(call)
                 await self._stamp(flow, call)
@@ -364,6 +368,7 @@ class Mcpmeter:
                 await self._settle(flow, call)
             if call.parser is None:
                 await self._stamp(flow, call)
+            await self._remember(flow, call)  # before the answer leaves: a retry finds it stored
         except Exception:
             log.exception("mcpmeter: response %s failed; settling it all the same", call.request_id)
             await self._settle_anyway(flow, call, delivered=True)
@@ -468,6 +473,8 @@ class Mcpmeter:
         elif not limit.allowed:
             raise GatewayError("rate_limited", headers=call.limit_headers, scope=limit.scope,
                                retry_after=limit.retry_after)
+        if await self._idempotent(flow, call, listing):  # a replay counts against the rate limit, like any request
+            return  # answered with the first attempt's stored outcome: not forwarded, not charged
 
         await self.circuits.admit(listing, priced=call.priced is not None)
         if call.priced is not None:
@@ -475,6 +482,66 @@ class Mcpmeter:
         else:
             call.balance_task = asyncio.ensure_future(self.store.balance(consumer.user_id))
         self._forward(flow, call, listing, subpath, query)
+
+    async def _idempotent(self, flow: http.HTTPFlow, call: Call, listing: Listing) -> bool:
+        """Idempotency-Key (addon/idempotency.py): the header is the gateway's, never forwarded. A
+        priced call claims its key; True when it was answered with the stored outcome instead."""
+        assert self.cache is not None and call.consumer is not None
+        headers = flow.request.headers
+        try:
+            key = idempotency.check_key(headers.get_all(idempotency.HEADER))
+        except idempotency.InvalidKey as e:
+            raise GatewayError("invalid_idempotency_key", reason=str(e)) from None
+        if key is None:
+            return False
+        del headers[idempotency.HEADER]
+        if call.priced is None or listing.transport is Transport.SSE:  # legacy SSE: answers come on the stream
+            return False
+        claim = idempotency.new_claim(idempotency.cache_key(listing.id, call.consumer.principal, key),
+                                      flow.request.raw_content or b"",
+                                      self._timeout(listing) + idempotency.IN_FLIGHT_MARGIN_SECONDS)
+        record = await self.cache.idem_claim(claim.key, claim.value, claim.ttl_seconds)
+        if record is None:
+            call.idempotency = claim
+            return False
+        verdict = idempotency.judge(record, claim.fingerprint)
+        if verdict.kind == "reused":
+            raise GatewayError("idempotency_key_reused")
+        if verdict.answer is None:
+            raise GatewayError("idempotency_in_flight", headers={"Retry-After": idempotency.IN_FLIGHT_RETRY_AFTER},
+                               retry_after=int(idempotency.IN_FLIGHT_RETRY_AFTER))
+        answer = verdict.answer
+        flow.response = http.Response.make(answer.status, b"", [(k.encode(), v.encode()) for k, v in answer.headers])
+        flow.response.raw_content = answer.body
+        flow.response.headers["content-length"] = str(len(answer.body))
+        flow.response.headers[idempotency.REPLAYED] = "true"
+        flow.response.headers.update(call.limit_headers)
+        flow.metadata[META].update(decision="replayed", replay_of=flow.response.headers.get("x-mcpmeter-request-id"))
+        who = display.consumer_label(flow, call.consumer.user_id)
+        display.gateway_answered(flow, f"{who} · {listing.slug} · replayed (Idempotency-Key), not charged", ":repeat:")
+        return True
+
+    async def _remember(self, flow: http.HTTPFlow, call: Call) -> None:
+        if (task := self._idempotency_over(flow, call)) is not None:
+            await asyncio.shield(task)
+
+    def _idempotency_over(self, flow: http.HTTPFlow, call: Call, refused: bool = False) -> asyncio.Future[None] | None:
+        """The call is over: store its outcome under its Idempotency-Key, or release the key."""
+        claim, call.idempotency = call.idempotency, None
+        if claim is None or self.cache is None:
+            return None
+        answer = None
+        response = flow.response
+        if not refused and call.charged is not None and call.listing is not None and response is not None:
+            refund = _decision(call)[0].refund
+            if idempotency.should_store(billed=not refund, upstream_answered=call.failure is None) and not claim.overflow:
+                body = bytes(claim.captured) if claim.captured is not None else (response.raw_content or b"")
+                billed = "0" if refund else ("free" if call.charged.verdict is Verdict.FREE else str(call.charged.amount))
+                metering = {"X-Mcpmeter-Request-Id": call.request_id, "X-Mcpmeter-Billed": billed}
+                if refund:
+                    metering["X-Mcpmeter-Refunded"] = "1"
+                answer = idempotency.answer_of(response.status_code, response.headers.items(multi=True), body, metering)
+        return self._own(conclude_idempotency(self.cache, claim, answer))
 
     def _show_streams(self) -> bool:
         chosen = ctx.options.mcpmeter_show_streams
@@ -797,6 +864,7 @@ class Mcpmeter:
 
     def _finish(self, flow: http.HTTPFlow, call: Call) -> None:
         self._cancel_deadline(call)
+        self._idempotency_over(flow, call)
         self.calls.pop(flow.id, None)
         self._unregister(call)
 
@@ -804,6 +872,7 @@ class Mcpmeter:
 
     async def _refuse(self, flow: http.HTTPFlow, call: Call, error: GatewayError) -> None:
         redaction.redact_forwarded_credentials(flow.request.headers)  # refused: they go nowhere
+        self._idempotency_over(flow, call, refused=True)  # nothing to replay: a retry runs normally
         if call.consumer is not None and call.balance is None and self.store is not None:
             try:
                 call.balance = await self.store.balance(call.consumer.user_id)

@@ -35,6 +35,17 @@ class Cache(Protocol):
 
     async def session_owner(self, session_id: str) -> str | None: ...
 
+    # --- Idempotency-Key records (addon/cache/idempotency.py) ---------------------------------
+
+    async def idem_claim(self, key: str, claim: str, ttl_seconds: float) -> str | None:
+        """Claim `key` (atomic SET NX with a TTL): None when claimed, else the record it holds."""
+
+    async def idem_finish(self, key: str, claim: str, record: str, ttl_seconds: float = ...) -> bool:
+        """Replace our claim (compared exactly) by the stored answer; False if it is not ours any more."""
+
+    async def idem_release(self, key: str, claim: str) -> bool:
+        """Delete our claim (compared exactly), so a retry runs normally."""
+
     async def health(self) -> dict[str, object]: ...
 
     async def close(self) -> None: ...

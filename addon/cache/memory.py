@@ -12,11 +12,12 @@ from ..model import Consumer, Listing
 from ..ratelimit import US, LimitVerdict, Window, check
 from .base import MISS, _Miss
 from .breaker import MemoryBreakers
+from .idempotency import MemoryIdempotency
 
 SESSION_TTL = 24 * 3600
 
 
-class MemoryCache(MemoryBreakers):
+class MemoryCache(MemoryBreakers, MemoryIdempotency):
     def __init__(self, config: Config, clock=time.time) -> None:
         self._clock = clock
         self._consumers: TTLCache[str, Consumer] = TTLCache(100_000, config.key_cache_ttl_seconds, timer=clock)

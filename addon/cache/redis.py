@@ -5,7 +5,8 @@ Listing as JSON (`null` caches "no such key/listing" for the negative TTL), `ses
 principal that opened an MCP session, `rl:{<bucket>}:<seconds>` the GCRA TAT of one rate window
 (one integer, µs of Redis server time; see addon.ratelimit). A bucket is `<listing id>:<principal>`
 and its windows' keys share the hash tag `{<bucket>}`, so the one script that touches them together
-runs unchanged on Redis Cluster; every other operation touches a single key.
+runs unchanged on Redis Cluster; every other operation touches a single key. Idempotency-Key
+records `idem:{<bucket>}:<sha256>` share that tag (addon/cache/idempotency.py).
 
 A rate-limit check is one EVALSHA of RATE_LIMIT_SCRIPT: decide over every window, then advance all
 of their TATs or none, atomically and on the server's clock, so any number of gateways share one
@@ -42,6 +43,7 @@ from ..model import Consumer, Listing
 from ..ratelimit import LimitVerdict, Window, check
 from .base import MISS, _Miss
 from .breaker import RedisBreakers
+from .idempotency import RedisIdempotency
 from .memory import SESSION_TTL, MemoryCache
 
 log = logging.getLogger("mcpmeter")
@@ -97,7 +99,7 @@ _LISTING_FIELDS = frozenset(f.name for f in fields(Listing))
 _FAILURES = (RedisError, OSError, TimeoutError)  # TimeoutError: OP_TIMEOUT (asyncio.timeout)
 
 
-class RedisCache(RedisBreakers):
+class RedisCache(RedisBreakers, RedisIdempotency):
     def __init__(self, config: Config) -> None:
         s = config.redis
         self._config = config

@@ -1,0 +1,73 @@
+"""Idempotency-Key in the addon's hooks (taddons, embedded store): what is claimed, stored and released."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from addon import idempotency
+from addon.gateway import META
+from tests.test_gateway_hooks import (OPENING, POOR, PRICE, Gw, forwarded, gw, isolated, json_response,  # noqa: F401
+                                      make_flow, tool_call, upstream_answers, upstream_fails)
+
+pytestmark = pytest.mark.timeout(30)
+
+KEY = {"Idempotency-Key": "agent-retry-1"}
+
+
+def claims(gw: Gw) -> dict[str, tuple[float, str]]:
+    return dict(gw.addon.cache._idem().items())  # type: ignore[union-attr]
+
+
+async def test_a_crashed_call_locks_its_key_only_for_the_timeout_plus_a_margin(gw: Gw) -> None:
+    flow = make_flow(headers=KEY)
+    await gw.addon.request(flow)
+    assert forwarded(flow) and "idempotency-key" not in flow.request.headers
+    [(until, record)] = claims(gw).values()
+    assert idempotency.judge(record, idempotency.fingerprint(flow.request.raw_content or b"")).kind == "in_flight"
+    # echo-test's timeout is 10 s: the claim frees itself after 10 + IN_FLIGHT_MARGIN_SECONDS
+    assert until - time.time() == pytest.approx(10 + idempotency.IN_FLIGHT_MARGIN_SECONDS, abs=1)
+    retry = make_flow(headers=KEY)
+    await gw.addon.request(retry)
+    assert retry.response is not None and retry.response.status_code == 409 and not forwarded(retry)
+    assert retry.response.headers["Retry-After"] == idempotency.IN_FLIGHT_RETRY_AFTER
+    await upstream_answers(gw, flow, json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}))
+    assert gw.db.balance() == OPENING - PRICE
+    gw.db.assert_reconciled()
+
+
+async def test_an_upstream_failure_releases_the_key(gw: Gw) -> None:
+    flow = make_flow(headers=KEY)
+    await gw.addon.request(flow)
+    await upstream_fails(gw, flow, "connection refused")
+    await gw.addon.drain()
+    assert claims(gw) == {} and gw.db.balance() == OPENING  # refunded, nothing kept
+    retry = make_flow(headers=KEY)
+    await gw.addon.request(retry)
+    assert forwarded(retry) and retry.response is None  # runs again, and pays once
+    await upstream_answers(gw, retry, json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}))
+    assert gw.db.balance() == OPENING - PRICE
+    again = make_flow(headers=KEY)
+    await gw.addon.request(again)
+    assert again.response is not None and again.response.headers[idempotency.REPLAYED] == "true"
+    assert again.metadata[META]["decision"] == "replayed" and gw.db.balance() == OPENING - PRICE
+    gw.db.assert_reconciled()
+
+
+async def test_a_call_refused_for_credit_releases_its_claim(gw: Gw) -> None:
+    cache = gw.addon.cache
+    released: list[str] = []
+    release = cache.idem_release  # type: ignore[union-attr]
+
+    async def spy(key: str, claim: str) -> bool:
+        released.append(key)
+        return await release(key, claim)
+
+    cache.idem_release = spy  # type: ignore[union-attr]
+    flow = make_flow(token=POOR, headers=KEY)  # 100 µ¢, the call costs 1000: claimed, then refused
+    await gw.addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 402
+    await gw.addon.drain()
+    assert len(released) == 1 and claims(gw) == {}  # a retry after topping up runs normally
+    gw.db.assert_reconciled()
