@@ -224,6 +224,10 @@ class EventRewriter:
         if line:
             self._lines.append((line, ending))
             self._size += len(line) + len(ending)
+            if self._size > self.limit:  # too big to hold: let it out unchanged, as it comes
+                held = b"".join(t + e for t, e in self._lines)
+                self._lines, self._size, self._passing, self._midline = [], 0, True, False
+                return held
             return b""
         event, self._lines, self._size = self._lines, [], 0
         return self._emit(event) + ending
