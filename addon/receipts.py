@@ -171,7 +171,14 @@ def edit_json(text: str | bytes, plan: Plan) -> str | None:
     for message in messages:
         if not plan.done:
             changed |= plan.edit(message)
-    return dumps(value) if changed else None
+    if not changed:
+        return None
+    out = dumps(value)
+    try:
+        out.encode("utf-8")
+    except UnicodeEncodeError:  # an escaped lone surrogate (\ud800) cannot be written back as UTF-8
+        return None
+    return out
 
 
 # --- SSE: whole events, at most one held back ------------------------------------------------------
@@ -254,15 +261,16 @@ class EventRewriter:
             return original
         try:
             new = self.edit(b"\n".join(data).decode("utf-8"))
+            replacement = None if new is None else new.encode("utf-8")
         except Exception:  # never disturb the stream
             log.exception("mcpmeter: could not edit an event")
-            new = None
-        if new is None:
+            replacement = None
+        if replacement is None:
             return original
         out = bytearray()
         for i, (text, ending) in enumerate(lines):
             if i == first:
-                out += b"data: " + new.encode("utf-8") + ending
+                out += b"data: " + replacement + ending
             elif text.partition(b":")[0] != b"data":
                 out += text + ending
         return bytes(out)

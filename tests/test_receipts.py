@@ -92,9 +92,10 @@ def test_other_messages_are_left_alone(message: dict[str, Any]) -> None:
     '{"jsonrpc":"2.0","id":1,"result":{"x":NaN}}',
     '{"jsonrpc":"2.0","id":1,"result":' + "[" * 70 + "]" * 70 + "}",
     '{"jsonrpc":"2.0","id":1,"result":',
-    "\ud800",
+    '{"jsonrpc":"2.0","id":1,"result":{"t":"\\ud800"}}',  # an escaped lone surrogate: no UTF-8 to write
+    b'{"jsonrpc":"2.0","id":1,"result":{"t":"\xff"}}',  # not UTF-8
 ])
-def test_what_the_strict_parse_refuses_is_not_rewritten(text: str) -> None:
+def test_what_the_strict_parse_refuses_is_not_rewritten(text: str | bytes) -> None:
     assert edit_json(text, plan()) is None
 
 
@@ -238,3 +239,8 @@ async def test_answers_left_unchanged(gw: Gw) -> None:
     answer.encode("gzip")
     await upstream_answers(gw, flow, answer)
     assert json.loads(flow.response.content) == TOOLS
+
+
+def test_sse_event_that_cannot_be_written_back_passes_unchanged() -> None:
+    stream = b'data: {"jsonrpc":"2.0","id":1,"result":{"t":"\\ud800"}}\r\n\r\ndata: {"jsonrpc":"2.0","id":1,"result":{}}\n\n'
+    assert run(stream, [9]) == stream  # unchanged and nothing lost; the answer has passed, so the rest too
