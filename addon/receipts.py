@@ -11,7 +11,7 @@ Three `_meta` keys (documented in README, "Prices and receipts in `_meta`"):
 The editing is pure (messages in, messages out); the receipt is computed as the answer passes, from
 `billing.decide` and the charge's own result, so it needs no database. Rewriting is bounded: a body
 or an SSE event over `MAX_REWRITE_BYTES` passes unchanged, as does one the strict parse refuses
-(duplicate keys, NaN, too deep) or an encoded (gzip...) body. An SSE event is rewritten whole: its
+(duplicate keys, NaN, nesting too deep to write back) or an encoded (gzip...) body. An SSE event is rewritten whole: its
 `id:`, `event:`, comment and `retry:` lines keep their place and line ends; its `data:` lines become
 one. At most one event is held back, and only until the answer has passed.
 """
@@ -35,7 +35,6 @@ log = logging.getLogger("mcpmeter")
 PRICE, PRICING, RECEIPT = "mcpmeter/price", "mcpmeter/pricing", "mcpmeter/receipt"
 CURRENCY = "USD micro-cents"  # 1 µ¢ = 1e-6 cent
 MAX_REWRITE_BYTES = 1024 * 1024  # bodies and events bigger than this pass unchanged
-MAX_DEPTH = 64
 FREE_LEFT_TIMEOUT = 0.5  # seconds a tools/list answer waits at most for the free-calls count
 META = "mcpmeter"
 
@@ -133,24 +132,12 @@ def _constant(name: str) -> Any:
 
 
 def loads(text: str | bytes) -> Any:
-    """json.loads with the gateway's strict rules; raises ValueError for what must not be rewritten."""
+    """json.loads refusing what could not be written back as it was (duplicate keys, NaN/Infinity) or
+    at all (nesting past the interpreter's recursion limit); raises ValueError for those."""
     try:
-        value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant)
+        return json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant)
     except RecursionError:
         raise _Refused("too deep") from None
-    if _depth(value) > MAX_DEPTH:
-        raise _Refused("too deep")
-    return value
-
-
-def _depth(value: Any) -> int:
-    deepest, todo = 0, [(value, 1)]
-    while todo:
-        v, d = todo.pop()
-        if isinstance(v, dict | list):
-            deepest = max(deepest, d)
-            todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return deepest
 
 
 def dumps(value: Any) -> str:

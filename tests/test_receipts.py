@@ -90,7 +90,7 @@ def test_other_messages_are_left_alone(message: dict[str, Any]) -> None:
 @pytest.mark.parametrize("text", [
     '{"jsonrpc":"2.0","id":1,"id":1,"result":{}}',  # duplicate keys: re-serialising would drop one
     '{"jsonrpc":"2.0","id":1,"result":{"x":NaN}}',
-    '{"jsonrpc":"2.0","id":1,"result":' + "[" * 70 + "]" * 70 + "}",
+    '{"jsonrpc":"2.0","id":1,"result":' + "[" * 100_000 + "]" * 100_000 + "}",  # past the recursion limit
     '{"jsonrpc":"2.0","id":1,"result":',
     '{"jsonrpc":"2.0","id":1,"result":{"t":"\\ud800"}}',  # an escaped lone surrogate: no UTF-8 to write
     b'{"jsonrpc":"2.0","id":1,"result":{"t":"\xff"}}',  # not UTF-8
