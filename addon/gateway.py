@@ -24,7 +24,8 @@ from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
 
-from . import billing, commands, compat, display, dryrun, forwarding, guard, idempotency, legacy_sse, origins, paths, redaction, rpc_errors, shadow
+from . import (billing, commands, compat, display, dryrun, forwarding, guard, idempotency, legacy_sse, origins, paths,
+               receipts, redaction, rpc_errors, shadow)
 from .auth import Credential, challenge, parse_authorization
 from .billing import Failure
 from .cache import MISS, Cache, open_cache
@@ -337,6 +338,7 @@ class Mcpmeter:
                 if call.listing is not None and call.listing.transport is Transport.SSE and call.listing.upstream_url:
                     call.rewriter = legacy_sse.EndpointRewriter(call.listing.upstream_url, call.listing.slug)
                 flow.response.stream = self._stream_watcher(flow, call)
+                await receipts.wrap_stream(flow, call, self.store)  # prices and the receipt in the events
                 if self._show_streams():
                     display.keep_copy(flow)
                 if call.idempotency is not None:  # the streamed answer's bytes, for a replay
@@ -366,6 +368,7 @@ class Mcpmeter:
                 self._settle_in_background(flow, call)
             else:
                 await self._settle(flow, call)
+            await receipts.write_body(flow, call, self.store)  # prices and the receipt in a JSON answer
             if call.parser is None:
                 await self._stamp(flow, call)
             await self._remember(flow, call)  # before the answer leaves: a retry finds it stored

@@ -218,6 +218,20 @@ def parse_raw(raw: bytes) -> tuple[http.Response, bytes]:
     return response, body
 
 
+def pop_receipt(message: dict[str, Any]) -> dict[str, Any]:
+    """The receipt out of an answer, and the answer as the upstream sent it."""
+    holder_of, key = (message["result"], "_meta") if "result" in message else (message["error"], "data")
+    receipt = holder_of[key].pop("mcpmeter/receipt")
+    if not holder_of[key]:
+        del holder_of[key]
+    return receipt
+
+
+def sent(out: bytes | list[bytes]) -> bytes:
+    """What a stream callable let out (bytes, or a list of chunks; [] is nothing)."""
+    return out if isinstance(out, bytes) else b"".join(out)
+
+
 def forwarded(flow: http.HTTPFlow) -> bool:
     return flow.request.host == "127.0.0.1" and flow.request.port == 1
 
@@ -322,7 +336,12 @@ async def test_json_result_is_billed_and_stamped(gw: Gw) -> None:
     assert h["X-Mcpmeter-Balance"] == str(OPENING - PRICE)
     assert "X-Mcpmeter-Refunded" not in h
     assert h["RateLimit-Limit"] == "60" and h["RateLimit-Remaining"] == "59"
-    assert json.loads(flow.response.content)["result"] == {"content": []}  # body untouched
+    answer = json.loads(flow.response.content)
+    receipt = answer["result"]["_meta"].pop("mcpmeter/receipt")  # the body gains only the receipt
+    assert answer["result"] == {"content": [], "_meta": {}}
+    assert receipt == {"request_id": request_id, "decision": "billed", "reason": "result",
+                       "amount_micro_cents": PRICE, "balance_micro_cents": OPENING - PRICE}
+    assert h["Content-Length"] == str(len(flow.response.raw_content))
 
     parts = flow.comment.split(" · ")
     assert "\n" not in flow.comment and len(parts) == 6
@@ -391,7 +410,12 @@ async def test_failed_answers_are_refunded_exactly_once(gw: Gw, case: str) -> No
 
     h = flow.response.headers
     assert flow.response.status_code == status  # passed through
-    assert json.loads(flow.response.content) == body
+    answer = json.loads(flow.response.content)
+    if "id" in body and body["id"] == 1:  # the answer to the call carries the receipt
+        receipt = pop_receipt(answer)
+        assert receipt["decision"] == "refunded" and receipt["balance_micro_cents"] == OPENING
+        assert receipt["amount_micro_cents"] == 0 and receipt["refunded_micro_cents"] == PRICE
+    assert answer == body
     assert h["X-Mcpmeter-Refunded"] == "1"
     assert h["X-Mcpmeter-Billed"] == "0"
     assert h["X-Mcpmeter-Balance"] == str(OPENING)
@@ -475,17 +499,22 @@ async def test_sse_stream_passes_unchanged_and_settles_on_the_matching_result(gw
     call = gw.addon.calls[flow.id]
 
     *before, last_a, last_b = sse_chunks(RESULT)
+    out = b""
     for chunk in before + [last_a]:
-        assert watch(chunk) == chunk
+        out += sent(watch(chunk))
         assert call.settlement is None and call.outcome is None
-    assert watch(last_b) == last_b
+    assert out == b"".join(before)  # whole events pass as they complete; the answer's is held
+    last = sent(watch(last_b))
     assert call.settlement is not None  # settled as the result passed, not at the end of the stream
+    assert last.startswith(b"event: message\r\ndata: ") and last.endswith(b"\r\n\r\n")
+    answer = json.loads(last[len(b"event: message\r\ndata: "):])
+    assert pop_receipt(answer)["decision"] == "billed" and answer == json.loads(RESULT)
     await call.settlement
     [row] = gw.db.usage()
     assert row["status"] == 200 and row["billed_micro_cents"] == PRICE
 
     assert watch(b"data: trailing\n\n") == b"data: trailing\n\n"
-    assert watch(b"") == b""
+    assert sent(watch(b"")) == b""
     flow.response.content = None  # a streamed body is not kept
     await gw.addon.response(flow)
     await upstream_fails(gw, flow, "Client disconnected.")
@@ -499,8 +528,9 @@ async def test_sse_error_for_the_call_refunds(gw: Gw) -> None:
     await gw.addon.request(flow)
     flow.response = sse_response()
     await gw.addon.responseheaders(flow)
-    for chunk in sse_chunks(RPC_ERROR):
-        assert flow.response.stream(chunk) == chunk
+    out = b"".join(sent(flow.response.stream(chunk)) for chunk in sse_chunks(RPC_ERROR))
+    answer = json.loads(out.rpartition(b"data: ")[2])
+    assert pop_receipt(answer)["decision"] == "refunded" and answer == json.loads(RPC_ERROR)
     await gw.addon.calls[flow.id].settlement
     assert gw.db.balance(1) == OPENING
     assert gw.db.ledger(1) == [("topup", OPENING), ("usage", -PRICE), ("refund", PRICE)]

@@ -35,6 +35,9 @@ class Store(Protocol):
 
     async def user_exists(self, user_id: int) -> bool: ...
 
+    async def free_calls_used(self, listing_id: int, user_id: int, period: str) -> int:
+        """The consumer's free-tier calls this month on the listing (a read, for prices shown to agents)."""
+
     async def preview(self, request: ChargeRequest) -> Preview:
         """What `charge` would decide now, without writing anything (shadow mode, dry runs)."""
 

@@ -185,18 +185,21 @@ class Ledger:
         row = self._one("SELECT credit_micro_cents FROM users WHERE id = %s", (user_id,))
         return int(row[0]) if row else 0
 
+    def free_calls_used(self, listing_id: int, user_id: int, period: str) -> int:
+        row = self._one("SELECT free_calls_used FROM mcp_consumer_usage"
+                        " WHERE mcp_id = %s AND user_id = %s AND period_year_month = %s", (listing_id, user_id, period))
+        return int(row[0]) if row else 0
+
     def user_exists(self, user_id: int) -> bool:
         return self._one("SELECT id FROM users WHERE id = %s", (user_id,)) is not None
 
     def preview(self, req: ChargeRequest) -> Preview:
         """What `charge` would decide now, read without writing anything."""
-        row = self._one("SELECT free_calls_used FROM mcp_consumer_usage"
-                        " WHERE mcp_id = %s AND user_id = %s AND period_year_month = %s",
-                        (req.listing_id, req.user_id, req.period))
+        free_used = self.free_calls_used(req.listing_id, req.user_id, req.period)
         cap = self._one("SELECT spending_cap_cents_per_month FROM projects WHERE id = %s", (req.project_id,))
         spent = self._one("SELECT spent_micro_cents FROM mcpmeter_project_spend"
                           " WHERE project_id = %s AND period_year_month = %s", (req.project_id, req.period))
-        return preview_decision(req, int(row[0]) if row else 0, self.balance(req.user_id),
+        return preview_decision(req, free_used, self.balance(req.user_id),
                                 None if cap is None or cap[0] is None else int(cap[0]), int(spent[0]) if spent else 0)
 
     def recent_calls(self, limit: int) -> list[CallRecord]:
@@ -426,6 +429,9 @@ class SqlStore:
 
     async def user_exists(self, user_id: int) -> bool:
         return await self._submit(lambda ledger: ledger.user_exists(user_id))
+
+    async def free_calls_used(self, listing_id: int, user_id: int, period: str) -> int:
+        return await self._submit(lambda ledger: ledger.free_calls_used(listing_id, user_id, period))
 
     async def preview(self, request: ChargeRequest) -> Preview:
         # A transaction that only selects: it commits nothing.

@@ -1,0 +1,355 @@
+"""Prices and receipts in the MCP messages themselves, for agents that never see HTTP headers.
+
+Three `_meta` keys (documented in README, "Prices and receipts in `_meta`"):
+
+- `mcpmeter/price` on each tool of a `tools/list` result: what a call costs and how many free calls
+  are left this month for this consumer.
+- `mcpmeter/pricing` in an `initialize` result's `_meta`: the listing's whole price list.
+- `mcpmeter/receipt` on the message that answers a priced call (`result._meta`, or `error.data`
+  when it is an object): billed, free or refunded, why, the amount and the balance after.
+
+The editing is pure (messages in, messages out); the receipt is computed as the answer passes, from
+`billing.decide` and the charge's own result, so it needs no database. Rewriting is bounded: a body
+or an SSE event over `MAX_REWRITE_BYTES` passes unchanged, as does one the strict parse refuses
+(duplicate keys, NaN, nesting too deep to write back) or an encoded (gzip...) body. An SSE event is rewritten whole: its
+`id:`, `event:`, comment and `retry:` lines keep their place and line ends; its `data:` lines become
+one. At most one event is held back, and only until the answer has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy import http
+
+from . import billing, rpc_errors
+from .jsonrpc import JsonId, Outcome, answer_outcome
+from .model import Listing, Verdict
+
+log = logging.getLogger("mcpmeter")
+
+PRICE, PRICING, RECEIPT = "mcpmeter/price", "mcpmeter/pricing", "mcpmeter/receipt"
+CURRENCY = "USD micro-cents"  # 1 µ¢ = 1e-6 cent
+MAX_REWRITE_BYTES = 1024 * 1024  # bodies and events bigger than this pass unchanged
+FREE_LEFT_TIMEOUT = 0.5  # seconds a tools/list answer waits at most for the free-calls count
+META = "mcpmeter"
+
+
+# --- what goes in the messages (pure) ------------------------------------------------------------
+
+def price_meta(listing: Listing, tool_name: str, free_left: int | None) -> dict[str, Any]:
+    return {"micro_cents": billing.price_of(listing, tool_name), "free_calls_left": free_left, "currency": CURRENCY}
+
+
+def pricing_meta(listing: Listing) -> dict[str, Any]:
+    return {"default_micro_cents": max(listing.default_price or 0, 0),
+            "tools": {name: max(price or 0, 0) for name, price in listing.tool_prices.items()},
+            "free_calls_per_month": listing.free_calls_per_consumer, "currency": CURRENCY}
+
+
+def receipt(request_id: str, decision: billing.Decision, verdict: Verdict, amount: int, balance: int) -> dict[str, Any]:
+    """What the call cost in the end. `amount`/`balance` are the charge's (debited µ¢, balance after it):
+    a refund gives the amount back, so the balance after it is derived without reading it."""
+    if decision.refund:
+        return {"request_id": request_id, "decision": "refunded", "reason": decision.reason,
+                "amount_micro_cents": 0, "refunded_micro_cents": amount, "balance_micro_cents": balance + amount}
+    label = "free" if verdict is Verdict.FREE or amount == 0 else "billed"
+    return {"request_id": request_id, "decision": label, "reason": decision.reason,
+            "amount_micro_cents": amount, "balance_micro_cents": balance}
+
+
+def call_receipt(call: Any, outcome: Outcome | None) -> dict[str, Any] | None:
+    """The receipt of a gateway Call answered with `outcome`, or None if it was not paid for."""
+    if call.charged is None or call.listing is None:
+        return None
+    decision = billing.decide(call.status, outcome, call.failure, call.listing.bill_tool_errors)
+    return receipt(call.request_id, decision, call.charged.verdict, call.charged.amount, call.charged.balance)
+
+
+class Plan:
+    """What to write into the answers of one request: prices, pricing, a receipt."""
+
+    def __init__(self, rpc_id: JsonId, method: str | None, listing: Listing, free_left: int | None = None,
+                 receipt_of: Callable[[Outcome], dict[str, Any] | None] | None = None) -> None:
+        self.rpc_id, self.method, self.listing, self.free_left = rpc_id, method, listing, free_left
+        self.receipt_of = receipt_of
+        self.done = False  # the answer to rpc_id has passed (edited or not)
+
+    def edit(self, message: Any) -> bool:
+        """Edit `message` in place if it answers the request; True if it changed."""
+        outcome = answer_outcome(message, self.rpc_id)
+        if outcome is None:
+            return False
+        self.done = True
+        changed = False
+        result = message.get("result")
+        if isinstance(result, dict) and outcome is not Outcome.RPC_ERROR:
+            if self.method == "tools/list" and isinstance(result.get("tools"), list):
+                for tool in result["tools"]:
+                    if isinstance(tool, dict) and isinstance(tool.get("name"), str):
+                        changed |= _put_meta(tool, PRICE, price_meta(self.listing, tool["name"], self.free_left))
+            elif self.method == "initialize":
+                changed |= _put_meta(result, PRICING, pricing_meta(self.listing))
+        if self.receipt_of is not None and (paid := self.receipt_of(outcome)) is not None:
+            if outcome is Outcome.RPC_ERROR:
+                data = message["error"].get("data", {}) if isinstance(message.get("error"), dict) else None
+                if isinstance(data, dict):  # a non-object `data` is the server's: left as it is
+                    data[RECEIPT] = paid
+                    message["error"]["data"] = data
+                    changed = True
+            elif isinstance(result, dict):
+                changed |= _put_meta(result, RECEIPT, paid)
+        return changed
+
+
+def _put_meta(holder: dict[str, Any], key: str, value: Any) -> bool:
+    meta = holder.setdefault("_meta", {})
+    if not isinstance(meta, dict):
+        return False  # the server's own non-object `_meta`: not ours to replace
+    meta[key] = value
+    return True
+
+
+# --- strict parse and re-serialisation ----------------------------------------------------------
+
+class _Refused(ValueError):
+    pass
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise _Refused("duplicate key")  # re-serialising would silently drop one of them
+    return d
+
+
+def _constant(name: str) -> Any:
+    raise _Refused(f"{name} is not JSON")
+
+
+def loads(text: str | bytes) -> Any:
+    """json.loads refusing what could not be written back as it was (duplicate keys, NaN/Infinity) or
+    at all (nesting past the interpreter's recursion limit); raises ValueError for those."""
+    try:
+        return json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant)
+    except RecursionError:
+        raise _Refused("too deep") from None
+
+
+def dumps(value: Any) -> str:
+    """One line (SSE-safe: newlines in strings are escaped), key order kept."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def edit_json(text: str | bytes, plan: Plan) -> str | None:
+    """The message (or batch) with the plan applied, or None to leave it unchanged."""
+    if len(text) > MAX_REWRITE_BYTES:
+        return None
+    try:
+        value = loads(text)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    messages = value if isinstance(value, list) else [value]
+    changed = False
+    for message in messages:
+        if not plan.done:
+            changed |= plan.edit(message)
+    if not changed:
+        return None
+    out = dumps(value)
+    try:
+        out.encode("utf-8")
+    except UnicodeEncodeError:  # an escaped lone surrogate (\ud800) cannot be written back as UTF-8
+        return None
+    return out
+
+
+# --- SSE: whole events, at most one held back ------------------------------------------------------
+
+class EventRewriter:
+    """Bytes in, bytes out: each complete event is passed to `edit` (its data) and re-emitted.
+
+    Holds back only the current, incomplete event (at most `limit` bytes; a bigger one is let out
+    unchanged as it comes). Once `finished()` says so, everything passes straight through.
+    """
+
+    def __init__(self, edit: Callable[[str], str | None], finished: Callable[[], bool] = lambda: False,
+                 limit: int = MAX_REWRITE_BYTES) -> None:
+        self.edit, self.finished, self.limit = edit, finished, limit
+        self._pending = b""  # bytes not yet split into lines
+        self._lines: list[tuple[bytes, bytes]] = []  # the current event's lines: (text, line end)
+        self._size = 0
+        self._passing = False  # an oversize event is being let out unchanged
+        self._midline = False  # (passing) part of the current line already went out
+
+    def feed(self, chunk: bytes) -> bytes:
+        """One chunk in, what may go out now; b"" marks the end and flushes everything."""
+        final = not chunk
+        self._pending += chunk
+        out = bytearray()
+        while not self.finished() or self._lines or self._passing:
+            cut = _line_end(self._pending, final)
+            if cut is None:
+                break
+            end, nxt = cut
+            line, ending = self._pending[:end], self._pending[end:nxt]
+            self._pending = self._pending[nxt:]
+            out += self._line(line, ending)
+        if self.finished() and not self._lines and not self._passing:
+            out += self._pending  # the answer has passed: the rest of the stream goes untouched
+            self._pending = b""
+        elif self._passing or self._size + len(self._pending) > self.limit:
+            out += self._overflow()
+        if final:
+            out += b"".join(t + e for t, e in self._lines) + self._pending
+            self._lines, self._pending, self._size = [], b"", 0
+        return bytes(out)
+
+    def _line(self, line: bytes, ending: bytes) -> bytes:
+        if self._passing:
+            if not line and not self._midline:
+                self._passing = False
+            self._midline = False
+            return line + ending
+        if line:
+            self._lines.append((line, ending))
+            self._size += len(line) + len(ending)
+            if self._size > self.limit:  # too big to hold: let it out unchanged, as it comes
+                held = b"".join(t + e for t, e in self._lines)
+                self._lines, self._size, self._passing, self._midline = [], 0, True, False
+                return held
+            return b""
+        event, self._lines, self._size = self._lines, [], 0
+        return self._emit(event) + ending
+
+    def _overflow(self) -> bytes:
+        """The current event is too big to hold: let out what is held and pass it as it comes."""
+        held = b"".join(t + e for t, e in self._lines)
+        self._lines, self._size, self._passing = [], 0, True
+        keep = 1 if self._pending.endswith(b"\r") else 0  # maybe half of a CRLF
+        part, self._pending = self._pending[: len(self._pending) - keep], self._pending[len(self._pending) - keep:]
+        if part:
+            self._midline = True
+        return held + part
+
+    def _emit(self, lines: list[tuple[bytes, bytes]]) -> bytes:
+        original = b"".join(t + e for t, e in lines)
+        data, first = [], None
+        for i, (text, _) in enumerate(lines):
+            name, _, value = text.partition(b":")
+            if name == b"data":
+                data.append(value[1:] if value.startswith(b" ") else value)
+                first = i if first is None else first
+        if first is None:
+            return original
+        try:
+            new = self.edit(b"\n".join(data).decode("utf-8"))
+            replacement = None if new is None else new.encode("utf-8")
+        except Exception:  # never disturb the stream
+            log.exception("mcpmeter: could not edit an event")
+            replacement = None
+        if replacement is None:
+            return original
+        out = bytearray()
+        for i, (text, ending) in enumerate(lines):
+            if i == first:
+                out += b"data: " + replacement + ending
+            elif text.partition(b":")[0] != b"data":
+                out += text + ending
+        return bytes(out)
+
+
+def _line_end(buf: bytes, final: bool) -> tuple[int, int] | None:
+    """(end of line, start of next) for the first complete line; a trailing CR waits for a LF."""
+    lf, cr = buf.find(b"\n"), buf.find(b"\r")
+    if cr == -1 and lf == -1:
+        return None
+    if cr == -1 or (lf != -1 and lf < cr):
+        return lf, lf + 1
+    if cr + 1 < len(buf):
+        return cr, cr + 2 if buf[cr + 1: cr + 2] == b"\n" else cr + 1
+    return (cr, cr + 1) if final else None
+
+
+# --- the gateway's hooks delegate here ----------------------------------------------------------------
+
+async def plan_for(flow: http.HTTPFlow, call: Any, store: Any) -> Plan | None:
+    """What this flow's answers should carry, or None (most flows: nothing to write)."""
+    listing = call.listing
+    method = (flow.metadata.get(META) or {}).get("method")
+    if listing is None or (call.charged is None and method not in ("tools/list", "initialize")):
+        return None
+    rpc_id = call.priced.rpc_id if call.priced is not None else rpc_errors.peek_id(flow.request.raw_content)
+    if rpc_id is None:
+        return None
+    free_left = await _free_left(store, call, listing) if method == "tools/list" else None
+    receipt_of = (lambda outcome: call_receipt(call, outcome)) if call.charged is not None else None
+    return Plan(rpc_id, method, listing, free_left, receipt_of)
+
+
+async def _free_left(store: Any, call: Any, listing: Listing) -> int | None:
+    """Free calls left this month: one read, only for tools/list on a listing with a free tier
+    (priced calls never wait for it). None when there is no free tier or the read fails or is slow."""
+    if listing.free_calls_per_consumer <= 0 or call.consumer is None or store is None:
+        return None
+    read = store.free_calls_used(listing.id, call.consumer.user_id, billing.period(call.called_at))
+    try:
+        used = await asyncio.wait_for(read, FREE_LEFT_TIMEOUT)
+    except Exception:
+        log.warning("mcpmeter: no free-calls count for %s", call.request_id, exc_info=True)
+        return None
+    return max(listing.free_calls_per_consumer - used, 0)
+
+
+async def write_body(flow: http.HTTPFlow, call: Any, store: Any) -> None:
+    """A JSON answer (not a stream): prices or receipt written into its body, Content-Length redone."""
+    response = flow.response
+    if call.parser is not None or response is None or response.raw_content is None:
+        return
+    if response.headers.get("content-encoding", "identity").strip().lower() != "identity":
+        return  # decoding is bounded elsewhere; an encoded body passes unchanged
+    if len(response.raw_content) > MAX_REWRITE_BYTES:
+        return
+    if "json" not in response.headers.get("content-type", "").lower():
+        return
+    try:
+        plan = await plan_for(flow, call, store)
+        if plan is not None and (new := edit_json(response.raw_content, plan)) is not None:
+            response.content = new.encode("utf-8")  # mitmproxy sets Content-Length
+    except Exception:  # prices and receipts are a courtesy; the answer goes out regardless
+        log.exception("mcpmeter: could not write the receipt of %s", call.request_id)
+
+
+async def wrap_stream(flow: http.HTTPFlow, call: Any, store: Any) -> None:
+    """An SSE answer: wrap its stream callable so the answer's event is rewritten as it passes."""
+    response = flow.response
+    if response is None or not callable(response.stream) or call.rewriter is not None:
+        return  # legacy session streams (rewriter) answer other flows' calls: not written here
+    try:
+        plan = await plan_for(flow, call, store)
+    except Exception:
+        log.exception("mcpmeter: no receipt plan for %s", call.request_id)
+        return
+    if plan is None:
+        return
+    inner = response.stream
+    events = EventRewriter(lambda data: edit_json(data, plan), lambda: plan.done)
+
+    def rewrite(chunk: bytes) -> bytes | list[bytes]:
+        out = inner(chunk)  # the meter sees the upstream's bytes first (and settles on them)
+        parts = [out] if isinstance(out, bytes) else list(out or [])
+        try:
+            emitted = [events.feed(part) for part in parts if part]
+            if not chunk:  # the end: whatever is held goes out
+                emitted.append(events.feed(b""))
+        except Exception:
+            log.exception("mcpmeter: rewriting the stream of %s failed", call.request_id)
+            return parts
+        # Never an empty chunk (over HTTP/1.1 chunked encoding it would end the client's body): nothing is [].
+        return b"".join(emitted) or []
+
+    response.stream = rewrite

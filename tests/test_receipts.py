@@ -1,0 +1,246 @@
+"""addon.receipts: prices and receipts written into MCP messages, JSON bodies and SSE events. Pure."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from addon import billing, receipts
+from addon.jsonrpc import Outcome
+from addon.model import Listing, Verdict
+from addon.receipts import EventRewriter, Plan, edit_json
+from addon.sse import SseParser
+from mitmproxy import http
+
+LISTING = Listing(id=1, slug="s", status="live", upstream_url="http://u/mcp", default_price=1000,
+                  tool_prices={"slow": 5000}, free_calls_per_consumer=3)
+RECEIPT = {"request_id": "r", "decision": "billed", "reason": "result", "amount_micro_cents": 1000,
+           "balance_micro_cents": 9000}
+
+
+def paid(outcome: Outcome) -> dict[str, Any]:
+    return RECEIPT
+
+
+def plan(method: str = "tools/call", rpc_id: Any = 1, free_left: int | None = None) -> Plan:
+    return Plan(rpc_id, method, LISTING, free_left, paid if method == "tools/call" else None)
+
+
+# --- what goes in ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("refund, verdict, amount, balance, expected", [
+    (False, Verdict.DEBITED, 1000, 9000, ("billed", 1000, 9000)),
+    (False, Verdict.FREE, 0, 9000, ("free", 0, 9000)),
+    (False, Verdict.UNPRICED, 0, 9000, ("free", 0, 9000)),
+    (True, Verdict.DEBITED, 1000, 9000, ("refunded", 0, 10_000)),  # the balance after the refund
+    (True, Verdict.FREE, 0, 9000, ("refunded", 0, 9000)),
+])
+def test_receipt_balance_is_derived_from_the_charge(refund: bool, verdict: Verdict, amount: int, balance: int,
+                                                    expected: tuple[str, int, int]) -> None:
+    r = receipts.receipt("id", billing.Decision(refund, "why"), verdict, amount, balance)
+    assert (r["decision"], r["amount_micro_cents"], r["balance_micro_cents"]) == expected
+    assert r["request_id"] == "id" and r["reason"] == "why"
+    assert ("refunded_micro_cents" in r) == refund
+
+
+def test_tools_list_gets_each_tools_price_and_the_default_for_tools_without_a_rule() -> None:
+    message = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [
+        {"name": "slow", "inputSchema": {}}, {"name": "other", "_meta": {"theirs": 1}}, {"nameless": True}]}}
+    assert plan("tools/list", free_left=2).edit(message)
+    slow, other, nameless = message["result"]["tools"]
+    assert slow["_meta"] == {"mcpmeter/price": {"micro_cents": 5000, "free_calls_left": 2,
+                                                "currency": "USD micro-cents"}}
+    assert other["_meta"] == {"theirs": 1, "mcpmeter/price": {"micro_cents": 1000, "free_calls_left": 2,
+                                                              "currency": "USD micro-cents"}}
+    assert nameless == {"nameless": True}
+    assert list(slow) == ["name", "inputSchema", "_meta"]  # key order kept, ours last
+
+
+def test_initialize_advertises_the_pricing() -> None:
+    message = {"jsonrpc": "2.0", "id": 0, "result": {"protocolVersion": "2025-06-18"}}
+    assert plan("initialize", rpc_id=0).edit(message)
+    assert message["result"]["_meta"]["mcpmeter/pricing"] == {
+        "default_micro_cents": 1000, "tools": {"slow": 5000}, "free_calls_per_month": 3, "currency": "USD micro-cents"}
+
+
+def test_receipt_goes_in_result_meta_or_error_data() -> None:
+    result = {"jsonrpc": "2.0", "id": 1, "result": {"content": [], "_meta": {"x": 1}}}
+    assert plan().edit(result) and result["result"]["_meta"] == {"x": 1, "mcpmeter/receipt": RECEIPT}
+    error = {"jsonrpc": "2.0", "id": 1, "error": {"code": -1, "message": "m", "data": {"why": "x"}}}
+    assert plan().edit(error) and error["error"]["data"] == {"why": "x", "mcpmeter/receipt": RECEIPT}
+    bare = {"jsonrpc": "2.0", "id": 1, "error": {"code": -1, "message": "m"}}
+    assert plan().edit(bare) and bare["error"]["data"] == {"mcpmeter/receipt": RECEIPT}
+    stringy = {"jsonrpc": "2.0", "id": 1, "error": {"code": -1, "message": "m", "data": "server text"}}
+    assert not plan().edit(stringy) and stringy["error"]["data"] == "server text"  # not ours to replace
+
+
+@pytest.mark.parametrize("message", [
+    {"jsonrpc": "2.0", "id": 2, "result": {}},  # another request's answer
+    {"jsonrpc": "2.0", "id": "1", "result": {}},  # a string id is not the number 1
+    {"jsonrpc": "2.0", "id": 1, "method": "sampling/createMessage"},  # a server request
+    {"jsonrpc": "2.0", "method": "notifications/progress"},
+])
+def test_other_messages_are_left_alone(message: dict[str, Any]) -> None:
+    before = json.dumps(message)
+    assert not plan().edit(message) and json.dumps(message) == before
+
+
+@pytest.mark.parametrize("text", [
+    '{"jsonrpc":"2.0","id":1,"id":1,"result":{}}',  # duplicate keys: re-serialising would drop one
+    '{"jsonrpc":"2.0","id":1,"result":{"x":NaN}}',
+    '{"jsonrpc":"2.0","id":1,"result":' + "[" * 100_000 + "]" * 100_000 + "}",  # past the recursion limit
+    '{"jsonrpc":"2.0","id":1,"result":',
+    '{"jsonrpc":"2.0","id":1,"result":{"t":"\\ud800"}}',  # an escaped lone surrogate: no UTF-8 to write
+    b'{"jsonrpc":"2.0","id":1,"result":{"t":"\xff"}}',  # not UTF-8
+])
+def test_what_the_strict_parse_refuses_is_not_rewritten(text: str | bytes) -> None:
+    assert edit_json(text, plan()) is None
+
+
+def test_json_rewrite_keeps_key_order_and_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = '[{"id":2,"jsonrpc":"2.0","result":{}}, {"result":{"z":1,"a":"é"},"jsonrpc":"2.0","id":1}]'
+    new = json.loads(edit_json(text, plan()) or "")
+    assert new[0] == {"id": 2, "jsonrpc": "2.0", "result": {}}
+    assert list(new[1]) == ["result", "jsonrpc", "id"] and list(new[1]["result"]) == ["z", "a", "_meta"]
+    monkeypatch.setattr(receipts, "MAX_REWRITE_BYTES", len(text) - 1)
+    assert edit_json(text, plan()) is None  # over the limit: unchanged
+
+
+# --- SSE: whole events at every split point ---------------------------------------------------------
+
+ANSWER = '{"jsonrpc":"2.0","id":1,\r\ndata: "result":{"content":[{"type":"text","text":"é€"}]}}'
+STREAM = (
+    b"id: 0\r\ndata:\r\n\r\n"  # priming event
+    b": keep-alive\r\n\r\n"
+    b'event: message\r\nid: 1\r\ndata: {"jsonrpc":"2.0","method":"notifications/progress"}\r\n\r\n'
+    b"event: message\r\nid: 2\r\ndata: " + ANSWER.encode() + b"\r\nretry: 10\r\n\r\n"
+    b'data: {"jsonrpc":"2.0","method":"after"}\n\n'
+)
+ANSWERED = json.loads('{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"é€"}]}}')
+
+
+def run(stream: bytes, cuts: list[int], limit: int = receipts.MAX_REWRITE_BYTES, p: Plan | None = None) -> bytes:
+    p = p or plan()
+    rewriter = EventRewriter(lambda data: edit_json(data, p), lambda: p.done, limit)
+    out, start = b"", 0
+    for cut in [*cuts, len(stream)]:
+        if cut > start:
+            out += rewriter.feed(stream[start:cut])
+        start = cut
+    return out + rewriter.feed(b"")
+
+
+def expected_stream() -> bytes:
+    answer = dict(ANSWERED, result=dict(ANSWERED["result"], _meta={"mcpmeter/receipt": RECEIPT}))
+    return STREAM.replace(b"data: " + ANSWER.encode(), b"data: " + receipts.dumps(answer).encode())
+
+
+@pytest.mark.parametrize("cut", range(len(STREAM) + 1))
+def test_sse_answer_is_rewritten_whole_at_every_split_point(cut: int) -> None:
+    assert run(STREAM, [cut]) == expected_stream()
+
+
+def test_sse_bytewise_and_the_events_a_parser_sees() -> None:
+    out = run(STREAM, list(range(1, len(STREAM))))
+    assert out == expected_stream()
+    parser = SseParser()
+    events = parser.feed(out) + parser.feed(b"")
+    assert [e.id for e in events] == ["1", "2", "2"]  # id: lines kept where they were
+    answer = json.loads(events[1].data)
+    assert answer["result"]["_meta"]["mcpmeter/receipt"] == RECEIPT
+
+
+def test_sse_events_after_the_answer_pass_as_they_come() -> None:
+    p = plan()
+    rewriter = EventRewriter(lambda data: edit_json(data, p), lambda: p.done)
+    head, _, tail = STREAM.partition(b"retry: 10\r\n\r\n")
+    assert rewriter.feed(head + b"retry: 10\r\n\r\n").endswith(b"retry: 10\r\n\r\n")
+    assert rewriter.feed(tail[:7]) == tail[:7]  # not held back: the answer has passed
+
+
+@pytest.mark.parametrize("cut", range(len(STREAM) + 1))
+def test_sse_oversize_answer_passes_unchanged(cut: int) -> None:
+    assert run(STREAM, [cut], limit=60) == STREAM
+
+
+@pytest.mark.parametrize("cut", range(0, len(STREAM) + 1, 5))
+def test_sse_stream_without_the_answer_passes_byte_for_byte(cut: int) -> None:
+    assert run(STREAM, [cut], p=plan(rpc_id=99)) == STREAM
+
+
+def test_sse_unterminated_event_is_flushed_at_the_end() -> None:
+    assert run(b"data: {\"id\":1", [3]) == b"data: {\"id\":1"
+    assert run(b"data: x\r", [8]) == b"data: x\r"
+
+
+# --- through the hooks (taddons) ------------------------------------------------------------------
+
+from tests.test_gateway_hooks import (  # noqa: E402  (fixtures: gw, isolated)
+    BOB, OPENING, PRICE, Gw, gw, isolated, json_response, make_flow, pop_receipt, rpc, sent, sse_response,
+    upstream_answers)
+
+TOOLS = {"jsonrpc": "2.0", "id": 7, "result": {"tools": [{"name": "slow_count"}, {"name": "echo"}, {"name": "freebie"}]}}
+
+
+async def test_tools_list_json_answer_shows_prices(gw: Gw) -> None:
+    flow = make_flow(body=rpc("tools/list", 7))
+    await gw.addon.request(flow)
+    await upstream_answers(gw, flow, json_response(TOOLS))
+    tools = json.loads(flow.response.content)["result"]["tools"]
+    assert [t["_meta"]["mcpmeter/price"]["micro_cents"] for t in tools] == [5000, PRICE, 0]
+    assert {t["_meta"]["mcpmeter/price"]["free_calls_left"] for t in tools} == {None}  # no free tier
+    assert flow.response.headers["Content-Length"] == str(len(flow.response.raw_content))
+    assert gw.db.balance(1) == OPENING  # unpriced
+
+
+async def test_tools_list_shows_free_calls_left_this_month(gw: Gw) -> None:
+    for expected in (1, 0):
+        flow = make_flow("/freebies", token=BOB, body=rpc("tools/list", 7))
+        await gw.addon.request(flow)
+        await upstream_answers(gw, flow, json_response(TOOLS))
+        price = json.loads(flow.response.content)["result"]["tools"][0]["_meta"]["mcpmeter/price"]
+        assert price == {"micro_cents": PRICE, "free_calls_left": expected, "currency": "USD micro-cents"}
+        call = make_flow("/freebies", token=BOB)  # uses the free call
+        await gw.addon.request(call)
+        await upstream_answers(gw, call, json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}))
+        assert pop_receipt(json.loads(call.response.content))["decision"] == ("free" if expected else "billed")
+
+
+async def test_tools_list_sse_answer_shows_prices(gw: Gw) -> None:
+    flow = make_flow(body=rpc("tools/list", 7))
+    await gw.addon.request(flow)
+    flow.response = sse_response()
+    await gw.addon.responseheaders(flow)
+    out = sent(flow.response.stream(b"data: " + json.dumps(TOOLS).encode()))
+    out += sent(flow.response.stream(b"\n\n")) + sent(flow.response.stream(b""))
+    tools = json.loads(out.removeprefix(b"data: "))["result"]["tools"]
+    assert tools[0]["_meta"]["mcpmeter/price"]["micro_cents"] == 5000
+
+
+async def test_initialize_advertises_the_listing_pricing(gw: Gw) -> None:
+    flow = make_flow(body=rpc("initialize", 0, protocolVersion="2025-06-18"))
+    await gw.addon.request(flow)
+    await upstream_answers(gw, flow, json_response({"jsonrpc": "2.0", "id": 0, "result": {"protocolVersion": "x"}}))
+    pricing = json.loads(flow.response.content)["result"]["_meta"]["mcpmeter/pricing"]
+    assert pricing["default_micro_cents"] == PRICE and pricing["tools"] == {"slow_count": 5000, "freebie": 0}
+
+
+async def test_answers_left_unchanged(gw: Gw) -> None:
+    flow = make_flow()  # a priced call answered with duplicate keys: not rewritten, still settled
+    await gw.addon.request(flow)
+    body = b'{"jsonrpc":"2.0","id":1,"result":{"a":1,"a":2}}'
+    await upstream_answers(gw, flow, http.Response.make(200, body, {"Content-Type": "application/json"}))
+    assert flow.response.content == body and gw.db.balance(1) == OPENING - PRICE
+    flow = make_flow(body=rpc("tools/list", 7))  # an encoded body: left as it is
+    await gw.addon.request(flow)
+    answer = json_response(TOOLS)
+    answer.encode("gzip")
+    await upstream_answers(gw, flow, answer)
+    assert json.loads(flow.response.content) == TOOLS
+
+
+def test_sse_event_that_cannot_be_written_back_passes_unchanged() -> None:
+    stream = b'data: {"jsonrpc":"2.0","id":1,"result":{"t":"\\ud800"}}\r\n\r\ndata: {"jsonrpc":"2.0","id":1,"result":{}}\n\n'
+    assert run(stream, [9]) == stream  # unchanged and nothing lost; the answer has passed, so the rest too
