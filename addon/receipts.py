@@ -329,6 +329,8 @@ async def wrap_stream(flow: http.HTTPFlow, call: Any, store: Any) -> None:
     response = flow.response
     if response is None or not callable(response.stream) or call.rewriter is not None:
         return  # legacy session streams (rewriter) answer other flows' calls: not written here
+    if response.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+        return  # compressed bytes pass as sent: only the meter's own decoder reads them
     try:
         plan = await plan_for(flow, call, store)
     except Exception:
