@@ -6,6 +6,7 @@ If a mitmproxy upgrade moves any of them, these tests fail (and `install()` refu
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from mitmproxy import http, version
@@ -325,7 +326,13 @@ def proxy_options() -> Options:
     from mitmproxy.addons.proxyserver import Proxyserver
 
     with taddons.context(Proxyserver()) as tctx:
-        return tctx.options
+        options = tctx.options
+    # Outside a running loop, taddons closes the loop it made but leaves its master's log handler on the
+    # root logger: a later log line in this test (compat logs proxy errors) would hit the closed loop.
+    for handler in list(logging.getLogger().handlers):
+        if getattr(handler, "master", None) is tctx.master:
+            logging.getLogger().removeHandler(handler)
+    return options
 
 
 def h2_server_with_open_stream() -> tuple[_http2.Http2Server, object]:
