@@ -633,21 +633,28 @@ def test_the_cluster_slot_function_matches_redis() -> None:
     binary = shutil.which("redis-server")
     if binary is None:
         return
-    port = redisutil.free_port()
     with tempfile.TemporaryDirectory() as workdir:  # a cluster-enabled server answers CLUSTER KEYSLOT
-        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--cluster-enabled", "yes", "--cluster-config-file", f"{workdir}/nodes.conf",
-                                 "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
+        for attempt in range(3):  # a free port can be taken before the server binds it: try another
+            port = redisutil.free_port()
+            proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                     "--cluster-enabled", "yes", "--cluster-config-file", f"{workdir}/nodes-{attempt}.conf",
+                                     "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             r = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
-            deadline = time.monotonic() + 5
-            while True:
+            deadline = time.monotonic() + 15
+            while proc.poll() is None and time.monotonic() < deadline:
                 try:
                     r.ping()
                     break
                 except redis.RedisError:
-                    assert time.monotonic() < deadline, "cluster-enabled redis-server did not start"
                     time.sleep(0.05)
+            else:
+                proc.kill()
+                proc.wait()
+                continue
+            break
+        else:
+            raise AssertionError("cluster-enabled redis-server did not start")
+        try:
             for bucket in HOSTILE_BUCKETS:
                 for key in rate_keys("mcpmeter:", bucket, windows_for(1, 1)) + [f"x{bucket}", bucket]:
                     assert cluster_slot(key) == r.execute_command("CLUSTER", "KEYSLOT", key), key
