@@ -575,6 +575,8 @@ class Mcpmeter:
                 elif call.priced is not None and call.outcome is None and call.parser is not None:
                     data = call.decoder.feed(chunk) if call.decoder is not None and chunk else chunk
                     for event in call.parser.feed(data) if data or not chunk else ():
+                        if event.event != "message":  # MCP clients ignore other event types
+                            continue
                         outcome = _event_outcome(event, call.priced.rpc_id)
                         if outcome is not None:
                             # Settle now: the answer is what was paid for, whatever the stream does next.
@@ -613,6 +615,8 @@ class Mcpmeter:
         if not waiting:
             return
         for event in events:
+            if event.event != "message":  # MCP clients ignore other event types: not an answer they get
+                continue
             messages = event.messages if event.oversized else answer_messages(event.data.encode("utf-8", "surrogatepass"))
             ids = [m.id_value() for m in messages or () if not m.has_method]
             rpc_id = next((i for i in ids if isinstance(i, (str, int, float)) and i in waiting), None)

@@ -359,6 +359,8 @@ class HostileUpstream:
         if rpc.get("method") == "tools/call":
             seen.ran = str(params.get("name"))
             answer = _sse_event(_tool_result(rpc.get("id"), f"ran {seen.ran}"))
+            if params.get("name") == "sse_other_event":  # under an event type MCP clients ignore
+                answer = answer.replace(b"event: message", b"event: debug", 1)
             if params.get("name") != "no_answer":
                 session.queue.put_nowait(answer)
         elif "id" in rpc:

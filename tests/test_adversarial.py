@@ -724,8 +724,6 @@ def test_plain_endpoint_event_is_rewritten(backend: Backend, hostile: HostileUps
             assert stream.route.startswith(f"{listing.path}/messages/?session_id="), (layout, stream.route)
 
 
-@found_by_fuzz("a streamed result under an SSE event type other than 'message' is billed, but MCP clients "
-               "(Python and TypeScript SDKs) ignore such events: the consumer pays for an answer it never gets")
 def test_result_under_a_foreign_event_type_is_not_billed(
         backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient) -> None:
     listing = make_listing(backend, hostile, timeout=5)
@@ -738,6 +736,24 @@ def test_result_under_a_foreign_event_type_is_not_billed(
         time.sleep(0.1)
     assert [int(b) for b, in rows] == [0]
     assert backend.balance(listing.consumer.user_id) == CREDIT
+
+
+def test_legacy_result_under_a_foreign_event_type_is_not_billed(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient) -> None:
+    """On a legacy session's stream too, only a `message` event answers a call: it is refunded at its timeout."""
+    listing = make_listing(backend, hostile, "sse", timeout=2)
+    with LegacyStream(client.addr, listing, hold=10) as stream:
+        r = client.request("POST", stream.route, listing.auth(), rpc(name="sse_other_event", rpc_id=4))
+        assert r.status == 202
+        assert b"event: debug" in stream.read_more(1.0)
+        deadline = time.monotonic() + 10
+        rows: list[Any] = []
+        while time.monotonic() < deadline and not rows:
+            rows = backend.query("SELECT billed_micro_cents FROM usage_events WHERE mcp_id = %s", (listing.mcp_id,))
+            time.sleep(0.1)
+    assert [int(b) for b, in rows] == [0]
+    assert backend.balance(listing.consumer.user_id) == CREDIT
+    assert confined(listing, hostile, canary) == []
 
 
 @pytest.mark.parametrize("variant", ["{route}&x=1", "{route}&", "{path}/messages/?{encoded}"])
