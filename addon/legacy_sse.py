@@ -57,7 +57,9 @@ class EndpointRewriter:
     (LF, CRLF or CR line ends split anywhere, fields in any order, comments, multi-line data, the
     last `event:` field naming the type): complete events before it pass unchanged, the event being
     received is held, at most MAX_HELD_BYTES. The endpoint event goes out with the same lines and
-    line ends, its `data` lines replaced by one `data: <route>` line; after it, all passes.
+    line ends, its `data` lines replaced by one `data: <route>` line. After it, all passes, line by
+    line as it comes, except that a later event's `event: endpoint` line is renamed
+    (`RENAMED_ENDPOINT`, a type clients ignore): the session has one endpoint, the gateway's.
 
     Fails closed: when the endpoint lies outside the listing, the event being received outgrows
     MAX_HELD_BYTES, or the stream ends before an endpoint, the held bytes and the rest of the stream
@@ -74,12 +76,14 @@ class EndpointRewriter:
         self.closed = False  # failed closed: nothing more of this stream reaches the client
         self._held = bytearray()  # from the first byte of the event being received
         self._line_start = 0  # in _held: where the line being received starts
-        self._cr_pending = False  # _held ended with a CR: a LF starting the next chunk belongs to it
+        self._cr_pending = False  # the last chunk ended with a CR: a LF starting the next belongs to it
+        self._line_head = b""  # after the endpoint: a line start that may yet be `event: endpoint`
+        self._mid_line = False  # after the endpoint: inside a line that is not
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """A chunk of the upstream's stream (b"": its end) in, the chunks to send the client now out."""
         if self.route is not None:
-            return [chunk] if chunk else []
+            return self._pass(chunk)
         if self.closed:
             return []
         if not chunk:
@@ -120,9 +124,9 @@ class EndpointRewriter:
                 out += event
                 event_start = nxt
                 if self.route is not None:  # the endpoint has passed: so does the rest
-                    out += held[nxt:]
+                    rest = bytes(held[nxt:])
                     held.clear()
-                    return [bytes(out)]
+                    return [bytes(out) + b"".join(self._pass(rest) if rest else ())]
             start = nxt
         del held[:event_start]
         self._line_start = start - event_start
@@ -157,6 +161,43 @@ class EndpointRewriter:
                 placed = True
         return bytes(out + lines[-1][0] + lines[-1][1])
 
+    def _pass(self, chunk: bytes) -> list[bytes]:
+        """After the endpoint: the chunk as it goes out, a later endpoint event's type renamed."""
+        data = self._line_head + chunk
+        self._line_head = b""
+        out = bytearray()
+        pos, n = 0, len(data)
+        while pos < n:
+            if self._cr_pending:
+                self._cr_pending = False
+                if data[pos] == 0x0A:  # the LF of a CRLF split across two chunks
+                    out.append(0x0A)
+                    pos += 1
+                    continue
+            eol = _EOL.search(data, pos)
+            end = eol.start() if eol else n
+            line = data[pos:end]
+            if not self._mid_line:
+                if eol is None and any(form.startswith(line) for form in _ENDPOINT_TYPE_LINES):
+                    self._line_head = line  # it may yet be one: held until its end shows (a few bytes)
+                    break
+                if line in _ENDPOINT_TYPE_LINES:
+                    line = RENAMED_ENDPOINT
+            out += line
+            if eol is None:
+                self._mid_line = True
+                break
+            self._mid_line = False
+            out.append(data[end])
+            pos = end + 1
+            if data[end] == 0x0D:
+                if pos == n:
+                    self._cr_pending = True
+                elif data[pos] == 0x0A:
+                    out.append(0x0A)
+                    pos += 1
+        return [bytes(out)] if out else []
+
     def _close(self, why: str) -> list[bytes]:
         log.warning("mcpmeter: legacy SSE stream to %s dropped: %s", self.slug, why)
         self.closed = True
@@ -165,6 +206,9 @@ class EndpointRewriter:
 
 
 _LINE = re.compile(rb"([^\r\n]*)(\r\n|\r|\n)")
+_EOL = re.compile(rb"[\r\n]")
+_ENDPOINT_TYPE_LINES = (b"event: endpoint", b"event:endpoint")
+RENAMED_ENDPOINT = b"event: mcpmeter-ignored-endpoint"
 _BOM = b"\xef\xbb\xbf"
 
 

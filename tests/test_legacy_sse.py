@@ -32,6 +32,7 @@ LAYOUTS = {
 }
 BEFORE = ": hello\r\n\r\ndata: {\"not\": \"the endpoint\"}\n\n\n"  # events before it pass unchanged
 AFTER = "event: message\rdata: {\"jsonrpc\": \"2.0\", \"id\": 1, \"result\": {}}\r\r: ping\n\nevent: endpoint\ndata: x\n\n"
+AFTER_OUT = AFTER.replace("event: endpoint", "event: mcpmeter-ignored-endpoint")  # one endpoint per session
 
 
 def run(stream: bytes, size: int) -> tuple[bytes, EndpointRewriter]:
@@ -52,7 +53,7 @@ def test_every_layout_is_rewritten_wherever_the_chunks_split(layout: str) -> Non
     stream = BEFORE.encode() + sent + AFTER.encode()
     for size in (1, 2, 3, 5, 8, 13, len(stream)):
         out, rewriter = run(stream, size)
-        assert out == BEFORE.encode() + expected + AFTER.encode(), (size, out)
+        assert out == BEFORE.encode() + expected + AFTER_OUT.encode(), (size, out)
         assert rewriter.route == ROUTE and not rewriter.closed
 
 
@@ -63,7 +64,7 @@ def test_every_split_in_two_gives_the_same_bytes() -> None:
         rewriter = EndpointRewriter(UPSTREAM, "s")
         out = b"".join(rewriter.feed(stream[:cut]) + rewriter.feed(stream[cut:]) if cut < len(stream)
                        else rewriter.feed(stream))
-        assert out == BEFORE.encode() + expected + AFTER.encode(), cut
+        assert out == BEFORE.encode() + expected + AFTER_OUT.encode(), cut
 
 
 def test_a_held_chunk_returns_nothing_to_send_and_the_end_comes_later() -> None:
@@ -115,3 +116,30 @@ def test_held_bytes_are_read_in_linear_time() -> None:
 
 def test_gateway_endpoint_is_what_the_rewriter_uses() -> None:
     assert legacy_sse.gateway_endpoint(ABSOLUTE, UPSTREAM, "s") == ROUTE
+
+
+LATER = (f"data: {'z' * 100_000}\r\n\r\nevent: endpoint\r\ndata: {ABSOLUTE}\r\n\r\n"
+         f"event:endpoint\rdata: {ABSOLUTE}\r\rdata: {ABSOLUTE}\nevent: endpoint\n\n"
+         "event: endpointx\ndata: {}\n\nevent: endpoint")  # the last line never ends: never dispatched
+
+
+def test_later_endpoint_events_are_renamed_wherever_the_chunks_split() -> None:
+    """Clients that take every endpoint event would follow a later one to the upstream, unmetered."""
+    first = f"event: endpoint\ndata: {ABSOLUTE}\n\n"
+    expected = (f"event: endpoint\ndata: {ROUTE}\n\n" + LATER.replace("event: endpoint\r\n", "event: mcpmeter-ignored-endpoint\r\n")
+                .replace("event:endpoint\r", "event: mcpmeter-ignored-endpoint\r")
+                .replace("event: endpoint\n\n", "event: mcpmeter-ignored-endpoint\n\n")).encode()
+    expected = expected.removesuffix(b"event: endpoint")  # held, then dropped at the end of the stream
+    for size in (1, 2, 3, 7, 4096, 1 << 20):
+        out, rewriter = run((first + LATER).encode(), size)
+        assert out == expected, size
+        assert rewriter.route == ROUTE
+
+
+def test_after_the_endpoint_long_lines_pass_as_they_come() -> None:
+    rewriter = EndpointRewriter(UPSTREAM, "s")
+    assert rewriter.feed(f"event: endpoint\ndata: {ABSOLUTE}\n\nda".encode()) == [
+        f"event: endpoint\ndata: {ROUTE}\n\nda".encode()]
+    assert rewriter.feed(b"ta: " + b"z" * 100_000) == [b"ta: " + b"z" * 100_000]  # nothing held
+    assert rewriter.feed(b"\n\nevent: end") == [b"\n\n"]  # may be an endpoint type line: held
+    assert rewriter.feed(b"pointer\n") == [b"event: endpointer\n"]
