@@ -1,4 +1,4 @@
-"""The legacy HTTP+SSE transport (MCP 2024-11-05) behind `/<slug>`. Pure.
+"""The legacy HTTP+SSE transport (MCP 2024-11-05) behind `/<slug>`. Pure, but for a log line when a stream is dropped.
 
 The client GETs an event stream whose first event, `endpoint`, names the URL to POST
 messages to; each POST is answered 202 and its result arrives later on the GET stream.
@@ -67,7 +67,7 @@ class EndpointRewriter:
     stream, so the upstream's own address never reaches it and no POST can bypass the meter.
 
     `feed` returns the chunks to send now: `[]` when there is nothing to send, never `b""`, which
-    mitmproxy would send as an empty chunk (the `0\r\n\r\n` that ends a chunked answer early).
+    mitmproxy would send as an empty chunk (the `0\\r\\n\\r\\n` that ends a chunked answer early).
     """
 
     def __init__(self, upstream_url: str, slug: str) -> None:
