@@ -621,14 +621,16 @@ class Mcpmeter:
 
     # --- streams and deadlines ------------------------------------------------------------
 
-    def _stream_watcher(self, flow: http.HTTPFlow, call: Call) -> Callable[[bytes], bytes]:
+    def _stream_watcher(self, flow: http.HTTPFlow, call: Call) -> Callable[[bytes], bytes | list[bytes]]:
         """mitmproxy calls this with each chunk as it passes; it must never raise."""
 
-        def watch(chunk: bytes) -> bytes:
+        def watch(chunk: bytes) -> bytes | list[bytes]:
+            out: bytes | list[bytes] = chunk
             try:
                 if call.rewriter is not None:
                     ended, had_route = not chunk, call.rewriter.route is not None
-                    chunk = call.rewriter.feed(chunk)
+                    out = []  # the rewriter failing lets nothing of the stream out unrewritten
+                    out = call.rewriter.feed(chunk)
                     if not had_route and call.rewriter.route is not None and call.listing is not None:
                         _, subpath, query = paths.split_route(call.rewriter.route)
                         call.legacy_session = _legacy_session(call.listing.id, subpath, query)
@@ -636,12 +638,15 @@ class Mcpmeter:
                             # The session belongs to the key that opened the stream.
                             asyncio.ensure_future(self.cache.bind_session(call.legacy_session, call.consumer.principal))
                     if call.rewriter.route is not None and call.parser is not None:
-                        self._answer_awaiting(call.legacy_session, call.parser.feed(chunk))
-                    if ended:  # the final b"": a held-back chunk (b"" returned) is not the end
+                        for piece in [*out, b""] if ended else out:  # b"": the end, for the parser
+                            self._answer_awaiting(call.legacy_session, call.parser.feed(piece))
+                    if ended:  # the final b"": a held-back chunk ([] returned) is not the end
                         self._end_session_stream(call)
                 elif call.priced is not None and call.outcome is None and call.parser is not None:
                     data = call.decoder.feed(chunk) if call.decoder is not None and chunk else chunk
                     for event in call.parser.feed(data) if data or not chunk else ():
+                        if event.event != "message":  # MCP clients ignore other event types
+                            continue
                         outcome = _event_outcome(event, call.priced.rpc_id)
                         if outcome is not None:
                             # Settle now: the answer is what was paid for, whatever the stream does next.
@@ -653,7 +658,7 @@ class Mcpmeter:
                 log.exception("mcpmeter: stream watcher %s failed", call.request_id)
                 if call.outcome is not None and call.settlement is None:  # seen, then something broke
                     call.settlement = asyncio.ensure_future(self._settle_now(flow, call))
-            return chunk
+            return out
 
         return watch
 
@@ -680,6 +685,8 @@ class Mcpmeter:
         if not waiting:
             return
         for event in events:
+            if event.event != "message":  # MCP clients ignore other event types: not an answer they get
+                continue
             messages = event.messages if event.oversized else answer_messages(event.data.encode("utf-8", "surrogatepass"))
             ids = [m.id_value() for m in messages or () if not m.has_method]
             rpc_id = next((i for i in ids if isinstance(i, (str, int, float)) and i in waiting), None)

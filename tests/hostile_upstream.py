@@ -328,8 +328,12 @@ class HostileUpstream:
                  "id-between": f"event: endpoint\nid: 1\ndata: {endpoint}\n\n",
                  "data-first": f"data: {endpoint}\nevent: endpoint\n\n",
                  "no-space-crlf": f"event:endpoint\r\ndata:{endpoint}\r\n\r\n",
-                 "cr-only": f"event: endpoint\rdata: {endpoint}\r\r"}[layout]
-        await _chunk(writer, event.encode())
+                 "cr-only": f"event: endpoint\rdata: {endpoint}\r\r",
+                 # "|": a chunk boundary, the next chunk a moment later
+                 "split": f": hi\n\nevent: endp|oint\ndata: {endpoint}\r|\n\r|\n"}[layout]
+        for part in event.split("|"):
+            await _chunk(writer, part.encode())
+            await asyncio.sleep(0.05 if "|" in event else 0)
         deadline = time.monotonic() + hold
         try:
             while (left := deadline - time.monotonic()) > 0:
@@ -354,8 +358,11 @@ class HostileUpstream:
         params = rpc.get("params") if isinstance(rpc.get("params"), dict) else {}
         if rpc.get("method") == "tools/call":
             seen.ran = str(params.get("name"))
+            answer = _sse_event(_tool_result(rpc.get("id"), f"ran {seen.ran}"))
+            if params.get("name") == "sse_other_event":  # under an event type MCP clients ignore
+                answer = answer.replace(b"event: message", b"event: debug", 1)
             if params.get("name") != "no_answer":
-                session.queue.put_nowait(_sse_event(_tool_result(rpc.get("id"), f"ran {seen.ran}")))
+                session.queue.put_nowait(answer)
         elif "id" in rpc:
             session.queue.put_nowait(_sse_event(_result(rpc.get("id"), {"tools": []})))
         return await _send(writer, 202, b"Accepted")

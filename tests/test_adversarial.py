@@ -295,14 +295,17 @@ def test_announced_legacy_endpoint_obeys_the_same_rule(
         backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient, announced: str) -> None:
     """The route the gateway rewrites from the upstream's `endpoint` event is confined like a client's path."""
     listing = make_listing(backend, hostile, "sse")
-    with LegacyStream(client.addr, listing, endpoint=announced) as stream:
+    with LegacyStream(client.addr, listing, endpoint=announced, hold=2, require_endpoint=False) as stream:
         route = stream.route
-        if route.startswith(f"{listing.path}/"):  # rewritten: then it must be a route the gateway would accept
+        if route:  # rewritten: then it must be a route the gateway would accept
+            assert route.startswith(f"{listing.path}/"), route
             path = route.partition("?")[0]
             assert not has_dot_segment(path) and "%2f" not in path.lower() and "%5c" not in path.lower(), route
             assert "//" not in path, route
             client.request("POST", route, listing.auth(), rpc(name="pricey"))
             stream.read_more(0.5)
+        else:  # refused: the stream is dropped (fail closed), nothing of the endpoint reaches the client
+            assert b"admin" not in stream.data and b"event: endpoint" not in stream.data, stream.data
     check(backend, listing, hostile, canary)
 
 
@@ -636,8 +639,9 @@ class LegacyStream:
     """A legacy session's GET stream through the gateway, read until its endpoint event."""
 
     def __init__(self, addr: tuple[str, int], listing: Listing, endpoint: str | None = None, hold: float = 30,
-                 layout: str = "plain") -> None:
+                 layout: str = "plain", require_endpoint: bool = True) -> None:
         self.addr, self.listing, self.endpoint, self.hold, self.layout = addr, listing, endpoint, hold, layout
+        self.require_endpoint = require_endpoint  # False: a stream that ends without one leaves route ""
         self.sock: socket.socket | None = None
         self.route = ""
         self.data = b""
@@ -650,9 +654,11 @@ class LegacyStream:
                           f"X-Hostile-Endpoint-Layout: {self.layout}\r\n{extra}\r\n".encode())
         while (match := _ENDPOINT_DATA.search(self.data)) is None:
             more = self.sock.recv(65536)
-            if not more:
-                raise AssertionError(f"stream ended before its endpoint: {self.data[:500]!r}")
             self.data += more
+            if not more or self.data.endswith(b"\r\n0\r\n\r\n"):  # the stream ended
+                if self.require_endpoint:
+                    raise AssertionError(f"stream ended before its endpoint: {self.data[:500]!r}")
+                return self
         self.route = match.group(1).decode()
         return self
 
@@ -686,19 +692,28 @@ def test_legacy_session_calls_are_billed_from_the_stream(
         check(backend, listing, hostile, canary)
 
 
-@found_by_fuzz("the endpoint rewriter matches the exact text 'event: endpoint\\ndata: ...', so a valid SSE "
-               "endpoint event laid out otherwise (an id: line between, data before event, CR line ends) reaches "
-               "the client unrewritten: an absolute endpoint names the upstream's address and lets the client "
-               "post to the upstream directly, unmetered")
-@pytest.mark.parametrize("layout", ["id-between", "data-first", "cr-only"])
+@pytest.mark.parametrize("layout", ["id-between", "data-first", "cr-only", "split"])
 def test_every_valid_layout_of_the_endpoint_event_is_rewritten(
         backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient, layout: str) -> None:
+    """Any valid SSE layout of the endpoint event is rewritten: an absolute endpoint left as it is would
+    name the upstream's address and let the client post to it directly, unmetered."""
     listing = make_listing(backend, hostile, "sse")
     absolute = f"{hostile.url}{listing.base}messages/?session_id={{sid}}"
-    # hold=3: unrewritten, the endpoint is held back until the stream ends (the rewriter waits for its text)
+    # hold=3: unrewritten, the endpoint used to be held back until the stream ended
     with LegacyStream(client.addr, listing, endpoint=absolute, layout=layout, hold=3) as stream:
         assert stream.route.startswith(f"{listing.path}/messages/?session_id="), stream.route
         assert str(hostile.port) not in stream.data.decode("latin-1")
+
+
+def test_a_held_back_endpoint_chunk_does_not_end_the_clients_stream(
+        backend: Backend, hostile: HostileUpstream, client: RawClient) -> None:
+    """A chunk the rewriter holds back is "nothing to send", not an empty chunk: mitmproxy sends an
+    empty chunk as `0\\r\\n\\r\\n`, which ends a chunked answer (the endpoint event comes in pieces)."""
+    listing = make_listing(backend, hostile, "sse")
+    with LegacyStream(client.addr, listing, layout="split", hold=3) as stream:
+        assert stream.route.startswith(f"{listing.path}/messages/?session_id="), stream.route
+        assert b"\r\n0\r\n\r\n" not in stream.read_more(1.0)  # the upstream's stream is still open
+        assert b": ping" in stream.data
 
 
 def test_plain_endpoint_event_is_rewritten(backend: Backend, hostile: HostileUpstream, client: RawClient) -> None:
@@ -709,8 +724,6 @@ def test_plain_endpoint_event_is_rewritten(backend: Backend, hostile: HostileUps
             assert stream.route.startswith(f"{listing.path}/messages/?session_id="), (layout, stream.route)
 
 
-@found_by_fuzz("a streamed result under an SSE event type other than 'message' is billed, but MCP clients "
-               "(Python and TypeScript SDKs) ignore such events: the consumer pays for an answer it never gets")
 def test_result_under_a_foreign_event_type_is_not_billed(
         backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient) -> None:
     listing = make_listing(backend, hostile, timeout=5)
@@ -723,6 +736,24 @@ def test_result_under_a_foreign_event_type_is_not_billed(
         time.sleep(0.1)
     assert [int(b) for b, in rows] == [0]
     assert backend.balance(listing.consumer.user_id) == CREDIT
+
+
+def test_legacy_result_under_a_foreign_event_type_is_not_billed(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient) -> None:
+    """On a legacy session's stream too, only a `message` event answers a call: it is refunded at its timeout."""
+    listing = make_listing(backend, hostile, "sse", timeout=2)
+    with LegacyStream(client.addr, listing, hold=10) as stream:
+        r = client.request("POST", stream.route, listing.auth(), rpc(name="sse_other_event", rpc_id=4))
+        assert r.status == 202
+        assert b"event: debug" in stream.read_more(1.0)
+        deadline = time.monotonic() + 10
+        rows: list[Any] = []
+        while time.monotonic() < deadline and not rows:
+            rows = backend.query("SELECT billed_micro_cents FROM usage_events WHERE mcp_id = %s", (listing.mcp_id,))
+            time.sleep(0.1)
+    assert [int(b) for b, in rows] == [0]
+    assert backend.balance(listing.consumer.user_id) == CREDIT
+    assert confined(listing, hostile, canary) == []
 
 
 @pytest.mark.parametrize("variant", ["{route}&x=1", "{route}&", "{path}/messages/?{encoded}"])

@@ -107,7 +107,7 @@ async def open_session(gw: Gw, session_id: str = "abc", token: str = ALICE) -> h
     stream.response = sse_response()
     await gw.addon.responseheaders(stream)
     out = stream.response.stream(f"event: endpoint\ndata: /legacy/messages/?session_id={session_id}\n\n".encode())
-    assert out == f"event: endpoint\ndata: /legacy-one/messages/?session_id={session_id}\n\n".encode()
+    assert out == [f"event: endpoint\ndata: /legacy-one/messages/?session_id={session_id}\n\n".encode()]
     await asyncio.sleep(0)  # the session's binding to its key
     return stream
 
@@ -144,7 +144,7 @@ async def test_a_post_to_a_variant_of_the_route_is_settled_from_the_session_stre
     flow = await post(gw, route)
     assert flow.response is None and gw.db.balance(1) == OPENING - PRICE
     await accepted(gw, flow)
-    assert stream.response.stream(ANSWER) == ANSWER
+    assert stream.response.stream(ANSWER) == [ANSWER]
     await settled(gw)
     [row] = gw.db.usage()
     assert row["billed_micro_cents"] == PRICE
@@ -205,7 +205,7 @@ async def test_a_call_without_answer_is_refunded_at_the_listing_timeout_while_th
     assert row["billed_micro_cents"] == 0 and row["status"] == 504
     assert gw.addon.awaiting == {}
     # The stream is still open and still works: a late answer settles nothing twice.
-    assert stream.response.stream(ANSWER) == ANSWER
+    assert stream.response.stream(ANSWER) == [ANSWER]
     await asyncio.sleep(0.05)
     assert len(gw.db.usage()) == 1
     gw.db.assert_reconciled()
