@@ -415,6 +415,19 @@ def test_bodies_on_bodiless_methods_are_refused(backend: Backend, hostile: Hosti
     check(backend, listing, hostile, canary)
 
 
+def test_a_head_refusal_has_no_body_and_keeps_the_connection_in_step(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient) -> None:
+    """mitmproxy sends an addon's answer body even to HEAD: a keep-alive client then reads it as the next answer."""
+    listing = make_listing(backend, hostile)
+    r = client.request("HEAD", listing.path, listing.auth(), rpc(name="pricey"))
+    assert r.status == 400 and r.header("X-Mcpmeter-Billed") == "0"
+    r = client.request("POST", listing.path, listing.auth(), rpc(name="cheap"))  # the same connection
+    assert r.status == 200 and r.header("X-Mcpmeter-Billed") == "1"
+    assert r.header("X-Mcpmeter-Balance") == str(CREDIT - 1)  # the HEAD was never charged
+    assert [s.ran for s in hostile.records(listing.slug)] == ["cheap"]
+    check(backend, listing, hostile, canary)
+
+
 @pytest.mark.parametrize("method", ["GET", "DELETE", "OPTIONS", "HEAD"])
 def test_bodiless_methods_without_a_body_pass_through(backend: Backend, hostile: HostileUpstream, canary: Canary,
                                                       client: RawClient, method: str) -> None:

@@ -317,7 +317,6 @@ def test_fuzz_bodies_are_read_as_the_upstream_reads_them(campaign: Campaign, dat
         assert r.error in ("invalid_json", "invalid_request", "batch_not_supported", "header_mismatch"), r.body[:200]
 
 
-@found_by_fuzz('HEAD with a body: the refusal has no body to read (HEAD), and a debit is seen')
 @CAMPAIGN_TIMEOUT
 @given(data=st.data())
 @budget(500)
@@ -327,10 +326,12 @@ def test_fuzz_methods_carry_no_unpriced_call(campaign: Campaign, data: st.DataOb
     body = data.draw(st.sampled_from([b"", call_body("pricey"), call_body("cheap", 5), b"[]", b"{"]))
     listing = data.draw(st.sampled_from(campaign.pending))
     r, seen = campaign.send(method, f"/{listing.slug}", auth(listing), body)
-    if method.upper() not in ("GET", "POST", "DELETE", "HEAD", "OPTIONS"):
+    if method not in ("GET", "POST", "DELETE", "HEAD", "OPTIONS"):  # methods are case-sensitive: `get` is not GET
         assert (r.status, r.error) == (405, "method_not_allowed") and seen == [], (method, r.status)
-    elif method.upper() != "POST" and body:
-        assert (r.status, r.error) == (400, "invalid_request") and seen == [], (method, r.status)
+    elif method != "POST" and body:
+        # an answer to HEAD has no body to name the error: its status says it
+        error = r.error if method != "HEAD" else "invalid_request"
+        assert (r.status, error) == (400, "invalid_request") and seen == [], (method, r.status)
 
 
 def test_fuzz_campaign_end(campaign: Campaign) -> None:
