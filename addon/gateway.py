@@ -525,7 +525,8 @@ class Mcpmeter:
         except paths.InvalidPath as e:  # checked in _meter already: only a listing URL can get here
             raise GatewayError("invalid_path", reason=str(e)) from None
         fields = [(k, v) for k, v in flow.request.headers.items(multi=True)]
-        flow.request.url = url
+        flow.request.url = url  # scheme, host and port; the path exactly as checked, not as reparsed:
+        flow.request.path = forwarding.request_target(url)
         flow.request.headers.clear()
         for name, value in forwarding.upstream_headers(fields, listing.upstream_headers,
                                                        forwarding.authority(url)):
