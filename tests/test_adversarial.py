@@ -532,17 +532,21 @@ def test_unauthenticated_chunked_upload_is_cut_at_the_limit(
     assert hostile.records(listing.slug) == []
 
 
-@found_by_fuzz("a compressed answer past the meter's decode limit reaches the client but is refunded (I5: delivered answers are billed)")
 def test_compression_bomb_is_not_inflated_by_the_meter(
         backend: Backend, hostile: HostileUpstream, canary: Canary, gateway: Gateway, client: RawClient) -> None:
+    """Passed on still compressed, and billed: it reached the client (I5), under its own reason."""
     listing = make_listing(backend, hostile)
     before = rss_bytes(gateway.proc.pid)
     for mode in ("gzip_bomb", "deflate_bomb"):
         r = client.request("POST", listing.path, listing.auth(), rpc(name=mode, mb=200))
         assert r.status == 200 and len(r.body) < 2 * 1024 * 1024  # passed on still compressed
+        assert r.header("X-Mcpmeter-Billed") == "1000" and r.header("X-Mcpmeter-Refunded") is None
     grown = rss_bytes(gateway.proc.pid) - before
     assert grown < 50 * 1024 * 1024, f"RSS grew by {grown >> 20} MB inflating a bomb"
     check(backend, listing, hostile, canary)
+    reasons = backend.query("SELECT reason FROM mcpmeter_calls WHERE tool_name IN ('gzip_bomb', 'deflate_bomb') "
+                            "AND user_id = %s", (listing.consumer.user_id,))
+    assert sorted(str(reason) for reason, in reasons) == ["unread_delivered", "unread_delivered"]
 
 
 def test_one_long_sse_line_costs_no_more_than_many_short_events(
