@@ -45,11 +45,15 @@ def decide(
     outcome: Outcome | None,
     failure: Failure | None,
     bill_tool_errors: bool,
+    unread: bool = False,
 ) -> Decision:
     """Whether a forwarded priced call is paid for, per the SPEC refund table.
 
     The answer to the call decides when it was seen, whatever happened to the
     connections afterwards; without an answer, only a client that walked away pays.
+    `unread`: the whole answer reached the client but the meter could not read it, only
+    because it inflates past its decode limit; a 2xx is billed then (SPEC I5: a delivered
+    answer is never refunded for its size), under a reason of its own for audits.
     """
     if outcome is Outcome.RPC_ERROR:
         return Decision(True, "rpc_error")
@@ -60,6 +64,8 @@ def decide(
         return Decision(False, "result")
     if failure is not None and failure is not Failure.CLIENT_GONE:
         return Decision(True, failure.value)
+    if unread and status is not None and 200 <= status < 300:
+        return Decision(False, "unread_delivered")
     if status is not None and status >= 500:
         return Decision(True, "upstream_5xx")
     if status is not None and status >= 400:

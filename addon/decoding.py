@@ -90,12 +90,12 @@ class StreamDecoder:
     """Undo one content coding of a streamed answer, piece by piece, up to `limit` bytes in all.
 
     Past the limit (or on a broken stream) it yields nothing more: the meter stops reading,
-    the client still gets every byte as sent.
+    the client still gets every byte as sent. `too_large` says it stopped at the limit.
     """
 
     def __init__(self, coding: str, limit: int) -> None:
         coding = coding.strip().lower()
-        self.limit, self.total, self.failed = limit, 0, False
+        self.limit, self.total, self.failed, self.too_large = limit, 0, False, False
         if coding in ("gzip", "x-gzip"):
             self._d: Any = zlib.decompressobj(zlib.MAX_WBITS | 16)
         elif coding == "deflate":
@@ -115,16 +115,16 @@ class StreamDecoder:
             if isinstance(self._d, brotli.Decompressor):
                 out = self._d.process(chunk, output_buffer_limit=room + 1)
                 if not self._d.can_accept_more_data():
-                    self.failed = True  # output held back past the limit
+                    self.failed = self.too_large = True  # output held back past the limit
             else:
                 out = self._d.decompress(chunk, room + 1)
                 if getattr(self._d, "unconsumed_tail", b""):
-                    self.failed = True
+                    self.failed = self.too_large = True  # output stopped at the limit
         except (zlib.error, brotli.error, zstd.ZstdError, EOFError):
             self.failed = True
             return b""
         self.total += len(out)
         if self.total > self.limit:
-            self.failed = True
+            self.failed = self.too_large = True
             return b""
         return out

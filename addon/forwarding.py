@@ -33,6 +33,19 @@ def authority(url: str) -> str:
     return urlsplit(url).netloc
 
 
+def request_target(url: str) -> str:
+    """The path and query of an absolute URL, byte for byte as written in it ('/' when empty).
+
+    mitmproxy's `Request.url` setter reparses the URL and drops an empty `;` parameter part or an
+    empty `?` (`/a/.;` becomes `/a/.`): the gateway sets the path from this instead, so the upstream
+    gets exactly the path the confinement rule checked."""
+    parts = urlsplit(url)
+    origin = f"{parts.scheme}://{parts.netloc}"
+    if not url.lower().startswith(origin.lower()):
+        raise paths.InvalidPath("the URL is not absolute")
+    return url[len(origin):] or "/"
+
+
 def upstream_headers(
     fields: Iterable[tuple[str, str]], publisher: Mapping[str, str], host: str
 ) -> list[tuple[str, str]]:

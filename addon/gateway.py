@@ -77,6 +77,7 @@ class Call:
     refunded: bool = False
     parser: SseParser | None = None
     decoder: StreamDecoder | None = None  # a compressed stream, decoded for the meter with a ceiling
+    unread: bool = False  # a buffered answer that inflates past the meter's decode limit
     deadline: asyncio.TimerHandle | None = None
     settlement: asyncio.Future[None] | None = None
     route: str = ""  # path and query as the client sent them
@@ -358,7 +359,7 @@ class Mcpmeter:
             if call.parser is None:
                 call.status = flow.response.status_code
                 if call.priced is not None and call.outcome is None:
-                    call.outcome = self._body_outcome(flow.response, call.priced.rpc_id)
+                    call.outcome = self._body_outcome(flow.response, call)
                 if self._await_stream(flow, call):
                     await self._stamp(flow, call)
                     return
@@ -595,7 +596,8 @@ class Mcpmeter:
         except paths.InvalidPath as e:  # checked in _meter already: only a listing URL can get here
             raise GatewayError("invalid_path", reason=str(e)) from None
         fields = [(k, v) for k, v in flow.request.headers.items(multi=True)]
-        flow.request.url = url
+        flow.request.url = url  # scheme, host and port; the path exactly as checked, not as reparsed:
+        flow.request.path = forwarding.request_target(url)
         flow.request.headers.clear()
         for name, value in forwarding.upstream_headers(fields, listing.upstream_headers,
                                                        forwarding.authority(url)):
@@ -756,7 +758,7 @@ class Mcpmeter:
             call.deadline.cancel()
             call.deadline = None
 
-    def _body_outcome(self, response: http.Response, rpc_id: JsonId) -> Outcome | None:
+    def _body_outcome(self, response: http.Response, call: Call) -> Outcome | None:
         """What a buffered answer says, decoded by the meter with a ceiling (never by mitmproxy)."""
         assert self.config is not None
         limit = self.config.max_body_bytes
@@ -764,8 +766,10 @@ class Mcpmeter:
             body = decode_bounded(response.raw_content or b"", response.headers.get("content-encoding"), limit)
         except TooLarge:
             log.warning("mcpmeter: a compressed answer inflates past max_body_bytes (%d); not read further", limit)
+            call.unread = True  # delivered all the same: see billing.decide
             return None
-        return None if body is None else body_outcome(body, rpc_id)
+        assert call.priced is not None
+        return None if body is None else body_outcome(body, call.priced.rpc_id)
 
     # --- settlement -----------------------------------------------------------------------
 
@@ -1042,7 +1046,8 @@ def _event_outcome(event: Event, rpc_id: JsonId) -> Outcome | None:
 def _decision(call: Call) -> tuple[billing.Decision, int]:
     """Whether the forwarded call is refunded, and the status it is recorded with."""
     assert call.listing is not None
-    decision = billing.decide(call.status, call.outcome, call.failure, call.listing.bill_tool_errors)
+    unread = call.unread or (call.decoder is not None and call.decoder.too_large)
+    decision = billing.decide(call.status, call.outcome, call.failure, call.listing.bill_tool_errors, unread)
     if call.outcome is not None:
         if call.listing.transport is Transport.SSE and call.status == 202:
             # A legacy SSE POST's 202 only accepted the message: the answer came on the session's stream.

@@ -8,8 +8,10 @@ answers 503 `meter_unavailable` to every flow that no working meter has claimed 
 nobody has answered: a meter claims a flow only when it decided to forward it.
 
 It also redacts credential headers in `requestheaders` (a no-op after the meter did), so a
-flow saved while no meter is loaded holds no key either. It imports nothing that a reload or
-a broken dependency could take away, and keeps no state but a weak set of claimed flows.
+flow saved while no meter is loaded holds no key either. Last in the chain, it keeps every
+answer to HEAD body-less: mitmproxy sends the body an addon put in an answer even to HEAD,
+and a keep-alive client would read those bytes as the next answer. It imports nothing that a
+reload or a broken dependency could take away, and keeps no state but a weak set of claimed flows.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ class FailClosedGuard:
             "Content-Type": "application/json", "Retry-After": "1",
             "X-Mcpmeter-Request-Id": request_id, "X-Mcpmeter-Billed": "0"})
         flow.comment, flow.marked = f"refused {_SPEC.status} {_SPEC.code}", ":no_entry:"
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.request.method.upper() == "HEAD" and flow.response is not None and flow.response.raw_content:
+            flow.response.raw_content = b""  # Content-Length stays: what a GET would have carried
 
 
 def install(master: Any) -> None:

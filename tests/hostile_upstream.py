@@ -71,15 +71,18 @@ def js_parse(body: bytes) -> Any:
 
 
 def normalise(path: str) -> str:
-    """The route a normalising router serves for a raw path: decoded, dot segments resolved."""
-    decoded = unquote(unquote(path)).replace("\\", "/")
+    """The route a normalising router serves for a raw path: decoded once, dot segments resolved.
+
+    Once, as HTTP servers and frameworks do: `%252e` is the text `%2e`, which the agreed path rule
+    forwards as sent (only a server that decodes twice, itself a path-traversal bug, reads a dot)."""
+    decoded = unquote(path).replace("\\", "/")
     resolved = posixpath.normpath("/" + decoded.lstrip("/"))
     return resolved + ("/" if decoded.endswith("/") and resolved != "/" else "")
 
 
 def has_dot_segment(path: str) -> bool:
     """A `.`/`..` segment, encoded or not, or with `;params` (Tomcat and Jetty resolve `..;` as `..`)."""
-    return any(seg.split(";")[0] in (".", "..") for seg in unquote(unquote(path)).replace("\\", "/").split("/"))
+    return any(seg.split(";")[0] in (".", "..") for seg in unquote(path).replace("\\", "/").split("/"))
 
 
 # --- what the server saw ------------------------------------------------------------------

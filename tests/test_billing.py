@@ -156,6 +156,29 @@ def test_refund_table(case: str, status: int | None, outcome: Outcome | None, fa
     assert decide(status, outcome, failure, bill_tool_errors) == Decision(refunded, reason)
 
 
+UNREAD_TABLE = [
+    # (case, status, outcome, failure, refunded, reason): the answer inflates past the meter's decode limit
+    ("2xx too large to read", 200, None, None, False, "unread_delivered"),
+    ("202 too large to read", 202, None, None, False, "unread_delivered"),
+    ("the answer was seen before the limit", 200, R, None, False, "result"),
+    ("a JSON-RPC error seen before the limit", 200, RE, None, True, "rpc_error"),
+    ("5xx too large to read", 500, None, None, True, "upstream_5xx"),
+    ("4xx too large to read", 404, None, None, True, "upstream_4xx"),
+    ("3xx too large to read", 302, None, None, True, "no_answer"),
+    ("the upstream died mid-answer", 200, None, UP, True, "upstream_failed"),
+    ("the deadline cut the answer", 200, None, TO, True, "upstream_timeout"),
+    ("the client left after the answer", 200, None, GONE, False, "unread_delivered"),
+]
+
+
+@pytest.mark.parametrize("case, status, outcome, failure, refunded, reason", UNREAD_TABLE,
+                         ids=[row[0] for row in UNREAD_TABLE])
+def test_an_answer_too_large_to_read_is_delivered(case: str, status: int | None, outcome: Outcome | None,
+                                                  failure: Failure | None, refunded: bool, reason: str) -> None:
+    """SPEC I5: a call whose answer reached the client is never refunded for the answer's size."""
+    assert decide(status, outcome, failure, False, unread=True) == Decision(refunded, reason)
+
+
 @pytest.mark.parametrize("status", [200, 201, 202, 204, 299, 301, 304, 399])
 def test_a_result_below_400_is_billed(status: int) -> None:
     assert decide(status, R, None, False).refund is False

@@ -79,8 +79,12 @@ def test_a_stream_decodes_in_pieces_and_stops_at_the_limit(coding: str) -> None:
     raw = CODERS[coding](data)
     d = StreamDecoder(coding, 1 << 20)
     assert b"".join(d.feed(raw[i : i + 7]) for i in range(0, len(raw), 7)) == data and not d.failed
+    assert not d.too_large
     bomb = CODERS[coding](b"\0" * (8 << 20))
     d = StreamDecoder(coding, 1 << 16)
     assert sum(len(d.feed(bomb[i : i + 512])) for i in range(0, len(bomb), 512)) <= 1 << 16
-    assert d.failed
+    assert d.failed and d.too_large  # stopped for the size alone: the answer counts as delivered
     assert StreamDecoder("compress", 100).feed(b"x") == b""
+    broken = StreamDecoder(coding, 1 << 20)
+    broken.feed(b"\xff" * 64)
+    assert broken.failed and not broken.too_large  # unreadable, not too large

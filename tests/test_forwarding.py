@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from addon.forwarding import authority, target_url, upstream_headers
+from addon.forwarding import authority, request_target, target_url, upstream_headers
 
 HOST = "mcp.publisher.example:8443"
 
@@ -45,6 +45,19 @@ def test_target_url(upstream: str, subpath: str, query: str, url: str) -> None:
 ])
 def test_authority(url: str, netloc: str) -> None:
     assert authority(url) == netloc
+
+
+@pytest.mark.parametrize("url, target", [
+    ("http://u:9000/mcp/a;", "/mcp/a;"),  # mitmproxy's url setter drops the empty ';' part
+    ("http://u:9000/mcp/a/.;", "/mcp/a/.;"),
+    ("http://u:9000/mcp/a;?x=1", "/mcp/a;?x=1"),
+    ("http://u:9000/mcp/a;b;", "/mcp/a;b;"),
+    ("HTTP://U:9000/mcp", "/mcp"),
+    ("https://u.example", "/"),
+    ("http://[::1]:8080/x?y", "/x?y"),
+])
+def test_request_target_is_the_path_and_query_as_written(url: str, target: str) -> None:
+    assert request_target(url) == target
 
 
 # --- what is stripped -------------------------------------------------------------------------

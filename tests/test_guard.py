@@ -65,3 +65,15 @@ def test_guard_redacts_credentials_and_keeps_the_meters_redaction() -> None:
     already.request.headers["Authorization"] = "Bearer mcpm_live_se… (redacted)"  # what the meter shows
     guard.FailClosedGuard().requestheaders(already)
     assert already.request.headers["Authorization"] == "Bearer mcpm_live_se… (redacted)"
+
+
+def test_answers_to_head_lose_their_body_but_keep_their_length() -> None:
+    flow = live_flow()
+    flow.request.method = "HEAD"
+    flow.response = http.Response.make(400, b'{"error": "invalid_request"}', {"Content-Type": "application/json"})
+    guard.FailClosedGuard().response(flow)
+    assert flow.response.raw_content == b"" and flow.response.headers["Content-Length"] == "28"
+    get = live_flow()
+    get.response = http.Response.make(400, b"{}")
+    guard.FailClosedGuard().response(get)
+    assert get.response.raw_content == b"{}"

@@ -182,7 +182,10 @@ async def test_a_gzip_bomb_answer_is_never_inflated_past_the_limit(gw: Gw) -> No
         tracemalloc.stop()
     assert peak < 8 * 1024 * 1024  # the old hook inflated all 64 MB
     assert flow.response.raw_content == bomb  # passed on as sent
-    assert meta(flow)["decision"] == "refunded"  # not readable within max_body_bytes
+    # not readable within max_body_bytes, but delivered: billed (SPEC I5), under its own reason
+    assert (meta(flow)["decision"], meta(flow)["reason"]) == ("billed", "unread_delivered")
+    await gw.addon.drain()
+    assert gw.db.ledger(1) == [("topup", OPENING), ("usage", -PRICE)]
     gw.db.assert_reconciled()
 
 
@@ -233,7 +236,7 @@ async def test_a_compressed_sse_stream_is_read_through_a_bounded_decoder(gw: Gw,
     assert gw.db.ledger(1) == [("topup", OPENING), ("usage", -PRICE)]
 
 
-async def test_a_compressed_sse_bomb_stops_the_meter_reading_and_refunds(gw: Gw) -> None:
+async def test_a_compressed_sse_bomb_stops_the_meter_reading_and_bills_the_delivered_stream(gw: Gw) -> None:
     flow = make_flow()
     await gw.addon.request(flow)
     flow.response = sse_response()
@@ -250,4 +253,4 @@ async def test_a_compressed_sse_bomb_stops_the_meter_reading_and_refunds(gw: Gw)
         tracemalloc.stop()
     assert peak < 4 * MAX_BODY + 1024 * 1024
     await gw.addon.response(flow)
-    assert meta(flow)["decision"] == "refunded"
+    assert (meta(flow)["decision"], meta(flow)["reason"]) == ("billed", "unread_delivered")
