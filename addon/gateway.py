@@ -843,7 +843,8 @@ class Mcpmeter:
             called_at=call.called_at, key_id=call.consumer.key_id, token_id=call.consumer.token_id,
             client=classify(flow.request.headers.get("user-agent")),
             user_agent=flow.request.headers.get("user-agent"), fee_bps=self.config.platform_fee_bps,
-            taken=call.charged, need_balance=not background, reason=decision.reason,
+            taken=call.charged, need_balance=not background,
+            reason=shadow.settled_reason(flow, decision.refund) or decision.reason,
         )
         for attempt in range(SETTLE_ATTEMPTS):
             try:
@@ -974,6 +975,8 @@ class Mcpmeter:
         display.gateway_answered(flow, f"health {body['status']}", ":information_source:")
 
     def _resource_metadata(self, flow: http.HTTPFlow, call: Call) -> None:
+        if flow.request.method.upper() not in ("GET", "HEAD"):
+            raise GatewayError("method_not_allowed", headers={"Allow": "GET, HEAD"})
         base = self._public_url(flow)
         body: dict[str, Any] = {"resource": base}
         if self.config and self.config.authorization_servers:

@@ -38,6 +38,21 @@ def describe(would: dict[str, Any]) -> str:
     return " and ".join(parts) or "pass"
 
 
+def settled_reason(flow: http.HTTPFlow, refunded: bool) -> str | None:
+    """The reason a shadow call is recorded with (`mcpmeter_calls.reason`), so `mcpmeter usage --by
+    reason` shows what shadow mode would have done: `shadow:rate_limited`, `shadow:insufficient_credit`,
+    `shadow:project_cap_exceeded`, `shadow:refunded` (the answer would have been refunded), else
+    `shadow:debited`, `shadow:free` or `shadow:unpriced`. None for a call not in shadow mode."""
+    would = (flow.metadata.get(META) or {}).get("shadow")
+    if would is None:
+        return None
+    verdict = would.get("verdict")
+    refused = would.get("refused") or (verdict if verdict in ("insufficient_credit", "project_cap_exceeded") else None)
+    if refused:
+        return f"shadow:{refused}"
+    return "shadow:refunded" if refunded else f"shadow:{verdict or 'unpriced'}"
+
+
 def note_refusal(flow: http.HTTPFlow, code: str) -> None:
     """A refusal shadow mode lets through (e.g. the rate limit), remembered on the flow."""
     flow.metadata.setdefault(META, {}).setdefault("shadow", {})["refused"] = code

@@ -39,3 +39,8 @@ async def test_shadow_gateway_forwards_records_and_charges_nothing(gateway: Gate
     assert {c.user_id: backend.ledger(c.user_id) for c in (rich, poor)} == ledgers
     rows = backend.usage(rich) + backend.usage(poor)
     assert len(rows) == 3 and all(r["billed"] == 0 and r["status"] == 200 for r in rows)
+    # What shadow mode would have done is recorded as each call's reason (mcpmeter usage --by reason).
+    reasons = sorted(r for (r,) in backend.query(
+        "SELECT c.reason FROM mcpmeter_calls c JOIN usage_events e ON e.request_id = c.request_id"
+        " WHERE e.api_key_id IN (%s, %s)", (rich.key_id, poor.key_id)))
+    assert reasons == ["shadow:debited", "shadow:insufficient_credit", "shadow:rate_limited"]

@@ -969,6 +969,13 @@ async def test_protected_resource_metadata(gw: Gw, caplog: pytest.LogCaptureFixt
     assert_no_secret(flow, caplog)
 
 
+async def test_protected_resource_metadata_answers_only_get_and_head(gw: Gw) -> None:
+    flow = make_flow("/.well-known/oauth-protected-resource", method="DELETE", body=b"")
+    await gw.addon.request(flow)
+    assert flow.response.status_code == 405 and flow.response.headers["Allow"] == "GET, HEAD"
+    assert not forwarded(flow)
+
+
 async def test_public_url_overrides_the_host_header(tmp_path: Path) -> None:
     addon = Mcpmeter()
     with taddons.context(addon) as tctx:
