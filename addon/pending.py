@@ -1,0 +1,178 @@
+"""Calls that outlive their POST stream, and answers that must never be delivered. In memory, per gateway.
+
+The rule (README, "The rule behind the table"): a result delivered, or retrievable by resumption until the
+listing's timeout, is paid for; a call that failed, was cancelled before its answer, or whose timeout passed
+with no deliverable answer is refunded, and a refunded call's answer is never delivered afterwards.
+
+- A streamable-HTTP call whose POST stream the server ended normally after an event carrying an `id:`,
+  without the answer (2025-11-25, SEP-1699), is *parked* here: it settles when its answer passes on a
+  resumed GET stream of the same session (and key), or is refunded at its timeout.
+- Priced calls in flight are *tracked* per session, so a `notifications/cancelled` naming one can find it.
+- A call refunded without an answer (timeout, cancellation, upstream failure) leaves a *refunded* marker:
+  an event answering its id on a later stream of that session is blanked (`drop_refunded`), so the client
+  never receives it. Markers are bounded in number and expire.
+
+Sessions are keyed by (listing id, Mcp-Session-Id); ids by their JSON type, so 1 and "1" differ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from mitmproxy import http
+
+from .jsonrpc import JsonId, answer_messages, parse_strict
+from .receipts import EventRewriter
+
+SessionKey = tuple[int, str]
+IdKey = tuple[bool, Any]  # (is a string, value): 1 and "1" are different ids, 1 and 1.0 the same
+
+log = logging.getLogger("mcpmeter")
+
+CANCELLED_METHOD = "notifications/cancelled"
+CLOSE_CANCELS_FROM = "2026-07-28"  # from this revision on, closing a POST stream cancels its call
+MAX_REFUNDED_MARKERS = 100_000
+REFUNDED_MARKER_SECONDS = 3600.0
+
+
+def id_key(rpc_id: Any) -> IdKey | None:
+    if isinstance(rpc_id, bool) or not isinstance(rpc_id, (str, int, float)):
+        return None
+    return isinstance(rpc_id, str), rpc_id
+
+
+def close_cancels(headers: http.Headers) -> bool:
+    """The client speaks a revision where closing the POST stream before the answer cancels the call.
+    Revisions are dates (YYYY-MM-DD): they compare as strings."""
+    version = headers.get("mcp-protocol-version", "").strip()
+    return len(version) == 10 and version >= CLOSE_CANCELS_FROM
+
+
+def cancelled_request_id(body: bytes) -> JsonId | None:
+    """The `params.requestId` of a `notifications/cancelled` body, or None."""
+    try:
+        message = parse_strict(body)
+    except Exception:
+        return None
+    if not isinstance(message, Mapping) or message.get("method") != CANCELLED_METHOD or "id" in message:
+        return None
+    params = message.get("params")
+    rpc_id = params.get("requestId") if isinstance(params, Mapping) else None
+    return rpc_id if id_key(rpc_id) is not None else None
+
+
+class Pending:
+    def __init__(self, max_markers: int = MAX_REFUNDED_MARKERS, marker_seconds: float = REFUNDED_MARKER_SECONDS) -> None:
+        self.tracked: dict[SessionKey, dict[IdKey, tuple[http.HTTPFlow, Any]]] = {}
+        self.parked: dict[SessionKey, dict[IdKey, tuple[http.HTTPFlow, Any]]] = {}
+        self.refunded: OrderedDict[tuple[SessionKey, IdKey], float] = OrderedDict()
+        self.max_markers, self.marker_seconds = max_markers, marker_seconds
+
+    # --- calls in flight (for cancellation) ----------------------------------------------------
+
+    def track(self, session: SessionKey, rpc_id: JsonId, flow: http.HTTPFlow, call: Any) -> None:
+        if (key := id_key(rpc_id)) is not None:
+            self.tracked.setdefault(session, {})[key] = (flow, call)
+
+    def untrack(self, session: SessionKey, rpc_id: JsonId, call: Any) -> None:
+        for table in (self.tracked, self.parked):
+            calls = table.get(session)
+            key = id_key(rpc_id)
+            if calls is not None and key in calls and calls[key][1] is call:
+                del calls[key]
+                if not calls:
+                    del table[session]
+
+    def find(self, session: SessionKey, rpc_id: JsonId) -> tuple[http.HTTPFlow, Any] | None:
+        """The priced call of this session with this id: parked first, else in flight."""
+        key = id_key(rpc_id)
+        return self.parked.get(session, {}).get(key) or self.tracked.get(session, {}).get(key)
+
+    # --- calls parked until a resumed stream answers them ----------------------------------------
+
+    def park(self, session: SessionKey, rpc_id: JsonId, flow: http.HTTPFlow, call: Any) -> None:
+        if (key := id_key(rpc_id)) is not None:
+            self.parked.setdefault(session, {})[key] = (flow, call)
+
+    def has_parked(self, session: SessionKey) -> bool:
+        return session in self.parked
+
+    def answered(self, session: SessionKey, messages: list[Any] | None) -> list[tuple[http.HTTPFlow, Any]]:
+        """The parked calls of `session` that these messages (an event's) answer."""
+        parked = self.parked.get(session)
+        if not parked:
+            return []
+        found = []
+        for m in messages or ():
+            if not m.has_method and (m.has_result or m.has_error) and (key := id_key(m.id_value())) in parked:
+                found.append(parked[key])
+        return found
+
+    def parked_calls(self) -> list[tuple[http.HTTPFlow, Any]]:
+        return [fc for calls in self.parked.values() for fc in calls.values()]
+
+    # --- refunded answers, never delivered ------------------------------------------------------
+
+    def mark_refunded(self, session: SessionKey, rpc_id: JsonId) -> None:
+        if (key := id_key(rpc_id)) is None:
+            return
+        self.refunded[(session, key)] = time.monotonic() + self.marker_seconds
+        self.refunded.move_to_end((session, key))
+        while len(self.refunded) > self.max_markers:
+            self.refunded.popitem(last=False)
+
+    def is_refunded(self, session: SessionKey, rpc_id: Any) -> bool:
+        if (key := id_key(rpc_id)) is None:
+            return False
+        expires = self.refunded.get((session, key))
+        if expires is None:
+            return False
+        if expires < time.monotonic():
+            del self.refunded[(session, key)]
+            return False
+        return True
+
+    def blank_if_refunded(self, session: SessionKey, data: str) -> str | None:
+        """An event's data: "" (the event is not dispatched by clients) when it answers a refunded call."""
+        if not self.refunded:
+            return None
+        messages = answer_messages(data.encode("utf-8", "surrogatepass"))
+        for m in messages or ():
+            if not m.has_method and (m.has_result or m.has_error) and self.is_refunded(session, m.id_value()):
+                return ""
+        return None
+
+
+def drop_refunded(response: http.Response, session: SessionKey, pending: Pending, limit: int) -> None:
+    """Wrap an SSE stream of a session: an event answering a refunded call goes out with empty data (its
+    `id:` line kept, so a client's resumption point still advances), which clients do not dispatch.
+    Holds one event at a time, at most `limit` bytes; a bigger event passes as it comes."""
+    inner = response.stream
+    if not callable(inner):
+        return
+    events = EventRewriter(lambda data: pending.blank_if_refunded(session, data), limit=limit)
+
+    def rewrite(chunk: bytes) -> bytes | list[bytes]:
+        out = inner(chunk)
+        parts = [out] if isinstance(out, bytes) else list(out or [])
+        try:
+            emitted = [events.feed(part) for part in parts if part]
+            if not chunk:
+                emitted.append(events.feed(b""))
+        except Exception:  # never disturb the stream
+            log.exception("mcpmeter: filtering a session stream failed")
+            return parts
+        return b"".join(emitted) or []
+
+    response.stream = rewrite
+
+
+def cancelled_body(rpc_id: JsonId) -> bytes:
+    """What a client gets instead of the JSON answer of a call it cancelled (and was refunded for)."""
+    return json.dumps({"jsonrpc": "2.0", "id": rpc_id, "error": {
+        "code": -32800, "message": "request cancelled; not delivered and refunded by mcpmeter"}}).encode()
