@@ -17,6 +17,9 @@ import json
 import uuid
 from typing import Any
 
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
+from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -41,6 +44,8 @@ def _answer(rpc_id: Any, text: str) -> bytes:
 
 async def mcp(request: Request) -> Response:
     session = request.headers.get("mcp-session-id", "")
+    if request.method == "GET" and "last-event-id" not in request.headers:
+        return StreamingResponse(_idle(), media_type="text/event-stream")  # the standalone stream: nothing to say
     if request.method == "GET":
         return StreamingResponse(_replay(session, int(request.headers.get("last-event-id", "0") or 0)),
                                  media_type="text/event-stream")
@@ -85,6 +90,11 @@ async def mcp(request: Request) -> Response:
     return StreamingResponse(closes() if name == "closes" else slow(), media_type="text/event-stream")
 
 
+async def _idle():
+    yield b": open\n\n"
+    await asyncio.sleep(60)
+
+
 async def _replay(session: str, after: int):
     for _ in range(160):
         if any(i > after for i, _ in logs.get(session, [])):
@@ -97,3 +107,41 @@ async def _replay(session: str, after: int):
 
 def build_app() -> Starlette:
     return Starlette(routes=[Route("/mcp", mcp, methods=["GET", "POST", "DELETE"])])
+
+
+# --- the same behaviour from the official Python SDK: an event store and ctx.close_sse_stream() --------
+
+def build_sdk_app() -> Starlette:
+    """An mcp 2.3 server that closes a call's POST stream and answers on the resumed stream (SEP-1699).
+
+    Tool `long_task` {seconds}: closes its SSE stream at once, then answers after `seconds`.
+    """
+    class MemoryEventStore(EventStore):
+        def __init__(self) -> None:
+            self.events: list[tuple[str, str, Any]] = []  # (event id, stream id, message)
+
+        async def store_event(self, stream_id: str, message: Any) -> str:
+            event_id = str(len(self.events) + 1)
+            self.events.append((event_id, stream_id, message))
+            return event_id
+
+        async def replay_events_after(self, last_event_id: str, send_callback: EventCallback) -> str | None:
+            found = next((s for e, s, _ in self.events if e == last_event_id), None)
+            if found is None:
+                return None
+            for event_id, stream_id, message in self.events[int(last_event_id):]:
+                if stream_id == found and message is not None:
+                    await send_callback(EventMessage(message, event_id))
+            return found
+
+    server = MCPServer("resumable")
+
+    @server.tool()
+    async def long_task(ctx: Context, seconds: float = 0.5) -> str:
+        """Close the POST stream, then answer after `seconds` (the client resumes to get it)."""
+        await ctx.close_sse_stream()
+        await asyncio.sleep(seconds)
+        return f"done after {seconds}s"
+
+    security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    return server.streamable_http_app(event_store=MemoryEventStore(), retry_interval=200, transport_security=security)

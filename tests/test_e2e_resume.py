@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx2
 import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 from tests import resume_server
 from tests.backends import Backend, TestConsumer
@@ -201,3 +203,45 @@ async def test_closing_the_post_stream_cancels_from_2026_07_28_and_is_billed_bef
             await anext(r.aiter_bytes())  # primed, then the client walks away
     await eventually(lambda: journal(backend, c) == [("slow", *expected)])
     assert backend.balance(c.user_id) == (10_000 if expected[1] else 9_000)
+
+
+# --- the official Python SDK on both sides: the client resumes by itself (GET + Last-Event-ID) --------
+
+@pytest.fixture(scope="module")
+def sdk_resume_url() -> Iterator[str]:
+    url, stop = serve_in_thread(resume_server.build_sdk_app())
+    yield url + "/mcp"
+    stop()
+
+
+def sdk_client(gw: Gateway, path: str, c: TestConsumer) -> tuple[httpx2.AsyncClient, Client]:
+    http = httpx2.AsyncClient(headers=c.auth, timeout=httpx2.Timeout(10.0, read=30.0))
+    # legacy: the initialize handshake, so the session speaks 2025-11-25 (auto mode would discover 2026-07-28,
+    # where the server keeps the POST stream open)
+    return http, Client(streamable_http_client(gw.url + path, http_client=http), mode="legacy")
+
+
+async def test_sdk_server_closing_its_stream_is_billed_once_through_the_sdk_clients_resumption(
+        gateway: Gateway, backend: Backend, sdk_resume_url: str) -> None:
+    s = slug("sdk-resume")
+    backend.add_listing(s, sdk_resume_url, price=1000, timeout=10)
+    c = backend.add_consumer(credit=10_000)
+    http, mcp = sdk_client(gateway, f"/{s}", c)
+    async with http, mcp:
+        result = await mcp.call_tool("long_task", {"seconds": 0.5})
+    assert not result.is_error and "done after 0.5s" in result.content[0].text
+    await eventually(lambda: journal(backend, c) == [("long_task", 200, 0, "result")])
+    assert backend.balance(c.user_id) == 9_000 and len(backend.usage(c)) == 1
+
+
+async def test_sdk_client_resuming_a_scripted_server_is_billed_once(
+        gateway: Gateway, backend: Backend, resume_url: str) -> None:
+    s = slug("sdk-scripted")
+    backend.add_listing(s, resume_url, price=1000, timeout=10)
+    c = backend.add_consumer(credit=10_000)
+    http, mcp = sdk_client(gateway, f"/{s}", c)
+    async with http, mcp:
+        result = await mcp.call_tool("closes", {"delay": 0.3})
+    assert result.content[0].text == "resumed result"
+    await eventually(lambda: journal(backend, c) == [("closes", 200, 0, "result")])
+    assert backend.balance(c.user_id) == 9_000
