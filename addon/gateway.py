@@ -803,19 +803,25 @@ class Mcpmeter:
         self._finish(flow, call)
 
     def _answer_parked(self, stream: Call, event: Event) -> None:
-        """An event on a GET stream of `stream`'s session: settle the parked calls (same key) it answers."""
+        """An event on a GET stream of `stream`'s session: settle the calls of the same key it answers,
+        parked ones, and running ones whose answer overtook the end of their POST stream."""
         assert stream.session is not None
-        if not self.pending.has_parked(stream.session):
+        if not self.pending.watching(stream.session):
             return
         messages = event.messages if event.oversized else answer_messages(event.data.encode("utf-8", "surrogatepass"))
         for flow, call in self.pending.answered(stream.session, messages):
             if (stream.consumer is None or call.consumer is None or call.priced is None
-                    or call.consumer.principal != stream.consumer.principal):
+                    or call.consumer.principal != stream.consumer.principal
+                    or call.outcome is not None or call.settlement is not None):
                 continue
-            if call.outcome is None and call.settlement is None:
-                call.outcome = _event_outcome(event, call.priced.rpc_id)
-                if call.outcome is not None:
-                    self._settle_parked(flow, call)
+            call.outcome = _event_outcome(event, call.priced.rpc_id)
+            if call.outcome is None:
+                continue
+            if call.parked:
+                self._settle_parked(flow, call)
+            else:  # still running: settled now, its POST's hooks find it settled
+                self._cancel_deadline(call)
+                call.settlement = self._own(self._settle_now(flow, call))
 
     def _cancel(self, notice: Call, body: bytes) -> None:
         """notifications/cancelled naming a priced call of the same session and key: refunded, unless its

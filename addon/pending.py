@@ -102,15 +102,18 @@ class Pending:
     def has_parked(self, session: SessionKey) -> bool:
         return session in self.parked
 
+    def watching(self, session: SessionKey) -> bool:
+        """Whether the session has calls (parked or running) an answer on its GET streams would settle."""
+        return session in self.parked or session in self.tracked
+
     def answered(self, session: SessionKey, messages: list[Any] | None) -> list[tuple[http.HTTPFlow, Any]]:
-        """The parked calls of `session` that these messages (an event's) answer."""
-        parked = self.parked.get(session)
-        if not parked:
-            return []
+        """The calls of `session`, parked or running, that these messages (an event's) answer."""
+        parked, running = self.parked.get(session, {}), self.tracked.get(session, {})
         found = []
         for m in messages or ():
-            if not m.has_method and (m.has_result or m.has_error) and (key := id_key(m.id_value())) in parked:
-                found.append(parked[key])
+            if not m.has_method and (m.has_result or m.has_error) and (key := id_key(m.id_value())) is not None:
+                if (entry := parked.get(key) or running.get(key)) is not None:
+                    found.append(entry)
         return found
 
     def parked_calls(self) -> list[tuple[http.HTTPFlow, Any]]:
