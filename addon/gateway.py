@@ -399,14 +399,16 @@ class Mcpmeter:
             return
         try:
             self._cancel_deadline(call)
-            if call.failure is None and compat.client_gone(flow):
+            gone = compat.client_gone(flow)
+            if call.failure is None and gone:
                 # 2026-07-28: closing the POST stream before the answer cancels the call.
                 call.failure = Failure.CANCELLED if resumption.close_cancels(flow.request.headers) else Failure.CLIENT_GONE
             elif call.failure is None:
                 call.failure = Failure.UPSTREAM
             self._end_session_stream(call)
             await self._settle(flow, call)
-            if flow.response is None and call.failure is not Failure.CLIENT_GONE:
+            nobody = call.failure is Failure.CLIENT_GONE or (call.failure is Failure.CANCELLED and gone)
+            if flow.response is None and not nobody:
                 code = "upstream_timeout" if call.failure is Failure.TIMEOUT else "upstream_failed"
                 call.status = 504 if call.failure is Failure.TIMEOUT else 502
                 call.rpc_id = call.priced.rpc_id if call.priced else None

@@ -245,3 +245,17 @@ async def test_sdk_client_resuming_a_scripted_server_is_billed_once(
     assert result.content[0].text == "resumed result"
     await eventually(lambda: journal(backend, c) == [("closes", 200, 0, "result")])
     assert backend.balance(c.user_id) == 9_000
+
+
+async def test_sdk_client_timing_out_sends_notifications_cancelled_and_is_refunded(
+        gateway: Gateway, backend: Backend, resume_url: str) -> None:
+    s = slug("sdk-cancel")
+    backend.add_listing(s, resume_url, price=1000, timeout=10)
+    c = backend.add_consumer(credit=10_000)
+    http, mcp = sdk_client(gateway, f"/{s}", c)
+    async with http, mcp:
+        with pytest.raises(Exception):
+            await mcp.call_tool("slow", {"delay": 2.0}, read_timeout_seconds=0.5)
+        await eventually(lambda: journal(backend, c) == [("slow", 499, 1, "cancelled")])
+        assert any(request_id is not None for _, request_id in resume_server.cancelled)
+    assert backend.balance(c.user_id) == 10_000
