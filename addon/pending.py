@@ -21,13 +21,12 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from mitmproxy import http
 
 from .jsonrpc import JsonId, answer_messages, parse_strict
-from .receipts import EventRewriter
 
 SessionKey = tuple[int, str]
 IdKey = tuple[bool, Any]  # (is a string, value): 1 and "1" are different ids, 1 and 1.0 the same
@@ -152,13 +151,13 @@ class Pending:
 
 
 def drop_refunded(response: http.Response, session: SessionKey, pending: Pending, limit: int) -> None:
-    """Wrap an SSE stream of a session: an event answering a refunded call goes out with empty data (its
-    `id:` line kept, so a client's resumption point still advances), which clients do not dispatch.
-    Holds one event at a time, at most `limit` bytes; a bigger event passes as it comes."""
+    """Wrap an SSE stream of a session: an event answering a refunded call goes out without its `data:`
+    lines (its `id:` line kept, so a client's resumption point still advances), which clients do not
+    dispatch. Holds one event at a time, at most `limit` bytes; a bigger event passes as it comes."""
     inner = response.stream
     if not callable(inner):
         return
-    events = EventRewriter(lambda data: pending.blank_if_refunded(session, data), limit=limit)
+    events = EventFilter(lambda data: pending.blank_if_refunded(session, data) is not None, limit)
 
     def rewrite(chunk: bytes) -> bytes | list[bytes]:
         out = inner(chunk)
@@ -170,9 +169,74 @@ def drop_refunded(response: http.Response, session: SessionKey, pending: Pending
         except Exception:  # never disturb the stream
             log.exception("mcpmeter: filtering a session stream failed")
             return parts
-        return b"".join(emitted) or []
+        return b"".join(emitted) or []  # never an empty chunk: over HTTP/1.1 it would end the body
 
     response.stream = rewrite
+
+
+class EventFilter:
+    """Bytes in, bytes out, whole SSE events at a time; `drop(data)` says which events lose their data.
+
+    Linear in the bytes fed: line ends are searched once (positions cached), and held bytes are
+    trimmed once per chunk. Holds only the current event, up to `limit` bytes.
+    """
+
+    def __init__(self, drop: Callable[[str], bool], limit: int) -> None:
+        self.drop, self.limit = drop, limit
+        self.buf = bytearray()
+        self.event = 0  # start of the current event in buf
+        self.line = 0  # start of the current line
+        self.pos = 0  # searched up to here
+        self.passing = False  # the current event outgrew the limit: it goes out as it comes
+
+    def feed(self, chunk: bytes) -> bytes:
+        final = not chunk
+        buf, out = self.buf, bytearray()
+        buf += chunk
+        lf = cr = -2  # the next LF / CR at or after pos; -1 none (in this chunk), -2 not looked for yet
+        while True:
+            if lf < self.pos and lf != -1:
+                lf = buf.find(b"\n", self.pos)
+            if cr < self.pos and cr != -1:
+                cr = buf.find(b"\r", self.pos)
+            if lf == -1 and cr == -1:
+                self.pos = len(buf)
+                break
+            end = lf if cr == -1 or (lf != -1 and lf < cr) else cr
+            if buf[end] == 0x0D:
+                if end + 1 == len(buf) and not final:
+                    self.pos = end  # a CR at the end: its LF may come next
+                    break
+                nxt = end + 2 if buf[end + 1:end + 2] == b"\n" else end + 1
+            else:
+                nxt = end + 1
+            empty, self.line, self.pos = end == self.line, nxt, nxt
+            if empty:  # the blank line ends an event
+                out += self._emit(bytes(buf[self.event:nxt]))
+                self.event, self.passing = nxt, False
+        if final:
+            out += buf[self.event:]
+            self.__init__(self.drop, self.limit)  # type: ignore[misc]
+            return bytes(out)
+        if self.passing or len(buf) - self.event > self.limit:
+            self.passing = True
+            out += buf[self.event:self.pos]
+            self.event = self.pos
+        if self.event:
+            cut = self.event
+            del buf[:cut]
+            self.event, self.line, self.pos = 0, self.line - cut, self.pos - cut
+        return bytes(out)
+
+    def _emit(self, event: bytes) -> bytes:
+        if self.passing:
+            return event
+        lines = event.splitlines(keepends=True)
+        fields = [line.rstrip(b"\r\n").partition(b":") for line in lines]
+        data = [value[1:] if value.startswith(b" ") else value for name, _, value in fields if name == b"data"]
+        if not data or not self.drop(b"\n".join(data).decode("utf-8", "replace")):
+            return event
+        return b"".join(line for line, (name, _, _) in zip(lines, fields) if name != b"data")
 
 
 def cancelled_body(rpc_id: JsonId) -> bytes:

@@ -96,3 +96,25 @@ def test_the_filter_drops_a_refunded_answer_at_every_split_point() -> None:
 def test_a_cancelled_json_answer_is_an_error_for_the_same_id() -> None:
     assert json.loads(pending.cancelled_body("a")) == {"jsonrpc": "2.0", "id": "a", "error": {
         "code": -32800, "message": "request cancelled; not delivered and refunded by mcpmeter"}}
+
+
+def test_the_filter_is_linear_in_the_bytes_however_the_lines_fall() -> None:
+    p = Pending()
+    p.mark_refunded(S, 5)
+    f = pending.EventFilter(lambda data: p.blank_if_refunded(S, data) is not None, limit=1 << 20)
+    started = time.perf_counter()
+    out = f.feed(b"\n" * 400_000) + f.feed(b": x\r" * 250_000) + f.feed(b"\r\n") + f.feed(b"")
+    assert len(out) == 400_000 + 1_000_002
+    assert time.perf_counter() - started < 5  # quadratic would take minutes
+
+
+def test_an_event_over_the_limit_passes_as_it_comes_and_the_next_is_filtered_again() -> None:
+    p = Pending()
+    p.mark_refunded(S, 5)
+    f = pending.EventFilter(lambda data: p.blank_if_refunded(S, data) is not None, limit=64)
+    big = b'data: {"jsonrpc":"2.0","id":5,"result":{"pad":"' + b"x" * 200 + b'"}}\n\n'
+    out = f.feed(big[:100]) + f.feed(big[100:])
+    assert out == big  # too big to hold: let out unchanged
+    small = b'id: 9\ndata: {"jsonrpc":"2.0","id":5,"result":{}}\n\n'
+    assert f.feed(small) == b"id: 9\n\n"
+    assert f.feed(b"data\ndata: {\"id\":5,\"result\":1}\n\n") == b"\n"  # a bare `data` field is data too
