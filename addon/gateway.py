@@ -402,7 +402,8 @@ class Mcpmeter:
             gone = compat.client_gone(flow)
             if call.failure is None and gone:
                 # 2026-07-28: closing the POST stream before the answer cancels the call.
-                call.failure = Failure.CANCELLED if resumption.close_cancels(flow.request.headers) else Failure.CLIENT_GONE
+                cancels = resumption.close_cancels(flow.request.headers)
+                call.failure = Failure.CANCELLED if cancels else Failure.CLIENT_GONE
             elif call.failure is None:
                 call.failure = Failure.UPSTREAM
             self._end_session_stream(call)
@@ -795,6 +796,8 @@ class Mcpmeter:
         self.pending.park(call.session, call.priced.rpc_id, flow, call)
         call.deadline = asyncio.get_running_loop().call_later(remaining, self._on_deadline, flow, call)
         flow.metadata.setdefault(META, {"request_id": call.request_id})["decision"] = "pending"
+        flow.comment = (f"{call.listing.slug} · {call.priced.tool_name} · pending: the server closed the stream; "
+                        f"settled when a resumed stream answers, refunded after {remaining:.0f} s otherwise")
         return True
 
     def _settle_parked(self, flow: http.HTTPFlow, call: Call, failure: Failure | None = None) -> None:

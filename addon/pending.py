@@ -9,8 +9,8 @@ with no deliverable answer is refunded, and a refunded call's answer is never de
   resumed GET stream of the same session (and key), or is refunded at its timeout.
 - Priced calls in flight are *tracked* per session, so a `notifications/cancelled` naming one can find it.
 - A call refunded without an answer (timeout, cancellation, upstream failure) leaves a *refunded* marker:
-  an event answering its id on a later stream of that session is blanked (`drop_refunded`), so the client
-  never receives it. Markers are bounded in number and expire.
+  an event answering its id on a later stream of that session goes out without its `data:` lines
+  (`drop_refunded`), so the client never receives it. Markers are bounded in number and expire.
 
 Sessions are keyed by (listing id, Mcp-Session-Id); ids by their JSON type, so 1 and "1" differ.
 """
@@ -66,7 +66,8 @@ def cancelled_request_id(body: bytes) -> JsonId | None:
 
 
 class Pending:
-    def __init__(self, max_markers: int = MAX_REFUNDED_MARKERS, marker_seconds: float = REFUNDED_MARKER_SECONDS) -> None:
+    def __init__(self, max_markers: int = MAX_REFUNDED_MARKERS,
+                 marker_seconds: float = REFUNDED_MARKER_SECONDS) -> None:
         self.tracked: dict[SessionKey, dict[IdKey, tuple[http.HTTPFlow, Any]]] = {}
         self.parked: dict[SessionKey, dict[IdKey, tuple[http.HTTPFlow, Any]]] = {}
         self.refunded: OrderedDict[tuple[SessionKey, IdKey], float] = OrderedDict()
