@@ -32,6 +32,8 @@ class Failure(StrEnum):
     TIMEOUT = "upstream_timeout"
     CLIENT_GONE = "client_disconnected"
     INTERNAL = "internal_error"  # the gateway itself failed after the call was paid for
+    CANCELLED = "cancelled"  # notifications/cancelled, or (2026-07-28) the POST stream closed before the answer
+    NO_ANSWER_BY_TIMEOUT = "no_answer_by_timeout"  # a server-closed stream whose answer no resumption delivered
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from mitmproxy import command, ctx, exceptions, http
 
 from . import (billing, commands, compat, display, dryrun, forwarding, guard, idempotency, legacy_sse, origins, paths,
                receipts, redaction, rpc_errors, shadow)
+from . import pending as resumption
 from .auth import Credential, challenge, parse_authorization
 from .billing import Failure
 from .cache import MISS, Cache, open_cache
@@ -88,6 +89,8 @@ class Call:
     forwarded: float | None = None  # monotonic time the call left for the upstream
     flow: http.HTTPFlow | None = field(default=None, repr=False)  # set when forwarded: a stop settles it
     idempotency: idempotency.Claim | None = None  # this call's claim on its Idempotency-Key
+    session: tuple[int, str] | None = None  # (listing id, Mcp-Session-Id) of a streamable HTTP request
+    parked: bool = False  # its POST stream ended after an event id, unanswered: awaits a resumed stream
 
     def elapsed_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
@@ -115,6 +118,7 @@ class Mcpmeter:
         # Legacy SSE: session identity (_legacy_session) -> JSON-RPC id -> the POSTed calls awaiting
         # their answer, oldest first (an id POSTed twice is answered twice, each answer settles one).
         self.awaiting: dict[str, dict[JsonId, list[tuple[http.HTTPFlow, Call]]]] = {}
+        self.pending = resumption.Pending()  # streamable HTTP: calls parked, tracked, refunded (addon/pending.py)
         self.metrics = Metrics(backlog=lambda: len(self.background), cache_degraded=lambda: cache_degraded(self.cache))
         self.circuits = Circuits(lambda: self.cache, lambda: self.config and self.config.circuit_breaker,
                                  self.metrics.circuit_state)
@@ -238,7 +242,9 @@ class Mcpmeter:
         for flow, call in self._unsettled():
             log.warning("mcpmeter: stopping; refunding %s, still unanswered after %.0f s", call.request_id, grace)
             call.failure = call.failure or Failure.INTERNAL
-            if call.awaiting_stream:
+            if call.parked:
+                self._settle_parked(flow, call)
+            elif call.awaiting_stream:
                 self._unregister(call)
                 self._settle_awaiting(flow, call)
             else:
@@ -340,6 +346,8 @@ class Mcpmeter:
                     call.rewriter = legacy_sse.EndpointRewriter(call.listing.upstream_url, call.listing.slug)
                 flow.response.stream = self._stream_watcher(flow, call)
                 await receipts.wrap_stream(flow, call, self.store)  # prices and the receipt in the events
+                if call.session is not None and self.config is not None:  # refunded calls' answers never go out
+                    resumption.drop_refunded(flow.response, call.session, self.pending, self.config.max_event_bytes)
                 if self._show_streams():
                     display.keep_copy(flow)
                 if call.idempotency is not None:  # the streamed answer's bytes, for a replay
@@ -356,9 +364,13 @@ class Mcpmeter:
             return
         try:
             self._cancel_deadline(call)
+            if self._park(flow, call):
+                return  # a server-closed stream: the answer may come on a resumed stream of the session
             if call.parser is None:
                 call.status = flow.response.status_code
-                if call.priced is not None and call.outcome is None:
+                if call.failure is Failure.CANCELLED and call.priced is not None:
+                    self._withhold(flow, call)
+                elif call.priced is not None and call.outcome is None:
                     call.outcome = self._body_outcome(flow.response, call)
                 if self._await_stream(flow, call):
                     await self._stamp(flow, call)
@@ -377,7 +389,7 @@ class Mcpmeter:
             log.exception("mcpmeter: response %s failed; settling it all the same", call.request_id)
             await self._settle_anyway(flow, call, delivered=True)
         finally:
-            if not call.awaiting_stream:
+            if not (call.awaiting_stream or call.parked):
                 self._finish(flow, call)
 
     async def error(self, flow: http.HTTPFlow) -> None:
@@ -388,11 +400,17 @@ class Mcpmeter:
             return
         try:
             self._cancel_deadline(call)
-            if call.failure is None:
-                call.failure = Failure.CLIENT_GONE if compat.client_gone(flow) else Failure.UPSTREAM
+            gone = compat.client_gone(flow)
+            if call.failure is None and gone:
+                # 2026-07-28: closing the POST stream before the answer cancels the call.
+                cancels = resumption.close_cancels(flow.request.headers)
+                call.failure = Failure.CANCELLED if cancels else Failure.CLIENT_GONE
+            elif call.failure is None:
+                call.failure = Failure.UPSTREAM
             self._end_session_stream(call)
             await self._settle(flow, call)
-            if flow.response is None and call.failure is not Failure.CLIENT_GONE:
+            nobody = call.failure is Failure.CLIENT_GONE or (call.failure is Failure.CANCELLED and gone)
+            if flow.response is None and not nobody:
                 code = "upstream_timeout" if call.failure is Failure.TIMEOUT else "upstream_failed"
                 call.status = 504 if call.failure is Failure.TIMEOUT else 502
                 call.rpc_id = call.priced.rpc_id if call.priced else None
@@ -456,6 +474,8 @@ class Mcpmeter:
         session = sessions[0] if sessions else None
         if listing.transport is Transport.SSE and subpath:
             session = call.legacy_session = _legacy_session(listing.id, subpath, query)
+        elif session and listing.transport is not Transport.SSE:
+            call.session = (listing.id, session)
         if session:
             owner = await self.cache.session_owner(session)
             if owner is not None and owner != consumer.principal:
@@ -485,6 +505,8 @@ class Mcpmeter:
             await self._charge(flow, call, consumer, listing, call.priced)
         else:
             call.balance_task = asyncio.ensure_future(self.store.balance(consumer.user_id))
+        if call.session is not None and flow.metadata[META].get("method") == resumption.CANCELLED_METHOD:
+            self._cancel(call, req.raw_content or b"")  # and the notification goes on to the upstream
         self._forward(flow, call, listing, subpath, query)
 
     async def _idempotent(self, flow: http.HTTPFlow, call: Call, listing: Listing) -> bool:
@@ -607,6 +629,8 @@ class Mcpmeter:
         call.deadline = asyncio.get_running_loop().call_later(self._timeout(listing), self._on_deadline, flow, call)
         self.calls[flow.id] = call
         call.flow = flow
+        if call.session is not None and call.priced is not None:  # a notifications/cancelled can name it
+            self.pending.track(call.session, call.priced.rpc_id, flow, call)
         if listing.transport is Transport.SSE and call.priced is not None and call.legacy_session:
             # Registered before forwarding: the answer can reach the session's stream before the 202.
             self.awaiting.setdefault(call.legacy_session, {}).setdefault(call.priced.rpc_id, []).append((flow, call))
@@ -644,7 +668,8 @@ class Mcpmeter:
                             self._answer_awaiting(call.legacy_session, call.parser.feed(piece))
                     if ended:  # the final b"": a held-back chunk ([] returned) is not the end
                         self._end_session_stream(call)
-                elif call.priced is not None and call.outcome is None and call.parser is not None:
+                elif (call.priced is not None and call.outcome is None and call.parser is not None
+                      and call.settlement is None):  # a cancelled call settled already: its answer is no longer read
                     data = call.decoder.feed(chunk) if call.decoder is not None and chunk else chunk
                     for event in call.parser.feed(data) if data or not chunk else ():
                         if event.event != "message":  # MCP clients ignore other event types
@@ -656,6 +681,11 @@ class Mcpmeter:
                             self._cancel_deadline(call)
                             call.settlement = self._own(self._settle_now(flow, call))
                             break
+                elif call.priced is None and call.session is not None and call.parser is not None:
+                    # A GET stream of a session (a resumed one): answers to the session's parked calls settle them.
+                    data = call.decoder.feed(chunk) if call.decoder is not None and chunk else chunk
+                    for event in call.parser.feed(data) if data or not chunk else ():
+                        self._answer_parked(call, event)
             except Exception:
                 log.exception("mcpmeter: stream watcher %s failed", call.request_id)
                 if call.outcome is not None and call.settlement is None:  # seen, then something broke
@@ -740,6 +770,10 @@ class Mcpmeter:
 
     def _on_deadline(self, flow: http.HTTPFlow, call: Call) -> None:
         call.deadline = None
+        if call.parked:
+            if call.outcome is None and call.settlement is None:
+                self._settle_parked(flow, call, Failure.NO_ANSWER_BY_TIMEOUT)
+            return
         if call.awaiting_stream and call.outcome is None and call.settlement is None:
             self._unregister(call)
             call.failure = Failure.TIMEOUT
@@ -752,6 +786,91 @@ class Mcpmeter:
         call.failure = Failure.TIMEOUT
         if not compat.abort_upstream(flow):
             log.error("mcpmeter: could not abort the upstream of %s after its timeout", call.request_id)
+
+    # --- resumption and cancellation (addon/pending.py) -------------------------------------
+
+    def _park(self, flow: http.HTTPFlow, call: Call) -> bool:
+        """A POST stream the server ended after an event id, without the answer (SEP-1699): the call
+        stays pending until a resumed stream of its session answers it, or its timeout refunds it."""
+        if (call.parser is None or call.priced is None or call.session is None or call.listing is None
+                or call.charged is None or call.outcome is not None or call.failure is not None
+                or call.settlement is not None or call.parser.last_event_id is None
+                or call.status is None or not 200 <= call.status < 300):
+            return False
+        remaining = self._timeout(call.listing) - (time.monotonic() - call.started)
+        if remaining <= 0:
+            call.failure = Failure.NO_ANSWER_BY_TIMEOUT
+            return False
+        call.parked = True
+        self.pending.park(call.session, call.priced.rpc_id, flow, call)
+        call.deadline = asyncio.get_running_loop().call_later(remaining, self._on_deadline, flow, call)
+        flow.metadata.setdefault(META, {"request_id": call.request_id})["decision"] = "pending"
+        flow.comment = (f"{call.listing.slug} · {call.priced.tool_name} · pending: the server closed the stream; "
+                        f"settled when a resumed stream answers, refunded after {remaining:.0f} s otherwise")
+        return True
+
+    def _settle_parked(self, flow: http.HTTPFlow, call: Call, failure: Failure | None = None) -> None:
+        call.parked = False
+        if failure is not None:
+            call.failure = failure
+        self._settle_awaiting(flow, call)
+        self._finish(flow, call)
+
+    def _answer_parked(self, stream: Call, event: Event) -> None:
+        """An event on a GET stream of `stream`'s session: settle the calls of the same key it answers,
+        parked ones, and running ones whose answer overtook the end of their POST stream."""
+        assert stream.session is not None
+        if event.event != "message" or not self.pending.watching(stream.session):
+            return  # MCP clients ignore other event types: not an answer they get
+        messages = event.messages if event.oversized else answer_messages(event.data.encode("utf-8", "surrogatepass"))
+        for flow, call in self.pending.answered(stream.session, messages):
+            if (stream.consumer is None or call.consumer is None or call.priced is None
+                    or call.consumer.principal != stream.consumer.principal
+                    or call.outcome is not None or call.settlement is not None):
+                continue
+            call.outcome = _event_outcome(event, call.priced.rpc_id)
+            if call.outcome is None:
+                continue
+            if call.parked:
+                self._settle_parked(flow, call)
+            else:  # still running: settled now, its POST's hooks find it settled
+                self._cancel_deadline(call)
+                call.settlement = self._own(self._settle_now(flow, call))
+
+    def _cancel(self, notice: Call, body: bytes) -> None:
+        """notifications/cancelled naming a priced call of the same session and key: refunded, unless its
+        answer was already delivered; its answer is withheld from then on."""
+        rpc_id = resumption.cancelled_request_id(body)
+        found = self.pending.find(notice.session, rpc_id) if rpc_id is not None and notice.session else None
+        if found is None or notice.consumer is None:
+            return
+        flow, call = found
+        if call.consumer is None or call.consumer.principal != notice.consumer.principal:
+            return
+        if call.outcome is not None or call.settlement is not None or call.failure is not None:
+            return  # answered (billed), or already failing: settled by its own path
+        assert notice.session is not None and rpc_id is not None
+        self.pending.mark_refunded(notice.session, rpc_id)
+        if call.parked:
+            self._settle_parked(flow, call, Failure.CANCELLED)
+            return
+        call.failure = Failure.CANCELLED
+
+        async def settle() -> None:
+            try:
+                await self._settle_now(flow, call)
+            except Exception:
+                log.exception("mcpmeter: settling %s failed", call.request_id)
+
+        call.settlement = self._own(settle())
+
+    def _withhold(self, flow: http.HTTPFlow, call: Call) -> None:
+        """A JSON answer to a call cancelled (and refunded) while it ran: the client gets an error instead."""
+        assert flow.response is not None and call.priced is not None
+        if self._body_outcome(flow.response, call) is not None:
+            flow.response.headers.pop("content-encoding", None)
+            flow.response.headers["content-type"] = "application/json"
+            flow.response.content = resumption.cancelled_body(call.priced.rpc_id)
 
     def _cancel_deadline(self, call: Call) -> None:
         if call.deadline is not None:
@@ -836,6 +955,8 @@ class Mcpmeter:
             return
         assert self.config is not None and call.listing is not None and call.consumer is not None
         decision, status = _decision(call)
+        if decision.refund and call.outcome is None and call.session is not None and call.priced is not None:
+            self.pending.mark_refunded(call.session, call.priced.rpc_id)  # its answer is never delivered now
         self.metrics.settled(call, decision.refund, status)
         await self.circuits.record(call.listing, status, call.failure)
         settlement = Settlement(
@@ -882,6 +1003,8 @@ class Mcpmeter:
         self._idempotency_over(flow, call)
         self.calls.pop(flow.id, None)
         self._unregister(call)
+        if call.session is not None and call.priced is not None:
+            self.pending.untrack(call.session, call.priced.rpc_id, call)
 
     # --- answers of the gateway's own -------------------------------------------------------
 
@@ -1056,7 +1179,8 @@ def _decision(call: Call) -> tuple[billing.Decision, int]:
             # A legacy SSE POST's 202 only accepted the message: the answer came on the session's stream.
             return decision, 200
         return decision, call.status or 200
-    failed = {Failure.TIMEOUT: 504, Failure.UPSTREAM: 502, Failure.CLIENT_GONE: 499, Failure.INTERNAL: 500}
+    failed = {Failure.TIMEOUT: 504, Failure.UPSTREAM: 502, Failure.CLIENT_GONE: 499, Failure.INTERNAL: 500,
+              Failure.CANCELLED: 499, Failure.NO_ANSWER_BY_TIMEOUT: 504}
     return decision, failed.get(call.failure, call.status or 0) if call.failure else (call.status or 0)
 
 

@@ -44,6 +44,11 @@ class SseParser:
         self._event = ""
         self._id: str | None = None
 
+    @property
+    def last_event_id(self) -> str | None:
+        """The last `id:` seen, even on an event not dispatched (a priming event): a client resumes from it."""
+        return self._id
+
     def feed(self, chunk: bytes) -> list[Event]:
         """Parse one chunk; b"" marks the end of the stream."""
         final = not chunk

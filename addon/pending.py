@@ -1,0 +1,246 @@
+"""Calls that outlive their POST stream, and answers that must never be delivered. In memory, per gateway.
+
+The rule (README, "The rule behind the table"): a result delivered, or retrievable by resumption until the
+listing's timeout, is paid for; a call that failed, was cancelled before its answer, or whose timeout passed
+with no deliverable answer is refunded, and a refunded call's answer is never delivered afterwards.
+
+- A streamable-HTTP call whose POST stream the server ended normally after an event carrying an `id:`,
+  without the answer (2025-11-25, SEP-1699), is *parked* here: it settles when its answer passes on a
+  resumed GET stream of the same session (and key), or is refunded at its timeout.
+- Priced calls in flight are *tracked* per session, so a `notifications/cancelled` naming one can find it.
+- A call refunded without an answer (timeout, cancellation, upstream failure) leaves a *refunded* marker:
+  an event answering its id on a later stream of that session goes out without its `data:` lines
+  (`drop_refunded`), so the client never receives it. Markers are bounded in number and expire.
+
+Sessions are keyed by (listing id, Mcp-Session-Id); ids by their JSON type, so 1 and "1" differ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from mitmproxy import http
+
+from .jsonrpc import JsonId, answer_messages, parse_strict
+
+SessionKey = tuple[int, str]
+IdKey = tuple[bool, Any]  # (is a string, value): 1 and "1" are different ids, 1 and 1.0 the same
+
+log = logging.getLogger("mcpmeter")
+
+CANCELLED_METHOD = "notifications/cancelled"
+CLOSE_CANCELS_FROM = "2026-07-28"  # from this revision on, closing a POST stream cancels its call
+MAX_REFUNDED_MARKERS = 100_000
+REFUNDED_MARKER_SECONDS = 3600.0
+
+
+def id_key(rpc_id: Any) -> IdKey | None:
+    if isinstance(rpc_id, bool) or not isinstance(rpc_id, (str, int, float)):
+        return None
+    return isinstance(rpc_id, str), rpc_id
+
+
+def close_cancels(headers: http.Headers) -> bool:
+    """The client speaks a revision where closing the POST stream before the answer cancels the call.
+    Revisions are dates (YYYY-MM-DD): they compare as strings."""
+    version = headers.get("mcp-protocol-version", "").strip()
+    return len(version) == 10 and version >= CLOSE_CANCELS_FROM
+
+
+def cancelled_request_id(body: bytes) -> JsonId | None:
+    """The `params.requestId` of a `notifications/cancelled` body, or None."""
+    try:
+        message = parse_strict(body)
+    except Exception:
+        return None
+    if not isinstance(message, Mapping) or message.get("method") != CANCELLED_METHOD or "id" in message:
+        return None
+    params = message.get("params")
+    rpc_id = params.get("requestId") if isinstance(params, Mapping) else None
+    return rpc_id if id_key(rpc_id) is not None else None
+
+
+class Pending:
+    def __init__(self, max_markers: int = MAX_REFUNDED_MARKERS,
+                 marker_seconds: float = REFUNDED_MARKER_SECONDS) -> None:
+        self.tracked: dict[SessionKey, dict[IdKey, tuple[http.HTTPFlow, Any]]] = {}
+        self.parked: dict[SessionKey, dict[IdKey, tuple[http.HTTPFlow, Any]]] = {}
+        self.refunded: OrderedDict[tuple[SessionKey, IdKey], float] = OrderedDict()
+        self.max_markers, self.marker_seconds = max_markers, marker_seconds
+
+    # --- calls in flight (for cancellation) ----------------------------------------------------
+
+    def track(self, session: SessionKey, rpc_id: JsonId, flow: http.HTTPFlow, call: Any) -> None:
+        if (key := id_key(rpc_id)) is not None:
+            self.tracked.setdefault(session, {})[key] = (flow, call)
+
+    def untrack(self, session: SessionKey, rpc_id: JsonId, call: Any) -> None:
+        for table in (self.tracked, self.parked):
+            calls = table.get(session)
+            key = id_key(rpc_id)
+            if calls is not None and key in calls and calls[key][1] is call:
+                del calls[key]
+                if not calls:
+                    del table[session]
+
+    def find(self, session: SessionKey, rpc_id: JsonId) -> tuple[http.HTTPFlow, Any] | None:
+        """The priced call of this session with this id: parked first, else in flight."""
+        key = id_key(rpc_id)
+        return self.parked.get(session, {}).get(key) or self.tracked.get(session, {}).get(key)
+
+    # --- calls parked until a resumed stream answers them ----------------------------------------
+
+    def park(self, session: SessionKey, rpc_id: JsonId, flow: http.HTTPFlow, call: Any) -> None:
+        if (key := id_key(rpc_id)) is not None:
+            self.parked.setdefault(session, {})[key] = (flow, call)
+
+    def has_parked(self, session: SessionKey) -> bool:
+        return session in self.parked
+
+    def watching(self, session: SessionKey) -> bool:
+        """Whether the session has calls (parked or running) an answer on its GET streams would settle."""
+        return session in self.parked or session in self.tracked
+
+    def answered(self, session: SessionKey, messages: list[Any] | None) -> list[tuple[http.HTTPFlow, Any]]:
+        """The calls of `session`, parked or running, that these messages (an event's) answer."""
+        parked, running = self.parked.get(session, {}), self.tracked.get(session, {})
+        found = []
+        for m in messages or ():
+            if not m.has_method and (m.has_result or m.has_error) and (key := id_key(m.id_value())) is not None:
+                if (entry := parked.get(key) or running.get(key)) is not None:
+                    found.append(entry)
+        return found
+
+    def parked_calls(self) -> list[tuple[http.HTTPFlow, Any]]:
+        return [fc for calls in self.parked.values() for fc in calls.values()]
+
+    # --- refunded answers, never delivered ------------------------------------------------------
+
+    def mark_refunded(self, session: SessionKey, rpc_id: JsonId) -> None:
+        if (key := id_key(rpc_id)) is None:
+            return
+        self.refunded[(session, key)] = time.monotonic() + self.marker_seconds
+        self.refunded.move_to_end((session, key))
+        while len(self.refunded) > self.max_markers:
+            self.refunded.popitem(last=False)
+
+    def is_refunded(self, session: SessionKey, rpc_id: Any) -> bool:
+        if (key := id_key(rpc_id)) is None:
+            return False
+        expires = self.refunded.get((session, key))
+        if expires is None:
+            return False
+        if expires < time.monotonic():
+            del self.refunded[(session, key)]
+            return False
+        return True
+
+    def blank_if_refunded(self, session: SessionKey, data: str) -> str | None:
+        """An event's data: "" (the event is not dispatched by clients) when it answers a refunded call."""
+        if not self.refunded:
+            return None
+        messages = answer_messages(data.encode("utf-8", "surrogatepass"))
+        for m in messages or ():
+            if not m.has_method and (m.has_result or m.has_error) and self.is_refunded(session, m.id_value()):
+                return ""
+        return None
+
+
+def drop_refunded(response: http.Response, session: SessionKey, pending: Pending, limit: int) -> None:
+    """Wrap an SSE stream of a session: an event answering a refunded call goes out without its `data:`
+    lines (its `id:` line kept, so a client's resumption point still advances), which clients do not
+    dispatch. Holds one event at a time, at most `limit` bytes; a bigger event passes as it comes."""
+    inner = response.stream
+    if not callable(inner):
+        return
+    events = EventFilter(lambda data: pending.blank_if_refunded(session, data) is not None, limit)
+
+    def rewrite(chunk: bytes) -> bytes | list[bytes]:
+        out = inner(chunk)
+        parts = [out] if isinstance(out, bytes) else list(out or [])
+        try:
+            emitted = [events.feed(part) for part in parts if part]
+            if not chunk:
+                emitted.append(events.feed(b""))
+        except Exception:  # never disturb the stream
+            log.exception("mcpmeter: filtering a session stream failed")
+            return parts
+        return b"".join(emitted) or []  # never an empty chunk: over HTTP/1.1 it would end the body
+
+    response.stream = rewrite
+
+
+class EventFilter:
+    """Bytes in, bytes out, whole SSE events at a time; `drop(data)` says which events lose their data.
+
+    Linear in the bytes fed: line ends are searched once (positions cached), and held bytes are
+    trimmed once per chunk. Holds only the current event, up to `limit` bytes.
+    """
+
+    def __init__(self, drop: Callable[[str], bool], limit: int) -> None:
+        self.drop, self.limit = drop, limit
+        self.buf = bytearray()
+        self.event = 0  # start of the current event in buf
+        self.line = 0  # start of the current line
+        self.pos = 0  # searched up to here
+        self.passing = False  # the current event outgrew the limit: it goes out as it comes
+
+    def feed(self, chunk: bytes) -> bytes:
+        final = not chunk
+        buf, out = self.buf, bytearray()
+        buf += chunk
+        lf = cr = -2  # the next LF / CR at or after pos; -1 none (in this chunk), -2 not looked for yet
+        while True:
+            if lf < self.pos and lf != -1:
+                lf = buf.find(b"\n", self.pos)
+            if cr < self.pos and cr != -1:
+                cr = buf.find(b"\r", self.pos)
+            if lf == -1 and cr == -1:
+                self.pos = len(buf)
+                break
+            end = lf if cr == -1 or (lf != -1 and lf < cr) else cr
+            if buf[end] == 0x0D:
+                if end + 1 == len(buf) and not final:
+                    self.pos = end  # a CR at the end: its LF may come next
+                    break
+                nxt = end + 2 if buf[end + 1:end + 2] == b"\n" else end + 1
+            else:
+                nxt = end + 1
+            empty, self.line, self.pos = end == self.line, nxt, nxt
+            if empty:  # the blank line ends an event
+                out += self._emit(bytes(buf[self.event:nxt]))
+                self.event, self.passing = nxt, False
+        if final:
+            out += buf[self.event:]
+            self.__init__(self.drop, self.limit)  # type: ignore[misc]
+            return bytes(out)
+        if self.passing or len(buf) - self.event > self.limit:
+            self.passing = True
+            out += buf[self.event:self.pos]
+            self.event = self.pos
+        if self.event:
+            cut = self.event
+            del buf[:cut]
+            self.event, self.line, self.pos = 0, self.line - cut, self.pos - cut
+        return bytes(out)
+
+    def _emit(self, event: bytes) -> bytes:
+        if self.passing:
+            return event
+        lines = event.splitlines(keepends=True)
+        fields = [line.rstrip(b"\r\n").partition(b":") for line in lines]
+        data = [value[1:] if value.startswith(b" ") else value for name, _, value in fields if name == b"data"]
+        if not data or not self.drop(b"\n".join(data).decode("utf-8", "replace")):
+            return event
+        return b"".join(line for line, (name, _, _) in zip(lines, fields) if name != b"data")
+
+
+def cancelled_body(rpc_id: JsonId) -> bytes:
+    """What a client gets instead of the JSON answer of a call it cancelled (and was refunded for)."""
+    return json.dumps({"jsonrpc": "2.0", "id": rpc_id, "error": {
+        "code": -32800, "message": "request cancelled; not delivered and refunded by mcpmeter"}}).encode()

@@ -1,0 +1,120 @@
+"""addon/pending.py: which calls a cancellation names, which revisions cancel on close, refunded markers
+and the filter that keeps a refunded call's answer from the client."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from mitmproxy import http
+
+from addon import pending
+from addon.pending import Pending, cancelled_request_id, close_cancels, drop_refunded, id_key
+from addon.sse import SseParser
+
+S = (1, "session-a")
+
+
+def test_ids_keep_their_json_type() -> None:
+    assert id_key(1) == id_key(1.0) != id_key("1")
+    assert id_key(True) is None and id_key(None) is None and id_key([1]) is None
+
+
+def test_closing_the_stream_cancels_from_2026_07_28_on() -> None:
+    def h(v: str | None) -> http.Headers:
+        return http.Headers(**({"MCP-Protocol-Version": v} if v is not None else {}))
+
+    assert close_cancels(h("2026-07-28")) and close_cancels(h("2027-01-01"))
+    assert not close_cancels(h("2025-11-25")) and not close_cancels(h(None)) and not close_cancels(h("9"))
+
+
+def test_a_cancellation_names_a_request_id() -> None:
+    def body(**m: object) -> bytes:
+        return json.dumps({"jsonrpc": "2.0", "method": "notifications/cancelled", **m}).encode()
+
+    assert cancelled_request_id(body(params={"requestId": 7, "reason": "x"})) == 7
+    assert cancelled_request_id(body(params={"requestId": "a"})) == "a"
+    assert cancelled_request_id(body(id=1, params={"requestId": 7})) is None  # a request, not a notification
+    assert cancelled_request_id(body(params={"requestId": True})) is None
+    assert cancelled_request_id(body(params={})) is None
+    assert cancelled_request_id(b'{"method":"notifications/cancelled","params":{"requestId":1,"requestId":2}}') is None
+
+
+def test_refunded_markers_are_bounded_and_expire() -> None:
+    p = Pending(max_markers=2)
+    for rpc_id in (1, 2, 3):
+        p.mark_refunded(S, rpc_id)
+    assert not p.is_refunded(S, 1) and p.is_refunded(S, 2) and p.is_refunded(S, 3)
+    assert not p.is_refunded(S, "3") and not p.is_refunded((2, "session-a"), 3)
+    short = Pending(marker_seconds=0.0)
+    short.mark_refunded(S, 1)
+    time.sleep(0.01)
+    assert not short.is_refunded(S, 1) and not short.refunded
+
+
+def test_only_answers_to_refunded_calls_are_blanked() -> None:
+    p = Pending()
+    p.mark_refunded(S, 5)
+    assert p.blank_if_refunded(S, '{"jsonrpc":"2.0","id":5,"result":{}}') == ""
+    assert p.blank_if_refunded(S, '{"jsonrpc":"2.0","id":5,"error":{"code":1,"message":"x"}}') == ""
+    assert p.blank_if_refunded(S, '{"jsonrpc":"2.0","id":5,"method":"sampling/createMessage"}') is None
+    assert p.blank_if_refunded(S, '{"jsonrpc":"2.0","id":6,"result":{}}') is None
+    assert p.blank_if_refunded((1, "other"), '{"jsonrpc":"2.0","id":5,"result":{}}') is None
+
+
+def test_parked_calls_are_found_by_the_answers_of_their_session() -> None:
+    p, flow, call = Pending(), object(), object()
+    p.track(S, 3, flow, call)  # type: ignore[arg-type]
+    p.park(S, 3, flow, call)  # type: ignore[arg-type]
+    assert p.find(S, 3) == (flow, call) and p.has_parked(S)
+    messages = SseParser().feed(b'data: {"jsonrpc":"2.0","id":3,"result":{}}\n\n')
+    from addon.jsonrpc import answer_messages
+    assert p.answered(S, answer_messages(messages[0].data.encode())) == [(flow, call)]
+    assert p.answered(S, answer_messages(b'{"jsonrpc":"2.0","id":"3","result":{}}')) == []
+    p.untrack(S, 3, call)
+    assert p.find(S, 3) is None and not p.has_parked(S) and not p.tracked
+
+
+def test_the_filter_drops_a_refunded_answer_at_every_split_point() -> None:
+    stream = (b"id: 1\r\ndata:\r\n\r\n: comment\n\nid: 2\ndata: {\"jsonrpc\":\"2.0\",\"id\":5,\"result\":{\"x\":1}}\n\n"
+              b"id: 3\ndata: {\"jsonrpc\":\"2.0\",\"id\":6,\"result\":{}}\n\n")
+    for cut in range(len(stream) + 1):
+        p = Pending()
+        p.mark_refunded(S, 5)
+        response = http.Response.make(200, b"")
+        response.stream = lambda chunk: chunk
+        drop_refunded(response, S, p, limit=1 << 20)
+        out = b""
+        for chunk in [c for c in (stream[:cut], stream[cut:]) if c] + [b""]:  # b"": the end
+            got = response.stream(chunk)
+            out += got if isinstance(got, bytes) else b"".join(got)
+        events = SseParser().feed(out)
+        assert [e.data for e in events] == ['{"jsonrpc":"2.0","id":6,"result":{}}'], cut
+        assert b"id: 2" in out and b'"id":5' not in out
+
+
+def test_a_cancelled_json_answer_is_an_error_for_the_same_id() -> None:
+    assert json.loads(pending.cancelled_body("a")) == {"jsonrpc": "2.0", "id": "a", "error": {
+        "code": -32800, "message": "request cancelled; not delivered and refunded by mcpmeter"}}
+
+
+def test_the_filter_is_linear_in_the_bytes_however_the_lines_fall() -> None:
+    p = Pending()
+    p.mark_refunded(S, 5)
+    f = pending.EventFilter(lambda data: p.blank_if_refunded(S, data) is not None, limit=1 << 20)
+    started = time.perf_counter()
+    out = f.feed(b"\n" * 400_000) + f.feed(b": x\r" * 250_000) + f.feed(b"\r\n") + f.feed(b"")
+    assert len(out) == 400_000 + 1_000_002
+    assert time.perf_counter() - started < 5  # quadratic would take minutes
+
+
+def test_an_event_over_the_limit_passes_as_it_comes_and_the_next_is_filtered_again() -> None:
+    p = Pending()
+    p.mark_refunded(S, 5)
+    f = pending.EventFilter(lambda data: p.blank_if_refunded(S, data) is not None, limit=64)
+    big = b'data: {"jsonrpc":"2.0","id":5,"result":{"pad":"' + b"x" * 200 + b'"}}\n\n'
+    out = f.feed(big[:100]) + f.feed(big[100:])
+    assert out == big  # too big to hold: let out unchanged
+    small = b'id: 9\ndata: {"jsonrpc":"2.0","id":5,"result":{}}\n\n'
+    assert f.feed(small) == b"id: 9\n\n"
+    assert f.feed(b"data\ndata: {\"id\":5,\"result\":1}\n\n") == b"\n"  # a bare `data` field is data too

@@ -1,0 +1,89 @@
+"""Resumption and cancellation through the hooks (addon/pending.py's state in the gateway), no sockets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_gateway_hooks import (  # noqa: F401  (fixtures)
+    OPENING, PRICE, RESULT, Gw, gw, isolated, make_flow, meta, sent, sse_response, upstream_fails,
+)
+
+pytestmark = pytest.mark.timeout(30)
+SESSION = {"Mcp-Session-Id": "s-1", "MCP-Protocol-Version": "2025-11-25"}
+PRIMING = b"id: 1\ndata:\n\n"
+
+
+async def post_primed(gw: Gw):
+    """A priced call whose POST stream has sent its priming event."""
+    flow = make_flow(headers=SESSION)
+    await gw.addon.request(flow)
+    flow.response = sse_response()
+    await gw.addon.responseheaders(flow)
+    assert sent(flow.response.stream(PRIMING)) == PRIMING
+    return flow, gw.addon.calls[flow.id]
+
+
+async def resumed_get(gw: Gw):
+    flow = make_flow(method="GET", headers={**SESSION, "Last-Event-ID": "1"})
+    await gw.addon.request(flow)
+    flow.response = sse_response()
+    await gw.addon.responseheaders(flow)
+    return flow
+
+
+def usage_reasons(gw: Gw) -> list[tuple[int, int, str]]:
+    return [(int(s), int(r), why) for s, r, why in gw.db.rows("SELECT status, refunded, reason FROM mcpmeter_calls"
+                                                               " WHERE settled_at IS NOT NULL")]
+
+
+async def test_an_answer_overtaking_the_end_of_its_post_stream_is_billed_once(gw: Gw) -> None:
+    post, call = await post_primed(gw)
+    get = await resumed_get(gw)
+    answer = b"id: 2\ndata: " + RESULT.encode() + b"\n\n"
+    assert sent(get.response.stream(answer)) == answer
+    assert call.settlement is not None  # settled by the GET stream while the POST stream was still open
+    post.response.stream(b"")
+    await gw.addon.response(post)
+    await gw.addon.drain()
+    assert usage_reasons(gw) == [(200, 0, "result")] and len(gw.db.usage()) == 1
+    assert gw.db.balance(1) == OPENING - PRICE
+    assert sent(get.response.stream(answer)) == answer  # a replay: delivered again, never billed again
+    await gw.addon.drain()
+    assert len(gw.db.usage()) == 1
+    gw.db.assert_reconciled()
+
+
+async def test_a_parked_call_is_refunded_when_the_gateway_stops(gw: Gw) -> None:
+    post, call = await post_primed(gw)
+    post.response.stream(b"")
+    await gw.addon.response(post)
+    assert call.parked and meta(post)["decision"] == "pending" and gw.db.usage() == []
+    await gw.addon.stop(grace=0.1)
+    assert usage_reasons(gw) == [(500, 1, "internal_error")] and gw.db.balance(1) == OPENING
+    assert not gw.addon.pending.parked and not gw.addon.pending.tracked
+
+
+async def test_another_session_or_an_unknown_id_cancels_nothing(gw: Gw) -> None:
+    post, call = await post_primed(gw)
+    for headers, request_id in (({**SESSION, "Mcp-Session-Id": "s-2"}, 1), (SESSION, 2), (SESSION, "1")):
+        notice = make_flow(headers=headers, body={"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                                  "params": {"requestId": request_id}})
+        await gw.addon.request(notice)
+        assert notice.response is None  # forwarded
+    assert call.failure is None and call.settlement is None
+    answer = b"data: " + RESULT.encode() + b"\n\n"
+    out = sent(post.response.stream(answer))
+    assert json.loads(out.partition(b"data: ")[2])["result"]["content"][0]["text"] == "done"
+    await gw.addon.drain()
+    assert usage_reasons(gw) == [(200, 0, "result")]
+
+
+async def test_a_2026_client_closing_before_the_answer_cancels_and_is_refunded(gw: Gw) -> None:
+    flow = make_flow(headers={**SESSION, "MCP-Protocol-Version": "2026-07-28"})
+    await gw.addon.request(flow)
+    await upstream_fails(gw, flow, "Client disconnected.")
+    await gw.addon.drain()
+    assert usage_reasons(gw) == [(499, 1, "cancelled")] and gw.db.balance(1) == OPENING
+    assert meta(flow)["reason"] == "cancelled"
