@@ -180,34 +180,66 @@ class EventRewriter:
     def __init__(self, edit: Callable[[str], str | None], finished: Callable[[], bool] = lambda: False,
                  limit: int = MAX_REWRITE_BYTES) -> None:
         self.edit, self.finished, self.limit = edit, finished, limit
-        self._pending = b""  # bytes not yet split into lines
+        self._buf = bytearray()  # bytes not yet split into lines start at self._start
+        self._start = 0  # read offset: the consumed prefix is dropped only when it is over half the buffer
+        self._searched = 0  # buf[_start:_searched] holds no line end: it is never scanned again
         self._lines: list[tuple[bytes, bytes]] = []  # the current event's lines: (text, line end)
         self._size = 0
         self._passing = False  # an oversize event is being let out unchanged
         self._midline = False  # (passing) part of the current line already went out
 
     def feed(self, chunk: bytes) -> bytes:
-        """One chunk in, what may go out now; b"" marks the end and flushes everything."""
+        """One chunk in, what may go out now; b"" marks the end and flushes everything.
+
+        Linear in bytes: each byte is searched for a line end once and copied a bounded number of
+        times (the consumed prefix is dropped only when it is over half the buffer).
+        """
         final = not chunk
-        self._pending += chunk
+        buf = self._buf
+        buf += chunk
         out = bytearray()
+        start = self._start
+        lf = cr = -2  # the next LF / CR at or after start; -1 none in buf, -2 not looked for yet
         while not self.finished() or self._lines or self._passing:
-            cut = _line_end(self._pending, final)
-            if cut is None:
+            at = max(start, self._searched)
+            if lf < at and lf != -1:
+                lf = buf.find(b"\n", at)
+            if cr < at and cr != -1:
+                cr = buf.find(b"\r", at)
+            if lf == -1 and cr == -1:
+                self._searched = len(buf)
                 break
-            end, nxt = cut
-            line, ending = self._pending[:end], self._pending[end:nxt]
-            self._pending = self._pending[nxt:]
+            if cr == -1 or (lf != -1 and lf < cr):
+                end, nxt = lf, lf + 1
+            elif cr + 1 < len(buf):
+                end, nxt = cr, cr + 2 if buf[cr + 1] == 0x0A else cr + 1
+            elif final:
+                end, nxt = cr, cr + 1
+            else:  # a trailing CR waits for a LF
+                self._searched = cr
+                break
+            line, ending = bytes(buf[start:end]), bytes(buf[end:nxt])
+            start = nxt
             out += self._line(line, ending)
+        self._start = start
         if self.finished() and not self._lines and not self._passing:
-            out += self._pending  # the answer has passed: the rest of the stream goes untouched
-            self._pending = b""
-        elif self._passing or self._size + len(self._pending) > self.limit:
+            out += buf[start:]  # the answer has passed: the rest of the stream goes untouched
+            self._clear()
+        elif self._passing or self._size + len(buf) - start > self.limit:
             out += self._overflow()
         if final:
-            out += b"".join(t + e for t, e in self._lines) + self._pending
-            self._lines, self._pending, self._size = [], b"", 0
+            out += b"".join(t + e for t, e in self._lines) + buf[self._start:]
+            self._lines, self._size = [], 0
+            self._clear()
+        elif self._start > len(buf) // 2:
+            del buf[:self._start]
+            self._searched = max(self._searched - self._start, 0)
+            self._start = 0
         return bytes(out)
+
+    def _clear(self) -> None:
+        self._buf.clear()
+        self._start = self._searched = 0
 
     def _line(self, line: bytes, ending: bytes) -> bytes:
         if self._passing:
@@ -230,8 +262,10 @@ class EventRewriter:
         """The current event is too big to hold: let out what is held and pass it as it comes."""
         held = b"".join(t + e for t, e in self._lines)
         self._lines, self._size, self._passing = [], 0, True
-        keep = 1 if self._pending.endswith(b"\r") else 0  # maybe half of a CRLF
-        part, self._pending = self._pending[: len(self._pending) - keep], self._pending[len(self._pending) - keep:]
+        buf = self._buf
+        keep = 1 if len(buf) > self._start and buf[-1] == 0x0D else 0  # maybe half of a CRLF
+        part = bytes(buf[self._start: len(buf) - keep])
+        self._start = len(buf) - keep
         if part:
             self._midline = True
         return held + part
@@ -261,18 +295,6 @@ class EventRewriter:
             elif text.partition(b":")[0] != b"data":
                 out += text + ending
         return bytes(out)
-
-
-def _line_end(buf: bytes, final: bool) -> tuple[int, int] | None:
-    """(end of line, start of next) for the first complete line; a trailing CR waits for a LF."""
-    lf, cr = buf.find(b"\n"), buf.find(b"\r")
-    if cr == -1 and lf == -1:
-        return None
-    if cr == -1 or (lf != -1 and lf < cr):
-        return lf, lf + 1
-    if cr + 1 < len(buf):
-        return cr, cr + 2 if buf[cr + 1: cr + 2] == b"\n" else cr + 1
-    return (cr, cr + 1) if final else None
 
 
 # --- the gateway's hooks delegate here ----------------------------------------------------------------

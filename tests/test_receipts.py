@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -173,6 +174,24 @@ def test_sse_stream_without_the_answer_passes_byte_for_byte(cut: int) -> None:
 def test_sse_unterminated_event_is_flushed_at_the_end() -> None:
     assert run(b"data: {\"id\":1", [3]) == b"data: {\"id\":1"
     assert run(b"data: x\r", [8]) == b"data: x\r"
+
+
+@pytest.mark.parametrize("stream, chunk", [
+    (b"a\n" * 1_000_000, None),  # 2 MB of LF-only lines in one chunk
+    (b"a\r" * 1_000_000, None),  # 2 MB of CR-only lines in one chunk
+    (b"data: " + b"x" * 512 * 1024, 1),  # a 512 KiB line, one byte at a time
+])
+def test_sse_rewrite_is_linear_in_bytes(stream: bytes, chunk: int | None) -> None:
+    """SPEC I7: hostile shapes cost time linear in their size (the quadratic version took 25-50 s here).
+
+    The bound is CPU time of this process (not wall clock) and about 5x what the linear code needs.
+    """
+    rewriter = EventRewriter(lambda data: data)
+    parts = [stream] if chunk is None else [stream[i:i + chunk] for i in range(0, len(stream), chunk)]
+    started = time.process_time()
+    out = b"".join(rewriter.feed(part) for part in parts) + rewriter.feed(b"")
+    assert time.process_time() - started < 5
+    assert out == stream
 
 
 # --- through the hooks (taddons) ------------------------------------------------------------------
