@@ -37,7 +37,7 @@ from .config import SLUG_RE, Config, ConfigError, load
 from .decoding import StreamDecoder, TooLarge, decode_bounded
 from .errors import GatewayError
 from .jsonrpc import (
-    JsonId, Outcome, PricedCall, answer_messages, answer_outcome, body_outcome, check_http_method, inspect_request,
+    JsonId, Outcome, PricedCall, answer_messages, body_outcome, check_http_method, inspect_request,
     scanned_outcome,
 )
 from .metrics import Metrics, cache_degraded
@@ -246,7 +246,7 @@ class Mcpmeter:
                 self._settle_parked(flow, call)
             elif call.awaiting_stream:
                 self._unregister(call)
-                self._settle_awaiting(flow, call)
+                self._settle_soon(flow, call)
             else:
                 self._cancel_deadline(call)
                 if flow.live:
@@ -732,7 +732,7 @@ class Mcpmeter:
                 # The answer may overtake the POST's own 202: then the response hook settles it.
                 if call.awaiting_stream:
                     call.status = 200  # recorded as answered, not as the 202 that acknowledged the POST
-                    self._settle_awaiting(flow, call)
+                    self._settle_soon(flow, call)
 
     def _unregister(self, call: Call) -> None:
         """The call no longer awaits an answer on its session's stream."""
@@ -755,9 +755,10 @@ class Mcpmeter:
             for flow, waiting in calls:
                 waiting.failure = Failure.UPSTREAM
                 if waiting.awaiting_stream:
-                    self._settle_awaiting(flow, waiting)
+                    self._settle_soon(flow, waiting)
 
-    def _settle_awaiting(self, flow: http.HTTPFlow, call: Call) -> None:
+    def _settle_soon(self, flow: http.HTTPFlow, call: Call) -> None:
+        """Settle a call outside its own flow's hooks (a legacy answer, a cancellation), as an owned task."""
         self._cancel_deadline(call)
 
         async def settle() -> None:
@@ -777,7 +778,7 @@ class Mcpmeter:
         if call.awaiting_stream and call.outcome is None and call.settlement is None:
             self._unregister(call)
             call.failure = Failure.TIMEOUT
-            self._settle_awaiting(flow, call)
+            self._settle_soon(flow, call)
             return
         if call.outcome is not None or call.settlement is not None or not flow.live:
             return
@@ -813,7 +814,7 @@ class Mcpmeter:
         call.parked = False
         if failure is not None:
             call.failure = failure
-        self._settle_awaiting(flow, call)
+        self._settle_soon(flow, call)
         self._finish(flow, call)
 
     def _answer_parked(self, stream: Call, event: Event) -> None:
@@ -855,14 +856,7 @@ class Mcpmeter:
             self._settle_parked(flow, call, Failure.CANCELLED)
             return
         call.failure = Failure.CANCELLED
-
-        async def settle() -> None:
-            try:
-                await self._settle_now(flow, call)
-            except Exception:
-                log.exception("mcpmeter: settling %s failed", call.request_id)
-
-        call.settlement = self._own(settle())
+        self._settle_soon(flow, call)
 
     def _withhold(self, flow: http.HTTPFlow, call: Call) -> None:
         """A JSON answer to a call cancelled (and refunded) while it ran: the client gets an error instead."""

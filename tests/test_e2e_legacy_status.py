@@ -6,27 +6,13 @@ The usage row records how the call was answered (200, as streamable HTTP does), 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 from mcp import Client
 from mcp.client.sse import sse_client
-from starlette.applications import Starlette
-from starlette.routing import Mount
 
-from demos import echo
 from tests.backends import Backend
-from tests.demo_servers import serve_in_thread
 from tests.gateway_proc import Gateway
 from tests.test_e2e_gateway import eventually, slug
-
-
-@pytest.fixture(scope="module")
-def legacy_url() -> Iterator[str]:
-    app = Starlette(routes=[Mount("/legacy", app=echo.create_server().sse_app())])
-    url, stop = serve_in_thread(app)
-    yield url
-    stop()
+from tests.test_e2e_legacy_sse import legacy_url  # noqa: F401  (a fixture: the SDK's legacy server)
 
 
 async def test_answered_legacy_calls_are_recorded_as_answered_not_202(
