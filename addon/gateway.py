@@ -24,8 +24,8 @@ from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
 
-from . import (billing, commands, compat, display, dryrun, forwarding, guard, idempotency, legacy_sse, origins, paths,
-               receipts, redaction, rpc_errors, shadow)
+from . import (billing, commands, compat, deferred, display, dryrun, forwarding, guard, idempotency, legacy_sse, origins,
+               paths, receipts, redaction, rpc_errors, shadow)
 from .auth import Credential, challenge, parse_authorization
 from .billing import Failure
 from .cache import MISS, Cache, open_cache
@@ -87,6 +87,7 @@ class Call:
     forwarded: float | None = None  # monotonic time the call left for the upstream
     flow: http.HTTPFlow | None = field(default=None, repr=False)  # set when forwarded: a stop settles it
     idempotency: idempotency.Claim | None = None  # this call's claim on its Idempotency-Key
+    decided: billing.Decision | None = None  # a held call's settlement, decided by a later message (deferred.py)
 
     def elapsed_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
@@ -119,6 +120,8 @@ class Mcpmeter:
                                  self.metrics.circuit_state)
         self.results = commands.Results()  # the debugging commands' answers and this gateway's calls
         self.replays = dryrun.Originals()  # who made each flow, so replaying it is a dry run as them
+        # Tasks and input_required rounds: calls held until a later message settles them (addon/deferred.py).
+        self.deferred = deferred.Deferred(self._settle_held, lambda: self.config, lambda: self.store)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -181,6 +184,7 @@ class Mcpmeter:
                 try:
                     if refunded := await store.sweep(config.stale_call_seconds, config.platform_fee_bps):
                         log.warning("mcpmeter: refunded %d call(s) left unsettled by a stopped gateway", refunded)
+                    await self.deferred.sweep()  # held tasks and rounds past their own limits
                 except StoreUnavailable:
                     pass
                 except Exception:
@@ -339,6 +343,7 @@ class Mcpmeter:
                     call.rewriter = legacy_sse.EndpointRewriter(call.listing.upstream_url, call.listing.slug)
                 flow.response.stream = self._stream_watcher(flow, call)
                 await receipts.wrap_stream(flow, call, self.store)  # prices and the receipt in the events
+                self.deferred.watch_stream(flow, call)  # task statuses, input_required (upstream bytes first)
                 if self._show_streams():
                     display.keep_copy(flow)
                 if call.idempotency is not None:  # the streamed answer's bytes, for a replay
@@ -359,6 +364,7 @@ class Mcpmeter:
                 call.status = flow.response.status_code
                 if call.priced is not None and call.outcome is None:
                     call.outcome = self._body_outcome(flow.response, call.priced.rpc_id)
+                self.deferred.watch_body(call, flow.response)  # task statuses, input_required
                 if self._await_stream(flow, call):
                     await self._stamp(flow, call)
                     return
@@ -459,6 +465,7 @@ class Mcpmeter:
             owner = await self.cache.session_owner(session)
             if owner is not None and owner != consumer.principal:
                 raise GatewayError("session_forbidden")
+        continues = False  # a retry carrying a requestState this key was issued: its first round paid
         if req.method == "POST":
             inspection = inspect_request(
                 req.raw_content or b"", self.config.billable_methods,
@@ -466,6 +473,7 @@ class Mcpmeter:
             )
             call.priced = inspection.call
             flow.metadata[META]["method"] = inspection.method
+            continues = self.deferred.on_request(call, req.raw_content or b"", inspection.method, session)
 
         windows = windows_for(listing.rate_limit_per_minute or self.config.default_rpm,
                               listing.rate_limit_per_day or self.config.default_rpd)
@@ -480,7 +488,7 @@ class Mcpmeter:
             return  # answered with the first attempt's stored outcome: not forwarded, not charged
 
         await self.circuits.admit(listing, priced=call.priced is not None)
-        if call.priced is not None:
+        if call.priced is not None and not continues:
             await self._charge(flow, call, consumer, listing, call.priced)
         else:
             call.balance_task = asyncio.ensure_future(self.store.balance(consumer.user_id))
@@ -819,12 +827,16 @@ class Mcpmeter:
         if call.charge is None or call.charged is None:
             if call.balance_task is not None:
                 call.balance = await _maybe(call.balance_task)
+            if call.priced is not None and call.listing is not None:
+                self.deferred.round_over(call, _decision(call)[0])  # a continuation settles its first round
             meta["decision"] = "passthrough"
             self.metrics.settled(call, None, call.status)
             meta["balance"] = call.balance
             return
         assert self.config is not None and call.listing is not None and call.consumer is not None
         decision, status = _decision(call)
+        if call.decided is None and await self.deferred.hold(flow, call, decision):
+            return  # a task, or an input_required round: a later message settles it (deferred.py)
         self.metrics.settled(call, decision.refund, status)
         await self.circuits.record(call.listing, status, call.failure)
         settlement = Settlement(
@@ -848,6 +860,18 @@ class Mcpmeter:
                 await asyncio.sleep(0.05 * 2**attempt)
         call.refunded = decision.refund
         _annotate(flow, call, decision, status, self.results)
+
+    def _settle_held(self, flow: http.HTTPFlow, call: Call, decision: billing.Decision) -> None:
+        """Settle a held call (deferred.py) as a later message decided."""
+        call.decided = decision
+
+        async def settle() -> None:
+            try:
+                await self._settle_now(flow, call, background=True)
+            except Exception:
+                log.exception("mcpmeter: settling held %s failed; the sweeper will", call.request_id)
+
+        self._own(settle())
 
     async def _stamp(self, flow: http.HTTPFlow, call: Call) -> None:
         """The metering headers, on a response whose headers have not been sent yet."""
@@ -1035,7 +1059,7 @@ def _event_outcome(event: Event, rpc_id: JsonId) -> Outcome | None:
 def _decision(call: Call) -> tuple[billing.Decision, int]:
     """Whether the forwarded call is refunded, and the status it is recorded with."""
     assert call.listing is not None
-    decision = billing.decide(call.status, call.outcome, call.failure, call.listing.bill_tool_errors)
+    decision = call.decided or billing.decide(call.status, call.outcome, call.failure, call.listing.bill_tool_errors)
     if call.outcome is not None:
         if call.listing.transport is Transport.SSE and call.status == 202:
             # A legacy SSE POST's 202 only accepted the message: the answer came on the session's stream.
