@@ -44,6 +44,7 @@ TERMINAL = {
     "cancelled": Decision(True, "task_cancelled"),
 }
 MAX_STATE_CHARS = 64 * 1024  # a requestState longer than this is not remembered (the retry is charged)
+MAX_HELD = 10_000  # calls held at once (each keeps its flow); past it, a call settles as it is answered
 
 Scope = tuple[int, str, str]  # listing id, the key's principal, the session id ("" when none)
 
@@ -267,10 +268,19 @@ class Deferred:
 
     # settlement ------------------------------------------------------------------------------
 
+    def will_hold(self, call: Any) -> bool:
+        """Its answer asks to hold it (the response hook then settles it before the answer leaves,
+        so a retry that follows the answer at once finds its state held)."""
+        facts = self.facts.get(call)
+        return facts is not None and (facts.task_id is not None or facts.state is not None)
+
     def holds(self, flow: Any, call: Any, decision: Decision) -> str | None:
         """At a charged call's settlement: the mark it is held under instead (None: settle it now)."""
         facts = self.facts.get(call)
         if facts is None or decision.refund or call.outcome is not Outcome.RESULT:
+            return None
+        if len(self.tasks) + len(self.rounds) >= MAX_HELD:
+            log.warning("mcpmeter: %d calls held already; %s settles now", MAX_HELD, call.request_id)
             return None
         now, config = time.monotonic(), self.config()
         if facts.task and facts.task_id is not None:

@@ -791,8 +791,8 @@ class Mcpmeter:
 
     def _billed_without_refund(self, call: Call) -> bool:
         if (call.charged is None or call.listing is None or call.settlement is not None
-                or len(self.background) >= MAX_BACKGROUND_SETTLEMENTS):
-            return False  # not paid for, settling already (a stop), or settlements backing up: wait
+                or len(self.background) >= MAX_BACKGROUND_SETTLEMENTS or self.deferred.will_hold(call)):
+            return False  # not paid for, settling already (a stop), settlements backing up, or held: wait
         return not _decision(call)[0].refund
 
     async def drain(self) -> None:

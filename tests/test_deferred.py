@@ -256,3 +256,14 @@ async def test_a_state_the_gateway_did_not_see_issued_is_charged(registry: Any) 
     first = round_one(d)  # answered, but its settlement (hold) never ran: nothing registered
     assert not retry(d, "S1")[1]
     assert first is not None
+
+
+async def test_held_calls_are_bounded(registry: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    d, _, store = registry
+    monkeypatch.setattr(deferred, "MAX_HELD", 1)
+    first = round_one(d, state="A")
+    assert d.will_hold(first)
+    assert await d.hold(Flow(), first, Decision(False, "result"))
+    second = round_one(d, state="B")
+    assert not await d.hold(Flow(), second, Decision(False, "result"))  # full: settled as answered
+    assert list(store.held) == [first.request_id]
