@@ -13,6 +13,10 @@ from typing import Any
 
 import httpx2
 import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.server.mcpserver import Context, MCPServer
+from mcp_types import ElicitRequest, ElicitRequestFormParams, ElicitResult, InputRequiredResult
 
 from tests import deferred_server
 from tests.backends import Backend, TestConsumer
@@ -34,6 +38,32 @@ def gateway_settings() -> dict[str, object]:
 @pytest.fixture(scope="module")
 def deferred_url() -> Iterator[str]:
     url, stop = serve_in_thread(deferred_server.build_app())
+    yield url
+    stop()
+
+
+def sdk_rounds_server() -> MCPServer:
+    """The official SDK's own multi-round tool: asks for a name, then greets it (or fails)."""
+    server = MCPServer("rounds")
+
+    @server.tool()
+    async def greet(ctx: Context) -> str | InputRequiredResult:
+        if not ctx.input_responses:
+            return InputRequiredResult(input_requests={"who": ElicitRequest(params=ElicitRequestFormParams(
+                message="Your name?", requested_schema={"type": "object", "properties": {"name": {"type": "string"}}}))},
+                request_state="asked")
+        answer = ctx.input_responses["who"]
+        name = answer.content["name"] if isinstance(answer, ElicitResult) and answer.content else "?"
+        if name == "fail":
+            raise RuntimeError("cannot greet")
+        return f"hello {name}"
+
+    return server
+
+
+@pytest.fixture(scope="module")
+def sdk_url() -> Iterator[str]:
+    url, stop = serve_in_thread(sdk_rounds_server().streamable_http_app(host="127.0.0.1"))
     yield url
     stop()
 
@@ -243,3 +273,27 @@ async def test_an_abandoned_round_is_billed_by_the_sweeper(gateway: Gateway, bac
     assert await eventually(settled(backend, c, 1), timeout=12) == [("ask", 0, "input_abandoned", True)]
     assert backend.balance(c.user_id) == 9_000
     assert [(u["tool_name"], u["billed"]) for u in backend.usage(c)] == [("ask", PRICE)]
+
+
+@pytest.mark.parametrize("name, billed, reason", [("Ann", PRICE, "result"), ("fail", 0, "tool_error")])
+async def test_sdk_client_and_server_rounds_cost_one_call(
+        gateway: Gateway, backend: Backend, sdk_url: str, name: str, billed: int, reason: str) -> None:
+    """mcp 2.3's Client drives the input_required loop itself against its MCPServer (sealed requestState)."""
+    s = slug("sdk-rounds")
+    backend.add_listing(s, f"{sdk_url}/mcp", price=PRICE)
+    c = backend.add_consumer(credit=10_000)
+    asked: list[str] = []
+
+    async def elicit(context: Any, params: Any) -> ElicitResult:
+        asked.append(params.message)
+        return ElicitResult(action="accept", content={"name": name})
+
+    http = httpx2.AsyncClient(headers=c.auth, timeout=20)
+    async with Client(streamable_http_client(f"{gateway.url}/{s}", http_client=http), elicitation_callback=elicit) as mcp:
+        result = await mcp.call_tool("greet", {})
+    assert asked == ["Your name?"]
+    assert result.is_error == (name == "fail")
+    rows = await eventually(settled(backend, c, 1))
+    assert rows == [("greet", int(billed == 0), reason, True)]
+    assert [(u["tool_name"], u["billed"]) for u in backend.usage(c)] == [("greet", billed)]
+    assert backend.balance(c.user_id) == 10_000 - billed
