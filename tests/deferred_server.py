@@ -12,6 +12,8 @@ Tasks (tools/call with params.task answers a CreateTaskResult; the tool's name p
 Tasks are the receiver's, not the session's: any caller may poll any taskId (a careless server),
 so the gateway must not let one key's poll settle another key's task.
 
+Any tools/call with arguments.stream answers as an SSE stream (a progress event, then the answer).
+
 Rounds (tools/call "ask"): without requestState, an InputRequiredResult with an elicitation and
 a fresh requestState; with one the server issued, the final result (inputResponses.name.content
 .name == "fail": a JSON-RPC error; == "again": another input_required with a new state). A state
@@ -64,13 +66,15 @@ async def mcp(request: Request) -> Response:
     if rpc_id is None:
         return Response(status_code=202)
     if method == "tools/call":
-        name = params.get("name")
+        name, arguments = params.get("name"), params.get("arguments") or {}
         calls[name] += 1
         if isinstance(params.get("task"), dict):
-            return _create_task(rpc_id, name, params.get("arguments") or {}, session)
-        if name == "ask":
-            return _round(rpc_id, params)
-        return _ok(rpc_id, {"content": [{"type": "text", "text": name}]})
+            answer = _create_task(rpc_id, name, arguments, session)
+        elif name == "ask":
+            answer = _round(rpc_id, params)
+        else:
+            answer = _ok(rpc_id, {"content": [{"type": "text", "text": name}]})
+        return _streamed(answer, rpc_id) if arguments.get("stream") else answer
     if method in ("tasks/get", "tasks/cancel", "tasks/result"):
         task_id = params.get("taskId")
         if task_id not in tasks:
@@ -121,6 +125,19 @@ def _ask(rpc_id: Any) -> Response:
         "name": {"method": "elicitation/create", "params": {
             "mode": "form", "message": "Your name?",
             "requestedSchema": {"type": "object", "properties": {"name": {"type": "string"}}}}}}})
+
+
+def _streamed(answer: JSONResponse, rpc_id: Any) -> StreamingResponse:
+    """The same answer as an SSE stream: a progress notification, then the answer."""
+    progress = {"jsonrpc": "2.0", "method": "notifications/progress",
+                "params": {"progressToken": f"p{rpc_id}", "progress": 1, "total": 2}}
+
+    async def events():  # type: ignore[no-untyped-def]
+        yield b"id: 1\nevent: message\ndata: " + json.dumps(progress).encode() + b"\n\n"
+        await asyncio.sleep(0.05)
+        yield b"id: 2\nevent: message\ndata: " + bytes(answer.body) + b"\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 async def _notices(session: str):  # type: ignore[no-untyped-def]

@@ -297,3 +297,23 @@ async def test_sdk_client_and_server_rounds_cost_one_call(
     assert rows == [("greet", int(billed == 0), reason, True)]
     assert [(u["tool_name"], u["billed"]) for u in backend.usage(c)] == [("greet", billed)]
     assert backend.balance(c.user_id) == 10_000 - billed
+
+
+async def test_streamed_task_creation_and_rounds_are_held_too(gateway: Gateway, backend: Backend, listing: str) -> None:
+    """The CreateTaskResult and the input_required answers read from SSE streams, as from JSON bodies."""
+    c = backend.add_consumer(credit=10_000)
+    s = await Session(gateway, listing, c).open()
+    r = await s.send("tools/call", {"name": "crash", "arguments": {"stream": True}, "task": {}})
+    assert r.headers["content-type"].startswith("text/event-stream") and '"taskId"' in r.text
+    task_id = json.loads(r.text.strip().split("data: ")[-1])["result"]["task"]["taskId"]
+    r = await s.send("tools/call", {"name": "ask", "arguments": {"stream": True}})
+    state = json.loads(r.text.strip().split("data: ")[-1])["result"]["requestState"]
+    await asyncio.sleep(0.3)
+    assert sorted(journal(backend, c)) == [("ask", 0, "input_pending", False), ("crash", 0, "task_pending", False)]
+    r = await s.send("tools/call", {"name": "ask", "arguments": {"stream": True}, "requestState": state,
+                                    "inputResponses": answer_of("Ann")})
+    assert "hello Ann" in r.text and r.headers["X-Mcpmeter-Billed"] == "0"
+    await s.send("tasks/get", {"taskId": task_id})
+    rows = await eventually(settled(backend, c, 2))
+    assert sorted(rows) == [("ask", 0, "result", True), ("crash", 1, "task_failed", True)]
+    assert backend.balance(c.user_id) == 9_000
