@@ -158,6 +158,7 @@ class Facts:
     input_required: bool = False
     state: str | None = None  # the requestState of an input_required answer
     continues: Held | None = None  # a retry carrying a state this key was issued: the first round
+    continued: tuple[Scope, str, str] | None = None  # ... under this key (to give it back if refused)
     parser: SseParser | None = None
 
 
@@ -192,11 +193,21 @@ class Deferred:
                       task=task and priced is not None, result_for=result_for)
         self.facts[call] = facts
         if state is not None and priced is not None:
-            held = self.rounds.pop(state_key(scope, priced.tool_name, state), None)
+            key = state_key(scope, priced.tool_name, state)
+            held = self.rounds.pop(key, None)  # taken now: two retries with one state cannot both continue
             if held is not None and held.expires > time.monotonic():
-                facts.continues = held
+                facts.continues, facts.continued = held, key
                 return True
+            if held is not None:  # expired, not swept yet
+                self.rounds[key] = held
         return False
+
+    def release(self, call: Any) -> None:
+        """The gateway refused the retry (rate limit, breaker, ...): it never ran, its state stays usable."""
+        facts = self.facts.get(call)
+        if facts is not None and facts.continues is not None and facts.continued is not None:
+            self.rounds.setdefault(facts.continued, facts.continues)
+            facts.continues = facts.continued = None
 
     # answers -------------------------------------------------------------------------------
 

@@ -900,6 +900,7 @@ class Mcpmeter:
     async def _refuse(self, flow: http.HTTPFlow, call: Call, error: GatewayError) -> None:
         redaction.redact_forwarded_credentials(flow.request.headers)  # refused: they go nowhere
         self._idempotency_over(flow, call, refused=True)  # nothing to replay: a retry runs normally
+        self.deferred.release(call)  # a refused input_required retry did not use its requestState
         if call.consumer is not None and call.balance is None and self.store is not None:
             try:
                 call.balance = await self.store.balance(call.consumer.user_id)

@@ -267,3 +267,17 @@ async def test_held_calls_are_bounded(registry: Any, monkeypatch: pytest.MonkeyP
     second = round_one(d, state="B")
     assert not await d.hold(Flow(), second, Decision(False, "result"))  # full: settled as answered
     assert list(store.held) == [first.request_id]
+
+
+async def test_a_refused_retry_gives_its_state_back(registry: Any) -> None:
+    d, settled, _ = registry
+    first = round_one(d)
+    await d.hold(Flow(), first, Decision(False, "result"))
+    refused, continues = retry(d, "S1")
+    assert continues and not retry(d, "S1")[1]  # taken while the first retry is admitted
+    d.release(refused)  # e.g. rate-limited: never forwarded
+    second, continues = retry(d, "S1")
+    assert continues
+    d.release(make_call())  # a call that continued nothing: nothing happens
+    assert d.round_over(second, Decision(False, "result"))
+    assert settled == [(first, Decision(False, "result"))]
