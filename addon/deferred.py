@@ -323,7 +323,8 @@ class Deferred:
             return False
         held, facts.continues = facts.continues, None
         if facts.input_required and facts.state is not None and not decision.refund:
-            held.expires = time.monotonic() + self.config().round_settle_seconds  # another round: held under the new state
+            # Another round: held under the new state, within the first round's limit (the journal's
+            # sweep counts from the charge, so every round of one call must come within it).
             self.rounds[state_key(facts.scope, facts.tool, facts.state)] = held
             return True
         if facts.input_required and not decision.refund:
