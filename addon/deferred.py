@@ -29,6 +29,7 @@ from typing import Any
 
 from .billing import Decision
 from .decoding import TooLarge, decode_bounded
+from .errors import GatewayError
 from .jsonrpc import JsonId, Outcome
 from .sse import SseParser
 
@@ -173,6 +174,8 @@ class Deferred:
     tasks: dict[tuple[Scope, str], Held] = field(default_factory=dict)
     rounds: dict[tuple[Scope, str, str], Held] = field(default_factory=dict)
     facts: weakref.WeakKeyDictionary[Any, Facts] = field(default_factory=weakref.WeakKeyDictionary)
+    # Tasks refunded as task_expired, until when their result is refused (a refunded result is never delivered).
+    expired: dict[tuple[Scope, str], float] = field(default_factory=dict)
 
     def _watched(self, scope: Scope) -> bool:
         return any(key[0] == scope for key in self.tasks)
@@ -186,6 +189,8 @@ class Deferred:
         scope = (call.listing.id, call.consumer.principal, session or "")
         task, state, result_for = request_facts(body)
         priced = call.priced
+        if result_for is not None and self.expired.get((scope, result_for), 0.0) > time.monotonic():
+            raise GatewayError("task_expired", task_id=result_for)
         if not (task or state or result_for or method in ("tasks/get", "tasks/cancel")
                 or (priced is not None and priced.method == "tools/call") or self._watched(scope)):
             return False
@@ -341,6 +346,16 @@ class Deferred:
                 if held.expires <= now:
                     del table[key]
                     self.settle(held.flow, held.call, decision)
+                    if held.mark == TASK_PENDING:
+                        self._forget_later(key, now)  # type: ignore[arg-type]
+
+    def _forget_later(self, key: tuple[Scope, str], now: float) -> None:
+        for old, until in list(self.expired.items()):
+            if until <= now:
+                del self.expired[old]
+        if len(self.expired) >= MAX_HELD:
+            del self.expired[next(iter(self.expired))]  # the oldest
+        self.expired[key] = now + self.config().task_settle_seconds
 
     async def sweep(self) -> None:
         """The sweeper's turn: held calls past their limit, here and (after a restart, or held by

@@ -11,6 +11,7 @@ import pytest
 
 from addon import deferred
 from addon.billing import Decision
+from addon.errors import GatewayError
 from addon.jsonrpc import Outcome, PricedCall
 
 
@@ -281,3 +282,18 @@ async def test_a_refused_retry_gives_its_state_back(registry: Any) -> None:
     d.release(make_call())  # a call that continued nothing: nothing happens
     assert d.round_over(second, Decision(False, "result"))
     assert settled == [(first, Decision(False, "result"))]
+
+
+async def test_an_expired_task_result_is_refused(registry: Any) -> None:
+    d, settled, _ = registry
+    call = task_call(d)
+    await d.hold(Flow(), call, Decision(False, "result"))
+    next(iter(d.tasks.values())).expires = time.monotonic() - 1
+    d.expire()
+    assert settled == [(call, Decision(True, "task_expired"))]
+    with pytest.raises(GatewayError) as e:
+        poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "result": {"content": []}})
+    assert e.value.spec.code == "task_expired"
+    poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "result": {"content": []}}, principal="key-2")  # not theirs
+    poll(d, "tasks/get", {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "completed"}})  # status only
+    assert len(settled) == 1

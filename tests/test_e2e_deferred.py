@@ -195,7 +195,7 @@ async def test_a_task_never_seen_ending_outlives_the_stale_sweep_then_is_refunde
         gateway: Gateway, backend: Backend, listing: str) -> None:
     c = backend.add_consumer(credit=10_000)
     s = await Session(gateway, listing, c).open()
-    await s.task("linger")
+    task_id = await s.task("linger")
     started = time.monotonic()
     await asyncio.sleep(7)  # past stale_call_seconds (4 s) and one sweep: a plain call would be refunded
     assert journal(backend, c) == [("linger", 0, "task_pending", False)]
@@ -203,6 +203,10 @@ async def test_a_task_never_seen_ending_outlives_the_stale_sweep_then_is_refunde
     assert await eventually(settled(backend, c, 1), timeout=12) == [("linger", 1, "task_expired", True)]
     assert time.monotonic() - started >= 10 - 0.5
     assert backend.balance(c.user_id) == 10_000
+    # Refunded: its result is not delivered afterwards (its status still is).
+    r = await s.send("tasks/result", {"taskId": task_id})
+    assert r.status_code == 410 and "task_expired" in r.text and r.headers["X-Mcpmeter-Billed"] == "0"
+    assert (await s.send("tasks/get", {"taskId": task_id})).json()["result"]["status"] == "working"
 
 
 # --- input_required rounds ------------------------------------------------------------------------
