@@ -23,6 +23,7 @@ import json
 import logging
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,9 +177,18 @@ class Deferred:
     facts: weakref.WeakKeyDictionary[Any, Facts] = field(default_factory=weakref.WeakKeyDictionary)
     # Tasks refunded as task_expired, until when their result is refused (a refunded result is never delivered).
     expired: dict[tuple[Scope, str], float] = field(default_factory=dict)
+    watched: Counter[Scope] = field(default_factory=Counter)  # held tasks per scope: whose answers are read
 
     def _watched(self, scope: Scope) -> bool:
-        return any(key[0] == scope for key in self.tasks)
+        return self.watched[scope] > 0
+
+    def _pop_task(self, key: tuple[Scope, str]) -> Held | None:
+        held = self.tasks.pop(key, None)
+        if held is not None:
+            self.watched[key[0]] -= 1
+            if self.watched[key[0]] <= 0:
+                del self.watched[key[0]]
+        return held
 
     # request hook ------------------------------------------------------------------------
 
@@ -278,7 +288,7 @@ class Deferred:
                 self._end_task(facts.scope, said[0], TERMINAL[said[1]])
 
     def _end_task(self, scope: Scope, task_id: str, decision: Decision) -> None:
-        held = self.tasks.pop((scope, task_id), None)
+        held = self._pop_task((scope, task_id))
         if held is not None:
             self.settle(held.flow, held.call, decision)
 
@@ -300,6 +310,8 @@ class Deferred:
             return None
         now, config = time.monotonic(), self.config()
         if facts.task and facts.task_id is not None:
+            if (facts.scope, facts.task_id) not in self.tasks:
+                self.watched[facts.scope] += 1
             self.tasks[(facts.scope, facts.task_id)] = Held(flow, call, now + config.task_settle_seconds, TASK_PENDING)
             return TASK_PENDING
         if facts.input_required and facts.state is not None:
@@ -344,7 +356,10 @@ class Deferred:
                                 (self.rounds, Decision(False, INPUT_ABANDONED))):
             for key, held in list(table.items()):
                 if held.expires <= now:
-                    del table[key]
+                    if held.mark == TASK_PENDING:
+                        self._pop_task(key)  # type: ignore[arg-type]
+                    else:
+                        del table[key]
                     self.settle(held.flow, held.call, decision)
                     if held.mark == TASK_PENDING:
                         self._forget_later(key, now)  # type: ignore[arg-type]

@@ -297,3 +297,13 @@ async def test_an_expired_task_result_is_refused(registry: Any) -> None:
     poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "result": {"content": []}}, principal="key-2")  # not theirs
     poll(d, "tasks/get", {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "completed"}})  # status only
     assert len(settled) == 1
+
+
+async def test_only_scopes_with_held_tasks_are_watched(registry: Any) -> None:
+    d, _, _ = registry
+    call = task_call(d)
+    assert not d._watched((5, "key-1", "s1"))
+    await d.hold(Flow(), call, Decision(False, "result"))
+    assert d._watched((5, "key-1", "s1")) and not d._watched((5, "key-2", "s1"))
+    poll(d, "tasks/get", {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "completed"}})
+    assert not d._watched((5, "key-1", "s1")) and d.watched == {}
