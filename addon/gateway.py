@@ -24,8 +24,8 @@ from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
 
-from . import (billing, commands, compat, deferred, display, dryrun, forwarding, guard, idempotency, legacy_sse, origins,
-               paths, receipts, redaction, rpc_errors, shadow)
+from . import (billing, commands, compat, deferred, display, dryrun, forwarding, guard, idempotency, legacy_sse,
+               origins, paths, receipts, redaction, rpc_errors, shadow)
 from .auth import Credential, challenge, parse_authorization
 from .billing import Failure
 from .cache import MISS, Cache, open_cache

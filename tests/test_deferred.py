@@ -40,7 +40,8 @@ def test_created_task_and_status_readers() -> None:
     assert deferred.task_status(note) == ("T", "failed")
     got = {"jsonrpc": "2.0", "id": 9, "result": {"taskId": "T", "status": "completed"}}
     assert deferred.task_status(got) == ("T", "completed")
-    assert deferred.task_status({"jsonrpc": "2.0", "method": "x", "params": {"taskId": "T", "status": "failed"}}) is None
+    other = {"jsonrpc": "2.0", "method": "x", "params": {"taskId": "T", "status": "failed"}}
+    assert deferred.task_status(other) is None
     assert deferred.task_status({"jsonrpc": "2.0", "id": 9, "error": {"code": 1}}) is None
 
 

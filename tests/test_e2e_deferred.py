@@ -49,9 +49,9 @@ def sdk_rounds_server() -> MCPServer:
     @server.tool()
     async def greet(ctx: Context) -> str | InputRequiredResult:
         if not ctx.input_responses:
+            schema = {"type": "object", "properties": {"name": {"type": "string"}}}
             return InputRequiredResult(input_requests={"who": ElicitRequest(params=ElicitRequestFormParams(
-                message="Your name?", requested_schema={"type": "object", "properties": {"name": {"type": "string"}}}))},
-                request_state="asked")
+                message="Your name?", requested_schema=schema))}, request_state="asked")
         answer = ctx.input_responses["who"]
         name = answer.content["name"] if isinstance(answer, ElicitResult) and answer.content else "?"
         if name == "fail":
@@ -293,7 +293,8 @@ async def test_sdk_client_and_server_rounds_cost_one_call(
         return ElicitResult(action="accept", content={"name": name})
 
     http = httpx2.AsyncClient(headers=c.auth, timeout=20)
-    async with Client(streamable_http_client(f"{gateway.url}/{s}", http_client=http), elicitation_callback=elicit) as mcp:
+    transport = streamable_http_client(f"{gateway.url}/{s}", http_client=http)
+    async with Client(transport, elicitation_callback=elicit) as mcp:
         result = await mcp.call_tool("greet", {})
     assert asked == ["Your name?"]
     assert result.is_error == (name == "fail")
