@@ -361,10 +361,10 @@ class Mcpmeter:
         try:
             self._cancel_deadline(call)
             if call.parser is None:
+                self.deferred.watch_body(call, flow.response)  # task statuses, input_required
                 call.status = flow.response.status_code
                 if call.priced is not None and call.outcome is None:
                     call.outcome = self._body_outcome(flow.response, call.priced.rpc_id)
-                self.deferred.watch_body(call, flow.response)  # task statuses, input_required
                 if self._await_stream(flow, call):
                     await self._stamp(flow, call)
                     return
@@ -835,7 +835,9 @@ class Mcpmeter:
             return
         assert self.config is not None and call.listing is not None and call.consumer is not None
         decision, status = _decision(call)
-        if call.decided is None and await self.deferred.hold(flow, call, decision):
+        if call.decided is not None:
+            decision = call.decided  # a held call, settled as a later message decided (deferred.py)
+        elif await self.deferred.hold(flow, call, decision):
             return  # a task, or an input_required round: a later message settles it (deferred.py)
         self.metrics.settled(call, decision.refund, status)
         await self.circuits.record(call.listing, status, call.failure)
@@ -1060,7 +1062,7 @@ def _event_outcome(event: Event, rpc_id: JsonId) -> Outcome | None:
 def _decision(call: Call) -> tuple[billing.Decision, int]:
     """Whether the forwarded call is refunded, and the status it is recorded with."""
     assert call.listing is not None
-    decision = call.decided or billing.decide(call.status, call.outcome, call.failure, call.listing.bill_tool_errors)
+    decision = billing.decide(call.status, call.outcome, call.failure, call.listing.bill_tool_errors)
     if call.outcome is not None:
         if call.listing.transport is Transport.SSE and call.status == 202:
             # A legacy SSE POST's 202 only accepted the message: the answer came on the session's stream.
