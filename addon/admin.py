@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from .auth import token_hash
 from .config import Config
 from .store.base import UnknownUser
-from .store.sql import Ledger, SqlStore, parse_upstream_headers, utc
+from .store.sql import HELD, Ledger, SqlStore, parse_upstream_headers, utc
 
 T = TypeVar("T")
 
@@ -309,6 +309,9 @@ class Admin:
         """Every money invariant the README states, checked against the database; each lists its discrepancies."""
         stale_limit = self.config.stale_call_seconds + sweep_interval(self.config)
         cutoff = utc((time.time() if now is None else now) - stale_limit)
+        held_limits = [(mark, utc((time.time() if now is None else now) - seconds - 60 - sweep_interval(self.config)))
+                       for mark, seconds in zip(HELD, (self.config.task_settle_seconds,
+                                                       self.config.round_settle_seconds), strict=True)]
 
         def run(ledger: Ledger) -> list[Check]:
             q = ledger._q
@@ -360,7 +363,15 @@ class Admin:
                     f"call {r}: {v} {int(a)} µ¢ at {_stamp(c)}, never settled (is any gateway running?)"
                     for r, v, a, c in q(
                         "SELECT request_id, verdict, amount_micro_cents, created_at FROM mcpmeter_calls"
-                        " WHERE settled_at IS NULL AND created_at < %s ORDER BY created_at", (cutoff,)).fetchall()]),
+                        " WHERE settled_at IS NULL AND created_at < %s AND (reason IS NULL OR reason NOT IN (%s, %s))"
+                        " ORDER BY created_at", (cutoff, *HELD)).fetchall()]),
+                Check("held", "no task or input_required round held past its own limit + one sweep "
+                              "(task_settle_seconds, round_settle_seconds)", [
+                    f"call {r}: {m} since {_stamp(c)}, never settled (is any gateway running?)"
+                    for mark, limit in held_limits for r, m, c in q(
+                        "SELECT request_id, reason, created_at FROM mcpmeter_calls"
+                        " WHERE settled_at IS NULL AND reason = %s AND created_at < %s ORDER BY created_at",
+                        (mark, limit)).fetchall()]),
             ]
             return checks
 

@@ -69,6 +69,8 @@ class Config:
     max_body_bytes: int = 10 * 1024 * 1024
     max_event_bytes: int = 16 * 1024 * 1024  # an SSE event held whole up to this; bigger ones are scanned
     stale_call_seconds: float = 600.0  # a paid call unsettled this long lost its gateway: refund it
+    task_settle_seconds: float = 3600.0  # a task-augmented call not terminal this long: refunded (task_expired)
+    round_settle_seconds: float = 900.0  # an input_required round not followed up this long: billed (addon/deferred.py)
     log_level: str = "info"
     shadow: bool = False  # meter and record, but refuse and charge nothing (every listing)
     shadow_listings: tuple[str, ...] = ()  # slugs in shadow mode
@@ -225,6 +227,10 @@ def _build(raw: dict[str, Any]) -> Config:
     if cfg.stale_call_seconds <= cfg.max_upstream_timeout_ms / 1000:
         raise ConfigError(f"stale_call_seconds ({cfg.stale_call_seconds}) must exceed the longest upstream timeout "
                           f"(max_upstream_timeout_ms = {cfg.max_upstream_timeout_ms})")
+    for key in ("task_settle_seconds", "round_settle_seconds"):
+        if not cfg.max_upstream_timeout_ms / 1000 < getattr(cfg, key) <= 30 * 86400:
+            raise ConfigError(f"{key} ({getattr(cfg, key)}) must exceed the longest upstream timeout "
+                              f"(max_upstream_timeout_ms = {cfg.max_upstream_timeout_ms}) and be at most 30 days")
     if cfg.metrics_token is not None:
         cred = parse_authorization(f"Bearer {cfg.metrics_token}")
         if cred is None or cred.token != cfg.metrics_token or cred.kind != "live" or len(cred.token) < 32:

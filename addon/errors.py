@@ -34,6 +34,7 @@ _TABLE = [
     ErrorSpec(404, "not_found", "Nothing is served here; call /<slug>."),
     ErrorSpec(405, "method_not_allowed", "This HTTP method is not allowed here; the Allow header lists those that are."),
     ErrorSpec(410, "mcp_archived", "This listing has been archived by its publisher."),
+    ErrorSpec(410, "task_expired", "This task was refunded when task_settle_seconds passed without its end; its result is not served through the gateway."),
     ErrorSpec(413, "payload_too_large", "The request body is over the gateway's limit."),
     ErrorSpec(429, "rate_limited", "Too many calls; retry after the number of seconds in Retry-After."),
     ErrorSpec(400, "proxy_error", "The gateway's HTTP layer could not read or complete this request (the status says which)."),
@@ -117,6 +118,7 @@ RPC_CODES: dict[int, int] = {
 RPC_CODE_OVERRIDES: dict[str, int] = {
     "invalid_json": -32700,  # Parse error (standard)
     "header_mismatch": -32020,  # the MCP spec's HEADER_MISMATCH
+    "task_expired": -32016,  # a task refunded at its limit: its result is not delivered afterwards
 }
 
 

@@ -24,8 +24,8 @@ from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
 
-from . import (billing, commands, compat, display, dryrun, forwarding, guard, idempotency, legacy_sse, origins, paths,
-               receipts, redaction, rpc_errors, shadow)
+from . import (billing, commands, compat, deferred, display, dryrun, forwarding, guard, idempotency, legacy_sse,
+               origins, paths, receipts, redaction, rpc_errors, shadow)
 from . import pending as resumption
 from .auth import Credential, challenge, parse_authorization
 from .billing import Failure
@@ -91,6 +91,7 @@ class Call:
     idempotency: idempotency.Claim | None = None  # this call's claim on its Idempotency-Key
     session: tuple[int, str] | None = None  # (listing id, Mcp-Session-Id) of a streamable HTTP request
     parked: bool = False  # its POST stream ended after an event id, unanswered: awaits a resumed stream
+    decided: billing.Decision | None = None  # a held call's settlement, decided by a later message (deferred.py)
 
     def elapsed_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
@@ -124,6 +125,8 @@ class Mcpmeter:
                                  self.metrics.circuit_state)
         self.results = commands.Results()  # the debugging commands' answers and this gateway's calls
         self.replays = dryrun.Originals()  # who made each flow, so replaying it is a dry run as them
+        # Tasks and input_required rounds: calls held until a later message settles them (addon/deferred.py).
+        self.deferred = deferred.Deferred(self._settle_held, lambda: self.config, lambda: self.store)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -186,6 +189,7 @@ class Mcpmeter:
                 try:
                     if refunded := await store.sweep(config.stale_call_seconds, config.platform_fee_bps):
                         log.warning("mcpmeter: refunded %d call(s) left unsettled by a stopped gateway", refunded)
+                    await self.deferred.sweep()  # held tasks and rounds past their own limits
                 except StoreUnavailable:
                     pass
                 except Exception:
@@ -348,6 +352,7 @@ class Mcpmeter:
                 await receipts.wrap_stream(flow, call, self.store)  # prices and the receipt in the events
                 if call.session is not None and self.config is not None:  # refunded calls' answers never go out
                     resumption.drop_refunded(flow.response, call.session, self.pending, self.config.max_event_bytes)
+                self.deferred.watch_stream(flow, call)  # task statuses, input_required (upstream bytes first)
                 if self._show_streams():
                     display.keep_copy(flow)
                 if call.idempotency is not None:  # the streamed answer's bytes, for a replay
@@ -367,6 +372,7 @@ class Mcpmeter:
             if self._park(flow, call):
                 return  # a server-closed stream: the answer may come on a resumed stream of the session
             if call.parser is None:
+                self.deferred.watch_body(call, flow.response)  # task statuses, input_required
                 call.status = flow.response.status_code
                 if call.failure is Failure.CANCELLED and call.priced is not None:
                     self._withhold(flow, call)
@@ -480,6 +486,7 @@ class Mcpmeter:
             owner = await self.cache.session_owner(session)
             if owner is not None and owner != consumer.principal:
                 raise GatewayError("session_forbidden")
+        continues = False  # a retry carrying a requestState this key was issued: its first round paid
         if req.method == "POST":
             inspection = inspect_request(
                 req.raw_content or b"", self.config.billable_methods,
@@ -487,6 +494,7 @@ class Mcpmeter:
             )
             call.priced = inspection.call
             flow.metadata[META]["method"] = inspection.method
+            continues = self.deferred.on_request(call, req.raw_content or b"", inspection.method, session)
 
         windows = windows_for(listing.rate_limit_per_minute or self.config.default_rpm,
                               listing.rate_limit_per_day or self.config.default_rpd)
@@ -501,7 +509,7 @@ class Mcpmeter:
             return  # answered with the first attempt's stored outcome: not forwarded, not charged
 
         await self.circuits.admit(listing, priced=call.priced is not None)
-        if call.priced is not None:
+        if call.priced is not None and not continues:
             await self._charge(flow, call, consumer, listing, call.priced)
         else:
             call.balance_task = asyncio.ensure_future(self.store.balance(consumer.user_id))
@@ -907,8 +915,8 @@ class Mcpmeter:
 
     def _billed_without_refund(self, call: Call) -> bool:
         if (call.charged is None or call.listing is None or call.settlement is not None
-                or len(self.background) >= MAX_BACKGROUND_SETTLEMENTS):
-            return False  # not paid for, settling already (a stop), or settlements backing up: wait
+                or len(self.background) >= MAX_BACKGROUND_SETTLEMENTS or self.deferred.will_hold(call)):
+            return False  # not paid for, settling already (a stop), settlements backing up, or held: wait
         return not _decision(call)[0].refund
 
     async def drain(self) -> None:
@@ -943,12 +951,18 @@ class Mcpmeter:
         if call.charge is None or call.charged is None:
             if call.balance_task is not None:
                 call.balance = await _maybe(call.balance_task)
+            if call.priced is not None and call.listing is not None:
+                self.deferred.round_over(call, _decision(call)[0])  # a continuation settles its first round
             meta["decision"] = "passthrough"
             self.metrics.settled(call, None, call.status)
             meta["balance"] = call.balance
             return
         assert self.config is not None and call.listing is not None and call.consumer is not None
         decision, status = _decision(call)
+        if call.decided is not None:
+            decision = call.decided  # a held call, settled as a later message decided (deferred.py)
+        elif await self.deferred.hold(flow, call, decision):
+            return  # a task, or an input_required round: a later message settles it (deferred.py)
         if decision.refund and call.outcome is None and call.session is not None and call.priced is not None:
             self.pending.mark_refunded(call.session, call.priced.rpc_id)  # its answer is never delivered now
         self.metrics.settled(call, decision.refund, status)
@@ -975,6 +989,18 @@ class Mcpmeter:
                 await asyncio.sleep(0.05 * 2**attempt)
         call.refunded = decision.refund
         _annotate(flow, call, decision, status, self.results)
+
+    def _settle_held(self, flow: http.HTTPFlow, call: Call, decision: billing.Decision) -> None:
+        """Settle a held call (deferred.py) as a later message decided."""
+        call.decided = decision
+
+        async def settle() -> None:
+            try:
+                await self._settle_now(flow, call, background=True)
+            except Exception:
+                log.exception("mcpmeter: settling held %s failed; the sweeper will", call.request_id)
+
+        self._own(settle())
 
     async def _stamp(self, flow: http.HTTPFlow, call: Call) -> None:
         """The metering headers, on a response whose headers have not been sent yet."""
@@ -1005,6 +1031,7 @@ class Mcpmeter:
     async def _refuse(self, flow: http.HTTPFlow, call: Call, error: GatewayError) -> None:
         redaction.redact_forwarded_credentials(flow.request.headers)  # refused: they go nowhere
         self._idempotency_over(flow, call, refused=True)  # nothing to replay: a retry runs normally
+        self.deferred.release(call)  # a refused input_required retry did not use its requestState
         if call.consumer is not None and call.balance is None and self.store is not None:
             try:
                 call.balance = await self.store.balance(call.consumer.user_id)

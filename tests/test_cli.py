@@ -365,6 +365,24 @@ def test_reconcile_names_each_discrepancy(run: Run, backend: Backend) -> None:
     assert js(run, "reconcile")["ok"] is True
 
 
+def test_reconcile_leaves_held_tasks_to_their_own_limit(run: Run, backend: Backend) -> None:
+    user = js(run, "key", "create", "--email", f"h-{uuid.uuid4().hex[:8]}@example.test", "--credit", "100")
+    young, old = (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - age)) for age in (1800, 7200))
+    held, overdue = f"held-{uuid.uuid4().hex}", f"overdue-{uuid.uuid4().hex}"
+    for request_id, created in ((held, young), (overdue, old)):
+        backend.execute("INSERT INTO mcpmeter_calls (request_id, user_id, project_id, mcp_id, tool_name, verdict,"
+                        " amount_micro_cents, period_year_month, created_at, reason)"
+                        " VALUES (%s, %s, %s, 1, 't', 'unpriced', 0, '2026-01', %s, 'task_pending')",
+                        (request_id, user["user_id"], user["project_id"], created))
+    try:
+        _, err = run("reconcile", code=1)
+        assert f"call {held}" not in err  # past stale_call_seconds, within task_settle_seconds: held, not lost
+        assert f"call {overdue}: task_pending since" in err
+    finally:
+        backend.execute("DELETE FROM mcpmeter_calls WHERE request_id IN (%s, %s)", (held, overdue))
+    assert js(run, "reconcile")["ok"] is True
+
+
 # --- the installed console script ------------------------------------------------------------
 
 

@@ -458,3 +458,13 @@ def test_authorization_servers(tmp_path: Path) -> None:
     cfg = load_yaml(tmp_path, {"authorization_servers": ["https://auth.example/"]})
     assert cfg.authorization_servers == ("https://auth.example",)
     assert "http:// or https://" in error(tmp_path, {"authorization_servers": ["auth.example"]})
+
+
+def test_held_call_limits_are_validated(tmp_path: Path) -> None:
+    cfg = load_yaml(tmp_path, {})
+    assert (cfg.task_settle_seconds, cfg.round_settle_seconds) == (3600.0, 900.0)
+    assert load_yaml(tmp_path, {"task_settle_seconds": 7200, "round_settle_seconds": 301}).task_settle_seconds == 7200
+    for key in ("task_settle_seconds", "round_settle_seconds"):
+        for bad in (0, -5, 300, 31 * 86400):  # 300 s is the default longest upstream timeout
+            assert key in error(tmp_path, {key: bad})
+        assert key in error(tmp_path, {key: "soon"})

@@ -627,6 +627,34 @@ async def test_sweep_refunds_calls_their_gateway_never_settled(db: Backend) -> N
     reconcile(db)
 
 
+async def test_held_calls_are_swept_only_by_their_own_limit_and_rule(db: Backend) -> None:
+    """Tasks and input_required rounds (addon/deferred.py): marked held, the plain sweep leaves them;
+    the held sweep refunds an expired task and bills an abandoned round, once."""
+    who = add_consumer(db, 1, credit=10_000)
+    add_listing(db, 10, "w", price=1000)
+    task, rounds, done = (call(who, 10, 1000) for _ in range(3))
+    for req in (task, rounds, done):
+        assert (await db.store.charge(req)).accepted
+    assert await db.store.hold(task.request_id, "task_pending")
+    assert await db.store.hold(rounds.request_id, "input_pending")
+    await db.store.settle(outcome(done, who))
+    assert not await db.store.hold(done.request_id, "task_pending")  # settled: nothing to hold
+    db.execute("UPDATE mcpmeter_calls SET created_at = %s", (utc(time.time() - 3600),))
+
+    assert await db.store.sweep(600, FEE_BPS) == 0  # past stale_call_seconds, but held
+    assert await db.store.sweep(7200, FEE_BPS, held="task_pending", reason="task_expired") == 0  # within its limit
+    assert await db.store.sweep(1800, FEE_BPS, held="task_pending", reason="task_expired") == 1
+    assert await db.store.sweep(1800, FEE_BPS, held="input_pending", refund=False, reason="input_abandoned") == 1
+    assert await db.store.sweep(0, FEE_BPS, held="task_pending", reason="task_expired") == 0  # exactly once
+    rows = dict((r, (int(f), why)) for r, f, why in db.rows("SELECT request_id, refunded, reason FROM mcpmeter_calls"))
+    assert rows == {task.request_id: (1, "task_expired"), rounds.request_id: (0, "input_abandoned"),
+                    done.request_id: (0, None)}
+    assert await db.store.balance(1) == 10_000 - 2000
+    assert sorted(db.rows("SELECT request_id, billed_micro_cents FROM usage_events")) == sorted(
+        [(task.request_id, 0), (rounds.request_id, 1000), (done.request_id, 1000)])
+    reconcile(db)
+
+
 async def test_settle_trusts_the_journal_over_what_the_caller_says_was_taken(db: Backend) -> None:
     who = add_consumer(db, 1, credit=5000)
     add_listing(db, 10, "w", price=1000)

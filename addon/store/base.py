@@ -55,8 +55,14 @@ class Store(Protocol):
 
     async def recent_calls(self, limit: int) -> list[CallRecord]: ...
 
-    async def sweep(self, older_than_seconds: float, fee_bps: int, limit: int = 100) -> int:
-        """Refund priced calls left unsettled (their gateway died mid-call); returns how many."""
+    async def sweep(self, older_than_seconds: float, fee_bps: int, limit: int = 100, held: str | None = None,
+                    refund: bool = True, reason: str = "swept") -> int:
+        """Refund priced calls left unsettled (their gateway died mid-call); returns how many. With
+        `held`, settle the calls held open under that mark (see `hold`) older than the limit instead."""
+
+    async def hold(self, request_id: str, mark: str) -> bool:
+        """Mark a call's unsettled journal row as held open until a later message settles it (a task,
+        an input_required round): the plain sweep leaves it alone (addon/deferred.py)."""
 
     async def health(self) -> dict[str, object]: ...
 

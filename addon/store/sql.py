@@ -41,6 +41,9 @@ from .group_commit import GroupCommit
 
 # The reason a call is settled with when its gateway stopped before settling it (see settle_stale).
 SWEPT = "swept"
+# Marks (the `reason` of an unsettled journal row) of calls held open until a later message settles
+# them (addon/deferred.py): the plain sweep leaves them to their own limits.
+HELD = ("task_pending", "input_pending")
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,13 +357,23 @@ class Ledger:
              request_id, now, now),
         )
 
-    def stale_calls(self, cutoff: str, limit: int) -> list[str]:
-        """Calls paid for before `cutoff` and never settled: their gateway stopped mid-call."""
+    def stale_calls(self, cutoff: str, limit: int, held: str | None = None) -> list[str]:
+        """Calls paid for before `cutoff` and never settled: their gateway stopped mid-call. Calls
+        held open on purpose (`hold`: a task, an input_required round) are left to their own
+        limit: `held` names the mark to sweep instead."""
+        mark = "reason = %s" if held else "(reason IS NULL OR reason NOT IN (%s, %s))"
         rows = self._q("SELECT request_id FROM mcpmeter_calls WHERE settled_at IS NULL AND created_at < %s"
-                       " ORDER BY created_at LIMIT %s", (cutoff, limit)).fetchall()
+                       f" AND {mark} ORDER BY created_at LIMIT %s",
+                       (cutoff, *((held,) if held else HELD), limit)).fetchall()
         return [str(r[0]) for r in rows]
 
-    def settle_stale(self, request_id: str, fee_bps: int) -> bool:
+    def hold(self, request_id: str, mark: str) -> bool:
+        """Mark an unsettled call as held open (its outcome comes later): the sweeper's
+        `stale_call_seconds` no longer applies to it, its own limit does."""
+        return self._q("UPDATE mcpmeter_calls SET reason = %s WHERE request_id = %s AND settled_at IS NULL",
+                       (mark, request_id)).rowcount == 1
+
+    def settle_stale(self, request_id: str, fee_bps: int, refund: bool = True, reason: str = SWEPT) -> bool:
         """Refund a call whose gateway stopped before settling it: nobody can show it was delivered."""
         row = self._one("SELECT user_id, project_id, mcp_id, tool_name, amount_micro_cents, period_year_month,"
                         " created_at FROM mcpmeter_calls WHERE request_id = %s AND settled_at IS NULL", (request_id,))
@@ -370,9 +383,9 @@ class Ledger:
         req = ChargeRequest(request_id=request_id, user_id=int(user_id), project_id=int(project_id),
                             listing_id=int(mcp_id), tool_name=str(tool), price=int(amount), free_allowance=0,
                             period=str(period))
-        self.settle(Settlement(charge=req, refund=True, status=0, duration_ms=0,
+        self.settle(Settlement(charge=req, refund=refund, status=0, duration_ms=0,
                                called_at=_epoch(created) or time.time(), key_id=None, token_id=None,
-                               client=None, user_agent=None, fee_bps=fee_bps, reason=SWEPT))
+                               client=None, user_agent=None, fee_bps=fee_bps, reason=reason))
         return True
 
     def _journal(self, req: ChargeRequest, verdict: Verdict, amount: int, now: str) -> None:
@@ -450,14 +463,20 @@ class SqlStore:
     async def recent_calls(self, limit: int) -> list[CallRecord]:
         return await self._submit(lambda ledger: ledger.recent_calls(limit))
 
-    async def sweep(self, older_than_seconds: float, fee_bps: int, limit: int = 100) -> int:
-        """Refund calls left unsettled for longer than any call may run; one transaction each."""
+    async def sweep(self, older_than_seconds: float, fee_bps: int, limit: int = 100, held: str | None = None,
+                    refund: bool = True, reason: str = SWEPT) -> int:
+        """Refund calls left unsettled for longer than any call may run; one transaction each.
+        With `held`, settle the calls held open under that mark instead (refunded or billed, `reason`)."""
         cutoff = utc(time.time() - older_than_seconds)
-        stale = await self._submit(lambda ledger: ledger.stale_calls(cutoff, limit))
+        stale = await self._submit(lambda ledger: ledger.stale_calls(cutoff, limit, held))
         done = 0
         for request_id in stale:
-            done += await self._submit(lambda ledger, rid=request_id: ledger.settle_stale(rid, fee_bps))
+            done += await self._submit(
+                lambda ledger, rid=request_id: ledger.settle_stale(rid, fee_bps, refund, reason))
         return done
+
+    async def hold(self, request_id: str, mark: str) -> bool:
+        return await self._submit(lambda ledger: ledger.hold(request_id, mark))
 
 
 def parse_upstream_headers(raw: Any) -> dict[str, str]:

@@ -1,0 +1,413 @@
+"""Calls whose outcome comes after their answer: tasks (2025-11-25) and input_required rounds (2026-07-28).
+
+A task-augmented `tools/call` (params.task) is answered at once with a CreateTaskResult naming a
+`taskId`; the tool's real outcome comes later, in `tasks/get` / `tasks/cancel` answers (a Task with
+its `status`), the answer to `tasks/result` (what the call itself would have returned), or a
+`notifications/tasks/status` (a Task). Such a call is held: its money stays claimed and its journal
+row unsettled (marked `task_pending`) until a terminal status passes through the gateway on a flow of
+the same listing, key and session: `completed` billed, `failed` / `cancelled` refunded.
+
+A 2026-07-28 call answered with `resultType: "input_required"` and a `requestState` is held the same
+way (`input_pending`); the client's retry of the same tool carrying exactly that `requestState`, on
+the same listing, key and session, is a continuation: forwarded without a second charge, and its
+answer settles the held first round (another input_required keeps it held under the new state).
+A state is usable once, and only if the gateway saw the upstream issue it to that key and tool.
+
+What the gateway needs is in `Deferred`; the readers below are pure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .billing import Decision
+from .decoding import TooLarge, decode_bounded
+from .errors import GatewayError
+from .jsonrpc import JsonId, Outcome
+from .sse import SseParser
+
+log = logging.getLogger("mcpmeter")
+
+TASK_PENDING = "task_pending"  # the journal marks (store.HELD)
+INPUT_PENDING = "input_pending"
+TASK_EXPIRED = "task_expired"  # refunded: nobody saw the task end
+INPUT_ABANDONED = "input_abandoned"  # billed: the input_required answer was delivered, no retry came
+TERMINAL = {
+    "completed": Decision(False, "task_completed"),
+    "failed": Decision(True, "task_failed"),
+    "cancelled": Decision(True, "task_cancelled"),
+}
+MAX_STATE_CHARS = 64 * 1024  # a requestState longer than this is not remembered (the retry is charged)
+MAX_HELD = 10_000  # calls held at once (each keeps its flow); past it, a call settles as it is answered
+
+Scope = tuple[int, str, str]  # listing id, the key's principal, the session id ("" when none)
+
+
+# --- pure readers ------------------------------------------------------------------------
+
+
+def _params(message: Any) -> Mapping[str, Any]:
+    params = message.get("params") if isinstance(message, Mapping) else None
+    return params if isinstance(params, Mapping) else {}
+
+
+def _same_id(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b
+
+
+def request_facts(body: bytes) -> tuple[bool, str | None, str | None]:
+    """(a task is asked for, the requestState carried, the taskId of a tasks/result) of a request body."""
+    if b'"task' not in body and b'"requestState"' not in body:
+        return False, None, None  # the common case: not parsed a second time
+    try:
+        message = json.loads(body)
+    except (ValueError, RecursionError):
+        return False, None, None
+    params = _params(message)
+    method = message.get("method") if isinstance(message, Mapping) else None
+    task = method == "tools/call" and isinstance(params.get("task"), Mapping)
+    state = params.get("requestState") if method == "tools/call" else None
+    task_id = params.get("taskId") if method == "tasks/result" else None
+    return (task, state if isinstance(state, str) else None, task_id if isinstance(task_id, str) else None)
+
+
+def created_task(message: Any, rpc_id: JsonId) -> str | None:
+    """The taskId of a CreateTaskResult answering `rpc_id`."""
+    if not isinstance(message, Mapping) or not _same_id(message.get("id"), rpc_id):
+        return None
+    result = message.get("result")
+    task = result.get("task") if isinstance(result, Mapping) else None
+    task_id = task.get("taskId") if isinstance(task, Mapping) else None
+    return task_id if isinstance(task_id, str) and task_id else None
+
+
+def input_required(message: Any, rpc_id: JsonId) -> tuple[bool, str | None]:
+    """(the answer to `rpc_id` is an InputRequiredResult, its requestState)."""
+    if not isinstance(message, Mapping) or not _same_id(message.get("id"), rpc_id):
+        return False, None
+    result = message.get("result")
+    if not isinstance(result, Mapping) or result.get("resultType") != "input_required":
+        return False, None
+    state = result.get("requestState")
+    return True, state if isinstance(state, str) and 0 < len(state) <= MAX_STATE_CHARS else None
+
+
+def task_status(message: Any) -> tuple[str, str] | None:
+    """(taskId, status) said by a `notifications/tasks/status` or a Task answer (tasks/get, tasks/cancel)."""
+    if not isinstance(message, Mapping):
+        return None
+    if message.get("method") == "notifications/tasks/status":
+        task: Any = message.get("params")
+    elif "method" not in message and "id" in message:
+        task = message.get("result")
+    else:
+        return None
+    if not isinstance(task, Mapping):
+        return None
+    task_id, status = task.get("taskId"), task.get("status")
+    if isinstance(task_id, str) and isinstance(status, str):
+        return task_id, status
+    return None
+
+
+def result_decision(message: Any, rpc_id: JsonId, bill_tool_errors: bool) -> Decision | None:
+    """How the answer to a `tasks/result` request settles its task: what the call itself returned."""
+    if not isinstance(message, Mapping) or "method" in message or not _same_id(message.get("id"), rpc_id):
+        return None
+    if "error" in message:
+        return TERMINAL["failed"]
+    result = message.get("result")
+    if not isinstance(result, Mapping):
+        return None
+    if result.get("isError") is True:
+        return Decision(not bill_tool_errors, "tool_error")
+    return TERMINAL["completed"]
+
+
+def state_key(scope: Scope, tool: str, state: str) -> tuple[Scope, str, str]:
+    return scope, tool, hashlib.sha256(state.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# --- what the gateway holds ----------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Held:
+    flow: Any
+    call: Any
+    expires: float  # monotonic
+    mark: str
+
+
+@dataclass(eq=False)
+class Facts:
+    """What the meter learnt about one forwarded request and its answer."""
+
+    scope: Scope
+    rpc_id: JsonId | None = None
+    tool: str = ""
+    task: bool = False  # params.task: the answer should be a CreateTaskResult
+    task_id: str | None = None  # ... naming this task
+    result_for: str | None = None  # a tasks/result request: its taskId
+    input_required: bool = False
+    state: str | None = None  # the requestState of an input_required answer
+    continues: Held | None = None  # a retry carrying a state this key was issued: the first round
+    continued: tuple[Scope, str, str] | None = None  # ... under this key (to give it back if refused)
+    parser: SseParser | None = None
+
+
+Settle = Callable[[Any, Any, Decision], None]
+
+
+@dataclass(eq=False)
+class Deferred:
+    settle: Settle  # the gateway's: settle a held call with this decision
+    config: Callable[[], Any]  # the gateway's current Config (task_settle_seconds, round_settle_seconds, ...)
+    store: Callable[[], Any]
+    tasks: dict[tuple[Scope, str], Held] = field(default_factory=dict)
+    rounds: dict[tuple[Scope, str, str], Held] = field(default_factory=dict)
+    facts: weakref.WeakKeyDictionary[Any, Facts] = field(default_factory=weakref.WeakKeyDictionary)
+    # Tasks refunded as task_expired, until when their result is refused (a refunded result is never delivered).
+    expired: dict[tuple[Scope, str], float] = field(default_factory=dict)
+    watched: Counter[Scope] = field(default_factory=Counter)  # held tasks per scope: whose answers are read
+
+    def _watched(self, scope: Scope) -> bool:
+        return self.watched[scope] > 0
+
+    def _pop_task(self, key: tuple[Scope, str]) -> Held | None:
+        held = self.tasks.pop(key, None)
+        if held is not None:
+            self.watched[key[0]] -= 1
+            if self.watched[key[0]] <= 0:
+                del self.watched[key[0]]
+        return held
+
+    # request hook ------------------------------------------------------------------------
+
+    def on_request(self, call: Any, body: bytes, method: str | None, session: str | None) -> bool:
+        """Note what the request asks for; True when it continues a held round (charge nothing)."""
+        if call.consumer is None or call.listing is None:
+            return False
+        scope = (call.listing.id, call.consumer.principal, session or "")
+        task, state, result_for = request_facts(body)
+        priced = call.priced
+        if result_for is not None and self.expired.get((scope, result_for), 0.0) > time.monotonic():
+            raise GatewayError("task_expired", task_id=result_for)
+        if not (task or state or result_for or method in ("tasks/get", "tasks/cancel")
+                or (priced is not None and priced.method == "tools/call") or self._watched(scope)):
+            return False
+        facts = Facts(scope, priced.rpc_id if priced else _rpc_id(body), priced.tool_name if priced else "",
+                      task=task and priced is not None, result_for=result_for)
+        self.facts[call] = facts
+        if state is not None and priced is not None:
+            key = state_key(scope, priced.tool_name, state)
+            held = self.rounds.pop(key, None)  # taken now: two retries with one state cannot both continue
+            if held is not None and held.expires > time.monotonic():
+                facts.continues, facts.continued = held, key
+                return True
+            if held is not None:  # expired, not swept yet
+                self.rounds[key] = held
+        return False
+
+    def release(self, call: Any) -> None:
+        """The gateway refused the retry (rate limit, breaker, ...): it never ran, its state stays usable."""
+        facts = self.facts.get(call)
+        if facts is not None and facts.continues is not None and facts.continued is not None:
+            self.rounds.setdefault(facts.continued, facts.continues)
+            facts.continues = facts.continued = None
+
+    # answers -------------------------------------------------------------------------------
+
+    def watch_stream(self, flow: Any, call: Any) -> None:
+        """Wrap an SSE answer's stream: its upstream bytes are read (before anything rewrites them)."""
+        facts = self.facts.get(call)
+        scope = facts.scope if facts else _scope(call, flow)
+        response = flow.response
+        if scope is None or response is None or not callable(response.stream):
+            return
+        coding = response.headers.get("content-encoding", "").strip().lower()
+        if coding not in ("", "identity") or (facts is None and not self._watched(scope)
+                                               and flow.request.method != "GET"):
+            return
+        if facts is None:
+            facts = self.facts[call] = Facts(scope)
+        facts.parser = SseParser(self.config().max_event_bytes)
+        inner = response.stream
+
+        def read(chunk: bytes) -> Any:
+            try:
+                if facts.parser is not None:
+                    for event in facts.parser.feed(chunk):
+                        if not event.oversized and (facts.result_for is not None or _worth_reading(event.data)):
+                            self._messages(call, facts, _loads(event.data))
+            except Exception:
+                log.exception("mcpmeter: reading task and round messages of %s failed", call.request_id)
+            return inner(chunk)
+
+        response.stream = read
+
+    def watch_body(self, call: Any, response: Any) -> None:
+        """A buffered JSON answer, decoded with the meter's ceiling."""
+        facts = self.facts.get(call)
+        if facts is None or response is None:
+            return
+        try:
+            body = decode_bounded(response.raw_content or b"", response.headers.get("content-encoding"),
+                                  self.config().max_body_bytes)
+            if body is not None and (facts.result_for is not None or _worth_reading(body)):
+                self._messages(call, facts, _loads(body))
+        except TooLarge:
+            pass
+        except Exception:
+            log.exception("mcpmeter: reading task and round messages of %s failed", call.request_id)
+
+    def _messages(self, call: Any, facts: Facts, parsed: Any) -> None:
+        for message in parsed if isinstance(parsed, list) else [parsed]:
+            if not isinstance(message, Mapping):
+                continue
+            if facts.rpc_id is not None:
+                if facts.task and facts.task_id is None:
+                    facts.task_id = created_task(message, facts.rpc_id)
+                required, state = input_required(message, facts.rpc_id)
+                if required:
+                    facts.input_required, facts.state = True, state
+                if facts.result_for is not None and call.listing is not None:
+                    decision = result_decision(message, facts.rpc_id, call.listing.bill_tool_errors)
+                    if decision is not None:
+                        self._end_task(facts.scope, facts.result_for, decision)
+            said = task_status(message)
+            if said is not None and said[1] in TERMINAL:
+                self._end_task(facts.scope, said[0], TERMINAL[said[1]])
+
+    def _end_task(self, scope: Scope, task_id: str, decision: Decision) -> None:
+        held = self._pop_task((scope, task_id))
+        if held is not None:
+            self.settle(held.flow, held.call, decision)
+
+    # settlement ------------------------------------------------------------------------------
+
+    def will_hold(self, call: Any) -> bool:
+        """Its answer asks to hold it (the response hook then settles it before the answer leaves,
+        so a retry that follows the answer at once finds its state held)."""
+        facts = self.facts.get(call)
+        return facts is not None and (facts.task_id is not None or facts.state is not None)
+
+    def holds(self, flow: Any, call: Any, decision: Decision) -> str | None:
+        """At a charged call's settlement: the mark it is held under instead (None: settle it now)."""
+        facts = self.facts.get(call)
+        if facts is None or decision.refund or call.outcome is not Outcome.RESULT:
+            return None
+        if len(self.tasks) + len(self.rounds) >= MAX_HELD:
+            log.warning("mcpmeter: %d calls held already; %s settles now", MAX_HELD, call.request_id)
+            return None
+        now, config = time.monotonic(), self.config()
+        if facts.task and facts.task_id is not None:
+            if (facts.scope, facts.task_id) not in self.tasks:
+                self.watched[facts.scope] += 1
+            self.tasks[(facts.scope, facts.task_id)] = Held(flow, call, now + config.task_settle_seconds, TASK_PENDING)
+            return TASK_PENDING
+        if facts.input_required and facts.state is not None:
+            key = state_key(facts.scope, facts.tool, facts.state)
+            self.rounds[key] = Held(flow, call, now + config.round_settle_seconds, INPUT_PENDING)
+            return INPUT_PENDING
+        return None
+
+    async def hold(self, flow: Any, call: Any, decision: Decision) -> bool:
+        """Hold the call if its answer says its outcome comes later: the money stays claimed and the
+        journal row unsettled, marked so that only its own limit sweeps it."""
+        mark = self.holds(flow, call, decision)
+        if mark is None:
+            return False
+        flow.metadata.setdefault("mcpmeter", {}).update(decision="held", reason=mark)
+        try:
+            await self.store().hold(call.request_id, mark)
+        except Exception:  # unmarked, it is refunded at stale_call_seconds if nothing settles it before
+            log.exception("mcpmeter: could not mark %s as %s", call.request_id, mark)
+        return True
+
+    def round_over(self, call: Any, decision: Decision) -> bool:
+        """At an uncharged continuation's settlement: settle (or hold again) its first round."""
+        facts = self.facts.get(call)
+        if facts is None or facts.continues is None:
+            return False
+        held, facts.continues = facts.continues, None
+        if facts.input_required and facts.state is not None and not decision.refund:
+            # Another round: held under the new state, within the first round's limit (the journal's
+            # sweep counts from the charge, so every round of one call must come within it).
+            self.rounds[state_key(facts.scope, facts.tool, facts.state)] = held
+            return True
+        if facts.input_required and not decision.refund:
+            decision = Decision(False, "input_required")  # asks again with no state to tie a retry to
+        self.settle(held.flow, held.call, decision)
+        return True
+
+    def expire(self) -> None:
+        """Held calls past their limit: tasks refunded, rounds billed (see the module's rules)."""
+        now = time.monotonic()
+        for table, decision in ((self.tasks, Decision(True, TASK_EXPIRED)),
+                                (self.rounds, Decision(False, INPUT_ABANDONED))):
+            for key, held in list(table.items()):
+                if held.expires <= now:
+                    if held.mark == TASK_PENDING:
+                        self._pop_task(key)  # type: ignore[arg-type]
+                    else:
+                        del table[key]
+                    self.settle(held.flow, held.call, decision)
+                    if held.mark == TASK_PENDING:
+                        self._forget_later(key, now)  # type: ignore[arg-type]
+
+    def _forget_later(self, key: tuple[Scope, str], now: float) -> None:
+        for old, until in list(self.expired.items()):
+            if until <= now:
+                del self.expired[old]
+        if len(self.expired) >= MAX_HELD:
+            del self.expired[next(iter(self.expired))]  # the oldest
+        self.expired[key] = now + self.config().task_settle_seconds
+
+    async def sweep(self) -> None:
+        """The sweeper's turn: held calls past their limit, here and (after a restart, or held by
+        another gateway) in the journal, by the same rules."""
+        self.expire()
+        config, store = self.config(), self.store()
+        if config is None or store is None:
+            return
+        margin = 60.0  # one sweep: a gateway that holds the call in memory settles it first
+        for mark, seconds, refund, reason in ((TASK_PENDING, config.task_settle_seconds, True, TASK_EXPIRED),
+                                              (INPUT_PENDING, config.round_settle_seconds, False, INPUT_ABANDONED)):
+            if done := await store.sweep(seconds + margin, config.platform_fee_bps, held=mark, refund=refund,
+                                         reason=reason):
+                log.warning("mcpmeter: settled %d held call(s) past their limit (%s)", done, reason)
+
+
+def _worth_reading(data: str | bytes) -> bool:
+    """Only messages that can name a task or an input_required result are parsed again."""
+    if isinstance(data, str):
+        return "taskId" in data or "input_required" in data
+    return b"taskId" in data or b"input_required" in data
+
+
+def _loads(data: str | bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _rpc_id(body: bytes) -> JsonId | None:
+    message = _loads(body)
+    rpc_id = message.get("id") if isinstance(message, Mapping) else None
+    return rpc_id if isinstance(rpc_id, (str, int)) and not isinstance(rpc_id, bool) else None
+
+
+def _scope(call: Any, flow: Any) -> Scope | None:
+    if call.consumer is None or call.listing is None:
+        return None
+    return call.listing.id, call.consumer.principal, flow.request.headers.get("mcp-session-id", "")

@@ -1,0 +1,310 @@
+"""addon/deferred.py: tasks settle on their terminal state, input_required rounds cost one call."""
+
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from addon import deferred
+from addon.billing import Decision
+from addon.errors import GatewayError
+from addon.jsonrpc import Outcome, PricedCall
+
+
+def test_request_facts() -> None:
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": "t", "arguments": {}, "task": {"ttl": 1000}}}
+    assert deferred.request_facts(json.dumps(call).encode()) == (True, None, None)
+    call["params"] = {"name": "t", "requestState": "abc", "inputResponses": {}}
+    assert deferred.request_facts(json.dumps(call).encode()) == (False, "abc", None)
+    get = {"jsonrpc": "2.0", "id": 2, "method": "tasks/result", "params": {"taskId": "T1"}}
+    assert deferred.request_facts(json.dumps(get).encode()) == (False, None, "T1")
+    # not a tools/call: neither a task nor a state counts; a task param that is not an object neither
+    other = {"jsonrpc": "2.0", "id": 3, "method": "prompts/get", "params": {"task": {}, "requestState": "x"}}
+    assert deferred.request_facts(json.dumps(other).encode()) == (False, None, None)
+    call["params"] = {"name": "t", "task": "yes", "requestState": 5}
+    assert deferred.request_facts(json.dumps(call).encode()) == (False, None, None)
+    assert deferred.request_facts(b'{"task": ') == (False, None, None)
+
+
+def test_created_task_and_status_readers() -> None:
+    created = {"jsonrpc": "2.0", "id": 7, "result": {"task": {"taskId": "T", "status": "working"}}}
+    assert deferred.created_task(created, 7) == "T"
+    assert deferred.created_task(created, "7") is None  # ids compare by type and value
+    assert deferred.created_task({"jsonrpc": "2.0", "id": 7, "result": {"task": {"taskId": 3}}}, 7) is None
+    note = {"jsonrpc": "2.0", "method": "notifications/tasks/status", "params": {"taskId": "T", "status": "failed"}}
+    assert deferred.task_status(note) == ("T", "failed")
+    got = {"jsonrpc": "2.0", "id": 9, "result": {"taskId": "T", "status": "completed"}}
+    assert deferred.task_status(got) == ("T", "completed")
+    other = {"jsonrpc": "2.0", "method": "x", "params": {"taskId": "T", "status": "failed"}}
+    assert deferred.task_status(other) is None
+    assert deferred.task_status({"jsonrpc": "2.0", "id": 9, "error": {"code": 1}}) is None
+
+
+def test_tasks_result_decides_as_the_call_would_have() -> None:
+    assert deferred.result_decision({"jsonrpc": "2.0", "id": 1, "error": {"code": -1}}, 1, False) == \
+        Decision(True, "task_failed")
+    ok = {"jsonrpc": "2.0", "id": 1, "result": {"content": []}}
+    assert deferred.result_decision(ok, 1, False) == Decision(False, "task_completed")
+    tool_error = {"jsonrpc": "2.0", "id": 1, "result": {"content": [], "isError": True}}
+    assert deferred.result_decision(tool_error, 1, False) == Decision(True, "tool_error")
+    assert deferred.result_decision(tool_error, 1, True) == Decision(False, "tool_error")
+    assert deferred.result_decision(ok, 2, False) is None
+
+
+def test_input_required_reader() -> None:
+    answer = {"jsonrpc": "2.0", "id": 1, "result": {"resultType": "input_required", "requestState": "S"}}
+    assert deferred.input_required(answer, 1) == (True, "S")
+    answer["result"] = {"resultType": "input_required", "inputRequests": {}}
+    assert deferred.input_required(answer, 1) == (True, None)  # nothing to tie a retry to
+    answer["result"] = {"resultType": "input_required", "requestState": "x" * (deferred.MAX_STATE_CHARS + 1)}
+    assert deferred.input_required(answer, 1) == (True, None)
+    answer["result"] = {"resultType": "complete", "requestState": "S"}
+    assert deferred.input_required(answer, 1) == (False, None)
+
+
+# --- the registry, with stand-ins for the gateway's calls -------------------------------------------
+
+
+class Flow:
+    def __init__(self, session: str = "s1") -> None:
+        self.metadata: dict[str, Any] = {}
+        self.request = SimpleNamespace(headers={"mcp-session-id": session}, method="POST")
+        self.response: Any = None
+
+
+class Call(SimpleNamespace):
+    """The gateway's Call, as far as deferred.py reads it (weakly referenced, like the real one)."""
+
+    __hash__ = object.__hash__
+
+
+def make_call(principal: str = "key-1", tool: str = "t", rpc_id: Any = 1, priced: bool = True) -> Any:
+    return Call(
+        request_id=f"r-{id(object())}", consumer=SimpleNamespace(principal=principal),
+        listing=SimpleNamespace(id=5, bill_tool_errors=False),
+        priced=PricedCall("tools/call", rpc_id, tool) if priced else None, outcome=Outcome.RESULT)
+
+
+class Store:
+    def __init__(self) -> None:
+        self.held: dict[str, str] = {}
+
+    async def hold(self, request_id: str, mark: str) -> bool:
+        self.held[request_id] = mark
+        return True
+
+
+@pytest.fixture
+def registry() -> tuple[deferred.Deferred, list[tuple[Any, Decision]], Store]:
+    settled: list[tuple[Any, Decision]] = []
+    store = Store()
+    config = SimpleNamespace(task_settle_seconds=3600.0, round_settle_seconds=900.0, max_body_bytes=1 << 20,
+                             max_event_bytes=1 << 20, platform_fee_bps=0)
+    d = deferred.Deferred(lambda flow, call, decision: settled.append((call, decision)), lambda: config,
+                          lambda: store)
+    return d, settled, store
+
+
+def body(message: Any) -> bytes:
+    return json.dumps(message).encode()
+
+
+def response(message: Any) -> Any:
+    return SimpleNamespace(raw_content=body(message), headers={})
+
+
+def task_call(d: deferred.Deferred, principal: str = "key-1", session: str = "s1") -> Any:
+    call = make_call(principal)
+    request = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "task": {}}}
+    assert d.on_request(call, body(request), "tools/call", session) is False  # a task is charged
+    d.watch_body(call, response({"jsonrpc": "2.0", "id": 1, "result": {"task": {"taskId": "T", "status": "working"}}}))
+    return call
+
+
+def poll(d: deferred.Deferred, method: str, answer: Any, principal: str = "key-1", session: str = "s1",
+         params: dict[str, Any] | None = None) -> None:
+    call = make_call(principal, priced=False)
+    d.on_request(call, body({"jsonrpc": "2.0", "id": 2, "method": method, "params": params or {"taskId": "T"}}),
+                 method, session)
+    d.watch_body(call, response(answer))
+
+
+async def test_a_task_is_held_then_settled_on_its_terminal_state(registry: Any) -> None:
+    d, settled, store = registry
+    call = task_call(d)
+    assert await d.hold(Flow(), call, Decision(False, "result"))
+    assert store.held == {call.request_id: "task_pending"}
+    poll(d, "tasks/get", {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "working"}})
+    assert settled == []
+    poll(d, "tasks/get", {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "failed"}})
+    assert settled == [(call, Decision(True, "task_failed"))]
+    poll(d, "tasks/get", {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "completed"}})
+    assert len(settled) == 1  # settled once: later messages find nothing held
+
+
+@pytest.mark.parametrize("status, decision", [("completed", Decision(False, "task_completed")),
+                                              ("cancelled", Decision(True, "task_cancelled"))])
+async def test_a_status_notification_settles(registry: Any, status: str, decision: Decision) -> None:
+    d, settled, _ = registry
+    call = task_call(d)
+    await d.hold(Flow(), call, Decision(False, "result"))
+    poll(d, "tasks/list", {"jsonrpc": "2.0", "method": "notifications/tasks/status",
+                           "params": {"taskId": "T", "status": status}})
+    assert settled == [(call, decision)]
+
+
+async def test_tasks_result_error_refunds(registry: Any) -> None:
+    d, settled, _ = registry
+    call = task_call(d)
+    await d.hold(Flow(), call, Decision(False, "result"))
+    poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "error": {"code": -32603, "message": "x"}})
+    assert settled == [(call, Decision(True, "task_failed"))]
+
+
+async def test_another_key_or_session_cannot_settle_a_task(registry: Any) -> None:
+    d, settled, _ = registry
+    call = task_call(d)
+    await d.hold(Flow(), call, Decision(False, "result"))
+    failed = {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "failed"}}
+    poll(d, "tasks/get", failed, principal="key-2")
+    poll(d, "tasks/get", failed, session="s2")
+    assert settled == []
+
+
+async def test_a_refused_or_plain_answer_is_not_held(registry: Any) -> None:
+    d, _, store = registry
+    call = task_call(d)
+    assert not await d.hold(Flow(), call, Decision(True, "rpc_error"))
+    plain = make_call()
+    d.on_request(plain, body({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "task": {}}}),
+                 "tools/call", "s1")
+    d.watch_body(plain, response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}))  # task ignored
+    assert not await d.hold(Flow(), plain, Decision(False, "result"))
+    assert store.held == {}
+
+
+async def test_expiry_refunds_tasks_and_bills_rounds(registry: Any) -> None:
+    d, settled, _ = registry
+    call = task_call(d)
+    await d.hold(Flow(), call, Decision(False, "result"))
+    first = round_one(d)
+    await d.hold(Flow(), first, Decision(False, "result"))
+    for table in (d.tasks, d.rounds):
+        for held in table.values():
+            held.expires = time.monotonic() - 1
+    d.expire()
+    assert sorted((c is call, dec) for c, dec in settled) == [
+        (False, Decision(False, "input_abandoned")), (True, Decision(True, "task_expired"))]
+
+
+def round_one(d: deferred.Deferred, principal: str = "key-1", state: str = "S1") -> Any:
+    call = make_call(principal, tool="ask")
+    assert not d.on_request(call, body({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                                        "params": {"name": "ask"}}), "tools/call", "s1")
+    d.watch_body(call, response({"jsonrpc": "2.0", "id": 1,
+                                 "result": {"resultType": "input_required", "requestState": state}}))
+    return call
+
+
+def retry(d: deferred.Deferred, state: str, principal: str = "key-1", tool: str = "ask",
+          session: str = "s1") -> tuple[Any, bool]:
+    call = make_call(principal, tool=tool, rpc_id=2)
+    request = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+               "params": {"name": tool, "requestState": state, "inputResponses": {}}}
+    return call, d.on_request(call, body(request), "tools/call", session)
+
+
+async def test_rounds_cost_one_call(registry: Any) -> None:
+    d, settled, store = registry
+    first = round_one(d)
+    assert await d.hold(Flow(), first, Decision(False, "result"))
+    assert store.held[first.request_id] == "input_pending"
+    second, continues = retry(d, "S1")
+    assert continues  # not charged
+    d.watch_body(second, response({"jsonrpc": "2.0", "id": 2,
+                                   "result": {"resultType": "input_required", "requestState": "S2"}}))
+    assert d.round_over(second, Decision(False, "result"))  # held again under S2
+    assert settled == []
+    third, continues = retry(d, "S2")
+    assert continues
+    d.watch_body(third, response({"jsonrpc": "2.0", "id": 2, "error": {"code": -1, "message": "x"}}))
+    assert d.round_over(third, Decision(True, "rpc_error"))
+    assert settled == [(first, Decision(True, "rpc_error"))]  # the one charge, refunded
+
+
+async def test_a_state_is_used_once_and_only_by_its_key_tool_and_session(registry: Any) -> None:
+    d, settled, _ = registry
+    first = round_one(d)
+    await d.hold(Flow(), first, Decision(False, "result"))
+    assert not retry(d, "S1", principal="key-2")[1]
+    assert not retry(d, "S1", tool="other")[1]
+    assert not retry(d, "S1", session="s2")[1]
+    assert not retry(d, "forged")[1]
+    second, continues = retry(d, "S1")
+    assert continues
+    assert not retry(d, "S1")[1]  # used: a replay of the same state is charged
+    d.watch_body(second, response({"jsonrpc": "2.0", "id": 2, "result": {"content": []}}))
+    assert d.round_over(second, Decision(False, "result"))
+    assert settled == [(first, Decision(False, "result"))]
+
+
+async def test_a_state_the_gateway_did_not_see_issued_is_charged(registry: Any) -> None:
+    d, _, _ = registry
+    first = round_one(d)  # answered, but its settlement (hold) never ran: nothing registered
+    assert not retry(d, "S1")[1]
+    assert first is not None
+
+
+async def test_held_calls_are_bounded(registry: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    d, _, store = registry
+    monkeypatch.setattr(deferred, "MAX_HELD", 1)
+    first = round_one(d, state="A")
+    assert d.will_hold(first)
+    assert await d.hold(Flow(), first, Decision(False, "result"))
+    second = round_one(d, state="B")
+    assert not await d.hold(Flow(), second, Decision(False, "result"))  # full: settled as answered
+    assert list(store.held) == [first.request_id]
+
+
+async def test_a_refused_retry_gives_its_state_back(registry: Any) -> None:
+    d, settled, _ = registry
+    first = round_one(d)
+    await d.hold(Flow(), first, Decision(False, "result"))
+    refused, continues = retry(d, "S1")
+    assert continues and not retry(d, "S1")[1]  # taken while the first retry is admitted
+    d.release(refused)  # e.g. rate-limited: never forwarded
+    second, continues = retry(d, "S1")
+    assert continues
+    d.release(make_call())  # a call that continued nothing: nothing happens
+    assert d.round_over(second, Decision(False, "result"))
+    assert settled == [(first, Decision(False, "result"))]
+
+
+async def test_an_expired_task_result_is_refused(registry: Any) -> None:
+    d, settled, _ = registry
+    call = task_call(d)
+    await d.hold(Flow(), call, Decision(False, "result"))
+    next(iter(d.tasks.values())).expires = time.monotonic() - 1
+    d.expire()
+    assert settled == [(call, Decision(True, "task_expired"))]
+    with pytest.raises(GatewayError) as e:
+        poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "result": {"content": []}})
+    assert e.value.spec.code == "task_expired"
+    poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "result": {"content": []}}, principal="key-2")  # not theirs
+    poll(d, "tasks/get", {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "completed"}})  # status only
+    assert len(settled) == 1
+
+
+async def test_only_scopes_with_held_tasks_are_watched(registry: Any) -> None:
+    d, _, _ = registry
+    call = task_call(d)
+    assert not d._watched((5, "key-1", "s1"))
+    await d.hold(Flow(), call, Decision(False, "result"))
+    assert d._watched((5, "key-1", "s1")) and not d._watched((5, "key-2", "s1"))
+    poll(d, "tasks/get", {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "completed"}})
+    assert not d._watched((5, "key-1", "s1")) and d.watched == {}
