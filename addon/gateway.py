@@ -413,7 +413,7 @@ class Mcpmeter:
                 call.failure = Failure.CANCELLED if cancels else Failure.CLIENT_GONE
             elif call.failure is None:
                 call.failure = Failure.UPSTREAM
-            self._end_session_stream(call)
+            self._end_session_stream(call, client_gone=gone)
             await self._settle(flow, call)
             nobody = call.failure is Failure.CLIENT_GONE or (call.failure is Failure.CANCELLED and gone)
             if flow.response is None and not nobody:
@@ -755,13 +755,15 @@ class Mcpmeter:
         if not waiting:
             self.awaiting.pop(call.legacy_session, None)
 
-    def _end_session_stream(self, call: Call) -> None:
-        """The session's stream is over: calls still awaiting an answer never get one."""
+    def _end_session_stream(self, call: Call, client_gone: bool = False) -> None:
+        """The session's stream is over: calls still awaiting an answer never get one. The upstream
+        ending it failed them (refunded); a client that walked away is billed, as on streamable HTTP
+        (2024-11-05 has no cancellation: the upstream ran the call)."""
         if call.rewriter is None or call.rewriter.route is None or not call.legacy_session:
             return
         for calls in self.awaiting.pop(call.legacy_session, {}).values():
             for flow, waiting in calls:
-                waiting.failure = Failure.UPSTREAM
+                waiting.failure = Failure.CLIENT_GONE if client_gone else Failure.UPSTREAM
                 if waiting.awaiting_stream:
                     self._settle_soon(flow, waiting)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from mitmproxy import http
+from mitmproxy.flow import Error
 from mitmproxy.test import taddons
 
 from addon.gateway import Mcpmeter
@@ -231,6 +232,20 @@ async def test_the_end_of_the_stream_refunds_the_calls_still_waiting(gw: Gw) -> 
     stream.response.stream(b"")
     await settled(gw)
     assert gw.db.balance(1) == OPENING and gw.db.usage()[0]["billed_micro_cents"] == 0
+
+
+async def test_a_client_that_walks_away_from_the_session_pays_like_on_streamable_http(gw: Gw) -> None:
+    """2024-11-05 has no cancellation: the upstream ran the call, as when a streamable client leaves (499)."""
+    stream = await open_session(gw)
+    flow = await post(gw, "/legacy-one/messages/?session_id=abc")
+    await accepted(gw, flow)
+    stream.error = Error("Client disconnected.")
+    await gw.addon.error(stream)
+    await settled(gw)
+    [row] = gw.db.usage()
+    assert row["billed_micro_cents"] == PRICE and row["status"] == 499
+    assert gw.db.balance(1) == OPENING - PRICE
+    gw.db.assert_reconciled()
 
 
 # --- Origin ---------------------------------------------------------------------------------------------
