@@ -52,6 +52,7 @@ log = logging.getLogger("mcpmeter")
 META = "mcpmeter"
 SETTLE_ATTEMPTS = 5
 MAX_BACKGROUND_SETTLEMENTS = 1000  # beyond this, responses wait for their settlement (backpressure)
+STOP_DRAIN_SECONDS = 8.0  # then, settlements still being written get this long before the store closes
 STOP_GRACE_SECONDS = 10.0  # on a stop, paid calls in flight get this long to be answered, then are refunded
 PUBLIC_HEALTH_FIELDS = ("store", "cache", "ok", "degraded")
 HARD_BODY_LIMIT_FACTOR = 4  # bodies up to 4x the limit are read and dropped to answer 413 cleanly
@@ -256,9 +257,16 @@ class Mcpmeter:
                 if flow.live:
                     compat.abort_upstream(flow)
                 call.settlement = self._own(self._settle_now(flow, call))
-        await self.drain()
+        # Bounded: a stop never hangs. What is still unwritten stays unsettled in the journal, where
+        # the sweeper of any gateway settles it (refunds it) later.
+        if not await self.drain(STOP_DRAIN_SECONDS):
+            log.error("mcpmeter: stopping; %d settlement(s) still unwritten after %.0f s, left to the sweeper",
+                      len(self.background), STOP_DRAIN_SECONDS)
         if self.cache is not None:
-            await self.cache.close()
+            try:
+                await asyncio.wait_for(self.cache.close(), 3.0)
+            except Exception:
+                log.warning("mcpmeter: stopping; the cache did not close cleanly", exc_info=True)
             self.cache = None
         self._close()
 
@@ -921,10 +929,17 @@ class Mcpmeter:
             return False  # not paid for, settling already (a stop), settlements backing up, or held: wait
         return not _decision(call)[0].refund
 
-    async def drain(self) -> None:
-        """Wait for the settlements still being written (tests, and an orderly stop)."""
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Wait for the settlements still being written (tests, and an orderly stop); False if some
+        were still running after `timeout` seconds (they are left running, never cancelled)."""
+        loop = asyncio.get_running_loop()
+        end = None if timeout is None else loop.time() + timeout
         while self.background:
-            await asyncio.gather(*list(self.background), return_exceptions=True)
+            left = None if end is None else end - loop.time()
+            if left is not None and left <= 0:
+                return False
+            await asyncio.wait(list(self.background), timeout=left)
+        return True
 
     def _own(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         """Start a settlement as a task of this addon's, which `drain` waits for."""
