@@ -71,7 +71,6 @@ class Call:
     charge: ChargeRequest | None = None
     charged: ChargeResult | None = None
     balance: int | None = None
-    balance_task: asyncio.Future[int] | None = None
     limit_headers: dict[str, str] = field(default_factory=dict)
     status: int | None = None
     outcome: Outcome | None = None
@@ -111,6 +110,7 @@ class Mcpmeter:
         self.config: Config | None = None
         self.store: Store | None = None
         self.cache: Cache | None = None
+        self.free_used = receipts.free_used_cache()  # tools/list's free-call counts, read from `store`
         self.calls: dict[str, Call] = {}
         self.sweeper: asyncio.Task[None] | None = None
         # Every settlement task (see `_own`): drained by stop() before the store closes.
@@ -170,6 +170,7 @@ class Mcpmeter:
             raise exceptions.OptionsError(f"mcpmeter_config: {e}") from None
         old_store, old_cache = self.store, self.cache
         self.config, self.store, self.cache = config, store, open_cache(config)
+        self.free_used = receipts.free_used_cache()  # counts read from this store
         logging.getLogger("mcpmeter").setLevel(_log_level(config.log_level))
         if old_store is not None:
             old_store.close()
@@ -357,7 +358,7 @@ class Mcpmeter:
                 if call.listing is not None and call.listing.transport is Transport.SSE and call.listing.upstream_url:
                     call.rewriter = legacy_sse.EndpointRewriter(call.listing.upstream_url, call.listing.slug)
                 flow.response.stream = self._stream_watcher(flow, call)
-                await receipts.wrap_stream(flow, call, self.store)  # prices and the receipt in the events
+                await receipts.wrap_stream(flow, call, self.store, self.free_used)  # prices and the receipt in the events
                 if call.session is not None and self.config is not None:  # refunded calls' answers never go out
                     resumption.drop_refunded(flow.response, call.session, self.pending, self.config.max_event_bytes)
                 self.deferred.watch_stream(flow, call)  # task statuses, input_required (upstream bytes first)
@@ -367,7 +368,7 @@ class Mcpmeter:
                     flow.response.stream = idempotency.capture(flow.response.stream, call.idempotency)
                 if call.priced is None:
                     self._cancel_deadline(call)
-                await self._stamp(flow, call)
+                self._stamp(flow, call)
         except Exception:
             log.exception("mcpmeter: responseheaders %s failed", call.request_id)
 
@@ -387,7 +388,7 @@ class Mcpmeter:
                 elif call.priced is not None and call.outcome is None:
                     call.outcome = self._body_outcome(flow.response, call)
                 if self._await_stream(flow, call):
-                    await self._stamp(flow, call)
+                    self._stamp(flow, call)
                     return
             if call.parser is None and self._billed_without_refund(call):
                 # The debit and its ledger row are committed and the headers need nothing from the
@@ -395,9 +396,9 @@ class Mcpmeter:
                 self._settle_in_background(flow, call)
             else:
                 await self._settle(flow, call)
-            await receipts.write_body(flow, call, self.store)  # prices and the receipt in a JSON answer
+            await receipts.write_body(flow, call, self.store, self.free_used)  # prices and the receipt in a JSON answer
             if call.parser is None:
-                await self._stamp(flow, call)
+                self._stamp(flow, call)
             await self._remember(flow, call)  # before the answer leaves: a retry finds it stored
         except Exception:
             log.exception("mcpmeter: response %s failed; settling it all the same", call.request_id)
@@ -519,8 +520,7 @@ class Mcpmeter:
         await self.circuits.admit(listing, priced=call.priced is not None)
         if call.priced is not None and not continues:
             await self._charge(flow, call, consumer, listing, call.priced)
-        else:
-            call.balance_task = asyncio.ensure_future(self.store.balance(consumer.user_id))
+        # Unpriced traffic (initialize, lists, GET streams) never reaches the database: no balance read.
         if call.session is not None and flow.metadata[META].get("method") == resumption.CANCELLED_METHOD:
             self._cancel(call, req.raw_content or b"")  # and the notification goes on to the upstream
         self._forward(flow, call, listing, subpath, query)
@@ -616,6 +616,8 @@ class Mcpmeter:
         if shadow.applies(self.config, listing):  # record what it would cost; charge nothing
             call.charge = await shadow.charge_request(self.store, flow, call.charge)
         result = await self.store.charge(call.charge)
+        if result.verdict is Verdict.FREE:  # tools/list shows this gateway's own claims at once
+            self.free_used.pop((listing.id, consumer.user_id, call.charge.period), None)
         call.balance = result.balance
         flow.metadata[META].update(tool=priced.tool_name, price=price)
         if not result.accepted:
@@ -919,7 +921,7 @@ class Mcpmeter:
             log.exception("mcpmeter: could not settle %s; the sweeper will", call.request_id)
         try:
             if flow.response is not None and call.parser is None:  # a buffered answer: headers not sent yet
-                await self._stamp(flow, call)
+                self._stamp(flow, call)
         except Exception:
             log.exception("mcpmeter: could not stamp the answer to %s", call.request_id)
 
@@ -966,8 +968,6 @@ class Mcpmeter:
     async def _settle_now(self, flow: http.HTTPFlow, call: Call, background: bool = False) -> None:
         meta = flow.metadata.setdefault(META, {"request_id": call.request_id})
         if call.charge is None or call.charged is None:
-            if call.balance_task is not None:
-                call.balance = await _maybe(call.balance_task)
             if call.priced is not None and call.listing is not None:
                 self.deferred.round_over(call, _decision(call)[0])  # a continuation settles its first round
             meta["decision"] = "passthrough"
@@ -1005,6 +1005,8 @@ class Mcpmeter:
                     return
                 await asyncio.sleep(0.05 * 2**attempt)
         call.refunded = decision.refund
+        if decision.refund and call.charged.verdict is Verdict.FREE:  # the slot came back
+            self.free_used.pop((call.listing.id, call.consumer.user_id, call.charge.period), None)
         _annotate(flow, call, decision, status, self.results)
 
     def _settle_held(self, flow: http.HTTPFlow, call: Call, decision: billing.Decision) -> None:
@@ -1019,10 +1021,8 @@ class Mcpmeter:
 
         self._own(settle())
 
-    async def _stamp(self, flow: http.HTTPFlow, call: Call) -> None:
+    def _stamp(self, flow: http.HTTPFlow, call: Call) -> None:
         """The metering headers, on a response whose headers have not been sent yet."""
-        if call.balance is None and call.balance_task is not None:
-            call.balance = await _maybe(call.balance_task)
         assert flow.response is not None
         h = flow.response.headers
         h["X-Mcpmeter-Request-Id"] = call.request_id
@@ -1049,11 +1049,8 @@ class Mcpmeter:
         redaction.redact_forwarded_credentials(flow.request.headers)  # refused: they go nowhere
         self._idempotency_over(flow, call, refused=True)  # nothing to replay: a retry runs normally
         self.deferred.release(call)  # a refused input_required retry did not use its requestState
-        if call.consumer is not None and call.balance is None and self.store is not None:
-            try:
-                call.balance = await self.store.balance(call.consumer.user_id)
-            except Exception:  # the balance is a courtesy; a refusal must be answered whatever happens
-                log.warning("mcpmeter: no balance for the refusal of %s", call.request_id, exc_info=True)
+        # A refusal names the balance only when the charge read it (402): a flood of 429s, or of
+        # requests for a paused listing, must not reach the database.
         call.rpc_id = call.priced.rpc_id if call.priced else rpc_errors.peek_id(flow.request.raw_content)
         flow.response = self._error_response(error, call)
         self.metrics.refused(error.spec.code)
@@ -1277,13 +1274,6 @@ def _redact(flow: http.HTTPFlow) -> Credential | None:
     credential = parse_authorization(flow.request.headers.get("authorization"))
     redaction.redact_credentials(flow.request.headers, credential.prefix if credential else None)
     return credential
-
-
-async def _maybe(task: asyncio.Future[int]) -> int | None:
-    try:
-        return await task
-    except Exception:
-        return None
 
 
 _closing: set[asyncio.Task[None]] = set()  # tasks must be referenced until done

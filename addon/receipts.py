@@ -24,6 +24,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from cachetools import TTLCache
+
 from mitmproxy import http
 
 from . import billing, rpc_errors
@@ -36,6 +38,15 @@ PRICE, PRICING, RECEIPT = "mcpmeter/price", "mcpmeter/pricing", "mcpmeter/receip
 CURRENCY = "USD micro-cents"  # 1 µ¢ = 1e-6 cent
 MAX_REWRITE_BYTES = 1024 * 1024  # bodies and events bigger than this pass unchanged
 FREE_LEFT_TIMEOUT = 0.5  # seconds a tools/list answer waits at most for the free-calls count
+# Free-tier counts read for tools/list, kept a few seconds: an agent listing tools again and again
+# (one list per session is common) must not put the database on the path of unpriced requests.
+FREE_USED_SECONDS = 10.0
+FreeUsed = TTLCache[tuple[int, int, str], int]
+
+
+def free_used_cache() -> FreeUsed:
+    """One per gateway (its store): (listing id, user id, month) -> free calls used."""
+    return TTLCache(maxsize=100_000, ttl=FREE_USED_SECONDS)
 META = "mcpmeter"
 
 
@@ -299,7 +310,7 @@ class EventRewriter:
 
 # --- the gateway's hooks delegate here ----------------------------------------------------------------
 
-async def plan_for(flow: http.HTTPFlow, call: Any, store: Any) -> Plan | None:
+async def plan_for(flow: http.HTTPFlow, call: Any, store: Any, free_used: FreeUsed) -> Plan | None:
     """What this flow's answers should carry, or None (most flows: nothing to write)."""
     listing = call.listing
     method = (flow.metadata.get(META) or {}).get("method")
@@ -308,26 +319,30 @@ async def plan_for(flow: http.HTTPFlow, call: Any, store: Any) -> Plan | None:
     rpc_id = call.priced.rpc_id if call.priced is not None else rpc_errors.peek_id(flow.request.raw_content)
     if rpc_id is None:
         return None
-    free_left = await _free_left(store, call, listing) if method == "tools/list" else None
+    free_left = await _free_left(store, free_used, call, listing) if method == "tools/list" else None
     receipt_of = (lambda outcome: call_receipt(call, outcome)) if call.charged is not None else None
     return Plan(rpc_id, method, listing, free_left, receipt_of)
 
 
-async def _free_left(store: Any, call: Any, listing: Listing) -> int | None:
-    """Free calls left this month: one read, only for tools/list on a listing with a free tier
-    (priced calls never wait for it). None when there is no free tier or the read fails or is slow."""
+async def _free_left(store: Any, free_used: FreeUsed, call: Any, listing: Listing) -> int | None:
+    """Free calls left this month, as of at most FREE_USED_SECONDS ago: only for tools/list on a
+    listing with a free tier (priced calls never wait for it). None when there is no free tier or
+    the read fails or is slow."""
     if listing.free_calls_per_consumer <= 0 or call.consumer is None or store is None:
         return None
-    read = store.free_calls_used(listing.id, call.consumer.user_id, billing.period(call.called_at))
-    try:
-        used = await asyncio.wait_for(read, FREE_LEFT_TIMEOUT)
-    except Exception:
-        log.warning("mcpmeter: no free-calls count for %s", call.request_id, exc_info=True)
-        return None
+    key = (listing.id, call.consumer.user_id, billing.period(call.called_at))
+    used = free_used.get(key)
+    if used is None:
+        try:
+            used = await asyncio.wait_for(store.free_calls_used(*key), FREE_LEFT_TIMEOUT)
+        except Exception:
+            log.warning("mcpmeter: no free-calls count for %s", call.request_id, exc_info=True)
+            return None
+        free_used[key] = used
     return max(listing.free_calls_per_consumer - used, 0)
 
 
-async def write_body(flow: http.HTTPFlow, call: Any, store: Any) -> None:
+async def write_body(flow: http.HTTPFlow, call: Any, store: Any, free_used: FreeUsed) -> None:
     """A JSON answer (not a stream): prices or receipt written into its body, Content-Length redone."""
     response = flow.response
     if call.parser is not None or response is None or response.raw_content is None:
@@ -339,14 +354,14 @@ async def write_body(flow: http.HTTPFlow, call: Any, store: Any) -> None:
     if "json" not in response.headers.get("content-type", "").lower():
         return
     try:
-        plan = await plan_for(flow, call, store)
+        plan = await plan_for(flow, call, store, free_used)
         if plan is not None and (new := edit_json(response.raw_content, plan)) is not None:
             response.content = new.encode("utf-8")  # mitmproxy sets Content-Length
     except Exception:  # prices and receipts are a courtesy; the answer goes out regardless
         log.exception("mcpmeter: could not write the receipt of %s", call.request_id)
 
 
-async def wrap_stream(flow: http.HTTPFlow, call: Any, store: Any) -> None:
+async def wrap_stream(flow: http.HTTPFlow, call: Any, store: Any, free_used: FreeUsed) -> None:
     """An SSE answer: wrap its stream callable so the answer's event is rewritten as it passes."""
     response = flow.response
     if response is None or not callable(response.stream) or call.rewriter is not None:
@@ -354,7 +369,7 @@ async def wrap_stream(flow: http.HTTPFlow, call: Any, store: Any) -> None:
     if response.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
         return  # compressed bytes pass as sent: only the meter's own decoder reads them
     try:
-        plan = await plan_for(flow, call, store)
+        plan = await plan_for(flow, call, store, free_used)
     except Exception:
         log.exception("mcpmeter: no receipt plan for %s", call.request_id)
         return
