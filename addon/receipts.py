@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -156,10 +157,67 @@ def dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+_UNCHANGED = object()
+_FALL_BACK = object()
+_RESULT_KEY = re.compile(r'"result"\s*:\s*\{')
+_decoder = json.JSONDecoder()
+
+
+def _splice_receipt(text: str, plan: Plan) -> Any:
+    """The common case at C speed: a single message whose `result` object is its last member and has
+    no `_meta`. The receipt is inserted into the upstream's own text, which is otherwise kept byte for
+    byte. Returns the new text, _UNCHANGED (not the answer, or nothing to write) or _FALL_BACK (let
+    the strict parse and re-serialisation decide)."""
+    try:
+        message = json.loads(text, parse_constant=_constant)  # last duplicate wins, as for the member found below
+    except (ValueError, RecursionError):
+        return _FALL_BACK
+    if not isinstance(message, dict):
+        return _FALL_BACK  # a batch
+    outcome = answer_outcome(message, plan.rpc_id)
+    if outcome is None:
+        return _UNCHANGED  # a notification, a request, another call's answer
+    result = message.get("result")
+    if outcome is Outcome.RPC_ERROR or not isinstance(result, dict) or "_meta" in result:
+        return _FALL_BACK
+    # The top-level `result` member: the first `"result": {` whose key opens a member (after `{` or
+    # `,`) and whose object is followed by nothing but the closing brace. Members before it are
+    # `jsonrpc` and `id`, so the first candidate is the one; otherwise the slow path decides.
+    found = _RESULT_KEY.search(text)
+    if found is None:
+        return _FALL_BACK
+    before = text[:found.start()].rstrip()
+    if not before.endswith((",", "{")):
+        return _FALL_BACK
+    brace = found.end() - 1
+    try:
+        _, end = _decoder.raw_decode(text, brace)
+    except ValueError:
+        return _FALL_BACK
+    if text[end:].strip() != "}":
+        return _FALL_BACK  # not the last member: another `result` may follow, or a nested one matched
+    plan.done = True
+    paid = plan.receipt_of(outcome) if plan.receipt_of is not None else None
+    if paid is None:
+        return _UNCHANGED
+    member = '"_meta":' + dumps({RECEIPT: paid})
+    rest = text[brace + 1:]
+    return text[:brace + 1] + member + ("" if rest.lstrip().startswith("}") else ",") + rest
+
+
 def edit_json(text: str | bytes, plan: Plan) -> str | None:
     """The message (or batch) with the plan applied, or None to leave it unchanged."""
     if len(text) > MAX_REWRITE_BYTES:
         return None
+    if plan.method not in ("tools/list", "initialize") and not plan.done:
+        try:
+            spliced = _splice_receipt(text if isinstance(text, str) else text.decode("utf-8"), plan)
+        except UnicodeDecodeError:
+            spliced = _FALL_BACK  # json.loads knows the other encodings JSON may come in
+        if spliced is _UNCHANGED:
+            return None
+        if isinstance(spliced, str):
+            return spliced
     try:
         value = loads(text)
     except (ValueError, UnicodeDecodeError):
@@ -301,8 +359,9 @@ class EventRewriter:
             return original
         out = bytearray()
         for i, (text, ending) in enumerate(lines):
-            if i == first:
-                out += b"data: " + replacement + ending
+            if i == first:  # a multi-line data field stays multi-line (a spliced receipt keeps its newlines)
+                for part in replacement.split(b"\n"):
+                    out += b"data: " + part + ending
             elif text.partition(b":")[0] != b"data":
                 out += text + ending
         return bytes(out)

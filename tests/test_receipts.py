@@ -89,15 +89,39 @@ def test_other_messages_are_left_alone(message: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("text", [
-    '{"jsonrpc":"2.0","id":1,"id":1,"result":{}}',  # duplicate keys: re-serialising would drop one
+    '{"jsonrpc":"2.0","id":1,"id":1,"result":{"_meta":{}}}',  # duplicate keys: re-serialising would drop one
     '{"jsonrpc":"2.0","id":1,"result":{"x":NaN}}',
     '{"jsonrpc":"2.0","id":1,"result":' + "[" * 100_000 + "]" * 100_000 + "}",  # past the recursion limit
     '{"jsonrpc":"2.0","id":1,"result":',
-    '{"jsonrpc":"2.0","id":1,"result":{"t":"\\ud800"}}',  # an escaped lone surrogate: no UTF-8 to write
+    '{"jsonrpc":"2.0","id":1,"result":{"t":"\\ud800","_meta":{}}}',  # an escaped lone surrogate: no UTF-8 to write
     b'{"jsonrpc":"2.0","id":1,"result":{"t":"\xff"}}',  # not UTF-8
+    '{"jsonrpc":"2.0","id":1,"result":{"isError":true},"result":{}}',  # which result is it?
 ])
 def test_what_the_strict_parse_refuses_is_not_rewritten(text: str | bytes) -> None:
     assert edit_json(text, plan()) is None
+
+
+@pytest.mark.parametrize(("text", "spliced"), [
+    ('{"jsonrpc":"2.0","id":1,"result":{"content":[]}}', '{"jsonrpc":"2.0","id":1,"result":{"_meta":R,"content":[]}}'),
+    ('{"jsonrpc":"2.0","id":1,"result":{ }}', '{"jsonrpc":"2.0","id":1,"result":{"_meta":R }}'),
+    # Splicing keeps every other byte the upstream sent: duplicates and escapes are not re-read.
+    ('{"jsonrpc":"2.0","id":1,"id":1,"result":{"t":"\\ud800"}}',
+     '{"jsonrpc":"2.0","id":1,"id":1,"result":{"_meta":R,"t":"\\ud800"}}'),
+    ('{"id":1,"jsonrpc":"2.0","result" :\n {"a":{"result":{}}} \n}', '{"id":1,"jsonrpc":"2.0","result" :\n {"_meta":R,"a":{"result":{}}} \n}'),
+])
+def test_a_receipt_is_spliced_into_the_upstreams_own_text(text: str, spliced: str) -> None:
+    new = edit_json(text, plan())
+    assert new is not None
+    receipt = json.loads(new.replace(" \n}", "}").replace("\n", ""))["result"]["_meta"]
+    assert new == spliced.replace("R", json.dumps(receipt, separators=(",", ":")))
+    assert list(receipt) == ["mcpmeter/receipt"] and receipt["mcpmeter/receipt"]["decision"] == "billed"
+
+
+def test_a_nested_result_first_is_not_mistaken_for_the_answer() -> None:
+    text = '{"id":"x","result":{"result":{}},"jsonrpc":"2.0"}'  # not the last member: the strict path
+    p = Plan("x", "tools/call", LISTING, None, paid)
+    new = json.loads(edit_json(text, p) or "")
+    assert list(new["result"]) == ["result", "_meta"] and new["jsonrpc"] == "2.0"
 
 
 def test_json_rewrite_keeps_key_order_and_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,8 +158,10 @@ def run(stream: bytes, cuts: list[int], limit: int = receipts.MAX_REWRITE_BYTES,
 
 
 def expected_stream() -> bytes:
-    answer = dict(ANSWERED, result=dict(ANSWERED["result"], _meta={"mcpmeter/receipt": RECEIPT}))
-    return STREAM.replace(b"data: " + ANSWER.encode(), b"data: " + receipts.dumps(answer).encode())
+    # The receipt is spliced in first, the upstream's own bytes kept (what a re-serialisation gives
+    # is checked by test_json_rewrite_keeps_key_order_and_a_batch).
+    meta = '"_meta":' + receipts.dumps({"mcpmeter/receipt": RECEIPT}) + ","
+    return STREAM.replace(b"data: " + ANSWER.encode(), b"data: " + ANSWER.replace('"result":{', '"result":{' + meta).encode())
 
 
 @pytest.mark.parametrize("cut", range(len(STREAM) + 1))
@@ -247,9 +273,11 @@ async def test_initialize_advertises_the_listing_pricing(gw: Gw) -> None:
 
 
 async def test_answers_left_unchanged(gw: Gw) -> None:
-    flow = make_flow()  # a priced call answered with duplicate keys: not rewritten, still settled
+    # A priced call answered with duplicate keys and its own _meta (so the receipt must be merged
+    # by re-serialising, which would drop a duplicate): not rewritten, still settled.
+    flow = make_flow()
     await gw.addon.request(flow)
-    body = b'{"jsonrpc":"2.0","id":1,"result":{"a":1,"a":2}}'
+    body = b'{"jsonrpc":"2.0","id":1,"result":{"a":1,"a":2,"_meta":{}}}'
     await upstream_answers(gw, flow, http.Response.make(200, body, {"Content-Type": "application/json"}))
     assert flow.response.content == body and gw.db.balance(1) == OPENING - PRICE
     flow = make_flow(body=rpc("tools/list", 7))  # an encoded body: left as it is
@@ -261,5 +289,5 @@ async def test_answers_left_unchanged(gw: Gw) -> None:
 
 
 def test_sse_event_that_cannot_be_written_back_passes_unchanged() -> None:
-    stream = b'data: {"jsonrpc":"2.0","id":1,"result":{"t":"\\ud800"}}\r\n\r\ndata: {"jsonrpc":"2.0","id":1,"result":{}}\n\n'
+    stream = b'data: {"jsonrpc":"2.0","id":1,"result":{"t":"\\ud800","_meta":{}}}\r\n\r\ndata: {"jsonrpc":"2.0","id":1,"result":{}}\n\n'
     assert run(stream, [9]) == stream  # unchanged and nothing lost; the answer has passed, so the rest too
