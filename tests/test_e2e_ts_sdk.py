@@ -63,26 +63,31 @@ class NodeServer:
         self.proc = subprocess.Popen(["node", script, *args], cwd=TS, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
-        self._started = threading.Event()
+        self._listening = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._started.wait(START_TIMEOUT) or not self.lines:
+        started = self._listening.wait(START_TIMEOUT)
+        url = next((json.loads(line)["url"] for line in self.lines if line.startswith('{"url"')), None)
+        if not started or url is None:
             self.stop()
             raise RuntimeError(f"node {script} did not start: {''.join(self.lines)[-2000:]}")
-        self.url = str(json.loads(self.lines[0])["url"])
+        self.url = str(url)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line)
-            self._started.set()
-        self._started.set()
+            if line.startswith('{"url"'):
+                self._listening.set()
+        self._listening.set()  # it exited
 
     def events(self, session: str, kind: str) -> list[dict[str, Any]]:
         """What the server reported of one session: {"event": kind, ...} lines (polling_server.mjs)."""
-        return [e for e in (json.loads(line) for line in self.lines[1:] if line.startswith('{"event"'))
+        return [e for e in (json.loads(line) for line in list(self.lines) if line.startswith('{"event"'))
                 if e["event"] == kind and e["sessionId"] == session]
 
     def stop(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
