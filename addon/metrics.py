@@ -45,6 +45,7 @@ class Metrics:
     def __init__(self, backlog: Callable[[], float] = lambda: 0,
                  cache_degraded: Callable[[], float] = lambda: 0) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.calls = Counter("mcpmeter_calls", "Forwarded calls, by listing, tool, decision and status.",
                              ["listing", "tool", "decision", "status"], registry=r)
         self.billed = Counter("mcpmeter_billed_micro_cents", "µ¢ billed to consumers (after refunds).",
@@ -90,21 +91,30 @@ class Metrics:
         slug, now = listing.slug, time.monotonic()
         if call.forwarded is not None:
             self.overhead.observe(call.forwarded - call.started)
-            self.upstream.labels(slug).observe(now - call.forwarded)
+            self._child(self.upstream, slug).observe(now - call.forwarded)
         if refund is None or call.charged is None or call.charge is None:
-            self.calls.labels(slug, NO_TOOL, "passthrough", _status(status)).inc()
+            self._child(self.calls, slug, NO_TOOL, "passthrough", _status(status)).inc()
             return
         tool = call.charge.tool_name if call.charge.tool_name in listing.tool_prices else OTHER
         amount = call.charged.amount
         if refund:
             decision = "refunded"
             if amount:
-                self.refunded.labels(slug).inc(amount)
+                self._child(self.refunded, slug).inc(amount)
         else:
             decision = {Verdict.FREE: "free", Verdict.UNPRICED: "unpriced"}.get(call.charged.verdict, "billed")
             if amount:
-                self.billed.labels(slug).inc(amount)
-        self.calls.labels(slug, tool, decision, _status(status)).inc()
+                self._child(self.billed, slug).inc(amount)
+        self._child(self.calls, slug, tool, decision, _status(status)).inc()
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """metric.labels(*labels), remembered: prometheus-client validates and locks on every call,
+        and the label sets are bounded (see the module's docstring)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def circuit_state(self, slug: str, state: str) -> None:
         self.circuit.labels(slug).set(CIRCUIT_STATES[state])

@@ -152,15 +152,18 @@ def loads(text: str | bytes) -> Any:
         raise _Refused("too deep") from None
 
 
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # built once: json.dumps with
+_decoder = json.JSONDecoder(parse_constant=_constant)  # options builds one per call
+
+
 def dumps(value: Any) -> str:
     """One line (SSE-safe: newlines in strings are escaped), key order kept."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return _encoder.encode(value)
 
 
 _UNCHANGED = object()
 _FALL_BACK = object()
 _RESULT_KEY = re.compile(r'"result"\s*:\s*\{')
-_decoder = json.JSONDecoder()
 
 
 def _splice_receipt(text: str, plan: Plan) -> Any:
@@ -169,7 +172,7 @@ def _splice_receipt(text: str, plan: Plan) -> Any:
     byte. Returns the new text, _UNCHANGED (not the answer, or nothing to write) or _FALL_BACK (let
     the strict parse and re-serialisation decide)."""
     try:
-        message = json.loads(text, parse_constant=_constant)  # last duplicate wins, as for the member found below
+        message = _decoder.decode(text)  # last duplicate wins, as for the member found below
     except (ValueError, RecursionError):
         return _FALL_BACK
     if not isinstance(message, dict):
@@ -207,9 +210,11 @@ def _splice_receipt(text: str, plan: Plan) -> Any:
 
 def edit_json(text: str | bytes, plan: Plan) -> str | None:
     """The message (or batch) with the plan applied, or None to leave it unchanged."""
-    if len(text) > MAX_REWRITE_BYTES:
+    if len(text) > MAX_REWRITE_BYTES or not text.strip():  # an empty data field: a priming event
         return None
     if plan.method not in ("tools/list", "initialize") and not plan.done:
+        if isinstance(text, str) and '"id"' not in text and "\\u" not in text:
+            return None  # no "id" member, even escaped: a notification (progress...), not the answer
         try:
             spliced = _splice_receipt(text if isinstance(text, str) else text.decode("utf-8"), plan)
         except UnicodeDecodeError:
@@ -264,6 +269,10 @@ class EventRewriter:
         times (the consumed prefix is dropped only when it is over half the buffer).
         """
         final = not chunk
+        if not final and not self._buf and not self._lines and not self._passing:
+            whole = self._whole_events(chunk)
+            if whole is not None:
+                return whole
         buf = self._buf
         buf += chunk
         out = bytearray()
@@ -305,6 +314,23 @@ class EventRewriter:
             self._searched = max(self._searched - self._start, 0)
             self._start = 0
         return bytes(out)
+
+    def _whole_events(self, chunk: bytes) -> bytes | None:
+        """The common chunk, at C speed: nothing held, LF line ends only, and whole events (it ends
+        with the blank line of its last event, and no event is empty). None: take the general path."""
+        if self.finished():
+            return chunk
+        if not chunk.endswith(b"\n\n") or b"\r" in chunk or b"\n\n\n" in chunk or chunk.startswith(b"\n"):
+            return None
+        if len(chunk) > self.limit:
+            return None
+        out = []
+        for event in chunk[:-2].split(b"\n\n"):
+            if self.finished():
+                out.append(event + b"\n\n")  # the answer has passed: the rest untouched
+                continue
+            out.append(self._emit([(line, b"\n") for line in event.split(b"\n")]) + b"\n")
+        return b"".join(out)
 
     def _clear(self) -> None:
         self._buf.clear()
@@ -415,7 +441,11 @@ async def write_body(flow: http.HTTPFlow, call: Any, store: Any, free_used: Free
     try:
         plan = await plan_for(flow, call, store, free_used)
         if plan is not None and (new := edit_json(response.raw_content, plan)) is not None:
-            response.content = new.encode("utf-8")  # mitmproxy sets Content-Length
+            # Identity-encoded (checked above), so the bytes are set as they are, without mitmproxy's
+            # encoding round; Content-Length follows unless the upstream chose a transfer-encoding.
+            response.raw_content = new.encode("utf-8")
+            if "transfer-encoding" not in response.headers:
+                response.headers["content-length"] = str(len(response.raw_content))
     except Exception:  # prices and receipts are a courtesy; the answer goes out regardless
         log.exception("mcpmeter: could not write the receipt of %s", call.request_id)
 
