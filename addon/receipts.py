@@ -161,6 +161,12 @@ def dumps(value: Any) -> str:
     return _encoder.encode(value)
 
 
+def _may_answer(event: bytes) -> bool:
+    """False when an SSE event's bytes cannot hold a JSON-RPC response: no "id" member, not even
+    escaped (a key's letters can only be escaped as \\uXXXX). Priming events and notifications."""
+    return b'"id"' in event or b"\\u" in event
+
+
 _UNCHANGED = object()
 _FALL_BACK = object()
 _RESULT_KEY = re.compile(r'"result"\s*:\s*\{')
@@ -252,8 +258,10 @@ class EventRewriter:
     """
 
     def __init__(self, edit: Callable[[str], str | None], finished: Callable[[], bool] = lambda: False,
-                 limit: int = MAX_REWRITE_BYTES) -> None:
-        self.edit, self.finished, self.limit = edit, finished, limit
+                 limit: int = MAX_REWRITE_BYTES, worth: Callable[[bytes], bool] = lambda event: True) -> None:
+        """`worth(event)` False promises `edit` would leave that whole event unchanged: it is let
+        out without being split into fields (whole-event chunks only)."""
+        self.edit, self.finished, self.limit, self.worth = edit, finished, limit, worth
         self._buf = bytearray()  # bytes not yet split into lines start at self._start
         self._start = 0  # read offset: the consumed prefix is dropped only when it is over half the buffer
         self._searched = 0  # buf[_start:_searched] holds no line end: it is never scanned again
@@ -326,8 +334,8 @@ class EventRewriter:
             return None
         out = []
         for event in chunk[:-2].split(b"\n\n"):
-            if self.finished():
-                out.append(event + b"\n\n")  # the answer has passed: the rest untouched
+            if self.finished() or not self.worth(event):
+                out.append(event + b"\n\n")  # the answer has passed, or this is not it: untouched
                 continue
             out.append(self._emit([(line, b"\n") for line in event.split(b"\n")]) + b"\n")
         return b"".join(out)
@@ -465,7 +473,8 @@ async def wrap_stream(flow: http.HTTPFlow, call: Any, store: Any, free_used: Fre
     if plan is None:
         return
     inner = response.stream
-    events = EventRewriter(lambda data: edit_json(data, plan), lambda: plan.done)
+    events = EventRewriter(lambda data: edit_json(data, plan), lambda: plan.done,
+                           worth=_may_answer if plan.method not in ("tools/list", "initialize") else lambda _: True)
 
     def rewrite(chunk: bytes) -> bytes | list[bytes]:
         out = inner(chunk)  # the meter sees the upstream's bytes first (and settles on them)

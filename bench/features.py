@@ -136,8 +136,12 @@ async def _measure(addon: Mcpmeter, n: int) -> dict[str, float]:
 
     answer = json.dumps(ANSWER).encode()
 
-    def fresh_json() -> None:
-        flow.response = http.Response.make(200, answer, {"Content-Type": "application/json"})
+    flow.response = http.Response.make(200, answer, {"Content-Type": "application/json"})
+    json_response = flow.response
+
+    def fresh_json() -> None:  # the upstream's answer again (cheap: the timing of this is taken off)
+        flow.response = json_response
+        json_response.raw_content = answer
     out["receipt-json"] = await _time(lambda: receipts.write_body(flow, call, addon.store, addon.free_used),
                                       setup=fresh_json, n=n)
     fresh_json()
@@ -146,9 +150,11 @@ async def _measure(addon: Mcpmeter, n: int) -> dict[str, float]:
 
     events = _sse_events()
 
+    sse_response = http.Response.make(200, b"", {"Content-Type": "text/event-stream"})
+
     def fresh_sse() -> None:
-        flow.response = http.Response.make(200, b"", {"Content-Type": "text/event-stream"})
-        flow.response.stream = lambda chunk: chunk  # the meter's own watcher is not what is measured
+        flow.response = sse_response
+        sse_response.stream = lambda chunk: chunk  # the meter's own watcher is not what is measured
 
     async def sse() -> bytes:
         await receipts.wrap_stream(flow, call, addon.store, addon.free_used)
@@ -163,8 +169,11 @@ async def _measure(addon: Mcpmeter, n: int) -> dict[str, float]:
     tools_call = addon.calls[tools_flow.id]
     tools = json.dumps(TOOLS).encode()
 
+    tools_flow.response = http.Response.make(200, tools, {"Content-Type": "application/json"})
+    tools_response = tools_flow.response
+
     def fresh_tools() -> None:
-        tools_flow.response = http.Response.make(200, tools, {"Content-Type": "application/json"})
+        tools_response.raw_content = tools
     out["prices (tools/list, 10 tools)"] = await _time(
         lambda: receipts.write_body(tools_flow, tools_call, addon.store, addon.free_used), setup=fresh_tools, n=n // 3)
     error = GatewayError("rate_limited", retry_after=3, scope="minute")
