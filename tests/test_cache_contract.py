@@ -27,6 +27,7 @@ import pytest
 import redis
 
 from addon.cache import MISS, Cache, open_cache
+from addon.cache.breaker import circuit_keys
 from addon.cache.memory import MemoryCache
 from addon.cache.redis import RedisCache, rate_keys
 from addon.config import Config, RedisSettings
@@ -669,6 +670,13 @@ def test_the_cluster_slot_function_matches_redis() -> None:
 def test_every_rate_limit_script_run_touches_one_cluster_slot(prefix: str, bucket: str) -> None:
     keys = rate_keys(prefix, bucket, windows_for(60, 10_000))
     assert len(keys) == 2 and len({cluster_slot(k) for k in keys}) == 1, keys
+
+
+@pytest.mark.parametrize("prefix", ["mcpmeter:", "", "tenant{7}:", "a}b:", "{:"])
+@pytest.mark.parametrize("listing_id", [1, 42, 10**12])
+def test_the_circuit_breaker_script_touches_one_cluster_slot(prefix: str, listing_id: int) -> None:
+    keys = circuit_keys(prefix, listing_id)
+    assert len(set(keys)) == 2 and len({cluster_slot(k) for k in keys}) == 1, keys
 
 
 async def test_the_keys_the_script_is_really_called_with_share_one_slot(redis_settings: RedisSettings) -> None:

@@ -70,8 +70,7 @@ class RedisBreakers:
     _run: Any
 
     def _circuit_keys(self, listing_id: int) -> tuple[str, str]:
-        key = f"{self._prefix}circuit:{listing_id}"
-        return key, key + ":probe"
+        return circuit_keys(self._prefix, listing_id)
 
     async def circuit(self, listing_id: int) -> Circuit:
         async def read() -> Circuit:
@@ -112,3 +111,10 @@ class CircuitStore(Protocol):
     async def circuit_reset(self, listing_id: int) -> None: ...
 
     async def circuit_probe(self, listing_id: int, ttl_seconds: float, now: float) -> bool: ...
+
+
+def circuit_keys(prefix: str, listing_id: int) -> tuple[str, str]:
+    """A circuit's hash and its probe slot. FAILURE_SCRIPT touches both, so they share the hash tag
+    `{<listing id>}`: one slot, and the script runs unchanged on Redis Cluster."""
+    key = f"{prefix}circuit:{{{listing_id}}}"
+    return key, key + ":probe"
