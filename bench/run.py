@@ -935,6 +935,7 @@ def targets(result: dict[str, Any], concurrencies: tuple[int, ...] | list[int]) 
         label = t.label.replace("c=32", f"c={hi}").replace("c=1 ", f"c={lo} ")
         value: float | None = None
         note = ""
+        noisy = False
         if t.metric == "redis_growth":
             rp = result.get("redis_pairs") or {}
             ok = rp.get("status") == "ok"
@@ -951,6 +952,8 @@ def targets(result: dict[str, Any], concurrencies: tuple[int, ...] | list[int]) 
                        f"{t.base} {base.get('status', 'not run')}" if needs_base and base.get("status") != "ok"
                        else None)
             if missing is None:
+                used = [sc] + ([base] if needs_base else [])
+                noisy = any(_noisy(x["runs"].get(c)) for x in used for c in (lo, hi))
                 if t.metric in ("rps_ratio", "scaling"):
                     value = sc["runs"][hi]["rps"] / base["runs"][hi]["rps"]
                 elif t.metric == "p50_delta":
@@ -979,8 +982,13 @@ def targets(result: dict[str, Any], concurrencies: tuple[int, ...] | list[int]) 
             stretch_verdict = None if t.stretch is None else "PASS" if _meets(value, t.op, t.stretch) else "MISS"
         out.append({"label": label, "scenario": t.scenario, "metric": t.metric, "value": _round(value, 3),
                     "op": t.op, "bound": t.bound, "stretch": t.stretch, "verdict": verdict,
-                    "stretch_verdict": stretch_verdict, "note": note})
+                    "stretch_verdict": stretch_verdict, "note": note, "noisy": noisy})
     return out
+
+
+def _noisy(run: dict[str, Any] | None) -> bool:
+    """Other processes (or steal) took more than 5 % of the measured CPU during the run."""
+    return bool(run) and run.get("others_on_proxy_cpu", 0) + run.get("steal_on_proxy_cpu", 0) > 0.05
 
 
 def _meets(value: float | None, op: str | None, bound: float | None) -> bool:
@@ -1147,7 +1155,7 @@ _UNITS = {"p50_delta": " ms", "cpu_delta": " ms", "db_cpu": " ms"}
 def print_targets(rows: list[dict[str, Any]]) -> None:
     """The PASS/MISS table: target, figure, verdict (and the stretch target's, where there is one)."""
     print()
-    header = f"{'targets of issue #8 (one run)':<57}{'target':>10}{'figure':>12}  {'verdict':<8}{'stretch':<16}"
+    header = f"{'targets of issue #8 (one run)':<57}{'target':>10}{'figure':>12}  {'verdict':<8}{'stretch':<18}"
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -1157,9 +1165,12 @@ def print_targets(rows: list[dict[str, Any]]) -> None:
         target = "" if r["op"] is None else f"{r['op']} {'+' if signed else ''}{r['bound']:g}{unit}"
         stretch = "" if r["stretch"] is None else \
             f"{r['op']} {'+' if signed else ''}{r['stretch']:g}{unit}: {r['stretch_verdict']}"
-        print(f"{r['label']:<57}{target:>10}{value:>12}  {r['verdict']:<8}{stretch}")
+        print(f"{r['label']:<57}{target:>10}{value:>12}  {r['verdict']:<8}{stretch:<18}"
+              f"{'  (noisy run)' if r.get('noisy') else ''}")
         if r.get("note"):
             print(f"{'':<59}{r['note']}")
+    if any(r.get("noisy") for r in rows):
+        print("  (noisy run): other work took more than 5 % of the CPU measured; the verdict may not hold on an idle machine")
 
 
 def print_memory(m: dict[str, Any]) -> None:
