@@ -970,9 +970,12 @@ def targets(result: dict[str, Any], concurrencies: tuple[int, ...] | list[int]) 
                     else:
                         value = sum(found)
                         bg = sum(v for k, v in (sc.get("background_cpu_ms_per_s") or {}).items() if k in DB_SERVERS)
-                        rps = sc["runs"][hi]["requests"] / sc["runs"][hi]["elapsed_s"]
-                        note = (f"{value - bg / rps:.3f} net of the {bg:.0f} ms/s MariaDB spent before the run"
-                                if bg else "MariaDB idle before the run")
+                        net = value - bg / (sc["runs"][hi]["requests"] / sc["runs"][hi]["elapsed_s"])
+                        noisy = noisy or bg > 50  # others kept MariaDB > 5 % of a core busy just before
+                        note = ("MariaDB idle before the run" if not bg else
+                                f"{net:.3f} net of the {bg:.0f} ms/s MariaDB spent before the run" if net > 0 else
+                                f"other clients kept MariaDB busy before the run ({bg:.0f} ms/s): the figure"
+                                f" counts their work too")
         if missing is not None:
             verdict = stretch_verdict = missing
         elif t.op is None:
@@ -1170,7 +1173,8 @@ def print_targets(rows: list[dict[str, Any]]) -> None:
         if r.get("note"):
             print(f"{'':<59}{r['note']}")
     if any(r.get("noisy") for r in rows):
-        print("  (noisy run): other work took more than 5 % of the CPU measured; the verdict may not hold on an idle machine")
+        print("  (noisy run): other work took more than 5 % of a core beside what was measured (the proxy CPUs, or MariaDB's);"
+              " the verdict may not hold on an idle machine")
 
 
 def print_memory(m: dict[str, Any]) -> None:
