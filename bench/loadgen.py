@@ -259,7 +259,8 @@ async def run(url: str | list[str], concurrency: int, duration: float, max_reque
                 conn.closed = True
         conn.close()
 
-    await asyncio.gather(*(worker(c, t, k) for c, t, k in zip(conns, assigned, assigned_keys)))  # type: ignore[arg-type]
+    await asyncio.gather(*(worker(c, t, k)  # type: ignore[arg-type]
+                           for c, t, k in zip(conns, assigned, assigned_keys)))
     elapsed = time.perf_counter() - t_start
     latencies.sort()
     ok = len(latencies)

@@ -112,8 +112,10 @@ class Nginx:
 
 
 def start(gateways: Sequence[str], prefix: Path, port: int | None = None,
-          cpus: set[int] | None = None) -> Nginx:
+          cpus: set[int] | None = None, extra_http: str = "") -> Nginx:
     """Run deploy/nginx.conf in front of `gateways` ("127.0.0.1:PORT", two of them) under `prefix`.
+
+    `extra_http`: directives added at the top of its `http` block, as an operator's own settings would be.
 
     Returns once nginx accepts connections; raises NginxMissing without nginx, RuntimeError
     (with its log) when it does not start."""
@@ -124,8 +126,9 @@ def start(gateways: Sequence[str], prefix: Path, port: int | None = None,
     prefix.mkdir(parents=True, exist_ok=True)
     (prefix / "tmp").mkdir(exist_ok=True)
     conf = prefix / "nginx.conf"
-    conf.write_text(render({"MCPMETER_LISTEN": f"127.0.0.1:{port}", "MCPMETER_GATEWAY_A": gateways[0],
-                            "MCPMETER_GATEWAY_B": gateways[1]}))
+    text = render({"MCPMETER_LISTEN": f"127.0.0.1:{port}", "MCPMETER_GATEWAY_A": gateways[0],
+                   "MCPMETER_GATEWAY_B": gateways[1]})
+    conf.write_text(text.replace("\nhttp {\n", f"\nhttp {{\n    {extra_http}\n", 1) if extra_http else text)
     check = subprocess.run([nginx, "-t", "-q", "-c", str(conf), "-p", str(prefix), "-e", "stderr"],
                            capture_output=True, text=True, timeout=STARTUP_TIMEOUT)
     if check.returncode != 0:

@@ -1173,8 +1173,8 @@ def print_targets(rows: list[dict[str, Any]]) -> None:
         if r.get("note"):
             print(f"{'':<59}{r['note']}")
     if any(r.get("noisy") for r in rows):
-        print("  (noisy run): other work took more than 5 % of a core beside what was measured (the proxy CPUs, or MariaDB's);"
-              " the verdict may not hold on an idle machine")
+        print("  (noisy run): other work took more than 5 % of a core beside what was measured (the proxy"
+              " CPUs, or MariaDB's); the verdict may not hold on an idle machine")
 
 
 def print_memory(m: dict[str, Any]) -> None:

@@ -88,7 +88,8 @@ def refusals(gw: Gateway, code: str) -> int:
     return int(float(m.group(1))) if m else 0
 
 
-async def spray(url: str, auth: dict[str, str], n: int, tool: str = "ok", concurrency: int | None = None) -> Counter[int]:
+async def spray(url: str, auth: dict[str, str], n: int, tool: str = "ok",
+                concurrency: int | None = None) -> Counter[int]:
     """n calls to `url`, at most `concurrency` (default all) at once; the count of each status."""
     limits = httpx2.Limits(max_connections=n + 10, max_keepalive_connections=n + 10)
     gate = asyncio.Semaphore(concurrency or n)
@@ -115,7 +116,19 @@ def test_readme_shows_the_location_block_of_deploy_nginx_conf() -> None:
     assert "deploy/nginx.conf" in nginx.README.read_text()
 
 
-async def test_sse_progress_arrives_unbuffered_through_nginx(lb: nginx.Nginx, prod: Backend, fault_url: str) -> None:
+@pytest.fixture(scope="module")
+def lb_gzip(pair: tuple[Gateway, Gateway], tmp_path_factory: pytest.TempPathFactory) -> Iterator[nginx.Nginx]:
+    """The same recipe where the operator's http block also compresses event streams."""
+    n = nginx.start([gw.url.removeprefix("http://") for gw in pair], tmp_path_factory.mktemp("nginx-gzip"),
+                    extra_http="gzip on; gzip_types text/event-stream; gzip_min_length 0;")
+    yield n
+    n.stop()
+
+
+@pytest.mark.parametrize("proxy", ["lb", "lb_gzip"])
+async def test_sse_progress_arrives_unbuffered_through_nginx(proxy: str, request: pytest.FixtureRequest,
+                                                             prod: Backend, fault_url: str) -> None:
+    lb: nginx.Nginx = request.getfixturevalue(proxy)
     s = slug("scale")
     prod.add_listing(s, fault_url + "/mcp", price=1000)
     c = prod.add_consumer(credit=10_000)
@@ -124,15 +137,17 @@ async def test_sse_progress_arrives_unbuffered_through_nginx(lb: nginx.Nginx, pr
     async with httpx2.AsyncClient(timeout=20) as client:
         # The upstream writes the progress event, then the result 0.6 s later.
         async with client.stream("POST", f"{lb.url}/{s}", content=json.dumps(call("sse_ok", {"delay": 0.6})).encode(),
-                                 headers={**MCP_HEADERS, **c.auth}) as r:
+                                 headers={**MCP_HEADERS, **c.auth, "Accept-Encoding": "gzip"}) as r:
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/event-stream")
             assert r.headers["X-Mcpmeter-Billed"] == "1000"
+            assert r.headers.get("content-encoding") == ("gzip" if proxy == "lb_gzip" else None)
             async for line in r.aiter_lines():
                 if line.startswith("data:") and line[5:].strip():
                     events.append((time.monotonic() - started, json.loads(line[5:])))
     assert [e.get("method", "result") for _, e in events] == ["notifications/progress", "result"]
-    # Buffered, both would arrive together at the end of the stream.
+    # Buffered, both would arrive together at the end of the stream (as they do, gzipped, with
+    # `proxy_buffering on`: nginx then compresses whole buffers instead of flushing each event).
     assert events[1][0] - events[0][0] > 0.4, f"the progress event was held back: {events}"
     await eventually(lambda: [u["billed"] for u in prod.usage(c)] == [1000])
     assert prod.balance(c.user_id) == 9_000
