@@ -8,7 +8,8 @@ Run it as its own process so that it does not share the proxy's core:
 --url may be given several times (several gateway processes behind a notional load balancer):
 connection i then goes to URL i mod n, round-robin, and keeps that target when it reconnects; the
 result adds each target's connections, successes and errors under "per_target". With fewer
-connections than URLs the last URLs get none.
+connections than URLs the last URLs get none. --key may be repeated too: connection i then sends key
+(i div n_urls) mod n_keys, so with n_urls x n_keys connections every (URL, key) pair has one.
 
 Each connection sends one request, waits for the whole response, and sends the next (a
 closed loop), until the duration is up or max-requests have been started. Every request's
@@ -172,9 +173,10 @@ class Target:
         self.errors = 0
 
 
-async def run(url: str | list[str], concurrency: int, duration: float, max_requests: int, key: str | None,
-              tool: str, timeout: float) -> dict[str, object]:
+async def run(url: str | list[str], concurrency: int, duration: float, max_requests: int,
+              key: str | list[str] | None, tool: str, timeout: float) -> dict[str, object]:
     urls = [url] if isinstance(url, str) else list(url)
+    keys: list[str | None] = [key] if key is None or isinstance(key, str) else list(key)
     if not urls:
         raise SystemExit("no URL to load")
     targets = [Target(u) for u in urls]
@@ -193,8 +195,9 @@ async def run(url: str | list[str], concurrency: int, duration: float, max_reque
                                          CONNECT_TIMEOUT)
         return conn
 
-    # Round-robin: connection i goes to target i mod n.
+    # Round-robin: connection i goes to target i mod n, with key (i div n) mod (number of keys).
     assigned = [targets[i % len(targets)] for i in range(concurrency)]
+    assigned_keys = [keys[(i // len(targets)) % len(keys)] for i in range(concurrency)]
     for target in assigned:
         target.connections += 1
     conns = await asyncio.gather(*(connect(t) for t in assigned), return_exceptions=True)
@@ -209,7 +212,7 @@ async def run(url: str | list[str], concurrency: int, duration: float, max_reque
     deadline = t_start + duration
     next_id = 0
 
-    async def worker(conn: Connection, target: Target) -> None:
+    async def worker(conn: Connection, target: Target, key: str | None) -> None:
         nonlocal started, next_id, reconnects
         perf = time.perf_counter
         while started < max_requests and perf() < deadline:
@@ -256,7 +259,8 @@ async def run(url: str | list[str], concurrency: int, duration: float, max_reque
                 conn.closed = True
         conn.close()
 
-    await asyncio.gather(*(worker(c, t) for c, t in zip(conns, assigned)))  # type: ignore[arg-type]
+    await asyncio.gather(*(worker(c, t, k)  # type: ignore[arg-type]
+                           for c, t, k in zip(conns, assigned, assigned_keys)))
     elapsed = time.perf_counter() - t_start
     latencies.sort()
     ok = len(latencies)
@@ -300,15 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", "-c", type=int, default=1, help="connections, one request in flight each")
     p.add_argument("--duration", "-d", type=float, default=5.0, help="seconds to send for (at most)")
     p.add_argument("--max-requests", "-n", type=int, default=1_000_000, help="requests to send (at most)")
-    p.add_argument("--key", help="bearer key sent as Authorization")
+    p.add_argument("--key", action="append", help="bearer key sent as Authorization; repeat it for several")
     p.add_argument("--tool", default="echo", help="the tools/call tool name")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds one request may take")
     args = p.parse_args(argv)
     if not (1 <= args.concurrency <= 4096 and 0 < args.duration <= 3600 and args.max_requests >= 1):
         p.error("concurrency 1..4096, duration 0..3600 s, max-requests >= 1")
     urls = args.url[0] if len(args.url) == 1 else args.url
-    result = asyncio.run(run(urls, args.concurrency, args.duration, args.max_requests, args.key,
-                             args.tool, args.timeout))
+    key = args.key[0] if args.key and len(args.key) == 1 else args.key
+    result = asyncio.run(run(urls, args.concurrency, args.duration, args.max_requests, key, args.tool, args.timeout))
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 1 if "fatal" in result else 0
