@@ -58,6 +58,7 @@ the tests' MCPMETER_TEST_MYSQL_*, else root@127.0.0.1:3306) and MCPMETER_BENCH_R
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
 import http.client
@@ -82,6 +83,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from bench import features
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -1344,6 +1347,9 @@ def main(argv: list[str] | None = None) -> int:
             print_redis_pairs(result["redis_pairs"])
             result["targets"] = targets(result, concurrencies)
             print_targets(result["targets"])
+            # Issue 10's budget: too small for a wrk run to resolve, so timed in-process (bench/features.py).
+            result["features_us"] = {k: round(v, 2) for k, v in asyncio.run(features.measure()).items()}
+            print("\n" + features.report(result["features_us"]))
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything", file=sys.stderr)
         return 130
