@@ -638,10 +638,10 @@ class Mcpmeter:
         fields = [(k, v) for k, v in flow.request.headers.items(multi=True)]
         flow.request.url = url  # scheme, host and port; the path exactly as checked, not as reparsed:
         flow.request.path = forwarding.request_target(url)
-        flow.request.headers.clear()
-        for name, value in forwarding.upstream_headers(fields, listing.upstream_headers,
-                                                       forwarding.authority(url)):
-            flow.request.headers.add(name, value)
+        # A new header block at once (clear() pops one field at a time), bytes as mitmproxy keeps them.
+        flow.request.headers = http.Headers([
+            (name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))
+            for name, value in forwarding.upstream_headers(fields, listing.upstream_headers, forwarding.authority(url))])
         # Values only on the wire: the publisher's headers, and credentials the consumer wrapped in X-Forward-*.
         compat.hide_upstream_headers(flow.request, [*listing.upstream_headers, *redaction.CREDENTIAL_HEADERS])
         call.deadline = asyncio.get_running_loop().call_later(self._timeout(listing), self._on_deadline, flow, call)
