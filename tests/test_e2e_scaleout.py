@@ -171,6 +171,23 @@ async def test_paid_calls_through_nginx_reach_both_gateways_and_reconcile(
     assert all(n > 0 for n in each), f"nginx sent every call to one gateway: {each}"
 
 
+async def test_a_session_stays_on_one_gateway(lb: nginx.Nginx, pair: tuple[Gateway, Gateway], prod: Backend,
+                                             fault_url: str) -> None:
+    """The recipe hashes Mcp-Session-Id: a session's calls (its resumes and cancellations too) reach the
+    gateway that holds its state. One listing per session, so each gateway's /metrics tells where they went."""
+    c = prod.add_consumer(credit=1_000_000)
+    sessions = {slug("sess"): f"session-{i}" for i in range(6)}
+    for s in sessions:
+        prod.add_listing(s, fault_url + "/mcp", price=1000, rpm=10_000, rpd=100_000)
+    for s, session in sessions.items():
+        statuses = await spray(f"{lb.url}/{s}", {**c.auth, "Mcp-Session-Id": session}, 12, concurrency=4)
+        assert statuses == Counter({200: 12}), statuses
+    for s in sessions:
+        each = await eventually(lambda s=s: (n := [billed_calls(gw, s) for gw in pair]) and sum(n) == 12 and n)
+        assert sorted(each) == [0, 12], f"session of {s} split over the gateways: {each}"
+    assert_money_reconciles(prod)
+
+
 async def test_a_rate_limit_holds_across_both_gateways(lb: nginx.Nginx, pair: tuple[Gateway, Gateway],
                                                        prod: Backend, fault_url: str) -> None:
     s = slug("scale")
