@@ -26,6 +26,8 @@ import pymysql
 from pymysql.constants import CLIENT
 
 from ..config import Config, ConfigError, MysqlSettings
+from ..model import ChargeRequest, ChargeResult, Settlement
+from . import mysql_trip
 from .base import StoreUnavailable
 from .sql import MYSQL, LastUsed, Ledger, SqlStore
 
@@ -137,7 +139,9 @@ class MysqlStore(SqlStore):
         s = self.settings
         conn = pymysql.connect(
             host=s.host, port=s.port, user=s.user, password=s.password, database=s.database,
-            charset="utf8mb4", autocommit=False, client_flag=CLIENT.FOUND_ROWS,  # rowcount = rows matched
+            # FOUND_ROWS: rowcount and ROW_COUNT() count rows matched; MULTI_STATEMENTS: a charge or a
+            # settlement is one text (mysql_trip.py), every value in it escaped by pymysql.
+            charset="utf8mb4", autocommit=False, client_flag=CLIENT.FOUND_ROWS | CLIENT.MULTI_STATEMENTS,
             connect_timeout=CONNECT_TIMEOUT, read_timeout=CONNECT_TIMEOUT, write_timeout=CONNECT_TIMEOUT,
             init_command=f"SET time_zone = '+00:00', innodb_lock_wait_timeout = {LOCK_WAIT_SECONDS}",
         )
@@ -217,6 +221,8 @@ class MysqlStore(SqlStore):
             except BaseException:
                 self._abort(conn)
                 raise
+            if commit is _ENDED:
+                return result  # the job's own text committed
             try:
                 if commit(result):
                     conn.commit()
@@ -252,6 +258,26 @@ class MysqlStore(SqlStore):
         except RuntimeError as e:  # the pool was shut down
             raise StoreUnavailable(f"mysql store is closed: {e}") from e
 
+    async def charge(self, request: ChargeRequest) -> ChargeResult:
+        # One round trip: the decisions are made in SQL and a refusal writes nothing (mysql_trip.py).
+        return await self._submit(lambda ledger: mysql_trip.charge(ledger.conn, request), commit=_ENDED)
+
+    async def settle(self, settlement: Settlement) -> int | None:
+        return await self._submit(lambda ledger: self._settle(ledger, settlement), commit=_ENDED)
+
+    @staticmethod
+    def _settle(ledger: Ledger, s: Settlement) -> int | None:
+        """One round trip when the journal holds the unsettled call `s.taken` describes (the common
+        case); otherwise (settled before, no `taken`, or a journal that disagrees) the Ledger's
+        statements, which read what was really taken, in a transaction of their own."""
+        if s.taken is not None:
+            settled, balance = mysql_trip.settle(ledger.conn, s, ledger.last_used)
+            if settled:
+                return balance
+        result = ledger.settle(s)
+        ledger.conn.commit()
+        return result
+
     async def health(self) -> dict[str, object]:
         info: dict[str, object] = {"store": "mysql", "database": self.where, "retries": self.retries}
         try:
@@ -267,6 +293,11 @@ class MysqlStore(SqlStore):
             conns, self._conns = list(self._conns), set()
         for conn in conns:
             _close_quietly(conn)
+
+
+def _ENDED(_: object) -> bool:
+    """The commit predicate of jobs that end their transaction themselves (COMMIT inside their text)."""
+    return True
 
 
 def ensure_schema(conn: pymysql.connections.Connection, settings: MysqlSettings) -> None:
