@@ -11,11 +11,13 @@ text ends with a SELECT of the outcome and COMMIT.
 
 Money semantics are the Ledger's, statement for statement and in the same lock order (usage
 row, users, spend for a charge; journal, users, spend or usage row for a settlement), with one
-change of form: a refusal writes nothing instead of being rolled back. The project cap is
-tested inside the debit's WHERE (a NOT EXISTS over the project and its spend row, read with a
-shared lock as InnoDB reads every other table of an UPDATE), so a call the cap refuses is never
-debited; a failed debit then tells the two refusals apart by the credit it can see (credit
-short first, as in the Ledger). Since a refusal writes nothing, COMMIT always ends the text.
+change of form: a refusal is undone in SQL instead of rolled back, so COMMIT always ends the
+text. Short of credit, the debit matched nothing and nothing is written. Over the project cap
+(checked, as in the Ledger, after the debit and the spend upsert, under their exclusive locks),
+the same text puts the credit back and the spend row back as it was (deleted if this call made
+it): the tables end exactly as before. (Testing the cap inside the debit's WHERE instead reads
+the spend row under a shared lock that the upsert must then upgrade: two users charging one
+project deadlock on it, measured, where the Ledger's order never does.)
 
 A server error stops a multi-statement text at the failing statement: COMMIT is never reached
 and the adapter rolls back (and runs a deadlock victim again, as for any transaction). Running
@@ -58,23 +60,30 @@ _CLAIM_FREE = (
     "SET @mcpm_free := ROW_COUNT();")
 _DEBIT = (
     "UPDATE users SET credit_micro_cents = credit_micro_cents - %(price)s"
-    " WHERE id = IF(@mcpm_free = 0, %(user)s, NULL) AND credit_micro_cents >= %(price)s"
-    " AND NOT EXISTS (SELECT 1 FROM projects p LEFT JOIN mcpmeter_project_spend s"
+    " WHERE id = IF(@mcpm_free = 0, %(user)s, NULL) AND credit_micro_cents >= %(price)s;"
+    "SET @mcpm_debited := ROW_COUNT();"
+    + _SPEND.format(amount="%(price)s", flag="@mcpm_debited = 1") + ";"
+    "SET @mcpm_new_spend := ROW_COUNT() = 1;"  # 1: the month's spend row was made here; 2: updated
+    "SET @mcpm_over := @mcpm_debited = 1 AND EXISTS (SELECT 1 FROM projects p JOIN mcpmeter_project_spend s"
     " ON s.project_id = p.id AND s.period_year_month = %(period)s"
     " WHERE p.id = %(project)s AND p.spending_cap_cents_per_month IS NOT NULL"
-    f" AND COALESCE(s.spent_micro_cents, 0) + %(price)s > p.spending_cap_cents_per_month * {MICRO_CENTS_PER_CENT});"
-    "SET @mcpm_debited := ROW_COUNT();"
+    f" AND s.spent_micro_cents > p.spending_cap_cents_per_month * {MICRO_CENTS_PER_CENT});"
+    # Over the cap: put back the two rows as they were, under the locks just taken.
+    "UPDATE users SET credit_micro_cents = credit_micro_cents + %(price)s WHERE id = IF(@mcpm_over, %(user)s, NULL);"
+    "UPDATE mcpmeter_project_spend SET spent_micro_cents = spent_micro_cents - %(price)s"
+    " WHERE project_id = IF(@mcpm_over AND NOT @mcpm_new_spend, %(project)s, NULL) AND period_year_month = %(period)s;"
+    "DELETE FROM mcpmeter_project_spend"
+    " WHERE project_id = IF(@mcpm_over AND @mcpm_new_spend, %(project)s, NULL) AND period_year_month = %(period)s;"
+    "SET @mcpm_debited := @mcpm_debited = 1 AND NOT @mcpm_over;"
     f"SET @mcpm_balance := {_BALANCE};"
-    # A failed debit: short of credit first (as the Ledger checks), else the cap refused it.
-    "SET @mcpm_verdict := CASE WHEN @mcpm_free = 1 THEN %(free)s WHEN @mcpm_debited = 1 THEN %(debited)s"
-    " WHEN @mcpm_balance >= %(price)s THEN %(capped)s ELSE %(short)s END;"
-    + _SPEND.format(amount="%(price)s", flag="@mcpm_debited = 1") + ";"
+    "SET @mcpm_verdict := CASE WHEN @mcpm_free = 1 THEN %(free)s WHEN @mcpm_debited THEN %(debited)s"
+    " WHEN @mcpm_over THEN %(capped)s ELSE %(short)s END;"
     + _LEDGER_INSERT
     + " SELECT %(user)s, -%(price)s, 'usage', 'mcpmeter_call', @mcpm_balance, %(description)s, %(request)s,"
-    " %(now)s, %(now)s FROM DUAL WHERE @mcpm_debited = 1;"
+    " %(now)s, %(now)s FROM DUAL WHERE @mcpm_debited;"
     + _JOURNAL_INSERT
     + " SELECT %(request)s, %(user)s, %(project)s, %(listing)s, %(tool)s, @mcpm_verdict,"
-    " IF(@mcpm_debited = 1, %(price)s, 0), %(period)s, %(now)s FROM DUAL WHERE @mcpm_free = 1 OR @mcpm_debited = 1;"
+    " IF(@mcpm_debited, %(price)s, 0), %(period)s, %(now)s FROM DUAL WHERE @mcpm_free = 1 OR @mcpm_debited;"
     "SELECT @mcpm_verdict, COALESCE(@mcpm_balance, 0);"
     "COMMIT")
 _UNPRICED = (
