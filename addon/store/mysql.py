@@ -95,6 +95,8 @@ class MysqlStore(SqlStore):
     # no single job would (a refund's users row, then a charge's usage row), and concurrent batches
     # deadlock (measured). Single jobs all lock usage rows, then users, then spend: they never do.
     # Throughput comes from the pool's parallel transactions, and InnoDB group-commits them itself.
+    # Must stay 1: a charge or a settlement commits inside its own text (mysql_trip.py), so it
+    # cannot share a transaction of savepoints with other jobs.
     max_batch = 1
 
     def __init__(self, config: Config) -> None:
@@ -214,8 +216,11 @@ class MysqlStore(SqlStore):
                     time.sleep(random.uniform(0.001, 0.005) * attempt)
                     continue
                 if reused and _disconnected(e, conn):
-                    # A pooled connection the server dropped (restart, idle timeout): nothing was
-                    # committed, so the transaction runs again on a new connection, once.
+                    # A pooled connection the server dropped (restart, idle timeout): the transaction
+                    # runs again on a new connection, once. A one-trip charge or settlement carries its
+                    # COMMIT, so the first run may have landed: then the charge's journal INSERT fails
+                    # (duplicate request id, rolled back, 503; the sweeper refunds the first) and the
+                    # settlement's flip matches nothing (settled before): never money twice.
                     continue
                 raise StoreUnavailable(f"mysql: {_reason(e)}") from e
             except BaseException:
