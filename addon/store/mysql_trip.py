@@ -46,7 +46,10 @@ _SPEND = MYSQL.upsert(
     "project_id, period_year_month", [("spent_micro_cents", "spent_micro_cents + NEW(spent_micro_cents)")])
 _BALANCE = "(SELECT credit_micro_cents FROM users WHERE id = %(user)s)"
 
-# The charge, price > 0. @free: a free-tier slot was claimed; @debited: the price was taken.
+# The charge, price > 0, as few statements as the decisions allow (each costs the server a parse).
+# @mcpm_free: a free-tier slot was claimed; @mcpm_debited: the debit matched; @mcpm_over: and then
+# the project went over its cap, so the debit and the spend are put back. (Each SET assigns from
+# values of earlier statements only: the order of assignments within one SET is not relied on.)
 _CLAIM_FREE = (
     "INSERT IGNORE INTO mcp_consumer_usage (mcp_id, user_id, free_calls_used, period_year_month,"
     " billable_calls, first_called_at, created_at, updated_at)"
@@ -60,32 +63,35 @@ _CLAIM_FREE = (
     "SET @mcpm_free := ROW_COUNT();")
 _DEBIT = (
     "UPDATE users SET credit_micro_cents = credit_micro_cents - %(price)s"
-    " WHERE id = IF(@mcpm_free = 0, %(user)s, NULL) AND credit_micro_cents >= %(price)s;"
-    "SET @mcpm_debited := ROW_COUNT();"
-    + _SPEND.format(amount="%(price)s", flag="@mcpm_debited = 1") + ";"
-    "SET @mcpm_new_spend := ROW_COUNT() = 1;"  # 1: the month's spend row was made here; 2: updated
-    "SET @mcpm_over := @mcpm_debited = 1 AND EXISTS (SELECT 1 FROM projects p JOIN mcpmeter_project_spend s"
-    " ON s.project_id = p.id AND s.period_year_month = %(period)s"
+    " WHERE id = {debit_user} AND credit_micro_cents >= %(price)s;"
+    "SET @mcpm_debited := ROW_COUNT() = 1;"
+    + _SPEND.format(amount="%(price)s", flag="@mcpm_debited") + ";"
+    # ROW_COUNT() of the upsert: 1 when it made the month's spend row, 2 when it updated it.
+    "SET @mcpm_new_spend := ROW_COUNT() = 1, @mcpm_over := @mcpm_debited AND EXISTS (SELECT 1 FROM projects p"
+    " JOIN mcpmeter_project_spend s ON s.project_id = p.id AND s.period_year_month = %(period)s"
     " WHERE p.id = %(project)s AND p.spending_cap_cents_per_month IS NOT NULL"
     f" AND s.spent_micro_cents > p.spending_cap_cents_per_month * {MICRO_CENTS_PER_CENT});"
-    # Over the cap: put back the two rows as they were, under the locks just taken.
+    # Over the cap: put both rows back as they were, under the locks just taken (no-ops otherwise:
+    # a NULL key reads no row).
     "UPDATE users SET credit_micro_cents = credit_micro_cents + %(price)s WHERE id = IF(@mcpm_over, %(user)s, NULL);"
     "UPDATE mcpmeter_project_spend SET spent_micro_cents = spent_micro_cents - %(price)s"
     " WHERE project_id = IF(@mcpm_over AND NOT @mcpm_new_spend, %(project)s, NULL) AND period_year_month = %(period)s;"
     "DELETE FROM mcpmeter_project_spend"
     " WHERE project_id = IF(@mcpm_over AND @mcpm_new_spend, %(project)s, NULL) AND period_year_month = %(period)s;"
-    "SET @mcpm_debited := @mcpm_debited = 1 AND NOT @mcpm_over;"
-    f"SET @mcpm_balance := {_BALANCE};"
-    "SET @mcpm_verdict := CASE WHEN @mcpm_free = 1 THEN %(free)s WHEN @mcpm_debited THEN %(debited)s"
-    " WHEN @mcpm_over THEN %(capped)s ELSE %(short)s END;"
     + _LEDGER_INSERT
-    + " SELECT %(user)s, -%(price)s, 'usage', 'mcpmeter_call', @mcpm_balance, %(description)s, %(request)s,"
-    " %(now)s, %(now)s FROM DUAL WHERE @mcpm_debited;"
+    + " SELECT id, -%(price)s, 'usage', 'mcpmeter_call', credit_micro_cents, %(description)s, %(request)s,"
+    " %(now)s, %(now)s FROM users WHERE id = IF({kept}, %(user)s, NULL);"
     + _JOURNAL_INSERT
-    + " SELECT %(request)s, %(user)s, %(project)s, %(listing)s, %(tool)s, @mcpm_verdict,"
-    " IF(@mcpm_debited, %(price)s, 0), %(period)s, %(now)s FROM DUAL WHERE @mcpm_free = 1 OR @mcpm_debited;"
-    "SELECT @mcpm_verdict, COALESCE(@mcpm_balance, 0);"
+    + " SELECT %(request)s, %(user)s, %(project)s, %(listing)s, %(tool)s, IF({kept}, %(debited)s, %(free)s),"
+    " IF({kept}, %(price)s, 0), %(period)s, %(now)s FROM DUAL WHERE {free} OR {kept};"
+    # A failed debit was short of credit, unless the cap undid it (credit is tested first, as in the Ledger).
+    "SELECT CASE WHEN {free} THEN %(free)s WHEN {kept} THEN %(debited)s"
+    " WHEN @mcpm_over THEN %(capped)s ELSE %(short)s END, COALESCE(" + _BALANCE + ", 0);"
     "COMMIT")
+_KEPT = "(@mcpm_debited AND NOT @mcpm_over)"  # the debit stands
+_PAID = _DEBIT.format(debit_user="%(user)s", free="FALSE", kept=_KEPT)
+_FREE_OR_PAID = _CLAIM_FREE + _DEBIT.format(debit_user="IF(@mcpm_free = 0, %(user)s, NULL)", free="@mcpm_free = 1",
+                                             kept=_KEPT)
 _UNPRICED = (
     _JOURNAL_INSERT + " VALUES (%(request)s, %(user)s, %(project)s, %(listing)s, %(tool)s, %(unpriced)s, 0,"
     " %(period)s, %(now)s);"
@@ -107,8 +113,7 @@ def charge(conn: Any, req: ChargeRequest) -> ChargeResult:
     if req.price <= 0:
         (balance,) = _run(conn, _UNPRICED, args)
         return ChargeResult(Verdict.UNPRICED, 0, int(balance or 0))
-    claim = _CLAIM_FREE if req.free_allowance > 0 else "SET @mcpm_free := 0;"
-    verdict, balance = _run(conn, claim + _DEBIT, args)
+    verdict, balance = _run(conn, _FREE_OR_PAID if req.free_allowance > 0 else _PAID, args)
     verdict = Verdict(verdict if isinstance(verdict, str) else bytes(verdict).decode())
     return ChargeResult(verdict, req.price if verdict is Verdict.DEBITED else 0, int(balance))
 
