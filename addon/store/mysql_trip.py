@@ -64,18 +64,19 @@ _CLAIM_FREE = (
 _DEBIT = (
     "UPDATE users SET credit_micro_cents = credit_micro_cents - %(price)s"
     " WHERE id = {debit_user} AND credit_micro_cents >= %(price)s;"
-    "SET @mcpm_debited := ROW_COUNT() = 1;"
-    + _SPEND.format(amount="%(price)s", flag="@mcpm_debited") + ";"
-    # ROW_COUNT() of the upsert: 1 when it made the month's spend row, 2 when it updated it.
-    "SET @mcpm_new_spend := ROW_COUNT() = 1, @mcpm_over := @mcpm_debited AND EXISTS (SELECT 1 FROM projects p"
+    # ROW_COUNT() is the previous statement's: the debit's here, then the spend upsert's (0: no
+    # debit, 1: it made the month's spend row, 2: it updated the row).
+    + _SPEND.format(amount="%(price)s", flag="ROW_COUNT() = 1") + ";"
+    "SET @mcpm_debited := ROW_COUNT() > 0, @mcpm_new_spend := ROW_COUNT() = 1,"
+    " @mcpm_over := ROW_COUNT() > 0 AND EXISTS (SELECT 1 FROM projects p"
     " JOIN mcpmeter_project_spend s ON s.project_id = p.id AND s.period_year_month = %(period)s"
     " WHERE p.id = %(project)s AND p.spending_cap_cents_per_month IS NOT NULL"
     f" AND s.spent_micro_cents > p.spending_cap_cents_per_month * {MICRO_CENTS_PER_CENT});"
     # Over the cap: put both rows back as they were, under the locks just taken (no-ops otherwise:
     # a NULL key reads no row).
-    "UPDATE users SET credit_micro_cents = credit_micro_cents + %(price)s WHERE id = IF(@mcpm_over, %(user)s, NULL);"
-    "UPDATE mcpmeter_project_spend SET spent_micro_cents = spent_micro_cents - %(price)s"
-    " WHERE project_id = IF(@mcpm_over AND NOT @mcpm_new_spend, %(project)s, NULL) AND period_year_month = %(period)s;"
+    "UPDATE users u JOIN mcpmeter_project_spend s ON s.project_id = %(project)s AND s.period_year_month = %(period)s"
+    " SET u.credit_micro_cents = u.credit_micro_cents + %(price)s, s.spent_micro_cents = s.spent_micro_cents - %(price)s"
+    " WHERE u.id = IF(@mcpm_over, %(user)s, NULL);"
     "DELETE FROM mcpmeter_project_spend"
     " WHERE project_id = IF(@mcpm_over AND @mcpm_new_spend, %(project)s, NULL) AND period_year_month = %(period)s;"
     + _LEDGER_INSERT
@@ -111,10 +112,13 @@ def charge(conn: Any, req: ChargeRequest) -> ChargeResult:
         "description": f"{req.tool_name} on mcp {req.listing_id}"[:255],
     }
     if req.price <= 0:
-        (balance,) = _run(conn, _UNPRICED, args)
-        return ChargeResult(Verdict.UNPRICED, 0, int(balance or 0))
-    verdict, balance = _run(conn, _FREE_OR_PAID if req.free_allowance > 0 else _PAID, args)
-    verdict = Verdict(verdict if isinstance(verdict, str) else bytes(verdict).decode())
+        _, row = _run(conn, _UNPRICED, args)
+        return ChargeResult(Verdict.UNPRICED, 0, int(row[0] or 0) if row else 0)
+    _, row = _run(conn, _FREE_OR_PAID if req.free_allowance > 0 else _PAID, args)
+    if row is None:
+        raise RuntimeError("mysql: the charge's text returned no outcome")
+    verdict = Verdict(row[0] if isinstance(row[0], str) else bytes(row[0]).decode())
+    balance = row[1]
     return ChargeResult(verdict, req.price if verdict is Verdict.DEBITED else 0, int(balance))
 
 
@@ -182,23 +186,23 @@ def settle(conn: Any, s: Settlement, last_used: LastUsed) -> tuple[bool, int | N
     elif s.token_id is not None and last_used.due("oauth_access_tokens", s.token_id):
         parts.append("UPDATE oauth_access_tokens SET last_used_at = %(now)s"
                      " WHERE id = IF(@mcpm_flip = 1, %(token)s, NULL)")
-    parts += [f"SELECT @mcpm_flip, {_BALANCE if s.need_balance else 'NULL'}", "COMMIT"]
-    flip, balance = _run(conn, ";".join(parts), args)
-    if int(flip or 0) != 1:
-        return False, None
-    return True, (int(balance or 0) if s.need_balance else None)
+    if s.need_balance:
+        parts.append(f"SELECT {_BALANCE}")
+    flipped, row = _run(conn, ";".join(parts + ["COMMIT"]), args)
+    if flipped != 1:
+        return False, None  # every write above was conditional on the flip: nothing was written
+    return True, (int(row[0] or 0) if row else None)
 
 
-def _run(conn: Any, text: str, args: dict[str, Any]) -> tuple[Any, ...]:
-    """Send the text, read every result (errors surface here), return the one row it SELECTs."""
+def _run(conn: Any, text: str, args: dict[str, Any]) -> tuple[int, tuple[Any, ...] | None]:
+    """Send the text and read every result (errors surface here): the first statement's row count
+    (rows matched) and the row the text SELECTs, if any."""
     cur = conn.cursor()
     cur.execute(text, args)
-    row: tuple[Any, ...] | None = None
+    first, row = cur.rowcount, None
     while True:
         if cur.description is not None:
             row = cur.fetchone()
         if not cur.nextset():
             break
-    if row is None:
-        raise RuntimeError("mysql: the one-trip text selected no outcome")
-    return tuple(row)
+    return first, (tuple(row) if row is not None else None)
