@@ -1,7 +1,8 @@
 """The production store: MySQL 8 / MariaDB, shared by every gateway instance, through pymysql.
 
 A bounded pool of worker threads, each holding its own connection, runs the Ledger's
-transactions (sql.py, the same SQL as the embedded store) off mitmproxy's event loop. The
+transactions (sql.py, the same SQL as the embedded store) off mitmproxy's event loop; a charge
+and a settlement, the per-call ones, go as one multi-statement round trip each (mysql_trip.py). The
 database serialises what must be serialised: the conditional UPDATEs lock the rows they
 test, so any number of gateways can share one database without overspending.
 
