@@ -126,6 +126,16 @@ async def test_a_debited_call_and_its_settlement_cost_one_round_trip_each(world:
 
     # Settling again changes nothing; it may cost more (the Ledger reads the journal), never money.
     assert await meter.store.settle(settle) == 2 * PRICE
+
+    # A billed call within the minute of the last last_used_at stamp: the settlement's shortest text.
+    again = call(who, 10, PRICE)
+    taken = await meter.store.charge(again)
+    balance, trips, server = await meter.measure(meter.store.settle(
+        dataclasses.replace(outcome(again, who), taken=taken, need_balance=False)))
+    assert (balance, trips, server) == (None, 1, ONE_TRIP)
+    assert db.rows("SELECT billable_calls FROM mcp_consumer_usage WHERE user_id = 1") == [(2,)]
+    assert db.rows("SELECT status, billed_micro_cents FROM usage_events WHERE request_id = %s",
+                   (again.request_id,)) == [(200, PRICE)]
     assert db.value("SELECT COUNT(*) FROM credit_transactions WHERE request_id = %s AND type = 'refund'",
                     (refunded.request_id,)) == 1
     reconcile(db)

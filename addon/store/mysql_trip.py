@@ -143,12 +143,19 @@ def settle(conn: Any, s: Settlement, last_used: LastUsed) -> tuple[bool, int | N
         "description": (f"refund: {req.tool_name} on mcp {req.listing_id}"
                         + (f" ({reason})" if reason else ""))[:255],
     }
+    # A billed call's statements test the flip through a chain of ROW_COUNT()s (each the previous
+    # statement's: the flip matched 1, the counter upsert wrote 1 or 2); other paths keep it in @mcpm_flip.
+    stamp = ((s.key_id is not None and last_used.due("api_keys", s.key_id) and "api_keys")
+             or (s.token_id is not None and last_used.due("oauth_access_tokens", s.token_id) and "oauth_access_tokens"))
+    chain = not s.refund and not stamp
     parts = [
         "UPDATE mcpmeter_calls SET settled_at = %(now)s, refunded = %(refunded)s, status = %(status)s,"
         " reason = %(reason)s WHERE request_id = %(request)s AND settled_at IS NULL"
         " AND verdict = %(verdict)s AND amount_micro_cents = %(amount)s",
-        "SET @mcpm_flip := ROW_COUNT()",
     ]
+    if not chain:
+        parts.append("SET @mcpm_flip := ROW_COUNT()")
+    flip = "ROW_COUNT() = 1" if chain else "@mcpm_flip = 1"
     if s.refund and taken.verdict is Verdict.DEBITED and taken.amount > 0:
         parts += [
             "UPDATE users SET credit_micro_cents = credit_micro_cents + %(amount)s"
@@ -168,24 +175,23 @@ def settle(conn: Any, s: Settlement, last_used: LastUsed) -> tuple[bool, int | N
             "INSERT INTO mcp_consumer_usage (mcp_id, user_id, free_calls_used, period_year_month, billable_calls,"
             " first_called_at, last_called_at, created_at, updated_at)"
             " SELECT %(listing)s, %(user)s, 0, %(period)s, 1, %(now)s, %(now)s, %(now)s, %(now)s"
-            " FROM DUAL WHERE @mcpm_flip = 1",
+            " FROM DUAL WHERE " + flip,
             "mcp_id, user_id",
             [("billable_calls", f"CASE WHEN {this_month} THEN billable_calls ELSE 0 END + 1"),
              ("free_calls_used", f"CASE WHEN {this_month} THEN free_calls_used ELSE 0 END"),
              ("period_year_month", "NEW(period_year_month)"),
              ("last_called_at", "NEW(last_called_at)"), ("updated_at", "NEW(updated_at)")]))
+        flip = "ROW_COUNT() > 0" if chain else flip
     parts.append(
         "INSERT IGNORE INTO usage_events (project_id, mcp_id, api_key_id, tool_name, client, user_agent,"
         " called_at, duration_ms, status, billed_micro_cents, publisher_payout_micro_cents,"
         " platform_fee_micro_cents, request_id, created_at, updated_at)"
         " SELECT %(project)s, %(listing)s, %(key)s, %(tool)s, %(client)s, %(agent)s, %(called_at)s, %(duration)s,"
-        " %(status)s, %(billed)s, %(payout)s, %(fee)s, %(request)s, %(now)s, %(now)s FROM DUAL WHERE @mcpm_flip = 1")
+        " %(status)s, %(billed)s, %(payout)s, %(fee)s, %(request)s, %(now)s, %(now)s FROM DUAL WHERE " + flip)
     # last_used_at is informational (once a minute): stamped here even if this text ends up not settling.
-    if s.key_id is not None and last_used.due("api_keys", s.key_id):
-        parts.append("UPDATE api_keys SET last_used_at = %(now)s WHERE id = IF(@mcpm_flip = 1, %(key)s, NULL)")
-    elif s.token_id is not None and last_used.due("oauth_access_tokens", s.token_id):
-        parts.append("UPDATE oauth_access_tokens SET last_used_at = %(now)s"
-                     " WHERE id = IF(@mcpm_flip = 1, %(token)s, NULL)")
+    if stamp:
+        parts.append(f"UPDATE {stamp} SET last_used_at = %(now)s"
+                     f" WHERE id = IF(@mcpm_flip = 1, {'%(key)s' if stamp == 'api_keys' else '%(token)s'}, NULL)")
     if s.need_balance:
         parts.append(f"SELECT {_BALANCE}")
     flipped, row = _run(conn, ";".join(parts + ["COMMIT"]), args)
