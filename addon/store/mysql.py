@@ -1,7 +1,8 @@
 """The production store: MySQL 8 / MariaDB, shared by every gateway instance, through pymysql.
 
 A bounded pool of worker threads, each holding its own connection, runs the Ledger's
-transactions (sql.py, the same SQL as the embedded store) off mitmproxy's event loop. The
+transactions (sql.py, the same SQL as the embedded store) off mitmproxy's event loop; a charge
+and a settlement, the per-call ones, go as one multi-statement round trip each (mysql_trip.py). The
 database serialises what must be serialised: the conditional UPDATEs lock the rows they
 test, so any number of gateways can share one database without overspending.
 
@@ -26,6 +27,8 @@ import pymysql
 from pymysql.constants import CLIENT
 
 from ..config import Config, ConfigError, MysqlSettings
+from ..model import ChargeRequest, ChargeResult, Settlement
+from . import mysql_trip
 from .base import StoreUnavailable
 from .sql import MYSQL, LastUsed, Ledger, SqlStore
 
@@ -93,6 +96,8 @@ class MysqlStore(SqlStore):
     # no single job would (a refund's users row, then a charge's usage row), and concurrent batches
     # deadlock (measured). Single jobs all lock usage rows, then users, then spend: they never do.
     # Throughput comes from the pool's parallel transactions, and InnoDB group-commits them itself.
+    # Must stay 1: a charge or a settlement commits inside its own text (mysql_trip.py), so it
+    # cannot share a transaction of savepoints with other jobs.
     max_batch = 1
 
     def __init__(self, config: Config) -> None:
@@ -137,7 +142,9 @@ class MysqlStore(SqlStore):
         s = self.settings
         conn = pymysql.connect(
             host=s.host, port=s.port, user=s.user, password=s.password, database=s.database,
-            charset="utf8mb4", autocommit=False, client_flag=CLIENT.FOUND_ROWS,  # rowcount = rows matched
+            # FOUND_ROWS: rowcount and ROW_COUNT() count rows matched; MULTI_STATEMENTS: a charge or a
+            # settlement is one text (mysql_trip.py), every value in it escaped by pymysql.
+            charset="utf8mb4", autocommit=False, client_flag=CLIENT.FOUND_ROWS | CLIENT.MULTI_STATEMENTS,
             connect_timeout=CONNECT_TIMEOUT, read_timeout=CONNECT_TIMEOUT, write_timeout=CONNECT_TIMEOUT,
             init_command=f"SET time_zone = '+00:00', innodb_lock_wait_timeout = {LOCK_WAIT_SECONDS}",
         )
@@ -210,13 +217,18 @@ class MysqlStore(SqlStore):
                     time.sleep(random.uniform(0.001, 0.005) * attempt)
                     continue
                 if reused and _disconnected(e, conn):
-                    # A pooled connection the server dropped (restart, idle timeout): nothing was
-                    # committed, so the transaction runs again on a new connection, once.
+                    # A pooled connection the server dropped (restart, idle timeout): the transaction
+                    # runs again on a new connection, once. A one-trip charge or settlement carries its
+                    # COMMIT, so the first run may have landed: then the charge's journal INSERT fails
+                    # (duplicate request id, rolled back, 503; the sweeper refunds the first) and the
+                    # settlement's flip matches nothing (settled before): never money twice.
                     continue
                 raise StoreUnavailable(f"mysql: {_reason(e)}") from e
             except BaseException:
                 self._abort(conn)
                 raise
+            if commit is _ENDED:
+                return result  # the job's own text committed
             try:
                 if commit(result):
                     conn.commit()
@@ -252,6 +264,26 @@ class MysqlStore(SqlStore):
         except RuntimeError as e:  # the pool was shut down
             raise StoreUnavailable(f"mysql store is closed: {e}") from e
 
+    async def charge(self, request: ChargeRequest) -> ChargeResult:
+        # One round trip: the decisions are made in SQL and a refusal writes nothing (mysql_trip.py).
+        return await self._submit(lambda ledger: mysql_trip.charge(ledger.conn, request), commit=_ENDED)
+
+    async def settle(self, settlement: Settlement) -> int | None:
+        return await self._submit(lambda ledger: self._settle(ledger, settlement), commit=_ENDED)
+
+    @staticmethod
+    def _settle(ledger: Ledger, s: Settlement) -> int | None:
+        """One round trip when the journal holds the unsettled call `s.taken` describes (the common
+        case); otherwise (settled before, no `taken`, or a journal that disagrees) the Ledger's
+        statements, which read what was really taken, in a transaction of their own."""
+        if s.taken is not None:
+            settled, balance = mysql_trip.settle(ledger.conn, s, ledger.last_used)
+            if settled:
+                return balance
+        result = ledger.settle(s)
+        ledger.conn.commit()
+        return result
+
     async def health(self) -> dict[str, object]:
         info: dict[str, object] = {"store": "mysql", "database": self.where, "retries": self.retries}
         try:
@@ -267,6 +299,11 @@ class MysqlStore(SqlStore):
             conns, self._conns = list(self._conns), set()
         for conn in conns:
             _close_quietly(conn)
+
+
+def _ENDED(_: object) -> bool:
+    """The commit predicate of jobs that end their transaction themselves (COMMIT inside their text)."""
+    return True
 
 
 def ensure_schema(conn: pymysql.connections.Connection, settings: MysqlSettings) -> None:
