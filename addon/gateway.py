@@ -576,9 +576,11 @@ class Mcpmeter:
         response = flow.response
         if not refused and call.charged is not None and call.listing is not None and response is not None:
             refund = _decision(call)[0].refund
-            if idempotency.should_store(billed=not refund, upstream_answered=call.failure is None) and not claim.overflow:
+            if (idempotency.should_store(billed=not refund, upstream_answered=call.failure is None)
+                    and not claim.overflow):
                 body = bytes(claim.captured) if claim.captured is not None else (response.raw_content or b"")
-                billed = "0" if refund else ("free" if call.charged.verdict is Verdict.FREE else str(call.charged.amount))
+                billed = "0" if refund else (
+                    "free" if call.charged.verdict is Verdict.FREE else str(call.charged.amount))
                 metering = {"X-Mcpmeter-Request-Id": call.request_id, "X-Mcpmeter-Billed": billed}
                 if refund:
                     metering["X-Mcpmeter-Refunded"] = "1"
@@ -737,7 +739,8 @@ class Mcpmeter:
         for event in events:
             if event.event != "message":  # MCP clients ignore other event types: not an answer they get
                 continue
-            messages = event.messages if event.oversized else answer_messages(event.data.encode("utf-8", "surrogatepass"))
+            messages = (event.messages if event.oversized
+                        else answer_messages(event.data.encode("utf-8", "surrogatepass")))
             ids = [m.id_value() for m in messages or () if not m.has_method]
             rpc_id = next((i for i in ids if isinstance(i, (str, int, float)) and i in waiting), None)
             if rpc_id is None:

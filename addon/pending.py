@@ -237,7 +237,7 @@ class EventFilter:
         data = [value[1:] if value.startswith(b" ") else value for name, _, value in fields if name == b"data"]
         if not data or not self.drop(b"\n".join(data).decode("utf-8", "replace")):
             return event
-        return b"".join(line for line, (name, _, _) in zip(lines, fields) if name != b"data")
+        return b"".join(line for line, (name, _, _) in zip(lines, fields, strict=True) if name != b"data")
 
 
 def cancelled_body(rpc_id: JsonId) -> bytes:

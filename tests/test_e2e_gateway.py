@@ -365,7 +365,8 @@ async def test_slow_upstream_is_504_json_and_refunded(gateway: Gateway, backend:
 # --- streaming ---------------------------------------------------------------------------------
 
 
-async def read_events(gw: Gateway, path: str, body: Any, consumer: TestConsumer) -> tuple[httpx2.Response, list[tuple[float, str]]]:
+async def read_events(gw: Gateway, path: str, body: Any,
+                      consumer: TestConsumer) -> tuple[httpx2.Response, list[tuple[float, str]]]:
     """POST and read an SSE answer line by line, noting when each data line arrived."""
     started = time.monotonic()
     lines: list[tuple[float, str]] = []

@@ -222,11 +222,12 @@ def test_sse_rewrite_is_linear_in_bytes(stream: bytes, chunk: int | None) -> Non
 
 # --- through the hooks (taddons) ------------------------------------------------------------------
 
-from tests.test_gateway_hooks import (  # noqa: E402  (fixtures: gw, isolated)
+from tests.test_gateway_hooks import (  # noqa: E402, F401  (fixtures: gw, isolated)
     BOB, OPENING, PRICE, Gw, gw, isolated, json_response, make_flow, pop_receipt, rpc, sent, sse_response,
     upstream_answers)
 
-TOOLS = {"jsonrpc": "2.0", "id": 7, "result": {"tools": [{"name": "slow_count"}, {"name": "echo"}, {"name": "freebie"}]}}
+TOOLS = {"jsonrpc": "2.0", "id": 7,
+         "result": {"tools": [{"name": "slow_count"}, {"name": "echo"}, {"name": "freebie"}]}}
 
 
 async def test_tools_list_json_answer_shows_prices(gw: Gw) -> None:
@@ -289,5 +290,6 @@ async def test_answers_left_unchanged(gw: Gw) -> None:
 
 
 def test_sse_event_that_cannot_be_written_back_passes_unchanged() -> None:
-    stream = b'data: {"jsonrpc":"2.0","id":1,"result":{"t":"\\ud800","_meta":{}}}\r\n\r\ndata: {"jsonrpc":"2.0","id":1,"result":{}}\n\n'
+    stream = (b'data: {"jsonrpc":"2.0","id":1,"result":{"t":"\\ud800","_meta":{}}}\r\n\r\n'
+              b'data: {"jsonrpc":"2.0","id":1,"result":{}}\n\n')
     assert run(stream, [9]) == stream  # unchanged and nothing lost; the answer has passed, so the rest too
