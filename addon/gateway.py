@@ -122,7 +122,7 @@ class Mcpmeter:
         self.awaiting: dict[str, dict[JsonId, list[tuple[http.HTTPFlow, Call]]]] = {}
         self.pending = resumption.Pending()  # streamable HTTP: calls parked, tracked, refunded (addon/pending.py)
         self.metrics = Metrics(backlog=lambda: len(self.background), cache_degraded=lambda: cache_degraded(self.cache))
-        self.circuits = Circuits(lambda: self.cache, lambda: self.config and self.config.circuit_breaker,
+        self.circuits = Circuits(lambda: self.cache, lambda: self.config.circuit_breaker if self.config else None,
                                  self.metrics.circuit_state)
         self.results = commands.Results()  # the debugging commands' answers and this gateway's calls
         self.replays = dryrun.Originals()  # who made each flow, so replaying it is a dry run as them
@@ -349,6 +349,7 @@ class Mcpmeter:
             call.status = flow.response.status_code
             session = flow.response.headers.get("mcp-session-id")
             if session and call.consumer is not None:
+                assert self.cache is not None
                 await self.cache.bind_session(session, call.consumer.principal)
             if "text/event-stream" in flow.response.headers.get("content-type", "").lower():
                 call.parser = SseParser(self.config.max_event_bytes if self.config else DEFAULT_MAX_EVENT_BYTES)
@@ -592,6 +593,7 @@ class Mcpmeter:
         return display.under_mitmweb(ctx.master) if chosen == "auto" else chosen == "on"
 
     async def _consumer(self, credential: Credential) -> Consumer | None:
+        assert self.cache is not None and self.store is not None
         cached = await self.cache.get_consumer(credential.hash)
         if cached is MISS:
             cached = await self.store.find_consumer(credential)
@@ -601,6 +603,7 @@ class Mcpmeter:
         return cached
 
     async def _listing(self, slug: str) -> Listing | None:
+        assert self.cache is not None and self.store is not None
         cached = await self.cache.get_listing(slug)
         if cached is MISS:
             cached = await self.store.find_listing(slug)
@@ -609,6 +612,7 @@ class Mcpmeter:
 
     async def _charge(self, flow: http.HTTPFlow, call: Call, consumer: Consumer, listing: Listing,
                       priced: PricedCall) -> None:
+        assert self.config is not None and self.store is not None
         price = billing.price_of(listing, priced.tool_name)
         call.charge = ChargeRequest(
             request_id=call.request_id, user_id=consumer.user_id, project_id=consumer.project_id,
@@ -682,6 +686,7 @@ class Mcpmeter:
                         call.legacy_session = _legacy_session(call.listing.id, subpath, query)
                         if call.consumer is not None:
                             # The session belongs to the key that opened the stream.
+                            assert self.cache is not None
                             asyncio.ensure_future(self.cache.bind_session(call.legacy_session, call.consumer.principal))
                     if call.rewriter.route is not None and call.parser is not None:
                         for piece in [*out, b""] if ended else out:  # b"": the end, for the parser
@@ -977,7 +982,8 @@ class Mcpmeter:
             self.metrics.settled(call, None, call.status)
             meta["balance"] = call.balance
             return
-        assert self.config is not None and call.listing is not None and call.consumer is not None
+        assert self.config is not None and self.store is not None
+        assert call.listing is not None and call.consumer is not None
         decision, status = _decision(call)
         if call.decided is not None:
             decision = call.decided  # a held call, settled as a later message decided (deferred.py)
@@ -1082,7 +1088,8 @@ class Mcpmeter:
                    "X-Mcpmeter-Duration-Ms": str(call.elapsed_ms())}
         if call.balance is not None:
             headers["X-Mcpmeter-Balance"] = str(call.balance)
-        body = rpc_errors.refusal_body(error, call.request_id, call.rpc_id, self.config and self.config.top_up_url)
+        body = rpc_errors.refusal_body(error, call.request_id, call.rpc_id,
+                                       self.config.top_up_url if self.config else None)
         return http.Response.make(error.status, body, headers)
 
     def _unauthorized(self, flow: http.HTTPFlow, sent: bool) -> GatewayError:

@@ -91,6 +91,8 @@ class Pending:
     def find(self, session: SessionKey, rpc_id: JsonId) -> tuple[http.HTTPFlow, Any] | None:
         """The priced call of this session with this id: parked first, else in flight."""
         key = id_key(rpc_id)
+        if key is None:  # not an id a call can have
+            return None
         return self.parked.get(session, {}).get(key) or self.tracked.get(session, {}).get(key)
 
     # --- calls parked until a resumed stream answers them ----------------------------------------
