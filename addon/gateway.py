@@ -359,7 +359,8 @@ class Mcpmeter:
                 if call.listing is not None and call.listing.transport is Transport.SSE and call.listing.upstream_url:
                     call.rewriter = legacy_sse.EndpointRewriter(call.listing.upstream_url, call.listing.slug)
                 flow.response.stream = self._stream_watcher(flow, call)
-                await receipts.wrap_stream(flow, call, self.store, self.free_used)  # prices and the receipt in the events
+                # Prices and the receipt in the events.
+                await receipts.wrap_stream(flow, call, self.store, self.free_used)
                 if call.session is not None and self.config is not None:  # refunded calls' answers never go out
                     resumption.drop_refunded(flow.response, call.session, self.pending, self.config.max_event_bytes)
                 self.deferred.watch_stream(flow, call)  # task statuses, input_required (upstream bytes first)
@@ -647,7 +648,8 @@ class Mcpmeter:
         # A new header block at once (clear() pops one field at a time), bytes as mitmproxy keeps them.
         flow.request.headers = http.Headers([
             (name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))
-            for name, value in forwarding.upstream_headers(fields, listing.upstream_headers, forwarding.authority(url))])
+            for name, value in forwarding.upstream_headers(fields, listing.upstream_headers,
+                                                           forwarding.authority(url))])
         # Values only on the wire: the publisher's headers, and credentials the consumer wrapped in X-Forward-*.
         compat.hide_upstream_headers(flow.request, [*listing.upstream_headers, *redaction.CREDENTIAL_HEADERS])
         call.deadline = asyncio.get_running_loop().call_later(self._timeout(listing), self._on_deadline, flow, call)

@@ -200,7 +200,8 @@ async def test_unpriced_methods_pass_through_unrecorded(gateway: Gateway, backen
         assert r.status_code in (200, 202)
         assert r.headers["X-Mcpmeter-Billed"] == "0"
         assert_meter_headers(r)
-        assert "X-Mcpmeter-Balance" not in r.headers  # never read for an unpriced request or a refusal before the charge
+        # never read for an unpriced request or a refusal before the charge
+        assert "X-Mcpmeter-Balance" not in r.headers
     assert backend.usage(c) == []
     assert backend.balance(c.user_id) == 10_000
 

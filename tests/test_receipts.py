@@ -107,7 +107,8 @@ def test_what_the_strict_parse_refuses_is_not_rewritten(text: str | bytes) -> No
     # Splicing keeps every other byte the upstream sent: duplicates and escapes are not re-read.
     ('{"jsonrpc":"2.0","id":1,"id":1,"result":{"t":"\\ud800"}}',
      '{"jsonrpc":"2.0","id":1,"id":1,"result":{"_meta":R,"t":"\\ud800"}}'),
-    ('{"id":1,"jsonrpc":"2.0","result" :\n {"a":{"result":{}}} \n}', '{"id":1,"jsonrpc":"2.0","result" :\n {"_meta":R,"a":{"result":{}}} \n}'),
+    ('{"id":1,"jsonrpc":"2.0","result" :\n {"a":{"result":{}}} \n}',
+     '{"id":1,"jsonrpc":"2.0","result" :\n {"_meta":R,"a":{"result":{}}} \n}'),
 ])
 def test_a_receipt_is_spliced_into_the_upstreams_own_text(text: str, spliced: str) -> None:
     new = edit_json(text, plan())
@@ -161,7 +162,8 @@ def expected_stream() -> bytes:
     # The receipt is spliced in first, the upstream's own bytes kept (what a re-serialisation gives
     # is checked by test_json_rewrite_keeps_key_order_and_a_batch).
     meta = '"_meta":' + receipts.dumps({"mcpmeter/receipt": RECEIPT}) + ","
-    return STREAM.replace(b"data: " + ANSWER.encode(), b"data: " + ANSWER.replace('"result":{', '"result":{' + meta).encode())
+    return STREAM.replace(b"data: " + ANSWER.encode(),
+                          b"data: " + ANSWER.replace('"result":{', '"result":{' + meta).encode())
 
 
 @pytest.mark.parametrize("cut", range(len(STREAM) + 1))
