@@ -74,7 +74,8 @@ class Circuits:
     def snapshot(self) -> dict[str, str]:
         """The circuits this gateway last saw not closed, by slug (for /health)."""
         now = self._clock()
-        return {slug: str(state(c, now)) for c, _, slug in self._near.values() if state(c, now) is not CircuitState.CLOSED}
+        return {slug: str(state(c, now)) for c, _, slug in self._near.values()
+                if state(c, now) is not CircuitState.CLOSED}
 
     async def _read(self, cache: CircuitStore, listing: Listing) -> Circuit:
         """The near copy, read again when older than REFRESH_SECONDS: one read for all waiting calls."""

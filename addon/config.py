@@ -11,13 +11,16 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from . import origins
 from .auth import parse_authorization
 from .breaker import BreakerConfig, BreakerSettings
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]*\Z")
 LISTING_STATUSES = ("draft", "review", "live", "paused", "archived")
@@ -283,7 +286,7 @@ def _number(value: Any, key: str, kind: type) -> Any:
     return number
 
 
-def _section(cls: type, raw: Any, name: str) -> Any:
+def _section(cls: type[DataclassInstance], raw: Any, name: str) -> Any:
     if raw is None:
         return cls()
     if not isinstance(raw, dict):

@@ -35,11 +35,12 @@ def decode_bounded(raw: bytes, content_encoding: str | None, limit: int) -> byte
         if coding == "identity":
             continue
         try:
-            data = _decode(data, coding, limit)
+            decoded = _decode(data, coding, limit)
         except (zlib.error, brotli.error, zstd.ZstdError, EOFError):
             return None
-        if data is None:
+        if decoded is None:
             return None
+        data = decoded
     return data
 
 

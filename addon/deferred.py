@@ -352,12 +352,13 @@ class Deferred:
     def expire(self) -> None:
         """Held calls past their limit: tasks refunded, rounds billed (see the module's rules)."""
         now = time.monotonic()
-        for table, decision in ((self.tasks, Decision(True, TASK_EXPIRED)),
-                                (self.rounds, Decision(False, INPUT_ABANDONED))):
+        tables: tuple[tuple[dict[Any, Held], Decision], ...] = (  # keyed by (scope, task) and by state_key
+            (self.tasks, Decision(True, TASK_EXPIRED)), (self.rounds, Decision(False, INPUT_ABANDONED)))
+        for table, decision in tables:
             for key, held in list(table.items()):
                 if held.expires <= now:
                     if held.mark == TASK_PENDING:
-                        self._pop_task(key)  # type: ignore[arg-type]
+                        self._pop_task(key)
                     else:
                         del table[key]
                     self.settle(held.flow, held.call, decision)

@@ -122,7 +122,7 @@ class Mcpmeter:
         self.awaiting: dict[str, dict[JsonId, list[tuple[http.HTTPFlow, Call]]]] = {}
         self.pending = resumption.Pending()  # streamable HTTP: calls parked, tracked, refunded (addon/pending.py)
         self.metrics = Metrics(backlog=lambda: len(self.background), cache_degraded=lambda: cache_degraded(self.cache))
-        self.circuits = Circuits(lambda: self.cache, lambda: self.config and self.config.circuit_breaker,
+        self.circuits = Circuits(lambda: self.cache, lambda: self.config.circuit_breaker if self.config else None,
                                  self.metrics.circuit_state)
         self.results = commands.Results()  # the debugging commands' answers and this gateway's calls
         self.replays = dryrun.Originals()  # who made each flow, so replaying it is a dry run as them
@@ -349,6 +349,7 @@ class Mcpmeter:
             call.status = flow.response.status_code
             session = flow.response.headers.get("mcp-session-id")
             if session and call.consumer is not None:
+                assert self.cache is not None
                 await self.cache.bind_session(session, call.consumer.principal)
             if "text/event-stream" in flow.response.headers.get("content-type", "").lower():
                 call.parser = SseParser(self.config.max_event_bytes if self.config else DEFAULT_MAX_EVENT_BYTES)
@@ -358,7 +359,8 @@ class Mcpmeter:
                 if call.listing is not None and call.listing.transport is Transport.SSE and call.listing.upstream_url:
                     call.rewriter = legacy_sse.EndpointRewriter(call.listing.upstream_url, call.listing.slug)
                 flow.response.stream = self._stream_watcher(flow, call)
-                await receipts.wrap_stream(flow, call, self.store, self.free_used)  # prices and the receipt in the events
+                # Prices and the receipt in the events.
+                await receipts.wrap_stream(flow, call, self.store, self.free_used)
                 if call.session is not None and self.config is not None:  # refunded calls' answers never go out
                     resumption.drop_refunded(flow.response, call.session, self.pending, self.config.max_event_bytes)
                 self.deferred.watch_stream(flow, call)  # task statuses, input_required (upstream bytes first)
@@ -576,9 +578,11 @@ class Mcpmeter:
         response = flow.response
         if not refused and call.charged is not None and call.listing is not None and response is not None:
             refund = _decision(call)[0].refund
-            if idempotency.should_store(billed=not refund, upstream_answered=call.failure is None) and not claim.overflow:
+            if (idempotency.should_store(billed=not refund, upstream_answered=call.failure is None)
+                    and not claim.overflow):
                 body = bytes(claim.captured) if claim.captured is not None else (response.raw_content or b"")
-                billed = "0" if refund else ("free" if call.charged.verdict is Verdict.FREE else str(call.charged.amount))
+                billed = "0" if refund else (
+                    "free" if call.charged.verdict is Verdict.FREE else str(call.charged.amount))
                 metering = {"X-Mcpmeter-Request-Id": call.request_id, "X-Mcpmeter-Billed": billed}
                 if refund:
                     metering["X-Mcpmeter-Refunded"] = "1"
@@ -590,6 +594,7 @@ class Mcpmeter:
         return display.under_mitmweb(ctx.master) if chosen == "auto" else chosen == "on"
 
     async def _consumer(self, credential: Credential) -> Consumer | None:
+        assert self.cache is not None and self.store is not None
         cached = await self.cache.get_consumer(credential.hash)
         if cached is MISS:
             cached = await self.store.find_consumer(credential)
@@ -599,6 +604,7 @@ class Mcpmeter:
         return cached
 
     async def _listing(self, slug: str) -> Listing | None:
+        assert self.cache is not None and self.store is not None
         cached = await self.cache.get_listing(slug)
         if cached is MISS:
             cached = await self.store.find_listing(slug)
@@ -607,6 +613,7 @@ class Mcpmeter:
 
     async def _charge(self, flow: http.HTTPFlow, call: Call, consumer: Consumer, listing: Listing,
                       priced: PricedCall) -> None:
+        assert self.config is not None and self.store is not None
         price = billing.price_of(listing, priced.tool_name)
         call.charge = ChargeRequest(
             request_id=call.request_id, user_id=consumer.user_id, project_id=consumer.project_id,
@@ -641,7 +648,8 @@ class Mcpmeter:
         # A new header block at once (clear() pops one field at a time), bytes as mitmproxy keeps them.
         flow.request.headers = http.Headers([
             (name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))
-            for name, value in forwarding.upstream_headers(fields, listing.upstream_headers, forwarding.authority(url))])
+            for name, value in forwarding.upstream_headers(fields, listing.upstream_headers,
+                                                           forwarding.authority(url))])
         # Values only on the wire: the publisher's headers, and credentials the consumer wrapped in X-Forward-*.
         compat.hide_upstream_headers(flow.request, [*listing.upstream_headers, *redaction.CREDENTIAL_HEADERS])
         call.deadline = asyncio.get_running_loop().call_later(self._timeout(listing), self._on_deadline, flow, call)
@@ -680,6 +688,7 @@ class Mcpmeter:
                         call.legacy_session = _legacy_session(call.listing.id, subpath, query)
                         if call.consumer is not None:
                             # The session belongs to the key that opened the stream.
+                            assert self.cache is not None
                             asyncio.ensure_future(self.cache.bind_session(call.legacy_session, call.consumer.principal))
                     if call.rewriter.route is not None and call.parser is not None:
                         for piece in [*out, b""] if ended else out:  # b"": the end, for the parser
@@ -737,7 +746,8 @@ class Mcpmeter:
         for event in events:
             if event.event != "message":  # MCP clients ignore other event types: not an answer they get
                 continue
-            messages = event.messages if event.oversized else answer_messages(event.data.encode("utf-8", "surrogatepass"))
+            messages = (event.messages if event.oversized
+                        else answer_messages(event.data.encode("utf-8", "surrogatepass")))
             ids = [m.id_value() for m in messages or () if not m.has_method]
             rpc_id = next((i for i in ids if isinstance(i, (str, int, float)) and i in waiting), None)
             if rpc_id is None:
@@ -974,7 +984,8 @@ class Mcpmeter:
             self.metrics.settled(call, None, call.status)
             meta["balance"] = call.balance
             return
-        assert self.config is not None and call.listing is not None and call.consumer is not None
+        assert self.config is not None and self.store is not None
+        assert call.listing is not None and call.consumer is not None
         decision, status = _decision(call)
         if call.decided is not None:
             decision = call.decided  # a held call, settled as a later message decided (deferred.py)
@@ -1079,7 +1090,8 @@ class Mcpmeter:
                    "X-Mcpmeter-Duration-Ms": str(call.elapsed_ms())}
         if call.balance is not None:
             headers["X-Mcpmeter-Balance"] = str(call.balance)
-        body = rpc_errors.refusal_body(error, call.request_id, call.rpc_id, self.config and self.config.top_up_url)
+        body = rpc_errors.refusal_body(error, call.request_id, call.rpc_id,
+                                       self.config.top_up_url if self.config else None)
         return http.Response.make(error.status, body, headers)
 
     def _unauthorized(self, flow: http.HTTPFlow, sent: bool) -> GatewayError:

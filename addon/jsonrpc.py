@@ -71,7 +71,7 @@ def inspect_request(
         raise GatewayError("invalid_request", reason="method must be a string")
     params = message.get("params")
     _check_headers(method, params, mcp_method, mcp_name)
-    if method not in billable:
+    if method is None or method not in billable:
         return Inspection(method=method, call=None)
     rpc_id = message.get("id")
     if rpc_id is None or isinstance(rpc_id, bool) or not isinstance(rpc_id, (str, int, float)):

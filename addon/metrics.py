@@ -129,7 +129,8 @@ class Metrics:
             raise GatewayError("not_found")
         if token is not None:
             if credential is None and not sent_authorization:
-                raise GatewayError("metrics_unauthorized", headers={"WWW-Authenticate": 'Bearer realm="mcpmeter-metrics"'})
+                raise GatewayError("metrics_unauthorized",
+                                   headers={"WWW-Authenticate": 'Bearer realm="mcpmeter-metrics"'})
             if credential is None or not hmac.compare_digest(credential.token.encode(), token.encode()):
                 raise GatewayError("metrics_forbidden")
         if method.upper() not in ("GET", "HEAD"):

@@ -19,7 +19,7 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 def valid_host(value: str) -> bool:
     """A Host header that is a plain `host[:port]` (name, IPv4 or [IPv6]), nothing else."""
     match = _HOST.match(value)
-    return bool(match) and len(value) <= 255 and (match.group(1) is None or int(match.group(1)) <= 65535)
+    return match is not None and len(value) <= 255 and (match.group(1) is None or int(match.group(1)) <= 65535)
 
 
 def normalize(origin: str) -> str | None:

@@ -91,6 +91,8 @@ class Pending:
     def find(self, session: SessionKey, rpc_id: JsonId) -> tuple[http.HTTPFlow, Any] | None:
         """The priced call of this session with this id: parked first, else in flight."""
         key = id_key(rpc_id)
+        if key is None:  # not an id a call can have
+            return None
         return self.parked.get(session, {}).get(key) or self.tracked.get(session, {}).get(key)
 
     # --- calls parked until a resumed stream answers them ----------------------------------------
@@ -237,7 +239,7 @@ class EventFilter:
         data = [value[1:] if value.startswith(b" ") else value for name, _, value in fields if name == b"data"]
         if not data or not self.drop(b"\n".join(data).decode("utf-8", "replace")):
             return event
-        return b"".join(line for line, (name, _, _) in zip(lines, fields) if name != b"data")
+        return b"".join(line for line, (name, _, _) in zip(lines, fields, strict=True) if name != b"data")
 
 
 def cancelled_body(rpc_id: JsonId) -> bytes:

@@ -90,14 +90,14 @@ def check(now: int, tats: Sequence[int], windows: Sequence[Window]) -> tuple[Lim
 
     Returns the verdict and the TATs to store (the old ones when refused)."""
     decisions = [decide(now, tat, w) for tat, w in zip(tats, windows, strict=True)]
-    refused = [(d.wait_us, w) for d, w in zip(decisions, windows) if not d.allowed]
+    refused = [(d.wait_us, w) for d, w in zip(decisions, windows, strict=True) if not d.allowed]
     if refused:
         # Waiting changes no TAT, and a window that conforms now still conforms later: the call
         # fits exactly when the slowest refusing window lets it.
         wait, w = max(refused, key=lambda r: r[0])
         retry = max(1, _ceil_seconds(wait))
         return LimitVerdict(False, w.scope, w.limit, 0, retry, retry), tuple(tats)
-    d, w = min(zip(decisions, windows), key=lambda dw: dw[0].remaining)
+    d, w = min(zip(decisions, windows, strict=True), key=lambda dw: dw[0].remaining)
     return (LimitVerdict(True, w.scope, w.limit, d.remaining, max(1, _ceil_seconds(d.full_us))),
             tuple(d.tat for d in decisions))
 

@@ -427,11 +427,11 @@ async def _free_left(store: Any, free_used: FreeUsed, call: Any, listing: Listin
     used = free_used.get(key)
     if used is None:
         try:
-            used = await asyncio.wait_for(store.free_calls_used(*key), FREE_LEFT_TIMEOUT)
+            counted: int = await asyncio.wait_for(store.free_calls_used(*key), FREE_LEFT_TIMEOUT)
         except Exception:
             log.warning("mcpmeter: no free-calls count for %s", call.request_id, exc_info=True)
             return None
-        free_used[key] = used
+        free_used[key] = used = counted
     return max(listing.free_calls_per_consumer - used, 0)
 
 

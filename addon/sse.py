@@ -147,6 +147,7 @@ class SseParser:
         self._data = []
 
     def _dispatch(self) -> Event | None:
+        event: Event | None
         if self._scanner is not None:
             event = Event(event=self._event or "message", data="", id=self._id,
                           messages=self._scanner.finish(), oversized=True)

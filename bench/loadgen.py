@@ -260,7 +260,7 @@ async def run(url: str | list[str], concurrency: int, duration: float, max_reque
         conn.close()
 
     await asyncio.gather(*(worker(c, t, k)  # type: ignore[arg-type]
-                           for c, t, k in zip(conns, assigned, assigned_keys)))
+                           for c, t, k in zip(conns, assigned, assigned_keys, strict=True)))
     elapsed = time.perf_counter() - t_start
     latencies.sort()
     ok = len(latencies)

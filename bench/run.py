@@ -440,7 +440,7 @@ def measure(url: str | Sequence[str], concurrency: int, duration: float, max_req
     back0 = backend_cpu(backends or {})
     kids0, self0 = _children_cpu(), _self_cpu()
     result = loadgen(url, concurrency, duration, max_requests, key=key)
-    each = [cpu_seconds(p) - c0 for p, c0 in zip(pids, cpu0)]
+    each = [cpu_seconds(p) - c0 for p, c0 in zip(pids, cpu0, strict=True)]
     cpu, up1 = sum(each), cpu_seconds(upstream_pid)
     busy1, steal1 = cpu_times(watch) if watch else (0.0, 0.0)
     back = {name: spent - back0.get(name, 0.0) for name, spent in backend_cpu(backends or {}).items()}

@@ -126,7 +126,7 @@ class Backend:
             "SELECT tool_name, status, billed_micro_cents, publisher_payout_micro_cents, platform_fee_micro_cents,"
             " request_id, client, project_id FROM usage_events WHERE api_key_id = %s ORDER BY id", (consumer.key_id,))
         keys = ("tool_name", "status", "billed", "payout", "fee", "request_id", "client", "project_id")
-        return [dict(zip(keys, r)) for r in rows]
+        return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def free_used(self, mcp_id: int, user_id: int) -> int:
         rows = self.query("SELECT free_calls_used FROM mcp_consumer_usage WHERE mcp_id = %s AND user_id = %s",

@@ -94,7 +94,8 @@ def start_gateway(config: dict[str, Any], workdir: Path, env: dict[str, str] | N
     raise RuntimeError(f"gateway did not start:\n{gw.log()}")
 
 
-def run_gateway_expecting_failure(config_path: Path, workdir: Path, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+def run_gateway_expecting_failure(config_path: Path, workdir: Path,
+                                  timeout: float = 20) -> subprocess.CompletedProcess[str]:
     """Start mitmdump with a config that must stop it at start; returns the finished process."""
     return subprocess.run(
         [str(MITMDUMP), "-s", str(ROOT / "mcpmeter_addon.py"),

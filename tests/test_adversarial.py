@@ -19,7 +19,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -32,7 +31,8 @@ import pytest
 
 from tests.backends import Backend, TestConsumer
 from tests.gateway_proc import MITMDUMP, ROOT, Gateway, closed_port, free_port, write_config
-from tests.hostile_upstream import Canary, HostileUpstream, RawClient, RawResponse, cpu_seconds, has_dot_segment, rss_bytes
+from tests.hostile_upstream import (Canary, HostileUpstream, RawClient, RawResponse, cpu_seconds, has_dot_segment,
+                                   rss_bytes)
 
 # --- cases found by this suite and not yet fixed: strict xfails, so a fix shows up ----------------
 
@@ -315,9 +315,11 @@ def test_announced_legacy_endpoint_obeys_the_same_rule(
 DUPLICATE_BODIES = {
     "method twice": b'{"jsonrpc":"2.0","id":1,"method":"tools/call","method":"tools/list","params":{"name":"pricey"}}',
     "name twice": b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"pricey","name":"cheap"}}',
-    "params twice": b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"pricey"},"params":{"name":"cheap"}}',
+    "params twice": b'{"jsonrpc":"2.0","id":1,"method":"tools/call",'
+                    b'"params":{"name":"pricey"},"params":{"name":"cheap"}}',
     "id twice": b'{"jsonrpc":"2.0","id":1,"id":2,"method":"tools/call","params":{"name":"cheap"}}',
-    "deep duplicate": b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"cheap","arguments":{"a":{"b":1,"b":2}}}}',
+    "deep duplicate": b'{"jsonrpc":"2.0","id":1,"method":"tools/call",'
+                      b'"params":{"name":"cheap","arguments":{"a":{"b":1,"b":2}}}}',
     "escaped twin": b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"pricey","n\\u0061me":"cheap"}}',
 }
 

@@ -18,7 +18,7 @@ def scenario(lo: dict[str, Any], hi: dict[str, Any], **extra: Any) -> dict[str, 
 
 def result(prod_rps: float, prod_p50: float, prod_cpu: float, mariadb: float, redis_bytes: tuple[int, int],
            embedded_rps: float = 850, background: float = 0.0) -> dict[str, Any]:
-    snaps = [{"calls": calls, "bytes_per_pair": b / 32} for calls, b in zip((100, 1000), redis_bytes)]
+    snaps = [{"calls": calls, "bytes_per_pair": b / 32} for calls, b in zip((100, 1000), redis_bytes, strict=True)]
     return {
         "scenarios": {
             "bare": scenario(run(500, 2.0, 1.5), run(1000, 30.0, 1.4)),

@@ -83,7 +83,8 @@ async def test_cache_counts_failures_opens_and_hands_out_one_probe(make_cache: M
     assert await cache.circuit_probe(LISTING.id, 5, 1023.0) is True
 
 
-async def test_gateways_sharing_a_cache_share_the_circuit(make_cache: MakeCache, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_gateways_sharing_a_cache_share_the_circuit(make_cache: MakeCache,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("addon.circuits.REFRESH_SECONDS", 0.0)  # read the shared state on every call
     first, second = make_cache(), make_cache()
     if type(first).__name__ == "MemoryCache":

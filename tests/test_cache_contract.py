@@ -638,7 +638,8 @@ def test_the_cluster_slot_function_matches_redis() -> None:
         for attempt in range(3):  # a free port can be taken before the server binds it: try another
             port = redisutil.free_port()
             proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                     "--cluster-enabled", "yes", "--cluster-config-file", f"{workdir}/nodes-{attempt}.conf",
+                                     "--cluster-enabled", "yes",
+                                     "--cluster-config-file", f"{workdir}/nodes-{attempt}.conf",
                                      "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             r = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
             deadline = time.monotonic() + 15

@@ -22,7 +22,7 @@ import pytest
 from tests.backends import Backend, TestConsumer
 from tests.gateway_proc import Gateway
 from tests.refusals import refusal
-from tests.test_e2e_gateway import MCP_HEADERS, call, eventually, post, slug
+from tests.test_e2e_gateway import call, eventually, post, slug
 from tests.test_e2e_legacy_sse import legacy_url  # noqa: F401  (a fixture: the SDK's legacy server)
 
 APP = "https://app.example"
@@ -182,7 +182,8 @@ async def test_a_legacy_session_is_matched_by_identity_not_by_spelling(
                 r = await post(gateway, variant, call("echo", {"text": "x"}), other)
                 assert r.status_code == 403 and refusal(r)["error"] == "session_forbidden", variant
             await post(gateway, route, {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-                "protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}, owner)
+                "protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}},
+                owner)
             await _message(lines, 0)
             await post(gateway, route, {"jsonrpc": "2.0", "method": "notifications/initialized"}, owner)
             r = await post(gateway, route + "&extra=1", call("echo", {"text": "variant"}, rpc_id=7), owner)

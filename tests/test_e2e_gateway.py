@@ -200,7 +200,8 @@ async def test_unpriced_methods_pass_through_unrecorded(gateway: Gateway, backen
         assert r.status_code in (200, 202)
         assert r.headers["X-Mcpmeter-Billed"] == "0"
         assert_meter_headers(r)
-        assert "X-Mcpmeter-Balance" not in r.headers  # never read for an unpriced request or a refusal before the charge
+        # never read for an unpriced request or a refusal before the charge
+        assert "X-Mcpmeter-Balance" not in r.headers
     assert backend.usage(c) == []
     assert backend.balance(c.user_id) == 10_000
 
@@ -365,7 +366,8 @@ async def test_slow_upstream_is_504_json_and_refunded(gateway: Gateway, backend:
 # --- streaming ---------------------------------------------------------------------------------
 
 
-async def read_events(gw: Gateway, path: str, body: Any, consumer: TestConsumer) -> tuple[httpx2.Response, list[tuple[float, str]]]:
+async def read_events(gw: Gateway, path: str, body: Any,
+                      consumer: TestConsumer) -> tuple[httpx2.Response, list[tuple[float, str]]]:
     """POST and read an SSE answer line by line, noting when each data line arrived."""
     started = time.monotonic()
     lines: list[tuple[float, str]] = []

@@ -7,11 +7,8 @@ that reach it, the ledger counts the money, and every test reconciles the ledger
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
-from pathlib import Path
 
-import httpx2
 import pytest
 
 from tests import fault_server

@@ -17,6 +17,7 @@ import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
 from tests import resume_server
 from tests.backends import Backend, TestConsumer
@@ -254,7 +255,7 @@ async def test_sdk_client_timing_out_sends_notifications_cancelled_and_is_refund
     c = backend.add_consumer(credit=10_000)
     http, mcp = sdk_client(gateway, f"/{s}", c)
     async with http, mcp:
-        with pytest.raises(Exception):
+        with pytest.raises(MCPError):  # REQUEST_TIMEOUT
             await mcp.call_tool("slow", {"delay": 2.0}, read_timeout_seconds=0.5)
         await eventually(lambda: journal(backend, c) == [("slow", 499, 1, "cancelled")])
         assert any(request_id is not None for _, request_id in resume_server.cancelled)

@@ -16,7 +16,6 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -198,12 +197,13 @@ async def test_a_rate_limit_holds_across_both_gateways(lb: nginx.Nginx, pair: tu
     logs = [len(gw.log()) for gw in pair]
     before = [refusals(gw, "rate_limited") for gw in pair]
     statuses = await spray(f"{lb.url}/{s}", c.auth, 90, concurrency=16)
-    fallbacks = [line for gw, n in zip(pair, logs) for line in gw.log()[n:].splitlines() if "failed (" in line]
+    fallbacks = [line for gw, n in zip(pair, logs, strict=True)
+                 for line in gw.log()[n:].splitlines() if "failed (" in line]
     # A Redis too slow to answer (a starved machine) sends each gateway to its own limits, as documented.
     assert not fallbacks, f"Redis fell behind and the gateways counted on their own: {fallbacks}"
     assert statuses == Counter({200: 30, 429: 60})
     assert prod.balance(c.user_id) == 1_000_000 - 30 * 10
-    refused = [refusals(gw, "rate_limited") - b for gw, b in zip(pair, before)]
+    refused = [refusals(gw, "rate_limited") - b for gw, b in zip(pair, before, strict=True)]
     assert sum(refused) == 60 and all(n > 0 for n in refused), f"both gateways enforce the one limit: {refused}"
     await eventually(lambda: sum(billed_calls(gw, s) for gw in pair) == 30)
     assert_money_reconciles(prod)
@@ -236,7 +236,7 @@ async def test_a_free_allowance_holds_across_both_gateways(lb: nginx.Nginx, pair
     assert statuses == Counter({200: 10, 402: 50})
     assert prod.free_used(mcp_id, c.user_id) == 10
     assert prod.balance(c.user_id) == 0
-    refused = [refusals(gw, "insufficient_credit") - b for gw, b in zip(pair, before)]
+    refused = [refusals(gw, "insufficient_credit") - b for gw, b in zip(pair, before, strict=True)]
     assert sum(refused) == 50 and all(n > 0 for n in refused), f"both gateways hold the one allowance: {refused}"
     await eventually(lambda: sum(billed_calls(gw, s, "free") for gw in pair) == 10)
     assert_money_reconciles(prod)

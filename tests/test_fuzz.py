@@ -84,7 +84,8 @@ class Campaign:
     def secrets(self) -> list[bytes]:
         return [s.encode() for lst in (*self.listings, *self.pending) for s in (lst.consumer.key, lst.secret)]
 
-    def send(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> tuple[RawResponse, list[Any]]:
+    def send(self, method: str, target: str, headers: list[tuple[str, str]],
+             body: bytes) -> tuple[RawResponse, list[Any]]:
         """One request; returns the answer and what the hostile upstream recorded for it."""
         before = self.hostile.hit_count()
         try:
@@ -103,7 +104,8 @@ class Campaign:
         if r.status >= 500:
             assert r.error in DELIBERATE_5XX, f"{what}: gateway {r.status} {r.body[:200]!r}"
         if r.error is not None and r.status >= 400 and not r.body.startswith(b'{"jsonrpc"'):
-            assert r.refusal().get("request_id"), f"{what}: an error of the gateway's without request_id: {r.body[:200]!r}"
+            assert r.refusal().get("request_id"), \
+                f"{what}: an error of the gateway's without request_id: {r.body[:200]!r}"
         for secret in self.secrets:
             assert secret not in r.body, f"{what}: a secret in the answer"
         assert self.canary.hit_count() == 0, f"{what}: reached the canary: {self.canary.records()[-1].target!r}"

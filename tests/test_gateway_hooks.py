@@ -108,7 +108,8 @@ class Db:
             return [dict(r) for r in conn.execute("SELECT * FROM usage_events ORDER BY id")]
 
     def journal(self) -> list[tuple[Any, ...]]:
-        return self.rows("SELECT request_id, verdict, amount_micro_cents, refunded, settled_at IS NOT NULL FROM mcpmeter_calls")
+        return self.rows("SELECT request_id, verdict, amount_micro_cents, refunded, settled_at IS NOT NULL"
+                         " FROM mcpmeter_calls")
 
     def free_used(self, slug: str, user_id: int = 1) -> int:
         rows = self.rows("SELECT u.free_calls_used FROM mcp_consumer_usage u JOIN mcps m ON m.id = u.mcp_id"
@@ -745,7 +746,8 @@ async def test_402_bodies_say_balance_and_required(gw: Gw) -> None:
     assert gw.db.ledger(5) == [("topup", OPENING)]
 
 
-async def test_rate_limit_answers_429_with_retry_after_and_ratelimit_headers(gw: Gw, caplog: pytest.LogCaptureFixture) -> None:
+async def test_rate_limit_answers_429_with_retry_after_and_ratelimit_headers(
+        gw: Gw, caplog: pytest.LogCaptureFixture) -> None:
     first = make_flow("/strict", body=rpc("tools/list"))
     await gw.addon.request(first)
     assert forwarded(first)

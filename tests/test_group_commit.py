@@ -49,8 +49,8 @@ async def test_concurrent_charges_share_transactions_and_never_overspend(store: 
     assert sorted(r.verdict for r in results).count(Verdict.DEBITED) == 20
     assert await store.balance(1) == 0
     assert len(store.transactions) < 50 / 2, "concurrent jobs should have been batched"
-    ledger = await store._run(lambda l: l._q("SELECT COUNT(*), SUM(amount_micro_cents) FROM credit_transactions"
-                                             " WHERE type = 'usage'").fetchone())
+    ledger = await store._run(lambda lg: lg._q("SELECT COUNT(*), SUM(amount_micro_cents) FROM credit_transactions"
+                                               " WHERE type = 'usage'").fetchone())
     assert tuple(ledger) == (20, -20_000)
 
 
@@ -65,7 +65,7 @@ async def test_a_failing_job_fails_alone(store: Any) -> None:
         raise ValueError("a bug in one job")
 
     async def first() -> None:
-        await store._submit(lambda l: l.balance(1))  # occupies the one slot so the rest queue up together
+        await store._submit(lambda lg: lg.balance(1))  # occupies the one slot so the rest queue up together
 
     outcomes = await asyncio.gather(first(), store._submit(broken), store.charge(charge()),
                                     return_exceptions=True)
@@ -78,7 +78,7 @@ async def test_a_database_error_fails_every_job_of_its_batch(store: Any) -> None
     def corrupt(ledger: Any) -> Any:
         raise sqlite3.OperationalError("disk I/O error")
 
-    outcomes = await asyncio.gather(store._submit(lambda l: l.balance(1)), store._submit(corrupt),
+    outcomes = await asyncio.gather(store._submit(lambda lg: lg.balance(1)), store._submit(corrupt),
                                     store.charge(charge()), return_exceptions=True)
     assert isinstance(outcomes[1], StoreUnavailable) and isinstance(outcomes[2], StoreUnavailable)
     assert await store.balance(1) == 20_000  # nothing of the failed batch was committed

@@ -31,7 +31,8 @@ LAYOUTS = {
     "mixed line ends": (f"event: endpoint\r\ndata: {ABSOLUTE}\r\r\n", f"event: endpoint\r\ndata: {ROUTE}\r\r\n"),
 }
 BEFORE = ": hello\r\n\r\ndata: {\"not\": \"the endpoint\"}\n\n\n"  # events before it pass unchanged
-AFTER = "event: message\rdata: {\"jsonrpc\": \"2.0\", \"id\": 1, \"result\": {}}\r\r: ping\n\nevent: endpoint\ndata: x\n\n"
+AFTER = ("event: message\rdata: {\"jsonrpc\": \"2.0\", \"id\": 1, \"result\": {}}\r\r"
+         ": ping\n\nevent: endpoint\ndata: x\n\n")
 AFTER_OUT = AFTER.replace("event: endpoint", "event: mcpmeter-ignored-endpoint")  # one endpoint per session
 
 
@@ -126,7 +127,8 @@ LATER = (f"data: {'z' * 100_000}\r\n\r\nevent: endpoint\r\ndata: {ABSOLUTE}\r\n\
 def test_later_endpoint_events_are_renamed_wherever_the_chunks_split() -> None:
     """Clients that take every endpoint event would follow a later one to the upstream, unmetered."""
     first = f"event: endpoint\ndata: {ABSOLUTE}\n\n"
-    expected = (f"event: endpoint\ndata: {ROUTE}\n\n" + LATER.replace("event: endpoint\r\n", "event: mcpmeter-ignored-endpoint\r\n")
+    expected = (f"event: endpoint\ndata: {ROUTE}\n\n"
+                + LATER.replace("event: endpoint\r\n", "event: mcpmeter-ignored-endpoint\r\n")
                 .replace("event:endpoint\r", "event: mcpmeter-ignored-endpoint\r")
                 .replace("event: endpoint\n\n", "event: mcpmeter-ignored-endpoint\n\n")).encode()
     expected = expected.removesuffix(b"event: endpoint")  # held, then dropped at the end of the stream

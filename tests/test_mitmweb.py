@@ -52,7 +52,8 @@ async def test_streamed_answer_is_kept_for_display_only_when_asked(gw: Gw, show:
     assert gw.db.usage()[0]["billed_micro_cents"] == PRICE
     if show:
         # What the client got: the upstream's events, the answer's with its receipt.
-        assert flow.response.content.startswith(b"".join(chunks[:-2])) and b'"mcpmeter/receipt"' in flow.response.content
+        assert flow.response.content.startswith(b"".join(chunks[:-2]))
+        assert b'"mcpmeter/receipt"' in flow.response.content
     else:
         assert flow.response.content is None  # mitmdump keeps nothing
 

@@ -239,7 +239,7 @@ def test_retry_after_is_exact_and_refusals_change_nothing(per_minute: int, per_d
             if v.retry_after > 1:
                 assert not check(now + (v.retry_after - 1) * US, tats, windows)[0].allowed
         else:
-            assert all(b > a for a, b in zip(tats, new))
+            assert all(b > a for a, b in zip(tats, new, strict=True))
         tats = new
 
 

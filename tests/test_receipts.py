@@ -107,7 +107,8 @@ def test_what_the_strict_parse_refuses_is_not_rewritten(text: str | bytes) -> No
     # Splicing keeps every other byte the upstream sent: duplicates and escapes are not re-read.
     ('{"jsonrpc":"2.0","id":1,"id":1,"result":{"t":"\\ud800"}}',
      '{"jsonrpc":"2.0","id":1,"id":1,"result":{"_meta":R,"t":"\\ud800"}}'),
-    ('{"id":1,"jsonrpc":"2.0","result" :\n {"a":{"result":{}}} \n}', '{"id":1,"jsonrpc":"2.0","result" :\n {"_meta":R,"a":{"result":{}}} \n}'),
+    ('{"id":1,"jsonrpc":"2.0","result" :\n {"a":{"result":{}}} \n}',
+     '{"id":1,"jsonrpc":"2.0","result" :\n {"_meta":R,"a":{"result":{}}} \n}'),
 ])
 def test_a_receipt_is_spliced_into_the_upstreams_own_text(text: str, spliced: str) -> None:
     new = edit_json(text, plan())
@@ -161,7 +162,8 @@ def expected_stream() -> bytes:
     # The receipt is spliced in first, the upstream's own bytes kept (what a re-serialisation gives
     # is checked by test_json_rewrite_keeps_key_order_and_a_batch).
     meta = '"_meta":' + receipts.dumps({"mcpmeter/receipt": RECEIPT}) + ","
-    return STREAM.replace(b"data: " + ANSWER.encode(), b"data: " + ANSWER.replace('"result":{', '"result":{' + meta).encode())
+    return STREAM.replace(b"data: " + ANSWER.encode(),
+                          b"data: " + ANSWER.replace('"result":{', '"result":{' + meta).encode())
 
 
 @pytest.mark.parametrize("cut", range(len(STREAM) + 1))
@@ -222,11 +224,12 @@ def test_sse_rewrite_is_linear_in_bytes(stream: bytes, chunk: int | None) -> Non
 
 # --- through the hooks (taddons) ------------------------------------------------------------------
 
-from tests.test_gateway_hooks import (  # noqa: E402  (fixtures: gw, isolated)
+from tests.test_gateway_hooks import (  # noqa: E402, F401  (fixtures: gw, isolated)
     BOB, OPENING, PRICE, Gw, gw, isolated, json_response, make_flow, pop_receipt, rpc, sent, sse_response,
     upstream_answers)
 
-TOOLS = {"jsonrpc": "2.0", "id": 7, "result": {"tools": [{"name": "slow_count"}, {"name": "echo"}, {"name": "freebie"}]}}
+TOOLS = {"jsonrpc": "2.0", "id": 7,
+         "result": {"tools": [{"name": "slow_count"}, {"name": "echo"}, {"name": "freebie"}]}}
 
 
 async def test_tools_list_json_answer_shows_prices(gw: Gw) -> None:
@@ -289,5 +292,6 @@ async def test_answers_left_unchanged(gw: Gw) -> None:
 
 
 def test_sse_event_that_cannot_be_written_back_passes_unchanged() -> None:
-    stream = b'data: {"jsonrpc":"2.0","id":1,"result":{"t":"\\ud800","_meta":{}}}\r\n\r\ndata: {"jsonrpc":"2.0","id":1,"result":{}}\n\n'
+    stream = (b'data: {"jsonrpc":"2.0","id":1,"result":{"t":"\\ud800","_meta":{}}}\r\n\r\n'
+              b'data: {"jsonrpc":"2.0","id":1,"result":{}}\n\n')
     assert run(stream, [9]) == stream  # unchanged and nothing lost; the answer has passed, so the rest too

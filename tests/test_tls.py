@@ -135,7 +135,8 @@ def tls_gateway(backend: Backend, gateway_pki: Pki, upstream_pki: Pki,
 
 
 @pytest.fixture(scope="module")
-def untrusting_gateway(backend: Backend, gateway_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def untrusting_gateway(backend: Backend, gateway_pki: Pki,
+                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """Serves TLS to clients, but was not told to trust the upstream's CA."""
     workdir = tmp_path_factory.mktemp("untrusting-gateway")
     gw = start_gateway(backend.config(), workdir, env=backend.env(), name="untrusting",

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import Enum
 from typing import Final, Protocol
 
 from ..model import Consumer, Listing
 from ..ratelimit import LimitVerdict, Window
+from .breaker import CircuitStore
 
 
-class _Miss:
+class _Miss(Enum):  # an enum, so that type checkers narrow `value is MISS`
+    MISS = "MISS"
+
     def __repr__(self) -> str:
         return "MISS"
 
 
-MISS: Final = _Miss()  # not cached; distinct from a cached None (known not to exist)
+MISS: Final = _Miss.MISS  # not cached; distinct from a cached None (known not to exist)
 
 
-class Cache(Protocol):
+class Cache(CircuitStore, Protocol):
     async def get_consumer(self, key_hash: str) -> Consumer | None | _Miss: ...
 
     async def put_consumer(self, key_hash: str, consumer: Consumer | None) -> None:

@@ -60,7 +60,7 @@ class MemoryCache(MemoryBreakers, MemoryIdempotency):
         stored = dict(self._tats.get(bucket, ()))  # window length -> TAT
         v, tats = check(now, [stored.get(w.seconds, 0) for w in windows], windows)
         if v.allowed:  # a refused call changes no TAT
-            self._tats[bucket] = tuple((w.seconds, tat) for w, tat in zip(windows, tats))
+            self._tats[bucket] = tuple((w.seconds, tat) for w, tat in zip(windows, tats, strict=True))
         return v
 
     async def bind_session(self, session_id: str, principal: str) -> None:

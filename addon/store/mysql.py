@@ -150,7 +150,7 @@ class MysqlStore(SqlStore):
         )
         # The handshake ran under CONNECT_TIMEOUT, so a server that accepts but never answers
         # fails fast; statements get longer. pymysql applies these on each read and write.
-        conn._read_timeout = conn._write_timeout = IO_TIMEOUT
+        conn._read_timeout = conn._write_timeout = IO_TIMEOUT  # type: ignore[attr-defined]  # private, not in types-PyMySQL
         return conn
 
     def _mark_down(self, e: BaseException) -> None:

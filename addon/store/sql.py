@@ -31,8 +31,11 @@ from ..model import (
     ChargeRequest,
     ChargeResult,
     Consumer,
+    ConsumerStatus,
     Listing,
+    ListingStatus,
     Settlement,
+    Transport,
     Verdict,
 )
 from .base import StoreUnavailable, UnknownUser
@@ -141,7 +144,7 @@ class Ledger:
             project = self._one("SELECT id FROM projects WHERE user_id = %s ORDER BY id LIMIT 1", (user_id,))
             if project is None:
                 return None
-            return Consumer(user_id=int(user_id), project_id=int(project[0]), status=str(status),
+            return Consumer(user_id=int(user_id), project_id=int(project[0]), status=ConsumerStatus(str(status)),
                             token_id=int(token_id), env="oauth", expires_at=_epoch(expires_at))
         row = self._one(
             "SELECT k.id, k.user_id, k.project_id, k.env, u.status FROM api_keys k"
@@ -151,7 +154,7 @@ class Ledger:
         if row is None:
             return None
         key_id, user_id, project_id, env, status = row
-        return Consumer(user_id=int(user_id), project_id=int(project_id), status=str(status),
+        return Consumer(user_id=int(user_id), project_id=int(project_id), status=ConsumerStatus(str(status)),
                         key_id=int(key_id), env=str(env))
 
     def find_listing(self, slug: str) -> Listing | None:
@@ -175,8 +178,8 @@ class Ledger:
             else:
                 tool_prices[str(tool)] = value
         return Listing(
-            id=int(mcp_id), slug=str(slug), status=str(status), upstream_url=url or None,
-            transport=str(transport), upstream_headers=parse_upstream_headers(headers),
+            id=int(mcp_id), slug=str(slug), status=ListingStatus(str(status)), upstream_url=url or None,
+            transport=Transport(str(transport)), upstream_headers=parse_upstream_headers(headers),
             free_calls_per_consumer=int(free or 0),
             rate_limit_per_minute=int(rpm) if rpm else None,
             rate_limit_per_day=int(rpd) if rpd else None,
@@ -413,6 +416,9 @@ class SqlStore:
     async def _run(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
         raise NotImplementedError
 
+    def close(self) -> None:
+        raise NotImplementedError
+
     def _transaction(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
         raise NotImplementedError
 
@@ -471,8 +477,10 @@ class SqlStore:
         stale = await self._submit(lambda ledger: ledger.stale_calls(cutoff, limit, held))
         done = 0
         for request_id in stale:
-            done += await self._submit(
-                lambda ledger, rid=request_id: ledger.settle_stale(rid, fee_bps, refund, reason))
+            def settle(ledger: Ledger, rid: str = request_id) -> bool:
+                return ledger.settle_stale(rid, fee_bps, refund, reason)
+
+            done += await self._submit(settle)
         return done
 
     async def hold(self, request_id: str, mark: str) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any, TypeVar
@@ -72,7 +72,7 @@ class SqliteStore(SqlStore):
         self._conn.close()
 
 
-def seed(ledger: Ledger, seed: dict[str, Any]) -> None:
+def seed(ledger: Ledger, seed: Mapping[str, Any]) -> None:
     """Make the catalogue match the YAML; add consumers that are new. Balances are never reset."""
     now = utc()
     q = ledger._q
