@@ -75,7 +75,8 @@ _DEBIT = (
     # Over the cap: put both rows back as they were, under the locks just taken (no-ops otherwise:
     # a NULL key reads no row).
     "UPDATE users u JOIN mcpmeter_project_spend s ON s.project_id = %(project)s AND s.period_year_month = %(period)s"
-    " SET u.credit_micro_cents = u.credit_micro_cents + %(price)s, s.spent_micro_cents = s.spent_micro_cents - %(price)s"
+    " SET u.credit_micro_cents = u.credit_micro_cents + %(price)s,"
+    " s.spent_micro_cents = s.spent_micro_cents - %(price)s"
     " WHERE u.id = IF(@mcpm_over, %(user)s, NULL);"
     "DELETE FROM mcpmeter_project_spend"
     " WHERE project_id = IF(@mcpm_over AND @mcpm_new_spend, %(project)s, NULL) AND period_year_month = %(period)s;"
