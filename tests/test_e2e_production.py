@@ -183,7 +183,12 @@ async def test_gateway_killed_mid_load_leaves_no_debit_unexplained(pair: tuple[G
     c = prod.add_consumer(credit=1_000_000)
 
     async def kill_soon() -> None:
-        await asyncio.sleep(0.8)
+        # Once calls are charged and running (the tool takes 1.5 s), both gateways hold some: a fixed
+        # sleep could kill A before a loaded machine let it charge any, leaving nothing to sweep.
+        deadline = time.monotonic() + 15
+        while prod.query("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL")[0][0] < 20:
+            assert time.monotonic() < deadline, "the calls were never charged"
+            await asyncio.sleep(0.05)
         os.kill(a.proc.pid, signal.SIGKILL)
 
     load = asyncio.ensure_future(spray((a, b), f"/{s}", c.auth, 60, tool="slow", args={"seconds": 1.5}))
