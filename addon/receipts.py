@@ -154,6 +154,7 @@ def loads(text: str | bytes) -> Any:
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # built once: json.dumps with
 _decoder = json.JSONDecoder(parse_constant=_constant)  # options builds one per call
+_escape = json.encoder.encode_basestring  # the C one when available; ensure_ascii=False, like dumps()
 
 
 def dumps(value: Any) -> str:
@@ -172,6 +173,51 @@ _FALL_BACK = object()
 _RESULT_KEY = re.compile(r'"result"\s*:\s*\{')
 
 
+def _top_level_result(text: str) -> tuple[int, Any] | None:
+    """Where the top-level `result` object of a single message opens, and its value, when that
+    member is the message's last; None otherwise (the strict path decides).
+
+    It is the first `"result": {` whose key opens a member (after `{` or `,`: a quote inside a string
+    is escaped) and whose object is followed by nothing but the closing brace, which only a member of
+    the top-level object can be. Members before it are `jsonrpc` and `id`, so the first candidate is
+    the one."""
+    found = _RESULT_KEY.search(text)
+    if found is None or not text[:found.start()].rstrip().endswith((",", "{")):
+        return None
+    brace = found.end() - 1
+    try:
+        result, end = _decoder.raw_decode(text, brace)
+    except (ValueError, RecursionError):
+        return None
+    if text[end:].strip() != "}":
+        return None  # not the last member: another `result` may follow, or a nested one matched
+    return brace, result
+
+
+def _insert_receipt(text: str, brace: int, paid: dict[str, Any]) -> str:
+    """`text` with `"_meta": {"mcpmeter/receipt": paid}` as the first member of the object at `brace`."""
+    rest = text[brace + 1:]
+    member = '"_meta":{"' + RECEIPT + '":' + flat_json(paid) + "}"
+    return text[:brace + 1] + member + ("" if rest.lstrip().startswith("}") else ",") + rest
+
+
+def flat_json(value: dict[str, Any]) -> str:
+    """dumps() of a flat object of strings, numbers, booleans and None (a receipt), without building an
+    encoder's machinery for six members."""
+    parts = []
+    for key, v in value.items():
+        if isinstance(v, str):
+            text = _escape(v)
+        elif v is None or isinstance(v, bool):
+            text = "null" if v is None else ("true" if v else "false")
+        elif isinstance(v, int):
+            text = str(v)
+        else:
+            text = dumps(v)
+        parts.append(_escape(key) + ":" + text)
+    return "{" + ",".join(parts) + "}"
+
+
 def _splice_receipt(text: str, plan: Plan) -> Any:
     """The common case at C speed: a single message whose `result` object is its last member and has
     no `_meta`. The receipt is inserted into the upstream's own text, which is otherwise kept byte for
@@ -186,32 +232,20 @@ def _splice_receipt(text: str, plan: Plan) -> Any:
     outcome = answer_outcome(message, plan.rpc_id)
     if outcome is None:
         return _UNCHANGED  # a notification, a request, another call's answer
-    result = message.get("result")
-    if outcome is Outcome.RPC_ERROR or not isinstance(result, dict) or "_meta" in result:
+    if outcome is Outcome.RPC_ERROR:
         return _FALL_BACK
-    # The top-level `result` member: the first `"result": {` whose key opens a member (after `{` or
-    # `,`) and whose object is followed by nothing but the closing brace. Members before it are
-    # `jsonrpc` and `id`, so the first candidate is the one; otherwise the slow path decides.
-    found = _RESULT_KEY.search(text)
-    if found is None:
-        return _FALL_BACK
-    before = text[:found.start()].rstrip()
-    if not before.endswith((",", "{")):
-        return _FALL_BACK
-    brace = found.end() - 1
-    try:
-        _, end = _decoder.raw_decode(text, brace)
-    except ValueError:
-        return _FALL_BACK
-    if text[end:].strip() != "}":
-        return _FALL_BACK  # not the last member: another `result` may follow, or a nested one matched
+    return _splice_into(text, plan, outcome) or _FALL_BACK
+
+
+def _splice_into(text: str, plan: Plan, outcome: Outcome) -> str | None:
+    """The receipt for `outcome` spliced into the message `text` answering the plan's call (its
+    outcome read already), or None to let the strict path decide."""
+    located = _top_level_result(text)
+    if located is None or not isinstance(located[1], dict) or "_meta" in located[1]:
+        return None
     plan.done = True
     paid = plan.receipt_of(outcome) if plan.receipt_of is not None else None
-    if paid is None:
-        return _UNCHANGED
-    member = '"_meta":' + dumps({RECEIPT: paid})
-    rest = text[brace + 1:]
-    return text[:brace + 1] + member + ("" if rest.lstrip().startswith("}") else ",") + rest
+    return None if paid is None else _insert_receipt(text, located[0], paid)
 
 
 def edit_json(text: str | bytes, plan: Plan) -> str | None:
@@ -435,25 +469,70 @@ async def _free_left(store: Any, free_used: FreeUsed, call: Any, listing: Listin
     return max(listing.free_calls_per_consumer - used, 0)
 
 
+def _body_headers(fields: tuple[tuple[bytes, bytes], ...]) -> tuple[str, str, bool]:
+    """Content-Encoding and Content-Type (repeated fields joined, as mitmproxy's Headers do), and
+    whether a Transfer-Encoding is set."""
+    encoding: list[bytes] = []
+    content_type: list[bytes] = []
+    chunked = False
+    for name, value in fields:
+        lower = name.lower()
+        if lower == b"content-encoding":
+            encoding.append(value)
+        elif lower == b"content-type":
+            content_type.append(value)
+        elif lower == b"transfer-encoding":
+            chunked = True
+    return (b", ".join(encoding).decode("latin-1"), b", ".join(content_type).decode("latin-1"), chunked)
+
+
+def _with_length(fields: tuple[tuple[bytes, bytes], ...], length: int) -> tuple[tuple[bytes, bytes], ...]:
+    """The fields with one Content-Length of `length`, where the first one was (else at the end)."""
+    value, out, done = str(length).encode(), [], False
+    for name, v in fields:
+        if name.lower() == b"content-length":
+            if not done:
+                out.append((name, value))
+                done = True
+            continue
+        out.append((name, v))
+    if not done:
+        out.append((b"content-length", value))
+    return tuple(out)
+
+
 async def write_body(flow: http.HTTPFlow, call: Any, store: Any, free_used: FreeUsed) -> None:
     """A JSON answer (not a stream): prices or receipt written into its body, Content-Length redone."""
     response = flow.response
     if call.parser is not None or response is None or response.raw_content is None:
         return
-    if response.headers.get("content-encoding", "identity").strip().lower() != "identity":
-        return  # decoding is bounded elsewhere; an encoded body passes unchanged
     if len(response.raw_content) > MAX_REWRITE_BYTES:
         return
-    if "json" not in response.headers.get("content-type", "").lower():
+    # The header fields read in one pass (mitmproxy's Headers look-ups are the dearest part of this).
+    encoding, content_type, chunked = _body_headers(response.headers.fields)
+    if encoding.strip().lower() not in ("", "identity"):
+        return  # decoding is bounded elsewhere; an encoded body passes unchanged
+    if "json" not in content_type.lower():
         return
     try:
         plan = await plan_for(flow, call, store, free_used)
-        if plan is not None and (new := edit_json(response.raw_content, plan)) is not None:
+        new = None
+        if plan is not None and plan.method not in ("tools/list", "initialize") \
+                and call.outcome in (Outcome.RESULT, Outcome.TOOL_ERROR):
+            # The settlement read this body already (call.outcome): no second parse of the message,
+            # only of its result object, to find where the receipt goes.
+            try:
+                new = _splice_into(response.raw_content.decode("utf-8"), plan, call.outcome)
+            except UnicodeDecodeError:
+                pass
+        if plan is not None and new is None and not plan.done:
+            new = edit_json(response.raw_content, plan)
+        if new is not None:
             # Identity-encoded (checked above), so the bytes are set as they are, without mitmproxy's
             # encoding round; Content-Length follows unless the upstream chose a transfer-encoding.
-            response.raw_content = new.encode("utf-8")
-            if "transfer-encoding" not in response.headers:
-                response.headers["content-length"] = str(len(response.raw_content))
+            response.raw_content = body = new.encode("utf-8")
+            if not chunked:
+                response.headers.fields = _with_length(response.headers.fields, len(body))
     except Exception:  # prices and receipts are a courtesy; the answer goes out regardless
         log.exception("mcpmeter: could not write the receipt of %s", call.request_id)
 
