@@ -128,7 +128,7 @@ async def test_a_failing_counter_never_costs_a_call_its_settlement(gw: Gw, monke
     def broken(*args: Any) -> None:
         raise RuntimeError("counter broke")
 
-    monkeypatch.setattr(gw.addon.metrics.calls, "labels", broken)
+    monkeypatch.setattr(gw.addon.metrics.tally.overhead, "observe", broken)
     flow = make_flow()
     await gw.addon.request(flow)
     await upstream_fails(gw, flow, "Connection refused")
