@@ -223,18 +223,36 @@ def _splice_receipt(text: str, plan: Plan) -> Any:
     no `_meta`. The receipt is inserted into the upstream's own text, which is otherwise kept byte for
     byte. Returns the new text, _UNCHANGED (not the answer, or nothing to write) or _FALL_BACK (let
     the strict parse and re-serialisation decide)."""
+    located = _top_level_result(text)
+    if located is None:  # no result member last (a notification, a request, an error...): parse it all
+        try:
+            message = _decoder.decode(text)
+        except (ValueError, RecursionError):
+            return _FALL_BACK
+        if isinstance(message, dict) and answer_outcome(message, plan.rpc_id) is None:
+            return _UNCHANGED  # a notification, a request, another call's answer
+        return _FALL_BACK
+    # The members before `result` are read as an object of their own (the result is parsed already):
+    # with the result put back, the same message the whole parse gives (last duplicate wins in both).
+    brace, result = located
+    head = text[:text.rfind('"result"', 0, brace)].rstrip()
+    if not head.endswith(","):
+        return _UNCHANGED  # `result` is the only member: no id, not an answer
     try:
-        message = _decoder.decode(text)  # last duplicate wins, as for the member found below
+        message = _decoder.decode(head[:-1] + "}")
     except (ValueError, RecursionError):
         return _FALL_BACK
     if not isinstance(message, dict):
-        return _FALL_BACK  # a batch
+        return _FALL_BACK
+    message["result"] = result
     outcome = answer_outcome(message, plan.rpc_id)
     if outcome is None:
-        return _UNCHANGED  # a notification, a request, another call's answer
-    if outcome is Outcome.RPC_ERROR:
+        return _UNCHANGED  # another call's answer, or a request
+    if outcome is Outcome.RPC_ERROR or not isinstance(result, dict) or "_meta" in result:
         return _FALL_BACK
-    return _splice_into(text, plan, outcome) or _FALL_BACK
+    plan.done = True
+    paid = plan.receipt_of(outcome) if plan.receipt_of is not None else None
+    return _UNCHANGED if paid is None else _insert_receipt(text, brace, paid)
 
 
 def _splice_into(text: str, plan: Plan, outcome: Outcome) -> str | None:
@@ -371,8 +389,26 @@ class EventRewriter:
             if self.finished() or not self.worth(event):
                 out.append(event + b"\n\n")  # the answer has passed, or this is not it: untouched
                 continue
-            out.append(self._emit([(line, b"\n") for line in event.split(b"\n")]) + b"\n")
+            lines = event.split(b"\n")
+            data = [i for i, line in enumerate(lines) if line.startswith(b"data:")]
+            if len(data) != 1:  # no data, or a multi-line data field: the general way
+                out.append(self._emit([(line, b"\n") for line in lines]) + b"\n")
+                continue
+            out.append(self._edit_line(lines, data[0]) + b"\n\n")
         return b"".join(out)
+
+    def _edit_line(self, lines: list[bytes], at: int) -> bytes:
+        """An event whose one data field is lines[at], edited (what _emit does, for the usual event)."""
+        value = lines[at][5:]
+        try:
+            new = self.edit((value[1:] if value.startswith(b" ") else value).decode("utf-8"))
+            replacement = None if new is None else new.encode("utf-8")
+        except Exception:  # never disturb the stream
+            log.exception("mcpmeter: could not edit an event")
+            replacement = None
+        if replacement is not None:
+            lines[at] = b"\n".join(b"data: " + part for part in replacement.split(b"\n"))
+        return b"\n".join(lines)
 
     def _clear(self) -> None:
         self._buf.clear()

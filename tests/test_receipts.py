@@ -171,6 +171,23 @@ def test_sse_answer_is_rewritten_whole_at_every_split_point(cut: int) -> None:
     assert run(STREAM, [cut]) == expected_stream()
 
 
+@pytest.mark.parametrize("cut", range(0, len(STREAM.replace(b"\r\n", b"\n")) + 1, 7))
+def test_sse_with_lf_line_ends_at_split_points_and_event_by_event(cut: int) -> None:
+    # LF-only streams take the whole-event path when a chunk ends where an event ends.
+    stream, expected = STREAM.replace(b"\r\n", b"\n"), expected_stream().replace(b"\r\n", b"\n")
+    assert run(stream, [cut]) == expected
+    ends = [i + 2 for i in range(len(stream)) if stream[i:i + 2] == b"\n\n"]
+    assert run(stream, ends) == expected  # one whole event per chunk
+
+
+def test_sse_multi_line_data_answer_keeps_its_lines() -> None:
+    answer = b'data: {"jsonrpc":"2.0",\ndata: "id":1,"result":{"content":[]}}\n\n'
+    out = run(answer, [len(answer)])
+    assert out.count(b"data: ") == 2 and b"mcpmeter/receipt" in out
+    data = b"\n".join(line[6:] for line in out.strip().split(b"\n"))
+    assert json.loads(data)["result"]["_meta"]["mcpmeter/receipt"] == RECEIPT
+
+
 def test_sse_bytewise_and_the_events_a_parser_sees() -> None:
     out = run(STREAM, list(range(1, len(STREAM))))
     assert out == expected_stream()
