@@ -578,7 +578,7 @@ async def wrap_stream(flow: http.HTTPFlow, call: Any, store: Any, free_used: Fre
     response = flow.response
     if response is None or not callable(response.stream) or call.rewriter is not None:
         return  # legacy session streams (rewriter) answer other flows' calls: not written here
-    if response.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+    if _body_headers(response.headers.fields)[0].strip().lower() not in ("", "identity"):
         return  # compressed bytes pass as sent: only the meter's own decoder reads them
     try:
         plan = await plan_for(flow, call, store, free_used)
@@ -595,6 +595,8 @@ async def wrap_stream(flow: http.HTTPFlow, call: Any, store: Any, free_used: Fre
         out = inner(chunk)  # the meter sees the upstream's bytes first (and settles on them)
         parts = [out] if isinstance(out, bytes) else list(out or [])
         try:
+            if chunk and len(parts) == 1:  # the usual: one chunk in, one out
+                return (events.feed(parts[0]) if parts[0] else b"") or []
             emitted = [events.feed(part) for part in parts if part]
             if not chunk:  # the end: whatever is held goes out
                 emitted.append(events.feed(b""))

@@ -11,9 +11,9 @@ hook calls for the feature is then timed over many iterations on that call:
   receipt-json   the receipt written into a JSON answer (receipts.write_body)
   receipt-sse    the receipt written into an SSE answer (receipts.wrap_stream + its events)
 
-The hot path of a paid call runs the first three and one of the receipts; their sum is the figure
-the target (50 µs) is checked against. Refusal bodies and tools/list prices are shown too (they run
-on refusals and lists, not on a paid call).
+The hot path of a paid call runs the first three and the receipt of its kind of answer; that sum,
+for a JSON answer and for an SSE answer, is what the target (50 µs) is checked against. Refusal
+bodies and tools/list prices are shown too (they run on refusals and lists, not on a paid call).
 """
 
 from __future__ import annotations
@@ -185,19 +185,25 @@ async def _measure(addon: Mcpmeter, n: int) -> dict[str, float]:
 HOT_PATH = ("metrics", "circuit", "idempotency")
 
 
-def hot_path_us(figures: dict[str, float]) -> float:
-    """What a paid call pays for all of it: the three always-on parts and the dearer receipt."""
-    return sum(figures[k] for k in HOT_PATH) + max(figures["receipt-json"], figures["receipt-sse"])
+def hot_path_us(figures: dict[str, float], answer: str = "json") -> float:
+    """What a paid call pays for all of it: the three always-on parts and its answer's receipt."""
+    return sum(figures[k] for k in HOT_PATH) + figures[f"receipt-{answer}"]
+
+
+def verdicts(figures: dict[str, float]) -> dict[str, tuple[float, bool]]:
+    """Per kind of answer: the paid call's total and whether it is within TARGET_US."""
+    return {answer: (total, total <= TARGET_US)
+            for answer in ("json", "sse") for total in (hot_path_us(figures, answer),)}
 
 
 def report(figures: dict[str, float]) -> str:
-    lines = ["agent-protocol features (issue 10), in-process, µs per call", "-" * 60]
+    lines = ["agent-protocol features (issue 10), in-process, µs of CPU per call (least of 7 rounds)", "-" * 72]
     for name, us in figures.items():
         where = "paid call" if name in HOT_PATH or name.startswith("receipt") else "not on a paid call"
-        lines.append(f"{name:<32} {us:8.1f}   {where}")
-    total = hot_path_us(figures)
-    verdict = "PASS" if total <= TARGET_US else "MISS"
-    lines.append(f"{'hot path of a paid call (sum)':<32} {total:8.1f}   target <= {TARGET_US:.0f} µs  {verdict}")
+        lines.append(f"{name:<34} {us:8.1f}   {where}")
+    for answer, (total, ok) in verdicts(figures).items():
+        label = f"paid call, {answer.upper()} answer (sum)"
+        lines.append(f"{label:<34} {total:8.1f}   target <= {TARGET_US:.0f} µs  {'PASS' if ok else 'MISS'}")
     return "\n".join(lines)
 
 
