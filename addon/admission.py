@@ -206,6 +206,7 @@ class Admission:
         )
         if shadow.applies(gw.config, listing):  # record what it would cost; charge nothing
             call.charge = await shadow.charge_request(gw.store, flow, call.charge)
+        call.store = gw.store  # settled against this store, even if a reload replaces it meanwhile
         result = await gw.store.charge(call.charge)
         if result.verdict is Verdict.FREE:  # tools/list shows this gateway's own claims at once
             gw.free_used.pop((listing.id, consumer.user_id, call.charge.period), None)

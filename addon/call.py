@@ -21,6 +21,7 @@ from .decoding import StreamDecoder
 from .jsonrpc import JsonId, Outcome, PricedCall, body_outcome, scanned_outcome
 from .model import ChargeRequest, ChargeResult, Consumer, Listing, Transport, Verdict
 from .sse import Event, SseParser
+from .store import Store
 
 META = "mcpmeter"  # the key of the gateway's decisions in flow.metadata
 
@@ -54,6 +55,7 @@ class Call:
     priced: PricedCall | None = None
     charge: ChargeRequest | None = None
     charged: ChargeResult | None = None
+    store: Store | None = field(default=None, repr=False)  # the store that charged it: it settles it
     balance: int | None = None
     limit_headers: dict[str, str] = field(default_factory=dict)
     route: str = ""  # path and query as the client sent them

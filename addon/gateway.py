@@ -121,12 +121,12 @@ class Mcpmeter:
             store = open_store(config)
         except ConfigError as e:
             raise exceptions.OptionsError(f"mcpmeter_config: {e}") from None
-        old_store, old_cache = self.store, self.cache
+        old_store, old_cache, old_config = self.store, self.cache, self.config
         self.config, self.store, self.cache = config, store, open_cache(config)
         self.free_used = receipts.free_used_cache()  # counts read from this store
         logging.getLogger("mcpmeter").setLevel(_log_level(config.log_level))
-        if old_store is not None:
-            old_store.close()
+        if old_store is not None:  # closed once the calls it charged are settled
+            self.settlements.retire(old_store, (old_config or config).max_upstream_timeout_ms / 1000)
         if old_cache is not None:
             _close_later(old_cache)
         log.info("mcpmeter: %s store, %s cache, billing %s", config.store, config.cache,
@@ -231,6 +231,7 @@ class Mcpmeter:
         return [(f, c) for f, c in pending if c.charged is not None and c.settlement is None]
 
     def _close(self) -> None:
+        self.settlements.close_retiring()
         if self.cache is not None:
             _close_later(self.cache)
             self.cache = None

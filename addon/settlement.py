@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ from .call import META, Call, Label, decision
 from .clients import classify
 from .jsonrpc import Outcome
 from .model import Settlement, Verdict
-from .store import StoreUnavailable
+from .store import Store, StoreUnavailable
 
 if TYPE_CHECKING:
     from .gateway import Mcpmeter
@@ -32,12 +33,15 @@ log = logging.getLogger("mcpmeter")
 
 SETTLE_ATTEMPTS = 5
 MAX_BACKGROUND_SETTLEMENTS = 1000  # beyond this, responses wait for their settlement (backpressure)
+RETIRE_MARGIN_SECONDS = 10.0  # a replaced store outlives the longest upstream timeout by this much at most
 
 
 class Settlements:
     def __init__(self, gw: Mcpmeter) -> None:
         self.gw = gw
         self.background: set[asyncio.Future[None]] = set()  # every task `own` started, until done
+        self.retiring: dict[Store, asyncio.Task[None]] = {}  # stores a reload replaced, kept for their calls
+        self.closed: weakref.WeakSet[Store] = weakref.WeakSet()  # retired stores, closed
 
     def own(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         """Start a settlement as a task of this addon's, which `drain` waits for."""
@@ -57,6 +61,44 @@ class Settlements:
                 return False
             await asyncio.wait(list(self.background), timeout=left)
         return True
+
+    def retire(self, store: Store, upstream_timeout: float) -> None:
+        """A reload replaced `store`: close it once the calls it charged are settled (each settles
+        against the store that charged it), after their longest possible wait at most."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop: no call was ever charged on one
+            loop = None
+        if loop is None or not self._charged_by(store):
+            self._close(store)
+            return
+        self.retiring[store] = loop.create_task(self._retire(store, loop.time() + upstream_timeout
+                                                             + RETIRE_MARGIN_SECONDS))
+
+    def close_retiring(self) -> None:
+        """A stop: the replaced stores close now (what they have not settled, the sweeper will)."""
+        for store, task in list(self.retiring.items()):
+            task.cancel()
+            self._close(store)
+        self.retiring.clear()
+
+    async def _retire(self, store: Store, until: float) -> None:
+        loop = asyncio.get_running_loop()
+        while self._charged_by(store) and loop.time() < until:
+            await asyncio.sleep(0.1)
+        if self.background:  # the settlements under way, some of them against this store
+            await asyncio.wait(list(self.background), timeout=max(0.0, until - loop.time()) + 1.0)
+        self.retiring.pop(store, None)
+        self._close(store)
+
+    def _charged_by(self, store: Store) -> bool:
+        """Whether a call `store` charged is still in flight and unsettled."""
+        calls = [*self.gw.calls.values(), *(c for _, c in self.gw.legacy.calls())]
+        return any(c.store is store and c.settlement is None for c in calls) or bool(self.background)
+
+    def _close(self, store: Store) -> None:
+        self.closed.add(store)
+        store.close()
 
     # --- the ways in ---------------------------------------------------------------------
 
@@ -133,7 +175,9 @@ class Settlements:
             gw.metrics.settled(call, None, call.status)
             meta["balance"] = call.balance
             return
-        assert gw.config is not None and gw.store is not None
+        # The store that charged the call, unless a reload closed it since (a held call, deferred.py).
+        store = call.store if call.store is not None and call.store not in self.closed else gw.store
+        assert gw.config is not None and store is not None
         assert call.listing is not None and call.consumer is not None
         decided, status = decision(call)
         if call.decided is not None:
@@ -154,7 +198,7 @@ class Settlements:
         )
         for attempt in range(SETTLE_ATTEMPTS):
             try:
-                balance = await gw.store.settle(settlement)
+                balance = await store.settle(settlement)
                 call.balance = call.balance if balance is None else balance
                 break
             except StoreUnavailable as e:
