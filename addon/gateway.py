@@ -26,8 +26,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from . import (answers, commands, compat, deferred, display, dryrun, guard, idempotency, legacy_sse, receipts,
-               redaction, rpc_errors)
+from . import answers, commands, compat, deferred, display, dryrun, guard, receipts, redaction, rpc_errors
 from . import pending as resumption
 from .admission import Admission
 from .auth import Credential, parse_authorization
@@ -36,13 +35,10 @@ from .cache import Cache, open_cache
 from .call import META, Call, Label
 from .circuits import Circuits
 from .config import Config, ConfigError, load
-from .decoding import StreamDecoder
 from .errors import GatewayError
 from .legacy_sessions import LegacySessions
 from .metrics import Metrics, cache_degraded
-from .model import Transport
 from .settlement import Settlements
-from .sse import DEFAULT_MAX_EVENT_BYTES, SseParser
 from .store import Store, StoreUnavailable, open_store
 from .stream_watch import StreamWatch
 
@@ -307,22 +303,7 @@ class Mcpmeter:
                 assert self.cache is not None
                 await self.cache.bind_session(session, call.consumer.principal)
             if "text/event-stream" in flow.response.headers.get("content-type", "").lower():
-                call.parser = SseParser(self.config.max_event_bytes if self.config else DEFAULT_MAX_EVENT_BYTES)
-                coding = flow.response.headers.get("content-encoding", "").strip()
-                if coding and coding.lower() != "identity" and self.config is not None:  # asked for identity
-                    call.decoder = StreamDecoder(coding, self.config.max_body_bytes)
-                if call.listing is not None and call.listing.transport is Transport.SSE and call.listing.upstream_url:
-                    call.rewriter = legacy_sse.EndpointRewriter(call.listing.upstream_url, call.listing.slug)
-                flow.response.stream = self.streams.watcher(flow, call)
-                # Prices and the receipt in the events.
-                await receipts.wrap_stream(flow, call, self.store, self.free_used)
-                if call.session is not None and self.config is not None:  # refunded calls' answers never go out
-                    resumption.drop_refunded(flow.response, call.session, self.pending, self.config.max_event_bytes)
-                self.deferred.watch_stream(flow, call)  # task statuses, input_required (upstream bytes first)
-                if self._show_streams():
-                    display.keep_copy(flow)
-                if call.idempotency is not None:  # the streamed answer's bytes, for a replay
-                    flow.response.stream = idempotency.capture(flow.response.stream, call.idempotency)
+                await self.streams.attach(flow, call)  # the meter reads the stream as it passes
                 if call.priced is None:
                     call.cancel_deadline()
                 answers.stamp(flow, call)
@@ -410,7 +391,7 @@ class Mcpmeter:
         """Wait for the settlements still being written (see Settlements.drain): tests call it."""
         return await self.settlements.drain(timeout)
 
-    def _show_streams(self) -> bool:
+    def show_streams(self) -> bool:
         chosen = ctx.options.mcpmeter_show_streams
         return display.under_mitmweb(ctx.master) if chosen == "auto" else chosen == "on"
 

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from . import compat
+from . import compat, display, idempotency, legacy_sse, receipts
 from . import pending as resumption
 from .billing import Failure
 from .call import META, Call, Label, event_outcome, upstream_timeout
-from .decoding import TooLarge, decode_bounded
+from .decoding import StreamDecoder, TooLarge, decode_bounded
 from .jsonrpc import Outcome, answer_messages, body_outcome
-from .model import Listing
-from .sse import Event
+from .model import Listing, Transport
+from .sse import DEFAULT_MAX_EVENT_BYTES, Event, SseParser
 
 if TYPE_CHECKING:
     from .gateway import Mcpmeter
@@ -71,6 +71,28 @@ class StreamWatch:
             return out
 
         return watch
+
+    async def attach(self, flow: http.HTTPFlow, call: Call) -> None:
+        """An SSE answer: watch it, and wrap its stream for the receipts, resumption, deferred calls,
+        mitmweb's copy and the Idempotency-Key's replay (in that order: the watcher sees upstream bytes)."""
+        gw = self.gw
+        assert flow.response is not None
+        call.parser = SseParser(gw.config.max_event_bytes if gw.config else DEFAULT_MAX_EVENT_BYTES)
+        coding = flow.response.headers.get("content-encoding", "").strip()
+        if coding and coding.lower() != "identity" and gw.config is not None:  # asked for identity
+            call.decoder = StreamDecoder(coding, gw.config.max_body_bytes)
+        if call.listing is not None and call.listing.transport is Transport.SSE and call.listing.upstream_url:
+            call.rewriter = legacy_sse.EndpointRewriter(call.listing.upstream_url, call.listing.slug)
+        flow.response.stream = self.watcher(flow, call)
+        # Prices and the receipt in the events.
+        await receipts.wrap_stream(flow, call, gw.store, gw.free_used)
+        if call.session is not None and gw.config is not None:  # refunded calls' answers never go out
+            resumption.drop_refunded(flow.response, call.session, gw.pending, gw.config.max_event_bytes)
+        gw.deferred.watch_stream(flow, call)  # task statuses, input_required (upstream bytes first)
+        if gw.show_streams():
+            display.keep_copy(flow)
+        if call.idempotency is not None:  # the streamed answer's bytes, for a replay
+            flow.response.stream = idempotency.capture(flow.response.stream, call.idempotency)
 
     # --- deadlines ------------------------------------------------------------------------
 

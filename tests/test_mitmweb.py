@@ -62,7 +62,7 @@ def test_show_streams_defaults_to_mitmweb_only() -> None:
     addon = Mcpmeter()
     with taddons.context(addon) as tctx:
         assert tctx.options.mcpmeter_show_streams == "auto"
-        assert addon._show_streams() is False  # a test master is not mitmweb
+        assert addon.show_streams() is False  # a test master is not mitmweb
         assert display.under_mitmweb(type("WebMaster", (), {})())
 
 
