@@ -26,6 +26,13 @@ from .store import Store
 META = "mcpmeter"  # the key of the gateway's decisions in flow.metadata
 
 
+class Wait(StrEnum):
+    """What a call whose own flow is over still waits for, before it settles."""
+
+    STREAM = "stream"  # a legacy SSE POST answered 202: its answer comes on the session's stream
+    RESUMPTION = "resumption"  # parked: its POST stream ended unanswered, a resumed stream may answer
+
+
 class Label(StrEnum):
     """`flow.metadata[META]["decision"]`: what the gateway did with a flow, for addons and mitmweb."""
 
@@ -75,10 +82,9 @@ class Call:
     # --- a legacy SSE session (addon/legacy_sessions.py)
     legacy_session: str = ""  # the session's identity (legacy_sessions.identity), POSTs and stream
     rewriter: legacy_sse.EndpointRewriter | None = None  # the session's GET stream
-    awaiting_stream: bool = False  # a POST whose answer comes on the session's stream
     # --- streamable HTTP sessions: resumption and cancellation (addon/pending.py)
     session: tuple[int, str] | None = None  # (listing id, Mcp-Session-Id)
-    parked: bool = False  # its POST stream ended after an event id, unanswered: awaits a resumed stream
+    waits: Wait | None = None  # its flow's hooks are over and its answer is still to come
     # --- settlement (addon/settlement.py)
     settlement: asyncio.Future[None] | None = None
     refunded: bool = False

@@ -32,7 +32,7 @@ from .admission import Admission
 from .auth import Credential, parse_authorization
 from .billing import Failure
 from .cache import Cache, open_cache
-from .call import META, Call, Label
+from .call import META, Call, Label, Wait
 from .circuits import Circuits
 from .config import Config, ConfigError, load
 from .errors import GatewayError
@@ -197,9 +197,9 @@ class Mcpmeter:
         for flow, call in self._unsettled():
             log.warning("mcpmeter: stopping; refunding %s, still unanswered after %.0f s", call.request_id, grace)
             call.failure = call.failure or Failure.INTERNAL
-            if call.parked:
+            if call.waits is Wait.RESUMPTION:
                 self.streams.settle_parked(flow, call)
-            elif call.awaiting_stream:
+            elif call.waits is Wait.STREAM:
                 self.legacy.unregister(call)
                 self.settlements.soon(flow, call)
             else:
@@ -342,7 +342,7 @@ class Mcpmeter:
             log.exception("mcpmeter: response %s failed; settling it all the same", call.request_id)
             await self.settlements.anyway(flow, call, delivered=True)
         finally:
-            if not (call.awaiting_stream or call.parked):
+            if call.waits is None:
                 self.finish(flow, call)
 
     async def error(self, flow: http.HTTPFlow) -> None:

@@ -14,7 +14,7 @@ from mitmproxy import http
 
 from . import paths
 from .billing import Failure
-from .call import Call, event_outcome
+from .call import Call, Wait, event_outcome
 from .errors import GatewayError
 from .jsonrpc import JsonId, answer_messages
 from .model import Transport
@@ -57,7 +57,7 @@ class LegacySessions:
             return False
         if not any(c is call for _, c in self.awaiting.get(call.legacy_session, {}).get(call.priced.rpc_id, ())):
             return False  # no session to answer it (a POST without one): settled as a JSON answer
-        call.awaiting_stream = True
+        call.waits = Wait.STREAM
         self.gw.calls.pop(flow.id, None)
         self.gw.streams.start_deadline(flow, call, max(0.0, self.gw.streams.remaining(call)))
         return True
@@ -98,7 +98,7 @@ class LegacySessions:
                 self.unregister(call)
                 call.outcome = outcome
                 # The answer may overtake the POST's own 202: then the response hook settles it.
-                if call.awaiting_stream:
+                if call.waits is Wait.STREAM:
                     call.status = 200  # recorded as answered, not as the 202 that acknowledged the POST
                     self.gw.settlements.soon(flow, call)
 
@@ -124,6 +124,6 @@ class LegacySessions:
         for calls in self.awaiting.pop(stream.legacy_session, {}).values():
             for flow, waiting in calls:
                 waiting.failure = Failure.CLIENT_GONE if client_gone else Failure.UPSTREAM
-                if waiting.awaiting_stream:
+                if waiting.waits is Wait.STREAM:
                     self.gw.settlements.soon(flow, waiting)
 

@@ -19,7 +19,7 @@ from mitmproxy import http
 from . import compat, display, idempotency, legacy_sse, receipts
 from . import pending as resumption
 from .billing import Failure
-from .call import META, Call, Label, event_outcome, upstream_timeout
+from .call import META, Call, Label, Wait, event_outcome, upstream_timeout
 from .decoding import StreamDecoder, TooLarge, decode_bounded
 from .jsonrpc import Outcome, answer_messages, body_outcome
 from .model import Listing, Transport
@@ -112,11 +112,11 @@ class StreamWatch:
 
     def on_deadline(self, flow: http.HTTPFlow, call: Call) -> None:
         call.deadline = None
-        if call.parked:
+        if call.waits is Wait.RESUMPTION:
             if call.outcome is None and call.settlement is None:
                 self.settle_parked(flow, call, Failure.NO_ANSWER_BY_TIMEOUT)
             return
-        if call.awaiting_stream and call.outcome is None and call.settlement is None:
+        if call.waits is Wait.STREAM and call.outcome is None and call.settlement is None:
             self.gw.legacy.unregister(call)
             call.failure = Failure.TIMEOUT
             self.gw.settlements.soon(flow, call)
@@ -143,7 +143,7 @@ class StreamWatch:
         if remaining <= 0:
             call.failure = Failure.NO_ANSWER_BY_TIMEOUT
             return False
-        call.parked = True
+        call.waits = Wait.RESUMPTION
         self.gw.pending.park(call.session, call.priced.rpc_id, flow, call)
         self.start_deadline(flow, call, remaining)
         flow.metadata.setdefault(META, {"request_id": call.request_id})["decision"] = Label.PENDING
@@ -152,7 +152,7 @@ class StreamWatch:
         return True
 
     def settle_parked(self, flow: http.HTTPFlow, call: Call, failure: Failure | None = None) -> None:
-        call.parked = False
+        call.waits = None
         if failure is not None:
             call.failure = failure
         self.gw.settlements.soon(flow, call)
@@ -174,7 +174,7 @@ class StreamWatch:
             call.outcome = event_outcome(event, call.priced.rpc_id)
             if call.outcome is None:
                 continue
-            if call.parked:
+            if call.waits is Wait.RESUMPTION:
                 self.settle_parked(flow, call)
             else:  # still running: settled now, its POST's hooks find it settled
                 self.gw.settlements.start(flow, call)
@@ -194,7 +194,7 @@ class StreamWatch:
             return  # answered (billed), or already failing: settled by its own path
         assert notice.session is not None and rpc_id is not None
         pending.mark_refunded(notice.session, rpc_id)
-        if call.parked:
+        if call.waits is Wait.RESUMPTION:
             self.settle_parked(flow, call, Failure.CANCELLED)
             return
         call.failure = Failure.CANCELLED
