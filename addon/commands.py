@@ -5,6 +5,7 @@ coroutine, and mitmweb's command endpoint is a plain handler), and the store may
 for on the event loop. So a command answers at once with what is known now, starts a fresh read
 in the background, and logs the fresh result: running it again shows that result in the bar.
 `mcpmeter.calls` answers from memory: the calls this gateway metered since it started.
+`Commands` is a sub-addon of the meter (gateway.py): mitmproxy registers its commands with it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from mitmproxy import exceptions
+from mitmproxy import command, exceptions
+
+from .store import Store, UnknownUser
 
 log = logging.getLogger("mcpmeter")
 
@@ -97,3 +100,61 @@ def limit_arg(limit: int) -> int:
     if not 1 <= limit <= MAX_RECENT:
         raise exceptions.CommandError(f"limit must be between 1 and {MAX_RECENT}, not {limit}")
     return limit
+
+
+class Commands:
+    """`mcpmeter.balance`, `mcpmeter.topup` and `mcpmeter.calls`, for local billing debugging."""
+
+    name = "mcpmeter_commands"  # mitmproxy names addons by class otherwise: keep clear of its own
+
+    def __init__(self, store: Callable[[], Store | None]) -> None:
+        self.store = store  # the meter's current store
+        self.results = Results()  # the commands' answers and this gateway's calls
+
+    @command.command("mcpmeter.balance")
+    def balance_command(self, user_id: int) -> str:
+        """A consumer's balance in µ¢, read from the store (the command answers with the last read)."""
+        user_id = user_id_arg(user_id)
+        store = self._store()
+        key = ("balance", user_id)
+
+        async def read() -> str:
+            if not await store.user_exists(user_id):
+                self.results.missing.add(user_id)
+                return f"user {user_id}: no such user"
+            self.results.missing.discard(user_id)
+            return f"user {user_id}: balance {await store.balance(user_id)} µ¢"
+
+        self.results.start(key, read)
+        return self.results.answer(key, f"user {user_id}: reading the balance")
+
+    @command.command("mcpmeter.topup")
+    def topup_command(self, user_id: int, micro_cents: int) -> str:
+        """Add credit to an existing consumer, with its ledger row (unknown users: nothing written)."""
+        user_id, micro_cents = user_id_arg(user_id), amount_arg(micro_cents)
+        if user_id in self.results.missing:
+            raise exceptions.CommandError(f"user {user_id} does not exist: nothing written")
+        store = self._store()
+
+        async def topup() -> str:
+            try:  # the store checks the user in the top-up's own transaction
+                balance = await store.topup(user_id, micro_cents, "top-up from mitmproxy command")
+            except UnknownUser:
+                self.results.missing.add(user_id)
+                return f"user {user_id}: no such user, nothing written"
+            self.results.answers[("balance", user_id)] = (time.time(), f"user {user_id}: balance {balance} µ¢")
+            return f"user {user_id}: topped up {micro_cents} µ¢, balance {balance} µ¢"
+
+        self.results.start(("topup", user_id), topup)
+        return (f"user {user_id}: topping up {micro_cents} µ¢ (the user is checked first); "
+                f"`mcpmeter.balance {user_id}` shows the new balance")
+
+    @command.command("mcpmeter.calls")
+    def calls_command(self, limit: int = 10) -> str:
+        """The most recent calls this gateway metered, newest first."""
+        return self.results.calls(limit_arg(limit))
+
+    def _store(self) -> Store:
+        if (store := self.store()) is None:
+            raise exceptions.CommandError("mcpmeter has no store yet (is mcpmeter_config loading?)")
+        return store

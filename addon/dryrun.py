@@ -103,10 +103,10 @@ async def _decide(gw: Mcpmeter, flow: http.HTTPFlow, call: Call, slug: Any) -> d
                 "reason": "this gateway did not see the original call (or forgot it): no consumer to meter as"}
     if not isinstance(slug, str):
         return {"would": "refuse", "status": 404, "error": "not_found", "reason": "the original call named no listing"}
-    consumer = await gw._consumer(who)  # type: ignore[arg-type]  # hash and kind are all it reads
+    consumer = await gw.admission.consumer(who)  # type: ignore[arg-type]  # hash and kind are all it reads
     if consumer is None:
         raise GatewayError("invalid_token")
-    listing = await gw._listing(slug)
+    listing = await gw.admission.listing(slug)
     if listing is None:
         raise GatewayError("no_such_mcp")
     out: dict[str, Any] = {"consumer": {"user_id": consumer.user_id, "key_prefix": who.prefix,

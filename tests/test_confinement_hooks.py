@@ -151,7 +151,7 @@ async def test_a_post_to_a_variant_of_the_route_is_settled_from_the_session_stre
     assert row["billed_micro_cents"] == PRICE
     assert row["status"] == 200  # answered on the stream, not the 202 that acknowledged the POST
     assert gw.db.balance(1) == OPENING - PRICE
-    assert gw.addon.awaiting == {}
+    assert gw.addon.legacy.awaiting == {}
     gw.db.assert_reconciled()
 
 
@@ -204,7 +204,7 @@ async def test_a_call_without_answer_is_refunded_at_the_listing_timeout_while_th
     assert gw.db.balance(1) == OPENING
     [row] = gw.db.usage()
     assert row["billed_micro_cents"] == 0 and row["status"] == 504
-    assert gw.addon.awaiting == {}
+    assert gw.addon.legacy.awaiting == {}
     # The stream is still open and still works: a late answer settles nothing twice.
     assert stream.response.stream(ANSWER) == [ANSWER]
     await asyncio.sleep(0.05)

@@ -628,7 +628,7 @@ async def test_upstream_timeout_aborts_the_upstream_refunds_and_answers_504(gw: 
 async def test_deadline_without_proxyserver_is_logged(gw: Gw, caplog: pytest.LogCaptureFixture) -> None:
     flow = make_flow()
     await gw.addon.request(flow)
-    gw.addon._on_deadline(flow, gw.addon.calls[flow.id])
+    gw.addon.streams.on_deadline(flow, gw.addon.calls[flow.id])
     assert "could not abort" in caplog.text
     await upstream_fails(gw, flow, "Connection killed.")
     assert compat._pending.pop(flow.client_conn.id).startswith(b"HTTP/1.1 504")
@@ -1145,21 +1145,21 @@ async def test_commands_show_balance_top_up_and_list_calls(gw: Gw, caplog: pytes
     await gw.addon.request(flow)
     await upstream_answers(gw, flow, json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}))
 
-    first = gw.tctx.command(gw.addon.balance_command, "1")
+    first = gw.tctx.command(gw.addon.commands.balance_command, "1")
     assert "reading the balance" in first  # the store is not waited for on the event loop
     assert await _logged(caplog, "user 1: balance") == f"mcpmeter: user 1: balance {OPENING - PRICE} µ¢"
-    again = gw.tctx.command(gw.addon.balance_command, "1")
+    again = gw.tctx.command(gw.addon.commands.balance_command, "1")
     assert again.startswith(f"user 1: balance {OPENING - PRICE} µ¢ (read ")  # the result, in the command bar
-    gw.tctx.command(gw.addon.topup_command, "1", "2500")
+    gw.tctx.command(gw.addon.commands.topup_command, "1", "2500")
     await _logged(caplog, "topped up 2500")
     assert gw.db.balance(1) == OPENING - PRICE + 2500
     assert gw.db.ledger(1)[-1] == ("topup", 2500)
     gw.db.assert_reconciled()
-    listed = gw.tctx.command(gw.addon.calls_command, "5")  # from memory: returned at once
+    listed = gw.tctx.command(gw.addon.commands.calls_command, "5")  # from memory: returned at once
     assert f"user 1 echo-test echo billed {PRICE} µ¢ status 200" in listed and meta(flow)["request_id"] in listed
 
     with pytest.raises(exceptions.CommandError):
-        gw.tctx.command(gw.addon.topup_command, "1", "-5")
+        gw.tctx.command(gw.addon.commands.topup_command, "1", "-5")
     assert gw.db.balance(1) == OPENING - PRICE + 2500
 
 

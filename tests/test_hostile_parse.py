@@ -137,7 +137,7 @@ async def test_a_failing_response_hook_still_settles_and_stamps(gw: Gw, monkeypa
     def boom(*_: Any) -> None:
         raise RuntimeError("unexpected")
 
-    monkeypatch.setattr(gw.addon, "_body_outcome", boom)
+    monkeypatch.setattr(gw.addon.streams, "body_outcome", boom)
     await upstream_answers(gw, flow, http.Response.make(200, b'{"jsonrpc":"2.0","id":1,"result":{}}',
                                                         {"Content-Type": "application/json"}))
     h = flow.response.headers
@@ -149,7 +149,7 @@ async def test_a_failing_response_hook_still_settles_and_stamps(gw: Gw, monkeypa
 async def test_a_failing_response_hook_refunds_an_error_answer(gw: Gw, monkeypatch: pytest.MonkeyPatch) -> None:
     flow = make_flow()
     await gw.addon.request(flow)
-    monkeypatch.setattr(gw.addon, "_body_outcome", lambda *_: 1 / 0)
+    monkeypatch.setattr(gw.addon.streams, "body_outcome", lambda *_: 1 / 0)
     await upstream_answers(gw, flow, http.Response.make(500, b"oops", {"Content-Type": "text/plain"}))
     assert flow.response.headers["X-Mcpmeter-Refunded"] == "1"
     assert gw.db.balance(1) == OPENING and len(gw.db.usage()) == 1

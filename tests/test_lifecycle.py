@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from addon import gateway as gateway_module
 from addon.gateway import Mcpmeter
 from tests.refusals import refusal
 from tests.test_gateway_hooks import (  # noqa: F401  (gw and isolated are fixtures)
-    OPENING, PRICE, Gw, forwarded, gw, isolated, json_response, make_flow, tool_call,
+    OPENING, PRICE, Db, Gw, forwarded, gw, isolated, json_response, make_flow, tool_call, write_config,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -123,6 +124,28 @@ async def test_a_stop_lets_calls_in_flight_finish_then_refunds_the_unanswered(gw
     assert hung.response.headers["X-Mcpmeter-Billed"] == "0"
     assert hung.response.headers["X-Mcpmeter-Refunded"] == "1"
     assert gw.db.balance() == OPENING - PRICE
+
+
+# --- a reload mid-call ------------------------------------------------------------------------------
+
+async def test_a_config_reload_mid_call_settles_it_against_the_store_that_charged_it(gw: Gw, tmp_path: Path) -> None:
+    flow = make_flow()
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    old = gw.addon.store
+    other = tmp_path / "other"
+    other.mkdir()
+    gw.tctx.configure(gw.addon, mcpmeter_config=str(write_config(other)))  # a new database
+    assert gw.addon.store is not old and old in gw.addon.settlements.retiring  # kept open for its call
+    flow.response = json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}})
+    await gw.addon.responseheaders(flow)
+    await gw.addon.response(flow)
+    await gw.addon.drain()
+    assert [u["request_id"] for u in gw.db.usage()] == [flow.response.headers["X-Mcpmeter-Request-Id"]]
+    assert all(settled for *_, settled in gw.db.journal()) and gw.db.balance() == OPENING - PRICE
+    assert Db(other / "mcpmeter.db").usage() == []
+    await asyncio.wait_for(asyncio.gather(*gw.addon.settlements.retiring.values()), 5)
+    assert old in gw.addon.settlements.closed and not gw.addon.settlements.retiring
 
 
 # --- the string-typed fields of addon.model are enums with the database's values ---------------

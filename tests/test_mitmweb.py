@@ -62,7 +62,7 @@ def test_show_streams_defaults_to_mitmweb_only() -> None:
     addon = Mcpmeter()
     with taddons.context(addon) as tctx:
         assert tctx.options.mcpmeter_show_streams == "auto"
-        assert addon._show_streams() is False  # a test master is not mitmweb
+        assert addon.show_streams() is False  # a test master is not mitmweb
         assert display.under_mitmweb(type("WebMaster", (), {})())
 
 
@@ -198,13 +198,13 @@ async def test_a_pricing_change_shows_in_the_dry_run(gw: Gw, tmp_path: Path) -> 
 async def test_topup_of_a_missing_user_writes_nothing(gw: Gw, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="mcpmeter")
     before = gw.db.rows("SELECT COUNT(*) FROM credit_transactions")
-    gw.tctx.command(gw.addon.topup_command, "99", "1000")
+    gw.tctx.command(gw.addon.commands.topup_command, "99", "1000")
     await _logged(caplog, "user 99: no such user, nothing written")
     await gw.addon.drain()
     assert gw.db.rows("SELECT COUNT(*) FROM credit_transactions") == before
     assert gw.db.rows("SELECT COUNT(*) FROM users WHERE id = 99") == [(0,)]
     with pytest.raises(exceptions.CommandError, match="does not exist"):
-        gw.tctx.command(gw.addon.topup_command, "99", "1000")  # known missing: refused at once
+        gw.tctx.command(gw.addon.commands.topup_command, "99", "1000")  # known missing: refused at once
 
 
 @pytest.mark.parametrize("command, args", [
@@ -214,7 +214,7 @@ async def test_topup_of_a_missing_user_writes_nothing(gw: Gw, caplog: pytest.Log
 ])
 async def test_commands_validate_their_arguments(gw: Gw, command: str, args: list[str]) -> None:
     with pytest.raises(exceptions.CommandError):
-        gw.tctx.command(getattr(gw.addon, command), *args)
+        gw.tctx.command(getattr(gw.addon.commands, command), *args)
     assert gw.db.ledger(1) == [("topup", OPENING)]
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from addon.call import Wait
 from tests.test_gateway_hooks import (  # noqa: F401  (fixtures)
     OPENING, PRICE, RESULT, Gw, gw, isolated, make_flow, meta, sent, sse_response, upstream_fails,
 )
@@ -59,7 +60,7 @@ async def test_a_parked_call_is_refunded_when_the_gateway_stops(gw: Gw) -> None:
     post, call = await post_primed(gw)
     post.response.stream(b"")
     await gw.addon.response(post)
-    assert call.parked and meta(post)["decision"] == "pending" and gw.db.usage() == []
+    assert call.waits is Wait.RESUMPTION and meta(post)["decision"] == "pending" and gw.db.usage() == []
     await gw.addon.stop(grace=0.1)
     assert usage_reasons(gw) == [(500, 1, "internal_error")] and gw.db.balance(1) == OPENING
     assert not gw.addon.pending.parked and not gw.addon.pending.tracked

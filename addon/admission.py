@@ -1,0 +1,260 @@
+"""Admission: everything the request hook decides before a call leaves for the upstream.
+
+In order: the route and its syntax, the origin, the consumer (authentication), the listing, the
+session's owner, the rate limit, the Idempotency-Key, the circuit breaker, the charge, and the
+forward itself (target URL, headers, deadline, and the registries that later answer the call).
+Any refusal is raised as a GatewayError for the request hook to answer.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from mitmproxy import http
+
+from . import (billing, compat, display, endpoints, forwarding, idempotency, legacy_sse, origins, paths, redaction,
+               shadow)
+from . import pending as resumption
+from .auth import Credential, challenge
+from .cache import MISS
+from .call import META, Call, Label
+from .config import SLUG_RE
+from .errors import GatewayError
+from .jsonrpc import PricedCall, check_http_method, inspect_request
+from .legacy_sessions import identity as legacy_identity
+from .model import ChargeRequest, Consumer, ConsumerStatus, Listing, ListingStatus, Transport, Verdict
+from .ratelimit import headers as limit_headers, windows_for
+
+if TYPE_CHECKING:
+    from .gateway import Mcpmeter
+
+
+class Admission:
+    def __init__(self, gw: Mcpmeter) -> None:
+        self.gw = gw
+
+    async def admit(self, flow: http.HTTPFlow, call: Call, credential: Credential | None) -> None:
+        """Meter the request and forward it, or answer it (own endpoints, a replay); raise to refuse."""
+        gw = self.gw
+        assert gw.config is not None and gw.store is not None and gw.cache is not None
+        if await endpoints.answer(gw, flow, call, credential):
+            return
+        req = flow.request
+        self._check_origin(flow)
+        call.route = req.path
+        slug, subpath, query = paths.split_route(req.path)
+        if not slug:
+            raise GatewayError("not_found")
+        if not SLUG_RE.match(slug):
+            raise GatewayError("invalid_slug")
+        flow.metadata[META] = {"request_id": call.request_id, "slug": slug}
+        try:  # before anything is built from them, and before authentication: nothing to look up
+            paths.check_subpath(subpath)
+            paths.check_query(query)
+        except paths.InvalidPath as e:
+            raise GatewayError("invalid_path", reason=str(e)) from None
+        check_http_method(req.data.method.decode("ascii", "replace"), req.raw_content or b"")  # as sent: case counts
+
+        consumer = await self.consumer(credential) if credential else None
+        if consumer is None:
+            raise self._unauthorized(flow, sent=credential is not None or "authorization" in req.headers)
+        call.consumer = consumer
+        if consumer.status is ConsumerStatus.SUSPENDED:
+            raise GatewayError("account_suspended")
+        listing = await self.listing(slug)
+        call.listing = listing
+        _check_live(listing)
+        assert listing is not None and listing.upstream_url
+
+        if len(req.raw_content or b"") > gw.config.max_body_bytes:
+            raise GatewayError("payload_too_large", limit_bytes=gw.config.max_body_bytes)
+        sessions = req.headers.get_all("mcp-session-id")
+        if len(sessions) > 1:  # the upstream might read another one than the one checked here
+            raise GatewayError("invalid_request", reason="one Mcp-Session-Id header at most")
+        session = sessions[0] if sessions else None
+        if listing.transport is Transport.SSE and subpath:
+            session = call.legacy_session = legacy_identity(listing.id, subpath, query)
+        elif session and listing.transport is not Transport.SSE:
+            call.session = (listing.id, session)
+        if session:
+            owner = await gw.cache.session_owner(session)
+            if owner is not None and owner != consumer.principal:
+                raise GatewayError("session_forbidden")
+        continues = False  # a retry carrying a requestState this key was issued: its first round paid
+        if req.method == "POST":
+            inspection = inspect_request(
+                req.raw_content or b"", gw.config.billable_methods,
+                req.headers.get("mcp-method"), req.headers.get("mcp-name"),
+            )
+            call.priced = inspection.call
+            flow.metadata[META]["method"] = inspection.method
+            continues = gw.deferred.on_request(call, req.raw_content or b"", inspection.method, session)
+
+        windows = windows_for(listing.rate_limit_per_minute or gw.config.default_rpm,
+                              listing.rate_limit_per_day or gw.config.default_rpd)
+        limit = await gw.cache.hit(f"{listing.id}:{consumer.principal}", windows)
+        call.limit_headers = limit_headers(limit, windows)
+        if not limit.allowed and shadow.applies(gw.config, listing):
+            shadow.note_refusal(flow, "rate_limited")  # shadow mode: recorded, let through
+        elif not limit.allowed:
+            raise GatewayError("rate_limited", headers=call.limit_headers, scope=limit.scope,
+                               retry_after=limit.retry_after)
+        if await self._idempotent(flow, call, listing):  # a replay counts against the rate limit, like any request
+            return  # answered with the first attempt's stored outcome: not forwarded, not charged
+
+        await gw.circuits.admit(listing, priced=call.priced is not None)
+        if call.priced is not None and not continues:
+            await self._charge(flow, call, consumer, listing, call.priced)
+        # Unpriced traffic (initialize, lists, GET streams) never reaches the database: no balance read.
+        if call.session is not None and flow.metadata[META].get("method") == resumption.CANCELLED_METHOD:
+            gw.streams.cancel(call, req.raw_content or b"")  # and the notification goes on to the upstream
+        self._forward(flow, call, listing, subpath, query)
+
+    # --- who and what (dryrun.py asks the same) --------------------------------------------
+
+    async def consumer(self, credential: Credential) -> Consumer | None:
+        cache, store = self.gw.cache, self.gw.store
+        assert cache is not None and store is not None
+        cached = await cache.get_consumer(credential.hash)
+        if cached is MISS:
+            cached = await store.find_consumer(credential)
+            await cache.put_consumer(credential.hash, cached)
+        if cached is not None and cached.expires_at is not None and cached.expires_at <= time.time():
+            return None
+        return cached
+
+    async def listing(self, slug: str) -> Listing | None:
+        cache, store = self.gw.cache, self.gw.store
+        assert cache is not None and store is not None
+        cached = await cache.get_listing(slug)
+        if cached is MISS:
+            cached = await store.find_listing(slug)
+            await cache.put_listing(slug, cached)
+        return cached
+
+    def _check_origin(self, flow: http.HTTPFlow) -> None:
+        """A browser page on a foreign origin may not use the gateway (DNS rebinding): 403 before
+        authentication. No Origin (not a browser, or same-origin GET) passes."""
+        config = self.gw.config
+        assert config is not None
+        sent = flow.request.headers.get_all("origin")
+        if not sent:
+            return
+        allowed = set(config.allowed_origins)
+        if config.public_url and (public := origins.of_url(config.public_url)):
+            allowed.add(public)
+        if len(sent) > 1 or origins.normalize(sent[0]) not in allowed:
+            raise GatewayError("origin_forbidden")
+
+    def _unauthorized(self, flow: http.HTTPFlow, sent: bool) -> GatewayError:
+        metadata_url = endpoints.public_url(self.gw.config, flow) + endpoints.RESOURCE_METADATA
+        return GatewayError("invalid_token", headers={
+            "WWW-Authenticate": challenge(metadata_url, "invalid_token" if sent else None)})
+
+    # --- the Idempotency-Key, the charge, the forward -----------------------------------------
+
+    async def _idempotent(self, flow: http.HTTPFlow, call: Call, listing: Listing) -> bool:
+        """Idempotency-Key (addon/idempotency.py): the header is the gateway's, never forwarded. A
+        priced call claims its key; True when it was answered with the stored outcome instead."""
+        cache = self.gw.cache
+        assert cache is not None and call.consumer is not None
+        headers = flow.request.headers
+        try:
+            key = idempotency.check_key(headers.get_all(idempotency.HEADER))
+        except idempotency.InvalidKey as e:
+            raise GatewayError("invalid_idempotency_key", reason=str(e)) from None
+        if key is None:
+            return False
+        del headers[idempotency.HEADER]
+        if call.priced is None or listing.transport is Transport.SSE:  # legacy SSE: answers come on the stream
+            return False
+        claim = idempotency.new_claim(idempotency.cache_key(listing.id, call.consumer.principal, key),
+                                      flow.request.raw_content or b"",
+                                      self.gw.streams.timeout(listing) + idempotency.IN_FLIGHT_MARGIN_SECONDS)
+        record = await cache.idem_claim(claim.key, claim.value, claim.ttl_seconds)
+        if record is None:
+            call.idempotency = claim
+            return False
+        verdict = idempotency.judge(record, claim.fingerprint)
+        if verdict.kind == "reused":
+            raise GatewayError("idempotency_key_reused")
+        if verdict.answer is None:
+            raise GatewayError("idempotency_in_flight", headers={"Retry-After": idempotency.IN_FLIGHT_RETRY_AFTER},
+                               retry_after=int(idempotency.IN_FLIGHT_RETRY_AFTER))
+        answer = verdict.answer
+        flow.response = http.Response.make(answer.status, b"", [(k.encode(), v.encode()) for k, v in answer.headers])
+        flow.response.raw_content = answer.body
+        flow.response.headers["content-length"] = str(len(answer.body))
+        flow.response.headers[idempotency.REPLAYED] = "true"
+        flow.response.headers.update(call.limit_headers)
+        flow.metadata[META].update(decision=Label.REPLAYED,
+                                   replay_of=flow.response.headers.get("x-mcpmeter-request-id"))
+        who = display.consumer_label(flow, call.consumer.user_id)
+        display.gateway_answered(flow, f"{who} · {listing.slug} · replayed (Idempotency-Key), not charged", ":repeat:")
+        return True
+
+    async def _charge(self, flow: http.HTTPFlow, call: Call, consumer: Consumer, listing: Listing,
+                      priced: PricedCall) -> None:
+        gw = self.gw
+        assert gw.config is not None and gw.store is not None
+        price = billing.price_of(listing, priced.tool_name)
+        call.charge = ChargeRequest(
+            request_id=call.request_id, user_id=consumer.user_id, project_id=consumer.project_id,
+            listing_id=listing.id, tool_name=priced.tool_name, price=price,
+            free_allowance=listing.free_calls_per_consumer, period=billing.period(call.called_at),
+        )
+        if shadow.applies(gw.config, listing):  # record what it would cost; charge nothing
+            call.charge = await shadow.charge_request(gw.store, flow, call.charge)
+        call.store = gw.store  # settled against this store, even if a reload replaces it meanwhile
+        result = await gw.store.charge(call.charge)
+        if result.verdict is Verdict.FREE:  # tools/list shows this gateway's own claims at once
+            gw.free_used.pop((listing.id, consumer.user_id, call.charge.period), None)
+        call.balance = result.balance
+        flow.metadata[META].update(tool=priced.tool_name, price=price)
+        if not result.accepted:
+            call.charge = None
+            details: dict[str, Any] = {"balance_micro_cents": result.balance, "required_micro_cents": price}
+            raise GatewayError(result.verdict.value, **details)
+        call.charged = result
+
+    def _forward(self, flow: http.HTTPFlow, call: Call, listing: Listing, subpath: str, query: str) -> None:
+        gw = self.gw
+        assert gw.config is not None and listing.upstream_url
+        try:
+            if listing.transport is Transport.SSE:
+                url = legacy_sse.target_url(listing.upstream_url, subpath, query)
+            else:
+                url = forwarding.target_url(listing.upstream_url, subpath, query)
+        except paths.InvalidPath as e:  # checked in admit already: only a listing URL can get here
+            raise GatewayError("invalid_path", reason=str(e)) from None
+        fields = [(k, v) for k, v in flow.request.headers.items(multi=True)]
+        flow.request.url = url  # scheme, host and port; the path exactly as checked, not as reparsed:
+        flow.request.path = forwarding.request_target(url)
+        # A new header block at once (clear() pops one field at a time), bytes as mitmproxy keeps them.
+        flow.request.headers = http.Headers([
+            (name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))
+            for name, value in forwarding.upstream_headers(fields, listing.upstream_headers,
+                                                           forwarding.authority(url))])
+        # Values only on the wire: the publisher's headers, and credentials the consumer wrapped in X-Forward-*.
+        compat.hide_upstream_headers(flow.request, [*listing.upstream_headers, *redaction.CREDENTIAL_HEADERS])
+        gw.streams.start_deadline(flow, call, gw.streams.timeout(listing))
+        gw.calls[flow.id] = call
+        call.flow = flow
+        if call.session is not None and call.priced is not None:  # a notifications/cancelled can name it
+            gw.pending.track(call.session, call.priced.rpc_id, flow, call)
+        if listing.transport is Transport.SSE and call.priced is not None and call.legacy_session:
+            gw.legacy.register(flow, call)
+        flow.metadata[META]["decision"] = Label.FORWARDED
+        call.forwarded = time.monotonic()
+
+
+def _check_live(listing: Listing | None) -> None:
+    if listing is None:
+        raise GatewayError("no_such_mcp")
+    if listing.status is ListingStatus.ARCHIVED:
+        raise GatewayError("mcp_archived")
+    if listing.status is ListingStatus.PAUSED:
+        raise GatewayError("mcp_paused")
+    if listing.status is not ListingStatus.LIVE or not listing.upstream_url:
+        raise GatewayError("mcp_not_yet_live")

@@ -1,0 +1,137 @@
+"""One metered call: its state from the request hook to its settlement, and what it was decided.
+
+A `Call` is created per flow by the request hook and carried through the hooks, the stream
+watcher and the settlement; deferred.py, receipts.py and metrics.py read it too. Its fields are
+grouped by who writes them: admission, the upstream's answer, the stream, the legacy SSE session,
+resumption, settlement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from mitmproxy import http
+
+from . import billing, idempotency, legacy_sse
+from .billing import Failure
+from .decoding import StreamDecoder
+from .jsonrpc import JsonId, Outcome, PricedCall, body_outcome, scanned_outcome
+from .model import ChargeRequest, ChargeResult, Consumer, Listing, Transport, Verdict
+from .sse import Event, SseParser
+from .store import Store
+
+META = "mcpmeter"  # the key of the gateway's decisions in flow.metadata
+
+
+class Wait(StrEnum):
+    """What a call whose own flow is over still waits for, before it settles."""
+
+    STREAM = "stream"  # a legacy SSE POST answered 202: its answer comes on the session's stream
+    RESUMPTION = "resumption"  # parked: its POST stream ended unanswered, a resumed stream may answer
+
+
+class Label(StrEnum):
+    """`flow.metadata[META]["decision"]`: what the gateway did with a flow, for addons and mitmweb."""
+
+    FORWARDED = "forwarded"  # admitted and on its way upstream; replaced by a settled label
+    PASSTHROUGH = "passthrough"  # unpriced traffic, settled without money
+    PENDING = "pending"  # parked: awaits a resumed stream (addon/stream_watch.py)
+    REFUSED = "refused"
+    REPLAYED = "replayed"  # answered from its Idempotency-Key's stored outcome
+    HEALTH = "health"
+    METADATA = "metadata"
+    BILLED = "billed"
+    FREE = "free"
+    REFUNDED = "refunded"
+    SHADOW = "shadow"
+
+
+@dataclass(eq=False)
+class Call:
+    """The metering state of one forwarded flow, from request to settlement."""
+
+    request_id: str
+    started: float = field(default_factory=time.monotonic)
+    called_at: float = field(default_factory=time.time)
+    # --- admission (addon/admission.py): who, what, and the money taken
+    consumer: Consumer | None = None
+    listing: Listing | None = None
+    priced: PricedCall | None = None
+    charge: ChargeRequest | None = None
+    charged: ChargeResult | None = None
+    store: Store | None = field(default=None, repr=False)  # the store that charged it: it settles it
+    balance: int | None = None
+    limit_headers: dict[str, str] = field(default_factory=dict)
+    route: str = ""  # path and query as the client sent them
+    rpc_id: JsonId | None = None  # the JSON-RPC id a refusal answers (rpc_errors.peek_id)
+    idempotency: idempotency.Claim | None = None  # this call's claim on its Idempotency-Key
+    forwarded: float | None = None  # monotonic time the call left for the upstream
+    flow: http.HTTPFlow | None = field(default=None, repr=False)  # set when forwarded: a stop settles it
+    # --- the upstream's answer
+    status: int | None = None
+    outcome: Outcome | None = None
+    failure: Failure | None = None
+    unread: bool = False  # a buffered answer that inflates past the meter's decode limit
+    deadline: asyncio.TimerHandle | None = None  # the upstream timeout (addon/stream_watch.py)
+    # --- a streamed answer (addon/stream_watch.py)
+    parser: SseParser | None = None
+    decoder: StreamDecoder | None = None  # a compressed stream, decoded for the meter with a ceiling
+    # --- a legacy SSE session (addon/legacy_sessions.py)
+    legacy_session: str = ""  # the session's identity (legacy_sessions.identity), POSTs and stream
+    rewriter: legacy_sse.EndpointRewriter | None = None  # the session's GET stream
+    # --- streamable HTTP sessions: resumption and cancellation (addon/pending.py)
+    session: tuple[int, str] | None = None  # (listing id, Mcp-Session-Id)
+    waits: Wait | None = None  # its flow's hooks are over and its answer is still to come
+    # --- settlement (addon/settlement.py)
+    settlement: asyncio.Future[None] | None = None
+    refunded: bool = False
+    decided: billing.Decision | None = None  # a held call's settlement, decided by a later message (deferred.py)
+
+    def elapsed_ms(self) -> int:
+        return int((time.monotonic() - self.started) * 1000)
+
+    def cancel_deadline(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    @property
+    def billed_header(self) -> str:
+        if self.charged is None or self.refunded:
+            return "0"
+        if self.charged.verdict is Verdict.FREE:
+            return "free"
+        return str(self.charged.amount)
+
+
+def decision(call: Call) -> tuple[billing.Decision, int]:
+    """Whether the forwarded call is refunded, and the status it is recorded with."""
+    assert call.listing is not None
+    unread = call.unread or (call.decoder is not None and call.decoder.too_large)
+    decided = billing.decide(call.status, call.outcome, call.failure, call.listing.bill_tool_errors, unread)
+    if call.outcome is not None:
+        if call.listing.transport is Transport.SSE and call.status == 202:
+            # A legacy SSE POST's 202 only accepted the message: the answer came on the session's stream.
+            return decided, 200
+        return decided, call.status or 200
+    failed = {Failure.TIMEOUT: 504, Failure.UPSTREAM: 502, Failure.CLIENT_GONE: 499, Failure.INTERNAL: 500,
+              Failure.CANCELLED: 499, Failure.NO_ANSWER_BY_TIMEOUT: 504}
+    return decided, failed.get(call.failure, call.status or 0) if call.failure else (call.status or 0)
+
+
+def event_outcome(event: Event, rpc_id: JsonId) -> Outcome | None:
+    """What an SSE message event says about the call `rpc_id`, if it answers it."""
+    if event.oversized:
+        return scanned_outcome(event.messages, rpc_id)
+    return body_outcome(event.data.encode("utf-8", "surrogatepass"), rpc_id)
+
+
+def upstream_timeout(max_ms: int, default_ms: int, listing: Listing) -> float:
+    """The listing's upstream timeout in seconds, capped."""
+    timeout_ms = default_ms
+    if listing.upstream_timeout_seconds:
+        timeout_ms = listing.upstream_timeout_seconds * 1000
+    return min(timeout_ms, max_ms) / 1000

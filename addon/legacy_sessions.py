@@ -1,0 +1,129 @@
+"""Legacy SSE (2024-11-05) sessions: POSTed calls whose answers come on the session's GET stream.
+
+A POST is answered 202; its result arrives later as an event on the stream the session opened.
+The calls awaiting that event are kept here by session and JSON-RPC id, oldest first (an id
+POSTed twice is answered twice, each answer settles one). The stream's end fails those left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from mitmproxy import http
+
+from . import paths
+from .billing import Failure
+from .call import Call, Wait, event_outcome
+from .errors import GatewayError
+from .jsonrpc import JsonId, answer_messages
+from .model import Transport
+
+if TYPE_CHECKING:
+    from .gateway import Mcpmeter
+
+
+def identity(listing_id: int, subpath: str, query: str) -> str:
+    """A legacy SSE session's identity: its session id, not the route's spelling (paths.session_identity)."""
+    try:
+        return f"legacy:{listing_id}:{paths.session_identity(subpath, query)}"
+    except paths.InvalidPath as e:
+        raise GatewayError("invalid_request", reason=str(e)) from None
+
+
+class LegacySessions:
+    def __init__(self, gw: Mcpmeter) -> None:
+        self.gw = gw
+        # session identity -> JSON-RPC id -> the POSTed calls awaiting their answer, oldest first.
+        self.awaiting: dict[str, dict[JsonId, list[tuple[http.HTTPFlow, Call]]]] = {}
+
+    def calls(self) -> list[tuple[http.HTTPFlow, Call]]:
+        return [fc for waiting in self.awaiting.values() for calls in waiting.values() for fc in calls]
+
+    def register(self, flow: http.HTTPFlow, call: Call) -> None:
+        """Registered before forwarding: the answer can reach the session's stream before the 202."""
+        assert call.priced is not None
+        self.awaiting.setdefault(call.legacy_session, {}).setdefault(call.priced.rpc_id, []).append((flow, call))
+
+    def await_stream(self, flow: http.HTTPFlow, call: Call) -> bool:
+        """A legacy SSE call answered 202: its result will come on the session's GET stream,
+        or its deadline (the listing's timeout, counted from the call's start) refunds it."""
+        if (call.priced is None or call.listing is None or call.listing.transport is not Transport.SSE
+                or call.status is None or not 200 <= call.status < 300):
+            return False
+        if call.outcome is not None:
+            if call.status == 202:  # the answer overtook the 202 on the stream: it was delivered
+                call.status = 200
+            return False
+        if not any(c is call for _, c in self.awaiting.get(call.legacy_session, {}).get(call.priced.rpc_id, ())):
+            return False  # no session to answer it (a POST without one): settled as a JSON answer
+        call.waits = Wait.STREAM
+        self.gw.calls.pop(flow.id, None)
+        self.gw.streams.start_deadline(flow, call, max(0.0, self.gw.streams.remaining(call)))
+        return True
+
+    def watch(self, stream: Call, out: list[bytes], ended: bool, had_route: bool) -> None:
+        """The session's GET stream passed `out` (rewritten): bind the session when its endpoint
+        route is announced, and settle the calls its events answer."""
+        assert stream.rewriter is not None
+        if not had_route and stream.rewriter.route is not None and stream.listing is not None:
+            _, subpath, query = paths.split_route(stream.rewriter.route)
+            stream.legacy_session = identity(stream.listing.id, subpath, query)
+            if stream.consumer is not None:
+                # The session belongs to the key that opened the stream.
+                assert self.gw.cache is not None
+                asyncio.ensure_future(self.gw.cache.bind_session(stream.legacy_session, stream.consumer.principal))
+        if stream.rewriter.route is not None and stream.parser is not None:
+            for piece in [*out, b""] if ended else out:  # b"": the end, for the parser
+                self._answer(stream.legacy_session, stream.parser.feed(piece))
+        if ended:  # the final b"": a held-back chunk ([] returned) is not the end
+            self.end_stream(stream)
+
+    def _answer(self, session: str, events: list[Any]) -> None:
+        waiting = self.awaiting.get(session)
+        if not waiting:
+            return
+        for event in events:
+            if event.event != "message":  # MCP clients ignore other event types: not an answer they get
+                continue
+            messages = (event.messages if event.oversized
+                        else answer_messages(event.data.encode("utf-8", "surrogatepass")))
+            ids = [m.id_value() for m in messages or () if not m.has_method]
+            rpc_id = next((i for i in ids if isinstance(i, (str, int, float)) and i in waiting), None)
+            if rpc_id is None:
+                continue
+            flow, call = waiting[rpc_id][0]
+            assert call.priced is not None
+            if (outcome := event_outcome(event, call.priced.rpc_id)) is not None:
+                self.unregister(call)
+                call.outcome = outcome
+                # The answer may overtake the POST's own 202: then the response hook settles it.
+                if call.waits is Wait.STREAM:
+                    call.status = 200  # recorded as answered, not as the 202 that acknowledged the POST
+                    self.gw.settlements.soon(flow, call)
+
+    def unregister(self, call: Call) -> None:
+        """The call no longer awaits an answer on its session's stream."""
+        waiting = self.awaiting.get(call.legacy_session)
+        if waiting is None or call.priced is None:
+            return
+        calls = [entry for entry in waiting.get(call.priced.rpc_id, []) if entry[1] is not call]
+        if calls:
+            waiting[call.priced.rpc_id] = calls
+        else:
+            waiting.pop(call.priced.rpc_id, None)
+        if not waiting:
+            self.awaiting.pop(call.legacy_session, None)
+
+    def end_stream(self, stream: Call, client_gone: bool = False) -> None:
+        """The session's stream is over: calls still awaiting an answer never get one. The upstream
+        ending it failed them (refunded); a client that walked away is billed, as on streamable HTTP
+        (2024-11-05 has no cancellation: the upstream ran the call)."""
+        if stream.rewriter is None or stream.rewriter.route is None or not stream.legacy_session:
+            return
+        for calls in self.awaiting.pop(stream.legacy_session, {}).values():
+            for flow, waiting in calls:
+                waiting.failure = Failure.CLIENT_GONE if client_gone else Failure.UPSTREAM
+                if waiting.waits is Wait.STREAM:
+                    self.gw.settlements.soon(flow, waiting)
+

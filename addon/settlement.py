@@ -1,0 +1,241 @@
+"""Settlement: the one owner of the work that bills or refunds a call after its answer.
+
+Every settlement runs as a task of `Settlements` (`own`), so a stop can wait for all of them
+(`drain`) before the store closes. A call settles once (`call.settlement` holds the task); the
+ways in are named for when they run: now (in a hook), in the background (a billed answer that
+need not wait), soon (outside its flow's hooks), held (decided by a later message, deferred.py),
+anyway (a hook failed). Idempotency-Key outcomes are stored by the same owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from mitmproxy import http
+
+from . import answers, billing, idempotency, shadow
+from .billing import Failure
+from .cache.idempotency import conclude as conclude_idempotency
+from .call import META, Call, Label, decision
+from .clients import classify
+from .jsonrpc import Outcome
+from .model import Settlement, Verdict
+from .store import Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    from .gateway import Mcpmeter
+
+log = logging.getLogger("mcpmeter")
+
+SETTLE_ATTEMPTS = 5
+MAX_BACKGROUND_SETTLEMENTS = 1000  # beyond this, responses wait for their settlement (backpressure)
+RETIRE_MARGIN_SECONDS = 10.0  # a replaced store outlives the longest upstream timeout by this much at most
+
+
+class Settlements:
+    def __init__(self, gw: Mcpmeter) -> None:
+        self.gw = gw
+        self.background: set[asyncio.Future[None]] = set()  # every task `own` started, until done
+        self.retiring: dict[Store, asyncio.Task[None]] = {}  # stores a reload replaced, kept for their calls
+        self.closed: weakref.WeakSet[Store] = weakref.WeakSet()  # retired stores, closed
+
+    def own(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+        """Start a settlement as a task of this addon's, which `drain` waits for."""
+        task = asyncio.ensure_future(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Wait for the settlements still being written (tests, and an orderly stop); False if some
+        were still running after `timeout` seconds (they are left running, never cancelled)."""
+        loop = asyncio.get_running_loop()
+        end = None if timeout is None else loop.time() + timeout
+        while self.background:
+            left = None if end is None else end - loop.time()
+            if left is not None and left <= 0:
+                return False
+            await asyncio.wait(list(self.background), timeout=left)
+        return True
+
+    def retire(self, store: Store, upstream_timeout: float) -> None:
+        """A reload replaced `store`: close it once the calls it charged are settled (each settles
+        against the store that charged it), after their longest possible wait at most."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop: no call was ever charged on one
+            loop = None
+        if loop is None or not self._charged_by(store):
+            self._close(store)
+            return
+        self.retiring[store] = loop.create_task(self._retire(store, loop.time() + upstream_timeout
+                                                             + RETIRE_MARGIN_SECONDS))
+
+    def close_retiring(self) -> None:
+        """A stop: the replaced stores close now (what they have not settled, the sweeper will)."""
+        for store, task in list(self.retiring.items()):
+            task.cancel()
+            self._close(store)
+        self.retiring.clear()
+
+    async def _retire(self, store: Store, until: float) -> None:
+        loop = asyncio.get_running_loop()
+        while self._charged_by(store) and loop.time() < until:
+            await asyncio.sleep(0.1)
+        if self.background:  # the settlements under way, some of them against this store
+            await asyncio.wait(list(self.background), timeout=max(0.0, until - loop.time()) + 1.0)
+        self.retiring.pop(store, None)
+        self._close(store)
+
+    def _charged_by(self, store: Store) -> bool:
+        """Whether a call `store` charged is still in flight and unsettled."""
+        calls = [*self.gw.calls.values(), *(c for _, c in self.gw.legacy.calls())]
+        return any(c.store is store and c.settlement is None for c in calls) or bool(self.background)
+
+    def _close(self, store: Store) -> None:
+        self.closed.add(store)
+        store.close()
+
+    # --- the ways in ---------------------------------------------------------------------
+
+    async def settle(self, flow: http.HTTPFlow, call: Call) -> None:
+        """Settle in a hook: start it unless it is under way, and wait for it."""
+        if call.settlement is None:
+            call.settlement = self.own(self.now(flow, call))
+        await call.settlement
+
+    def start(self, flow: http.HTTPFlow, call: Call) -> None:
+        """Settle without waiting: the answer was seen (the stream goes on) or the call is given up."""
+        call.cancel_deadline()
+        call.settlement = self.own(self.now(flow, call))
+
+    def soon(self, flow: http.HTTPFlow, call: Call) -> None:
+        """Settle a call outside its own flow's hooks (a legacy answer, a cancellation), as an owned task."""
+        call.cancel_deadline()
+        call.settlement = self.own(self._logged(self.now(flow, call), "settling %s failed", call))
+
+    def in_background(self, flow: http.HTTPFlow, call: Call) -> None:
+        """A billed answer goes out at once; its usage row is written after."""
+        answers.annotate(flow, call, *decision(call), self.gw.results)  # mitmweb does not wait for the database
+        call.settlement = self.own(self._logged(self.now(flow, call, background=True),
+                                                "settling %s failed; the sweeper will", call))
+
+    def held(self, flow: http.HTTPFlow, call: Call, decided: billing.Decision) -> None:
+        """Settle a held call (deferred.py) as a later message decided."""
+        call.decided = decided
+        self.own(self._logged(self.now(flow, call, background=True),
+                              "settling held %s failed; the sweeper will", call))
+
+    async def anyway(self, flow: http.HTTPFlow, call: Call, delivered: bool) -> None:
+        """A settling hook failed: settle all the same, billing an answer the client gets and
+        refunding otherwise, and stamp the metering headers if they are not sent yet."""
+        try:
+            if call.settlement is None and call.outcome is None and call.failure is None:
+                ok = call.status is not None and call.status < 400
+                if delivered and ok:
+                    call.outcome = Outcome.RESULT
+                else:
+                    call.failure = Failure.INTERNAL
+            await self.settle(flow, call)
+        except Exception:
+            log.exception("mcpmeter: could not settle %s; the sweeper will", call.request_id)
+        try:
+            if flow.response is not None and call.parser is None:  # a buffered answer: headers not sent yet
+                answers.stamp(flow, call)
+        except Exception:
+            log.exception("mcpmeter: could not stamp the answer to %s", call.request_id)
+
+    def can_wait(self, call: Call) -> bool:
+        """A buffered answer may leave before its settlement is written: billed, not refunded."""
+        if (call.charged is None or call.listing is None or call.settlement is not None
+                or len(self.background) >= MAX_BACKGROUND_SETTLEMENTS or self.gw.deferred.will_hold(call)):
+            return False  # not paid for, settling already (a stop), settlements backing up, or held: wait
+        return not decision(call)[0].refund
+
+    @staticmethod
+    async def _logged(work: Coroutine[Any, Any, None], failed: str, call: Call) -> None:
+        try:
+            await work
+        except Exception:
+            log.exception("mcpmeter: " + failed, call.request_id)
+
+    # --- the settlement itself -----------------------------------------------------------
+
+    async def now(self, flow: http.HTTPFlow, call: Call, background: bool = False) -> None:
+        gw = self.gw
+        meta = flow.metadata.setdefault(META, {"request_id": call.request_id})
+        if call.charge is None or call.charged is None:
+            if call.priced is not None and call.listing is not None:
+                gw.deferred.round_over(call, decision(call)[0])  # a continuation settles its first round
+            meta["decision"] = Label.PASSTHROUGH
+            gw.metrics.settled(call, None, call.status)
+            meta["balance"] = call.balance
+            return
+        # The store that charged the call, unless a reload closed it since (a held call, deferred.py).
+        store = call.store if call.store is not None and call.store not in self.closed else gw.store
+        assert gw.config is not None and store is not None
+        assert call.listing is not None and call.consumer is not None
+        decided, status = decision(call)
+        if call.decided is not None:
+            decided = call.decided  # a held call, settled as a later message decided (deferred.py)
+        elif await gw.deferred.hold(flow, call, decided):
+            return  # a task, or an input_required round: a later message settles it (deferred.py)
+        if decided.refund and call.outcome is None and call.session is not None and call.priced is not None:
+            gw.pending.mark_refunded(call.session, call.priced.rpc_id)  # its answer is never delivered now
+        gw.metrics.settled(call, decided.refund, status)
+        await gw.circuits.record(call.listing, status, call.failure)
+        settlement = Settlement(
+            charge=call.charge, refund=decided.refund, status=status, duration_ms=call.elapsed_ms(),
+            called_at=call.called_at, key_id=call.consumer.key_id, token_id=call.consumer.token_id,
+            client=classify(flow.request.headers.get("user-agent")),
+            user_agent=flow.request.headers.get("user-agent"), fee_bps=gw.config.platform_fee_bps,
+            taken=call.charged, need_balance=not background,
+            reason=shadow.settled_reason(flow, decided.refund) or decided.reason,
+        )
+        for attempt in range(SETTLE_ATTEMPTS):
+            try:
+                balance = await store.settle(settlement)
+                call.balance = call.balance if balance is None else balance
+                break
+            except StoreUnavailable as e:
+                if attempt == SETTLE_ATTEMPTS - 1:
+                    # The debit and its ledger row are committed and the call journal still says
+                    # unsettled: nothing is lost, the refund or usage row waits for reconciliation.
+                    log.error("mcpmeter: could not settle %s (%s): %s", call.request_id, decided.reason, e)
+                    return
+                await asyncio.sleep(0.05 * 2**attempt)
+        call.refunded = decided.refund
+        if decided.refund and call.charged.verdict is Verdict.FREE:  # the slot came back
+            gw.free_used.pop((call.listing.id, call.consumer.user_id, call.charge.period), None)
+        answers.annotate(flow, call, decided, status, gw.results)
+
+    # --- Idempotency-Key outcomes (addon/idempotency.py) ------------------------------------
+
+    async def remember(self, flow: http.HTTPFlow, call: Call) -> None:
+        """Store the call's outcome under its key before the answer leaves: a retry finds it."""
+        if (task := self.conclude_key(flow, call)) is not None:
+            await asyncio.shield(task)
+
+    def conclude_key(self, flow: http.HTTPFlow, call: Call, refused: bool = False) -> asyncio.Future[None] | None:
+        """The call is over: store its outcome under its Idempotency-Key, or release the key."""
+        claim, call.idempotency = call.idempotency, None
+        if claim is None or self.gw.cache is None:
+            return None
+        answer = None
+        response = flow.response
+        if not refused and call.charged is not None and call.listing is not None and response is not None:
+            refund = decision(call)[0].refund
+            if (idempotency.should_store(billed=not refund, upstream_answered=call.failure is None)
+                    and not claim.overflow):
+                body = bytes(claim.captured) if claim.captured is not None else (response.raw_content or b"")
+                billed = "0" if refund else (
+                    "free" if call.charged.verdict is Verdict.FREE else str(call.charged.amount))
+                metering = {"X-Mcpmeter-Request-Id": call.request_id, "X-Mcpmeter-Billed": billed}
+                if refund:
+                    metering["X-Mcpmeter-Refunded"] = "1"
+                answer = idempotency.answer_of(response.status_code, response.headers.items(multi=True), body, metering)
+        return self.own(conclude_idempotency(self.gw.cache, claim, answer))

@@ -1,0 +1,223 @@
+"""Answers as they pass: the stream watcher, the upstream deadlines, and the streamable HTTP
+session's parked calls and cancellations (SEP-1699, addon/pending.py).
+
+A streamed call settles the moment its answer passes (whatever the stream does next); a
+deadline aborts a call the upstream has not answered in time; a POST stream the server ended
+unanswered parks its call until a resumed stream of the session answers it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from mitmproxy import http
+
+from . import compat, display, idempotency, legacy_sse, receipts
+from . import pending as resumption
+from .billing import Failure
+from .call import META, Call, Label, Wait, event_outcome, upstream_timeout
+from .decoding import StreamDecoder, TooLarge, decode_bounded
+from .jsonrpc import Outcome, answer_messages, body_outcome
+from .model import Listing, Transport
+from .sse import DEFAULT_MAX_EVENT_BYTES, Event, SseParser
+
+if TYPE_CHECKING:
+    from .gateway import Mcpmeter
+
+log = logging.getLogger("mcpmeter")
+
+
+class StreamWatch:
+    def __init__(self, gw: Mcpmeter) -> None:
+        self.gw = gw
+
+    def watcher(self, flow: http.HTTPFlow, call: Call) -> Callable[[bytes], bytes | list[bytes]]:
+        """mitmproxy calls this with each chunk as it passes; it must never raise."""
+        gw = self.gw
+
+        def watch(chunk: bytes) -> bytes | list[bytes]:
+            out: bytes | list[bytes] = chunk
+            try:
+                if call.rewriter is not None:
+                    ended, had_route = not chunk, call.rewriter.route is not None
+                    out = []  # the rewriter failing lets nothing of the stream out unrewritten
+                    out = call.rewriter.feed(chunk)
+                    gw.legacy.watch(call, out, ended, had_route)
+                elif (call.priced is not None and call.outcome is None and call.parser is not None
+                      and call.settlement is None):  # a cancelled call settled already: its answer is no longer read
+                    data = call.decoder.feed(chunk) if call.decoder is not None and chunk else chunk
+                    for event in call.parser.feed(data) if data or not chunk else ():
+                        if event.event != "message":  # MCP clients ignore other event types
+                            continue
+                        outcome = event_outcome(event, call.priced.rpc_id)
+                        if outcome is not None:
+                            # Settle now: the answer is what was paid for, whatever the stream does next.
+                            call.outcome = outcome
+                            gw.settlements.start(flow, call)
+                            break
+                elif call.priced is None and call.session is not None and call.parser is not None:
+                    # A GET stream of a session (a resumed one): answers to the session's parked calls settle them.
+                    data = call.decoder.feed(chunk) if call.decoder is not None and chunk else chunk
+                    for event in call.parser.feed(data) if data or not chunk else ():
+                        self._answer_parked(call, event)
+            except Exception:
+                log.exception("mcpmeter: stream watcher %s failed", call.request_id)
+                if call.outcome is not None and call.settlement is None:  # seen, then something broke
+                    call.settlement = gw.settlements.own(gw.settlements.now(flow, call))
+            return out
+
+        return watch
+
+    async def attach(self, flow: http.HTTPFlow, call: Call) -> None:
+        """An SSE answer: watch it, and wrap its stream for the receipts, resumption, deferred calls,
+        mitmweb's copy and the Idempotency-Key's replay (in that order: the watcher sees upstream bytes)."""
+        gw = self.gw
+        assert flow.response is not None
+        call.parser = SseParser(gw.config.max_event_bytes if gw.config else DEFAULT_MAX_EVENT_BYTES)
+        coding = flow.response.headers.get("content-encoding", "").strip()
+        if coding and coding.lower() != "identity" and gw.config is not None:  # asked for identity
+            call.decoder = StreamDecoder(coding, gw.config.max_body_bytes)
+        if call.listing is not None and call.listing.transport is Transport.SSE and call.listing.upstream_url:
+            call.rewriter = legacy_sse.EndpointRewriter(call.listing.upstream_url, call.listing.slug)
+        flow.response.stream = self.watcher(flow, call)
+        # Prices and the receipt in the events.
+        await receipts.wrap_stream(flow, call, gw.store, gw.free_used)
+        if call.session is not None and gw.config is not None:  # refunded calls' answers never go out
+            resumption.drop_refunded(flow.response, call.session, gw.pending, gw.config.max_event_bytes)
+        gw.deferred.watch_stream(flow, call)  # task statuses, input_required (upstream bytes first)
+        if gw.show_streams():
+            display.keep_copy(flow)
+        if call.idempotency is not None:  # the streamed answer's bytes, for a replay
+            flow.response.stream = idempotency.capture(flow.response.stream, call.idempotency)
+
+    # --- deadlines ------------------------------------------------------------------------
+
+    def timeout(self, listing: Listing) -> float:
+        """The listing's upstream timeout in seconds, capped."""
+        config = self.gw.config
+        assert config is not None
+        return upstream_timeout(config.max_upstream_timeout_ms, config.upstream_timeout_ms, listing)
+
+    def remaining(self, call: Call) -> float:
+        """What is left of the call's timeout, counted from its start (negative: past it)."""
+        assert call.listing is not None
+        return self.timeout(call.listing) - (time.monotonic() - call.started)
+
+    def start_deadline(self, flow: http.HTTPFlow, call: Call, seconds: float) -> None:
+        call.deadline = asyncio.get_running_loop().call_later(seconds, self.on_deadline, flow, call)
+
+    def on_deadline(self, flow: http.HTTPFlow, call: Call) -> None:
+        call.deadline = None
+        if call.waits is Wait.RESUMPTION:
+            if call.outcome is None and call.settlement is None:
+                self.settle_parked(flow, call, Failure.NO_ANSWER_BY_TIMEOUT)
+            return
+        if call.waits is Wait.STREAM and call.outcome is None and call.settlement is None:
+            self.gw.legacy.unregister(call)
+            call.failure = Failure.TIMEOUT
+            self.gw.settlements.soon(flow, call)
+            return
+        if call.outcome is not None or call.settlement is not None or not flow.live:
+            return
+        if call.priced is None and flow.response is not None:
+            return
+        call.failure = Failure.TIMEOUT
+        if not compat.abort_upstream(flow):
+            log.error("mcpmeter: could not abort the upstream of %s after its timeout", call.request_id)
+
+    # --- resumption and cancellation (addon/pending.py) -------------------------------------
+
+    def park(self, flow: http.HTTPFlow, call: Call) -> bool:
+        """A POST stream the server ended after an event id, without the answer (SEP-1699): the call
+        stays pending until a resumed stream of its session answers it, or its timeout refunds it."""
+        if (call.parser is None or call.priced is None or call.session is None or call.listing is None
+                or call.charged is None or call.outcome is not None or call.failure is not None
+                or call.settlement is not None or call.parser.last_event_id is None
+                or call.status is None or not 200 <= call.status < 300):
+            return False
+        remaining = self.remaining(call)
+        if remaining <= 0:
+            call.failure = Failure.NO_ANSWER_BY_TIMEOUT
+            return False
+        call.waits = Wait.RESUMPTION
+        self.gw.pending.park(call.session, call.priced.rpc_id, flow, call)
+        self.start_deadline(flow, call, remaining)
+        flow.metadata.setdefault(META, {"request_id": call.request_id})["decision"] = Label.PENDING
+        flow.comment = (f"{call.listing.slug} · {call.priced.tool_name} · pending: the server closed the stream; "
+                        f"settled when a resumed stream answers, refunded after {remaining:.0f} s otherwise")
+        return True
+
+    def settle_parked(self, flow: http.HTTPFlow, call: Call, failure: Failure | None = None) -> None:
+        call.waits = None
+        if failure is not None:
+            call.failure = failure
+        self.gw.settlements.soon(flow, call)
+        self.gw.finish(flow, call)
+
+    def _answer_parked(self, stream: Call, event: Event) -> None:
+        """An event on a GET stream of `stream`'s session: settle the calls of the same key it answers,
+        parked ones, and running ones whose answer overtook the end of their POST stream."""
+        assert stream.session is not None
+        pending = self.gw.pending
+        if event.event != "message" or not pending.watching(stream.session):
+            return  # MCP clients ignore other event types: not an answer they get
+        messages = event.messages if event.oversized else answer_messages(event.data.encode("utf-8", "surrogatepass"))
+        for flow, call in pending.answered(stream.session, messages):
+            if (stream.consumer is None or call.consumer is None or call.priced is None
+                    or call.consumer.principal != stream.consumer.principal
+                    or call.outcome is not None or call.settlement is not None):
+                continue
+            call.outcome = event_outcome(event, call.priced.rpc_id)
+            if call.outcome is None:
+                continue
+            if call.waits is Wait.RESUMPTION:
+                self.settle_parked(flow, call)
+            else:  # still running: settled now, its POST's hooks find it settled
+                self.gw.settlements.start(flow, call)
+
+    def cancel(self, notice: Call, body: bytes) -> None:
+        """notifications/cancelled naming a priced call of the same session and key: refunded, unless its
+        answer was already delivered; its answer is withheld from then on."""
+        pending = self.gw.pending
+        rpc_id = resumption.cancelled_request_id(body)
+        found = pending.find(notice.session, rpc_id) if rpc_id is not None and notice.session else None
+        if found is None or notice.consumer is None:
+            return
+        flow, call = found
+        if call.consumer is None or call.consumer.principal != notice.consumer.principal:
+            return
+        if call.outcome is not None or call.settlement is not None or call.failure is not None:
+            return  # answered (billed), or already failing: settled by its own path
+        assert notice.session is not None and rpc_id is not None
+        pending.mark_refunded(notice.session, rpc_id)
+        if call.waits is Wait.RESUMPTION:
+            self.settle_parked(flow, call, Failure.CANCELLED)
+            return
+        call.failure = Failure.CANCELLED
+        self.gw.settlements.soon(flow, call)
+
+    def withhold(self, flow: http.HTTPFlow, call: Call) -> None:
+        """A JSON answer to a call cancelled (and refunded) while it ran: the client gets an error instead."""
+        assert flow.response is not None and call.priced is not None
+        if self.body_outcome(flow.response, call) is not None:
+            flow.response.headers.pop("content-encoding", None)
+            flow.response.headers["content-type"] = "application/json"
+            flow.response.content = resumption.cancelled_body(call.priced.rpc_id)
+
+    def body_outcome(self, response: http.Response, call: Call) -> Outcome | None:
+        """What a buffered answer says, decoded by the meter with a ceiling (never by mitmproxy)."""
+        assert self.gw.config is not None
+        limit = self.gw.config.max_body_bytes
+        try:
+            body = decode_bounded(response.raw_content or b"", response.headers.get("content-encoding"), limit)
+        except TooLarge:
+            log.warning("mcpmeter: a compressed answer inflates past max_body_bytes (%d); not read further", limit)
+            call.unread = True  # delivered all the same: see billing.decide
+            return None
+        assert call.priced is not None
+        return None if body is None else body_outcome(body, call.priced.rpc_id)
+
