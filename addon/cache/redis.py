@@ -49,7 +49,8 @@ from .memory import SESSION_TTL, MemoryCache
 log = logging.getLogger("mcpmeter")
 
 CONNECT_TIMEOUT = 0.25  # seconds to open a connection
-SOCKET_TIMEOUT = 0.5  # seconds for one reply
+SOCKET_TIMEOUT = 0.5  # seconds for one reply (and to wait for a free connection of the pool)
+POOL_SIZE = 16  # connections per gateway process
 OP_TIMEOUT = 0.75  # seconds for a whole operation, connection set-up included
 PROBE_INTERVAL = 1.0  # while degraded, at most one probe per this many seconds
 NEAR_CACHE_SECONDS = 2.0  # how long a key or listing read from Redis is reused in-process
@@ -105,13 +106,18 @@ class RedisCache(RedisBreakers, RedisIdempotency):
         self._config = config
         self._prefix = s.prefix
         self._where = f"{s.host}:{s.port}/{s.db}"
-        self._redis = aioredis.Redis(
+        # A bounded pool that makes a burst wait for a connection: unbounded, a burst of N calls on a
+        # cold gateway opened N connections at once, some of which missed CONNECT_TIMEOUT on a busy
+        # machine, and the gateway then limited on its own as if Redis were down (measured: 90 of a
+        # limit of 30 let through by two gateways). One command per call, a fraction of a ms each.
+        self._redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool(
+            max_connections=POOL_SIZE, timeout=SOCKET_TIMEOUT,
             host=s.host, port=s.port, db=s.db, password=s.password or None,
             socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=SOCKET_TIMEOUT,
             # No retries: a retried rate-limit script could count one call twice, and a dead
             # Redis must cost one short timeout, not a backoff schedule.
             retry=Retry(NoBackoff(), 0), decode_responses=True,
-        )
+        ))
         self._fallback = MemoryCache(config)
         # A near cache in front of Redis: a warm key or listing costs no round trip at all, and is
         # at most NEAR_CACHE_SECONDS staler than Redis (whose own TTLs bound the staleness anyway).
