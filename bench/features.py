@@ -132,7 +132,7 @@ async def _measure(addon: Mcpmeter, n: int) -> dict[str, float]:
         await addon.circuits.record(listing, 200, None)
     out["circuit"] = await _time(circuit, n=n)
 
-    out["idempotency"] = await _time(lambda: addon._idempotent(flow, call, listing), n=n)
+    out["idempotency"] = await _time(lambda: addon.admission._idempotent(flow, call, listing), n=n)
 
     answer = json.dumps(ANSWER).encode()
 
