@@ -7,7 +7,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,3 +105,19 @@ def run_gateway_expecting_failure(config_path: Path, workdir: Path,
          "--set", f"mcpmeter_config={config_path}"],
         cwd=workdir, capture_output=True, text=True, timeout=timeout,
     )
+
+
+@contextmanager
+def gateway_pair(config: dict[str, Any], workdir: Path, env: dict[str, str]) -> Iterator[tuple[Gateway, Gateway]]:
+    """Two gateways on the same backends (gateway-a, gateway-b), both stopped at the end."""
+    a = start_gateway(config, workdir, env=env, name="gateway-a")
+    try:
+        b = start_gateway(config, workdir, env=env, name="gateway-b")
+    except BaseException:
+        a.stop()
+        raise
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()

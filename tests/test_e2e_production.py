@@ -23,7 +23,7 @@ import pytest
 from tests import dbutil, redisutil
 from tests.refusals import refusal
 from tests.backends import Backend, ProductionBackend
-from tests.gateway_proc import Gateway, start_gateway
+from tests.gateway_proc import Gateway, gateway_pair, start_gateway
 from tests.test_e2e_gateway import MCP_HEADERS, call, eventually, slug
 
 
@@ -57,16 +57,8 @@ def prod(redis_proc: redisutil.RedisProcess) -> Iterator[Backend]:
 @pytest.fixture
 def pair(prod: Backend, tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
     """Two gateways behind an imaginary load balancer: same database, same Redis."""
-    settings = {"stale_call_seconds": 301}
-    a = start_gateway(settings, tmp_path, env=prod.env(), name="gateway-a")
-    try:
-        b = start_gateway(settings, tmp_path, env=prod.env(), name="gateway-b")
-    except BaseException:
-        a.stop()
-        raise
-    yield a, b
-    a.stop()
-    b.stop()
+    with gateway_pair({"stale_call_seconds": 301}, tmp_path, prod.env()) as both:
+        yield both
 
 
 async def spray(gateways: tuple[Gateway, ...], path: str, auth: dict[str, str], n: int,
@@ -182,18 +174,21 @@ async def test_gateway_killed_mid_load_leaves_no_debit_unexplained(pair: tuple[G
     prod.add_listing(s, fault_url + "/mcp", price=1000, rpm=10_000, rpd=100_000)
     c = prod.add_consumer(credit=1_000_000)
 
-    async def kill_soon() -> None:
-        # Once calls are charged and running (the tool takes 1.5 s), both gateways hold some: a fixed
-        # sleep could kill A before a loaded machine let it charge any, leaving nothing to sweep.
-        deadline = time.monotonic() + 15
-        while prod.query("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL")[0][0] < 20:
-            assert time.monotonic() < deadline, "the calls were never charged"
-            await asyncio.sleep(0.05)
-        os.kill(a.proc.pid, signal.SIGKILL)
+    def unsettled() -> int:
+        return int(prod.query("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL")[0][0])
 
-    load = asyncio.ensure_future(spray((a, b), f"/{s}", c.auth, 60, tool="slow", args={"seconds": 1.5}))
-    await kill_soon()
-    statuses = await load
+    # A's calls first, and A killed once it has charged some of them (the tool takes 1.5 s): a fixed
+    # sleep, or a count shared with B's calls, could kill A before a loaded machine let it charge any.
+    before = unsettled()
+    load_a = asyncio.ensure_future(spray((a,), f"/{s}", c.auth, 30, tool="slow", args={"seconds": 1.5}))
+    deadline = time.monotonic() + 15
+    while unsettled() < before + 10:
+        assert time.monotonic() < deadline, "gateway A never charged its calls"
+        await asyncio.sleep(0.05)
+    load_b = asyncio.ensure_future(spray((b,), f"/{s}", c.auth, 30, tool="slow", args={"seconds": 1.5}))
+    await asyncio.sleep(0.2)  # B's calls are under way too
+    os.kill(a.proc.pid, signal.SIGKILL)
+    statuses = await load_a + await load_b
     assert statuses[-1] > 0, "calls in flight on the killed gateway get no answer"
     assert a.proc.wait(5) == -signal.SIGKILL
     # Every debit has its ledger row, whatever was in flight on the killed process (I1, I4).
@@ -201,8 +196,7 @@ async def test_gateway_killed_mid_load_leaves_no_debit_unexplained(pair: tuple[G
     usage_rows = {r[0] for r in prod.query("SELECT request_id FROM credit_transactions WHERE type = 'usage'")}
     assert debited == usage_rows and len(debited) >= statuses[200]
     await eventually(lambda: len(prod.usage(c)) >= statuses[200], timeout=10)
-    unsettled = prod.query("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL")[0][0]
-    assert unsettled > 0, "the killed gateway left calls for the sweeper"
+    assert unsettled() > before, "the killed gateway left calls for the sweeper"
 
 
 async def test_mysql_unreachable_answers_503_fast_and_recovers(prod: Backend, tmp_path: Path,

@@ -23,7 +23,7 @@ import pytest
 
 from bench import nginx
 from tests.backends import Backend, ProductionBackend
-from tests.gateway_proc import Gateway, start_gateway
+from tests.gateway_proc import Gateway, gateway_pair
 from tests.test_e2e_gateway import MCP_HEADERS, call, eventually, slug
 
 pytestmark = pytest.mark.timeout(150)
@@ -50,16 +50,8 @@ def pair(prod: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tu
     """Two gateways on one database and one Redis prefix; /metrics open (loopback only) to count each one's calls."""
     require_nginx()
     workdir = tmp_path_factory.mktemp("scaleout")
-    settings = {"metrics_public": True}
-    a = start_gateway(settings, workdir, env=prod.env(), name="gateway-a")
-    try:
-        b = start_gateway(settings, workdir, env=prod.env(), name="gateway-b")
-    except BaseException:
-        a.stop()
-        raise
-    yield a, b
-    a.stop()
-    b.stop()
+    with gateway_pair({"metrics_public": True}, workdir, prod.env()) as both:
+        yield both
 
 
 @pytest.fixture(scope="module")
