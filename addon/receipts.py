@@ -36,6 +36,7 @@ from .model import Listing, Verdict
 log = logging.getLogger("mcpmeter")
 
 PRICE, PRICING, RECEIPT = "mcpmeter/price", "mcpmeter/pricing", "mcpmeter/receipt"
+EDITED_METHODS = ("tools/list", "initialize")  # answers that carry prices or pricing
 CURRENCY = "USD micro-cents"  # 1 µ¢ = 1e-6 cent
 MAX_REWRITE_BYTES = 1024 * 1024  # bodies and events bigger than this pass unchanged
 FREE_LEFT_TIMEOUT = 0.5  # seconds a tools/list answer waits at most for the free-calls count
@@ -90,6 +91,8 @@ class Plan:
         self.rpc_id, self.method, self.listing, self.free_left = rpc_id, method, listing, free_left
         self.receipt_of = receipt_of
         self.done = False  # the answer to rpc_id has passed (edited or not)
+        # Only a receipt to write (no prices, no pricing): the answer's result can be spliced into.
+        self.receipt_only = method not in EDITED_METHODS
 
     def edit(self, message: Any) -> bool:
         """Edit `message` in place if it answers the request; True if it changed."""
@@ -270,7 +273,7 @@ def edit_json(text: str | bytes, plan: Plan) -> str | None:
     """The message (or batch) with the plan applied, or None to leave it unchanged."""
     if len(text) > MAX_REWRITE_BYTES or not text.strip():  # an empty data field: a priming event
         return None
-    if plan.method not in ("tools/list", "initialize") and not plan.done:
+    if plan.receipt_only and not plan.done:
         if isinstance(text, str) and '"id"' not in text and "\\u" not in text:
             return None  # no "id" member, even escaped: a notification (progress...), not the answer
         try:
@@ -477,7 +480,7 @@ async def plan_for(flow: http.HTTPFlow, call: Any, store: Any, free_used: FreeUs
     """What this flow's answers should carry, or None (most flows: nothing to write)."""
     listing = call.listing
     method = (flow.metadata.get(META) or {}).get("method")
-    if listing is None or (call.charged is None and method not in ("tools/list", "initialize")):
+    if listing is None or (call.charged is None and method not in EDITED_METHODS):
         return None
     rpc_id = call.priced.rpc_id if call.priced is not None else rpc_errors.peek_id(flow.request.raw_content)
     if rpc_id is None:
@@ -553,8 +556,7 @@ async def write_body(flow: http.HTTPFlow, call: Any, store: Any, free_used: Free
     try:
         plan = await plan_for(flow, call, store, free_used)
         new = None
-        if plan is not None and plan.method not in ("tools/list", "initialize") \
-                and call.outcome in (Outcome.RESULT, Outcome.TOOL_ERROR):
+        if plan is not None and plan.receipt_only and call.outcome in (Outcome.RESULT, Outcome.TOOL_ERROR):
             # The settlement read this body already (call.outcome): no second parse of the message,
             # only of its result object, to find where the receipt goes.
             try:
@@ -589,7 +591,7 @@ async def wrap_stream(flow: http.HTTPFlow, call: Any, store: Any, free_used: Fre
         return
     inner = response.stream
     events = EventRewriter(lambda data: edit_json(data, plan), lambda: plan.done,
-                           worth=_may_answer if plan.method not in ("tools/list", "initialize") else lambda _: True)
+                           worth=_may_answer if plan.receipt_only else lambda _: True)
 
     def rewrite(chunk: bytes) -> bytes | list[bytes]:
         out = inner(chunk)  # the meter sees the upstream's bytes first (and settles on them)
