@@ -42,6 +42,9 @@ def serve_in_thread(app: ASGIApp, port: int = 0, host: str = "127.0.0.1",
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    # Keep-alive outlives any test's pause: with uvicorn's 5 s default, a gateway reusing a connection
+    # the instant uvicorn closes it gets a reset, a refunded 502 that a test counting statuses reads as a flake.
+    uvicorn_options.setdefault("timeout_keep_alive", 120)
     config = uvicorn.Config(app, lifespan="on", log_config=None, log_level="warning", timeout_graceful_shutdown=2,
                             **uvicorn_options)
     server = uvicorn.Server(config)

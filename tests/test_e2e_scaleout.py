@@ -81,7 +81,10 @@ def refusals(gw: Gateway, code: str) -> int:
 
 async def spray(url: str, auth: dict[str, str], n: int, tool: str = "ok",
                 concurrency: int | None = None) -> Counter[int]:
-    """n calls to `url`, at most `concurrency` (default all) at once; the count of each status."""
+    """n calls to `url`, at most `concurrency` (default all) at once; the count of each status.
+
+    Bodies of answers other than 200, 402 and 429 are printed: a failing assertion then shows who answered.
+    """
     limits = httpx2.Limits(max_connections=n + 10, max_keepalive_connections=n + 10)
     gate = asyncio.Semaphore(concurrency or n)
     async with httpx2.AsyncClient(timeout=60, limits=limits) as client:
@@ -89,6 +92,8 @@ async def spray(url: str, auth: dict[str, str], n: int, tool: str = "ok",
             async with gate:
                 r = await client.post(url, content=json.dumps(call(tool, rpc_id=i)).encode(),
                                       headers={**MCP_HEADERS, **auth})
+            if r.status_code not in (200, 402, 429):
+                print(f"spray: {r.status_code} {r.headers.get('server', '')!r} {r.text[:300]!r}")
             return r.status_code
 
         return Counter(await asyncio.gather(*(one(i) for i in range(n))))
