@@ -32,6 +32,7 @@ from mitmproxy import http
 from . import billing, rpc_errors
 from .jsonrpc import JsonId, Outcome, answer_outcome
 from .model import Listing, Verdict
+from .sse import Event
 
 log = logging.getLogger("mcpmeter")
 
@@ -303,151 +304,92 @@ def edit_json(text: str | bytes, plan: Plan) -> str | None:
     return out
 
 
-# --- SSE: whole events, at most one held back ------------------------------------------------------
+# --- SSE: the answer's event edited in place, from the meter's own parse ---------------------------
 
-class EventRewriter:
-    """Bytes in, bytes out: each complete event is passed to `edit` (its data) and re-emitted.
+_LINE_END = re.compile(rb"(\r\n|\r|\n)")
 
-    Holds back only the current, incomplete event (at most `limit` bytes; a bigger one is let out
-    unchanged as it comes). Once `finished()` says so, everything passes straight through.
+
+class StreamEditor:
+    """Writes the plan into the event that answers it as the stream passes, using the meter's own
+    parse of the stream (the watcher's SseParser gives each event's place in the stream): one SSE
+    parse per stream, and only the answer's event is split into fields again.
+
+    Holds back only the event not yet complete (at most `limit` bytes; a bigger one goes out
+    unchanged as it comes), and nothing once the answer has passed.
     """
 
-    def __init__(self, edit: Callable[[str], str | None], finished: Callable[[], bool] = lambda: False,
-                 limit: int = MAX_REWRITE_BYTES, worth: Callable[[bytes], bool] = lambda event: True) -> None:
-        """`worth(event)` False promises `edit` would leave that whole event unchanged: it is let
-        out without being split into fields (whole-event chunks only)."""
-        self.edit, self.finished, self.limit, self.worth = edit, finished, limit, worth
-        self._buf = bytearray()  # bytes not yet split into lines start at self._start
-        self._start = 0  # read offset: the consumed prefix is dropped only when it is over half the buffer
-        self._searched = 0  # buf[_start:_searched] holds no line end: it is never scanned again
-        self._lines: list[tuple[bytes, bytes]] = []  # the current event's lines: (text, line end)
-        self._size = 0
-        self._passing = False  # an oversize event is being let out unchanged
-        self._midline = False  # (passing) part of the current line already went out
+    def __init__(self, plan: Plan, limit: int = MAX_REWRITE_BYTES) -> None:
+        self.plan, self.limit = plan, limit
+        self._held = bytearray()
+        self._from = 0  # the stream offset of _held[0]
 
-    def feed(self, chunk: bytes) -> bytes:
-        """One chunk in, what may go out now; b"" marks the end and flushes everything.
+    @property
+    def finished(self) -> bool:
+        """The answer has passed (or will not be edited): the rest of the stream goes untouched."""
+        return self.plan.done and not self._held
 
-        Linear in bytes: each byte is searched for a line end once and copied a bounded number of
-        times (the consumed prefix is dropped only when it is over half the buffer).
-        """
-        final = not chunk
-        if not final and not self._buf and not self._lines and not self._passing:
-            whole = self._whole_events(chunk)
-            if whole is not None:
-                return whole
-        buf = self._buf
-        buf += chunk
-        out = bytearray()
-        start = self._start
-        lf = cr = -2  # the next LF / CR at or after start; -1 none in buf, -2 not looked for yet
-        while not self.finished() or self._lines or self._passing:
-            at = max(start, self._searched)
-            if lf < at and lf != -1:
-                lf = buf.find(b"\n", at)
-            if cr < at and cr != -1:
-                cr = buf.find(b"\r", at)
-            if lf == -1 and cr == -1:
-                self._searched = len(buf)
-                break
-            if cr == -1 or (lf != -1 and lf < cr):
-                end, nxt = lf, lf + 1
-            elif cr + 1 < len(buf):
-                end, nxt = cr, cr + 2 if buf[cr + 1] == 0x0A else cr + 1
-            elif final:
-                end, nxt = cr, cr + 1
-            else:  # a trailing CR waits for a LF
-                self._searched = cr
-                break
-            line, ending = bytes(buf[start:end]), bytes(buf[end:nxt])
-            start = nxt
-            out += self._line(line, ending)
-        self._start = start
-        if self.finished() and not self._lines and not self._passing:
-            out += buf[start:]  # the answer has passed: the rest of the stream goes untouched
-            self._clear()
-        elif self._passing or self._size + len(buf) - start > self.limit:
-            out += self._overflow()
-        if final:
-            out += b"".join(t + e for t, e in self._lines) + buf[self._start:]
-            self._lines, self._size = [], 0
-            self._clear()
-        elif self._start > len(buf) // 2:
-            del buf[:self._start]
-            self._searched = max(self._searched - self._start, 0)
-            self._start = 0
-        return bytes(out)
-
-    def _whole_events(self, chunk: bytes) -> bytes | None:
-        """The common chunk, at C speed: nothing held, LF line ends only, and whole events (it ends
-        with the blank line of its last event, and no event is empty). None: take the general path."""
-        if self.finished():
+    def feed(self, chunk: bytes, events: list[Event], pending_from: int | None,
+             answer: tuple[Event, Outcome] | None = None) -> bytes:
+        """`chunk` (b"": the end) and the events the parser found once it was fed; `pending_from` is
+        the parser's (None: the stream was not parsed, so it all goes out, and the rest unedited);
+        `answer`, the event the watcher read as the call's answer and what it said (not read again).
+        What may go out now. Never raises: on a failure everything held goes out."""
+        if (not self._held and chunk and pending_from == self._from + len(chunk) and not self.plan.done
+                and not any(map(self._worth, events))):
+            self._from = pending_from  # whole events, none of them the answer: out as they came
             return chunk
-        if not chunk.endswith(b"\n\n") or b"\r" in chunk or b"\n\n\n" in chunk or chunk.startswith(b"\n"):
-            return None
-        if len(chunk) > self.limit:
-            return None
-        out = []
-        for event in chunk[:-2].split(b"\n\n"):
-            if self.finished() or not self.worth(event):
-                out.append(event + b"\n\n")  # the answer has passed, or this is not it: untouched
-                continue
-            lines = event.split(b"\n")
-            data = [i for i, line in enumerate(lines) if line.startswith(b"data:")]
-            if len(data) != 1:  # no data, or a multi-line data field: the general way
-                out.append(self._emit([(line, b"\n") for line in lines]) + b"\n")
-                continue
-            out.append(self._edit_line(lines, data[0]) + b"\n\n")
+        held = self._held
+        held += chunk
+        try:
+            return self._release(events, pending_from, not chunk, answer)
+        except Exception:
+            log.exception("mcpmeter: could not edit a stream")
+            self.plan.done = True
+            out = bytes(held)
+            held.clear()
+            return out
+
+    def _worth(self, event: Event) -> bool:
+        """Whether the event may be edited: a message a client reads, small enough, that may hold
+        the answer (for a receipt: with an "id" member, even escaped; see _may_answer)."""
+        return (event.event == "message" and not event.oversized and event.end - event.start <= self.limit
+                and (not self.plan.receipt_only or '"id"' in event.data or "\\u" in event.data))
+
+    def _release(self, events: list[Event], pending_from: int | None, final: bool,
+                 answer: tuple[Event, Outcome] | None) -> bytes:
+        held = self._held
+        out: list[bytes | bytearray] = []
+        at = 0  # in held: what is before it is out (or replaced)
+        for event in events:
+            if self.plan.done:
+                break
+            start, end = event.start - self._from, event.end - self._from
+            if start < at or not self._worth(event):
+                continue  # part of it is out already, or not to be edited
+            outcome = answer[1] if answer is not None and answer[0] is event else None
+            edited = self._edit(bytes(held[start:end]), outcome)
+            if edited is not None:
+                out.append(held[at:start])
+                out.append(edited)
+                at = end
+        if pending_from is None:
+            self.plan.done = True  # no parse to follow the stream by from here: it passes unedited
+        if self.plan.done or pending_from is None or final or pending_from < self._from:
+            cut = len(held)  # answered, not parsed, the end, or the event in progress partly out already
+        else:
+            cut = pending_from - self._from
+            if len(held) - cut > self.limit:
+                cut = len(held)  # the event in progress is too big to hold: it goes out as it comes
+        out.append(held[at:cut])
+        del held[:cut]
+        self._from += cut
         return b"".join(out)
 
-    def _edit_line(self, lines: list[bytes], at: int) -> bytes:
-        """An event whose one data field is lines[at], edited (what _emit does, for the usual event)."""
-        value = lines[at][5:]
-        try:
-            new = self.edit((value[1:] if value.startswith(b" ") else value).decode("utf-8"))
-            replacement = None if new is None else new.encode("utf-8")
-        except Exception:  # never disturb the stream
-            log.exception("mcpmeter: could not edit an event")
-            replacement = None
-        if replacement is not None:
-            lines[at] = b"\n".join(b"data: " + part for part in replacement.split(b"\n"))
-        return b"\n".join(lines)
-
-    def _clear(self) -> None:
-        self._buf.clear()
-        self._start = self._searched = 0
-
-    def _line(self, line: bytes, ending: bytes) -> bytes:
-        if self._passing:
-            if not line and not self._midline:
-                self._passing = False
-            self._midline = False
-            return line + ending
-        if line:
-            self._lines.append((line, ending))
-            self._size += len(line) + len(ending)
-            if self._size > self.limit:  # too big to hold: let it out unchanged, as it comes
-                held = b"".join(t + e for t, e in self._lines)
-                self._lines, self._size, self._passing, self._midline = [], 0, True, False
-                return held
-            return b""
-        event, self._lines, self._size = self._lines, [], 0
-        return self._emit(event) + ending
-
-    def _overflow(self) -> bytes:
-        """The current event is too big to hold: let out what is held and pass it as it comes."""
-        held = b"".join(t + e for t, e in self._lines)
-        self._lines, self._size, self._passing = [], 0, True
-        buf = self._buf
-        keep = 1 if len(buf) > self._start and buf[-1] == 0x0D else 0  # maybe half of a CRLF
-        part = bytes(buf[self._start: len(buf) - keep])
-        self._start = len(buf) - keep
-        if part:
-            self._midline = True
-        return held + part
-
-    def _emit(self, lines: list[tuple[bytes, bytes]]) -> bytes:
-        original = b"".join(t + e for t, e in lines)
+    def _edit(self, event: bytes, outcome: Outcome | None) -> bytes | None:
+        """The event (its bytes, blank line included) with the plan applied to its data, or None.
+        `outcome`: what the event says of the call, when the watcher read it already."""
+        parts = _LINE_END.split(event)  # text, line end, text, line end, ..., ""
+        lines = list(zip(parts[0::2], parts[1::2], strict=False))
         data, first = [], None
         for i, (text, _) in enumerate(lines):
             name, _, value = text.partition(b":")
@@ -455,15 +397,20 @@ class EventRewriter:
                 data.append(value[1:] if value.startswith(b" ") else value)
                 first = i if first is None else first
         if first is None:
-            return original
+            return None
         try:
-            new = self.edit(b"\n".join(data).decode("utf-8"))
-            replacement = None if new is None else new.encode("utf-8")
+            text = b"\n".join(data).decode("utf-8")
+            new = None
+            if outcome in (Outcome.RESULT, Outcome.TOOL_ERROR) and self.plan.receipt_only:
+                new = _splice_into(text, self.plan, outcome)  # the answer read already: no second parse
+            if new is None and not self.plan.done:
+                new = edit_json(text, self.plan)
+            if new is None:
+                return None
+            replacement = new.encode("utf-8")
         except Exception:  # never disturb the stream
             log.exception("mcpmeter: could not edit an event")
-            replacement = None
-        if replacement is None:
-            return original
+            return None
         out = bytearray()
         for i, (text, ending) in enumerate(lines):
             if i == first:  # a multi-line data field stays multi-line (a spliced receipt keeps its newlines)
@@ -575,37 +522,15 @@ async def write_body(flow: http.HTTPFlow, call: Any, store: Any, free_used: Free
         log.exception("mcpmeter: could not write the receipt of %s", call.request_id)
 
 
-async def wrap_stream(flow: http.HTTPFlow, call: Any, store: Any, free_used: FreeUsed) -> None:
-    """An SSE answer: wrap its stream callable so the answer's event is rewritten as it passes."""
+async def stream_editor(flow: http.HTTPFlow, call: Any, store: Any, free_used: FreeUsed) -> StreamEditor | None:
+    """An SSE answer: the editor the stream watcher feeds (stream_watch.py), or None when there is
+    nothing to write or the bytes are not the ones the meter parses."""
     response = flow.response
-    if response is None or not callable(response.stream) or call.rewriter is not None:
-        return  # legacy session streams (rewriter) answer other flows' calls: not written here
-    if _body_headers(response.headers.fields)[0].strip().lower() not in ("", "identity"):
-        return  # compressed bytes pass as sent: only the meter's own decoder reads them
+    if response is None or call.rewriter is not None or call.decoder is not None:
+        return None  # legacy session streams answer other flows' calls; compressed bytes pass as sent
     try:
         plan = await plan_for(flow, call, store, free_used)
     except Exception:
         log.exception("mcpmeter: no receipt plan for %s", call.request_id)
-        return
-    if plan is None:
-        return
-    inner = response.stream
-    events = EventRewriter(lambda data: edit_json(data, plan), lambda: plan.done,
-                           worth=_may_answer if plan.receipt_only else lambda _: True)
-
-    def rewrite(chunk: bytes) -> bytes | list[bytes]:
-        out = inner(chunk)  # the meter sees the upstream's bytes first (and settles on them)
-        parts = [out] if isinstance(out, bytes) else list(out or [])
-        try:
-            if chunk and len(parts) == 1:  # the usual: one chunk in, one out
-                return (events.feed(parts[0]) if parts[0] else b"") or []
-            emitted = [events.feed(part) for part in parts if part]
-            if not chunk:  # the end: whatever is held goes out
-                emitted.append(events.feed(b""))
-        except Exception:
-            log.exception("mcpmeter: rewriting the stream of %s failed", call.request_id)
-            return parts
-        # Never an empty chunk (over HTTP/1.1 chunked encoding it would end the client's body): nothing is [].
-        return b"".join(emitted) or []
-
-    response.stream = rewrite
+        return None
+    return None if plan is None else StreamEditor(plan)

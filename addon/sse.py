@@ -4,6 +4,10 @@ Follows the WHATWG event-stream rules that matter for MCP: LF, CRLF or CR line e
 split anywhere across chunks, multi-line `data:`, comments, and events whose data is
 empty (MCP servers send such a priming event) which are not dispatched.
 
+Each event says where its bytes lie in the stream (`start`, `end`: from its first line to the end
+of its blank line), and `pending_from` where the event not yet complete begins, so a writer can
+edit an event in place without splitting the stream again (receipts.StreamEditor).
+
 Linear in the bytes fed, with bounded memory: an event's data is held up to
 `max_event_bytes`; a bigger event is not held but read on the fly by a `MessageScanner`,
 so the event still comes out (with empty `data` and the scanner's `messages`) and the
@@ -13,7 +17,7 @@ limit are skipped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .scan import Message, MessageScanner
 
@@ -28,6 +32,10 @@ class Event:
     # an event over max_event_bytes: its data is not kept, this is what it said (None: not one JSON value)
     messages: list[Message] | None = None
     oversized: bool = False
+    # Where its bytes lie in the stream: from its first line to just past its blank line (not part of
+    # what the event says: two events saying the same are equal wherever they were).
+    start: int = field(default=-1, compare=False)
+    end: int = field(default=-1, compare=False)
 
 
 class SseParser:
@@ -43,6 +51,14 @@ class SseParser:
         self._scanner: MessageScanner | None = None  # the event outgrew the limit
         self._event = ""
         self._id: str | None = None
+        self._offset = 0  # stream offset of _buf[0]
+        self._event_start = 0  # stream offset where the event being read began
+
+    @property
+    def pending_from(self) -> int:
+        """The stream offset where the event not yet dispatched begins: every byte before it belongs
+        to an event already returned by `feed` (or to one that dispatched nothing)."""
+        return self._event_start
 
     @property
     def last_event_id(self) -> str | None:
@@ -55,7 +71,10 @@ class SseParser:
         events: list[Event] = []
         buf = self._buf
         if self._cr_pending and chunk[:1] == b"\n":
-            chunk = chunk[1:]
+            chunk = chunk[1:]  # the end of a CRLF cut in two: it belongs to the line before
+            if self._event_start == self._offset:
+                self._event_start += 1
+            self._offset += 1
         self._cr_pending = False
         buf += chunk
         start = 0
@@ -75,12 +94,15 @@ class SseParser:
                     nxt += buf[nxt] == 0x0A
                 else:
                     self._cr_pending = True
-            if (event := self._line(bytes(buf[start:end]))) is not None:
+            if (event := self._line(bytes(buf[start:end]), self._offset + nxt)) is not None:
                 events.append(event)
             start = nxt
         del buf[:start]
+        self._offset += start
         self._searched = len(buf)
         if final:
+            self._offset += len(buf)
+            self._event_start = self._offset
             buf.clear()  # an unterminated last line, and an event without its blank line, never count
             self._searched = 0
             self._reset()
@@ -90,7 +112,8 @@ class SseParser:
 
     # --- lines -----------------------------------------------------------------------------------
 
-    def _line(self, raw: bytes) -> Event | None:
+    def _line(self, raw: bytes, ends_at: int) -> Event | None:
+        """One line, without its end; `ends_at` is the stream offset just past its line end."""
         partial, self._partial = self._partial, None
         if partial == "data":
             self._add_data(raw, continued=True)
@@ -98,7 +121,9 @@ class SseParser:
         if partial == "skip":
             return None
         if not raw:
-            return self._dispatch()
+            event = self._dispatch(ends_at)
+            self._event_start = ends_at
+            return event
         if raw[:1] == b":":
             return None
         name, _, value = raw.partition(b":")
@@ -124,6 +149,7 @@ class SseParser:
                 self._partial = "skip"
         elif self._partial == "data":
             self._add_data(bytes(buf), continued=True)
+        self._offset += len(buf)
         buf.clear()
         self._searched = 0
 
@@ -146,15 +172,16 @@ class SseParser:
         self._scanner.feed(piece)
         self._data = []
 
-    def _dispatch(self) -> Event | None:
+    def _dispatch(self, ends_at: int) -> Event | None:
         event: Event | None
         if self._scanner is not None:
             event = Event(event=self._event or "message", data="", id=self._id,
-                          messages=self._scanner.finish(), oversized=True)
+                          messages=self._scanner.finish(), oversized=True, start=self._event_start, end=ends_at)
         else:
             data = b"".join(self._data).decode("utf-8", "replace")
             # no data line, or a single empty one: a priming event
-            event = Event(event=self._event or "message", data=data, id=self._id) if data else None
+            event = Event(event=self._event or "message", data=data, id=self._id,
+                          start=self._event_start, end=ends_at) if data else None
         self._reset()
         return event
 

@@ -40,35 +40,54 @@ class StreamWatch:
         gw = self.gw
 
         def watch(chunk: bytes) -> bytes | list[bytes]:
-            out: bytes | list[bytes] = chunk
-            try:
-                if call.rewriter is not None:
+            if call.rewriter is not None:
+                out: bytes | list[bytes] = []  # the rewriter failing lets nothing of the stream out unrewritten
+                try:
                     ended, had_route = not chunk, call.rewriter.route is not None
-                    out = []  # the rewriter failing lets nothing of the stream out unrewritten
                     out = call.rewriter.feed(chunk)
                     gw.legacy.watch(call, out, ended, had_route)
-                elif (call.priced is not None and call.outcome is None and call.parser is not None
-                      and call.settlement is None):  # a cancelled call settled already: its answer is no longer read
+                except Exception:
+                    log.exception("mcpmeter: stream watcher %s failed", call.request_id)
+                return out
+            editor = call.editor
+            editing = editor is not None and not editor.finished
+            events: list[Event] = []
+            parsed = False
+            answer: tuple[Event, Outcome] | None = None
+            try:
+                answering = call.priced is not None and call.outcome is None and call.settlement is None
+                parked = call.priced is None and call.session is not None  # a GET stream of a session (resumed)
+                if call.parser is not None and (answering or parked or editing):
                     data = call.decoder.feed(chunk) if call.decoder is not None and chunk else chunk
-                    for event in call.parser.feed(data) if data or not chunk else ():
-                        if event.event != "message":  # MCP clients ignore other event types
-                            continue
-                        outcome = event_outcome(event, call.priced.rpc_id)
-                        if outcome is not None:
-                            # Settle now: the answer is what was paid for, whatever the stream does next.
-                            call.outcome = outcome
-                            gw.settlements.start(flow, call)
-                            break
-                elif call.priced is None and call.session is not None and call.parser is not None:
-                    # A GET stream of a session (a resumed one): answers to the session's parked calls settle them.
-                    data = call.decoder.feed(chunk) if call.decoder is not None and chunk else chunk
-                    for event in call.parser.feed(data) if data or not chunk else ():
-                        self._answer_parked(call, event)
+                    events = call.parser.feed(data) if data or not chunk else []
+                    parsed = call.decoder is None  # the parser's offsets are those of `chunk`
+                    for event in events:
+                        if parked:  # answers to the session's parked calls settle them
+                            self._answer_parked(call, event)
+                        elif answering and event.event == "message":  # MCP clients ignore other event types
+                            assert call.priced is not None
+                            outcome = event_outcome(event, call.priced.rpc_id)
+                            if outcome is not None:
+                                # Settle now: the answer is what was paid for, whatever the stream does next.
+                                call.outcome = outcome
+                                gw.settlements.start(flow, call)
+                                answering = False
+                                answer = event, outcome
             except Exception:
+                parsed = False
                 log.exception("mcpmeter: stream watcher %s failed", call.request_id)
                 if call.outcome is not None and call.settlement is None:  # seen, then something broke
                     call.settlement = gw.settlements.own(gw.settlements.now(flow, call))
-            return out
+            if not editing:
+                return chunk
+            assert editor is not None
+            # The receipt and prices, written into the events just parsed (never an empty chunk:
+            # over HTTP/1.1 chunked encoding it would end the client's body).
+            pending_from = call.parser.pending_from if parsed and call.parser is not None else None
+            out = editor.feed(chunk, events, pending_from, answer)
+            if call.outcome is not None:
+                editor.plan.done = True  # answered (if its event could not be edited, it passed unedited)
+            return out or []
 
         return watch
 
@@ -83,9 +102,9 @@ class StreamWatch:
             call.decoder = StreamDecoder(coding, gw.config.max_body_bytes)
         if call.listing is not None and call.listing.transport is Transport.SSE and call.listing.upstream_url:
             call.rewriter = legacy_sse.EndpointRewriter(call.listing.upstream_url, call.listing.slug)
+        # Prices and the receipt, written into the events by the watcher as it parses them.
+        call.editor = await receipts.stream_editor(flow, call, gw.store, gw.free_used)
         flow.response.stream = self.watcher(flow, call)
-        # Prices and the receipt in the events.
-        await receipts.wrap_stream(flow, call, gw.store, gw.free_used)
         if call.session is not None and gw.config is not None:  # refunded calls' answers never go out
             resumption.drop_refunded(flow.response, call.session, gw.pending, gw.config.max_event_bytes)
         gw.deferred.watch_stream(flow, call)  # task statuses, input_required (upstream bytes first)

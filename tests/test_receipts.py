@@ -11,7 +11,7 @@ import pytest
 from addon import billing, receipts
 from addon.jsonrpc import Outcome
 from addon.model import Listing, Verdict
-from addon.receipts import EventRewriter, Plan, edit_json
+from addon.receipts import Plan, StreamEditor, edit_json
 from addon.sse import SseParser
 from mitmproxy import http
 
@@ -147,15 +147,24 @@ STREAM = (
 ANSWERED = json.loads('{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"é€"}]}}')
 
 
+class Watched:
+    """The meter's parser and the editor fed as the stream watcher feeds them (stream_watch.py)."""
+
+    def __init__(self, p: Plan, limit: int = receipts.MAX_REWRITE_BYTES) -> None:
+        self.parser, self.editor = SseParser(), StreamEditor(p, limit)
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self.editor.feed(chunk, self.parser.feed(chunk), self.parser.pending_from)
+
+
 def run(stream: bytes, cuts: list[int], limit: int = receipts.MAX_REWRITE_BYTES, p: Plan | None = None) -> bytes:
-    p = p or plan()
-    rewriter = EventRewriter(lambda data: edit_json(data, p), lambda: p.done, limit)
+    watched = Watched(p or plan(), limit)
     out, start = b"", 0
     for cut in [*cuts, len(stream)]:
         if cut > start:
-            out += rewriter.feed(stream[start:cut])
+            out += watched.feed(stream[start:cut])
         start = cut
-    return out + rewriter.feed(b"")
+    return out + watched.feed(b"")
 
 
 def expected_stream() -> bytes:
@@ -173,7 +182,6 @@ def test_sse_answer_is_rewritten_whole_at_every_split_point(cut: int) -> None:
 
 @pytest.mark.parametrize("cut", range(0, len(STREAM.replace(b"\r\n", b"\n")) + 1, 7))
 def test_sse_with_lf_line_ends_at_split_points_and_event_by_event(cut: int) -> None:
-    # LF-only streams take the whole-event path when a chunk ends where an event ends.
     stream, expected = STREAM.replace(b"\r\n", b"\n"), expected_stream().replace(b"\r\n", b"\n")
     assert run(stream, [cut]) == expected
     ends = [i + 2 for i in range(len(stream)) if stream[i:i + 2] == b"\n\n"]
@@ -199,11 +207,11 @@ def test_sse_bytewise_and_the_events_a_parser_sees() -> None:
 
 
 def test_sse_events_after_the_answer_pass_as_they_come() -> None:
-    p = plan()
-    rewriter = EventRewriter(lambda data: edit_json(data, p), lambda: p.done)
+    watched = Watched(plan())
     head, _, tail = STREAM.partition(b"retry: 10\r\n\r\n")
-    assert rewriter.feed(head + b"retry: 10\r\n\r\n").endswith(b"retry: 10\r\n\r\n")
-    assert rewriter.feed(tail[:7]) == tail[:7]  # not held back: the answer has passed
+    assert watched.feed(head + b"retry: 10\r\n\r\n").endswith(b"retry: 10\r\n\r\n")
+    assert watched.editor.finished
+    assert watched.feed(tail[:7]) == tail[:7]  # not held back: the answer has passed
 
 
 @pytest.mark.parametrize("cut", range(len(STREAM) + 1))
@@ -214,6 +222,27 @@ def test_sse_oversize_answer_passes_unchanged(cut: int) -> None:
 @pytest.mark.parametrize("cut", range(0, len(STREAM) + 1, 5))
 def test_sse_stream_without_the_answer_passes_byte_for_byte(cut: int) -> None:
     assert run(STREAM, [cut], p=plan(rpc_id=99)) == STREAM
+
+
+@pytest.mark.parametrize("cut", range(1, len(STREAM), 9))
+def test_sse_stream_no_longer_parsed_lets_everything_held_out_unedited(cut: int) -> None:
+    """The watcher failing (or stopping) mid-stream: what the editor held goes out, nothing is lost,
+    and the rest passes as it comes."""
+    watched = Watched(plan())
+    out = watched.feed(STREAM[:cut])
+    out += watched.editor.feed(STREAM[cut:], [], None)
+    assert watched.editor.finished
+    answered = cut >= STREAM.index(b"retry: 10\r\n\r\n") + len(b"retry: 10\r\n\r\n")  # edited before it stopped
+    assert out + watched.editor.feed(b"tail", [], None) == (expected_stream() if answered else STREAM) + b"tail"
+
+
+def test_sse_editor_failing_lets_the_stream_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: Any) -> bytes:
+        raise RuntimeError("boom")
+    watched = Watched(plan())
+    head = watched.feed(STREAM[:20])
+    monkeypatch.setattr(watched.editor, "_release", broken)
+    assert head + watched.feed(STREAM[20:]) == STREAM and watched.editor.finished
 
 
 def test_sse_unterminated_event_is_flushed_at_the_end() -> None:
@@ -231,10 +260,10 @@ def test_sse_rewrite_is_linear_in_bytes(stream: bytes, chunk: int | None) -> Non
 
     The bound is CPU time of this process (not wall clock) and about 5x what the linear code needs.
     """
-    rewriter = EventRewriter(lambda data: data)
+    watched = Watched(plan(method="tools/list"))  # edits every event with data: never done
     parts = [stream] if chunk is None else [stream[i:i + chunk] for i in range(0, len(stream), chunk)]
     started = time.process_time()
-    out = b"".join(rewriter.feed(part) for part in parts) + rewriter.feed(b"")
+    out = b"".join(watched.feed(part) for part in parts) + watched.feed(b"")
     assert time.process_time() - started < 5
     assert out == stream
 

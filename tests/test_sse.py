@@ -202,3 +202,39 @@ def test_one_long_line_in_small_chunks_is_linear() -> None:
     [e] = p.feed(b"\n\n")
     assert len(e.data) == 4096 * 1024
     assert time.process_time() - started < 2.0
+
+
+# --- where each event lies (receipts.StreamEditor edits events in place by these offsets) -------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_PIECES = st.sampled_from([b"data: {\"id\":1}", b"data:", b"data: x", b"event: message", b"event: other",
+                           b"id: 7", b": ping", b"retry: 5", b"\n", b"\r", b"\r\n", b"\n\n", b"\r\n\r\n", b"x"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_PIECES, max_size=30).map(b"".join), st.lists(st.integers(0, 400), max_size=6))
+def test_each_event_says_where_its_bytes_are(stream: bytes, cuts: list[int]) -> None:
+    parser = SseParser()
+    events: list[Event] = []
+    fed = 0
+    for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(stream)], strict=True):
+        if b <= a:
+            continue
+        got = parser.feed(stream[a:b])
+        fed = b
+        for event in got:
+            assert 0 <= event.start < event.end <= fed
+        assert all(e.end <= parser.pending_from for e in got) and parser.pending_from <= fed
+        events += got
+    events += parser.feed(b"")
+    assert events == parse_whole(stream)  # the same events, however the stream was cut
+    last = 0
+    for event in events:
+        assert event.start >= last
+        last = event.end
+        alone = SseParser()
+        # Its own bytes, alone, say the same (the id aside: an `id:` holds until another one replaces it).
+        assert [(e.event, e.data) for e in alone.feed(stream[event.start:event.end])] == [(event.event, event.data)]
+        assert stream[event.end - 1:event.end] in (b"\n", b"\r")
