@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Generator, Iterable
@@ -231,6 +232,39 @@ def abort_upstream(flow: http.HTTPFlow) -> bool:
         if conn is flow.server_conn or (conn.address == target and not (flow.request.is_http2 and conn.connected)):
             handler.close_connection(conn)
             closed = True
+    return closed
+
+
+# Upstream connections -> when their last answer came in whole (weak: gone with the connection).
+_answered_at: weakref.WeakKeyDictionary[Server, float] = weakref.WeakKeyDictionary()
+
+
+def upstream_answered(flow: http.HTTPFlow) -> None:
+    """The flow's answer came in whole: its upstream connection is idle from now."""
+    conn = flow.server_conn
+    if conn is not None and conn.connected:
+        _answered_at[conn] = time.monotonic()
+
+
+def close_idle_upstream(flow: http.HTTPFlow, idle_seconds: float) -> bool:
+    """Before a request is forwarded: close the client's kept-alive connection to its upstream if it has
+    been idle longer than `idle_seconds`, so mitmproxy opens a new one. A server closes idle connections
+    on its own clock; a request written the moment it does is lost (a 502, refunded, and a failed call
+    for the consumer), and mitmproxy retries nothing. HTTP/1 clients only: one request in flight per
+    client connection, so an idle connection of theirs has no other flow on it. True if one was closed."""
+    if idle_seconds <= 0 or flow.request.is_http2:
+        return False
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
+    if handler is None:
+        return False
+    target, now, closed = (flow.request.host, flow.request.port), time.monotonic(), False
+    for conn in list(handler.transports):
+        if isinstance(conn, Server) and conn.address == target and conn.connected and conn.alpn != b"h2":
+            answered = _answered_at.get(conn)
+            if answered is not None and now - answered > idle_seconds:
+                handler.close_connection(conn)
+                closed = True
     return closed
 
 

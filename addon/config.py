@@ -72,6 +72,9 @@ class Config:
     max_body_bytes: int = 10 * 1024 * 1024
     max_event_bytes: int = 16 * 1024 * 1024  # an SSE event held whole up to this; bigger ones are scanned
     stale_call_seconds: float = 600.0  # a paid call unsettled this long lost its gateway: refund it
+    # An upstream connection idle this long is not reused (0: always reused). Servers close idle
+    # connections (uvicorn after 5 s, Node after 5 s); a call sent the moment one does fails.
+    upstream_idle_seconds: float = 4.0
     task_settle_seconds: float = 3600.0  # a task-augmented call not terminal this long: refunded (task_expired)
     round_settle_seconds: float = 900.0  # an input_required round not followed up this long: billed (addon/deferred.py)
     log_level: str = "info"
@@ -230,6 +233,8 @@ def _build(raw: dict[str, Any]) -> Config:
     if cfg.stale_call_seconds <= cfg.max_upstream_timeout_ms / 1000:
         raise ConfigError(f"stale_call_seconds ({cfg.stale_call_seconds}) must exceed the longest upstream timeout "
                           f"(max_upstream_timeout_ms = {cfg.max_upstream_timeout_ms})")
+    if not 0 <= cfg.upstream_idle_seconds <= 3600:
+        raise ConfigError(f"upstream_idle_seconds must be between 0 and 3600, not {cfg.upstream_idle_seconds}")
     for key in ("task_settle_seconds", "round_settle_seconds"):
         if not cfg.max_upstream_timeout_ms / 1000 < getattr(cfg, key) <= 30 * 86400:
             raise ConfigError(f"{key} ({getattr(cfg, key)}) must exceed the longest upstream timeout "

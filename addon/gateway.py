@@ -280,6 +280,8 @@ class Mcpmeter:
             await self.admission.admit(flow, call, credential)
             if flow.response is None:
                 guard.claim(flow)  # metered and forwarded: the fail-closed guard lets it pass
+                assert self.config is not None
+                compat.close_idle_upstream(flow, self.config.upstream_idle_seconds)
         except GatewayError as e:
             await self._refuse(flow, call, e)
         except StoreUnavailable as e:
@@ -311,6 +313,7 @@ class Mcpmeter:
             log.exception("mcpmeter: responseheaders %s failed", call.request_id)
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        compat.upstream_answered(flow)
         call = self.calls.get(flow.id)
         if call is None or flow.response is None:
             return

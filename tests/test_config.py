@@ -468,3 +468,9 @@ def test_held_call_limits_are_validated(tmp_path: Path) -> None:
         for bad in (0, -5, 300, 31 * 86400):  # 300 s is the default longest upstream timeout
             assert key in error(tmp_path, {key: bad})
         assert key in error(tmp_path, {key: "soon"})
+
+
+@pytest.mark.parametrize("value", [-1, 3601])
+def test_upstream_idle_seconds_is_bounded(tmp_path: Path, value: float) -> None:
+    assert "upstream_idle_seconds must be between 0 and 3600" in error(tmp_path, {"upstream_idle_seconds": value})
+    assert load_yaml(tmp_path, {"upstream_idle_seconds": 0}).upstream_idle_seconds == 0
