@@ -9,9 +9,9 @@ hook calls for the feature is then timed over many iterations on that call:
   circuit        Circuits.admit before forwarding + Circuits.record after the answer
   idempotency    the Idempotency-Key check of a request that has none
   receipt-json   the receipt written into a JSON answer (receipts.write_body)
-  receipt-sse    the receipt written into an SSE answer: the stream watcher's parse of the events
-                 with the receipt editor fed from it (receipts.stream_editor), less the same parse
-                 without the editor (the meter parses the stream either way)
+  receipt-sse    the receipt written into an SSE answer: the editor (receipts.stream_editor) made
+                 and fed the stream watcher's parse of the events and its reading of the answer
+                 (the meter parses the stream and reads the answer with or without receipts)
 
 The hot path of a paid call runs the first three and the receipt of its kind of answer; that sum,
 for a JSON answer and for an SSE answer, is what the target (50 µs) is checked against. Refusal
