@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from addon import billing, receipts
+from addon.call import event_outcome
 from addon.jsonrpc import Outcome
 from addon.model import Listing, Verdict
 from addon.receipts import Plan, StreamEditor, edit_json
@@ -151,10 +152,15 @@ class Watched:
     """The meter's parser and the editor fed as the stream watcher feeds them (stream_watch.py)."""
 
     def __init__(self, p: Plan, limit: int = receipts.MAX_REWRITE_BYTES) -> None:
-        self.parser, self.editor = SseParser(), StreamEditor(p, limit)
+        self.parser, self.editor, self.rpc_id = SseParser(), StreamEditor(p, limit), p.rpc_id
+        self.answered = False
 
     def feed(self, chunk: bytes) -> bytes:
-        return self.editor.feed(chunk, self.parser.feed(chunk), self.parser.pending_from)
+        events, answer = self.parser.feed(chunk), None
+        for event in events:  # the watcher reads the answer first and hands its reading over
+            if not self.answered and event.event == "message" and (outcome := event_outcome(event, self.rpc_id)):
+                self.answered, answer = True, (event, outcome)
+        return self.editor.feed(chunk, events, self.parser.pending_from, answer)
 
 
 def run(stream: bytes, cuts: list[int], limit: int = receipts.MAX_REWRITE_BYTES, p: Plan | None = None) -> bytes:
@@ -341,3 +347,67 @@ def test_sse_event_that_cannot_be_written_back_passes_unchanged() -> None:
     stream = (b'data: {"jsonrpc":"2.0","id":1,"result":{"t":"\\ud800","_meta":{}}}\r\n\r\n'
               b'data: {"jsonrpc":"2.0","id":1,"result":{}}\n\n')
     assert run(stream, [9]) == stream  # unchanged and nothing lost; the answer has passed, so the rest too
+
+
+# --- property: any stream, any cuts (the editor fed by the meter's parse) --------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ENDS = st.sampled_from(["\n", "\r\n", "\r"])
+_OTHER_EVENT = st.sampled_from([
+    ": keep-alive", "id: 5", "retry: 100", "event: ping\ndata: {\"id\":1}",  # not a message: never edited
+    "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"id\":1}}",
+    "data: {\"jsonrpc\":\"2.0\",\"id\":2,\"result\":{}}",  # another call's answer
+    "data:", "data: not json", "data: {\"id\":1", "event: message\ndata: [1,\ndata: 2]"])
+_ANSWER_EVENT = st.sampled_from([
+    "event: message\nid: 9\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"content\":[]}}",
+    "data: {\"jsonrpc\":\"2.0\",\n"
+    "data: \"id\":1,\"result\":{\"isError\":true,\"content\":[{\"type\":\"text\",\"text\":\"é\"}]}}",
+    "data: {\"result\":{\"a\":1},\"id\":1,\"jsonrpc\":\"2.0\"}",
+    "data: {\"jsonrpc\":\"2.0\",\"id\":1,\"error\":{\"code\":-1,\"message\":\"x\"}}"])
+
+
+def _stream(before: list[str], answer: str | None, after: list[str], end: str) -> bytes:
+    events = [*before, *([answer] if answer else []), *after]
+    return "".join(e.replace("\n", end) + end + end for e in events).encode()
+
+
+def _cut(stream: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    return [stream[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_OTHER_EVENT, max_size=4), st.one_of(st.none(), _ANSWER_EVENT), st.lists(_OTHER_EVENT, max_size=3),
+       _ENDS, st.lists(st.integers(0, 600), max_size=8))
+def test_any_stream_cut_anywhere_keeps_its_events_and_gains_only_the_receipt(
+        before: list[str], answer: str | None, after: list[str], end: str, cuts: list[int]) -> None:
+    stream = _stream(before, answer, after, end)
+    # The call answered in the stream and one never answered there; events held up to the usual
+    # limit, and up to 60 bytes (bigger ones go out unedited as they come).
+    for rpc_id, limit in ((1, receipts.MAX_REWRITE_BYTES), (99, receipts.MAX_REWRITE_BYTES), (1, 60)):
+        watched = Watched(plan(rpc_id=rpc_id), limit)
+        out = b"".join(watched.feed(part) for part in _cut(stream, cuts)) + watched.feed(b"")
+        original = SseParser().feed(stream)
+        got = SseParser().feed(out)
+        if rpc_id == 99 or answer is None:
+            assert out == stream  # nothing to write: byte for byte
+            continue
+        # The same events in the same order; only the answer's data differs, by the receipt alone.
+        assert [(e.event, e.id) for e in got] == [(e.event, e.id) for e in original]
+        changed = [(a, b) for a, b in zip(original, got, strict=True) if a.data != b.data]
+        if limit < receipts.MAX_REWRITE_BYTES and not changed:
+            assert out == stream  # the answer was too big to hold: it passed as it came
+        else:
+            assert len(changed) == 1  # the answer, and only it
+        for was, now in changed:
+            message = json.loads(now.data)
+            holder = message["error"]["data"] if "error" in message else message["result"]["_meta"]
+            receipt = holder.pop(receipts.RECEIPT)
+            assert receipt == RECEIPT
+            if "error" in message and not holder:
+                del message["error"]["data"]
+            elif "result" in message and not holder:
+                del message["result"]["_meta"]
+            assert message == json.loads(was.data)
