@@ -15,7 +15,7 @@ from enum import StrEnum
 
 from mitmproxy import http
 
-from . import billing, idempotency, legacy_sse, receipts
+from . import billing, idempotency, legacy_sse, stream_edit
 from .billing import Failure
 from .decoding import StreamDecoder
 from .jsonrpc import JsonId, Outcome, PricedCall, body_outcome, scanned_outcome
@@ -82,7 +82,7 @@ class Call:
     # --- a legacy SSE session (addon/legacy_sessions.py)
     legacy_session: str = ""  # the session's identity (legacy_sessions.identity), POSTs and stream
     rewriter: legacy_sse.EndpointRewriter | None = None  # the session's GET stream
-    editor: receipts.StreamEditor | None = None  # prices and the receipt, written into an SSE answer
+    editor: stream_edit.StreamEditor | None = None  # what is written into an SSE answer's events
     # --- streamable HTTP sessions: resumption and cancellation (addon/pending.py)
     session: tuple[int, str] | None = None  # (listing id, Mcp-Session-Id)
     waits: Wait | None = None  # its flow's hooks are over and its answer is still to come

@@ -10,7 +10,8 @@ with no deliverable answer is refunded, and a refunded call's answer is never de
 - Priced calls in flight are *tracked* per session, so a `notifications/cancelled` naming one can find it.
 - A call refunded without an answer (timeout, cancellation, upstream failure) leaves a *refunded* marker:
   an event answering its id on a later stream of that session goes out without its `data:` lines
-  (`drop_refunded`), so the client never receives it. Markers are bounded in number and expire.
+  (`blank_if_refunded`, applied by stream_edit.StreamEditor), so the client never receives it.
+  Markers are bounded in number and expire.
 
 Sessions are keyed by (listing id, Mcp-Session-Id); ids by their JSON type, so 1 and "1" differ.
 """
@@ -21,7 +22,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from mitmproxy import http
@@ -151,95 +152,6 @@ class Pending:
             if not m.has_method and (m.has_result or m.has_error) and self.is_refunded(session, m.id_value()):
                 return ""
         return None
-
-
-def drop_refunded(response: http.Response, session: SessionKey, pending: Pending, limit: int) -> None:
-    """Wrap an SSE stream of a session: an event answering a refunded call goes out without its `data:`
-    lines (its `id:` line kept, so a client's resumption point still advances), which clients do not
-    dispatch. Holds one event at a time, at most `limit` bytes; a bigger event passes as it comes."""
-    inner = response.stream
-    if not callable(inner):
-        return
-    events = EventFilter(lambda data: pending.blank_if_refunded(session, data) is not None, limit)
-
-    def rewrite(chunk: bytes) -> bytes | list[bytes]:
-        out = inner(chunk)
-        parts = [out] if isinstance(out, bytes) else list(out or [])
-        try:
-            emitted = [events.feed(part) for part in parts if part]
-            if not chunk:
-                emitted.append(events.feed(b""))
-        except Exception:  # never disturb the stream
-            log.exception("mcpmeter: filtering a session stream failed")
-            return parts
-        return b"".join(emitted) or []  # never an empty chunk: over HTTP/1.1 it would end the body
-
-    response.stream = rewrite
-
-
-class EventFilter:
-    """Bytes in, bytes out, whole SSE events at a time; `drop(data)` says which events lose their data.
-
-    Linear in the bytes fed: line ends are searched once (positions cached), and held bytes are
-    trimmed once per chunk. Holds only the current event, up to `limit` bytes.
-    """
-
-    def __init__(self, drop: Callable[[str], bool], limit: int) -> None:
-        self.drop, self.limit = drop, limit
-        self.buf = bytearray()
-        self.event = 0  # start of the current event in buf
-        self.line = 0  # start of the current line
-        self.pos = 0  # searched up to here
-        self.passing = False  # the current event outgrew the limit: it goes out as it comes
-
-    def feed(self, chunk: bytes) -> bytes:
-        final = not chunk
-        buf, out = self.buf, bytearray()
-        buf += chunk
-        lf = cr = -2  # the next LF / CR at or after pos; -1 none (in this chunk), -2 not looked for yet
-        while True:
-            if lf < self.pos and lf != -1:
-                lf = buf.find(b"\n", self.pos)
-            if cr < self.pos and cr != -1:
-                cr = buf.find(b"\r", self.pos)
-            if lf == -1 and cr == -1:
-                self.pos = len(buf)
-                break
-            end = lf if cr == -1 or (lf != -1 and lf < cr) else cr
-            if buf[end] == 0x0D:
-                if end + 1 == len(buf) and not final:
-                    self.pos = end  # a CR at the end: its LF may come next
-                    break
-                nxt = end + 2 if buf[end + 1:end + 2] == b"\n" else end + 1
-            else:
-                nxt = end + 1
-            empty, self.line, self.pos = end == self.line, nxt, nxt
-            if empty:  # the blank line ends an event
-                out += self._emit(bytes(buf[self.event:nxt]))
-                self.event, self.passing = nxt, False
-        if final:
-            out += buf[self.event:]
-            self.__init__(self.drop, self.limit)  # type: ignore[misc]
-            return bytes(out)
-        if self.passing or len(buf) - self.event > self.limit:
-            self.passing = True
-            out += buf[self.event:self.pos]
-            self.event = self.pos
-        if self.event:
-            cut = self.event
-            del buf[:cut]
-            self.event, self.line, self.pos = 0, self.line - cut, self.pos - cut
-        return bytes(out)
-
-    def _emit(self, event: bytes) -> bytes:
-        if self.passing:
-            return event
-        lines = event.splitlines(keepends=True)
-        fields = [line.rstrip(b"\r\n").partition(b":") for line in lines]
-        data = [value[1:] if value.startswith(b" ") else value for name, _, value in fields if name == b"data"]
-        if not data or not self.drop(b"\n".join(data).decode("utf-8", "replace")):
-            return event
-        return b"".join(line for line, (name, _, _) in zip(lines, fields, strict=True) if name != b"data")
 
 
 def cancelled_body(rpc_id: JsonId) -> bytes:

@@ -32,7 +32,6 @@ from mitmproxy import http
 from . import billing, rpc_errors
 from .jsonrpc import JsonId, Outcome, answer_outcome
 from .model import Listing, Verdict
-from .sse import Event
 
 log = logging.getLogger("mcpmeter")
 
@@ -164,12 +163,6 @@ _escape = json.encoder.encode_basestring  # the C one when available; ensure_asc
 def dumps(value: Any) -> str:
     """One line (SSE-safe: newlines in strings are escaped), key order kept."""
     return _encoder.encode(value)
-
-
-def _may_answer(event: bytes) -> bool:
-    """False when an SSE event's bytes cannot hold a JSON-RPC response: no "id" member, not even
-    escaped (a key's letters can only be escaped as \\uXXXX). Priming events and notifications."""
-    return b'"id"' in event or b"\\u" in event
 
 
 _UNCHANGED = object()
@@ -304,123 +297,6 @@ def edit_json(text: str | bytes, plan: Plan) -> str | None:
     return out
 
 
-# --- SSE: the answer's event edited in place, from the meter's own parse ---------------------------
-
-_LINE_END = re.compile(rb"(\r\n|\r|\n)")
-
-
-class StreamEditor:
-    """Writes the plan into the event that answers it as the stream passes, using the meter's own
-    parse of the stream (the watcher's SseParser gives each event's place in the stream): one SSE
-    parse per stream, and only the answer's event is split into fields again.
-
-    Holds back only the event not yet complete (at most `limit` bytes; a bigger one goes out
-    unchanged as it comes), and nothing once the answer has passed.
-    """
-
-    def __init__(self, plan: Plan, limit: int = MAX_REWRITE_BYTES) -> None:
-        self.plan, self.limit = plan, limit
-        self._held = bytearray()
-        self._from = 0  # the stream offset of _held[0]
-
-    @property
-    def finished(self) -> bool:
-        """The answer has passed (or will not be edited): the rest of the stream goes untouched."""
-        return self.plan.done and not self._held
-
-    def feed(self, chunk: bytes, events: list[Event], pending_from: int | None,
-             answer: tuple[Event, Outcome] | None = None) -> bytes:
-        """`chunk` (b"": the end) and the events the parser found once it was fed; `pending_from` is
-        the parser's (None: the stream was not parsed, so it all goes out, and the rest unedited);
-        `answer`, the event the watcher read as the call's answer and what it said (not read again).
-        What may go out now. Never raises: on a failure everything held goes out."""
-        if (not self._held and chunk and pending_from == self._from + len(chunk) and not self.plan.done
-                and not any(map(self._worth, events))):
-            self._from = pending_from  # whole events, none of them the answer: out as they came
-            return chunk
-        held = self._held
-        held += chunk
-        try:
-            return self._release(events, pending_from, not chunk, answer)
-        except Exception:
-            log.exception("mcpmeter: could not edit a stream")
-            self.plan.done = True
-            out = bytes(held)
-            held.clear()
-            return out
-
-    def _worth(self, event: Event) -> bool:
-        """Whether the event may be edited: a message a client reads, small enough, that may hold
-        the answer (for a receipt: with an "id" member, even escaped; see _may_answer)."""
-        return (event.event == "message" and not event.oversized and event.end - event.start <= self.limit
-                and (not self.plan.receipt_only or '"id"' in event.data or "\\u" in event.data))
-
-    def _release(self, events: list[Event], pending_from: int | None, final: bool,
-                 answer: tuple[Event, Outcome] | None) -> bytes:
-        held = self._held
-        out: list[bytes | bytearray] = []
-        at = 0  # in held: what is before it is out (or replaced)
-        for event in events:
-            if self.plan.done:
-                break
-            start, end = event.start - self._from, event.end - self._from
-            if start < at or not self._worth(event):
-                continue  # part of it is out already, or not to be edited
-            outcome = answer[1] if answer is not None and answer[0] is event else None
-            edited = self._edit(bytes(held[start:end]), outcome)
-            if edited is not None:
-                out.append(held[at:start])
-                out.append(edited)
-                at = end
-        if pending_from is None:
-            self.plan.done = True  # no parse to follow the stream by from here: it passes unedited
-        if self.plan.done or pending_from is None or final or pending_from < self._from:
-            cut = len(held)  # answered, not parsed, the end, or the event in progress partly out already
-        else:
-            cut = pending_from - self._from
-            if len(held) - cut > self.limit:
-                cut = len(held)  # the event in progress is too big to hold: it goes out as it comes
-        out.append(held[at:cut])
-        del held[:cut]
-        self._from += cut
-        return b"".join(out)
-
-    def _edit(self, event: bytes, outcome: Outcome | None) -> bytes | None:
-        """The event (its bytes, blank line included) with the plan applied to its data, or None.
-        `outcome`: what the event says of the call, when the watcher read it already."""
-        parts = _LINE_END.split(event)  # text, line end, text, line end, ..., ""
-        lines = list(zip(parts[0::2], parts[1::2], strict=False))
-        data, first = [], None
-        for i, (text, _) in enumerate(lines):
-            name, _, value = text.partition(b":")
-            if name == b"data":
-                data.append(value[1:] if value.startswith(b" ") else value)
-                first = i if first is None else first
-        if first is None:
-            return None
-        try:
-            text = b"\n".join(data).decode("utf-8")
-            new = None
-            if outcome in (Outcome.RESULT, Outcome.TOOL_ERROR) and self.plan.receipt_only:
-                new = _splice_into(text, self.plan, outcome)  # the answer read already: no second parse
-            if new is None and not self.plan.done:
-                new = edit_json(text, self.plan)
-            if new is None:
-                return None
-            replacement = new.encode("utf-8")
-        except Exception:  # never disturb the stream
-            log.exception("mcpmeter: could not edit an event")
-            return None
-        out = bytearray()
-        for i, (text, ending) in enumerate(lines):
-            if i == first:  # a multi-line data field stays multi-line (a spliced receipt keeps its newlines)
-                for part in replacement.split(b"\n"):
-                    out += b"data: " + part + ending
-            elif text.partition(b":")[0] != b"data":
-                out += text + ending
-        return bytes(out)
-
-
 # --- the gateway's hooks delegate here ----------------------------------------------------------------
 
 async def plan_for(flow: http.HTTPFlow, call: Any, store: Any, free_used: FreeUsed) -> Plan | None:
@@ -522,15 +398,28 @@ async def write_body(flow: http.HTTPFlow, call: Any, store: Any, free_used: Free
         log.exception("mcpmeter: could not write the receipt of %s", call.request_id)
 
 
-async def stream_editor(flow: http.HTTPFlow, call: Any, store: Any, free_used: FreeUsed) -> StreamEditor | None:
-    """An SSE answer: the editor the stream watcher feeds (stream_watch.py), or None when there is
-    nothing to write or the bytes are not the ones the meter parses."""
-    response = flow.response
-    if response is None or call.rewriter is not None or call.decoder is not None:
-        return None  # legacy session streams answer other flows' calls; compressed bytes pass as sent
+async def stream_plan(flow: http.HTTPFlow, call: Any, store: Any, free_used: FreeUsed) -> Plan | None:
+    """What an SSE answer's events should carry (stream_edit.StreamEditor writes it), or None."""
     try:
-        plan = await plan_for(flow, call, store, free_used)
+        return await plan_for(flow, call, store, free_used)
     except Exception:
         log.exception("mcpmeter: no receipt plan for %s", call.request_id)
         return None
-    return None if plan is None else StreamEditor(plan)
+
+
+def edit_event_data(data: str, plan: Plan, outcome: Outcome | None) -> str | None:
+    """An SSE event's data with the plan applied, or None to leave it. `outcome`: what the event
+    says of the call, when the meter read it already (then the message is not parsed again)."""
+    new = None
+    if outcome in (Outcome.RESULT, Outcome.TOOL_ERROR) and plan.receipt_only:
+        new = _splice_into(data, plan, outcome)
+    if new is None and not plan.done:
+        new = edit_json(data, plan)
+    return new
+
+
+def may_edit(plan: Plan, data: str) -> bool:
+    """False when editing the event with this data would leave it unchanged for certain: the answer
+    has passed, or a receipt is all there is to write and the data has no "id" member, not even
+    escaped (a key's letters can only be escaped as \\uXXXX): priming events and notifications."""
+    return not plan.done and (not plan.receipt_only or '"id"' in data or "\\u" in data)

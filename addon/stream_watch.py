@@ -24,6 +24,7 @@ from .decoding import StreamDecoder, TooLarge, decode_bounded
 from .jsonrpc import Outcome, answer_messages, body_outcome
 from .model import Listing, Transport
 from .sse import DEFAULT_MAX_EVENT_BYTES, Event, SseParser
+from .stream_edit import StreamEditor
 
 if TYPE_CHECKING:
     from .gateway import Mcpmeter
@@ -81,12 +82,12 @@ class StreamWatch:
             if not editing:
                 return chunk
             assert editor is not None
-            # The receipt and prices, written into the events just parsed (never an empty chunk:
-            # over HTTP/1.1 chunked encoding it would end the client's body).
+            # The events just parsed, edited (never an empty chunk: over HTTP/1.1 chunked encoding
+            # it would end the client's body).
             pending_from = call.parser.pending_from if parsed and call.parser is not None else None
             out = editor.feed(chunk, events, pending_from, answer)
             if call.outcome is not None:
-                editor.plan.done = True  # answered (if its event could not be edited, it passed unedited)
+                editor.answered()  # (if its event could not be edited, it passed unedited)
             return out or []
 
         return watch
@@ -102,11 +103,20 @@ class StreamWatch:
             call.decoder = StreamDecoder(coding, gw.config.max_body_bytes)
         if call.listing is not None and call.listing.transport is Transport.SSE and call.listing.upstream_url:
             call.rewriter = legacy_sse.EndpointRewriter(call.listing.upstream_url, call.listing.slug)
-        # Prices and the receipt, written into the events by the watcher as it parses them.
-        call.editor = await receipts.stream_editor(flow, call, gw.store, gw.free_used)
+        # What the watcher writes into the events as it parses them: prices and the receipt, and on a
+        # session's streams the answers of refunded calls blanked (never delivered). Not into the
+        # bytes of a legacy session stream (they answer other flows' calls) or compressed ones.
+        if call.rewriter is None and call.decoder is None:
+            plan = await receipts.stream_plan(flow, call, gw.store, gw.free_used)
+            session, pending = call.session, gw.pending
+            blank = None if session is None else (lambda data: pending.blank_if_refunded(session, data) is not None)
+            if plan is not None or blank is not None:
+                # A session's stream holds an event up to the meter's own limit: a refunded call's
+                # answer is blanked whatever its size (up to max_event_bytes, as the meter reads it).
+                limit = receipts.MAX_REWRITE_BYTES if blank is None else max(
+                    receipts.MAX_REWRITE_BYTES, gw.config.max_event_bytes if gw.config else DEFAULT_MAX_EVENT_BYTES)
+                call.editor = StreamEditor(plan, blank, limit)
         flow.response.stream = self.watcher(flow, call)
-        if call.session is not None and gw.config is not None:  # refunded calls' answers never go out
-            resumption.drop_refunded(flow.response, call.session, gw.pending, gw.config.max_event_bytes)
         gw.deferred.watch_stream(flow, call)  # task statuses, input_required (upstream bytes first)
         if gw.show_streams():
             display.keep_copy(flow)

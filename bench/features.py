@@ -9,7 +9,7 @@ hook calls for the feature is then timed over many iterations on that call:
   circuit        Circuits.admit before forwarding + Circuits.record after the answer
   idempotency    the Idempotency-Key check of a request that has none
   receipt-json   the receipt written into a JSON answer (receipts.write_body)
-  receipt-sse    the receipt written into an SSE answer: the editor (receipts.stream_editor) made
+  receipt-sse    the receipt written into an SSE answer: the editor (stream_edit.StreamEditor) made
                  and fed the stream watcher's parse of the events and its reading of the answer
                  (the meter parses the stream and reads the answer with or without receipts)
 
@@ -39,6 +39,7 @@ from addon.gateway import Mcpmeter
 from addon.call import event_outcome
 from addon.jsonrpc import Outcome
 from addon.sse import SseParser
+from addon.stream_edit import StreamEditor
 
 TARGET_US = 50.0
 KEY = "mcpm_test_bench0123456789"
@@ -167,9 +168,8 @@ async def _measure(addon: Mcpmeter, n: int) -> dict[str, float]:
                 answer = event, outcome
         parsed.append((chunk, found, parser.pending_from, answer))
 
-    async def sse() -> bytes:
-        editor = await receipts.stream_editor(flow, call, addon.store, addon.free_used)
-        assert editor is not None
+    async def sse() -> bytes:  # as the watcher makes its editor (stream_watch.attach) and feeds it
+        editor = StreamEditor(await receipts.stream_plan(flow, call, addon.store, addon.free_used))
         return b"".join([editor.feed(*step) for step in parsed])
     out["receipt-sse"] = await _time(sse, n=n)
     assert receipts.RECEIPT.encode() in await sse(), "no receipt was written into the stream"

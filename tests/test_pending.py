@@ -9,7 +9,8 @@ import time
 from mitmproxy import http
 
 from addon import pending
-from addon.pending import Pending, cancelled_request_id, close_cancels, drop_refunded, id_key
+from addon.pending import Pending, cancelled_request_id, close_cancels, id_key
+from addon.stream_edit import StreamEditor
 from addon.sse import SseParser
 
 S = (1, "session-a")
@@ -75,22 +76,29 @@ def test_parked_calls_are_found_by_the_answers_of_their_session() -> None:
     assert p.find(S, 3) is None and not p.has_parked(S) and not p.tracked
 
 
-def test_the_filter_drops_a_refunded_answer_at_every_split_point() -> None:
+class Blanking:
+    """A session's stream as the watcher takes it: the meter's parse, and the editor blanking refunded answers."""
+
+    def __init__(self, p: Pending, limit: int = 1 << 20) -> None:
+        self.parser = SseParser()
+        self.editor = StreamEditor(None, lambda data: p.blank_if_refunded(S, data) is not None, limit)
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self.editor.feed(chunk, self.parser.feed(chunk), self.parser.pending_from)
+
+
+def test_a_refunded_answer_is_blanked_at_every_split_point() -> None:
     stream = (b"id: 1\r\ndata:\r\n\r\n: comment\n\nid: 2\ndata: {\"jsonrpc\":\"2.0\",\"id\":5,\"result\":{\"x\":1}}\n\n"
               b"id: 3\ndata: {\"jsonrpc\":\"2.0\",\"id\":6,\"result\":{}}\n\n")
     for cut in range(len(stream) + 1):
         p = Pending()
         p.mark_refunded(S, 5)
-        response = http.Response.make(200, b"")
-        response.stream = lambda chunk: chunk
-        drop_refunded(response, S, p, limit=1 << 20)
-        out = b""
-        for chunk in [c for c in (stream[:cut], stream[cut:]) if c] + [b""]:  # b"": the end
-            got = response.stream(chunk)
-            out += got if isinstance(got, bytes) else b"".join(got)
+        blanking = Blanking(p)
+        out = b"".join(blanking.feed(chunk) for chunk in [c for c in (stream[:cut], stream[cut:]) if c] + [b""])
         events = SseParser().feed(out)
         assert [e.data for e in events] == ['{"jsonrpc":"2.0","id":6,"result":{}}'], cut
         assert b"id: 2" in out and b'"id":5' not in out
+        assert out == stream.replace(b'data: {"jsonrpc":"2.0","id":5,"result":{"x":1}}\n', b""), cut
 
 
 def test_a_cancelled_json_answer_is_an_error_for_the_same_id() -> None:
@@ -98,23 +106,24 @@ def test_a_cancelled_json_answer_is_an_error_for_the_same_id() -> None:
         "code": -32800, "message": "request cancelled; not delivered and refunded by mcpmeter"}}
 
 
-def test_the_filter_is_linear_in_the_bytes_however_the_lines_fall() -> None:
+def test_blanking_is_linear_in_the_bytes_however_the_lines_fall() -> None:
     p = Pending()
     p.mark_refunded(S, 5)
-    f = pending.EventFilter(lambda data: p.blank_if_refunded(S, data) is not None, limit=1 << 20)
+    blanking = Blanking(p)
     started = time.perf_counter()
-    out = f.feed(b"\n" * 400_000) + f.feed(b": x\r" * 250_000) + f.feed(b"\r\n") + f.feed(b"")
+    out = blanking.feed(b"\n" * 400_000) + blanking.feed(b": x\r" * 250_000) + blanking.feed(b"\r\n")
+    out += blanking.feed(b"")
     assert len(out) == 400_000 + 1_000_002
     assert time.perf_counter() - started < 5  # quadratic would take minutes
 
 
-def test_an_event_over_the_limit_passes_as_it_comes_and_the_next_is_filtered_again() -> None:
+def test_an_event_over_the_limit_passes_as_it_comes_and_the_next_is_blanked_again() -> None:
     p = Pending()
     p.mark_refunded(S, 5)
-    f = pending.EventFilter(lambda data: p.blank_if_refunded(S, data) is not None, limit=64)
+    blanking = Blanking(p, limit=64)
     big = b'data: {"jsonrpc":"2.0","id":5,"result":{"pad":"' + b"x" * 200 + b'"}}\n\n'
-    out = f.feed(big[:100]) + f.feed(big[100:])
+    out = blanking.feed(big[:100]) + blanking.feed(big[100:])
     assert out == big  # too big to hold: let out unchanged
     small = b'id: 9\ndata: {"jsonrpc":"2.0","id":5,"result":{}}\n\n'
-    assert f.feed(small) == b"id: 9\n\n"
-    assert f.feed(b"data\ndata: {\"id\":5,\"result\":1}\n\n") == b"\n"  # a bare `data` field is data too
+    assert blanking.feed(small) == b"id: 9\n\n"
+    assert blanking.feed(b"data\ndata: {\"id\":5,\"result\":1}\n\n") == b"\n"  # a bare `data` field is data too

@@ -12,7 +12,8 @@ from addon import billing, receipts
 from addon.call import event_outcome
 from addon.jsonrpc import Outcome
 from addon.model import Listing, Verdict
-from addon.receipts import Plan, StreamEditor, edit_json
+from addon.receipts import Plan, edit_json
+from addon.stream_edit import StreamEditor
 from addon.sse import SseParser
 from mitmproxy import http
 
@@ -152,7 +153,7 @@ class Watched:
     """The meter's parser and the editor fed as the stream watcher feeds them (stream_watch.py)."""
 
     def __init__(self, p: Plan, limit: int = receipts.MAX_REWRITE_BYTES) -> None:
-        self.parser, self.editor, self.rpc_id = SseParser(), StreamEditor(p, limit), p.rpc_id
+        self.parser, self.editor, self.rpc_id = SseParser(), StreamEditor(p, None, limit), p.rpc_id
         self.answered = False
 
     def feed(self, chunk: bytes) -> bytes:

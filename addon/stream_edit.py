@@ -1,0 +1,158 @@
+"""The events of an SSE answer, edited in place as they pass, from the meter's own parse of the stream.
+
+Two edits, one parse (the stream watcher's SseParser, which gives each event's place in the stream):
+- the plan's prices and receipt written into the event that answers the request (receipts.Plan);
+- on a session's streams, the `data:` lines of an event answering a refunded call dropped, its
+  `id:` line kept (clients do not dispatch an event without data, and their resumption point still
+  advances): a refunded call's answer is never delivered (addon/pending.py).
+
+The editor holds back only the event not yet complete, at most `limit` bytes (a bigger one goes out
+unchanged as it comes), and nothing once there is nothing left to edit. Only an event to edit is
+split into fields again; a chunk of whole events none of which is to be edited goes out as it came.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+
+from .jsonrpc import Outcome
+from .receipts import MAX_REWRITE_BYTES, Plan, edit_event_data, may_edit
+from .sse import Event
+
+log = logging.getLogger("mcpmeter")
+
+_LINE_END = re.compile(rb"(\r\n|\r|\n)")
+
+Line = tuple[bytes, bytes]  # its text, its line end
+
+
+class StreamEditor:
+    def __init__(self, plan: Plan | None, blank: Callable[[str], bool] | None = None,
+                 limit: int = MAX_REWRITE_BYTES) -> None:
+        """`plan`: what to write into the answer (None: nothing); `blank(data)`: whether an event's
+        data answers a refunded call (None: not a session's stream)."""
+        self.plan, self.blank, self.limit = plan, blank, limit
+        self._held = bytearray()
+        self._from = 0  # the stream offset of _held[0]
+
+    @property
+    def finished(self) -> bool:
+        """Nothing is left to edit: the rest of the stream goes untouched (and need not be parsed)."""
+        return (self.plan is None or self.plan.done) and self.blank is None and not self._held
+
+    def answered(self) -> None:
+        """The call's answer has passed (edited, or too big to edit): the plan has nothing left to write."""
+        if self.plan is not None:
+            self.plan.done = True
+
+    def feed(self, chunk: bytes, events: list[Event], pending_from: int | None,
+             answer: tuple[Event, Outcome] | None = None) -> bytes:
+        """`chunk` (b"": the end) and the events the parser found once it was fed; `pending_from` is
+        the parser's (None: the stream was not parsed, so it all goes out, and the rest unedited);
+        `answer`, the event the watcher read as the call's answer and what it said (not read again).
+        What may go out now. Never raises: on a failure everything held goes out."""
+        edits = [(event, kind) for event in events if (kind := self._kind(event)) is not None]
+        if not self._held and chunk and pending_from == self._from + len(chunk) and not edits:
+            self._from = pending_from  # whole events, none to edit: out as they came
+            return chunk
+        held = self._held
+        held += chunk
+        try:
+            return self._release(edits, pending_from, not chunk, answer)
+        except Exception:
+            log.exception("mcpmeter: could not edit a stream")
+            self._give_up()
+            out = bytes(held)
+            held.clear()
+            return out
+
+    def _kind(self, event: Event) -> str | None:
+        """How the event is to be edited: "blank", "plan" or not at all (None)."""
+        if event.oversized or event.end - event.start > self.limit:
+            return None
+        if self.blank is not None and self.blank(event.data):
+            return "blank"
+        if (self.plan is not None and event.event == "message" and event.end - event.start <= MAX_REWRITE_BYTES
+                and may_edit(self.plan, event.data)):
+            return "plan"
+        return None
+
+    def _give_up(self) -> None:
+        self.answered()
+        self.blank = None
+
+    def _release(self, edits: list[tuple[Event, str]], pending_from: int | None, final: bool,
+                 answer: tuple[Event, Outcome] | None) -> bytes:
+        held = self._held
+        out: list[bytes | bytearray] = []
+        at = 0  # in held: what is before it is out (or replaced)
+        for event, kind in edits:
+            start, end = event.start - self._from, event.end - self._from
+            if start < at:
+                continue  # part of it is out already (it outgrew the limit)
+            lines = _lines(bytes(held[start:end]))
+            if kind == "blank":
+                edited: bytes | None = b"".join(text + ending for text, ending in lines if _name(text) != b"data")
+            elif self.plan is None or self.plan.done:
+                continue
+            else:
+                outcome = answer[1] if answer is not None and answer[0] is event else None
+                edited = self._write(lines, outcome)
+            if edited is not None:
+                out.append(held[at:start])
+                out.append(edited)
+                at = end
+        if pending_from is None:
+            self._give_up()  # no parse to follow the stream by from here: it passes unedited
+        nothing_left = (self.plan is None or self.plan.done) and self.blank is None
+        if nothing_left or pending_from is None or final or pending_from < self._from:
+            cut = len(held)  # nothing to edit, not parsed, the end, or the event in progress partly out already
+        else:
+            cut = pending_from - self._from
+            if len(held) - cut > self.limit:
+                cut = len(held)  # the event in progress is too big to hold: it goes out as it comes
+        out.append(held[at:cut])
+        del held[:cut]
+        self._from += cut
+        return b"".join(out)
+
+    def _write(self, lines: list[Line], outcome: Outcome | None) -> bytes | None:
+        """The event with the plan applied to its data, or None to leave it."""
+        assert self.plan is not None
+        data, first = [], None
+        for i, (text, _) in enumerate(lines):
+            if _name(text) == b"data":
+                value = text[5:]
+                data.append(value[1:] if value.startswith(b" ") else value)
+                first = i if first is None else first
+        if first is None:
+            return None
+        try:
+            new = edit_event_data(b"\n".join(data).decode("utf-8"), self.plan, outcome)
+            if new is None:
+                return None
+            replacement = new.encode("utf-8")
+        except Exception:  # never disturb the stream
+            log.exception("mcpmeter: could not edit an event")
+            return None
+        out = bytearray()
+        for i, (text, ending) in enumerate(lines):
+            if i == first:  # a multi-line data field stays multi-line (a spliced receipt keeps its newlines)
+                for part in replacement.split(b"\n"):
+                    out += b"data: " + part + ending
+            elif _name(text) != b"data":
+                out += text + ending
+        return bytes(out)
+
+
+def _lines(event: bytes) -> list[Line]:
+    """An event's lines (its bytes, blank line included), each with its line end."""
+    parts = _LINE_END.split(event)  # text, line end, text, line end, ..., ""
+    return list(zip(parts[0::2], parts[1::2], strict=False))
+
+
+def _name(text: bytes) -> bytes:
+    """A line's field name (the whole line when it has no colon, as SSE reads it)."""
+    return text.partition(b":")[0]
