@@ -123,23 +123,18 @@ class SseParser:
         at = self._offset
         for block in chunk[:-2].split(b"\n\n"):
             data: list[bytes] = []
-            kind = ""
             for line in block.split(b"\n"):
-                if line[:1] == b":":
-                    continue
-                name, _, value = line.partition(b":")
-                if value[:1] == b" ":
-                    value = value[1:]
-                if name == b"data":
-                    data.append(value)
-                elif name == b"event":
-                    kind = value.decode("utf-8", "replace")
-                elif name == b"id" and b"\0" not in value:
-                    self._id = value.decode("utf-8", "replace")
+                if line[:1] != b":":  # a comment
+                    name, value = _field(line)
+                    if name == b"data":
+                        data.append(value)
+                    else:
+                        self._other_field(name, value)
             end = at + len(block) + 2
             text = b"\n".join(data).decode("utf-8", "replace")
             if text:  # no data line, or a single empty one: a priming event, not dispatched
-                events.append(Event(event=kind or "message", data=text, id=self._id, start=at, end=end))
+                events.append(Event(event=self._event or "message", data=text, id=self._id, start=at, end=end))
+            self._event = ""
             at = end
         self._offset = self._event_start = at
         return events
@@ -160,16 +155,18 @@ class SseParser:
             return event
         if raw[:1] == b":":
             return None
-        name, _, value = raw.partition(b":")
-        if value[:1] == b" ":
-            value = value[1:]
+        name, value = _field(raw)
         if name == b"data":
             self._add_data(value)
-        elif name == b"event":
+        else:
+            self._other_field(name, value)
+        return None
+
+    def _other_field(self, name: bytes, value: bytes) -> None:
+        if name == b"event":
             self._event = value.decode("utf-8", "replace")
         elif name == b"id" and b"\0" not in value:
             self._id = value.decode("utf-8", "replace")
-        return None
 
     def _consume_partial(self) -> None:
         """A line too long to hold: pass what has come of it on (data) or drop it (anything else)."""
@@ -225,3 +222,10 @@ class SseParser:
 
 
 _LONG_LINE = 64 * 1024  # a line held longer than this is consumed as it comes
+
+
+def _field(line: bytes) -> tuple[bytes, bytes]:
+    """A line's field name and value, the one space after the colon dropped (a line without a colon
+    is a field with an empty value)."""
+    name, _, value = line.partition(b":")
+    return name, value[1:] if value[:1] == b" " else value
