@@ -79,6 +79,9 @@ class Pending:
     def track(self, session: SessionKey, rpc_id: JsonId, flow: http.HTTPFlow, call: Any) -> None:
         if (key := id_key(rpc_id)) is not None:
             self.tracked.setdefault(session, {})[key] = (flow, call)
+            # A new call under the id of a refunded one (ids must not be reused, but may be): answers
+            # to that id are the new call's from now on, delivered and billed, not blanked.
+            self.refunded.pop((session, key), None)
 
     def untrack(self, session: SessionKey, rpc_id: JsonId, call: Any) -> None:
         for table in (self.tracked, self.parked):
@@ -143,15 +146,19 @@ class Pending:
             return False
         return True
 
-    def blank_if_refunded(self, session: SessionKey, data: str) -> str | None:
-        """An event's data: "" (the event is not dispatched by clients) when it answers a refunded call."""
+    def blank_if_refunded(self, session: SessionKey, data: str, live: JsonId | None = None) -> str | None:
+        """An event's data: "" (the event is not dispatched by clients) when it answers a refunded call,
+        unless it also answers `live`, the call its stream carries, not refunded: a batch answering
+        both goes out whole (that call is billed for it; never billed for an answer withheld)."""
         if not self.refunded:
             return None
         messages = answer_messages(data.encode("utf-8", "surrogatepass"))
-        for m in messages or ():
-            if not m.has_method and (m.has_result or m.has_error) and self.is_refunded(session, m.id_value()):
-                return ""
-        return None
+        answered = [m.id_value() for m in messages or () if not m.has_method and (m.has_result or m.has_error)]
+        if not any(self.is_refunded(session, rpc_id) for rpc_id in answered):
+            return None
+        keep = live is not None and not self.is_refunded(session, live) and any(
+            id_key(rpc_id) == id_key(live) for rpc_id in answered)
+        return None if keep else ""
 
 
 def cancelled_body(rpc_id: JsonId) -> bytes:

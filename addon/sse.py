@@ -52,6 +52,7 @@ class SseParser:
         self._event = ""
         self._id: str | None = None
         self._offset = 0  # stream offset of _buf[0]
+        self._head: bytes | None = b""  # the stream's first bytes, until it is known they are no BOM
         self._event_start = 0  # stream offset where the event being read began
 
     @property
@@ -67,6 +68,20 @@ class SseParser:
 
     def feed(self, chunk: bytes) -> list[Event]:
         """Parse one chunk; b"" marks the end of the stream."""
+        if self._head is not None:  # the stream's first bytes: a byte order mark there is not part of it
+            head = self._head + chunk
+            if chunk and len(head) < len(_BOM) and _BOM.startswith(head):
+                self._head = head  # maybe a mark cut in two: wait for the rest
+                return []
+            self._head = None
+            if head.startswith(_BOM):
+                head = head[len(_BOM):]
+                self._offset = self._event_start = len(_BOM)
+            if not chunk:  # the end, right after the first bytes
+                return (self.feed(head) if head else []) + self.feed(b"")
+            if not head:
+                return []
+            chunk = head
         final = not chunk
         if (not final and not self._buf and not self._cr_pending and self._event_start == self._offset
                 and self._partial is None and not self._lines and not self._event and len(chunk) <= self.max_event_bytes
@@ -178,6 +193,10 @@ class SseParser:
                 self._add_data(bytes(buf[head:]))
             else:
                 self._partial = "skip"
+                if buf.startswith(b"event:"):
+                    # An event type this long is not "message" (what a client reads it as): say so,
+                    # whatever the chunking, instead of keeping the type set before.
+                    self._event = _LONG_TYPE
         elif self._partial == "data":
             self._add_data(bytes(buf), continued=True)
         self._offset += len(buf)
@@ -222,6 +241,8 @@ class SseParser:
 
 
 _LONG_LINE = 64 * 1024  # a line held longer than this is consumed as it comes
+_LONG_TYPE = "\0too long"  # the type of an event whose `event:` line was too long to hold (never "message")
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark: the stream's first bytes may be one, skipped (WHATWG)
 
 
 def _field(line: bytes) -> tuple[bytes, bytes]:

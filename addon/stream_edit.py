@@ -26,6 +26,15 @@ log = logging.getLogger("mcpmeter")
 _LINE_END = re.compile(rb"(\r\n|\r|\n)")
 
 Line = tuple[bytes, bytes]  # its text, its line end
+OTHER_LINES_BYTES = 1024 * 1024  # room in a held event for its lines other than data (id, event, comments)
+
+
+def hold_limit(max_event_bytes: int, blanking: bool) -> int:
+    """How many bytes of an event in progress an editor holds. Receipts need the answer whole, up to
+    MAX_REWRITE_BYTES. On a session's streams every event the meter reads whole (data up to
+    max_event_bytes, sse.py) must be held whole, with its other lines: an answer to a refunded call
+    goes out blanked, and only one bigger than that (the meter scans it as it passes) is let through."""
+    return max(MAX_REWRITE_BYTES, max_event_bytes + OTHER_LINES_BYTES) if blanking else MAX_REWRITE_BYTES
 
 
 class StreamEditor:

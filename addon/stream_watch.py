@@ -24,7 +24,7 @@ from .decoding import StreamDecoder, TooLarge, decode_bounded
 from .jsonrpc import Outcome, answer_messages, body_outcome
 from .model import Listing, Transport
 from .sse import DEFAULT_MAX_EVENT_BYTES, Event, SseParser
-from .stream_edit import StreamEditor
+from .stream_edit import StreamEditor, hold_limit
 
 if TYPE_CHECKING:
     from .gateway import Mcpmeter
@@ -109,13 +109,16 @@ class StreamWatch:
         if call.rewriter is None and call.decoder is None:
             plan = await receipts.stream_plan(flow, call, gw.store, gw.free_used)
             session, pending = call.session, gw.pending
-            blank = None if session is None else (lambda data: pending.blank_if_refunded(session, data) is not None)
-            if plan is not None or blank is not None:
-                # A session's stream holds an event up to the meter's own limit: a refunded call's
-                # answer is blanked whatever its size (up to max_event_bytes, as the meter reads it).
-                limit = receipts.MAX_REWRITE_BYTES if blank is None else max(
-                    receipts.MAX_REWRITE_BYTES, gw.config.max_event_bytes if gw.config else DEFAULT_MAX_EVENT_BYTES)
-                call.editor = StreamEditor(plan, blank, limit)
+            live = call.priced.rpc_id if call.priced is not None else None
+
+            def blank(data: str) -> bool:
+                assert session is not None
+                return pending.blank_if_refunded(session, data, live) is not None
+
+            if plan is not None or session is not None:
+                max_event = gw.config.max_event_bytes if gw.config else DEFAULT_MAX_EVENT_BYTES
+                call.editor = StreamEditor(plan, blank if session is not None else None,
+                                           hold_limit(max_event, blanking=session is not None))
         flow.response.stream = self.watcher(flow, call)
         gw.deferred.watch_stream(flow, call)  # task statuses, input_required (upstream bytes first)
         if gw.show_streams():

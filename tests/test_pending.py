@@ -8,7 +8,7 @@ import time
 
 from mitmproxy import http
 
-from addon import pending
+from addon import pending, stream_edit
 from addon.pending import Pending, cancelled_request_id, close_cancels, id_key
 from addon.stream_edit import StreamEditor
 from addon.sse import SseParser
@@ -127,3 +127,51 @@ def test_an_event_over_the_limit_passes_as_it_comes_and_the_next_is_blanked_agai
     small = b'id: 9\ndata: {"jsonrpc":"2.0","id":5,"result":{}}\n\n'
     assert blanking.feed(small) == b"id: 9\n\n"
     assert blanking.feed(b"data\ndata: {\"id\":5,\"result\":1}\n\n") == b"\n"  # a bare `data` field is data too
+
+
+def test_every_event_the_meter_reads_whole_is_held_whole_and_blanked_if_refunded() -> None:
+    """An answer to a refunded call goes out blanked whatever its size, up to what the meter reads whole
+    (max_event_bytes of data, sse.py), with id and comment lines besides: a consumer making a tool echo a
+    big answer cannot get one it was refunded for by its size. Bigger ones the meter scans as they pass."""
+    max_event = 2 * 1024 * 1024  # over MAX_REWRITE_BYTES, so the hold limit follows it
+    for size in (max_event - 46, max_event - 45):  # data of max_event - 1 and max_event bytes
+        data = b'{"jsonrpc":"2.0","id":5,"result":{"text":"' + b"x" * size + b'"}}'
+        assert len(data) in (max_event - 1, max_event)
+        event = b": pad\n" * 100 + b"id: 77\ndata: " + data + b"\n\n"
+        for cut in (1, 500, len(event) - 2, len(event) - 1):
+            p = Pending()
+            p.mark_refunded(S, 5)
+            parser = SseParser(max_event)
+            editor = StreamEditor(None, lambda d, p=p: p.blank_if_refunded(S, d) is not None,
+                                  stream_edit.hold_limit(max_event, blanking=True))
+            out = b"".join(editor.feed(c, parser.feed(c), parser.pending_from)
+                           for c in (event[:cut], event[cut:], b""))
+            assert out == b": pad\n" * 100 + b"id: 77\n\n", (size, cut)
+
+
+def test_a_batch_answering_the_streams_own_call_and_a_refunded_one_goes_out_whole() -> None:
+    """The stream's own call is billed for its answer, so it is delivered (never billed for an answer
+    withheld); a batch answering only refunded calls is blanked."""
+    p = Pending()
+    p.mark_refunded(S, 5)
+    both = '[{"jsonrpc":"2.0","id":1,"result":{}},{"jsonrpc":"2.0","id":5,"result":{}}]'
+    assert p.blank_if_refunded(S, both, live=1) is None
+    assert p.blank_if_refunded(S, both, live=None) == ""
+    assert p.blank_if_refunded(S, both, live=2) == ""
+    p.mark_refunded(S, 1)  # the stream's own call refunded too (cancelled): nothing of it goes out
+    assert p.blank_if_refunded(S, both, live=1) == ""
+
+
+def test_a_new_call_under_a_refunded_calls_id_gets_its_answer() -> None:
+    p = Pending()
+    p.mark_refunded(S, 5)
+    answer = '{"jsonrpc":"2.0","id":5,"result":{}}'
+    assert p.blank_if_refunded(S, answer, live=5) == ""
+    p.track(S, 5, http_flow(), object())  # the client reused the id (it must not, but may)
+    assert p.blank_if_refunded(S, answer, live=5) is None
+    assert not p.is_refunded(S, 5)
+
+
+def http_flow() -> http.HTTPFlow:
+    from mitmproxy.test import tflow
+    return tflow.tflow()

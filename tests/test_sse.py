@@ -238,3 +238,20 @@ def test_each_event_says_where_its_bytes_are(stream: bytes, cuts: list[int]) -> 
         # Its own bytes, alone, say the same (the id aside: an `id:` holds until another one replaces it).
         assert [(e.event, e.data) for e in alone.feed(stream[event.start:event.end])] == [(event.event, event.data)]
         assert stream[event.end - 1:event.end] in (b"\n", b"\r")
+
+
+@pytest.mark.parametrize("cut", range(0, 6))
+def test_a_byte_order_mark_opening_the_stream_is_skipped_as_clients_skip_it(cut: int) -> None:
+    stream = b'\xef\xbb\xbfdata: {"id":1}\n\n\xef\xbb\xbfdata: x\n\n'  # only the stream's first one
+    events = parse_split(stream, cut)
+    assert [(e.data, e.start, e.end) for e in events] == [('{"id":1}', 3, 19)]  # the second: field "\ufeffdata"
+    assert [e.data for e in parse_bytewise(b"\xef\xbb")] == [] and parse_whole(b"\xef\xbb\xbf") == []
+
+
+@pytest.mark.parametrize("cut", [None, 40, 70_001, 70_010])
+def test_an_event_line_too_long_to_hold_is_never_read_as_a_message(cut: int | None) -> None:
+    """A client reads the long type (not "message", so it ignores the event); the meter agrees, whatever
+    the chunking (line by line it skips the line it cannot hold, and must not fall back to "message")."""
+    stream = b"event: " + b"x" * 70_000 + b'\ndata: {"jsonrpc":"2.0","id":1,"result":{}}\n\n'
+    events = parse_whole(stream) if cut is None else parse_split(stream, cut)
+    assert len(events) == 1 and events[0].event != "message"
