@@ -214,10 +214,15 @@ def forget(flow: http.HTTPFlow) -> None:
         _pending_h2.pop((flow.client_conn.id, stream_id), None)
 
 
+def _connection_handler(flow: http.HTTPFlow) -> Any:
+    """mitmproxy's handler of the flow's client connection (it holds its server connections), or None."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    return proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
+
+
 def abort_upstream(flow: http.HTTPFlow) -> bool:
     """Close the server connection(s) this flow is using or opening. True if one was closed."""
-    proxyserver = ctx.master.addons.get("proxyserver")
-    handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
+    handler = _connection_handler(flow)
     if handler is None:
         return False
     target = (flow.request.host, flow.request.port)
@@ -254,8 +259,7 @@ def close_idle_upstream(flow: http.HTTPFlow, idle_seconds: float) -> bool:
     client connection, so an idle connection of theirs has no other flow on it. True if one was closed."""
     if idle_seconds <= 0 or flow.request.is_http2:
         return False
-    proxyserver = ctx.master.addons.get("proxyserver")
-    handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
+    handler = _connection_handler(flow)
     if handler is None:
         return False
     target, now, closed = (flow.request.host, flow.request.port), time.monotonic(), False

@@ -268,7 +268,7 @@ def edit_json(text: str | bytes, plan: Plan) -> str | None:
     if len(text) > MAX_REWRITE_BYTES or not text.strip():  # an empty data field: a priming event
         return None
     if plan.receipt_only and not plan.done:
-        if isinstance(text, str) and '"id"' not in text and "\\u" not in text:
+        if isinstance(text, str) and not may_edit(plan, text):
             return None  # no "id" member, even escaped: a notification (progress...), not the answer
         try:
             spliced = _splice_receipt(text if isinstance(text, str) else text.decode("utf-8"), plan)
