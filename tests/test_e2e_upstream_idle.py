@@ -21,7 +21,7 @@ import pytest
 from tests import fault_server
 from tests.backends import Backend
 from tests.demo_servers import serve_in_thread
-from tests.test_e2e_gateway import MCP_HEADERS, call, slug
+from tests.test_e2e_gateway import MCP_HEADERS, call, eventually, slug
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,7 +47,7 @@ def ports_upstream() -> Iterator[tuple[str, list[int]]]:
     stop()
 
 
-def test_an_idle_upstream_connection_is_replaced_and_a_busy_one_reused(
+async def test_an_idle_upstream_connection_is_replaced_and_a_busy_one_reused(
         gateway: Any, backend: Backend, ports_upstream: tuple[str, list[int]]) -> None:
     url, ports = ports_upstream
     s = slug("idle")
@@ -72,4 +72,5 @@ def test_an_idle_upstream_connection_is_replaced_and_a_busy_one_reused(
         fresh = paid()  # idle past the limit: a new connection
         assert fresh != first
         assert paid() == fresh
-    assert [u["billed"] for u in backend.usage(c)] == [10] * 5
+    # A billed answer's usage row is written just after the answer leaves.
+    assert await eventually(lambda: [u["billed"] for u in backend.usage(c)] == [10] * 5)
