@@ -2,7 +2,8 @@
 
 A bounded pool of worker threads, each holding its own connection, runs the Ledger's
 transactions (sql.py, the same SQL as the embedded store) off mitmproxy's event loop; a charge
-and a settlement, the per-call ones, go as one multi-statement round trip each (mysql_trip.py). The
+and a settlement, the per-call ones, go as one multi-statement round trip each (mysql_trip.py), and
+billed settlements that queue up under load go together, many calls per transaction (mysql_batch.py). The
 database serialises what must be serialised: the conditional UPDATEs lock the rows they
 test, so any number of gateways can share one database without overspending.
 
@@ -19,6 +20,7 @@ import logging
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -28,7 +30,7 @@ from pymysql.constants import CLIENT
 
 from ..config import Config, ConfigError, MysqlSettings
 from ..model import ChargeRequest, ChargeResult, Settlement
-from . import mysql_trip
+from . import mysql_batch, mysql_trip
 from .base import StoreUnavailable
 from .sql import MYSQL, LastUsed, Ledger, SqlStore
 
@@ -117,6 +119,7 @@ class MysqlStore(SqlStore):
         self._down_reason = ""
         self._schema_ready = False
         self._closed = False
+        self._billed: BilledBatches | None = None
         if config.seed.get("listings") or config.seed.get("consumers"):
             log.warning("mcpmeter: the YAML seed is for the embedded SQLite store; the MySQL store ignores it "
                         "(catalogue and consumers live in the database)")
@@ -269,7 +272,20 @@ class MysqlStore(SqlStore):
         return await self._submit(lambda ledger: mysql_trip.charge(ledger.conn, request), commit=_ENDED)
 
     async def settle(self, settlement: Settlement) -> int | None:
+        if mysql_batch.batchable(settlement):
+            if self._billed is None:
+                self._billed = BilledBatches(self)
+            if await self._billed.submit(settlement):
+                return None
         return await self._submit(lambda ledger: self._settle(ledger, settlement), commit=_ENDED)
+
+    async def settle_billed(self, batch: list[Settlement]) -> list[bool]:
+        """Billed settlements in one transaction (mysql_batch.py); one alone takes the one-trip path."""
+        if len(batch) == 1:
+            await self._submit(lambda ledger: self._settle(ledger, batch[0]), commit=_ENDED)
+            return [True]
+        return await self._run(lambda ledger: mysql_batch.settle_billed(ledger.conn, batch, ledger.last_used),
+                               commit=_ENDED)
 
     @staticmethod
     def _settle(ledger: Ledger, s: Settlement) -> int | None:
@@ -299,6 +315,43 @@ class MysqlStore(SqlStore):
             conns, self._conns = list(self._conns), set()
         for conn in conns:
             _close_quietly(conn)
+
+
+class BilledBatches:
+    """Billed settlements queue here while one batch is being written, and go together in the next:
+    under load one transaction carries many calls (mysql_batch.py), at concurrency 1 each goes alone.
+    One batch at a time per gateway, so the queue, not the pool, absorbs a burst."""
+
+    MAX = 200  # settlements per transaction (the statements grow with it; the lock time too)
+
+    def __init__(self, store: MysqlStore) -> None:
+        self._store = store
+        self._queue: deque[tuple[Settlement, asyncio.Future[bool]]] = deque()
+        self._writer: asyncio.Future[None] | None = None
+
+    async def submit(self, settlement: Settlement) -> bool:
+        """True once written in a batch; False if the batch left it out (settle it alone)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.append((settlement, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write())
+        return await future
+
+    async def _write(self) -> None:
+        while self._queue:
+            jobs = [self._queue.popleft() for _ in range(min(self.MAX, len(self._queue)))]
+            try:
+                done = await self._store.settle_billed([s for s, _ in jobs])
+            except BaseException as e:  # the transaction failed: each settlement is retried by its owner
+                for _, future in jobs:
+                    if not future.done():
+                        future.set_exception(e if isinstance(e, Exception) else StoreUnavailable(str(e)))
+                if not isinstance(e, Exception):
+                    raise
+                continue
+            for (_, future), ok in zip(jobs, done, strict=True):
+                if not future.done():
+                    future.set_result(ok)
 
 
 def _ENDED(_: object) -> bool:

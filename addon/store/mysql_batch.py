@@ -1,0 +1,123 @@
+"""Billed settlements of many calls in one MySQL transaction: two round trips for the whole batch.
+
+A billed answer's settlement (mysql_trip.settle) flips the call's journal row, counts the call in
+the consumer's usage row and writes its usage_events row: about four statements and a COMMIT per
+call, each parsed by MariaDB and answered with a packet pymysql parses on a worker thread. Under
+load these settlements queue up behind each other anyway, so here a batch of them shares one
+transaction and one set of statements: the journal rows are locked in one SELECT ... FOR UPDATE
+(request-id order, the primary key's), then one text flips them all (one UPDATE), upserts each
+(listing, consumer, month) usage row once with its count, inserts every usage_events row in one
+multi-row INSERT, stamps last_used_at and COMMITs.
+
+Only billed settlements come here: they never touch `users`, `credit_transactions` or the
+project's spend, so a batch takes no lock a charge takes first and waits for (charges lock a usage
+row, then users, then spend). Locks are taken in one order by every batch of every gateway:
+journal rows by request id, then usage rows by (user, listing, month): two batches never wait on
+each other in a cycle. A settlement whose journal row is not the unsettled row its charge reported
+(settled before, or disagreeing) is left out: the caller settles it alone, through the Ledger,
+which reads what was really taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..billing import split
+from ..model import Settlement
+from .sql import MYSQL, LastUsed, utc
+
+_COUNT = MYSQL.upsert(
+    "INSERT INTO mcp_consumer_usage (mcp_id, user_id, free_calls_used, period_year_month, billable_calls,"
+    " first_called_at, last_called_at, created_at, updated_at) VALUES {rows}",
+    "mcp_id, user_id",
+    [("billable_calls", "CASE WHEN period_year_month = NEW(period_year_month) THEN billable_calls ELSE 0 END"
+                        " + NEW(billable_calls)"),
+     ("free_calls_used", "CASE WHEN period_year_month = NEW(period_year_month) THEN free_calls_used ELSE 0 END"),
+     ("period_year_month", "NEW(period_year_month)"),
+     ("last_called_at", "NEW(last_called_at)"), ("updated_at", "NEW(updated_at)")])
+
+
+def batchable(s: Settlement) -> bool:
+    """A billed settlement whose charge reported what it took and whose caller needs no balance."""
+    return not s.refund and s.taken is not None and not s.need_balance
+
+
+def settle_billed(conn: Any, batch: Sequence[Settlement], last_used: LastUsed) -> list[bool]:
+    """Settle `batch` (each `batchable`) in one transaction, committed here; returns, per settlement,
+    whether it was settled (False: nothing was written for it, settle it alone)."""
+    first: dict[str, int] = {}  # request id -> its first settlement in the batch (a repeat goes alone)
+    for i, s in enumerate(batch):
+        first.setdefault(s.charge.request_id, i)
+    cur = conn.cursor()
+    rids = sorted(first)
+    cur.execute(
+        "SELECT request_id, verdict, amount_micro_cents FROM mcpmeter_calls"
+        f" WHERE request_id IN ({', '.join(['%s'] * len(rids))}) AND settled_at IS NULL FOR UPDATE", rids)
+    unsettled = {str(rid): (str(verdict), int(amount)) for rid, verdict, amount in cur.fetchall()}
+    settled = [False] * len(batch)
+    chosen: list[Settlement] = []
+    for rid in rids:
+        i = first[rid]
+        s = batch[i]
+        assert s.taken is not None
+        if unsettled.get(rid) == (s.taken.verdict.value, s.taken.amount):
+            settled[i] = True
+            chosen.append(s)
+    if not chosen:
+        conn.rollback()
+        return settled
+    now = utc()
+    text, args = _text(chosen, now, last_used)
+    cur.execute(text, args)
+    while cur.nextset():  # read every result: a failing statement raises here, before COMMIT
+        pass
+    return settled
+
+
+def _text(chosen: list[Settlement], now: str, last_used: LastUsed) -> tuple[str, list[Any]]:
+    """The flips, counters, usage rows and stamps of `chosen` (in request-id order), ending with COMMIT."""
+    parts: list[str] = []
+    args: list[Any] = []
+    rids = [s.charge.request_id for s in chosen]
+    whens = " ".join(["WHEN %s THEN %s"] * len(chosen))
+    parts.append(f"UPDATE mcpmeter_calls SET settled_at = %s, refunded = 0, status = CASE request_id {whens} END,"
+                 f" reason = CASE request_id {whens} END WHERE request_id IN ({', '.join(['%s'] * len(rids))})")
+    args.append(now)
+    for s in chosen:
+        args += [s.charge.request_id, s.status]
+    for s in chosen:
+        args += [s.charge.request_id, s.reason[:32] if s.reason else None]
+    args += rids
+    counts: dict[tuple[int, int, str], int] = {}
+    for s in chosen:
+        assert s.taken is not None
+        if s.taken.amount > 0:
+            key = (s.charge.user_id, s.charge.listing_id, s.charge.period)
+            counts[key] = counts.get(key, 0) + 1
+    if counts:
+        # One row per (listing, consumer, month), in (user, listing, month) order: the lock order.
+        parts.append(_COUNT.format(rows=", ".join(["(%s, %s, 0, %s, %s, %s, %s, %s, %s)"] * len(counts))))
+        for (user, listing, period), n in sorted(counts.items()):
+            args += [listing, user, period, n, now, now, now, now]
+    parts.append(
+        "INSERT IGNORE INTO usage_events (project_id, mcp_id, api_key_id, tool_name, client, user_agent,"
+        " called_at, duration_ms, status, billed_micro_cents, publisher_payout_micro_cents,"
+        " platform_fee_micro_cents, request_id, created_at, updated_at) VALUES "
+        + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"] * len(chosen)))
+    for s in chosen:
+        assert s.taken is not None
+        req, billed = s.charge, s.taken.amount
+        payout, fee = split(billed, s.fee_bps)
+        args += [req.project_id, req.listing_id, s.key_id, req.tool_name[:191], s.client,
+                 (s.user_agent or None) and s.user_agent[:255], utc(s.called_at), max(s.duration_ms, 0),
+                 s.status, billed, payout, fee, req.request_id, now, now]
+    keys = sorted({s.key_id for s in chosen if s.key_id is not None and last_used.due("api_keys", s.key_id)})
+    tokens = sorted({s.token_id for s in chosen if s.key_id is None and s.token_id is not None
+                     and last_used.due("oauth_access_tokens", s.token_id)})
+    for table, ids in (("api_keys", keys), ("oauth_access_tokens", tokens)):
+        if ids:
+            parts.append(f"UPDATE {table} SET last_used_at = %s WHERE id IN ({', '.join(['%s'] * len(ids))})")
+            args += [now, *ids]
+    parts.append("COMMIT")
+    return ";".join(parts), args
