@@ -193,7 +193,10 @@ class Settlements:
             called_at=call.called_at, key_id=call.consumer.key_id, token_id=call.consumer.token_id,
             client=classify(flow.request.headers.get("user-agent")),
             user_agent=flow.request.headers.get("user-agent"), fee_bps=gw.config.platform_fee_bps,
-            taken=call.charged, need_balance=not background,
+            # A billed call's balance is the charge's; it is read again only for answers whose headers
+            # are not sent yet (X-Mcpmeter-Balance is fresh) and for refunds. So the billed settlements
+            # of streamed answers, like those written in the background, can be batched (mysql_batch.py).
+            taken=call.charged, need_balance=not background and (decided.refund or call.parser is None),
             reason=shadow.settled_reason(flow, decided.refund) or decided.reason,
         )
         for attempt in range(SETTLE_ATTEMPTS):

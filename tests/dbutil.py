@@ -128,7 +128,7 @@ class Db:
 
 
 def schema_snapshot(db: Db) -> dict[str, list[tuple[Any, ...]]]:
-    """Every column and index of a database as information_schema describes them, for comparing layouts."""
+    """Every column, index and procedure of a database as information_schema describes them, for comparing layouts."""
     return {
         "columns": db.rows(
             "SELECT TABLE_NAME, ORDINAL_POSITION, COLUMN_NAME, COLUMN_TYPE, IS_NULLABLE, COLUMN_DEFAULT,"
@@ -139,6 +139,8 @@ def schema_snapshot(db: Db) -> dict[str, list[tuple[Any, ...]]]:
             " WHERE TABLE_SCHEMA = DATABASE() ORDER BY TABLE_NAME, INDEX_NAME, SEQ_IN_INDEX"),
         "tables": db.rows("SELECT TABLE_NAME, ENGINE, TABLE_COLLATION FROM information_schema.TABLES"
                           " WHERE TABLE_SCHEMA = DATABASE() ORDER BY TABLE_NAME"),
+        "routines": db.rows("SELECT ROUTINE_NAME, ROUTINE_TYPE, SECURITY_TYPE, ROUTINE_DEFINITION"
+                            " FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = DATABASE() ORDER BY ROUTINE_NAME"),
     }
 
 

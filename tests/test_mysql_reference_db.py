@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -112,6 +113,7 @@ async def test_a_reference_database_is_upgraded_in_place_and_served() -> None:
 async def test_the_upgrade_equals_schema_sql_and_is_idempotent() -> None:
     with scratch_database(SCHEMA) as fresh, scratch_database(REFERENCE_SCHEMA) as upgraded:
         MysqlStore(Config(store="mysql", mysql=upgraded)).close()
+        MysqlStore(Config(store="mysql", mysql=fresh)).close()  # schema.sql leaves the procedure to the gateway
         with contextlib.closing(Db(upgraded)) as db, contextlib.closing(Db(fresh)) as want:
             after_first = schema_snapshot(db)
             assert after_first == schema_snapshot(want)
@@ -130,6 +132,40 @@ def test_settings_that_can_never_work_stop_the_gateway_at_start() -> None:
         MysqlStore(Config(store="mysql", mysql=empty))
     with pytest.raises(ConfigError, match="pool_size"):
         MysqlStore(Config(store="mysql", mysql=replace(server, pool_size=0)))
+
+
+async def test_the_charge_procedure_needs_create_routine_once_then_execute() -> None:
+    """The gateway creates its charge procedure at start: a user who may not is told what to grant;
+    once an administrator's start created it, EXECUTE (and the tables' privileges) is enough."""
+    server = require_server()
+    user = f"mcpm_np_{secrets.token_hex(4)}"
+    with scratch_database(SCHEMA) as settings:
+        admin = connect(server)
+        try:
+            admin.cursor().execute(f"CREATE USER '{user}'@'%' IDENTIFIED BY 'pw'")
+            admin.cursor().execute(f"GRANT SELECT, INSERT, UPDATE, DELETE, ALTER, CREATE ON `{settings.database}`.*"
+                                   f" TO '{user}'@'%'")
+            limited = replace(settings, user=user, password="pw")
+            with pytest.raises(ConfigError, match="CREATE ROUTINE"):
+                MysqlStore(Config(store="mysql", mysql=limited))
+            backend = MysqlBackend(settings)  # an administrator's start: the procedure is made
+            try:
+                _prepare(backend)
+                who = add_consumer(backend, 1, credit=10_000)
+                add_listing(backend, 30, "weather", price=1000)
+                admin.cursor().execute(f"GRANT EXECUTE ON `{settings.database}`.* TO '{user}'@'%'")
+                store = MysqlStore(Config(store="mysql", mysql=limited))
+                try:
+                    taken = await store.charge(call(who, 30, 1000))
+                    assert (taken.verdict, taken.balance) == (Verdict.DEBITED, 9000)
+                finally:
+                    store.close()
+                reconcile(backend)
+            finally:
+                backend.close()
+        finally:
+            admin.cursor().execute(f"DROP USER IF EXISTS '{user}'@'%'")
+            admin.close()
 
 
 async def _all_unavailable(store: MysqlStore) -> None:

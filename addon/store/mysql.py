@@ -390,6 +390,10 @@ def ensure_schema(conn: pymysql.connections.Connection, settings: MysqlSettings)
             _alter(cur, settings, f"ALTER TABLE `{table}` {', '.join(clauses)}")
     for ddl in ADDED_TABLES:
         _alter(cur, settings, ddl)
+    cur.execute("SELECT ROUTINE_NAME FROM information_schema.ROUTINES"
+                " WHERE ROUTINE_SCHEMA = DATABASE() AND ROUTINE_TYPE = 'PROCEDURE'")
+    if mysql_trip.CHARGE_PROCEDURE not in {str(r[0]) for r in cur.fetchall()}:
+        _alter(cur, settings, mysql_trip.CHARGE_DDL)
 
 
 def _alter(cur: Any, settings: MysqlSettings, ddl: str) -> None:
@@ -398,18 +402,18 @@ def _alter(cur: Any, settings: MysqlSettings, ddl: str) -> None:
         log.info("mcpmeter: upgraded the MySQL schema: %s", ddl.split("(")[0].strip())
     except pymysql.Error as e:
         code = _code(e)
-        if code in (1060, 1061):  # duplicate column / key name: another gateway added it meanwhile
+        if code in (1060, 1061, 1304):  # duplicate column, key or procedure: another gateway added it meanwhile
             return
         if code == 1062:
             # Existing rows repeat a request id, so the unique key cannot be added. Refunds stay
             # exactly once (the call journal decides them); only the belt-and-braces key is missing.
             log.warning("mcpmeter: cannot add a unique key (%s); duplicate rows exist: %s", ddl, _reason(e))
             return
-        if code in (1142, 1044, 1045):
+        if code in (1142, 1044, 1045, 1370):
             raise ConfigError(
                 f"MySQL user DB_USER={settings.user!r} may not change the schema of DB_NAME="
                 f"{settings.database!r} ({_reason(e)}); run schema.sql's additions as an administrator "
-                "or grant ALTER and CREATE") from None
+                "or grant ALTER, CREATE and CREATE ROUTINE") from None
         raise
 
 
