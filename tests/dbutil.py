@@ -140,7 +140,8 @@ def schema_snapshot(db: Db) -> dict[str, list[tuple[Any, ...]]]:
         "tables": db.rows("SELECT TABLE_NAME, ENGINE, TABLE_COLLATION FROM information_schema.TABLES"
                           " WHERE TABLE_SCHEMA = DATABASE() ORDER BY TABLE_NAME"),
         "routines": db.rows("SELECT ROUTINE_NAME, ROUTINE_TYPE, SECURITY_TYPE, ROUTINE_DEFINITION"
-                            " FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = DATABASE() ORDER BY ROUTINE_NAME"),
+                            " FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = DATABASE()"
+                            " ORDER BY ROUTINE_NAME"),
     }
 
 

@@ -13,6 +13,8 @@ import random
 from collections import Counter
 
 from addon.model import Settlement, Verdict
+from addon.store.base import StoreUnavailable
+from addon.store import mysql_batch
 from addon.store.mysql import MysqlStore
 
 from .dbutil import SCHEMA, scratch_database
@@ -136,3 +138,77 @@ async def test_batches_charges_and_refunds_of_two_gateways_never_deadlock_or_los
             reconcile(db)
         finally:
             db.close()
+
+
+async def test_a_settlement_that_cannot_be_written_fails_alone_not_its_batch(
+        world: tuple[Backend, Meter]) -> None:  # noqa: F811
+    """A batch that fails is rolled back and each of its settlements goes alone: the calls batched
+    with a bad one are written; only the bad one is left to its owner's retries (and the sweeper)."""
+    db, meter = world
+    who = add_consumer(db, 1, credit=100 * PRICE)
+    add_listing(db, 10, "a", price=PRICE)
+    add_listing(db, 11, "gone", price=PRICE)
+    await meter.store.balance(1)
+    jobs = []
+    for i in range(40):
+        req = call(who, 11 if i == 7 else 10, PRICE)
+        jobs.append(billed(dataclasses.replace(outcome(req, who), taken=await meter.store.charge(req))))
+    # Listing 11 is deleted mid-call: its usage counter's row can no longer be written (foreign key).
+    db.execute("SET FOREIGN_KEY_CHECKS = 0")
+    db.execute("DELETE FROM mcps WHERE id = 11")
+    db.execute("SET FOREIGN_KEY_CHECKS = 1")
+    results = await asyncio.gather(*(meter.store.settle(s) for s in jobs), return_exceptions=True)
+    failed = [i for i, r in enumerate(results) if r is not None]
+    assert failed == [7] and isinstance(results[7], StoreUnavailable)
+    assert db.value("SELECT COUNT(*) FROM usage_events") == 39
+    assert db.rows("SELECT request_id FROM mcpmeter_calls WHERE settled_at IS NULL") == [
+        (jobs[7].charge.request_id,)]
+
+
+async def test_a_batch_locks_only_its_own_journal_rows(world: tuple[Backend, Meter]) -> None:  # noqa: F811
+    """While a batch holds its journal rows, new calls' journal rows can be written and other calls
+    settled: the batch locks by primary key under READ COMMITTED, so neither the settled_at index
+    (every unsettled row) nor next-key locks (the gaps around its rows, where random request ids
+    land) are taken."""
+    db, meter = world
+    who = add_consumer(db, 1, credit=100 * PRICE)
+    add_listing(db, 10, "a", price=PRICE)
+    await meter.store.balance(1)
+    charged = []
+    for _ in range(4):
+        req = call(who, 10, PRICE)
+        charged.append(billed(dataclasses.replace(outcome(req, who), taken=await meter.store.charge(req))))
+    charged.sort(key=lambda s: s.charge.request_id)
+    # The batch holds the three highest keys; the other call's row sorts below them.
+    (other_settlement, *mine) = charged
+    other, other_taken = other_settlement.charge, other_settlement.taken
+    conn = meter.store._connect()
+    try:
+        cur = conn.cursor()
+        # The batch's first round trip, left open: its locks are held.
+        cur.execute(mysql_batch.lock_text(3), [s.charge.request_id for s in mine])
+        cur.nextset()
+        assert len(cur.fetchall()) == 3
+        # A row whose key sorts after every other: the gap a range read's next-key locks end with.
+        probe = meter.store._connect()
+        try:
+            probe.cursor().execute(
+                "INSERT INTO mcpmeter_calls (request_id, user_id, project_id, mcp_id, tool_name, verdict,"
+                " amount_micro_cents, period_year_month, created_at) VALUES (%s, 1, 1, 10, 't', 'unpriced', 0,"
+                 " '2030-01', UTC_TIMESTAMP())", ("z" * 36,))
+            probe.rollback()
+        finally:
+            probe.close()
+        second = db.open_store()
+        try:
+            fresh = await asyncio.wait_for(second.charge(call(who, 10, PRICE)), 1.5)
+            assert fresh.verdict is Verdict.DEBITED
+            await asyncio.wait_for(second.settle(dataclasses.replace(outcome(other, who), taken=other_taken)), 1.5)
+        finally:
+            second.close()
+        conn.rollback()
+        cur.execute("EXPLAIN " + mysql_batch.lock_text(3).split(";", 1)[1], [s.charge.request_id for s in mine])
+        plan = cur.fetchall()
+        assert all(row[5] == "PRIMARY" for row in plan), plan  # the key used
+    finally:
+        conn.close()

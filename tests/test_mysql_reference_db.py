@@ -168,6 +168,29 @@ async def test_the_charge_procedure_needs_create_routine_once_then_execute() -> 
             admin.close()
 
 
+async def test_the_charge_procedure_works_whatever_the_tables_collation() -> None:
+    """A database whose tables use another utf8mb4 collation (a Laravel default, say) is charged
+    alike: the procedure's period parameter compares in the column's collation."""
+    with scratch_database(SCHEMA) as settings:
+        with contextlib.closing(Db(settings)) as db:
+            for table in ("mcp_consumer_usage", "projects", "mcpmeter_project_spend"):
+                db.execute(f"ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci")
+        backend = MysqlBackend(settings)
+        try:
+            _prepare(backend)
+            who = add_consumer(backend, 1, credit=10_000_000, cap_cents=1)
+            add_listing(backend, 30, "weather", price=1000, free=1)
+            verdicts = [(await backend.store.charge(call(who, 30, 1000, free=1, tool="s\u00e9\U0001F600"))).verdict
+                        for _ in range(3)]
+            assert verdicts == [Verdict.FREE, Verdict.DEBITED, Verdict.DEBITED]
+            big = await backend.store.charge(call(who, 30, 999_000, free=1))  # over the 1 ¢ cap
+            assert big.verdict is Verdict.PROJECT_CAP_EXCEEDED
+            assert backend.rows("SELECT DISTINCT tool_name FROM mcpmeter_calls") == [("s\u00e9\U0001F600",)]
+            reconcile(backend)
+        finally:
+            backend.close()
+
+
 async def _all_unavailable(store: MysqlStore) -> None:
     """Every store method raises StoreUnavailable, each within FAST seconds, also when many ask at once."""
     who = Who(1, 10, KEY, 1)

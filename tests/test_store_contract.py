@@ -431,6 +431,27 @@ async def test_free_tier_resets_in_a_new_month(db: Backend) -> None:
     reconcile(db)
 
 
+async def test_a_month_boundary_never_hands_out_the_free_tier_twice(db: Backend) -> None:
+    """Calls of the old month settled or charged after the new month's first call leave the usage
+    row in the new month: its free calls are not reset, and an old-month call is not free."""
+    who = add_consumer(db, 1, credit=100_000)
+    add_listing(db, 10, "w", price=1000, free=1)
+    assert (await db.store.charge(call(who, 10, 1000, free=1))).verdict is Verdict.FREE
+    late = call(who, 10, 1000, free=1)  # answered after midnight
+    late_taken = await db.store.charge(late)
+    assert late_taken.verdict is Verdict.DEBITED
+    assert (await db.store.charge(call(who, 10, 1000, free=1, period=NEXT_PERIOD))).verdict is Verdict.FREE
+    await db.store.settle(dataclasses.replace(outcome(late, who), taken=late_taken))
+    assert db.rows("SELECT free_calls_used, period_year_month FROM mcp_consumer_usage"
+                   " WHERE mcp_id = 10 AND user_id = 1") == [(1, NEXT_PERIOD)]
+    # The new month's one free call is used; so is, from the row's view, any old-month claim.
+    assert (await db.store.charge(call(who, 10, 1000, free=1, period=NEXT_PERIOD))).verdict is Verdict.DEBITED
+    assert (await db.store.charge(call(who, 10, 1000, free=1))).verdict is Verdict.DEBITED
+    assert db.rows("SELECT free_calls_used, period_year_month FROM mcp_consumer_usage"
+                   " WHERE mcp_id = 10 AND user_id = 1") == [(1, NEXT_PERIOD)]
+    reconcile(db)
+
+
 async def test_a_request_id_is_charged_once(db: Backend) -> None:
     who = add_consumer(db, 1, credit=10_000)
     add_listing(db, 10, "w", price=1000)

@@ -342,13 +342,18 @@ class BilledBatches:
             jobs = [self._queue.popleft() for _ in range(min(self.MAX, len(self._queue)))]
             try:
                 done = await self._store.settle_billed([s for s, _ in jobs])
-            except BaseException as e:  # the transaction failed: each settlement is retried by its owner
-                for _, future in jobs:
-                    if not future.done():
-                        future.set_exception(e if isinstance(e, Exception) else StoreUnavailable(str(e)))
-                if not isinstance(e, Exception):
-                    raise
-                continue
+            except Exception as e:
+                # The batch was rolled back. Each settlement now goes alone: one that cannot be
+                # written (a listing deleted mid-call, say) fails by itself, and never takes the
+                # delivered, billed calls batched with it to the sweeper's refund.
+                log.warning("mcpmeter: a batch of %d billed settlements failed (%s); settling each alone",
+                            len(jobs), e)
+                done = [False] * len(jobs)
+            except BaseException:
+                for _, future in [*jobs, *self._queue]:  # cancelled (the loop is closing): their owners stop too
+                    future.cancel()
+                self._queue.clear()
+                raise
             for (_, future), ok in zip(jobs, done, strict=True):
                 if not future.done():
                     future.set_result(ok)

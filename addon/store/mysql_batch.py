@@ -11,11 +11,12 @@ multi-row INSERT, stamps last_used_at and COMMITs.
 
 Only billed settlements come here: they never touch `users`, `credit_transactions` or the
 project's spend, so a batch takes no lock a charge takes first and waits for (charges lock a usage
-row, then users, then spend). Locks are taken in one order by every batch of every gateway:
-journal rows by request id, then usage rows by (user, listing, month): two batches never wait on
-each other in a cycle. A settlement whose journal row is not the unsettled row its charge reported
-(settled before, or disagreeing) is left out: the caller settles it alone, through the Ledger,
-which reads what was really taken.
+row, then users, then spend, then insert their own journal row). Locks are taken in one order by
+every batch of every gateway: the batch's own journal rows by primary key (request id), then usage
+rows by (user, listing, month), under READ COMMITTED (no gap locks): two batches never wait on each
+other in a cycle, and new calls' journal rows never wait on a batch. A settlement
+whose journal row is not the unsettled row its charge reported (settled before, or disagreeing)
+is left out: the caller settles it alone, through the Ledger, which reads what was really taken.
 """
 
 from __future__ import annotations
@@ -25,22 +26,29 @@ from typing import Any
 
 from ..billing import split
 from ..model import Settlement
-from .sql import MYSQL, LastUsed, utc
+from .sql import COUNT_BILLABLE, MYSQL, LastUsed, utc
 
 _COUNT = MYSQL.upsert(
     "INSERT INTO mcp_consumer_usage (mcp_id, user_id, free_calls_used, period_year_month, billable_calls,"
     " first_called_at, last_called_at, created_at, updated_at) VALUES {rows}",
-    "mcp_id, user_id",
-    [("billable_calls", "CASE WHEN period_year_month = NEW(period_year_month) THEN billable_calls ELSE 0 END"
-                        " + NEW(billable_calls)"),
-     ("free_calls_used", "CASE WHEN period_year_month = NEW(period_year_month) THEN free_calls_used ELSE 0 END"),
-     ("period_year_month", "NEW(period_year_month)"),
-     ("last_called_at", "NEW(last_called_at)"), ("updated_at", "NEW(updated_at)")])
+    "mcp_id, user_id", COUNT_BILLABLE)
 
 
 def batchable(s: Settlement) -> bool:
     """A billed settlement whose charge reported what it took and whose caller needs no balance."""
     return not s.refund and s.taken is not None and not s.need_balance
+
+
+def lock_text(n: int) -> str:
+    """The batch's first round trip: lock `n` journal rows by request id, and read them."""
+    # The primary key, forced: with few unsettled rows the optimizer prefers the settled_at index,
+    # or a scan, which locks every unsettled row of other calls and the gaps between them, so new
+    # calls' journal INSERTs waited on the batch and deadlocked with it (measured). READ COMMITTED:
+    # row locks only; under REPEATABLE READ a list of keys read as a range may also lock the gap
+    # past its last row (an INSERT of a higher request id waited on it, measured).
+    return ("SET TRANSACTION ISOLATION LEVEL READ COMMITTED;"
+            "SELECT request_id, verdict, amount_micro_cents, settled_at FROM mcpmeter_calls FORCE INDEX (PRIMARY)"
+            f" WHERE request_id IN ({', '.join(['%s'] * n)}) FOR UPDATE")
 
 
 def settle_billed(conn: Any, batch: Sequence[Settlement], last_used: LastUsed) -> list[bool]:
@@ -51,10 +59,10 @@ def settle_billed(conn: Any, batch: Sequence[Settlement], last_used: LastUsed) -
         first.setdefault(s.charge.request_id, i)
     cur = conn.cursor()
     rids = sorted(first)
-    cur.execute(
-        "SELECT request_id, verdict, amount_micro_cents FROM mcpmeter_calls"
-        f" WHERE request_id IN ({', '.join(['%s'] * len(rids))}) AND settled_at IS NULL FOR UPDATE", rids)
-    unsettled = {str(rid): (str(verdict), int(amount)) for rid, verdict, amount in cur.fetchall()}
+    cur.execute(lock_text(len(rids)), rids)
+    cur.nextset()  # past the SET's empty result, to the SELECT's rows
+    unsettled = {str(rid): (str(verdict), int(amount)) for rid, verdict, amount, settled in cur.fetchall()
+                 if settled is None}
     settled = [False] * len(batch)
     chosen: list[Settlement] = []
     for rid in rids:

@@ -30,7 +30,7 @@ from typing import Any
 
 from ..billing import split
 from ..model import MICRO_CENTS_PER_CENT, ChargeRequest, ChargeResult, Settlement, Verdict
-from .sql import MYSQL, LastUsed, utc
+from .sql import COUNT_BILLABLE, MYSQL, LastUsed, utc
 
 _LEDGER_INSERT = (
     "INSERT INTO credit_transactions (user_id, amount_micro_cents, type, reference_type,"
@@ -52,11 +52,14 @@ _BALANCE = "(SELECT credit_micro_cents FROM users WHERE id = %(user)s)"
 # rows matched (the connection has CLIENT.FOUND_ROWS); every write it tests changes its row anyway.
 # A new version of the procedure gets a new name: gateways of both versions can share a database.
 CHARGE_PROCEDURE = "mcpmeter_charge_v1"
-_VARCHAR = "VARCHAR({n}) CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+# Text parameters are only stored, never compared, except the period, whose repertoire is ASCII:
+# a column of any utf8mb4 collation compares with it in its own collation (a parameter declared
+# with one collation breaks charges on tables made with another: "Illegal mix of collations").
+_VARCHAR = "VARCHAR({n}) CHARACTER SET utf8mb4"
 CHARGE_DDL = f"""CREATE PROCEDURE `{CHARGE_PROCEDURE}`(
   IN p_request {_VARCHAR.format(n=64)}, IN p_user BIGINT UNSIGNED, IN p_project BIGINT UNSIGNED,
   IN p_listing BIGINT UNSIGNED, IN p_tool {_VARCHAR.format(n=191)}, IN p_price BIGINT, IN p_allowance BIGINT,
-  IN p_period {_VARCHAR.format(n=7)}, IN p_now DATETIME, IN p_description {_VARCHAR.format(n=255)})
+  IN p_period VARCHAR(7) CHARACTER SET ascii, IN p_now DATETIME, IN p_description {_VARCHAR.format(n=255)})
   MODIFIES SQL DATA SQL SECURITY INVOKER
 BEGIN
   DECLARE v_verdict VARCHAR(20) DEFAULT '{Verdict.INSUFFICIENT_CREDIT.value}';
@@ -72,7 +75,8 @@ BEGIN
       free_calls_used = CASE WHEN period_year_month = p_period THEN free_calls_used ELSE 0 END + 1,
       period_year_month = p_period, last_called_at = p_now, updated_at = p_now
       WHERE mcp_id = p_listing AND user_id = p_user
-      AND (period_year_month IS NULL OR period_year_month <> p_period OR free_calls_used < p_allowance);
+      AND (period_year_month IS NULL OR period_year_month < p_period
+           OR (period_year_month = p_period AND free_calls_used < p_allowance));
     IF ROW_COUNT() = 1 THEN
       SET v_verdict = '{Verdict.FREE.value}';
     END IF;
@@ -179,17 +183,12 @@ def settle(conn: Any, s: Settlement, last_used: LastUsed) -> tuple[bool, int | N
             " WHERE mcp_id = IF(@mcpm_flip = 1, %(listing)s, NULL) AND user_id = %(user)s"
             " AND period_year_month = %(period)s AND free_calls_used > 0")
     if billed > 0:
-        this_month = "period_year_month = NEW(period_year_month)"
         parts.append(MYSQL.upsert(
             "INSERT INTO mcp_consumer_usage (mcp_id, user_id, free_calls_used, period_year_month, billable_calls,"
             " first_called_at, last_called_at, created_at, updated_at)"
             " SELECT %(listing)s, %(user)s, 0, %(period)s, 1, %(now)s, %(now)s, %(now)s, %(now)s"
             " FROM DUAL WHERE " + flip,
-            "mcp_id, user_id",
-            [("billable_calls", f"CASE WHEN {this_month} THEN billable_calls ELSE 0 END + 1"),
-             ("free_calls_used", f"CASE WHEN {this_month} THEN free_calls_used ELSE 0 END"),
-             ("period_year_month", "NEW(period_year_month)"),
-             ("last_called_at", "NEW(last_called_at)"), ("updated_at", "NEW(updated_at)")]))
+            "mcp_id, user_id", COUNT_BILLABLE))
         flip = "ROW_COUNT() > 0" if chain else flip
     parts.append(
         "INSERT IGNORE INTO usage_events (project_id, mcp_id, api_key_id, tool_name, client, user_agent,"

@@ -91,6 +91,20 @@ def _epoch(value: Any) -> float | None:
     return float(calendar.timegm(value.timetuple()))
 
 
+# The upsert's updates counting NEW(billable_calls) billed calls of NEW(period_year_month) in a consumer's
+# usage row, which holds one month: a later month starts it again; an earlier month's call settled late
+# (its answer came after midnight) leaves the row alone, so the new month's free calls are never reset.
+COUNT_BILLABLE = [
+    ("billable_calls", "CASE WHEN period_year_month = NEW(period_year_month) THEN billable_calls + NEW(billable_calls)"
+                       " WHEN period_year_month > NEW(period_year_month) THEN billable_calls"
+                       " ELSE NEW(billable_calls) END"),
+    ("free_calls_used", "CASE WHEN period_year_month >= NEW(period_year_month) THEN free_calls_used ELSE 0 END"),
+    ("period_year_month", "CASE WHEN period_year_month > NEW(period_year_month) THEN period_year_month"
+                          " ELSE NEW(period_year_month) END"),
+    ("last_called_at", "NEW(last_called_at)"), ("updated_at", "NEW(updated_at)"),
+]
+
+
 class LastUsed:
     """When a store last wrote a key's last_used_at: informational, so once a minute is enough."""
 
@@ -324,23 +338,20 @@ class Ledger:
             " free_calls_used = CASE WHEN period_year_month = %s THEN free_calls_used ELSE 0 END + 1,"
             " period_year_month = %s, last_called_at = %s, updated_at = %s"
             " WHERE mcp_id = %s AND user_id = %s"
-            " AND (period_year_month IS NULL OR period_year_month <> %s OR free_calls_used < %s)",
-            (req.period, req.period, req.period, now, now, req.listing_id, req.user_id, req.period,
+            # A row already in a later month (this call's period was read just before midnight) is
+            # not moved back: the call is not free, so the allowance of neither month is exceeded.
+            " AND (period_year_month IS NULL OR period_year_month < %s"
+            " OR (period_year_month = %s AND free_calls_used < %s))",
+            (req.period, req.period, req.period, now, now, req.listing_id, req.user_id, req.period, req.period,
              req.free_allowance),
         ).rowcount == 1
 
     def _count_billable(self, req: ChargeRequest, now: str) -> None:
         """One more billed call this month in the consumer's usage row (which resets each month)."""
-        this_month = "period_year_month = NEW(period_year_month)"
         self._q(self.d.upsert(
             "INSERT INTO mcp_consumer_usage (mcp_id, user_id, free_calls_used, period_year_month, billable_calls,"
             " first_called_at, last_called_at, created_at, updated_at) VALUES (%s, %s, 0, %s, 1, %s, %s, %s, %s)",
-            "mcp_id, user_id",
-            [("billable_calls", f"CASE WHEN {this_month} THEN billable_calls ELSE 0 END + 1"),
-             ("free_calls_used", f"CASE WHEN {this_month} THEN free_calls_used ELSE 0 END"),
-             ("period_year_month", "NEW(period_year_month)"),
-             ("last_called_at", "NEW(last_called_at)"), ("updated_at", "NEW(updated_at)")],
-        ), (req.listing_id, req.user_id, req.period, now, now, now, now))
+            "mcp_id, user_id", COUNT_BILLABLE), (req.listing_id, req.user_id, req.period, now, now, now, now))
 
     def _add_spend(self, project_id: int, period: str, amount: int) -> None:
         """Move the project's spend this month (the cap is checked by the caller, in the same transaction)."""
