@@ -63,13 +63,18 @@ async def test_concurrent_billed_settlements_share_one_transaction(world: tuple[
 
     results, trips, server = await meter.measure(asyncio.gather(*(meter.store.settle(s) for s in burst)))
     assert results == [None] * len(burst)
-    # The first goes alone (one trip); the rest queued behind it go together in one batch (two trips);
-    # the repeat and the disagreeing one, left out of it, go alone (a one-trip try, then the Ledger's
-    # statements, which read the journal): a dozen round trips for 62 settlements, not 62.
+    # All 62 queue before the writer runs and go together in one batch (two trips); a repeat and the
+    # disagreeing one, left out of it, go alone (a one-trip try, then the Ledger's statements, which
+    # read the journal): a dozen round trips for 62 settlements, not 62.
     assert trips <= 12, trips
     assert server["Com_commit"] <= 6 and server["Com_rollback"] == 0, server  # 62 one by one: 62
 
     assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL") == 0
+    # /health says how many settlements went in batches: the 60 calls, less the one whose copy read
+    # first was the disagreeing one (it and its repeat then settled alone).
+    health = await meter.store.health()
+    assert health["billed_batches"]["transactions"] == 1
+    assert health["billed_batches"]["settlements"] in (59, 60)
     for s in jobs:
         assert s.taken is not None
         row = db.rows("SELECT status, billed_micro_cents FROM usage_events WHERE request_id = %s",
@@ -97,8 +102,8 @@ async def test_a_batch_spanning_a_new_month_counts_each_month_apart(world: tuple
         for _ in range(n):
             req = dataclasses.replace(call(who, 10, PRICE), period=period)
             jobs.append(billed(dataclasses.replace(outcome(req, who), taken=await meter.store.charge(req))))
-    blocker = jobs.pop(0)  # settled first and alone: the rest queue behind it and go as one batch
-    await asyncio.gather(meter.store.settle(blocker), *(meter.store.settle(s) for s in jobs))
+    await asyncio.gather(*(meter.store.settle(s) for s in jobs))  # queued together: one batch
+    assert (await meter.store.health())["billed_batches"] == {"transactions": 1, "settlements": 5}
     assert db.rows("SELECT period_year_month, billable_calls FROM mcp_consumer_usage WHERE user_id = 1") == [
         (NEXT_PERIOD, 2)]
     assert db.value("SELECT COUNT(*) FROM usage_events") == 5

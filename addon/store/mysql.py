@@ -302,6 +302,8 @@ class MysqlStore(SqlStore):
 
     async def health(self) -> dict[str, object]:
         info: dict[str, object] = {"store": "mysql", "database": self.where, "retries": self.retries}
+        if self._billed is not None:
+            info["billed_batches"] = {"transactions": self._billed.batches, "settlements": self._billed.batched}
         try:
             await self._run(lambda ledger: ledger.balance(0))
         except StoreUnavailable as e:
@@ -328,6 +330,8 @@ class BilledBatches:
         self._store = store
         self._queue: deque[tuple[Settlement, asyncio.Future[bool]]] = deque()
         self._writer: asyncio.Future[None] | None = None
+        self.batches = 0  # transactions of more than one settlement written (for /health)
+        self.batched = 0  # the settlements they carried
 
     async def submit(self, settlement: Settlement) -> bool:
         """True once written in a batch; False if the batch left it out (settle it alone)."""
@@ -354,6 +358,9 @@ class BilledBatches:
                     future.cancel()
                 self._queue.clear()
                 raise
+            if len(jobs) > 1:
+                self.batches += 1
+                self.batched += sum(done)
             for (_, future), ok in zip(jobs, done, strict=True):
                 if not future.done():
                     future.set_result(ok)
