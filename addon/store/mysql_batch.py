@@ -24,9 +24,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..billing import split
 from ..model import Settlement
-from .sql import COUNT_BILLABLE, MYSQL, LastUsed, utc
+from .sql import COUNT_BILLABLE, MYSQL, USAGE_EVENT_VALUES, USAGE_EVENTS_INSERT, LastUsed, usage_event, utc
 
 _COUNT = MYSQL.upsert(
     "INSERT INTO mcp_consumer_usage (mcp_id, user_id, free_calls_used, period_year_month, billable_calls,"
@@ -108,18 +107,10 @@ def _text(chosen: list[Settlement], now: str, last_used: LastUsed) -> tuple[str,
         parts.append(_COUNT.format(rows=", ".join(["(%s, %s, 0, %s, %s, %s, %s, %s, %s)"] * len(counts))))
         for (user, listing, period), n in sorted(counts.items()):
             args += [listing, user, period, n, now, now, now, now]
-    parts.append(
-        "INSERT IGNORE INTO usage_events (project_id, mcp_id, api_key_id, tool_name, client, user_agent,"
-        " called_at, duration_ms, status, billed_micro_cents, publisher_payout_micro_cents,"
-        " platform_fee_micro_cents, request_id, created_at, updated_at) VALUES "
-        + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"] * len(chosen)))
+    parts.append(f"{USAGE_EVENTS_INSERT} VALUES " + ", ".join([USAGE_EVENT_VALUES] * len(chosen)))
     for s in chosen:
         assert s.taken is not None
-        req, billed = s.charge, s.taken.amount
-        payout, fee = split(billed, s.fee_bps)
-        args += [req.project_id, req.listing_id, s.key_id, req.tool_name[:191], s.client,
-                 (s.user_agent or None) and s.user_agent[:255], utc(s.called_at), max(s.duration_ms, 0),
-                 s.status, billed, payout, fee, req.request_id, now, now]
+        args += usage_event(s, s.taken.amount, now)
     keys = sorted({s.key_id for s in chosen if s.key_id is not None and last_used.due("api_keys", s.key_id)})
     tokens = sorted({s.token_id for s in chosen if s.key_id is None and s.token_id is not None
                      and last_used.due("oauth_access_tokens", s.token_id)})

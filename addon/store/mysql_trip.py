@@ -30,7 +30,7 @@ from typing import Any
 
 from ..billing import split
 from ..model import MICRO_CENTS_PER_CENT, ChargeRequest, ChargeResult, Settlement, Verdict
-from .sql import COUNT_BILLABLE, MYSQL, LastUsed, utc
+from .sql import COUNT_BILLABLE, MYSQL, USAGE_EVENTS_INSERT, LastUsed, utc
 
 _LEDGER_INSERT = (
     "INSERT INTO credit_transactions (user_id, amount_micro_cents, type, reference_type,"
@@ -191,10 +191,8 @@ def settle(conn: Any, s: Settlement, last_used: LastUsed) -> tuple[bool, int | N
             "mcp_id, user_id", COUNT_BILLABLE))
         flip = "ROW_COUNT() > 0" if chain else flip
     parts.append(
-        "INSERT IGNORE INTO usage_events (project_id, mcp_id, api_key_id, tool_name, client, user_agent,"
-        " called_at, duration_ms, status, billed_micro_cents, publisher_payout_micro_cents,"
-        " platform_fee_micro_cents, request_id, created_at, updated_at)"
-        " SELECT %(project)s, %(listing)s, %(key)s, %(tool)s, %(client)s, %(agent)s, %(called_at)s, %(duration)s,"
+        USAGE_EVENTS_INSERT + " SELECT %(project)s, %(listing)s, %(key)s, %(tool)s, %(client)s, %(agent)s,"
+        " %(called_at)s, %(duration)s,"
         " %(status)s, %(billed)s, %(payout)s, %(fee)s, %(request)s, %(now)s, %(now)s FROM DUAL WHERE " + flip)
     # last_used_at is informational (once a minute): stamped here even if this text ends up not settling.
     if stamp:

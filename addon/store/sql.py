@@ -105,6 +105,23 @@ COUNT_BILLABLE = [
 ]
 
 
+# One usage_events row per settled priced call, billed what was kept (SPEC step 8).
+USAGE_EVENTS_INSERT = (
+    "INSERT IGNORE INTO usage_events (project_id, mcp_id, api_key_id, tool_name, client, user_agent,"
+    " called_at, duration_ms, status, billed_micro_cents, publisher_payout_micro_cents,"
+    " platform_fee_micro_cents, request_id, created_at, updated_at)")
+USAGE_EVENT_VALUES = "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+
+
+def usage_event(s: Settlement, billed: int, now: str) -> tuple[Any, ...]:
+    """The values of a settled call's usage_events row, in USAGE_EVENTS_INSERT's order."""
+    req = s.charge
+    payout, fee = split(billed, s.fee_bps)
+    return (req.project_id, req.listing_id, s.key_id, req.tool_name[:191], s.client,
+            (s.user_agent or None) and s.user_agent[:255], utc(s.called_at), max(s.duration_ms, 0),
+            s.status, billed, payout, fee, req.request_id, now, now)
+
+
 class LastUsed:
     """When a store last wrote a key's last_used_at: informational, so once a minute is enough."""
 
@@ -299,16 +316,7 @@ class Ledger:
             )
         if billed > 0:
             self._count_billable(req, now)
-        payout, fee = split(billed, s.fee_bps)
-        self._q(
-            "INSERT IGNORE INTO usage_events (project_id, mcp_id, api_key_id, tool_name, client, user_agent,"
-            " called_at, duration_ms, status, billed_micro_cents, publisher_payout_micro_cents,"
-            " platform_fee_micro_cents, request_id, created_at, updated_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (req.project_id, req.listing_id, s.key_id, req.tool_name[:191], s.client,
-             (s.user_agent or None) and s.user_agent[:255], utc(s.called_at), max(s.duration_ms, 0),
-             s.status, billed, payout, fee, req.request_id, now, now),
-        )
+        self._q(f"{USAGE_EVENTS_INSERT} VALUES {USAGE_EVENT_VALUES}", usage_event(s, billed, now))
         if s.key_id is not None and self.last_used.due("api_keys", s.key_id):
             self._q("UPDATE api_keys SET last_used_at = %s WHERE id = %s", (now, s.key_id))
         elif s.token_id is not None and self.last_used.due("oauth_access_tokens", s.token_id):
