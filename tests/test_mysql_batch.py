@@ -217,3 +217,32 @@ async def test_a_batch_locks_only_its_own_journal_rows(world: tuple[Backend, Met
         assert all(row[5] == "PRIMARY" for row in plan), plan  # the key used
     finally:
         conn.close()
+
+
+async def test_hostile_tool_names_and_user_agents_are_stored_as_sent(world: tuple[Backend, Meter]) -> None:  # noqa: F811
+    """Client-chosen text (the tool name from the body, the User-Agent header) reaches the charge
+    procedure and the batch as escaped values: quotes, backslashes, format markers and 4-byte
+    characters are stored as sent, cut at the columns' lengths, and nothing else is touched."""
+    db, meter = world
+    who = add_consumer(db, 1, credit=100 * PRICE)
+    add_listing(db, 10, "a", price=PRICE)
+    await meter.store.balance(1)
+    users = db.value("SELECT COUNT(*) FROM users")
+    tools = ["'; DROP TABLE users; -- %s %(x)s \\ \U0001F600" + "x" * 300, "a\\'b\"c`d%%e", "\u0000nul"]
+    agent = "ua'); DELETE FROM usage_events; -- \\%s " + "\U0001F600" * 300
+    jobs = []
+    for tool in tools:
+        req = call(who, 10, PRICE, tool=tool)
+        taken = await meter.store.charge(req)
+        assert taken.verdict is Verdict.DEBITED
+        jobs.append(billed(dataclasses.replace(outcome(req, who), taken=taken, user_agent=agent)))
+    await asyncio.gather(*(meter.store.settle(s) for s in jobs))
+    assert (await meter.store.health())["billed_batches"] == {"transactions": 1, "settlements": 3}
+    for s in jobs:
+        rid = s.charge.request_id
+        assert db.rows("SELECT tool_name FROM mcpmeter_calls WHERE request_id = %s", (rid,)) == [
+            (s.charge.tool_name[:191],)]
+        assert db.rows("SELECT tool_name, user_agent FROM usage_events WHERE request_id = %s", (rid,)) == [
+            (s.charge.tool_name[:191], agent[:255])]
+    assert db.value("SELECT COUNT(*) FROM users") == users
+    reconcile(db)
