@@ -1,12 +1,13 @@
-"""The MySQL store's per-call cost alone: the Ledger's statement-by-statement transactions against
-the one-round-trip texts (addon/store/mysql_trip.py), on one connection, in interleaved rounds.
+"""The MySQL store's per-call cost alone: the Ledger's statement-by-statement transactions on a worker
+thread against the one-round-trip texts (addon/store/mysql_trip.py) on the event loop
+(mysql_loop.py), one connection each, in interleaved rounds.
 
     .venv/bin/python -m bench.mysql_store [--calls 150] [--rounds 10] [--rtt-ms 0.5]
 
 Each round runs `calls` paid calls (charge, then settle as billed) through the store's async
 interface, once the Ledger's way and once the one-trip way, and measures per call: the wall time
-(p50 of the round), this process's CPU (the gateway's share: pymysql, the thread hop, the
-store), mariadbd's CPU (read from /proc: it includes any other client of the server, hence the
+(p50 of the round), this process's CPU (the gateway's share: the driver, the thread hop if any,
+the store), mariadbd's CPU (read from /proc: it includes any other client of the server, hence the
 minimum over rounds), and the session's own counters (statements, commits), which are exact.
 Needs the test MariaDB (tests/dbutil.py: a scratch database, dropped at the end). With --rtt-ms,
 the store reaches the server through a relay process that delays each packet by half that each
@@ -99,13 +100,25 @@ async def measure(calls: int, rounds: int, rtt_ms: float) -> dict[str, list[dict
             who = add_consumer(db, 1, credit=10**15)
             add_listing(db, 10, "bench", price=1000)
             store = db.store
-            await store.balance(who.user_id)  # opens the one connection
-            (conn,) = store._conns  # type: ignore[attr-defined]
+            await store.balance(who.user_id)  # opens the worker's one connection (the Ledger's way)
+            await store._hot.run(lambda conn: conn.ping())  # type: ignore[attr-defined]  # the loop's (one-trip)
 
-            def counters() -> dict[str, int]:
-                cur = conn.cursor()
-                cur.execute("SHOW SESSION STATUS WHERE Variable_name IN %s", (COUNTERS,))
-                return {str(k): int(v) for k, v in cur.fetchall()}
+            async def counters() -> dict[str, int]:
+                """The session counters of both connections, summed."""
+                total = dict.fromkeys(COUNTERS, 0)
+                query = "SHOW SESSION STATUS WHERE Variable_name IN %s"
+                rows: list[Any] = []
+                for conn in store._conns:  # type: ignore[attr-defined]
+                    cur = conn.cursor()
+                    cur.execute(query, (COUNTERS,))
+                    rows += cur.fetchall()
+                for conn in store._hot.open:  # type: ignore[attr-defined]
+                    cur = await conn.cursor()
+                    await cur.execute(query, (COUNTERS,))
+                    rows += await cur.fetchall()
+                for k, v in rows:
+                    total[str(k)] += int(v)
+                return total
 
             ways: dict[str, tuple[Callable[[Any], Awaitable[Any]], Callable[[Any], Awaitable[Any]]]] = {
                 "ledger": (lambda r: SqlStore.charge(store, r), lambda s: SqlStore.settle(store, s)),  # type: ignore[arg-type]
@@ -114,7 +127,7 @@ async def measure(calls: int, rounds: int, rtt_ms: float) -> dict[str, list[dict
             results: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
             for _ in range(rounds):
                 for way, (charge, settle) in ways.items():
-                    before, cpu0, server0 = counters(), time.process_time(), mariadbd_cpu()
+                    before, cpu0, server0 = await counters(), time.process_time(), mariadbd_cpu()
                     walls = []
                     for _ in range(calls):
                         t0 = time.perf_counter()
@@ -123,11 +136,11 @@ async def measure(calls: int, rounds: int, rtt_ms: float) -> dict[str, list[dict
                         assert taken.verdict is Verdict.DEBITED, taken
                         await settle(dataclasses.replace(outcome(req, who), taken=taken, need_balance=False))
                         walls.append(time.perf_counter() - t0)
-                    cpu, server, after = time.process_time() - cpu0, mariadbd_cpu() - server0, counters()
+                    cpu, server, after = time.process_time() - cpu0, mariadbd_cpu() - server0, await counters()
                     row = {"wall_p50_ms": statistics.median(walls) * 1e3, "client_cpu_ms": cpu / calls * 1e3,
                            "mariadbd_cpu_ms": server / calls * 1e3}
-                    # SHOW STATUS is itself a question: one of them falls inside the window.
-                    row.update({k: (after[k] - before[k] - (k == "Questions")) / calls for k in COUNTERS})
+                    # SHOW STATUS is itself a question: one per connection falls inside the window.
+                    row.update({k: (after[k] - before[k] - 2 * (k == "Questions")) / calls for k in COUNTERS})
                     results[way].append(row)
             return results
         finally:

@@ -61,7 +61,10 @@ async def test_concurrent_billed_settlements_share_one_transaction(world: tuple[
     burst = [*jobs, jobs[3], wrong]
     random.Random(8).shuffle(burst)
 
-    results, trips, server = await meter.measure(asyncio.gather(*(meter.store.settle(s) for s in burst)))
+    async def settle_all() -> list[int | None]:
+        return await asyncio.gather(*(meter.store.settle(s) for s in burst))
+
+    results, trips, server = await meter.measure(settle_all())
     assert results == [None] * len(burst)
     # All 62 queue before the writer runs and go together in one batch (two trips); a repeat and the
     # disagreeing one, left out of it, go alone (a one-trip try, then the Ledger's statements, which

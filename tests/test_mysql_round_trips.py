@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-import pymysql
 import pytest
 
 from addon.model import Settlement, Verdict
@@ -39,26 +38,36 @@ PRICE = 5000
 
 @dataclass
 class Meter:
-    """Round trips and server counters of the store's one connection."""
+    """Round trips and server counters of the store's connections: the worker's (pool_size 1: one
+    thread, one connection, for lookups and the Ledger's statements) and the event loop's (one, for
+    the per-call transactions, mysql_loop.py)."""
 
     store: MysqlStore
     trips: int = 0
 
-    def conn(self) -> pymysql.connections.Connection:
-        (conn,) = self.store._conns  # pool_size 1: one worker, one connection
-        return conn
-
-    def status(self) -> dict[str, int]:
-        cur = self.conn().cursor()
-        cur.execute("SHOW SESSION STATUS WHERE Variable_name IN ('Com_commit', 'Com_rollback')")
-        return {str(name): int(value) for name, value in cur.fetchall()}
+    async def status(self) -> dict[str, int]:
+        query = "SHOW SESSION STATUS WHERE Variable_name IN ('Com_commit', 'Com_rollback')"
+        rows: list[tuple[Any, Any]] = []
+        for conn in self.store._conns:
+            cur = conn.cursor()
+            cur.execute(query)
+            rows += cur.fetchall()
+        for conn in self.store._hot.open:
+            cur = await conn.cursor()
+            await cur.execute(query)
+            rows += await cur.fetchall()
+        total: Counter[str] = Counter({"Com_commit": 0, "Com_rollback": 0})
+        for name, value in rows:
+            total[str(name)] += int(value)
+        return dict(total)
 
     async def measure(self, op: Any) -> tuple[Any, int, dict[str, int]]:
-        """Run `op` (an awaitable of the store) and say what it cost."""
-        before = self.status()
+        """Run `op` (a coroutine of the store, not yet running: the counters are read on idle
+        connections) and say what it cost."""
+        before = await self.status()
         self.trips = 0
         result = await op
-        trips, after = self.trips, self.status()
+        trips, after = self.trips, await self.status()
         return result, trips, {k: after[k] - before[k] for k in after}
 
 
@@ -71,20 +80,23 @@ def world() -> Iterator[tuple[Backend, Meter]]:
             store = backend.store
             assert isinstance(store, MysqlStore)
             meter = Meter(store)
-            connect = store._connect
+            connect, connect_on_loop = store._connect, store._hot._connect
 
-            def counted() -> pymysql.connections.Connection:
-                conn = connect()
+            def counted(conn: Any) -> Any:
                 send = conn._execute_command
 
-                def execute_command(command: int, sql: Any) -> None:
+                def execute_command(command: int, sql: Any) -> Any:
                     meter.trips += 1
-                    send(command, sql)
+                    return send(command, sql)  # on the loop's connections, a coroutine: awaited by the caller
 
-                conn._execute_command = execute_command  # type: ignore[method-assign]
+                conn._execute_command = execute_command
                 return conn
 
-            store._connect = counted  # type: ignore[method-assign]
+            async def counted_on_loop() -> Any:
+                return counted(await connect_on_loop())
+
+            store._connect = lambda: counted(connect())  # type: ignore[method-assign]
+            store._hot._connect = counted_on_loop  # type: ignore[method-assign]
             yield backend, meter
         finally:
             backend.close()
@@ -94,7 +106,9 @@ ONE_TRIP = {"Com_commit": 1, "Com_rollback": 0}
 
 
 async def _warm(meter: Meter, who_user: int) -> None:
-    await meter.store.balance(who_user)  # opens the worker's connection (handshake, session settings)
+    """Open both connections (handshake, session settings) so that they are not counted."""
+    await meter.store.balance(who_user)
+    await meter.store._hot.run(lambda conn: conn.ping())
 
 
 async def test_a_debited_call_and_its_settlement_cost_one_round_trip_each(world: tuple[Backend, Meter]) -> None:

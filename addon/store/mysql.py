@@ -1,11 +1,13 @@
 """The production store: MySQL 8 / MariaDB, shared by every gateway instance, through pymysql.
 
-A bounded pool of worker threads, each holding its own connection, runs the Ledger's
-transactions (sql.py, the same SQL as the embedded store) off mitmproxy's event loop; a charge
-and a settlement, the per-call ones, go as one multi-statement round trip each (mysql_trip.py), and
-billed settlements that queue up under load go together, many calls per transaction (mysql_batch.py). The
-database serialises what must be serialised: the conditional UPDATEs lock the rows they
-test, so any number of gateways can share one database without overspending.
+A paid call's transactions run on mitmproxy's event loop through aiomysql (mysql_loop.py): the
+charge is one CALL of a stored procedure and a settlement one multi-statement text (mysql_trip.py),
+and billed settlements that queue up under load go together, many calls per transaction
+(mysql_batch.py). Everything else (lookups, the Ledger's statement-by-statement settlements, the
+sweeper, the commands; sql.py, the same SQL as the embedded store) runs on a bounded pool of worker
+threads, each holding its own pymysql connection, off the event loop. The database serialises what
+must be serialised: the conditional UPDATEs lock the rows they test, so any number of gateways can
+share one database without overspending.
 
 When the server cannot be reached, calls fail fast with StoreUnavailable (the gateway
 answers 503 and forwards nothing) and the store reconnects by itself once it is back. A
@@ -26,28 +28,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import pymysql
-from pymysql.constants import CLIENT
 
 from ..config import Config, ConfigError, MysqlSettings
 from ..model import ChargeRequest, ChargeResult, Settlement
 from . import mysql_batch, mysql_trip
 from .base import StoreUnavailable
+from .mysql_conn import (ATTEMPTS, CONNECT_TIMEOUT, DENIED, DOWN_FOR, IO_TIMEOUT, RETRY_BUDGET, RETRYABLE,
+                         UNKNOWN_DB, code, connect_args, gone, reason)
+from .mysql_loop import Job, LoopConnections
 from .sql import MYSQL, LastUsed, Ledger, SqlStore
 
 T = TypeVar("T")
 log = logging.getLogger("mcpmeter")
-
-CONNECT_TIMEOUT = 1.0  # seconds to open a connection, handshake included
-IO_TIMEOUT = 5.0  # seconds a statement may take on the wire; above LOCK_WAIT_SECONDS
-LOCK_WAIT_SECONDS = 2  # innodb_lock_wait_timeout for our sessions (the server default is 50)
-DOWN_FOR = 1.0  # after a failed connect, refuse at once for this long instead of trying again
-ATTEMPTS = 8  # a transaction chosen as a deadlock victim (or timed out on a lock) is run again...
-RETRY_BUDGET = 5.0  # ... while it has taken less than this many seconds in all
-
-_RETRYABLE = {1205, 1213}  # ER_LOCK_WAIT_TIMEOUT, ER_LOCK_DEADLOCK: InnoDB rolled the work back
-_GONE = {1053, 1077, 1152, 1927, 4031}  # server shutdown, aborted or killed connection, idle disconnect
-_DENIED = {1044, 1045}  # ER_DBACCESS_DENIED_ERROR, ER_ACCESS_DENIED_ERROR
-_UNKNOWN_DB = 1049
 
 # The meter's additive schema, mirrored in schema.sql (tests compare the two). Applied at start to
 # any database that lacks it, e.g. one the reference's Laravel app created.
@@ -98,8 +90,6 @@ class MysqlStore(SqlStore):
     # no single job would (a refund's users row, then a charge's usage row), and concurrent batches
     # deadlock (measured). Single jobs all lock usage rows, then users, then spend: they never do.
     # Throughput comes from the pool's parallel transactions, and InnoDB group-commits them itself.
-    # Must stay 1: a charge or a settlement commits inside its own text (mysql_trip.py), so it
-    # cannot share a transaction of savepoints with other jobs.
     max_batch = 1
 
     def __init__(self, config: Config) -> None:
@@ -120,45 +110,43 @@ class MysqlStore(SqlStore):
         self._schema_ready = False
         self._closed = False
         self._billed: BilledBatches | None = None
+        self._hot = LoopConnections(self, self.settings.pool_size)  # the per-call transactions (mysql_loop.py)
         if config.seed.get("listings") or config.seed.get("consumers"):
             log.warning("mcpmeter: the YAML seed is for the embedded SQLite store; the MySQL store ignores it "
                         "(catalogue and consumers live in the database)")
         try:
             conn = self._connect()
         except pymysql.Error as e:
-            if _code(e) in _DENIED or _code(e) == _UNKNOWN_DB:
+            if code(e) in DENIED or code(e) == UNKNOWN_DB:
                 raise ConfigError(_config_message(self.settings, e)) from None
-            self._mark_down(e)
+            self.mark_down(e)
             log.warning("mcpmeter: MySQL at %s is unreachable (%s); calls get 503 until it is back",
-                        self.where, _reason(e))
+                        self.where, reason(e))
             return
         try:
             self._ensure_schema(conn)
         except pymysql.Error as e:  # lost mid-way: the first connection of a worker tries again
-            log.warning("mcpmeter: cannot check the MySQL schema at %s yet: %s", self.where, _reason(e))
+            log.warning("mcpmeter: cannot check the MySQL schema at %s yet: %s", self.where, reason(e))
         finally:
             _close_quietly(conn)
 
     # --- connections (worker threads) ---------------------------------------------------
 
     def _connect(self) -> pymysql.connections.Connection:
-        s = self.settings
-        conn = pymysql.connect(
-            host=s.host, port=s.port, user=s.user, password=s.password, database=s.database,
-            # FOUND_ROWS: rowcount and ROW_COUNT() count rows matched; MULTI_STATEMENTS: a charge or a
-            # settlement is one text (mysql_trip.py), every value in it escaped by pymysql.
-            charset="utf8mb4", autocommit=False, client_flag=CLIENT.FOUND_ROWS | CLIENT.MULTI_STATEMENTS,
-            connect_timeout=CONNECT_TIMEOUT, read_timeout=CONNECT_TIMEOUT, write_timeout=CONNECT_TIMEOUT,
-            init_command=f"SET time_zone = '+00:00', innodb_lock_wait_timeout = {LOCK_WAIT_SECONDS}",
-        )
+        conn = pymysql.connect(database=self.settings.database, read_timeout=CONNECT_TIMEOUT,
+                               write_timeout=CONNECT_TIMEOUT, **connect_args(self.settings))
         # The handshake ran under CONNECT_TIMEOUT, so a server that accepts but never answers
         # fails fast; statements get longer. pymysql applies these on each read and write.
         conn._read_timeout = conn._write_timeout = IO_TIMEOUT  # type: ignore[attr-defined]  # private, not in types-PyMySQL
         return conn
 
-    def _mark_down(self, e: BaseException) -> None:
-        self._down_reason = _reason(e)
+    def mark_down(self, e: BaseException) -> None:
+        self._down_reason = reason(e)
         self._down_until = time.monotonic() + DOWN_FOR
+
+    def raise_if_down(self) -> None:
+        if time.monotonic() < self._down_until:
+            raise self._unavailable()
 
     def _unavailable(self) -> StoreUnavailable:
         return StoreUnavailable(f"mysql at {self.where} unreachable: {self._down_reason}")
@@ -168,19 +156,18 @@ class MysqlStore(SqlStore):
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return conn, True
-        if time.monotonic() < self._down_until:
-            raise self._unavailable()
+        self.raise_if_down()
         try:
             conn = self._connect()
         except pymysql.Error as e:
-            self._mark_down(e)
+            self.mark_down(e)
             raise self._unavailable() from e
         if not self._schema_ready:
             try:
                 self._ensure_schema(conn)
             except (ConfigError, pymysql.Error) as e:
                 _close_quietly(conn)
-                self._mark_down(e)
+                self.mark_down(e)
                 log.error("mcpmeter: cannot prepare the MySQL schema at %s: %s", self.where, e)
                 raise StoreUnavailable(f"mysql schema: {e}") from e
         self._local.conn = conn
@@ -196,7 +183,7 @@ class MysqlStore(SqlStore):
         _close_quietly(conn)
 
     def _abort(self, conn: pymysql.connections.Connection, error: BaseException | None = None) -> None:
-        if error is not None and _disconnected(error, conn):
+        if error is not None and gone(error, not conn.open):
             self._drop(conn)
             return
         try:
@@ -214,24 +201,22 @@ class MysqlStore(SqlStore):
             except pymysql.Error as e:
                 self._abort(conn, e)
                 retry = attempt < ATTEMPTS and time.monotonic() - started < RETRY_BUDGET
-                if _code(e) in _RETRYABLE and retry:
+                if code(e) in RETRYABLE and retry:
                     self.retries += 1
-                    log.debug("mcpmeter: mysql %s, running the transaction again (%d)", _reason(e), attempt)
+                    log.debug("mcpmeter: mysql %s, running the transaction again (%d)", reason(e), attempt)
                     time.sleep(random.uniform(0.001, 0.005) * attempt)
                     continue
-                if reused and _disconnected(e, conn):
+                if reused and gone(e, not conn.open):
                     # A pooled connection the server dropped (restart, idle timeout): the transaction
                     # runs again on a new connection, once. A one-trip charge or settlement carries its
                     # COMMIT, so the first run may have landed: then the charge's journal INSERT fails
                     # (duplicate request id, rolled back, 503; the sweeper refunds the first) and the
                     # settlement's flip matches nothing (settled before): never money twice.
                     continue
-                raise StoreUnavailable(f"mysql: {_reason(e)}") from e
+                raise StoreUnavailable(f"mysql: {reason(e)}") from e
             except BaseException:
                 self._abort(conn)
                 raise
-            if commit is _ENDED:
-                return result  # the job's own text committed
             try:
                 if commit(result):
                     conn.commit()
@@ -241,7 +226,7 @@ class MysqlStore(SqlStore):
                 # The outcome of an interrupted COMMIT is unknown: never run it again. A charge that
                 # did commit is explained by its ledger and journal rows (request id).
                 self._abort(conn, e)
-                raise StoreUnavailable(f"mysql: {_reason(e)}") from e
+                raise StoreUnavailable(f"mysql: {reason(e)}") from e
             return result
 
     # --- schema ------------------------------------------------------------------------------
@@ -267,9 +252,19 @@ class MysqlStore(SqlStore):
         except RuntimeError as e:  # the pool was shut down
             raise StoreUnavailable(f"mysql store is closed: {e}") from e
 
+    async def prepare(self) -> None:
+        """The schema checked (the charge procedure made) before the event loop's first connection."""
+        if not self._schema_ready:
+            await self._run(lambda ledger: None)  # a worker's first connection prepares it
+
+    async def _on_loop(self, job: Job[T]) -> T:
+        if self._closed:
+            raise StoreUnavailable("mysql store is closed")
+        return await self._hot.run(job)
+
     async def charge(self, request: ChargeRequest) -> ChargeResult:
         # One round trip: the decisions are made in SQL and a refusal writes nothing (mysql_trip.py).
-        return await self._submit(lambda ledger: mysql_trip.charge(ledger.conn, request), commit=_ENDED)
+        return await self._on_loop(lambda conn: mysql_trip.charge(conn, request))
 
     async def settle(self, settlement: Settlement) -> int | None:
         if mysql_batch.batchable(settlement):
@@ -277,28 +272,24 @@ class MysqlStore(SqlStore):
                 self._billed = BilledBatches(self)
             if await self._billed.submit(settlement):
                 return None
-        return await self._submit(lambda ledger: self._settle(ledger, settlement), commit=_ENDED)
+        return await self._settle(settlement)
 
     async def settle_billed(self, batch: list[Settlement]) -> list[bool]:
         """Billed settlements in one transaction (mysql_batch.py); one alone takes the one-trip path."""
         if len(batch) == 1:
-            await self._submit(lambda ledger: self._settle(ledger, batch[0]), commit=_ENDED)
+            await self._settle(batch[0])
             return [True]
-        return await self._run(lambda ledger: mysql_batch.settle_billed(ledger.conn, batch, ledger.last_used),
-                               commit=_ENDED)
+        return await self._on_loop(lambda conn: mysql_batch.settle_billed(conn, batch, self._last_used))
 
-    @staticmethod
-    def _settle(ledger: Ledger, s: Settlement) -> int | None:
+    async def _settle(self, s: Settlement) -> int | None:
         """One round trip when the journal holds the unsettled call `s.taken` describes (the common
         case); otherwise (settled before, no `taken`, or a journal that disagrees) the Ledger's
         statements, which read what was really taken, in a transaction of their own."""
         if s.taken is not None:
-            settled, balance = mysql_trip.settle(ledger.conn, s, ledger.last_used)
+            settled, balance = await self._on_loop(lambda conn: mysql_trip.settle(conn, s, self._last_used))
             if settled:
                 return balance
-        result = ledger.settle(s)
-        ledger.conn.commit()
-        return result
+        return await self._submit(lambda ledger: ledger.settle(s))
 
     async def health(self) -> dict[str, object]:
         info: dict[str, object] = {"store": "mysql", "database": self.where, "retries": self.retries}
@@ -313,6 +304,7 @@ class MysqlStore(SqlStore):
     def close(self) -> None:
         self._closed = True
         self._pool.shutdown(wait=True)  # queued transactions finish, as in the SQLite store
+        self._hot.close()  # the loop's: the gateway drained its calls before closing the store
         with self._lock:
             conns, self._conns = list(self._conns), set()
         for conn in conns:
@@ -366,11 +358,6 @@ class BilledBatches:
                     future.set_result(ok)
 
 
-def _ENDED(_: object) -> bool:
-    """The commit predicate of jobs that end their transaction themselves (COMMIT inside their text)."""
-    return True
-
-
 def ensure_schema(conn: pymysql.connections.Connection, settings: MysqlSettings) -> None:
     """Bring a reference database up to the meter's schema; only what is missing is added."""
     cur = conn.cursor()
@@ -413,18 +400,18 @@ def _alter(cur: Any, settings: MysqlSettings, ddl: str) -> None:
         cur.execute(ddl)
         log.info("mcpmeter: upgraded the MySQL schema: %s", ddl.split("(")[0].strip())
     except pymysql.Error as e:
-        code = _code(e)
-        if code in (1060, 1061, 1304):  # duplicate column, key or procedure: another gateway added it meanwhile
+        error = code(e)
+        if error in (1060, 1061, 1304):  # duplicate column, key or procedure: another gateway added it meanwhile
             return
-        if code == 1062:
+        if error == 1062:
             # Existing rows repeat a request id, so the unique key cannot be added. Refunds stay
             # exactly once (the call journal decides them); only the belt-and-braces key is missing.
-            log.warning("mcpmeter: cannot add a unique key (%s); duplicate rows exist: %s", ddl, _reason(e))
+            log.warning("mcpmeter: cannot add a unique key (%s); duplicate rows exist: %s", ddl, reason(e))
             return
-        if code in (1142, 1044, 1045, 1370):
+        if error in (1142, 1044, 1045, 1370):
             raise ConfigError(
                 f"MySQL user DB_USER={settings.user!r} may not change the schema of DB_NAME="
-                f"{settings.database!r} ({_reason(e)}); run schema.sql's additions as an administrator "
+                f"{settings.database!r} ({reason(e)}); run schema.sql's additions as an administrator "
                 "or grant ALTER, CREATE and CREATE ROUTINE") from None
         raise
 
@@ -436,26 +423,9 @@ def _close_quietly(conn: pymysql.connections.Connection) -> None:
         pass
 
 
-def _code(e: BaseException) -> int | None:
-    return e.args[0] if e.args and isinstance(e.args[0], int) else None
-
-
-def _reason(e: BaseException) -> str:
-    if len(e.args) >= 2:
-        return f"({e.args[0]}) {e.args[1]}"
-    return str(e) or type(e).__name__
-
-
-def _disconnected(e: BaseException, conn: pymysql.connections.Connection) -> bool:
-    """The connection cannot be used again: a client-side (2xxx) error, or the server ended it."""
-    code = _code(e)
-    return (isinstance(e, pymysql.err.InterfaceError) or not conn.open
-            or (code is not None and (code >= 2000 or code in _GONE)))
-
-
 def _config_message(s: MysqlSettings, e: BaseException) -> str:
-    if _code(e) == _UNKNOWN_DB:
+    if code(e) == UNKNOWN_DB:
         return (f"MySQL database DB_NAME={s.database!r} does not exist on {s.host}:{s.port}; create it "
-                f"and load schema.sql (see its header), or set DB_NAME: {_reason(e)}")
+                f"and load schema.sql (see its header), or set DB_NAME: {reason(e)}")
     return (f"MySQL refused DB_USER={s.user!r} (DB_PASSWORD {'set' if s.password else 'empty'}) for "
-            f"DB_NAME={s.database!r} on {s.host}:{s.port}: {_reason(e)}")
+            f"DB_NAME={s.database!r} on {s.host}:{s.port}: {reason(e)}")

@@ -50,17 +50,17 @@ def lock_text(n: int) -> str:
             f" WHERE request_id IN ({', '.join(['%s'] * n)}) FOR UPDATE")
 
 
-def settle_billed(conn: Any, batch: Sequence[Settlement], last_used: LastUsed) -> list[bool]:
+async def settle_billed(conn: Any, batch: Sequence[Settlement], last_used: LastUsed) -> list[bool]:
     """Settle `batch` (each `batchable`) in one transaction, committed here; returns, per settlement,
     whether it was settled (False: nothing was written for it, settle it alone)."""
     first: dict[str, int] = {}  # request id -> its first settlement in the batch (a repeat goes alone)
     for i, s in enumerate(batch):
         first.setdefault(s.charge.request_id, i)
-    cur = conn.cursor()
+    cur = await conn.cursor()
     rids = sorted(first)
-    cur.execute(lock_text(len(rids)), rids)
-    cur.nextset()  # past the SET's empty result, to the SELECT's rows
-    unsettled = {str(rid): (str(verdict), int(amount)) for rid, verdict, amount, settled in cur.fetchall()
+    await cur.execute(lock_text(len(rids)), rids)
+    await cur.nextset()  # past the SET's empty result, to the SELECT's rows
+    unsettled = {str(rid): (str(verdict), int(amount)) for rid, verdict, amount, settled in await cur.fetchall()
                  if settled is None}
     settled = [False] * len(batch)
     chosen: list[Settlement] = []
@@ -72,12 +72,12 @@ def settle_billed(conn: Any, batch: Sequence[Settlement], last_used: LastUsed) -
             settled[i] = True
             chosen.append(s)
     if not chosen:
-        conn.rollback()
+        await conn.rollback()
         return settled
     now = utc()
     text, args = _text(chosen, now, last_used)
-    cur.execute(text, args)
-    while cur.nextset():  # read every result: a failing statement raises here, before COMMIT
+    await cur.execute(text, args)
+    while await cur.nextset():  # read every result: a failing statement raises here, before COMMIT
         pass
     return settled
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from ..billing import split
 from ..model import MICRO_CENTS_PER_CENT, ChargeRequest, ChargeResult, Settlement, Verdict
+from .mysql_loop import one_trip
 from .sql import COUNT_BILLABLE, MYSQL, USAGE_EVENTS_INSERT, LastUsed, utc
 
 _LEDGER_INSERT = (
@@ -124,18 +125,18 @@ BEGIN
 END"""
 
 
-def charge(conn: Any, req: ChargeRequest) -> ChargeResult:
+async def charge(conn: Any, req: ChargeRequest) -> ChargeResult:
     """Ledger.charge in one round trip (a CALL); the transaction is committed (a refusal wrote nothing)."""
     args = (req.request_id, req.user_id, req.project_id, req.listing_id, req.tool_name[:191], max(req.price, 0),
             req.free_allowance, req.period, utc(), f"{req.tool_name} on mcp {req.listing_id}"[:255])
-    _, row = _run(conn, f"CALL `{CHARGE_PROCEDURE}`(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", args)
+    _, row = await one_trip(conn, f"CALL `{CHARGE_PROCEDURE}`(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", args)
     if row is None:
         raise RuntimeError("mysql: the charge procedure returned no outcome")
     verdict = Verdict(row[0] if isinstance(row[0], str) else bytes(row[0]).decode())
     return ChargeResult(verdict, req.price if verdict is Verdict.DEBITED else 0, int(row[1]))
 
 
-def settle(conn: Any, s: Settlement, last_used: LastUsed) -> tuple[bool, int | None]:
+async def settle(conn: Any, s: Settlement, last_used: LastUsed) -> tuple[bool, int | None]:
     """Ledger.settle in one round trip, trusting `s.taken` (what the charge reported).
 
     Returns (settled, balance). settled is False when the journal row was not the unsettled one
@@ -200,21 +201,8 @@ def settle(conn: Any, s: Settlement, last_used: LastUsed) -> tuple[bool, int | N
                      f" WHERE id = IF(@mcpm_flip = 1, {'%(key)s' if stamp == 'api_keys' else '%(token)s'}, NULL)")
     if s.need_balance:
         parts.append(f"SELECT {_BALANCE}")
-    flipped, row = _run(conn, ";".join(parts + ["COMMIT"]), args)
+    flipped, row = await one_trip(conn, ";".join(parts + ["COMMIT"]), args)
     if flipped != 1:
         return False, None  # every write above was conditional on the flip: nothing was written
     return True, (int(row[0] or 0) if row else None)
 
-
-def _run(conn: Any, text: str, args: dict[str, Any] | tuple[Any, ...]) -> tuple[int, tuple[Any, ...] | None]:
-    """Send the text and read every result (errors surface here): the first statement's row count
-    (rows matched) and the row the text SELECTs, if any."""
-    cur = conn.cursor()
-    cur.execute(text, args)
-    first, row = cur.rowcount, None
-    while True:
-        if cur.description is not None:
-            row = cur.fetchone()
-        if not cur.nextset():
-            break
-    return first, (tuple(row) if row is not None else None)

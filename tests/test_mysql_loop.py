@@ -1,0 +1,183 @@
+"""The MySQL store's per-call transactions on the event loop (addon/store/mysql_loop.py).
+
+A charge, a settlement and a batch of billed settlements run on mitmproxy's event loop through
+aiomysql, with no worker thread. These cases attack that path: connections the server kills, a
+server that stops answering mid-charge, a caller cancelled mid-charge, a store used from a new
+event loop. In each the consumer never pays for a call that was not delivered: a charge whose
+caller saw an error is explained by the journal, and the sweeper refunds it (`reconcile`, SPEC
+I1-I4, to the micro-cent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from addon.model import Verdict
+from addon.store import mysql_loop
+from addon.store.base import StoreUnavailable
+from addon.store.mysql import MysqlStore
+
+from .dbutil import SCHEMA, connect, scratch_database
+from .test_store_contract import MysqlBackend, _prepare, add_consumer, add_listing, call, outcome, reconcile
+
+PRICE = 1000
+FEE_BPS = 2000
+
+
+@pytest.fixture
+def mysql() -> Iterator[MysqlBackend]:
+    with scratch_database(SCHEMA) as settings:
+        db = MysqlBackend(dataclasses.replace(settings, pool_size=4))
+        try:
+            _prepare(db)
+            yield db
+        finally:
+            db.close()
+
+
+def store_of(db: MysqlBackend) -> MysqlStore:
+    assert isinstance(db.store, MysqlStore)
+    return db.store
+
+
+def loop_connection_ids(db: MysqlBackend) -> list[int]:
+    return [int(conn.server_thread_id[0]) for conn in store_of(db)._hot.open]
+
+
+async def test_a_paid_call_never_hops_to_a_worker_thread(mysql: MysqlBackend, monkeypatch: Any) -> None:
+    who = add_consumer(mysql, 1, credit=10 * PRICE)
+    add_listing(mysql, 10, "w", price=PRICE)
+    store = store_of(mysql)
+    await store.balance(who.user_id)  # the schema is ready and a worker has its connection
+    hops: list[str] = []
+    transaction = store._transaction
+    monkeypatch.setattr(store, "_transaction", lambda *a: hops.append(threading.current_thread().name)
+                        or transaction(*a))
+    for _ in range(3):
+        req = call(who, 10, PRICE)
+        taken = await store.charge(req)
+        assert taken.verdict is Verdict.DEBITED
+        await store.settle(dataclasses.replace(outcome(req, who), taken=taken))
+    assert hops == []
+    assert mysql.value("SELECT credit_micro_cents FROM users WHERE id = 1") == 7 * PRICE
+    reconcile(mysql)
+
+
+async def test_killed_connections_are_replaced_without_failing_a_charge(mysql: MysqlBackend) -> None:
+    who = add_consumer(mysql, 1, credit=100 * PRICE)
+    add_listing(mysql, 10, "w", price=PRICE)
+    store = store_of(mysql)
+    assert all(r.accepted for r in await asyncio.gather(*(store.charge(call(who, 10, PRICE)) for _ in range(16))))
+    ids = loop_connection_ids(mysql)
+    assert 1 < len(ids) <= 4  # the pool's size bounds them
+    admin = connect(mysql.db.settings)
+    try:
+        for connection_id in ids:
+            admin.cursor().execute(f"KILL CONNECTION {connection_id}")
+    finally:
+        admin.close()
+    # Every idle connection is dead: each charge finds that out and runs again on a new one, once.
+    results = await asyncio.gather(*(store.charge(call(who, 10, PRICE)) for _ in range(16)))
+    assert [r.verdict for r in results] == [Verdict.DEBITED] * 16
+    assert not set(loop_connection_ids(mysql)) & set(ids)
+    assert mysql.value("SELECT credit_micro_cents FROM users WHERE id = 1") == 68 * PRICE
+    assert await store.sweep(-2, FEE_BPS) == 32  # nobody settled them: all refunded
+    reconcile(mysql)
+
+
+async def server_done(mysql: MysqlBackend) -> None:
+    """Wait until the server runs no statement in the test database (a CALL its client left)."""
+    for _ in range(100):
+        if not mysql.value("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE()"
+                             " AND COMMAND = 'Query' AND ID <> CONNECTION_ID()"):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the server still runs a statement of the test database")
+
+
+def hold_users_row(mysql: MysqlBackend, user_id: int) -> Any:
+    """Another session holding the user's row lock: charges of that user wait on it."""
+    holder = connect(mysql.db.settings)
+    holder.autocommit(False)
+    holder.cursor().execute("SELECT credit_micro_cents FROM users WHERE id = %s FOR UPDATE", (user_id,))
+    return holder
+
+
+async def test_a_server_silent_mid_charge_costs_the_io_timeout_and_never_the_consumer(
+        mysql: MysqlBackend, monkeypatch: Any) -> None:
+    who = add_consumer(mysql, 1, credit=10 * PRICE)
+    add_listing(mysql, 10, "w", price=PRICE)
+    store = store_of(mysql)
+    assert (await store.charge(call(who, 10, PRICE))).accepted  # a pooled connection
+    monkeypatch.setattr(mysql_loop, "IO_TIMEOUT", 0.3)
+    holder = hold_users_row(mysql, who.user_id)  # the CALL waits on the lock: no answer in time
+    try:
+        lost = call(who, 10, PRICE)
+        with pytest.raises(StoreUnavailable, match="no answer"):
+            await store.charge(lost)
+        assert store._hot.open == set()  # neither connection that timed out is used again
+    finally:
+        holder.commit()
+        holder.close()
+    # The server may still run the CALL when the lock is released: then its journal row explains
+    # the debit, nobody settles it, and the sweeper gives the money back.
+    monkeypatch.setattr(mysql_loop, "IO_TIMEOUT", 5.0)
+    assert (await store.charge(call(who, 10, PRICE))).accepted
+    await server_done(mysql)
+    await store.sweep(-2, FEE_BPS)
+    assert mysql.value("SELECT credit_micro_cents FROM users WHERE id = 1") == 10 * PRICE
+    reconcile(mysql)
+
+
+async def test_a_charge_cancelled_mid_way_closes_its_connection_and_loses_nothing(mysql: MysqlBackend) -> None:
+    who = add_consumer(mysql, 1, credit=10 * PRICE)
+    add_listing(mysql, 10, "w", price=PRICE)
+    store = store_of(mysql)
+    assert (await store.charge(call(who, 10, PRICE))).accepted
+    holder = hold_users_row(mysql, who.user_id)
+    try:
+        pending = asyncio.ensure_future(store.charge(call(who, 10, PRICE)))
+        await asyncio.sleep(0.2)  # the CALL is on the wire, waiting on the lock
+        assert len(store._hot.open) == 1
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        assert store._hot.open == set()  # half-read answers are never read by the next job
+    finally:
+        holder.commit()
+        holder.close()
+    settled = call(who, 10, PRICE)
+    taken = await store.charge(settled)
+    await store.settle(dataclasses.replace(outcome(settled, who), taken=taken))
+    await server_done(mysql)
+    await store.sweep(-2, FEE_BPS)  # the first charge and, if it landed, the cancelled one
+    assert mysql.value("SELECT credit_micro_cents FROM users WHERE id = 1") == 9 * PRICE  # only the settled one
+    reconcile(mysql)
+
+
+def test_a_store_used_from_a_new_event_loop_opens_new_connections() -> None:
+    with scratch_database(SCHEMA) as settings:
+        backend = MysqlBackend(dataclasses.replace(settings, pool_size=2))
+        try:
+            _prepare(backend)
+            who = add_consumer(backend, 1, credit=10 * PRICE)
+            add_listing(backend, 10, "w", price=PRICE)
+            store = store_of(backend)
+
+            async def charge() -> tuple[Verdict, list[int]]:
+                verdict = (await store.charge(call(who, 10, PRICE))).verdict
+                return verdict, loop_connection_ids(backend)
+
+            first, first_ids = asyncio.run(charge())
+            second, second_ids = asyncio.run(charge())  # the first loop and its sockets are gone
+            assert first is second is Verdict.DEBITED
+            assert len(first_ids) == len(second_ids) == 1 and first_ids != second_ids
+            assert backend.value("SELECT credit_micro_cents FROM users WHERE id = 1") == 8 * PRICE
+        finally:
+            backend.close()
