@@ -18,12 +18,32 @@ FORWARDED_CREDENTIAL_HEADERS = tuple(f"x-forward-{name}" for name in CREDENTIAL_
 GATEWAY_PREFIX = "x-mcpmeter-"
 
 
+_CREDENTIAL_NAMES = frozenset(name.encode() for name in CREDENTIAL_HEADERS)
+_REDACTED = REDACTED.encode()
+
+
 def redact_credentials(headers: Headers, key_prefix: str | None = None) -> None:
-    """Replace every credential header's value; a bearer key keeps its displayable prefix."""
-    for name in CREDENTIAL_HEADERS:
-        if name in headers and not all(v.endswith(REDACTED) for v in headers.get_all(name)):
-            shown = f"Bearer {key_prefix} {REDACTED}" if name == "authorization" and key_prefix else REDACTED
-            headers[name] = shown
+    """Replace every credential header's value (its fields become one, where the first was); a
+    bearer key keeps its displayable prefix. A header whose values are all redacted is left as is."""
+    # One pass over the raw fields: on every request, and Headers' by-name methods each rescan them.
+    fields = headers.fields
+    done: dict[bytes, bool] = {}  # credential header -> all its values are redacted already
+    for name, value in fields:
+        low = name.lower()
+        if low in _CREDENTIAL_NAMES:
+            done[low] = done.get(low, True) and value.endswith(_REDACTED)
+    if all(done.values()):
+        return
+    shown = {low: (f"Bearer {key_prefix} {REDACTED}".encode("utf-8", "surrogateescape")
+                   if low == b"authorization" and key_prefix else _REDACTED) for low in done}
+    kept: list[tuple[bytes, bytes]] = []
+    for name, value in fields:
+        low = name.lower()
+        if low not in done or done[low]:
+            kept.append((name, value))
+        elif low in shown:
+            kept.append((name, shown.pop(low)))  # the first field of the header; the others go
+    headers.fields = tuple(kept)
 
 
 def redact_forwarded_credentials(headers: Headers) -> None:

@@ -106,15 +106,15 @@ async def measure(calls: int, rounds: int, rtt_ms: float) -> dict[str, list[dict
             async def counters() -> dict[str, int]:
                 """The session counters of both connections, summed."""
                 total = dict.fromkeys(COUNTERS, 0)
-                query = "SHOW SESSION STATUS WHERE Variable_name IN %s"
+                query = f"SHOW SESSION STATUS WHERE Variable_name IN {tuple(COUNTERS)}"
                 rows: list[Any] = []
                 for conn in store._conns:  # type: ignore[attr-defined]
                     cur = conn.cursor()
-                    cur.execute(query, (COUNTERS,))
+                    cur.execute(query)
                     rows += cur.fetchall()
                 for conn in store._hot.open:  # type: ignore[attr-defined]
                     cur = await conn.cursor()
-                    await cur.execute(query, (COUNTERS,))
+                    await cur.execute(query)
                     rows += await cur.fetchall()
                 for k, v in rows:
                     total[str(k)] += int(v)
