@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from addon.config import Config
 from addon.model import Verdict
 from addon.store import mysql_loop
 from addon.store.base import StoreUnavailable
@@ -181,3 +182,31 @@ def test_a_store_used_from_a_new_event_loop_opens_new_connections() -> None:
             assert backend.value("SELECT credit_micro_cents FROM users WHERE id = 1") == 8 * PRICE
         finally:
             backend.close()
+
+
+async def test_closing_the_store_ends_its_loop_sessions_cleanly(mysql: MysqlBackend) -> None:
+    who = add_consumer(mysql, 1, credit=10 * PRICE)
+    add_listing(mysql, 10, "w", price=PRICE)
+    store = store_of(mysql)
+    await asyncio.gather(*(store.charge(call(who, 10, PRICE)) for _ in range(8)))
+    ids = loop_connection_ids(mysql)
+    assert ids
+    aborted = int(mysql.rows("SHOW GLOBAL STATUS LIKE 'Aborted_clients'")[0][1])
+    store.close()
+    await asyncio.sleep(0)  # the transports write the goodbye and close
+    for _ in range(100):
+        if not mysql.value("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID IN %s", (ids,)):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the loop's sessions are still open on the server")
+    assert int(mysql.rows("SHOW GLOBAL STATUS LIKE 'Aborted_clients'")[0][1]) == aborted
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await store.charge(call(who, 10, PRICE))
+    # The charges nobody settled: another gateway's sweeper (a new store on the database) refunds them.
+    other = MysqlStore(Config(store="mysql", mysql=mysql.db.settings))
+    try:
+        assert await other.sweep(-2, FEE_BPS) == 8
+    finally:
+        other.close()
+    reconcile(mysql)
