@@ -25,7 +25,7 @@ from addon.store.base import StoreUnavailable
 from addon.store.mysql import MysqlStore
 
 from .dbutil import SCHEMA, connect, scratch_database
-from .test_store_contract import MysqlBackend, _prepare, add_consumer, add_listing, call, outcome, reconcile
+from .test_store_contract import MysqlBackend, Who, _prepare, add_consumer, add_listing, call, outcome, reconcile
 
 PRICE = 1000
 FEE_BPS = 2000
@@ -47,14 +47,19 @@ def store_of(db: MysqlBackend) -> MysqlStore:
     return db.store
 
 
+def paying_consumer(mysql: MysqlBackend, credit: int) -> tuple[Who, MysqlStore]:
+    """User 1 with `credit`, listing 10 at PRICE, and the store."""
+    who = add_consumer(mysql, 1, credit=credit)
+    add_listing(mysql, 10, "w", price=PRICE)
+    return who, store_of(mysql)
+
+
 def loop_connection_ids(db: MysqlBackend) -> list[int]:
     return [int(conn.server_thread_id[0]) for conn in store_of(db)._hot.open]
 
 
 async def test_a_paid_call_never_hops_to_a_worker_thread(mysql: MysqlBackend, monkeypatch: Any) -> None:
-    who = add_consumer(mysql, 1, credit=10 * PRICE)
-    add_listing(mysql, 10, "w", price=PRICE)
-    store = store_of(mysql)
+    who, store = paying_consumer(mysql, 10 * PRICE)
     await store.balance(who.user_id)  # the schema is ready and a worker has its connection
     hops: list[str] = []
     transaction = store._transaction
@@ -71,9 +76,7 @@ async def test_a_paid_call_never_hops_to_a_worker_thread(mysql: MysqlBackend, mo
 
 
 async def test_killed_connections_are_replaced_without_failing_a_charge(mysql: MysqlBackend) -> None:
-    who = add_consumer(mysql, 1, credit=100 * PRICE)
-    add_listing(mysql, 10, "w", price=PRICE)
-    store = store_of(mysql)
+    who, store = paying_consumer(mysql, 100 * PRICE)
     assert all(r.accepted for r in await asyncio.gather(*(store.charge(call(who, 10, PRICE)) for _ in range(16))))
     ids = loop_connection_ids(mysql)
     assert 1 < len(ids) <= 4  # the pool's size bounds them
@@ -112,9 +115,7 @@ def hold_users_row(mysql: MysqlBackend, user_id: int) -> Any:
 
 async def test_a_server_silent_mid_charge_costs_the_io_timeout_and_never_the_consumer(
         mysql: MysqlBackend, monkeypatch: Any) -> None:
-    who = add_consumer(mysql, 1, credit=10 * PRICE)
-    add_listing(mysql, 10, "w", price=PRICE)
-    store = store_of(mysql)
+    who, store = paying_consumer(mysql, 10 * PRICE)
     assert (await store.charge(call(who, 10, PRICE))).accepted  # a pooled connection
     monkeypatch.setattr(mysql_loop, "IO_TIMEOUT", 0.3)
     holder = hold_users_row(mysql, who.user_id)  # the CALL waits on the lock: no answer in time
@@ -137,9 +138,7 @@ async def test_a_server_silent_mid_charge_costs_the_io_timeout_and_never_the_con
 
 
 async def test_a_charge_cancelled_mid_way_closes_its_connection_and_loses_nothing(mysql: MysqlBackend) -> None:
-    who = add_consumer(mysql, 1, credit=10 * PRICE)
-    add_listing(mysql, 10, "w", price=PRICE)
-    store = store_of(mysql)
+    who, store = paying_consumer(mysql, 10 * PRICE)
     assert (await store.charge(call(who, 10, PRICE))).accepted
     holder = hold_users_row(mysql, who.user_id)
     try:
@@ -185,9 +184,7 @@ def test_a_store_used_from_a_new_event_loop_opens_new_connections() -> None:
 
 
 async def test_closing_the_store_ends_its_loop_sessions_cleanly(mysql: MysqlBackend) -> None:
-    who = add_consumer(mysql, 1, credit=10 * PRICE)
-    add_listing(mysql, 10, "w", price=PRICE)
-    store = store_of(mysql)
+    who, store = paying_consumer(mysql, 10 * PRICE)
     await asyncio.gather(*(store.charge(call(who, 10, PRICE)) for _ in range(8)))
     ids = loop_connection_ids(mysql)
     assert ids
