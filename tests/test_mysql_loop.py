@@ -113,51 +113,104 @@ def hold_users_row(mysql: MysqlBackend, user_id: int) -> Any:
     return holder
 
 
-async def test_a_server_silent_mid_charge_costs_the_io_timeout_and_never_the_consumer(
+async def test_a_server_silent_mid_charge_costs_two_io_timeouts_and_never_the_consumer(
         mysql: MysqlBackend, monkeypatch: Any) -> None:
     who, store = paying_consumer(mysql, 10 * PRICE)
-    assert (await store.charge(call(who, 10, PRICE))).accepted  # a pooled connection
+    assert all(r.accepted for r in await asyncio.gather(*(store.charge(call(who, 10, PRICE)) for _ in range(8))))
+    pooled = len(store._hot.open)
+    assert pooled > 1
+    opened: list[Any] = []
+    connect = store._hot._connect
+
+    async def counted() -> Any:
+        opened.append(await connect())
+        return opened[-1]
+
+    monkeypatch.setattr(store._hot, "_connect", counted)
     monkeypatch.setattr(mysql_loop, "IO_TIMEOUT", 0.3)
     holder = hold_users_row(mysql, who.user_id)  # the CALL waits on the lock: no answer in time
     try:
-        lost = call(who, 10, PRICE)
         with pytest.raises(StoreUnavailable, match="no answer"):
-            await store.charge(lost)
-        assert store._hot.open == set()  # neither connection that timed out is used again
+            await store.charge(call(who, 10, PRICE))
+        # A pooled connection timed out, then one new connection did: two tries, not one per
+        # pooled connection. Neither is used again; the other pooled ones are still there.
+        assert len(opened) == 1 and opened[0] not in store._hot.open
+        assert len(store._hot.open) == pooled - 1
     finally:
         holder.commit()
         holder.close()
-    # The server may still run the CALL when the lock is released: then its journal row explains
-    # the debit, nobody settles it, and the sweeper gives the money back.
+    # The server may still run both CALLs when the lock is released: the journal's key lets one
+    # land at most, its row explains the debit, nobody settles it, and the sweeper gives it back.
     monkeypatch.setattr(mysql_loop, "IO_TIMEOUT", 5.0)
-    assert (await store.charge(call(who, 10, PRICE))).accepted
     await server_done(mysql)
     await store.sweep(-2, FEE_BPS)
     assert mysql.value("SELECT credit_micro_cents FROM users WHERE id = 1") == 10 * PRICE
     reconcile(mysql)
 
 
-async def test_a_charge_cancelled_mid_way_closes_its_connection_and_loses_nothing(mysql: MysqlBackend) -> None:
+async def test_a_charge_whose_caller_is_cancelled_runs_to_its_end_and_is_swept(mysql: MysqlBackend) -> None:
     who, store = paying_consumer(mysql, 10 * PRICE)
     assert (await store.charge(call(who, 10, PRICE))).accepted
     holder = hold_users_row(mysql, who.user_id)
     try:
-        pending = asyncio.ensure_future(store.charge(call(who, 10, PRICE)))
+        abandoned = call(who, 10, PRICE)
+        pending = asyncio.ensure_future(store.charge(abandoned))
         await asyncio.sleep(0.2)  # the CALL is on the wire, waiting on the lock
-        assert len(store._hot.open) == 1
         pending.cancel()
         with pytest.raises(asyncio.CancelledError):
             await pending
-        assert store._hot.open == set()  # half-read answers are never read by the next job
     finally:
         holder.commit()
         holder.close()
+    await server_done(mysql)
+    assert mysql.value("SELECT verdict FROM mcpmeter_calls WHERE request_id = %s", (abandoned.request_id,)) == "debited"
+    assert len(store._hot.open) == 1  # its connection went back to the pool, answers read
     settled = call(who, 10, PRICE)
     taken = await store.charge(settled)
     await store.settle(dataclasses.replace(outcome(settled, who), taken=taken))
-    await server_done(mysql)
-    await store.sweep(-2, FEE_BPS)  # the first charge and, if it landed, the cancelled one
+    assert await store.sweep(-2, FEE_BPS) == 2  # the first charge and the abandoned one
     assert mysql.value("SELECT credit_micro_cents FROM users WHERE id = 1") == 9 * PRICE  # only the settled one
+    reconcile(mysql)
+
+
+def hold_journal_row(mysql: MysqlBackend, request_id: str) -> Any:
+    holder = connect(mysql.db.settings)
+    holder.autocommit(False)
+    holder.cursor().execute("SELECT * FROM mcpmeter_calls WHERE request_id = %s FOR UPDATE", (request_id,))
+    return holder
+
+
+async def test_a_settlement_is_written_even_if_its_waiter_is_cancelled_or_the_store_closes(
+        mysql: MysqlBackend) -> None:
+    who, store = paying_consumer(mysql, 10 * PRICE)
+    reqs = [call(who, 10, PRICE) for _ in range(2)]
+    taken = [await store.charge(req) for req in reqs]
+    settles = [dataclasses.replace(outcome(req, who), taken=t) for req, t in zip(reqs, taken, strict=True)]
+    holder = hold_journal_row(mysql, reqs[0].request_id)  # the settlement's flip waits on it
+    try:
+        pending = asyncio.ensure_future(store.settle(settles[0]))
+        await asyncio.sleep(0.2)
+        pending.cancel()  # e.g. the hook that awaited it went away
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+    finally:
+        holder.commit()
+        holder.close()
+    holder = hold_journal_row(mysql, reqs[1].request_id)
+    try:
+        pending = asyncio.ensure_future(store.settle(settles[1]))
+        await asyncio.sleep(0.2)
+        store._hot.close()  # a stop or a reload closes the store while the settlement is under way
+        with pytest.raises(StoreUnavailable, match="closed"):
+            await store.charge(call(who, 10, PRICE))
+    finally:
+        holder.commit()
+        holder.close()
+    assert await pending == 8 * PRICE
+    await server_done(mysql)
+    assert store._hot.open == set()  # the last job's connection closed when it ended
+    assert mysql.rows("SELECT COUNT(*), SUM(billed_micro_cents) FROM usage_events") == [(2, 2 * PRICE)]
+    assert mysql.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL") == 0
     reconcile(mysql)
 
 

@@ -257,10 +257,10 @@ class MysqlStore(SqlStore):
         if not self._schema_ready:
             await self._run(lambda ledger: None)  # a worker's first connection prepares it
 
-    async def _on_loop(self, job: Job[T]) -> T:
+    async def _on_loop(self, job: Job[T], round_trips: int = 1) -> T:
         if self._closed:
             raise StoreUnavailable("mysql store is closed")
-        return await self._hot.run(job)
+        return await self._hot.run(job, round_trips)
 
     async def charge(self, request: ChargeRequest) -> ChargeResult:
         # One round trip: the decisions are made in SQL and a refusal writes nothing (mysql_trip.py).
@@ -279,7 +279,8 @@ class MysqlStore(SqlStore):
         if len(batch) == 1:
             await self._settle(batch[0])
             return [True]
-        return await self._on_loop(lambda conn: mysql_batch.settle_billed(conn, batch, self._last_used))
+        return await self._on_loop(lambda conn: mysql_batch.settle_billed(conn, batch, self._last_used),
+                                   round_trips=2)
 
     async def _settle(self, s: Settlement) -> int | None:
         """One round trip when the journal holds the unsettled call `s.taken` describes (the common

@@ -10,12 +10,15 @@ work to a worker thread and back. Measured with the store alone, 32 concurrent c
 refunds the journal disagrees with, the sweeper, the commands) stays on the thread pool.
 
 The rules are the thread pool's (mysql.py `_transaction`): a deadlock victim or a lock wait
-timeout runs again, a pooled connection the server dropped runs the job again once on a new one
-(every job here is a whole transaction that is safe to run twice: see mysql_trip.py), a failed
-connect marks the store down for DOWN_FOR seconds, and a job that takes longer than IO_TIMEOUT on
-the wire fails with its connection closed. A job cancelled mid-way (its caller went away) closes
-its connection: what the server did with the text is then decided by its COMMIT, as for a lost
-connection, and the journal explains it (the sweeper refunds a charge nobody settled).
+timeout runs again, a pooled connection the server dropped runs the job again once, on a new
+connection (every job here is a whole transaction that is safe to run twice: see mysql_trip.py),
+a failed connect marks the store down for DOWN_FOR seconds, and a job whose round trips take longer
+than IO_TIMEOUT each fails with its connection closed. A job runs to its end even if its caller is
+cancelled meanwhile, as on a worker thread, so a settlement is never cut off half-way; closing the
+store closes the idle connections, and those of jobs under way when they end. Only the loop's own
+shutdown cancels a job mid-way: its connection is closed, and what the server did with the text
+is decided by its COMMIT, as for a lost connection; the journal explains it (the sweeper refunds a
+charge nobody settled).
 """
 
 from __future__ import annotations
@@ -50,46 +53,64 @@ class LoopConnections:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots = asyncio.Semaphore(size)
         self._idle: list[Any] = []
+        self._closed = False
+        self._jobs: set[asyncio.Future[Any]] = set()
         self.open: set[Any] = set()  # every live connection, idle or busy (closed by `close`)
 
-    async def run(self, job: Job[T]) -> T:
+    async def run(self, job: Job[T], round_trips: int = 1) -> T:
+        """Run `job` to its end even if the caller is cancelled meanwhile (as a worker thread would):
+        a settlement's write is never cut off half-way because its waiter went away."""
         self._bind()
+        task = asyncio.ensure_future(self._run(job, IO_TIMEOUT * round_trips))
+        if not task.done():
+            self._jobs.add(task)  # a strong reference: the loop keeps only weak ones
+            task.add_done_callback(self._jobs.discard)
+            task.add_done_callback(_finished)
+        return await asyncio.shield(task)
+
+    async def _run(self, job: Job[T], timeout: float) -> T:
         async with self._slots:
-            attempt, started = 0, time.monotonic()
+            attempt, started, fresh = 0, time.monotonic(), False
             while True:
                 attempt += 1
-                conn, reused = await self._acquire()
+                conn, reused = await self._acquire(fresh)
                 try:
-                    async with asyncio.timeout(IO_TIMEOUT):
+                    async with asyncio.timeout(timeout):
                         result = await job(conn)
                 except (pymysql.Error, TimeoutError) as e:
                     error = e if isinstance(e, pymysql.Error) else pymysql.err.OperationalError(
-                        LOST, f"no answer from MySQL in {IO_TIMEOUT:g} s")
+                        LOST, f"no answer from MySQL in {timeout:g} s")
                     lost = await self._abort(conn, error)
                     retry = attempt < ATTEMPTS and time.monotonic() - started < RETRY_BUDGET
                     if code(error) in RETRYABLE and retry:
                         self._store.retries += 1
                         await asyncio.sleep(random.uniform(0.001, 0.005) * attempt)
                         continue
-                    if reused and lost:
-                        continue  # a pooled connection the server dropped: once more on a new one
+                    if reused and lost and not fresh and retry:
+                        fresh = True  # a pooled connection the server dropped: once more, on a new one
+                        continue
                     raise StoreUnavailable(f"mysql: {reason(error)}") from e
                 except BaseException:
-                    self._discard(conn)  # cancelled mid-protocol: the connection's state is unknown
+                    self._discard(conn)  # cancelled mid-protocol (the loop is closing): its state is unknown
                     raise
-                self._idle.append(conn)
+                self._release(conn)
                 return result
 
     def _bind(self) -> None:
         """Connections belong to the loop that opened them; a store used from a new loop starts afresh."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
-            self.close()
+            for conn in list(self.open):
+                self._discard(conn)
+            self._idle.clear()
             self._loop, self._slots = loop, asyncio.Semaphore(self._size)
 
-    async def _acquire(self) -> tuple[Any, bool]:
-        """An idle connection and True, or a new one and False; fails fast while the server is down."""
-        if self._idle:
+    async def _acquire(self, fresh: bool) -> tuple[Any, bool]:
+        """An idle connection and True (unless `fresh`), or a new one and False; fails fast while
+        the server is down, and once the store is closed."""
+        if self._closed:
+            raise StoreUnavailable("mysql store is closed")
+        if self._idle and not fresh:
             return self._idle.pop(), True
         store = self._store
         store.raise_if_down()
@@ -106,6 +127,13 @@ class LoopConnections:
         self.open.add(conn)
         return conn, False
 
+    def _release(self, conn: Any) -> None:
+        if self._closed:  # a job that was under way when the store closed: it ran to its end
+            _say_goodbye(conn)
+            self._discard(conn)
+        else:
+            self._idle.append(conn)
+
     async def _connect(self) -> Any:
         return await aiomysql.connect(db=self._store.settings.database, **connect_args(self._store.settings))
 
@@ -117,10 +145,12 @@ class LoopConnections:
         try:
             async with asyncio.timeout(IO_TIMEOUT):
                 await conn.rollback()
-        except Exception:
+        except BaseException as e:
             self._discard(conn)
+            if not isinstance(e, Exception):
+                raise  # cancelled mid-rollback
             return True
-        self._idle.append(conn)
+        self._release(conn)
         return False
 
     def _discard(self, conn: Any) -> None:
@@ -131,11 +161,18 @@ class LoopConnections:
             pass
 
     def close(self) -> None:
+        """Close the idle connections; jobs under way run to their end, then close theirs."""
+        self._closed = True
         for conn in self._idle:
             _say_goodbye(conn)
-        for conn in list(self.open):
             self._discard(conn)
         self._idle.clear()
+
+
+def _finished(task: asyncio.Future[Any]) -> None:
+    """A job whose caller was cancelled: its outcome is nobody's, so it is retrieved here."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _say_goodbye(conn: Any) -> None:
