@@ -305,7 +305,7 @@ class MysqlStore(SqlStore):
     def close(self) -> None:
         self._closed = True
         self._pool.shutdown(wait=True)  # queued transactions finish, as in the SQLite store
-        self._hot.close()  # the loop's: the gateway drained its calls before closing the store
+        self._hot.close()  # the loop's idle connections; a job under way ends, then closes its own
         with self._lock:
             conns, self._conns = list(self._conns), set()
         for conn in conns:
