@@ -1,4 +1,4 @@
-"""The production store: MySQL 8 / MariaDB, shared by every gateway instance, through pymysql.
+"""The production store: MySQL 8 / MariaDB, shared by every gateway instance, through pymysql and aiomysql.
 
 A paid call's transactions run on mitmproxy's event loop through aiomysql (mysql_loop.py): the
 charge is one CALL of a stored procedure and a settlement one multi-statement text (mysql_trip.py),

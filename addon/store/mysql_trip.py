@@ -7,7 +7,8 @@ settlement one multi-statement text (the connection has CLIENT.MULTI_STATEMENTS)
 are made in SQL with session user variables: ROW_COUNT() says whether a conditional write
 matched (the connection reports rows matched, CLIENT.FOUND_ROWS), and every later write is an
 INSERT ... SELECT ... WHERE @flag or an UPDATE whose key is IF(@flag, key, NULL) (no row read,
-so no lock taken, when the flag is off). Both end with a SELECT of the outcome and COMMIT.
+so no lock taken, when the flag is off). Both end with a SELECT of the outcome and COMMIT, and
+both run on the event loop through aiomysql (mysql_loop.py), as does mysql_batch.py.
 
 Money semantics are the Ledger's, statement for statement and in the same lock order (usage
 row, users, spend for a charge; journal, users, spend or usage row for a settlement), with one
