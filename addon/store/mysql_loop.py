@@ -70,10 +70,11 @@ class LoopConnections:
 
     async def _run(self, job: Job[T], timeout: float) -> T:
         async with self._slots:
-            attempt, started, fresh = 0, time.monotonic(), False
+            attempt, started, reconnected, fresh = 0, time.monotonic(), False, False
             while True:
                 attempt += 1
                 conn, reused = await self._acquire(fresh)
+                fresh = False
                 try:
                     async with asyncio.timeout(timeout):
                         result = await job(conn)
@@ -86,8 +87,8 @@ class LoopConnections:
                         self._store.retries += 1
                         await asyncio.sleep(random.uniform(0.001, 0.005) * attempt)
                         continue
-                    if reused and lost and not fresh and retry:
-                        fresh = True  # a pooled connection the server dropped: once more, on a new one
+                    if reused and lost and not reconnected and retry:
+                        reconnected = fresh = True  # a pooled connection the server dropped: once more, on a new one
                         continue
                     raise StoreUnavailable(f"mysql: {reason(error)}") from e
                 except BaseException:
