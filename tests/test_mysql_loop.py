@@ -105,11 +105,12 @@ async def server_done(mysql: MysqlBackend) -> None:
     raise AssertionError("the server still runs a statement of the test database")
 
 
-def hold_users_row(mysql: MysqlBackend, user_id: int) -> Any:
-    """Another session holding the user's row lock: charges of that user wait on it."""
+def hold_row(mysql: MysqlBackend, table: str, key: str, value: object) -> Any:
+    """Another session holding a row's lock (a user's: charges wait on it; a journal row: its
+    settlement waits on it) until it commits."""
     holder = connect(mysql.db.settings)
     holder.autocommit(False)
-    holder.cursor().execute("SELECT credit_micro_cents FROM users WHERE id = %s FOR UPDATE", (user_id,))
+    holder.cursor().execute(f"SELECT * FROM {table} WHERE {key} = %s FOR UPDATE", (value,))
     return holder
 
 
@@ -128,7 +129,7 @@ async def test_a_server_silent_mid_charge_costs_two_io_timeouts_and_never_the_co
 
     monkeypatch.setattr(store._hot, "_connect", counted)
     monkeypatch.setattr(mysql_loop, "IO_TIMEOUT", 0.3)
-    holder = hold_users_row(mysql, who.user_id)  # the CALL waits on the lock: no answer in time
+    holder = hold_row(mysql, "users", "id", who.user_id)  # the CALL waits on the lock: no answer in time
     try:
         with pytest.raises(StoreUnavailable, match="no answer"):
             await store.charge(call(who, 10, PRICE))
@@ -151,7 +152,7 @@ async def test_a_server_silent_mid_charge_costs_two_io_timeouts_and_never_the_co
 async def test_a_charge_whose_caller_is_cancelled_runs_to_its_end_and_is_swept(mysql: MysqlBackend) -> None:
     who, store = paying_consumer(mysql, 10 * PRICE)
     assert (await store.charge(call(who, 10, PRICE))).accepted
-    holder = hold_users_row(mysql, who.user_id)
+    holder = hold_row(mysql, "users", "id", who.user_id)
     try:
         abandoned = call(who, 10, PRICE)
         pending = asyncio.ensure_future(store.charge(abandoned))
@@ -173,20 +174,13 @@ async def test_a_charge_whose_caller_is_cancelled_runs_to_its_end_and_is_swept(m
     reconcile(mysql)
 
 
-def hold_journal_row(mysql: MysqlBackend, request_id: str) -> Any:
-    holder = connect(mysql.db.settings)
-    holder.autocommit(False)
-    holder.cursor().execute("SELECT * FROM mcpmeter_calls WHERE request_id = %s FOR UPDATE", (request_id,))
-    return holder
-
-
 async def test_a_settlement_is_written_even_if_its_waiter_is_cancelled_or_the_store_closes(
         mysql: MysqlBackend) -> None:
     who, store = paying_consumer(mysql, 10 * PRICE)
     reqs = [call(who, 10, PRICE) for _ in range(2)]
     taken = [await store.charge(req) for req in reqs]
     settles = [dataclasses.replace(outcome(req, who), taken=t) for req, t in zip(reqs, taken, strict=True)]
-    holder = hold_journal_row(mysql, reqs[0].request_id)  # the settlement's flip waits on it
+    holder = hold_row(mysql, "mcpmeter_calls", "request_id", reqs[0].request_id)  # the settlement's flip waits on it
     try:
         pending = asyncio.ensure_future(store.settle(settles[0]))
         await asyncio.sleep(0.2)
@@ -196,7 +190,7 @@ async def test_a_settlement_is_written_even_if_its_waiter_is_cancelled_or_the_st
     finally:
         holder.commit()
         holder.close()
-    holder = hold_journal_row(mysql, reqs[1].request_id)
+    holder = hold_row(mysql, "mcpmeter_calls", "request_id", reqs[1].request_id)
     try:
         pending = asyncio.ensure_future(store.settle(settles[1]))
         await asyncio.sleep(0.2)
