@@ -29,10 +29,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..billing import split
 from ..model import MICRO_CENTS_PER_CENT, ChargeRequest, ChargeResult, Settlement, Verdict
 from .mysql_loop import one_trip
-from .sql import COUNT_BILLABLE, MYSQL, USAGE_EVENTS_INSERT, LastUsed, utc
+from .sql import COUNT_BILLABLE, MYSQL, USAGE_EVENTS_INSERT, LastUsed, usage_event, utc
 
 _LEDGER_INSERT = (
     "INSERT INTO credit_transactions (user_id, amount_micro_cents, type, reference_type,"
@@ -147,16 +146,14 @@ async def settle(conn: Any, s: Settlement, last_used: LastUsed) -> tuple[bool, i
     assert taken is not None
     reason = s.reason[:32] if s.reason else None
     billed = 0 if s.refund else taken.amount
-    payout, fee = split(billed, s.fee_bps)
+    event = usage_event(s, billed, now)
     args: dict[str, Any] = {
         "request": req.request_id, "user": req.user_id, "project": req.project_id, "listing": req.listing_id,
         "period": req.period, "now": now, "refunded": int(s.refund), "status": s.status, "reason": reason,
-        "verdict": taken.verdict.value, "amount": taken.amount, "billed": billed, "payout": payout, "fee": fee,
-        "key": s.key_id, "token": s.token_id, "client": s.client,
-        "agent": (s.user_agent or None) and s.user_agent[:255], "tool": req.tool_name[:191],
-        "called_at": utc(s.called_at), "duration": max(s.duration_ms, 0),
+        "verdict": taken.verdict.value, "amount": taken.amount, "key": s.key_id, "token": s.token_id,
         "description": (f"refund: {req.tool_name} on mcp {req.listing_id}"
                         + (f" ({reason})" if reason else ""))[:255],
+        **{f"event{i}": value for i, value in enumerate(event)},  # the usage_events row, as the Ledger writes it
     }
     # A billed call's statements test the flip through a chain of ROW_COUNT()s (each the previous
     # statement's: the flip matched 1, the counter upsert wrote 1 or 2); other paths keep it in @mcpm_flip.
@@ -192,10 +189,8 @@ async def settle(conn: Any, s: Settlement, last_used: LastUsed) -> tuple[bool, i
             " FROM DUAL WHERE " + flip,
             "mcp_id, user_id", COUNT_BILLABLE))
         flip = "ROW_COUNT() > 0" if chain else flip
-    parts.append(
-        USAGE_EVENTS_INSERT + " SELECT %(project)s, %(listing)s, %(key)s, %(tool)s, %(client)s, %(agent)s,"
-        " %(called_at)s, %(duration)s,"
-        " %(status)s, %(billed)s, %(payout)s, %(fee)s, %(request)s, %(now)s, %(now)s FROM DUAL WHERE " + flip)
+    parts.append(f"{USAGE_EVENTS_INSERT} SELECT {', '.join(f'%(event{i})s' for i in range(len(event)))}"
+                 f" FROM DUAL WHERE {flip}")
     # last_used_at is informational (once a minute): stamped here even if this text ends up not settling.
     if stamp:
         parts.append(f"UPDATE {stamp} SET last_used_at = %(now)s"
