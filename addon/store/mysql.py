@@ -35,7 +35,7 @@ from . import mysql_batch, mysql_trip
 from .base import StoreUnavailable
 from .mysql_conn import (ATTEMPTS, CONNECT_TIMEOUT, DENIED, DOWN_FOR, IO_TIMEOUT, RETRY_BUDGET, RETRYABLE,
                          UNKNOWN_DB, code, connect_args, gone, reason)
-from .mysql_loop import Job, LoopConnections
+from .mysql_loop import LoopConnections
 from .sql import MYSQL, LastUsed, Ledger, SqlStore
 
 T = TypeVar("T")
@@ -257,14 +257,9 @@ class MysqlStore(SqlStore):
         if not self._schema_ready:
             await self._run(lambda ledger: None)  # a worker's first connection prepares it
 
-    async def _on_loop(self, job: Job[T], round_trips: int = 1) -> T:
-        if self._closed:
-            raise StoreUnavailable("mysql store is closed")
-        return await self._hot.run(job, round_trips)
-
     async def charge(self, request: ChargeRequest) -> ChargeResult:
         # One round trip: the decisions are made in SQL and a refusal writes nothing (mysql_trip.py).
-        return await self._on_loop(lambda conn: mysql_trip.charge(conn, request))
+        return await self._hot.run(lambda conn: mysql_trip.charge(conn, request))
 
     async def settle(self, settlement: Settlement) -> int | None:
         if mysql_batch.batchable(settlement):
@@ -279,7 +274,7 @@ class MysqlStore(SqlStore):
         if len(batch) == 1:
             await self._settle(batch[0])
             return [True]
-        return await self._on_loop(lambda conn: mysql_batch.settle_billed(conn, batch, self._last_used),
+        return await self._hot.run(lambda conn: mysql_batch.settle_billed(conn, batch, self._last_used),
                                    round_trips=2)
 
     async def _settle(self, s: Settlement) -> int | None:
@@ -287,7 +282,7 @@ class MysqlStore(SqlStore):
         case); otherwise (settled before, no `taken`, or a journal that disagrees) the Ledger's
         statements, which read what was really taken, in a transaction of their own."""
         if s.taken is not None:
-            settled, balance = await self._on_loop(lambda conn: mysql_trip.settle(conn, s, self._last_used))
+            settled, balance = await self._hot.run(lambda conn: mysql_trip.settle(conn, s, self._last_used))
             if settled:
                 return balance
         return await self._submit(lambda ledger: ledger.settle(s))

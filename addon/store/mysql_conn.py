@@ -22,6 +22,7 @@ GONE = {1053, 1077, 1152, 1927, 4031}  # server shutdown, aborted or killed conn
 DENIED = {1044, 1045}  # ER_DBACCESS_DENIED_ERROR, ER_ACCESS_DENIED_ERROR
 UNKNOWN_DB = 1049
 LOST = 2013  # CR_SERVER_LOST: what a statement past IO_TIMEOUT is reported as
+CANNOT_CONNECT = 2003  # CR_CONN_HOST_ERROR: what a connect that fails or times out is reported as
 
 
 def connect_args(s: MysqlSettings) -> dict[str, Any]:

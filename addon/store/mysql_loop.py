@@ -34,8 +34,8 @@ import pymysql
 from pymysql.constants import COMMAND
 
 from .base import StoreUnavailable
-from .mysql_conn import (ATTEMPTS, CONNECT_TIMEOUT, IO_TIMEOUT, LOST, RETRY_BUDGET, RETRYABLE, code, connect_args,
-                         gone, reason)
+from .mysql_conn import (ATTEMPTS, CANNOT_CONNECT, CONNECT_TIMEOUT, IO_TIMEOUT, LOST, RETRY_BUDGET, RETRYABLE, code,
+                         connect_args, gone, reason)
 
 if TYPE_CHECKING:
     from .mysql import MysqlStore
@@ -122,7 +122,7 @@ class LoopConnections:
                 conn = await self._connect()
         except (pymysql.Error, OSError, TimeoutError) as e:
             error = e if isinstance(e, pymysql.Error) else pymysql.err.OperationalError(
-                2003, f"cannot connect in {CONNECT_TIMEOUT:g} s" if isinstance(e, TimeoutError) else str(e))
+                CANNOT_CONNECT, f"cannot connect in {CONNECT_TIMEOUT:g} s" if isinstance(e, TimeoutError) else str(e))
             store.mark_down(error)
             raise StoreUnavailable(f"mysql at {store.where} unreachable: {reason(error)}") from e
         self.open.add(conn)
