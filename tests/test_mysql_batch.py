@@ -224,7 +224,7 @@ async def test_a_batch_locks_only_its_own_journal_rows(world: tuple[Backend, Met
 
 async def test_hostile_tool_names_and_user_agents_are_stored_as_sent(world: tuple[Backend, Meter]) -> None:  # noqa: F811
     """Client-chosen text (the tool name from the body, the User-Agent header) reaches the charge
-    procedure and the batch as escaped values: quotes, backslashes, format markers and 4-byte
+    procedure, the batch and the one-trip settlement as escaped values: quotes, backslashes, format markers and 4-byte
     characters are stored as sent, cut at the columns' lengths, and nothing else is touched."""
     db, meter = world
     who = add_consumer(db, 1, credit=100 * PRICE)
@@ -247,5 +247,13 @@ async def test_hostile_tool_names_and_user_agents_are_stored_as_sent(world: tupl
             (s.charge.tool_name[:191],)]
         assert db.rows("SELECT tool_name, user_agent FROM usage_events WHERE request_id = %s", (rid,)) == [
             (s.charge.tool_name[:191], agent[:255])]
+    # The same text through the one-trip settlement (a caller that needs the balance: never batched).
+    alone = call(who, 10, PRICE, tool=tools[0])
+    taken = await meter.store.charge(alone)
+    balance, trips, _ = await meter.measure(meter.store.settle(
+        dataclasses.replace(outcome(alone, who), taken=taken, user_agent=agent)))
+    assert (balance, trips) == (96 * PRICE, 1)
+    assert db.rows("SELECT tool_name, user_agent, billed_micro_cents FROM usage_events WHERE request_id = %s",
+                   (alone.request_id,)) == [(tools[0][:191], agent[:255], PRICE)]
     assert db.value("SELECT COUNT(*) FROM users") == users
     reconcile(db)
