@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cachetools import TTLCache
+
 from .billing import Decision
 from .decoding import TooLarge, decode_bounded
 from .errors import GatewayError
@@ -47,6 +49,9 @@ TERMINAL = {
 }
 MAX_STATE_CHARS = 64 * 1024  # a requestState longer than this is not remembered (the retry is charged)
 MAX_HELD = 10_000  # calls held at once (each keeps its flow); past it, a call settles as it is answered
+# A task's end can pass (on the session's GET stream, or before the CreateTaskResult in its own stream)
+# before the answer that names it is held: remembered this long for the hold to pick up.
+ENDED_EARLY_SECONDS = 60.0
 
 Scope = tuple[int, str, str]  # listing id, the key's principal, the session id ("" when none)
 
@@ -178,6 +183,10 @@ class Deferred:
     # Tasks refunded as task_expired, until when their result is refused (a refunded result is never delivered).
     expired: dict[tuple[Scope, str], float] = field(default_factory=dict)
     watched: Counter[Scope] = field(default_factory=Counter)  # held tasks per scope: whose answers are read
+    # Terminal statuses of tasks not held (yet) in this scope; bounded, so an upstream naming endless
+    # tasks costs nothing but the oldest entries.
+    ended: TTLCache[tuple[Scope, str], Decision] = field(
+        default_factory=lambda: TTLCache(MAX_HELD, ENDED_EARLY_SECONDS, timer=time.monotonic))
 
     def _watched(self, scope: Scope) -> bool:
         return self.watched[scope] > 0
@@ -291,6 +300,8 @@ class Deferred:
         held = self._pop_task((scope, task_id))
         if held is not None:
             self.settle(held.flow, held.call, decision)
+        else:  # perhaps its answer is still on the way to `hold` (or it is held elsewhere: harmless)
+            self.ended[(scope, task_id)] = decision
 
     # settlement ------------------------------------------------------------------------------
 
@@ -331,6 +342,12 @@ class Deferred:
             await self.store().hold(call.request_id, mark)
         except Exception:  # unmarked, it is refunded at stale_call_seconds if nothing settles it before
             log.exception("mcpmeter: could not mark %s as %s", call.request_id, mark)
+        facts = self.facts.get(call)
+        if mark == TASK_PENDING and facts is not None and facts.task_id is not None:
+            key = (facts.scope, facts.task_id)
+            ended = self.ended.pop(key, None)
+            if ended is not None and self.tasks.get(key) is not None and self.tasks[key].call is call:
+                self._end_task(*key, ended)  # it ended before it was held: settled as if it ended now
         return True
 
     def round_over(self, call: Any, decision: Decision) -> bool:

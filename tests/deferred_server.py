@@ -8,7 +8,8 @@ Tasks (tools/call with params.task answers a CreateTaskResult; the tool's name p
   crash    failed at once (tasks/result answers a JSON-RPC error)
   linger   working until tasks/cancel (then cancelled), or forever
   announce completes or fails (arguments.fate) and says so only in notifications/tasks/status,
-           on the session's GET stream
+           on the session's GET stream: sent before the CreateTaskResult answer (arguments.order
+           "before": the answer waits until the GET stream carried it) or after it ("after")
 Tasks are the receiver's, not the session's: any caller may poll any taskId (a careless server),
 so the gateway must not let one key's poll settle another key's task.
 
@@ -69,7 +70,7 @@ async def mcp(request: Request) -> Response:
         name, arguments = params.get("name"), params.get("arguments") or {}
         calls[name] += 1
         if isinstance(params.get("task"), dict):
-            answer = _create_task(rpc_id, name, arguments, session)
+            answer = await _create_task(rpc_id, name, arguments, session)
         elif name == "ask":
             answer = _round(rpc_id, params)
         else:
@@ -94,15 +95,23 @@ async def mcp(request: Request) -> Response:
     return _ok(rpc_id, {})
 
 
-def _create_task(rpc_id: Any, name: str, arguments: dict[str, Any], session: str) -> Response:
+async def _create_task(rpc_id: Any, name: str, arguments: dict[str, Any], session: str) -> Response:
     task_id = uuid.uuid4().hex
     fate = {"finish": "completed", "crash": "failed"}.get(name, "working")
     tasks[task_id] = {"status": fate, "tool": name}
+    answer = _task(task_id) | {"status": "working"}
     if name == "announce":
         tasks[task_id]["status"] = arguments.get("fate", "completed")
-        notices.setdefault(session, []).append(
-            {"jsonrpc": "2.0", "method": "notifications/tasks/status", "params": _task(task_id)})
-    answer = _task(task_id) | {"status": "working"}
+        notice = {"jsonrpc": "2.0", "method": "notifications/tasks/status", "params": _task(task_id)}
+        if arguments.get("order") == "before":
+            notices.setdefault(session, []).append(notice)
+            for _ in range(500):  # until the GET stream has carried it (5 s at most)
+                if notice not in notices.get(session, []):
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # and the gateway has read it
+        else:
+            asyncio.get_running_loop().call_later(0.3, lambda: notices.setdefault(session, []).append(notice))
     return _ok(rpc_id, {"task": answer})
 
 
@@ -143,8 +152,10 @@ def _streamed(answer: JSONResponse, rpc_id: Any) -> StreamingResponse:
 async def _notices(session: str):  # type: ignore[no-untyped-def]
     yield b": stream open\n\n"
     for _ in range(40):
-        for n in notices.pop(session, []):
+        while notices.get(session):
+            n = notices[session][0]
             yield f"event: message\ndata: {json.dumps(n)}\n\n".encode()
+            notices[session].pop(0)  # carried (a waiting answer goes on)
         await asyncio.sleep(0.05)
 
 

@@ -308,3 +308,76 @@ async def test_only_scopes_with_held_tasks_are_watched(registry: Any) -> None:
     assert d._watched((5, "key-1", "s1")) and not d._watched((5, "key-2", "s1"))
     poll(d, "tasks/get", {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "completed"}})
     assert not d._watched((5, "key-1", "s1")) and d.watched == {}
+
+
+# --- a task that ends before its answer is held -----------------------------------------------------
+
+FAILED = {"jsonrpc": "2.0", "method": "notifications/tasks/status", "params": {"taskId": "T", "status": "failed"}}
+
+
+def get_stream(d: deferred.Deferred, events: list[Any], principal: str = "key-1", session: str = "s1") -> None:
+    """The session's GET stream carries these messages (the stream is read as the gateway reads it)."""
+    call, flow = make_call(principal, priced=False), Flow(session)
+    flow.request.method = "GET"
+    flow.response = SimpleNamespace(headers={}, stream=lambda chunk: chunk)
+    d.watch_stream(flow, call)
+    for event in events:
+        assert flow.response.stream(b"event: message\ndata: " + body(event) + b"\n\n")
+
+
+async def test_a_task_that_ended_before_its_answer_was_held_settles_when_held(registry: Any) -> None:
+    d, settled, store = registry
+    call = task_call(d)  # its CreateTaskResult is read; the settlement (hold) has not run yet
+    get_stream(d, [FAILED])
+    assert settled == []
+    assert await d.hold(Flow(), call, Decision(False, "result"))
+    assert store.held == {call.request_id: "task_pending"}  # marked first: the settlement then finds it held
+    assert settled == [(call, Decision(True, "task_failed"))]
+    assert d.tasks == {} and d.watched == {} and len(d.ended) == 0
+    get_stream(d, [FAILED])  # said again: nothing is held, nothing settles twice
+    assert len(settled) == 1
+
+
+async def test_a_poll_answered_before_the_hold_counts_too(registry: Any) -> None:
+    d, settled, _ = registry
+    call = task_call(d)
+    poll(d, "tasks/get", {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "completed"}})
+    await d.hold(Flow(), call, Decision(False, "result"))
+    assert settled == [(call, Decision(False, "task_completed"))]
+
+
+async def test_a_status_ahead_of_the_create_task_result_in_its_own_stream(registry: Any) -> None:
+    d, settled, _ = registry
+    call, flow = make_call(), Flow()
+    request = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "task": {}}}
+    d.on_request(call, body(request), "tools/call", "s1")
+    flow.response = SimpleNamespace(headers={}, stream=lambda chunk: chunk)
+    d.watch_stream(flow, call)
+    created = {"jsonrpc": "2.0", "id": 1, "result": {"task": {"taskId": "T", "status": "working"}}}
+    flow.response.stream(b"data: " + body(FAILED) + b"\n\ndata: " + body(created) + b"\n\n")
+    await d.hold(flow, call, Decision(False, "result"))
+    assert settled == [(call, Decision(True, "task_failed"))]
+
+
+async def test_an_early_end_in_another_scope_settles_nothing(registry: Any) -> None:
+    d, settled, _ = registry
+    call = task_call(d)
+    get_stream(d, [FAILED], principal="key-2")
+    get_stream(d, [FAILED], session="s2")
+    assert await d.hold(Flow(), call, Decision(False, "result"))
+    assert settled == [] and ((5, "key-1", "s1"), "T") in d.tasks
+
+
+async def test_early_ends_are_bounded_and_forgotten(registry: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    d, settled, _ = registry
+    now = [1000.0]
+    monkeypatch.setattr(deferred.time, "monotonic", lambda: now[0])
+    d = deferred.Deferred(d.settle, d.config, d.store)  # its TTL cache on the patched clock
+    get_stream(d, [{**FAILED, "params": {"taskId": f"T{i}", "status": "failed"}} for i in range(3 * deferred.MAX_HELD)])
+    assert len(d.ended) == deferred.MAX_HELD  # an upstream naming endless tasks keeps only the newest
+    now[0] += deferred.ENDED_EARLY_SECONDS + 1
+    call = task_call(d)
+    get_stream(d, [{**FAILED, "params": {"taskId": "other", "status": "failed"}}])
+    assert len(d.ended) == 1  # the old ones expired
+    assert await d.hold(Flow(), call, Decision(False, "result"))
+    assert settled == []

@@ -153,8 +153,11 @@ async def test_a_cancelled_task_is_refunded(gateway: Gateway, backend: Backend, 
     assert backend.balance(c.user_id) == 10_000
 
 
+@pytest.mark.parametrize("order", ["before", "after"])
 async def test_a_status_notification_on_the_get_stream_settles(
-        gateway: Gateway, backend: Backend, listing: str) -> None:
+        gateway: Gateway, backend: Backend, listing: str, order: str) -> None:
+    """Whether the task's end passes on the GET stream after its CreateTaskResult is held, or
+    before (the answer still on its way to the gateway's response hook)."""
     c = backend.add_consumer(credit=10_000)
     s = await Session(gateway, listing, c).open()
     headers = {"Accept": "text/event-stream", "Mcp-Session-Id": s.session, **c.auth}
@@ -170,7 +173,7 @@ async def test_a_status_notification_on_the_get_stream_settles(
 
     listener = asyncio.create_task(listen())
     await asyncio.sleep(0.3)
-    await s.task("announce", fate="failed")
+    await s.task("announce", fate="failed", order=order)
     await asyncio.wait_for(listener, 10)
     assert "notifications/tasks/status" in seen[0]
     assert await eventually(settled(backend, c, 1)) == [("announce", 1, "task_failed", True)]
