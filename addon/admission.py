@@ -229,8 +229,12 @@ class Admission:
         except paths.InvalidPath as e:  # checked in admit already: only a listing URL can get here
             raise GatewayError("invalid_path", reason=str(e)) from None
         fields = [(k, v) for k, v in flow.request.headers.items(multi=True)]
-        flow.request.url = url  # scheme, host and port; the path exactly as checked, not as reparsed:
-        flow.request.path = forwarding.request_target(url)
+        to = forwarding.destination(url)  # the path exactly as checked, not as reparsed
+        data = flow.request.data
+        data.scheme, data.host, data.port = to.scheme, to.host, to.port
+        data.path = to.target.encode("utf-8", "surrogateescape")
+        if data.authority:  # an HTTP/2 client's :authority (what the `url` setter would update)
+            data.authority = to.authority
         # A new header block at once (clear() pops one field at a time), bytes as mitmproxy keeps them.
         flow.request.headers = http.Headers([
             (name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))

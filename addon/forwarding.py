@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import re
+from dataclasses import dataclass
 from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
+
+from mitmproxy.net.http import url as mitm_url
 
 from . import paths
 
@@ -33,17 +37,43 @@ def authority(url: str) -> str:
     return urlsplit(url).netloc
 
 
-def request_target(url: str) -> str:
-    """The path and query of an absolute URL, byte for byte as written in it ('/' when empty).
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where a request goes, as mitmproxy's request fields hold it."""
 
-    mitmproxy's `Request.url` setter reparses the URL and drops an empty `;` parameter part or an
-    empty `?` (`/a/.;` becomes `/a/.`): the gateway sets the path from this instead, so the upstream
-    gets exactly the path the confinement rule checked."""
+    scheme: bytes
+    host: str
+    port: int
+    authority: bytes  # host[:port], the port left out when it is the scheme's default
+    target: str  # the path and query, byte for byte as written in the URL ('/' when empty)
+
+
+def destination(url: str) -> Destination:
+    """An absolute URL's destination: scheme, host and port as mitmproxy's `Request.url` setter
+    parses them, and the request target exactly as written.
+
+    The setter reparses the path too and drops an empty `;` parameter part or an empty `?` (`/a/.;`
+    becomes `/a/.`): the gateway sets the path from this instead, so the upstream gets exactly the
+    path the confinement rule checked. The origin is parsed once per listing origin (mitmproxy's
+    parse, with its host checks, is most of what setting a URL costs)."""
     parts = urlsplit(url)
     origin = f"{parts.scheme}://{parts.netloc}"
     if not url.lower().startswith(origin.lower()):
         raise paths.InvalidPath("the URL is not absolute")
-    return url[len(origin):] or "/"
+    scheme, host, port, authority = _origin(origin)
+    return Destination(scheme, host, port, authority, url[len(origin):] or "/")
+
+
+@functools.lru_cache(maxsize=1024)  # keyed by the listings' upstream origins, the publishers', not client input
+def _origin(origin: str) -> tuple[bytes, str, int, bytes]:
+    scheme, host, port, _ = mitm_url.parse(origin)
+    name = host.decode("idna")  # as the Request.host setter stores it
+    authority = mitm_url.hostport(scheme.decode("utf-8", "surrogateescape"), name, port)
+    try:  # as the Request.authority setter stores it
+        encoded = authority.encode("idna", "strict")
+    except UnicodeError:
+        encoded = authority.encode("utf8", "surrogateescape")
+    return scheme, name, port, encoded
 
 
 def upstream_headers(

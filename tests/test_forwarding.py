@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from mitmproxy.test import tutils
 
-from addon.forwarding import authority, request_target, target_url, upstream_headers
+from addon.forwarding import authority, destination, target_url, upstream_headers
 
 HOST = "mcp.publisher.example:8443"
 
@@ -57,7 +60,7 @@ def test_authority(url: str, netloc: str) -> None:
     ("http://[::1]:8080/x?y", "/x?y"),
 ])
 def test_request_target_is_the_path_and_query_as_written(url: str, target: str) -> None:
-    assert request_target(url) == target
+    assert destination(url).target == target
 
 
 # --- what is stripped -------------------------------------------------------------------------
@@ -199,3 +202,32 @@ def test_publisher_cannot_set_framing_or_hop_by_hop_headers(name: str) -> None:
 def test_fields_may_be_any_iterable() -> None:
     got = upstream_headers(iter([("Authorization", "x"), ("X-A", "1")]), {}, HOST)
     assert got == [("X-A", "1"), ("Host", HOST), ("Accept-Encoding", "identity")]
+
+
+@given(scheme=st.sampled_from(["http", "https", "HTTP"]),
+       host=st.sampled_from(["u", "127.0.0.1", "[::1]", "Example.COM", "bücher.example", "a-b.c"]),
+       port=st.one_of(st.none(), st.integers(1, 65535)),
+       path=st.sampled_from(["", "/", "/mcp", "/mcp/a;b", "/x?y=1"]),
+       http2=st.booleans())
+def test_destination_sets_what_the_url_setter_sets(scheme: str, host: str, port: int | None, path: str,
+                                                    http2: bool) -> None:
+    """The gateway aims a request by its cached destination: the same scheme, host, port and
+    :authority as mitmproxy's `Request.url` setter, on HTTP/1 and HTTP/2 requests alike."""
+    url = f"{scheme}://{host}{'' if port is None else f':{port}'}{path}"
+    by_setter, by_destination = tutils.treq(), tutils.treq()
+    for request in (by_setter, by_destination):
+        request.data.authority = b"client.example" if http2 else b""
+    try:
+        by_setter.url = url
+    except ValueError:  # a host mitmproxy refuses (as a listing URL, it fails the same way either way)
+        with pytest.raises(ValueError):
+            destination(url)
+        return
+    to = destination(url)
+    data = by_destination.data
+    data.scheme, data.host, data.port = to.scheme, to.host, to.port
+    if data.authority:
+        data.authority = to.authority
+    assert (data.scheme, data.host, data.port, data.authority) == (
+        by_setter.data.scheme, by_setter.data.host, by_setter.data.port, by_setter.data.authority)
+    assert to.target == (path or "/")
