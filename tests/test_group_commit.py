@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -82,3 +83,23 @@ async def test_a_database_error_fails_every_job_of_its_batch(store: Any) -> None
                                     store.charge(charge()), return_exceptions=True)
     assert isinstance(outcomes[1], StoreUnavailable) and isinstance(outcomes[2], StoreUnavailable)
     assert await store.balance(1) == 20_000  # nothing of the failed batch was committed
+
+
+async def test_a_lone_job_whose_caller_is_cancelled_still_commits(store: Any) -> None:
+    """The fast path for a lone job: cancelling its caller does not cut the transaction (it runs on
+    the store's thread to its end, as a batched job does), and the next job runs after it."""
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_topup(ledger: Any) -> int:
+        loop.call_soon_threadsafe(started.set)
+        time.sleep(0.2)
+        return ledger.topup(1, 7, "committed though its caller left")
+
+    caller = asyncio.ensure_future(store._submit(slow_topup))
+    await started.wait()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert (await store.charge(charge())).verdict is Verdict.DEBITED
+    assert await store.balance(1) == 20_000 + 7 - 1000

@@ -49,6 +49,14 @@ class GroupCommit(Generic[L]):
         self._batches: set[asyncio.Future[None]] = set()
 
     async def submit(self, fn: Callable[[L], T], commit: Callable[[T], bool]) -> T:
+        if not self._queue and not self._slots.locked():
+            # Nothing waits and a slot is free: the job goes alone, at once, with no flusher or
+            # batch task (they cost more than the rest of an uncontended job's loop work).
+            await self._slots.acquire()  # free: taken without waiting
+            try:
+                return await self._run(fn, commit)
+            finally:
+                self._slots.release()
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.append(_Job(fn, commit, future))
         if self._flusher is None or self._flusher.done():
