@@ -388,6 +388,96 @@ async def test_keys_live_under_the_prefix_with_their_ttls(redis_settings: RedisS
         await cache.close()
 
 
+class _Clock:
+    """time.monotonic for the Redis cache's session owners, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _count_session_commands(cache: RedisCache) -> list[str]:
+    """The session:* GETs and SETs the cache sends from now on."""
+    sent: list[str] = []
+    real_get, real_set = cache._redis.get, cache._redis.set
+
+    async def get(key: str, *a: object, **k: object) -> object:
+        if ":session:" in key:
+            sent.append("GET")
+        return await real_get(key, *a, **k)
+
+    async def set_(key: str, *a: object, **k: object) -> object:
+        if ":session:" in key:
+            sent.append("SET")
+        return await real_set(key, *a, **k)
+
+    cache._redis.get, cache._redis.set = get, set_  # type: ignore[method-assign]
+    return sent
+
+
+async def test_a_sessions_calls_cost_no_round_trip_for_its_owner(
+        redis_settings: RedisSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every answer of a session re-binds it and every call checks its owner: a binding this
+    process wrote is trusted, and not written again, for SESSION_REWRITE_SECONDS."""
+    clock = _Clock()
+    monkeypatch.setattr(redis_module.time, "monotonic", clock)
+    cache = RedisCache(_config(redis_settings))
+    try:
+        sent = _count_session_commands(cache)
+        await cache.bind_session("s-1", "k9")
+        for _ in range(5):
+            assert await cache.session_owner("s-1") == "k9"
+            await cache.bind_session("s-1", "k9")
+        assert sent == ["SET"]
+        await cache.bind_session("s-1", "t3")  # another principal: written at once (the last write wins)
+        assert sent == ["SET", "SET"] and await cache.session_owner("s-1") == "t3"
+        clock.now += redis_module.SESSION_REWRITE_SECONDS + 0.1
+        await cache.bind_session("s-1", "t3")  # a minute on: written again, its day-long TTL renewed
+        assert sent == ["SET", "SET", "SET"]
+        with redisutil.client(redis_settings) as r:
+            assert r.get(f"{redis_settings.prefix}session:s-1") == "t3"
+    finally:
+        await cache.close()
+
+
+async def test_another_gateways_binding_is_seen_at_once_or_within_the_near_cache_time(
+        redis_settings: RedisSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(redis_module.time, "monotonic", clock)
+    one, two = RedisCache(_config(redis_settings)), RedisCache(_config(redis_settings))
+    try:
+        assert await two.session_owner("s-1") is None  # unbound: not near-cached
+        await one.bind_session("s-1", "k9")
+        assert await two.session_owner("s-1") == "k9"  # seen at once
+        sent = _count_session_commands(two)
+        await one.bind_session("s-1", "t3")  # re-bound on the first gateway (a careless upstream)
+        assert await two.session_owner("s-1") == "k9"  # the second read it less than 2 s ago
+        assert sent == []
+        clock.now += redis_module.NEAR_CACHE_SECONDS + 0.01
+        assert await two.session_owner("s-1") == "t3"
+        assert sent == ["GET"]
+        await two.bind_session("s-1", "t3")  # a read is not a write: the binding is written (TTL renewed)
+        assert sent == ["GET", "SET"]
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_a_binding_redis_did_not_take_is_not_trusted(tmp_path: Path) -> None:
+    with redisutil.RedisProcess(tmp_path) as server:
+        settings = server.settings()
+        cache = RedisCache(_config(settings))
+        try:
+            server.stop()
+            await cache.bind_session("s-1", "k9")  # Redis down: kept in memory only
+            assert await cache.session_owner("s-1") == "k9"
+            assert "s-1" not in cache._owners
+        finally:
+            await cache.close()
+
+
 async def test_foreign_or_damaged_entries_are_misses(redis_settings: RedisSettings) -> None:
     cache = RedisCache(_config(redis_settings))
     p = redis_settings.prefix

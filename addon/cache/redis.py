@@ -53,7 +53,11 @@ SOCKET_TIMEOUT = 0.5  # seconds for one reply (and to wait for a free connection
 POOL_SIZE = 16  # connections per gateway process
 OP_TIMEOUT = 0.75  # seconds for a whole operation, connection set-up included
 PROBE_INTERVAL = 1.0  # while degraded, at most one probe per this many seconds
-NEAR_CACHE_SECONDS = 2.0  # how long a key or listing read from Redis is reused in-process
+NEAR_CACHE_SECONDS = 2.0  # how long a key, listing or session owner read from Redis is reused in-process
+# A session binding this process wrote is trusted, and not written again, for this long (its Redis
+# TTL is a day): a session's calls then cost no Redis round trip for its owner, before forwarding
+# or after the answer, except one refresh a minute.
+SESSION_REWRITE_SECONDS = 60.0
 
 _T = TypeVar("_T")
 
@@ -124,6 +128,8 @@ class RedisCache(RedisBreakers, RedisIdempotency):
         self._near: TTLCache[str, Any] = TTLCache(
             100_000, min(NEAR_CACHE_SECONDS, config.key_cache_ttl_seconds, config.mcp_cache_ttl_seconds,
                          config.negative_cache_ttl_seconds) or 0.001)
+        # Session id -> (principal, until when trusted (monotonic), written by this process).
+        self._owners: TTLCache[str, tuple[str, float, bool]] = TTLCache(100_000, SESSION_REWRITE_SECONDS)
         self._degraded = False
         self._error: str | None = None
         self._epoch = 0  # bumped on every transition, so a failure from before one cannot undo it
@@ -221,11 +227,28 @@ class RedisCache(RedisBreakers, RedisIdempotency):
     async def bind_session(self, session_id: str, principal: str) -> None:
         # Also kept in memory, so that while Redis is down this process still knows its own sessions.
         await self._fallback.bind_session(session_id, principal)
-        await self._run(lambda: self._redis.set(f"{self._prefix}session:{session_id}", principal, ex=SESSION_TTL),
-                        _none)
+        now = time.monotonic()
+        known = self._owners.get(session_id)
+        if known is not None and known[0] == principal and known[2] and known[1] > now:
+            return  # written by this process within the last minute: the answer waits for nothing
+
+        async def write() -> bool:
+            await self._redis.set(f"{self._prefix}session:{session_id}", principal, ex=SESSION_TTL)
+            return True
+
+        if await self._run(write, _false):  # only a binding Redis took is trusted for a minute
+            self._owners[session_id] = (principal, now + SESSION_REWRITE_SECONDS, True)
+        else:
+            self._owners.pop(session_id, None)
 
     async def session_owner(self, session_id: str) -> str | None:
+        known = self._owners.get(session_id)
+        if known is not None and known[1] > time.monotonic():
+            return known[0]
         owner = await self._run(lambda: self._redis.get(f"{self._prefix}session:{session_id}"), _none)
+        if owner is not None and not self._degraded:
+            # Only owners are near-cached: an unbound session must be seen bound at once.
+            self._owners[session_id] = (owner, time.monotonic() + NEAR_CACHE_SECONDS, False)
         if owner is None:  # e.g. bound here while Redis was down
             owner = await self._fallback.session_owner(session_id)
         return owner
@@ -334,6 +357,10 @@ def _decode_listing(value: dict[str, Any]) -> Listing:
 def _describe(error: BaseException) -> str:
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+async def _false() -> bool:
+    return False
 
 
 async def _none() -> None:
