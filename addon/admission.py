@@ -229,12 +229,7 @@ class Admission:
         except paths.InvalidPath as e:  # checked in admit already: only a listing URL can get here
             raise GatewayError("invalid_path", reason=str(e)) from None
         fields = [(k, v) for k, v in flow.request.headers.items(multi=True)]
-        to = forwarding.destination(url)  # the path exactly as checked, not as reparsed
-        data = flow.request.data
-        data.scheme, data.host, data.port = to.scheme, to.host, to.port
-        data.path = to.target.encode("utf-8", "surrogateescape")
-        if data.authority:  # an HTTP/2 client's :authority (what the `url` setter would update)
-            data.authority = to.authority
+        aim(flow.request, url)
         # A new header block at once (clear() pops one field at a time), bytes as mitmproxy keeps them.
         flow.request.headers = http.Headers([
             (name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))
@@ -251,6 +246,17 @@ class Admission:
             gw.legacy.register(flow, call)
         flow.metadata[META]["decision"] = Label.FORWARDED
         call.forwarded = time.monotonic()
+
+
+def aim(request: http.Request, url: str) -> None:
+    """Send the request to `url`: scheme, host, port and an HTTP/2 client's :authority as the
+    `url` setter sets them, the path exactly as checked, not as reparsed (forwarding.destination)."""
+    to = forwarding.destination(url)
+    data = request.data
+    data.scheme, data.host, data.port = to.scheme, to.host, to.port
+    data.path = to.target.encode("ascii")
+    if data.authority:
+        data.authority = to.authority
 
 
 def _check_live(listing: Listing | None) -> None:

@@ -50,8 +50,10 @@ TERMINAL = {
 MAX_STATE_CHARS = 64 * 1024  # a requestState longer than this is not remembered (the retry is charged)
 MAX_HELD = 10_000  # calls held at once (each keeps its flow); past it, a call settles as it is answered
 # A task's end can pass (on the session's GET stream, or before the CreateTaskResult in its own stream)
-# before the answer that names it is held: remembered this long for the hold to pick up.
+# before the answer that names it is held: remembered this long for the hold to pick up, only while a
+# task-augmented call of the same scope is on its way, and only for ids of at most MAX_TASK_ID_CHARS.
 ENDED_EARLY_SECONDS = 60.0
+MAX_TASK_ID_CHARS = 256
 
 Scope = tuple[int, str, str]  # listing id, the key's principal, the session id ("" when none)
 
@@ -183,8 +185,12 @@ class Deferred:
     # Tasks refunded as task_expired, until when their result is refused (a refunded result is never delivered).
     expired: dict[tuple[Scope, str], float] = field(default_factory=dict)
     watched: Counter[Scope] = field(default_factory=Counter)  # held tasks per scope: whose answers are read
-    # Terminal statuses of tasks not held (yet) in this scope; bounded, so an upstream naming endless
-    # tasks costs nothing but the oldest entries.
+    # Task-augmented calls forwarded and not yet held, per scope: while there are some, a terminal
+    # status of a task not held here may be theirs, and is remembered in `ended`.
+    awaiting: dict[Scope, weakref.WeakSet[Facts]] = field(default_factory=dict)
+    # Those statuses (the upstream's, read from notifications and Task answers: a tasks/result error,
+    # which a client can provoke for an id of its choosing, is not one). Bounded in entries and in
+    # id length; an upstream flooding it evicts the oldest, which then wait for their own limit.
     ended: TTLCache[tuple[Scope, str], Decision] = field(
         default_factory=lambda: TTLCache(MAX_HELD, ENDED_EARLY_SECONDS, timer=time.monotonic))
 
@@ -216,6 +222,8 @@ class Deferred:
         facts = Facts(scope, priced.rpc_id if priced else _rpc_id(body), priced.tool_name if priced else "",
                       task=task and priced is not None, result_for=result_for)
         self.facts[call] = facts
+        if facts.task:
+            self.awaiting.setdefault(scope, weakref.WeakSet()).add(facts)  # gone with the call, or at hold
         if state is not None and priced is not None:
             key = state_key(scope, priced.tool_name, state)
             held = self.rounds.pop(key, None)  # taken now: two retries with one state cannot both continue
@@ -291,17 +299,24 @@ class Deferred:
                 if facts.result_for is not None and call.listing is not None:
                     decision = result_decision(message, facts.rpc_id, call.listing.bill_tool_errors)
                     if decision is not None:
-                        self._end_task(facts.scope, facts.result_for, decision)
+                        self._end_task(facts.scope, facts.result_for, decision, upstreams=False)
             said = task_status(message)
             if said is not None and said[1] in TERMINAL:
-                self._end_task(facts.scope, said[0], TERMINAL[said[1]])
+                self._end_task(facts.scope, said[0], TERMINAL[said[1]], upstreams=True)
 
-    def _end_task(self, scope: Scope, task_id: str, decision: Decision) -> None:
+    def _end_task(self, scope: Scope, task_id: str, decision: Decision, upstreams: bool) -> None:
+        """`upstreams`: the task id is the upstream's (a status), not taken from the client's request."""
         held = self._pop_task((scope, task_id))
         if held is not None:
             self.settle(held.flow, held.call, decision)
-        else:  # perhaps its answer is still on the way to `hold` (or it is held elsewhere: harmless)
-            self.ended[(scope, task_id)] = decision
+        elif upstreams and len(task_id) <= MAX_TASK_ID_CHARS and self._awaits(scope):
+            self.ended[(scope, task_id)] = decision  # perhaps the task of a call on its way to `hold`
+
+    def _awaits(self, scope: Scope) -> bool:
+        calls = self.awaiting.get(scope)
+        if calls is not None and not calls:
+            del self.awaiting[scope]
+        return bool(calls)
 
     # settlement ------------------------------------------------------------------------------
 
@@ -314,6 +329,8 @@ class Deferred:
     def holds(self, flow: Any, call: Any, decision: Decision) -> str | None:
         """At a charged call's settlement: the mark it is held under instead (None: settle it now)."""
         facts = self.facts.get(call)
+        if facts is not None and facts.task:
+            self.awaiting.get(facts.scope, set()).discard(facts)  # held or settled now: not on its way
         if facts is None or decision.refund or call.outcome is not Outcome.RESULT:
             return None
         if len(self.tasks) + len(self.rounds) >= MAX_HELD:
@@ -347,7 +364,7 @@ class Deferred:
             key = (facts.scope, facts.task_id)
             ended = self.ended.pop(key, None)
             if ended is not None and self.tasks.get(key) is not None and self.tasks[key].call is call:
-                self._end_task(*key, ended)  # it ended before it was held: settled as if it ended now
+                self._end_task(*key, ended, upstreams=True)  # it ended before it was held: as if it ended now
         return True
 
     def round_over(self, call: Any, decision: Decision) -> bool:
@@ -369,6 +386,8 @@ class Deferred:
     def expire(self) -> None:
         """Held calls past their limit: tasks refunded, rounds billed (see the module's rules)."""
         now = time.monotonic()
+        for scope in [scope for scope, calls in self.awaiting.items() if not calls]:
+            del self.awaiting[scope]  # their calls went away unheld (refused, failed, ...)
         tables: tuple[tuple[dict[Any, Held], Decision], ...] = (  # keyed by (scope, task) and by state_key
             (self.tasks, Decision(True, TASK_EXPIRED)), (self.rounds, Decision(False, INPUT_ABANDONED)))
         for table, decision in tables:

@@ -45,7 +45,7 @@ class Destination:
     host: str
     port: int
     authority: bytes  # host[:port], the port left out when it is the scheme's default
-    target: str  # the path and query, byte for byte as written in the URL ('/' when empty)
+    target: str  # the path and query, byte for byte as written in the URL ('/' when empty), ASCII
 
 
 def destination(url: str) -> Destination:
@@ -60,8 +60,11 @@ def destination(url: str) -> Destination:
     origin = f"{parts.scheme}://{parts.netloc}"
     if not url.lower().startswith(origin.lower()):
         raise paths.InvalidPath("the URL is not absolute")
+    target = url[len(origin):] or "/"
+    if not target.isascii():  # a listing URL's own path (the client's part is checked ASCII already)
+        raise paths.InvalidPath("the upstream URL's path is not ASCII")
     scheme, host, port, authority = _origin(origin)
-    return Destination(scheme, host, port, authority, url[len(origin):] or "/")
+    return Destination(scheme, host, port, authority, target)
 
 
 @functools.lru_cache(maxsize=1024)  # keyed by the listings' upstream origins, the publishers', not client input

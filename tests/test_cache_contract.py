@@ -417,25 +417,30 @@ def _count_session_commands(cache: RedisCache) -> list[str]:
     return sent
 
 
-async def test_a_sessions_calls_cost_no_round_trip_for_its_owner(
+async def test_a_sessions_calls_cost_fewer_round_trips_for_its_owner(
         redis_settings: RedisSettings, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every answer of a session re-binds it and every call checks its owner: a binding this
-    process wrote is trusted, and not written again, for SESSION_REWRITE_SECONDS."""
+    process wrote is not written again for SESSION_REWRITE_SECONDS, and an owner read or written is
+    trusted for NEAR_CACHE_SECONDS."""
     clock = _Clock()
     monkeypatch.setattr(redis_module.time, "monotonic", clock)
     cache = RedisCache(_config(redis_settings))
     try:
         sent = _count_session_commands(cache)
         await cache.bind_session("s-1", "k9")
-        for _ in range(5):
+        for _ in range(5):  # calls in quick succession
             assert await cache.session_owner("s-1") == "k9"
             await cache.bind_session("s-1", "k9")
         assert sent == ["SET"]
+        clock.now += redis_module.NEAR_CACHE_SECONDS + 0.01
+        assert await cache.session_owner("s-1") == "k9"  # read again before forwarding ...
+        await cache.bind_session("s-1", "k9")  # ... but the answer is not held up by a rewrite
+        assert sent == ["SET", "GET"]
         await cache.bind_session("s-1", "t3")  # another principal: written at once (the last write wins)
-        assert sent == ["SET", "SET"] and await cache.session_owner("s-1") == "t3"
+        assert sent == ["SET", "GET", "SET"] and await cache.session_owner("s-1") == "t3"
         clock.now += redis_module.SESSION_REWRITE_SECONDS + 0.1
         await cache.bind_session("s-1", "t3")  # a minute on: written again, its day-long TTL renewed
-        assert sent == ["SET", "SET", "SET"]
+        assert sent == ["SET", "GET", "SET", "SET"]
         with redisutil.client(redis_settings) as r:
             assert r.get(f"{redis_settings.prefix}session:s-1") == "t3"
     finally:
@@ -452,28 +457,49 @@ async def test_another_gateways_binding_is_seen_at_once_or_within_the_near_cache
         await one.bind_session("s-1", "k9")
         assert await two.session_owner("s-1") == "k9"  # seen at once
         sent = _count_session_commands(two)
-        await one.bind_session("s-1", "t3")  # re-bound on the first gateway (a careless upstream)
-        assert await two.session_owner("s-1") == "k9"  # the second read it less than 2 s ago
-        assert sent == []
+        await two.bind_session("s-1", "t3")  # re-bound on the second gateway (a careless upstream)
         clock.now += redis_module.NEAR_CACHE_SECONDS + 0.01
-        assert await two.session_owner("s-1") == "t3"
-        assert sent == ["GET"]
-        await two.bind_session("s-1", "t3")  # a read is not a write: the binding is written (TTL renewed)
-        assert sent == ["GET", "SET"]
+        assert await one.session_owner("s-1") == "t3"  # the writer of the old binding sees it too
+        await one.bind_session("s-1", "k9")  # and a binding it reads changed is written again
+        assert await two.session_owner("s-1") == "k9"  # its own write is 2 s old: read, the last write wins
+        assert sent == ["SET", "GET"]
     finally:
         await one.close()
         await two.close()
 
 
-async def test_a_binding_redis_did_not_take_is_not_trusted(tmp_path: Path) -> None:
+async def test_a_binding_lost_in_redis_is_written_again_at_the_next_answer(
+        redis_settings: RedisSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Redis restarted without persistence, a failover or an eviction loses bindings: once this
+    process reads one gone, it does not wait out the minute to write it again."""
+    clock = _Clock()
+    monkeypatch.setattr(redis_module.time, "monotonic", clock)
+    cache = RedisCache(_config(redis_settings))
+    try:
+        await cache.bind_session("s-1", "k9")
+        with redisutil.client(redis_settings) as r:
+            r.delete(f"{redis_settings.prefix}session:s-1")
+        clock.now += redis_module.NEAR_CACHE_SECONDS + 0.01
+        assert await cache.session_owner("s-1") == "k9"  # from this process's memory
+        await cache.bind_session("s-1", "k9")
+        with redisutil.client(redis_settings) as r:
+            assert r.get(f"{redis_settings.prefix}session:s-1") == "k9"
+    finally:
+        await cache.close()
+
+
+async def test_a_binding_redis_did_not_take_or_from_before_an_outage_is_not_trusted(tmp_path: Path) -> None:
     with redisutil.RedisProcess(tmp_path) as server:
         settings = server.settings()
         cache = RedisCache(_config(settings))
         try:
+            await cache.bind_session("s-0", "k9")
             server.stop()
             await cache.bind_session("s-1", "k9")  # Redis down: kept in memory only
             assert await cache.session_owner("s-1") == "k9"
             assert "s-1" not in cache._owners
+            # What this process knew from before the outage is not trusted across it.
+            assert cache._owners["s-0"].epoch != cache._epoch
         finally:
             await cache.close()
 

@@ -336,6 +336,7 @@ async def test_a_task_that_ended_before_its_answer_was_held_settles_when_held(re
     assert d.tasks == {} and d.watched == {} and len(d.ended) == 0
     get_stream(d, [FAILED])  # said again: nothing is held, nothing settles twice
     assert len(settled) == 1
+    assert len(d.ended) == 0  # and nothing is remembered: no task call of this scope is on its way
 
 
 async def test_a_poll_answered_before_the_hold_counts_too(registry: Any) -> None:
@@ -373,11 +374,37 @@ async def test_early_ends_are_bounded_and_forgotten(registry: Any, monkeypatch: 
     now = [1000.0]
     monkeypatch.setattr(deferred.time, "monotonic", lambda: now[0])
     d = deferred.Deferred(d.settle, d.config, d.store)  # its TTL cache on the patched clock
+    call = task_call(d)  # on its way: statuses of unknown tasks of its scope are remembered
     get_stream(d, [{**FAILED, "params": {"taskId": f"T{i}", "status": "failed"}} for i in range(3 * deferred.MAX_HELD)])
     assert len(d.ended) == deferred.MAX_HELD  # an upstream naming endless tasks keeps only the newest
+    get_stream(d, [{**FAILED, "params": {"taskId": "x" * (deferred.MAX_TASK_ID_CHARS + 1), "status": "failed"}}])
+    assert all(len(task_id) <= deferred.MAX_TASK_ID_CHARS for _, task_id in d.ended)  # a long id is not kept
     now[0] += deferred.ENDED_EARLY_SECONDS + 1
-    call = task_call(d)
     get_stream(d, [{**FAILED, "params": {"taskId": "other", "status": "failed"}}])
     assert len(d.ended) == 1  # the old ones expired
+    assert await d.hold(Flow(), call, Decision(False, "result"))
+    assert settled == []
+
+
+async def test_a_tasks_result_error_for_a_task_not_held_is_not_remembered(registry: Any) -> None:
+    """The client picks a tasks/result's taskId: an error answering it (no such task, yet) must not
+    settle the task that id will name, or a client could have its next task refunded in advance."""
+    d, settled, _ = registry
+    call = make_call()
+    request = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "task": {}}}
+    d.on_request(call, body(request), "tools/call", "s1")  # a task call on its way
+    poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "error": {"code": -32602, "message": "no task"}})
+    d.watch_body(call, response({"jsonrpc": "2.0", "id": 1, "result": {"task": {"taskId": "T", "status": "working"}}}))
+    assert await d.hold(Flow(), call, Decision(False, "result"))
+    assert settled == [] and len(d.ended) == 0
+
+
+async def test_a_status_with_no_task_call_on_its_way_is_not_remembered(registry: Any) -> None:
+    """A status of a task settled already (a poll after its end), or held by another gateway, could
+    otherwise settle a later task that reuses the id (counter ids, a restarted upstream)."""
+    d, settled, _ = registry
+    get_stream(d, [FAILED])
+    assert len(d.ended) == 0 and d.awaiting == {}
+    call = task_call(d)
     assert await d.hold(Flow(), call, Decision(False, "result"))
     assert settled == []

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy.test import tutils
 
+from addon.admission import aim
 from addon.forwarding import authority, destination, target_url, upstream_headers
 
 HOST = "mcp.publisher.example:8443"
@@ -207,7 +208,7 @@ def test_fields_may_be_any_iterable() -> None:
 @given(scheme=st.sampled_from(["http", "https", "HTTP"]),
        host=st.sampled_from(["u", "127.0.0.1", "[::1]", "Example.COM", "bücher.example", "a-b.c"]),
        port=st.one_of(st.none(), st.integers(1, 65535)),
-       path=st.sampled_from(["", "/", "/mcp", "/mcp/a;b", "/x?y=1"]),
+       path=st.sampled_from(["", "/", "/mcp", "/mcp/a;b", "/mcp/a/.;", "/x?y=1", "/x?"]),
        http2=st.booleans())
 def test_destination_sets_what_the_url_setter_sets(scheme: str, host: str, port: int | None, path: str,
                                                     http2: bool) -> None:
@@ -221,13 +222,17 @@ def test_destination_sets_what_the_url_setter_sets(scheme: str, host: str, port:
         by_setter.url = url
     except ValueError:  # a host mitmproxy refuses (as a listing URL, it fails the same way either way)
         with pytest.raises(ValueError):
-            destination(url)
+            aim(by_destination, url)
         return
-    to = destination(url)
+    aim(by_destination, url)
     data = by_destination.data
-    data.scheme, data.host, data.port = to.scheme, to.host, to.port
-    if data.authority:
-        data.authority = to.authority
     assert (data.scheme, data.host, data.port, data.authority) == (
         by_setter.data.scheme, by_setter.data.host, by_setter.data.port, by_setter.data.authority)
-    assert to.target == (path or "/")
+    assert data.path == (path or "/").encode()
+
+
+@pytest.mark.parametrize("url", ["http://u/mcp/caf\u00e9", "http://u/mcp?q=\u00e9"])
+def test_a_listing_url_with_a_non_ascii_path_is_not_aimed_at(url: str) -> None:
+    """As mitmproxy's url setter did: the call fails closed rather than send bytes nobody checked."""
+    with pytest.raises(ValueError):
+        aim(tutils.treq(), url)

@@ -101,5 +101,11 @@ async def test_a_lone_job_whose_caller_is_cancelled_still_commits(store: Any) ->
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
         await caller
+    assert store._group._slots.locked()  # its slot stays taken until its transaction ends
+    queued = asyncio.ensure_future(store.charge(charge()))  # waits for the slot, then goes
+    await asyncio.sleep(0.05)
+    assert not queued.done()
+    assert (await queued).verdict is Verdict.DEBITED
+    assert not store._group._slots.locked()
     assert (await store.charge(charge())).verdict is Verdict.DEBITED
-    assert await store.balance(1) == 20_000 + 7 - 1000
+    assert await store.balance(1) == 20_000 + 7 - 2000

@@ -29,7 +29,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -53,10 +53,9 @@ SOCKET_TIMEOUT = 0.5  # seconds for one reply (and to wait for a free connection
 POOL_SIZE = 16  # connections per gateway process
 OP_TIMEOUT = 0.75  # seconds for a whole operation, connection set-up included
 PROBE_INTERVAL = 1.0  # while degraded, at most one probe per this many seconds
-NEAR_CACHE_SECONDS = 2.0  # how long a key, listing or session owner read from Redis is reused in-process
-# A session binding this process wrote is trusted, and not written again, for this long (its Redis
-# TTL is a day): a session's calls then cost no Redis round trip for its owner, before forwarding
-# or after the answer, except one refresh a minute.
+NEAR_CACHE_SECONDS = 2.0  # how long a key, listing or session owner read or written is reused in-process
+# A session binding this process wrote is not written again for this long (its Redis TTL is a day):
+# a session's answers then wait for no Redis round trip, except one refresh a minute.
 SESSION_REWRITE_SECONDS = 60.0
 
 _T = TypeVar("_T")
@@ -128,8 +127,8 @@ class RedisCache(RedisBreakers, RedisIdempotency):
         self._near: TTLCache[str, Any] = TTLCache(
             100_000, min(NEAR_CACHE_SECONDS, config.key_cache_ttl_seconds, config.mcp_cache_ttl_seconds,
                          config.negative_cache_ttl_seconds) or 0.001)
-        # Session id -> (principal, until when trusted (monotonic), written by this process).
-        self._owners: TTLCache[str, tuple[str, float, bool]] = TTLCache(100_000, SESSION_REWRITE_SECONDS)
+        # Session id -> its owner as this process last read or wrote it (see _Owner).
+        self._owners: TTLCache[str, _Owner] = TTLCache(100_000, SESSION_REWRITE_SECONDS)
         self._degraded = False
         self._error: str | None = None
         self._epoch = 0  # bumped on every transition, so a failure from before one cannot undo it
@@ -229,26 +228,32 @@ class RedisCache(RedisBreakers, RedisIdempotency):
         await self._fallback.bind_session(session_id, principal)
         now = time.monotonic()
         known = self._owners.get(session_id)
-        if known is not None and known[0] == principal and known[2] and known[1] > now:
-            return  # written by this process within the last minute: the answer waits for nothing
+        if (known is not None and known.principal == principal and known.epoch == self._epoch
+                and known.written is not None and now - known.written < SESSION_REWRITE_SECONDS):
+            return  # this process wrote it within the minute, and Redis still had it since
 
         async def write() -> bool:
             await self._redis.set(f"{self._prefix}session:{session_id}", principal, ex=SESSION_TTL)
             return True
 
-        if await self._run(write, _false):  # only a binding Redis took is trusted for a minute
-            self._owners[session_id] = (principal, now + SESSION_REWRITE_SECONDS, True)
+        epoch = self._epoch
+        if await self._run(write, _false):  # only a binding Redis took counts as written
+            self._owners[session_id] = _Owner(principal, now, now, epoch)
         else:
             self._owners.pop(session_id, None)
 
     async def session_owner(self, session_id: str) -> str | None:
-        known = self._owners.get(session_id)
-        if known is not None and known[1] > time.monotonic():
-            return known[0]
+        now, known = time.monotonic(), self._owners.get(session_id)
+        if known is not None and known.epoch == self._epoch and now - known.seen < NEAR_CACHE_SECONDS:
+            return known.principal
+        epoch = self._epoch
         owner = await self._run(lambda: self._redis.get(f"{self._prefix}session:{session_id}"), _none)
-        if owner is not None and not self._degraded:
+        if owner is not None and epoch == self._epoch:
             # Only owners are near-cached: an unbound session must be seen bound at once.
-            self._owners[session_id] = (owner, time.monotonic() + NEAR_CACHE_SECONDS, False)
+            written = known.written if known is not None and known.principal == owner else None
+            self._owners[session_id] = _Owner(owner, now, written, epoch)
+        else:  # unbound in Redis (lost, expired, or never bound there): the next answer binds it again
+            self._owners.pop(session_id, None)
         if owner is None:  # e.g. bound here while Redis was down
             owner = await self._fallback.session_owner(session_id)
         return owner
@@ -357,6 +362,18 @@ def _decode_listing(value: dict[str, Any]) -> Listing:
 def _describe(error: BaseException) -> str:
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class _Owner:
+    """A session's owner as this process knows it. Trusted for NEAR_CACHE_SECONDS after `seen`
+    (read or written), not rewritten for SESSION_REWRITE_SECONDS after `written` (by this process),
+    and neither across a Redis outage (`epoch`, the cache's, bumped at each transition)."""
+
+    principal: str
+    seen: float  # monotonic
+    written: float | None
+    epoch: int
 
 
 async def _false() -> bool:
