@@ -47,6 +47,10 @@ TERMINAL = {
     "failed": Decision(True, "task_failed"),
     "cancelled": Decision(True, "task_cancelled"),
 }
+# JSON-RPC's own errors (parse error, invalid request, method not found, invalid params): answering a
+# tasks/result, they say the request was wrong, not that the task failed. A client can provoke them
+# at will, so they settle nothing (else a completed task could be refunded and its result then fetched).
+PROTOCOL_ERRORS = frozenset({-32700, -32600, -32601, -32602})
 MAX_STATE_CHARS = 64 * 1024  # a requestState longer than this is not remembered (the retry is charged)
 MAX_HELD = 10_000  # calls held at once (each keeps its flow); past it, a call settles as it is answered
 # A task's end can pass (on the session's GET stream, or before the CreateTaskResult in its own stream)
@@ -130,6 +134,9 @@ def result_decision(message: Any, rpc_id: JsonId, bill_tool_errors: bool) -> Dec
     if not isinstance(message, Mapping) or "method" in message or not _same_id(message.get("id"), rpc_id):
         return None
     if "error" in message:
+        error = message["error"]
+        if isinstance(error, Mapping) and error.get("code") in PROTOCOL_ERRORS:
+            return None  # about the tasks/result request itself (a bad or unknown taskId, ...), not the task
         return TERMINAL["failed"]
     result = message.get("result")
     if not isinstance(result, Mapping):

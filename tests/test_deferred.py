@@ -54,6 +54,20 @@ def test_tasks_result_decides_as_the_call_would_have() -> None:
     assert deferred.result_decision(tool_error, 1, False) == Decision(True, "tool_error")
     assert deferred.result_decision(tool_error, 1, True) == Decision(False, "tool_error")
     assert deferred.result_decision(ok, 2, False) is None
+    for code in (-32700, -32600, -32601, -32602):  # about the request, which the client wrote: settles nothing
+        assert deferred.result_decision({"jsonrpc": "2.0", "id": 1, "error": {"code": code}}, 1, False) is None
+    assert deferred.result_decision({"jsonrpc": "2.0", "id": 1, "error": {"code": -32603}}, 1, False) == \
+        Decision(True, "task_failed")
+
+
+async def test_a_client_provoked_protocol_error_does_not_refund_a_held_task(registry: Any) -> None:
+    d, settled, _ = registry
+    call = task_call(d)
+    await d.hold(Flow(), call, Decision(False, "result"))
+    poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "error": {"code": -32602, "message": "bad _meta"}})
+    assert settled == []
+    poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "result": {"content": []}})  # then its result: billed
+    assert settled == [(call, Decision(False, "task_completed"))]
 
 
 def test_input_required_reader() -> None:

@@ -143,6 +143,20 @@ async def test_a_failed_task_is_refunded_from_tasks_result(gateway: Gateway, bac
     assert [(u["tool_name"], u["billed"]) for u in backend.usage(c)] == [("crash", 0)]
 
 
+async def test_a_tasks_result_the_upstream_calls_invalid_settles_nothing(
+        gateway: Gateway, backend: Backend, listing: str) -> None:
+    """This upstream answers a tasks/result for a task still working with -32600 (invalid request):
+    that says nothing of the task, which a client could otherwise have refunded at will."""
+    c = backend.add_consumer(credit=10_000)
+    s = await Session(gateway, listing, c).open()
+    task_id = await s.task("linger")
+    r = await s.send("tasks/result", {"taskId": task_id})
+    assert r.json()["error"]["code"] == -32600
+    await asyncio.sleep(0.5)
+    assert journal(backend, c) == [("linger", 0, "task_pending", False)]  # still held, still claimed
+    assert backend.balance(c.user_id) == 9_000
+
+
 async def test_a_cancelled_task_is_refunded(gateway: Gateway, backend: Backend, listing: str) -> None:
     c = backend.add_consumer(credit=10_000)
     s = await Session(gateway, listing, c).open()
