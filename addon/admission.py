@@ -103,13 +103,14 @@ class Admission:
         if await self._idempotent(flow, call, listing):  # a replay counts against the rate limit, like any request
             return  # answered with the first attempt's stored outcome: not forwarded, not charged
 
+        to = self._destination(listing, subpath, query)  # before the charge: a refusal here costs nothing
         await gw.circuits.admit(listing, priced=call.priced is not None)
         if call.priced is not None and not continues:
             await self._charge(flow, call, consumer, listing, call.priced)
         # Unpriced traffic (initialize, lists, GET streams) never reaches the database: no balance read.
         if call.session is not None and flow.metadata[META].get("method") == resumption.CANCELLED_METHOD:
             gw.streams.cancel(call, req.raw_content or b"")  # and the notification goes on to the upstream
-        self._forward(flow, call, listing, subpath, query)
+        self._forward(flow, call, listing, to)
 
     # --- who and what (dryrun.py asks the same) --------------------------------------------
 
@@ -218,23 +219,28 @@ class Admission:
             raise GatewayError(result.verdict.value, **details)
         call.charged = result
 
-    def _forward(self, flow: http.HTTPFlow, call: Call, listing: Listing, subpath: str, query: str) -> None:
-        gw = self.gw
-        assert gw.config is not None and listing.upstream_url
+    @staticmethod
+    def _destination(listing: Listing, subpath: str, query: str) -> forwarding.Destination:
+        assert listing.upstream_url
         try:
             if listing.transport is Transport.SSE:
                 url = legacy_sse.target_url(listing.upstream_url, subpath, query)
             else:
                 url = forwarding.target_url(listing.upstream_url, subpath, query)
-        except paths.InvalidPath as e:  # checked in admit already: only a listing URL can get here
+            return forwarding.destination(url)
+        except paths.InvalidPath as e:  # the client's part is checked in admit already: a listing URL's
             raise GatewayError("invalid_path", reason=str(e)) from None
+
+    def _forward(self, flow: http.HTTPFlow, call: Call, listing: Listing, to: forwarding.Destination) -> None:
+        gw = self.gw
+        assert gw.config is not None
         fields = [(k, v) for k, v in flow.request.headers.items(multi=True)]
-        aim(flow.request, url)
+        aim(flow.request, to)
         # A new header block at once (clear() pops one field at a time), bytes as mitmproxy keeps them.
         flow.request.headers = http.Headers([
             (name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))
             for name, value in forwarding.upstream_headers(fields, listing.upstream_headers,
-                                                           forwarding.authority(url))])
+                                                           to.netloc)])
         # Values only on the wire: the publisher's headers, and credentials the consumer wrapped in X-Forward-*.
         compat.hide_upstream_headers(flow.request, [*listing.upstream_headers, *redaction.CREDENTIAL_HEADERS])
         gw.streams.start_deadline(flow, call, gw.streams.timeout(listing))
@@ -246,12 +252,12 @@ class Admission:
             gw.legacy.register(flow, call)
         flow.metadata[META]["decision"] = Label.FORWARDED
         call.forwarded = time.monotonic()
+        gw.deferred.forwarded(call)
 
 
-def aim(request: http.Request, url: str) -> None:
-    """Send the request to `url`: scheme, host, port and an HTTP/2 client's :authority as the
-    `url` setter sets them, the path exactly as checked, not as reparsed (forwarding.destination)."""
-    to = forwarding.destination(url)
+def aim(request: http.Request, to: forwarding.Destination) -> None:
+    """Send the request to `to`: scheme, host, port and an HTTP/2 client's :authority as the `url`
+    setter sets them, the path exactly as checked, not as reparsed (forwarding.destination)."""
     data = request.data
     data.scheme, data.host, data.port = to.scheme, to.host, to.port
     data.path = to.target.encode("ascii")

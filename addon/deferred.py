@@ -135,7 +135,8 @@ def result_decision(message: Any, rpc_id: JsonId, bill_tool_errors: bool) -> Dec
         return None
     if "error" in message:
         error = message["error"]
-        if isinstance(error, Mapping) and error.get("code") in PROTOCOL_ERRORS:
+        code = error.get("code") if isinstance(error, Mapping) else None
+        if isinstance(code, int) and not isinstance(code, bool) and code in PROTOCOL_ERRORS:
             return None  # about the tasks/result request itself (a bad or unknown taskId, ...), not the task
         return TERMINAL["failed"]
     result = message.get("result")
@@ -189,16 +190,20 @@ class Deferred:
     tasks: dict[tuple[Scope, str], Held] = field(default_factory=dict)
     rounds: dict[tuple[Scope, str, str], Held] = field(default_factory=dict)
     facts: weakref.WeakKeyDictionary[Any, Facts] = field(default_factory=weakref.WeakKeyDictionary)
-    # Tasks refunded as task_expired, until when their result is refused (a refunded result is never delivered).
-    expired: dict[tuple[Scope, str], float] = field(default_factory=dict)
+    # Tasks refunded as task_expired or by an error answering their tasks/result, until when their result
+    # is refused (a refunded result is never delivered), by listing, key and task id: in any session.
+    expired: dict[tuple[int, str, str], float] = field(default_factory=dict)
     watched: Counter[Scope] = field(default_factory=Counter)  # held tasks per scope: whose answers are read
-    # Task-augmented calls forwarded and not yet held, per scope: while there are some, a terminal
-    # status of a task not held here may be theirs, and is remembered in `ended`.
+    # Task-augmented calls charged, forwarded and not yet held, per scope: while there are some, a
+    # terminal status of a task not held here may be theirs, and is remembered in `ended`. Removed at
+    # settlement (every charged call reaches `holds`), or with the call; at most MAX_HELD scopes.
     awaiting: dict[Scope, weakref.WeakSet[Facts]] = field(default_factory=dict)
     # Those statuses (the upstream's, read from notifications and Task answers: a tasks/result error,
-    # which a client can provoke for an id of its choosing, is not one). Bounded in entries and in
-    # id length; an upstream flooding it evicts the oldest, which then wait for their own limit.
-    ended: TTLCache[tuple[Scope, str], Decision] = field(
+    # which a client can provoke for an id of its choosing, is not one), with when they passed: a
+    # hold takes one only if it passed after its own call was forwarded (a task cannot end before
+    # the request that creates it). Bounded in entries and in id length; an upstream flooding it
+    # evicts the oldest, which then wait for their own limit.
+    ended: TTLCache[tuple[Scope, str], tuple[Decision, float]] = field(
         default_factory=lambda: TTLCache(MAX_HELD, ENDED_EARLY_SECONDS, timer=time.monotonic))
 
     def _watched(self, scope: Scope) -> bool:
@@ -221,7 +226,7 @@ class Deferred:
         scope = (call.listing.id, call.consumer.principal, session or "")
         task, state, result_for = request_facts(body)
         priced = call.priced
-        if result_for is not None and self.expired.get((scope, result_for), 0.0) > time.monotonic():
+        if result_for is not None and self.expired.get(_undeliverable(scope, result_for), 0.0) > time.monotonic():
             raise GatewayError("task_expired", task_id=result_for)
         if not (task or state or result_for or method in ("tasks/get", "tasks/cancel")
                 or (priced is not None and priced.method == "tools/call") or self._watched(scope)):
@@ -229,8 +234,6 @@ class Deferred:
         facts = Facts(scope, priced.rpc_id if priced else _rpc_id(body), priced.tool_name if priced else "",
                       task=task and priced is not None, result_for=result_for)
         self.facts[call] = facts
-        if facts.task:
-            self.awaiting.setdefault(scope, weakref.WeakSet()).add(facts)  # gone with the call, or at hold
         if state is not None and priced is not None:
             key = state_key(scope, priced.tool_name, state)
             held = self.rounds.pop(key, None)  # taken now: two retries with one state cannot both continue
@@ -240,6 +243,20 @@ class Deferred:
             if held is not None:  # expired, not swept yet
                 self.rounds[key] = held
         return False
+
+    def forwarded(self, call: Any) -> None:
+        """The call was charged and goes to the upstream now: a task it asked for may end before its
+        answer is held."""
+        facts = self.facts.get(call)
+        if facts is not None and facts.task and (facts.scope in self.awaiting or len(self.awaiting) < MAX_HELD):
+            self.awaiting.setdefault(facts.scope, weakref.WeakSet()).add(facts)
+
+    def _arrived(self, facts: Facts) -> None:
+        calls = self.awaiting.get(facts.scope)
+        if calls is not None:
+            calls.discard(facts)
+            if not calls:
+                del self.awaiting[facts.scope]
 
     def release(self, call: Any) -> None:
         """The gateway refused the retry (rate limit, breaker, ...): it never ran, its state stays usable."""
@@ -316,8 +333,12 @@ class Deferred:
         held = self._pop_task((scope, task_id))
         if held is not None:
             self.settle(held.flow, held.call, decision)
+            if decision.refund and not upstreams:
+                # Refunded by an error answering its tasks/result, which the client may have provoked:
+                # its result, if the upstream has one, is not delivered afterwards.
+                self._forget_later(_undeliverable(scope, task_id), time.monotonic())
         elif upstreams and len(task_id) <= MAX_TASK_ID_CHARS and self._awaits(scope):
-            self.ended[(scope, task_id)] = decision  # perhaps the task of a call on its way to `hold`
+            self.ended[(scope, task_id)] = (decision, time.monotonic())  # perhaps a call's on its way to `hold`
 
     def _awaits(self, scope: Scope) -> bool:
         calls = self.awaiting.get(scope)
@@ -337,7 +358,7 @@ class Deferred:
         """At a charged call's settlement: the mark it is held under instead (None: settle it now)."""
         facts = self.facts.get(call)
         if facts is not None and facts.task:
-            self.awaiting.get(facts.scope, set()).discard(facts)  # held or settled now: not on its way
+            self._arrived(facts)  # held or settled now: not on its way
         if facts is None or decision.refund or call.outcome is not Outcome.RESULT:
             return None
         if len(self.tasks) + len(self.rounds) >= MAX_HELD:
@@ -370,8 +391,9 @@ class Deferred:
         if mark == TASK_PENDING and facts is not None and facts.task_id is not None:
             key = (facts.scope, facts.task_id)
             ended = self.ended.pop(key, None)
-            if ended is not None and self.tasks.get(key) is not None and self.tasks[key].call is call:
-                self._end_task(*key, ended, upstreams=True)  # it ended before it was held: as if it ended now
+            if (ended is not None and ended[1] >= (call.forwarded or float("inf"))
+                    and self.tasks.get(key) is not None and self.tasks[key].call is call):
+                self._end_task(*key, ended[0], upstreams=True)  # it ended before it was held: as if it ended now
         return True
 
     def round_over(self, call: Any, decision: Decision) -> bool:
@@ -406,9 +428,9 @@ class Deferred:
                         del table[key]
                     self.settle(held.flow, held.call, decision)
                     if held.mark == TASK_PENDING:
-                        self._forget_later(key, now)  # type: ignore[arg-type]
+                        self._forget_later(_undeliverable(*key), now)  # type: ignore[misc]
 
-    def _forget_later(self, key: tuple[Scope, str], now: float) -> None:
+    def _forget_later(self, key: tuple[int, str, str], now: float) -> None:
         for old, until in list(self.expired.items()):
             if until <= now:
                 del self.expired[old]
@@ -429,6 +451,12 @@ class Deferred:
             if done := await store.sweep(seconds + margin, config.platform_fee_bps, held=mark, refund=refund,
                                          reason=reason):
                 log.warning("mcpmeter: settled %d held call(s) past their limit (%s)", done, reason)
+
+
+def _undeliverable(scope: Scope, task_id: str) -> tuple[int, str, str]:
+    """A refused result's key: the listing, the key and the task, whatever the session (a careless
+    upstream answers any session's tasks/result)."""
+    return scope[0], scope[1], task_id
 
 
 def _worth_reading(data: str | bytes) -> bool:

@@ -33,10 +33,6 @@ def target_url(upstream_url: str, subpath: str, query: str) -> str:
     return paths.target_url(upstream_url, "streamable", subpath, query)
 
 
-def authority(url: str) -> str:
-    return urlsplit(url).netloc
-
-
 @dataclass(frozen=True, slots=True)
 class Destination:
     """Where a request goes, as mitmproxy's request fields hold it."""
@@ -46,6 +42,7 @@ class Destination:
     port: int
     authority: bytes  # host[:port], the port left out when it is the scheme's default
     target: str  # the path and query, byte for byte as written in the URL ('/' when empty), ASCII
+    netloc: str  # as written in the URL: the upstream's Host header
 
 
 def destination(url: str) -> Destination:
@@ -64,7 +61,7 @@ def destination(url: str) -> Destination:
     if not target.isascii():  # a listing URL's own path (the client's part is checked ASCII already)
         raise paths.InvalidPath("the upstream URL's path is not ASCII")
     scheme, host, port, authority = _origin(origin)
-    return Destination(scheme, host, port, authority, target)
+    return Destination(scheme, host, port, authority, target, parts.netloc)
 
 
 @functools.lru_cache(maxsize=1024)  # keyed by the listings' upstream origins, the publishers', not client input

@@ -101,7 +101,7 @@ def make_call(principal: str = "key-1", tool: str = "t", rpc_id: Any = 1, priced
     return Call(
         request_id=f"r-{id(object())}", consumer=SimpleNamespace(principal=principal),
         listing=SimpleNamespace(id=5, bill_tool_errors=False),
-        priced=PricedCall("tools/call", rpc_id, tool) if priced else None, outcome=Outcome.RESULT)
+        priced=PricedCall("tools/call", rpc_id, tool) if priced else None, outcome=Outcome.RESULT, forwarded=None)
 
 
 class Store:
@@ -136,8 +136,15 @@ def task_call(d: deferred.Deferred, principal: str = "key-1", session: str = "s1
     call = make_call(principal)
     request = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "task": {}}}
     assert d.on_request(call, body(request), "tools/call", session) is False  # a task is charged
+    forward(d, call)
     d.watch_body(call, response({"jsonrpc": "2.0", "id": 1, "result": {"task": {"taskId": "T", "status": "working"}}}))
     return call
+
+
+def forward(d: deferred.Deferred, call: Any) -> None:
+    """What the gateway does once the call is charged and goes to the upstream."""
+    call.forwarded = time.monotonic()
+    d.forwarded(call)
 
 
 def poll(d: deferred.Deferred, method: str, answer: Any, principal: str = "key-1", session: str = "s1",
@@ -366,6 +373,7 @@ async def test_a_status_ahead_of_the_create_task_result_in_its_own_stream(regist
     call, flow = make_call(), Flow()
     request = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "task": {}}}
     d.on_request(call, body(request), "tools/call", "s1")
+    forward(d, call)
     flow.response = SimpleNamespace(headers={}, stream=lambda chunk: chunk)
     d.watch_stream(flow, call)
     created = {"jsonrpc": "2.0", "id": 1, "result": {"task": {"taskId": "T", "status": "working"}}}
@@ -406,7 +414,8 @@ async def test_a_tasks_result_error_for_a_task_not_held_is_not_remembered(regist
     d, settled, _ = registry
     call = make_call()
     request = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "task": {}}}
-    d.on_request(call, body(request), "tools/call", "s1")  # a task call on its way
+    d.on_request(call, body(request), "tools/call", "s1")
+    forward(d, call)  # a task call on its way
     poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "error": {"code": -32602, "message": "no task"}})
     d.watch_body(call, response({"jsonrpc": "2.0", "id": 1, "result": {"task": {"taskId": "T", "status": "working"}}}))
     assert await d.hold(Flow(), call, Decision(False, "result"))
@@ -422,3 +431,39 @@ async def test_a_status_with_no_task_call_on_its_way_is_not_remembered(registry:
     call = task_call(d)
     assert await d.hold(Flow(), call, Decision(False, "result"))
     assert settled == []
+
+
+async def test_a_status_that_passed_before_the_call_was_forwarded_is_not_its_tasks(registry: Any) -> None:
+    """While one task call is on its way, a poll of a task settled earlier says "failed"; a task the
+    upstream later creates under the same id (counter ids, a restart) is not settled by it."""
+    d, settled, _ = registry
+    first = task_call(d)
+    poll(d, "tasks/get", {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "failed"}})
+    assert len(d.ended) == 1  # remembered: it might have been the first call's
+    time.sleep(0.001)
+    second = task_call(d)  # forwarded after that status passed
+    assert first.forwarded < second.forwarded
+    assert await d.hold(Flow(), second, Decision(False, "result"))
+    assert settled == []
+
+
+async def test_a_task_refunded_by_its_tasks_result_error_does_not_deliver_its_result(registry: Any) -> None:
+    """A client can provoke an error answering tasks/result (a busy or careless upstream): the task is
+    refunded, and its result then refused, in any session of the same key."""
+    d, settled, _ = registry
+    call = task_call(d)
+    await d.hold(Flow(), call, Decision(False, "result"))
+    poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "error": {"code": -32000, "message": "busy"}})
+    assert settled == [(call, Decision(True, "task_failed"))]
+    request = body({"jsonrpc": "2.0", "id": 3, "method": "tasks/result", "params": {"taskId": "T"}})
+    for session in ("s1", "s2"):
+        with pytest.raises(GatewayError) as refused:
+            d.on_request(make_call(priced=False), request, "tasks/result", session)
+        assert refused.value.spec.code == "task_expired"
+    d.on_request(make_call("key-2", priced=False), request, "tasks/result", "s1")  # another key: its own business
+
+
+def test_an_error_code_of_any_type_is_read_safely() -> None:
+    for code in ([1], {"a": 1}, None, True, "x", 1.5):
+        assert deferred.result_decision({"jsonrpc": "2.0", "id": 1, "error": {"code": code}}, 1, False) == \
+            Decision(True, "task_failed")

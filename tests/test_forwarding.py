@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from mitmproxy.test import tutils
 
 from addon.admission import aim
-from addon.forwarding import authority, destination, target_url, upstream_headers
+from addon.forwarding import destination, target_url, upstream_headers
 
 HOST = "mcp.publisher.example:8443"
 
@@ -47,8 +47,8 @@ def test_target_url(upstream: str, subpath: str, query: str, url: str) -> None:
     ("https://mcp.example.com/x", "mcp.example.com"),
     ("https://mcp.example.com:8443", "mcp.example.com:8443"),
 ])
-def test_authority(url: str, netloc: str) -> None:
-    assert authority(url) == netloc
+def test_the_host_header_is_the_netloc_as_written(url: str, netloc: str) -> None:
+    assert destination(url).netloc == netloc
 
 
 @pytest.mark.parametrize("url, target", [
@@ -222,9 +222,9 @@ def test_destination_sets_what_the_url_setter_sets(scheme: str, host: str, port:
         by_setter.url = url
     except ValueError:  # a host mitmproxy refuses (as a listing URL, it fails the same way either way)
         with pytest.raises(ValueError):
-            aim(by_destination, url)
+            aim(by_destination, destination(url))
         return
-    aim(by_destination, url)
+    aim(by_destination, destination(url))
     data = by_destination.data
     assert (data.scheme, data.host, data.port, data.authority) == (
         by_setter.data.scheme, by_setter.data.host, by_setter.data.port, by_setter.data.authority)
@@ -235,4 +235,4 @@ def test_destination_sets_what_the_url_setter_sets(scheme: str, host: str, port:
 def test_a_listing_url_with_a_non_ascii_path_is_not_aimed_at(url: str) -> None:
     """As mitmproxy's url setter did: the call fails closed rather than send bytes nobody checked."""
     with pytest.raises(ValueError):
-        aim(tutils.treq(), url)
+        destination(url)

@@ -1292,3 +1292,22 @@ async def test_a_flow_that_dies_before_request_leaves_no_credential_behind(gw: G
     assert flow in gateway._credentials
     await upstream_fails(gw, flow, "Client disconnected.")
     assert flow not in gateway._credentials
+
+
+async def test_a_listing_url_that_cannot_be_aimed_at_is_refused_before_any_charge(tmp_path: Path) -> None:
+    """A listing whose own URL path is not ASCII (mitmproxy would not send it either): 400
+    invalid_path, decided before the charge, so nothing is debited or left for the sweeper."""
+    seed = {**SEED, "listings": [{"slug": "odd-url", "upstream_url": f"{UPSTREAM}/caf\u00e9",
+                                  "price_micro_cents": PRICE}]}
+    addon = Mcpmeter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, mcpmeter_config=str(write_config(tmp_path, seed=seed)))
+        db = Db(tmp_path / "mcpmeter.db")
+        flow = make_flow("/odd-url")
+        addon.requestheaders(flow)
+        await addon.request(flow)
+        assert flow.response is not None and flow.response.status_code == 400
+        assert json.loads(flow.response.content)["error"]["data"]["error"] == "invalid_path"
+        assert not forwarded(flow)
+        assert db.balance() == OPENING and db.journal() == []
+        addon.done()

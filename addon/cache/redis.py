@@ -248,7 +248,9 @@ class RedisCache(RedisBreakers, RedisIdempotency):
             return known.principal
         epoch = self._epoch
         owner = await self._run(lambda: self._redis.get(f"{self._prefix}session:{session_id}"), _none)
-        if owner is not None and epoch == self._epoch:
+        if self._owners.get(session_id) is not known:
+            pass  # a bind (or another read) during the GET knows better than this read
+        elif owner is not None and epoch == self._epoch:
             # Only owners are near-cached: an unbound session must be seen bound at once.
             written = known.written if known is not None and known.principal == owner else None
             self._owners[session_id] = _Owner(owner, now, written, epoch)

@@ -46,7 +46,7 @@ class GroupCommit(Generic[L]):
         self._max_batch = max(max_batch, 1)
         self._queue: deque[_Job[L]] = deque()
         self._flusher: asyncio.Future[None] | None = None
-        self._batches: set[asyncio.Future[None]] = set()
+        self._batches: set[asyncio.Future[Any]] = set()
 
     async def submit(self, fn: Callable[[L], T], commit: Callable[[T], bool]) -> T:
         if not self._queue and not self._slots.locked():
@@ -61,6 +61,8 @@ class GroupCommit(Generic[L]):
                 self._slots.release()
                 raise
             alone.add_done_callback(lambda _: self._slots.release())
+            self._batches.add(alone)  # held like a batch until it ends
+            alone.add_done_callback(self._batches.discard)
             return await asyncio.shield(alone)
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.append(_Job(fn, commit, future))
