@@ -76,8 +76,8 @@ def _same_id(a: Any, b: Any) -> bool:
 
 def request_facts(body: bytes) -> tuple[bool, str | None, str | None]:
     """(a task is asked for, the requestState carried, the taskId of a tasks/result) of a request body."""
-    if b'"task' not in body and b'"requestState"' not in body:
-        return False, None, None  # the common case: not parsed a second time
+    if b'"task' not in body and b'"requestState"' not in body and b"\\u" not in body:
+        return False, None, None  # the common case: not parsed a second time (an escape can spell any key)
     try:
         message = json.loads(body)
     except (ValueError, RecursionError):
@@ -191,8 +191,12 @@ class Deferred:
     rounds: dict[tuple[Scope, str, str], Held] = field(default_factory=dict)
     facts: weakref.WeakKeyDictionary[Any, Facts] = field(default_factory=weakref.WeakKeyDictionary)
     # Tasks refunded as task_expired or by an error answering their tasks/result, until when their result
-    # is refused (a refunded result is never delivered), by listing, key and task id: in any session.
-    expired: dict[tuple[int, str, str], float] = field(default_factory=dict)
+    # is refused (a refunded result is never delivered), by listing and task id: to any session or key,
+    # since a careless upstream answers anyone (task ids are the upstream's, unique per server).
+    expired: dict[tuple[int, str], float] = field(default_factory=dict)
+    # Held tasks by listing and task id: a tasks/result from another session of the same key settles
+    # the task like one from its own; another key's is refused (it would fetch a result it did not pay).
+    by_task: dict[tuple[int, str], tuple[Scope, str]] = field(default_factory=dict)
     watched: Counter[Scope] = field(default_factory=Counter)  # held tasks per scope: whose answers are read
     # Task-augmented calls charged, forwarded and not yet held, per scope: while there are some, a
     # terminal status of a task not held here may be theirs, and is remembered in `ended`. Removed at
@@ -211,6 +215,8 @@ class Deferred:
 
     def _pop_task(self, key: tuple[Scope, str]) -> Held | None:
         held = self.tasks.pop(key, None)
+        if self.by_task.get((key[0][0], key[1])) == key:
+            del self.by_task[(key[0][0], key[1])]
         if held is not None:
             self.watched[key[0]] -= 1
             if self.watched[key[0]] <= 0:
@@ -228,6 +234,10 @@ class Deferred:
         priced = call.priced
         if result_for is not None and self.expired.get(_undeliverable(scope, result_for), 0.0) > time.monotonic():
             raise GatewayError("task_expired", task_id=result_for)
+        if result_for is not None and (holder := self.by_task.get((scope[0], result_for))) is not None:
+            if holder[0][1] != scope[1]:
+                raise GatewayError("task_forbidden", task_id=result_for)
+            scope = holder[0]  # the same key in another session: its answer settles the task all the same
         if not (task or state or result_for or method in ("tasks/get", "tasks/cancel")
                 or (priced is not None and priced.method == "tools/call") or self._watched(scope)):
             return False
@@ -248,6 +258,8 @@ class Deferred:
         """The call was charged and goes to the upstream now: a task it asked for may end before its
         answer is held."""
         facts = self.facts.get(call)
+        if call.charged is None:  # a continuation, uncharged: settled with its first round, never held
+            return
         if facts is not None and facts.task and (facts.scope in self.awaiting or len(self.awaiting) < MAX_HELD):
             self.awaiting.setdefault(facts.scope, weakref.WeakSet()).add(facts)
 
@@ -333,7 +345,7 @@ class Deferred:
         held = self._pop_task((scope, task_id))
         if held is not None:
             self.settle(held.flow, held.call, decision)
-            if decision.refund and not upstreams:
+            if decision == TERMINAL["failed"] and not upstreams:
                 # Refunded by an error answering its tasks/result, which the client may have provoked:
                 # its result, if the upstream has one, is not delivered afterwards.
                 self._forget_later(_undeliverable(scope, task_id), time.monotonic())
@@ -369,6 +381,7 @@ class Deferred:
             if (facts.scope, facts.task_id) not in self.tasks:
                 self.watched[facts.scope] += 1
             self.tasks[(facts.scope, facts.task_id)] = Held(flow, call, now + config.task_settle_seconds, TASK_PENDING)
+            self.by_task[(facts.scope[0], facts.task_id)] = (facts.scope, facts.task_id)
             return TASK_PENDING
         if facts.input_required and facts.state is not None:
             key = state_key(facts.scope, facts.tool, facts.state)
@@ -430,7 +443,7 @@ class Deferred:
                     if held.mark == TASK_PENDING:
                         self._forget_later(_undeliverable(*key), now)  # type: ignore[misc]
 
-    def _forget_later(self, key: tuple[int, str, str], now: float) -> None:
+    def _forget_later(self, key: tuple[int, str], now: float) -> None:
         for old, until in list(self.expired.items()):
             if until <= now:
                 del self.expired[old]
@@ -453,10 +466,10 @@ class Deferred:
                 log.warning("mcpmeter: settled %d held call(s) past their limit (%s)", done, reason)
 
 
-def _undeliverable(scope: Scope, task_id: str) -> tuple[int, str, str]:
-    """A refused result's key: the listing, the key and the task, whatever the session (a careless
-    upstream answers any session's tasks/result)."""
-    return scope[0], scope[1], task_id
+def _undeliverable(scope: Scope, task_id: str) -> tuple[int, str]:
+    """A refused result's key: the listing and the task, whoever asks (a careless upstream answers
+    any session's and any key's tasks/result)."""
+    return scope[0], task_id
 
 
 def _worth_reading(data: str | bytes) -> bool:

@@ -50,7 +50,8 @@ def inspect_request(
     """Classify a POST body. Raises GatewayError for bodies the meter must refuse.
 
     A batch that holds a billable method is refused: pricing several calls under one
-    request id would let one refund or one debit stand for many calls.
+    request id would let one refund or one debit stand for many calls. So is one that holds a
+    `tasks/*` request: a held task is settled from the answers to those, read one message at a time.
     """
     message = parse_strict(body)
     if isinstance(message, list):
@@ -58,7 +59,8 @@ def inspect_request(
             raise GatewayError("invalid_request", reason="empty or malformed batch")
         for m in message:
             _check_id(m)
-        if any(isinstance(m.get("method"), str) and m["method"] in billable for m in message):
+        if any(isinstance(m.get("method"), str) and (m["method"] in billable or m["method"].startswith("tasks/"))
+               for m in message):
             raise GatewayError("batch_not_supported")
         if mcp_method is not None or mcp_name is not None:
             raise GatewayError("header_mismatch")

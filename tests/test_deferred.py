@@ -29,6 +29,11 @@ def test_request_facts() -> None:
     call["params"] = {"name": "t", "task": "yes", "requestState": 5}
     assert deferred.request_facts(json.dumps(call).encode()) == (False, None, None)
     assert deferred.request_facts(b'{"task": ') == (False, None, None)
+    # Keys and methods spelled with escapes are the same JSON: read, not skipped by the quick check.
+    escaped = b'{"jsonrpc":"2.0","id":2,"method":"\\u0074asks/result","params":{"\\u0074askId":"T1"}}'
+    assert deferred.request_facts(escaped) == (False, None, "T1")
+    escaped = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","\\u0074ask":{}}}'
+    assert deferred.request_facts(escaped) == (True, None, None)
 
 
 def test_created_task_and_status_readers() -> None:
@@ -101,7 +106,8 @@ def make_call(principal: str = "key-1", tool: str = "t", rpc_id: Any = 1, priced
     return Call(
         request_id=f"r-{id(object())}", consumer=SimpleNamespace(principal=principal),
         listing=SimpleNamespace(id=5, bill_tool_errors=False),
-        priced=PricedCall("tools/call", rpc_id, tool) if priced else None, outcome=Outcome.RESULT, forwarded=None)
+        priced=PricedCall("tools/call", rpc_id, tool) if priced else None, outcome=Outcome.RESULT, forwarded=None,
+        charged=None)
 
 
 class Store:
@@ -143,7 +149,7 @@ def task_call(d: deferred.Deferred, principal: str = "key-1", session: str = "s1
 
 def forward(d: deferred.Deferred, call: Any) -> None:
     """What the gateway does once the call is charged and goes to the upstream."""
-    call.forwarded = time.monotonic()
+    call.forwarded, call.charged = time.monotonic(), object()
     d.forwarded(call)
 
 
@@ -316,7 +322,9 @@ async def test_an_expired_task_result_is_refused(registry: Any) -> None:
     with pytest.raises(GatewayError) as e:
         poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "result": {"content": []}})
     assert e.value.spec.code == "task_expired"
-    poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "result": {"content": []}}, principal="key-2")  # not theirs
+    with pytest.raises(GatewayError) as e:  # nor to another key (a careless upstream answers anyone)
+        poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "result": {"content": []}}, principal="key-2")
+    assert e.value.spec.code == "task_expired"
     poll(d, "tasks/get", {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "completed"}})  # status only
     assert len(settled) == 1
 
@@ -456,14 +464,29 @@ async def test_a_task_refunded_by_its_tasks_result_error_does_not_deliver_its_re
     poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "error": {"code": -32000, "message": "busy"}})
     assert settled == [(call, Decision(True, "task_failed"))]
     request = body({"jsonrpc": "2.0", "id": 3, "method": "tasks/result", "params": {"taskId": "T"}})
-    for session in ("s1", "s2"):
+    for principal, session in (("key-1", "s1"), ("key-1", "s2"), ("key-2", "s1")):
         with pytest.raises(GatewayError) as refused:
-            d.on_request(make_call(priced=False), request, "tasks/result", session)
+            d.on_request(make_call(principal, priced=False), request, "tasks/result", session)
         assert refused.value.spec.code == "task_expired"
-    d.on_request(make_call("key-2", priced=False), request, "tasks/result", "s1")  # another key: its own business
 
 
 def test_an_error_code_of_any_type_is_read_safely() -> None:
     for code in ([1], {"a": 1}, None, True, "x", 1.5):
         assert deferred.result_decision({"jsonrpc": "2.0", "id": 1, "error": {"code": code}}, 1, False) == \
             Decision(True, "task_failed")
+
+
+async def test_a_held_tasks_result_is_refused_to_another_key_and_settles_from_another_session(registry: Any) -> None:
+    """The result of a held task is what its key paid for: another key asking for it (an upstream
+    that answers anyone would deliver it) is refused; the same key in another session is its owner,
+    and the answer settles the task as one in its own session would."""
+    d, settled, _ = registry
+    call = task_call(d)
+    await d.hold(Flow(), call, Decision(False, "result"))
+    with pytest.raises(GatewayError) as refused:
+        poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "result": {"content": []}}, principal="key-2")
+    assert refused.value.spec.code == "task_forbidden" and refused.value.spec.status == 403
+    assert settled == []
+    poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "result": {"content": []}}, session="s2")
+    assert settled == [(call, Decision(False, "task_completed"))]
+    assert d.by_task == {} and d.tasks == {}

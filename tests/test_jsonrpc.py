@@ -207,6 +207,15 @@ def test_batch_with_a_billable_element_is_refused(batch: list[Any], billable: An
     assert refused(body(batch), billable) == "batch_not_supported"
 
 
+@pytest.mark.parametrize("method", ["tasks/result", "tasks/get", "tasks/cancel", "tasks/list"])
+def test_batch_with_a_tasks_request_is_refused(method: str) -> None:
+    """A held task settles from the answers to these, read one message at a time: a batched
+    tasks/result would deliver a result past the meter."""
+    batch = [{"jsonrpc": "2.0", "id": 2, "method": method, "params": {"taskId": "T"}}]
+    assert refused(body(batch)) == "batch_not_supported"
+    assert refused(b'[{"jsonrpc":"2.0","id":2,"method":"\\u0074asks/result"}]') == "batch_not_supported"
+
+
 @pytest.mark.parametrize("billable", [BILLABLE, frozenset(BILLABLE)])
 @pytest.mark.parametrize("batch", [
     [{"jsonrpc": "2.0", "method": "notifications/initialized"}],
