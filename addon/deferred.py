@@ -194,9 +194,11 @@ class Deferred:
     # is refused (a refunded result is never delivered), by listing and task id: to any session or key,
     # since a careless upstream answers anyone (task ids are the upstream's, unique per server).
     expired: dict[tuple[int, str], float] = field(default_factory=dict)
-    # Held tasks by listing and task id: a tasks/result from another session of the same key settles
-    # the task like one from its own; another key's is refused (it would fetch a result it did not pay).
-    by_task: dict[tuple[int, str], tuple[Scope, str]] = field(default_factory=dict)
+    # Held tasks by listing and task id: who holds them (scope -> user id; several if a careless
+    # upstream reuses ids). A tasks/result from another session or key (a refreshed OAuth token) of
+    # the holding user settles the task like one from its own; another user's is refused (it would
+    # fetch a result it did not pay for).
+    by_task: dict[tuple[int, str], dict[Scope, int]] = field(default_factory=dict)
     watched: Counter[Scope] = field(default_factory=Counter)  # held tasks per scope: whose answers are read
     # Task-augmented calls charged, forwarded and not yet held, per scope: while there are some, a
     # terminal status of a task not held here may be theirs, and is remembered in `ended`. Removed at
@@ -215,8 +217,11 @@ class Deferred:
 
     def _pop_task(self, key: tuple[Scope, str]) -> Held | None:
         held = self.tasks.pop(key, None)
-        if self.by_task.get((key[0][0], key[1])) == key:
-            del self.by_task[(key[0][0], key[1])]
+        holders = self.by_task.get((key[0][0], key[1]))
+        if holders is not None:
+            holders.pop(key[0], None)
+            if not holders:
+                del self.by_task[(key[0][0], key[1])]
         if held is not None:
             self.watched[key[0]] -= 1
             if self.watched[key[0]] <= 0:
@@ -232,12 +237,16 @@ class Deferred:
         scope = (call.listing.id, call.consumer.principal, session or "")
         task, state, result_for = request_facts(body)
         priced = call.priced
-        if result_for is not None and self.expired.get(_undeliverable(scope, result_for), 0.0) > time.monotonic():
-            raise GatewayError("task_expired", task_id=result_for)
-        if result_for is not None and (holder := self.by_task.get((scope[0], result_for))) is not None:
-            if holder[0][1] != scope[1]:
+        if result_for is not None and (scope, result_for) not in self.tasks and (
+                holders := self.by_task.get((scope[0], result_for))):
+            mine = [holder for holder, user in holders.items() if user == call.consumer.user_id]
+            if not mine:
                 raise GatewayError("task_forbidden", task_id=result_for)
-            scope = holder[0]  # the same key in another session: its answer settles the task all the same
+            if len(mine) == 1:
+                scope = mine[0]  # the same user in another session or with another key: settles it too
+        if (result_for is not None and (scope, result_for) not in self.tasks
+                and self.expired.get(_undeliverable(scope, result_for), 0.0) > time.monotonic()):
+            raise GatewayError("task_expired", task_id=result_for)  # (a task it holds under that id is its own)
         if not (task or state or result_for or method in ("tasks/get", "tasks/cancel")
                 or (priced is not None and priced.method == "tools/call") or self._watched(scope)):
             return False
@@ -381,7 +390,8 @@ class Deferred:
             if (facts.scope, facts.task_id) not in self.tasks:
                 self.watched[facts.scope] += 1
             self.tasks[(facts.scope, facts.task_id)] = Held(flow, call, now + config.task_settle_seconds, TASK_PENDING)
-            self.by_task[(facts.scope[0], facts.task_id)] = (facts.scope, facts.task_id)
+            self.by_task.setdefault((facts.scope[0], facts.task_id), {})[facts.scope] = call.consumer.user_id
+            self.expired.pop(_undeliverable(facts.scope, facts.task_id), None)  # the id names a new, paid task
             return TASK_PENDING
         if facts.input_required and facts.state is not None:
             key = state_key(facts.scope, facts.tool, facts.state)

@@ -30,7 +30,7 @@ _TABLE = [
     ErrorSpec(403, "account_suspended", "The account that owns this key is suspended."),
     ErrorSpec(403, "origin_forbidden", "Requests from this browser origin are not accepted; see allowed_origins."),
     ErrorSpec(403, "session_forbidden", "This MCP session belongs to another key."),
-    ErrorSpec(403, "task_forbidden", "This task was created, and is paid for, by another key."),
+    ErrorSpec(403, "task_forbidden", "This task was created, and is paid for, by another user."),
     ErrorSpec(404, "no_such_mcp", "No MCP server is listed under this slug."),
     ErrorSpec(404, "not_found", "Nothing is served here; call /<slug>."),
     ErrorSpec(405, "method_not_allowed", "This HTTP method is not allowed here; the Allow header lists those that are."),

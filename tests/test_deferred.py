@@ -104,7 +104,8 @@ class Call(SimpleNamespace):
 
 def make_call(principal: str = "key-1", tool: str = "t", rpc_id: Any = 1, priced: bool = True) -> Any:
     return Call(
-        request_id=f"r-{id(object())}", consumer=SimpleNamespace(principal=principal),
+        request_id=f"r-{id(object())}",
+        consumer=SimpleNamespace(principal=principal, user_id={"key-1": 1, "token-1": 1}.get(principal, 2)),
         listing=SimpleNamespace(id=5, bill_tool_errors=False),
         priced=PricedCall("tools/call", rpc_id, tool) if priced else None, outcome=Outcome.RESULT, forwarded=None,
         charged=None)
@@ -490,3 +491,26 @@ async def test_a_held_tasks_result_is_refused_to_another_key_and_settles_from_an
     poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "result": {"content": []}}, session="s2")
     assert settled == [(call, Decision(False, "task_completed"))]
     assert d.by_task == {} and d.tasks == {}
+
+
+async def test_the_same_user_with_another_key_fetches_its_result_and_colliding_ids_block_nobody(
+        registry: Any) -> None:
+    """An OAuth token refreshed while its task runs is another principal of the same user: its
+    tasks/result settles the task. Two keys whose careless upstream gave their tasks one id each
+    fetch their own result."""
+    d, settled, _ = registry
+    mine = task_call(d)
+    await d.hold(Flow(), mine, Decision(False, "result"))
+    poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "result": {"content": []}}, principal="token-1")
+    assert settled == [(mine, Decision(False, "task_completed"))]
+    first, second = task_call(d), task_call(d, principal="key-2")  # both named "T" by the upstream
+    await d.hold(Flow(), first, Decision(False, "result"))
+    await d.hold(Flow(), second, Decision(False, "result"))
+    poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "error": {"code": -32603, "message": "x"}}, principal="key-2")
+    assert settled[1:] == [(second, Decision(True, "task_failed"))]
+    poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "result": {"content": []}})  # key-1's own, not refused
+    assert settled[2:] == [(first, Decision(False, "task_completed"))]
+    third = task_call(d)  # the id again, a new paid task: the old refusal does not apply to it
+    await d.hold(Flow(), third, Decision(False, "result"))
+    poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "result": {"content": []}})
+    assert settled[3:] == [(third, Decision(False, "task_completed"))]
