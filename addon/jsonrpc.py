@@ -73,6 +73,10 @@ def inspect_request(
         raise GatewayError("invalid_request", reason="method must be a string")
     params = message.get("params")
     _check_headers(method, params, mcp_method, mcp_name)
+    if isinstance(method, str) and method.startswith("tasks/") and message.get("id") is None:
+        # A held task is settled from the answer to this request, matched by its id (deferred.py):
+        # without one, a lenient upstream's answer would pass unread.
+        raise GatewayError("invalid_request", reason=f"{method} must carry a JSON-RPC id")
     if method is None or method not in billable:
         return Inspection(method=method, call=None)
     rpc_id = message.get("id")

@@ -208,6 +208,17 @@ def test_batch_with_a_billable_element_is_refused(batch: list[Any], billable: An
 
 
 @pytest.mark.parametrize("method", ["tasks/result", "tasks/get", "tasks/cancel", "tasks/list"])
+def test_a_tasks_request_without_an_id_is_refused(method: str) -> None:
+    """A held task settles from the answer to it, matched by id: a null id (or none) would let a
+    lenient upstream's answer pass unread."""
+    for message in ({"jsonrpc": "2.0", "id": None, "method": method, "params": {"taskId": "T"}},
+                    {"jsonrpc": "2.0", "method": method, "params": {"taskId": "T"}}):
+        assert refused(body(message)) == "invalid_request"
+    assert inspect_request(body({"jsonrpc": "2.0", "id": 7, "method": method, "params": {"taskId": "T"}}),
+                           BILLABLE).method == method
+
+
+@pytest.mark.parametrize("method", ["tasks/result", "tasks/get", "tasks/cancel", "tasks/list"])
 def test_batch_with_a_tasks_request_is_refused(method: str) -> None:
     """A held task settles from the answers to these, read one message at a time: a batched
     tasks/result would deliver a result past the meter."""
