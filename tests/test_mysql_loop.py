@@ -77,7 +77,9 @@ async def test_a_paid_call_never_hops_to_a_worker_thread(mysql: MysqlBackend, mo
 
 async def test_killed_connections_are_replaced_without_failing_a_charge(mysql: MysqlBackend) -> None:
     who, store = paying_consumer(mysql, 100 * PRICE)
-    assert all(r.accepted for r in await asyncio.gather(*(store.charge(call(who, 10, PRICE)) for _ in range(16))))
+    # charge_alone: one connection each (store.charge would batch the 16 on one or two connections).
+    assert all(r.accepted for r in await asyncio.gather(*(store.charge_alone(call(who, 10, PRICE))
+                                                          for _ in range(16))))
     ids = loop_connection_ids(mysql)
     assert 1 < len(ids) <= 4  # the pool's size bounds them
     admin = connect(mysql.db.settings)
@@ -87,7 +89,7 @@ async def test_killed_connections_are_replaced_without_failing_a_charge(mysql: M
     finally:
         admin.close()
     # Every idle connection is dead: each charge finds that out and runs again on a new one, once.
-    results = await asyncio.gather(*(store.charge(call(who, 10, PRICE)) for _ in range(16)))
+    results = await asyncio.gather(*(store.charge_alone(call(who, 10, PRICE)) for _ in range(16)))
     assert [r.verdict for r in results] == [Verdict.DEBITED] * 16
     assert not set(loop_connection_ids(mysql)) & set(ids)
     assert mysql.value("SELECT credit_micro_cents FROM users WHERE id = 1") == 68 * PRICE
@@ -117,7 +119,8 @@ def hold_row(mysql: MysqlBackend, table: str, key: str, value: object) -> Any:
 async def test_a_server_silent_mid_charge_costs_two_io_timeouts_and_never_the_consumer(
         mysql: MysqlBackend, monkeypatch: Any) -> None:
     who, store = paying_consumer(mysql, 10 * PRICE)
-    assert all(r.accepted for r in await asyncio.gather(*(store.charge(call(who, 10, PRICE)) for _ in range(8))))
+    assert all(r.accepted for r in await asyncio.gather(*(store.charge_alone(call(who, 10, PRICE))
+                                                          for _ in range(8))))
     pooled = len(store._hot.open)
     assert pooled > 1
     opened: list[Any] = []

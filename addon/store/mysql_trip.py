@@ -27,6 +27,7 @@ settlement's flip matches nothing. All values go through pymysql's escaping.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ..model import MICRO_CENTS_PER_CENT, ChargeRequest, ChargeResult, Settlement, Verdict
@@ -53,11 +54,14 @@ _BALANCE = "(SELECT credit_micro_cents FROM users WHERE id = %(user)s)"
 # rows matched (the connection has CLIENT.FOUND_ROWS); every write it tests changes its row anyway.
 # A new version of the procedure gets a new name: gateways of both versions can share a database.
 CHARGE_PROCEDURE = "mcpmeter_charge_v1"
+# The same charge without its COMMIT, for charges that queue up under load: many CALLs of it and one
+# COMMIT share a transaction and a round trip (charge_batch below).
+CHARGE_BATCH_PROCEDURE = "mcpmeter_charge_batch_v1"
 # Text parameters are only stored, never compared, except the period, whose repertoire is ASCII:
 # a column of any utf8mb4 collation compares with it in its own collation (a parameter declared
 # with one collation breaks charges on tables made with another: "Illegal mix of collations").
 _VARCHAR = "VARCHAR({n}) CHARACTER SET utf8mb4"
-CHARGE_DDL = f"""CREATE PROCEDURE `{CHARGE_PROCEDURE}`(
+_CHARGE_TEMPLATE = f"""CREATE PROCEDURE `{{name}}`(
   IN p_request {_VARCHAR.format(n=64)}, IN p_user BIGINT UNSIGNED, IN p_project BIGINT UNSIGNED,
   IN p_listing BIGINT UNSIGNED, IN p_tool {_VARCHAR.format(n=191)}, IN p_price BIGINT, IN p_allowance BIGINT,
   IN p_period VARCHAR(7) CHARACTER SET ascii, IN p_now DATETIME, IN p_description {_VARCHAR.format(n=255)})
@@ -121,19 +125,63 @@ BEGIN
     SET v_balance = COALESCE((SELECT credit_micro_cents FROM users WHERE id = p_user), 0);
   END IF;
   SELECT v_verdict, v_balance;
-  COMMIT;
+  {{commit}}
 END"""
+CHARGE_DDL = _CHARGE_TEMPLATE.format(name=CHARGE_PROCEDURE, commit="COMMIT;")
+CHARGE_BATCH_DDL = _CHARGE_TEMPLATE.format(name=CHARGE_BATCH_PROCEDURE, commit="")
+PROCEDURES = {CHARGE_PROCEDURE: CHARGE_DDL, CHARGE_BATCH_PROCEDURE: CHARGE_BATCH_DDL}
+_CALL_ARGS = "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+
+
+def _charge_args(req: ChargeRequest, now: str) -> tuple[Any, ...]:
+    return (req.request_id, req.user_id, req.project_id, req.listing_id, req.tool_name[:191], max(req.price, 0),
+            req.free_allowance, req.period, now, f"{req.tool_name} on mcp {req.listing_id}"[:255])
+
+
+def _outcome(req: ChargeRequest, row: Any) -> ChargeResult:
+    verdict = Verdict(row[0] if isinstance(row[0], str) else bytes(row[0]).decode())
+    return ChargeResult(verdict, req.price if verdict is Verdict.DEBITED else 0, int(row[1]))
 
 
 async def charge(conn: Any, req: ChargeRequest) -> ChargeResult:
     """Ledger.charge in one round trip (a CALL); the transaction is committed (a refusal wrote nothing)."""
-    args = (req.request_id, req.user_id, req.project_id, req.listing_id, req.tool_name[:191], max(req.price, 0),
-            req.free_allowance, req.period, utc(), f"{req.tool_name} on mcp {req.listing_id}"[:255])
-    _, row = await one_trip(conn, f"CALL `{CHARGE_PROCEDURE}`(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", args)
+    _, row = await one_trip(conn, f"CALL `{CHARGE_PROCEDURE}`{_CALL_ARGS}", _charge_args(req, utc()))
     if row is None:
         raise RuntimeError("mysql: the charge procedure returned no outcome")
-    verdict = Verdict(row[0] if isinstance(row[0], str) else bytes(row[0]).decode())
-    return ChargeResult(verdict, req.price if verdict is Verdict.DEBITED else 0, int(row[1]))
+    return _outcome(req, row)
+
+
+def batch_order(reqs: Sequence[ChargeRequest]) -> list[int]:
+    """The order a batch's charges run in: by (user, listing), the order every charge locks its rows
+    in (the free-tier row of (listing, user), then users, then the user's project's spend row), as
+    billed batches lock usage rows by (user, listing): two batches never wait on each other in a cycle."""
+    return sorted(range(len(reqs)), key=lambda i: (reqs[i].user_id, reqs[i].listing_id, i))
+
+
+async def charge_batch(conn: Any, reqs: Sequence[ChargeRequest]) -> list[ChargeResult]:
+    """Many charges in one transaction and one round trip: a CALL of the COMMIT-less procedure per
+    charge, in `batch_order`, then COMMIT. Each CALL decides as a lone charge would, seeing the
+    batch's earlier debits; a refusal undoes its own writes in SQL, so one COMMIT ends them all. A
+    failing statement (a duplicate request id, a deadlock) stops the text before the COMMIT: the
+    caller rolls the whole batch back. Returns the outcomes in `reqs`' order."""
+    order, now = batch_order(reqs), utc()
+    args: list[Any] = []
+    for i in order:
+        args += _charge_args(reqs[i], now)
+    cur = await conn.cursor()
+    await cur.execute(";".join([f"CALL `{CHARGE_BATCH_PROCEDURE}`{_CALL_ARGS}"] * len(order) + ["COMMIT"]), args)
+    rows: list[Any] = []
+    while True:  # every result read: a failing statement raises here, before its COMMIT
+        if cur.description is not None:
+            rows.append(await cur.fetchone())
+        if not await cur.nextset():
+            break
+    if len(rows) != len(order) or any(row is None for row in rows):
+        raise RuntimeError(f"mysql: {len(order)} charges in a batch returned {len(rows)} outcomes")
+    results: list[ChargeResult | None] = [None] * len(reqs)
+    for i, row in zip(order, rows, strict=True):
+        results[i] = _outcome(reqs[i], row)
+    return [r for r in results if r is not None]
 
 
 async def settle(conn: Any, s: Settlement, last_used: LastUsed) -> tuple[bool, int | None]:
