@@ -1,8 +1,9 @@
 """Admission: everything the request hook decides before a call leaves for the upstream.
 
 In order: the route and its syntax, the origin, the consumer (authentication), the listing, the
-session's owner, the rate limit, the Idempotency-Key, the circuit breaker, the charge, and the
-forward itself (target URL, headers, deadline, and the registries that later answer the call).
+session's owner, the rate limit, a tasks/result for another user's or a refunded task, the
+Idempotency-Key, the circuit breaker, the charge, and the forward itself (target URL, headers,
+deadline, and the registries that later answer the call).
 Any refusal is raised as a GatewayError for the request hook to answer.
 """
 
@@ -81,15 +82,14 @@ class Admission:
             owner = await gw.cache.session_owner(session)
             if owner is not None and owner != consumer.principal:
                 raise GatewayError("session_forbidden")
-        continues = False  # a retry carrying a requestState this key was issued: its first round paid
+        method: str | None = None
         if req.method == "POST":
             inspection = inspect_request(
                 req.raw_content or b"", gw.config.billable_methods,
                 req.headers.get("mcp-method"), req.headers.get("mcp-name"),
             )
             call.priced = inspection.call
-            flow.metadata[META]["method"] = inspection.method
-            continues = gw.deferred.on_request(call, req.raw_content or b"", inspection.method, session)
+            method = flow.metadata[META]["method"] = inspection.method
 
         windows = windows_for(listing.rate_limit_per_minute or gw.config.default_rpm,
                               listing.rate_limit_per_day or gw.config.default_rpd)
@@ -100,6 +100,9 @@ class Admission:
         elif not limit.allowed:
             raise GatewayError("rate_limited", headers=call.limit_headers, scope=limit.scope,
                                retry_after=limit.retry_after)
+        continues = False  # a retry carrying a requestState this key was issued: its first round paid
+        if req.method == "POST":  # after the rate limit: its task refusals (403, 410) must not probe ids for free
+            continues = gw.deferred.on_request(call, req.raw_content or b"", method, session)
         if await self._idempotent(flow, call, listing):  # a replay counts against the rate limit, like any request
             return  # answered with the first attempt's stored outcome: not forwarded, not charged
 

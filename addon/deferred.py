@@ -231,7 +231,9 @@ class Deferred:
     # request hook ------------------------------------------------------------------------
 
     def on_request(self, call: Any, body: bytes, method: str | None, session: str | None) -> bool:
-        """Note what the request asks for; True when it continues a held round (charge nothing)."""
+        """Note what the request asks for; True when it continues a held round (charge nothing).
+
+        Admission calls it after the rate limit: its refusals count against it like any request."""
         if call.consumer is None or call.listing is None:
             return False
         scope = (call.listing.id, call.consumer.principal, session or "")
