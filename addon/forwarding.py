@@ -40,7 +40,7 @@ class Destination:
     scheme: bytes
     host: str
     port: int
-    authority: bytes  # host[:port], the port left out when it is the scheme's default
+    authority: bytes  # host[:port], the port left out when it is the scheme's default, an IPv6 host in brackets
     target: str  # the path and query, byte for byte as written in the URL ('/' when empty), ASCII
     netloc: str  # as written in the URL: the upstream's Host header
 
@@ -68,7 +68,10 @@ def destination(url: str) -> Destination:
 def _origin(origin: str) -> tuple[bytes, str, int, bytes]:
     scheme, host, port, _ = mitm_url.parse(origin)
     name = host.decode("idna")  # as the Request.host setter stores it
-    authority = mitm_url.hostport(scheme.decode("utf-8", "surrogateescape"), name, port)
+    # An IPv6 literal keeps its brackets: mitmproxy's hostport (so the url setter) writes `::1:8080`,
+    # which is no authority, and an HTTP/2 upstream refuses it beside the Host `[::1]:8080`.
+    literal = f"[{name}]" if ":" in name else name
+    authority = mitm_url.hostport(scheme.decode("utf-8", "surrogateescape"), literal, port)
     try:  # as the Request.authority setter stores it
         encoded = authority.encode("idna", "strict")
     except UnicodeError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from mitmproxy.net.http import url as mitm_url
 from mitmproxy.test import tutils
 
 from addon.admission import aim
@@ -46,6 +47,9 @@ def test_target_url(upstream: str, subpath: str, query: str, url: str) -> None:
     ("http://127.0.0.1:3011/mcp", "127.0.0.1:3011"),
     ("https://mcp.example.com/x", "mcp.example.com"),
     ("https://mcp.example.com:8443", "mcp.example.com:8443"),
+    ("http://[::1]:8080/mcp", "[::1]:8080"),
+    ("http://[::1]/mcp", "[::1]"),
+    ("https://[2001:DB8::1]:443/mcp", "[2001:DB8::1]:443"),
 ])
 def test_the_host_header_is_the_netloc_as_written(url: str, netloc: str) -> None:
     assert destination(url).netloc == netloc
@@ -206,14 +210,17 @@ def test_fields_may_be_any_iterable() -> None:
 
 
 @given(scheme=st.sampled_from(["http", "https", "HTTP"]),
-       host=st.sampled_from(["u", "127.0.0.1", "[::1]", "Example.COM", "bücher.example", "a-b.c"]),
+       host=st.sampled_from(["u", "127.0.0.1", "[::1]", "[2001:DB8::1]", "Example.COM", "bücher.example",
+                             "a-b.c"]),
        port=st.one_of(st.none(), st.integers(1, 65535)),
        path=st.sampled_from(["", "/", "/mcp", "/mcp/a;b", "/mcp/a/.;", "/x?y=1", "/x?"]),
        http2=st.booleans())
 def test_destination_sets_what_the_url_setter_sets(scheme: str, host: str, port: int | None, path: str,
                                                     http2: bool) -> None:
     """The gateway aims a request by its cached destination: the same scheme, host, port and
-    :authority as mitmproxy's `Request.url` setter, on HTTP/1 and HTTP/2 requests alike."""
+    :authority as mitmproxy's `Request.url` setter, on HTTP/1 and HTTP/2 requests alike, except
+    for an IPv6 literal: the setter's `url.hostport` leaves its brackets out (`::1:8080`, not an
+    authority), the gateway keeps them (`[::1]:8080`)."""
     url = f"{scheme}://{host}{'' if port is None else f':{port}'}{path}"
     by_setter, by_destination = tutils.treq(), tutils.treq()
     for request in (by_setter, by_destination):
@@ -226,9 +233,29 @@ def test_destination_sets_what_the_url_setter_sets(scheme: str, host: str, port:
         return
     aim(by_destination, destination(url))
     data = by_destination.data
-    assert (data.scheme, data.host, data.port, data.authority) == (
-        by_setter.data.scheme, by_setter.data.host, by_setter.data.port, by_setter.data.authority)
+    assert (data.scheme, data.host, data.port) == (by_setter.data.scheme, by_setter.data.host, by_setter.data.port)
+    authority = by_setter.data.authority
+    if http2 and ":" in by_setter.host:
+        authority = mitm_url.hostport(by_setter.scheme, f"[{by_setter.host}]", by_setter.port).encode()
+    assert data.authority == authority
     assert data.path == (path or "/").encode()
+
+
+@pytest.mark.parametrize("url, authority", [
+    ("http://[::1]:8080/mcp", b"[::1]:8080"),
+    ("http://[::1]/mcp", b"[::1]"),
+    ("http://[::1]:80/mcp", b"[::1]"),  # the scheme's default port is left out, as for a name
+    ("https://[::1]:443/mcp", b"[::1]"),
+    ("https://[::FFFF:127.0.0.1]:8443/", b"[::ffff:127.0.0.1]:8443"),
+    ("http://127.0.0.1:8080/mcp", b"127.0.0.1:8080"),
+])
+def test_an_ipv6_literal_keeps_its_brackets_in_the_authority(url: str, authority: bytes) -> None:
+    """`::1:8080` is no authority (RFC 3986 §3.2.2): an HTTP/2 server cannot read it, and refuses
+    a request whose Host, `[::1]:8080`, names another authority than its :authority (RFC 9113 §8.3.1)."""
+    assert destination(url).authority == authority
+    request = tutils.treq(http_version=b"HTTP/2.0", authority=b"gw.example:3010")  # an HTTP/2 client's request
+    aim(request, destination(url))
+    assert request.data.authority == authority and request.host_header == authority.decode()
 
 
 @pytest.mark.parametrize("url", ["http://u/mcp/caf\u00e9", "http://u/mcp?q=\u00e9"])
