@@ -386,6 +386,9 @@ def _listing(x: Any, i: int) -> dict[str, Any]:
     if transport not in TRANSPORTS:
         raise ConfigError(f"{where}.transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
     url = x.get("upstream_url")
+    if isinstance(url, str) and "@" in _netloc(url):  # checked first: the message must not repeat the password
+        raise ConfigError(f"{where}.upstream_url holds credentials (user:password@), which the gateway would "
+                          "send as the upstream's Host header: send them with upstream_headers instead")
     if url is not None and (not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url)):
         raise ConfigError(f"{where}.upstream_url {url!r} must be an http:// or https:// URL")
     headers = x.get("upstream_headers") or {}
@@ -408,6 +411,12 @@ def _listing(x: Any, i: int) -> dict[str, Any]:
         out[key] = None if value is None else _nonneg(value, f"{where}.{key}")
     out["free_calls_per_consumer"] = out["free_calls_per_consumer"] or 0
     return out
+
+
+def _netloc(url: str) -> str:
+    """What urlsplit reads as the URL's authority (between `//` and the first `/`, `?` or `#`)."""
+    match = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)", url)
+    return match.group(1) if match else ""
 
 
 def _consumer(x: Any, i: int) -> dict[str, Any]:

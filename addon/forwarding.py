@@ -42,7 +42,7 @@ class Destination:
     port: int
     authority: bytes  # host[:port], the port left out when it is the scheme's default, an IPv6 host in brackets
     target: str  # the path and query, byte for byte as written in the URL ('/' when empty), ASCII
-    netloc: str  # as written in the URL: the upstream's Host header
+    netloc: str  # host[:port] as written in the URL (never userinfo: refused): the upstream's Host header
 
 
 def destination(url: str) -> Destination:
@@ -54,6 +54,8 @@ def destination(url: str) -> Destination:
     path the confinement rule checked. The origin is parsed once per listing origin (mitmproxy's
     parse, with its host checks, is most of what setting a URL costs)."""
     parts = urlsplit(url)
+    if "@" in parts.netloc:  # a listing URL's userinfo would become the upstream's Host header
+        raise paths.InvalidPath("the upstream URL holds credentials (user:password@), which are not forwarded")
     origin = f"{parts.scheme}://{parts.netloc}"
     if not url.lower().startswith(origin.lower()):
         raise paths.InvalidPath("the URL is not absolute")

@@ -348,6 +348,15 @@ def test_invalid_listing_names_the_key(tmp_path: Path, listing: dict[str, Any], 
     assert "seed.listings[" in message and key in message
 
 
+@pytest.mark.parametrize("url", ["http://user:s3cret@h.example/mcp", "https://user@h.example", "http://:s3cret@[::1]:8080/",
+                                 "ftp://user:s3cret@h.example/"])
+def test_a_listing_url_with_credentials_is_refused_without_repeating_them(tmp_path: Path, url: str) -> None:
+    """As `mcpmeter listing add` refuses it: the gateway would send `user:s3cret@h.example` as the Host."""
+    message = error(tmp_path, seed({"slug": "ok", "upstream_url": url}))
+    assert "seed.listings[ok].upstream_url" in message and "credentials" in message and "upstream_headers" in message
+    assert "s3cret" not in message
+
+
 def test_invalid_listing_names_its_slug(tmp_path: Path) -> None:
     message = error(tmp_path, seed({"slug": "ok"}, {"slug": "weather", "status": "gone"}))
     assert "seed.listings[weather].status" in message and "gone" in message

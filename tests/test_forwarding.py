@@ -10,6 +10,7 @@ from mitmproxy.test import tutils
 
 from addon.admission import aim
 from addon.forwarding import destination, target_url, upstream_headers
+from addon.paths import InvalidPath
 
 HOST = "mcp.publisher.example:8443"
 
@@ -256,6 +257,18 @@ def test_an_ipv6_literal_keeps_its_brackets_in_the_authority(url: str, authority
     request = tutils.treq(http_version=b"HTTP/2.0", authority=b"gw.example:3010")  # an HTTP/2 client's request
     aim(request, destination(url))
     assert request.data.authority == authority and request.host_header == authority.decode()
+
+
+@pytest.mark.parametrize("url", [
+    "http://user:secret@u/mcp", "http://user@u:9000/mcp", "https://:secret@u/mcp", "http://u:p@[::1]:8080/mcp",
+    "http://a@b@u/mcp",
+])
+def test_a_listing_url_with_userinfo_is_not_aimed_at(url: str) -> None:
+    """Credentials in a URL would reach the upstream as its Host header (`user:secret@u`, no valid
+    Host) and be shown wherever the URL is: refused, like any URL the gateway cannot aim at."""
+    with pytest.raises(InvalidPath, match="credentials") as e:
+        destination(url)
+    assert "secret" not in str(e.value)
 
 
 @pytest.mark.parametrize("url", ["http://u/mcp/caf\u00e9", "http://u/mcp?q=\u00e9"])

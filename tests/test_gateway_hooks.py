@@ -1294,6 +1294,21 @@ async def test_a_flow_that_dies_before_request_leaves_no_credential_behind(gw: G
     assert flow not in gateway._credentials
 
 
+async def test_a_listing_url_with_credentials_is_refused_before_any_charge(gw: Gw) -> None:
+    """A listing row the seed and the command would refuse, written straight into the store (as the
+    reference web app writes MySQL): its userinfo never becomes the upstream's Host. 400
+    invalid_path before the charge, nothing debited, the credentials in no answer."""
+    with closing(sqlite3.connect(gw.db.path)) as conn, conn:
+        conn.execute("UPDATE mcps SET upstream_url = ? WHERE slug = 'echo-test'", (f"http://user:s3cret@{UPSTREAM[7:]}/mcp",))
+    flow = make_flow()
+    gw.addon.requestheaders(flow)
+    await gw.addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 400
+    assert refusal(flow.response)["error"] == "invalid_path" and b"s3cret" not in flow.response.content
+    assert not forwarded(flow) and "s3cret" not in str(flow.request.headers)
+    assert gw.db.balance() == OPENING and gw.db.journal() == []
+
+
 async def test_a_listing_url_that_cannot_be_aimed_at_is_refused_before_any_charge(tmp_path: Path) -> None:
     """A listing whose own URL path is not ASCII (mitmproxy would not send it either): 400
     invalid_path, decided before the charge, so nothing is debited or left for the sweeper."""
