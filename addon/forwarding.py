@@ -6,7 +6,6 @@ import functools
 import re
 from dataclasses import dataclass
 from collections.abc import Iterable, Mapping
-from urllib.parse import urlsplit
 
 from mitmproxy.net.http import url as mitm_url
 
@@ -24,6 +23,9 @@ NOT_UNWRAPPABLE = HOP_BY_HOP | {"host", "content-length", "transfer-encoding", "
                                 "mcp-session-id", "mcp-method", "mcp-name"}
 WRAP_PREFIX = "x-forward-"
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# What a listing URL's netloc may be, being the upstream's Host: a name (mitmproxy checks its
+# labels) or an IPv6 literal in brackets, then an optional port. No zone id, no IPvFuture.
+_HOSTPORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[^\[\]:]+)(?::[0-9]*)?\Z")
 
 
 def target_url(upstream_url: str, subpath: str, query: str) -> str:
@@ -53,7 +55,7 @@ def destination(url: str) -> Destination:
     becomes `/a/.`): the gateway sets the path from this instead, so the upstream gets exactly the
     path the confinement rule checked. The origin is parsed once per listing origin (mitmproxy's
     parse, with its host checks, is most of what setting a URL costs)."""
-    parts = urlsplit(url)
+    parts = paths.split_upstream(url)
     if "@" in parts.netloc:  # a listing URL's userinfo would become the upstream's Host header
         raise paths.InvalidPath("the upstream URL holds credentials (user:password@), which are not forwarded")
     origin = f"{parts.scheme}://{parts.netloc}"
@@ -68,8 +70,15 @@ def destination(url: str) -> Destination:
 
 @functools.lru_cache(maxsize=1024)  # keyed by the listings' upstream origins, the publishers', not client input
 def _origin(origin: str) -> tuple[bytes, str, int, bytes]:
-    scheme, host, port, _ = mitm_url.parse(origin)
+    try:
+        scheme, host, port, _ = mitm_url.parse(origin)
+    except ValueError:  # a bad port, a name mitmproxy refuses (or a non-ASCII one: UnicodeError)
+        raise paths.InvalidPath("the upstream URL's host or port is invalid") from None
     name = host.decode("idna")  # as the Request.host setter stores it
+    netloc = origin.partition("://")[2]
+    # mitmproxy reads past what follows a literal (`[::1]x`) and takes `[1.2.3.4]` as an address.
+    if not _HOSTPORT.match(netloc) or netloc.startswith("[") != (":" in name):
+        raise paths.InvalidPath("the upstream URL's host is not a name, an IPv4 address or a bracketed IPv6 one")
     # An IPv6 literal keeps its brackets: mitmproxy's hostport (so the url setter) writes `::1:8080`,
     # which is no authority, and an HTTP/2 upstream refuses it beside the Host `[::1]:8080`.
     literal = f"[{name}]" if ":" in name else name

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 # Printable ASCII except space (0x20), backslash and `#`: what a subpath may hold, raw.
 _PATH_CHARS = re.compile(r"[!-~]*\Z")
@@ -80,8 +80,16 @@ class Base:
     query: str  # the listing URL's own query, kept in front of the client's
 
 
+def split_upstream(upstream_url: str) -> SplitResult:
+    """urlsplit, raising InvalidPath for a listing URL it cannot read (e.g. an unclosed `[`)."""
+    try:
+        return urlsplit(upstream_url)
+    except ValueError:
+        raise InvalidPath("the upstream URL is malformed") from None
+
+
 def base_of(upstream_url: str, transport: str) -> Base:
-    parts = urlsplit(upstream_url)
+    parts = split_upstream(upstream_url)
     if transport == "sse":
         root = parts.path or "/"
         prefix = root[: root.rfind("/") + 1]

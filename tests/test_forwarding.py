@@ -229,7 +229,7 @@ def test_destination_sets_what_the_url_setter_sets(scheme: str, host: str, port:
     try:
         by_setter.url = url
     except ValueError:  # a host mitmproxy refuses (as a listing URL, it fails the same way either way)
-        with pytest.raises(ValueError):
+        with pytest.raises(InvalidPath):
             aim(by_destination, destination(url))
         return
     aim(by_destination, destination(url))
@@ -271,8 +271,27 @@ def test_a_listing_url_with_userinfo_is_not_aimed_at(url: str) -> None:
     assert "secret" not in str(e.value)
 
 
+@pytest.mark.parametrize("url", [
+    "http://u:99999/mcp",  # port out of range
+    "http://[::1/mcp",  # unclosed
+    "http://u:80x/mcp",
+    "http://[::1]x/mcp",  # what follows the literal is no port
+    "http://[::1]:8080x/mcp",
+    "http://[127.0.0.1]/mcp",  # an IPv4 address is not written in brackets
+    "http://[v1.x]/mcp",  # IPvFuture, which mitmproxy would read as a name
+    "http://[fe80::1%25eth0]/mcp",  # a zone id: a Host header no server expects
+    "http://bücher.example/mcp",  # mitmproxy's parse refuses a non-ASCII name
+    "http://:80/mcp",
+    "http://u_%41/mcp",
+])
+def test_a_listing_url_with_a_bad_host_or_port_is_not_aimed_at(url: str) -> None:
+    """An InvalidPath (400 invalid_path before the charge), not another error (500 and a traceback)."""
+    with pytest.raises(InvalidPath):
+        destination(url)
+
+
 @pytest.mark.parametrize("url", ["http://u/mcp/caf\u00e9", "http://u/mcp?q=\u00e9"])
 def test_a_listing_url_with_a_non_ascii_path_is_not_aimed_at(url: str) -> None:
     """As mitmproxy's url setter did: the call fails closed rather than send bytes nobody checked."""
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidPath):
         destination(url)

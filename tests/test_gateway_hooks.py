@@ -1309,6 +1309,25 @@ async def test_a_listing_url_with_credentials_is_refused_before_any_charge(gw: G
     assert gw.db.balance() == OPENING and gw.db.journal() == []
 
 
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:99999/mcp",  # were a 500 and a traceback: mitmproxy's parse raised ValueError
+    "http://127.0.0.1:1x/mcp",
+    "http://[::1/mcp",  # were a 500: urlsplit raised ValueError
+    "http://[127.0.0.1]:1/mcp",
+    "http://[::1]x:1/mcp",  # was charged and forwarded to [::1]:1 with Host `[::1]x:1`
+])
+async def test_a_listing_url_with_a_bad_host_or_port_is_refused_before_any_charge(gw: Gw, url: str) -> None:
+    """Written into the store as the web app may write it: 400 invalid_path, not an internal error."""
+    with closing(sqlite3.connect(gw.db.path)) as conn, conn:
+        conn.execute("UPDATE mcps SET upstream_url = ? WHERE slug = 'echo-test'", (url,))
+    flow = make_flow()
+    gw.addon.requestheaders(flow)
+    await gw.addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 400
+    assert refusal(flow.response)["error"] == "invalid_path"
+    assert not forwarded(flow) and gw.db.balance() == OPENING and gw.db.journal() == []
+
+
 async def test_a_listing_url_that_cannot_be_aimed_at_is_refused_before_any_charge(tmp_path: Path) -> None:
     """A listing whose own URL path is not ASCII (mitmproxy would not send it either): 400
     invalid_path, decided before the charge, so nothing is debited or left for the sweeper."""
