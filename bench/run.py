@@ -39,8 +39,9 @@ The listings' day window (10,000 calls) keeps its TAT key alive for >= 8.6 s aft
 call; the minute window's (1,000,000 calls) lapses within 60 µs, so both snapshots hold the same
 kinds of keys.
 
-With two or more CPUs the proxy under test is pinned to one CPU and the load generator and
-upstream to the others (--no-pin to disable), so that "one core" means one core. A run in which
+With two or more CPUs the proxy under test is pinned to one CPU and the load generator,
+upstream and the local MariaDB and Redis servers (their threads, for the run; then put back) to
+the others (--no-pin to disable), so that "one core" means one core. A run in which
 other processes (or the hypervisor) took more than 5 % of the proxy's CPU is flagged as noisy.
 gateway-production-x2 pins its first gateway to the first CPU and its second to the second
 (--no-pin: neither); the load generator, upstream and database servers share those CPUs, so on
@@ -262,6 +263,35 @@ def backend_pids() -> dict[str, list[int]]:
             if comm in BACKEND_SERVERS:
                 found.setdefault(comm, []).append(int(entry))
     return found
+
+
+@contextlib.contextmanager
+def backends_pinned(cpus: set[int] | None) -> Iterator[str]:
+    """MariaDB's and Redis's threads kept off the proxy's CPU for the run (then put back as they were):
+    they are system services the benchmark does not start, and left free they ran on the proxy's CPU,
+    taking it from the proxy under test (bare mitmproxy has no database to share its core with). Their
+    threads started meanwhile (one per MariaDB connection) inherit it from the thread that makes them."""
+    saved: dict[int, set[int]] = {}
+    if cpus:
+        for ids in backend_pids().values():
+            for pid in ids:
+                with contextlib.suppress(OSError):
+                    for tid in map(int, os.listdir(f"/proc/{pid}/task")):
+                        with contextlib.suppress(OSError):
+                            saved[tid] = os.sched_getaffinity(tid)
+                            os.sched_setaffinity(tid, cpus)
+    try:
+        yield (f"database servers pinned to {sorted(cpus)} ({len(saved)} threads)" if saved
+               else "database servers not pinned")
+    finally:
+        restore = next(iter(saved.values()), None)
+        for ids in backend_pids().values():
+            for pid in ids:
+                with contextlib.suppress(OSError):
+                    for tid in map(int, os.listdir(f"/proc/{pid}/task")):
+                        with contextlib.suppress(OSError):
+                            if tid in saved or restore is not None:
+                                os.sched_setaffinity(tid, saved.get(tid, restore or set()))
 
 
 def backend_cpu(pids: dict[str, list[int]]) -> dict[str, float]:
@@ -1322,7 +1352,9 @@ def main(argv: list[str] | None = None) -> int:
                      "max_requests": s.max_requests, "price_micro_cents": PRICE, "quick": args.quick},
     }
     t0 = time.monotonic()
+    pinned = contextlib.ExitStack()
     try:
+        backends_note = pinned.enter_context(backends_pinned(load_cpus))
         upstream, upstream_port = start_upstream(procs)
         if args.memory is not None:
             print(f"memory run: {args.memory} calls at c=32 through gateway-embedded (pinned: "
@@ -1332,8 +1364,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"benchmark: {s.duration:g} s per run, {s.warmup:g} s warm-up, concurrency "
                   f"{', '.join(map(str, concurrencies))}; proxy pinned to CPU "
-                  f"{sorted(proxy_cpus) if proxy_cpus else '(not pinned)'}, load on {sorted(load_cpus or [])}",
-                  flush=True)
+                  f"{sorted(proxy_cpus) if proxy_cpus else '(not pinned)'}, load on {sorted(load_cpus or [])}; "
+                  f"{backends_note}", flush=True)
             result["scenarios"] = {}
             for name in scenarios:
                 sc = run_scenario(name, s, procs, workdir, upstream, upstream_port)
@@ -1358,6 +1390,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         procs.stop_all()
+        pinned.close()
         shutil.rmtree(workdir, ignore_errors=True)
     result["wall_s"] = round(time.monotonic() - t0, 1)
     out = Path(args.out)
