@@ -49,7 +49,7 @@ async def test_queued_charges_share_one_transaction_and_decide_as_alone(world: t
     reqs: list[ChargeRequest] = []
     for i in range(36):
         who = (rich, poor, capped)[i % 3]
-        listing = 11 if who is rich and i % 2 else 10
+        listing = 11 if who is rich else 10
         reqs.append(call(who, listing, PRICE, free=3 if listing == 11 else 0))
 
     async def charge_all() -> list[ChargeResult]:
@@ -60,7 +60,7 @@ async def test_queued_charges_share_one_transaction_and_decide_as_alone(world: t
     assert trips == 2 and server == {"Com_commit": 2, "Com_rollback": 0}, (trips, server)
     assert (await meter.store.health())["charge_batches"] == {"transactions": 1, "charges": 35}
     verdicts = Counter((req.user_id, result.verdict) for req, result in zip(reqs, results, strict=True))
-    assert verdicts[(1, Verdict.FREE)] == 3 and verdicts[(1, Verdict.DEBITED)] == 9
+    assert verdicts[(1, Verdict.FREE)] == 3 and verdicts[(1, Verdict.DEBITED)] == 9  # (the first went alone)
     assert verdicts[(2, Verdict.DEBITED)] == 5 and verdicts[(2, Verdict.INSUFFICIENT_CREDIT)] == 7
     assert verdicts[(3, Verdict.DEBITED)] == 4 and verdicts[(3, Verdict.PROJECT_CAP_EXCEEDED)] == 8
     assert db.value("SELECT credit_micro_cents FROM users WHERE id = 2") == 0
@@ -79,10 +79,38 @@ async def test_queued_charges_share_one_transaction_and_decide_as_alone(world: t
 
 
 def test_a_batch_runs_its_charges_in_the_lock_order() -> None:
-    """(user, listing), the order lone charges and billed batches lock rows in; ties keep arrival order."""
+    """By user, as billed batches lock usage rows; each user's in arrival order."""
     reqs = [dataclasses.replace(call(Who(user, user * 10, "", 0), listing, PRICE), request_id=f"r{n}")
-            for n, (user, listing) in enumerate([(3, 10), (1, 11), (2, 10), (1, 10), (3, 10), (1, 11)])]
-    assert [reqs[i].request_id for i in mysql_trip.batch_order(reqs)] == ["r3", "r1", "r5", "r2", "r0", "r4"]
+            for n, (user, listing) in enumerate([(3, 10), (1, 11), (2, 10), (1, 11), (3, 10)])]
+    assert [reqs[i].request_id for i in mysql_trip.batch_order(reqs)] == ["r1", "r3", "r2", "r0", "r4"]
+
+
+async def test_a_batch_charges_one_listing_per_user(world: tuple[Backend, Meter]) -> None:  # noqa: F811
+    """A user's charges of a second listing wait for the next transaction: in one, the second listing's
+    free-tier row would be locked after the user's row, which a lone charge of it, holding that
+    free-tier row, waits for (a deadlock). Such a batch is refused outright, writing nothing."""
+    db, meter = world
+    who = add_consumer(db, 1, credit=100 * PRICE)
+    add_listing(db, 10, "a", price=PRICE, free=2)
+    add_listing(db, 11, "b", price=PRICE, free=2)
+    await _warm(meter, 1)
+    mixed = [call(who, 10, PRICE, free=2), call(who, 11, PRICE, free=2)]
+    with pytest.raises(ValueError, match="one listing per user"):
+        await meter.store.charge_batch(mixed)
+    reqs = [call(who, 10 + i % 2, PRICE, free=2) for i in range(10)]
+
+    async def charge_all() -> list[ChargeResult]:
+        return await asyncio.gather(*(meter.store.charge(r) for r in reqs))
+
+    results, trips, server = await meter.measure(charge_all())
+    # Alone: the first (listing 10); then the queued ones of listing 11 (the first queued); then listing 10's.
+    assert trips == 3 and server == {"Com_commit": 3, "Com_rollback": 0}, (trips, server)
+    assert (await meter.store.health())["charge_batches"] == {"transactions": 2, "charges": 9}
+    assert Counter((r.listing_id, res.verdict) for r, res in zip(reqs, results, strict=True)) == {
+        (10, Verdict.FREE): 2, (10, Verdict.DEBITED): 3, (11, Verdict.FREE): 2, (11, Verdict.DEBITED): 3}
+    assert db.value("SELECT COUNT(*) FROM mcpmeter_calls") == 10
+    await meter.store.sweep(-2, FEE_BPS)
+    reconcile(db)
 
 
 async def test_a_charge_that_cannot_be_written_fails_alone_not_its_batch(world: tuple[Backend, Meter]) -> None:  # noqa: F811

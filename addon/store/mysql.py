@@ -267,7 +267,8 @@ class MysqlStore(SqlStore):
         return await self._hot.run(lambda conn: mysql_trip.charge(conn, request))
 
     async def charge_batch(self, batch: list[ChargeRequest]) -> list[ChargeResult]:
-        return await self._hot.run(lambda conn: mysql_trip.charge_batch(conn, batch))
+        order = mysql_trip.batch_order(batch)  # ValueError for a batch that does not fit, before any work
+        return await self._hot.run(lambda conn: mysql_trip.charge_batch(conn, batch, order))
 
     async def settle(self, settlement: Settlement) -> int | None:
         if mysql_batch.batchable(settlement):
@@ -406,9 +407,7 @@ class ChargeBatches:
         jobs: list[tuple[ChargeRequest, asyncio.Future[ChargeResult]]] = []
         try:
             while self._queue:
-                # A charge whose caller went away before its transaction began is dropped, unwritten.
-                jobs = [job for job in (self._queue.popleft() for _ in range(min(self.MAX, len(self._queue))))
-                        if not job[1].done()]
+                jobs = self._take()
                 if jobs:
                     await self._run(jobs)
         except BaseException:
@@ -418,6 +417,20 @@ class ChargeBatches:
             raise
         finally:
             self._busy = False
+
+    def _take(self) -> list[tuple[ChargeRequest, asyncio.Future[ChargeResult]]]:
+        """The next batch: up to MAX queued charges, in arrival order, each user's on one listing
+        (mysql_trip.fits; the others stay first in the queue). A charge whose caller went away
+        before its transaction began is dropped, unwritten."""
+        jobs: list[tuple[ChargeRequest, asyncio.Future[ChargeResult]]] = []
+        later: list[tuple[ChargeRequest, asyncio.Future[ChargeResult]]] = []
+        listings: dict[int, int] = {}
+        while self._queue and len(jobs) < self.MAX:
+            job = self._queue.popleft()
+            if not job[1].done():
+                (jobs if mysql_trip.fits(listings, job[0]) else later).append(job)
+        self._queue.extendleft(reversed(later))
+        return jobs
 
     async def _run(self, jobs: list[tuple[ChargeRequest, asyncio.Future[ChargeResult]]]) -> None:
         requests = [request for request, _ in jobs]
@@ -433,11 +446,17 @@ class ChargeBatches:
             if len(jobs) == 1:
                 outcomes = [e]
             else:
-                # The batch was rolled back (nothing of it was written). Each charge now goes alone:
-                # one that cannot be written (a request id used before, say) fails by itself.
+                # The batch failed and was rolled back (or, its connection lost after the COMMIT was
+                # sent, perhaps committed: see mysql_trip.py on running a charge again). Each charge
+                # now goes alone, one after the other (at once, lone charges of one user deadlock on
+                # its free-tier row): one that cannot be written (a request id used before) fails by itself.
                 log.warning("mcpmeter: a batch of %d charges failed (%s); charging each alone", len(jobs), e)
-                outcomes = await asyncio.gather(*(self._store.charge_alone(r) for r in requests),
-                                                return_exceptions=True)
+                outcomes = []
+                for request in requests:
+                    try:
+                        outcomes.append(await self._store.charge_alone(request))
+                    except Exception as alone:
+                        outcomes.append(alone)
         for (_, future), outcome in zip(jobs, outcomes, strict=True):
             if future.done():
                 continue  # its caller went away mid-transaction: the sweeper refunds a debit nobody settles

@@ -21,8 +21,11 @@ it): the tables end exactly as before.
 A server error stops the work at the failing statement: COMMIT is never reached and the adapter
 rolls back (and runs a deadlock victim again, as for any transaction). Running a charge or a
 settlement again after the connection broke is safe even if the first COMMIT did land: a
-charge's journal INSERT (keyed by request id) then fails and the run is rolled back, a
-settlement's flip matches nothing. All values go through pymysql's escaping.
+settlement's flip matches nothing; a charge's journal INSERT (keyed by request id) fails and the
+run is rolled back, or, where the first run took the last credit or reached the cap, the run
+again refuses before that INSERT. Either way the call is not forwarded (a 503 or a 402 where the
+first run had in fact debited) and nothing is taken twice: the first run's journal row, which
+nobody settles, is refunded by the sweeper. All values go through pymysql's escaping.
 """
 
 from __future__ import annotations
@@ -152,19 +155,33 @@ async def charge(conn: Any, req: ChargeRequest) -> ChargeResult:
 
 
 def batch_order(reqs: Sequence[ChargeRequest]) -> list[int]:
-    """The order a batch's charges run in: by (user, listing), the order every charge locks its rows
-    in (the free-tier row of (listing, user), then users, then the user's project's spend row), as
-    billed batches lock usage rows by (user, listing): two batches never wait on each other in a cycle."""
-    return sorted(range(len(reqs)), key=lambda i: (reqs[i].user_id, reqs[i].listing_id, i))
+    """The order a batch's charges run in: by user, each user's on one listing (`fits`), so that a
+    batch takes each user's rows in a lone charge's order (the free-tier row of (listing, user), then
+    users, then the project's spend row), users ascending, as billed batches take usage rows: two
+    batches, or a batch and a lone charge, never wait on each other in a cycle. Raises ValueError
+    for a batch that does not fit."""
+    listings: dict[int, int] = {}
+    if not all(fits(listings, req) for req in reqs):
+        raise ValueError("a batch charges one listing per user (mysql_trip.fits)")
+    return sorted(range(len(reqs)), key=lambda i: (reqs[i].user_id, i))
 
 
-async def charge_batch(conn: Any, reqs: Sequence[ChargeRequest]) -> list[ChargeResult]:
+def fits(listings: dict[int, int], req: ChargeRequest) -> bool:
+    """Whether `req` may join a batch whose users charge these listings ({user: listing}), noting it.
+
+    One listing per user in a batch: a second listing's free-tier row would be locked after the
+    user's `users` row, which a lone charge of that listing, holding its free-tier row, waits for
+    (a deadlock, measured). Its charge goes in the next batch."""
+    return listings.setdefault(req.user_id, req.listing_id) == req.listing_id
+
+
+async def charge_batch(conn: Any, reqs: Sequence[ChargeRequest], order: Sequence[int]) -> list[ChargeResult]:
     """Many charges in one transaction and one round trip: a CALL of the COMMIT-less procedure per
-    charge, in `batch_order`, then COMMIT. Each CALL decides as a lone charge would, seeing the
+    charge, in `order` (batch_order's), then COMMIT. Each CALL decides as a lone charge would, seeing the
     batch's earlier debits; a refusal undoes its own writes in SQL, so one COMMIT ends them all. A
     failing statement (a duplicate request id, a deadlock) stops the text before the COMMIT: the
     caller rolls the whole batch back. Returns the outcomes in `reqs`' order."""
-    order, now = batch_order(reqs), utc()
+    now = utc()
     args: list[Any] = []
     for i in order:
         args += _charge_args(reqs[i], now)
