@@ -278,8 +278,9 @@ def backends_pinned(cpus: set[int] | None) -> Iterator[int]:
                 with contextlib.suppress(OSError):
                     for tid in map(int, os.listdir(f"/proc/{pid}/task")):
                         with contextlib.suppress(OSError):
-                            saved[tid] = os.sched_getaffinity(tid)
-                            os.sched_setaffinity(tid, cpus)
+                            before = os.sched_getaffinity(tid)
+                            os.sched_setaffinity(tid, cpus)  # EPERM without the right to: not counted
+                            saved[tid] = before
     try:
         yield len(saved)  # threads pinned (0: none, e.g. without the right to)
     finally:
@@ -820,7 +821,8 @@ def x2_placement(s: Settings) -> tuple[set[int] | None, set[int] | None, str]:
     databases = f"on CPU {sorted(s.load_cpus or [])}" if s.backends_pinned else "on any CPU"
     where = (f"the load generator and upstream run on CPU {sorted(s.load_cpus)}, MariaDB and Redis {databases}"
              if s.load_cpus else "the load generator, upstream, MariaDB and Redis run on any CPU")
-    shared = f"{where}: they share the gateways' cores, so this figure understates what two dedicated cores give"
+    sharing = "gateway B's core" if s.backends_pinned else "the gateways' cores"
+    shared = f"{where}: they share {sharing}, so this figure understates what two dedicated cores give"
     if s.proxy_cpus and s.load_cpus:
         a, b = min(s.proxy_cpus), min(s.load_cpus)
         return {a}, {b}, f"gateway A pinned to CPU {a}, gateway B to CPU {b}; {shared}"
