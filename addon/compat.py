@@ -280,13 +280,15 @@ def client_gone(flow: http.HTTPFlow) -> bool:
 
 # --- request bodies read with a ceiling, whatever their framing -----------------------------------
 
-# flow -> (limit, the answer to send when the body passes it). Weak: gone with the flow.
-_body_limits: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[int, Callable[[], http.Response]]] = (
+# flow -> (limit, what makes the answer to send when the body passes it). Weak: gone with the flow,
+# as long as the value holds no reference to the flow (a closure over it would keep every flow alive).
+_body_limits: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[int, Callable[[http.HTTPFlow, int], http.Response]]] = (
     weakref.WeakKeyDictionary())
 
 
-def limit_request_body(flow: http.HTTPFlow, limit: int, refuse: Callable[[], http.Response]) -> None:
-    """Stop reading `flow`'s request body once it passes `limit` bytes, and answer `refuse()`.
+def limit_request_body(flow: http.HTTPFlow, limit: int, refuse: Callable[[http.HTTPFlow, int], http.Response]) -> None:
+    """Stop reading `flow`'s request body once it passes `limit` bytes, and answer `refuse(flow, limit)`.
+    `refuse` must not hold the flow (the entry is weak on the flow only): a bound method, say.
 
     mitmproxy buffers a request body whole before the `request` hook; only a Content-Length
     can be checked earlier. A chunked (or HTTP/2) body has none, so the check is made as
@@ -306,7 +308,7 @@ def _install_request_body_limit() -> None:
         if bound is not None and len(self.request_body_buf) + len(event.data) > bound[0]:
             del _body_limits[self.flow]
             self.request_body_buf.clear()
-            answer_failed_flow(self.flow, bound[1]())
+            answer_failed_flow(self.flow, bound[1](self.flow, bound[0]))
             self.flow.kill()
             yield from self.check_killed(True)
             return

@@ -243,18 +243,11 @@ class Mcpmeter:
             return
         length = flow.request.headers.get("content-length", "")
         limit = self.config.max_body_bytes
-
-        def too_large() -> http.Response:
-            flow.metadata[META] = {"decision": Label.REFUSED, "error": "payload_too_large"}
-            flow.comment, flow.marked = "refused 413 payload_too_large", ":no_entry:"
-            return answers.error_response(GatewayError("payload_too_large", limit_bytes=limit),
-                                          Call(str(uuid.uuid4())), self._top_up_url())
-
         if not (length.isdigit() and int(length) > limit):
             # Chunked and HTTP/2 bodies have no length to check here: stop reading at the limit.
-            compat.limit_request_body(flow, limit, too_large)
+            compat.limit_request_body(flow, limit, self._too_large)
         else:
-            answer = too_large()
+            answer = self._too_large(flow, limit)
             if int(length) <= HARD_BODY_LIMIT_FACTOR * limit:
                 # mitmproxy reads (and drops) the body, then sends this: clients that write their whole
                 # body before reading get a clean answer.
@@ -263,6 +256,13 @@ class Mcpmeter:
                 # Too big to even read: refuse at once; compat turns the kill into this answer.
                 compat.answer_failed_flow(flow, answer)
                 flow.kill()
+
+    def _too_large(self, flow: http.HTTPFlow, limit: int) -> http.Response:
+        """The 413 for a request body over `limit` (a method: compat keeps it weakly by the flow)."""
+        flow.metadata[META] = {"decision": Label.REFUSED, "error": "payload_too_large"}
+        flow.comment, flow.marked = "refused 413 payload_too_large", ":no_entry:"
+        return answers.error_response(GatewayError("payload_too_large", limit_bytes=limit),
+                                      Call(str(uuid.uuid4())), self._top_up_url())
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
