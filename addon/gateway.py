@@ -26,7 +26,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from . import answers, commands, compat, deferred, display, dryrun, guard, receipts, redaction, rpc_errors
+from . import answers, commands, compat, deferred, display, dryrun, gctune, guard, receipts, redaction, rpc_errors
 from . import pending as resumption
 from .admission import Admission
 from .auth import Credential, parse_authorization
@@ -129,6 +129,7 @@ class Mcpmeter:
                  ", ".join(config.billable_methods))
 
     def running(self) -> None:
+        gctune.tune()  # the start-up heap frozen, young collections less often (addon/gctune.py)
         if self.sweeper is None:
             self.sweeper = asyncio.ensure_future(self._sweep_forever())
 
