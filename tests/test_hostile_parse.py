@@ -206,7 +206,7 @@ async def test_requestheaders_bounds_a_body_without_content_length(gw: Gw) -> No
     assert flow.response is None and flow.live  # nothing to decide before the body comes
     limit, refuse = compat._body_limits[flow]
     assert limit == MAX_BODY
-    answer = refuse()
+    answer = refuse(flow, limit)
     assert answer.status_code == 413 and refusal(answer.content)["error"] == "payload_too_large"
     assert ALICE not in flow.request.headers["authorization"]  # the flow dies before `request` redacts
 
