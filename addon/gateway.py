@@ -129,7 +129,7 @@ class Mcpmeter:
                  ", ".join(config.billable_methods))
 
     def running(self) -> None:
-        gctune.tune()  # the start-up heap frozen, young collections less often (addon/gctune.py)
+        gctune.tune()  # the start-up heap frozen: full collections walk only what came after (addon/gctune.py)
         if self.sweeper is None:
             self.sweeper = asyncio.ensure_future(self._sweep_forever())
 
