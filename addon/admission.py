@@ -27,6 +27,12 @@ from .legacy_sessions import identity as legacy_identity
 from .model import ChargeRequest, Consumer, ConsumerStatus, Listing, ListingStatus, Transport, Verdict
 from .ratelimit import headers as limit_headers, windows_for
 
+# Kept per call and per session (refund markers, session owners, the unknown-listing cache): bounded
+# here, not by the body limit. Upstreams issue UUID-like session ids; slugs are the reference's
+# `mcps.slug`, a VARCHAR(255).
+MAX_SESSION_ID_CHARS = 512
+MAX_SLUG_CHARS = 255
+
 if TYPE_CHECKING:
     from .gateway import Mcpmeter
 
@@ -74,6 +80,9 @@ class Admission:
         if len(sessions) > 1:  # the upstream might read another one than the one checked here
             raise GatewayError("invalid_request", reason="one Mcp-Session-Id header at most")
         session = sessions[0] if sessions else None
+        if session is not None and len(session) > MAX_SESSION_ID_CHARS:  # kept per call (markers, owners)
+            raise GatewayError("invalid_request",
+                               reason=f"Mcp-Session-Id longer than {MAX_SESSION_ID_CHARS} characters")
         if listing.transport is Transport.SSE and subpath:
             session = call.legacy_session = legacy_identity(listing.id, subpath, query)
         elif session and listing.transport is not Transport.SSE:
@@ -131,6 +140,8 @@ class Admission:
     async def listing(self, slug: str) -> Listing | None:
         cache, store = self.gw.cache, self.gw.store
         assert cache is not None and store is not None
+        if len(slug) > MAX_SLUG_CHARS:
+            return None  # no listing has it: not looked up, nor remembered as unknown (the cache's bytes)
         cached = await cache.get_listing(slug)
         if cached is MISS:
             cached = await store.find_listing(slug)

@@ -72,5 +72,5 @@ def annotate(flow: http.HTTPFlow, call: Call, decision: billing.Decision, status
     flow.marked = _MARKS[label]
     if results is not None:
         results.note(commands.Recent(
-            time.time(), call.request_id, call.consumer.user_id, call.listing.slug, call.charge.tool_name,
-            label, billed, status))
+            time.time(), call.request_id, call.consumer.user_id, call.listing.slug,
+            call.charge.tool_name[:commands.TOOL_CHARS], label, billed, status))

@@ -25,6 +25,9 @@ log = logging.getLogger("mcpmeter")
 MAX_RECENT = 200
 
 
+TOOL_CHARS = 191  # of a tool name kept in the history: the client's, up to the body limit (as the ledger's column)
+
+
 @dataclass(frozen=True, slots=True)
 class Recent:
     """One call this gateway metered, as the `mcpmeter.calls` command lists it."""

@@ -384,8 +384,12 @@ class Mcpmeter:
 
     def finish(self, flow: http.HTTPFlow, call: Call) -> None:
         """The call's flow is done with: no deadline, no registry holds it, its key is concluded."""
-        call.cancel_deadline()
         self.settlements.conclude_key(flow, call)
+        self._forget(flow, call)
+
+    def _forget(self, flow: http.HTTPFlow, call: Call) -> None:
+        """No deadline, and no registry holds the call or its flow any more."""
+        call.cancel_deadline()
         self.calls.pop(flow.id, None)
         self.legacy.unregister(call)
         if call.session is not None and call.priced is not None:
@@ -423,8 +427,7 @@ class Mcpmeter:
         except Exception:
             log.exception("mcpmeter: could not refund %s after an internal error", call.request_id)
         finally:
-            self.calls.pop(flow.id, None)
-            call.cancel_deadline()
+            self._forget(flow, call)  # else a session's call stayed tracked, its flow with it, for ever
             flow.request.url = "http://mcpmeter.invalid/"  # belt and braces: never the real upstream
             await self._refuse(flow, call, GatewayError("internal_error", request_id=call.request_id))
 

@@ -130,9 +130,12 @@ class Pending:
     def mark_refunded(self, session: SessionKey, rpc_id: JsonId) -> None:
         if (key := id_key(rpc_id)) is None:
             return
-        self.refunded[(session, key)] = time.monotonic() + self.marker_seconds
+        now = time.monotonic()
+        self.refunded[(session, key)] = now + self.marker_seconds
         self.refunded.move_to_end((session, key))
-        while len(self.refunded) > self.max_markers:
+        # Oldest first, all with the same lifetime: expired markers go from the front (else they
+        # stayed until max_markers newer ones pushed them out).
+        while self.refunded and (len(self.refunded) > self.max_markers or next(iter(self.refunded.values())) <= now):
             self.refunded.popitem(last=False)
 
     def is_refunded(self, session: SessionKey, rpc_id: Any) -> bool:
