@@ -194,10 +194,17 @@ async def one_trip(conn: Any, text: str, args: Any) -> tuple[int, tuple[Any, ...
     first statement's row count (rows matched) and the row the text SELECTs, if any."""
     cur = await conn.cursor()
     await cur.execute(text, args)
-    first, row = cur.rowcount, None
+    first = cur.rowcount
+    rows = await selected(cur)
+    return first, (tuple(rows[-1]) if rows and rows[-1] is not None else None)
+
+
+async def selected(cur: Any) -> list[Any]:
+    """Every result of the text `cur` just sent, read in order (a failing statement raises here,
+    before its COMMIT): the first row of each SELECT, None for one that found none."""
+    rows: list[Any] = []
     while True:
         if cur.description is not None:
-            row = await cur.fetchone()
+            rows.append(await cur.fetchone())
         if not await cur.nextset():
-            break
-    return first, (tuple(row) if row is not None else None)
+            return rows

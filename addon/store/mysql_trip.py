@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..model import MICRO_CENTS_PER_CENT, ChargeRequest, ChargeResult, Settlement, Verdict
-from .mysql_loop import one_trip
+from .mysql_loop import one_trip, selected
 from .sql import COUNT_BILLABLE, MYSQL, USAGE_EVENTS_INSERT, LastUsed, usage_event, utc
 
 _LEDGER_INSERT = (
@@ -187,18 +187,11 @@ async def charge_batch(conn: Any, reqs: Sequence[ChargeRequest], order: Sequence
         args += _charge_args(reqs[i], now)
     cur = await conn.cursor()
     await cur.execute(";".join([f"CALL `{CHARGE_BATCH_PROCEDURE}`{_CALL_ARGS}"] * len(order) + ["COMMIT"]), args)
-    rows: list[Any] = []
-    while True:  # every result read: a failing statement raises here, before its COMMIT
-        if cur.description is not None:
-            rows.append(await cur.fetchone())
-        if not await cur.nextset():
-            break
+    rows = await selected(cur)
     if len(rows) != len(order) or any(row is None for row in rows):
         raise RuntimeError(f"mysql: {len(order)} charges in a batch returned {len(rows)} outcomes")
-    results: list[ChargeResult | None] = [None] * len(reqs)
-    for i, row in zip(order, rows, strict=True):
-        results[i] = _outcome(reqs[i], row)
-    return [r for r in results if r is not None]
+    row_of = dict(zip(order, rows, strict=True))
+    return [_outcome(req, row_of[i]) for i, req in enumerate(reqs)]
 
 
 async def settle(conn: Any, s: Settlement, last_used: LastUsed) -> tuple[bool, int | None]:
