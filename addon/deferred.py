@@ -5,7 +5,8 @@ A task-augmented `tools/call` (params.task) is answered at once with a CreateTas
 its `status`), the answer to `tasks/result` (what the call itself would have returned), or a
 `notifications/tasks/status` (a Task). Such a call is held: its money stays claimed and its journal
 row unsettled (marked `task_pending`) until a terminal status passes through the gateway on a flow of
-the same listing, key and session: `completed` billed, `failed` / `cancelled` refunded.
+the same listing, key and session: `completed` billed, `failed` / `cancelled` refunded. An id names
+one held call per scope: a new task under it refunds the one held before (`task_replaced`).
 
 A 2026-07-28 call answered with `resultType: "input_required"` and a `requestState` is held the same
 way (`input_pending`); the client's retry of the same tool carrying exactly that `requestState`, on
@@ -42,6 +43,9 @@ TASK_PENDING = "task_pending"  # the journal marks (store.HELD)
 INPUT_PENDING = "input_pending"
 TASK_EXPIRED = "task_expired"  # refunded: nobody saw the task end
 INPUT_ABANDONED = "input_abandoned"  # billed: the input_required answer was delivered, no retry came
+# A task id that another held call of the same scope holds names the newer task from then on: the
+# earlier one is refunded at once, as one whose outcome nobody can see any more (like task_expired).
+TASK_REPLACED = "task_replaced"
 TERMINAL = {
     "completed": Decision(False, "task_completed"),
     "failed": Decision(True, "task_failed"),
@@ -389,8 +393,9 @@ class Deferred:
             return None
         now, config = time.monotonic(), self.config()
         if facts.task and facts.task_id is not None:
-            if (facts.scope, facts.task_id) not in self.tasks:
-                self.watched[facts.scope] += 1
+            if (replaced := self._pop_task((facts.scope, facts.task_id))) is not None and replaced.call is not call:
+                self.settle(replaced.flow, replaced.call, Decision(True, TASK_REPLACED))
+            self.watched[facts.scope] += 1
             self.tasks[(facts.scope, facts.task_id)] = Held(flow, call, now + config.task_settle_seconds, TASK_PENDING)
             self.by_task.setdefault((facts.scope[0], facts.task_id), {})[facts.scope] = call.consumer.user_id
             self.expired.pop(_undeliverable(facts.scope, facts.task_id), None)  # the id names a new, paid task

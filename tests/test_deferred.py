@@ -514,3 +514,39 @@ async def test_the_same_user_with_another_key_fetches_its_result_and_colliding_i
     await d.hold(Flow(), third, Decision(False, "result"))
     poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "result": {"content": []}})
     assert settled[3:] == [(third, Decision(False, "task_completed"))]
+
+
+# --- a task id held already: the earlier call is settled, never overwritten ---------------------------
+
+
+async def test_a_task_id_held_already_refunds_the_earlier_task_before_holding_the_new_one(registry: Any) -> None:
+    """An upstream names two paid tasks of one scope alike: the first one's end can no longer be told
+    from the second's, so it is refunded at once (task_replaced), not dropped from memory to wait an
+    hour for the journal's sweep; the id then settles the second one, once."""
+    d, settled, store = registry
+    first = task_call(d)
+    assert await d.hold(Flow(), first, Decision(False, "result"))
+    second = task_call(d)  # the upstream answers it with the same taskId "T"
+    assert await d.hold(Flow(), second, Decision(False, "result"))
+    assert settled == [(first, Decision(True, "task_replaced"))]
+    assert store.held == {first.request_id: "task_pending", second.request_id: "task_pending"}
+    scope = (5, "key-1", "s1")
+    assert d.tasks[(scope, "T")].call is second and d.watched == {scope: 1} and d.by_task == {(5, "T"): {scope: 1}}
+    assert d.expired == {}  # the id's result is the second task's, paid for: not refused
+    poll(d, "tasks/get", {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "completed"}})
+    assert settled[1:] == [(second, Decision(False, "task_completed"))]
+    assert d.tasks == {} and d.watched == {} and d.by_task == {}
+
+
+async def test_an_upstream_naming_every_task_alike_keeps_one_held(registry: Any) -> None:
+    d, settled, _ = registry
+    calls = [task_call(d) for _ in range(50)]
+    for call in calls:
+        assert await d.hold(Flow(), call, Decision(False, "result"))
+    assert settled == [(call, Decision(True, "task_replaced")) for call in calls[:-1]]
+    assert len(d.tasks) == 1 and sum(d.watched.values()) == 1 and len(d.by_task) == 1
+    assert d.awaiting == {} and len(d.ended) == 0
+    next(iter(d.tasks.values())).expires = time.monotonic() - 1
+    d.expire()
+    assert settled[-1] == (calls[-1], Decision(True, "task_expired"))
+    assert d.tasks == {} and d.watched == {} and d.by_task == {} and list(d.expired) == [(5, "T")]

@@ -14,7 +14,8 @@ from mitmproxy.test import taddons
 from addon.gateway import Mcpmeter
 from tests.refusals import refusal
 from tests.test_gateway_hooks import (ALICE, BOB, OPENING, PRICE, SEED, USERS, Db, Gw, forwarded,  # noqa: F401
-                                      isolated, json_response, make_flow, rpc, upstream_answers, write_config)
+                                      isolated, json_response, make_flow, meta, rpc, upstream_answers,
+                                      write_config)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -91,4 +92,34 @@ async def test_probing_a_refunded_task_is_rate_limited(gw: Gw) -> None:
     answers = [refused(await result_request(gw, ALICE, rpc_id=n)) for n in range(3)]
     assert answers == [(410, "task_expired"), (429, "rate_limited"), (429, "rate_limited")]
     assert gw.db.balance(USERS[ALICE]) == OPENING
+    gw.db.assert_reconciled()
+
+
+def reasons(gw: Gw) -> dict[str, tuple[int, int, str | None]]:
+    """request id -> (refunded, settled, reason) of each journal row."""
+    return {rid: (refunded, settled, reason) for rid, refunded, settled, reason in gw.db.rows(
+        "SELECT request_id, refunded, settled_at IS NOT NULL, reason FROM mcpmeter_calls")}
+
+
+async def paid_call(gw: Gw, answer: dict[str, object], **params: object) -> str:
+    """One of Alice's tools/call, charged, answered with `answer`'s result; its request id."""
+    flow = make_flow(PATH, body=rpc("tools/call", 1, name="work", arguments={}, **params))
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    await upstream_answers(gw, flow, json_response({"jsonrpc": "2.0", "id": 1, "result": answer}))
+    return str(meta(flow)["request_id"])
+
+
+async def test_a_task_id_given_twice_refunds_the_first_call_at_once_and_bills_the_second_once(gw: Gw) -> None:
+    created = {"task": {"taskId": "T1", "status": "working"}}
+    first = await paid_call(gw, created, task={"ttl": 60_000})
+    second = await paid_call(gw, created, task={"ttl": 60_000})  # the upstream reuses the id
+    await gw.addon.drain()
+    assert reasons(gw) == {first: (1, 1, "task_replaced"), second: (0, 0, "task_pending")}
+    assert gw.db.balance(USERS[ALICE]) == OPENING - PRICE  # the first one's money is back now, not in an hour
+    own = await result_request(gw, ALICE)
+    await upstream_answers(gw, own, json_response({"jsonrpc": "2.0", "id": 2, "result": {"content": []}}))
+    await gw.addon.drain()
+    assert reasons(gw) == {first: (1, 1, "task_replaced"), second: (0, 1, "task_completed")}
+    assert gw.db.balance(USERS[ALICE]) == OPENING - PRICE
     gw.db.assert_reconciled()
