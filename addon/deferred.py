@@ -12,7 +12,8 @@ A 2026-07-28 call answered with `resultType: "input_required"` and a `requestSta
 way (`input_pending`); the client's retry of the same tool carrying exactly that `requestState`, on
 the same listing, key and session, is a continuation: forwarded without a second charge, and its
 answer settles the held first round (another input_required keeps it held under the new state).
-A state is usable once, and only if the gateway saw the upstream issue it to that key and tool.
+A state is usable once, and only if the gateway saw the upstream issue it to that key and tool; it
+holds one round: a round held under it already when it is issued again is billed (`input_replaced`).
 
 What the gateway needs is in `Deferred`; the readers below are pure.
 """
@@ -43,9 +44,11 @@ TASK_PENDING = "task_pending"  # the journal marks (store.HELD)
 INPUT_PENDING = "input_pending"
 TASK_EXPIRED = "task_expired"  # refunded: nobody saw the task end
 INPUT_ABANDONED = "input_abandoned"  # billed: the input_required answer was delivered, no retry came
-# A task id that another held call of the same scope holds names the newer task from then on: the
-# earlier one is refunded at once, as one whose outcome nobody can see any more (like task_expired).
+# A task id or a requestState that another held call of the same scope holds names the newer call from
+# then on: the earlier one is settled at once, as one whose outcome nobody can see any more (refunded,
+# like task_expired) or whose round nothing can continue (billed, like a round with no requestState).
 TASK_REPLACED = "task_replaced"
+INPUT_REPLACED = "input_replaced"
 TERMINAL = {
     "completed": Decision(False, "task_completed"),
     "failed": Decision(True, "task_failed"),
@@ -289,7 +292,7 @@ class Deferred:
         """The gateway refused the retry (rate limit, breaker, ...): it never ran, its state stays usable."""
         facts = self.facts.get(call)
         if facts is not None and facts.continues is not None and facts.continued is not None:
-            self.rounds.setdefault(facts.continued, facts.continues)
+            self._hold_round(facts.continued, facts.continues)
             facts.continues = facts.continued = None
 
     # answers -------------------------------------------------------------------------------
@@ -401,10 +404,17 @@ class Deferred:
             self.expired.pop(_undeliverable(facts.scope, facts.task_id), None)  # the id names a new, paid task
             return TASK_PENDING
         if facts.input_required and facts.state is not None:
-            key = state_key(facts.scope, facts.tool, facts.state)
-            self.rounds[key] = Held(flow, call, now + config.round_settle_seconds, INPUT_PENDING)
+            self._hold_round(state_key(facts.scope, facts.tool, facts.state),
+                             Held(flow, call, now + config.round_settle_seconds, INPUT_PENDING))
             return INPUT_PENDING
         return None
+
+    def _hold_round(self, key: tuple[Scope, str, str], held: Held) -> None:
+        """A retry carrying that state continues one round only: a round held under it already is billed."""
+        replaced = self.rounds.get(key)
+        self.rounds[key] = held
+        if replaced is not None and replaced.call is not held.call:
+            self.settle(replaced.flow, replaced.call, Decision(False, INPUT_REPLACED))
 
     async def hold(self, flow: Any, call: Any, decision: Decision) -> bool:
         """Hold the call if its answer says its outcome comes later: the money stays claimed and the
@@ -435,7 +445,7 @@ class Deferred:
         if facts.input_required and facts.state is not None and not decision.refund:
             # Another round: held under the new state, within the first round's limit (the journal's
             # sweep counts from the charge, so every round of one call must come within it).
-            self.rounds[state_key(facts.scope, facts.tool, facts.state)] = held
+            self._hold_round(state_key(facts.scope, facts.tool, facts.state), held)
             return True
         if facts.input_required and not decision.refund:
             decision = Decision(False, "input_required")  # asks again with no state to tie a retry to

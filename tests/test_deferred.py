@@ -516,7 +516,7 @@ async def test_the_same_user_with_another_key_fetches_its_result_and_colliding_i
     assert settled[3:] == [(third, Decision(False, "task_completed"))]
 
 
-# --- a task id held already: the earlier call is settled, never overwritten ---------------------------
+# --- a task id or a requestState held already: the earlier call is settled, never overwritten ------------
 
 
 async def test_a_task_id_held_already_refunds_the_earlier_task_before_holding_the_new_one(registry: Any) -> None:
@@ -550,3 +550,45 @@ async def test_an_upstream_naming_every_task_alike_keeps_one_held(registry: Any)
     d.expire()
     assert settled[-1] == (calls[-1], Decision(True, "task_expired"))
     assert d.tasks == {} and d.watched == {} and d.by_task == {} and list(d.expired) == [(5, "T")]
+
+
+async def test_a_request_state_held_already_bills_the_earlier_round_before_holding_the_new_one(
+        registry: Any) -> None:
+    """An upstream issues one requestState to two rounds of the same key and tool: a retry carrying it
+    continues one of them only, so the earlier is billed at once as a round nothing can continue
+    (input_replaced, as a round without a state is), and the retry settles the later one."""
+    d, settled, _ = registry
+    first = round_one(d)
+    assert await d.hold(Flow(), first, Decision(False, "result"))
+    second = round_one(d)  # the same state "S1"
+    assert await d.hold(Flow(), second, Decision(False, "result"))
+    assert settled == [(first, Decision(False, "input_replaced"))]
+    assert len(d.rounds) == 1
+    retried, continues = retry(d, "S1")
+    assert continues
+    assert d.round_over(retried, Decision(True, "rpc_error"))
+    assert settled[1:] == [(second, Decision(True, "rpc_error"))] and d.rounds == {}
+
+
+async def test_a_next_round_under_a_state_held_already_bills_the_other_round(registry: Any) -> None:
+    """A chain's next round, or a refused retry giving its state back, takes a key another round holds:
+    that round is billed, never dropped."""
+    d, settled, _ = registry
+    chain, other = round_one(d, state="S1"), round_one(d, state="S2")
+    await d.hold(Flow(), chain, Decision(False, "result"))
+    await d.hold(Flow(), other, Decision(False, "result"))
+    retried, continues = retry(d, "S1")
+    assert continues
+    d.watch_body(retried, response({"jsonrpc": "2.0", "id": 2,
+                                    "result": {"resultType": "input_required", "requestState": "S2"}}))
+    assert d.round_over(retried, Decision(False, "result"))  # the chain is held again, under S2
+    assert settled == [(other, Decision(False, "input_replaced"))]
+    refused, continues = retry(d, "S2")
+    assert continues
+    late = round_one(d, state="S2")  # issued S2 again while the retry was being admitted
+    await d.hold(Flow(), late, Decision(False, "result"))
+    d.release(refused)  # the chain's round takes S2 back: the late one is billed
+    assert settled[1:] == [(late, Decision(False, "input_replaced"))]
+    final, continues = retry(d, "S2")
+    assert continues and d.round_over(final, Decision(False, "result"))
+    assert settled[2:] == [(chain, Decision(False, "result"))] and d.rounds == {}

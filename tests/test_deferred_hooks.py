@@ -123,3 +123,20 @@ async def test_a_task_id_given_twice_refunds_the_first_call_at_once_and_bills_th
     assert reasons(gw) == {first: (1, 1, "task_replaced"), second: (0, 1, "task_completed")}
     assert gw.db.balance(USERS[ALICE]) == OPENING - PRICE
     gw.db.assert_reconciled()
+
+
+async def test_a_request_state_given_twice_bills_the_first_round_at_once(gw: Gw) -> None:
+    asks = {"resultType": "input_required", "requestState": "same", "inputRequests": {}}
+    first, second = await paid_call(gw, asks), await paid_call(gw, asks)
+    await gw.addon.drain()
+    assert reasons(gw) == {first: (0, 1, "input_replaced"), second: (0, 0, "input_pending")}
+    retry = make_flow(PATH, body=rpc("tools/call", 2, name="work", arguments={}, requestState="same",
+                                     inputResponses={}))
+    await gw.addon.request(retry)
+    assert forwarded(retry)
+    await upstream_answers(gw, retry, json_response({"jsonrpc": "2.0", "id": 2, "error": {"code": -1, "message": "x"}}))
+    await gw.addon.drain()
+    assert retry.response is not None and retry.response.headers["X-Mcpmeter-Billed"] == "0"
+    assert reasons(gw) == {first: (0, 1, "input_replaced"), second: (1, 1, "rpc_error")}
+    assert gw.db.balance(USERS[ALICE]) == OPENING - PRICE
+    gw.db.assert_reconciled()
