@@ -1,9 +1,10 @@
 """Admission: everything the request hook decides before a call leaves for the upstream.
 
 In order: the route and its syntax, the origin, the consumer (authentication), the listing, the
-session's owner, the rate limit, a tasks/result for another user's or a refunded task, the
-Idempotency-Key, the circuit breaker, the charge, and the forward itself (target URL, headers,
-deadline, and the registries that later answer the call).
+rate limit; then, counted against it (ids are not probed faster than it allows), the session's
+owner and a tasks/result for another user's or a refunded task; the Idempotency-Key, the circuit
+breaker, the charge, and the forward itself (target URL, headers, deadline, and the registries that
+later answer the call).
 Any refusal is raised as a GatewayError for the request hook to answer.
 """
 
@@ -87,10 +88,6 @@ class Admission:
             session = call.legacy_session = legacy_identity(listing.id, subpath, query)
         elif session and listing.transport is not Transport.SSE:
             call.session = (listing.id, session)
-        if session:
-            owner = await gw.cache.session_owner(session)
-            if owner is not None and owner != consumer.principal:
-                raise GatewayError("session_forbidden")
         method: str | None = None
         if req.method == "POST":
             inspection = inspect_request(
@@ -109,6 +106,9 @@ class Admission:
         elif not limit.allowed:
             raise GatewayError("rate_limited", headers=call.limit_headers, scope=limit.scope,
                                retry_after=limit.retry_after)
+        # After the rate limit, like the task refusals below: probing other keys' session ids counts.
+        if session and await gw.cache.session_owner(session) not in (None, consumer.principal):
+            raise GatewayError("session_forbidden")
         continues = False  # a retry carrying a requestState this key was issued: its first round paid
         if req.method == "POST":  # after the rate limit: its task refusals (403, 410) must not probe ids for free
             continues = gw.deferred.on_request(call, req.raw_content or b"", method, session)

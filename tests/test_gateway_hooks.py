@@ -793,6 +793,37 @@ async def test_session_belongs_to_the_key_that_opened_it(gw: Gw, caplog: pytest.
     assert own.response is None and forwarded(own)
 
 
+async def open_session(gw: Gw, session: str, token: str = ALICE) -> None:
+    init = make_flow(token=token, body=rpc("initialize", protocolVersion="2025-06-18", capabilities={},
+                                           clientInfo={"name": "t", "version": "1"}))
+    await gw.addon.request(init)
+    await upstream_answers(gw, init, json_response({"jsonrpc": "2.0", "id": 1, "result": {}},
+                                                   headers={"Mcp-Session-Id": session}))
+
+
+async def test_a_rate_limited_key_gets_429_not_session_forbidden(gw: Gw) -> None:
+    await open_session(gw, "sess-alice")
+    spent = make_flow("/strict", token=BOB, body=rpc("tools/list"))  # Bob's one call a minute on /strict
+    await gw.addon.request(spent)
+    assert forwarded(spent)
+    probe = make_flow("/strict", token=BOB, body=rpc("tools/list"), headers={"Mcp-Session-Id": "sess-alice"})
+    await gw.addon.request(probe)
+    assert probe.response is not None and probe.response.status_code == 429 and not forwarded(probe)
+    assert refusal(probe.response)["error"] == "rate_limited" and "Retry-After" in probe.response.headers
+
+
+async def test_probing_session_ids_counts_against_the_rate_limit(gw: Gw) -> None:
+    await open_session(gw, "sess-alice")
+    probe = make_flow("/strict", token=BOB, body=rpc("tools/list"), headers={"Mcp-Session-Id": "sess-alice"})
+    await gw.addon.request(probe)
+    assert probe.response is not None and probe.response.status_code == 403 and not forwarded(probe)
+    assert refusal(probe.response)["error"] == "session_forbidden"
+    after = make_flow("/strict", token=BOB, body=rpc("tools/list"))  # the probe took Bob's one call a minute
+    await gw.addon.request(after)
+    assert after.response is not None and after.response.status_code == 429 and not forwarded(after)
+
+
+
 # --- failing closed ------------------------------------------------------------------------------
 
 
