@@ -104,8 +104,8 @@ class Admission:
         if not limit.allowed and shadow.applies(gw.config, listing):
             shadow.note_refusal(flow, "rate_limited")  # shadow mode: recorded, let through
         elif not limit.allowed:
-            raise GatewayError("rate_limited", headers=call.limit_headers, scope=limit.scope,
-                               retry_after=limit.retry_after)
+            # Retry-After and RateLimit-* from call.limit_headers, as on every refusal from here on
+            raise GatewayError("rate_limited", scope=limit.scope, retry_after=limit.retry_after)
         # After the rate limit, like the task refusals below: probing other keys' session ids counts.
         if session and await gw.cache.session_owner(session) not in (None, consumer.principal):
             raise GatewayError("session_forbidden")

@@ -14,8 +14,11 @@ from .model import Verdict
 
 
 def error_response(error: GatewayError, call: Call, top_up_url: str | None) -> http.Response:
-    """The JSON (or JSON-RPC) refusal of `error`, with the metering headers: nothing billed."""
-    headers = {"Content-Type": "application/json", **error.headers,
+    """The JSON (or JSON-RPC) refusal of `error`, with the metering headers: nothing billed.
+
+    A call the rate limit counted says under what (`call.limit_headers`, empty before the count),
+    as its 429 or its answer would; the error's own headers (a Retry-After) win."""
+    headers = {"Content-Type": "application/json", **call.limit_headers, **error.headers,
                "X-Mcpmeter-Request-Id": call.request_id, "X-Mcpmeter-Billed": "0",
                "X-Mcpmeter-Duration-Ms": str(call.elapsed_ms())}
     if call.balance is not None:

@@ -708,6 +708,9 @@ async def test_refusals_answer_json_and_never_forward(gw: Gw, caplog: pytest.Log
         assert h["X-Mcpmeter-Balance"] == str(balances[USERS[case.token]])
     else:  # a flood of refusals must not reach the database
         assert "X-Mcpmeter-Balance" not in h
+    # Only a refusal after the rate limit counted the call (the charge's), and says so.
+    counted = case.code in ("insufficient_credit", "project_cap_exceeded")
+    assert any(name.startswith("RateLimit-") for name in h) == counted
 
     # mitmproxy still runs the response hooks for an answer set in `request`: nothing may change.
     before = flow.response.copy()
@@ -822,6 +825,30 @@ async def test_probing_session_ids_counts_against_the_rate_limit(gw: Gw) -> None
     await gw.addon.request(after)
     assert after.response is not None and after.response.status_code == 429 and not forwarded(after)
 
+
+async def test_refusals_after_the_rate_limit_carry_its_headers(gw: Gw) -> None:
+    """The headers a call was counted under go out on every answer after the count, refusals too."""
+    reused_key = {"Idempotency-Key": "k-1"}
+    first = make_flow(headers=reused_key)
+    await gw.addon.request(first)
+    await upstream_answers(gw, first, json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}))
+    await open_session(gw, "sess-alice")
+    refused = {
+        "insufficient_credit": make_flow(token=POOR),  # the charge refuses
+        "idempotency_key_reused": make_flow(body=tool_call(rpc_id=2), headers=reused_key),
+        "session_forbidden": make_flow(token=BOB, body=rpc("tools/list"), headers={"Mcp-Session-Id": "sess-alice"}),
+    }
+    for code, flow in refused.items():
+        await gw.addon.request(flow)
+        assert flow.response is not None and refusal(flow.response)["error"] == code
+        h = flow.response.headers
+        assert h["RateLimit-Policy"] == "60;w=60, 10000;w=86400" and h["RateLimit-Limit"] == "60", code
+        assert h["RateLimit-Remaining"].isdigit() and h["RateLimit-Reset"].isdigit(), code
+        assert "Retry-After" not in h, code  # within the limit
+    for before in (make_flow(token=UNKNOWN), make_flow(token=SUSPENDED), make_flow("/paused-one")):
+        await gw.addon.request(before)  # refused before the rate limit: nothing was counted, nothing to say
+        assert before.response is not None and before.response.status_code in (401, 403, 503)
+        assert not any(name.startswith("RateLimit-") for name in before.response.headers)
 
 
 # --- failing closed ------------------------------------------------------------------------------
