@@ -182,7 +182,7 @@ class Facts:
     input_required: bool = False
     state: str | None = None  # the requestState of an input_required answer
     continues: Held | None = None  # a retry carrying a state this key was issued: the first round
-    continued: tuple[Scope, str, str] | None = None  # ... under this key (to give it back if refused)
+    continued: tuple[Scope, str, str] | None = None  # ... under this key (to give it back if not forwarded)
     parser: SseParser | None = None
 
 
@@ -288,8 +288,9 @@ class Deferred:
             if not calls:
                 del self.awaiting[facts.scope]
 
-    def release(self, call: Any) -> None:
-        """The gateway refused the retry (rate limit, breaker, ...): it never ran, its state stays usable."""
+    def not_forwarded(self, call: Any) -> None:
+        """The gateway answered the request itself (a refusal, an Idempotency-Key replay): a round
+        it took never ran, so its state stays usable. An expired one goes back for `expire` to bill."""
         facts = self.facts.get(call)
         if facts is not None and facts.continues is not None and facts.continued is not None:
             self._hold_round(facts.continued, facts.continues)

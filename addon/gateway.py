@@ -293,6 +293,8 @@ class Mcpmeter:
             await self._fail_closed(flow, call)
         finally:
             self.admitting -= 1
+            if call.forwarded is None or flow.response is not None:
+                self.deferred.not_forwarded(call)  # answered here or cut short: a round its retry took goes back
 
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
         call = self.calls.get(flow.id)
@@ -411,7 +413,6 @@ class Mcpmeter:
     async def _refuse(self, flow: http.HTTPFlow, call: Call, error: GatewayError) -> None:
         redaction.redact_forwarded_credentials(flow.request.headers)  # refused: they go nowhere
         self.settlements.conclude_key(flow, call, refused=True)  # nothing to replay: a retry runs normally
-        self.deferred.release(call)  # a refused input_required retry did not use its requestState
         # A refusal names the balance only when the charge read it (402): a flood of 429s, or of
         # requests for a paused listing, must not reach the database.
         call.rpc_id = call.priced.rpc_id if call.priced else rpc_errors.peek_id(flow.request.raw_content)

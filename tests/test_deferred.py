@@ -305,10 +305,10 @@ async def test_a_refused_retry_gives_its_state_back(registry: Any) -> None:
     await d.hold(Flow(), first, Decision(False, "result"))
     refused, continues = retry(d, "S1")
     assert continues and not retry(d, "S1")[1]  # taken while the first retry is admitted
-    d.release(refused)  # e.g. rate-limited: never forwarded
+    d.not_forwarded(refused)  # e.g. refused by the breaker
     second, continues = retry(d, "S1")
     assert continues
-    d.release(make_call())  # a call that continued nothing: nothing happens
+    d.not_forwarded(make_call())  # a call that continued nothing: nothing happens
     assert d.round_over(second, Decision(False, "result"))
     assert settled == [(first, Decision(False, "result"))]
 
@@ -587,7 +587,7 @@ async def test_a_next_round_under_a_state_held_already_bills_the_other_round(reg
     assert continues
     late = round_one(d, state="S2")  # issued S2 again while the retry was being admitted
     await d.hold(Flow(), late, Decision(False, "result"))
-    d.release(refused)  # the chain's round takes S2 back: the late one is billed
+    d.not_forwarded(refused)  # the chain's round takes S2 back: the late one is billed
     assert settled[1:] == [(late, Decision(False, "input_replaced"))]
     final, continues = retry(d, "S2")
     assert continues and d.round_over(final, Decision(False, "result"))

@@ -1,16 +1,20 @@
-"""Task refusals in the addon's hooks (taddons, embedded store): a tasks/result refused with 403
+"""Tasks and rounds in the addon's hooks (taddons, embedded store): a tasks/result refused with 403
 task_forbidden or 410 task_expired passes the rate limit first and counts against it, so task ids
-cannot be probed without limit."""
+cannot be probed without limit; a held input_required round taken by a retry the gateway answers
+itself (a refusal, an Idempotency-Key replay) is given back."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons
 
+from addon import idempotency
+from addon.errors import GatewayError
 from addon.gateway import Mcpmeter
 from tests.refusals import refusal
 from tests.test_gateway_hooks import (ALICE, BOB, OPENING, PRICE, SEED, USERS, Db, Gw, forwarded,  # noqa: F401
@@ -21,13 +25,15 @@ pytestmark = pytest.mark.timeout(30)
 
 PATH = "/tasks-test"
 PER_MINUTE = 3
+ROUNDS = "/rounds-test"
 
 
 @pytest.fixture
 async def gw(tmp_path: Path) -> AsyncIterator[Gw]:
     listing = {"slug": PATH[1:], "upstream_url": "http://127.0.0.1:1/tasks", "price_micro_cents": PRICE,
                "rate_limit_per_minute": PER_MINUTE}
-    seed = {**SEED, "listings": [*SEED["listings"], listing]}
+    rounds = {"slug": ROUNDS[1:], "upstream_url": "http://127.0.0.1:1/rounds", "price_micro_cents": PRICE}
+    seed = {**SEED, "listings": [*SEED["listings"], listing, rounds]}
     addon = Mcpmeter()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, mcpmeter_config=str(write_config(tmp_path, seed=seed)))
@@ -139,4 +145,73 @@ async def test_a_request_state_given_twice_bills_the_first_round_at_once(gw: Gw)
     assert retry.response is not None and retry.response.headers["X-Mcpmeter-Billed"] == "0"
     assert reasons(gw) == {first: (0, 1, "input_replaced"), second: (1, 1, "rpc_error")}
     assert gw.db.balance(USERS[ALICE]) == OPENING - PRICE
+    gw.db.assert_reconciled()
+
+
+# --- input_required rounds ----------------------------------------------------------------------
+
+
+def ask(rpc_id: int, state: str | None = None) -> dict[str, Any]:
+    """A tools/call of `ask`; with a state, the retry that continues its round."""
+    params: dict[str, Any] = {"name": "ask", "arguments": {}}
+    if state is not None:
+        params.update(requestState=state, inputResponses={})
+    return rpc("tools/call", rpc_id, **params)
+
+
+async def held_round(gw: Gw, state: str = "S1") -> None:
+    """Alice's `ask`, charged and held on its input_required answer issuing `state`."""
+    flow = make_flow(ROUNDS, body=ask(1))
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    await upstream_answers(gw, flow, json_response(
+        {"jsonrpc": "2.0", "id": 1, "result": {"resultType": "input_required", "requestState": state}}))
+    assert flow.response is not None and flow.response.headers["X-Mcpmeter-Billed"] == str(PRICE)
+
+
+async def continued(gw: Gw, state: str, rpc_id: int) -> None:
+    """A retry carrying `state` continues the held round: forwarded free, its result bills the first round."""
+    flow = make_flow(ROUNDS, body=ask(rpc_id, state))
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    await upstream_answers(gw, flow, json_response({"jsonrpc": "2.0", "id": rpc_id, "result": {"content": []}}))
+    assert flow.response is not None and flow.response.headers["X-Mcpmeter-Billed"] == "0"
+    assert gw.addon.deferred.rounds == {}
+
+
+async def test_a_retry_answered_by_a_replay_gives_its_round_back(gw: Gw) -> None:
+    key = {"Idempotency-Key": "retry-1"}
+    # The retry's body ran once already under this key where S1 was not held (as on another gateway
+    # sharing Redis, or before S1 was issued here): an ordinary call, charged, its answer stored.
+    earlier = make_flow(ROUNDS, body=ask(2, "S1"), headers=key)
+    await gw.addon.request(earlier)
+    assert forwarded(earlier)
+    await upstream_answers(gw, earlier, json_response({"jsonrpc": "2.0", "id": 2, "result": {"content": []}}))
+    await held_round(gw)
+    assert gw.db.balance(USERS[ALICE]) == OPENING - 2 * PRICE
+    replay = make_flow(ROUNDS, body=ask(2, "S1"), headers=key)
+    await gw.addon.request(replay)
+    assert replay.response is not None and replay.response.headers[idempotency.REPLAYED] == "true"
+    assert not forwarded(replay)
+    await continued(gw, "S1", 3)  # the round was not used up by the replay: no third charge
+    assert gw.db.balance(USERS[ALICE]) == OPENING - 2 * PRICE
+    assert all(row[4] == 1 for row in gw.db.journal())  # the held first round is settled, billed
+    gw.db.assert_reconciled()
+
+
+async def test_a_retry_refused_after_it_took_its_round_gives_it_back(gw: Gw, monkeypatch: pytest.MonkeyPatch) -> None:
+    await held_round(gw)
+
+    async def open_circuit(*_: Any, **__: Any) -> None:
+        raise GatewayError("upstream_unavailable", headers={"Retry-After": "5"}, retry_after=5)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(gw.addon.circuits, "admit", open_circuit)
+        refused_retry = make_flow(ROUNDS, body=ask(2, "S1"))
+        await gw.addon.request(refused_retry)
+        assert refused(refused_retry) == (503, "upstream_unavailable")
+    assert len(gw.addon.deferred.rounds) == 1
+    await continued(gw, "S1", 3)
+    assert gw.db.balance(USERS[ALICE]) == OPENING - PRICE
+    assert [row[4] for row in gw.db.journal()] == [1]
     gw.db.assert_reconciled()
