@@ -134,6 +134,9 @@ class Settlement:
     # Why it was billed or refunded (billing.Decision.reason, or the sweeper's SWEPT): kept in the
     # call journal and in a refund's ledger row, so every settlement can be audited afterwards.
     reason: str | None = None
+    # Written after the answer left, by nobody's hook: a store may hold it for one flush interval
+    # to share a transaction with the settlements of other calls (mysql.py BilledBatches).
+    background: bool = False
 
 
 @dataclass(frozen=True, slots=True)

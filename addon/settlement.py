@@ -197,6 +197,7 @@ class Settlements:
             # are not sent yet (X-Mcpmeter-Balance is fresh) and for refunds. So the billed settlements
             # of streamed answers, like those written in the background, can be batched (mysql_batch.py).
             taken=call.charged, need_balance=not background and (decided.refund or call.parser is None),
+            background=background,
             reason=shadow.settled_reason(flow, decided.refund) or decided.reason,
         )
         for attempt in range(SETTLE_ATTEMPTS):

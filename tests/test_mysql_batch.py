@@ -11,11 +11,12 @@ import asyncio
 import dataclasses
 import random
 from collections import Counter
+from typing import Any
 
 from addon.model import Settlement, Verdict
 from addon.store.base import StoreUnavailable
 from addon.store import mysql_batch
-from addon.store.mysql import MysqlStore
+from addon.store.mysql import BilledBatches, MysqlStore
 
 from .dbutil import SCHEMA, scratch_database
 from .test_mysql_round_trips import Meter, world  # noqa: F401  (the fixture)
@@ -256,4 +257,88 @@ async def test_hostile_tool_names_and_user_agents_are_stored_as_sent(world: tupl
     assert db.rows("SELECT tool_name, user_agent, billed_micro_cents FROM usage_events WHERE request_id = %s",
                    (alone.request_id,)) == [(tools[0][:191], agent[:255], PRICE)]
     assert db.value("SELECT COUNT(*) FROM users") == users
+    reconcile(db)
+
+
+# --- the flush interval: background settlements wait for others -----------------------------------
+
+
+async def charged_settlements(db: Backend, meter: Meter, n: int) -> list[Settlement]:
+    """`n` billed settlements of user 1's charged calls, as written in the background (the answer left)."""
+    who = add_consumer(db, 1, credit=100 * PRICE)
+    add_listing(db, 10, "a", price=PRICE)
+    out = []
+    for _ in range(n):
+        req = call(who, 10, PRICE)
+        taken = await meter.store.charge(req)
+        out.append(dataclasses.replace(billed(outcome(req, who)), taken=taken, background=True))
+    return out
+
+
+async def test_background_settlements_apart_in_time_share_one_transaction(
+        world: tuple[Backend, Meter], monkeypatch: Any) -> None:  # noqa: F811
+    db, meter = world
+    monkeypatch.setattr(BilledBatches, "FLUSH_SECONDS", 0.5)
+    jobs = await charged_settlements(db, meter, 6)
+
+    async def one_by_one() -> list[int | None]:
+        started = []
+        for s in jobs:  # as calls answered a few ms apart at concurrency 1
+            started.append(asyncio.ensure_future(meter.store.settle(s)))
+            await asyncio.sleep(0.01)
+        return await asyncio.gather(*started)
+
+    results, trips, server = await meter.measure(one_by_one())
+    assert results == [None] * 6
+    # One batch: its two round trips and one COMMIT, where six settlements alone take six of each.
+    assert trips == 2 and server == {"Com_commit": 1, "Com_rollback": 0}, (trips, server)
+    assert (await meter.store.health())["billed_batches"] == {"transactions": 1, "settlements": 6}
+    assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL") == 0
+    reconcile(db)
+
+
+async def test_a_settlement_a_hook_waits_for_ends_the_flush_interval(
+        world: tuple[Backend, Meter], monkeypatch: Any) -> None:  # noqa: F811
+    db, meter = world
+    monkeypatch.setattr(BilledBatches, "FLUSH_SECONDS", 60.0)  # no test waits that long
+    first, second = await charged_settlements(db, meter, 2)
+    waiting = asyncio.ensure_future(meter.store.settle(first))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # a background settlement waits for others to join it
+    assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL") == 2
+    # A streamed answer's settlement, which its response hook awaits: written at once, with the first.
+    async with asyncio.timeout(5):
+        assert await meter.store.settle(dataclasses.replace(second, background=False)) is None
+        assert await waiting is None
+    assert (await meter.store.health())["billed_batches"] == {"transactions": 1, "settlements": 2}
+    reconcile(db)
+
+
+async def test_a_full_batch_is_written_without_waiting(world: tuple[Backend, Meter], monkeypatch: Any) -> None:  # noqa: F811
+    db, meter = world
+    monkeypatch.setattr(BilledBatches, "FLUSH_SECONDS", 60.0)
+    monkeypatch.setattr(BilledBatches, "MAX", 4)
+    jobs = await charged_settlements(db, meter, 8)
+    async with asyncio.timeout(5):
+        assert await asyncio.gather(*(meter.store.settle(s) for s in jobs)) == [None] * 8
+    assert (await meter.store.health())["billed_batches"] == {"transactions": 2, "settlements": 8}
+    reconcile(db)
+
+
+async def test_settlements_waiting_when_the_loop_stops_are_cancelled_not_lost_silently(
+        world: tuple[Backend, Meter], monkeypatch: Any) -> None:  # noqa: F811
+    db, meter = world
+    monkeypatch.setattr(BilledBatches, "FLUSH_SECONDS", 60.0)
+    jobs = await charged_settlements(db, meter, 3)
+    waiting = [asyncio.ensure_future(meter.store.settle(s)) for s in jobs]
+    await asyncio.sleep(0.05)
+    billed_batches = meter.store._billed
+    assert billed_batches is not None and billed_batches._writer is not None
+    billed_batches._writer.cancel()  # as when the event loop is torn down mid-interval
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+    # Nothing written: the journal rows stay unsettled, and the sweeper refunds them (the consumer
+    # never pays for what a crash lost; the publisher loses at most one flush interval of calls).
+    assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL") == 3
+    assert await meter.store.sweep(-2, 2000) == 3
     reconcile(db)

@@ -318,16 +318,24 @@ class MysqlStore(SqlStore):
 
 
 class BilledBatches:
-    """Billed settlements queue here while one batch is being written, and go together in the next:
-    under load one transaction carries many calls (mysql_batch.py), at concurrency 1 each goes alone.
-    One batch at a time per gateway, so the queue, not the pool, absorbs a burst."""
+    """Billed settlements queue here and go together in one transaction (mysql_batch.py): under
+    load, those that queue while a batch is written share the next one. Settlements written in the
+    background (the answer left already, nobody waits) also wait up to one flush interval for
+    others to join: at low load too, calls share a transaction instead of paying a round trip and a
+    COMMIT each. One batch at a time per gateway, so the queue, not the pool, absorbs a burst.
+
+    A crash loses what waits here: the calls' journal rows stay unsettled and the sweeper refunds
+    them, so the consumer never pays for them and the publisher loses at most the billed calls of
+    one flush interval (and of the batch being written)."""
 
     MAX = 200  # settlements per transaction (the statements grow with it; the lock time too)
+    FLUSH_SECONDS = 0.02  # how long background settlements wait for others to share their transaction
 
     def __init__(self, store: MysqlStore) -> None:
         self._store = store
         self._queue: deque[tuple[Settlement, asyncio.Future[bool]]] = deque()
         self._writer: asyncio.Future[None] | None = None
+        self._wake: asyncio.Future[None] | None = None  # set: the flush interval ends now
         self.batches = 0  # transactions of more than one settlement written (for /health)
         self.batched = 0  # the settlements they carried
 
@@ -335,33 +343,57 @@ class BilledBatches:
         """True once written in a batch; False if the batch left it out (settle it alone)."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queue.append((settlement, future))
+        if (not settlement.background or len(self._queue) >= self.MAX) and self._wake and not self._wake.done():
+            self._wake.set_result(None)  # a hook waits for this one, or the batch is full: no more waiting
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._write())
         return await future
 
     async def _write(self) -> None:
-        while self._queue:
-            jobs = [self._queue.popleft() for _ in range(min(self.MAX, len(self._queue)))]
-            try:
-                done = await self._store.settle_billed([s for s, _ in jobs])
-            except Exception as e:
-                # The batch was rolled back. Each settlement now goes alone: one that cannot be
-                # written (a listing deleted mid-call, say) fails by itself, and never takes the
-                # delivered, billed calls batched with it to the sweeper's refund.
-                log.warning("mcpmeter: a batch of %d billed settlements failed (%s); settling each alone",
-                            len(jobs), e)
-                done = [False] * len(jobs)
-            except BaseException:
-                for _, future in [*jobs, *self._queue]:  # cancelled (the loop is closing): their owners stop too
-                    future.cancel()
-                self._queue.clear()
-                raise
-            if len(jobs) > 1:
-                self.batches += 1
-                self.batched += sum(done)
-            for (_, future), ok in zip(jobs, done, strict=True):
-                if not future.done():
-                    future.set_result(ok)
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue:
+                if len(self._queue) < self.MAX and all(s.background for s, _ in self._queue):
+                    self._wake = loop.create_future()
+                    timer = loop.call_later(self.FLUSH_SECONDS, _wake_up, self._wake)
+                    try:
+                        await self._wake
+                    finally:
+                        timer.cancel()
+                        self._wake = None
+                await self._write_one()
+        except BaseException:
+            for _, future in self._queue:  # cancelled (the loop is closing): their owners stop too
+                future.cancel()
+            self._queue.clear()
+            raise
+
+    async def _write_one(self) -> None:
+        jobs = [self._queue.popleft() for _ in range(min(self.MAX, len(self._queue)))]
+        try:
+            done = await self._store.settle_billed([s for s, _ in jobs])
+        except Exception as e:
+            # The batch was rolled back. Each settlement now goes alone: one that cannot be
+            # written (a listing deleted mid-call, say) fails by itself, and never takes the
+            # delivered, billed calls batched with it to the sweeper's refund.
+            log.warning("mcpmeter: a batch of %d billed settlements failed (%s); settling each alone",
+                        len(jobs), e)
+            done = [False] * len(jobs)
+        except BaseException:
+            for _, future in jobs:
+                future.cancel()
+            raise
+        if len(jobs) > 1:
+            self.batches += 1
+            self.batched += sum(done)
+        for (_, future), ok in zip(jobs, done, strict=True):
+            if not future.done():
+                future.set_result(ok)
+
+
+def _wake_up(wake: asyncio.Future[None]) -> None:
+    if not wake.done():
+        wake.set_result(None)
 
 
 class ChargeBatches:
