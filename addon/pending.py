@@ -63,7 +63,9 @@ def cancelled_request_id(body: bytes) -> JsonId | None:
         return None
     params = message.get("params")
     rpc_id = params.get("requestId") if isinstance(params, Mapping) else None
-    return rpc_id if id_key(rpc_id) is not None else None
+    # A string or an integer only, as the SDKs' servers read it: the Python SDK ignores a cancellation
+    # naming 1.0, so refunding call 1 for it would let the call run on, and its side effects, for free.
+    return rpc_id if isinstance(rpc_id, (str, int)) and not isinstance(rpc_id, bool) else None
 
 
 class Pending:
@@ -149,18 +151,27 @@ class Pending:
             return False
         return True
 
-    def blank_if_refunded(self, session: SessionKey, data: str, live: JsonId | None = None) -> str | None:
+    def blank_if_refunded(self, session: SessionKey, data: str, live: JsonId | None = None,
+                          live_refunded: bool = False) -> str | None:
         """An event's data: "" (the event is not dispatched by clients) when it answers a refunded call,
         unless it also answers `live`, the call its stream carries, not refunded: a batch answering
-        both goes out whole (that call is billed for it; never billed for an answer withheld)."""
-        if not self.refunded:
+        both goes out whole (that call is billed for it; never billed for an answer withheld).
+
+        `live_refunded`: the stream's own call was refunded (cancelled). Its answer is blanked whatever
+        the session's markers say: a later call reusing its id takes the marker over (its answers are
+        its own), and must not unblank the refunded call's answer on the refunded call's own stream."""
+        if not self.refunded and not live_refunded:
             return None
+        live_key = id_key(live)
+
+        def refunded(rpc_id: Any) -> bool:
+            return (live_refunded and id_key(rpc_id) == live_key) or self.is_refunded(session, rpc_id)
+
         messages = answer_messages(data.encode("utf-8", "surrogatepass"))
         answered = [m.id_value() for m in messages or () if not m.has_method and (m.has_result or m.has_error)]
-        if not any(self.is_refunded(session, rpc_id) for rpc_id in answered):
+        if not any(refunded(rpc_id) for rpc_id in answered):
             return None
-        keep = live is not None and not self.is_refunded(session, live) and any(
-            id_key(rpc_id) == id_key(live) for rpc_id in answered)
+        keep = live is not None and not refunded(live) and any(id_key(rpc_id) == live_key for rpc_id in answered)
         return None if keep else ""
 
 

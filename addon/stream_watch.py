@@ -113,7 +113,8 @@ class StreamWatch:
 
             def blank(data: str) -> bool:
                 assert session is not None
-                return pending.blank_if_refunded(session, data, live) is not None
+                cancelled = call.failure is Failure.CANCELLED  # refunded while its stream stays open
+                return pending.blank_if_refunded(session, data, live, cancelled) is not None
 
             if plan is not None or session is not None:
                 max_event = gw.config.max_event_bytes if gw.config else DEFAULT_MAX_EVENT_BYTES

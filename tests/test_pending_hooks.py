@@ -8,7 +8,7 @@ import pytest
 
 from addon.call import Wait
 from tests.test_gateway_hooks import (  # noqa: F401  (fixtures)
-    OPENING, PRICE, RESULT, Gw, gw, isolated, make_flow, meta, sent, sse_response, upstream_fails,
+    OPENING, PRICE, RESULT, Gw, gw, isolated, make_flow, meta, sent, sse_response, tool_call, upstream_fails,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -88,3 +88,52 @@ async def test_a_2026_client_closing_before_the_answer_cancels_and_is_refunded(g
     await gw.addon.drain()
     assert usage_reasons(gw) == [(499, 1, "cancelled")] and gw.db.balance(1) == OPENING
     assert meta(flow)["reason"] == "cancelled"
+
+
+def cancellation(request_id: object) -> dict[str, object]:
+    return {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": request_id}}
+
+
+async def test_a_cancelled_calls_answer_stays_blanked_when_a_later_call_reuses_its_id(gw: Gw) -> None:
+    post_a, call_a = await post_primed(gw)  # call A, id 1, its POST stream open
+    notice = make_flow(headers=SESSION, body=cancellation(1))
+    await gw.addon.request(notice)
+    await gw.addon.drain()
+    assert call_a.failure is not None  # refunded
+    # Call B under the same id (ids must not be reused, but may be): it takes the session's marker over.
+    post_b = make_flow(headers=SESSION, body=tool_call(rpc_id=1))
+    await gw.addon.request(post_b)
+    assert post_b.response is None  # forwarded, charged
+    # The upstream finishes A anyway, on A's own stream: its answer must still not reach the client.
+    answer = b"id: 2\ndata: " + RESULT.encode() + b"\n\n"
+    assert sent(post_a.response.stream(answer)) == b"id: 2\n\n"
+    post_a.response.stream(b"")
+    await gw.addon.response(post_a)
+    # B's own answer is B's: delivered and billed.
+    post_b.response = sse_response()
+    await gw.addon.responseheaders(post_b)
+    assert b'"text": "done"' in sent(post_b.response.stream(answer))  # (with its receipt)
+    post_b.response.stream(b"")
+    await gw.addon.response(post_b)
+    await gw.addon.drain()
+    assert sorted(usage_reasons(gw)) == [(200, 0, "result"), (499, 1, "cancelled")]
+    assert gw.db.balance() == OPENING - PRICE
+    gw.db.assert_reconciled()
+
+
+async def test_a_cancellation_naming_a_float_id_refunds_nothing(gw: Gw) -> None:
+    # The Python SDK's server ignores a requestId of 1.0 and runs call 1 to its end: refunding it
+    # would deliver the call's side effects for free.
+    post, call = await post_primed(gw)
+    notice = make_flow(headers=SESSION, body=cancellation(1.0))
+    await gw.addon.request(notice)
+    assert notice.response is None  # the notification goes on to the upstream, unchanged
+    await gw.addon.drain()
+    assert call.failure is None
+    answer = b"id: 2\ndata: " + RESULT.encode() + b"\n\n"
+    assert b'"text": "done"' in sent(post.response.stream(answer))
+    post.response.stream(b"")
+    await gw.addon.response(post)
+    await gw.addon.drain()
+    assert usage_reasons(gw) == [(200, 0, "result")]
+    gw.db.assert_reconciled()
