@@ -17,8 +17,12 @@ def error_response(error: GatewayError, call: Call, top_up_url: str | None) -> h
     """The JSON (or JSON-RPC) refusal of `error`, with the metering headers: nothing billed.
 
     A call the rate limit counted says under what (`call.limit_headers`, empty before the count),
-    as its 429 or its answer would; the error's own headers (a Retry-After) win."""
-    headers = {"Content-Type": "application/json", **call.limit_headers, **error.headers,
+    as its 429 or its answer would; the error's own headers (a Retry-After) win. The limiter's
+    Retry-After goes on its 429 only: a call shadow mode let through over the limit keeps it, and a
+    later refusal (a 403, a 410) must not tell the client to try again in so many seconds."""
+    limit = call.limit_headers if error.spec.code == "rate_limited" else {
+        k: v for k, v in call.limit_headers.items() if k != "Retry-After"}
+    headers = {"Content-Type": "application/json", **limit, **error.headers,
                "X-Mcpmeter-Request-Id": call.request_id, "X-Mcpmeter-Billed": "0",
                "X-Mcpmeter-Duration-Ms": str(call.elapsed_ms())}
     if call.balance is not None:

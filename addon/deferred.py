@@ -293,8 +293,13 @@ class Deferred:
         it took never ran, so its state stays usable. An expired one goes back for `expire` to bill."""
         facts = self.facts.get(call)
         if facts is not None and facts.continues is not None and facts.continued is not None:
-            self._hold_round(facts.continued, facts.continues)
+            held, key = facts.continues, facts.continued
             facts.continues = facts.continued = None
+            newer = self.rounds.get(key)
+            if newer is None:
+                self.rounds[key] = held
+            elif newer.call is not held.call:  # the state was issued again meanwhile: the newer round keeps it
+                self.settle(held.flow, held.call, Decision(False, INPUT_REPLACED))
 
     # answers -------------------------------------------------------------------------------
 

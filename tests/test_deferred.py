@@ -571,8 +571,9 @@ async def test_a_request_state_held_already_bills_the_earlier_round_before_holdi
 
 
 async def test_a_next_round_under_a_state_held_already_bills_the_other_round(registry: Any) -> None:
-    """A chain's next round, or a refused retry giving its state back, takes a key another round holds:
-    that round is billed, never dropped."""
+    """A chain's next round takes a key another round holds: that round is billed, never dropped. A
+    refused retry giving its state back finds the state issued again meanwhile: the newer round keeps
+    it (as a state issued twice holds the newer round) and the returned one is billed."""
     d, settled, _ = registry
     chain, other = round_one(d, state="S1"), round_one(d, state="S2")
     await d.hold(Flow(), chain, Decision(False, "result"))
@@ -587,8 +588,8 @@ async def test_a_next_round_under_a_state_held_already_bills_the_other_round(reg
     assert continues
     late = round_one(d, state="S2")  # issued S2 again while the retry was being admitted
     await d.hold(Flow(), late, Decision(False, "result"))
-    d.not_forwarded(refused)  # the chain's round takes S2 back: the late one is billed
-    assert settled[1:] == [(late, Decision(False, "input_replaced"))]
+    d.not_forwarded(refused)  # the chain's round comes back to a state the late one holds: the chain is billed
+    assert settled[1:] == [(chain, Decision(False, "input_replaced"))]
     final, continues = retry(d, "S2")
     assert continues and d.round_over(final, Decision(False, "result"))
-    assert settled[2:] == [(chain, Decision(False, "result"))] and d.rounds == {}
+    assert settled[2:] == [(late, Decision(False, "result"))] and d.rounds == {}

@@ -815,6 +815,22 @@ async def test_a_rate_limited_key_gets_429_not_session_forbidden(gw: Gw) -> None
     assert refusal(probe.response)["error"] == "rate_limited" and "Retry-After" in probe.response.headers
 
 
+async def test_a_refusal_of_a_call_shadow_mode_let_through_the_limit_says_no_retry_after(tmp_path: Path) -> None:
+    addon = Mcpmeter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, mcpmeter_config=str(write_config(tmp_path, shadow=True)))
+        shadowed = Gw(addon, tctx, Db(tmp_path / "mcpmeter.db"))
+        await open_session(shadowed, "sess-alice")
+        spent = make_flow("/strict", token=BOB, body=rpc("tools/list"))  # Bob's one call a minute on /strict
+        await addon.request(spent)
+        probe = make_flow("/strict", token=BOB, body=rpc("tools/list"), headers={"Mcp-Session-Id": "sess-alice"})
+        await addon.request(probe)  # over the limit, let through by shadow mode, then refused: not his session
+        assert probe.response is not None and refusal(probe.response)["error"] == "session_forbidden"
+        assert probe.response.headers["RateLimit-Remaining"] == "0"  # what it was counted under
+        assert "Retry-After" not in probe.response.headers  # a 403 is not cured by waiting
+        addon.done()
+
+
 async def test_probing_session_ids_counts_against_the_rate_limit(gw: Gw) -> None:
     await open_session(gw, "sess-alice")
     probe = make_flow("/strict", token=BOB, body=rpc("tools/list"), headers={"Mcp-Session-Id": "sess-alice"})
