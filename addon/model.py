@@ -134,8 +134,8 @@ class Settlement:
     # Why it was billed or refunded (billing.Decision.reason, or the sweeper's SWEPT): kept in the
     # call journal and in a refund's ledger row, so every settlement can be audited afterwards.
     reason: str | None = None
-    # Written after the answer left, by nobody's hook: a store may hold it for one flush interval
-    # to share a transaction with the settlements of other calls (mysql.py BilledBatches).
+    # Nobody awaits it (a buffered answer that left already, a held call settled later): a store may
+    # hold it for one flush interval to share a transaction with other calls' (mysql.py BilledBatches).
     background: bool = False
 
 

@@ -30,6 +30,7 @@ from .test_store_contract import (
     add_listing,
     call,
     outcome,
+    Who,
     reconcile,
 )
 
@@ -342,3 +343,30 @@ async def test_settlements_waiting_when_the_loop_stops_are_cancelled_not_lost_si
     assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL") == 3
     assert await meter.store.sweep(-2, 2000) == 3
     reconcile(db)
+
+
+def test_a_store_used_from_a_new_loop_starts_a_fresh_queue() -> None:
+    """An event loop closed while settlements waited out their interval (its tasks never cancelled)
+    leaves no writer nor wake-up behind for the next loop to trip on."""
+
+    class Written:
+        async def settle_billed(self, batch: list[Settlement]) -> list[bool]:
+            return [True] * len(batch)
+
+    batches = BilledBatches(Written())  # type: ignore[arg-type]
+    batches.FLUSH_SECONDS = 60.0
+    s = Settlement(charge=call(Who(1, 10, "k", 1), 10, PRICE), refund=False, status=200, duration_ms=1,
+                   called_at=0.0, key_id=None, token_id=None, client=None, user_agent=None, fee_bps=0)
+    old = asyncio.new_event_loop()
+
+    async def leave_one_waiting() -> None:
+        asyncio.ensure_future(batches.submit(dataclasses.replace(s, background=True)))
+        await asyncio.sleep(0.01)
+
+    old.run_until_complete(leave_one_waiting())
+    old.close()
+
+    async def on_the_new_loop() -> bool:
+        async with asyncio.timeout(5):
+            return await batches.submit(s)
+    assert asyncio.run(on_the_new_loop()) is True

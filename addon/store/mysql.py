@@ -325,8 +325,9 @@ class BilledBatches:
     COMMIT each. One batch at a time per gateway, so the queue, not the pool, absorbs a burst.
 
     A crash loses what waits here: the calls' journal rows stay unsettled and the sweeper refunds
-    them, so the consumer never pays for them and the publisher loses at most the billed calls of
-    one flush interval (and of the batch being written)."""
+    them, so the consumer never pays for them and the publisher loses the billed calls not written
+    yet: one flush interval's, the batch being written and, under a load MySQL cannot keep up with,
+    the backlog queued behind it (bounded by settlement.MAX_BACKGROUND_SETTLEMENTS)."""
 
     MAX = 200  # settlements per transaction (the statements grow with it; the lock time too)
     FLUSH_SECONDS = 0.02  # how long background settlements wait for others to share their transaction
@@ -336,12 +337,16 @@ class BilledBatches:
         self._queue: deque[tuple[Settlement, asyncio.Future[bool]]] = deque()
         self._writer: asyncio.Future[None] | None = None
         self._wake: asyncio.Future[None] | None = None  # set: the flush interval ends now
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0  # transactions of more than one settlement written (for /health)
         self.batched = 0  # the settlements they carried
 
     async def submit(self, settlement: Settlement) -> bool:
         """True once written in a batch; False if the batch left it out (settle it alone)."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a store used from a new loop: the old one's queue and writer died with it
+            self._loop, self._queue, self._writer, self._wake = loop, deque(), None, None
+        future: asyncio.Future[bool] = loop.create_future()
         self._queue.append((settlement, future))
         if (not settlement.background or len(self._queue) >= self.MAX) and self._wake and not self._wake.done():
             self._wake.set_result(None)  # a hook waits for this one, or the batch is full: no more waiting
