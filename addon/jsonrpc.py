@@ -192,27 +192,25 @@ class Outcome(StrEnum):
 
 
 def answer_outcome(message: Any, rpc_id: JsonId) -> Outcome | None:
-    """The outcome if `message` is the response to the request `rpc_id`, else None."""
-    if not isinstance(message, Mapping) or "method" in message or not _same_id(message.get("id"), rpc_id):
-        return None
-    if "error" in message:
-        return Outcome.RPC_ERROR
-    if "result" not in message:
-        return None
-    result = message["result"]
-    if isinstance(result, Mapping) and result.get("isError") is True:
-        return Outcome.TOOL_ERROR
-    return Outcome.RESULT
+    """The outcome if `message` (parsed) is the response to the request `rpc_id`, else None."""
+    return scanned_outcome([_summary(message)], rpc_id)
 
 
 def scanned_outcome(messages: list[Message] | None, rpc_id: JsonId) -> Outcome | None:
-    """answer_outcome for messages read by the scanner, without parsing them whole."""
+    """What these messages say about the request `rpc_id`, read as the MCP SDK clients read an answer.
+
+    Only a JSON-RPC 2.0 message (`"jsonrpc": "2.0"`, UTF-8 without a byte order mark) whose `method`
+    is not a string and whose id is the request's, of the same JSON type, answers it: an `error` object
+    makes it an error; else a `result` object a result (or a tool error). A `result` that is not an
+    object, an `"id": 1.0` for the request 1, a missing `jsonrpc`: the SDK client cannot read it, so
+    it is no result (and the call, without an answer, is refunded).
+    """
     for m in messages or ():
-        if m.has_method or not _same_id(m.id_value(), rpc_id):
+        if not m.version_ok or m.has_method or not _same_id(m.id_value(), rpc_id):
             continue
-        if m.has_error:
+        if m.error_obj:
             return Outcome.RPC_ERROR
-        if m.has_result:
+        if m.result_obj:
             return Outcome.TOOL_ERROR if m.is_error else Outcome.RESULT
     return None
 
@@ -227,14 +225,36 @@ def answer_messages(body: bytes) -> list[Message] | None:
 
     Parsed by the json module (C speed) when it can; a body too deep for it is read by the scanner,
     which is linear in the body's size however deeply it nests (but runs at Python speed).
+    Lenient (what refunded answers are dropped by reads UTF-16, a byte order mark, `1.0` for `1`):
+    a body that is not strict UTF-8 without a byte order mark, or that escapes a lone surrogate,
+    is read all the same, but none of its messages is `version_ok`, so none is an outcome.
     """
+    text: str | bytes
     try:
-        parsed = json.loads(body)
+        text = body.decode("utf-8")
+        strict = not text.startswith("\ufeff")
+    except UnicodeDecodeError:
+        text, strict = body, False  # json.loads reads UTF-16 and UTF-32 too: for dropping refunded answers
+    try:
+        parsed = json.loads(text)
+        if strict and _SURROGATE_ESCAPE.search(body):  # rare: only then pay for the full check
+            try:
+                json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+            except UnicodeError:
+                strict = False
     except RecursionError:
-        return scan(body)
+        messages = scan(body)
+        if messages is not None and (not strict or _SURROGATE_ESCAPE.search(body)):
+            for m in messages:  # the scanner does not read values: a lone surrogate's escape is not ruled out
+                m.version_ok = False
+        return messages
     except (ValueError, UnicodeDecodeError):
         return None
-    return [_summary(m) for m in (parsed if isinstance(parsed, list) else [parsed])]
+    messages = [_summary(m) for m in (parsed if isinstance(parsed, list) else [parsed])]
+    if not strict:
+        for m in messages:
+            m.version_ok = False
+    return messages
 
 
 def _summary(message: Any) -> Message:
@@ -244,13 +264,18 @@ def _summary(message: Any) -> Message:
     result = message.get("result")
     return Message(
         id_raw=json.dumps(mid).encode() if isinstance(mid, (str, int, float)) and not isinstance(mid, bool) else None,
-        has_method="method" in message, has_error="error" in message, has_result="result" in message,
-        is_error=isinstance(result, dict) and result.get("isError") is True,
+        has_method=isinstance(message.get("method"), str), has_error="error" in message,
+        has_result="result" in message, is_error=isinstance(result, dict) and result.get("isError") is True,
+        version_ok=message.get("jsonrpc") == "2.0", result_obj=isinstance(result, dict),
+        error_obj=isinstance(message.get("error"), dict),
     )
 
 
 def _same_id(mid: Any, rpc_id: JsonId) -> bool:
-    """The same JSON value: 1 and 1.0 are one number, "1" is not 1, and true is not 1."""
-    if mid is None or isinstance(mid, bool) or isinstance(mid, str) != isinstance(rpc_id, str):
+    """The request's id, of the same JSON type: "\\u0061" is "a", but "1" is not 1, 1.0 is not 1 (the
+    SDKs' strict integer rejects it), and true is not 1."""
+    if isinstance(mid, bool) or isinstance(rpc_id, bool):
         return False
-    return isinstance(mid, (str, int, float)) and mid == rpc_id
+    if isinstance(mid, str) or isinstance(rpc_id, str):
+        return isinstance(mid, str) and isinstance(rpc_id, str) and mid == rpc_id
+    return isinstance(mid, int) and isinstance(rpc_id, int) and mid == rpc_id

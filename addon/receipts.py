@@ -267,13 +267,17 @@ def edit_json(text: str | bytes, plan: Plan) -> str | None:
     """The message (or batch) with the plan applied, or None to leave it unchanged."""
     if len(text) > MAX_REWRITE_BYTES or not text.strip():  # an empty data field: a priming event
         return None
-    if plan.receipt_only and not plan.done:
-        if isinstance(text, str) and not may_edit(plan, text):
-            return None  # no "id" member, even escaped: a notification (progress...), not the answer
+    if isinstance(text, bytes):
         try:
-            spliced = _splice_receipt(text if isinstance(text, str) else text.decode("utf-8"), plan)
+            text = text.decode("utf-8")
         except UnicodeDecodeError:
-            spliced = _FALL_BACK  # json.loads knows the other encodings JSON may come in
+            return None  # not UTF-8: no answer to the SDKs (jsonrpc.answer_messages), and left as sent
+    if text.startswith("\ufeff"):
+        return None  # a byte order mark: the same (rewriting it away would deliver what was refunded)
+    if plan.receipt_only and not plan.done:
+        if not may_edit(plan, text):
+            return None  # no "id" member, even escaped: a notification (progress...), not the answer
+        spliced = _splice_receipt(text, plan)
         if spliced is _UNCHANGED:
             return None
         if isinstance(spliced, str):

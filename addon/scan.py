@@ -42,10 +42,15 @@ class Message:
     """What one top-level JSON-RPC message says, as far as settlement cares."""
 
     id_raw: bytes | None = None  # the raw JSON of a scalar id, if short enough to be one
-    has_method: bool = False
-    has_error: bool = False
-    has_result: bool = False
+    has_method: bool = False  # a `method` that is a string: a request or a notification, not an answer
+    has_error: bool = False  # an `error`, whatever its value
+    has_result: bool = False  # a `result`, whatever its value
     is_error: bool = False  # result is an object whose isError is the literal true
+    # What the MCP SDK clients require of an answer (jsonrpc.scanned_outcome): `"jsonrpc": "2.0"` (and a
+    # body they can read: see jsonrpc.answer_messages), a `result` that is an object, an `error` object.
+    version_ok: bool = False
+    result_obj: bool = False
+    error_obj: bool = False
 
     def id_value(self) -> Any:
         """The id as JSON reads it, or None when absent or unreadable."""
@@ -201,7 +206,9 @@ class MessageScanner:
         if self._depth == self._level and c == 0x7B:
             self._msg, self._result_obj = Message(), False
         elif self._depth == self._level + 1 and self._msg is not None and key == b"result":
-            self._result_obj = c == 0x7B
+            self._result_obj = self._msg.result_obj = c == 0x7B
+        elif self._depth == self._level + 1 and self._msg is not None and key == b"error":
+            self._msg.error_obj = c == 0x7B
         self._kinds.append(c)
         self._want_key.append(c == 0x7B)
         self._keys.append(None)
@@ -240,6 +247,10 @@ class MessageScanner:
             self._string_role, self._capture, self._capture_limit = "key", bytearray(b'"'), _MAX_KEY
         elif self._depth == self._level and self._keys[-1] == b"id":
             self._string_role, self._capture, self._capture_limit = "id", bytearray(b'"'), _MAX_SCALAR
+        elif self._depth == self._level and self._keys[-1] == b"jsonrpc":
+            self._string_role, self._capture, self._capture_limit = "jsonrpc", bytearray(b'"'), _MAX_KEY
+        elif self._depth == self._level and self._keys[-1] == b"method" and self._msg is not None:
+            self._msg.has_method = True  # a string method: a request or a notification
 
     def _string_part(self, data: bytes, pos: int) -> int:
         if self._escape:  # the byte after a backslash that ended the previous piece
@@ -268,6 +279,13 @@ class MessageScanner:
         if self._string_role == "id":
             self._set_scalar(raw)
             return
+        if self._string_role == "jsonrpc":
+            if self._msg is not None and len(raw) <= _MAX_KEY:
+                try:
+                    self._msg.version_ok = json.loads(raw) == "2.0"
+                except (ValueError, UnicodeDecodeError):
+                    pass
+            return
         # a key: what it names, read as JSON reads it (so "\u0069d" is "id")
         key: bytes | None = None
         if len(raw) <= _MAX_KEY:
@@ -279,12 +297,15 @@ class MessageScanner:
         if self._msg is None:
             return
         if self._depth == self._level:
-            if key == b"method":
-                self._msg.has_method = True
+            if key == b"method":  # a repeated key replaces the earlier one, as in json.loads
+                self._msg.has_method = False  # until its value is a string
+            elif key == b"jsonrpc":
+                self._msg.version_ok = False  # until its value is "2.0"
             elif key == b"error":
-                self._msg.has_error = True
-            elif key == b"result":  # a repeated result replaces the earlier one, as in json.loads
+                self._msg.has_error, self._msg.error_obj = True, False
+            elif key == b"result":
                 self._msg.has_result, self._msg.is_error, self._result_obj = True, False, False
+                self._msg.result_obj = False
             elif key == b"id":
                 self._msg.id_raw = None
         elif self._depth == self._level + 1 and self._result_obj and key == b"isError":

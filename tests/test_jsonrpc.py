@@ -303,12 +303,9 @@ def test_headers_on_a_batch_are_refused(headers: dict[str, str]) -> None:
     ({"jsonrpc": "2.0", "id": 1, "result": {"content": [], "isError": False}}, 1, Outcome.RESULT),
     ({"jsonrpc": "2.0", "id": 1, "result": {"isError": "true"}}, 1, Outcome.RESULT),  # only true is true
     ({"jsonrpc": "2.0", "id": 1, "result": {"isError": 1}}, 1, Outcome.RESULT),
-    ({"jsonrpc": "2.0", "id": 1, "result": None}, 1, Outcome.RESULT),
-    ({"jsonrpc": "2.0", "id": 1, "result": []}, 1, Outcome.RESULT),
     ({"jsonrpc": "2.0", "id": 1, "result": {"content": [], "isError": True}}, 1, Outcome.TOOL_ERROR),
     ({"jsonrpc": "2.0", "id": 1, "error": {"code": -32602, "message": "bad"}}, 1, Outcome.RPC_ERROR),
     ({"jsonrpc": "2.0", "id": "x", "error": {"code": -32000, "message": "boom"}}, "x", Outcome.RPC_ERROR),
-    ({"jsonrpc": "2.0", "id": 1.0, "result": {}}, 1, Outcome.RESULT),  # the same JSON number
 ])
 def test_answer_outcome(message: dict[str, Any], rpc_id: Any, expected: Outcome) -> None:
     assert answer_outcome(message, rpc_id) is expected
@@ -317,6 +314,10 @@ def test_answer_outcome(message: dict[str, Any], rpc_id: Any, expected: Outcome)
 @pytest.mark.parametrize("message, rpc_id", [
     ({"jsonrpc": "2.0", "id": 2, "result": {}}, 1),  # another call's answer
     ({"jsonrpc": "2.0", "id": "1", "result": {}}, 1),  # a string id is not a number id
+    ({"jsonrpc": "2.0", "id": 1.0, "result": {}}, 1),  # nor 1.0 1: the SDKs' strict integer rejects it
+    ({"jsonrpc": "2.0", "id": 1, "result": None}, 1),  # a result is an object (tests/test_answer_outcome.py)
+    ({"jsonrpc": "2.0", "id": 1, "result": []}, 1),
+    ({"id": 1, "result": {}}, 1),  # not JSON-RPC 2.0
     ({"jsonrpc": "2.0", "id": 1, "result": {}}, "1"),
     ({"jsonrpc": "2.0", "id": True, "result": {}}, 1),  # true == 1 in Python, not in JSON-RPC
     ({"jsonrpc": "2.0", "id": False, "result": {}}, 0),
@@ -403,8 +404,8 @@ def test_a_huge_result_is_read() -> None:
 
 
 @pytest.mark.parametrize("raw, rpc_id, expected", [
-    (b'{"jsonrpc":"2.0","id":7.0,"result":{}}', 7, Outcome.RESULT),  # the same JSON number
-    (b'{"jsonrpc":"2.0","id":7e0,"result":{}}', 7, Outcome.RESULT),
+    (b'{"jsonrpc":"2.0","id":7.0,"result":{}}', 7, None),  # the same number, not an integer: the SDKs reject it
+    (b'{"jsonrpc":"2.0","id":7e0,"result":{}}', 7, None),
     (b'{"jsonrpc":"2.0","id":"\\u0061","result":{}}', "a", Outcome.RESULT),  # the same string
     (b'{"jsonrpc":"2.0","id":true,"result":{}}', 1, None),
     (b'{"jsonrpc":"2.0","id":"7","result":{}}', 7, None),
