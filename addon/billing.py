@@ -34,6 +34,7 @@ class Failure(StrEnum):
     INTERNAL = "internal_error"  # the gateway itself failed after the call was paid for
     CANCELLED = "cancelled"  # notifications/cancelled, or (2026-07-28) the POST stream closed before the answer
     NO_ANSWER_BY_TIMEOUT = "no_answer_by_timeout"  # a server-closed stream whose answer no resumption delivered
+    UNEXPECTED_CONTENT_TYPE = "unexpected_content_type"  # a 2xx answer neither JSON nor SSE: clients reject it
 
 
 @dataclass(frozen=True, slots=True)

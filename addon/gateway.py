@@ -36,6 +36,7 @@ from .call import META, Call, Label, Wait
 from .circuits import Circuits
 from .config import Config, ConfigError, load
 from .errors import GatewayError
+from .jsonrpc import SSE, media_type
 from .legacy_sessions import LegacySessions
 from .metrics import Metrics, cache_degraded
 from .settlement import Settlements
@@ -307,7 +308,7 @@ class Mcpmeter:
             if session and call.consumer is not None:
                 assert self.cache is not None
                 await self.cache.bind_session(session, call.consumer.principal)
-            if "text/event-stream" in flow.response.headers.get("content-type", "").lower():
+            if media_type(flow.response.headers.get("content-type")) == SSE:  # as the SDKs tell it
                 await self.streams.attach(flow, call)  # the meter reads the stream as it passes
                 if call.priced is None:
                     call.cancel_deadline()

@@ -191,6 +191,15 @@ class Outcome(StrEnum):
     RPC_ERROR = "rpc_error"  # a JSON-RPC error object
 
 
+JSON = "application/json"
+SSE = "text/event-stream"
+
+
+def media_type(content_type: str | None) -> str:
+    """A Content-Type's media type, as the MCP SDKs compare it: before any `;`, stripped, lowercase."""
+    return (content_type or "").partition(";")[0].strip().lower()
+
+
 def answer_outcome(message: Any, rpc_id: JsonId) -> Outcome | None:
     """The outcome if `message` (parsed) is the response to the request `rpc_id`, else None."""
     return scanned_outcome([_summary(message)], rpc_id)

@@ -21,7 +21,7 @@ from . import pending as resumption
 from .billing import Failure
 from .call import META, Call, Label, Wait, event_outcome, upstream_timeout
 from .decoding import StreamDecoder, TooLarge, decode_bounded
-from .jsonrpc import Outcome, answer_messages, body_outcome
+from .jsonrpc import JSON, Outcome, answer_messages, body_outcome, media_type
 from .model import Listing, Transport
 from .sse import DEFAULT_MAX_EVENT_BYTES, Event, SseParser
 from .stream_edit import StreamEditor, hold_limit
@@ -244,6 +244,13 @@ class StreamWatch:
     def body_outcome(self, response: http.Response, call: Call) -> Outcome | None:
         """What a buffered answer says, decoded by the meter with a ceiling (never by mitmproxy)."""
         assert self.gw.config is not None
+        if media_type(response.headers.get("content-type")) != JSON:
+            # The MCP SDK clients read a body only as application/json (or an event stream, not
+            # buffered): anything else is an error to them, whatever it says. Not read.
+            if (response.raw_content and 200 <= response.status_code < 300 and call.failure is None
+                    and (call.listing is None or call.listing.transport is not Transport.SSE)):
+                call.failure = Failure.UNEXPECTED_CONTENT_TYPE  # (a legacy SSE POST's body is no answer)
+            return None
         limit = self.gw.config.max_body_bytes
         try:
             body = decode_bounded(response.raw_content or b"", response.headers.get("content-encoding"), limit)

@@ -20,7 +20,7 @@ from mcp.shared.dispatcher import coerce_request_id
 from mcp_types.jsonrpc import JSONRPCError, JSONRPCResponse, jsonrpc_message_adapter
 from mitmproxy import http
 
-from addon.jsonrpc import Outcome, answer_messages, body_outcome, scanned_outcome
+from addon.jsonrpc import Outcome, answer_messages, body_outcome, media_type, scanned_outcome
 from addon.scan import scan
 from tests.test_gateway_hooks import (  # noqa: F401  # gw and isolated are fixtures
     Gw, gw, isolated, make_flow, meta, sent,
@@ -85,7 +85,7 @@ async def meter_on(gw: Gw, content_type: str, body: bytes) -> tuple[http.HTTPFlo
     """A priced call (id 1) answered 200 with this body: the flow, and what reached the client."""
     flow = make_flow()
     await gw.addon.request(flow)
-    streamed = content_type.startswith("text/event-stream")
+    streamed = media_type(content_type) == "text/event-stream"
     flow.response = http.Response.make(200, b"" if streamed else body, {"Content-Type": content_type})
     await gw.addon.responseheaders(flow)
     delivered = body
@@ -105,6 +105,8 @@ AGREE = {("result", "billed"), ("error", "refunded"), ("nothing", "refunded")}
 
 @pytest.mark.parametrize("content_type, body", [
     # billed while the SDK client got an error
+    ("text/plain", GOOD.encode()),
+    ("text/event-streamx", b"data: " + GOOD.encode() + b"\n\n"),
     ("application/json", b'{"id":1,"result":{"content":[]}}'),
     ("application/json", b'{"jsonrpc":"1.0","id":1,"result":{"content":[]}}'),
     ("application/json", b'{"jsonrpc":"2.0","id":1,"result":"ok"}'),
@@ -122,6 +124,9 @@ AGREE = {("result", "billed"), ("error", "refunded"), ("nothing", "refunded")}
     ("application/json", b'{"jsonrpc":"2.0","id":1,"result":{"content":[]},"error":"x"}'),
     ("application/json", b'{"jsonrpc":"2.0","id":1,"result":{"content":[]},"method":null}'),
     ("text/event-stream", b'data: {"jsonrpc":"2.0","id":1,"result":{"content":[]},"error":null}\n\n'),
+    ("application/json; x=text/event-stream", GOOD.encode()),
+    ("Application/JSON ; charset=utf-8", GOOD.encode()),
+    ("text/event-stream ;charset=utf-8", b"data: " + GOOD.encode() + b"\n\n"),
     # agreed already: kept so
     ("application/json", GOOD.encode()),
     ("application/json", b'{"jsonrpc":"2.0","id":1,"result":{},"error":{"code":-1,"message":"m"}}'),
@@ -135,6 +140,26 @@ async def test_meter_agrees_with_the_sdk_client(gw: Gw, content_type: str, body:
     client = sdk_sees(flow.response.headers.get("content-type", ""), delivered)
     money = "refunded" if meta(flow)["decision"] == "refunded" else "billed"
     assert (client, money) in AGREE, (client, money, meta(flow).get("reason"), delivered[:200])
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "text/html; charset=utf-8", "application/jsonx",
+                                          "text/event-streamx", "application/x-ndjson"])
+async def test_a_2xx_that_is_neither_json_nor_sse_is_refunded_with_its_reason(gw: Gw, content_type: str) -> None:
+    flow, _ = await meter_on(gw, content_type, GOOD.encode())
+    assert meta(flow)["decision"] == "refunded"
+    assert meta(flow)["reason"] == "unexpected_content_type"
+
+
+async def test_a_2xx_without_a_content_type_is_refunded(gw: Gw) -> None:
+    flow = make_flow()
+    await gw.addon.request(flow)
+    flow.response = http.Response.make(200, GOOD.encode(), {})
+    flow.response.headers.pop("content-type", None)
+    assert "content-type" not in flow.response.headers
+    await gw.addon.responseheaders(flow)
+    await gw.addon.response(flow)
+    await gw.addon.drain()
+    assert meta(flow)["decision"] == "refunded" and meta(flow)["reason"] == "unexpected_content_type"
 
 
 @pytest.mark.parametrize("content_type, body", [
