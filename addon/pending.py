@@ -165,7 +165,9 @@ class Pending:
         live_key = id_key(live)
 
         def refunded(rpc_id: Any) -> bool:
-            return (live_refunded and id_key(rpc_id) == live_key) or self.is_refunded(session, rpc_id)
+            # (live_key None: the stream carries no call; an answer without an id is nobody's)
+            own = live_refunded and live_key is not None and id_key(rpc_id) == live_key
+            return own or self.is_refunded(session, rpc_id)
 
         messages = answer_messages(data.encode("utf-8", "surrogatepass"))
         answered = [m.id_value() for m in messages or () if not m.has_method and (m.has_result or m.has_error)]

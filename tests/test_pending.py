@@ -175,3 +175,14 @@ def test_a_new_call_under_a_refunded_calls_id_gets_its_answer() -> None:
 def http_flow() -> http.HTTPFlow:
     from mitmproxy.test import tflow
     return tflow.tflow()
+
+
+def test_a_stream_without_a_call_of_its_own_blanks_no_answer_without_an_id() -> None:
+    # live_refunded speaks of the stream's own call: with none (live None), an answer whose id is
+    # null or unreadable is no refunded call's, and passes.
+    pending = Pending()
+    data = json.dumps({"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "parse error"}})
+    assert pending.blank_if_refunded(S, data, None, live_refunded=True) is None
+    assert pending.blank_if_refunded(S, data, 1, live_refunded=True) is None
+    answer = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {}})
+    assert pending.blank_if_refunded(S, answer, 1, live_refunded=True) == ""
