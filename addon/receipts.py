@@ -30,7 +30,7 @@ from cachetools import TTLCache
 from mitmproxy import http
 
 from . import billing, rpc_errors
-from .jsonrpc import JsonId, Outcome, answer_outcome
+from .jsonrpc import JSON, JsonId, Outcome, answer_outcome, media_type
 from .model import Listing, Verdict
 
 log = logging.getLogger("mcpmeter")
@@ -378,8 +378,8 @@ async def write_body(flow: http.HTTPFlow, call: Any, store: Any, free_used: Free
     encoding, content_type, chunked = _body_headers(response.headers.fields)
     if encoding.strip().lower() not in ("", "identity"):
         return  # decoding is bounded elsewhere; an encoded body passes unchanged
-    if "json" not in content_type.lower():
-        return
+    if media_type(content_type) != JSON:
+        return  # as the settlement read it (stream_watch.py): only an application/json answer
     try:
         plan = await plan_for(flow, call, store, free_used)
         new = None

@@ -344,6 +344,19 @@ async def test_answers_left_unchanged(gw: Gw) -> None:
     assert json.loads(flow.response.content) == TOOLS
 
 
+async def test_prices_written_only_into_an_application_json_answer(gw: Gw) -> None:
+    # The media type decides, as the settlement and the SDKs read it: a JSON-looking type that is not
+    # application/json is passed as sent; parameters and case do not matter.
+    for content_type, written in [("Application/JSON; charset=utf-8", True), ("application/json-seq", False),
+                                  ("text/x-json", False), ("application/problem+json", False)]:
+        flow = make_flow(body=rpc("tools/list", 7))
+        await gw.addon.request(flow)
+        body = json.dumps(TOOLS).encode()
+        await upstream_answers(gw, flow, http.Response.make(200, body, {"Content-Type": content_type}))
+        tools = json.loads(flow.response.content)["result"]["tools"]
+        assert ("mcpmeter/price" in tools[0].get("_meta", {})) is written, content_type
+
+
 def test_sse_event_that_cannot_be_written_back_passes_unchanged() -> None:
     stream = (b'data: {"jsonrpc":"2.0","id":1,"result":{"t":"\\ud800","_meta":{}}}\r\n\r\n'
               b'data: {"jsonrpc":"2.0","id":1,"result":{}}\n\n')
