@@ -147,3 +147,31 @@ async def test_redis_records_live_under_the_prefix_with_their_ttls(make_cache: M
     await conclude(cache, claim, ANSWER)
     assert 24 * 3600 * 1000 - 5000 < await cache._redis.pttl(name) <= 24 * 3600 * 1000
     assert json.loads(await cache._redis.get(name))["state"] == "done"
+
+
+@pytest.mark.parametrize("record_chars", [20, 300, 3000])
+async def test_in_process_records_stay_within_their_memory_budget(monkeypatch: pytest.MonkeyPatch,
+                                                                   record_chars: int) -> None:
+    # Small records, the usual ones, are mostly bookkeeping (the key, the entry, the cache's own
+    # dicts): the budget counts that too, so the memory they take is the budget's, not a multiple.
+    import time
+    import tracemalloc
+
+    from addon.cache import idempotency as cache_idem
+    from addon.cache.memory import MemoryCache
+
+    budget = 4 * 1024 * 1024
+    monkeypatch.setattr(cache_idem, "MEMORY_BUDGET_BYTES", budget)
+    cache = MemoryCache.__new__(MemoryCache)  # only its Idempotency-Key part, on a plain clock
+    cache._clock = time.monotonic
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(3 * budget // (record_chars + 500)):  # three times what fits
+            key = idem.cache_key(1, f"user:{i}", f"retry-{i}")
+            assert await cache.idem_claim(key, "claim", 60) is None
+            assert await cache.idem_finish(key, "claim", "r" * record_chars + str(i))
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert 0.5 * budget < used <= 1.1 * budget, (used, budget)
