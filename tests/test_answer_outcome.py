@@ -241,6 +241,17 @@ def test_only_utf8_without_a_byte_order_mark_is_an_answer(body: bytes) -> None:
     assert _sdk_message(body) == "invalid"
 
 
+def test_a_body_too_deep_to_parse_is_an_answer_only_in_strict_utf8() -> None:
+    """Too deep for the json module, the body is read by the scanner: its bytes are still held to the
+    SDKs' decoding (strict UTF-8, no byte order mark), as a parsed body's are."""
+    deep = "[" * 100_000 + "]" * 100_000
+    good = f'{{"jsonrpc":"2.0","id":1,"result":{{"content":[],"deep":{deep}}}}}'.encode()
+    assert body_outcome(good, 1) is Outcome.RESULT
+    for body in (good.replace(b'"content"', b'"cont\xffent"'),  # one byte that is not UTF-8
+                 b"\xef\xbb\xbf" + good, good.decode().encode("utf-16")):
+        assert body_outcome(body, 1) is None
+
+
 def test_answer_messages_still_sees_answers_the_meter_does_not_bill() -> None:
     """Refunded calls' answers are dropped from streams by answer_messages: it stays lenient (drops more)."""
     for raw in (b'{"jsonrpc":"2.0","id":1.0,"result":{}}', b'{"id":1,"result":{}}',
