@@ -120,6 +120,7 @@ class StreamWatch:
                 max_event = gw.config.max_event_bytes if gw.config else DEFAULT_MAX_EVENT_BYTES
                 call.editor = StreamEditor(plan, blank if session is not None else None,
                                            hold_limit(max_event, blanking=session is not None))
+        unframe(flow)
         flow.response.stream = self.watcher(flow, call)
         gw.deferred.watch_stream(flow, call)  # task statuses, input_required (upstream bytes first)
         if gw.show_streams():
@@ -260,4 +261,19 @@ class StreamWatch:
             return None
         assert call.priced is not None
         return None if body is None else body_outcome(body, call.priced.rpc_id)
+
+
+def unframe(flow: http.HTTPFlow) -> None:
+    """An event stream the meter watches goes on without the upstream's Content-Length: the meter may
+    change its length (the receipt written into the answer's event, a refunded call's answer blanked,
+    a legacy endpoint renamed), and mitmproxy passes a streamed body's bytes as they come under the
+    headers it was given: the client would read a cut event and take the bytes past it for the next
+    response on its connection. HTTP/1.1 clients get it chunked (mitmproxy then frames each piece);
+    HTTP/2 clients have frames, and HTTP/1.0 ones the connection's close."""
+    assert flow.response is not None
+    headers = flow.response.headers
+    if "content-length" in headers:
+        del headers["content-length"]
+    if flow.request.http_version == "HTTP/1.1" and "transfer-encoding" not in headers:
+        headers["transfer-encoding"] = "chunked"
 

@@ -93,6 +93,8 @@ async def mcp(request: Request) -> Response:
             return _sse_response(_sse(progress), die=True)
         case "sse_slow":
             return _sse_response(_sse(progress), delay=float(args.get("seconds", 5)))
+        case "sse_whole":  # the whole stream at once, with a Content-Length (as a buffering server sends it)
+            return Response(b"".join(_sse(progress, _result(rpc_id, "whole"))), media_type="text/event-stream")
         case "sse_big":  # one result event far over the gateway's max_event_bytes
             return _sse_response(_sse(_result(rpc_id, "b" * int(args.get("size", 1 << 20)),
                                               is_error=bool(args.get("is_error")))))

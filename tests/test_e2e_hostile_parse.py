@@ -141,3 +141,23 @@ async def test_an_unauthenticated_chunked_upload_is_cut_at_the_limit(
     assert head.startswith(b"HTTP/1.1 413"), answer[:300]
     assert refusal(body)["error"] == "payload_too_large"
     assert sent < total  # refused while the upload was still going, not after buffering it all
+
+
+async def test_an_sse_answer_with_a_content_length_reaches_the_client_whole_with_its_receipt(
+        gateway: Gateway, backend: Backend, fault_listing: Callable[..., tuple[str, int]]) -> None:
+    # The meter writes the receipt into the answer's event, so the stream's length changes: the
+    # upstream's Content-Length must not go on (the client would read a cut event, and the bytes
+    # past it as the next response on the connection). The stream goes chunked instead.
+    s, _ = fault_listing(price=1000)
+    c = backend.add_consumer(credit=10_000)
+    async with httpx2.AsyncClient(timeout=20) as client:
+        for i in (1, 2):  # two calls on one kept-alive connection
+            r = await client.post(f"{gateway.url}/{s}", content=json.dumps(call("sse_whole", rpc_id=i)).encode(),
+                                  headers={**MCP_HEADERS, **c.auth})
+            assert r.status_code == 200 and "content-length" not in r.headers
+            assert r.headers["transfer-encoding"] == "chunked"
+            events = [block for block in r.text.replace("\r\n", "\n").split("\n\n") if "event: message" in block]
+            answer = json.loads(events[-1].split("data: ", 1)[1])
+            assert answer["id"] == i and answer["result"]["content"][0]["text"] == "whole"
+            assert answer["result"]["_meta"]["mcpmeter/receipt"]["decision"] == "billed"
+    assert backend.balance(c.user_id) == 10_000 - 2 * 1000
