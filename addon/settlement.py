@@ -40,6 +40,8 @@ class Settlements:
     def __init__(self, gw: Mcpmeter) -> None:
         self.gw = gw
         self.background: set[asyncio.Future[None]] = set()  # every task `own` started, until done
+        # Settlements of billed answers that nothing waits for (in_background): a hook passes them by.
+        self.unwaited: weakref.WeakSet[asyncio.Future[None]] = weakref.WeakSet()
         self.retiring: dict[Store, asyncio.Task[None]] = {}  # stores a reload replaced, kept for their calls
         self.closed: weakref.WeakSet[Store] = weakref.WeakSet()  # retired stores, closed
 
@@ -103,15 +105,23 @@ class Settlements:
     # --- the ways in ---------------------------------------------------------------------
 
     async def settle(self, flow: http.HTTPFlow, call: Call) -> None:
-        """Settle in a hook: start it unless it is under way, and wait for it."""
+        """Settle in a hook: start it unless it is under way, and wait for it (unless it is a billed
+        answer's, written in the background)."""
         if call.settlement is None:
             call.settlement = self.own(self.now(flow, call))
-        await call.settlement
+        if call.settlement not in self.unwaited:
+            await call.settlement
 
     def start(self, flow: http.HTTPFlow, call: Call) -> None:
-        """Settle without waiting: the answer was seen (the stream goes on) or the call is given up."""
+        """Settle without waiting: the answer was seen (the stream goes on) or the call is given up.
+        A billed answer's settlement is written in the background, as a buffered one's: mitmproxy
+        ends a streamed answer (its last chunk) only after the response hook returns, so a hook
+        waiting for the write would hold the client's stream open for a database round trip."""
         call.cancel_deadline()
-        call.settlement = self.own(self.now(flow, call))
+        if self.can_wait(call):
+            self.in_background(flow, call)
+        else:
+            call.settlement = self.own(self.now(flow, call))
 
     def soon(self, flow: http.HTTPFlow, call: Call) -> None:
         """Settle a call outside its own flow's hooks (a legacy answer, a cancellation), as an owned task."""
@@ -123,6 +133,7 @@ class Settlements:
         answers.annotate(flow, call, *decision(call), self.gw.results)  # mitmweb does not wait for the database
         call.settlement = self.own(self._logged(self.now(flow, call, background=True),
                                                 "settling %s failed; the sweeper will", call))
+        self.unwaited.add(call.settlement)
 
     def held(self, flow: http.HTTPFlow, call: Call, decided: billing.Decision) -> None:
         """Settle a held call (deferred.py) as a later message decided."""
@@ -150,7 +161,8 @@ class Settlements:
             log.exception("mcpmeter: could not stamp the answer to %s", call.request_id)
 
     def can_wait(self, call: Call) -> bool:
-        """A buffered answer may leave before its settlement is written: billed, not refunded."""
+        """An answer (buffered, or a stream whose answer passed) may end before its settlement is
+        written: billed, not refunded, not held."""
         if (call.charged is None or call.listing is None or call.settlement is not None
                 or len(self.background) >= MAX_BACKGROUND_SETTLEMENTS or self.gw.deferred.will_hold(call)):
             return False  # not paid for, settling already (a stop), settlements backing up, or held: wait

@@ -524,6 +524,52 @@ async def test_sse_stream_passes_unchanged_and_settles_on_the_matching_result(gw
     assert meta(flow)["decision"] == "billed" and flow.marked
 
 
+async def test_sse_billed_answer_ends_without_waiting_for_its_settlement(gw: Gw) -> None:
+    # mitmproxy sends a streamed answer's last chunk only after the response hook returns: a billed
+    # answer's settlement is written in the background (Settlement.background: batched on MySQL),
+    # as a buffered one's is, and the hook does not wait for it. A refund is still awaited.
+    store = gw.addon.store
+    assert store is not None
+    gate, seen = asyncio.Event(), []
+    real = store.settle
+
+    async def slow_settle(settlement: Any) -> Any:
+        seen.append(settlement)
+        await gate.wait()
+        return await real(settlement)
+
+    store.settle = slow_settle  # type: ignore[method-assign]
+    flow = make_flow()
+    await gw.addon.request(flow)
+    flow.response = sse_response()
+    await gw.addon.responseheaders(flow)
+    for chunk in sse_chunks(RESULT):
+        sent(flow.response.stream(chunk))
+    sent(flow.response.stream(b""))
+    await asyncio.wait_for(gw.addon.response(flow), 1)  # returns with the write held back
+    await asyncio.sleep(0.05)  # the settlement task reaches the store
+    assert [s.background for s in seen] == [True] and not seen[0].refund
+    assert gw.db.usage() == [] and meta(flow)["decision"] == "billed"
+    gate.set()
+    await gw.addon.drain()
+    [row] = gw.db.usage()
+    assert row["billed_micro_cents"] == PRICE and gw.db.balance(1) == OPENING - PRICE
+
+    gate.clear()
+    refunded = make_flow()
+    await gw.addon.request(refunded)
+    refunded.response = sse_response()
+    await gw.addon.responseheaders(refunded)
+    for chunk in sse_chunks(RPC_ERROR):
+        sent(refunded.response.stream(chunk))
+    hook = asyncio.ensure_future(gw.addon.response(refunded))
+    await asyncio.sleep(0.05)
+    assert not hook.done() and seen[-1].refund and not seen[-1].background  # a refund is waited for
+    gate.set()
+    await hook
+    assert gw.db.balance(1) == OPENING - PRICE
+
+
 async def test_sse_error_for_the_call_refunds(gw: Gw) -> None:
     flow = make_flow()
     await gw.addon.request(flow)
