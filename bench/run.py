@@ -1,10 +1,11 @@
 """Benchmark the meter against bare mitmproxy, on one machine, in one run.
 
-    .venv/bin/python -m bench.run [--quick] [--duration S] [--out FILE] [--compare OLD.json]
+    .venv/bin/python -m bench.run [--quick] [--duration S] [--out FILE] [--compare OLD.json] [--answer sse]
     .venv/bin/python -m bench.run --memory [N]
     .venv/bin/python -m bench.run --compare OLD.json NEW.json     # compare two runs, run nothing
 
-Starts a trivial JSON-RPC upstream (bench/upstream.py), then for each scenario the process
+Starts a trivial JSON-RPC upstream (bench/upstream.py; it answers with a JSON body, or with
+--answer sse an event stream of one message, as MCP SDK servers answer by default), then for each scenario the process
 under test on a free loopback port, warms it up, and drives it with the load generator
 (bench/loadgen.py, a separate process) at concurrency 1 and 32 for a fixed time each:
 
@@ -346,8 +347,9 @@ def upstream_stats(port: int) -> dict[str, int]:
         conn.close()
 
 
-def start_upstream(procs: Processes) -> tuple[Proc, int]:
-    proc = procs.start("upstream", [PYTHON, "-m", "bench.upstream", "--port", "0"], cwd=ROOT, stdout_pipe=True)
+def start_upstream(procs: Processes, answer: str = "json") -> tuple[Proc, int]:
+    sse = ["--sse"] if answer == "sse" else []
+    proc = procs.start("upstream", [PYTHON, "-m", "bench.upstream", "--port", "0", *sse], cwd=ROOT, stdout_pipe=True)
     assert proc.popen.stdout is not None
     ready, _, _ = select.select([proc.popen.stdout], [], [], STARTUP_TIMEOUT)
     line = proc.popen.stdout.readline().decode() if ready else ""
@@ -1304,6 +1306,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="bench-results.json", help="where to write the JSON results")
     p.add_argument("--compare", nargs="+", metavar="JSON",
                    help="OLD.json: print deltas after this run; OLD.json NEW.json: compare two runs, run nothing")
+    p.add_argument("--answer", choices=("json", "sse"), default="json",
+                   help="how the upstream answers a call: a JSON body (default) or an event stream of one message")
     p.add_argument("--no-pin", action="store_true", help="do not pin the proxy and the load to separate CPUs")
     p.add_argument("--redis-calls", type=int, metavar="N",
                    help="Redis bytes per (listing, consumer) pair after N and 10N calls (default 500, --quick 200;"
@@ -1352,13 +1356,14 @@ def main(argv: list[str] | None = None) -> int:
         "version": 1, "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "host": host_info(s),
         "settings": {"duration_s": s.duration, "warmup_s": s.warmup, "concurrencies": list(concurrencies),
-                     "max_requests": s.max_requests, "price_micro_cents": PRICE, "quick": args.quick},
+                     "max_requests": s.max_requests, "price_micro_cents": PRICE, "quick": args.quick,
+                     "answer": args.answer},
     }
     t0 = time.monotonic()
     pinned = contextlib.ExitStack()
     try:
         s.backends_pinned = pinned.enter_context(backends_pinned(load_cpus)) > 0
-        upstream, upstream_port = start_upstream(procs)
+        upstream, upstream_port = start_upstream(procs, args.answer)
         if args.memory is not None:
             print(f"memory run: {args.memory} calls at c=32 through gateway-embedded (pinned: "
                   f"{'proxy on CPU ' + str(sorted(proxy_cpus)) if proxy_cpus else 'no'})", flush=True)

@@ -1,12 +1,13 @@
 """A trivial, fast JSON-RPC responder: the upstream MCP server of the benchmark.
 
 Raw asyncio HTTP/1.1 with keep-alive. Any POST is answered 200 with a small JSON-RPC
-tool result echoing the request's id; a GET is answered with the counters so far
+tool result echoing the request's id (a JSON body, or with --sse one `message` event of an
+event stream, as MCP SDK servers answer a tools/call by default); a GET is answered with the counters so far
 (`{"connections": ..., "requests": ...}`), so the benchmark can see whether the proxy reuses
 its upstream connections. It does as little
 as possible so that what the benchmark measures is the proxy in front of it.
 
-    python -m bench.upstream [--host 127.0.0.1] [--port 0]
+    python -m bench.upstream [--host 127.0.0.1] [--port 0] [--sse]
 
 prints `READY <port>` on stdout once it listens, then serves until killed.
 """
@@ -24,6 +25,8 @@ _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 _CLOSE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
 _CHUNKED = re.compile(rb"\r\ntransfer-encoding:[ \t]*chunked", re.IGNORECASE)
 _HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+_SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nContent-Length: "
+SSE = {"on": False}  # --sse: answers are one `message` event of an event stream
 MAX_HEADER = 64 * 1024
 
 
@@ -78,12 +81,15 @@ class Responder(asyncio.Protocol):
                     break
                 body = bytes(self.buf[end + 4:total])
                 del self.buf[:total]
+            response_head = _HEAD
             if head[:4].upper() == b"POST":
                 STATS["requests"] += 1
                 payload = answer_body(body)
+                if SSE["on"]:
+                    payload, response_head = b"event: message\ndata: " + payload + b"\n\n", _SSE_HEAD
             else:
                 payload = json.dumps(STATS).encode()
-            out += _HEAD + str(len(payload)).encode() + b"\r\n\r\n" + payload
+            out += response_head + str(len(payload)).encode() + b"\r\n\r\n" + payload
             if _CLOSE.search(head):
                 close = True
                 break
@@ -127,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed as READY <port>)")
+    p.add_argument("--sse", action="store_true", help="answer POSTs with an event stream of one message")
     args = p.parse_args(argv)
+    SSE["on"] = args.sse
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print("the benchmark upstream only listens on loopback", file=sys.stderr)
         return 2
