@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -69,7 +70,9 @@ class Call:
     rpc_id: JsonId | None = None  # the JSON-RPC id a refusal answers (rpc_errors.peek_id)
     idempotency: idempotency.Claim | None = None  # this call's claim on its Idempotency-Key
     forwarded: float | None = None  # monotonic time the call left for the upstream
-    flow: http.HTTPFlow | None = field(default=None, repr=False)  # set when forwarded: a stop settles it
+    # Its flow (the `flow` property), set when forwarded: a stop settles it. Weak: a held call
+    # (deferred.py) outlives its flow's hooks, and must not keep the flow and its bodies alive.
+    flow_ref: weakref.ReferenceType[http.HTTPFlow] | None = field(default=None, repr=False)
     # --- the upstream's answer
     status: int | None = None
     outcome: Outcome | None = None
@@ -90,6 +93,14 @@ class Call:
     settlement: asyncio.Future[None] | None = None
     refunded: bool = False
     decided: billing.Decision | None = None  # a held call's settlement, decided by a later message (deferred.py)
+
+    @property
+    def flow(self) -> http.HTTPFlow | None:
+        return self.flow_ref() if self.flow_ref is not None else None
+
+    @flow.setter
+    def flow(self, flow: http.HTTPFlow | None) -> None:
+        self.flow_ref = weakref.ref(flow) if flow is not None else None
 
     def elapsed_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
