@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from mitmproxy import http
 
 from addon import deferred
 from addon.billing import Decision
@@ -90,9 +91,13 @@ def test_input_required_reader() -> None:
 
 
 class Flow:
+    """The gateway's flow, as far as deferred.py reads it (a held call's stand-in copies some of it)."""
+
     def __init__(self, session: str = "s1") -> None:
+        self.id = f"f-{id(self)}"
         self.metadata: dict[str, Any] = {}
-        self.request = SimpleNamespace(headers={"mcp-session-id": session}, method="POST")
+        self.comment = self.marked = ""
+        self.request = SimpleNamespace(headers=http.Headers(mcp_session_id=session), method="POST")
         self.response: Any = None
 
 
