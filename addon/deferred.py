@@ -225,7 +225,6 @@ class Facts:
     state: str | None = None  # the requestState of an input_required answer
     continues: Held | None = None  # a retry carrying a state this key was issued: the first round
     continued: tuple[Scope, str, str] | None = None  # ... under this key (to give it back if not forwarded)
-    parser: SseParser | None = None
 
 
 Settle = Callable[[Any, Any, Decision], None]
@@ -358,15 +357,16 @@ class Deferred:
             return
         if facts is None:
             facts = self.facts[call] = Facts(scope)
-        facts.parser = SseParser(self.config().max_event_bytes)
+        # The parser lives with the stream, not on Facts, which a held call keeps: what a stream cut off
+        # mid-event left in it (up to max_event_bytes) goes with the flow.
+        parser = SseParser(self.config().max_event_bytes)
         inner = response.stream
 
         def read(chunk: bytes) -> Any:
             try:
-                if facts.parser is not None:
-                    for event in facts.parser.feed(chunk):
-                        if not event.oversized and (facts.result_for is not None or _worth_reading(event.data)):
-                            self._messages(call, facts, _loads(event.data))
+                for event in parser.feed(chunk):
+                    if not event.oversized and (facts.result_for is not None or _worth_reading(event.data)):
+                        self._messages(call, facts, _loads(event.data))
             except Exception:
                 log.exception("mcpmeter: reading task and round messages of %s failed", call.request_id)
             return inner(chunk)

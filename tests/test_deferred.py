@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import time
+import tracemalloc
 from types import SimpleNamespace
 from typing import Any
 
@@ -598,3 +600,28 @@ async def test_a_next_round_under_a_state_held_already_bills_the_other_round(reg
     final, continues = retry(d, "S2")
     assert continues and d.round_over(final, Decision(False, "result"))
     assert settled[2:] == [(late, Decision(False, "result"))] and d.rounds == {}
+
+
+async def test_a_held_call_keeps_nothing_of_its_stream(registry: Any) -> None:
+    """What a stream cut off mid-event left in the meter's parser goes with the flow, not with the
+    held call (its Facts are kept as long as it is held)."""
+    d, _, _ = registry
+    call, flow = make_call(), Flow()
+    request = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "task": {}}}
+    d.on_request(call, body(request), "tools/call", "s1")
+    forward(d, call)
+    flow.response = SimpleNamespace(headers={}, stream=lambda chunk: chunk)
+    d.watch_stream(flow, call)
+    created = {"jsonrpc": "2.0", "id": 1, "result": {"task": {"taskId": "T", "status": "working"}}}
+    tracemalloc.start()
+    try:
+        flow.response.stream(b"event: message\ndata: " + body(created) + b"\n\n")
+        flow.response.stream(b"event: message\ndata: " + b"x" * 500_000)  # and no more: the client went
+        assert await d.hold(flow, call, Decision(False, "result"))
+        before = tracemalloc.get_traced_memory()[0]
+        del flow
+        gc.collect()
+        assert before - tracemalloc.get_traced_memory()[0] > 400_000  # the half event, freed
+    finally:
+        tracemalloc.stop()
+    assert list(d.tasks) == [((5, "key-1", "s1"), "T")]  # still held
