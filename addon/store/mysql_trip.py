@@ -20,12 +20,16 @@ it): the tables end exactly as before.
 
 A server error stops the work at the failing statement: COMMIT is never reached and the adapter
 rolls back (and runs a deadlock victim again, as for any transaction). Running a charge or a
-settlement again after the connection broke is safe even if the first COMMIT did land: a
-settlement's flip matches nothing; a charge's journal INSERT (keyed by request id) fails and the
-run is rolled back, or, where the first run took the last credit or reached the cap, the run
-again refuses before that INSERT. Either way the call is not forwarded (a 503 or a 402 where the
-first run had in fact debited) and nothing is taken twice: the first run's journal row, which
-nobody settles, is refunded by the sweeper. All values go through pymysql's escaping.
+settlement again after the connection broke is safe even if the first COMMIT did land (an
+ambiguous COMMIT: the answer was lost): a settlement's flip matches nothing; a charge first reads
+its request's unsettled journal row (one primary-key read, no lock) and, finding it, answers what
+the first run decided, its verdict and amount with the balance now, writing nothing. So a consumer
+the first run debited is served, not refused for the credit that run took (a 402) nor failed by
+the journal's key (a 503). Were the first run still under way on the server (its client gave up
+waiting), the read misses it and the second run waits on its locks, then fails on the journal's
+key once the first commits (a 503; the sweeper refunds the first run's debit, which nobody
+settles) or, its lock wait timed out, runs again and finds the row. Nothing is taken twice. All
+values go through pymysql's escaping.
 """
 
 from __future__ import annotations
@@ -55,17 +59,20 @@ _BALANCE = "(SELECT credit_micro_cents FROM users WHERE id = %(user)s)"
 # then upgrade: two users charging one project deadlock on it, measured), and over the cap the debit
 # and the spend are put back as they were (the row deleted if this call made it). ROW_COUNT() counts
 # rows matched (the connection has CLIENT.FOUND_ROWS); every write it tests changes its row anyway.
-# A new version of the procedure gets a new name: gateways of both versions can share a database.
-CHARGE_PROCEDURE = "mcpmeter_charge_v1"
+# A new version of the procedure gets a new name: gateways of both versions can share a database
+# (`ensure_schema` creates the names missing and leaves the others). v2 reads the call journal first,
+# so a charge run again after its COMMIT landed answers what it decided; v1 decided again.
+CHARGE_PROCEDURE = "mcpmeter_charge_v2"
 # The same charge without its COMMIT, for charges that queue up under load: many CALLs of it and one
 # COMMIT share a transaction and a round trip (charge_batch below).
-CHARGE_BATCH_PROCEDURE = "mcpmeter_charge_batch_v1"
-# Text parameters are only stored, never compared, except the period, whose repertoire is ASCII:
-# a column of any utf8mb4 collation compares with it in its own collation (a parameter declared
-# with one collation breaks charges on tables made with another: "Illegal mix of collations").
+CHARGE_BATCH_PROCEDURE = "mcpmeter_charge_batch_v2"
+# Text parameters are only stored, never compared, except the period and the request id (the
+# gateway's UUIDs), whose repertoire is ASCII: a column of any utf8mb4 collation compares with them
+# in its own collation (a parameter declared with one collation breaks charges on tables made with
+# another: "Illegal mix of collations").
 _VARCHAR = "VARCHAR({n}) CHARACTER SET utf8mb4"
 _CHARGE_TEMPLATE = f"""CREATE PROCEDURE `{{name}}`(
-  IN p_request {_VARCHAR.format(n=64)}, IN p_user BIGINT UNSIGNED, IN p_project BIGINT UNSIGNED,
+  IN p_request VARCHAR(64) CHARACTER SET ascii, IN p_user BIGINT UNSIGNED, IN p_project BIGINT UNSIGNED,
   IN p_listing BIGINT UNSIGNED, IN p_tool {_VARCHAR.format(n=191)}, IN p_price BIGINT, IN p_allowance BIGINT,
   IN p_period VARCHAR(7) CHARACTER SET ascii, IN p_now DATETIME, IN p_description {_VARCHAR.format(n=255)})
   MODIFIES SQL DATA SQL SECURITY INVOKER
@@ -73,7 +80,26 @@ BEGIN
   DECLARE v_verdict VARCHAR(20) DEFAULT '{Verdict.INSUFFICIENT_CREDIT.value}';
   DECLARE v_spend INT DEFAULT 0;
   DECLARE v_balance BIGINT DEFAULT NULL;
-  IF p_price <= 0 THEN
+  DECLARE v_amount BIGINT DEFAULT 0;
+  DECLARE v_replay VARCHAR(20) DEFAULT NULL;
+  -- A charge run again after its COMMIT landed (the connection lost before the answer was read,
+  -- mysql_loop.py) answers what that run decided and writes nothing: the request's unsettled journal
+  -- row, read by primary key, and the balance now. Both reads are SELECT ... INTO, a consistent read
+  -- taking no lock (a SET or IF with a subquery reads under a shared lock, with a gap lock where no
+  -- row is: charges inserting other request ids would wait on it). That is enough at READ COMMITTED
+  -- and REPEATABLE READ alike (charges, lone or batched, run at the server's default; a batch reads
+  -- from its first CALL's snapshot): the first run is over, committed or rolled back (no row then).
+  -- Were it still running on the server (its client gave up waiting), this read misses it: this
+  -- run's writes wait on its locks and its ledger or journal INSERT fails as a duplicate once it
+  -- commits (a 503; the sweeper refunds the first). A settled row (its call served or refunded
+  -- already) or another user's is not answered: those INSERTs refuse the request id as a duplicate.
+  -- MAX(): one row even when none matches (no "No data" warning).
+  SELECT MAX(verdict), COALESCE(MAX(amount_micro_cents), 0) INTO v_replay, v_amount FROM mcpmeter_calls
+    WHERE request_id = p_request AND user_id = p_user AND settled_at IS NULL;
+  IF v_replay IS NOT NULL THEN
+    SET v_verdict = v_replay;
+    SELECT COALESCE(MAX(credit_micro_cents), 0) INTO v_balance FROM users WHERE id = p_user;
+  ELSEIF p_price <= 0 THEN
     SET v_verdict = '{Verdict.UNPRICED.value}';
   ELSEIF p_allowance > 0 THEN
     INSERT IGNORE INTO mcp_consumer_usage (mcp_id, user_id, free_calls_used, period_year_month, billable_calls,
@@ -114,20 +140,22 @@ BEGIN
         INSERT INTO credit_transactions (user_id, amount_micro_cents, type, reference_type,
           balance_after_micro_cents, description, request_id, created_at, updated_at)
           VALUES (p_user, -p_price, 'usage', 'mcpmeter_call', v_balance, p_description, p_request, p_now, p_now);
-        SET v_verdict = '{Verdict.DEBITED.value}';
+        SET v_verdict = '{Verdict.DEBITED.value}', v_amount = p_price;
       END IF;
     END IF;
   END IF;
-  IF v_verdict IN ('{Verdict.FREE.value}', '{Verdict.DEBITED.value}', '{Verdict.UNPRICED.value}') THEN
+  IF v_replay IS NULL
+     AND v_verdict IN ('{Verdict.FREE.value}', '{Verdict.DEBITED.value}', '{Verdict.UNPRICED.value}') THEN
     INSERT INTO mcpmeter_calls (request_id, user_id, project_id, mcp_id, tool_name, verdict,
       amount_micro_cents, period_year_month, created_at)
-      VALUES (p_request, p_user, p_project, p_listing, p_tool, v_verdict,
-              IF(v_verdict = '{Verdict.DEBITED.value}', p_price, 0), p_period, p_now);
+      VALUES (p_request, p_user, p_project, p_listing, p_tool, v_verdict, v_amount, p_period, p_now);
   END IF;
   IF v_balance IS NULL THEN
+    -- A SET's subquery reads under a shared lock: the latest balance (the one a refusal was decided
+    -- on), not the snapshot of the journal read above, which may predate a lock wait.
     SET v_balance = COALESCE((SELECT credit_micro_cents FROM users WHERE id = p_user), 0);
   END IF;
-  SELECT v_verdict, v_balance;
+  SELECT v_verdict, v_balance, v_amount;
   {{commit}}
 END"""
 CHARGE_DDL = _CHARGE_TEMPLATE.format(name=CHARGE_PROCEDURE, commit="COMMIT;")
@@ -141,9 +169,10 @@ def _charge_args(req: ChargeRequest, now: str) -> tuple[Any, ...]:
             req.free_allowance, req.period, now, f"{req.tool_name} on mcp {req.listing_id}"[:255])
 
 
-def _outcome(req: ChargeRequest, row: Any) -> ChargeResult:
+def _outcome(row: Any) -> ChargeResult:
+    """The procedure's answer: the verdict, the balance, and the amount debited (the journal's)."""
     verdict = Verdict(row[0] if isinstance(row[0], str) else bytes(row[0]).decode())
-    return ChargeResult(verdict, req.price if verdict is Verdict.DEBITED else 0, int(row[1]))
+    return ChargeResult(verdict, int(row[2]), int(row[1]))
 
 
 async def charge(conn: Any, req: ChargeRequest) -> ChargeResult:
@@ -151,7 +180,7 @@ async def charge(conn: Any, req: ChargeRequest) -> ChargeResult:
     _, row = await one_trip(conn, f"CALL `{CHARGE_PROCEDURE}`{_CALL_ARGS}", _charge_args(req, utc()))
     if row is None:
         raise RuntimeError("mysql: the charge procedure returned no outcome")
-    return _outcome(req, row)
+    return _outcome(row)
 
 
 def batch_order(reqs: Sequence[ChargeRequest]) -> list[int]:
@@ -191,7 +220,7 @@ async def charge_batch(conn: Any, reqs: Sequence[ChargeRequest], order: Sequence
     if len(rows) != len(order) or any(row is None for row in rows):
         raise RuntimeError(f"mysql: {len(order)} charges in a batch returned {len(rows)} outcomes")
     row_of = dict(zip(order, rows, strict=True))
-    return [_outcome(req, row_of[i]) for i, req in enumerate(reqs)]
+    return [_outcome(row_of[i]) for i in range(len(reqs))]
 
 
 async def settle(conn: Any, s: Settlement, last_used: LastUsed) -> tuple[bool, int | None]:
