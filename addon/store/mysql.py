@@ -209,10 +209,9 @@ class MysqlStore(SqlStore):
                     continue
                 if reused and gone(e, not conn.open):
                     # A pooled connection the server dropped (restart, idle timeout): the transaction
-                    # runs again on a new connection, once. A one-trip charge or settlement carries its
-                    # COMMIT, so the first run may have landed: then the charge's journal INSERT fails
-                    # (duplicate request id, rolled back, 503; the sweeper refunds the first) and the
-                    # settlement's flip matches nothing (settled before): never money twice.
+                    # runs again on a new connection, once. Its COMMIT is sent below, after `fn`, so the
+                    # first run did not land. (The one-trip jobs, which carry their COMMIT and may have
+                    # landed, run on the event loop: mysql_loop.py, mysql_trip.py.)
                     continue
                 raise StoreUnavailable(f"mysql: {reason(e)}") from e
             except BaseException:
@@ -484,9 +483,10 @@ class ChargeBatches:
                 outcomes = [e]
             else:
                 # The batch failed and was rolled back (or, its connection lost after the COMMIT was
-                # sent, perhaps committed: see mysql_trip.py on running a charge again). Each charge
-                # now goes alone, one after the other (at once, lone charges of one user deadlock on
-                # its free-tier row): one that cannot be written (a request id used before) fails by itself.
+                # sent, perhaps committed: then each charge alone answers what the batch decided, see
+                # mysql_trip.py on running a charge again). Each charge now goes alone, one after the
+                # other (at once, lone charges of one user deadlock on its free-tier row): one that
+                # cannot be written (a request id of a settled call) fails by itself.
                 log.warning("mcpmeter: a batch of %d charges failed (%s); charging each alone", len(jobs), e)
                 outcomes = []
                 for request in requests:

@@ -11,7 +11,9 @@ refunds the journal disagrees with, the sweeper, the commands) stays on the thre
 
 The rules are the thread pool's (mysql.py `_transaction`): a deadlock victim or a lock wait
 timeout runs again, a pooled connection the server dropped runs the job again once, on a new
-connection (every job here is a whole transaction that is safe to run twice: see mysql_trip.py),
+connection (every job here is a whole transaction that is safe to run twice, even after its COMMIT
+landed: a settlement's flip then matches nothing, and a charge finds its request's journal row and
+answers what the first run decided, writing nothing; see mysql_trip.py),
 a failed connect marks the store down for DOWN_FOR seconds, and a job whose round trips take longer
 than IO_TIMEOUT each fails with its connection closed. A job runs to its end even if its caller is
 cancelled meanwhile, as on a worker thread, so a settlement is never cut off half-way; closing the
