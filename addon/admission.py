@@ -109,6 +109,10 @@ class Admission:
         # After the rate limit, like the task refusals below: probing other keys' session ids counts.
         if session and await gw.cache.session_owner(session) not in (None, consumer.principal):
             raise GatewayError("session_forbidden")
+        if call.legacy_session and req.method == "POST" and not gw.legacy.open_for(call.legacy_session,
+                                                                                   consumer.principal):
+            # A legacy POST reaches only a session this key holds open here (legacy_sessions.open_for).
+            raise GatewayError("session_forbidden")
         continues = False  # a retry carrying a requestState this key was issued: its first round paid
         if req.method == "POST":  # after the rate limit: its task refusals (403, 410) must not probe ids for free
             continues = gw.deferred.on_request(call, req.raw_content or b"", method, session)

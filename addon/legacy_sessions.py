@@ -36,6 +36,18 @@ class LegacySessions:
         self.gw = gw
         # session identity -> JSON-RPC id -> the POSTed calls awaiting their answer, oldest first.
         self.awaiting: dict[str, dict[JsonId, list[tuple[http.HTTPFlow, Call]]]] = {}
+        # session identity -> the GET streams open on this gateway that announced it (their calls).
+        self.streams: dict[str, list[Call]] = {}
+
+    def open_for(self, session: str, principal: str) -> bool:
+        """Whether `principal` holds a stream of the session `session` open on this gateway: the only
+        session a POST may reach. A POST is settled from that stream, by that identity; any other
+        route (another spelling of the session id the upstream reads as the same, an extra query
+        parameter, an encoded letter in a path that names the session, a session whose stream another
+        gateway watches) could reach a session whose answers settle nothing here: refunded at the
+        timeout, while the result is delivered on the stream."""
+        return any(s.consumer is not None and s.consumer.principal == principal
+                   for s in self.streams.get(session, ()))
 
     def calls(self) -> list[tuple[http.HTTPFlow, Call]]:
         return [fc for waiting in self.awaiting.values() for calls in waiting.values() for fc in calls]
@@ -69,6 +81,7 @@ class LegacySessions:
         if not had_route and stream.rewriter.route is not None and stream.listing is not None:
             _, subpath, query = paths.split_route(stream.rewriter.route)
             stream.legacy_session = identity(stream.listing.id, subpath, query)
+            self.streams.setdefault(stream.legacy_session, []).append(stream)
             if stream.consumer is not None:
                 # The session belongs to the key that opened the stream.
                 assert self.gw.cache is not None
@@ -103,7 +116,9 @@ class LegacySessions:
                     self.gw.settlements.soon(flow, call)
 
     def unregister(self, call: Call) -> None:
-        """The call no longer awaits an answer on its session's stream."""
+        """The call no longer awaits an answer on its session's stream (a stream: is no longer open)."""
+        if call.rewriter is not None and call.legacy_session in self.streams:
+            self._close_stream(call)
         waiting = self.awaiting.get(call.legacy_session)
         if waiting is None or call.priced is None:
             return
@@ -115,12 +130,18 @@ class LegacySessions:
         if not waiting:
             self.awaiting.pop(call.legacy_session, None)
 
+    def _close_stream(self, stream: Call) -> None:
+        others = [s for s in self.streams.pop(stream.legacy_session, []) if s is not stream]
+        if others:  # (an upstream announcing one session on two streams)
+            self.streams[stream.legacy_session] = others
+
     def end_stream(self, stream: Call, client_gone: bool = False) -> None:
         """The session's stream is over: calls still awaiting an answer never get one. The upstream
         ending it failed them (refunded); a client that walked away is billed, as on streamable HTTP
         (2024-11-05 has no cancellation: the upstream ran the call)."""
         if stream.rewriter is None or stream.rewriter.route is None or not stream.legacy_session:
             return
+        self._close_stream(stream)
         for calls in self.awaiting.pop(stream.legacy_session, {}).values():
             for flow, waiting in calls:
                 waiting.failure = Failure.CLIENT_GONE if client_gone else Failure.UPSTREAM
