@@ -106,6 +106,28 @@ def check_http_method(method: str, body: bytes) -> None:
         raise GatewayError("invalid_request", reason=f"a {method} request must not carry a body")
 
 
+UTF8_CHARSETS = ("utf-8", "utf8")
+
+
+def check_request_charset(content_types: list[str]) -> None:
+    """A POST body is read as UTF-8 by the meter: refuse one its `Content-Type` says is in another
+    charset. Servers that decode by the charset would read other bytes than the meter priced:
+    Express's express.json() (body-parser, iconv-lite; the TypeScript SDK's createMcpExpressApp) and
+    the TypeScript SDK's legacy SSE transport accept any `utf-*`, UTF-7 included, where `+ACI-` inside
+    a JSON string is a quote: a `ping` to the meter can be a `tools/call` to the upstream. One
+    Content-Type field at most (Node keeps the first of two), with at most one `charset` parameter,
+    UTF-8. Parameters are split on every `;`, quoted or not: a quoted `;charset=` is refused too."""
+    if len(content_types) > 1:
+        raise GatewayError("invalid_request", reason="one Content-Type header at most")
+    if not content_types:
+        return
+    charsets = [value.strip().strip('"').strip().lower()
+                for name, sep, value in (p.partition("=") for p in content_types[0].split(";")[1:])
+                if sep and name.strip().lower() == "charset"]
+    if len(charsets) > 1 or any(c not in UTF8_CHARSETS for c in charsets):
+        raise GatewayError("invalid_request", reason="a request body must be UTF-8 (Content-Type charset)")
+
+
 def parse_strict(body: bytes) -> Any:
     """The JSON value of a request body, refusing what parsers could read differently.
 

@@ -6,7 +6,9 @@ Same harness as tests/test_confinement_hooks.py (taddons/tflow, the embedded SQL
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
+import json
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,50 @@ async def test_once_the_stream_is_over_its_route_takes_no_more_posts(gw: Gw) -> 
     assert flow.response is not None and error_of(flow) == "session_forbidden"
     assert gw.addon.legacy.streams == {} and gw.db.balance(1) == OPENING
 
+
+# --- the request's charset: what the meter prices must be what the upstream runs (I5) --------------------
+
+# A body that is `ping` (unpriced) read as UTF-8, and a `tools/call` of `echo` read as UTF-7, the way
+# Express's express.json() (body-parser 2, iconv-lite) reads it under `charset=utf-7`; the TypeScript
+# SDK's createMcpExpressApp installs express.json(), and its legacy SSEServerTransport decodes POSTs
+# with the charset too (raw-body). Checked with the SDK's pinned node_modules: express answers "echo".
+UTF7_SMUGGLED = ("+ACIAfQ-,+ACI-method+ACI-:+ACI-tools/call+ACI-,+ACI-params+ACI-:+AHsAIg-name+ACI-:+ACI-echo"
+                 "+ACI-,+ACI-arguments+ACI-:+AHsAfQ-,+ACI-x+ACI-:+ACI-")
+UTF7_BODY = ('{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":"' + UTF7_SMUGGLED + '"}}').encode()
+
+
+def test_the_utf7_body_is_a_ping_to_the_meter_and_a_tool_call_under_utf7() -> None:
+    assert json.loads(UTF7_BODY)["method"] == "ping"
+    # Python's own UTF-7 codec reads it as iconv-lite does.
+    as_utf7 = json.loads(UTF7_BODY.decode("utf-7"), object_pairs_hook=lambda pairs: dict(pairs))  # last key wins, as JS
+    assert as_utf7["method"] == "tools/call" and as_utf7["params"]["name"] == "echo"
+
+
+@pytest.mark.parametrize("content_type", [
+    "application/json; charset=utf-7", "application/json;charset=UTF-7", "application/json; Charset=\"utf-7\"",
+    "application/json; charset = utf-7", "application/json; charset=utf-16le",
+])
+async def test_a_body_in_another_charset_is_refused_not_forwarded_unpriced(gw: Gw, content_type: str) -> None:
+    flow = make_flow("/echo-test", body=UTF7_BODY, headers={"Content-Type": content_type})
+    del flow.request.headers["content-type"]
+    flow.request.headers["Content-Type"] = content_type
+    await gw.addon.request(flow)
+    assert flow.response is not None, f"forwarded as {meta(flow).get('method')!r}, unpriced"
+    assert flow.response.status_code == 400
+    assert gw.db.balance(1) == OPENING
+
+
+async def test_two_content_types_are_refused(gw: Gw) -> None:
+    flow = make_flow("/echo-test", body=UTF7_BODY)
+    flow.request.headers.add("Content-Type", "application/json; charset=utf-7")
+    await gw.addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 400
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8",
+                                          "application/json; charset=\"UTF-8\"", "application/json;charset=utf8"])
+async def test_utf8_bodies_pass(gw: Gw, content_type: str) -> None:
+    flow = make_flow("/echo-test", body=tool_call())
+    flow.request.headers["Content-Type"] = content_type
+    await gw.addon.request(flow)
+    assert flow.response is None and gw.db.balance(1) == OPENING - PRICE
