@@ -12,6 +12,9 @@ gateway close both gaps:
 - `Http2Server._handle_event` does the same for HTTP/2 clients, per stream (the stream of a
   failed flow is learnt in `HttpStream.handle_protocol_error`), and answers failures the addon
   did not register with a JSON body instead of mitmproxy's text/html page;
+- `Http1Server.read_headers` / `Http1Client.read_headers` bound an HTTP/1 head at MAX_HEAD_BYTES:
+  mitmproxy buffers a head until its blank line, however long ("FIXME: protect against header size
+  DoS"), before any hook runs; HTTP/2 heads are bounded by h2 at the same 64 KiB;
 - `Http1Client.send` / `_http2.format_h2_request_headers` put the publisher's upstream headers
   into the bytes sent upstream, so the flow (saved with `-w`, shown by mitmweb) only ever holds
   a redacted marker for them (`hide_upstream_headers`).
@@ -37,10 +40,10 @@ from cachetools import TTLCache
 from mitmproxy import ctx, http, version
 from mitmproxy.connection import ConnectionState, Server
 from mitmproxy.net.http import http1
-from mitmproxy.proxy import commands
+from mitmproxy.proxy import commands, events
 from mitmproxy.proxy import layers as _layers
-from mitmproxy.proxy.layers.http import (HttpStream, RequestData, RequestHeaders, ResponseProtocolError, _base, _http1,
-                                          _http2, _http3)
+from mitmproxy.proxy.layers.http import (ErrorCode, HttpStream, RequestData, RequestHeaders, ResponseProtocolError,
+                                          _base, _http1, _http2, _http3)
 
 from .errors import ERRORS
 from .redaction import REDACTED
@@ -64,7 +67,12 @@ _INTERNALS: tuple[tuple[Any, str], ...] = (
     (_http1.Http1Server, "send"), (_http1.Http1Client, "send"), (_http1, "make_error_response"),
     (_http2, "format_error"), (_http2.Http2Server, "_handle_event"), (_http2, "format_h2_request_headers"),
     (_http3, "format_error"), (_layers.http.HttpStream, "handle_protocol_error"),
+    (_http1.Http1Server, "read_headers"), (_http1.Http1Client, "read_headers"), (_http1.Http1Connection, "done"),
 )
+# An HTTP/1 head (request or status line and the header fields) longer than this is refused: a
+# client's with a 431 and a closed connection, before any hook (no flow is made); an upstream's as
+# a failed answer (the call is refunded, a 502). h2 bounds an HTTP/2 header list at 64 KiB too.
+MAX_HEAD_BYTES = 64 * 1024
 
 
 def install() -> None:
@@ -101,6 +109,7 @@ def install() -> None:
     _http3.format_error = _json_error_body
     _base.format_error = _json_error_body
     _install_request_body_limit()
+    _install_head_limit()
     _installed = True
 
 
@@ -315,3 +324,32 @@ def _install_request_body_limit() -> None:
         yield from original(self, event)
 
     HttpStream.state_consume_request_body = state_consume_request_body  # type: ignore[method-assign]
+
+
+Commands = Generator[commands.Command, Any, None]
+
+
+def _install_head_limit() -> None:
+    if not hasattr(_http1, "ReceiveBuffer"):
+        raise RuntimeError("mitmproxy internals changed: _http1.ReceiveBuffer is missing")
+    server_read, client_read = _http1.Http1Server.read_headers, _http1.Http1Client.read_headers
+
+    def request_head(self: _http1.Http1Server, event: events.ConnectionEvent) -> Commands:
+        yield from server_read(self, event)
+        if self.state == self.read_headers and len(self.buf) > MAX_HEAD_BYTES:  # no blank line yet
+            self.buf, self.state = _http1.ReceiveBuffer(), self.done
+            log.info("mcpmeter: a request head over %d bytes from %s refused", MAX_HEAD_BYTES, self.conn.peername)
+            yield commands.SendData(self.conn, _json_error_response(431, "request head too large"))
+            yield commands.CloseConnection(self.conn)
+
+    def response_head(self: _http1.Http1Client, event: events.ConnectionEvent) -> Commands:
+        yield from client_read(self, event)
+        if self.state == self.read_headers and self.stream_id is not None and len(self.buf) > MAX_HEAD_BYTES:
+            self.buf, self.state = _http1.ReceiveBuffer(), self.done
+            yield commands.CloseConnection(self.conn)
+            yield _http1.ReceiveHttp(ResponseProtocolError(
+                self.stream_id, f"response head over {MAX_HEAD_BYTES} bytes", ErrorCode.GENERIC_SERVER_ERROR))
+
+    _http1.Http1Server.read_headers = request_head  # type: ignore[method-assign]
+    _http1.Http1Client.read_headers = response_head  # type: ignore[method-assign]
+

@@ -313,6 +313,13 @@ class HostileUpstream:
                 writer.write(b"HTTP/1.1 2OO OK\r\n\r\n" + ok)
                 await writer.drain()
                 return False
+            case "huge_head":  # a status line, then header fields that never end (8 MB, then it waits)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+                for _ in range(8 * 16):
+                    writer.write(b"X-Pad: " + b"a" * 65_000 + b"\r\n")
+                    await writer.drain()
+                await asyncio.sleep(5)
+                return False
             case "other_id":  # answers a different id, as a JS server does for ids it cannot hold
                 return await _send(writer, 200, _tool_result(js_number(rpc_id), "other"))
         return await _send(writer, 200, ok)

@@ -490,6 +490,21 @@ def test_broken_answer_framing_is_refunded_not_billed(
     assert len(backend.query("SELECT id FROM usage_events WHERE mcp_id = %s", (listing.mcp_id,))) == 3
 
 
+def test_an_upstream_answer_head_that_never_ends_is_cut_and_refunded(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient) -> None:
+    # mitmproxy buffers a head until its blank line; the gateway stops at compat.MAX_HEAD_BYTES.
+    listing = make_listing(backend, hostile, timeout=30)
+    started = time.monotonic()
+    r = client.request("POST", listing.path, listing.auth(**{"X-Hostile": "huge_head"}), rpc(name="cheap"))
+    assert r.status == 502 and r.header("X-Mcpmeter-Refunded") == "1"
+    assert time.monotonic() - started < 5  # cut at the limit, not at the upstream's pause nor the timeout
+    assert confined(listing, hostile, canary) == []
+    deadline = time.monotonic() + 10  # refunded: the balance comes back (the ledger reconciles: conftest)
+    while time.monotonic() < deadline and backend.balance(listing.consumer.user_id) != CREDIT:
+        time.sleep(0.1)
+    assert backend.balance(listing.consumer.user_id) == CREDIT
+
+
 # === 4. bounded resources =======================================================================
 
 
@@ -878,3 +893,34 @@ def test_a_broken_script_reload_forwards_nothing_unmetered(
         assert canary.records() == [], "a flow reached the reverse target unmetered"
     finally:
         gw.stop()
+
+
+
+def test_a_request_head_past_the_limit_is_431_before_any_hook(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient) -> None:
+    # Sent without its blank line: mitmproxy would buffer it for ever. The gateway answers 431 and
+    # closes the connection once it passes compat.MAX_HEAD_BYTES; nothing reaches the upstream.
+    listing = make_listing(backend, hostile)
+    sock = socket.create_connection(client.addr, timeout=10)
+    try:
+        sock.sendall(f"POST {listing.path} HTTP/1.1\r\nHost: gateway.test\r\n".encode())
+        data = b""
+        try:
+            for _ in range(64):  # up to 4 MB, 64 KB at a time
+                sock.sendall(b"X-Pad: " + b"a" * 65_000 + b"\r\n")
+        except OSError:
+            pass  # closed by the gateway after its answer
+        while more := sock.recv(65536):
+            data += more
+    finally:
+        sock.close()
+    assert data.startswith(b"HTTP/1.1 431 ") and b"Content-Type: application/json" in data
+    assert hostile.records(listing.slug) == []
+    # A head under the limit passes (a large cookie or token header is legal), on a new connection.
+    c = RawClient(f"http://{client.addr[0]}:{client.addr[1]}")
+    try:
+        r = c.request("POST", listing.path, listing.auth(**{"X-Large": "b" * 12_000}), rpc(name="cheap"))
+    finally:
+        c.close()
+    assert r.status == 200
+    check(backend, listing, hostile, canary)
