@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from .auth import token_hash
 from .config import Config
-from .store.base import UnknownUser
+from .store.base import CreditLimit, UnknownUser
 from .store.sql import HELD, Ledger, SqlStore, parse_upstream_headers, utc
 
 T = TypeVar("T")
@@ -168,7 +168,10 @@ class Admin:
                        now, now))
             balance = ledger.balance(user_id)
             if credit > 0:
-                balance = ledger.topup(user_id, credit, "opening credit (mcpmeter key create)")
+                try:
+                    balance = ledger.topup(user_id, credit, "opening credit (mcpmeter key create)")
+                except CreditLimit as e:
+                    raise AdminError(f"{e}: nothing written") from None
             return {"key": key, "prefix": key[:KEY_PREFIX_LENGTH], "user_id": user_id, "email": email,
                     "project_id": project_id, "env": env, "balance_micro_cents": balance}
 
@@ -223,6 +226,8 @@ class Admin:
                 balance = ledger.topup(user_id, amount, "top-up (mcpmeter credit add)")
             except UnknownUser:
                 raise AdminError(f"no user {who!r}: nothing written") from None
+            except CreditLimit as e:
+                raise AdminError(f"{e}: nothing written") from None
             return {"user_id": user_id, "added_micro_cents": amount, "balance_micro_cents": balance}
 
         return self._tx(run)

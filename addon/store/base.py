@@ -24,6 +24,17 @@ class UnknownUser(LookupError):
         self.user_id = user_id
 
 
+MAX_BALANCE = 2**62  # what a top-up may bring a balance to: BIGINT (2**63 - 1) with room for refunds and sums
+
+
+class CreditLimit(ValueError):
+    """The top-up would take the balance past MAX_BALANCE (the column would overflow): nothing was written."""
+
+    def __init__(self, user_id: int, amount: int) -> None:
+        super().__init__(f"adding {amount} µ¢ would take user {user_id}'s balance past {MAX_BALANCE} µ¢")
+        self.user_id = user_id
+
+
 class Store(Protocol):
     async def find_consumer(self, credential: Credential) -> Consumer | None:
         """The consumer behind a live key or an unexpired, unrevoked OAuth token."""
@@ -51,7 +62,8 @@ class Store(Protocol):
     async def topup(self, user_id: int, amount: int, description: str) -> int:
         """Add credit with its ledger row; returns the new balance (debugging and tests).
 
-        Raises UnknownUser, writing nothing, when no user has this id."""
+        Raises UnknownUser, writing nothing, when no user has this id, and CreditLimit when the
+        balance would pass MAX_BALANCE."""
 
     async def recent_calls(self, limit: int) -> list[CallRecord]: ...
 

@@ -38,7 +38,7 @@ from ..model import (
     Transport,
     Verdict,
 )
-from .base import StoreUnavailable, UnknownUser
+from .base import MAX_BALANCE, CreditLimit, StoreUnavailable, UnknownUser
 from ..preview import Preview, decide as preview_decision
 from .group_commit import GroupCommit
 
@@ -326,8 +326,13 @@ class Ledger:
     def topup(self, user_id: int, amount: int, description: str) -> int:
         """Inside a transaction: credit and its `topup` row; UnknownUser (nothing written) for no such user."""
         # rowcount counts matched rows on both drivers (the MySQL store connects with FOUND_ROWS).
-        if self._q("UPDATE users SET credit_micro_cents = credit_micro_cents + %s WHERE id = %s",
-                   (amount, user_id)).rowcount != 1:
+        # Conditional, so that a concurrent debit or top-up cannot slip between a check and the
+        # update: past BIGINT MySQL refuses the statement and SQLite turns the sum into a REAL.
+        if self._q("UPDATE users SET credit_micro_cents = credit_micro_cents + %s"
+                   " WHERE id = %s AND credit_micro_cents <= %s",
+                   (amount, user_id, MAX_BALANCE - amount)).rowcount != 1:
+            if self.user_exists(user_id):
+                raise CreditLimit(user_id, amount)
             raise UnknownUser(user_id)
         balance = self.balance(user_id)
         self._ledger_row(user_id, amount, "topup", balance, None, description, utc())
