@@ -34,6 +34,7 @@ KEY_SECRET_LENGTH = 32
 KEY_PREFIX_LENGTH = 14  # what api_keys.key_prefix holds, as the web app writes it ('mcpm_live_' + 4)
 UNRECORDED = "unrecorded"  # `usage --by reason` for calls settled before settlements kept their reason
 MAX_USAGE_ROWS = 2_000_000  # a usage report reads at most this many calls (percentiles are computed here)
+BIGINT_MAX = 2**63 - 1  # no row id is larger (SQLite cannot even be asked about one)
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\Z")
 
 
@@ -197,8 +198,8 @@ class Admin:
             rows = ledger._q("SELECT k.id, k.key_prefix, u.email, k.key_hash FROM api_keys k"
                              " JOIN users u ON u.id = k.user_id WHERE k.revoked_at IS NULL ORDER BY k.id").fetchall()
             # Matched here, not by LIKE: exact and case-sensitive on both backends.
-            if prefix.isdigit():
-                rows = [r for r in rows if int(r[0]) == int(prefix)]
+            if (key_id := _row_id(prefix)) is not None:
+                rows = [r for r in rows if int(r[0]) == key_id]
             elif len(prefix) > KEY_PREFIX_LENGTH:  # a whole key: its hash names it exactly
                 rows = [r for r in rows if r[3] == token_hash(prefix)]
             else:
@@ -426,13 +427,18 @@ def _require_listing(ledger: Ledger, slug: str) -> int:
 
 def _find_user(ledger: Ledger, who: str) -> int:
     """A user by email, or by id when `who` is all digits; AdminError if there is none."""
-    if who.isdigit():
-        row = ledger._one("SELECT id FROM users WHERE id = %s", (int(who),))
+    if (user_id := _row_id(who)) is not None:
+        row = None if user_id > BIGINT_MAX else ledger._one("SELECT id FROM users WHERE id = %s", (user_id,))
     else:
         row = ledger._one("SELECT id FROM users WHERE email = %s", (who,))
     if row is None:
         raise AdminError(f"no user {who!r}: nothing written")
     return int(row[0])
+
+
+def _row_id(text: str) -> int | None:
+    """`text` as a row id when it is ASCII digits (str.isdigit also holds for '²', which int() refuses)."""
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def _user_id(ledger: Ledger, email: str, create_as: str) -> int:

@@ -128,7 +128,7 @@ def month(text: str) -> str:
 
 
 def user(text: str) -> str:
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # a user id ('²'.isdigit() is true too)
         return text
     return email(text)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 
 from tests.backends import Backend
 from tests.test_cli import Run, run  # noqa: F401  (the `run` fixture)
@@ -40,3 +41,19 @@ def test_credit_add_that_would_overflow_the_balance_is_refused(run: Run, backend
     assert backend.query("SELECT COUNT(*) FROM credit_transactions t JOIN users u ON u.id = t.user_id"
                          " WHERE u.email = %s", (email,))[0][0] == rows
     run("reconcile")
+
+
+# --- user and key arguments: a message, never a traceback ----------------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    ["credit", "add", "²", "5"],  # str.isdigit() is true for superscripts, int() refuses them
+    ["credit", "add", "99999999999999999999999", "5"],  # an id past INTEGER: OverflowError in sqlite3
+    ["key", "revoke", "²"],
+    ["usage", "--consumer", "²"],
+])
+def test_odd_user_ids_are_a_message(run: Run, backend: Backend, argv: list[str]) -> None:
+    from addon.cli import main
+
+    rc = main(argv)  # the fixture's run() asserts on the code; here any refusal will do, not a traceback
+    assert rc in (1, 2)
