@@ -7,6 +7,7 @@ an OptionsError, which stops mitmdump at start.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ from .breaker import BreakerConfig, BreakerSettings
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
+MAX_AMOUNT = 2**62  # the largest amount, id or count a configuration or a command may name: BIGINT with room for sums
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]*\Z")
 LISTING_STATUSES = ("draft", "review", "live", "paused", "archived")
 TRANSPORTS = ("http", "sse", "streamable")
@@ -230,6 +232,9 @@ def _build(raw: dict[str, Any]) -> Config:
                 "max_event_bytes"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, not {getattr(cfg, key)}")
+    for key in ("key_cache_ttl_seconds", "mcp_cache_ttl_seconds", "negative_cache_ttl_seconds"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must not be negative, not {getattr(cfg, key)}")
     if cfg.stale_call_seconds <= cfg.max_upstream_timeout_ms / 1000:
         raise ConfigError(f"stale_call_seconds ({cfg.stale_call_seconds}) must exceed the longest upstream timeout "
                           f"(max_upstream_timeout_ms = {cfg.max_upstream_timeout_ms})")
@@ -284,8 +289,10 @@ def _number(value: Any, key: str, kind: type) -> Any:
         raise ConfigError(f"{key} must be a number, not {value!r}")
     try:
         number = kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise ConfigError(f"{key} must be a number, not {value!r}") from None
+    if isinstance(number, float) and not math.isfinite(number):  # nan, .inf: no setting means them
+        raise ConfigError(f"{key} must be a finite number, not {value!r}")
     if kind is int and isinstance(value, float) and value != number:
         raise ConfigError(f"{key} must be a whole number, not {value!r}")
     return number
@@ -443,4 +450,6 @@ def _nonneg(value: Any, where: str) -> int:
     number = _number(value, where, int)
     if number < 0:
         raise ConfigError(f"{where} must not be negative, not {value!r}")
+    if number > MAX_AMOUNT:  # the store would fail at start (SQLite INTEGER, MySQL BIGINT)
+        raise ConfigError(f"{where} {value!r} is more than {MAX_AMOUNT}")
     return number

@@ -7,9 +7,12 @@ accepted that the gateway cannot use (or would put on the wire), money that coul
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from addon.config import ConfigError, load
 from tests.backends import Backend
 from tests.test_cli import Run, run  # noqa: F401  (the `run` fixture)
 
@@ -57,3 +60,71 @@ def test_odd_user_ids_are_a_message(run: Run, backend: Backend, argv: list[str])
 
     rc = main(argv)  # the fixture's run() asserts on the code; here any refusal will do, not a traceback
     assert rc in (1, 2)
+
+
+# --- configuration: a bad value is a ConfigError ----------------------------------------------
+
+
+def _load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> Any:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return load(str(path), env or {})
+
+
+@pytest.mark.parametrize("text", [
+    "max_body_bytes: .inf",  # OverflowError
+    "fee_rate: .nan",  # ValueError from round()
+    "fee_rate: .inf",
+    "circuit_breaker: {failures: .inf}",
+    "seed: {listings: [{slug: a, upstream_url: 'http://h/', free_calls_per_consumer: .inf}]}",
+])
+def test_infinite_or_nan_numbers_are_a_config_error_not_a_crash(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError):
+        _load(tmp_path, text)
+
+
+@pytest.mark.parametrize("text", [
+    # The sweeper computes utc(now - nan): ValueError on every sweep, so stale debits are never refunded.
+    "stale_call_seconds: .nan",
+    # Meaningless: cachetools then expires every entry at once (no cache) without a word.
+    "key_cache_ttl_seconds: .nan",
+    "mcp_cache_ttl_seconds: .nan",
+    "negative_cache_ttl_seconds: -1",
+    "circuit_breaker: {cooldown_seconds: .inf}",
+])
+def test_nan_and_negative_durations_are_refused(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError):
+        _load(tmp_path, text)
+
+
+@pytest.mark.parametrize("name", ["KEY_CACHE_TTL_SECONDS", "MCP_CACHE_TTL_SECONDS"])
+def test_nan_ttl_from_the_environment_is_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError):
+        _load(tmp_path, "{}", {name: "nan"})
+
+
+def test_a_nan_stale_call_seconds_would_stop_every_sweep() -> None:
+    """Why `stale_call_seconds: .nan` matters: the sweeper's cutoff cannot be computed, so every sweep
+    fails and debits left by a stopped gateway are never refunded."""
+    import time
+
+    from addon.store.sql import utc
+
+    with pytest.raises(ValueError):
+        utc(time.time() - float("nan"))
+
+
+@pytest.mark.parametrize("entry", [
+    "{key: mcpm_test_abc, credit_micro_cents: 100000000000000000000}",
+    "{key: mcpm_test_abc, user_id: 100000000000000000000}",
+])
+def test_seed_numbers_past_bigint_are_a_config_error_not_a_crash_at_start(tmp_path: Path, entry: str) -> None:
+    """They passed load() and the SQLite store then crashed at start with OverflowError."""
+    with pytest.raises(ConfigError):
+        _load(tmp_path, f"sqlite_path: {tmp_path / 'x.db'}\nseed: {{consumers: [{entry}]}}")
+
+
+def test_seed_price_past_bigint_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        _load(tmp_path, "seed: {listings: [{slug: a, upstream_url: 'http://h/', price_micro_cents: "
+                        f"{BIGINT_MAX + 1}}}]}}")
