@@ -16,15 +16,13 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
-from . import admin
+from . import admin, forwarding
 from .config import LISTING_STATUSES, SLUG_RE, TRANSPORTS, ConfigError, load
 from .store.base import StoreUnavailable
 
 OK, REFUSED, USAGE, UNAVAILABLE = 0, 1, 2, 3
 MAX_MICRO_CENTS = 2**62  # fits every money column with room for sums
-HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 
 TTL_NOTE = """\
 Running gateways see changes within their cache TTLs: listings after MCP_CACHE_TTL_SECONDS,
@@ -72,17 +70,10 @@ def slug(text: str) -> str:
 
 
 def url(text: str) -> str:
-    parts = urlsplit(text)
-    try:
-        parts.port  # noqa: B018  (raises on a bad port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} has an invalid port") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in text) \
-            or len(text) > 255:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL with a host")
-    if parts.username is not None or parts.password is not None:
-        raise argparse.ArgumentTypeError("the URL holds credentials, which would be shown in listings: "
-                                         "send them with --header NAME=VALUE instead")
+    # The gateway's own rule (forwarding.upstream_url_problem); the message never repeats a URL
+    # with userinfo, which may hold a password.
+    if (problem := forwarding.upstream_url_problem(text)) is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 
@@ -102,10 +93,10 @@ def tool_price(text: str) -> tuple[str, int]:
 
 def header(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
-    if not sep or not HEADER_NAME_RE.match(name):
-        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE with a valid header name")
-    if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F for c in value):
-        raise argparse.ArgumentTypeError(f"the value of header {name!r} contains a control character")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{name!r} is not NAME=VALUE")
+    if (problem := forwarding.header_problem(name, value)) is not None:
+        raise argparse.ArgumentTypeError(problem)
     return name, value
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from . import origins
+from . import forwarding, origins
 from .auth import parse_authorization
 from .breaker import BreakerConfig, BreakerSettings
 
@@ -393,14 +393,16 @@ def _listing(x: Any, i: int) -> dict[str, Any]:
     if transport not in TRANSPORTS:
         raise ConfigError(f"{where}.transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
     url = x.get("upstream_url")
-    if isinstance(url, str) and "@" in _netloc(url):  # checked first: the message must not repeat the password
-        raise ConfigError(f"{where}.upstream_url holds credentials (user:password@), which the gateway would "
-                          "send as the upstream's Host header: send them with upstream_headers instead")
-    if url is not None and (not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url)):
+    if url is not None and not isinstance(url, str):
         raise ConfigError(f"{where}.upstream_url {url!r} must be an http:// or https:// URL")
+    if url is not None and (problem := forwarding.upstream_url_problem(url)) is not None:
+        raise ConfigError(f"{where}.upstream_url: {problem}")  # never the URL itself: it may hold a password
     headers = x.get("upstream_headers") or {}
     if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
         raise ConfigError(f"{where}.upstream_headers must map header names to strings")
+    for name, value in headers.items():
+        if (problem := forwarding.header_problem(name, value)) is not None:
+            raise ConfigError(f"{where}.upstream_headers: {problem}")
     if not isinstance(x.get("bill_tool_errors", False), bool):
         raise ConfigError(f"{where}.bill_tool_errors must be true or false, not {x['bill_tool_errors']!r}")
     prices = x.get("tool_prices") or {}
@@ -418,12 +420,6 @@ def _listing(x: Any, i: int) -> dict[str, Any]:
         out[key] = None if value is None else _nonneg(value, f"{where}.{key}")
     out["free_calls_per_consumer"] = out["free_calls_per_consumer"] or 0
     return out
-
-
-def _netloc(url: str) -> str:
-    """What urlsplit reads as the URL's authority (between `//` and the first `/`, `?` or `#`)."""
-    match = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)", url)
-    return match.group(1) if match else ""
 
 
 def _consumer(x: Any, i: int) -> dict[str, Any]:

@@ -90,6 +90,43 @@ def _origin(origin: str) -> tuple[bytes, str, int, bytes]:
     return scheme, name, port, encoded
 
 
+def header_problem(name: str, value: str) -> str | None:
+    """Why a publisher's upstream header cannot be sent as given (None: it can).
+
+    Checked where headers are written (the command, the YAML seed) and again where the gateway
+    reads them from the database: a value is written to the upstream byte for byte, so a CR or LF
+    in it would start a header line of its own."""
+    if not _TOKEN.match(name) or name.endswith("\n"):
+        return f"{name!r} is not a header name"
+    if name.lower() in NOT_UNWRAPPABLE:
+        return f"{name!r} is the gateway's to set (framing, Host, sessions): it is never sent"
+    if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F for c in value):
+        return f"the value of header {name!r} contains a control character"
+    return None
+
+
+def upstream_url_problem(url: str) -> str | None:
+    """Why a listing's upstream URL cannot be forwarded to (None: it can). A URL with userinfo is
+    never repeated (it may hold a password). The gateway's own parse decides, so what is written can be used."""
+    authority = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)", url)  # what urlsplit reads as the netloc
+    if authority is not None and "@" in authority.group(1):
+        return ("the URL holds credentials (user:password@), which the gateway would send as the upstream's "
+                "Host header: send them as an upstream header instead (--header NAME=VALUE, upstream_headers in the "
+                "YAML)")
+    shown = f"{url!r} " if "@" not in url else "the URL "  # no userinfo left to repeat
+    if not url.isascii() or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
+        return f"{shown}holds whitespace, control or non-ASCII characters (percent-encode them; use punycode hosts)"
+    if not re.match(r"(?i)https?://[^/?#]", url):
+        return f"{shown}is not http:// or https:// with a host"
+    if len(url) > 255:
+        return f"{shown}is longer than 255 characters (mcps.upstream_url)"
+    try:
+        destination(target_url(url, "", ""))
+    except paths.InvalidPath as e:
+        return f"{shown}cannot be forwarded to: {e}"
+    return None
+
+
 def upstream_headers(
     fields: Iterable[tuple[str, str]], publisher: Mapping[str, str], host: str
 ) -> list[tuple[str, str]]:

@@ -62,6 +62,33 @@ def test_odd_user_ids_are_a_message(run: Run, backend: Backend, argv: list[str])
     assert rc in (1, 2)
 
 
+# --- listing URLs and headers: what the command and the seed accept, the gateway can use -------
+
+
+@pytest.mark.parametrize("upstream", [
+    "http://h/mcp\x00",  # control characters go into the request target as they are
+    "http://h/mcp\x7f",
+    "http://h/m\u00e9",  # the gateway refuses a non-ASCII path on every call (invalid_path)
+])
+def test_listing_upstream_with_control_or_non_ascii_characters_is_refused(run: Run, backend: Backend,
+                                                                          upstream: str) -> None:
+    run("listing", "add", "adv-" + uuid.uuid4().hex[:8], "--upstream", upstream, code=2)
+
+
+def test_url_error_does_not_repeat_the_password(run: Run, backend: Backend) -> None:
+    for upstream in ("ftp://user:s3cret-pw@h/mcp", "http://user:s3cret-pw@h:99999/mcp"):
+        _, err = run("listing", "add", "adv-" + uuid.uuid4().hex[:8], "--upstream", upstream, code=2)
+        assert "s3cret-pw" not in err
+
+
+@pytest.mark.parametrize("name", ["Host", "Content-Length", "Transfer-Encoding", "Connection", "Mcp-Session-Id"])
+def test_header_the_gateway_would_drop_is_refused(run: Run, backend: Backend, name: str) -> None:
+    """The gateway never sends these publisher headers (forwarding.NOT_UNWRAPPABLE): the command said
+    nothing and listed the header as if it were sent."""
+    run("listing", "add", "adv-" + uuid.uuid4().hex[:8], "--upstream", "http://h/mcp", "--header", f"{name}=x",
+        code=2)
+
+
 # --- configuration: a bad value is a ConfigError ----------------------------------------------
 
 
@@ -112,6 +139,43 @@ def test_a_nan_stale_call_seconds_would_stop_every_sweep() -> None:
 
     with pytest.raises(ValueError):
         utc(time.time() - float("nan"))
+
+
+@pytest.mark.parametrize("headers", [
+    {"X-Api-Key": "v\r\nX-Injected: 1"},  # written to the upstream as two header lines
+    {"X-Api-Key": "v\x00"},
+    {"Bad Name": "v"},
+    {"Host": "other.example"},  # dropped by the gateway without a word
+])
+def test_seed_upstream_headers_are_checked_like_the_command_checks_them(tmp_path: Path,
+                                                                        headers: dict[str, str]) -> None:
+    import json
+
+    text = ("seed: {listings: [{slug: a, upstream_url: 'http://h/mcp', upstream_headers: "
+            + json.dumps(headers) + "}]}")
+    with pytest.raises(ConfigError):
+        _load(tmp_path, text)
+
+
+def test_a_header_value_with_crlf_from_the_database_is_not_sent() -> None:
+    """A row the web app wrote: the gateway's HTTP/1 writer puts values on the wire byte for byte."""
+    from addon.store.sql import parse_upstream_headers
+
+    headers = parse_upstream_headers('{"X-Api-Key": "v\\r\\nX-Injected: 1", "X-Ok": "fine", "Bad Name": "v"}')
+    assert headers == {"X-Ok": "fine"}
+
+
+@pytest.mark.parametrize("url", [
+    "http://h/a b",  # a space in the request line
+    "http://h/a\x00",
+    "http://h:99999/mcp",  # every call would be refused invalid_path
+    "http://h/m\u00e9",
+])
+def test_seed_upstream_url_is_checked_like_the_command_checks_it(tmp_path: Path, url: str) -> None:
+    import json
+
+    with pytest.raises(ConfigError):
+        _load(tmp_path, "seed: {listings: [{slug: a, upstream_url: " + json.dumps(url) + "}]}")
 
 
 @pytest.mark.parametrize("entry", [

@@ -1450,13 +1450,16 @@ async def test_a_listing_url_with_a_bad_host_or_port_is_refused_before_any_charg
 
 async def test_a_listing_url_that_cannot_be_aimed_at_is_refused_before_any_charge(tmp_path: Path) -> None:
     """A listing whose own URL path is not ASCII (mitmproxy would not send it either): 400
-    invalid_path, decided before the charge, so nothing is debited or left for the sweeper."""
-    seed = {**SEED, "listings": [{"slug": "odd-url", "upstream_url": f"{UPSTREAM}/caf\u00e9",
+    invalid_path, decided before the charge, so nothing is debited or left for the sweeper.
+    The YAML seed refuses such a URL, so it is written as the web app could write it."""
+    seed = {**SEED, "listings": [{"slug": "odd-url", "upstream_url": f"{UPSTREAM}/cafe",
                                   "price_micro_cents": PRICE}]}
     addon = Mcpmeter()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, mcpmeter_config=str(write_config(tmp_path, seed=seed)))
         db = Db(tmp_path / "mcpmeter.db")
+        with closing(sqlite3.connect(db.path)) as conn, conn:
+            conn.execute("UPDATE mcps SET upstream_url = ? WHERE slug = 'odd-url'", (f"{UPSTREAM}/caf\u00e9",))
         flow = make_flow("/odd-url")
         addon.requestheaders(flow)
         await addon.request(flow)

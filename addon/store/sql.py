@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from ..auth import Credential
 from ..billing import split
+from ..forwarding import header_problem
 from ..model import (
     MICRO_CENTS_PER_CENT,
     CallRecord,
@@ -521,4 +522,6 @@ def parse_upstream_headers(raw: Any) -> dict[str, str]:
         return {}
     if not isinstance(value, dict):
         return {}
-    return {str(k): str(v) for k, v in value.items() if isinstance(k, str) and isinstance(v, (str, int, float))}
+    headers = {k: str(v) for k, v in value.items() if isinstance(k, str) and isinstance(v, (str, int, float))}
+    # A value is written to the upstream byte for byte: a CR or LF would start a header of its own.
+    return {k: v for k, v in headers.items() if header_problem(k, v) is None}
