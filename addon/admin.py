@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from .auth import token_hash
 from .config import Config
 from .store.base import CreditLimit, UnknownUser
-from .store.sql import HELD, Ledger, SqlStore, parse_upstream_headers, utc
+from .store.sql import HELD, MYSQL, Ledger, SqlStore, parse_upstream_headers, utc
 
 T = TypeVar("T")
 
@@ -128,7 +128,11 @@ class Admin:
             if change.publisher is not None:
                 sets.append(("publisher_id", _user_id(ledger, change.publisher, create_as="publisher")))
             if change.headers or change.clear_headers:
-                row = ledger._one("SELECT upstream_headers FROM mcps WHERE id = %s", (mcp_id,))
+                # A locking read on MySQL: a plain one reads the transaction's snapshot, so two
+                # operators adding headers at once would each write back a set without the other's.
+                # (SQLite's BEGIN IMMEDIATE already runs one writer at a time.)
+                lock = " FOR UPDATE" if ledger.d is MYSQL else ""
+                row = ledger._one("SELECT upstream_headers FROM mcps WHERE id = %s" + lock, (mcp_id,))
                 headers = {} if change.clear_headers else parse_upstream_headers(row[0])
                 sets.append(("upstream_headers", _headers_json({**headers, **change.headers})))
             sets.append(("updated_at", now))

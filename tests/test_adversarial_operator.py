@@ -192,3 +192,50 @@ def test_seed_price_past_bigint_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         _load(tmp_path, "seed: {listings: [{slug: a, upstream_url: 'http://h/', price_micro_cents: "
                         f"{BIGINT_MAX + 1}}}]}}")
+
+
+# --- two operators at once ------------------------------------------------------------------
+
+
+def test_two_operators_adding_headers_to_one_listing_keep_both(run: Run, backend: Backend,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`listing set --header` reads the listing's headers, merges, writes them back. On MySQL the read
+    was a plain (snapshot) read: two operators adding different headers at once both read the old
+    set, and the second write dropped the first operator's header (say, the upstream's API key)."""
+    import threading
+
+    from addon import admin
+    from addon.config import load as load_config
+
+    s = "adv-" + uuid.uuid4().hex[:8]
+    run("listing", "add", s, "--upstream", "http://h/mcp", "--header", "X-Old=1")
+    barrier = threading.Barrier(2)
+    parse = admin.parse_upstream_headers
+
+    def slow_parse(raw: Any) -> dict[str, str]:  # both read before either writes, if the read allows it
+        try:
+            barrier.wait(timeout=2)
+        except threading.BrokenBarrierError:
+            pass
+        return parse(raw)
+
+    monkeypatch.setattr(admin, "parse_upstream_headers", slow_parse)
+    errors: list[BaseException] = []
+
+    def operator(name: str) -> None:
+        a = admin.open_admin(load_config(None))
+        try:
+            a.set_listing(s, admin.ListingChange(headers={name: "v"}))
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+        finally:
+            a.close()
+
+    threads = [threading.Thread(target=operator, args=(n,)) for n in ("X-First", "X-Second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    row = backend.query("SELECT upstream_headers FROM mcps WHERE slug = %s", (s,))[0][0]
+    assert sorted(parse(row)) == ["X-First", "X-Old", "X-Second"]
