@@ -19,7 +19,7 @@ from typing import Any
 
 from . import admin, forwarding
 from .config import LISTING_STATUSES, SLUG_RE, TRANSPORTS, ConfigError, load
-from .store.base import StoreUnavailable
+from .store.base import OutcomeUnknown, StoreUnavailable
 
 OK, REFUSED, USAGE, UNAVAILABLE = 0, 1, 2, 3
 MAX_MICRO_CENTS = 2**62  # fits every money column with room for sums
@@ -239,6 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return OK
     except admin.AdminError as e:
         return _fail(str(e), REFUSED)
+    except OutcomeUnknown as e:  # before StoreUnavailable, which it is
+        return _fail(f"the database stopped answering during the commit ({e}): the change may have been written. "
+                     "Look before running the command again (`mcpmeter key list`, `mcpmeter listing list`, "
+                     "`mcpmeter reconcile`, the user's balance), or it may be done twice", UNAVAILABLE)
     except (StoreUnavailable, ConfigError) as e:
         return _fail(f"the database is unavailable: {e}", UNAVAILABLE)
     finally:

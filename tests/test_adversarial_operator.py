@@ -239,3 +239,27 @@ def test_two_operators_adding_headers_to_one_listing_keep_both(run: Run, backend
     assert errors == []
     row = backend.query("SELECT upstream_headers FROM mcps WHERE slug = %s", (s,))[0][0]
     assert sorted(parse(row)) == ["X-First", "X-Old", "X-Second"]
+
+
+def test_a_top_up_whose_commit_was_lost_is_not_reported_as_not_done(run: Run, backend: Backend,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection drops while COMMIT is on the wire, after the server committed. The command said
+    "the database is unavailable", which reads as "nothing happened": the operator runs it again and
+    the consumer is credited twice. It must say the top-up may have been written."""
+    if backend.kind != "mysql":
+        pytest.skip("the embedded store commits in-process")
+    import pymysql
+
+    email = _email()
+    run("key", "create", "--email", email)
+    real_commit = pymysql.connections.Connection.commit
+
+    def commit_then_lose(self: Any) -> None:
+        real_commit(self)
+        raise pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query")
+
+    monkeypatch.setattr(pymysql.connections.Connection, "commit", commit_then_lose)
+    _, err = run("credit", "add", email, "500", code=3)
+    monkeypatch.setattr(pymysql.connections.Connection, "commit", real_commit)
+    assert _balance(backend, email) == 500  # it was written
+    assert "may have been written" in err and "unavailable" not in err

@@ -16,6 +16,12 @@ class StoreUnavailable(Exception):
     """The database cannot be reached now: the call is refused (503), never forwarded unbilled."""
 
 
+class OutcomeUnknown(StoreUnavailable):
+    """The database stopped answering while the transaction's COMMIT was under way: it may or may
+    not have been written. Never run again by the store (it may have landed); a caller that would
+    repeat it (an operator) must look first."""
+
+
 class UnknownUser(LookupError):
     """No user has this id: nothing was written (a top-up never leaves an orphan ledger row)."""
 

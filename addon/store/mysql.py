@@ -32,7 +32,7 @@ import pymysql
 from ..config import Config, ConfigError, MysqlSettings
 from ..model import ChargeRequest, ChargeResult, Settlement
 from . import mysql_batch, mysql_trip
-from .base import StoreUnavailable
+from .base import OutcomeUnknown, StoreUnavailable
 from .mysql_conn import (ATTEMPTS, CONNECT_TIMEOUT, DENIED, DOWN_FOR, IO_TIMEOUT, RETRY_BUDGET, RETRYABLE,
                          UNKNOWN_DB, code, connect_args, gone, reason)
 from .mysql_loop import LoopConnections
@@ -226,7 +226,7 @@ class MysqlStore(SqlStore):
                 # The outcome of an interrupted COMMIT is unknown: never run it again. A charge that
                 # did commit is explained by its ledger and journal rows (request id).
                 self._abort(conn, e)
-                raise StoreUnavailable(f"mysql: {reason(e)}") from e
+                raise OutcomeUnknown(f"mysql: {reason(e)}") from e
             return result
 
     # --- schema ------------------------------------------------------------------------------
