@@ -91,13 +91,28 @@ def tool_price(text: str) -> tuple[str, int]:
     return name, MICRO_CENTS(price)
 
 
-def header(text: str) -> tuple[str, str]:
+def header(text: str) -> tuple[str, str | None]:
+    """NAME=VALUE, or NAME alone: its value is then read from standard input (see _header_values)."""
     name, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"{name!r} is not NAME=VALUE")
     if (problem := forwarding.header_problem(name, value)) is not None:
         raise argparse.ArgumentTypeError(problem)
-    return name, value
+    return name, value if sep else None
+
+
+def _header_values(headers: list[tuple[str, str | None]]) -> dict[str, str] | str:
+    """Each NAME-only header's value, one line of standard input each, in order: a secret given so
+    is in neither the shell's history nor the process's command line. A str is what went wrong."""
+    out: dict[str, str] = {}
+    for name, value in headers:
+        if value is None:
+            line = sys.stdin.readline()
+            if not line:
+                return f"--header {name}: no value on standard input (one line per header given as NAME alone)"
+            value = line.removesuffix("\n").removesuffix("\r")
+            if (problem := forwarding.header_problem(name, value)) is not None:
+                return problem  # names the header, never the value
+        out[name] = value
+    return out
 
 
 def day(text: str) -> str:
@@ -168,8 +183,10 @@ def parser() -> Command:
         p.add_argument("--rpd", type=_int(0, 2**32 - 1), metavar="N", help="calls per day per consumer (0: default)")
         p.add_argument("--timeout-ms", type=_int(0, 65535 * 1000), metavar="N",
                        help="upstream timeout in ms, a multiple of 1000 (0: the gateway's default)")
-        p.add_argument("--header", type=header, action="append", default=[], metavar="NAME=VALUE",
-                       help="a header sent to the upstream (repeatable; values are never printed)")
+        p.add_argument("--header", type=header, action="append", default=[], metavar="NAME=VALUE|NAME",
+                       help="a header sent to the upstream (repeatable; values are never printed). NAME alone "
+                            "reads its value from standard input, one line per header: keeps a secret out of "
+                            "the shell's history and the process list")
         p.add_argument("--publisher", type=email, metavar="EMAIL",
                        help=f"the publisher paid for the listing (made if new; default {admin.DEFAULT_PUBLISHER})")
         p.add_argument("--status", choices=LISTING_STATUSES)
@@ -263,11 +280,14 @@ def _dispatch(a: admin.Admin, args: argparse.Namespace) -> int:
         if timeout is not None and timeout > a.config.max_upstream_timeout_ms:
             return _fail(f"--timeout-ms {timeout} is above the gateway's max_upstream_timeout_ms "
                          f"({a.config.max_upstream_timeout_ms})", USAGE)
+        headers = _header_values(args.header)
+        if isinstance(headers, str):
+            return _fail(headers, USAGE)
         change = admin.ListingChange(
             upstream_url=args.upstream, transport=args.transport, price=args.price,
             tool_prices=dict(args.tool_price), clear_tool_prices=getattr(args, "clear_tool_prices", False),
             free=args.free, rpm=args.rpm, rpd=args.rpd, timeout_seconds=None if timeout is None else timeout // 1000,
-            headers=dict(args.header), clear_headers=getattr(args, "clear_headers", False),
+            headers=headers, clear_headers=getattr(args, "clear_headers", False),
             publisher=args.publisher, status=args.status)
         row = (a.add_listing if args.action == "add" else a.set_listing)(args.slug, change)
         return _show(args, [row], LISTING_COLUMNS)

@@ -263,3 +263,29 @@ def test_a_top_up_whose_commit_was_lost_is_not_reported_as_not_done(run: Run, ba
     monkeypatch.setattr(pymysql.connections.Connection, "commit", real_commit)
     assert _balance(backend, email) == 500  # it was written
     assert "may have been written" in err and "unavailable" not in err
+
+
+# --- secrets: a publisher's header value need not be on the command line -----------------------
+
+
+def test_a_header_value_can_be_given_on_standard_input(run: Run, backend: Backend,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--header NAME=VALUE` was the only way: the publisher's secret went into the shell's history
+    and into /proc/<pid>/cmdline, which every local user can read while the command runs."""
+    import io
+    import json
+
+    s = "adv-" + uuid.uuid4().hex[:8]
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret-from-stdin\nsecond-value\n"))
+    out, err = run("listing", "add", s, "--upstream", "http://h/mcp", "--header", "X-Api-Key", "--header",
+                   "X-Other")
+    assert "s3cret-from-stdin" not in out + err
+    row = backend.query("SELECT upstream_headers FROM mcps WHERE slug = %s", (s,))[0][0]
+    assert json.loads(row) == {"X-Api-Key": "s3cret-from-stdin", "X-Other": "second-value"}
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    _, err = run("listing", "set", s, "--header", "X-Api-Key", code=2)
+    assert "standard input" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("bad\x01value\n"))
+    run("listing", "set", s, "--header", "X-Api-Key", code=2)
+    assert json.loads(backend.query("SELECT upstream_headers FROM mcps WHERE slug = %s", (s,))[0][0])[
+        "X-Api-Key"] == "s3cret-from-stdin"
