@@ -110,6 +110,9 @@ class Admission:
         # After the rate limit, like the task refusals below: probing other keys' session ids counts.
         if session and await gw.cache.session_owner(session) not in (None, consumer.principal):
             raise GatewayError("session_forbidden")
+        if (call.session is not None and req.method == "POST" and gw.pending.watching(call.session)
+                and gw.pending.in_flight(call.session, resumption.request_ids(req.raw_content or b""))):
+            raise GatewayError("invalid_request", reason="a call of this session with this id is still running")
         if call.legacy_session and req.method == "POST" and not gw.legacy.open_for(call.legacy_session,
                                                                                    consumer.principal):
             # A legacy POST reaches only a session this key holds open here (legacy_sessions.open_for).

@@ -94,6 +94,18 @@ class Pending:
                 if not calls:
                     del table[session]
 
+    def in_flight(self, session: SessionKey, ids: list[Any]) -> bool:
+        """Whether one of these request ids names a priced call of the session still unanswered
+        (running or parked). JSON-RPC ids must not be reused within a session, and here they cannot
+        be: the meter tells a call's answer on another stream (a resumed GET) only by its id, so a
+        second request under it (priced or not) would have its answer settle the first call: billed
+        for the other's result, or refunded for the other's error while its own result is delivered."""
+        for rpc_id in ids:
+            found = self.find(session, rpc_id)
+            if found is not None and found[1].outcome is None and found[1].settlement is None:
+                return True
+        return False
+
     def find(self, session: SessionKey, rpc_id: JsonId) -> tuple[http.HTTPFlow, Any] | None:
         """The priced call of this session with this id: parked first, else in flight."""
         key = id_key(rpc_id)
@@ -175,6 +187,17 @@ class Pending:
             return None
         keep = live is not None and not refunded(live) and any(id_key(rpc_id) == live_key for rpc_id in answered)
         return None if keep else ""
+
+
+def request_ids(body: bytes) -> list[Any]:
+    """The ids of the requests (a string `method` and an id) in a POST body, a batch's included.
+    The body passed the strict parse already (admission)."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return []
+    return [m["id"] for m in (parsed if isinstance(parsed, list) else [parsed])
+            if isinstance(m, Mapping) and isinstance(m.get("method"), str) and m.get("id") is not None]
 
 
 def cancelled_body(rpc_id: JsonId) -> bytes:

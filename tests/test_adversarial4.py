@@ -1,0 +1,85 @@
+"""Adversarial review 4: calls that outlive their POST (pending.py, stream_watch.py, deferred.py).
+
+Each test states the money rule it checks: a consumer never keeps a result it was refunded for, and is
+never billed for an answer withheld from it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from addon.call import Wait
+from tests.test_gateway_hooks import (  # noqa: F401  (fixtures)
+    OPENING, PRICE, RESULT, Gw, gw, isolated, make_flow, sent, sse_response, tool_call,
+)
+from tests.test_pending_hooks import PRIMING, SESSION, post_primed, resumed_get, usage_reasons
+
+pytestmark = pytest.mark.timeout(30)
+
+ERROR_1 = json.dumps({"jsonrpc": "2.0", "id": 1, "error": {"code": -32601, "message": "Method not found"}})
+
+
+def delivered_results(out: bytes) -> int:
+    """How many tool results for id 1 the client can read from these stream bytes."""
+    return out.count(b'"text": "done"')
+
+
+async def test_an_unpriced_request_reusing_a_running_calls_id_cannot_refund_it(gw: Gw) -> None:
+    """Call A (priced, id 1) runs; the client POSTs an unpriced request under the same id in the session
+    (here an unknown method), which the upstream answers with an error on that request's own stream.
+    The meter took that error for A's answer and refunded A; A's result then reached the client on A's
+    own stream: a result kept, its price refunded."""
+    post_a, call_a = await post_primed(gw)
+    other = make_flow(headers=SESSION, body={"jsonrpc": "2.0", "id": 1, "method": "x/unknown"})
+    await gw.addon.request(other)
+    delivered = 0
+    if other.response is None:  # forwarded: the upstream answers it on its own stream
+        other.response = sse_response()
+        await gw.addon.responseheaders(other)
+        sent(other.response.stream(b"data: " + ERROR_1.encode() + b"\n\n"))
+        other.response.stream(b"")
+        await gw.addon.response(other)
+    out = sent(post_a.response.stream(b"id: 2\ndata: " + RESULT.encode() + b"\n\n"))
+    delivered += delivered_results(out)
+    post_a.response.stream(b"")
+    await gw.addon.response(post_a)
+    await gw.addon.drain()
+    billed = [r for r in usage_reasons(gw) if r[1] == 0]
+    assert delivered <= len(billed), f"{delivered} result(s) delivered, {len(billed)} billed: {usage_reasons(gw)}"
+    gw.db.assert_reconciled()
+
+
+async def test_two_parked_calls_under_one_id_cannot_deliver_two_results_for_one_price(gw: Gw) -> None:
+    """Calls A and B (priced, both id 1) in one session; the server closes both POST streams after their
+    priming events. B's parking replaced A's under the id: A's answer, resumed, settled B (billed), B's
+    answer, resumed, passed (B already settled), and A was refunded at its timeout: two results, one price."""
+    post_a, call_a = await post_primed(gw)
+    post_a.response.stream(b"")
+    await gw.addon.response(post_a)
+    assert call_a.waits is Wait.RESUMPTION
+    post_b = make_flow(headers=SESSION, body=tool_call(rpc_id=1))
+    await gw.addon.request(post_b)
+    if post_b.response is None:  # forwarded and charged
+        post_b.response = sse_response()
+        await gw.addon.responseheaders(post_b)
+        sent(post_b.response.stream(PRIMING))
+        post_b.response.stream(b"")
+        await gw.addon.response(post_b)
+    answers = [RESULT.replace("done", "result of A")]  # what the upstream has for each call it ran
+    if post_b.response is not None and post_b.response.status_code == 200:
+        answers.append(RESULT.replace("done", "result of B"))
+    seen: set[bytes] = set()
+    for text in answers:  # each call's stream resumed in turn
+        get = await resumed_get(gw)
+        out = sent(get.response.stream(b"id: 2\ndata: " + text.encode() + b"\n\n"))
+        seen |= {name for name in (b"result of A", b"result of B") if name in out}
+        get.response.stream(b"")
+        await gw.addon.response(get)
+    delivered = len(seen)
+    gw.addon.streams.on_deadline(post_a, call_a)  # A's timeout
+    await gw.addon.drain()
+    billed = [r for r in usage_reasons(gw) if r[1] == 0]
+    assert delivered <= len(billed), f"{delivered} result(s) delivered, {len(billed)} billed: {usage_reasons(gw)}"
+    gw.db.assert_reconciled()
+
