@@ -89,6 +89,9 @@ class Call:
     # --- streamable HTTP sessions: resumption and cancellation (addon/pending.py)
     session: tuple[int, str] | None = None  # (listing id, Mcp-Session-Id)
     waits: Wait | None = None  # its flow's hooks are over and its answer is still to come
+    # Refunded for an answer under its id seen on another stream of the session (a resumed GET): its
+    # own stream's answer, if one comes after all, is never delivered (as a cancelled call's).
+    withheld: bool = False
     # --- settlement (addon/settlement.py)
     settlement: asyncio.Future[None] | None = None
     refunded: bool = False

@@ -196,7 +196,8 @@ class Settlements:
             decided = call.decided  # a held call, settled as a later message decided (deferred.py)
         elif await gw.deferred.hold(flow, call, decided):
             return  # a task, or an input_required round: a later message settles it (deferred.py)
-        if decided.refund and call.outcome is None and call.session is not None and call.priced is not None:
+        if (decided.refund and (call.outcome is None or call.withheld) and call.session is not None
+                and call.priced is not None):
             gw.pending.mark_refunded(call.session, call.priced.rpc_id)  # its answer is never delivered now
         gw.metrics.settled(call, decided.refund, status)
         await gw.circuits.record(call.listing, status, call.failure)

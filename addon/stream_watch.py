@@ -19,7 +19,7 @@ from mitmproxy import http
 from . import compat, display, idempotency, legacy_sse, receipts
 from . import pending as resumption
 from .billing import Failure
-from .call import META, Call, Label, Wait, event_outcome, upstream_timeout
+from .call import META, Call, Label, Wait, decision, event_outcome, upstream_timeout
 from .decoding import StreamDecoder, TooLarge, decode_bounded
 from .jsonrpc import JSON, Outcome, answer_messages, body_outcome, media_type
 from .model import Listing, Transport
@@ -113,7 +113,8 @@ class StreamWatch:
 
             def blank(data: str) -> bool:
                 assert session is not None
-                cancelled = call.failure is Failure.CANCELLED  # refunded while its stream stays open
+                # refunded while its stream stays open: cancelled, or refunded for an answer seen elsewhere
+                cancelled = call.failure is Failure.CANCELLED or call.withheld
                 return pending.blank_if_refunded(session, data, live, cancelled) is not None
 
             if plan is not None or session is not None:
@@ -208,6 +209,10 @@ class StreamWatch:
             call.outcome = event_outcome(event, call.priced.rpc_id)
             if call.outcome is None:
                 continue
+            # Refunded for what passes here (an error, a tool error): whatever else answers its id later,
+            # on its own stream or a resumed one, is not delivered (the meter tells answers only by their
+            # id, and took this one for the call's). The settlement leaves the session's marker.
+            call.withheld = decision(call)[0].refund
             if call.waits is Wait.RESUMPTION:
                 self.settle_parked(flow, call)
             else:  # still running: settled now, its POST's hooks find it settled

@@ -83,3 +83,31 @@ async def test_two_parked_calls_under_one_id_cannot_deliver_two_results_for_one_
     assert delivered <= len(billed), f"{delivered} result(s) delivered, {len(billed)} billed: {usage_reasons(gw)}"
     gw.db.assert_reconciled()
 
+
+async def test_an_error_resumed_for_an_earlier_request_under_the_id_cannot_refund_a_running_call(gw: Gw) -> None:
+    """The id's earlier request (unpriced, here an unknown method) has its stream cut after priming; the
+    priced call A reuses the id; the client resumes the earlier stream by GET and gets its error, which
+    the meter took for A's answer: A refunded, and A's result then reached the client on A's own stream."""
+    earlier = make_flow(headers=SESSION, body={"jsonrpc": "2.0", "id": 1, "method": "x/unknown"})
+    await gw.addon.request(earlier)
+    assert earlier.response is None
+    earlier.response = sse_response()
+    await gw.addon.responseheaders(earlier)
+    sent(earlier.response.stream(PRIMING))
+    earlier.response.stream(b"")
+    await gw.addon.response(earlier)
+    post_a, call_a = await post_primed(gw)  # A: tools/call id 1
+    get = await resumed_get(gw)
+    assert b"Method not found" in sent(get.response.stream(b"id: 2\ndata: " + ERROR_1.encode() + b"\n\n"))
+    await gw.addon.drain()
+    out = sent(post_a.response.stream(b"id: 3\ndata: " + RESULT.encode() + b"\n\n"))
+    delivered = delivered_results(out)
+    post_a.response.stream(b"")
+    await gw.addon.response(post_a)
+    await gw.addon.drain()
+    again = await resumed_get(gw)  # A's result, resumed on another stream of the session
+    delivered += delivered_results(sent(again.response.stream(b"id: 3\ndata: " + RESULT.encode() + b"\n\n")))
+    billed = [r for r in usage_reasons(gw) if r[1] == 0]
+    assert delivered <= len(billed), f"{delivered} result(s) delivered, {len(billed)} billed: {usage_reasons(gw)}"
+    gw.db.assert_reconciled()
+
