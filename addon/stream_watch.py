@@ -200,6 +200,8 @@ class StreamWatch:
         pending = self.gw.pending
         if event.event != "message" or not pending.watching(stream.session):
             return  # MCP clients ignore other event types: not an answer they get
+        if not event.oversized and pending.blank_if_refunded(stream.session, event.data) is not None:
+            return  # it goes out blanked (it answers a refunded call): it answers nobody, nobody pays for it
         messages = event.messages if event.oversized else answer_messages(event.data.encode("utf-8", "surrogatepass"))
         for flow, call in pending.answered(stream.session, messages):
             if (stream.consumer is None or call.consumer is None or call.priced is None

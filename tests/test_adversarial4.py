@@ -111,3 +111,35 @@ async def test_an_error_resumed_for_an_earlier_request_under_the_id_cannot_refun
     assert delivered <= len(billed), f"{delivered} result(s) delivered, {len(billed)} billed: {usage_reasons(gw)}"
     gw.db.assert_reconciled()
 
+
+async def test_a_parked_call_is_not_billed_for_an_answer_blanked_on_the_resumed_stream(gw: Gw) -> None:
+    """A (id 1) is cancelled and refunded; B (id 2) is parked. On the resumed GET stream the upstream
+    answers both in one batch event. The event answers a refunded call, so it went out blanked, yet the
+    meter billed B for it: billed for an answer withheld."""
+    post_a, call_a = await post_primed(gw)
+    notice = make_flow(headers=SESSION, body={"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                              "params": {"requestId": 1}})
+    await gw.addon.request(notice)
+    await gw.addon.drain()
+    post_a.response.stream(b"")
+    await gw.addon.response(post_a)
+    post_b = make_flow(headers=SESSION, body=tool_call(rpc_id=2))
+    await gw.addon.request(post_b)
+    post_b.response = sse_response()
+    await gw.addon.responseheaders(post_b)
+    sent(post_b.response.stream(PRIMING))
+    post_b.response.stream(b"")
+    await gw.addon.response(post_b)
+    call_b = next(c for c in [*gw.addon.pending.parked_calls()] if c[0] is post_b)[1]
+    batch = json.dumps([json.loads(RESULT), {**json.loads(RESULT), "id": 2}])
+    get = await resumed_get(gw)
+    out = sent(get.response.stream(b"id: 2\ndata: " + batch.encode() + b"\n\n"))
+    b_delivered = b'"id": 2' in out
+    get.response.stream(b"")
+    await gw.addon.response(get)
+    if call_b.settlement is None:
+        gw.addon.streams.on_deadline(post_b, call_b)
+    await gw.addon.drain()
+    b_row = [r for r in usage_reasons(gw) if r[2] != "cancelled"]
+    assert b_delivered or b_row == [(504, 1, "no_answer_by_timeout")], (out, usage_reasons(gw))
+    gw.db.assert_reconciled()
