@@ -143,3 +143,33 @@ async def test_a_parked_call_is_not_billed_for_an_answer_blanked_on_the_resumed_
     b_row = [r for r in usage_reasons(gw) if r[2] != "cancelled"]
     assert b_delivered or b_row == [(504, 1, "no_answer_by_timeout")], (out, usage_reasons(gw))
     gw.db.assert_reconciled()
+
+
+@pytest.mark.xfail(strict=True, reason="a call without Mcp-Session-Id is never parked nor blanked: refunded "
+                   "no_answer while a GET with Last-Event-ID (a stateless server with an event store) replays its "
+                   "result; fix: park and blank per (listing, key) when the call has no session")
+async def test_a_sessionless_call_refunded_at_the_end_of_its_primed_stream_is_not_delivered_by_resumption(
+        gw: Gw) -> None:
+    """2025-11-25, a stateless server (no Mcp-Session-Id) with an event store: it closes the POST stream
+    after the priming event (SEP-1699) and replays the answer to a GET carrying Last-Event-ID. The meter
+    refunded the call as no_answer when the POST stream ended (only calls of a session are parked), and
+    the resumed GET delivered the result: a result kept, refunded."""
+    version = {"MCP-Protocol-Version": "2025-11-25"}
+    post = make_flow(headers=version)
+    await gw.addon.request(post)
+    post.response = sse_response()
+    await gw.addon.responseheaders(post)
+    sent(post.response.stream(PRIMING))
+    post.response.stream(b"")
+    await gw.addon.response(post)
+    await gw.addon.drain()
+    get = make_flow(method="GET", headers={**version, "Last-Event-ID": "1"})
+    await gw.addon.request(get)
+    get.response = sse_response()
+    await gw.addon.responseheaders(get)
+    delivered = delivered_results(sent(get.response.stream(b"id: 2\ndata: " + RESULT.encode() + b"\n\n")))
+    get.response.stream(b"")
+    await gw.addon.response(get)
+    await gw.addon.drain()
+    billed = [r for r in usage_reasons(gw) if r[1] == 0]
+    assert delivered <= len(billed), f"{delivered} result(s) delivered, {len(billed)} billed: {usage_reasons(gw)}"
