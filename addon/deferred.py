@@ -484,6 +484,11 @@ class Deferred:
                 self._end_task(*key, ended[0], upstreams=True)  # it ended before it was held: as if it ended now
         return True
 
+    def continues(self, call: Any) -> bool:
+        """The call is a retry continuing a held round (uncharged: its answer settles that round)."""
+        facts = self.facts.get(call)
+        return facts is not None and facts.continues is not None
+
     def round_over(self, call: Any, decision: Decision) -> bool:
         """At an uncharged continuation's settlement: settle (or hold again) its first round."""
         facts = self.facts.get(call)

@@ -182,7 +182,10 @@ class Settlements:
         meta = flow.metadata.setdefault(META, {"request_id": call.request_id})
         if call.charge is None or call.charged is None:
             if call.priced is not None and call.listing is not None:
-                gw.deferred.round_over(call, decision(call)[0])  # a continuation settles its first round
+                decided = decision(call)[0]
+                if (gw.deferred.round_over(call, decided) and decided.refund  # a continuation settles its first round
+                        and call.outcome is None and call.session is not None):
+                    gw.pending.mark_refunded(call.session, call.priced.rpc_id)  # refunded it: never delivered now
             meta["decision"] = Label.PASSTHROUGH
             gw.metrics.settled(call, None, call.status)
             meta["balance"] = call.balance

@@ -170,7 +170,8 @@ class StreamWatch:
         """A POST stream the server ended after an event id, without the answer (SEP-1699): the call
         stays pending until a resumed stream of its session answers it, or its timeout refunds it."""
         if (call.parser is None or call.priced is None or call.session is None or call.listing is None
-                or call.charged is None or call.outcome is not None or call.failure is not None
+                or (call.charged is None and not self.gw.deferred.continues(call))  # paid, or continuing a paid round
+                or call.outcome is not None or call.failure is not None
                 or call.settlement is not None or call.parser.last_event_id is None
                 or call.status is None or not 200 <= call.status < 300):
             return False

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from mitmproxy import http
 
 from addon.call import Wait
 from tests.test_gateway_hooks import (  # noqa: F401  (fixtures)
@@ -173,3 +174,46 @@ async def test_a_sessionless_call_refunded_at_the_end_of_its_primed_stream_is_no
     await gw.addon.drain()
     billed = [r for r in usage_reasons(gw) if r[1] == 0]
     assert delivered <= len(billed), f"{delivered} result(s) delivered, {len(billed)} billed: {usage_reasons(gw)}"
+
+
+@pytest.mark.parametrize("answered", [True, False])
+async def test_a_continuation_whose_stream_ends_primed_is_not_refunded_while_resumption_delivers_it(
+        gw: Gw, answered: bool) -> None:
+    """A round held on its input_required answer (with a session); the retry carrying its requestState is
+    forwarded free, and the server closes the retry's POST stream after its priming event (SEP-1699), the
+    answer to come on a resumed GET. Only charged calls were parked: the uncharged retry was settled at
+    once as no_answer, which refunded the held first round, and the resumed GET delivered the result."""
+    first = make_flow(headers=SESSION, body={"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                                             "params": {"name": "echo", "arguments": {}}})
+    await gw.addon.request(first)
+    first.response = http.Response.make(200, json.dumps({"jsonrpc": "2.0", "id": 1, "result": {
+        "resultType": "input_required", "requestState": "S1", "inputRequests": {}}}).encode(),
+        {"Content-Type": "application/json"})
+    await gw.addon.responseheaders(first)
+    await gw.addon.response(first)
+    await gw.addon.drain()
+    assert usage_reasons(gw) == []  # held
+    retry = make_flow(headers=SESSION, body={"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+        "name": "echo", "arguments": {}, "requestState": "S1", "inputResponses": {}}})
+    await gw.addon.request(retry)
+    assert retry.response is None  # forwarded, free
+    retry.response = sse_response()
+    await gw.addon.responseheaders(retry)
+    sent(retry.response.stream(PRIMING))
+    retry.response.stream(b"")
+    await gw.addon.response(retry)
+    await gw.addon.drain()
+    if not answered:  # no answer within the listing's timeout: the round refunded, the late answer dropped
+        call = gw.addon.pending.parked_calls()[0][1] if gw.addon.pending.parked_calls() else None
+        if call is not None:
+            gw.addon.streams.on_deadline(retry, call)
+        await gw.addon.drain()
+    get = await resumed_get(gw)
+    result_2 = RESULT.replace('"id": 1', '"id": 2')
+    delivered = delivered_results(sent(get.response.stream(b"id: 2\ndata: " + result_2.encode() + b"\n\n")))
+    get.response.stream(b"")
+    await gw.addon.response(get)
+    await gw.addon.drain()
+    billed = [r for r in usage_reasons(gw) if r[1] == 0]
+    assert delivered <= len(billed), f"{delivered} result(s) delivered, {len(billed)} billed: {usage_reasons(gw)}"
+    gw.db.assert_reconciled()
