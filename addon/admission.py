@@ -23,7 +23,7 @@ from .cache import MISS
 from .call import META, Call, Label
 from .config import SLUG_RE
 from .errors import GatewayError
-from .jsonrpc import PricedCall, check_http_method, check_request_charset, inspect_request
+from .jsonrpc import PricedCall, check_http_method, check_request_charset, check_request_encoding, inspect_request
 from .legacy_sessions import identity as legacy_identity
 from .model import ChargeRequest, Consumer, ConsumerStatus, Listing, ListingStatus, Transport, Verdict
 from .ratelimit import headers as limit_headers, windows_for
@@ -91,6 +91,7 @@ class Admission:
         method: str | None = None
         if req.method == "POST":
             check_request_charset(req.headers.get_all("content-type"))  # the bytes the upstream reads are UTF-8
+            check_request_encoding(req.headers.get_all("content-encoding"))  # ... and the bytes the meter read
             inspection = inspect_request(
                 req.raw_content or b"", gw.config.billable_methods,
                 req.headers.get("mcp-method"), req.headers.get("mcp-name"),

@@ -128,6 +128,14 @@ def check_request_charset(content_types: list[str]) -> None:
         raise GatewayError("invalid_request", reason="a request body must be UTF-8 (Content-Type charset)")
 
 
+def check_request_encoding(encodings: list[str]) -> None:
+    """A POST body is priced as sent: refuse one a `Content-Encoding` says is compressed. Servers
+    that inflate it (Express's body-parser: gzip, deflate, br) would run other bytes than the meter
+    read; MCP clients do not compress requests."""
+    if any(coding.strip().lower() not in ("", "identity") for value in encodings for coding in value.split(",")):
+        raise GatewayError("invalid_request", reason="a request body must be sent as is (no Content-Encoding)")
+
+
 def parse_strict(body: bytes) -> Any:
     """The JSON value of a request body, refusing what parsers could read differently.
 

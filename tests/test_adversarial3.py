@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-import json
 from pathlib import Path
 
 import pytest
@@ -194,5 +193,21 @@ async def test_two_content_types_are_refused(gw: Gw) -> None:
 async def test_utf8_bodies_pass(gw: Gw, content_type: str) -> None:
     flow = make_flow("/echo-test", body=tool_call())
     flow.request.headers["Content-Type"] = content_type
+    await gw.addon.request(flow)
+    assert flow.response is None and gw.db.balance(1) == OPENING - PRICE
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate", "identity, gzip", "x-custom"])
+async def test_a_compressed_request_body_is_refused_not_forwarded(gw: Gw, encoding: str) -> None:
+    # The meter prices the bytes it reads; a server that inflates them (body-parser) would run others.
+    flow = make_flow("/echo-test", body=tool_call(), headers={"Content-Encoding": encoding})
+    await gw.addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 400
+    assert error_of(flow) == "invalid_request" and gw.db.balance(1) == OPENING
+
+
+@pytest.mark.parametrize("encoding", ["identity", "Identity", ""])
+async def test_an_identity_request_body_passes(gw: Gw, encoding: str) -> None:
+    flow = make_flow("/echo-test", body=tool_call(), headers={"Content-Encoding": encoding})
     await gw.addon.request(flow)
     assert flow.response is None and gw.db.balance(1) == OPENING - PRICE
