@@ -50,7 +50,6 @@ class Admission:
             return
         req = flow.request
         self._check_origin(flow)
-        call.route = req.path
         slug, subpath, query = paths.split_route(req.path)
         if not slug:
             raise GatewayError("not_found")

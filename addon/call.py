@@ -66,7 +66,6 @@ class Call:
     store: Store | None = field(default=None, repr=False)  # the store that charged it: it settles it
     balance: int | None = None
     limit_headers: dict[str, str] = field(default_factory=dict)
-    route: str = ""  # path and query as the client sent them
     rpc_id: JsonId | None = None  # the JSON-RPC id a refusal answers (rpc_errors.peek_id)
     idempotency: idempotency.Claim | None = None  # this call's claim on its Idempotency-Key
     forwarded: float | None = None  # monotonic time the call left for the upstream
