@@ -104,6 +104,15 @@ class Call:
     def flow(self, flow: http.HTTPFlow | None) -> None:
         self.flow_ref = weakref.ref(flow) if flow is not None else None
 
+    def drop_stream_buffers(self) -> None:
+        """Its flow's hooks are over: what its stream's readers hold of an unfinished event goes. A held
+        call (deferred.py) outlives its flow, up to MAX_HELD of them, and a stream cut mid-event left
+        up to max_event_bytes in the parser and as much in the editor. The objects stay (a parser
+        says the answer was streamed; a decoder whether it outgrew the limit)."""
+        for reader in (self.parser, self.editor, self.decoder):
+            if reader is not None:
+                reader.discard()
+
     def elapsed_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
 

@@ -108,8 +108,12 @@ class StreamDecoder:
         else:
             self._d, self.failed = None, True
 
+    def discard(self) -> None:
+        """The stream is over: its decompressor's state goes; `failed` and `too_large` stay."""
+        self._d = None
+
     def feed(self, chunk: bytes) -> bytes:
-        if self.failed or not chunk:
+        if self.failed or not chunk or self._d is None:
             return b""
         room = self.limit - self.total
         try:

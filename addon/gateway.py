@@ -391,8 +391,9 @@ class Mcpmeter:
         self._forget(flow, call)
 
     def _forget(self, flow: http.HTTPFlow, call: Call) -> None:
-        """No deadline, and no registry holds the call or its flow any more."""
+        """No deadline, no registry holds the call or its flow, and no buffer its stream's bytes."""
         call.cancel_deadline()
+        call.drop_stream_buffers()
         self.calls.pop(flow.id, None)
         self.legacy.unregister(call)
         if call.session is not None and call.priced is not None:

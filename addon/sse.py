@@ -55,6 +55,13 @@ class SseParser:
         self._head: bytes | None = b""  # the stream's first bytes, until it is known they are no BOM
         self._event_start = 0  # stream offset where the event being read began
 
+    def discard(self) -> None:
+        """The stream is over without its end (cut, or its flow's hooks are done): what is held of an
+        unfinished event goes (up to max_event_bytes), as a client drops an event never completed.
+        The ids seen stay; nothing more may be fed."""
+        self._buf, self._searched = bytearray(), 0
+        self._reset()
+
     @property
     def pending_from(self) -> int:
         """The stream offset where the event not yet dispatched begins: every byte before it belongs

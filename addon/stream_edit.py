@@ -46,6 +46,10 @@ class StreamEditor:
         self._held = bytearray()
         self._from = 0  # the stream offset of _held[0]
 
+    def discard(self) -> None:
+        """The stream is over: the bytes held back (an unfinished event) are never sent."""
+        self._held = bytearray()
+
     @property
     def finished(self) -> bool:
         """Nothing is left to edit: the rest of the stream goes untouched (and need not be parsed)."""

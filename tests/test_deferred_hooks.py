@@ -215,3 +215,43 @@ async def test_a_retry_refused_after_it_took_its_round_gives_it_back(gw: Gw, mon
     assert gw.db.balance(USERS[ALICE]) == OPENING - PRICE
     assert [row[4] for row in gw.db.journal()] == [1]
     gw.db.assert_reconciled()
+
+
+async def test_a_task_held_from_a_stream_cut_mid_event_keeps_none_of_that_event(gw: Gw) -> None:
+    # The CreateTaskResult passes, then the upstream sends most of a big event and dies: the call is
+    # held (up to MAX_HELD of them, for task_settle_seconds), and must not keep what its stream's
+    # readers buffered of the unfinished event (the parser's, the editor's: up to max_event_bytes each).
+    import gc
+    import json
+    import tracemalloc
+    import weakref
+
+    from tests.test_gateway_hooks import sent, sse_response, upstream_fails
+
+    tracemalloc.start()
+    try:
+        # In a session: its stream's events are read to the end (a refunded call's answer is blanked).
+        flow = make_flow(PATH, body=rpc("tools/call", 1, name="work", arguments={}, task={"ttl": 60_000}),
+                         headers={"Mcp-Session-Id": "s-cut"})
+        await gw.addon.request(flow)
+        assert forwarded(flow)
+        flow.response = sse_response()
+        await gw.addon.responseheaders(flow)
+        created = {"jsonrpc": "2.0", "id": 1, "result": {"task": {"taskId": "T9", "status": "working"}}}
+        sent(flow.response.stream(b"event: message\ndata: " + json.dumps(created).encode() + b"\n\n"))
+        before = tracemalloc.get_traced_memory()[0]
+        sent(flow.response.stream(b'event: message\ndata: {"jsonrpc": "2.0", "method": "x", "pad": "'
+                                  + b"a" * 3_000_000))
+        await upstream_fails(gw, flow, "Server disconnected.")
+        await gw.addon.drain()
+        [held] = gw.addon.deferred.tasks.values()
+        ref = weakref.ref(flow)
+        del flow
+        gc.collect()
+        assert ref() is None
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert gw.db.journal()[0][4] == 0  # still held, not settled
+    assert kept < 200_000, kept  # not the 3 MB (twice: parser and editor) of the cut event
+    assert held.call.parser is not None  # still says the answer was streamed
