@@ -124,13 +124,19 @@ class Admission:
             return  # answered with the first attempt's stored outcome: not forwarded, not charged
 
         to = self._destination(listing, subpath, query)  # before the charge: a refusal here costs nothing
-        await gw.circuits.admit(listing, priced=call.priced is not None)
-        if call.priced is not None and not continues:
-            await self._charge(flow, call, consumer, listing, call.priced)
-        # Unpriced traffic (initialize, lists, GET streams) never reaches the database: no balance read.
-        if call.session is not None and flow.metadata[META].get("method") == resumption.CANCELLED_METHOD:
-            gw.streams.cancel(call, req.raw_content or b"")  # and the notification goes on to the upstream
-        self._forward(flow, call, listing, to)
+        call.probe = await gw.circuits.admit(listing, priced=call.priced is not None, token=call.request_id)
+        try:
+            if call.priced is not None and not continues:
+                await self._charge(flow, call, consumer, listing, call.priced)
+            # Unpriced traffic (initialize, lists, GET streams) never reaches the database: no balance read.
+            if call.session is not None and flow.metadata[META].get("method") == resumption.CANCELLED_METHOD:
+                gw.streams.cancel(call, req.raw_content or b"")  # and the notification goes on to the upstream
+            self._forward(flow, call, listing, to)
+        except Exception:
+            if call.probe:  # refused (402, cap, store) or failed before it left: someone else may probe
+                call.probe = False
+                await gw.circuits.release(listing, call.request_id)
+            raise
 
     # --- who and what (dryrun.py asks the same) --------------------------------------------
 

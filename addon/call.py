@@ -69,6 +69,7 @@ class Call:
     rpc_id: JsonId | None = None  # the JSON-RPC id a refusal answers (rpc_errors.peek_id)
     idempotency: idempotency.Claim | None = None  # this call's claim on its Idempotency-Key
     forwarded: float | None = None  # monotonic time the call left for the upstream
+    probe: bool = False  # holds its half-open circuit's probe slot, under its request id (circuits.py)
     # Its flow (the `flow` property), set when forwarded: a stop settles it. Weak: a held call
     # (deferred.py) outlives its flow's hooks, and must not keep the flow and its bodies alive.
     flow_ref: weakref.ReferenceType[http.HTTPFlow] | None = field(default=None, repr=False)

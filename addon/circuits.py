@@ -34,33 +34,50 @@ class Circuits:
         self._near: dict[int, tuple[Circuit, float, str]] = {}  # listing id -> (circuit, read at, slug)
         self._reading: dict[int, asyncio.Future[Circuit]] = {}  # the one read in flight per listing
 
-    async def admit(self, listing: Listing, priced: bool) -> None:
-        """Refuse a priced call to an open circuit (503 upstream_unavailable); let one probe through."""
+    async def admit(self, listing: Listing, priced: bool, token: str = "1") -> bool:
+        """Refuse a priced call to an open circuit (503 upstream_unavailable); let one probe through.
+
+        True when this call (named by `token`) is a half-open circuit's probe: it holds the one slot
+        until its outcome is recorded, or `release` frees it (a call refused before it is forwarded,
+        or one whose end says nothing of the upstream, must not hold it for a whole cool-down)."""
         config, cache = self._config(), self._cache()
         if not priced or config is None or cache is None:
-            return
+            return False
         settings = config.for_listing(listing.slug)
         if settings.failures <= 0:
-            return
+            return False
         circuit = await self._read(cache, listing)
         now = self._clock()
         current = state(circuit, now)
         if current is CircuitState.CLOSED:
-            return
-        if current is CircuitState.HALF_OPEN and await cache.circuit_probe(listing.id, settings.cooldown_seconds, now):
+            return False
+        if current is CircuitState.HALF_OPEN and await cache.circuit_probe(
+                listing.id, settings.cooldown_seconds, now, token):
             log.warning("mcpmeter: circuit of %s half-open: letting one probe call through", listing.slug)
-            return
+            return True
         retry = max(1, math.ceil(circuit.open_until - now)) if current is CircuitState.OPEN else 1
         raise GatewayError("upstream_unavailable", headers={"Retry-After": str(retry)}, retry_after=retry)
 
-    async def record(self, listing: Listing | None, status: int | None, failure: Failure | None) -> None:
-        """How the upstream did on a forwarded call. Never raises."""
+    async def release(self, listing: Listing, token: str) -> None:
+        """Free the probe slot `token` holds, if it still does. Never raises."""
+        try:
+            cache = self._cache()
+            if cache is not None:
+                await cache.circuit_release_probe(listing.id, token)
+        except Exception:
+            log.exception("mcpmeter: releasing the circuit probe of %s failed", listing.slug)
+
+    async def record(self, listing: Listing | None, status: int | None, failure: Failure | None,
+                     probe: str | None = None) -> None:
+        """How the upstream did on a forwarded call (`probe`: its token, if it was the probe). Never raises."""
         try:
             config, cache = self._config(), self._cache()
             if listing is None or config is None or cache is None:
                 return
             failed = upstream_failed(status, failure)
             settings = config.for_listing(listing.slug)
+            if failed is None and probe is not None:  # a cancelled or abandoned probe: let another one try
+                await cache.circuit_release_probe(listing.id, probe)
             if failed is None or settings.failures <= 0:
                 return
             if failed:

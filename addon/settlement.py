@@ -203,7 +203,7 @@ class Settlements:
                 and call.priced is not None):
             gw.pending.mark_refunded(call.session, call.priced.rpc_id)  # its answer is never delivered now
         gw.metrics.settled(call, decided.refund, status)
-        await gw.circuits.record(call.listing, status, call.failure)
+        await gw.circuits.record(call.listing, status, call.failure, call.request_id if call.probe else None)
         settlement = Settlement(
             charge=call.charge, refund=decided.refund, status=status, duration_ms=call.elapsed_ms(),
             called_at=call.called_at, key_id=call.consumer.key_id, token_id=call.consumer.token_id,

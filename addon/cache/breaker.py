@@ -3,8 +3,9 @@
 Kept apart from the caches' other methods: MemoryCache and RedisCache take these as mixins.
 Keys (under the prefix): `circuit:<listing id>` a hash {failures, open_until}, and
 `circuit:<listing id>:probe` the half-open circuit's single probe slot (SET NX with a TTL, so a
-probe that never reports back frees the slot). Only failures, resets and probes write; a
-healthy listing's calls write nothing.
+probe that never reports back frees the slot; it holds the probe's token, so that a probe that
+ends saying nothing of the upstream frees it at once, and only its own). Only failures, resets and
+probes write; a healthy listing's calls write nothing.
 """
 
 from __future__ import annotations
@@ -27,11 +28,19 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {f, redis.call('HGET', KEYS[1], 'open_until') or '0'}
 """
 
+# KEYS[1] the probe slot, ARGV[1] the token that claimed it: deleted only if that token still holds it.
+RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 
 class MemoryBreakers:
     """For MemoryCache: the state of this process's circuits."""
 
-    def _circuits(self) -> tuple[dict[int, Circuit], dict[int, float]]:
+    def _circuits(self) -> tuple[dict[int, Circuit], dict[int, tuple[float, str]]]:
         state = self.__dict__.get("_breaker_state")
         if state is None:
             state = self.__dict__["_breaker_state"] = ({}, {})
@@ -52,13 +61,18 @@ class MemoryBreakers:
         circuits.pop(listing_id, None)
         probes.pop(listing_id, None)
 
-    async def circuit_probe(self, listing_id: int, ttl_seconds: float, now: float) -> bool:
+    async def circuit_probe(self, listing_id: int, ttl_seconds: float, now: float, token: str = "1") -> bool:
         """Claim the half-open circuit's one probe; False while another probe holds it."""
         probes = self._circuits()[1]
-        if probes.get(listing_id, 0.0) > now:
+        if probes.get(listing_id, (0.0, ""))[0] > now:
             return False
-        probes[listing_id] = now + ttl_seconds
+        probes[listing_id] = (now + ttl_seconds, token)
         return True
+
+    async def circuit_release_probe(self, listing_id: int, token: str) -> None:
+        probes = self._circuits()[1]
+        if probes.get(listing_id, (0.0, ""))[1] == token:
+            del probes[listing_id]
 
 
 class RedisBreakers:
@@ -93,12 +107,18 @@ class RedisBreakers:
         await self._run(lambda: self._redis.delete(*self._circuit_keys(listing_id)),
                         lambda: self._fallback.circuit_reset(listing_id))
 
-    async def circuit_probe(self, listing_id: int, ttl_seconds: float, now: float) -> bool:
+    async def circuit_probe(self, listing_id: int, ttl_seconds: float, now: float, token: str = "1") -> bool:
         async def claim() -> bool:
             key = self._circuit_keys(listing_id)[1]
-            return bool(await self._redis.set(key, "1", nx=True, px=max(1, int(ttl_seconds * 1000))))
+            return bool(await self._redis.set(key, token, nx=True, px=max(1, int(ttl_seconds * 1000))))
 
-        return await self._run(claim, lambda: self._fallback.circuit_probe(listing_id, ttl_seconds, now))
+        return await self._run(claim, lambda: self._fallback.circuit_probe(listing_id, ttl_seconds, now, token))
+
+    async def circuit_release_probe(self, listing_id: int, token: str) -> None:
+        async def release() -> None:
+            await self._redis.eval(RELEASE_SCRIPT, 1, self._circuit_keys(listing_id)[1], token)
+
+        await self._run(release, lambda: self._fallback.circuit_release_probe(listing_id, token))
 
 
 class CircuitStore(Protocol):
@@ -110,7 +130,10 @@ class CircuitStore(Protocol):
 
     async def circuit_reset(self, listing_id: int) -> None: ...
 
-    async def circuit_probe(self, listing_id: int, ttl_seconds: float, now: float) -> bool: ...
+    async def circuit_probe(self, listing_id: int, ttl_seconds: float, now: float, token: str = "1") -> bool: ...
+
+    async def circuit_release_probe(self, listing_id: int, token: str) -> None:
+        """Free the probe slot if `token` still holds it: its call ended saying nothing of the upstream."""
 
 
 def circuit_keys(prefix: str, listing_id: int) -> tuple[str, str]:

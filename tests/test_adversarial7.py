@@ -1,0 +1,89 @@
+"""Adversarial review 7: rate limits, auth, the circuit breaker, shadow mode, refusal answers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from mitmproxy.test import taddons
+
+from addon.breaker import BreakerSettings
+from addon.gateway import Mcpmeter
+from tests.refusals import refusal
+from tests.test_cache_contract import MakeCache, make_cache  # noqa: F401  (a fixture)
+from tests.test_gateway_hooks import (  # noqa: F401  (isolated is an autouse fixture)
+    OPENING, POOR, Db, Gw, forwarded, isolated, json_response, make_flow, upstream_answers, upstream_fails,
+    write_config,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[Gw]:
+    addon = Mcpmeter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, mcpmeter_config=str(write_config(
+            tmp_path, metrics_public=True,
+            circuit_breaker={"failures": 5, "listings": {"echo-test": {"failures": 2, "cooldown_seconds": 0.3}}})))
+        yield Gw(addon, tctx, Db(tmp_path / "mcpmeter.db"))
+        addon.done()
+
+
+async def open_circuit(gw: Gw) -> None:
+    for status in (502, 500):
+        flow = make_flow()
+        await gw.addon.request(flow)
+        assert forwarded(flow)
+        await upstream_answers(gw, flow, json_response({"error": "boom"}, status=status))
+    refused = make_flow()
+    await gw.addon.request(refused)
+    assert refused.response.status_code == 503
+
+
+# --- the circuit breaker ---------------------------------------------------------------------------
+
+
+async def test_a_refused_charge_does_not_keep_the_half_open_probe_slot(gw: Gw) -> None:
+    """A consumer with no credit (or over its cap) takes the half-open circuit's one probe slot, is
+    refused 402 before anything is forwarded, and the slot stays taken for a whole cool-down: every
+    paying consumer gets 503 meanwhile, and the same broke consumer can take it again each time it
+    frees, keeping a recovered upstream unavailable for everyone at no cost."""
+    await open_circuit(gw)
+    await asyncio.sleep(0.35)  # half-open
+    broke = make_flow(token=POOR)
+    await gw.addon.request(broke)
+    assert broke.response.status_code == 402 and not forwarded(broke)
+    paying = make_flow()
+    await gw.addon.request(paying)
+    assert forwarded(paying), (paying.response.status_code, refusal(paying.response))
+
+
+async def test_a_probe_cancelled_for_free_frees_its_slot(gw: Gw) -> None:
+    """A 2026-07-28 client takes the probe slot and closes its stream at once: the call is refunded
+    (cancelled), it said nothing about the upstream, and the slot must not stay taken for a whole
+    cool-down: else one consumer holds a recovered listing unavailable for everyone, for free."""
+    await open_circuit(gw)
+    await asyncio.sleep(0.35)
+    probe = make_flow(headers={"MCP-Protocol-Version": "2026-07-28"})
+    await gw.addon.request(probe)
+    assert forwarded(probe)
+    await upstream_fails(gw, probe, "Client disconnected.")
+    await gw.addon.drain()
+    assert gw.db.balance(1) == OPENING  # cancelled: refunded, the probe cost nothing
+    paying = make_flow()
+    await gw.addon.request(paying)
+    assert forwarded(paying), (paying.response.status_code, refusal(paying.response))
+
+
+async def test_only_the_probe_that_holds_the_slot_frees_it(make_cache: MakeCache) -> None:  # noqa: F811
+    cache = make_cache()
+    await cache.circuit_failed(77, BreakerSettings(failures=1, cooldown_seconds=10), 1000.0)
+    assert await cache.circuit_probe(77, 5, 1011.0, "a") is True
+    await cache.circuit_release_probe(77, "b")  # not its slot: nothing happens
+    assert await cache.circuit_probe(77, 5, 1011.0, "c") is False
+    await cache.circuit_release_probe(77, "a")
+    assert await cache.circuit_probe(77, 5, 1011.0, "c") is True
+    assert await cache.circuit_probe(77, 5, 1011.0, "d") is False
