@@ -21,6 +21,11 @@ STRIPPED = HOP_BY_HOP | {"authorization", "cookie", "host", "x-forwarded-host"}
 # on the request (session ownership, Mcp-Method/Mcp-Name against the priced body, stripped identity).
 NOT_UNWRAPPABLE = HOP_BY_HOP | {"host", "content-length", "transfer-encoding", "x-forwarded-host",
                                 "mcp-session-id", "mcp-method", "mcp-name"}
+# ... nor, for a consumer, the other request headers the gateway checked and decided on: the body's
+# charset and coding (what the meter read as UTF-8, uncompressed, is what it priced) and the protocol
+# revision (from 2026-07-28 a closed stream is refunded as cancelled: the upstream must see that revision).
+# A publisher may still set these in upstream_headers: its own server, its own bytes.
+CHECKED_ON_REQUEST = frozenset({"content-type", "content-encoding", "mcp-protocol-version"})
 WRAP_PREFIX = "x-forward-"
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # What a listing URL's netloc may be, being the upstream's Host: a name (mitmproxy checks its
@@ -146,7 +151,8 @@ def upstream_headers(
             continue
         if lower.startswith(WRAP_PREFIX):
             inner = name[len(WRAP_PREFIX):]
-            if inner and _TOKEN.match(inner) and inner.lower() not in NOT_UNWRAPPABLE:
+            if (inner and _TOKEN.match(inner) and inner.lower() not in NOT_UNWRAPPABLE
+                    and inner.lower() not in CHECKED_ON_REQUEST):
                 unwrapped.append((inner, value))
             continue
         kept.append((name, value))

@@ -14,7 +14,7 @@ from addon.gateway import Mcpmeter
 from tests.refusals import refusal
 from tests.test_cache_contract import MakeCache, make_cache  # noqa: F401  (a fixture)
 from tests.test_gateway_hooks import (  # noqa: F401  (isolated is an autouse fixture)
-    OPENING, POOR, Db, Gw, forwarded, isolated, json_response, make_flow, upstream_answers, upstream_fails,
+    OPENING, POOR, Db, Gw, forwarded, isolated, json_response, make_flow, rpc, upstream_answers, upstream_fails,
     write_config,
 )
 
@@ -87,3 +87,18 @@ async def test_only_the_probe_that_holds_the_slot_frees_it(make_cache: MakeCache
     await cache.circuit_release_probe(77, "a")
     assert await cache.circuit_probe(77, 5, 1011.0, "c") is True
     assert await cache.circuit_probe(77, 5, 1011.0, "d") is False
+
+
+# --- headers the gateway checked on the request, replaced through X-Forward-<Name> -------------------
+
+
+@pytest.mark.parametrize("name, value", [
+    ("Content-Type", "application/json; charset=utf-7"),  # check_request_charset: a ping can be a tools/call
+    ("Content-Encoding", "br"),  # check_request_encoding: the upstream would inflate what the meter priced
+    ("MCP-Protocol-Version", "2025-06-18"),  # close_cancels: refunded on a close the upstream ignores
+])
+async def test_x_forward_cannot_replace_a_header_the_gateway_checked(gw: Gw, name: str, value: str) -> None:
+    flow = make_flow(body=rpc("ping"), headers={"MCP-Protocol-Version": "2026-07-28", f"X-Forward-{name}": value})
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    assert value not in flow.request.headers.get_all(name), flow.request.headers
