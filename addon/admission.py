@@ -100,7 +100,9 @@ class Admission:
 
         windows = windows_for(listing.rate_limit_per_minute or gw.config.default_rpm,
                               listing.rate_limit_per_day or gw.config.default_rpd)
-        limit = await gw.cache.hit(f"{listing.id}:{consumer.principal}", windows)
+        # Per (listing, consumer): the user, not the key or OAuth token, else every key a consumer mints
+        # (and every access token an OAuth client refreshes) would come with a fresh allowance.
+        limit = await gw.cache.hit(f"{listing.id}:u{consumer.user_id}", windows)
         call.limit_headers = limit_headers(limit, windows)
         if not limit.allowed and shadow.applies(gw.config, listing):
             shadow.note_refusal(flow, "rate_limited")  # shadow mode: recorded, let through

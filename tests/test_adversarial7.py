@@ -14,7 +14,7 @@ from addon.gateway import Mcpmeter
 from tests.refusals import refusal
 from tests.test_cache_contract import MakeCache, make_cache  # noqa: F401  (a fixture)
 from tests.test_gateway_hooks import (  # noqa: F401  (isolated is an autouse fixture)
-    OPENING, POOR, Db, Gw, forwarded, isolated, json_response, make_flow, rpc, upstream_answers, upstream_fails,
+    OPENING, POOR, SEED, Db, Gw, forwarded, isolated, json_response, make_flow, rpc, upstream_answers, upstream_fails,
     write_config,
 )
 
@@ -102,3 +102,28 @@ async def test_x_forward_cannot_replace_a_header_the_gateway_checked(gw: Gw, nam
     await gw.addon.request(flow)
     assert forwarded(flow)
     assert value not in flow.request.headers.get_all(name), flow.request.headers
+
+
+# --- rate limits ------------------------------------------------------------------------------------
+
+ALICE_SECOND_KEY = "mcpm_test_alicesecond0123456"
+
+
+async def test_the_rate_limit_is_per_consumer_not_per_key(tmp_path: Path) -> None:
+    """The limit is per (listing, consumer): a consumer who mints a second key (or an OAuth client
+    that refreshes its access token, each token its own id) must not get a second allowance."""
+    seed = {**SEED, "consumers": [*SEED["consumers"], {"key": ALICE_SECOND_KEY, "user_id": 1, "project_id": 1,
+                                                       "credit_micro_cents": OPENING}]}
+    addon = Mcpmeter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, mcpmeter_config=str(write_config(tmp_path, seed=seed)))
+        first = make_flow("/strict")  # rate_limit_per_minute: 1
+        await addon.request(first)
+        assert forwarded(first)
+        again = make_flow("/strict")
+        await addon.request(again)
+        assert again.response.status_code == 429
+        other_key = make_flow("/strict", token=ALICE_SECOND_KEY)
+        await addon.request(other_key)
+        assert other_key.response is not None and other_key.response.status_code == 429, "a new key, a new limit"
+        addon.done()

@@ -3,10 +3,10 @@
 Keys (all under the configured prefix): `key:<sha256>` and `mcp:<slug>` hold a Consumer or a
 Listing as JSON (`null` caches "no such key/listing" for the negative TTL), `session:<id>` the
 principal that opened an MCP session, `rl:{<bucket>}:<seconds>` the GCRA TAT of one rate window
-(one integer, µs of Redis server time; see addon.ratelimit). A bucket is `<listing id>:<principal>`
+(one integer, µs of Redis server time; see addon.ratelimit). A bucket is `<listing id>:u<user id>`
 and its windows' keys share the hash tag `{<bucket>}`, so the one script that touches them together
 runs unchanged on Redis Cluster; every other operation touches a single key. Idempotency-Key
-records `idem:{<bucket>}:<sha256>` share that tag (addon/cache/idempotency.py).
+records `idem:{<listing id>:<principal>}:<sha256>` are per key (addon/cache/idempotency.py).
 
 A rate-limit check is one EVALSHA of RATE_LIMIT_SCRIPT: decide over every window, then advance all
 of their TATs or none, atomically and on the server's clock, so any number of gateways share one
