@@ -182,7 +182,10 @@ class Settlements:
         meta = flow.metadata.setdefault(META, {"request_id": call.request_id})
         if call.charge is None or call.charged is None:
             if call.priced is not None and call.listing is not None:
-                decided = decision(call)[0]
+                decided, status = decision(call)
+                if call.forwarded is not None:  # a round's continuation, forwarded free: the upstream ran it
+                    await gw.circuits.record(call.listing, status, call.failure,
+                                             call.request_id if call.probe else None)
                 if (gw.deferred.round_over(call, decided) and decided.refund  # a continuation settles its first round
                         and call.outcome is None and call.session is not None):
                     gw.pending.mark_refunded(call.session, call.priced.rpc_id)  # refunded it: never delivered now
@@ -195,6 +198,11 @@ class Settlements:
         assert gw.config is not None and store is not None
         assert call.listing is not None and call.consumer is not None
         decided, status = decision(call)
+        if call.decided is None:
+            # How the upstream answered this call, once: when its own answer settles it or holds it. A
+            # held call settled later by another message (its round's continuation, its task's terminal
+            # state) is not recorded again: that message's own call says how the upstream did then.
+            await gw.circuits.record(call.listing, status, call.failure, call.request_id if call.probe else None)
         if call.decided is not None:
             decided = call.decided  # a held call, settled as a later message decided (deferred.py)
         elif await gw.deferred.hold(flow, call, decided):
@@ -203,7 +211,6 @@ class Settlements:
                 and call.priced is not None):
             gw.pending.mark_refunded(call.session, call.priced.rpc_id)  # its answer is never delivered now
         gw.metrics.settled(call, decided.refund, status)
-        await gw.circuits.record(call.listing, status, call.failure, call.request_id if call.probe else None)
         settlement = Settlement(
             charge=call.charge, refund=decided.refund, status=status, duration_ms=call.elapsed_ms(),
             called_at=call.called_at, key_id=call.consumer.key_id, token_id=call.consumer.token_id,

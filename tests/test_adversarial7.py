@@ -14,7 +14,7 @@ from addon.gateway import Mcpmeter
 from tests.refusals import refusal
 from tests.test_cache_contract import MakeCache, make_cache  # noqa: F401  (a fixture)
 from tests.test_gateway_hooks import (  # noqa: F401  (isolated is an autouse fixture)
-    BOB, OPENING, POOR, SEED, Db, Gw, forwarded, isolated, json_response, make_flow, rpc, upstream_answers,
+    BOB, CAPPED, OPENING, POOR, SEED, Db, Gw, forwarded, isolated, json_response, make_flow, rpc, upstream_answers,
     upstream_fails, write_config,
 )
 
@@ -145,3 +145,74 @@ async def test_one_consumer_alone_cannot_open_the_circuit_for_everyone_for_free(
     bob = make_flow(token=BOB)
     await gw.addon.request(bob)
     assert forwarded(bob), (bob.response.status_code, refusal(bob.response))
+
+
+# --- shadow mode ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token, user, would", [(POOR, 4, "insufficient_credit"), (CAPPED, 5, "project_cap_exceeded")])
+async def test_shadow_mode_forwards_what_money_would_refuse_and_moves_none(
+        tmp_path: Path, token: str, user: int, would: str) -> None:
+    addon = Mcpmeter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, mcpmeter_config=str(write_config(tmp_path, shadow=True)))
+        db = Db(tmp_path / "mcpmeter.db")
+        before, ledger = db.balance(user), db.ledger(user)
+        flow = make_flow(token=token)
+        await addon.request(flow)
+        assert forwarded(flow), flow.response and refusal(flow.response)
+        gw = Gw(addon, tctx, db)
+        await upstream_answers(gw, flow, json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}))
+        assert db.balance(user) == before and db.ledger(user) == ledger
+        assert flow.response.headers["X-Mcpmeter-Billed"] == "0"
+        assert [r["billed_micro_cents"] for r in db.usage()] == [0]
+        assert db.rows("SELECT reason FROM mcpmeter_calls") == [(f"shadow:{would}",)]
+        addon.done()
+
+
+# --- a held input_required round continued as the half-open probe --------------------------------------
+
+ROUNDS = "/rounds-test"
+
+
+@pytest.fixture
+async def rounds_gw(tmp_path: Path) -> AsyncIterator[Gw]:
+    rounds = {"slug": ROUNDS[1:], "upstream_url": "http://127.0.0.1:1/rounds", "price_micro_cents": 1000}
+    seed = {**SEED, "listings": [*SEED["listings"], rounds]}
+    addon = Mcpmeter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, mcpmeter_config=str(write_config(tmp_path, seed=seed, circuit_breaker={
+            "failures": 5, "listings": {ROUNDS[1:]: {"failures": 2, "cooldown_seconds": 0.3}}})))
+        yield Gw(addon, tctx, Db(tmp_path / "mcpmeter.db"))
+        addon.done()
+
+
+def ask(rpc_id: int, state: str | None = None) -> dict[str, object]:
+    params: dict[str, object] = {"name": "ask", "arguments": {}}
+    if state is not None:
+        params.update(requestState=state, inputResponses={})
+    return rpc("tools/call", rpc_id, **params)
+
+
+@pytest.mark.parametrize("probe_status, next_forwarded", [(502, False), (200, True)])
+async def test_a_continued_round_as_the_probe_reports_how_the_upstream_did(
+        rounds_gw: Gw, probe_status: int, next_forwarded: bool) -> None:
+    gw = rounds_gw
+    first = make_flow(ROUNDS, body=ask(1))
+    await gw.addon.request(first)
+    await upstream_answers(gw, first, json_response(
+        {"jsonrpc": "2.0", "id": 1, "result": {"resultType": "input_required", "requestState": "S1"}}))
+    for rpc_id in (7, 8):  # other calls fail: the circuit opens
+        flow = make_flow(ROUNDS, token=BOB, body=ask(rpc_id))
+        await gw.addon.request(flow)
+        assert forwarded(flow)
+        await upstream_answers(gw, flow, json_response({"error": "boom"}, status=502))
+    await asyncio.sleep(0.35)  # half-open
+    probe = make_flow(ROUNDS, body=ask(2, "S1"))
+    await gw.addon.request(probe)
+    assert forwarded(probe)  # the continuation, forwarded free, is the probe
+    answer = ({"jsonrpc": "2.0", "id": 2, "result": {"content": []}} if probe_status == 200 else {"error": "boom"})
+    await upstream_answers(gw, probe, json_response(answer, status=probe_status))
+    nxt = make_flow(ROUNDS, token=BOB, body=ask(9))
+    await gw.addon.request(nxt)
+    assert forwarded(nxt) is next_forwarded, nxt.response and (nxt.response.status_code, refusal(nxt.response))
