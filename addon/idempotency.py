@@ -61,9 +61,9 @@ def fingerprint(body: bytes) -> str:
 
 
 def cache_key(listing_id: int, principal: str, key: str) -> str:
-    """Where a key's record lives (under the cache's prefix). The `{listing:principal}` hash tag is
-    the rate limiter's, so one consumer's keys and windows share a Redis Cluster slot; the client's
-    key is hashed, so any printable key makes a short, safe Redis key."""
+    """Where a key's record lives (under the cache's prefix), per (listing, API key or token): a
+    single-key record, its `{listing:principal}` hash tag only keeps one key's records in one Redis
+    Cluster slot. The client's key is hashed, so any printable key makes a short, safe Redis key."""
     return f"idem:{{{listing_id}:{principal}}}:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
