@@ -114,12 +114,25 @@ USAGE_EVENTS_INSERT = (
 USAGE_EVENT_VALUES = "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 
 
+def storable(text: str) -> str:
+    """`text` as UTF-8 can hold it. mitmproxy decodes header bytes that are not UTF-8 with
+    surrogateescape: a User-Agent holding 0xff reaches a settlement as '\\udcff', which sqlite3 refuses
+    to bind (UnicodeEncodeError). Such bytes become U+FFFD, so the settlement of a delivered
+    call is written (billed) instead of failing and being left to the sweeper's refund."""
+    if text.isascii():
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate surrogateescape did not make
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def usage_event(s: Settlement, billed: int, now: str) -> tuple[Any, ...]:
     """The values of a settled call's usage_events row, in USAGE_EVENTS_INSERT's order."""
     req = s.charge
     payout, fee = split(billed, s.fee_bps)
-    return (req.project_id, req.listing_id, s.key_id, req.tool_name[:191], s.client,
-            (s.user_agent or None) and s.user_agent[:255], utc(s.called_at), max(s.duration_ms, 0),
+    return (req.project_id, req.listing_id, s.key_id, storable(req.tool_name)[:191], s.client,
+            (s.user_agent or None) and storable(s.user_agent)[:255], utc(s.called_at), max(s.duration_ms, 0),
             s.status, billed, payout, fee, req.request_id, now, now)
 
 
