@@ -41,3 +41,15 @@ async def test_a_billed_call_whose_user_agent_is_not_utf8_is_still_billed(db: Ba
     assert db.rows("SELECT billed_micro_cents FROM usage_events WHERE request_id = %s", (req.request_id,)) == [
         (PRICE,)]
     reconcile(db)
+
+
+async def test_a_project_cap_too_large_for_micro_cents_in_bigint_still_lets_calls_through(
+        db: Backend) -> None:  # noqa: F811
+    """spending_cap_cents_per_month is BIGINT UNSIGNED (cents): a cap past 1.8e13 cents (an
+    'unlimited' sentinel, say) times 1,000,000 overflows the column type in SQL. The cap is then
+    simply not reached: the charge is debited, not failed with 'BIGINT value is out of range'."""
+    for n, cap in enumerate((10**14, 2**63 - 1), start=1):
+        who = add_consumer(db, n, credit=10 * PRICE, cap_cents=cap)
+        add_listing(db, 10 + n, f"l{n}", price=PRICE)
+        assert (await db.store.charge(call(who, 10 + n, PRICE))).verdict is Verdict.DEBITED
+    reconcile(db)

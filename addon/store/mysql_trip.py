@@ -61,7 +61,9 @@ _BALANCE = "(SELECT credit_micro_cents FROM users WHERE id = %(user)s)"
 # rows matched (the connection has CLIENT.FOUND_ROWS); every write it tests changes its row anyway.
 # A new version of the procedure gets a new name: gateways of both versions can share a database
 # (`ensure_schema` creates the names missing and leaves the others). v2 reads the call journal first,
-# so a charge run again after its COMMIT landed answers what it decided; v1 decided again.
+# so a charge run again after its COMMIT landed answers what it decided (v1 decided again), and compares
+# the spend with the cap in DECIMAL: v1's cap (BIGINT UNSIGNED cents) past 1.8e13 cents, times 1,000,000
+# in BIGINT arithmetic, failed every charge of its project ("BIGINT UNSIGNED value is out of range").
 CHARGE_PROCEDURE = "mcpmeter_charge_v2"
 # The same charge without its COMMIT, for charges that queue up under load: many CALLs of it and one
 # COMMIT share a transaction and a round trip (charge_batch below).
@@ -126,7 +128,8 @@ BEGIN
       IF EXISTS (SELECT 1 FROM projects p JOIN mcpmeter_project_spend s
                    ON s.project_id = p.id AND s.period_year_month = p_period
                  WHERE p.id = p_project AND p.spending_cap_cents_per_month IS NOT NULL
-                   AND s.spent_micro_cents > p.spending_cap_cents_per_month * {MICRO_CENTS_PER_CENT}) THEN
+                   AND s.spent_micro_cents
+                       > CAST(p.spending_cap_cents_per_month AS DECIMAL(20, 0)) * {MICRO_CENTS_PER_CENT}) THEN
         UPDATE users SET credit_micro_cents = credit_micro_cents + p_price WHERE id = p_user;
         IF v_spend = 1 THEN
           DELETE FROM mcpmeter_project_spend WHERE project_id = p_project AND period_year_month = p_period;
