@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 from addon.model import Verdict
@@ -53,3 +54,113 @@ async def test_a_project_cap_too_large_for_micro_cents_in_bigint_still_lets_call
         add_listing(db, 10 + n, f"l{n}", price=PRICE)
         assert (await db.store.charge(call(who, 10 + n, PRICE))).verdict is Verdict.DEBITED
     reconcile(db)
+
+
+async def test_two_gateways_settling_refunding_and_sweeping_the_same_calls_reconcile(
+        mysql_db: Backend) -> None:  # noqa: F811
+    """Every call settled several ways at once, from two stores on one database: a billed settlement
+    (batched), the same billed again, a refund from the other gateway, and both gateways' sweepers
+    sweeping everything unsettled. Exactly one of them wins each call; money reconciles exactly."""
+    import random
+
+    from addon.store.mysql import MysqlStore
+
+    db = mysql_db
+    users = [add_consumer(db, u, credit=1000 * PRICE) for u in range(1, 5)]
+    for listing in (10, 11):
+        add_listing(db, listing, f"l{listing}", price=PRICE, free=2)
+    stores = [db.store, db.open_store()]
+    assert all(isinstance(s, MysqlStore) for s in stores)
+    rng = random.Random(11)
+
+    async def one(i: int) -> None:
+        a, b = stores[i % 2], stores[(i + 1) % 2]
+        who = users[rng.randrange(len(users))]
+        req = call(who, rng.choice((10, 11)), PRICE, free=2)
+        taken = await a.charge(req)
+        if not taken.accepted:
+            return
+        base = dataclasses.replace(outcome(req, who), taken=taken, need_balance=False,
+                                   background=bool(i % 3))
+        ways = [a.settle(base), b.settle(base)]
+        if i % 2:
+            ways.append(b.settle(dataclasses.replace(base, refund=True, status=502, need_balance=True)))
+        if i % 5 == 0:
+            ways.append(a.sweep(-2, FEE_BPS))
+            ways.append(b.sweep(-2, FEE_BPS))
+        rng.shuffle(ways)
+        await asyncio.gather(*ways)
+
+    await asyncio.gather(*(one(i) for i in range(160)))
+    for s in stores:
+        await s.sweep(-2, FEE_BPS)
+    assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL") == 0
+    assert db.value("SELECT COUNT(*) FROM usage_events") == db.value("SELECT COUNT(*) FROM mcpmeter_calls")
+    reconcile(db)
+
+
+async def test_one_call_the_sweeper_cannot_refund_does_not_stop_it_refunding_the_others(
+        mysql_db: Backend) -> None:  # noqa: F811
+    """A consumer's account is deleted (the web app's ON DELETE CASCADE) while one of their calls is
+    unsettled, its gateway dead. That call is the oldest stale one: the sweeper must still refund
+    every other consumer's stale calls, on every later sweep too (it lists the oldest first)."""
+    import time
+
+    from addon.store.sql import utc
+
+    db = mysql_db
+    gone, kept = add_consumer(db, 1, credit=10 * PRICE), add_consumer(db, 2, credit=10 * PRICE)
+    add_listing(db, 10, "a", price=PRICE)
+    old, later = call(gone, 10, PRICE), call(kept, 10, PRICE)
+    for req in (old, later):
+        assert (await db.store.charge(req)).verdict is Verdict.DEBITED
+    for age, req in ((7200, old), (3600, later)):
+        db.execute("UPDATE mcpmeter_calls SET created_at = %s WHERE request_id = %s",
+                   (utc(time.time() - age), req.request_id))
+    db.execute("DELETE FROM users WHERE id = 1")  # cascades to projects, keys, credit_transactions
+
+    try:
+        swept = await db.store.sweep(600, FEE_BPS)
+    except Exception as e:  # the whole sweep failed on the first call
+        swept = -1
+        failure: Exception | None = e
+    else:
+        failure = None
+    assert failure is None, failure
+    assert swept >= 1
+    assert await db.store.balance(2) == 10 * PRICE  # refunded
+    assert db.rows("SELECT type FROM credit_transactions WHERE request_id = %s ORDER BY id",
+                   (later.request_id,)) == [("usage",), ("refund",)]
+    assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL") == 0
+
+
+async def test_a_held_call_whose_listing_was_deleted_does_not_stop_the_held_sweep(
+        mysql_db: Backend) -> None:  # noqa: F811
+    """An abandoned input_required round is billed by the held sweep, which counts it in the
+    consumer's usage row (a foreign key to mcps). A listing deleted meanwhile makes that one call
+    unwritable: the rounds of other listings are still settled."""
+    import time
+
+    from addon.store.sql import utc
+
+    db = mysql_db
+    who = add_consumer(db, 1, credit=10 * PRICE)
+    add_listing(db, 10, "a", price=PRICE)
+    add_listing(db, 11, "doomed", price=PRICE)
+    doomed, fine = call(who, 11, PRICE), call(who, 10, PRICE)
+    for n, req in enumerate((doomed, fine)):
+        assert (await db.store.charge(req)).verdict is Verdict.DEBITED
+        assert await db.store.hold(req.request_id, "input_pending")
+        db.execute("UPDATE mcpmeter_calls SET created_at = %s WHERE request_id = %s",
+                   (utc(time.time() - 7200 + n), req.request_id))
+    db.execute("DELETE FROM mcps WHERE id = 11")
+
+    for _ in range(2):  # every sweep, not only the first
+        try:
+            await db.store.sweep(600, FEE_BPS, held="input_pending", refund=False, reason="input_abandoned")
+        except Exception as e:
+            raise AssertionError(f"the held sweep failed as a whole: {e}") from e
+    assert db.rows("SELECT refunded, reason FROM mcpmeter_calls WHERE request_id = %s", (fine.request_id,)) == [
+        (0, "input_abandoned")]
+    assert db.rows("SELECT billed_micro_cents FROM usage_events WHERE request_id = %s", (fine.request_id,)) == [
+        (PRICE,)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import logging
 import re
 import threading
 import time
@@ -74,6 +75,7 @@ class Dialect:
 
 
 T = TypeVar("T")
+log = logging.getLogger("mcpmeter")
 
 MYSQL = Dialect("%s", "INSERT IGNORE", "ON DUPLICATE KEY UPDATE", "VALUES({col})")
 SQLITE = Dialect("?", "INSERT OR IGNORE", "ON CONFLICT ({key}) DO UPDATE SET", "excluded.{col}")
@@ -316,11 +318,14 @@ class Ledger:
             return self.balance(req.user_id) if s.need_balance else None  # settled before, or unknown
         billed = 0 if s.refund else amount
         if s.refund and verdict is Verdict.DEBITED and amount > 0:
-            self._q("UPDATE users SET credit_micro_cents = credit_micro_cents + %s WHERE id = %s",
-                    (amount, req.user_id))
-            self._ledger_row(req.user_id, amount, "refund", self.balance(req.user_id), req.request_id,
-                             f"refund: {req.tool_name} on mcp {req.listing_id}" + (f" ({reason})" if reason else ""),
-                             now)
+            # A user deleted since the charge (the web app's ON DELETE CASCADE took their ledger too)
+            # has no balance to credit: the refund row would break the ledger's foreign key, and the
+            # call, unsettleable, would stop the sweeper at it. Their call is settled refunded, bare.
+            if self._q("UPDATE users SET credit_micro_cents = credit_micro_cents + %s WHERE id = %s",
+                       (amount, req.user_id)).rowcount == 1:
+                self._ledger_row(req.user_id, amount, "refund", self.balance(req.user_id), req.request_id,
+                                 f"refund: {req.tool_name} on mcp {req.listing_id}"
+                                 + (f" ({reason})" if reason else ""), now)
             self._add_spend(req.project_id, req.period, -amount)
         elif s.refund and verdict is Verdict.FREE:
             self._q(
@@ -518,7 +523,12 @@ class SqlStore:
             def settle(ledger: Ledger, rid: str = request_id) -> bool:
                 return ledger.settle_stale(rid, fee_bps, refund, reason)
 
-            done += await self._submit(settle)
+            try:
+                done += await self._submit(settle)
+            except Exception as e:
+                # One call that cannot be written (its listing deleted, say) is skipped, not the
+                # calls after it: they are listed oldest first, so it would stop every later sweep.
+                log.error("mcpmeter: cannot settle the stale call %s: %s", request_id, e)
         return done
 
     async def hold(self, request_id: str, mark: str) -> bool:
