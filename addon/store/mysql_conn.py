@@ -17,7 +17,10 @@ DOWN_FOR = 1.0  # after a failed connect, refuse at once for this long instead o
 ATTEMPTS = 8  # a transaction chosen as a deadlock victim (or timed out on a lock) is run again...
 RETRY_BUDGET = 5.0  # ... while it has taken less than this many seconds in all
 
-RETRYABLE = {1205, 1213}  # ER_LOCK_WAIT_TIMEOUT, ER_LOCK_DEADLOCK: InnoDB rolled the work back
+# ER_LOCK_WAIT_TIMEOUT, ER_LOCK_DEADLOCK: InnoDB rolled the work back (the caller rolls back the rest).
+# ER_AUTOINC_READ_FAILED: the same, on InnoDB's table AUTO-INC lock, which an INSERT ... SELECT takes
+# (innodb_autoinc_lock_mode 1) while holding row locks; MariaDB reports its deadlock victim as 1467.
+RETRYABLE = {1205, 1213, 1467}
 GONE = {1053, 1077, 1152, 1927, 4031}  # server shutdown, aborted or killed connection, idle disconnect
 DENIED = {1044, 1045}  # ER_DBACCESS_DENIED_ERROR, ER_ACCESS_DENIED_ERROR
 UNKNOWN_DB = 1049
