@@ -12,6 +12,7 @@ from mitmproxy.test import taddons
 from addon.breaker import BreakerSettings
 from addon.gateway import Mcpmeter
 from tests.refusals import refusal
+from tests.test_breaker import gw  # noqa: F401  (a fixture: a two-failure, 0.3 s circuit on echo-test)
 from tests.test_cache_contract import MakeCache, make_cache  # noqa: F401  (a fixture)
 from tests.test_gateway_hooks import (  # noqa: F401  (isolated is an autouse fixture)
     BOB, CAPPED, OPENING, POOR, SEED, Db, Gw, forwarded, isolated, json_response, make_flow, rpc, upstream_answers,
@@ -19,17 +20,6 @@ from tests.test_gateway_hooks import (  # noqa: F401  (isolated is an autouse fi
 )
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-async def gw(tmp_path: Path) -> AsyncIterator[Gw]:
-    addon = Mcpmeter()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, mcpmeter_config=str(write_config(
-            tmp_path, metrics_public=True,
-            circuit_breaker={"failures": 5, "listings": {"echo-test": {"failures": 2, "cooldown_seconds": 0.3}}})))
-        yield Gw(addon, tctx, Db(tmp_path / "mcpmeter.db"))
-        addon.done()
 
 
 async def open_circuit(gw: Gw) -> None:

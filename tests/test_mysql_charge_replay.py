@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pymysql
@@ -31,7 +31,6 @@ from .test_store_contract import (
     FEE_BPS,
     MysqlBackend,
     Who,
-    _prepare,
     add_consumer,
     add_listing,
     call,
@@ -39,23 +38,9 @@ from .test_store_contract import (
     reconcile,
 )
 
+from .test_mysql_loop import mysql, store_of  # noqa: F401  (mysql: a fixture, a scratch MariaDB database)
+
 PRICE = 1000
-
-
-@pytest.fixture
-def mysql() -> Iterator[MysqlBackend]:
-    with scratch_database(SCHEMA) as settings:
-        db = MysqlBackend(dataclasses.replace(settings, pool_size=4))
-        try:
-            _prepare(db)
-            yield db
-        finally:
-            db.close()
-
-
-def store_of(db: MysqlBackend) -> MysqlStore:
-    assert isinstance(db.store, MysqlStore)
-    return db.store
 
 
 async def call_twice(store: MysqlStore, req: ChargeRequest) -> tuple[ChargeResult, ChargeResult]:
