@@ -67,9 +67,10 @@ class Circuits:
         except Exception:
             log.exception("mcpmeter: releasing the circuit probe of %s failed", listing.slug)
 
-    async def record(self, listing: Listing | None, status: int | None, failure: Failure | None,
+    async def record(self, listing: Listing | None, consumer: int, status: int | None, failure: Failure | None,
                      probe: str | None = None) -> None:
-        """How the upstream did on a forwarded call (`probe`: its token, if it was the probe). Never raises."""
+        """How the upstream did on a forwarded call of `consumer` (the user id; `probe`: the call's token,
+        if it was the probe). Never raises."""
         try:
             config, cache = self._config(), self._cache()
             if listing is None or config is None or cache is None:
@@ -81,7 +82,7 @@ class Circuits:
             if failed is None or settings.failures <= 0:
                 return
             if failed:
-                self._remember(listing, await cache.circuit_failed(listing.id, settings, self._clock()))
+                self._remember(listing, await cache.circuit_failed(listing.id, settings, self._clock(), consumer))
             elif (await self._read(cache, listing)).failures > 0:
                 await cache.circuit_reset(listing.id)
                 self._remember(listing, CLOSED)

@@ -183,8 +183,9 @@ class Settlements:
         if call.charge is None or call.charged is None:
             if call.priced is not None and call.listing is not None:
                 decided, status = decision(call)
-                if call.forwarded is not None:  # a round's continuation, forwarded free: the upstream ran it
-                    await gw.circuits.record(call.listing, status, call.failure,
+                if call.forwarded is not None and call.consumer is not None:  # a round's continuation,
+                    # forwarded free: the upstream ran it
+                    await gw.circuits.record(call.listing, call.consumer.user_id, status, call.failure,
                                              call.request_id if call.probe else None)
                 if (gw.deferred.round_over(call, decided) and decided.refund  # a continuation settles its first round
                         and call.outcome is None and call.session is not None):
@@ -202,7 +203,8 @@ class Settlements:
             # How the upstream answered this call, once: when its own answer settles it or holds it. A
             # held call settled later by another message (its round's continuation, its task's terminal
             # state) is not recorded again: that message's own call says how the upstream did then.
-            await gw.circuits.record(call.listing, status, call.failure, call.request_id if call.probe else None)
+            await gw.circuits.record(call.listing, call.consumer.user_id, status, call.failure,
+                                     call.request_id if call.probe else None)
         if call.decided is not None:
             decided = call.decided  # a held call, settled as a later message decided (deferred.py)
         elif await gw.deferred.hold(flow, call, decided):

@@ -132,7 +132,8 @@ async def _measure(addon: Mcpmeter, n: int) -> dict[str, float]:
     await addon.request(flow)  # a real paid call: authenticated, rate-limited, charged
     call = addon.calls[flow.id]
     assert call.charged is not None and call.listing is not None, "the bench's call was not charged"
-    listing = call.listing
+    listing, consumer = call.listing, call.consumer
+    assert consumer is not None
     call.forwarded = call.started + 0.001
     call.status, call.outcome = 200, Outcome.RESULT
     out: dict[str, float] = {}
@@ -141,7 +142,7 @@ async def _measure(addon: Mcpmeter, n: int) -> dict[str, float]:
 
     async def circuit() -> None:
         await addon.circuits.admit(listing, priced=True)
-        await addon.circuits.record(listing, 200, None)
+        await addon.circuits.record(listing, consumer.user_id, 200, None)
     out["circuit"] = await _time(circuit, n=n)
 
     out["idempotency"] = await _time(lambda: addon.admission._idempotent(flow, call, listing), n=n)

@@ -15,16 +15,16 @@ from tests.refusals import refusal
 from tests.test_breaker import gw  # noqa: F401  (a fixture: a two-failure, 0.3 s circuit on echo-test)
 from tests.test_cache_contract import MakeCache, make_cache  # noqa: F401  (a fixture)
 from tests.test_gateway_hooks import (  # noqa: F401  (isolated is an autouse fixture)
-    BOB, CAPPED, OPENING, POOR, SEED, Db, Gw, forwarded, isolated, json_response, make_flow, rpc, upstream_answers,
-    upstream_fails, write_config,
+    ALICE, BOB, CAPPED, OPENING, POOR, SEED, Db, Gw, forwarded, isolated, json_response, make_flow, rpc,
+    upstream_answers, upstream_fails, write_config,
 )
 
 pytestmark = pytest.mark.timeout(30)
 
 
 async def open_circuit(gw: Gw) -> None:
-    for status in (502, 500):
-        flow = make_flow()
+    for status, token in ((502, ALICE), (500, BOB)):  # two consumers' failures: one alone never opens it
+        flow = make_flow(token=token)
         await gw.addon.request(flow)
         assert forwarded(flow)
         await upstream_answers(gw, flow, json_response({"error": "boom"}, status=status))
@@ -70,7 +70,8 @@ async def test_a_probe_cancelled_for_free_frees_its_slot(gw: Gw) -> None:
 
 async def test_only_the_probe_that_holds_the_slot_frees_it(make_cache: MakeCache) -> None:  # noqa: F811
     cache = make_cache()
-    await cache.circuit_failed(77, BreakerSettings(failures=1, cooldown_seconds=10), 1000.0)
+    for consumer in (1, 2):  # two consumers: the window must hold two to open it
+        await cache.circuit_failed(77, BreakerSettings(failures=1, cooldown_seconds=10), 1000.0, consumer)
     assert await cache.circuit_probe(77, 5, 1011.0, "a") is True
     await cache.circuit_release_probe(77, "b")  # not its slot: nothing happens
     assert await cache.circuit_probe(77, 5, 1011.0, "c") is False
@@ -119,12 +120,6 @@ async def test_the_rate_limit_is_per_consumer_not_per_key(tmp_path: Path) -> Non
         addon.done()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the breaker counts consecutive failures per listing whoever caused them: one consumer's calls that "
-    "fail upstream (a slow tool past the timeout, arguments the server 5xxs on) are refunded, so they cost "
-    "nothing, and open the circuit for every consumer (and, taking the probe, keep it open). Fix: attribute "
-    "failures to consumers and open a listing's circuit only when its failing calls come from at least "
-    "two consumers (or a per-(listing, consumer) circuit for the rest), a change of the circuit's state shape"))
 async def test_one_consumer_alone_cannot_open_the_circuit_for_everyone_for_free(gw: Gw) -> None:
     for _ in range(2):  # echo-test opens at 2 consecutive failures
         flow = make_flow()
@@ -192,8 +187,8 @@ async def test_a_continued_round_as_the_probe_reports_how_the_upstream_did(
     await gw.addon.request(first)
     await upstream_answers(gw, first, json_response(
         {"jsonrpc": "2.0", "id": 1, "result": {"resultType": "input_required", "requestState": "S1"}}))
-    for rpc_id in (7, 8):  # other calls fail: the circuit opens
-        flow = make_flow(ROUNDS, token=BOB, body=ask(rpc_id))
+    for rpc_id, token in ((7, ALICE), (8, BOB)):  # other calls, two consumers', fail: the circuit opens
+        flow = make_flow(ROUNDS, token=token, body=ask(rpc_id))
         await gw.addon.request(flow)
         assert forwarded(flow)
         await upstream_answers(gw, flow, json_response({"error": "boom"}, status=502))

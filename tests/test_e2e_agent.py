@@ -31,10 +31,11 @@ async def test_circuit_opens_refuses_before_charging_then_closes(
         gateway: Gateway, backend: Backend, fault_listing: Callable[..., tuple[str, int]]) -> None:
     s, _ = fault_listing(price=1000)
     c = backend.add_consumer(credit=10_000)
-    for _ in range(2):
-        r = await post(gateway, f"/{s}", call("http500"), c)
+    d = backend.add_consumer(credit=10_000)
+    for who in (c, d):  # two consumers' failures: one alone never opens a circuit
+        r = await post(gateway, f"/{s}", call("http500"), who)
         assert r.status_code == 500 and r.headers["X-Mcpmeter-Refunded"] == "1"
-    await eventually(lambda: len(backend.usage(c)) == 2)
+    await eventually(lambda: len(backend.usage(c)) == 1 and len(backend.usage(d)) == 1)
     ledger = backend.ledger(c.user_id)
 
     r = await post(gateway, f"/{s}", call("ok", rpc_id="after"), c)

@@ -1,7 +1,7 @@
 """Circuit breaker state in the cache: in-process, or in Redis shared by every gateway.
 
 Kept apart from the caches' other methods: MemoryCache and RedisCache take these as mixins.
-Keys (under the prefix): `circuit:<listing id>` a hash {failures, open_until}, and
+Keys (under the prefix): `circuit:<listing id>` a hash {failures, open_until, first, mixed}, and
 `circuit:<listing id>:probe` the half-open circuit's single probe slot (SET NX with a TTL, so a
 probe that never reports back frees the slot; it holds the probe's token, so that a probe that
 ends saying nothing of the upstream frees it at once, and only its own). Only failures, resets and
@@ -16,16 +16,31 @@ from ..breaker import CLOSED, BreakerSettings, Circuit, after_failure
 
 FORGET_SECONDS = 3600  # failures older than this (with no new one) are forgotten
 
-# KEYS[1] the circuit hash, KEYS[2] its probe slot; ARGV[1] threshold, ARGV[2] open_until should this
-# failure open the circuit, ARGV[3] the hash's TTL in ms. Returns {failures, open_until}.
+# KEYS[1] the circuit hash, KEYS[2] its probe slot; ARGV[1] threshold, ARGV[2] now, ARGV[3] open_until
+# should this failure open the circuit, ARGV[4] the hash's TTL in ms, ARGV[5] the failing consumer.
+# addon/breaker.py's after_failure, atomically: returns {failures, open_until, first, mixed}.
 FAILURE_SCRIPT = """
 local f = redis.call('HINCRBY', KEYS[1], 'failures', 1)
-if f >= tonumber(ARGV[1]) then
-  redis.call('HSET', KEYS[1], 'open_until', ARGV[2])
+local first = redis.call('HGET', KEYS[1], 'first')
+local mixed = redis.call('HGET', KEYS[1], 'mixed') == '1'
+if not first then
+  redis.call('HSET', KEYS[1], 'first', ARGV[5])
+elseif first ~= ARGV[5] and not mixed then
+  mixed = true
+  redis.call('HSET', KEYS[1], 'mixed', '1')
+end
+local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
+if f >= tonumber(ARGV[1]) and mixed then
+  redis.call('HSET', KEYS[1], 'open_until', ARGV[3], 'first', ARGV[5])
+  redis.call('HDEL', KEYS[1], 'mixed')
+elseif open_until > 0 and tonumber(ARGV[2]) >= open_until then
+  redis.call('HSET', KEYS[1], 'open_until', '0')
+end
+if tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0') ~= open_until then
   redis.call('DEL', KEYS[2])
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {f, redis.call('HGET', KEYS[1], 'open_until') or '0'}
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return redis.call('HMGET', KEYS[1], 'failures', 'open_until', 'first', 'mixed')
 """
 
 # KEYS[1] the probe slot, ARGV[1] the token that claimed it: deleted only if that token still holds it.
@@ -49,11 +64,13 @@ class MemoryBreakers:
     async def circuit(self, listing_id: int) -> Circuit:
         return self._circuits()[0].get(listing_id, CLOSED)
 
-    async def circuit_failed(self, listing_id: int, settings: BreakerSettings, now: float) -> Circuit:
+    async def circuit_failed(self, listing_id: int, settings: BreakerSettings, now: float,
+                             consumer: int) -> Circuit:
         circuits, probes = self._circuits()
-        circuit = circuits[listing_id] = after_failure(circuits.get(listing_id, CLOSED), settings, now)
-        if circuit.failures >= settings.failures:
-            probes.pop(listing_id, None)
+        old = circuits.get(listing_id, CLOSED)
+        circuit = circuits[listing_id] = after_failure(old, settings, now, consumer)
+        if circuit.open_until != old.open_until:
+            probes.pop(listing_id, None)  # opened, or a half-open circuit closed: a new probe slot
         return circuit
 
     async def circuit_reset(self, listing_id: int) -> None:
@@ -89,19 +106,21 @@ class RedisBreakers:
     async def circuit(self, listing_id: int) -> Circuit:
         async def read() -> Circuit:
             raw = await self._redis.hgetall(self._circuit_keys(listing_id)[0])
-            return Circuit(int(raw.get("failures", 0)), float(raw.get("open_until", 0))) if raw else CLOSED
+            return parse_circuit(raw.get("failures"), raw.get("open_until"), raw.get("first"),
+                                 raw.get("mixed")) if raw else CLOSED
 
         return await self._run(read, lambda: self._fallback.circuit(listing_id))
 
-    async def circuit_failed(self, listing_id: int, settings: BreakerSettings, now: float) -> Circuit:
+    async def circuit_failed(self, listing_id: int, settings: BreakerSettings, now: float,
+                             consumer: int) -> Circuit:
         async def fail() -> Circuit:
             opened = now + settings.cooldown_seconds
             ttl_ms = int(max(FORGET_SECONDS, settings.cooldown_seconds * 2) * 1000)
-            failures, open_until = await self._redis.eval(
-                FAILURE_SCRIPT, 2, *self._circuit_keys(listing_id), settings.failures, repr(opened), ttl_ms)
-            return Circuit(int(failures), float(open_until))
+            raw = await self._redis.eval(FAILURE_SCRIPT, 2, *self._circuit_keys(listing_id), settings.failures,
+                                         repr(now), repr(opened), ttl_ms, str(consumer))
+            return parse_circuit(*raw)
 
-        return await self._run(fail, lambda: self._fallback.circuit_failed(listing_id, settings, now))
+        return await self._run(fail, lambda: self._fallback.circuit_failed(listing_id, settings, now, consumer))
 
     async def circuit_reset(self, listing_id: int) -> None:
         await self._run(lambda: self._redis.delete(*self._circuit_keys(listing_id)),
@@ -126,7 +145,8 @@ class CircuitStore(Protocol):
 
     async def circuit(self, listing_id: int) -> Circuit: ...
 
-    async def circuit_failed(self, listing_id: int, settings: BreakerSettings, now: float) -> Circuit: ...
+    async def circuit_failed(self, listing_id: int, settings: BreakerSettings, now: float,
+                             consumer: int) -> Circuit: ...
 
     async def circuit_reset(self, listing_id: int) -> None: ...
 
@@ -141,3 +161,9 @@ def circuit_keys(prefix: str, listing_id: int) -> tuple[str, str]:
     `{<listing id>}`: one slot, and the script runs unchanged on Redis Cluster."""
     key = f"{prefix}circuit:{{{listing_id}}}"
     return key, key + ":probe"
+
+
+def parse_circuit(failures: Any, open_until: Any, first: Any, mixed: Any) -> Circuit:
+    """A circuit from its hash fields (as Redis returns them: strings, or None when absent)."""
+    return Circuit(int(failures or 0), float(open_until or 0), None if first is None else int(first),
+                   str(mixed) == "1")
