@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -280,3 +281,23 @@ async def test_one_consumer_failing_every_probe_cannot_keep_the_circuit_shut(gw:
     assert again.response.status_code == 503
     assert gw.db.balance(1) == OPENING and gw.db.balance(2) == OPENING  # every failed call was refunded
     gw.db.assert_reconciled()
+
+
+async def test_both_caches_follow_the_pure_state_machine_exactly(make_cache: MakeCache) -> None:
+    """Random failures, probes and successes: the cache (Redis: FAILURE_SCRIPT) agrees with after_failure."""
+    rng = random.Random(7)
+    settings = BreakerSettings(failures=3, cooldown_seconds=5)
+    cache = make_cache()
+    model, now = CLOSED, 1000.0
+    for _ in range(300):
+        now += rng.choice((0.0, 0.5, 2.0, 5.0))
+        if rng.random() < 0.1:
+            await cache.circuit_reset(LISTING.id)
+            model = CLOSED
+        else:
+            if state(model, now) is CircuitState.HALF_OPEN and rng.random() < 0.5:
+                await cache.circuit_probe(LISTING.id, settings.cooldown_seconds, now, "p")
+            consumer = rng.choice((1, 1, 1, 2, 3))
+            model = after_failure(model, settings, now, consumer)
+            assert await cache.circuit_failed(LISTING.id, settings, now, consumer) == model
+        assert await cache.circuit(LISTING.id) == model
