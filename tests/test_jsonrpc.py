@@ -428,3 +428,38 @@ def test_the_longest_id_matches_however_the_upstream_escapes_it() -> None:
     assert body_outcome(escaped, rpc_id) is Outcome.RESULT
     raw = json.dumps({"jsonrpc": "2.0", "id": rpc_id, "result": {}}, ensure_ascii=False).encode()
     assert body_outcome(raw, rpc_id) is Outcome.RESULT
+
+
+# --- request header checks (charset, coding): any header value gives a verdict, never a crash -----
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from addon.errors import GatewayError  # noqa: E402
+from addon.jsonrpc import check_request_charset, check_request_encoding  # noqa: E402
+
+_HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x2FF), max_size=60)
+
+
+@given(st.lists(_HEADER_TEXT, max_size=3))
+def test_any_content_type_is_accepted_only_as_utf8(values: list[str]) -> None:
+    try:
+        check_request_charset(values)
+    except GatewayError as e:
+        assert e.spec.code == "invalid_request"
+        return
+    assert len(values) <= 1  # accepted: one field at most, with no charset or a UTF-8 one
+    for param in (values[0].split(";")[1:] if values else []):
+        name, sep, value = param.partition("=")
+        if sep and name.strip().lower() == "charset":
+            assert value.strip().strip('"').strip().lower() in ("utf-8", "utf8")
+
+
+@given(st.lists(_HEADER_TEXT, max_size=3))
+def test_any_content_encoding_is_accepted_only_as_identity(values: list[str]) -> None:
+    try:
+        check_request_encoding(values)
+    except GatewayError as e:
+        assert e.spec.code == "invalid_request"
+        return
+    assert all(c.strip().lower() in ("", "identity") for v in values for c in v.split(","))
