@@ -755,6 +755,21 @@ def cluster_slot(key: str) -> int:
 HOSTILE_BUCKETS = ["3:k9", "3:user:42", "7:}", "7:{", "7:{x}", "7:}{", "7:a{b}c", "12:café ☕", "1:" + "z" * 300]
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) exists and is free too: a cluster-enabled
+    redis-server binds both, and exits at once when it cannot (ports past 55535 have no bus port)."""
+    while True:
+        port = redisutil.free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
 def test_the_cluster_slot_function_matches_redis() -> None:
     assert crc16_xmodem(b"123456789") == 0x31C3  # the CRC's published check value
     assert cluster_slot("foo") == 12182 and cluster_slot("{foo}bar") == cluster_slot("foo")
@@ -763,8 +778,8 @@ def test_the_cluster_slot_function_matches_redis() -> None:
     if binary is None:
         return
     with tempfile.TemporaryDirectory() as workdir:  # a cluster-enabled server answers CLUSTER KEYSLOT
-        for attempt in range(3):  # a free port can be taken before the server binds it: try another
-            port = redisutil.free_port()
+        for attempt in range(5):  # a free port can be taken before the server binds it: try another
+            port = cluster_port()
             proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                      "--cluster-enabled", "yes",
                                      "--cluster-config-file", f"{workdir}/nodes-{attempt}.conf",
