@@ -23,7 +23,8 @@ from .cache import MISS
 from .call import META, Call, Label
 from .config import SLUG_RE
 from .errors import GatewayError
-from .jsonrpc import PricedCall, check_http_method, check_request_charset, check_request_encoding, inspect_request
+from .jsonrpc import (JsonId, PricedCall, check_http_method, check_request_charset, check_request_encoding,
+                      inspect_request)
 from .legacy_sessions import identity as legacy_identity
 from .model import ChargeRequest, Consumer, ConsumerStatus, Listing, ListingStatus, Transport, Verdict
 from .ratelimit import headers as limit_headers, windows_for
@@ -88,6 +89,7 @@ class Admission:
         elif session and listing.transport is not Transport.SSE:
             call.session = (listing.id, session)
         method: str | None = None
+        request_ids: tuple[JsonId, ...] = ()
         if req.method == "POST":
             check_request_charset(req.headers.get_all("content-type"))  # the bytes the upstream reads are UTF-8
             check_request_encoding(req.headers.get_all("content-encoding"))  # ... and the bytes the meter read
@@ -95,7 +97,7 @@ class Admission:
                 req.raw_content or b"", gw.config.billable_methods,
                 req.headers.get("mcp-method"), req.headers.get("mcp-name"),
             )
-            call.priced = inspection.call
+            call.priced, request_ids = inspection.call, inspection.ids
             method = flow.metadata[META]["method"] = inspection.method
 
         windows = windows_for(listing.rate_limit_per_minute or gw.config.default_rpm,
@@ -112,8 +114,8 @@ class Admission:
         # After the rate limit, like the task refusals below: probing other keys' session ids counts.
         if session and await gw.cache.session_owner(session) not in (None, consumer.principal):
             raise GatewayError("session_forbidden")
-        if (call.session is not None and req.method == "POST" and gw.pending.watching(call.session)
-                and gw.pending.in_flight(call.session, resumption.request_ids(req.raw_content or b""))):
+        if (call.session is not None and request_ids and gw.pending.watching(call.session)
+                and gw.pending.in_flight(call.session, request_ids)):
             raise GatewayError("invalid_request", reason="a call of this session with this id is still running")
         if call.legacy_session and req.method == "POST" and not gw.legacy.open_for(call.legacy_session,
                                                                                    consumer.principal):

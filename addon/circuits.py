@@ -78,7 +78,7 @@ class Circuits:
             failed = upstream_failed(status, failure)
             settings = config.for_listing(listing.slug)
             if failed is None and probe is not None:  # a cancelled or abandoned probe: let another one try
-                await cache.circuit_release_probe(listing.id, probe)
+                await self.release(listing, probe)
             if failed is None or settings.failures <= 0:
                 return
             if failed:

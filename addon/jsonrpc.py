@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -39,6 +39,14 @@ class PricedCall:
 class Inspection:
     method: str | None  # of a single message; None for a batch or a non-request
     call: PricedCall | None  # the priced call, if the body is one
+    # The ids of the body's requests (a string method and an id), a batch's included: a request must
+    # not reuse the id of a session's call still unanswered (pending.Pending.in_flight).
+    ids: tuple[Any, ...] = field(default=(), compare=False)
+
+
+def _request_ids(messages: list[Any]) -> tuple[Any, ...]:
+    return tuple(m["id"] for m in messages
+                 if isinstance(m, Mapping) and isinstance(m.get("method"), str) and m.get("id") is not None)
 
 
 def inspect_request(
@@ -64,7 +72,7 @@ def inspect_request(
             raise GatewayError("batch_not_supported")
         if mcp_method is not None or mcp_name is not None:
             raise GatewayError("header_mismatch")
-        return Inspection(method=None, call=None)
+        return Inspection(method=None, call=None, ids=_request_ids(message))
     if not isinstance(message, dict):
         raise GatewayError("invalid_request", reason="a JSON-RPC message is an object")
     _check_id(message)
@@ -77,8 +85,9 @@ def inspect_request(
         # A held task is settled from the answer to this request, matched by its id (deferred.py):
         # without one, a lenient upstream's answer would pass unread.
         raise GatewayError("invalid_request", reason=f"{method} must carry a JSON-RPC id")
+    ids = _request_ids([message])
     if method is None or method not in billable:
-        return Inspection(method=method, call=None)
+        return Inspection(method=method, call=None, ids=ids)
     rpc_id = message.get("id")
     if rpc_id is None or isinstance(rpc_id, bool) or not isinstance(rpc_id, (str, int, float)):
         # A priced method sent as a notification could run upstream with no answer to settle on.
@@ -87,8 +96,8 @@ def inspect_request(
         name = params.get("name") if isinstance(params, dict) else None
         if not isinstance(name, str) or not name:
             raise GatewayError("invalid_request", reason="tools/call needs params.name")
-        return Inspection(method=method, call=PricedCall(method, rpc_id, name))
-    return Inspection(method=method, call=PricedCall(method, rpc_id, method))
+        return Inspection(method=method, call=PricedCall(method, rpc_id, name), ids=ids)
+    return Inspection(method=method, call=PricedCall(method, rpc_id, method), ids=ids)
 
 
 ALLOWED_HTTP_METHODS = ("GET", "POST", "DELETE", "HEAD", "OPTIONS")

@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mitmproxy import http
@@ -94,7 +94,7 @@ class Pending:
                 if not calls:
                     del table[session]
 
-    def in_flight(self, session: SessionKey, ids: list[Any]) -> bool:
+    def in_flight(self, session: SessionKey, ids: Iterable[Any]) -> bool:
         """Whether one of these request ids names a priced call of the session still unanswered
         (running or parked). JSON-RPC ids must not be reused within a session, and here they cannot
         be: the meter tells a call's answer on another stream (a resumed GET) only by its id, so a
@@ -187,17 +187,6 @@ class Pending:
             return None
         keep = live is not None and not refunded(live) and any(id_key(rpc_id) == live_key for rpc_id in answered)
         return None if keep else ""
-
-
-def request_ids(body: bytes) -> list[Any]:
-    """The ids of the requests (a string `method` and an id) in a POST body, a batch's included.
-    The body passed the strict parse already (admission)."""
-    try:
-        parsed = json.loads(body)
-    except (ValueError, RecursionError):
-        return []
-    return [m["id"] for m in (parsed if isinstance(parsed, list) else [parsed])
-            if isinstance(m, Mapping) and isinstance(m.get("method"), str) and m.get("id") is not None]
 
 
 def cancelled_body(rpc_id: JsonId) -> bytes:
