@@ -19,10 +19,10 @@ from typing import Any
 
 from . import admin, forwarding
 from .config import LISTING_STATUSES, SLUG_RE, TRANSPORTS, ConfigError, load
+from .model import MAX_MICRO_CENTS
 from .store.base import OutcomeUnknown, StoreUnavailable
 
 OK, REFUSED, USAGE, UNAVAILABLE = 0, 1, 2, 3
-MAX_MICRO_CENTS = 2**62  # fits every money column with room for sums
 
 TTL_NOTE = """\
 Running gateways see changes within their cache TTLs: listings after MCP_CACHE_TTL_SECONDS,

@@ -19,11 +19,11 @@ import yaml
 from . import forwarding, origins
 from .auth import parse_authorization
 from .breaker import BreakerConfig, BreakerSettings
+from .model import MAX_MICRO_CENTS
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
-MAX_AMOUNT = 2**62  # the largest amount, id or count a configuration or a command may name: BIGINT with room for sums
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]*\Z")
 LISTING_STATUSES = ("draft", "review", "live", "paused", "archived")
 TRANSPORTS = ("http", "sse", "streamable")
@@ -446,6 +446,6 @@ def _nonneg(value: Any, where: str) -> int:
     number = _number(value, where, int)
     if number < 0:
         raise ConfigError(f"{where} must not be negative, not {value!r}")
-    if number > MAX_AMOUNT:  # the store would fail at start (SQLite INTEGER, MySQL BIGINT)
-        raise ConfigError(f"{where} {value!r} is more than {MAX_AMOUNT}")
+    if number > MAX_MICRO_CENTS:  # the store would fail at start (SQLite INTEGER, MySQL BIGINT)
+        raise ConfigError(f"{where} {value!r} is more than {MAX_MICRO_CENTS}")
     return number

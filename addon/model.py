@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 MICRO_CENTS_PER_CENT = 1_000_000
+# The largest amount a command, the configuration or a top-up may name or bring a balance to (ids and
+# counts in the configuration too): BIGINT (2**63 - 1) with room for sums and refunds.
+MAX_MICRO_CENTS = 2**62
 
 
 class ConsumerStatus(StrEnum):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import Config
-from .base import MAX_BALANCE, CreditLimit, Store, StoreUnavailable, UnknownUser
+from .base import CreditLimit, Store, StoreUnavailable, UnknownUser
 
 
 def open_store(config: Config) -> Store:
@@ -17,4 +17,4 @@ def open_store(config: Config) -> Store:
     return SqliteStore(config)
 
 
-__all__ = ["MAX_BALANCE", "CreditLimit", "Store", "StoreUnavailable", "UnknownUser", "open_store"]
+__all__ = ["CreditLimit", "Store", "StoreUnavailable", "UnknownUser", "open_store"]

@@ -9,7 +9,7 @@ from typing import Protocol
 
 from ..auth import Credential
 from ..preview import Preview
-from ..model import CallRecord, ChargeRequest, ChargeResult, Consumer, Listing, Settlement
+from ..model import MAX_MICRO_CENTS, CallRecord, ChargeRequest, ChargeResult, Consumer, Listing, Settlement
 
 
 class StoreUnavailable(Exception):
@@ -30,14 +30,13 @@ class UnknownUser(LookupError):
         self.user_id = user_id
 
 
-MAX_BALANCE = 2**62  # what a top-up may bring a balance to: BIGINT (2**63 - 1) with room for refunds and sums
 
 
 class CreditLimit(ValueError):
-    """The top-up would take the balance past MAX_BALANCE (the column would overflow): nothing was written."""
+    """The top-up would take the balance past MAX_MICRO_CENTS (the column would overflow): nothing was written."""
 
     def __init__(self, user_id: int, amount: int) -> None:
-        super().__init__(f"adding {amount} µ¢ would take user {user_id}'s balance past {MAX_BALANCE} µ¢")
+        super().__init__(f"adding {amount} µ¢ would take user {user_id}'s balance past {MAX_MICRO_CENTS} µ¢")
         self.user_id = user_id
 
 
@@ -69,7 +68,7 @@ class Store(Protocol):
         """Add credit with its ledger row; returns the new balance (debugging and tests).
 
         Raises UnknownUser, writing nothing, when no user has this id, and CreditLimit when the
-        balance would pass MAX_BALANCE."""
+        balance would pass MAX_MICRO_CENTS."""
 
     async def recent_calls(self, limit: int) -> list[CallRecord]: ...
 

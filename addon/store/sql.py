@@ -28,6 +28,7 @@ from ..auth import Credential
 from ..billing import split
 from ..forwarding import header_problem
 from ..model import (
+    MAX_MICRO_CENTS,
     MICRO_CENTS_PER_CENT,
     CallRecord,
     ChargeRequest,
@@ -40,7 +41,7 @@ from ..model import (
     Transport,
     Verdict,
 )
-from .base import MAX_BALANCE, CreditLimit, StoreUnavailable, UnknownUser
+from .base import CreditLimit, StoreUnavailable, UnknownUser
 from ..preview import Preview, decide as preview_decision
 from .group_commit import GroupCommit
 
@@ -349,7 +350,7 @@ class Ledger:
         # update: past BIGINT MySQL refuses the statement and SQLite turns the sum into a REAL.
         if self._q("UPDATE users SET credit_micro_cents = credit_micro_cents + %s"
                    " WHERE id = %s AND credit_micro_cents <= %s",
-                   (amount, user_id, MAX_BALANCE - amount)).rowcount != 1:
+                   (amount, user_id, MAX_MICRO_CENTS - amount)).rowcount != 1:
             if self.user_exists(user_id):
                 raise CreditLimit(user_id, amount)
             raise UnknownUser(user_id)
