@@ -25,7 +25,7 @@ log = logging.getLogger("mcpmeter")
 MAX_RECENT = 200
 
 
-TOOL_CHARS = 191  # of a tool name kept in the history: the client's, up to the body limit (as the ledger's column)
+TOOL_CHARS = 191  # of a tool name kept in the history (up to jsonrpc.MAX_TOOL_NAME), as the ledger column
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,9 @@ JsonId = str | int | float
 MAX_DEPTH = 64  # deeper bodies are refused: no MCP call needs them, and parsers disagree past some depth
 MAX_SAFE_INTEGER = 2**53 - 1  # the largest id every JSON implementation (JavaScript's doubles) reads exactly
 MAX_STRING_ID = 200
+# MCP (2025-11-25) says tool names SHOULD be 1 to 128 characters; eight times that is refused. A held call
+# keeps its name in memory (up to 10,000 of them) and every record carries it: not bounded by the body size.
+MAX_TOOL_NAME = 1024
 
 _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[{]|[\]}]', re.DOTALL)
 _SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
@@ -96,6 +99,8 @@ def inspect_request(
         name = params.get("name") if isinstance(params, dict) else None
         if not isinstance(name, str) or not name:
             raise GatewayError("invalid_request", reason="tools/call needs params.name")
+        if len(name) > MAX_TOOL_NAME:
+            raise GatewayError("invalid_request", reason=f"a tool name is at most {MAX_TOOL_NAME} characters")
         return Inspection(method=method, call=PricedCall(method, rpc_id, name), ids=ids)
     return Inspection(method=method, call=PricedCall(method, rpc_id, method), ids=ids)
 

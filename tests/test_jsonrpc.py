@@ -9,7 +9,8 @@ import pytest
 
 from addon.errors import ERRORS, GatewayError, error_body
 from addon.jsonrpc import (
-    MAX_DEPTH, Inspection, Outcome, PricedCall, answer_outcome, body_outcome, inspect_request, parse_strict,
+    MAX_DEPTH, MAX_TOOL_NAME, Inspection, Outcome, PricedCall, answer_outcome, body_outcome, inspect_request,
+    parse_strict,
 )
 
 BILLABLE = ("tools/call",)
@@ -120,7 +121,8 @@ def test_nesting_at_the_limit_passes() -> None:
 
 def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
     text = '"' + "[{" * 1000 + '\\"]' + '"'
-    raw = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":' + text.encode() + b"}}"
+    raw = (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":{"q":'
+           + text.encode() + b"}}}")
     assert inspect_request(raw, BILLABLE).call is not None
 
 
@@ -193,6 +195,15 @@ def test_tools_call_needs_params_name(params: Any) -> None:
     else:
         message["params"] = params
     assert refused(body(message)) == "invalid_request"
+
+
+def test_a_tool_name_is_bounded() -> None:
+    """A held call keeps its tool name (up to 10,000 held calls): not as long as the body may be."""
+    assert inspect_request(body(call("é" * MAX_TOOL_NAME)), BILLABLE).call == PricedCall(
+        "tools/call", 1, "é" * MAX_TOOL_NAME)
+    with pytest.raises(GatewayError) as e:
+        inspect_request(body(call("x" * (MAX_TOOL_NAME + 1))), BILLABLE)
+    assert e.value.spec.code == "invalid_request" and "1024" in str(e.value.details)
 
 
 @pytest.mark.parametrize("billable", [BILLABLE, frozenset(BILLABLE), ["tools/call"]])
