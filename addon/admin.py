@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from .auth import token_hash
 from .config import Config
-from .store.base import CreditLimit, UnknownUser
+from .store.base import CreditLimit, OutcomeUnknown, StoreUnavailable, UnknownUser
 from .store.sql import HELD, MYSQL, Ledger, SqlStore, parse_upstream_headers, utc
 
 T = TypeVar("T")
@@ -82,6 +82,16 @@ class Admin:
         self.store.close()
 
     def _tx(self, fn: Callable[[Ledger], T]) -> T:
+        try:
+            return self.store.transaction(fn)
+        except OutcomeUnknown:
+            raise
+        except StoreUnavailable as e:
+            if e.__cause__ is None or not self.store.duplicate_key(e.__cause__):
+                raise
+        # Another operator inserted the same row (a listing's slug, a new user's email) between this
+        # transaction's read and its insert (MySQL; SQLite runs one writer at a time), and committed
+        # first. This one was rolled back: run again, it sees that row (says "exists already", or uses it).
         return self.store.transaction(fn)
 
     # --- listings ----------------------------------------------------------------------------

@@ -241,6 +241,73 @@ def test_two_operators_adding_headers_to_one_listing_keep_both(run: Run, backend
     assert sorted(parse(row)) == ["X-First", "X-Old", "X-Second"]
 
 
+def _at_once(monkeypatch: pytest.MonkeyPatch, reader: str, work: Any) -> list[Any]:
+    """`work(admin)` from two operators whose transactions both make `reader`'s first read (does the
+    row exist?) before either writes, where the database allows it (SQLite runs one writer at a
+    time: there the second waits, then reads). Returns what each returned or raised."""
+    import threading
+
+    from addon import admin
+    from addon.config import load as load_config
+
+    barrier = threading.Barrier(2)
+    read = getattr(admin, reader)
+
+    def read_together(*args: Any, **kwargs: Any) -> Any:
+        found = read(*args, **kwargs)
+        try:
+            barrier.wait(timeout=2)
+        except threading.BrokenBarrierError:
+            pass
+        return found
+
+    monkeypatch.setattr(admin, reader, read_together)
+    outcomes: list[Any] = []
+
+    def operator() -> None:
+        a = admin.open_admin(load_config(None))
+        try:
+            outcomes.append(work(a))
+        except BaseException as e:  # noqa: BLE001  (returned)
+            outcomes.append(e)
+        finally:
+            a.close()
+
+    threads = [threading.Thread(target=operator) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return outcomes
+
+
+def test_two_operators_adding_one_listing_get_it_added_and_exists_already(run: Run, backend: Backend,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """On MySQL both read "no such slug", both inserted, and the second's duplicate key was reported as
+    "the database is unavailable" (exit 3), inviting a retry of something that had been done."""
+    from addon import admin
+
+    s = "adv-" + uuid.uuid4().hex[:8]
+    outcomes = _at_once(monkeypatch, "_listing_id",
+                        lambda a: a.add_listing(s, admin.ListingChange(upstream_url="http://h/mcp")))
+    added = [o for o in outcomes if isinstance(o, dict)]
+    refused = [o for o in outcomes if isinstance(o, admin.AdminError)]
+    assert len(added) == 1 and len(refused) == 1, outcomes
+    assert "exists already" in str(refused[0])
+    assert backend.query("SELECT COUNT(*) FROM mcps WHERE slug = %s", (s,))[0][0] == 1
+
+
+def test_two_keys_made_at_once_for_a_new_email_are_both_made(run: Run, backend: Backend,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both made the user; the second failed on the email's unique key (exit 3 on MySQL)."""
+    email = _email()
+    outcomes = _at_once(monkeypatch, "_user_id", lambda a: a.create_key(email, "live", 0))
+    assert all(isinstance(o, dict) for o in outcomes), outcomes
+    assert backend.query("SELECT COUNT(*) FROM users WHERE email = %s", (email,))[0][0] == 1
+    assert backend.query("SELECT COUNT(*) FROM api_keys k JOIN users u ON u.id = k.user_id"
+                         " WHERE u.email = %s", (email,))[0][0] == 2
+
+
 def test_a_top_up_whose_commit_was_lost_is_not_reported_as_not_done(run: Run, backend: Backend,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The connection drops while COMMIT is on the wire, after the server committed. The command said

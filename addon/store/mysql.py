@@ -192,6 +192,9 @@ class MysqlStore(SqlStore):
         except Exception:
             self._drop(conn)
 
+    def duplicate_key(self, error: BaseException) -> bool:
+        return isinstance(error, pymysql.err.IntegrityError) and code(error) == 1062
+
     def _transaction(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
         attempt, started = 0, time.monotonic()
         while True:

@@ -466,6 +466,10 @@ class SqlStore:
     def _transaction(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
         raise NotImplementedError
 
+    def duplicate_key(self, error: BaseException) -> bool:
+        """Whether a driver error is a unique key refusing a row (another writer inserted it first)."""
+        raise NotImplementedError
+
     def transaction(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
         """Run one transaction on the caller's thread: for the admin command, which runs outside mitmproxy.
 

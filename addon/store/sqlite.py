@@ -73,6 +73,9 @@ class SqliteStore(SqlStore):
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite: {e}") from e
 
+    def duplicate_key(self, error: BaseException) -> bool:
+        return isinstance(error, sqlite3.IntegrityError) and "UNIQUE constraint failed" in str(error)
+
     def _transaction(self, fn: Callable[[Ledger], T], commit: Callable[[T], bool] = lambda _: True) -> T:
         # On the store's own thread (or the caller's, for the admin command and the seed).
         self._conn.execute("BEGIN IMMEDIATE")
