@@ -33,7 +33,7 @@ from typing import Any
 from cachetools import TTLCache
 from mitmproxy import connection, http
 
-from .billing import Decision
+from .billing import Decision, Failure
 from .decoding import TooLarge, decode_bounded
 from .errors import GatewayError
 from .jsonrpc import JsonId, Outcome
@@ -395,6 +395,12 @@ class Deferred:
             if facts.rpc_id is not None:
                 if facts.task and facts.task_id is None:
                     facts.task_id = created_task(message, facts.rpc_id)
+                    if facts.task_id is not None and (call.refunded or call.withheld
+                                                      or call.failure is Failure.CANCELLED):
+                        # Refunded before its answer passed (cancelled, say): the upstream made the task
+                        # all the same, and the client can learn its id (tasks/list): its result is not
+                        # delivered afterwards.
+                        self._forget_later(_undeliverable(facts.scope, facts.task_id), time.monotonic())
                 required, state = input_required(message, facts.rpc_id)
                 if required:
                     facts.input_required, facts.state = True, state
@@ -438,6 +444,10 @@ class Deferred:
         if facts is not None and facts.task:
             self._arrived(facts)  # held or settled now: not on its way
         if facts is None or decision.refund or call.outcome is not Outcome.RESULT:
+            if facts is not None and facts.task and facts.task_id is not None and decision.refund:
+                # A task named by an answer that is refunded (a 5xx, an answer withheld): never paid
+                # for, so its result is not delivered afterwards.
+                self._forget_later(_undeliverable(facts.scope, facts.task_id), time.monotonic())
             return None
         if len(self.tasks) + len(self.rounds) >= MAX_HELD:
             log.warning("mcpmeter: %d calls held already; %s settles now", MAX_HELD, call.request_id)

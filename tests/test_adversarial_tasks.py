@@ -1,0 +1,111 @@
+"""Adversarial review: tasks, multi-round calls and cancellations (deferred.py, pending.py, stream_watch.py).
+
+Each test states the money rule it checks: a consumer never keeps a result it was refunded for, and
+never gets a result it did not pay for."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from mitmproxy import http
+from mitmproxy.test import taddons
+
+from addon.gateway import Mcpmeter
+from tests.refusals import refusal
+from tests.test_gateway_hooks import (  # noqa: F401  (fixtures)
+    ALICE, OPENING, PRICE, SEED, USERS, Db, Gw, forwarded, isolated, json_response, make_flow, rpc, sent,
+    sse_response, upstream_answers, write_config,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+PATH = "/tasks-test"
+SESSION = {"Mcp-Session-Id": "s-1", "MCP-Protocol-Version": "2025-11-25"}
+CREATED = {"jsonrpc": "2.0", "id": 1, "result": {"task": {"taskId": "T1", "status": "working"}}}
+DONE = {"content": [{"type": "text", "text": "done"}]}
+
+
+@pytest.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[Gw]:
+    listing = {"slug": PATH[1:], "upstream_url": "http://127.0.0.1:1/tasks", "price_micro_cents": PRICE}
+    seed = {**SEED, "listings": [*SEED["listings"], listing]}
+    addon = Mcpmeter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, mcpmeter_config=str(write_config(tmp_path, seed=seed)))
+        yield Gw(addon, tctx, Db(tmp_path / "mcpmeter.db"))
+        addon.done()
+
+
+def task_call(rpc_id: int = 1) -> dict[str, object]:
+    return rpc("tools/call", rpc_id, name="work", arguments={}, task={"ttl": 60_000})
+
+
+def cancellation(request_id: object) -> dict[str, object]:
+    return {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": request_id}}
+
+
+async def send(gw: Gw, body: object, headers: dict[str, str] | None = None) -> http.HTTPFlow:
+    flow = make_flow(PATH, body=body, headers=headers)
+    await gw.addon.request(flow)
+    return flow
+
+
+async def fetch_result(gw: Gw, rpc_id: int = 2) -> tuple[http.HTTPFlow, bool]:
+    """Alice's tasks/result for T1; whether its result reached her."""
+    flow = await send(gw, rpc("tasks/result", rpc_id, taskId="T1"), SESSION)
+    if not forwarded(flow):
+        return flow, False
+    await upstream_answers(gw, flow, json_response({"jsonrpc": "2.0", "id": rpc_id, "result": DONE}))
+    return flow, True
+
+
+async def test_a_task_call_cancelled_before_its_answer_does_not_hand_out_the_task_result(gw: Gw) -> None:
+    """Alice sends a task-augmented call and cancels it at once: the gateway refunds it (no answer yet)
+    and withholds the CreateTaskResult, but the upstream had created the task (the cancellation reached
+    it after its answer, a request already over). Alice learns the task id (tasks/list, a status
+    notification) and fetches its result: a result delivered for a refunded call."""
+    call = await send(gw, task_call(), SESSION)
+    assert forwarded(call)
+    notice = await send(gw, cancellation(1), SESSION)
+    assert forwarded(notice)
+    await upstream_answers(gw, call, json_response(CREATED))
+    assert call.response is not None and b"T1" not in call.response.content  # withheld
+    assert gw.db.balance(USERS[ALICE]) == OPENING  # refunded
+    flow, delivered = await fetch_result(gw)
+    await gw.addon.drain()
+    assert not delivered, "the refunded task's result was delivered"
+    assert flow.response is not None and refusal(flow.response)["error"] == "task_expired"
+    assert gw.db.balance(USERS[ALICE]) == OPENING
+    gw.db.assert_reconciled()
+
+
+async def test_a_task_call_cancelled_with_its_answer_streaming_does_not_hand_out_the_task_result(gw: Gw) -> None:
+    """The same on an SSE answer: the CreateTaskResult event, coming after the cancellation, is blanked."""
+    call = await send(gw, task_call(), SESSION)
+    call.response = sse_response()
+    await gw.addon.responseheaders(call)
+    await send(gw, cancellation(1), SESSION)
+    out = sent(call.response.stream(b"data: " + json.dumps(CREATED).encode() + b"\n\n"))
+    assert b"T1" not in out
+    call.response.stream(b"")
+    await gw.addon.response(call)
+    await gw.addon.drain()
+    assert gw.db.balance(USERS[ALICE]) == OPENING
+    _, delivered = await fetch_result(gw)
+    await gw.addon.drain()
+    assert not delivered, "the refunded task's result was delivered"
+    gw.db.assert_reconciled()
+
+
+async def test_a_task_call_refunded_for_its_answers_status_does_not_hand_out_the_task_result(gw: Gw) -> None:
+    """A CreateTaskResult under a 5xx status is refunded (the status decides), the task it names runs."""
+    call = await send(gw, task_call(), SESSION)
+    await upstream_answers(gw, call, json_response(CREATED, status=503))
+    assert gw.db.balance(USERS[ALICE]) == OPENING
+    _, delivered = await fetch_result(gw)
+    await gw.addon.drain()
+    assert not delivered, "the refunded task's result was delivered"
+    gw.db.assert_reconciled()
