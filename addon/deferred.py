@@ -36,7 +36,8 @@ from mitmproxy import connection, http
 from .billing import Decision, Failure
 from .decoding import TooLarge, decode_bounded
 from .errors import GatewayError
-from .jsonrpc import JsonId, Outcome
+from .jsonrpc import JsonId, Outcome, answer_messages
+from .scan import Message
 from .sse import SseParser
 
 log = logging.getLogger("mcpmeter")
@@ -156,6 +157,20 @@ def result_decision(message: Any, rpc_id: JsonId, bill_tool_errors: bool) -> Dec
     if result.get("isError") is True:
         return Decision(not bill_tool_errors, "tool_error")
     return TERMINAL["completed"]
+
+
+def scanned_result_decision(messages: list[Message] | None, rpc_id: JsonId, bill_tool_errors: bool) -> Decision | None:
+    """`result_decision` from the scanner's summaries of an answer not parsed whole. The scanner does not
+    read an error's code, so an error settles nothing here (it may be about the request: PROTOCOL_ERRORS);
+    the task then waits for its status or its limit, and its result, if any, is refused after a refund."""
+    for m in messages or ():
+        if m.has_method or not _same_id(m.id_value(), rpc_id):
+            continue
+        if m.error_obj:
+            return None
+        if m.result_obj:
+            return Decision(not bill_tool_errors, "tool_error") if m.is_error else TERMINAL["completed"]
+    return None
 
 
 def state_key(scope: Scope, tool: str, state: str) -> tuple[Scope, str, str]:
@@ -365,7 +380,9 @@ class Deferred:
         def read(chunk: bytes) -> Any:
             try:
                 for event in parser.feed(chunk):
-                    if not event.oversized and (facts.result_for is not None or _worth_reading(event.data)):
+                    if event.oversized:  # not held whole: what the scanner read of it
+                        self._scanned_result(call, facts, event.messages)
+                    elif facts.result_for is not None or _worth_reading(event.data):
                         self._messages(call, facts, _loads(event.data))
             except Exception:
                 log.exception("mcpmeter: reading task and round messages of %s failed", call.request_id)
@@ -382,7 +399,11 @@ class Deferred:
             body = decode_bounded(response.raw_content or b"", response.headers.get("content-encoding"),
                                   self.config().max_body_bytes)
             if body is not None and (facts.result_for is not None or _worth_reading(body)):
-                self._messages(call, facts, _loads(body))
+                parsed = _loads(body)
+                if parsed is None and facts.result_for is not None:  # too deep for json: scanned
+                    self._scanned_result(call, facts, answer_messages(body))
+                else:
+                    self._messages(call, facts, parsed)
         except TooLarge:
             pass
         except Exception:
@@ -411,6 +432,16 @@ class Deferred:
             said = task_status(message)
             if said is not None and said[1] in TERMINAL:
                 self._end_task(facts.scope, said[0], TERMINAL[said[1]], upstreams=True)
+
+    def _scanned_result(self, call: Any, facts: Facts, messages: list[Message] | None) -> None:
+        """The answer to a tasks/result too big or too deep to be parsed again (a result bigger than
+        max_event_bytes, say, which the consumer can ask for): it was delivered all the same, so it
+        settles the task as the scanner reads it (SPEC I5: never refunded for its size or shape)."""
+        if facts.result_for is None or facts.rpc_id is None or call.listing is None:
+            return
+        decision = scanned_result_decision(messages, facts.rpc_id, call.listing.bill_tool_errors)
+        if decision is not None:
+            self._end_task(facts.scope, facts.result_for, decision, upstreams=False)
 
     def _end_task(self, scope: Scope, task_id: str, decision: Decision, upstreams: bool) -> None:
         """`upstreams`: the task id is the upstream's (a status), not taken from the client's request."""

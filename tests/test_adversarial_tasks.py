@@ -28,13 +28,16 @@ CREATED = {"jsonrpc": "2.0", "id": 1, "result": {"task": {"taskId": "T1", "statu
 DONE = {"content": [{"type": "text", "text": "done"}]}
 
 
+MAX_EVENT = 1024
+
+
 @pytest.fixture
 async def gw(tmp_path: Path) -> AsyncIterator[Gw]:
     listing = {"slug": PATH[1:], "upstream_url": "http://127.0.0.1:1/tasks", "price_micro_cents": PRICE}
     seed = {**SEED, "listings": [*SEED["listings"], listing]}
     addon = Mcpmeter()
     with taddons.context(addon) as tctx:
-        tctx.configure(addon, mcpmeter_config=str(write_config(tmp_path, seed=seed)))
+        tctx.configure(addon, mcpmeter_config=str(write_config(tmp_path, seed=seed, max_event_bytes=MAX_EVENT)))
         yield Gw(addon, tctx, Db(tmp_path / "mcpmeter.db"))
         addon.done()
 
@@ -108,4 +111,47 @@ async def test_a_task_call_refunded_for_its_answers_status_does_not_hand_out_the
     _, delivered = await fetch_result(gw)
     await gw.addon.drain()
     assert not delivered, "the refunded task's result was delivered"
+    gw.db.assert_reconciled()
+
+
+def journal(gw: Gw) -> list[tuple[int, int, str | None]]:
+    """(refunded, settled, reason) of each journal row."""
+    return [(int(r), int(s), why) for r, s, why in gw.db.rows(
+        "SELECT refunded, settled_at IS NOT NULL, reason FROM mcpmeter_calls")]
+
+
+async def test_a_task_result_in_an_event_over_max_event_bytes_bills_the_task(gw: Gw) -> None:
+    """A held task's tasks/result answered in an SSE event larger than max_event_bytes (the consumer
+    picks arguments that make a big result) was not read: the task stayed held and was refunded at
+    task_settle_seconds as task_expired, its result delivered (SPEC I5: never refunded for its size)."""
+    call = await send(gw, task_call())
+    await upstream_answers(gw, call, json_response(CREATED))
+    assert journal(gw) == [(0, 0, "task_pending")]
+    fetch = await send(gw, rpc("tasks/result", 2, taskId="T1"))
+    assert forwarded(fetch)
+    fetch.response = sse_response()
+    await gw.addon.responseheaders(fetch)
+    big = {"jsonrpc": "2.0", "id": 2, "result": {"content": [{"type": "text", "text": "x" * (4 * MAX_EVENT)}]}}
+    event = b"event: message\ndata: " + json.dumps(big).encode() + b"\n\n"
+    assert sent(fetch.response.stream(event)) == event  # delivered
+    fetch.response.stream(b"")
+    await gw.addon.response(fetch)
+    await gw.addon.drain()
+    assert gw.addon.deferred.tasks == {}
+    assert journal(gw) == [(0, 1, "task_completed")]
+    assert gw.db.balance(USERS[ALICE]) == OPENING - PRICE
+    gw.db.assert_reconciled()
+
+
+async def test_a_task_result_too_deep_for_the_json_module_bills_the_task(gw: Gw) -> None:
+    """The same for a JSON answer nested deeper than Python's json module reads: it was not read."""
+    call = await send(gw, task_call())
+    await upstream_answers(gw, call, json_response(CREATED))
+    fetch = await send(gw, rpc("tasks/result", 2, taskId="T1"))
+    deep = b"[" * 5000 + b"]" * 5000
+    body = b'{"jsonrpc": "2.0", "id": 2, "result": {"content": [], "structuredContent": {"v": ' + deep + b"}}}"
+    await upstream_answers(gw, fetch, http.Response.make(200, body, {"Content-Type": "application/json"}))
+    assert fetch.response is not None and fetch.response.content == body  # delivered
+    assert gw.addon.deferred.tasks == {}
+    assert journal(gw) == [(0, 1, "task_completed")]
     gw.db.assert_reconciled()
