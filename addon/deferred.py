@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 from mitmproxy import connection, http
 
 from .billing import Decision, Failure
@@ -72,6 +72,7 @@ ENDED_EARLY_SECONDS = 60.0
 MAX_TASK_ID_CHARS = 256
 
 Scope = tuple[int, str, str]  # listing id, the key's principal, the session id ("" when none)
+IdKey = tuple[bool, str | int]  # (is a string, value): 1 and "1" are different ids
 
 
 # --- pure readers ------------------------------------------------------------------------
@@ -240,6 +241,7 @@ class Facts:
     state: str | None = None  # the requestState of an input_required answer
     continues: Held | None = None  # a retry carrying a state this key was issued: the first round
     continued: tuple[Scope, str, str] | None = None  # ... under this key (to give it back if not forwarded)
+    asked: tuple[Scope, IdKey] | None = None  # a tasks/result: its key in Deferred.asked, if it is there
 
 
 Settle = Callable[[Any, Any, Decision], None]
@@ -274,6 +276,11 @@ class Deferred:
     # evicts the oldest, which then wait for their own limit.
     ended: TTLCache[tuple[Scope, str], tuple[Decision, float]] = field(
         default_factory=lambda: TTLCache(MAX_HELD, ENDED_EARLY_SECONDS, timer=time.monotonic))
+    # tasks/result requests of a session for a held task, by the asking session's scope and the request's
+    # id: the answer may come on a GET stream of that session resuming the request's own (Last-Event-ID),
+    # after the client closed the POST stream or the server ended it. Taken by the answer, wherever it
+    # passes; bounded (the least recently asked go first: their answers then settle only on their POST).
+    asked: LRUCache[tuple[Scope, IdKey], Facts] = field(default_factory=lambda: LRUCache(MAX_HELD))
 
     def _watched(self, scope: Scope) -> bool:
         return self.watched[scope] > 0
@@ -318,6 +325,10 @@ class Deferred:
         facts = Facts(scope, priced.rpc_id if priced else _rpc_id(body), priced.tool_name if priced else "",
                       task=task and priced is not None, result_for=result_for)
         self.facts[call] = facts
+        if result_for is not None and session and (scope, result_for) in self.tasks and (
+                rpc_id := _id_key(facts.rpc_id)) is not None:
+            facts.asked = (call.listing.id, call.consumer.principal, session), rpc_id  # the asking session's
+            self.asked[facts.asked] = facts
         if state is not None and priced is not None:
             key = state_key(scope, priced.tool_name, state)
             held = self.rounds.pop(key, None)  # taken now: two retries with one state cannot both continue
@@ -382,7 +393,8 @@ class Deferred:
                 for event in parser.feed(chunk):
                     if event.oversized:  # not held whole: what the scanner read of it
                         self._scanned_result(call, facts, event.messages)
-                    elif facts.result_for is not None or _worth_reading(event.data):
+                    elif (facts.result_for is not None or _worth_reading(event.data)
+                          or (facts.rpc_id is None and self.asked)):  # perhaps a resumed tasks/result answer
                         self._messages(call, facts, _loads(event.data))
             except Exception:
                 log.exception("mcpmeter: reading task and round messages of %s failed", call.request_id)
@@ -426,9 +438,10 @@ class Deferred:
                 if required:
                     facts.input_required, facts.state = True, state
                 if facts.result_for is not None and call.listing is not None:
-                    decision = result_decision(message, facts.rpc_id, call.listing.bill_tool_errors)
-                    if decision is not None:
-                        self._end_task(facts.scope, facts.result_for, decision, upstreams=False)
+                    self._result(facts, result_decision(message, facts.rpc_id, call.listing.bill_tool_errors))
+            elif (asked := self._asked(facts.scope, message)) is not None and call.listing is not None:
+                assert asked.rpc_id is not None
+                self._result(asked, result_decision(message, asked.rpc_id, call.listing.bill_tool_errors))
             said = task_status(message)
             if said is not None and said[1] in TERMINAL:
                 self._end_task(facts.scope, said[0], TERMINAL[said[1]], upstreams=True)
@@ -437,11 +450,29 @@ class Deferred:
         """The answer to a tasks/result too big or too deep to be parsed again (a result bigger than
         max_event_bytes, say, which the consumer can ask for): it was delivered all the same, so it
         settles the task as the scanner reads it (SPEC I5: never refunded for its size or shape)."""
-        if facts.result_for is None or facts.rpc_id is None or call.listing is None:
+        if call.listing is None:
             return
-        decision = scanned_result_decision(messages, facts.rpc_id, call.listing.bill_tool_errors)
-        if decision is not None:
-            self._end_task(facts.scope, facts.result_for, decision, upstreams=False)
+        if facts.result_for is not None and facts.rpc_id is not None:
+            self._result(facts, scanned_result_decision(messages, facts.rpc_id, call.listing.bill_tool_errors))
+        elif facts.rpc_id is None and self.asked:  # a GET stream: perhaps a resumed tasks/result answer
+            for m in messages or ():
+                if not m.has_method and (asked := self._asked(facts.scope, {"id": m.id_value()})) is not None:
+                    assert asked.rpc_id is not None
+                    self._result(asked, scanned_result_decision([m], asked.rpc_id, call.listing.bill_tool_errors))
+
+    def _asked(self, scope: Scope, message: Mapping[str, Any]) -> Facts | None:
+        """The tasks/result request of the session `scope` that this answer (on a GET stream) answers."""
+        if not self.asked or "method" in message or (rpc_id := _id_key(message.get("id"))) is None:
+            return None
+        return self.asked.get((scope, rpc_id))
+
+    def _result(self, asked: Facts, decision: Decision | None) -> None:
+        """The answer to the tasks/result request `asked` passed: it settles the task, once."""
+        if decision is None or asked.result_for is None:
+            return
+        if asked.asked is not None and self.asked.get(asked.asked) is asked:
+            del self.asked[asked.asked]
+        self._end_task(asked.scope, asked.result_for, decision, upstreams=False)
 
     def _end_task(self, scope: Scope, task_id: str, decision: Decision, upstreams: bool) -> None:
         """`upstreams`: the task id is the upstream's (a status), not taken from the client's request."""
@@ -605,6 +636,12 @@ def _loads(data: str | bytes) -> Any:
         return json.loads(data)
     except (ValueError, RecursionError):
         return None
+
+
+def _id_key(rpc_id: Any) -> IdKey | None:
+    if isinstance(rpc_id, bool) or not isinstance(rpc_id, (str, int)):
+        return None
+    return isinstance(rpc_id, str), rpc_id
 
 
 def _rpc_id(body: bytes) -> JsonId | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from mitmproxy import http
+from mitmproxy.flow import Error
 from mitmproxy.test import taddons
 
 from addon.gateway import Mcpmeter
@@ -153,5 +154,33 @@ async def test_a_task_result_too_deep_for_the_json_module_bills_the_task(gw: Gw)
     await upstream_answers(gw, fetch, http.Response.make(200, body, {"Content-Type": "application/json"}))
     assert fetch.response is not None and fetch.response.content == body  # delivered
     assert gw.addon.deferred.tasks == {}
+    assert journal(gw) == [(0, 1, "task_completed")]
+    gw.db.assert_reconciled()
+
+
+async def test_a_task_result_resumed_on_the_sessions_get_stream_bills_the_task(gw: Gw) -> None:
+    """Alice's tasks/result is answered on an SSE stream that opens with a priming event (an upstream
+    with an event store). She closes that POST stream and resumes it with a GET and Last-Event-ID, on
+    which the upstream replays the result: read only on the POST stream, it settled nothing, and the
+    task was refunded at task_settle_seconds (task_expired), its result delivered."""
+    call = await send(gw, task_call(), SESSION)
+    await upstream_answers(gw, call, json_response(CREATED))
+    assert journal(gw) == [(0, 0, "task_pending")]
+    fetch = await send(gw, rpc("tasks/result", 2, taskId="T1"), SESSION)
+    assert forwarded(fetch)
+    fetch.response = sse_response()
+    await gw.addon.responseheaders(fetch)
+    sent(fetch.response.stream(b"id: e-1\ndata:\n\n"))
+    fetch.error = Error("Client disconnected.")
+    await gw.addon.error(fetch)
+    resume = make_flow(PATH, method="GET", headers={**SESSION, "Last-Event-ID": "e-1"})
+    await gw.addon.request(resume)
+    assert forwarded(resume)
+    resume.response = sse_response()
+    await gw.addon.responseheaders(resume)
+    event = b"id: e-2\ndata: " + json.dumps({"jsonrpc": "2.0", "id": 2, "result": DONE}).encode() + b"\n\n"
+    assert sent(resume.response.stream(event)) == event  # delivered
+    await gw.addon.drain()
+    assert gw.addon.deferred.tasks == {} and not gw.addon.deferred.asked  # settled, and the request forgotten
     assert journal(gw) == [(0, 1, "task_completed")]
     gw.db.assert_reconciled()
