@@ -146,9 +146,9 @@ def result_decision(message: Any, rpc_id: JsonId, bill_tool_errors: bool) -> Dec
     """How the answer to a `tasks/result` request settles its task: what the call itself returned."""
     if not isinstance(message, Mapping) or "method" in message or not _same_id(message.get("id"), rpc_id):
         return None
-    if "error" in message:
-        error = message["error"]
-        code = error.get("code") if isinstance(error, Mapping) else None
+    error = message.get("error")
+    if isinstance(error, Mapping):  # an error that is not an object (`"error": null`) the SDK clients ignore
+        code = error.get("code")
         if isinstance(code, int) and not isinstance(code, bool) and code in PROTOCOL_ERRORS:
             return None  # about the tasks/result request itself (a bad or unknown taskId, ...), not the task
         return TERMINAL["failed"]

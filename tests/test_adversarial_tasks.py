@@ -184,3 +184,17 @@ async def test_a_task_result_resumed_on_the_sessions_get_stream_bills_the_task(g
     assert gw.addon.deferred.tasks == {} and not gw.addon.deferred.asked  # settled, and the request forgotten
     assert journal(gw) == [(0, 1, "task_completed")]
     gw.db.assert_reconciled()
+
+
+@pytest.mark.parametrize("error", [None, "x", []])
+async def test_a_task_result_beside_an_error_that_is_not_an_object_bills_the_task(gw: Gw, error: object) -> None:
+    """A tasks/result answer with a result object and `"error": null` (some JSON-RPC libraries write
+    it on success): the SDK clients ignore such an error and deliver the result, as the meter does for
+    a call's own answer (What counts as an answer). It refunded the task as task_failed."""
+    call = await send(gw, task_call())
+    await upstream_answers(gw, call, json_response(CREATED))
+    fetch = await send(gw, rpc("tasks/result", 2, taskId="T1"))
+    await upstream_answers(gw, fetch, json_response({"jsonrpc": "2.0", "id": 2, "result": DONE, "error": error}))
+    assert journal(gw) == [(0, 1, "task_completed")]
+    assert gw.db.balance(USERS[ALICE]) == OPENING - PRICE
+    gw.db.assert_reconciled()
