@@ -43,8 +43,11 @@ class Admission:
     def __init__(self, gw: Mcpmeter) -> None:
         self.gw = gw
 
-    async def admit(self, flow: http.HTTPFlow, call: Call, credential: Credential | None) -> None:
-        """Meter the request and forward it, or answer it (own endpoints, a replay); raise to refuse."""
+    async def admit(self, flow: http.HTTPFlow, call: Call, credential: Credential | None,
+                    wrapped: list[str]) -> None:
+        """Meter the request and forward it, or answer it (own endpoints, a replay); raise to refuse.
+        `wrapped`: the values of the consumer's X-Forward-Authorization (-Cookie) headers, which the
+        flow shows redacted (redaction.take_forwarded_credentials)."""
         gw = self.gw
         assert gw.config is not None and gw.store is not None and gw.cache is not None
         if await endpoints.answer(gw, flow, call, credential):
@@ -135,7 +138,7 @@ class Admission:
             # Unpriced traffic (initialize, lists, GET streams) never reaches the database: no balance read.
             if call.session is not None and flow.metadata[META].get("method") == resumption.CANCELLED_METHOD:
                 gw.streams.cancel(call, req.raw_content or b"")  # and the notification goes on to the upstream
-            self._forward(flow, call, listing, to)
+            self._forward(flow, call, listing, to, wrapped)
         except Exception:
             if call.probe:  # refused (402, cap, store) or failed before it left: someone else may probe
                 call.probe = False
@@ -263,10 +266,11 @@ class Admission:
         except paths.InvalidPath as e:  # the client's part is checked in admit already: a listing URL's
             raise GatewayError("invalid_path", reason=str(e)) from None
 
-    def _forward(self, flow: http.HTTPFlow, call: Call, listing: Listing, to: forwarding.Destination) -> None:
+    def _forward(self, flow: http.HTTPFlow, call: Call, listing: Listing, to: forwarding.Destination,
+                 wrapped: list[str]) -> None:
         gw = self.gw
         assert gw.config is not None
-        fields = [(k, v) for k, v in flow.request.headers.items(multi=True)]
+        fields = redaction.reveal_forwarded_credentials(flow.request.headers.items(multi=True), wrapped)
         aim(flow.request, to)
         # A new header block at once (clear() pops one field at a time), bytes as mitmproxy keeps them.
         flow.request.headers = http.Headers([

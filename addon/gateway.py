@@ -270,7 +270,7 @@ class Mcpmeter:
         if flow.response or flow.error or not flow.live:
             return
         call = Call(request_id=str(uuid.uuid4()))
-        credential = _credentials.pop(flow) if flow in _credentials else _redact(flow)
+        credential, wrapped = _credentials.pop(flow) if flow in _credentials else _redact(flow)
         if dryrun.is_replay(flow):
             return await dryrun.answer(self, flow, call)  # never forwarded, charged or counted
         self.replays.remember(flow, credential)
@@ -279,7 +279,7 @@ class Mcpmeter:
             return
         self.admitting += 1  # a stop waits for this call: it may be charged and not yet forwarded
         try:
-            await self.admission.admit(flow, call, credential)
+            await self.admission.admit(flow, call, credential, wrapped)
             if flow.response is None:
                 guard.claim(flow)  # metered and forwarded: the fail-closed guard lets it pass
                 assert self.config is not None
@@ -356,7 +356,7 @@ class Mcpmeter:
         _credentials.pop(flow, None)  # died between requestheaders and request
         call = self.calls.get(flow.id)
         if call is None:
-            redaction.redact_forwarded_credentials(flow.request.headers)  # never forwarded
+            redaction.take_forwarded_credentials(flow.request.headers)  # never forwarded (a reload: not taken yet)
             return
         try:
             call.cancel_deadline()
@@ -413,7 +413,6 @@ class Mcpmeter:
     # --- answers of the gateway's own -------------------------------------------------------
 
     async def _refuse(self, flow: http.HTTPFlow, call: Call, error: GatewayError) -> None:
-        redaction.redact_forwarded_credentials(flow.request.headers)  # refused: they go nowhere
         self.settlements.conclude_key(flow, call, refused=True)  # nothing to replay: a retry runs normally
         # A refusal names the balance only when the charge read it (402): a flood of 429s, or of
         # requests for a paused listing, must not reach the database.
@@ -434,16 +433,19 @@ class Mcpmeter:
             flow.request.url = "http://mcpmeter.invalid/"  # belt and braces: never the real upstream
             await self._refuse(flow, call, GatewayError("internal_error", request_id=call.request_id))
 
-# requestheaders -> request: the consumer's credential, kept off the flow (flow.metadata is saved
-# with it). Weak keys: an entry goes with its flow, whichever way the flow ends.
-_credentials: weakref.WeakKeyDictionary[http.HTTPFlow, Credential | None] = weakref.WeakKeyDictionary()
+# requestheaders -> request: the consumer's credential and the values of the credentials it wraps for
+# the upstream (X-Forward-Authorization...), kept off the flow (flow.metadata is saved with it). Weak
+# keys: an entry goes with its flow, whichever way the flow ends.
+_credentials: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[Credential | None, list[str]]] = (
+    weakref.WeakKeyDictionary())
 
 
-def _redact(flow: http.HTTPFlow) -> Credential | None:
-    """Keep the consumer's credentials out of the flow mitmweb shows and saves; return the bearer key."""
+def _redact(flow: http.HTTPFlow) -> tuple[Credential | None, list[str]]:
+    """Keep the consumer's credentials, and those it wraps for the upstream, out of the flow mitmweb
+    shows (from this hook on) and saves; return the bearer key and the wrapped values."""
     credential = parse_authorization(flow.request.headers.get("authorization"))
     redaction.redact_credentials(flow.request.headers, credential.prefix if credential else None)
-    return credential
+    return credential, redaction.take_forwarded_credentials(flow.request.headers)
 
 
 _closing: set[asyncio.Task[None]] = set()  # tasks must be referenced until done

@@ -1,12 +1,15 @@
 """What the gateway keeps out of flows, logs and answers. Pure.
 
 Flows are what mitmproxy saves (`-w`) and mitmweb shows, so secrets are replaced on the
-flow itself: the consumer's credentials as soon as the request's headers are read (they
-never go upstream anyway), the publisher's upstream headers before the flow can be seen
-(compat puts their values back only in the bytes sent upstream).
+flow itself as soon as the request's headers are read: the consumer's credentials (they never go
+upstream) and those it wraps for the upstream (`X-Forward-Authorization`: the gateway keeps them
+off the flow until it forwards); the publisher's upstream headers before the flow can be seen
+(compat puts their values, and the unwrapped ones, back only in the bytes sent upstream).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from mitmproxy.http import Headers
 
@@ -19,6 +22,7 @@ GATEWAY_PREFIX = "x-mcpmeter-"
 
 
 _CREDENTIAL_NAMES = frozenset(name.encode() for name in CREDENTIAL_HEADERS)
+_FORWARDED_NAMES = frozenset(name.encode() for name in FORWARDED_CREDENTIAL_HEADERS)
 _REDACTED = REDACTED.encode()
 
 
@@ -46,11 +50,23 @@ def redact_credentials(headers: Headers, key_prefix: str | None = None) -> None:
     headers.fields = tuple(kept)
 
 
-def redact_forwarded_credentials(headers: Headers) -> None:
-    """A request that is not forwarded keeps no `X-Forward-Authorization` (or cookie) value on its flow."""
-    for name in FORWARDED_CREDENTIAL_HEADERS:
-        if name in headers:
-            headers.set_all(name, [REDACTED] * len(headers.get_all(name)))
+def take_forwarded_credentials(headers: Headers) -> list[str]:
+    """Replace every `X-Forward-Authorization` (or cookie) value with REDACTED; return the values, in
+    field order, for `reveal_forwarded_credentials` (only the bytes sent upstream carry them)."""
+    fields = headers.fields
+    taken = [value.decode("utf-8", "surrogateescape") for name, value in fields if name.lower() in _FORWARDED_NAMES]
+    if taken:
+        headers.fields = tuple((name, _REDACTED if name.lower() in _FORWARDED_NAMES else value)
+                               for name, value in fields)
+    return taken
+
+
+def reveal_forwarded_credentials(fields: Iterable[tuple[str, str]], taken: list[str]) -> list[tuple[str, str]]:
+    """`fields` (as Headers.items(multi=True) gives them) with the values `take_forwarded_credentials`
+    took put back, in order, into the fields they came from."""
+    values = iter(taken)
+    return [(name, next(values, value) if name.lower() in FORWARDED_CREDENTIAL_HEADERS else value)
+            for name, value in fields]
 
 
 def drop_gateway_headers(headers: Headers) -> list[str]:

@@ -72,3 +72,22 @@ async def test_health_names_no_backend_address_or_driver_message(gw: Gw) -> None
 def test_a_listing_repr_shows_no_publisher_secret() -> None:
     listing = Listing(id=1, slug="s", status="live", upstream_url="http://h/", upstream_headers={"X-Key": "pub-secret"})
     assert "pub-secret" not in repr(listing)
+
+
+async def test_a_wrapped_credential_is_hidden_from_the_first_hook_on(gw: Gw) -> None:
+    """mitmweb's view takes the flow in `requestheaders` (after the meter's) and sends it to the browser
+    at once; admission then waits for the store before forwarding. The wrapped value is not on the flow
+    in between, and still reaches the upstream on the wire, every copy of it in order."""
+    flow = make_flow(headers=wrapped())
+    flow.request.headers.add("x-forward-authorization", "Bearer second-upstream-token-789")
+    gw.addon.requestheaders(flow)
+    assert_hidden(flow)
+    assert "second-upstream-token-789" not in repr(flow.get_state())
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    assert_hidden(flow)
+    real = compat._revealed(flow.request)
+    assert real.headers.get_all("authorization") == [f"Bearer {UPSTREAM_TOKEN}", "Bearer second-upstream-token-789"]
+    assert real.headers["cookie"] == COOKIE
+    await upstream_answers(gw, flow, json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}))
+    gw.db.assert_reconciled()
