@@ -7,11 +7,12 @@ script loader, so after the meter), and stays there across reloads. Its `request
 answers 503 `meter_unavailable` to every flow that no working meter has claimed and that
 nobody has answered: a meter claims a flow only when it decided to forward it.
 
-It also redacts credential headers in `requestheaders` (a no-op after the meter did), so a
-flow saved while no meter is loaded holds no key either. Last in the chain, it keeps every
-answer to HEAD body-less: mitmproxy sends the body an addon put in an answer even to HEAD,
-and a keep-alive client would read those bytes as the next answer. It imports nothing that a
-reload or a broken dependency could take away, and keeps no state but a weak set of claimed flows.
+It also redacts credential headers in `requestheaders`, the consumer's and those it wraps for the
+upstream (a no-op after the meter did), so a flow saved while no meter is loaded holds no key
+either. Last in the chain, it keeps every answer to HEAD body-less: mitmproxy sends the body an
+addon put in an answer even to HEAD, and a keep-alive client would read those bytes as the next
+answer. It imports nothing that a reload or a broken dependency could take away, and keeps no
+state but a weak set of claimed flows.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 from mitmproxy import http
 
 from .errors import ERRORS
-from .redaction import redact_credentials
+from .redaction import redact_credentials, take_forwarded_credentials
 
 log = logging.getLogger("mcpmeter")
 
@@ -45,6 +46,7 @@ class FailClosedGuard:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # The meter redacts first; without one, the guard does (idempotent), before any flow is saved.
         redact_credentials(flow.request.headers)
+        take_forwarded_credentials(flow.request.headers)  # nothing is forwarded without a meter
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None or not flow.live:

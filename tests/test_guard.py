@@ -67,6 +67,19 @@ def test_guard_redacts_credentials_and_keeps_the_meters_redaction() -> None:
     assert already.request.headers["Authorization"] == "Bearer mcpm_live_se… (redacted)"
 
 
+def test_a_flow_the_guard_refuses_keeps_no_wrapped_credential() -> None:
+    """Without a meter the guard refuses the flow, which is saved (-w) as it is: the consumer's
+    credential wrapped for the upstream is redacted like its own key."""
+    flow = live_flow()
+    flow.request.headers["X-Forward-Authorization"] = "Bearer upstream-secret-1"
+    flow.request.headers.add("x-forward-cookie", "s=upstream-secret-2")
+    g = guard.FailClosedGuard()
+    g.requestheaders(flow)
+    g.request(flow)
+    assert flow.response is not None and flow.response.status_code == 503
+    assert "upstream-secret" not in repr(flow.get_state())
+
+
 def test_answers_to_head_lose_their_body_but_keep_their_length() -> None:
     flow = live_flow()
     flow.request.method = "HEAD"
