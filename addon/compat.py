@@ -22,7 +22,8 @@ gateway close both gaps:
 `install()` checks the internals it relies on and raises if they moved, so a mitmproxy
 upgrade fails at start instead of silently serving HTML, leaking secrets or never timing out.
 mitmproxy's own error messages name upstream addresses: they are logged with a request id
-and never sent to the client.
+and never sent to the client; a bearer key they quote (a malformed head's line) is shown by its
+prefix only, in mitmproxy's connection log as in the gateway's (`redaction.KeyFilter`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from mitmproxy.proxy.layers.http import (ErrorCode, HttpStream, RequestData, Req
                                           _base, _http1, _http2, _http3)
 
 from .errors import ERRORS
-from .redaction import REDACTED
+from .redaction import REDACTED, KeyFilter
 
 log = logging.getLogger("mcpmeter")
 
@@ -110,6 +111,9 @@ def install() -> None:
     _base.format_error = _json_error_body
     _install_request_body_limit()
     _install_head_limit()
+    # mitmproxy's connection log quotes client bytes it cannot parse; so may the gateway's own lines.
+    for logger in ("mitmproxy.proxy.server", "mcpmeter"):
+        logging.getLogger(logger).addFilter(KeyFilter())
     _installed = True
 
 

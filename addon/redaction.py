@@ -9,9 +9,13 @@ off the flow until it forwards); the publisher's upstream headers before the flo
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Iterable
 
 from mitmproxy.http import Headers
+
+from .auth import Credential
 
 REDACTED = "(redacted)"
 # What a consumer may send that carries a credential; forwarding strips all of them.
@@ -24,6 +28,7 @@ GATEWAY_PREFIX = "x-mcpmeter-"
 _CREDENTIAL_NAMES = frozenset(name.encode() for name in CREDENTIAL_HEADERS)
 _FORWARDED_NAMES = frozenset(name.encode() for name in FORWARDED_CREDENTIAL_HEADERS)
 _REDACTED = REDACTED.encode()
+_KEY = re.compile(r"mcpm_(live|test|oauth)_[A-Za-z0-9]+")
 
 
 def redact_credentials(headers: Headers, key_prefix: str | None = None) -> None:
@@ -75,3 +80,21 @@ def drop_gateway_headers(headers: Headers) -> list[str]:
     for name in names:
         del headers[name]
     return names
+
+
+def scrub_keys(text: str) -> str:
+    """`text` with every bearer key in it shown by its prefix only, as a flow shows it."""
+    if "mcpm_" not in text:
+        return text
+    return _KEY.sub(lambda m: f"{Credential(m.group(0), m.group(1)).prefix} {REDACTED}", text)
+
+
+class KeyFilter(logging.Filter):
+    """Bearer keys out of log lines that quote client bytes: mitmproxy's message about a head it cannot
+    read (`Invalid header line: b'Authorization Bearer mcpm_...'`), a refused request's path."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "mcpm_" in text:
+            record.msg, record.args = scrub_keys(text), None
+        return True

@@ -162,6 +162,20 @@ def test_forget_drops_a_registered_answer() -> None:
     compat.forget(flow)  # twice is fine
 
 
+def test_keys_in_logged_client_bytes_are_redacted(caplog: pytest.LogCaptureFixture) -> None:
+    """mitmproxy's messages quote the line of a head it cannot read, in its own log and in the gateway's
+    proxy-error line: a bearer key on it keeps its prefix and loses the rest."""
+    compat.install()
+    caplog.set_level("INFO")
+    key = "mcpm_live_SECRETkey0123456789"
+    line = f"Invalid header line: b'Authorization Bearer {key}'"
+    compat._json_error_response(400, line)
+    logging.getLogger("mitmproxy.proxy.server").info(f"127.0.0.1:5000: {line}")
+    logging.getLogger("mcpmeter").warning("mcpmeter: refusing %s", f"/slug?key={key}")
+    assert caplog.text.count("mcpm_live_SECR… (redacted)") == 3
+    assert "SECRETkey0123456789" not in caplog.text
+
+
 def test_json_error_response_and_body(caplog: pytest.LogCaptureFixture) -> None:
     """mitmproxy's message names the upstream (or echoes client bytes): logged under the request id, never sent."""
     caplog.set_level("INFO", logger="mcpmeter")

@@ -166,6 +166,28 @@ def test_client_gone_mid_upload_leaves_no_key_in_saved_flows(backend: Backend, t
     assert died.request.headers["authorization"].endswith("(redacted)")
 
 
+def test_a_malformed_head_quoted_in_the_log_shows_no_key(tmp_path: Path) -> None:
+    """mitmproxy refuses a head it cannot read and logs the offending line, as does the gateway with its
+    JSON 400: a key on that line (a header with its colon missing) is shown by its prefix only."""
+    backend = SqliteBackend(tmp_path / "mcpmeter.db")
+    key = f"mcpm_live_{uuid.uuid4().hex}"
+    gw = start(backend, tmp_path)
+    try:
+        port = int(gw.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(f"POST /some-slug HTTP/1.1\r\nHost: gw\r\nAuthorization Bearer {key}\r\n\r\n".encode())
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 400") and key.encode() not in answer
+        deadline = time.monotonic() + 5
+        while "Invalid header line" not in gw.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        gw.stop()
+        backend.close()
+    assert "Invalid header line" in gw.log() and key[:14] in gw.log()
+    assert key not in gw.log()
+
+
 # --- gateway headers ---------------------------------------------------------------------------------
 
 
