@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from collections.abc import Iterable, Mapping
 
+from urllib.parse import urljoin
+
 from mitmproxy.net.http import url as mitm_url
 
 from . import paths
@@ -93,6 +95,24 @@ def _origin(origin: str) -> tuple[bytes, str, int, bytes]:
     except UnicodeError:
         encoded = authority.encode("utf8", "surrogateescape")
     return scheme, name, port, encoded
+
+
+def client_locations(locations: list[str], request_url: str, upstream_url: str, transport: str,
+                     slug: str) -> list[str]:
+    """The Location values of an upstream's answer that the client may see: each one resolved against
+    the URL the request was sent to, as the gateway route that forwards there again (paths.gateway_route).
+    Every other one is dropped: it names the upstream (its address, perhaps credentials) or, being
+    relative, another route of the gateway, which the MCP SDKs follow within its origin with the same
+    key and body (another listing would run the call and bill it)."""
+    shown = []
+    for location in locations:
+        try:
+            absolute = urljoin(request_url, location.strip())
+        except ValueError:
+            continue
+        if (route := paths.gateway_route(absolute, upstream_url, transport, slug)) is not None:
+            shown.append(route)
+    return shown
 
 
 def header_problem(name: str, value: str) -> str | None:

@@ -26,7 +26,8 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from . import answers, commands, compat, deferred, display, dryrun, gctune, guard, receipts, redaction, rpc_errors
+from . import (answers, commands, compat, deferred, display, dryrun, forwarding, gctune, guard, receipts, redaction,
+               rpc_errors)
 from . import pending as resumption
 from .admission import Admission
 from .auth import Credential, parse_authorization
@@ -302,6 +303,10 @@ class Mcpmeter:
         if call is None or flow.response is None:
             return
         redaction.drop_gateway_headers(flow.response.headers)  # only the gateway says X-Mcpmeter-*
+        if call.listing is not None and call.listing.upstream_url and "location" in flow.response.headers:
+            flow.response.headers.set_all("location", forwarding.client_locations(
+                flow.response.headers.get_all("location"), flow.request.url, call.listing.upstream_url,
+                call.listing.transport, call.listing.slug))
         try:
             call.status = flow.response.status_code
             session = flow.response.headers.get("mcp-session-id")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 from . import paths
 
@@ -32,21 +32,15 @@ def gateway_endpoint(endpoint: str, upstream_url: str, slug: str) -> str | None:
 
     The endpoint is the upstream's, so it is resolved as its clients would; the route it becomes
     must then pass the same checks as a client's path, and lead back to the same upstream URL."""
-    absolute = urlsplit(urljoin(upstream_url, endpoint))
-    base = paths.base_of(upstream_url, "sse")
-    if (absolute.scheme, absolute.netloc) != (base.scheme, base.netloc) or absolute.fragment:
+    route = paths.gateway_route(urljoin(upstream_url, endpoint), upstream_url, "sse", slug)
+    if route is None:
         return None
-    if not absolute.path.startswith(base.prefix) or absolute.path == base.prefix:
-        return None  # outside the listing's directory, or its directory itself (not routable)
-    subpath = absolute.path[len(base.prefix):]
+    subpath, _, query = route.removeprefix(f"/{slug}/").partition("?")
     try:
-        if paths.target_url(upstream_url, "sse", subpath, absolute.query) != absolute.geturl():
-            return None
-        paths.session_identity(subpath, absolute.query)  # one session id at most
+        paths.session_identity(subpath, query)  # one session id at most
     except paths.InvalidPath:
         return None
-    route = f"/{slug}/{subpath}"
-    return f"{route}?{absolute.query}" if absolute.query else route
+    return route
 
 
 class EndpointRewriter:

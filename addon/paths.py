@@ -128,6 +128,32 @@ def verify(url: str, base: Base) -> None:
         raise InvalidPath("the path leaves the listing's upstream path")
 
 
+def gateway_route(url: str, upstream_url: str, transport: str, slug: str) -> str | None:
+    """The route under `/<slug>` that the gateway forwards to the upstream's absolute `url` exactly, or
+    None when there is none (another origin or path, a fragment, a path the checks refuse). For what
+    an upstream names in its answers (a legacy endpoint, a Location): the client goes through the meter."""
+    try:
+        absolute = urlsplit(url)
+        base = base_of(upstream_url, transport)
+    except (ValueError, InvalidPath):
+        return None
+    if (absolute.scheme.lower(), absolute.netloc) != (base.scheme, base.netloc) or absolute.fragment:
+        return None
+    if absolute.path == base.root and transport != "sse":
+        subpath = ""
+    elif absolute.path.startswith(base.prefix) and absolute.path != base.prefix:
+        subpath = absolute.path[len(base.prefix):]
+    else:
+        return None  # outside the listing's path, or an `sse` listing's directory itself (not routable)
+    try:
+        if target_url(upstream_url, transport, subpath, absolute.query) != absolute.geturl():
+            return None
+    except InvalidPath:
+        return None
+    route = f"/{slug}/{subpath}" if subpath else f"/{slug}"
+    return f"{route}?{absolute.query}" if absolute.query else route
+
+
 def split_route(path: str) -> tuple[str, str, str]:
     """`/<slug>/<subpath>?<query>` (the request target) as (slug, subpath, query)."""
     route, _, query = path.partition("?")

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from addon import compat
+from mitmproxy import http
 from addon.model import Listing
 from tests.test_gateway_hooks import (  # noqa: F401  (gw and isolated are fixtures)
     ALICE, Gw, forwarded, gw, isolated, json_response, make_flow, tool_call, upstream_answers, upstream_fails,
@@ -90,4 +91,30 @@ async def test_a_wrapped_credential_is_hidden_from_the_first_hook_on(gw: Gw) -> 
     assert real.headers.get_all("authorization") == [f"Bearer {UPSTREAM_TOKEN}", "Bearer second-upstream-token-789"]
     assert real.headers["cookie"] == COOKIE
     await upstream_answers(gw, flow, json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}))
+    gw.db.assert_reconciled()
+
+
+@pytest.mark.parametrize("location,shown", [
+    ("http://127.0.0.1:1/mcp/next?x=1", "/echo-test/next?x=1"),  # the listing's own upstream: its route
+    ("/mcp/next", "/echo-test/next"),  # relative to the upstream request, as a client would resolve it
+    ("http://127.0.0.1:1/mcp", "/echo-test"),
+    ("next", None),  # against the upstream's /mcp: /next, outside (and /next on the gateway is another listing)
+    ("/freebies", None),  # on the gateway, another listing: an SDK follows it with the key and pays there
+    ("http://gw.example:3010/strict", None),
+    ("http://127.0.0.1:1/admin", None),  # the upstream's address outside the listing
+    ("http://user:pw@127.0.0.1:1/mcp/next", None),  # with credentials
+    ("https://elsewhere.example/", None),
+])
+async def test_a_redirect_stays_within_its_listing(gw: Gw, location: str, shown: str | None) -> None:
+    """A Location the upstream sends names the upstream (its address, maybe credentials), or a route
+    of the gateway: the MCP SDKs follow a 307 within the origin they called, with the same key and
+    body, so `/freebies` would run and be billed on another listing. Only a Location the gateway
+    forwards back to the same listing reaches the client, as that route."""
+    flow = make_flow()
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    await upstream_answers(gw, flow, http.Response.make(307, b"", {"Location": location}))
+    assert flow.response is not None and flow.response.status_code == 307
+    assert flow.response.headers.get_all("location") == ([shown] if shown else [])
+    assert "127.0.0.1:1" not in repr(flow.response.headers) and "pw@" not in repr(flow.response.headers)
     gw.db.assert_reconciled()
