@@ -74,7 +74,7 @@ def annotate(flow: http.HTTPFlow, call: Call, decision: billing.Decision, status
                 user_id=call.consumer.user_id)
     price = meta.setdefault("price", call.charge.price)
     who = display.consumer_label(flow, call.consumer.user_id)
-    flow.comment = (f"{who} · {call.listing.slug} · {call.charge.tool_name} · price {price} µ¢ · "
+    flow.comment = (f"{who} · {call.listing.slug} · {display.shown(call.charge.tool_name)} · price {price} µ¢ · "
                     f"{label} ({amount}; {decision.reason}) · balance {call.balance} µ¢")
     flow.marked = _MARKS[label]
     if results is not None:

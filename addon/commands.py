@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from mitmproxy import command, exceptions
 
+from .display import NAME_CHARS, shown
 from .store import Store, UnknownUser
 
 log = logging.getLogger("mcpmeter")
@@ -25,7 +26,7 @@ log = logging.getLogger("mcpmeter")
 MAX_RECENT = 200
 
 
-TOOL_CHARS = 191  # of a tool name kept in the history (up to jsonrpc.MAX_TOOL_NAME), as the ledger column
+TOOL_CHARS = NAME_CHARS  # of a tool name kept in the history (up to jsonrpc.MAX_TOOL_NAME), as the ledger column
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +44,7 @@ class Recent:
 
     def line(self) -> str:
         when = time.strftime("%H:%M:%S", time.localtime(self.at))
-        return (f"{when} user {self.user_id} {self.slug} {self.tool} {self.decision} {self.billed} µ¢ "
+        return (f"{when} user {self.user_id} {self.slug} {shown(self.tool)} {self.decision} {self.billed} µ¢ "
                 f"status {self.status} {self.request_id}")
 
 

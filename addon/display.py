@@ -13,6 +13,7 @@ from typing import Any
 from mitmproxy import http
 
 MAX_COPY_BYTES = 1024 * 1024
+NAME_CHARS = 191  # of a client-chosen name (a tool's) shown or kept for display: the ledger's column
 TRUNCATED = b"\n[mcpmeter: display copy truncated at %d bytes]\n"
 GATEWAY = "gateway answered"  # the comment prefix of flows the gateway answered itself
 CONSUMER = "mcpmeter_consumer"  # flow.metadata key: {"user_id", "key_prefix"} of whoever called
@@ -49,6 +50,16 @@ def keep_copy(flow: http.HTTPFlow, limit: int = MAX_COPY_BYTES) -> None:
         return out
 
     flow.response.stream = watch
+
+
+def shown(name: str, limit: int = NAME_CHARS) -> str:
+    """A client-chosen name (a tool's: any characters, as long as the body allows) as a comment, a log
+    line or a command's answer shows it: cut at `limit` characters, control and other unprintable
+    characters escaped, so it can neither run on nor start a line of its own."""
+    cut = name[:limit]
+    if not cut.isprintable():
+        cut = cut.encode("unicode_escape").decode("ascii")
+    return cut + ("…" if len(name) > limit else "")
 
 
 def consumer_label(flow: http.HTTPFlow, user_id: int | None) -> str:

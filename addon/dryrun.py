@@ -147,7 +147,7 @@ def _summary(body: dict[str, Any]) -> str:
     parts = [f"user {who['user_id']} ({who.get('key_prefix')})" if who else "no consumer",
              str(body.get("listing", "-"))]
     if "tool" in body:
-        parts += [str(body["tool"]), f"price {body['price']} µ¢", f"free left {body['free_left']}",
+        parts += [display.shown(str(body["tool"])), f"price {body['price']} µ¢", f"free left {body['free_left']}",
                   f"balance {body['balance']} µ¢"]
     would = f"would {body.get('would')}"
     if body.get("error"):

@@ -16,6 +16,7 @@ from typing import Any
 from mitmproxy import http
 
 from .config import Config
+from .display import shown
 from .model import ChargeRequest, Listing
 
 log = logging.getLogger("mcpmeter")
@@ -64,5 +65,5 @@ async def charge_request(store: Any, flow: http.HTTPFlow, req: ChargeRequest) ->
     would = (await store.preview(req)).as_dict()
     note = flow.metadata.setdefault(META, {}).setdefault("shadow", {})
     note.update(would)
-    log.info("mcpmeter: shadow %s %s would %s", req.request_id, req.tool_name, describe(note))
+    log.info("mcpmeter: shadow %s %s would %s", req.request_id, shown(req.tool_name), describe(note))
     return replace(req, price=0, free_allowance=0)

@@ -303,3 +303,23 @@ async def test_authorization_servers_are_the_configured_ones(tmp_path: Path) -> 
         await addon.request(flow)
         assert json.loads(flow.response.content)["authorization_servers"] == ["https://auth.example"]
         addon.done()
+
+
+async def test_a_tool_name_is_shown_bounded_and_on_one_line(shadow_gw: Gw, caplog: pytest.LogCaptureFixture) -> None:
+    """A tool name is the client's, as long as the body allows and with any character in it: the
+    shadow log line, the flow's comment and `mcpmeter.calls` show at most 191 characters of it, with
+    line breaks and other control characters escaped, so it cannot forge a line of its own."""
+    gw = shadow_gw
+    caplog.set_level(logging.INFO, logger="mcpmeter")
+    name = "echo\nmcpmeter: shadow forged would pass\r\u2028" + "x" * 3000
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": name, "arguments": {}}}
+    flow = make_flow(body=body)
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    await upstream_answers(gw, flow, json_response(ANSWER))
+    shadow_lines = [r.getMessage() for r in caplog.records if "mcpmeter: shadow" in r.getMessage()]
+    calls = gw.addon.commands.calls_command(10)
+    for text in (*shadow_lines, flow.comment, calls):
+        assert "\n" not in text and "\r" not in text and "\u2028" not in text
+        assert "xxxx" in text and len(text) < 600
+    assert shadow_lines and "\\nmcpmeter: shadow forged" in shadow_lines[0]
