@@ -7,12 +7,13 @@ script loader, so after the meter), and stays there across reloads. Its `request
 answers 503 `meter_unavailable` to every flow that no working meter has claimed and that
 nobody has answered: a meter claims a flow only when it decided to forward it.
 
-It also redacts credential headers in `requestheaders`, the consumer's and those it wraps for the
-upstream (a no-op after the meter did), so a flow saved while no meter is loaded holds no key
-either. Last in the chain, it keeps every answer to HEAD body-less: mitmproxy sends the body an
-addon put in an answer even to HEAD, and a keep-alive client would read those bytes as the next
-answer. It imports nothing that a reload or a broken dependency could take away, and keeps no
-state but a weak set of claimed flows.
+A second small addon, right after the script loader (so after the meter, before mitmweb's view,
+which shows a flow from `requestheaders` on), redacts credential headers in that hook, the
+consumer's and those it wraps for the upstream (a no-op after the meter did), so a flow shown or
+saved while no meter is loaded holds no key either. The guard, last in the chain, keeps every answer
+to HEAD body-less: mitmproxy sends the body an addon put in an answer even to HEAD, and a keep-alive
+client would read those bytes as the next answer. Both import nothing that a reload or a broken
+dependency could take away, and keep no state but a weak set of claimed flows.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .redaction import redact_credentials, take_forwarded_credentials
 log = logging.getLogger("mcpmeter")
 
 NAME = "mcpmeter_guard"
+REDACTOR = "mcpmeter_redactor"
 _SPEC = ERRORS["meter_unavailable"]
 _claimed: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
 
@@ -40,13 +42,19 @@ def claim(flow: http.HTTPFlow) -> None:
     _claimed.add(flow)
 
 
-class FailClosedGuard:
-    name = NAME
+class CredentialRedactor:
+    """Redacts what the meter would in `requestheaders` (a no-op after it did): right after the script
+    loader, so before mitmweb's view, which sends a flow to the browser in that hook."""
+
+    name = REDACTOR
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        # The meter redacts first; without one, the guard does (idempotent), before any flow is saved.
         redact_credentials(flow.request.headers)
         take_forwarded_credentials(flow.request.headers)  # nothing is forwarded without a meter
+
+
+class FailClosedGuard:
+    name = NAME
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None or not flow.live:
@@ -69,6 +77,13 @@ class FailClosedGuard:
 
 
 def install(master: Any) -> None:
-    """Add the guard to `master` unless it is there already (a reload runs this again)."""
-    if master is not None and master.addons.get(NAME) is None:
+    """Add the guard to `master`, and the redactor right after the script loader (without one: at the
+    end), unless they are there already (a reload runs this again)."""
+    if master is None:
+        return
+    if master.addons.get(REDACTOR) is None:
+        chain, loader = master.addons.chain, master.addons.get("scriptloader")
+        redactor = master.addons.register(CredentialRedactor())
+        chain.insert(chain.index(loader) + 1 if loader in chain else len(chain), redactor)
+    if master.addons.get(NAME) is None:
         master.addons.add(FailClosedGuard())

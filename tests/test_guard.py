@@ -6,6 +6,8 @@ import json
 import uuid
 
 from mitmproxy import http
+from mitmproxy.addons import script, view
+from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
 from mitmproxy.test import taddons, tflow
 
 from addon import guard
@@ -55,15 +57,15 @@ def test_install_adds_one_guard_at_the_end_of_the_chain() -> None:
     guard.install(None)  # imported outside mitmproxy: nothing to guard
 
 
-def test_guard_redacts_credentials_and_keeps_the_meters_redaction() -> None:
+def test_redactor_redacts_credentials_and_keeps_the_meters_redaction() -> None:
     flow = live_flow()
     flow.request.headers["Authorization"] = "Bearer mcpm_live_secret0123456789"
     flow.request.headers["Cookie"] = "s=secret"
-    guard.FailClosedGuard().requestheaders(flow)
+    guard.CredentialRedactor().requestheaders(flow)
     assert "secret" not in repr(flow.request.headers)
     already = live_flow()
     already.request.headers["Authorization"] = "Bearer mcpm_live_se… (redacted)"  # what the meter shows
-    guard.FailClosedGuard().requestheaders(already)
+    guard.CredentialRedactor().requestheaders(already)
     assert already.request.headers["Authorization"] == "Bearer mcpm_live_se… (redacted)"
 
 
@@ -73,11 +75,32 @@ def test_a_flow_the_guard_refuses_keeps_no_wrapped_credential() -> None:
     flow = live_flow()
     flow.request.headers["X-Forward-Authorization"] = "Bearer upstream-secret-1"
     flow.request.headers.add("x-forward-cookie", "s=upstream-secret-2")
-    g = guard.FailClosedGuard()
-    g.requestheaders(flow)
-    g.request(flow)
+    guard.CredentialRedactor().requestheaders(flow)
+    guard.FailClosedGuard().request(flow)
     assert flow.response is not None and flow.response.status_code == 503
     assert "upstream-secret" not in repr(flow.get_state())
+
+
+async def test_without_a_meter_mitmweb_never_sees_a_key() -> None:
+    """mitmweb's view takes a flow in `requestheaders` and sends it to the browser at once; it comes
+    after the script loader (the meter's place) and before the guard, last in the chain. With no meter
+    loaded, the credentials are redacted right after the script loader all the same."""
+    shown: list[str | None] = []
+
+    def on_add(flow: http.HTTPFlow) -> None:
+        shown.append(flow.request.headers.get("authorization"))
+        shown.append(flow.request.headers.get("x-forward-authorization"))
+
+    v = view.View()
+    v.sig_view_add.connect(on_add)
+    with taddons.context(script.ScriptLoader(), v) as tctx:
+        guard.install(tctx.master)
+        guard.install(tctx.master)  # a script reload runs it again
+        flow = live_flow()
+        flow.request.headers["Authorization"] = "Bearer mcpm_live_secret0123456789"
+        flow.request.headers["X-Forward-Authorization"] = "Bearer upstream-secret"
+        await tctx.master.addons.handle_lifecycle(HttpRequestHeadersHook(flow))
+    assert shown == ["(redacted)", "(redacted)"]
 
 
 def test_answers_to_head_lose_their_body_but_keep_their_length() -> None:
