@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-import pytest
-
-from addon.model import Verdict
+from addon.model import Settlement, Verdict
 
 from .test_store_contract import (  # noqa: F401  (fixtures)
     FEE_BPS,
     Backend,
+    Who,
     add_consumer,
     add_listing,
     call,
@@ -205,7 +204,7 @@ async def test_a_full_batch_of_hostile_and_huge_settlements_is_written_exactly(m
 
 
 async def test_group_commit_of_charges_settlements_refunds_and_sweeps_reconciles(
-        db: Backend, request: pytest.FixtureRequest) -> None:  # noqa: F811
+        db: Backend) -> None:  # noqa: F811
     """The embedded store's group commit (and MySQL's pool) under a burst that mixes every kind of
     job on the same calls, from two stores on one database (two processes on one SQLite file):
     refusals roll back to their savepoints alone, each call is settled once, money reconciles."""
@@ -213,14 +212,6 @@ async def test_group_commit_of_charges_settlements_refunds_and_sweeps_reconciles
 
     from addon.store.sqlite import SqliteStore
 
-    if db.name == "mysql":
-        # Not strict: it fails in about one run of six (measured), so a strict xfail would flake.
-        request.applymarker(pytest.mark.xfail(strict=False, reason=(
-            "one-trip settlements' INSERT ... SELECT take InnoDB's table AUTO-INC lock while holding row"
-            " locks; concurrent settlements deadlock often enough that a settlement can exhaust its 8"
-            " attempts (1213 surfaces as StoreUnavailable). Fix: write usage_events / credit_transactions"
-            " / mcp_consumer_usage with INSERT ... VALUES (mixed-mode, no table lock) made conditional"
-            " another way, or run with innodb_autoinc_lock_mode=2")))
     second = SqliteStore(db.config) if db.name == "sqlite" else db.open_store()  # type: ignore[attr-defined]
     try:
         stores = [db.store, second]
@@ -244,9 +235,9 @@ async def test_group_commit_of_charges_settlements_refunds_and_sweeps_reconciles
             rng.shuffle(ways)
             await asyncio.gather(*ways)
 
-        # On MySQL this mix deadlocks now and then on InnoDB's table AUTO-INC lock (the one-trip
-        # settlement's INSERT ... SELECT takes it), which MariaDB reports as 1467, not 1213: a victim
-        # to run again like any deadlock's, not a failed settlement. Three rounds: it shows.
+        # On MySQL this mix once deadlocked often on InnoDB's table AUTO-INC lock (the one-trip
+        # settlement's INSERT ... SELECT took it while holding row locks; reported as 1213, or 1467):
+        # a settlement then exhausted its attempts about one run in six. Three rounds: it shows.
         for round_ in range(3):
             await asyncio.gather(*(one(i) for i in range(round_ * 240, (round_ + 1) * 240)))
         await db.store.sweep(-2, FEE_BPS)
@@ -256,3 +247,52 @@ async def test_group_commit_of_charges_settlements_refunds_and_sweeps_reconciles
         if db.name == "sqlite":
             second.close()
 
+
+
+async def test_a_settlement_waiting_on_a_row_lock_makes_no_other_settlement_wait(
+        mysql_db: Backend) -> None:  # noqa: F811
+    """A settlement whose usage-row upsert waits on a row lock (another transaction holds the row)
+    must hold no table lock meanwhile: another consumer's settlement, sharing none of its rows, goes
+    through. Written as INSERT ... SELECT, the upsert took InnoDB's table AUTO-INC lock (default
+    innodb_autoinc_lock_mode=1) and held it while waiting, so every settlement behind it waited
+    too; under load such waits closed deadlock cycles that exhausted a settlement's attempts and
+    left a delivered call to the sweeper's refund."""
+    from .dbutil import Db
+
+    db = mysql_db
+    first, other = add_consumer(db, 1, credit=10 * PRICE), add_consumer(db, 2, credit=10 * PRICE)
+    add_listing(db, 10, "a", price=PRICE)
+
+    async def charged(who: Who) -> Settlement:
+        req = call(who, 10, PRICE)
+        taken = await db.store.charge(req)
+        assert taken.verdict is Verdict.DEBITED
+        return dataclasses.replace(outcome(req, who), taken=taken)  # need_balance: settled alone, at once
+
+    await db.store.settle(await charged(first))  # the first consumer's usage row now exists
+    waiting, free_to_go = await charged(first), await charged(other)
+    holder = Db(db.config.mysql)  # type: ignore[attr-defined]
+    try:
+        holder.execute("BEGIN")
+        # That row alone, by its unique key: no gap lock for the other consumer's new row to wait on.
+        holder.rows("SELECT * FROM mcp_consumer_usage WHERE mcp_id = 10 AND user_id = %s FOR UPDATE",
+                    (first.user_id,))
+        blocked = asyncio.ensure_future(db.store.settle(waiting))
+        for _ in range(150):  # until its upsert waits on the row (the session's lock wait timeout is 2 s)
+            if db.value("SELECT COUNT(*) FROM information_schema.PROCESSLIST"
+                        " WHERE INFO LIKE 'INSERT INTO mcp_consumer_usage%%' AND TIME_MS > 0"):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the first settlement never waited on the usage row")
+        through = asyncio.ensure_future(db.store.settle(free_to_go))
+        done, _ = await asyncio.wait([through], timeout=1.0)
+        assert through in done, "another consumer's settlement waited on the blocked one"
+        assert not blocked.done()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert await through == 9 * PRICE and await blocked == 8 * PRICE
+    assert db.rows("SELECT user_id, billable_calls FROM mcp_consumer_usage ORDER BY user_id") == [(1, 2), (2, 1)]
+    assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL") == 0
+    reconcile(db)

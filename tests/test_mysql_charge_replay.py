@@ -293,4 +293,5 @@ def test_an_older_gateways_procedures_stay_in_place() -> None:
         MysqlStore(Config(store="mysql", mysql=settings)).close()
         assert db.rows("SELECT ROUTINE_NAME, ROUTINE_DEFINITION LIKE '%%''v1''%%' FROM information_schema.ROUTINES"
                        " WHERE ROUTINE_SCHEMA = DATABASE() ORDER BY ROUTINE_NAME") == [
-            ("mcpmeter_charge_batch_v2", 0), ("mcpmeter_charge_v1", 1), ("mcpmeter_charge_v2", 0)]
+            ("mcpmeter_charge_batch_v2", 0), ("mcpmeter_charge_v1", 1), ("mcpmeter_charge_v2", 0),
+            ("mcpmeter_settle_v1", 0)]

@@ -1,7 +1,7 @@
 """The production store: MySQL 8 / MariaDB, shared by every gateway instance, through pymysql and aiomysql.
 
 A paid call's transactions run on mitmproxy's event loop through aiomysql (mysql_loop.py): the
-charge is one CALL of a stored procedure and a settlement one multi-statement text (mysql_trip.py),
+charge and a settlement are one CALL each of a stored procedure (mysql_trip.py),
 and billed settlements that queue up under load go together, many calls per transaction
 (mysql_batch.py). Everything else (lookups, the Ledger's statement-by-statement settlements, the
 sweeper, the commands; sql.py, the same SQL as the embedded store) runs on a bounded pool of worker

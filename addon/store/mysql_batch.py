@@ -1,8 +1,8 @@
 """Billed settlements of many calls in one MySQL transaction: two round trips for the whole batch.
 
 A billed answer's settlement (mysql_trip.settle) flips the call's journal row, counts the call in
-the consumer's usage row and writes its usage_events row: about four statements and a COMMIT per
-call, each parsed by MariaDB and answered with a packet the driver parses. Under
+the consumer's usage row and writes its usage_events row: one CALL, but about four statements and
+a COMMIT per call for the server to run. Under
 load these settlements queue up behind each other anyway, so here a batch of them shares one
 transaction and one set of statements: the journal rows are locked in one SELECT ... FOR UPDATE
 (request-id order, the primary key's), then one text flips them all (one UPDATE), upserts each

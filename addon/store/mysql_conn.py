@@ -20,6 +20,7 @@ RETRY_BUDGET = 5.0  # ... while it has taken less than this many seconds in all
 # ER_LOCK_WAIT_TIMEOUT, ER_LOCK_DEADLOCK: InnoDB rolled the work back (the caller rolls back the rest).
 # ER_AUTOINC_READ_FAILED: the same, on InnoDB's table AUTO-INC lock, which an INSERT ... SELECT takes
 # (innodb_autoinc_lock_mode 1) while holding row locks; MariaDB reports its deadlock victim as 1467.
+# (The per-call work writes with INSERT ... VALUES, which takes no such lock; the Ledger too.)
 RETRYABLE = {1205, 1213, 1467}
 GONE = {1053, 1077, 1152, 1927, 4031}  # server shutdown, aborted or killed connection, idle disconnect
 DENIED = {1044, 1045}  # ER_DBACCESS_DENIED_ERROR, ER_ACCESS_DENIED_ERROR
@@ -34,8 +35,9 @@ def connect_args(s: MysqlSettings) -> dict[str, Any]:
     return {
         "host": s.host, "port": s.port, "user": s.user, "password": s.password, "charset": "utf8mb4",
         "autocommit": False, "connect_timeout": CONNECT_TIMEOUT,
-        # FOUND_ROWS: rowcount and ROW_COUNT() count rows matched; MULTI_STATEMENTS: a charge or a
-        # settlement is one text (mysql_trip.py), every value in it escaped by pymysql.
+        # FOUND_ROWS: rowcount and ROW_COUNT() count rows matched; MULTI_STATEMENTS: a batch of
+        # charges or of billed settlements is one text (mysql_trip.py, mysql_batch.py), every value
+        # in it escaped by pymysql.
         "client_flag": CLIENT.FOUND_ROWS | CLIENT.MULTI_STATEMENTS,
         "init_command": f"SET time_zone = '+00:00', innodb_lock_wait_timeout = {LOCK_WAIT_SECONDS}",
     }

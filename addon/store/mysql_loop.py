@@ -1,6 +1,6 @@
 """The MySQL store's per-call transactions on mitmproxy's event loop, through aiomysql: no thread hop.
 
-A charge (one CALL), a billed answer's settlement (one text) and a batch of billed settlements
+A charge and a settlement (one CALL each) and a batch of billed settlements
 (two round trips) send all their statements at once (mysql_trip.py, mysql_batch.py): what is left
 on the client is writing a packet and parsing a few small ones, which costs less than handing the
 work to a worker thread and back. Measured with the store alone, 32 concurrent charges on this

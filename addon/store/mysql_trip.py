@@ -2,13 +2,14 @@
 
 The Ledger (sql.py) sends a statement, reads its answer and decides the next one in Python:
 about nine statements and a COMMIT per paid call, each a round trip with pymysql's packet work
-on a worker thread. Here the charge is one CALL of a stored procedure (CHARGE_DDL below), and a
-settlement one multi-statement text (the connection has CLIENT.MULTI_STATEMENTS) whose decisions
-are made in SQL with session user variables: ROW_COUNT() says whether a conditional write
-matched (the connection reports rows matched, CLIENT.FOUND_ROWS), and every later write is an
-INSERT ... SELECT ... WHERE @flag or an UPDATE whose key is IF(@flag, key, NULL) (no row read,
-so no lock taken, when the flag is off). Both end with a SELECT of the outcome and COMMIT, and
-both run on the event loop through aiomysql (mysql_loop.py), as does mysql_batch.py.
+on a worker thread. Here the charge and the settlement are each one CALL of a stored procedure
+(CHARGE_DDL, SETTLE_DDL below; the gateway creates them at start) whose decisions are made in SQL:
+ROW_COUNT() says whether a conditional write matched, and the writes that depend on it wait behind
+an IF. Every INSERT is a single-row INSERT ... VALUES, which under InnoDB's default
+innodb_autoinc_lock_mode=1 takes no table AUTO-INC lock (an INSERT ... SELECT does, held to its
+statement's end while the transaction holds row locks: concurrent settlements deadlocked on it).
+Both end with a SELECT of the outcome and COMMIT, and both run on the event loop through aiomysql
+(mysql_loop.py), as does mysql_batch.py.
 
 Money semantics are the Ledger's, statement for statement and in the same lock order (usage
 row, users, spend for a charge; journal, users, spend or usage row for a settlement), with one
@@ -40,15 +41,6 @@ from typing import Any
 from ..model import MICRO_CENTS_PER_CENT, ChargeRequest, ChargeResult, Settlement, Verdict
 from .mysql_loop import one_trip, selected
 from .sql import COUNT_BILLABLE, MYSQL, USAGE_EVENTS_INSERT, LastUsed, usage_event, utc
-
-_LEDGER_INSERT = (
-    "INSERT INTO credit_transactions (user_id, amount_micro_cents, type, reference_type,"
-    " balance_after_micro_cents, description, request_id, created_at, updated_at)")
-_SPEND = MYSQL.upsert(
-    "INSERT INTO mcpmeter_project_spend (project_id, period_year_month, spent_micro_cents)"
-    " SELECT %(project)s, %(period)s, {amount} FROM DUAL WHERE {flag}",
-    "project_id, period_year_month", [("spent_micro_cents", "spent_micro_cents + NEW(spent_micro_cents)")])
-_BALANCE = "(SELECT credit_micro_cents FROM users WHERE id = %(user)s)"
 
 # The charge is a stored procedure (the gateway creates it at start, see mysql.py `ensure_schema`):
 # one CALL, whose statements MariaDB parsed once per connection, instead of nine statements parsed
@@ -163,7 +155,80 @@ BEGIN
 END"""
 CHARGE_DDL = _CHARGE_TEMPLATE.format(name=CHARGE_PROCEDURE, commit="COMMIT;")
 CHARGE_BATCH_DDL = _CHARGE_TEMPLATE.format(name=CHARGE_BATCH_PROCEDURE, commit="")
-PROCEDURES = {CHARGE_PROCEDURE: CHARGE_DDL, CHARGE_BATCH_PROCEDURE: CHARGE_BATCH_DDL}
+
+# A settlement is a stored procedure too: the Ledger's settle (sql.py), in its lock order (the journal
+# row, then users, the ledger and spend for a refund, or the usage row, then usage_events, the key's
+# stamp), trusting what the charge reported it took (the flip tests it: a journal that disagrees, or
+# a call settled before, matches nothing and nothing is written; the caller then runs the Ledger's).
+# Every write waits behind IF v_flip, and every INSERT is a single-row INSERT ... VALUES. The settlement
+# was a multi-statement text before, its conditional inserts INSERT ... SELECT ... WHERE @flag: each a
+# "bulk insert" to InnoDB, which under the default innodb_autoinc_lock_mode=1 takes the table's AUTO-INC
+# lock to the statement's end while the transaction holds row locks; concurrent settlements deadlocked
+# on it often enough to exhaust their attempts, leaving delivered calls to the sweeper's refund (measured).
+# The flip always changes settled_at, so ROW_COUNT() reads the same whether it counts rows matched
+# (CLIENT.FOUND_ROWS) or changed; so does the refund's credit (amount > 0).
+SETTLE_PROCEDURE = "mcpmeter_settle_v1"
+# The usage_events row as usage_event() builds it, one parameter per column of USAGE_EVENTS_INSERT.
+_EVENT_TYPES = {
+    "project_id": "BIGINT UNSIGNED", "mcp_id": "BIGINT UNSIGNED", "api_key_id": "BIGINT UNSIGNED",
+    "tool_name": _VARCHAR.format(n=191), "client": _VARCHAR.format(n=40), "user_agent": _VARCHAR.format(n=255),
+    "called_at": "DATETIME", "duration_ms": "INT UNSIGNED", "status": "SMALLINT UNSIGNED",
+    "billed_micro_cents": "BIGINT UNSIGNED", "publisher_payout_micro_cents": "BIGINT UNSIGNED",
+    "platform_fee_micro_cents": "BIGINT UNSIGNED", "request_id": "VARCHAR(64) CHARACTER SET ascii",
+    "created_at": "DATETIME", "updated_at": "DATETIME",
+}
+_EVENT_COLUMNS = USAGE_EVENTS_INSERT.split("(", 1)[1].rstrip(")").split(", ")
+SETTLE_DDL = f"""CREATE PROCEDURE `{SETTLE_PROCEDURE}`(
+  IN p_request VARCHAR(64) CHARACTER SET ascii, IN p_user BIGINT UNSIGNED, IN p_project BIGINT UNSIGNED,
+  IN p_listing BIGINT UNSIGNED, IN p_period VARCHAR(7) CHARACTER SET ascii, IN p_now DATETIME,
+  IN p_refunded TINYINT, IN p_status SMALLINT UNSIGNED, IN p_reason {_VARCHAR.format(n=32)},
+  IN p_verdict VARCHAR(20) CHARACTER SET ascii, IN p_amount BIGINT, IN p_description {_VARCHAR.format(n=255)},
+  IN p_stamp_key BIGINT UNSIGNED, IN p_stamp_token BIGINT UNSIGNED, IN p_need_balance TINYINT,
+  {", ".join(f"IN e_{column} {_EVENT_TYPES[column]}" for column in _EVENT_COLUMNS)})
+  MODIFIES SQL DATA SQL SECURITY INVOKER
+BEGIN
+  DECLARE v_flip TINYINT DEFAULT 0;
+  DECLARE v_balance BIGINT DEFAULT NULL;
+  UPDATE mcpmeter_calls SET settled_at = p_now, refunded = p_refunded, status = p_status, reason = p_reason
+    WHERE request_id = p_request AND settled_at IS NULL AND verdict = p_verdict AND amount_micro_cents = p_amount;
+  SET v_flip = ROW_COUNT() = 1;
+  IF v_flip THEN
+    IF p_refunded AND p_verdict = '{Verdict.DEBITED.value}' AND p_amount > 0 THEN
+      UPDATE users SET credit_micro_cents = credit_micro_cents + p_amount WHERE id = p_user;
+      SELECT COALESCE(MAX(credit_micro_cents), 0) INTO v_balance FROM users WHERE id = p_user;
+      INSERT INTO credit_transactions (user_id, amount_micro_cents, type, reference_type,
+        balance_after_micro_cents, description, request_id, created_at, updated_at)
+        VALUES (p_user, p_amount, 'refund', 'mcpmeter_call', v_balance, p_description, p_request, p_now, p_now);
+      INSERT INTO mcpmeter_project_spend (project_id, period_year_month, spent_micro_cents)
+        VALUES (p_project, p_period, -p_amount)
+        ON DUPLICATE KEY UPDATE spent_micro_cents = spent_micro_cents + VALUES(spent_micro_cents);
+    ELSEIF p_refunded AND p_verdict = '{Verdict.FREE.value}' THEN
+      UPDATE mcp_consumer_usage SET free_calls_used = free_calls_used - 1, updated_at = p_now
+        WHERE mcp_id = p_listing AND user_id = p_user AND period_year_month = p_period AND free_calls_used > 0;
+    END IF;
+    IF e_billed_micro_cents > 0 THEN
+      {MYSQL.upsert(
+          "INSERT INTO mcp_consumer_usage (mcp_id, user_id, free_calls_used, period_year_month, billable_calls,"
+          " first_called_at, last_called_at, created_at, updated_at)"
+          " VALUES (p_listing, p_user, 0, p_period, 1, p_now, p_now, p_now, p_now)",
+          "mcp_id, user_id", COUNT_BILLABLE)};
+    END IF;
+    {USAGE_EVENTS_INSERT} VALUES ({", ".join(f"e_{column}" for column in _EVENT_COLUMNS)});
+    IF p_stamp_key IS NOT NULL THEN
+      UPDATE api_keys SET last_used_at = p_now WHERE id = p_stamp_key;
+    ELSEIF p_stamp_token IS NOT NULL THEN
+      UPDATE oauth_access_tokens SET last_used_at = p_now WHERE id = p_stamp_token;
+    END IF;
+    IF p_need_balance THEN
+      -- A consistent read (SELECT ... INTO takes no lock, see the charge): the balance now, this
+      -- settlement's refund included.
+      SELECT COALESCE(MAX(credit_micro_cents), 0) INTO v_balance FROM users WHERE id = p_user;
+    END IF;
+  END IF;
+  SELECT v_flip, v_balance;
+  COMMIT;
+END"""
+PROCEDURES = {CHARGE_PROCEDURE: CHARGE_DDL, CHARGE_BATCH_PROCEDURE: CHARGE_BATCH_DDL, SETTLE_PROCEDURE: SETTLE_DDL}
 _CALL_ARGS = "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 
 
@@ -227,7 +292,7 @@ async def charge_batch(conn: Any, reqs: Sequence[ChargeRequest], order: Sequence
 
 
 async def settle(conn: Any, s: Settlement, last_used: LastUsed) -> tuple[bool, int | None]:
-    """Ledger.settle in one round trip, trusting `s.taken` (what the charge reported).
+    """Ledger.settle in one round trip (a CALL), trusting `s.taken` (what the charge reported).
 
     Returns (settled, balance). settled is False when the journal row was not the unsettled one
     `s.taken` describes (settled before, unknown, or taken disagrees): then nothing was written and
@@ -235,60 +300,19 @@ async def settle(conn: Any, s: Settlement, last_used: LastUsed) -> tuple[bool, i
     req, taken, now = s.charge, s.taken, utc()
     assert taken is not None
     reason = s.reason[:32] if s.reason else None
-    billed = 0 if s.refund else taken.amount
-    event = usage_event(s, billed, now)
-    args: dict[str, Any] = {
-        "request": req.request_id, "user": req.user_id, "project": req.project_id, "listing": req.listing_id,
-        "period": req.period, "now": now, "refunded": int(s.refund), "status": s.status, "reason": reason,
-        "verdict": taken.verdict.value, "amount": taken.amount, "key": s.key_id, "token": s.token_id,
-        "description": (f"refund: {req.tool_name} on mcp {req.listing_id}"
-                        + (f" ({reason})" if reason else ""))[:255],
-        **{f"event{i}": value for i, value in enumerate(event)},  # the usage_events row, as the Ledger writes it
-    }
-    # A billed call's statements test the flip through a chain of ROW_COUNT()s (each the previous
-    # statement's: the flip matched 1, the counter upsert wrote 1 or 2); other paths keep it in @mcpm_flip.
-    stamp = ((s.key_id is not None and last_used.due("api_keys", s.key_id) and "api_keys")
-             or (s.token_id is not None and last_used.due("oauth_access_tokens", s.token_id) and "oauth_access_tokens"))
-    chain = not s.refund and not stamp
-    parts = [
-        "UPDATE mcpmeter_calls SET settled_at = %(now)s, refunded = %(refunded)s, status = %(status)s,"
-        " reason = %(reason)s WHERE request_id = %(request)s AND settled_at IS NULL"
-        " AND verdict = %(verdict)s AND amount_micro_cents = %(amount)s",
-    ]
-    if not chain:
-        parts.append("SET @mcpm_flip := ROW_COUNT()")
-    flip = "ROW_COUNT() = 1" if chain else "@mcpm_flip = 1"
-    if s.refund and taken.verdict is Verdict.DEBITED and taken.amount > 0:
-        parts += [
-            "UPDATE users SET credit_micro_cents = credit_micro_cents + %(amount)s"
-            " WHERE id = IF(@mcpm_flip = 1, %(user)s, NULL)",
-            _LEDGER_INSERT + f" SELECT %(user)s, %(amount)s, 'refund', 'mcpmeter_call', COALESCE({_BALANCE}, 0),"
-            " %(description)s, %(request)s, %(now)s, %(now)s FROM DUAL WHERE @mcpm_flip = 1",
-            _SPEND.format(amount="-%(amount)s", flag="@mcpm_flip = 1"),
-        ]
-    elif s.refund and taken.verdict is Verdict.FREE:
-        parts.append(
-            "UPDATE mcp_consumer_usage SET free_calls_used = free_calls_used - 1, updated_at = %(now)s"
-            " WHERE mcp_id = IF(@mcpm_flip = 1, %(listing)s, NULL) AND user_id = %(user)s"
-            " AND period_year_month = %(period)s AND free_calls_used > 0")
-    if billed > 0:
-        parts.append(MYSQL.upsert(
-            "INSERT INTO mcp_consumer_usage (mcp_id, user_id, free_calls_used, period_year_month, billable_calls,"
-            " first_called_at, last_called_at, created_at, updated_at)"
-            " SELECT %(listing)s, %(user)s, 0, %(period)s, 1, %(now)s, %(now)s, %(now)s, %(now)s"
-            " FROM DUAL WHERE " + flip,
-            "mcp_id, user_id", COUNT_BILLABLE))
-        flip = "ROW_COUNT() > 0" if chain else flip
-    parts.append(f"{USAGE_EVENTS_INSERT} SELECT {', '.join(f'%(event{i})s' for i in range(len(event)))}"
-                 f" FROM DUAL WHERE {flip}")
-    # last_used_at is informational (once a minute): stamped here even if this text ends up not settling.
-    if stamp:
-        parts.append(f"UPDATE {stamp} SET last_used_at = %(now)s"
-                     f" WHERE id = IF(@mcpm_flip = 1, {'%(key)s' if stamp == 'api_keys' else '%(token)s'}, NULL)")
-    if s.need_balance:
-        parts.append(f"SELECT {_BALANCE}")
-    flipped, row = await one_trip(conn, ";".join(parts + ["COMMIT"]), args)
-    if flipped != 1:
-        return False, None  # every write above was conditional on the flip: nothing was written
-    return True, (int(row[0] or 0) if row else None)
-
+    # last_used_at is informational (once a minute): counted as stamped even if the flip matches
+    # nothing and the procedure writes no stamp.
+    stamp_key = s.key_id if s.key_id is not None and last_used.due("api_keys", s.key_id) else None
+    stamp_token = (s.token_id if stamp_key is None and s.token_id is not None
+                   and last_used.due("oauth_access_tokens", s.token_id) else None)
+    args = (req.request_id, req.user_id, req.project_id, req.listing_id, req.period, now, int(s.refund), s.status,
+            reason, taken.verdict.value, taken.amount,
+            (f"refund: {req.tool_name} on mcp {req.listing_id}" + (f" ({reason})" if reason else ""))[:255],
+            stamp_key, stamp_token, int(s.need_balance),
+            *usage_event(s, 0 if s.refund else taken.amount, now))  # the usage_events row, as the Ledger writes it
+    _, row = await one_trip(conn, f"CALL `{SETTLE_PROCEDURE}`({', '.join(['%s'] * len(args))})", args)
+    if row is None:
+        raise RuntimeError("mysql: the settle procedure returned no outcome")
+    if row[0] != 1:
+        return False, None  # every write was conditional on the flip: nothing was written
+    return True, (int(row[1]) if s.need_balance else None)
