@@ -100,6 +100,31 @@ async def test_two_gateways_settling_refunding_and_sweeping_the_same_calls_recon
     reconcile(db)
 
 
+async def test_a_refund_for_a_consumer_deleted_mid_call_is_settled_without_a_ledger_row(
+        db: Backend) -> None:  # noqa: F811
+    """The web app deletes a consumer's account (ON DELETE CASCADE: projects, keys, ledger) while
+    their call runs, and the call fails: there is no balance to give the money back to. The
+    settlement is recorded, refunded, with no ledger row (it would break the ledger's foreign key),
+    as the Ledger does it; it must not fail and leave the call to the sweeper."""
+    who = add_consumer(db, 1, credit=10 * PRICE)
+    add_listing(db, 10, "a", price=PRICE)
+    req = call(who, 10, PRICE)
+    taken = await db.store.charge(req)
+    assert taken.verdict is Verdict.DEBITED
+    db.execute("DELETE FROM users WHERE id = 1")
+    s = dataclasses.replace(outcome(req, who, refund=True, status=502), taken=taken, reason="upstream")
+    assert await db.store.settle(s) == 0
+    assert db.rows("SELECT refunded, status, reason FROM mcpmeter_calls WHERE request_id = %s",
+                   (req.request_id,)) == [(1, 502, "upstream")]
+    assert db.value("SELECT COUNT(*) FROM credit_transactions WHERE request_id = %s AND type = 'refund'",
+                    (req.request_id,)) == 0
+    assert db.rows("SELECT billed_micro_cents, status FROM usage_events WHERE request_id = %s",
+                   (req.request_id,)) == [(0, 502)]
+    assert db.value("SELECT spent_micro_cents FROM mcpmeter_project_spend WHERE project_id = %s",
+                    (who.project_id,)) == 0
+    assert await db.store.sweep(-2, FEE_BPS) == 0
+
+
 async def test_one_call_the_sweeper_cannot_refund_does_not_stop_it_refunding_the_others(
         mysql_db: Backend) -> None:  # noqa: F811
     """A consumer's account is deleted (the web app's ON DELETE CASCADE) while one of their calls is

@@ -195,10 +195,15 @@ BEGIN
   IF v_flip THEN
     IF p_refunded AND p_verdict = '{Verdict.DEBITED.value}' AND p_amount > 0 THEN
       UPDATE users SET credit_micro_cents = credit_micro_cents + p_amount WHERE id = p_user;
-      SELECT COALESCE(MAX(credit_micro_cents), 0) INTO v_balance FROM users WHERE id = p_user;
-      INSERT INTO credit_transactions (user_id, amount_micro_cents, type, reference_type,
-        balance_after_micro_cents, description, request_id, created_at, updated_at)
-        VALUES (p_user, p_amount, 'refund', 'mcpmeter_call', v_balance, p_description, p_request, p_now, p_now);
+      -- A user deleted since the charge (ON DELETE CASCADE took their ledger too) has no balance to
+      -- credit: their call is settled refunded, bare, as the Ledger does (a ledger row would break
+      -- the ledger's foreign key and fail the settlement, leaving the call to the sweeper).
+      IF ROW_COUNT() = 1 THEN
+        SELECT credit_micro_cents INTO v_balance FROM users WHERE id = p_user;
+        INSERT INTO credit_transactions (user_id, amount_micro_cents, type, reference_type,
+          balance_after_micro_cents, description, request_id, created_at, updated_at)
+          VALUES (p_user, p_amount, 'refund', 'mcpmeter_call', v_balance, p_description, p_request, p_now, p_now);
+      END IF;
       INSERT INTO mcpmeter_project_spend (project_id, period_year_month, spent_micro_cents)
         VALUES (p_project, p_period, -p_amount)
         ON DUPLICATE KEY UPDATE spent_micro_cents = spent_micro_cents + VALUES(spent_micro_cents);
