@@ -306,12 +306,12 @@ async def test_authorization_servers_are_the_configured_ones(tmp_path: Path) -> 
 
 
 async def test_a_tool_name_is_shown_bounded_and_on_one_line(shadow_gw: Gw, caplog: pytest.LogCaptureFixture) -> None:
-    """A tool name is the client's, as long as the body allows and with any character in it: the
+    """A tool name is the client's, up to 1,024 characters and with any character in it: the
     shadow log line, the flow's comment and `mcpmeter.calls` show at most 191 characters of it, with
     line breaks and other control characters escaped, so it cannot forge a line of its own."""
     gw = shadow_gw
     caplog.set_level(logging.INFO, logger="mcpmeter")
-    name = "echo\nmcpmeter: shadow forged would pass\r\u2028" + "x" * 3000
+    name = "echo\nmcpmeter: shadow forged would pass\r\u2028" + "x" * 900
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": name, "arguments": {}}}
     flow = make_flow(body=body)
     await gw.addon.request(flow)
