@@ -53,7 +53,7 @@ def keep_copy(flow: http.HTTPFlow, limit: int = MAX_COPY_BYTES) -> None:
 
 
 def shown(name: str, limit: int = NAME_CHARS) -> str:
-    """A client-chosen name (a tool's: any characters, as long as the body allows) as a comment, a log
+    """A client-chosen name (a tool's: any characters, up to 1,024 of them) as a comment, a log
     line or a command's answer shows it: cut at `limit` characters, control and other unprintable
     characters escaped, so it can neither run on nor start a line of its own."""
     cut = name[:limit]
