@@ -91,6 +91,14 @@ class Admission:
             session = call.legacy_session = legacy_identity(listing.id, subpath, query)
         elif session and listing.transport is not Transport.SSE:
             call.session = (listing.id, session)
+        elif req.method == "GET" and listing.transport is not Transport.SSE:
+            # Without a session, a GET naming an event resumes the stream that carried it: its answers
+            # settle (or are withheld from) the call parked under that event (addon/pending.py).
+            resumed = req.headers.get_all("last-event-id")
+            if len(resumed) > 1:  # the upstream might resume after another one than the one matched here
+                raise GatewayError("invalid_request", reason="one Last-Event-ID header at most")
+            if resumed:
+                call.session = resumption.resume_key(listing.id, resumed[0])
         method: str | None = None
         request_ids: tuple[JsonId, ...] = ()
         if req.method == "POST":

@@ -17,6 +17,7 @@ from enum import StrEnum
 from mitmproxy import http
 
 from . import billing, idempotency, legacy_sse, stream_edit
+from . import pending as resumption
 from .billing import Failure
 from .decoding import StreamDecoder
 from .jsonrpc import JsonId, Outcome, PricedCall, body_outcome, scanned_outcome
@@ -87,7 +88,9 @@ class Call:
     rewriter: legacy_sse.EndpointRewriter | None = None  # the session's GET stream
     editor: stream_edit.StreamEditor | None = None  # what is written into an SSE answer's events
     # --- streamable HTTP sessions: resumption and cancellation (addon/pending.py)
-    session: tuple[int, str] | None = None  # (listing id, Mcp-Session-Id)
+    # (listing id, Mcp-Session-Id); for a GET without a session resuming by Last-Event-ID, the resume
+    # key of that event: the scope in which its stream's answers settle calls (see `scope`)
+    session: resumption.Scope | None = None
     waits: Wait | None = None  # its flow's hooks are over and its answer is still to come
     # Refunded for an answer under its id seen on another stream of the session (a resumed GET): its
     # own stream's answer, if one comes after all, is never delivered (as a cancelled call's).
@@ -104,6 +107,18 @@ class Call:
     @flow.setter
     def flow(self, flow: http.HTTPFlow | None) -> None:
         self.flow_ref = weakref.ref(flow) if flow is not None else None
+
+    @property
+    def scope(self) -> resumption.Scope | None:
+        """Where this call's answers are matched on resumed streams (addon/pending.py): its session; without
+        one, on a streamable listing, the last event id its stream carried, which its client resumes after
+        (a stateless server keeping events replays that stream to a GET naming it). None: not resumable."""
+        if self.session is not None:
+            return self.session
+        if (self.parser is None or self.parser.last_event_id is None or self.listing is None
+                or self.listing.transport is Transport.SSE):
+            return None
+        return resumption.resume_key(self.listing.id, self.parser.last_event_id)
 
     def drop_stream_buffers(self) -> None:
         """Its flow's hooks are over: what its stream's readers hold of an unfinished event goes. A held

@@ -24,10 +24,11 @@ STRIPPED = HOP_BY_HOP | {"authorization", "cookie", "host", "x-forwarded-host"}
 NOT_UNWRAPPABLE = HOP_BY_HOP | {"host", "content-length", "transfer-encoding", "x-forwarded-host",
                                 "mcp-session-id", "mcp-method", "mcp-name"}
 # ... nor, for a consumer, the other request headers the gateway checked and decided on: the body's
-# charset and coding (what the meter read as UTF-8, uncompressed, is what it priced) and the protocol
-# revision (from 2026-07-28 a closed stream is refunded as cancelled: the upstream must see that revision).
+# charset and coding (what the meter read as UTF-8, uncompressed, is what it priced), the protocol
+# revision (from 2026-07-28 a closed stream is refunded as cancelled: the upstream must see that revision)
+# and Last-Event-ID (a GET without a session is watched for the call parked under the event it names).
 # A publisher may still set these in upstream_headers: its own server, its own bytes.
-CHECKED_ON_REQUEST = frozenset({"content-type", "content-encoding", "mcp-protocol-version"})
+CHECKED_ON_REQUEST = frozenset({"content-type", "content-encoding", "mcp-protocol-version", "last-event-id"})
 WRAP_PREFIX = "x-forward-"
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # What a listing URL's netloc may be, being the upstream's Host: a name (mitmproxy checks its

@@ -401,8 +401,8 @@ class Mcpmeter:
         call.drop_stream_buffers()
         self.calls.pop(flow.id, None)
         self.legacy.unregister(call)
-        if call.session is not None and call.priced is not None:
-            self.pending.untrack(call.session, call.priced.rpc_id, call)
+        if call.priced is not None and (scope := call.scope) is not None:
+            self.pending.untrack(scope, call.priced.rpc_id, call)
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait for the settlements still being written (see Settlements.drain): tests call it."""

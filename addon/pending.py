@@ -12,12 +12,22 @@ with no deliverable answer is refunded, and a refunded call's answer is never de
   an event answering its id on a later stream of that session goes out without its `data:` lines
   (`blank_if_refunded`, applied by stream_edit.StreamEditor), so the client never receives it.
   Markers are bounded in number and expire.
+- A call without a session (a stateless server that keeps an event store) has no session to be tracked
+  in, and its JSON-RPC id names nothing: independent stateless clients share a key and all number their
+  calls from 0 or 1. What names its stream is the event its client resumes after: the last `id:` its
+  POST stream carried, which the client sends back as `Last-Event-ID` on a GET (the server replays that
+  stream). So it is parked, and its refunded marker kept, under (listing id, that event id): a GET without
+  a session resuming that event is watched as a session's GET stream is. Only the key that made the call
+  settles it; on another key's stream its answer goes out blanked while it is parked (never a result
+  handed to one key while another's call is refunded), as after its refund on every stream.
 
-Sessions are keyed by (listing id, Mcp-Session-Id); ids by their JSON type, so 1 and "1" differ.
+Scopes are (listing id, Mcp-Session-Id) or, without a session, (listing id, sha256 of the event id
+resumed); ids by their JSON type, so 1 and "1" differ.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -29,7 +39,9 @@ from mitmproxy import http
 
 from .jsonrpc import JsonId, answer_messages, parse_strict
 
-SessionKey = tuple[int, str]
+SessionKey = tuple[int, str]  # (listing id, Mcp-Session-Id)
+ResumeKey = tuple[int, bytes]  # (listing id, sha256 of an event id): bytes, never equal to a session's str
+Scope = SessionKey | ResumeKey
 IdKey = tuple[bool, Any]  # (is a string, value): 1 and "1" are different ids, 1 and 1.0 the same
 
 log = logging.getLogger("mcpmeter")
@@ -44,6 +56,13 @@ def id_key(rpc_id: Any) -> IdKey | None:
     if isinstance(rpc_id, bool) or not isinstance(rpc_id, (str, int, float)):
         return None
     return isinstance(rpc_id, str), rpc_id
+
+
+def resume_key(listing_id: int, event_id: str) -> ResumeKey:
+    """The scope of a call without a session, by the event its client resumes after. Hashed: an event id
+    may be 64 KiB long (sse.py), and markers are kept by the hundred thousand. `surrogatepass`: the
+    parser's ids and mitmproxy's header values are str from bytes; any str encodes."""
+    return listing_id, hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).digest()
 
 
 def close_cancels(headers: http.Headers) -> bool:
@@ -71,21 +90,21 @@ def cancelled_request_id(body: bytes) -> JsonId | None:
 class Pending:
     def __init__(self, max_markers: int = MAX_REFUNDED_MARKERS,
                  marker_seconds: float = REFUNDED_MARKER_SECONDS) -> None:
-        self.tracked: dict[SessionKey, dict[IdKey, tuple[http.HTTPFlow, Any]]] = {}
-        self.parked: dict[SessionKey, dict[IdKey, tuple[http.HTTPFlow, Any]]] = {}
-        self.refunded: OrderedDict[tuple[SessionKey, IdKey], float] = OrderedDict()
+        self.tracked: dict[Scope, dict[IdKey, tuple[http.HTTPFlow, Any]]] = {}
+        self.parked: dict[Scope, dict[IdKey, tuple[http.HTTPFlow, Any]]] = {}
+        self.refunded: OrderedDict[tuple[Scope, IdKey], float] = OrderedDict()
         self.max_markers, self.marker_seconds = max_markers, marker_seconds
 
     # --- calls in flight (for cancellation) ----------------------------------------------------
 
-    def track(self, session: SessionKey, rpc_id: JsonId, flow: http.HTTPFlow, call: Any) -> None:
+    def track(self, session: Scope, rpc_id: JsonId, flow: http.HTTPFlow, call: Any) -> None:
         if (key := id_key(rpc_id)) is not None:
             self.tracked.setdefault(session, {})[key] = (flow, call)
             # A new call under the id of a refunded one (ids must not be reused, but may be): answers
             # to that id are the new call's from now on, delivered and billed, not blanked.
             self.refunded.pop((session, key), None)
 
-    def untrack(self, session: SessionKey, rpc_id: JsonId, call: Any) -> None:
+    def untrack(self, session: Scope, rpc_id: JsonId, call: Any) -> None:
         for table in (self.tracked, self.parked):
             calls = table.get(session)
             key = id_key(rpc_id)
@@ -94,7 +113,7 @@ class Pending:
                 if not calls:
                     del table[session]
 
-    def in_flight(self, session: SessionKey, ids: Iterable[Any]) -> bool:
+    def in_flight(self, session: Scope, ids: Iterable[Any]) -> bool:
         """Whether one of these request ids names a priced call of the session still unanswered
         (running or parked). JSON-RPC ids must not be reused within a session, and here they cannot
         be: the meter tells a call's answer on another stream (a resumed GET) only by its id, so a
@@ -106,7 +125,7 @@ class Pending:
                 return True
         return False
 
-    def find(self, session: SessionKey, rpc_id: JsonId) -> tuple[http.HTTPFlow, Any] | None:
+    def find(self, session: Scope, rpc_id: JsonId) -> tuple[http.HTTPFlow, Any] | None:
         """The priced call of this session with this id: parked first, else in flight."""
         key = id_key(rpc_id)
         if key is None:  # not an id a call can have
@@ -115,18 +134,27 @@ class Pending:
 
     # --- calls parked until a resumed stream answers them ----------------------------------------
 
-    def park(self, session: SessionKey, rpc_id: JsonId, flow: http.HTTPFlow, call: Any) -> None:
-        if (key := id_key(rpc_id)) is not None:
-            self.parked.setdefault(session, {})[key] = (flow, call)
+    def park(self, session: Scope, rpc_id: JsonId, flow: http.HTTPFlow, call: Any) -> bool:
+        """Park the call; False when its place is another call's, still unsettled. In a session ids are not
+        reused (in_flight); without one, two calls of one id resuming one event id mean a server whose
+        event ids name no single stream: nothing could tell their answers apart."""
+        if (key := id_key(rpc_id)) is None:
+            return False
+        calls = self.parked.setdefault(session, {})
+        held = calls.get(key)
+        if held is not None and held[1] is not call and held[1].outcome is None and held[1].settlement is None:
+            return False
+        calls[key] = (flow, call)
+        return True
 
-    def has_parked(self, session: SessionKey) -> bool:
+    def has_parked(self, session: Scope) -> bool:
         return session in self.parked
 
-    def watching(self, session: SessionKey) -> bool:
+    def watching(self, session: Scope) -> bool:
         """Whether the session has calls (parked or running) an answer on its GET streams would settle."""
         return session in self.parked or session in self.tracked
 
-    def answered(self, session: SessionKey, messages: list[Any] | None) -> list[tuple[http.HTTPFlow, Any]]:
+    def answered(self, session: Scope, messages: list[Any] | None) -> list[tuple[http.HTTPFlow, Any]]:
         """The calls of `session`, parked or running, that these messages (an event's) answer."""
         parked, running = self.parked.get(session, {}), self.tracked.get(session, {})
         found = []
@@ -141,7 +169,7 @@ class Pending:
 
     # --- refunded answers, never delivered ------------------------------------------------------
 
-    def mark_refunded(self, session: SessionKey, rpc_id: JsonId) -> None:
+    def mark_refunded(self, session: Scope, rpc_id: JsonId) -> None:
         if (key := id_key(rpc_id)) is None:
             return
         now = time.monotonic()
@@ -152,7 +180,7 @@ class Pending:
         while self.refunded and (len(self.refunded) > self.max_markers or next(iter(self.refunded.values())) <= now):
             self.refunded.popitem(last=False)
 
-    def is_refunded(self, session: SessionKey, rpc_id: Any) -> bool:
+    def is_refunded(self, session: Scope, rpc_id: Any) -> bool:
         if (key := id_key(rpc_id)) is None:
             return False
         expires = self.refunded.get((session, key))
@@ -163,23 +191,27 @@ class Pending:
             return False
         return True
 
-    def blank_if_refunded(self, session: SessionKey, data: str, live: JsonId | None = None,
-                          live_refunded: bool = False) -> str | None:
+    def blank_if_refunded(self, session: Scope, data: str, live: JsonId | None = None,
+                          live_refunded: bool = False, principal: str | None = None) -> str | None:
         """An event's data: "" (the event is not dispatched by clients) when it answers a refunded call,
         unless it also answers `live`, the call its stream carries, not refunded: a batch answering
         both goes out whole (that call is billed for it; never billed for an answer withheld).
 
         `live_refunded`: the stream's own call was refunded (cancelled). Its answer is blanked whatever
         the session's markers say: a later call reusing its id takes the marker over (its answers are
-        its own), and must not unblank the refunded call's answer on the refunded call's own stream."""
-        if not self.refunded and not live_refunded:
+        its own), and must not unblank the refunded call's answer on the refunded call's own stream.
+
+        `principal`: the key whose stream this is. An answer to a call parked in the scope by another
+        key is withheld as a refunded one's: that key cannot settle it, so it would be refunded at its
+        timeout with its result out (a stateless server replays a stream to whoever names its event)."""
+        if not self.refunded and not live_refunded and (principal is None or session not in self.parked):
             return None
         live_key = id_key(live)
 
         def refunded(rpc_id: Any) -> bool:
             # (live_key None: the stream carries no call; an answer without an id is nobody's)
             own = live_refunded and live_key is not None and id_key(rpc_id) == live_key
-            return own or self.is_refunded(session, rpc_id)
+            return own or self.is_refunded(session, rpc_id) or self._foreign(session, rpc_id, principal)
 
         messages = answer_messages(data.encode("utf-8", "surrogatepass"))
         answered = [m.id_value() for m in messages or () if not m.has_method and (m.has_result or m.has_error)]
@@ -187,6 +219,16 @@ class Pending:
             return None
         keep = live is not None and not refunded(live) and any(id_key(rpc_id) == live_key for rpc_id in answered)
         return None if keep else ""
+
+    def _foreign(self, session: Scope, rpc_id: Any, principal: str | None) -> bool:
+        """Whether the call parked in the scope under this id is another key's than `principal`, unsettled."""
+        key = id_key(rpc_id) if principal is not None else None
+        entry = self.parked.get(session, {}).get(key) if key is not None else None
+        if entry is None:
+            return False
+        call = entry[1]
+        return (call.consumer is not None and call.consumer.principal != principal
+                and call.outcome is None and call.settlement is None)
 
 
 def cancelled_body(rpc_id: JsonId) -> bytes:

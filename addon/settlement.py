@@ -188,8 +188,8 @@ class Settlements:
                     await gw.circuits.record(call.listing, call.consumer.user_id, status, call.failure,
                                              call.request_id if call.probe else None)
                 if (gw.deferred.round_over(call, decided) and decided.refund  # a continuation settles its first round
-                        and call.outcome is None and call.session is not None):
-                    gw.pending.mark_refunded(call.session, call.priced.rpc_id)  # refunded it: never delivered now
+                        and call.outcome is None and (scope := call.scope) is not None):
+                    gw.pending.mark_refunded(scope, call.priced.rpc_id)  # refunded it: never delivered now
             meta["decision"] = Label.PASSTHROUGH
             gw.metrics.settled(call, None, call.status)
             meta["balance"] = call.balance
@@ -209,9 +209,9 @@ class Settlements:
             decided = call.decided  # a held call, settled as a later message decided (deferred.py)
         elif await gw.deferred.hold(flow, call, decided):
             return  # a task, or an input_required round: a later message settles it (deferred.py)
-        if (decided.refund and (call.outcome is None or call.withheld) and call.session is not None
-                and call.priced is not None):
-            gw.pending.mark_refunded(call.session, call.priced.rpc_id)  # its answer is never delivered now
+        if (decided.refund and (call.outcome is None or call.withheld) and call.priced is not None
+                and (scope := call.scope) is not None):
+            gw.pending.mark_refunded(scope, call.priced.rpc_id)  # its answer is never delivered now
         gw.metrics.settled(call, decided.refund, status)
         settlement = Settlement(
             charge=call.charge, refund=decided.refund, status=status, duration_ms=call.elapsed_ms(),

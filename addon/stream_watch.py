@@ -110,12 +110,13 @@ class StreamWatch:
             plan = await receipts.stream_plan(flow, call, gw.store, gw.free_used)
             session, pending = call.session, gw.pending
             live = call.priced.rpc_id if call.priced is not None else None
+            principal = call.consumer.principal if call.consumer is not None else None
 
             def blank(data: str) -> bool:
                 assert session is not None
                 # refunded while its stream stays open: cancelled, or refunded for an answer seen elsewhere
                 cancelled = call.failure is Failure.CANCELLED or call.withheld
-                return pending.blank_if_refunded(session, data, live, cancelled) is not None
+                return pending.blank_if_refunded(session, data, live, cancelled, principal) is not None
 
             if plan is not None or session is not None:
                 max_event = gw.config.max_event_bytes if gw.config else DEFAULT_MAX_EVENT_BYTES
@@ -168,19 +169,21 @@ class StreamWatch:
 
     def park(self, flow: http.HTTPFlow, call: Call) -> bool:
         """A POST stream the server ended after an event id, without the answer (SEP-1699): the call
-        stays pending until a resumed stream of its session answers it, or its timeout refunds it."""
-        if (call.parser is None or call.priced is None or call.session is None or call.listing is None
+        stays pending until a resumed stream of its session answers it, or its timeout refunds it.
+        Without a session, the resumed stream is a GET naming that event id (Call.scope)."""
+        if (call.parser is None or call.priced is None or call.listing is None
                 or (call.charged is None and not self.gw.deferred.continues(call))  # paid, or continuing a paid round
                 or call.outcome is not None or call.failure is not None
                 or call.settlement is not None or call.parser.last_event_id is None
-                or call.status is None or not 200 <= call.status < 300):
+                or call.status is None or not 200 <= call.status < 300 or (scope := call.scope) is None):
             return False
         remaining = self.remaining(call)
         if remaining <= 0:
             call.failure = Failure.NO_ANSWER_BY_TIMEOUT
             return False
+        if not self.gw.pending.park(scope, call.priced.rpc_id, flow, call):
+            return False  # refunded as unanswered, its marker withholding both calls' answers
         call.waits = Wait.RESUMPTION
-        self.gw.pending.park(call.session, call.priced.rpc_id, flow, call)
         self.start_deadline(flow, call, remaining)
         flow.metadata.setdefault(META, {"request_id": call.request_id})["decision"] = Label.PENDING
         flow.comment = (f"{call.listing.slug} · {call.priced.tool_name} · pending: the server closed the stream; "
@@ -201,8 +204,10 @@ class StreamWatch:
         pending = self.gw.pending
         if event.event != "message" or not pending.watching(stream.session):
             return  # MCP clients ignore other event types: not an answer they get
-        if not event.oversized and pending.blank_if_refunded(stream.session, event.data) is not None:
-            return  # it goes out blanked (it answers a refunded call): it answers nobody, nobody pays for it
+        principal = stream.consumer.principal if stream.consumer is not None else None
+        if not event.oversized and pending.blank_if_refunded(stream.session, event.data,
+                                                             principal=principal) is not None:
+            return  # it goes out blanked (it answers a refunded call, or another key's): nobody pays for it
         messages = event.messages if event.oversized else answer_messages(event.data.encode("utf-8", "surrogatepass"))
         for flow, call in pending.answered(stream.session, messages):
             if (stream.consumer is None or call.consumer is None or call.priced is None

@@ -10,9 +10,10 @@ import json
 import pytest
 from mitmproxy import http
 
-from addon.call import Wait
+from addon.billing import Failure
+from addon.call import Call, Wait
 from tests.test_gateway_hooks import (  # noqa: F401  (fixtures)
-    OPENING, PRICE, RESULT, Gw, gw, isolated, make_flow, sent, sse_response, tool_call,
+    ALICE, BOB, OPENING, PRICE, RESULT, Gw, gw, isolated, make_flow, sent, sse_response, tool_call,
 )
 from tests.test_pending_hooks import PRIMING, SESSION, post_primed, resumed_get, usage_reasons
 
@@ -146,9 +147,6 @@ async def test_a_parked_call_is_not_billed_for_an_answer_blanked_on_the_resumed_
     gw.db.assert_reconciled()
 
 
-@pytest.mark.xfail(strict=True, reason="a call without Mcp-Session-Id is never parked nor blanked: refunded "
-                   "no_answer while a GET with Last-Event-ID (a stateless server with an event store) replays its "
-                   "result; fix: park and blank per (listing, key) when the call has no session")
 async def test_a_sessionless_call_refunded_at_the_end_of_its_primed_stream_is_not_delivered_by_resumption(
         gw: Gw) -> None:
     """2025-11-25, a stateless server (no Mcp-Session-Id) with an event store: it closes the POST stream
@@ -176,14 +174,199 @@ async def test_a_sessionless_call_refunded_at_the_end_of_its_primed_stream_is_no
     assert delivered <= len(billed), f"{delivered} result(s) delivered, {len(billed)} billed: {usage_reasons(gw)}"
 
 
+# --- calls without a session, resumed by Last-Event-ID (a stateless server that keeps events) ---------
+
+VERSION = {"MCP-Protocol-Version": "2025-11-25"}
+
+
+async def sessionless_parked(gw: Gw, rpc_id: int = 1, token: str = ALICE) -> tuple[http.HTTPFlow, Call]:
+    """A priced call without Mcp-Session-Id whose POST stream the server ended after its priming event (id 1)."""
+    post = make_flow(headers=VERSION, body=tool_call(rpc_id=rpc_id), token=token)
+    await gw.addon.request(post)
+    assert post.response is None  # forwarded, charged
+    call = gw.addon.calls[post.id]
+    post.response = sse_response()
+    await gw.addon.responseheaders(post)
+    sent(post.response.stream(PRIMING))
+    post.response.stream(b"")
+    await gw.addon.response(post)
+    return post, call
+
+
+async def sessionless_get(gw: Gw, event_id: str = "1", token: str = ALICE) -> http.HTTPFlow:
+    get = make_flow(method="GET", headers={**VERSION, "Last-Event-ID": event_id}, token=token)
+    await gw.addon.request(get)
+    assert get.response is None  # forwarded
+    get.response = sse_response()
+    await gw.addon.responseheaders(get)
+    return get
+
+
+async def end(gw: Gw, flow: http.HTTPFlow) -> None:
+    flow.response.stream(b"")
+    await gw.addon.response(flow)
+    await gw.addon.drain()
+
+
+ANSWER = b"id: 2\ndata: " + RESULT.encode() + b"\n\n"
+
+
+async def test_a_sessionless_call_parked_is_billed_once_however_often_its_stream_is_resumed(gw: Gw) -> None:
+    """The answer on the first GET resuming the call's event settles it; a second GET resuming the same event
+    (the client retrying) gets it again, already paid: one price, and the parked call is released."""
+    post, call = await sessionless_parked(gw)
+    assert call.waits is Wait.RESUMPTION and usage_reasons(gw) == []
+    delivered = 0
+    for _ in range(2):
+        get = await sessionless_get(gw)
+        out = sent(get.response.stream(ANSWER))
+        assert out == ANSWER  # delivered as sent
+        delivered += delivered_results(out)
+        await end(gw, get)
+    assert delivered == 2 and usage_reasons(gw) == [(200, 0, "result")]
+    assert gw.db.balance(1) == OPENING - PRICE
+    assert not gw.addon.pending.parked and post.id not in gw.addon.calls
+    gw.db.assert_reconciled()
+
+
+async def test_a_sessionless_call_refunded_at_its_timeout_is_not_delivered_by_a_later_resumption(gw: Gw) -> None:
+    post, call = await sessionless_parked(gw)
+    gw.addon.streams.on_deadline(post, call)  # the listing's timeout, no resumed stream having answered
+    await gw.addon.drain()
+    assert usage_reasons(gw) == [(504, 1, "no_answer_by_timeout")] and gw.db.balance(1) == OPENING
+    get = await sessionless_get(gw)
+    assert sent(get.response.stream(ANSWER)) == b"id: 2\n\n"  # its id kept, its data dropped
+    await end(gw, get)
+    assert usage_reasons(gw) == [(504, 1, "no_answer_by_timeout")] and not gw.addon.pending.parked
+    gw.db.assert_reconciled()
+
+
+async def test_a_sessionless_call_refunded_while_its_stream_is_resumed_is_not_delivered_there(gw: Gw) -> None:
+    post, call = await sessionless_parked(gw)
+    get = await sessionless_get(gw)  # resumed, the answer not there yet
+    gw.addon.streams.on_deadline(post, call)
+    await gw.addon.drain()
+    assert sent(get.response.stream(ANSWER)) == b"id: 2\n\n"
+    await end(gw, get)
+    assert usage_reasons(gw) == [(504, 1, "no_answer_by_timeout")]
+
+
+async def test_a_sessionless_call_cut_at_its_timeout_is_not_delivered_by_resumption(gw: Gw) -> None:
+    """Its POST stream still open at the timeout: cut and refunded (upstream_timeout); a GET resuming after
+    the last event it carried gets the answer blanked."""
+    post = make_flow(headers=VERSION)
+    await gw.addon.request(post)
+    call = gw.addon.calls[post.id]
+    post.response = sse_response()
+    await gw.addon.responseheaders(post)
+    sent(post.response.stream(PRIMING))
+    call.failure = Failure.TIMEOUT  # what on_deadline sets before it aborts the upstream
+    await gw.addon.error(post)
+    await gw.addon.drain()
+    assert usage_reasons(gw) == [(504, 1, "upstream_timeout")]
+    get = await sessionless_get(gw)
+    assert delivered_results(sent(get.response.stream(ANSWER))) == 0
+    await end(gw, get)
+    gw.db.assert_reconciled()
+
+
+async def test_a_resumption_naming_another_event_or_another_id_settles_nothing(gw: Gw) -> None:
+    """A GET naming an event no call is parked under is forwarded and passes as sent; on the call's own
+    resumed stream, an answer under another id is not its answer: it passes, and the call stays parked."""
+    post, call = await sessionless_parked(gw)
+    other = await sessionless_get(gw, event_id="77")
+    assert sent(other.response.stream(ANSWER)) == ANSWER
+    await end(gw, other)
+    get = await sessionless_get(gw)
+    foreign = b"id: 3\ndata: " + RESULT.replace('"id": 1', '"id": 2').encode() + b"\n\n"
+    assert sent(get.response.stream(foreign)) == foreign
+    await gw.addon.drain()
+    assert call.settlement is None and call.waits is Wait.RESUMPTION and usage_reasons(gw) == []
+    assert sent(get.response.stream(ANSWER)) == ANSWER  # its own answer settles it
+    await end(gw, get)
+    assert usage_reasons(gw) == [(200, 0, "result")]
+    gw.db.assert_reconciled()
+
+
+async def test_another_key_resuming_a_sessionless_calls_event_neither_settles_it_nor_gets_its_answer(
+        gw: Gw) -> None:
+    """A stateless server replays a stream to whoever names its event. Bob, naming Alice's, must not get the
+    result while Alice's call waits (it would be refunded at its timeout, the result out), nor bill her."""
+    post, call = await sessionless_parked(gw)
+    bob = await sessionless_get(gw, token=BOB)
+    assert sent(bob.response.stream(ANSWER)) == b"id: 2\n\n"
+    await end(gw, bob)
+    assert call.settlement is None and usage_reasons(gw) == []
+    alice = await sessionless_get(gw)
+    assert sent(alice.response.stream(ANSWER)) == ANSWER
+    await end(gw, alice)
+    assert usage_reasons(gw) == [(200, 0, "result")] and gw.db.balance(2) == OPENING
+    gw.db.assert_reconciled()
+
+
+async def test_another_key_cannot_get_a_refunded_sessionless_calls_answer_either(gw: Gw) -> None:
+    post, call = await sessionless_parked(gw)
+    gw.addon.streams.on_deadline(post, call)
+    await gw.addon.drain()
+    bob = await sessionless_get(gw, token=BOB)
+    assert sent(bob.response.stream(ANSWER)) == b"id: 2\n\n"
+    await end(gw, bob)
+
+
+async def test_two_sessionless_calls_parked_under_one_event_and_id_deliver_nothing_unpaid(gw: Gw) -> None:
+    """Stateless clients of one key all number their calls from 1; a server whose event ids repeat across
+    streams primes both with id 1. Nothing tells their answers apart: both refunded, no answer delivered."""
+    post_a, call_a = await sessionless_parked(gw)
+    post_b, call_b = await sessionless_parked(gw)
+    assert call_a.waits is Wait.RESUMPTION and call_b.waits is None  # B refunded at once
+    delivered = 0
+    for text in ("result of A", "result of B"):
+        get = await sessionless_get(gw)
+        delivered += text.encode() in sent(get.response.stream(b"id: 2\ndata: " + RESULT.replace(
+            "done", text).encode() + b"\n\n"))
+        await end(gw, get)
+    gw.addon.streams.on_deadline(post_a, call_a)
+    await gw.addon.drain()
+    billed = [r for r in usage_reasons(gw) if r[1] == 0]
+    assert delivered <= len(billed), (delivered, usage_reasons(gw))
+    gw.db.assert_reconciled()
+
+
+async def test_a_sessionless_cancellation_refunds_nothing(gw: Gw) -> None:
+    """Without a session, a notifications/cancelled cannot name a call (every client's ids start at 1)."""
+    post, call = await sessionless_parked(gw)
+    notice = make_flow(headers=VERSION, body={"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                              "params": {"requestId": 1}})
+    await gw.addon.request(notice)
+    assert notice.response is None  # forwarded
+    await gw.addon.drain()
+    assert call.failure is None and call.settlement is None
+    get = await sessionless_get(gw)
+    assert sent(get.response.stream(ANSWER)) == ANSWER
+    await end(gw, get)
+    assert usage_reasons(gw) == [(200, 0, "result")]
+
+
+async def test_a_get_naming_two_last_event_ids_is_refused(gw: Gw) -> None:
+    get = make_flow(method="GET", headers=VERSION)
+    get.request.headers.add("Last-Event-ID", "1")
+    get.request.headers.add("Last-Event-ID", "2")
+    await gw.addon.request(get)
+    assert get.response is not None and get.response.status_code == 400
+    assert json.loads(get.response.content)["error"] == "invalid_request"
+
+
+@pytest.mark.parametrize("in_session", [True, False])
 @pytest.mark.parametrize("answered", [True, False])
 async def test_a_continuation_whose_stream_ends_primed_is_not_refunded_while_resumption_delivers_it(
-        gw: Gw, answered: bool) -> None:
+        gw: Gw, answered: bool, in_session: bool) -> None:
     """A round held on its input_required answer (with a session); the retry carrying its requestState is
     forwarded free, and the server closes the retry's POST stream after its priming event (SEP-1699), the
     answer to come on a resumed GET. Only charged calls were parked: the uncharged retry was settled at
-    once as no_answer, which refunded the held first round, and the resumed GET delivered the result."""
-    first = make_flow(headers=SESSION, body={"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+    once as no_answer, which refunded the held first round, and the resumed GET delivered the result.
+    Without a session too (2026-07-28 has none): the retry is parked under its event id."""
+    headers = SESSION if in_session else VERSION
+    first = make_flow(headers=headers, body={"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                                              "params": {"name": "echo", "arguments": {}}})
     await gw.addon.request(first)
     first.response = http.Response.make(200, json.dumps({"jsonrpc": "2.0", "id": 1, "result": {
@@ -193,7 +376,7 @@ async def test_a_continuation_whose_stream_ends_primed_is_not_refunded_while_res
     await gw.addon.response(first)
     await gw.addon.drain()
     assert usage_reasons(gw) == []  # held
-    retry = make_flow(headers=SESSION, body={"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+    retry = make_flow(headers=headers, body={"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
         "name": "echo", "arguments": {}, "requestState": "S1", "inputResponses": {}}})
     await gw.addon.request(retry)
     assert retry.response is None  # forwarded, free
@@ -208,7 +391,7 @@ async def test_a_continuation_whose_stream_ends_primed_is_not_refunded_while_res
         if call is not None:
             gw.addon.streams.on_deadline(retry, call)
         await gw.addon.drain()
-    get = await resumed_get(gw)
+    get = await (resumed_get(gw) if in_session else sessionless_get(gw))
     result_2 = RESULT.replace('"id": 1', '"id": 2')
     delivered = delivered_results(sent(get.response.stream(b"id: 2\ndata: " + result_2.encode() + b"\n\n")))
     get.response.stream(b"")

@@ -206,6 +206,36 @@ async def test_closing_the_post_stream_cancels_from_2026_07_28_and_is_billed_bef
     assert backend.balance(c.user_id) == (10_000 if expected[1] else 9_000)
 
 
+async def test_a_call_without_a_session_is_settled_by_the_get_resuming_its_event(
+        gateway: Gateway, backend: Backend, resume_url: str) -> None:
+    """A stateless server keeping events (no Mcp-Session-Id): the GET naming the POST stream's last event
+    delivers the answer and bills it once; a call refunded at its timeout is never delivered by one, to its
+    key or another's."""
+    s, late = slug("stateless"), slug("stateless-late")
+    backend.add_listing(s, resume_url, price=1000, timeout=10)
+    backend.add_listing(late, resume_url, price=1000, timeout=1)
+    c, other = backend.add_consumer(credit=10_000), backend.add_consumer(credit=10_000)
+    h = {**c.auth, "MCP-Protocol-Version": "2025-11-25"}
+    r = await post(gateway, f"/{s}", call("closes", {"delay": 0.3}, rpc_id=1), headers=h)
+    primed = events(r.text)[0][0]
+    assert r.status_code == 200 and primed is not None and answers(r.text) == []
+    await asyncio.sleep(0.2)
+    assert journal(backend, c) == []  # pending, not refunded as "no answer"
+    assert [m["id"] for m in answers(await resume(gateway, f"/{s}", h, primed))] == [1]
+    await eventually(lambda: journal(backend, c) == [("closes", 200, 0, "result")])
+    assert backend.balance(c.user_id) == 9_000
+
+    r = await post(gateway, f"/{late}", call("closes", {"delay": 1.6}, rpc_id=1), headers=h)
+    primed = events(r.text)[0][0]
+    assert primed is not None
+    await eventually(lambda: sorted(journal(backend, c)) == [("closes", 200, 0, "result"),
+                                                             ("closes", 504, 1, "no_answer_by_timeout")], timeout=5)
+    assert answers(await resume(gateway, f"/{late}", h, primed)) == []  # dropped
+    other_h = {**other.auth, "MCP-Protocol-Version": "2025-11-25"}
+    assert answers(await resume(gateway, f"/{late}", other_h, primed)) == []
+    assert backend.balance(c.user_id) == 9_000 and backend.balance(other.user_id) == 10_000
+
+
 # --- the official Python SDK on both sides: the client resumes by itself (GET + Last-Event-ID) --------
 
 @pytest.fixture(scope="module")

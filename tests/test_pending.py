@@ -186,3 +186,35 @@ def test_a_stream_without_a_call_of_its_own_blanks_no_answer_without_an_id() -> 
     assert pending.blank_if_refunded(S, data, 1, live_refunded=True) is None
     answer = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {}})
     assert pending.blank_if_refunded(S, answer, 1, live_refunded=True) == ""
+
+
+class Parked:
+    """A call as Pending reads it: its key, and whether it is answered or settled."""
+
+    def __init__(self, principal: str) -> None:
+        self.consumer = type("Consumer", (), {"principal": principal})()
+        self.outcome = self.settlement = None
+
+
+def test_a_call_without_a_session_is_scoped_by_the_event_its_client_resumes_after() -> None:
+    assert pending.resume_key(1, "e-7") == pending.resume_key(1, "e-7")
+    assert pending.resume_key(1, "e-7") not in (pending.resume_key(2, "e-7"), pending.resume_key(1, "e-8"))
+    digest = pending.resume_key(1, "x" * 65536)[1]  # kept by the hundred thousand: bounded whatever the id
+    assert len(digest) == 32
+    assert pending.resume_key(1, "\udcff") != pending.resume_key(1, "\ufffd")  # any str, never a raise
+    # a session id spelling the digest is another scope (str, not bytes)
+    assert (1, digest.hex()) != pending.resume_key(1, "x" * 65536) and (1, digest.decode("latin-1")) != (1, digest)
+
+
+def test_an_answer_to_another_keys_parked_call_is_blanked_and_one_place_holds_one_call() -> None:
+    p, scope = Pending(), pending.resume_key(1, "e-1")
+    alice, bob = Parked("k1"), Parked("k2")
+    assert p.park(scope, 1, http_flow(), alice)
+    answer = '{"jsonrpc":"2.0","id":1,"result":{}}'
+    assert p.blank_if_refunded(scope, answer, principal="k2") == ""  # Bob's stream: withheld
+    assert p.blank_if_refunded(scope, answer, principal="k1") is None  # Alice's: hers to settle
+    assert p.blank_if_refunded(scope, '{"jsonrpc":"2.0","id":2,"result":{}}', principal="k2") is None
+    assert not p.park(scope, 1, http_flow(), bob)  # the place is Alice's call's, unsettled
+    alice.settlement = object()  # type: ignore[assignment]
+    assert p.blank_if_refunded(scope, answer, principal="k2") is None  # paid: delivered to anyone
+    assert p.park(scope, 1, http_flow(), bob)
