@@ -98,7 +98,7 @@ class Admission:
             if len(resumed) > 1:  # the upstream might resume after another one than the one matched here
                 raise GatewayError("invalid_request", reason="one Last-Event-ID header at most")
             if resumed:
-                call.session = resumption.resume_key(listing.id, resumed[0])
+                call.session = gw.pending.resumed(resumption.resume_key(listing.id, resumed[0]))
         method: str | None = None
         request_ids: tuple[JsonId, ...] = ()
         if req.method == "POST":

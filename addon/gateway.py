@@ -403,6 +403,8 @@ class Mcpmeter:
         self.legacy.unregister(call)
         if call.priced is not None and (scope := call.scope) is not None:
             self.pending.untrack(scope, call.priced.rpc_id, call)
+        elif call.session is not None and call.parser is not None:  # a resumed GET stream is over
+            self.pending.carry(call.session, call.parser.last_event_id)  # (without a session) the next resumes after it
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait for the settlements still being written (see Settlements.drain): tests call it."""

@@ -19,7 +19,9 @@ with no deliverable answer is refunded, and a refunded call's answer is never de
   stream). So it is parked, and its refunded marker kept, under (listing id, that event id): a GET without
   a session resuming that event is watched as a session's GET stream is. Only the key that made the call
   settles it; on another key's stream its answer goes out blanked while it is parked (never a result
-  handed to one key while another's call is refunded), as after its refund on every stream.
+  handed to one key while another's call is refunded), as after its refund on every stream. A resumed
+  GET the server ends in turn before the answer passes the scope on to its last event (`carry`), which
+  the client resumes after next.
 
 Scopes are (listing id, Mcp-Session-Id) or, without a session, (listing id, sha256 of the event id
 resumed); ids by their JSON type, so 1 and "1" differ.
@@ -32,8 +34,8 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, cast
 
 from mitmproxy import http
 
@@ -93,6 +95,9 @@ class Pending:
         self.tracked: dict[Scope, dict[IdKey, tuple[http.HTTPFlow, Any]]] = {}
         self.parked: dict[Scope, dict[IdKey, tuple[http.HTTPFlow, Any]]] = {}
         self.refunded: OrderedDict[tuple[Scope, IdKey], float] = OrderedDict()
+        # Without a session: an event resumed after -> the scope it continues (itself: a marked scope), with
+        # its expiry. Bounded and expiring as the markers are.
+        self.resumes: OrderedDict[ResumeKey, tuple[ResumeKey, float]] = OrderedDict()
         self.max_markers, self.marker_seconds = max_markers, marker_seconds
 
     # --- calls in flight (for cancellation) ----------------------------------------------------
@@ -173,12 +178,41 @@ class Pending:
         if (key := id_key(rpc_id)) is None:
             return
         now = time.monotonic()
-        self.refunded[(session, key)] = now + self.marker_seconds
-        self.refunded.move_to_end((session, key))
-        # Oldest first, all with the same lifetime: expired markers go from the front (else they
+        self._keep(self.refunded, (session, key), now + self.marker_seconds, now, lambda expires: expires)
+        if isinstance(session[1], bytes):  # a call without a session: its scope stays resumable as long
+            self._resumable(cast(ResumeKey, session), cast(ResumeKey, session), now)
+
+    def _keep(self, table: OrderedDict[Any, Any], key: Any, value: Any, now: float,
+              expiry: Callable[[Any], float]) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        # Oldest first, all with the same lifetime: expired entries go from the front (else they
         # stayed until max_markers newer ones pushed them out).
-        while self.refunded and (len(self.refunded) > self.max_markers or next(iter(self.refunded.values())) <= now):
-            self.refunded.popitem(last=False)
+        while table and (len(table) > self.max_markers or expiry(next(iter(table.values()))) <= now):
+            table.popitem(last=False)
+
+    # --- without a session: the events a call's stream is resumed after ---------------------------
+
+    def resumed(self, key: ResumeKey) -> ResumeKey:
+        """The scope a GET naming this event resumes: the call's own, when the event came on an earlier
+        resumed stream of it (the server closed that one too, SEP-1699 lets it), else the event's."""
+        entry = self.resumes.get(key)
+        return entry[0] if entry is not None and entry[1] > time.monotonic() else key
+
+    def carry(self, scope: Scope, last_event_id: str | None) -> None:
+        """A GET resuming `scope` (a call without a session) ended after `last_event_id`: its client resumes
+        after that event now, in the same scope, while the scope holds a parked call or a refund marker."""
+        if last_event_id is None or not isinstance(scope[1], bytes):
+            return  # nothing new to resume after, or a session's stream (matched by the session)
+        resume = cast(ResumeKey, scope)
+        later = resume_key(resume[0], last_event_id)
+        now = time.monotonic()
+        marked = (entry := self.resumes.get(resume)) is not None and entry[0] == resume and entry[1] > now
+        if later != resume and (resume in self.parked or marked):
+            self._resumable(later, resume, now)
+
+    def _resumable(self, key: ResumeKey, scope: ResumeKey, now: float) -> None:
+        self._keep(self.resumes, key, (scope, now + self.marker_seconds), now, lambda entry: entry[1])
 
     def is_refunded(self, session: Scope, rpc_id: Any) -> bool:
         if (key := id_key(rpc_id)) is None:

@@ -5,6 +5,8 @@ replays the session's events after that id (waiting up to 8 s for one), then end
 
 - `closes` {delay}: a priming event (id, empty data), then the POST stream ends; the answer joins the
   session's log after `delay` s, for a resumed GET to deliver.
+- `closes_twice` {delay}: as `closes`, with a progress notification logged half way: a GET resuming
+  before the answer gets that event and ends, and the client resumes after it in turn.
 - `slow` {delay}: priming, then the answer on the POST stream after `delay` s (also logged). It ignores
   cancellation on purpose: the gateway must keep a cancelled call's answer from the client.
 - `json_slow` {delay}: a JSON answer after `delay` s.
@@ -70,7 +72,11 @@ async def mcp(request: Request) -> Response:
         return Response(_answer(rpc_id, "json result"), media_type="application/json")
 
     async def later() -> None:
-        await asyncio.sleep(delay)
+        if name == "closes_twice":
+            await asyncio.sleep(delay / 2)
+            _event(session, json.dumps({"jsonrpc": "2.0", "method": "notifications/progress",
+                                        "params": {"progressToken": rpc_id, "progress": 1}}).encode())
+        await asyncio.sleep(delay / 2 if name == "closes_twice" else delay)
         _event(session, _answer(rpc_id, "resumed result"))
 
     async def closes():
@@ -87,7 +93,8 @@ async def mcp(request: Request) -> Response:
             raise
         yield _event(session, _answer(rpc_id, "slow result"))
 
-    return StreamingResponse(closes() if name == "closes" else slow(), media_type="text/event-stream")
+    return StreamingResponse(closes() if name in ("closes", "closes_twice") else slow(),
+                             media_type="text/event-stream")
 
 
 async def _idle():

@@ -347,6 +347,42 @@ async def test_a_sessionless_cancellation_refunds_nothing(gw: Gw) -> None:
     assert usage_reasons(gw) == [(200, 0, "result")]
 
 
+PROGRESS_5 = b'id: 5\ndata: {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}\n\n'
+
+
+@pytest.mark.parametrize("refunded", [False, True])
+async def test_a_sessionless_call_is_followed_through_a_resumed_stream_the_server_closes_again(
+        gw: Gw, refunded: bool) -> None:
+    """SEP-1699 lets a server close a resumed GET too: the client resumes after the last event it got
+    there (5), not the POST's (1). That GET resumes the same call: it settles it, or, the call refunded,
+    gets its answer blanked."""
+    post, call = await sessionless_parked(gw)
+    first = await sessionless_get(gw)
+    assert sent(first.response.stream(PROGRESS_5)) == PROGRESS_5
+    await end(gw, first)
+    assert call.settlement is None
+    if refunded:
+        gw.addon.streams.on_deadline(post, call)
+        await gw.addon.drain()
+    again = await sessionless_get(gw, event_id="5")
+    out = sent(again.response.stream(b"id: 6\ndata: " + RESULT.encode() + b"\n\n"))
+    await end(gw, again)
+    if refunded:
+        assert out == b"id: 6\n\n" and usage_reasons(gw) == [(504, 1, "no_answer_by_timeout")]
+    else:
+        assert delivered_results(out) == 1 and usage_reasons(gw) == [(200, 0, "result")]
+    later = await sessionless_get(gw, event_id="6")  # and on: the call settled and paid, nothing carried
+    await end(gw, later)
+    gw.db.assert_reconciled()
+
+
+async def test_a_resumed_stream_of_nothing_pending_leaves_nothing_behind(gw: Gw) -> None:
+    get = await sessionless_get(gw, event_id="41")
+    sent(get.response.stream(PROGRESS_5))
+    await end(gw, get)
+    assert not gw.addon.pending.resumes and not gw.addon.pending.parked and get.id not in gw.addon.calls
+
+
 async def test_a_get_naming_two_last_event_ids_is_refused(gw: Gw) -> None:
     get = make_flow(method="GET", headers=VERSION)
     get.request.headers.add("Last-Event-ID", "1")

@@ -236,6 +236,23 @@ async def test_a_call_without_a_session_is_settled_by_the_get_resuming_its_event
     assert backend.balance(c.user_id) == 9_000 and backend.balance(other.user_id) == 10_000
 
 
+async def test_a_call_without_a_session_is_followed_through_a_resumed_stream_the_server_ends_again(
+        gateway: Gateway, backend: Backend, resume_url: str) -> None:
+    s = slug("stateless-twice")
+    backend.add_listing(s, resume_url, price=1000, timeout=10)
+    c = backend.add_consumer(credit=10_000)
+    h = {**c.auth, "MCP-Protocol-Version": "2025-11-25"}
+    r = await post(gateway, f"/{s}", call("closes_twice", {"delay": 0.6}, rpc_id=1), headers=h)
+    primed = events(r.text)[0][0]
+    assert primed is not None and answers(r.text) == []
+    first = events(await resume(gateway, f"/{s}", h, primed))  # the progress notification, then the end
+    assert [json.loads(data).get("method") for _, data in first] == ["notifications/progress"]
+    assert journal(backend, c) == []
+    assert [m["id"] for m in answers(await resume(gateway, f"/{s}", h, str(first[-1][0])))] == [1]
+    await eventually(lambda: journal(backend, c) == [("closes_twice", 200, 0, "result")])
+    assert backend.balance(c.user_id) == 9_000
+
+
 # --- the official Python SDK on both sides: the client resumes by itself (GET + Last-Event-ID) --------
 
 @pytest.fixture(scope="module")

@@ -218,3 +218,25 @@ def test_an_answer_to_another_keys_parked_call_is_blanked_and_one_place_holds_on
     alice.settlement = object()  # type: ignore[assignment]
     assert p.blank_if_refunded(scope, answer, principal="k2") is None  # paid: delivered to anyone
     assert p.park(scope, 1, http_flow(), bob)
+
+
+def test_the_events_a_sessionless_call_is_resumed_after_are_carried_only_while_it_is_pending_or_refunded() -> None:
+    p = Pending(max_markers=2)
+    scope = pending.resume_key(1, "e-1")
+    p.carry(scope, "e-2")  # nothing parked or refunded under it: nothing to carry
+    assert p.resumed(pending.resume_key(1, "e-2")) == pending.resume_key(1, "e-2") and not p.resumes
+    p.carry((1, "a-session"), "e-2")  # a session's streams are matched by the session
+    assert not p.resumes
+    p.mark_refunded(scope, 1)
+    p.carry(scope, "e-2")
+    assert p.resumed(pending.resume_key(1, "e-2")) == scope
+    p.carry(scope, "e-3")  # bounded as the markers are: the oldest entry (the scope's own) goes
+    assert p.resumed(pending.resume_key(1, "e-3")) == scope and len(p.resumes) == 2
+    assert p.resumed(pending.resume_key(1, "e-2")) == scope
+    p.carry(scope, "e-4")  # no longer known as refunded here: not carried on
+    assert p.resumed(pending.resume_key(1, "e-4")) == pending.resume_key(1, "e-4")
+    short = Pending(marker_seconds=0.0)
+    short.park(scope, 1, http_flow(), Parked("k1"))
+    short.carry(scope, "e-2")
+    time.sleep(0.01)
+    assert short.resumed(pending.resume_key(1, "e-2")) == pending.resume_key(1, "e-2")  # expired
