@@ -237,7 +237,10 @@ class Pending:
 
         `principal`: the key whose stream this is. An answer to a call parked in the scope by another
         key is withheld as a refunded one's: that key cannot settle it, so it would be refunded at its
-        timeout with its result out (a stateless server replays a stream to whoever names its event)."""
+        timeout with its result out (a stateless server replays a stream to whoever names its event). A
+        session's streams need no such check: another key presenting the session is refused (admission)."""
+        if not isinstance(session[1], bytes):
+            principal = None
         if not self.refunded and not live_refunded and (principal is None or session not in self.parked):
             return None
         live_key = id_key(live)

@@ -218,6 +218,8 @@ def test_an_answer_to_another_keys_parked_call_is_blanked_and_one_place_holds_on
     alice.settlement = object()  # type: ignore[assignment]
     assert p.blank_if_refunded(scope, answer, principal="k2") is None  # paid: delivered to anyone
     assert p.park(scope, 1, http_flow(), bob)
+    assert p.park(S, 1, http_flow(), Parked("k1"))  # a session: only its own key's streams are watched
+    assert p.blank_if_refunded(S, answer, principal="k2") is None
 
 
 def test_the_events_a_sessionless_call_is_resumed_after_are_carried_only_while_it_is_pending_or_refunded() -> None:
