@@ -65,6 +65,10 @@ MAX_STATE_CHARS = 64 * 1024  # a requestState longer than this is not remembered
 # bodiless stand-in of its flow, not the flow (see Held): about 8 KB measured, whatever its request
 # and answer weighed (1 MB bodies: 1,012 KB each before).
 MAX_HELD = 10_000
+# One consumer's (user id's) share of them: a consumer creating tasks nobody polls pays nothing (they are
+# refunded at their limit), so without a share it could fill the table and have every other consumer's
+# tasks billed at creation, even those that fail. Past it, only that consumer's calls settle as answered.
+MAX_HELD_PER_USER = MAX_HELD // 10
 # A task's end can pass (on the session's GET stream, or before the CreateTaskResult in its own stream)
 # before the answer that names it is held: remembered this long for the hold to pick up, only while a
 # task-augmented call of the same scope is on its way, and only for ids of at most MAX_TASK_ID_CHARS.
@@ -190,12 +194,13 @@ class Held:
     view keeps every flow), the settlement lands on the flow, and mitmweb shows it; once the flow is
     gone, on the stand-in made at hold time: no body, only what the settlement reads of a flow."""
 
-    __slots__ = ("_flow", "stand_in", "call", "expires", "mark")
+    __slots__ = ("_flow", "stand_in", "call", "user", "expires", "mark")
 
     def __init__(self, flow: Any, call: Any, expires: float, mark: str) -> None:
         self._flow: weakref.ReferenceType[Any] = weakref.ref(flow)
         self.stand_in = stand_in(flow)
         self.call = call
+        self.user: int = call.consumer.user_id  # whose share of MAX_HELD it takes
         self.expires = expires  # monotonic
         self.mark = mark
 
@@ -252,8 +257,11 @@ class Deferred:
     settle: Settle  # the gateway's: settle a held call with this decision
     config: Callable[[], Any]  # the gateway's current Config (task_settle_seconds, round_settle_seconds, ...)
     store: Callable[[], Any]
+    # The held calls. Written only through _put and _take, which keep `per_user` (held calls by user id,
+    # for MAX_HELD_PER_USER; users holding none are not in it) in step.
     tasks: dict[tuple[Scope, str], Held] = field(default_factory=dict)
     rounds: dict[tuple[Scope, str, str], Held] = field(default_factory=dict)
+    per_user: Counter[int] = field(default_factory=Counter)
     facts: weakref.WeakKeyDictionary[Any, Facts] = field(default_factory=weakref.WeakKeyDictionary)
     # Tasks refunded as task_expired or by an error answering their tasks/result, until when their result
     # is refused (a refunded result is never delivered), by listing and task id: to any session or key,
@@ -285,8 +293,28 @@ class Deferred:
     def _watched(self, scope: Scope) -> bool:
         return self.watched[scope] > 0
 
+    def _put(self, table: dict[Any, Held], key: Any, held: Held) -> Held | None:
+        """Hold `held` under `key`; return what was held there before (no longer held)."""
+        replaced = table.get(key)
+        table[key] = held
+        self.per_user[held.user] += 1
+        if replaced is not None:
+            self._uncount(replaced)
+        return replaced
+
+    def _take(self, table: dict[Any, Held], key: Any) -> Held | None:
+        held = table.pop(key, None)
+        if held is not None:
+            self._uncount(held)
+        return held
+
+    def _uncount(self, held: Held) -> None:
+        self.per_user[held.user] -= 1
+        if self.per_user[held.user] <= 0:
+            del self.per_user[held.user]
+
     def _pop_task(self, key: tuple[Scope, str]) -> Held | None:
-        held = self.tasks.pop(key, None)
+        held = self._take(self.tasks, key)
         holders = self.by_task.get((key[0][0], key[1]))
         if holders is not None:
             holders.pop(key[0], None)
@@ -331,12 +359,12 @@ class Deferred:
             self.asked[facts.asked] = facts
         if state is not None and priced is not None:
             key = state_key(scope, priced.tool_name, state)
-            held = self.rounds.pop(key, None)  # taken now: two retries with one state cannot both continue
+            held = self._take(self.rounds, key)  # taken now: two retries with one state cannot both continue
             if held is not None and held.expires > time.monotonic():
                 facts.continues, facts.continued = held, key
                 return True
             if held is not None:  # expired, not swept yet
-                self.rounds[key] = held
+                self._put(self.rounds, key, held)
         return False
 
     def forwarded(self, call: Any) -> None:
@@ -364,7 +392,7 @@ class Deferred:
             facts.continues = facts.continued = None
             newer = self.rounds.get(key)
             if newer is None:
-                self.rounds[key] = held
+                self._put(self.rounds, key, held)
             elif newer.call is not held.call:  # the state was issued again meanwhile: the newer round keeps it
                 self.settle(held.flow, held.call, Decision(False, INPUT_REPLACED))
 
@@ -514,12 +542,17 @@ class Deferred:
         if len(self.tasks) + len(self.rounds) >= MAX_HELD:
             log.warning("mcpmeter: %d calls held already; %s settles now", MAX_HELD, call.request_id)
             return None
+        if self.per_user[call.consumer.user_id] >= MAX_HELD_PER_USER:
+            log.warning("mcpmeter: user %s holds %d calls already; %s settles now", call.consumer.user_id,
+                        MAX_HELD_PER_USER, call.request_id)
+            return None
         now, config = time.monotonic(), self.config()
         if facts.task and facts.task_id is not None:
             if (replaced := self._pop_task((facts.scope, facts.task_id))) is not None and replaced.call is not call:
                 self.settle(replaced.flow, replaced.call, Decision(True, TASK_REPLACED))
             self.watched[facts.scope] += 1
-            self.tasks[(facts.scope, facts.task_id)] = Held(flow, call, now + config.task_settle_seconds, TASK_PENDING)
+            self._put(self.tasks, (facts.scope, facts.task_id),
+                      Held(flow, call, now + config.task_settle_seconds, TASK_PENDING))
             self.by_task.setdefault((facts.scope[0], facts.task_id), {})[facts.scope] = call.consumer.user_id
             self.expired.pop(_undeliverable(facts.scope, facts.task_id), None)  # the id names a new, paid task
             return TASK_PENDING
@@ -531,8 +564,7 @@ class Deferred:
 
     def _hold_round(self, key: tuple[Scope, str, str], held: Held) -> None:
         """A retry carrying that state continues one round only: a round held under it already is billed."""
-        replaced = self.rounds.get(key)
-        self.rounds[key] = held
+        replaced = self._put(self.rounds, key, held)
         if replaced is not None and replaced.call is not held.call:
             self.settle(replaced.flow, replaced.call, Decision(False, INPUT_REPLACED))
 
@@ -590,7 +622,7 @@ class Deferred:
                     if held.mark == TASK_PENDING:
                         self._pop_task(key)
                     else:
-                        del table[key]
+                        self._take(table, key)
                     self.settle(held.flow, held.call, decision)
                     if held.mark == TASK_PENDING:
                         self._forget_later(_undeliverable(*key), now)  # type: ignore[misc]

@@ -306,6 +306,86 @@ async def test_held_calls_are_bounded(registry: Any, monkeypatch: pytest.MonkeyP
     assert list(store.held) == [first.request_id]
 
 
+async def test_each_user_holds_only_its_share(registry: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A consumer creating tasks nobody polls pays nothing for them (refunded at their limit): it may fill
+    its own share, past which only its calls settle as answered; another consumer's are still held."""
+    d, _, store = registry
+    monkeypatch.setattr(deferred, "MAX_HELD_PER_USER", 1)
+    first = task_call(d)  # user 1
+    assert await d.hold(Flow(), first, Decision(False, "result"))
+    second = round_one(d, principal="token-1")  # user 1 again, with another key
+    assert not await d.hold(Flow(), second, Decision(False, "result"))
+    other = round_one(d, principal="key-2")  # user 2
+    assert await d.hold(Flow(), other, Decision(False, "result"))
+    assert set(store.held) == {first.request_id, other.request_id}
+    assert d.per_user == {1: 1, 2: 1}
+
+
+def assert_counted(d: deferred.Deferred, expected: dict[int, int]) -> None:
+    """`per_user` is what the tables hold, with no user left at zero."""
+    held = [h.user for table in (d.tasks, d.rounds) for h in table.values()]
+    assert d.per_user == {user: held.count(user) for user in held} == expected
+    assert all(count > 0 for count in d.per_user.values())
+
+
+def expire_all(d: deferred.Deferred) -> None:
+    for table in (d.tasks, d.rounds):
+        for held in table.values():
+            held.expires = time.monotonic() - 1
+    d.expire()
+
+
+async def test_the_per_user_count_follows_every_way_in_and_out(registry: Any) -> None:
+    d, settled, _ = registry
+    # a task: held, then settled by its status
+    await d.hold(Flow(), task_call(d), Decision(False, "result"))
+    assert_counted(d, {1: 1})
+    poll(d, "tasks/get", {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "completed"}})
+    assert_counted(d, {})
+    # a task replaced by another under the same id, then expired
+    await d.hold(Flow(), task_call(d), Decision(False, "result"))
+    await d.hold(Flow(), task_call(d), Decision(False, "result"))
+    assert_counted(d, {1: 1})
+    expire_all(d)
+    assert_counted(d, {})
+    # a round taken by its retry, held again under a new state, taken again and ended
+    await d.hold(Flow(), round_one(d), Decision(False, "result"))
+    assert_counted(d, {1: 1})
+    second, continues = retry(d, "S1")
+    assert continues
+    assert_counted(d, {})  # in flight with its retry
+    d.watch_body(second, response({"jsonrpc": "2.0", "id": 2,
+                                   "result": {"resultType": "input_required", "requestState": "S2"}}))
+    assert d.round_over(second, Decision(False, "result"))
+    assert_counted(d, {1: 1})
+    third, continues = retry(d, "S2")
+    assert continues and d.round_over(third, Decision(False, "result"))
+    assert_counted(d, {})
+    # a round taken by a retry the gateway refused: given back
+    await d.hold(Flow(), round_one(d), Decision(False, "result"))
+    refused, continues = retry(d, "S1")
+    assert continues
+    d.not_forwarded(refused)
+    assert_counted(d, {1: 1})
+    # ... the state issued again meanwhile: the newer round keeps it, the refused retry's is billed
+    refused, continues = retry(d, "S1")
+    await d.hold(Flow(), round_one(d), Decision(False, "result"))
+    assert_counted(d, {1: 1})
+    d.not_forwarded(refused)
+    assert_counted(d, {1: 1})
+    # a state issued twice (input_replaced), then a retry finding its round expired (put back), then expiry
+    await d.hold(Flow(), round_one(d, principal="key-2"), Decision(False, "result"))
+    await d.hold(Flow(), round_one(d, principal="key-2"), Decision(False, "result"))
+    assert_counted(d, {1: 1, 2: 1})
+    for held in d.rounds.values():
+        held.expires = time.monotonic() - 1
+    assert not retry(d, "S1")[1]
+    assert_counted(d, {1: 1, 2: 1})
+    d.expire()
+    assert_counted(d, {})
+    assert len(settled) == 8  # each held call settled once
+
+
 async def test_a_refused_retry_gives_its_state_back(registry: Any) -> None:
     d, settled, _ = registry
     first = round_one(d)
