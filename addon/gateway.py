@@ -303,6 +303,10 @@ class Mcpmeter:
         if call is None or flow.response is None:
             return
         redaction.drop_gateway_headers(flow.response.headers)  # only the gateway says X-Mcpmeter-*
+        if call.listing is not None:  # the publisher's secrets, echoed back
+            if echoed := redaction.drop_echoed_secrets(flow.response.headers, call.listing.upstream_headers.values()):
+                log.warning("mcpmeter: %s: the upstream's %s repeated a publisher header value; dropped",
+                            call.request_id, ", ".join(echoed))
         if call.listing is not None and call.listing.upstream_url and "location" in flow.response.headers:
             flow.response.headers.set_all("location", forwarding.client_locations(
                 flow.response.headers.get_all("location"), flow.request.url, call.listing.upstream_url,

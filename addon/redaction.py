@@ -82,6 +82,26 @@ def drop_gateway_headers(headers: Headers) -> list[str]:
     return names
 
 
+# A publisher header value shorter than this is not looked for in answers: "1", "true" or "json" would
+# drop unrelated headers, and a value that short is no secret worth guarding.
+MIN_ECHOED_SECRET_CHARS = 8
+
+
+def drop_echoed_secrets(headers: Headers, secrets: Iterable[str]) -> list[str]:
+    """Remove every field whose value holds one of `secrets` (the publisher's upstream header values, which
+    an upstream, its framework's error page or a debugging proxy may repeat in its answer: the consumer and
+    saved flows would see them). Exact bytes only; values under MIN_ECHOED_SECRET_CHARS are not looked
+    for. Bodies are not searched. Returns the names of the fields removed."""
+    needles = [s.encode("utf-8", "surrogateescape") for s in secrets if len(s) >= MIN_ECHOED_SECRET_CHARS]
+    if not needles:
+        return []
+    fields = headers.fields
+    dropped = [name for name, value in fields if any(n in value for n in needles)]
+    if dropped:
+        headers.fields = tuple((name, value) for name, value in fields if not any(n in value for n in needles))
+    return [name.decode("utf-8", "surrogateescape") for name in dropped]
+
+
 def scrub_keys(text: str) -> str:
     """`text` with every bearer key in it shown by its prefix only, as a flow shows it."""
     if "mcpm_" not in text:

@@ -118,3 +118,25 @@ async def test_a_redirect_stays_within_its_listing(gw: Gw, location: str, shown:
     assert flow.response.headers.get_all("location") == ([shown] if shown else [])
     assert "127.0.0.1:1" not in repr(flow.response.headers) and "pw@" not in repr(flow.response.headers)
     gw.db.assert_reconciled()
+
+
+@pytest.mark.parametrize("sse", [False, True], ids=["json", "sse"])
+async def test_an_upstream_echoing_a_publisher_header_value_does_not_hand_it_over(gw: Gw, sse: bool) -> None:
+    """The listing's upstream_headers carry the publisher's secret (`pub-secret`); an upstream (a debugging
+    proxy, a framework's error page) that repeats it in an answer header would give it to the consumer
+    and to saved flows. Those fields are dropped; the others pass."""
+    flow = make_flow()
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    echoes = {"X-Echo-Publisher-Key": "pub-secret", "X-Request-Headers": "x-publisher-key=pub-secret; accept=*/*",
+              "X-Kept": "fine"}
+    if sse:
+        answer = http.Response.make(200, b"", {"Content-Type": "text/event-stream", **echoes})
+        flow.response = answer
+        await gw.addon.responseheaders(flow)
+    else:
+        answer = json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}, headers=echoes)
+        await upstream_answers(gw, flow, answer)
+    assert flow.response is not None and flow.response.headers["X-Kept"] == "fine"
+    assert "x-echo-publisher-key" not in flow.response.headers and "x-request-headers" not in flow.response.headers
+    assert "pub-secret" not in repr(flow.get_state())

@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import given, settings, strategies as st
 from mitmproxy.http import Headers
 
-from addon.redaction import CREDENTIAL_HEADERS, REDACTED, redact_credentials
+from addon.redaction import CREDENTIAL_HEADERS, REDACTED, drop_echoed_secrets, redact_credentials
 
 
 def by_name(headers: Headers, key_prefix: str | None) -> None:
@@ -39,3 +39,12 @@ def test_a_bearer_key_keeps_its_prefix_and_nothing_else() -> None:
     headers = Headers([(b"Authorization", b"Bearer mcpm_live_secret"), (b"Cookie", b"s=1"), (b"cookie", b"t=2")])
     redact_credentials(headers, "mcpm_live_se")
     assert headers.fields == ((b"Authorization", b"Bearer mcpm_live_se (redacted)"), (b"Cookie", b"(redacted)"))
+
+
+def test_a_header_echoing_a_publisher_secret_is_dropped() -> None:
+    headers = Headers([(b"X-Echo", b"X-Api-Key: long-secret-1"), (b"Content-Type", b"application/json"),
+                       (b"x-echo", b"other"), (b"X-Short", b"short"), (b"Set-Cookie", b"a=long-secret-1")])
+    assert drop_echoed_secrets(headers, ["long-secret-1", "short"]) == ["X-Echo", "Set-Cookie"]
+    # only the fields holding it go; a value shorter than 8 characters is not looked for
+    assert headers.fields == ((b"Content-Type", b"application/json"), (b"x-echo", b"other"), (b"X-Short", b"short"))
+    assert drop_echoed_secrets(headers, ["short", ""]) == []
