@@ -271,10 +271,15 @@ class Mcpmeter:
         if flow.response or flow.error or not flow.live:
             return
         call = Call(request_id=str(uuid.uuid4()))
-        credential, wrapped = _credentials.pop(flow) if flow in _credentials else _redact(flow)
+        credential, wrapped, key_in_url = _credentials.pop(flow) if flow in _credentials else _redact(flow)
         if dryrun.is_replay(flow):
             return await dryrun.answer(self, flow, call)  # never forwarded, charged or counted
         self.replays.remember(flow, credential)
+        if key_in_url:  # refused before anything is looked up: never forwarded, never used
+            await self._refuse(flow, call, GatewayError("invalid_request", reason=(
+                "the query holds what looks like a gateway key (mcpm_...): send it only as "
+                "'Authorization: Bearer', never in the URL, and consider it exposed")))
+            return
         if self.stopping:  # draining for a stop: take no new money
             await self._refuse(flow, call, GatewayError("gateway_stopping", headers={"Retry-After": "1"}))
             return
@@ -447,16 +452,21 @@ class Mcpmeter:
 # requestheaders -> request: the consumer's credential and the values of the credentials it wraps for
 # the upstream (X-Forward-Authorization...), kept off the flow (flow.metadata is saved with it). Weak
 # keys: an entry goes with its flow, whichever way the flow ends.
-_credentials: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[Credential | None, list[str]]] = (
+# ... and whether the query held a bearer key (redacted on the flow, so only this says so).
+_credentials: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[Credential | None, list[str], bool]] = (
     weakref.WeakKeyDictionary())
 
 
-def _redact(flow: http.HTTPFlow) -> tuple[Credential | None, list[str]]:
+def _redact(flow: http.HTTPFlow) -> tuple[Credential | None, list[str], bool]:
     """Keep the consumer's credentials, and those it wraps for the upstream, out of the flow mitmweb
-    shows (from this hook on) and saves; return the bearer key and the wrapped values."""
+    shows (from this hook on) and saves; return the bearer key, the wrapped values and whether a
+    key was in the query (replaced on the flow: the request is refused)."""
     credential = parse_authorization(flow.request.headers.get("authorization"))
     redaction.redact_credentials(flow.request.headers, credential.prefix if credential else None)
-    return credential, redaction.take_forwarded_credentials(flow.request.headers)
+    redacted = redaction.redact_query_key(flow.request.path)
+    if redacted is not None:
+        flow.request.path = redacted
+    return credential, redaction.take_forwarded_credentials(flow.request.headers), redacted is not None
 
 
 _closing: set[asyncio.Task[None]] = set()  # tasks must be referenced until done

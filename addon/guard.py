@@ -9,10 +9,10 @@ nobody has answered: a meter claims a flow only when it decided to forward it.
 
 A second small addon, right after the script loader (so after the meter, before mitmweb's view,
 which shows a flow from `requestheaders` on), redacts credential headers in that hook, the
-consumer's and those it wraps for the upstream (a no-op after the meter did), so a flow shown or
-saved while no meter is loaded holds no key either. The guard, last in the chain, keeps every answer
-to HEAD body-less: mitmproxy sends the body an addon put in an answer even to HEAD, and a keep-alive
-client would read those bytes as the next answer. Both import nothing that a reload or a broken
+consumer's and those it wraps for the upstream, and a key in the query (a no-op after the meter did),
+so a flow shown or saved while no meter is loaded holds no key either. The guard, last in the chain,
+keeps every answer to HEAD body-less: mitmproxy sends the body an addon put in an answer even to HEAD,
+and a keep-alive client would read those bytes as the next answer. Both import nothing that a reload or a broken
 dependency could take away, and keep no state but a weak set of claimed flows.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 from mitmproxy import http
 
 from .errors import ERRORS
-from .redaction import redact_credentials, take_forwarded_credentials
+from .redaction import redact_credentials, redact_query_key, take_forwarded_credentials
 
 log = logging.getLogger("mcpmeter")
 
@@ -51,6 +51,8 @@ class CredentialRedactor:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         redact_credentials(flow.request.headers)
         take_forwarded_credentials(flow.request.headers)  # nothing is forwarded without a meter
+        if (redacted := redact_query_key(flow.request.path)) is not None:
+            flow.request.path = redacted
 
 
 class FailClosedGuard:

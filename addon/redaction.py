@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
+from urllib.parse import unquote_plus
 
 from mitmproxy.http import Headers
 
@@ -100,6 +101,18 @@ def drop_echoed_secrets(headers: Headers, secrets: Iterable[str]) -> list[str]:
     if dropped:
         headers.fields = tuple((name, value) for name, value in fields if not any(n in value for n in needles))
     return [name.decode("utf-8", "surrogateescape") for name in dropped]
+
+
+def redact_query_key(path: str) -> str | None:
+    """`path` (a request target) with its query replaced by REDACTED when the query holds what looks like
+    a bearer key, raw or percent-encoded (`?key=mcpm_live_...`, `?access_token=mcpm%5Flive%5F...`);
+    None when it holds none. The request is then refused, and its flow keeps no key."""
+    route, _, query = path.partition("?")
+    if "mcpm" not in query and "%" not in query:
+        return None  # the common case: no key could be spelled here
+    if _KEY.search(query) is None and _KEY.search(unquote_plus(query, errors="replace")) is None:
+        return None
+    return f"{route}?{REDACTED}"
 
 
 def scrub_keys(text: str) -> str:

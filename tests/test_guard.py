@@ -81,6 +81,15 @@ def test_a_flow_the_guard_refuses_keeps_no_wrapped_credential() -> None:
     assert "upstream-secret" not in repr(flow.get_state())
 
 
+def test_a_flow_the_guard_refuses_keeps_no_key_from_its_query() -> None:
+    flow = live_flow()
+    flow.request.path = "/echo-test?x=1&key=mcpm_live_querysecret0123"
+    guard.CredentialRedactor().requestheaders(flow)
+    guard.FailClosedGuard().request(flow)
+    assert flow.response is not None and flow.response.status_code == 503
+    assert flow.request.path == "/echo-test?(redacted)" and "querysecret" not in repr(flow.get_state())
+
+
 async def test_without_a_meter_mitmweb_never_sees_a_key() -> None:
     """mitmweb's view takes a flow in `requestheaders` and sends it to the browser at once; it comes
     after the script loader (the meter's place) and before the guard, last in the chain. With no meter

@@ -10,9 +10,11 @@ import pytest
 
 from addon import compat
 from mitmproxy import http
+from tests.refusals import refusal
 from addon.model import Listing
 from tests.test_gateway_hooks import (  # noqa: F401  (gw and isolated are fixtures)
-    ALICE, Gw, forwarded, gw, isolated, json_response, make_flow, tool_call, upstream_answers, upstream_fails,
+    ALICE, Gw, assert_no_secret, forwarded, gw, isolated, json_response, make_flow, tool_call, upstream_answers,
+    upstream_fails,
 )
 
 UPSTREAM_TOKEN = "consumer-own-upstream-token-123"
@@ -140,3 +142,34 @@ async def test_an_upstream_echoing_a_publisher_header_value_does_not_hand_it_ove
     assert flow.response is not None and flow.response.headers["X-Kept"] == "fine"
     assert "x-echo-publisher-key" not in flow.response.headers and "x-request-headers" not in flow.response.headers
     assert "pub-secret" not in repr(flow.get_state())
+
+
+URL_KEY = "mcpm_live_urlKey0123456789"
+
+
+@pytest.mark.parametrize("path,token", [
+    (f"/echo-test?key={URL_KEY}", ALICE),
+    (f"/echo-test/sub?cursor=1&api_key={URL_KEY.replace('_', '%5F')}", ALICE),  # percent-encoded
+    (f"/echo-test?access_token=%6D{URL_KEY[1:]}", None),  # no Authorization: 400, not 401
+    (f"/no-such-listing?token=x+{URL_KEY}", ALICE),  # nothing looked up: 400, not 404
+], ids=["raw", "encoded", "unauthenticated", "unknown-listing"])
+async def test_a_gateway_key_in_the_query_is_refused_and_kept_nowhere(
+        gw: Gw, caplog: pytest.LogCaptureFixture, path: str, token: str | None) -> None:
+    """A consumer that puts its key in the URL would have it forwarded to the upstream and kept in the
+    flow's path (saved flows, mitmweb, logs): refused before anything is looked up, the query redacted."""
+    flow = make_flow(path, token=token)
+    gw.addon.requestheaders(flow)
+    assert URL_KEY not in flow.request.path and "mcpm%5Flive" not in flow.request.path  # from the first hook on
+    await gw.addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 400 and not forwarded(flow)
+    assert refusal(flow.response)["error"] == "invalid_request"
+    assert "gateway key" in refusal(flow.response)["reason"]
+    assert flow.request.path.endswith("?(redacted)")
+    assert_no_secret(flow, caplog, URL_KEY, URL_KEY[10:])  # the secret part, however spelt
+    assert gw.db.balance() == 1_000_000
+
+
+async def test_a_query_that_only_mentions_the_key_prefix_passes(gw: Gw) -> None:
+    flow = make_flow("/echo-test?q=mcpm_live_&r=mcpm%2Dlive%2Dx")
+    await gw.addon.request(flow)
+    assert forwarded(flow) and flow.request.path.endswith("?q=mcpm_live_&r=mcpm%2Dlive%2Dx")
