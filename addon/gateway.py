@@ -307,11 +307,7 @@ class Mcpmeter:
         call = self.calls.get(flow.id)
         if call is None or flow.response is None:
             return
-        redaction.drop_gateway_headers(flow.response.headers)  # only the gateway says X-Mcpmeter-*
-        if call.listing is not None:  # the publisher's secrets, echoed back
-            if echoed := redaction.drop_echoed_secrets(flow.response.headers, call.listing.upstream_headers.values()):
-                log.warning("mcpmeter: %s: the upstream's %s repeated a publisher header value; dropped",
-                            call.request_id, ", ".join(echoed))
+        _drop_upstream_fields(flow.response.headers, call)
         if call.listing is not None and call.listing.upstream_url and "location" in flow.response.headers:
             flow.response.headers.set_all("location", forwarding.client_locations(
                 flow.response.headers.get_all("location"), flow.request.url, call.listing.upstream_url,
@@ -336,6 +332,8 @@ class Mcpmeter:
         if call is None or flow.response is None:
             return
         try:
+            if flow.response.trailers:  # read by now, streamed or not; sent after this hook
+                _drop_upstream_fields(flow.response.trailers, call)
             call.cancel_deadline()
             if self.streams.park(flow, call):
                 return  # a server-closed stream: the answer may come on a resumed stream of the session
@@ -448,6 +446,17 @@ class Mcpmeter:
             self._forget(flow, call)  # else a session's call stayed tracked, its flow with it, for ever
             flow.request.url = "http://mcpmeter.invalid/"  # belt and braces: never the real upstream
             await self._refuse(flow, call, GatewayError("internal_error", request_id=call.request_id))
+
+
+def _drop_upstream_fields(headers: http.Headers, call: Call) -> None:
+    """What an upstream may not say in its answer's header or trailer fields: X-Mcpmeter-* (only the
+    gateway says those), and a field repeating one of the publisher's upstream header values."""
+    redaction.drop_gateway_headers(headers)
+    if call.listing is not None and (
+            echoed := redaction.drop_echoed_secrets(headers, call.listing.upstream_headers.values())):
+        log.warning("mcpmeter: %s: the upstream's %s repeated a publisher header value; dropped",
+                    call.request_id, ", ".join(echoed))
+
 
 # requestheaders -> request: the consumer's credential and the values of the credentials it wraps for
 # the upstream (X-Forward-Authorization...), kept off the flow (flow.metadata is saved with it). Weak

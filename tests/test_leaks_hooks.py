@@ -173,3 +173,23 @@ async def test_a_query_that_only_mentions_the_key_prefix_passes(gw: Gw) -> None:
     flow = make_flow("/echo-test?q=mcpm_live_&r=mcpm%2Dlive%2Dx")
     await gw.addon.request(flow)
     assert forwarded(flow) and flow.request.path.endswith("?q=mcpm_live_&r=mcpm%2Dlive%2Dx")
+
+
+@pytest.mark.parametrize("sse", [False, True], ids=["json", "sse"])
+async def test_an_upstreams_trailers_say_no_gateway_header_and_no_publisher_secret(gw: Gw, sse: bool) -> None:
+    """Trailers (HTTP/2, chunked HTTP/1.1) reach the client after the response hook, streamed or not:
+    an upstream's X-Mcpmeter-* trailer would contradict the gateway's own headers (a forged
+    X-Mcpmeter-Billed: 0), and one repeating the publisher's secret would hand it over."""
+    flow = make_flow()
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    result = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"content": []}})
+    answer = (http.Response.make(200, f"data: {result}\n\n".encode(), {"Content-Type": "text/event-stream"})
+              if sse else json_response(json.loads(result)))
+    answer.trailers = http.Headers([(b"X-Mcpmeter-Billed", b"0"), (b"x-mcpmeter-balance", b"999999999"),
+                                    (b"X-Debug-Echo", b"X-Publisher-Key: pub-secret"), (b"Grpc-Status", b"0")])
+    await upstream_answers(gw, flow, answer)
+    assert flow.response is not None and flow.response.trailers is not None
+    assert flow.response.trailers.fields == ((b"Grpc-Status", b"0"),)
+    assert "pub-secret" not in repr(flow.get_state())
+    gw.db.assert_reconciled()
