@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 
 from urllib.parse import urljoin
 
+from mitmproxy.http import Headers
 from mitmproxy.net.http import url as mitm_url
 
 from . import paths
@@ -98,22 +99,60 @@ def _origin(origin: str) -> tuple[bytes, str, int, bytes]:
     return scheme, name, port, encoded
 
 
-def client_locations(locations: list[str], request_url: str, upstream_url: str, transport: str,
-                     slug: str) -> list[str]:
-    """The Location values of an upstream's answer that the client may see: each one resolved against
-    the URL the request was sent to, as the gateway route that forwards there again (paths.gateway_route).
-    Every other one is dropped: it names the upstream (its address, perhaps credentials) or, being
-    relative, another route of the gateway, which the MCP SDKs follow within its origin with the same
-    key and body (another listing would run the call and bill it)."""
-    shown = []
-    for location in locations:
+# Answer headers naming a URL. Location, Content-Location and Refresh reach the client only as a route
+# back into the listing; a Link field naming the upstream's host or a URL's credentials is dropped.
+ROUTED = ("location", "content-location")
+# `<delay>[;|,|space] [url=]<url>`, as browsers read it (HTML's "shared declarative refresh steps").
+_REFRESH = re.compile(r"\s*(\d[\d.]*)(?:[;,\s]\s*[;,]?\s*(?:url\s*=\s*)?(.*))?\Z", re.IGNORECASE | re.DOTALL)
+_AUTHORITY = re.compile(r"//([^/?#\s<>\"',;]*)")  # of every absolute or scheme-relative URL in a field
+
+
+def client_links(headers: Headers, request_url: str, upstream_url: str, transport: str, slug: str) -> None:
+    """Confine the URLs an upstream's answer names to what the client may see (in place).
+
+    Location and Content-Location values, and a Refresh's URL, resolved against the URL the request
+    was sent to, are kept only as the gateway route that forwards there again (paths.gateway_route);
+    every other one is dropped (a Refresh without a URL, which reloads the same resource, is kept). It
+    names the upstream (its address, perhaps credentials) or, being relative, another route of the
+    gateway, which the MCP SDKs follow within its origin with the same key and body (another listing
+    would run the call and bill it). A Link field is dropped when a URL in it names the upstream's host
+    or carries credentials (user:pw@); other Links (relative, other hosts) pass, as clients rarely follow them."""
+    def route(url: str) -> str | None:
         try:
-            absolute = urljoin(request_url, location.strip())
+            return paths.gateway_route(urljoin(request_url, url.strip()), upstream_url, transport, slug)
         except ValueError:
-            continue
-        if (route := paths.gateway_route(absolute, upstream_url, transport, slug)) is not None:
-            shown.append(route)
-    return shown
+            return None
+
+    for name in ROUTED:
+        if name in headers:
+            headers.set_all(name, [r for value in headers.get_all(name) if (r := route(value)) is not None])
+    if "refresh" in headers:
+        kept = []
+        for value in headers.get_all("refresh"):
+            if (m := _REFRESH.match(value)) is None:
+                continue  # unreadable: perhaps read otherwise by a browser
+            url = (m.group(2) or "").strip().strip("'\"")
+            if not url:
+                kept.append(value)
+            elif (r := route(url)) is not None:
+                kept.append(f"{m.group(1)}; url={r}")
+        headers.set_all("refresh", kept)
+    if "link" in headers:
+        try:
+            upstream_host = (paths.split_upstream(upstream_url).hostname or "").lower()
+        except paths.InvalidPath:  # not forwarded to (forwarding.destination refuses it): nothing to hide
+            upstream_host = ""
+        headers.set_all("link", [value for value in headers.get_all("link")
+                                 if not any(_names(authority, upstream_host)
+                                            for authority in _AUTHORITY.findall(value))])
+
+
+def _names(authority: str, upstream_host: str) -> bool:
+    """The authority carries credentials, or is the upstream's host (on any port)."""
+    if "@" in authority:
+        return True
+    host = authority[1:].partition("]")[0] if authority.startswith("[") else authority.rpartition(":")[0] or authority
+    return host.lower() == upstream_host
 
 
 def header_problem(name: str, value: str) -> str | None:

@@ -308,10 +308,9 @@ class Mcpmeter:
         if call is None or flow.response is None:
             return
         _drop_upstream_fields(flow.response.headers, call)
-        if call.listing is not None and call.listing.upstream_url and "location" in flow.response.headers:
-            flow.response.headers.set_all("location", forwarding.client_locations(
-                flow.response.headers.get_all("location"), flow.request.url, call.listing.upstream_url,
-                call.listing.transport, call.listing.slug))
+        if call.listing is not None and call.listing.upstream_url:
+            forwarding.client_links(flow.response.headers, flow.request.url, call.listing.upstream_url,
+                                    call.listing.transport, call.listing.slug)
         try:
             call.status = flow.response.status_code
             session = flow.response.headers.get("mcp-session-id")

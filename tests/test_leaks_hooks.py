@@ -96,7 +96,7 @@ async def test_a_wrapped_credential_is_hidden_from_the_first_hook_on(gw: Gw) -> 
     gw.db.assert_reconciled()
 
 
-@pytest.mark.parametrize("location,shown", [
+LOCATIONS = [
     ("http://127.0.0.1:1/mcp/next?x=1", "/echo-test/next?x=1"),  # the listing's own upstream: its route
     ("/mcp/next", "/echo-test/next"),  # relative to the upstream request, as a client would resolve it
     ("http://127.0.0.1:1/mcp", "/echo-test"),
@@ -106,7 +106,10 @@ async def test_a_wrapped_credential_is_hidden_from_the_first_hook_on(gw: Gw) -> 
     ("http://127.0.0.1:1/admin", None),  # the upstream's address outside the listing
     ("http://user:pw@127.0.0.1:1/mcp/next", None),  # with credentials
     ("https://elsewhere.example/", None),
-])
+]
+
+
+@pytest.mark.parametrize("location,shown", LOCATIONS)
 async def test_a_redirect_stays_within_its_listing(gw: Gw, location: str, shown: str | None) -> None:
     """A Location the upstream sends names the upstream (its address, maybe credentials), or a route
     of the gateway: the MCP SDKs follow a 307 within the origin they called, with the same key and
@@ -193,3 +196,56 @@ async def test_an_upstreams_trailers_say_no_gateway_header_and_no_publisher_secr
     assert flow.response.trailers.fields == ((b"Grpc-Status", b"0"),)
     assert "pub-secret" not in repr(flow.get_state())
     gw.db.assert_reconciled()
+
+
+@pytest.mark.parametrize("location,shown", LOCATIONS)
+async def test_content_location_and_refresh_follow_the_location_rule(gw: Gw, location: str, shown: str | None) -> None:
+    """Content-Location and a Refresh's URL name a URL as Location does: kept only as the route back into
+    the same listing, else dropped (the upstream's address, its credentials, another listing)."""
+    flow = make_flow()
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    await upstream_answers(gw, flow, json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}, headers={
+        "Content-Location": location, "Refresh": f"0; URL='{location}'"}))
+    assert flow.response is not None
+    assert flow.response.headers.get_all("content-location") == ([shown] if shown else [])
+    assert flow.response.headers.get_all("refresh") == ([f"0; url={shown}"] if shown else [])
+    assert "127.0.0.1:1" not in repr(flow.response.headers) and "pw@" not in repr(flow.response.headers)
+    gw.db.assert_reconciled()
+
+
+@pytest.mark.parametrize("refresh,shown", [
+    ("5", "5"),  # no URL: reloads the same resource
+    ("5;", "5;"),
+    ("1, http://127.0.0.1:1/mcp/next", "1; url=/echo-test/next"),
+    ("1 url=http://127.0.0.1:1/admin", None),  # the separator may be a space
+    ('0;url="http://127.0.0.1:1/mcp/a"', "0; url=/echo-test/a"),
+    ("url=http://127.0.0.1:1/mcp", None),  # no delay: not a Refresh a browser reads; dropped all the same
+])
+async def test_refresh_forms(gw: Gw, refresh: str, shown: str | None) -> None:
+    flow = make_flow()
+    await gw.addon.request(flow)
+    answer = json_response({"jsonrpc": "2.0", "id": 1, "result": {}}, headers={"Refresh": refresh})
+    await upstream_answers(gw, flow, answer)
+    assert flow.response is not None and flow.response.headers.get_all("refresh") == ([shown] if shown else [])
+
+
+async def test_a_link_naming_the_upstream_or_credentials_is_dropped(gw: Gw) -> None:
+    """Link fields that name the upstream's host (any port, any scheme, in a target or a parameter) or a
+    URL's credentials go; relative ones and other hosts' pass."""
+    links = [
+        '<http://127.0.0.1:1/mcp/docs>; rel="help"',
+        '<https://127.0.0.1:8443/x>; rel="alternate"',
+        '</docs>; rel="help", <//127.0.0.1:1/x>; rel="next"',  # scheme-relative, in a list
+        '<https://docs.example/a>; rel="help"; anchor="http://127.0.0.1:1/mcp"',
+        '<https://u:pw@docs.example/a>; rel="help"',
+        '</docs/tools>; rel="help"',
+        '<https://docs.example/mcp>; rel="describedby"',
+    ]
+    flow = make_flow()
+    await gw.addon.request(flow)
+    answer = json_response({"jsonrpc": "2.0", "id": 1, "result": {}})
+    for link in links:
+        answer.headers.add("Link", link)
+    await upstream_answers(gw, flow, answer)
+    assert flow.response is not None and flow.response.headers.get_all("link") == links[-2:]
