@@ -308,7 +308,7 @@ class Mcpmeter:
         if call is None or flow.response is None:
             return
         _drop_upstream_fields(flow.response.headers, call)
-        if call.listing is not None and call.listing.upstream_url:
+        if call.listing is not None and call.listing.upstream_url and forwarding.names_links(flow.response.headers):
             forwarding.client_links(flow.response.headers, flow.request.url, call.listing.upstream_url,
                                     call.listing.transport, call.listing.slug)
         try:
