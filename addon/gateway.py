@@ -176,6 +176,10 @@ class Mcpmeter:
         task = loop.create_task(self.stop())
         _closing.add(task)
         task.add_done_callback(_closing.discard)
+        # On a reload, the hooks of the calls still in flight go to the meter loaded next: it hands them
+        # back to this one (`_replaced_owner`), which charged them and settles them.
+        _replaced.append(self)
+        task.add_done_callback(lambda _: _replaced.remove(self) if self in _replaced else None)
         return task
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
@@ -222,6 +226,14 @@ class Mcpmeter:
                 log.warning("mcpmeter: stopping; the cache did not close cleanly", exc_info=True)
             self.cache = None
         self._close()
+
+    def _replaced_owner(self, flow: http.HTTPFlow) -> Mcpmeter | None:
+        """The meter a script reload replaced that charged this flow's call, when this one does not know
+        the flow: mitmproxy sends a flow's later hooks to the meter loaded now. Left unanswered there, a
+        delivered answer passed unmetered and was then refunded by the old meter's stop."""
+        if flow.id in self.calls:
+            return None
+        return next((old for old in _replaced if old is not self and flow.id in old.calls), None)
 
     def _unsettled(self) -> list[tuple[http.HTTPFlow, Call]]:
         """Paid calls forwarded and not yet settled (nor settling)."""
@@ -304,6 +316,8 @@ class Mcpmeter:
                 self.deferred.not_forwarded(call)  # answered here or cut short: a round its retry took goes back
 
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if (owner := self._replaced_owner(flow)) is not None:
+            return await owner.responseheaders(flow)
         call = self.calls.get(flow.id)
         if call is None or flow.response is None:
             return
@@ -326,6 +340,8 @@ class Mcpmeter:
             log.exception("mcpmeter: responseheaders %s failed", call.request_id)
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        if (owner := self._replaced_owner(flow)) is not None:
+            return await owner.response(flow)
         compat.upstream_answered(flow)
         call = self.calls.get(flow.id)
         if call is None or flow.response is None:
@@ -364,6 +380,8 @@ class Mcpmeter:
                 self.finish(flow, call)
 
     async def error(self, flow: http.HTTPFlow) -> None:
+        if (owner := self._replaced_owner(flow)) is not None:
+            return await owner.error(flow)
         _credentials.pop(flow, None)  # died between requestheaders and request
         call = self.calls.get(flow.id)
         if call is None:
@@ -478,6 +496,8 @@ def _redact(flow: http.HTTPFlow) -> tuple[Credential | None, list[str], bool]:
 
 
 _closing: set[asyncio.Task[None]] = set()  # tasks must be referenced until done
+# Meters stopping with calls in flight (a script reload keeps this module): see Mcpmeter._replaced_owner.
+_replaced: list[Mcpmeter] = []
 
 
 def _close_later(cache: Cache) -> None:

@@ -16,12 +16,15 @@ from typing import Any
 
 import pytest
 from mitmproxy import hooks
+from mitmproxy.flow import Error
 
+from addon import compat
 from addon import gateway as gateway_module
 from addon.gateway import Mcpmeter
 from tests.refusals import refusal
 from tests.test_gateway_hooks import (  # noqa: F401  (gw and isolated are fixtures)
-    OPENING, PRICE, Db, Gw, forwarded, gw, isolated, json_response, make_flow, tool_call, write_config,
+    OPENING, PRICE, Db, Gw, forwarded, gw, isolated, json_response, make_flow, parse_raw, tool_call,
+    write_config,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -165,3 +168,63 @@ def test_statuses_and_transports_are_enums_with_the_database_values() -> None:
     assert Consumer(user_id=1, project_id=1, status="banned").status is ConsumerStatus.SUSPENDED
     assert json.dumps({"status": listing.status, "transport": listing.transport}) == \
         '{"status": "paused", "transport": "sse"}'  # cached in Redis as the plain values
+
+
+# --- a script reload mid-call: the new meter's hooks get the old meter's flows ---------------------
+
+async def reloaded(gw: Gw, tmp_path: Path) -> Mcpmeter:
+    """What mitmproxy's script loader does on a reload: `done` on the old meter, called synchronously
+    (its stop left running as a task), then a new meter from the re-executed script, configured."""
+    gw.tctx.master.addons.invoke_addon_sync(gw.addon, hooks.DoneHook())
+    new = Mcpmeter()
+    gw.tctx.configure(new, mcpmeter_config=str(write_config(tmp_path)))
+    new.running()
+    return new
+
+
+async def test_a_script_reload_mid_call_bills_the_answer_delivered_through_the_new_meter(
+        gw: Gw, tmp_path: Path) -> None:
+    flow = make_flow()
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    new = await reloaded(gw, tmp_path)
+    try:
+        # The answer's hooks reach the meter that is loaded now, which did not charge the call.
+        flow.response = json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}})
+        await new.responseheaders(flow)
+        await new.response(flow)
+        assert flow.response.headers["X-Mcpmeter-Billed"] == str(PRICE)  # metered, not passed through bare
+        await asyncio.wait_for(asyncio.gather(*list(gateway_module._closing)), 5)  # the old meter's stop
+        [usage] = gw.db.usage()
+        assert usage["billed_micro_cents"] == PRICE and usage["request_id"] == flow.response.headers[
+            "X-Mcpmeter-Request-Id"]
+        assert all(settled for *_, settled in gw.db.journal())
+        assert gw.db.balance() == OPENING - PRICE  # delivered: billed, never refunded
+        gw.db.assert_reconciled()
+    finally:
+        task = new.done()
+        if task is not None:
+            await task
+
+
+async def test_a_script_reload_mid_call_refunds_an_upstream_failure_seen_by_the_new_meter(
+        gw: Gw, tmp_path: Path) -> None:
+    flow = make_flow()
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    new = await reloaded(gw, tmp_path)
+    try:
+        flow.error = Error("peer closed connection without sending complete message")
+        await new.error(flow)
+        response, body = parse_raw(compat._pending[flow.client_conn.id])  # answered by the meter that charged it
+        assert response.status_code == 502 and refusal(body)["error"] == "upstream_failed"
+        assert response.headers["X-Mcpmeter-Refunded"] == "1"
+        await asyncio.wait_for(asyncio.gather(*list(gateway_module._closing)), 5)
+        [usage] = gw.db.usage()
+        assert usage["billed_micro_cents"] == 0 and usage["status"] == 502
+        assert gw.db.balance() == OPENING
+        gw.db.assert_reconciled()
+    finally:
+        task = new.done()
+        if task is not None:
+            await task
