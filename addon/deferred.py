@@ -546,19 +546,22 @@ class Deferred:
             log.warning("mcpmeter: user %s holds %d calls already; %s settles now", call.consumer.user_id,
                         MAX_HELD_PER_USER, call.request_id)
             return None
-        now, config = time.monotonic(), self.config()
+        # Limits count from the call's start, before its charge, as the journal's sweep counts them from
+        # the charge: counted from the hold (its answer, up to the upstream timeout later), another
+        # gateway's sweep (or this one's) settled a call still held here, whose result then passed.
+        start, config = call.started, self.config()
         if facts.task and facts.task_id is not None:
             if (replaced := self._pop_task((facts.scope, facts.task_id))) is not None and replaced.call is not call:
                 self.settle(replaced.flow, replaced.call, Decision(True, TASK_REPLACED))
             self.watched[facts.scope] += 1
             self._put(self.tasks, (facts.scope, facts.task_id),
-                      Held(flow, call, now + config.task_settle_seconds, TASK_PENDING))
+                      Held(flow, call, start + config.task_settle_seconds, TASK_PENDING))
             self.by_task.setdefault((facts.scope[0], facts.task_id), {})[facts.scope] = call.consumer.user_id
             self.expired.pop(_undeliverable(facts.scope, facts.task_id), None)  # the id names a new, paid task
             return TASK_PENDING
         if facts.input_required and facts.state is not None:
             self._hold_round(state_key(facts.scope, facts.tool, facts.state),
-                             Held(flow, call, now + config.round_settle_seconds, INPUT_PENDING))
+                             Held(flow, call, start + config.round_settle_seconds, INPUT_PENDING))
             return INPUT_PENDING
         return None
 

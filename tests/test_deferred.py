@@ -115,7 +115,7 @@ def make_call(principal: str = "key-1", tool: str = "t", rpc_id: Any = 1, priced
         consumer=SimpleNamespace(principal=principal, user_id={"key-1": 1, "token-1": 1}.get(principal, 2)),
         listing=SimpleNamespace(id=5, bill_tool_errors=False),
         priced=PricedCall("tools/call", rpc_id, tool) if priced else None, outcome=Outcome.RESULT, forwarded=None,
-        charged=None, failure=None, withheld=False, refunded=False)
+        charged=None, failure=None, withheld=False, refunded=False, started=time.monotonic())
 
 
 class Store:

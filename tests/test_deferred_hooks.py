@@ -5,15 +5,19 @@ itself (a refusal, an Idempotency-Key replay) is given back."""
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import AsyncIterator
+from contextlib import closing
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons
 
-from addon import idempotency
+from addon import deferred, idempotency
 from addon.errors import GatewayError
 from addon.gateway import Mcpmeter
 from tests.refusals import refusal
@@ -255,3 +259,31 @@ async def test_a_task_held_from_a_stream_cut_mid_event_keeps_none_of_that_event(
     assert gw.db.journal()[0][4] == 0  # still held, not settled
     assert kept < 200_000, kept  # not the 3 MB (twice: parser and editor) of the cut event
     assert held.call.parser is not None  # still says the answer was streamed
+
+
+async def test_a_held_task_expires_in_memory_no_later_than_its_journal_row_is_swept(
+        gw: Gw, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The journal's sweep counts a held task's limit from its charge: so must the gateway holding it.
+    Counted from the hold instead (the CreateTaskResult, up to the upstream timeout after the charge),
+    the sweep refunded the task while this gateway still held it, and its result was then delivered."""
+    flow = make_flow(PATH, body=rpc("tools/call", 1, name="work", arguments={}, task={"ttl": 60_000}))
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    gw.addon.calls[flow.id].started -= 200  # its CreateTaskResult comes 200 s after the charge
+    await upstream_answers(gw, flow, json_response(
+        {"jsonrpc": "2.0", "id": 1, "result": {"task": {"taskId": "T1", "status": "working"}}}))
+    assert gw.db.journal()[0][4] == 0 and gw.addon.deferred.tasks  # held
+    # Later: the journal's limit, counted from the charge, and its one-sweep margin have passed.
+    late = gw.addon.config.task_settle_seconds + 61  # type: ignore[union-attr]
+    with closing(sqlite3.connect(gw.db.path)) as conn, conn:
+        conn.execute("UPDATE mcpmeter_calls SET created_at = datetime(created_at, ?)", (f"-{late} seconds",))
+    monotonic = time.monotonic
+    monkeypatch.setattr(deferred, "time", SimpleNamespace(monotonic=lambda: monotonic() + late - 200))
+    await gw.addon.deferred.sweep()
+    await gw.addon.drain()
+    [(_, (refunded, settled, reason))] = reasons(gw).items()
+    assert (refunded, settled, reason) == (1, 1, "task_expired")
+    assert gw.db.balance(USERS[ALICE]) == OPENING
+    # Refunded: its result is not delivered afterwards.
+    assert refused(await result_request(gw, ALICE)) == (410, "task_expired")
+    gw.db.assert_reconciled()
