@@ -160,26 +160,32 @@ class Mcpmeter:
         half way) and drops what it returns, while the loop runs on. So `done` is a plain function
         that returns the stop as a task: awaited to the end on shutdown, left to finish in the
         background after a reload (referenced in `_closing`). With nothing to settle, it closes now.
+        The stops of meters a reload replaced may still be settling their calls: a shutdown waits for
+        them too (the event loop ends after `done`, cancelling whatever task is left).
         """
         self.stopping = True
         if self.sweeper is not None:
             self.sweeper.cancel()
             self.sweeper = None
-        if not self.settlements.background and not self.admitting and not self._unsettled():
-            self._close()
-            return None
+        earlier = list(_closing)
+        idle = not self.settlements.background and not self.admitting and not self._unsettled()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop, so no task was ever started on one
+            loop = None
+        if idle or loop is None:
             self._close()
-            return None
-        task = loop.create_task(self.stop())
+            if not earlier or loop is None:
+                return None
+            task = loop.create_task(_await_all(earlier))
+        else:
+            task = loop.create_task(_await_all([self.stop(), *earlier]))
+            # On a reload, the hooks of the calls still in flight go to the meter loaded next: it hands
+            # them back to this one (`_replaced_owner`), which charged them and settles them.
+            _replaced.append(self)
+            task.add_done_callback(lambda _: _replaced.remove(self) if self in _replaced else None)
         _closing.add(task)
         task.add_done_callback(_closing.discard)
-        # On a reload, the hooks of the calls still in flight go to the meter loaded next: it hands them
-        # back to this one (`_replaced_owner`), which charged them and settles them.
-        _replaced.append(self)
-        task.add_done_callback(lambda _: _replaced.remove(self) if self in _replaced else None)
         return task
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
@@ -498,6 +504,13 @@ def _redact(flow: http.HTTPFlow) -> tuple[Credential | None, list[str], bool]:
 _closing: set[asyncio.Task[None]] = set()  # tasks must be referenced until done
 # Meters stopping with calls in flight (a script reload keeps this module): see Mcpmeter._replaced_owner.
 _replaced: list[Mcpmeter] = []
+
+
+async def _await_all(work: list[Any]) -> None:
+    """Wait for every stop, each to its end, whichever fails."""
+    for result in await asyncio.gather(*work, return_exceptions=True):
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            log.error("mcpmeter: stopping failed", exc_info=result)
 
 
 def _close_later(cache: Cache) -> None:

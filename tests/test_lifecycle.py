@@ -228,3 +228,17 @@ async def test_a_script_reload_mid_call_refunds_an_upstream_failure_seen_by_the_
         task = new.done()
         if task is not None:
             await task
+
+
+async def test_a_shutdown_soon_after_a_script_reload_waits_for_the_old_meters_settlements(
+        gw: Gw, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    slow_settlements(gw, monkeypatch)
+    flows = [await billed_answer(gw, i) for i in range(1, 4)]
+    new = await reloaded(gw, tmp_path)  # the old meter's stop runs on, writing its settlements
+    # SIGTERM now: Master.done awaits what the loaded meter's `done` returns, then the event loop ends
+    # (asyncio.run cancels every task left): the old meter's stop must be over by then.
+    await gw.tctx.master.addons.invoke_addon(new, hooks.DoneHook())
+    assert not gateway_module._closing, "a stop left running when the loop ends is cancelled"
+    assert {u["request_id"] for u in gw.db.usage()} == {f.response.headers["X-Mcpmeter-Request-Id"] for f in flows}
+    assert all(settled for *_, settled in gw.db.journal())
+    gw.db.assert_reconciled()
