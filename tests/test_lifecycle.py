@@ -172,13 +172,17 @@ def test_statuses_and_transports_are_enums_with_the_database_values() -> None:
 
 # --- a script reload mid-call: the new meter's hooks get the old meter's flows ---------------------
 
-async def reloaded(gw: Gw, tmp_path: Path) -> Mcpmeter:
-    """What mitmproxy's script loader does on a reload: `done` on the old meter, called synchronously
-    (its stop left running as a task), then a new meter from the re-executed script, configured."""
-    gw.tctx.master.addons.invoke_addon_sync(gw.addon, hooks.DoneHook())
+def reloaded(gw: Gw) -> Mcpmeter:
+    """What mitmproxy's script loader does on a reload (Script.loadscript): remove the old meter, which
+    calls its `done` synchronously (its stop left running as a task), then register a new meter from the
+    re-executed script (the same modules, the same process) and configure it with every option."""
+    master = gw.tctx.master
+    master.addons.remove(gw.addon)
     new = Mcpmeter()
-    gw.tctx.configure(new, mcpmeter_config=str(write_config(tmp_path)))
-    new.running()
+    master.addons.register(new)
+    master.addons.invoke_addon_sync(new, hooks.ConfigureHook(set(gw.tctx.options.keys())))
+    master.addons.invoke_addon_sync(new, hooks.RunningHook())
+    assert new.config is not None and new.store is not None
     return new
 
 
@@ -187,7 +191,7 @@ async def test_a_script_reload_mid_call_bills_the_answer_delivered_through_the_n
     flow = make_flow()
     await gw.addon.request(flow)
     assert forwarded(flow)
-    new = await reloaded(gw, tmp_path)
+    new = reloaded(gw)
     try:
         # The answer's hooks reach the meter that is loaded now, which did not charge the call.
         flow.response = json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}})
@@ -212,7 +216,7 @@ async def test_a_script_reload_mid_call_refunds_an_upstream_failure_seen_by_the_
     flow = make_flow()
     await gw.addon.request(flow)
     assert forwarded(flow)
-    new = await reloaded(gw, tmp_path)
+    new = reloaded(gw)
     try:
         flow.error = Error("peer closed connection without sending complete message")
         await new.error(flow)
@@ -234,7 +238,7 @@ async def test_a_shutdown_soon_after_a_script_reload_waits_for_the_old_meters_se
         gw: Gw, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     slow_settlements(gw, monkeypatch)
     flows = [await billed_answer(gw, i) for i in range(1, 4)]
-    new = await reloaded(gw, tmp_path)  # the old meter's stop runs on, writing its settlements
+    new = reloaded(gw)  # the old meter's stop runs on, writing its settlements
     # SIGTERM now: Master.done awaits what the loaded meter's `done` returns, then the event loop ends
     # (asyncio.run cancels every task left): the old meter's stop must be over by then.
     await gw.tctx.master.addons.invoke_addon(new, hooks.DoneHook())
