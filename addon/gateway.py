@@ -132,6 +132,12 @@ class Mcpmeter:
 
     def running(self) -> None:
         gctune.tune()  # the start-up heap frozen: full collections walk only what came after (addon/gctune.py)
+        master = getattr(ctx, "master", None)
+        if master is not None and (held := _held_over.pop(master, None)) is not None:
+            # A script reload: the calls the replaced meter held (tasks, input_required rounds) are this
+            # process's, settled here by the messages that pass from now on (addon/deferred.py).
+            held.settle, held.config, held.store = self.settlements.held, lambda: self.config, lambda: self.store
+            self.deferred = held
         if self.sweeper is None:
             self.sweeper = asyncio.ensure_future(self._sweep_forever())
 
@@ -167,6 +173,8 @@ class Mcpmeter:
         if self.sweeper is not None:
             self.sweeper.cancel()
             self.sweeper = None
+        if (master := getattr(ctx, "master", None)) is not None:
+            _held_over[master] = self.deferred  # for the meter a script reload loads next, if one comes
         earlier = list(_closing)
         idle = not self.settlements.background and not self.admitting and not self._unsettled()
         try:
@@ -253,7 +261,7 @@ class Mcpmeter:
             _close_later(self.cache)
             self.cache = None
         if self.store is not None:
-            self.store.close()
+            self.settlements.close_store(self.store)
 
     # --- hooks -------------------------------------------------------------------------
 
@@ -504,6 +512,9 @@ def _redact(flow: http.HTTPFlow) -> tuple[Credential | None, list[str], bool]:
 _closing: set[asyncio.Task[None]] = set()  # tasks must be referenced until done
 # Meters stopping with calls in flight (a script reload keeps this module): see Mcpmeter._replaced_owner.
 _replaced: list[Mcpmeter] = []
+# The calls held (deferred.py) by the meter that stopped last, per master: a script reload's next meter
+# takes them over (`running`); a shutdown leaves them to the journal's sweep.
+_held_over: weakref.WeakKeyDictionary[Any, deferred.Deferred] = weakref.WeakKeyDictionary()
 
 
 async def _await_all(work: list[Any]) -> None:

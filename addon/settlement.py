@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("mcpmeter")
 
 SETTLE_ATTEMPTS = 5
+# Stores closed (a config reload retired them, or their meter stopped), for every meter of the process:
+# a held call (deferred.py) outlives the meter that charged it across a script reload.
+_closed: weakref.WeakSet[Store] = weakref.WeakSet()
 MAX_BACKGROUND_SETTLEMENTS = 1000  # beyond this, responses wait for their settlement (backpressure)
 RETIRE_MARGIN_SECONDS = 10.0  # a replaced store outlives the longest upstream timeout by this much at most
 
@@ -43,7 +46,7 @@ class Settlements:
         # Settlements of billed answers that nothing waits for (in_background): a hook passes them by.
         self.unwaited: weakref.WeakSet[asyncio.Future[None]] = weakref.WeakSet()
         self.retiring: dict[Store, asyncio.Task[None]] = {}  # stores a reload replaced, kept for their calls
-        self.closed: weakref.WeakSet[Store] = weakref.WeakSet()  # retired stores, closed
+        self.closed = _closed  # retired stores, closed
 
     def own(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         """Start a settlement as a task of this addon's, which `drain` waits for."""
@@ -101,6 +104,11 @@ class Settlements:
     def _close(self, store: Store) -> None:
         self.closed.add(store)
         store.close()
+
+    def close_store(self, store: Store) -> None:
+        """The meter stops: its store closes (calls it charged and that a meter loaded next holds settle
+        on that meter's store)."""
+        self._close(store)
 
     # --- the ways in ---------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from addon import deferred, idempotency
 from addon.errors import GatewayError
 from addon.gateway import Mcpmeter
 from tests.refusals import refusal
+from tests.test_lifecycle import reloaded
 from tests.test_gateway_hooks import (ALICE, BOB, OPENING, PRICE, SEED, USERS, Db, Gw, forwarded,  # noqa: F401
                                       isolated, json_response, make_flow, meta, rpc, upstream_answers,
                                       write_config)
@@ -287,3 +288,36 @@ async def test_a_held_task_expires_in_memory_no_later_than_its_journal_row_is_sw
     # Refunded: its result is not delivered afterwards.
     assert refused(await result_request(gw, ALICE)) == (410, "task_expired")
     gw.db.assert_reconciled()
+
+
+# --- a script reload: held calls are the process's, and outlive the meter that held them ------------
+
+
+async def test_a_task_held_before_a_script_reload_is_settled_by_its_status_after_it(gw: Gw) -> None:
+    await held_task(gw)
+    new = Gw(reloaded(gw), gw.tctx, gw.db)
+    try:
+        poll = make_flow(PATH, body=rpc("tasks/get", 2, taskId="T1"))
+        await new.addon.request(poll)
+        assert forwarded(poll)
+        await upstream_answers(new, poll, json_response(
+            {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T1", "status": "completed"}}))
+        await new.addon.drain()
+        assert list(reasons(gw).values()) == [(0, 1, "task_completed")]  # not left to be refunded as expired
+        assert gw.db.balance(USERS[ALICE]) == OPENING - PRICE
+        gw.db.assert_reconciled()
+    finally:
+        new.addon.done()
+
+
+async def test_a_round_held_before_a_script_reload_is_continued_free_after_it(gw: Gw) -> None:
+    await held_round(gw)
+    new = Gw(reloaded(gw), gw.tctx, gw.db)
+    try:
+        await continued(new, "S1", 2)  # not charged a second time
+        await new.addon.drain()
+        assert list(reasons(gw).values()) == [(0, 1, "result")]
+        assert gw.db.balance(USERS[ALICE]) == OPENING - PRICE
+        gw.db.assert_reconciled()
+    finally:
+        new.addon.done()
