@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -17,9 +18,10 @@ import httpx2
 import pytest
 
 from tests.backends import Backend
-from tests.gateway_proc import start_gateway
+from tests.gateway_proc import ROOT, start_gateway
 from tests.refusals import refusal
 from tests.test_e2e_gateway import MCP_HEADERS, call, slug
+from tests.test_e2e_secrets import rewrite, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -78,3 +80,34 @@ async def test_a_signal_under_load_settles_every_billed_answer(backend: Backend,
     billed_total = sum(u["billed"] for u in usage.values())
     assert backend.balance(c.user_id) == 100_000_000 - billed_total
     assert billed_total >= sum(delivered.values())
+
+
+async def test_a_script_reload_with_calls_in_flight_bills_their_answers(backend: Backend, fault_url: str,
+                                                                        tmp_path: Path) -> None:
+    """mitmproxy reloads the -s script when it changes: the calls in flight are answered after it, through
+    the meter loaded then, and billed as usual (before: passed on unmetered, then refunded)."""
+    s = slug("reload")
+    backend.add_listing(s, fault_url + "/mcp", price=1000, rpm=100_000, rpd=1_000_000)
+    c = backend.add_consumer(credit=100_000)
+    script = tmp_path / "script" / "mcpmeter_addon.py"
+    script.parent.mkdir()
+    shutil.copy(ROOT / "mcpmeter_addon.py", script)
+    gw = start_gateway(backend.config(), tmp_path, env={**backend.env(), "PYTHONPATH": str(ROOT)}, script=script)
+    try:
+        async with httpx2.AsyncClient(timeout=30) as http:
+            calls = [asyncio.ensure_future(http.post(
+                f"{gw.url}/{s}", content=json.dumps(call("slow", {"seconds": 4}, rpc_id=n)).encode(),
+                headers={**MCP_HEADERS, **c.auth})) for n in range(3)]
+            await asyncio.sleep(0.5)
+            rewrite(script, script.read_text() + "\n# changed: mitmproxy reloads the script\n")
+            await asyncio.to_thread(wait_for, lambda: gw.log().count("Loading script") >= 2, 10)
+            answers = await asyncio.gather(*calls)
+        assert gw.proc.poll() is None
+    finally:
+        gw.stop()
+    assert gw.log().count("Loading script") == 2
+    assert [(r.status_code, r.headers.get("X-Mcpmeter-Billed")) for r in answers] == [(200, "1000")] * 3
+    usage = {u["request_id"]: u["billed"] for u in backend.usage(c)}
+    assert usage == {r.headers["X-Mcpmeter-Request-Id"]: 1000 for r in answers}
+    assert backend.query("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL")[0][0] == 0
+    assert backend.balance(c.user_id) == 100_000 - 3 * 1000
