@@ -133,9 +133,13 @@ class Mcpmeter:
     def running(self) -> None:
         gctune.tune()  # the start-up heap frozen: full collections walk only what came after (addon/gctune.py)
         master = getattr(ctx, "master", None)
-        if master is not None and (held := _held_over.pop(master, None)) is not None:
+        if master is not None and (left := _held_over.pop(master, None)) is not None:
             # A script reload: the calls the replaced meter held (tasks, input_required rounds) are this
-            # process's, settled here by the messages that pass from now on (addon/deferred.py).
+            # process's, settled here by the messages that pass from now on (addon/deferred.py); so are
+            # its parked calls and refund markers (addon/pending.py): an answer on a resumed stream this
+            # meter watches settles a parked call (through the meter that charged it, `owner`), and a
+            # refunded call's answer stays withheld, whichever meter refunded it, before or after.
+            held, self.pending = left
             held.settle, held.config, held.store = self.settlements.held, lambda: self.config, lambda: self.store
             self.deferred = held
         if self.sweeper is None:
@@ -174,7 +178,7 @@ class Mcpmeter:
             self.sweeper.cancel()
             self.sweeper = None
         if (master := getattr(ctx, "master", None)) is not None:
-            _held_over[master] = self.deferred  # for the meter a script reload loads next, if one comes
+            _held_over[master] = self.deferred, self.pending  # for the meter a reload loads next, if one comes
         earlier = list(_closing)
         idle = not self.settlements.background and not self.admitting and not self._unsettled()
         try:
@@ -249,6 +253,12 @@ class Mcpmeter:
             return None
         return next((old for old in _replaced if old is not self and flow.id in old.calls), None)
 
+    def owner(self, flow: http.HTTPFlow) -> Mcpmeter:
+        """The meter that settles the call of `flow`: a call parked before a script reload (or running then)
+        found in the shared Pending goes to the replaced meter that charged it, whose stop waits for its
+        settlement before closing its store."""
+        return self._replaced_owner(flow) or self
+
     def _unsettled(self) -> list[tuple[http.HTTPFlow, Call]]:
         """Paid calls forwarded and not yet settled (nor settling)."""
         pending = [(c.flow, c) for c in self.calls.values() if c.flow is not None]
@@ -256,6 +266,10 @@ class Mcpmeter:
         return [(f, c) for f, c in pending if c.charged is not None and c.settlement is None]
 
     def _close(self) -> None:
+        # No hook reaches this meter any more: the Pending a reload hands on keeps none of its calls.
+        for call in self.calls.values():
+            if call.priced is not None and (scope := call.scope) is not None:
+                self.pending.untrack(scope, call.priced.rpc_id, call)
         self.settlements.close_retiring()
         if self.cache is not None:
             _close_later(self.cache)
@@ -512,9 +526,11 @@ def _redact(flow: http.HTTPFlow) -> tuple[Credential | None, list[str], bool]:
 _closing: set[asyncio.Task[None]] = set()  # tasks must be referenced until done
 # Meters stopping with calls in flight (a script reload keeps this module): see Mcpmeter._replaced_owner.
 _replaced: list[Mcpmeter] = []
-# The calls held (deferred.py) by the meter that stopped last, per master: a script reload's next meter
-# takes them over (`running`); a shutdown leaves them to the journal's sweep.
-_held_over: weakref.WeakKeyDictionary[Any, deferred.Deferred] = weakref.WeakKeyDictionary()
+# The calls held (deferred.py), and the parked calls and refund markers (pending.py), of the meter that
+# stopped last, per master: a script reload's next meter takes them over (`running`); a shutdown leaves
+# the held calls to the journal's sweep.
+_held_over: weakref.WeakKeyDictionary[Any, tuple[deferred.Deferred, resumption.Pending]] = (
+    weakref.WeakKeyDictionary())
 
 
 async def _await_all(work: list[Any]) -> None:

@@ -221,10 +221,11 @@ class StreamWatch:
             # on its own stream or a resumed one, is not delivered (the meter tells answers only by their
             # id, and took this one for the call's). The settlement leaves the session's marker.
             call.withheld = decision(call)[0].refund
+            owner = self.gw.owner(flow)  # a call charged before a script reload: the replaced meter's
             if call.waits is Wait.RESUMPTION:
-                self.settle_parked(flow, call)
+                owner.streams.settle_parked(flow, call)
             else:  # still running: settled now, its POST's hooks find it settled
-                self.gw.settlements.start(flow, call)
+                owner.settlements.start(flow, call)
 
     def cancel(self, notice: Call, body: bytes) -> None:
         """notifications/cancelled naming a priced call of the same session and key: refunded, unless its
@@ -241,11 +242,12 @@ class StreamWatch:
             return  # answered (billed), or already failing: settled by its own path
         assert notice.session is not None and rpc_id is not None
         pending.mark_refunded(notice.session, rpc_id)
+        owner = self.gw.owner(flow)  # a call charged before a script reload: the replaced meter's
         if call.waits is Wait.RESUMPTION:
-            self.settle_parked(flow, call, Failure.CANCELLED)
+            owner.streams.settle_parked(flow, call, Failure.CANCELLED)
             return
         call.failure = Failure.CANCELLED
-        self.gw.settlements.soon(flow, call)
+        owner.settlements.soon(flow, call)
 
     def withhold(self, flow: http.HTTPFlow, call: Call) -> None:
         """A JSON answer to a call cancelled (and refunded) while it ran: the client gets an error instead."""

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
+from addon import gateway as gateway_module
 from addon.call import Wait
+from addon.gateway import Mcpmeter
+from tests.test_lifecycle import reloaded
 from tests.test_gateway_hooks import (  # noqa: F401  (fixtures)
     OPENING, PRICE, RESULT, Gw, gw, isolated, make_flow, meta, sent, sse_response, tool_call, upstream_fails,
 )
@@ -137,3 +141,70 @@ async def test_a_cancellation_naming_a_float_id_refunds_nothing(gw: Gw) -> None:
     await gw.addon.drain()
     assert usage_reasons(gw) == [(200, 0, "result")]
     gw.db.assert_reconciled()
+
+
+# --- a script reload: parked calls and refund markers are the process's --------------------------
+
+async def stopped(gw: Gw) -> None:
+    """The old meter's stop (left running as a task by the reload), to its end."""
+    await asyncio.wait_for(asyncio.gather(*list(gateway_module._closing)), 5)
+
+
+async def test_a_call_parked_before_a_script_reload_is_billed_once_by_its_answer_after_it(gw: Gw) -> None:
+    post, call = await post_primed(gw)
+    post.response.stream(b"")
+    await gw.addon.response(post)
+    assert call.waits is Wait.RESUMPTION
+    new = Gw(reloaded(gw), gw.tctx, gw.db)
+    try:
+        # The client resumes through the meter loaded now: the answer settles the call the old one charged.
+        get = await resumed_get(new)
+        answer = b"id: 2\ndata: " + RESULT.encode() + b"\n\n"
+        assert sent(get.response.stream(answer)) == answer
+        await stopped(gw)  # not left to the old meter's grace, then refunded with its result out
+        assert sent(get.response.stream(answer)) == answer  # a replay: delivered again, never billed again
+        await new.addon.drain()
+        assert usage_reasons(gw) == [(200, 0, "result")] and len(gw.db.usage()) == 1
+        assert gw.db.balance(1) == OPENING - PRICE
+        gw.db.assert_reconciled()
+    finally:
+        new.addon.done()
+
+
+async def test_a_refund_marker_written_before_a_script_reload_still_withholds_the_answer(gw: Gw) -> None:
+    post, call = await post_primed(gw)
+    notice = make_flow(headers=SESSION, body=cancellation(1))
+    await gw.addon.request(notice)
+    await gw.addon.drain()
+    assert call.failure is not None  # refunded
+    post.response.stream(b"")
+    await gw.addon.response(post)
+    new = Gw(reloaded(gw), gw.tctx, gw.db)
+    try:
+        get = await resumed_get(new)
+        assert sent(get.response.stream(b"id: 2\ndata: " + RESULT.encode() + b"\n\n")) == b"id: 2\n\n"
+        await stopped(gw)
+        await new.addon.drain()
+        assert usage_reasons(gw) == [(499, 1, "cancelled")] and gw.db.balance(1) == OPENING
+    finally:
+        new.addon.done()
+
+
+async def test_a_call_the_replaced_meter_refunds_at_the_end_of_its_grace_has_its_answer_withheld(
+        gw: Gw, monkeypatch: pytest.MonkeyPatch) -> None:
+    stop = Mcpmeter.stop
+    monkeypatch.setattr(Mcpmeter, "stop", lambda self, grace=0.2: stop(self, grace))
+    post, call = await post_primed(gw)
+    post.response.stream(b"")
+    await gw.addon.response(post)
+    new = Gw(reloaded(gw), gw.tctx, gw.db)
+    try:
+        await stopped(gw)  # nobody answered it within the grace: refunded
+        assert usage_reasons(gw) == [(500, 1, "internal_error")] and gw.db.balance(1) == OPENING
+        get = await resumed_get(new)
+        assert sent(get.response.stream(b"id: 2\ndata: " + RESULT.encode() + b"\n\n")) == b"id: 2\n\n"
+        await new.addon.drain()
+        assert len(gw.db.usage()) == 1
+        assert not new.addon.pending.parked and not new.addon.pending.tracked
+    finally:
+        new.addon.done()
