@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from .auth import token_hash
-from .config import Config
+from .config import Config, sweep_interval
 from .store.base import CreditLimit, OutcomeUnknown, StoreUnavailable, UnknownUser
 from .store.sql import HELD, MYSQL, Ledger, SqlStore, parse_upstream_headers, utc
 
@@ -410,11 +410,6 @@ class Check:
 
     def as_dict(self) -> dict[str, Any]:
         return {"invariant": self.invariant, "rule": self.rule, "ok": self.ok, "discrepancies": self.discrepancies}
-
-
-def sweep_interval(config: Config) -> float:
-    """How long the gateway's sweeper sleeps between sweeps (gateway.py, _sweep_forever)."""
-    return min(60.0, config.stale_call_seconds / 4)
 
 
 def percentile(sorted_values: list[int], pct: float) -> int | None:

@@ -121,6 +121,11 @@ _ENV_LIST = {
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+def sweep_interval(config: Config) -> float:
+    """How long the gateway's sweeper sleeps between sweeps (gateway.py, _sweep_forever)."""
+    return min(60.0, config.stale_call_seconds / 4)
+
+
 def expand(value: Any, env: Mapping[str, str], where: str = "") -> Any:
     """`${NAME}` and `${NAME:-default}` in the YAML's strings, from the environment."""
     if isinstance(value, dict):

@@ -34,6 +34,7 @@ from cachetools import LRUCache, TTLCache
 from mitmproxy import connection, http
 
 from .billing import Decision, Failure
+from .config import sweep_interval
 from .decoding import TooLarge, decode_bounded
 from .errors import GatewayError
 from .jsonrpc import JsonId, Outcome, answer_messages
@@ -45,6 +46,7 @@ log = logging.getLogger("mcpmeter")
 TASK_PENDING = "task_pending"  # the journal marks (store.HELD)
 INPUT_PENDING = "input_pending"
 TASK_EXPIRED = "task_expired"  # refunded: nobody saw the task end
+SWEPT = "swept"  # refunded as the journal's ordinary sweep refunds an unmarked row (store.sql.SWEPT)
 INPUT_ABANDONED = "input_abandoned"  # billed: the input_required answer was delivered, no retry came
 # A task id or a requestState that another held call of the same scope holds names the newer call from
 # then on: the earlier one is settled at once, as one whose outcome nobody can see any more (refunded,
@@ -289,6 +291,9 @@ class Deferred:
     # after the client closed the POST stream or the server ended it. Taken by the answer, wherever it
     # passes; bounded (the least recently asked go first: their answers then settle only on their POST).
     asked: LRUCache[tuple[Scope, IdKey], Facts] = field(default_factory=lambda: LRUCache(MAX_HELD))
+    # Held calls whose journal mark did not land (the database unavailable then), by request id, with
+    # their mark: retried at each sweep (`mark_unmarked`). Only held calls: at most MAX_HELD.
+    unmarked: dict[str, tuple[Any, str]] = field(default_factory=dict)
 
     def _watched(self, scope: Scope) -> bool:
         return self.watched[scope] > 0
@@ -580,8 +585,9 @@ class Deferred:
         flow.metadata.setdefault("mcpmeter", {}).update(decision="held", reason=mark)
         try:
             await self.store().hold(call.request_id, mark)
-        except Exception:  # unmarked, it is refunded at stale_call_seconds if nothing settles it before
-            log.exception("mcpmeter: could not mark %s as %s", call.request_id, mark)
+        except Exception:  # unmarked, the ordinary sweep would refund it at stale_call_seconds: retried
+            log.exception("mcpmeter: could not mark %s as %s; retried at each sweep", call.request_id, mark)
+            self.unmarked[call.request_id] = call, mark
         facts = self.facts.get(call)
         if mark == TASK_PENDING and facts is not None and facts.task_id is not None:
             key = (facts.scope, facts.task_id)
@@ -637,6 +643,49 @@ class Deferred:
         if len(self.expired) >= MAX_HELD:
             del self.expired[next(iter(self.expired))]  # the oldest
         self.expired[key] = now + self.config().task_settle_seconds
+
+    async def mark_unmarked(self) -> None:
+        """Before the journal's ordinary sweep: mark the held calls whose mark did not land. Unmarked, a
+        row is refunded by that sweep stale_call_seconds after its charge while its call stays held here
+        (up to task_settle_seconds), and a result could then pass for a refunded call. A call whose mark
+        still cannot land when that sweep (this gateway's next, or another's) could take its row first,
+        or whose row is settled already, is let go now, refunded as that sweep refunds it: no later
+        message settles it any more, and a task's result is refused as an expired task's."""
+        config, store = self.config(), self.store()
+        if not self.unmarked or config is None or store is None:
+            return
+        for request_id, (call, mark) in list(self.unmarked.items()):
+            if call.decided is not None:  # settled meanwhile by a later message
+                del self.unmarked[request_id]
+                continue
+            try:
+                marked: bool | None = await store.hold(request_id, mark)
+            except Exception as e:
+                log.warning("mcpmeter: could not mark %s as %s again: %s", request_id, mark, e)
+                marked = None
+            if marked or (marked is None and time.monotonic() + sweep_interval(config)
+                          < call.started + config.stale_call_seconds):
+                if marked:
+                    del self.unmarked[request_id]
+                continue
+            del self.unmarked[request_id]
+            self._let_go(call)
+
+    def _let_go(self, call: Any) -> None:
+        """Settle a held call now, refunded, as the journal's ordinary sweep would (see mark_unmarked)."""
+        now = time.monotonic()
+        for key, held in list(self.tasks.items()):
+            if held.call is call:
+                self._pop_task(key)
+                self._forget_later(_undeliverable(*key), now)
+                self.settle(held.flow, call, Decision(True, SWEPT))
+                return
+        for state, held in list(self.rounds.items()):
+            if held.call is call:
+                self._take(self.rounds, state)
+                self.settle(held.flow, call, Decision(True, SWEPT))
+                return
+        # Not held now: a round taken by its continuation, in flight; that continuation settles it.
 
     async def sweep(self) -> None:
         """The sweeper's turn: held calls past their limit, here and (after a restart, or held by

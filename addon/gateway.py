@@ -35,7 +35,7 @@ from .billing import Failure
 from .cache import Cache, open_cache
 from .call import META, Call, Label, Wait
 from .circuits import Circuits
-from .config import Config, ConfigError, load
+from .config import Config, ConfigError, load, sweep_interval
 from .errors import GatewayError
 from .jsonrpc import SSE, media_type
 from .legacy_sessions import LegacySessions
@@ -151,6 +151,7 @@ class Mcpmeter:
             config, store = self.config, self.store
             if config is not None and store is not None:
                 try:
+                    await self.deferred.mark_unmarked()  # held calls first: the ordinary sweep would take their rows
                     if refunded := await store.sweep(config.stale_call_seconds, config.platform_fee_bps):
                         log.warning("mcpmeter: refunded %d call(s) left unsettled by a stopped gateway", refunded)
                     await self.deferred.sweep()  # held tasks and rounds past their own limits
@@ -158,7 +159,7 @@ class Mcpmeter:
                     pass
                 except Exception:
                     log.exception("mcpmeter: sweeping unsettled calls failed")
-            await asyncio.sleep(min(60.0, config.stale_call_seconds / 4) if config else 60.0)
+            await asyncio.sleep(sweep_interval(config) if config else 60.0)
 
     def done(self) -> asyncio.Task[None] | None:
         """Stop: settle every call, then close the cache and the store (see `stop`).

@@ -5,6 +5,7 @@ itself (a refusal, an Idempotency-Key replay) is given back."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from mitmproxy.test import taddons
 from addon import deferred, idempotency
 from addon.errors import GatewayError
 from addon.gateway import Mcpmeter
+from addon.store import StoreUnavailable
 from tests.refusals import refusal
 from tests.test_lifecycle import reloaded
 from tests.test_gateway_hooks import (ALICE, BOB, OPENING, PRICE, SEED, USERS, Db, Gw, forwarded,  # noqa: F401
@@ -321,3 +323,70 @@ async def test_a_round_held_before_a_script_reload_is_continued_free_after_it(gw
         gw.db.assert_reconciled()
     finally:
         new.addon.done()
+
+
+# --- a hold whose journal mark did not land (the database unavailable at that moment) --------------
+
+
+def hold_fails(gw: Gw, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The store refuses to mark held calls; returns the request ids it was asked to mark."""
+    asked: list[str] = []
+
+    async def unavailable(request_id: str, mark: str) -> bool:
+        asked.append(request_id)
+        raise StoreUnavailable("down")
+
+    monkeypatch.setattr(gw.addon.store, "hold", unavailable)
+    return asked
+
+
+async def one_sweep(gw: Gw) -> None:
+    """The gateway's sweeper, one turn of it."""
+    sweeper = asyncio.ensure_future(gw.addon._sweep_forever())
+    await asyncio.sleep(0.2)
+    sweeper.cancel()
+    await gw.addon.drain()
+
+
+async def test_a_held_calls_mark_that_failed_is_retried_before_the_ordinary_sweep(
+        gw: Gw, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unmarked, the ordinary sweep refunded the task at stale_call_seconds while it stayed held here
+    (up to task_settle_seconds): its result then passed, delivered for a refunded call."""
+    hold = gw.addon.store.hold
+    asked = hold_fails(gw, monkeypatch)
+    await held_task(gw)
+    assert asked and list(reasons(gw).values()) == [(0, 0, None)]  # held, unmarked
+    monkeypatch.setattr(gw.addon.store, "hold", hold)  # the database is back
+    late = gw.addon.config.stale_call_seconds + 1  # type: ignore[union-attr]
+    with closing(sqlite3.connect(gw.db.path)) as conn, conn:
+        conn.execute("UPDATE mcpmeter_calls SET created_at = datetime(created_at, ?)", (f"-{late} seconds",))
+    await one_sweep(gw)
+    assert list(reasons(gw).values()) == [(0, 0, "task_pending")]  # marked, not swept
+    poll = make_flow(PATH, body=rpc("tasks/get", 2, taskId="T1"))
+    await gw.addon.request(poll)
+    await upstream_answers(gw, poll, json_response(
+        {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T1", "status": "completed"}}))
+    await gw.addon.drain()
+    assert list(reasons(gw).values()) == [(0, 1, "task_completed")]
+    assert gw.db.balance(USERS[ALICE]) == OPENING - PRICE
+    gw.db.assert_reconciled()
+
+
+async def test_a_held_call_whose_mark_never_lands_is_refunded_before_the_sweep_could_and_its_result_refused(
+        gw: Gw, monkeypatch: pytest.MonkeyPatch) -> None:
+    hold_fails(gw, monkeypatch)
+    flow = make_flow(PATH, body=rpc("tools/call", 1, name="work", arguments={}, task={"ttl": 60_000}))
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    # Charged almost stale_call_seconds ago: the ordinary sweep (this gateway's next, or another's) takes
+    # its unmarked row before this gateway sweeps again.
+    gw.addon.calls[flow.id].started -= gw.addon.config.stale_call_seconds - 30  # type: ignore[union-attr]
+    await upstream_answers(gw, flow, json_response(
+        {"jsonrpc": "2.0", "id": 1, "result": {"task": {"taskId": "T1", "status": "working"}}}))
+    assert gw.addon.deferred.tasks and list(reasons(gw).values()) == [(0, 0, None)]
+    await one_sweep(gw)
+    assert not gw.addon.deferred.tasks  # no longer held: nothing settles it as paid any more
+    assert list(reasons(gw).values()) == [(1, 1, "swept")]
+    assert gw.db.balance(USERS[ALICE]) == OPENING
+    assert refused(await result_request(gw, ALICE)) == (410, "task_expired")  # refunded: never delivered
+    gw.db.assert_reconciled()
