@@ -233,6 +233,7 @@ class Mcpmeter:
                 if flow.live:
                     compat.abort_upstream(flow)
                 call.settlement = self.settlements.own(self.settlements.now(flow, call))
+        self.legacy.cut()  # its session streams: no answer passes after the refunds just made
         # Bounded: a stop never hangs. What is still unwritten stays unsettled in the journal, where
         # the sweeper of any gateway settles it (refunds it) later.
         if not await self.settlements.drain(STOP_DRAIN_SECONDS):
@@ -271,6 +272,7 @@ class Mcpmeter:
         for call in self.calls.values():
             if call.priced is not None and (scope := call.scope) is not None:
                 self.pending.untrack(scope, call.priced.rpc_id, call)
+        self.legacy.cut()
         self.settlements.close_retiring()
         if self.cache is not None:
             _close_later(self.cache)

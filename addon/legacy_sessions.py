@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
 
-from . import paths
+from . import compat, paths
 from .billing import Failure
 from .call import Call, Wait, event_outcome
 from .errors import GatewayError
@@ -134,6 +134,19 @@ class LegacySessions:
         others = [s for s in self.streams.pop(stream.legacy_session, []) if s is not stream]
         if others:  # (an upstream announcing one session on two streams)
             self.streams[stream.legacy_session] = others
+
+    def cut(self) -> None:
+        """The meter stops: the session streams it watches pass nothing more and are ended. A script
+        reload leaves them open, and the meter loaded next does not watch them: an answer coming on one
+        after the stop refunded its call would be delivered, and a new POST there is refused
+        (`open_for`). The client opens a new session, through the meter loaded now."""
+        for streams in list(self.streams.values()):
+            for stream in streams:
+                if stream.rewriter is not None:
+                    stream.rewriter.cut()
+                if (flow := stream.flow) is not None and flow.live:
+                    compat.abort_upstream(flow)
+        self.streams.clear()
 
     def end_stream(self, stream: Call, client_gone: bool = False) -> None:
         """The session's stream is over: calls still awaiting an answer never get one. The upstream

@@ -76,10 +76,10 @@ class EndpointRewriter:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """A chunk of the upstream's stream (b"": its end) in, the chunks to send the client now out."""
-        if self.route is not None:
-            return self._pass(chunk)
         if self.closed:
             return []
+        if self.route is not None:
+            return self._pass(chunk)
         if not chunk:
             return self._close("the stream ended before its endpoint event")
         out = bytearray()
@@ -191,6 +191,10 @@ class EndpointRewriter:
                     out.append(0x0A)
                     pos += 1
         return [bytes(out)] if out else []
+
+    def cut(self) -> None:
+        """Nothing more of this stream reaches the client (its meter stopped: see LegacySessions.cut)."""
+        self._close("the meter watching it stopped")
 
     def _close(self, why: str) -> list[bytes]:
         log.warning("mcpmeter: legacy SSE stream to %s dropped: %s", self.slug, why)

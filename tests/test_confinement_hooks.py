@@ -17,7 +17,9 @@ from mitmproxy import http
 from mitmproxy.flow import Error
 from mitmproxy.test import taddons
 
+from addon import gateway as gateway_module
 from addon.gateway import Mcpmeter
+from tests.test_lifecycle import reloaded
 from tests.refusals import refusal
 from tests.test_gateway_hooks import (  # noqa: F401  (isolated: an autouse fixture)
     ALICE, BOB, OPENING, PRICE, SEED, UPSTREAM, Db, Gw, isolated, json_response, make_flow, meta,
@@ -332,3 +334,43 @@ async def test_a_plain_host_is_reflected(gw: Gw) -> None:
     assert flow.response.status_code == 401
     assert 'resource_metadata="http://gw.example:3010/.well-known/oauth-protected-resource"' in \
         flow.response.headers["WWW-Authenticate"]
+
+
+# --- a script reload: a legacy session's stream stays with the meter that opened it ------------------
+
+async def test_after_a_script_reload_a_legacy_call_refunded_at_the_grace_end_gets_no_answer(
+        gw: Gw, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old meter refunds the calls its session streams still await at the end of its grace; the
+    stream stayed open (a reload is no exit), and the answer that came on it after was delivered."""
+    stop = Mcpmeter.stop
+    monkeypatch.setattr(Mcpmeter, "stop", lambda self, grace=0.2: stop(self, grace))
+    stream = await open_session(gw)
+    flow = await post(gw, "/legacy-one/messages/?session_id=abc")
+    await accepted(gw, flow)
+    new = Gw(reloaded(gw), gw.tctx, gw.db)
+    try:
+        # The session is not the new meter's: a POST into it would be settled by nothing there.
+        late = await post(new, "/legacy-one/messages/?session_id=abc", rpc_id=2)
+        assert late.response is not None and error_of(late) == "session_forbidden"
+        await asyncio.wait_for(asyncio.gather(*list(gateway_module._closing)), 5)  # the old meter's stop
+        [row] = gw.db.usage()
+        assert row["billed_micro_cents"] == 0 and gw.db.balance(1) == OPENING  # refunded
+        assert stream.response.stream(ANSWER) == []  # never delivered after its refund
+        gw.db.assert_reconciled()
+    finally:
+        new.addon.done()
+
+
+async def test_after_a_script_reload_a_legacy_answer_within_the_grace_is_billed(gw: Gw) -> None:
+    stream = await open_session(gw)
+    flow = await post(gw, "/legacy-one/messages/?session_id=abc")
+    await accepted(gw, flow)
+    new = Gw(reloaded(gw), gw.tctx, gw.db)
+    try:
+        assert stream.response.stream(ANSWER) == [ANSWER]  # read by the old meter's watcher
+        await asyncio.wait_for(asyncio.gather(*list(gateway_module._closing)), 5)
+        [row] = gw.db.usage()
+        assert row["billed_micro_cents"] == PRICE and row["status"] == 200
+        gw.db.assert_reconciled()
+    finally:
+        new.addon.done()
