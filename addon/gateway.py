@@ -207,9 +207,9 @@ class Mcpmeter:
         New calls are refused (503 gateway_stopping) from the first moment. Calls being admitted
         (possibly charged, not yet forwarded) and paid calls in flight get `grace` seconds to be
         answered and settle as usual; those still unanswered then are aborted and refunded (an
-        answer that comes after that is sent marked refunded, billed 0). After a script reload the
-        old instance's calls get no more hooks (they reach the new instance, which does not know
-        them), so they are refunded at the end of the grace.
+        answer that comes after that is sent marked refunded, billed 0, or withheld on a resumed
+        stream). After a script reload the meter loaded next hands this one's flows back to it
+        (`owner`), and the legacy session streams it watches end after the grace (LegacySessions.cut).
         Then every settlement task is awaited, and only then are the cache and the store closed.
         """
         self.stopping = True
