@@ -347,6 +347,14 @@ class Mcpmeter:
                 self.deferred.not_forwarded(call)  # answered here or cut short: a round its retry took goes back
 
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None and flow.response.status_code < 200 and flow.live:
+            # mitmproxy takes an upstream's first head for the answer. A 1xx is none: a 101 would turn the
+            # client's connection into a raw pipe to the upstream (calls down it unmetered; the gateway never
+            # asks to switch: Upgrade is stripped), a 100 or 103 would leave the client waiting for ever.
+            # A failed upstream, then: the error hook refunds the call and answers 502.
+            compat.abort_upstream(flow)
+            flow.kill()
+            return
         if (owner := self._replaced_owner(flow)) is not None:
             return await owner.responseheaders(flow)
         call = self.calls.get(flow.id)
@@ -430,7 +438,8 @@ class Mcpmeter:
             self.legacy.end_stream(call, client_gone=gone)
             await self.settlements.settle(flow, call)
             nobody = call.failure is Failure.CLIENT_GONE or (call.failure is Failure.CANCELLED and gone)
-            if flow.response is None and not nobody:
+            unsent = flow.response is None or flow.response.status_code < 200  # a 1xx is killed unsent
+            if unsent and not nobody:
                 code = "upstream_timeout" if call.failure is Failure.TIMEOUT else "upstream_failed"
                 call.status = 504 if call.failure is Failure.TIMEOUT else 502
                 call.rpc_id = call.priced.rpc_id if call.priced else None

@@ -10,7 +10,8 @@ behave the way real servers behind a gateway do when they disagree with the gate
 - a method-agnostic handler: a tools/call body runs whatever the HTTP method (`Seen.ran`);
 - misbehaving answers picked by tool name (first-wins view) or an `X-Hostile` request header:
   slow, huge SSE events, deeply nested results, gzip/deflate bombs sent despite
-  `Accept-Encoding: identity`, broken framing, its own `X-Mcpmeter-*` headers, an echo of
+  `Accept-Encoding: identity`, broken framing, a 101 or 103 unasked (after a 101, what comes
+  through is run as a call: `Seen.method` "TUNNEL"), its own `X-Mcpmeter-*` headers, an echo of
   every header it received, and a minimal legacy HTTP+SSE session (GET .../sse).
 
 `Canary` is the same server answering anything on another port: any request it records came
@@ -128,6 +129,7 @@ class HostileUpstream:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._sessions: dict[str, _Session] = {}
+        self._readers: dict[asyncio.StreamWriter, asyncio.StreamReader] = {}
         self._thread: threading.Thread | None = None
 
     @property
@@ -186,6 +188,7 @@ class HostileUpstream:
 
     # the connection loop
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._readers[writer] = reader  # for a mode that reads on after its answer (a tunnel)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -197,6 +200,7 @@ class HostileUpstream:
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
             pass
         finally:
+            self._readers.pop(writer, None)
             try:
                 writer.close()
             except Exception:
@@ -320,9 +324,38 @@ class HostileUpstream:
                     await writer.drain()
                 await asyncio.sleep(5)
                 return False
+            case "switch_protocols":  # 101 to a request that asked for no upgrade, then a tunnel that runs calls
+                writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                await writer.drain()
+                await self._tunnel(seen, writer)
+                return False
+            case "informational_first":  # a 1xx (mitmproxy reads it as the final answer), then the answer
+                writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+                return await _send(writer, 200, ok)
             case "other_id":  # answers a different id, as a JS server does for ids it cannot hold
                 return await _send(writer, 200, _tool_result(js_number(rpc_id), "other"))
         return await _send(writer, 200, ok)
+
+    async def _tunnel(self, seen: Seen, writer: asyncio.StreamWriter) -> None:
+        """After a 101: whatever comes through is recorded as a request and run (a tools/call body is a call)."""
+        reader = self._readers.get(writer)
+        if reader is None:
+            return
+        try:
+            data = await asyncio.wait_for(reader.read(1 << 20), 3)
+        except (TimeoutError, ConnectionError):
+            return
+        if not data:
+            return
+        tunnelled = Seen(self.port, "TUNNEL", "", seen.headers, data, seen.route)
+        tunnelled.rpc = js_parse(data.partition(b"\r\n\r\n")[2] or data)
+        if isinstance(tunnelled.rpc, dict) and tunnelled.rpc.get("method") == "tools/call":
+            params = tunnelled.rpc.get("params")
+            tunnelled.ran = str(params.get("name") if isinstance(params, dict) else None)
+        with self.lock:
+            self.seen.append(tunnelled)
+        writer.write(_tool_result(tunnelled.rpc.get("id") if isinstance(tunnelled.rpc, dict) else None, "tunnelled"))
+        await writer.drain()
 
     # the legacy HTTP+SSE transport, minimal: GET .../sse announces an endpoint, answers go on the stream
     async def _legacy_stream(self, seen: Seen, writer: asyncio.StreamWriter) -> bool:

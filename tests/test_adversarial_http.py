@@ -1,0 +1,67 @@
+"""The HTTP layer, attacked: protocol edges a client or a hostile upstream can reach through mitmproxy
+(upgrades and 1xx answers, chunked framing, trailers, folded header lines), against a real mitmdump
+on both backends. The fixtures and the suite's two invariants (confined, every run paid) are
+tests/test_adversarial.py's.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from tests.backends import Backend
+from tests.gateway_proc import Gateway
+from tests.hostile_upstream import Canary, HostileUpstream, RawClient
+from tests.test_adversarial import (CREDIT, _canary_starts_clean, canary, client, confined, gateway,  # noqa: F401
+                                    gateway_settings, hostile, make_listing, rpc)
+
+
+def _balance_back(backend: Backend, user_id: int, expected: int, wait: float = 10.0) -> int:
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and backend.balance(user_id) != expected:
+        time.sleep(0.1)
+    return backend.balance(user_id)
+
+
+# === upstream answers that are not final ===========================================================
+
+
+def test_an_upstream_switching_protocols_unasked_opens_no_tunnel(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, gateway: Gateway) -> None:
+    """The gateway never asks for an upgrade (Upgrade is hop-by-hop, stripped). A 101 anyway would make
+    mitmproxy a raw TCP pipe between the client and the upstream: calls sent down it unmetered."""
+    listing = make_listing(backend, hostile)
+    host, port = gateway.url.removeprefix("http://").split(":")
+    body = rpc(name="cheap")
+    head = (f"POST {listing.path} HTTP/1.1\r\nHost: gateway.test\r\nContent-Length: {len(body)}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in listing.auth(**{"X-Hostile": "switch_protocols"})) + "\r\n")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.encode() + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer and (more := sock.recv(65536)):
+            answer += more
+        try:  # what the client sends next must not reach the upstream
+            sock.sendall(rpc(name="pricey"))
+            time.sleep(1.5)
+        except OSError:
+            pass
+    assert [s.body for s in hostile.records() if s.method == "TUNNEL"] == [], "bytes went down a tunnel"
+    assert [s.method for s in hostile.records(listing.slug)] == ["POST"]
+    assert answer.startswith(b"HTTP/1.1 502 "), answer[:300]
+    assert _balance_back(backend, listing.consumer.user_id, CREDIT) == CREDIT  # refunded: not answered
+    assert confined(listing, hostile, canary) == []
+
+
+def test_an_informational_answer_is_a_failed_call_not_a_hung_client(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient) -> None:
+    """mitmproxy reads the first head as the answer: a 1xx would be sent as the final answer and the
+    client would wait for ever for the one after it. The gateway answers 502, refunded."""
+    listing = make_listing(backend, hostile)
+    started = time.monotonic()
+    r = client.request("POST", listing.path, listing.auth(**{"X-Hostile": "informational_first"}), rpc(name="cheap"))
+    assert r.status == 502 and r.error == "upstream_failed", (r.status, r.body[:300])
+    assert r.header("X-Mcpmeter-Refunded") == "1"
+    assert time.monotonic() - started < 5
+    assert _balance_back(backend, listing.consumer.user_id, CREDIT) == CREDIT
+    rows = backend.query("SELECT status, billed_micro_cents FROM usage_events WHERE mcp_id = %s", (listing.mcp_id,))
+    assert [(int(s), int(b)) for s, b in rows] == [(502, 0)]
