@@ -15,6 +15,9 @@ gateway close both gaps:
 - `Http1Server.read_headers` / `Http1Client.read_headers` bound an HTTP/1 head at MAX_HEAD_BYTES:
   mitmproxy buffers a head until its blank line, however long ("FIXME: protect against header size
   DoS"), before any hook runs; HTTP/2 heads are bounded by h2 at the same 64 KiB;
+- `Http1Connection._handle_event` bounds what an HTTP/1 connection buffers between heads: a
+  chunk-size line or trailer section (MAX_HEAD_BYTES), and what a client sends ahead of its answer
+  (MAX_AHEAD_BYTES); mitmproxy holds both, however long;
 - `Http1Client.send` / `_http2.format_h2_request_headers` put the publisher's upstream headers
   into the bytes sent upstream, so the flow (saved with `-w`, shown by mitmweb) only ever holds
   a redacted marker for them (`hide_upstream_headers`).
@@ -43,8 +46,8 @@ from mitmproxy.connection import ConnectionState, Server
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy import layers as _layers
-from mitmproxy.proxy.layers.http import (ErrorCode, HttpStream, RequestData, RequestHeaders, ResponseProtocolError,
-                                          _base, _http1, _http2, _http3)
+from mitmproxy.proxy.layers.http import (ErrorCode, HttpStream, RequestData, RequestHeaders, RequestProtocolError,
+                                          ResponseProtocolError, _base, _http1, _http2, _http3)
 
 from .errors import ERRORS
 from .redaction import REDACTED, KeyFilter
@@ -69,11 +72,15 @@ _INTERNALS: tuple[tuple[Any, str], ...] = (
     (_http2, "format_error"), (_http2.Http2Server, "_handle_event"), (_http2, "format_h2_request_headers"),
     (_http3, "format_error"), (_layers.http.HttpStream, "handle_protocol_error"),
     (_http1.Http1Server, "read_headers"), (_http1.Http1Client, "read_headers"), (_http1.Http1Connection, "done"),
+    (_http1.Http1Connection, "_handle_event"), (_http1.Http1Connection, "read_body"), (_http1.Http1Connection, "wait"),
 )
 # An HTTP/1 head (request or status line and the header fields) longer than this is refused: a
 # client's with a 431 and a closed connection, before any hook (no flow is made); an upstream's as
 # a failed answer (the call is refunded, a 502). h2 bounds an HTTP/2 header list at 64 KiB too.
 MAX_HEAD_BYTES = 64 * 1024
+# What an HTTP/1 client may send ahead of the answer it waits for (pipelined requests, held for later);
+# past it the connection is closed, as if the client had hung up. MCP clients never pipeline.
+MAX_AHEAD_BYTES = 1024 * 1024
 
 
 def install() -> None:
@@ -111,6 +118,7 @@ def install() -> None:
     _base.format_error = _json_error_body
     _install_request_body_limit()
     _install_head_limit()
+    _install_buffer_limit()
     # mitmproxy's connection log quotes client bytes it cannot parse; so may the gateway's own lines.
     for logger in ("mitmproxy.proxy.server", "mcpmeter"):
         logging.getLogger(logger).addFilter(KeyFilter())
@@ -356,4 +364,34 @@ def _install_head_limit() -> None:
 
     _http1.Http1Server.read_headers = request_head  # type: ignore[method-assign]
     _http1.Http1Client.read_headers = response_head  # type: ignore[method-assign]
+
+
+def _install_buffer_limit() -> None:
+    """Bound what an HTTP/1 connection buffers between heads. mitmproxy appends every byte received
+    to the connection's buffer; the body readers take data out as it comes, so what stays is a
+    chunk-size line or a trailer section not ended yet (held until its CRLF, however long), or, while
+    a client waits for its answer, whatever it sends ahead (kept for the next request)."""
+    original = _http1.Http1Connection._handle_event
+
+    def handle_event(self: _http1.Http1Connection, event: events.Event) -> Commands:
+        yield from original(self, event)
+        if self.state == self.read_body and len(self.buf) > MAX_HEAD_BYTES:
+            self.buf, self.state = _http1.ReceiveBuffer(), self.done
+            message = f"a chunk-size line or trailer section over {MAX_HEAD_BYTES} bytes"
+            if isinstance(self, _http1.Http1Server):
+                log.info("mcpmeter: %s from %s refused", message, self.conn.peername)
+                yield commands.SendData(self.conn, _json_error_response(400, message))
+            yield commands.CloseConnection(self.conn)
+            assert self.stream_id is not None
+            yield _http1.ReceiveHttp(self.ReceiveProtocolError(self.stream_id, message,
+                                                              code=self.ReceiveProtocolError.code))
+        elif isinstance(self, _http1.Http1Server) and self.state == self.wait and len(self.buf) > MAX_AHEAD_BYTES:
+            # As if the client had hung up (mitmproxy's own `wait` on a close): its call goes on as a walk-away.
+            self.buf, self.state = _http1.ReceiveBuffer(), self.done
+            yield commands.CloseConnection(self.conn)
+            yield _http1.ReceiveHttp(RequestProtocolError(
+                self.stream_id, f"Client disconnected: over {MAX_AHEAD_BYTES} bytes sent ahead of the answer",
+                code=ErrorCode.CLIENT_DISCONNECTED))
+
+    _http1.Http1Connection._handle_event = handle_event  # type: ignore[method-assign]
 

@@ -10,9 +10,9 @@ behave the way real servers behind a gateway do when they disagree with the gate
 - a method-agnostic handler: a tools/call body runs whatever the HTTP method (`Seen.ran`);
 - misbehaving answers picked by tool name (first-wins view) or an `X-Hostile` request header:
   slow, huge SSE events, deeply nested results, gzip/deflate bombs sent despite
-  `Accept-Encoding: identity`, broken framing, a 101 or 103 unasked (after a 101, what comes
-  through is run as a call: `Seen.method` "TUNNEL"), its own `X-Mcpmeter-*` headers, an echo of
-  every header it received, and a minimal legacy HTTP+SSE session (GET .../sse).
+  `Accept-Encoding: identity`, broken framing (a chunk line that never ends), a 101 or 103
+  unasked (after a 101, what comes through is run as a call: `Seen.method` "TUNNEL"), its own
+  `X-Mcpmeter-*` headers, an echo of every header it received, and a minimal legacy HTTP+SSE session (GET .../sse).
 
 `Canary` is the same server answering anything on another port: any request it records came
 from a gateway that left its listing. `RawClient` is a keep-alive HTTP/1.1 client that sends
@@ -321,6 +321,14 @@ class HostileUpstream:
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
                 for _ in range(8 * 16):
                     writer.write(b"X-Pad: " + b"a" * 65_000 + b"\r\n")
+                    await writer.drain()
+                await asyncio.sleep(5)
+                return False
+            case "endless_chunk_header":  # a chunk-size line whose extension never ends (8 MB, then it waits)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n5;x=")
+                for _ in range(8 * 16):
+                    writer.write(b"a" * 65_536)
                     await writer.drain()
                 await asyncio.sleep(5)
                 return False

@@ -9,9 +9,11 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
+
 from tests.backends import Backend
 from tests.gateway_proc import Gateway
-from tests.hostile_upstream import Canary, HostileUpstream, RawClient
+from tests.hostile_upstream import Canary, HostileUpstream, RawClient, rss_bytes
 from tests.test_adversarial import (CREDIT, _canary_starts_clean, canary, client, confined, gateway,  # noqa: F401
                                     gateway_settings, hostile, make_listing, rpc)
 
@@ -65,3 +67,80 @@ def test_an_informational_answer_is_a_failed_call_not_a_hung_client(
     assert _balance_back(backend, listing.consumer.user_id, CREDIT) == CREDIT
     rows = backend.query("SELECT status, billed_micro_cents FROM usage_events WHERE mcp_id = %s", (listing.mcp_id,))
     assert [(int(s), int(b)) for s, b in rows] == [(502, 0)]
+
+
+# === bytes mitmproxy buffers between heads ===========================================================
+
+
+def _flood(addr: tuple[str, int], first: bytes, total: int = 64 << 20) -> tuple[int, bytes]:
+    """Send `first`, then up to `total` bytes of 'a' (a line that never ends), until the gateway stops
+    reading; returns how much was sent and what came back."""
+    sent, answer = 0, b""
+    with socket.create_connection(addr, timeout=10) as sock:
+        try:
+            sock.sendall(first)
+            block = b"a" * (1 << 20)
+            while sent < total:
+                sock.sendall(block)
+                sent += len(block)
+        except OSError:
+            pass
+        try:
+            sock.settimeout(3)
+            while more := sock.recv(65536):
+                answer += more
+        except OSError:
+            pass
+    return sent, answer
+
+
+def _grown(gateway: Gateway, before: int) -> int:
+    return rss_bytes(gateway.proc.pid) - before
+
+
+@pytest.mark.parametrize("what", ["chunk extension", "trailer"])
+def test_an_endless_line_inside_a_chunked_request_is_cut_before_authentication(
+        backend: Backend, hostile: HostileUpstream, gateway: Gateway, client: RawClient, what: str) -> None:
+    """mitmproxy's chunked reader buffers a chunk-size line, or a trailer section, until it ends."""
+    listing = make_listing(backend, hostile)
+    client.request("GET", "/health")
+    before = rss_bytes(gateway.proc.pid)
+    opening = b"5;x=" if what == "chunk extension" else b"2\r\n{}\r\n0\r\nX-Trailer: "
+    sent, answer = _flood(client.addr, f"POST {listing.path} HTTP/1.1\r\nHost: gateway.test\r\n"
+                          "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode() + opening)
+    assert _grown(gateway, before) < 24 << 20, f"RSS grew by {_grown(gateway, before) >> 20} MB"
+    assert sent < 64 << 20, "the gateway read the whole line"
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert hostile.records(listing.slug) == []
+
+
+def test_bytes_sent_ahead_of_an_answer_are_bounded(
+        backend: Backend, hostile: HostileUpstream, gateway: Gateway, client: RawClient) -> None:
+    """While a call is answered, mitmproxy keeps every byte the client sends (pipelining) for later."""
+    listing = make_listing(backend, hostile, timeout=30)
+    body = rpc(name="cheap", seconds=4)
+    head = (f"POST {listing.path} HTTP/1.1\r\nHost: gateway.test\r\nContent-Length: {len(body)}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in listing.auth(**{"X-Hostile": "slow"})) + "\r\n").encode()
+    client.request("GET", "/health")
+    before = rss_bytes(gateway.proc.pid)
+    sent, _ = _flood(client.addr, head + body)
+    assert _grown(gateway, before) < 24 << 20, f"RSS grew by {_grown(gateway, before) >> 20} MB"
+    assert sent < 64 << 20, "the gateway kept reading"
+    # The client walked away from a forwarded call (it broke its own connection): billed, as any such call.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not backend.usage(listing.consumer):
+        time.sleep(0.1)
+    assert [(u["status"], u["billed"]) for u in backend.usage(listing.consumer)] == [(499, 1)]
+
+
+def test_an_upstream_chunk_line_that_never_ends_is_cut_and_refunded(
+        backend: Backend, hostile: HostileUpstream, gateway: Gateway, client: RawClient) -> None:
+    listing = make_listing(backend, hostile, timeout=30)
+    client.request("GET", "/health")
+    before = rss_bytes(gateway.proc.pid)
+    started = time.monotonic()
+    r = client.request("POST", listing.path, listing.auth(**{"X-Hostile": "endless_chunk_header"}), rpc(name="cheap"))
+    assert r.status == 502, (r.status, r.body[:200])
+    assert time.monotonic() - started < 5  # cut at the limit, not at the upstream's pause nor the timeout
+    assert _grown(gateway, before) < 24 << 20, f"RSS grew by {_grown(gateway, before) >> 20} MB"
+    assert _balance_back(backend, listing.consumer.user_id, CREDIT) == CREDIT
