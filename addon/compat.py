@@ -18,6 +18,8 @@ gateway close both gaps:
 - `Http1Connection._handle_event` bounds what an HTTP/1 connection buffers between heads: a
   chunk-size line or trailer section (MAX_HEAD_BYTES), and what a client sends ahead of its answer
   (MAX_AHEAD_BYTES); mitmproxy holds both, however long;
+- `_http1.make_body_reader` reads chunked bodies with their trailer section dropped: mitmproxy
+  raises on HTTP/1 trailers, which crashes the connection;
 - `Http1Client.send` / `_http2.format_h2_request_headers` put the publisher's upstream headers
   into the bytes sent upstream, so the flow (saved with `-w`, shown by mitmweb) only ever holds
   a redacted marker for them (`hide_upstream_headers`).
@@ -40,7 +42,9 @@ import weakref
 from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
+import h11
 from cachetools import TTLCache
+from h11._readers import ChunkedReader
 from mitmproxy import ctx, http, version
 from mitmproxy.connection import ConnectionState, Server
 from mitmproxy.net.http import http1
@@ -73,6 +77,7 @@ _INTERNALS: tuple[tuple[Any, str], ...] = (
     (_http3, "format_error"), (_layers.http.HttpStream, "handle_protocol_error"),
     (_http1.Http1Server, "read_headers"), (_http1.Http1Client, "read_headers"), (_http1.Http1Connection, "done"),
     (_http1.Http1Connection, "_handle_event"), (_http1.Http1Connection, "read_body"), (_http1.Http1Connection, "wait"),
+    (_http1, "make_body_reader"),
 )
 # An HTTP/1 head (request or status line and the header fields) longer than this is refused: a
 # client's with a 431 and a closed connection, before any hook (no flow is made); an upstream's as
@@ -119,6 +124,7 @@ def install() -> None:
     _install_request_body_limit()
     _install_head_limit()
     _install_buffer_limit()
+    _install_trailer_drop()
     # mitmproxy's connection log quotes client bytes it cannot parse; so may the gateway's own lines.
     for logger in ("mitmproxy.proxy.server", "mcpmeter"):
         logging.getLogger(logger).addFilter(KeyFilter())
@@ -364,6 +370,26 @@ def _install_head_limit() -> None:
 
     _http1.Http1Server.read_headers = request_head  # type: ignore[method-assign]
     _http1.Http1Client.read_headers = response_head  # type: ignore[method-assign]
+
+
+class _TrailerDroppingReader(ChunkedReader):
+    """mitmproxy's chunked body reader, with the trailer section dropped (RFC 9110 §6.5.1 lets a recipient
+    discard it): mitmproxy raises NotImplementedError on an HTTP/1 trailer, which crashes the connection
+    (a client's request got no answer; an upstream's answer never reached the client, its call left
+    unsettled). The gateway forwards only fields it checked, and MCP carries nothing in trailers."""
+
+    def __call__(self, buf: _http1.ReceiveBuffer) -> h11.Data | h11.EndOfMessage | None:
+        event = super().__call__(buf)
+        return h11.EndOfMessage() if isinstance(event, h11.EndOfMessage) and event.headers else event
+
+
+def _install_trailer_drop() -> None:
+    original = _http1.make_body_reader
+
+    def make_body_reader(expected_size: int | None) -> Any:
+        return _TrailerDroppingReader() if expected_size is None else original(expected_size)
+
+    _http1.make_body_reader = make_body_reader
 
 
 def _install_buffer_limit() -> None:

@@ -14,7 +14,7 @@ import pytest
 from tests.backends import Backend
 from tests.gateway_proc import Gateway
 from tests.hostile_upstream import Canary, HostileUpstream, RawClient, rss_bytes
-from tests.test_adversarial import (CREDIT, _canary_starts_clean, canary, client, confined, gateway,  # noqa: F401
+from tests.test_adversarial import (CREDIT, _canary_starts_clean, canary, check, client, confined, gateway,  # noqa: F401
                                     gateway_settings, hostile, make_listing, rpc)
 
 
@@ -144,3 +144,36 @@ def test_an_upstream_chunk_line_that_never_ends_is_cut_and_refunded(
     assert time.monotonic() - started < 5  # cut at the limit, not at the upstream's pause nor the timeout
     assert _grown(gateway, before) < 24 << 20, f"RSS grew by {_grown(gateway, before) >> 20} MB"
     assert _balance_back(backend, listing.consumer.user_id, CREDIT) == CREDIT
+
+
+# === trailers ==========================================================================================
+
+
+def test_a_chunked_call_with_trailer_fields_is_metered_and_answered(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient) -> None:
+    """mitmproxy raised on HTTP/1 trailers (its connection crashed: no answer). They are dropped, as
+    RFC 9110 lets a recipient do: the upstream gets only what the gateway checked."""
+    listing = make_listing(backend, hostile)
+    body = rpc(name="cheap")
+    head = (f"POST {listing.path} HTTP/1.1\r\nHost: gateway.test\r\nTransfer-Encoding: chunked\r\n"
+            "Trailer: Mcp-Session-Id\r\n" + "".join(f"{k}: {v}\r\n" for k, v in listing.auth()) + "\r\n").encode()
+    with socket.create_connection(client.addr, timeout=10) as sock:
+        sock.sendall(head + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\nMcp-Session-Id: other\r\n\r\n")
+        answer = b""
+        while b"ran cheap" not in answer and (more := sock.recv(65536)):
+            answer += more
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    [seen] = hostile.records(listing.slug)
+    assert seen.header("mcp-session-id") is None
+    check(backend, listing, hostile, canary)
+    assert _balance_back(backend, listing.consumer.user_id, CREDIT - 1) == CREDIT - 1  # "cheap" costs 1
+
+
+def test_an_answer_with_trailer_fields_is_delivered_and_billed(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient) -> None:
+    """It crashed the connection after the call was forwarded: no answer, the call unsettled until swept."""
+    listing = make_listing(backend, hostile)
+    r = client.request("POST", listing.path, listing.auth(**{"X-Hostile": "json_trailers"}), rpc(name="cheap"))
+    assert r.status == 200 and b"ran cheap" in r.body, (r.status, r.body[:300])
+    assert r.header("X-Mcpmeter-Billed") == "1"
+    check(backend, listing, hostile, canary)
