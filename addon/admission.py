@@ -280,11 +280,13 @@ class Admission:
         assert gw.config is not None
         fields = redaction.reveal_forwarded_credentials(flow.request.headers.items(multi=True), wrapped)
         aim(flow.request, to)
+        body = flow.request.raw_content or b""
         # A new header block at once (clear() pops one field at a time), bytes as mitmproxy keeps them.
         flow.request.headers = http.Headers([
             (name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))
-            for name, value in forwarding.upstream_headers(fields, listing.upstream_headers,
-                                                           to.netloc)])
+            for name, value in forwarding.upstream_headers(fields, listing.upstream_headers, to.netloc,
+                                                           len(body) if body or flow.request.method == "POST"
+                                                           else None)])
         # Values only on the wire: the publisher's headers, and credentials the consumer wrapped in X-Forward-*.
         compat.hide_upstream_headers(flow.request, [*listing.upstream_headers, *redaction.CREDENTIAL_HEADERS])
         gw.streams.start_deadline(flow, call, gw.streams.timeout(listing))

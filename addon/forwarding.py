@@ -14,8 +14,8 @@ from mitmproxy.net.http import url as mitm_url
 
 from . import paths
 
-# Hop-by-hop headers (RFC 9110 §7.6.1) never cross the gateway; Transfer-Encoding is left
-# to mitmproxy, which frames the body it forwards.
+# Hop-by-hop headers (RFC 9110 §7.6.1) never cross the gateway; the body it forwards is framed by
+# its length (FRAMING, upstream_headers).
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "proxy-connection", "te", "trailer", "upgrade"})
 # The consumer's credentials and identity headers are the gateway's, not the publisher's.
@@ -30,6 +30,7 @@ NOT_UNWRAPPABLE = HOP_BY_HOP | {"host", "content-length", "transfer-encoding", "
 # and Last-Event-ID (a GET without a session is watched for the call parked under the event it names).
 # A publisher may still set these in upstream_headers: its own server, its own bytes.
 CHECKED_ON_REQUEST = frozenset({"content-type", "content-encoding", "mcp-protocol-version", "last-event-id"})
+FRAMING = frozenset({"content-length", "transfer-encoding"})  # the gateway frames what it forwards
 WRAP_PREFIX = "x-forward-"
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # What a listing URL's netloc may be, being the upstream's Host: a name (mitmproxy checks its
@@ -200,10 +201,15 @@ def upstream_url_problem(url: str) -> str | None:
 
 
 def upstream_headers(
-    fields: Iterable[tuple[str, str]], publisher: Mapping[str, str], host: str
+    fields: Iterable[tuple[str, str]], publisher: Mapping[str, str], host: str, body_length: int | None = None
 ) -> list[tuple[str, str]]:
-    """The headers the upstream receives, in order: the consumer's, unwrapped ones, the publisher's."""
-    fields = list(fields)
+    """The headers the upstream receives, in order: the consumer's, unwrapped ones, the publisher's.
+
+    `body_length`: the size of the body forwarded (None: no body). The body is forwarded whole, as the
+    meter read it, so it is framed by its length, never by the client's framing headers: an HTTP/2
+    request needs none, and mitmproxy sent such a body to an HTTP/1 upstream after a head with neither
+    Content-Length nor Transfer-Encoding (the upstream read an empty request, then the body as another)."""
+    fields = [(name, value) for name, value in fields if name.lower() not in FRAMING]
     named_by_connection = {
         token.strip().lower()
         for name, value in fields
@@ -228,7 +234,7 @@ def upstream_headers(
     result = _override(result, [(k, v) for k, v in publisher.items() if k.lower() not in NOT_UNWRAPPABLE])
     # Identity encoding lets the meter read streamed bytes as they pass.
     result = _override(result, [("Host", host), ("Accept-Encoding", "identity")])
-    return result
+    return result if body_length is None else [*result, ("Content-Length", str(body_length))]
 
 
 def _override(base: list[tuple[str, str]], new: list[tuple[str, str]]) -> list[tuple[str, str]]:

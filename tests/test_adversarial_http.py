@@ -7,12 +7,18 @@ tests/test_adversarial.py's.
 from __future__ import annotations
 
 import socket
+import ssl
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 
 from tests.backends import Backend
-from tests.gateway_proc import Gateway
+from tests.gateway_proc import Gateway, closed_port, start_gateway
 from tests.hostile_upstream import Canary, HostileUpstream, RawClient, rss_bytes
 from tests.test_adversarial import (CREDIT, _canary_starts_clean, canary, check, client, confined, gateway,  # noqa: F401
                                     gateway_settings, hostile, make_listing, rpc)
@@ -176,4 +182,78 @@ def test_an_answer_with_trailer_fields_is_delivered_and_billed(
     r = client.request("POST", listing.path, listing.auth(**{"X-Hostile": "json_trailers"}), rpc(name="cheap"))
     assert r.status == 200 and b"ran cheap" in r.body, (r.status, r.body[:300])
     assert r.header("X-Mcpmeter-Billed") == "1"
+    check(backend, listing, hostile, canary)
+
+
+# === HTTP/2 clients ====================================================================================
+
+
+@pytest.fixture(scope="module")
+def tls_gateway(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """Serves TLS to clients, so HTTP/2 (mitmproxy speaks HTTP/2 only after ALPN)."""
+    workdir = tmp_path_factory.mktemp("tls-gateway")
+    gw = start_gateway(backend.config(), workdir, env=backend.env(),
+                       reverse_target=f"https://127.0.0.1:{closed_port()}",
+                       extra_args=["--set", f"confdir={workdir / 'mitmproxy'}"])
+    yield gw
+    gw.stop()
+
+
+@dataclass
+class H2Answer:
+    status: int | None
+    headers: dict[bytes, bytes]
+    body: bytes
+    reset: bool
+
+
+def h2_request(gw: Gateway, path: str, headers: list[tuple[str, str]], body: bytes,
+               trailers: list[tuple[str, str]] | None = None) -> H2Answer:
+    """One HTTP/2 request on its own connection, framed as given: no content-length unless in `headers`."""
+    host, port = gw.url.split("://")[1].split(":")
+    tls = ssl.create_default_context()
+    tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+    tls.set_alpn_protocols(["h2"])
+    with tls.wrap_socket(socket.create_connection((host, int(port)), timeout=10), server_hostname="localhost") as sock:
+        assert sock.selected_alpn_protocol() == "h2"
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":path", path), (":scheme", "https"),
+                              (":authority", "gateway.test"), *headers], end_stream=not body and not trailers)
+        if body:
+            conn.send_data(1, body, end_stream=not trailers)
+        if trailers:
+            conn.send_headers(1, trailers, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        answer = H2Answer(None, {}, b"", False)
+        try:
+            while data := sock.recv(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        answer.headers = {bytes(k): bytes(v) for k, v in event.headers or []}
+                        answer.status = int(answer.headers[b":status"])
+                    elif isinstance(event, h2.events.DataReceived):
+                        answer.body += event.data or b""
+                        conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                    elif isinstance(event, h2.events.StreamReset):
+                        answer.reset = True
+                        return answer
+                    elif isinstance(event, h2.events.StreamEnded):
+                        return answer
+                sock.sendall(conn.data_to_send())
+        except OSError:
+            pass
+        return answer
+
+
+def test_an_http2_call_without_content_length_reaches_an_http1_upstream_framed(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, tls_gateway: Gateway) -> None:
+    """HTTP/2 needs no content-length. mitmproxy sent such a body to an HTTP/1 upstream after a head with
+    neither Content-Length nor Transfer-Encoding: the upstream read an empty request, then the body as
+    the next one on the connection."""
+    listing = make_listing(backend, hostile)
+    answer = h2_request(tls_gateway, listing.path, [(k.lower(), v) for k, v in listing.auth()], rpc(name="cheap"))
+    assert answer.status == 200 and b"ran cheap" in answer.body, (answer.status, answer.body[:300])
+    [seen] = hostile.records(listing.slug)
+    assert seen.body == rpc(name="cheap") and seen.header("content-length") == str(len(rpc(name="cheap")))
     check(backend, listing, hostile, canary)

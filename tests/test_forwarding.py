@@ -296,3 +296,11 @@ def test_a_listing_url_with_a_non_ascii_path_is_not_aimed_at(url: str) -> None:
     """As mitmproxy's url setter did: the call fails closed rather than send bytes nobody checked."""
     with pytest.raises(InvalidPath):
         destination(url)
+
+
+def test_the_body_is_framed_by_its_length_whatever_the_client_sent() -> None:
+    fields = [("Transfer-Encoding", "chunked"), ("content-length", "99"), ("X-A", "1")]
+    got = upstream_headers(fields, {"Content-Length": "7"}, HOST, 42)
+    framing = [(k, v) for k, v in got if k.lower() in ("content-length", "transfer-encoding")]
+    assert framing == [("Content-Length", "42")]
+    assert [k.lower() for k, _ in upstream_headers(fields, {}, HOST)] == ["x-a", "host", "accept-encoding"]
