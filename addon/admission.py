@@ -281,6 +281,9 @@ class Admission:
         fields = redaction.reveal_forwarded_credentials(flow.request.headers.items(multi=True), wrapped)
         aim(flow.request, to)
         body = flow.request.raw_content or b""
+        # Trailer fields (HTTP/2; HTTP/1 ones are dropped as read, compat) are nothing the meter checked, and
+        # mitmproxy crashes the client's connection writing them to an HTTP/1 upstream.
+        flow.request.trailers = None
         # A new header block at once (clear() pops one field at a time), bytes as mitmproxy keeps them.
         flow.request.headers = http.Headers([
             (name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))

@@ -382,6 +382,10 @@ class Mcpmeter:
         if (owner := self._replaced_owner(flow)) is not None:
             return await owner.response(flow)
         compat.upstream_answered(flow)
+        if flow.response is not None:
+            # Sent after this hook: an HTTP/2 upstream's trailers would reach the client unchecked (forging
+            # X-Mcpmeter-* fields), and mitmproxy crashes the connection writing them to an HTTP/1 client.
+            flow.response.trailers = None
         call = self.calls.get(flow.id)
         if call is None or flow.response is None:
             return

@@ -257,3 +257,17 @@ def test_an_http2_call_without_content_length_reaches_an_http1_upstream_framed(
     [seen] = hostile.records(listing.slug)
     assert seen.body == rpc(name="cheap") and seen.header("content-length") == str(len(rpc(name="cheap")))
     check(backend, listing, hostile, canary)
+
+
+def test_http2_request_trailers_are_not_forwarded(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, tls_gateway: Gateway) -> None:
+    """mitmproxy hands request trailers to the upstream connection; an HTTP/1 one cannot send them, and
+    the client's connection crashed ("Unexpected event: RequestTrailers")."""
+    listing = make_listing(backend, hostile)
+    crashes = tls_gateway.log().count("mitmproxy has crashed")
+    answer = h2_request(tls_gateway, listing.path, [(k.lower(), v) for k, v in listing.auth()], rpc(name="cheap"),
+                        trailers=[("mcp-session-id", "other"), ("content-type", "text/plain")])
+    assert answer.status == 200 and b"ran cheap" in answer.body, (answer.status, answer.body[:300])
+    time.sleep(0.5)
+    assert tls_gateway.log().count("mitmproxy has crashed") == crashes
+    check(backend, listing, hostile, canary)

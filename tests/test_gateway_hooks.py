@@ -1468,3 +1468,16 @@ async def test_a_listing_url_that_cannot_be_aimed_at_is_refused_before_any_charg
         assert not forwarded(flow)
         assert db.balance() == OPENING and db.journal() == []
         addon.done()
+
+
+async def test_trailers_cross_the_gateway_in_neither_direction(gw: Gw) -> None:
+    """Trailer fields are nothing the meter checked (an HTTP/2 client's would reach the upstream, and
+    mitmproxy crashes writing them to an HTTP/1 one); an answer's could forge X-Mcpmeter-* fields."""
+    flow = make_flow()
+    flow.request.trailers = http.Headers([(b"mcp-session-id", b"other"), (b"content-type", b"text/plain")])
+    await gw.addon.request(flow)
+    assert forwarded(flow) and flow.request.trailers is None
+    answer = json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}})
+    answer.trailers = http.Headers([(b"x-mcpmeter-billed", b"0"), (b"grpc-status", b"0")])
+    await upstream_answers(gw, flow, answer)
+    assert flow.response.headers["X-Mcpmeter-Billed"] == str(PRICE) and flow.response.trailers is None
