@@ -66,6 +66,8 @@ class Admission:
         except paths.InvalidPath as e:
             raise GatewayError("invalid_path", reason=str(e)) from None
         check_http_method(req.data.method.decode("ascii", "replace"), req.raw_content or b"")  # as sent: case counts
+        if forwarding.folded(req.headers.fields):  # RFC 9112 §5.2: rejected, or unfolded before forwarding
+            raise GatewayError("invalid_request", reason="a header field is folded over several lines (obs-fold)")
 
         consumer = await self.consumer(credential) if credential else None
         if consumer is None:

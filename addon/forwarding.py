@@ -33,6 +33,7 @@ CHECKED_ON_REQUEST = frozenset({"content-type", "content-encoding", "mcp-protoco
 FRAMING = frozenset({"content-length", "transfer-encoding"})  # the gateway frames what it forwards
 WRAP_PREFIX = "x-forward-"
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_FOLD = re.compile(rb"[ \t]*[\r\n]+[ \t]*")
 # What a listing URL's netloc may be, being the upstream's Host: a name (mitmproxy checks its
 # labels) or an IPv6 literal in brackets, then an optional port. No zone id, no IPvFuture.
 _HOSTPORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[^\[\]:]+)(?::[0-9]*)?\Z")
@@ -161,6 +162,20 @@ def _names(authority: str, upstream_host: str) -> bool:
         return True
     host = authority[1:].partition("]")[0] if authority.startswith("[") else authority.rpartition(":")[0] or authority
     return host.lower() == upstream_host
+
+
+def folded(fields: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a header field was folded over lines (obs-fold, RFC 9112 §5.2). mitmproxy keeps the line
+    break in the value and writes it on as received; a server that reads the continuation line as a
+    field of its own (a second Content-Length, say) would read another message than the gateway did."""
+    return any(b"\n" in value or b"\r" in value for _, value in fields)
+
+
+def unfold(headers: Headers) -> None:
+    """Replace each obs-fold in `headers` with a space, as RFC 9112 §5.2 lets a proxy do (for an answer:
+    a client that reads the continuation as a field of its own would take it from the upstream)."""
+    if folded(headers.fields):
+        headers.fields = tuple((name, _FOLD.sub(b" ", value)) for name, value in headers.fields)
 
 
 def header_problem(name: str, value: str) -> str | None:

@@ -355,6 +355,8 @@ class Mcpmeter:
             compat.abort_upstream(flow)
             flow.kill()
             return
+        if flow.response is not None:
+            forwarding.unfold(flow.response.headers)  # before anything reads them
         if (owner := self._replaced_owner(flow)) is not None:
             return await owner.responseheaders(flow)
         call = self.calls.get(flow.id)

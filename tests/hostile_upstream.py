@@ -10,7 +10,7 @@ behave the way real servers behind a gateway do when they disagree with the gate
 - a method-agnostic handler: a tools/call body runs whatever the HTTP method (`Seen.ran`);
 - misbehaving answers picked by tool name (first-wins view) or an `X-Hostile` request header:
   slow, huge SSE events, deeply nested results, gzip/deflate bombs sent despite
-  `Accept-Encoding: identity`, broken framing (a chunk line that never ends, trailers), a 101 or 103
+  `Accept-Encoding: identity`, broken framing (a chunk line that never ends, trailers, a folded line), a 101 or 103
   unasked (after a 101, what comes through is run as a call: `Seen.method` "TUNNEL"), its own
   `X-Mcpmeter-*` headers, an echo of every header it received, and a minimal legacy HTTP+SSE session (GET .../sse).
 
@@ -324,6 +324,8 @@ class HostileUpstream:
                     await writer.drain()
                 await asyncio.sleep(5)
                 return False
+            case "folded_header":  # an obs-fold line: a continuation that a lax client reads as a field of its own
+                return await _send(writer, 200, ok, {"X-Note": "a\r\n X-Mcpmeter-Billed: 0"})
             case "json_trailers":  # a chunked JSON answer that ends with a trailer field
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
                              b"Trailer: X-Checksum\r\n\r\n" + f"{len(ok):x}\r\n".encode() + ok

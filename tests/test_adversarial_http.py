@@ -271,3 +271,30 @@ def test_http2_request_trailers_are_not_forwarded(
     time.sleep(0.5)
     assert tls_gateway.log().count("mitmproxy has crashed") == crashes
     check(backend, listing, hostile, canary)
+
+
+# === obsolete line folding ==========================================================================
+
+
+def test_a_request_with_a_folded_header_line_is_refused(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient) -> None:
+    """mitmproxy keeps an obs-fold in the value and forwarded it as sent: an upstream that reads the
+    continuation as a field of its own (a second Content-Length here) reads another request than the
+    meter did. RFC 9112 §5.2: reject it (400) or replace it with a space before forwarding."""
+    listing = make_listing(backend, hostile)
+    r = client.request("POST", listing.path, [*listing.auth(), ("X-Note", "a\r\n Content-Length: 5")],
+                       rpc(name="pricey"))
+    assert (r.status, r.error) == (400, "invalid_request"), (r.status, r.body[:300])
+    assert hostile.records(listing.slug) == []
+    assert backend.balance(listing.consumer.user_id) == CREDIT
+    check(backend, listing, hostile, canary)
+
+
+def test_an_answer_with_a_folded_header_line_reaches_the_client_unfolded(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient) -> None:
+    listing = make_listing(backend, hostile)
+    r = client.request("POST", listing.path, listing.auth(**{"X-Hostile": "folded_header"}), rpc(name="cheap"))
+    assert r.status == 200
+    assert [v for k, v in r.headers if k.lower() == "x-mcpmeter-billed"] == ["1"], r.headers
+    assert r.header("X-Note") == "a X-Mcpmeter-Billed: 0"
+    check(backend, listing, hostile, canary)
