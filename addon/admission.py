@@ -308,12 +308,15 @@ class Admission:
 
 def aim(request: http.Request, to: forwarding.Destination) -> None:
     """Send the request to `to`: scheme, host, port and an HTTP/2 client's :authority as the `url`
-    setter sets them, the path exactly as checked, not as reparsed (forwarding.destination)."""
+    setter sets them, the path exactly as checked, not as reparsed (forwarding.destination), in
+    origin-form over HTTP/1."""
     data = request.data
     data.scheme, data.host, data.port = to.scheme, to.host, to.port
     data.path = to.target.encode("ascii")
-    if data.authority:
+    if data.authority and (request.is_http2 or request.is_http3):
         data.authority = to.authority
+    else:  # an HTTP/1 absolute-form target (`POST http://host/x`) goes on in origin-form: the path as checked
+        data.authority = b""
 
 
 def _check_live(listing: Listing | None) -> None:

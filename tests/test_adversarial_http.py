@@ -298,3 +298,19 @@ def test_an_answer_with_a_folded_header_line_reaches_the_client_unfolded(
     assert [v for k, v in r.headers if k.lower() == "x-mcpmeter-billed"] == ["1"], r.headers
     assert r.header("X-Note") == "a X-Mcpmeter-Billed: 0"
     check(backend, listing, hostile, canary)
+
+
+# === request targets ================================================================================
+
+
+def test_an_absolute_form_request_reaches_the_upstream_in_origin_form(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, client: RawClient) -> None:
+    """`POST http://other-host/<slug>`: routed by its path like any request, and sent on in origin-form
+    (the path the confinement rule checked), not as an absolute URL the upstream must route again."""
+    listing = make_listing(backend, hostile)
+    r = client.request("POST", f"http://127.0.0.1:{canary.port}{listing.path}/tools?x=1", listing.auth(),
+                       rpc(name="cheap"))
+    assert r.status == 200, (r.status, r.body[:300])
+    [seen] = hostile.records(listing.slug)
+    assert seen.target == f"{listing.base}/tools?x=1"
+    check(backend, listing, hostile, canary)
