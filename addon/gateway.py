@@ -444,7 +444,9 @@ class Mcpmeter:
             self.legacy.end_stream(call, client_gone=gone)
             await self.settlements.settle(flow, call)
             nobody = call.failure is Failure.CLIENT_GONE or (call.failure is Failure.CANCELLED and gone)
-            unsent = flow.response is None or flow.response.status_code < 200  # a 1xx is killed unsent
+            # Nothing sent yet: no answer, a 1xx killed unsent, or a buffered head whose body failed. A stream's
+            # head went out (the failure cuts it).
+            unsent = flow.response is None or flow.response.status_code < 200 or not flow.response.stream
             if unsent and not nobody:
                 code = "upstream_timeout" if call.failure is Failure.TIMEOUT else "upstream_failed"
                 call.status = 504 if call.failure is Failure.TIMEOUT else 502

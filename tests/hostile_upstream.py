@@ -10,9 +10,10 @@ behave the way real servers behind a gateway do when they disagree with the gate
 - a method-agnostic handler: a tools/call body runs whatever the HTTP method (`Seen.ran`);
 - misbehaving answers picked by tool name (first-wins view) or an `X-Hostile` request header:
   slow, huge SSE events, deeply nested results, gzip/deflate bombs sent despite
-  `Accept-Encoding: identity`, broken framing (a chunk line that never ends, trailers, a folded line), a 101 or 103
-  unasked (after a 101, what comes through is run as a call: `Seen.method` "TUNNEL"), its own
-  `X-Mcpmeter-*` headers, an echo of every header it received, and a minimal legacy HTTP+SSE session (GET .../sse).
+  `Accept-Encoding: identity`, broken framing (a chunk line that never ends, trailers, a folded
+  line, both framings), a 101 or 103 unasked (after a 101, what comes through is run as a call:
+  `Seen.method` "TUNNEL"), its own `X-Mcpmeter-*` headers, an echo of every header it received,
+  and a minimal legacy HTTP+SSE session (GET .../sse).
 
 `Canary` is the same server answering anything on another port: any request it records came
 from a gateway that left its listing. `RawClient` is a keep-alive HTTP/1.1 client that sends
@@ -323,6 +324,12 @@ class HostileUpstream:
                     writer.write(b"X-Pad: " + b"a" * 65_000 + b"\r\n")
                     await writer.drain()
                 await asyncio.sleep(5)
+                return False
+            case "length_and_chunked":  # both framings: mitmproxy refuses it (a smuggling shape)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(ok):x}\r\n".encode() + ok
+                             + b"\r\n0\r\n\r\n")
+                await writer.drain()
                 return False
             case "folded_header":  # an obs-fold line: a continuation that a lax client reads as a field of its own
                 return await _send(writer, 200, ok, {"X-Note": "a\r\n X-Mcpmeter-Billed: 0"})

@@ -314,3 +314,24 @@ def test_an_absolute_form_request_reaches_the_upstream_in_origin_form(
     [seen] = hostile.records(listing.slug)
     assert seen.target == f"{listing.base}/tools?x=1"
     check(backend, listing, hostile, canary)
+
+
+# === a head read, then the answer fails ================================================================
+
+
+@pytest.mark.parametrize("mode", ["short_body", "bad_chunked", "length_and_chunked"])
+def test_an_answer_that_fails_after_its_head_is_the_calls_own_502(
+        backend: Backend, hostile: HostileUpstream, client: RawClient, mode: str) -> None:
+    """The head was read, nothing sent yet: the client gets the gateway's 502 for its call (its request id,
+    refunded), not mitmproxy's anonymous proxy_error under an id no call has."""
+    listing = make_listing(backend, hostile, timeout=10)
+    c = RawClient(f"http://{client.addr[0]}:{client.addr[1]}")
+    try:
+        r = c.request("POST", listing.path, listing.auth(**{"X-Hostile": mode}), rpc(name="cheap"))
+    finally:
+        c.close()
+    assert (r.status, r.error) == (502, "upstream_failed"), (r.status, r.body[:300])
+    assert r.header("X-Mcpmeter-Refunded") == "1"
+    assert _balance_back(backend, listing.consumer.user_id, CREDIT) == CREDIT
+    [row] = backend.usage(listing.consumer)
+    assert row["request_id"] == r.header("X-Mcpmeter-Request-Id") and (row["status"], row["billed"]) == (502, 0)
