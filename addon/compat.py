@@ -18,6 +18,8 @@ gateway close both gaps:
 - `Http1Connection._handle_event` bounds what an HTTP/1 connection buffers between heads: a
   chunk-size line or trailer section (MAX_HEAD_BYTES), and what a client sends ahead of its answer
   (MAX_AHEAD_BYTES); mitmproxy holds both, however long;
+- `HttpStream.state_consume_response_body` fails a flow whose buffered (not streamed) answer passes
+  its limit (`limit_answer_body`): mitmproxy holds it whole, however long;
 - `_http1.make_body_reader` reads chunked bodies with their trailer section dropped: mitmproxy
   raises on HTTP/1 trailers, which crashes the connection;
 - `Http1Client.send` / `_http2.format_h2_request_headers` put the publisher's upstream headers
@@ -51,7 +53,7 @@ from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy import layers as _layers
 from mitmproxy.proxy.layers.http import (ErrorCode, HttpStream, RequestData, RequestHeaders, RequestProtocolError,
-                                          ResponseProtocolError, _base, _http1, _http2, _http3)
+                                          ResponseData, ResponseProtocolError, _base, _http1, _http2, _http3)
 
 from .errors import ERRORS
 from .redaction import REDACTED, KeyFilter
@@ -122,6 +124,7 @@ def install() -> None:
     _http3.format_error = _json_error_body
     _base.format_error = _json_error_body
     _install_request_body_limit()
+    _install_answer_body_limit()
     _install_head_limit()
     _install_buffer_limit()
     _install_trailer_drop()
@@ -342,6 +345,38 @@ def _install_request_body_limit() -> None:
         yield from original(self, event)
 
     HttpStream.state_consume_request_body = state_consume_request_body  # type: ignore[method-assign]
+
+
+# flow -> the most bytes of its answer mitmproxy may buffer (an answer not streamed). Weak: gone with the flow.
+_answer_limits: weakref.WeakKeyDictionary[http.HTTPFlow, int] = weakref.WeakKeyDictionary()
+
+
+def limit_answer_body(flow: http.HTTPFlow, limit: int) -> None:
+    """Fail `flow` once the answer mitmproxy buffers for it (one not streamed) passes `limit` bytes.
+
+    mitmproxy holds such an answer whole before the `response` hook, however long. Past the limit the
+    upstream connection is closed and the flow fails as an upstream failure: the `error` hook runs
+    (nothing reached the client yet: a refund and the gateway's 502)."""
+    _answer_limits[flow] = limit
+
+
+def _install_answer_body_limit() -> None:
+    if not callable(getattr(HttpStream, "state_consume_response_body", None)):
+        raise RuntimeError("mitmproxy internals changed: HttpStream.state_consume_response_body is missing")
+    original = HttpStream.state_consume_response_body
+
+    def state_consume_response_body(self: HttpStream, event: Any) -> Generator[commands.Command, Any, None]:
+        limit = _answer_limits.get(self.flow) if isinstance(event, ResponseData) else None
+        if limit is not None and len(self.response_body_buf) + len(event.data) > limit:
+            del _answer_limits[self.flow]
+            self.response_body_buf.clear()
+            yield commands.CloseConnection(self.flow.server_conn)
+            yield from self.handle_protocol_error(ResponseProtocolError(
+                self.stream_id, f"an answer over {limit} bytes, not streamed", ErrorCode.GENERIC_SERVER_ERROR))
+            return
+        yield from original(self, event)
+
+    HttpStream.state_consume_response_body = state_consume_response_body  # type: ignore[method-assign]
 
 
 Commands = Generator[commands.Command, Any, None]

@@ -335,3 +335,23 @@ def test_an_answer_that_fails_after_its_head_is_the_calls_own_502(
     assert _balance_back(backend, listing.consumer.user_id, CREDIT) == CREDIT
     [row] = backend.usage(listing.consumer)
     assert row["request_id"] == r.header("X-Mcpmeter-Request-Id") and (row["status"], row["billed"]) == (502, 0)
+
+
+# === answers mitmproxy buffers ========================================================================
+
+
+def test_a_buffered_answer_is_held_up_to_a_ceiling_then_refunded(
+        backend: Backend, hostile: HostileUpstream, gateway: Gateway, client: RawClient) -> None:
+    """mitmproxy buffers a JSON (not streamed) answer whole before any hook: a 300 MB one cost the
+    gateway 300 MB. Past 4 x max_body_bytes it is not delivered: a failed call, refunded."""
+    listing = make_listing(backend, hostile, timeout=30)
+    client.request("GET", "/health")
+    before = rss_bytes(gateway.proc.pid)
+    r = client.request("POST", listing.path, listing.auth(**{"X-Hostile": "huge_json"}), rpc(name="cheap", mb=64))
+    assert _grown(gateway, before) < 24 << 20, f"RSS grew by {_grown(gateway, before) >> 20} MB"
+    assert (r.status, r.error) == (502, "upstream_failed"), (r.status, r.body[:200])
+    assert r.header("X-Mcpmeter-Refunded") == "1"
+    assert _balance_back(backend, listing.consumer.user_id, CREDIT) == CREDIT
+    # Under the ceiling, as before: delivered and billed.
+    r = client.request("POST", listing.path, listing.auth(**{"X-Hostile": "huge_json"}), rpc(name="cheap", mb=3))
+    assert r.status == 200 and len(r.body) > 3 << 20 and r.header("X-Mcpmeter-Billed") == "1"
