@@ -302,6 +302,13 @@ def close_idle_upstream(flow: http.HTTPFlow, idle_seconds: float) -> bool:
     return closed
 
 
+def request_sent(flow: http.HTTPFlow) -> bool:
+    """Whether mitmproxy sent the flow's request upstream. It opens (or reuses) the upstream connection
+    after the `request` hook and writes at once; until then the flow's server connection is the
+    reverse-mode placeholder, never opened (connection_strategy=lazy)."""
+    return flow.server_conn is not None and flow.server_conn.timestamp_start is not None
+
+
 def client_gone(flow: http.HTTPFlow) -> bool:
     """Whether the flow failed because the client went away (as opposed to the upstream)."""
     msg = flow.error.msg if flow.error else ""

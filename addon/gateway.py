@@ -436,8 +436,12 @@ class Mcpmeter:
             call.cancel_deadline()
             gone = compat.client_gone(flow)
             if call.failure is None and gone:
-                # 2026-07-28: closing the POST stream before the answer cancels the call.
-                cancels = resumption.close_cancels(flow.request.headers)
+                # 2026-07-28: closing the POST stream before the answer cancels the call; so does leaving
+                # before it left for the upstream (gone while it was admitted): nothing ran.
+                sent = compat.request_sent(flow)
+                if not sent:
+                    self.deferred.not_forwarded(call)  # a round this retry took stays usable
+                cancels = resumption.close_cancels(flow.request.headers) or not sent
                 call.failure = Failure.CANCELLED if cancels else Failure.CLIENT_GONE
             elif call.failure is None:
                 call.failure = Failure.UPSTREAM

@@ -132,11 +132,12 @@ def test_bytes_sent_ahead_of_an_answer_are_bounded(
     sent, _ = _flood(client.addr, head + body)
     assert _grown(gateway, before) < 24 << 20, f"RSS grew by {_grown(gateway, before) >> 20} MB"
     assert sent < 64 << 20, "the gateway kept reading"
-    # The client walked away from a forwarded call (it broke its own connection): billed, as any such call.
+    # The client walked away (it broke its own connection): billed if its call had left, as any such call.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not backend.usage(listing.consumer):
         time.sleep(0.1)
-    assert [(u["status"], u["billed"]) for u in backend.usage(listing.consumer)] == [(499, 1)]
+    ran = len(hostile.ran(listing.slug))
+    assert [(u["status"], u["billed"]) for u in backend.usage(listing.consumer)] == [(499, ran)]
 
 
 def test_an_upstream_chunk_line_that_never_ends_is_cut_and_refunded(
@@ -355,3 +356,30 @@ def test_a_buffered_answer_is_held_up_to_a_ceiling_then_refunded(
     # Under the ceiling, as before: delivered and billed.
     r = client.request("POST", listing.path, listing.auth(**{"X-Hostile": "huge_json"}), rpc(name="cheap", mb=3))
     assert r.status == 200 and len(r.body) > 3 << 20 and r.header("X-Mcpmeter-Billed") == "1"
+
+
+# === a client gone before its call left ===============================================================
+
+
+def test_a_client_gone_while_its_call_is_admitted_pays_only_for_calls_that_left(
+        backend: Backend, hostile: HostileUpstream, gateway: Gateway) -> None:
+    """A client that sends its call and closes its side at once is gone before the charge is done:
+    mitmproxy then never forwards the call. It was billed all the same, as a walk-away (499)."""
+    listing = make_listing(backend, hostile)
+    host, port = gateway.url.removeprefix("http://").split(":")
+    body = rpc(name="cheap")
+    head = (f"POST {listing.path} HTTP/1.1\r\nHost: gateway.test\r\nContent-Length: {len(body)}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in listing.auth()) + "\r\n").encode()
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(head + body)
+            sock.shutdown(socket.SHUT_WR)
+            time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(backend.usage(listing.consumer)) < 3:
+        time.sleep(0.1)
+    rows = backend.usage(listing.consumer)
+    assert len(rows) == 3 and all(row["status"] == 499 for row in rows)
+    ran = len(hostile.ran(listing.slug))
+    assert sum(1 for row in rows if row["billed"]) == ran, f"{ran} forwarded, billed {rows}"
+    assert backend.balance(listing.consumer.user_id) == CREDIT - ran

@@ -624,6 +624,21 @@ async def test_client_disconnect_is_billed(gw: Gw) -> None:
     assert gw.addon.calls == {}
 
 
+async def test_client_gone_before_its_call_left_is_refunded(gw: Gw) -> None:
+    """The client hung up while its call was being admitted (charged): mitmproxy never opens the upstream
+    connection, so the flow's server connection is still the unopened reverse-mode placeholder."""
+    flow = make_flow()
+    flow.server_conn.timestamp_start = None
+    await gw.addon.request(flow)
+    await upstream_fails(gw, flow, "Client disconnected.")
+    [row] = gw.db.usage()
+    assert row["status"] == 499 and row["billed_micro_cents"] == 0
+    assert gw.db.balance(1) == OPENING
+    assert meta(flow)["reason"] == "cancelled"
+    assert flow.client_conn.id not in compat._pending  # nobody to answer
+    gw.db.assert_reconciled()
+
+
 @pytest.mark.parametrize("msg", ["Connection refused", "peer closed connection without sending complete message"])
 async def test_upstream_failure_is_refunded_and_answered_with_json_502(gw: Gw, msg: str) -> None:
     flow = make_flow()
