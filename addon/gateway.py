@@ -392,8 +392,6 @@ class Mcpmeter:
         if call is None or flow.response is None:
             return
         try:
-            if flow.response.trailers:  # read by now, streamed or not; sent after this hook
-                _drop_upstream_fields(flow.response.trailers, call)
             call.cancel_deadline()
             if self.streams.park(flow, call):
                 return  # a server-closed stream: the answer may come on a resumed stream of the session

@@ -227,6 +227,7 @@ def test_destination_sets_what_the_url_setter_sets(scheme: str, host: str, port:
     by_setter, by_destination = tutils.treq(), tutils.treq()
     for request in (by_setter, by_destination):
         request.data.authority = b"client.example" if http2 else b""
+        request.data.http_version = b"HTTP/2.0" if http2 else b"HTTP/1.1"
     try:
         by_setter.url = url
     except ValueError:  # a host mitmproxy refuses (as a listing URL, it fails the same way either way)
