@@ -95,6 +95,7 @@ class Pending:
         self.tracked: dict[Scope, dict[IdKey, tuple[http.HTTPFlow, Any]]] = {}
         self.parked: dict[Scope, dict[IdKey, tuple[http.HTTPFlow, Any]]] = {}
         self.refunded: OrderedDict[tuple[Scope, IdKey], float] = OrderedDict()
+        self._marked: dict[Scope, int] = {}  # scope -> its markers in `refunded` (has_refunded, cheaply)
         # Without a session: an event resumed after -> the scope it continues (itself: a marked scope), with
         # its expiry. Bounded and expiring as the markers are.
         self.resumes: OrderedDict[ResumeKey, tuple[ResumeKey, float]] = OrderedDict()
@@ -105,9 +106,7 @@ class Pending:
     def track(self, session: Scope, rpc_id: JsonId, flow: http.HTTPFlow, call: Any) -> None:
         if (key := id_key(rpc_id)) is not None:
             self.tracked.setdefault(session, {})[key] = (flow, call)
-            # A new call under the id of a refunded one (ids must not be reused, but may be): answers
-            # to that id are the new call's from now on, delivered and billed, not blanked.
-            self.refunded.pop((session, key), None)
+            self.unmark(session, rpc_id)
 
     def untrack(self, session: Scope, rpc_id: JsonId, call: Any) -> None:
         for table in (self.tracked, self.parked):
@@ -178,18 +177,41 @@ class Pending:
         if (key := id_key(rpc_id)) is None:
             return
         now = time.monotonic()
-        self._keep(self.refunded, (session, key), now + self.marker_seconds, now, lambda expires: expires)
+        if (session, key) not in self.refunded:
+            self._marked[session] = self._marked.get(session, 0) + 1
+        for dropped in self._keep(self.refunded, (session, key), now + self.marker_seconds, now,
+                                  lambda expires: expires):
+            self._unmarked(dropped[0])
         if isinstance(session[1], bytes):  # a call without a session: its scope stays resumable as long
             self._resumable(cast(ResumeKey, session), cast(ResumeKey, session), now)
 
+    def unmark(self, session: Scope, rpc_id: JsonId) -> None:
+        """A new call under the id of a refunded one (ids must not be reused, but may be): answers
+        to that id are the new call's from now on, delivered and billed, not blanked."""
+        if (key := id_key(rpc_id)) is not None and self.refunded.pop((session, key), None) is not None:
+            self._unmarked(session)
+
+    def has_refunded(self, session: Scope) -> bool:
+        """Whether the scope holds a refunded marker (perhaps expired): its streams' answers may be blanked."""
+        return session in self._marked
+
+    def _unmarked(self, session: Scope) -> None:
+        if (left := self._marked.get(session, 0) - 1) > 0:
+            self._marked[session] = left
+        else:
+            self._marked.pop(session, None)
+
     def _keep(self, table: OrderedDict[Any, Any], key: Any, value: Any, now: float,
-              expiry: Callable[[Any], float]) -> None:
+              expiry: Callable[[Any], float]) -> list[Any]:
+        """Keep `key`; the keys dropped for it, expired or over max_markers."""
         table[key] = value
         table.move_to_end(key)
+        dropped = []
         # Oldest first, all with the same lifetime: expired entries go from the front (else they
         # stayed until max_markers newer ones pushed them out).
         while table and (len(table) > self.max_markers or expiry(next(iter(table.values()))) <= now):
-            table.popitem(last=False)
+            dropped.append(table.popitem(last=False)[0])
+        return dropped
 
     # --- without a session: the events a call's stream is resumed after ---------------------------
 
@@ -222,6 +244,7 @@ class Pending:
             return False
         if expires < time.monotonic():
             del self.refunded[(session, key)]
+            self._unmarked(session)
             return False
         return True
 

@@ -39,10 +39,12 @@ def hold_limit(max_event_bytes: int, blanking: bool) -> int:
 
 class StreamEditor:
     def __init__(self, plan: Plan | None, blank: Callable[[str], bool] | None = None,
-                 limit: int = MAX_REWRITE_BYTES) -> None:
+                 limit: int = MAX_REWRITE_BYTES, may_blank: Callable[[], bool] | None = None) -> None:
         """`plan`: what to write into the answer (None: nothing); `blank(data)`: whether an event's
-        data answers a refunded call (None: not a session's stream)."""
-        self.plan, self.blank, self.limit = plan, blank, limit
+        data answers a refunded call (None: not a session's stream); `may_blank()`: whether `blank` can
+        say yes now (None: always). While it cannot, nothing is held: the stream passes as it comes."""
+        self.plan, self.blank, self.limit, self.may_blank = plan, blank, limit, may_blank
+        self.blanked: list[Event] = []  # the events the last `feed` sent out blanked
         self._held = bytearray()
         self._from = 0  # the stream offset of _held[0]
 
@@ -66,9 +68,11 @@ class StreamEditor:
         the parser's (None: the stream was not parsed, so it all goes out, and the rest unedited);
         `answer`, the event the watcher read as the call's answer and what it said (not read again).
         What may go out now. Never raises: on a failure everything held goes out."""
+        self.blanked = []
         edits = [(event, kind) for event in events if (kind := self._kind(event)) is not None]
-        if not self._held and chunk and pending_from == self._from + len(chunk) and not edits:
-            self._from = pending_from  # whole events, none to edit: out as they came
+        if (not self._held and chunk and not edits and pending_from is not None
+                and (pending_from == self._from + len(chunk) or self._nothing_left())):
+            self._from += len(chunk)  # whole events, or nothing to edit now, none to edit: out as they came
             return chunk
         held = self._held
         held += chunk
@@ -85,12 +89,17 @@ class StreamEditor:
         """How the event is to be edited: "blank", "plan" or not at all (None)."""
         if event.oversized or event.end - event.start > self.limit:
             return None
-        if self.blank is not None and self.blank(event.data):
+        if self.blank is not None and (self.may_blank is None or self.may_blank()) and self.blank(event.data):
             return "blank"
         if (self.plan is not None and event.event == "message" and event.end - event.start <= MAX_REWRITE_BYTES
                 and may_edit(self.plan, event.data)):
             return "plan"
         return None
+
+    def _nothing_left(self) -> bool:
+        """Nothing to edit now: nothing is held back."""
+        return ((self.plan is None or self.plan.done)
+                and (self.blank is None or (self.may_blank is not None and not self.may_blank())))
 
     def _give_up(self) -> None:
         self.answered()
@@ -117,10 +126,11 @@ class StreamEditor:
                 out.append(held[at:start])
                 out.append(edited)
                 at = end
+                if kind == "blank":
+                    self.blanked.append(event)
         if pending_from is None:
             self._give_up()  # no parse to follow the stream by from here: it passes unedited
-        nothing_left = (self.plan is None or self.plan.done) and self.blank is None
-        if nothing_left or pending_from is None or final or pending_from < self._from:
+        if self._nothing_left() or pending_from is None or final or pending_from < self._from:
             cut = len(held)  # nothing to edit, not parsed, the end, or the event in progress partly out already
         else:
             cut = pending_from - self._from

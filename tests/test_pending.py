@@ -53,6 +53,44 @@ def test_refunded_markers_are_bounded_and_expire() -> None:
     assert not short.is_refunded(S, 1) and not short.refunded
 
 
+def test_a_scope_has_refunded_markers_while_one_of_its_markers_is_kept() -> None:
+    """has_refunded: what lets a legacy session's stream pass unheld (legacy_sessions), kept exact."""
+    p, other = Pending(max_markers=2), (1, "session-b")
+    p.mark_refunded(S, 1)
+    p.mark_refunded(S, 1)  # the same marker again
+    p.mark_refunded(other, 2)
+    assert p.has_refunded(S) and p.has_refunded(other)
+    p.unmark(S, 1)  # a new call took the id over
+    assert not p.has_refunded(S) and p.has_refunded(other)
+    p.mark_refunded(S, 3)
+    p.mark_refunded(S, 4)  # over max_markers: other's goes
+    assert p.has_refunded(S) and not p.has_refunded(other)
+    short = Pending(marker_seconds=0.005)
+    short.mark_refunded(S, 1)
+    assert short.has_refunded(S)
+    time.sleep(0.01)
+    assert not short.is_refunded(S, 1) and not short.has_refunded(S)  # expired, read: dropped
+    short.mark_refunded(S, 2)
+    time.sleep(0.01)
+    short.mark_refunded(other, 3)  # expired ones go from the front as new ones come
+    assert not short.has_refunded(S) and short.has_refunded(other)
+
+
+def test_an_editor_that_may_not_blank_holds_nothing() -> None:
+    """may_blank() False: an event in progress passes as it comes; True: it is held, and blanked."""
+    p = Pending()
+    answer = b'data: {"jsonrpc":"2.0","id":5,"result":{}}\n\n'
+    parser = SseParser()
+    editor = StreamEditor(None, lambda data: p.blank_if_refunded(S, data) is not None,
+                          may_blank=lambda: p.has_refunded(S))
+    assert editor.feed(answer[:10], parser.feed(answer[:10]), parser.pending_from) == answer[:10]
+    assert editor.feed(answer[10:], parser.feed(answer[10:]), parser.pending_from) == answer[10:]
+    p.mark_refunded(S, 5)
+    assert editor.feed(answer[:10], parser.feed(answer[:10]), parser.pending_from) == b""
+    assert editor.feed(answer[10:], parser.feed(answer[10:]), parser.pending_from) == b"\n"
+    assert len(editor.blanked) == 1
+
+
 def test_only_answers_to_refunded_calls_are_blanked() -> None:
     p = Pending()
     p.mark_refunded(S, 5)
