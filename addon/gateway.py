@@ -226,8 +226,7 @@ class Mcpmeter:
             if call.waits is Wait.RESUMPTION:
                 self.streams.settle_parked(flow, call)
             elif call.waits is Wait.STREAM:
-                self.legacy.unregister(call)
-                self.settlements.soon(flow, call)
+                self.legacy.refund(flow, call, call.failure)
             else:
                 call.cancel_deadline()
                 if flow.live:

@@ -3,12 +3,17 @@
 A POST is answered 202; its result arrives later as an event on the stream the session opened.
 The calls awaiting that event are kept here by session and JSON-RPC id, oldest first (an id
 POSTed twice is answered twice, each answer settles one). The stream's end fails those left.
+
+A call refunded without its answer (its timeout, the meter's stop, an upstream failure) leaves a
+refunded marker for its session (addon/pending.py, scope (listing id, session identity)): an event
+answering its id that comes later on the session's stream goes out without its data lines
+(stream_edit.StreamEditor), and settles nothing. A new call under that id takes the id over.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
@@ -18,6 +23,9 @@ from .call import Call, Wait, event_outcome
 from .errors import GatewayError
 from .jsonrpc import JsonId, answer_messages
 from .model import Transport
+from .pending import SessionKey
+from .sse import DEFAULT_MAX_EVENT_BYTES, Event
+from .stream_edit import StreamEditor, hold_limit
 
 if TYPE_CHECKING:
     from .gateway import Mcpmeter
@@ -54,8 +62,28 @@ class LegacySessions:
 
     def register(self, flow: http.HTTPFlow, call: Call) -> None:
         """Registered before forwarding: the answer can reach the session's stream before the 202."""
-        assert call.priced is not None
+        assert call.priced is not None and call.listing is not None
         self.awaiting.setdefault(call.legacy_session, {}).setdefault(call.priced.rpc_id, []).append((flow, call))
+        self.gw.pending.unmark((call.listing.id, call.legacy_session), call.priced.rpc_id)  # (pending.track)
+
+    def refund(self, flow: http.HTTPFlow, call: Call, failure: Failure) -> None:
+        """A call awaiting its answer on the stream is refunded without it: marked at once (its settlement
+        is written later), so an answer coming from now on goes out blanked."""
+        self.unregister(call)
+        call.failure = failure
+        self.mark_refunded(call)
+        self.gw.settlements.soon(flow, call)
+
+    def mark_refunded(self, call: Call) -> None:
+        """A call of a session refunded without its answer: that answer is never delivered now, unless
+        another call of the session awaits an answer under the same id (it took the id over: an answer
+        to that id settles it, billed, as it is delivered)."""
+        if call.priced is None or call.listing is None or not call.legacy_session:
+            return
+        rpc_id = call.priced.rpc_id
+        if any(c is not call for _, c in self.awaiting.get(call.legacy_session, {}).get(rpc_id, ())):
+            return
+        self.gw.pending.mark_refunded((call.listing.id, call.legacy_session), rpc_id)
 
     def await_stream(self, flow: http.HTTPFlow, call: Call) -> bool:
         """A legacy SSE call answered 202: its result will come on the session's GET stream,
@@ -74,25 +102,44 @@ class LegacySessions:
         self.gw.streams.start_deadline(flow, call, max(0.0, self.gw.streams.remaining(call)))
         return True
 
-    def watch(self, stream: Call, out: list[bytes], ended: bool, had_route: bool) -> None:
+    def watch(self, stream: Call, out: list[bytes], ended: bool, had_route: bool) -> list[bytes]:
         """The session's GET stream passed `out` (rewritten): bind the session when its endpoint
-        route is announced, and settle the calls its events answer."""
+        route is announced, settle the calls its events answer, and blank those answering refunded
+        calls. What goes out to the client."""
         assert stream.rewriter is not None
         if not had_route and stream.rewriter.route is not None and stream.listing is not None:
             _, subpath, query = paths.split_route(stream.rewriter.route)
             stream.legacy_session = identity(stream.listing.id, subpath, query)
             self.streams.setdefault(stream.legacy_session, []).append(stream)
+            stream.editor = self._editor((stream.listing.id, stream.legacy_session))
             if stream.consumer is not None:
                 # The session belongs to the key that opened the stream.
                 assert self.gw.cache is not None
                 asyncio.ensure_future(self.gw.cache.bind_session(stream.legacy_session, stream.consumer.principal))
-        if stream.rewriter.route is not None and stream.parser is not None:
-            for piece in [*out, b""] if ended else out:  # b"": the end, for the parser
-                self._answer(stream.legacy_session, stream.parser.feed(piece))
+        sent = out
+        if stream.rewriter.route is not None and stream.parser is not None and stream.editor is not None:
+            sent = []
+            # The parser and the editor read the rewritten stream from its endpoint event on: the
+            # same offsets. b"": the end (the editor lets out what it held).
+            for piece in [*out, b""] if ended else out:
+                events = stream.parser.feed(piece)
+                if edited := stream.editor.feed(piece, events, stream.parser.pending_from):
+                    sent.append(edited)
+                blanked = stream.editor.blanked
+                self._answer(stream.legacy_session, [e for e in events if not any(e is b for b in blanked)])
         if ended:  # the final b"": a held-back chunk ([] returned) is not the end
             self.end_stream(stream)
+        return sent
 
-    def _answer(self, session: str, events: list[Any]) -> None:
+    def _editor(self, scope: SessionKey) -> StreamEditor:
+        """Blanks the answers to the session's refunded calls; holds nothing while it has none."""
+        pending, config = self.gw.pending, self.gw.config
+        max_event = config.max_event_bytes if config is not None else DEFAULT_MAX_EVENT_BYTES
+        return StreamEditor(None, lambda data: pending.blank_if_refunded(scope, data) is not None,
+                            hold_limit(max_event, blanking=True), lambda: pending.has_refunded(scope))
+
+    def _answer(self, session: str, events: list[Event]) -> None:
+        """Settle the calls these events answer (none sent out blanked: they answer a refunded call)."""
         waiting = self.awaiting.get(session)
         if not waiting:
             return

@@ -217,9 +217,11 @@ class Settlements:
             decided = call.decided  # a held call, settled as a later message decided (deferred.py)
         elif await gw.deferred.hold(flow, call, decided):
             return  # a task, or an input_required round: a later message settles it (deferred.py)
-        if (decided.refund and (call.outcome is None or call.withheld) and call.priced is not None
-                and (scope := call.scope) is not None):
-            gw.pending.mark_refunded(scope, call.priced.rpc_id)  # its answer is never delivered now
+        if decided.refund and (call.outcome is None or call.withheld) and call.priced is not None:
+            if (scope := call.scope) is not None:
+                gw.pending.mark_refunded(scope, call.priced.rpc_id)  # its answer is never delivered now
+            else:
+                gw.legacy.mark_refunded(call)  # (on its legacy session's stream, if it has one)
         gw.metrics.settled(call, decided.refund, status)
         settlement = Settlement(
             charge=call.charge, refund=decided.refund, status=status, duration_ms=call.elapsed_ms(),

@@ -46,7 +46,7 @@ class StreamWatch:
                 try:
                     ended, had_route = not chunk, call.rewriter.route is not None
                     out = call.rewriter.feed(chunk)
-                    gw.legacy.watch(call, out, ended, had_route)
+                    out = gw.legacy.watch(call, out, ended, had_route)
                 except Exception:
                     log.exception("mcpmeter: stream watcher %s failed", call.request_id)
                 return out
@@ -153,9 +153,7 @@ class StreamWatch:
                 self.settle_parked(flow, call, Failure.NO_ANSWER_BY_TIMEOUT)
             return
         if call.waits is Wait.STREAM and call.outcome is None and call.settlement is None:
-            self.gw.legacy.unregister(call)
-            call.failure = Failure.TIMEOUT
-            self.gw.settlements.soon(flow, call)
+            self.gw.legacy.refund(flow, call, Failure.TIMEOUT)
             return
         if call.outcome is not None or call.settlement is not None or not flow.live:
             return

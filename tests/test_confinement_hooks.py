@@ -101,6 +101,7 @@ async def test_confined_paths_are_forwarded_as_sent(gw: Gw) -> None:
 # --- legacy SSE sessions ------------------------------------------------------------------------------
 
 ANSWER = b'event: message\ndata: {"jsonrpc": "2.0", "id": 1, "result": {"content": []}}\n\n'
+BLANKED = b"event: message\n\n"  # an answer to a refunded call: its data lines dropped
 
 
 async def open_session(gw: Gw, session_id: str = "abc", token: str = ALICE) -> http.HTTPFlow:
@@ -207,11 +208,63 @@ async def test_a_call_without_answer_is_refunded_at_the_listing_timeout_while_th
     [row] = gw.db.usage()
     assert row["billed_micro_cents"] == 0 and row["status"] == 504
     assert gw.addon.legacy.awaiting == {}
-    # The stream is still open and still works: a late answer settles nothing twice.
-    assert stream.response.stream(ANSWER) == [ANSWER]
+    # The stream is still open and still works: a late answer settles nothing twice, and is not
+    # delivered (blanked: clients dispatch no event without data), whichever way it is split.
+    assert b"".join(stream.response.stream(ANSWER[:30]) + stream.response.stream(ANSWER[30:])) == BLANKED
+    note = b'event: message\ndata: {"jsonrpc": "2.0", "method": "notifications/message", "params": {}}\n\n'
+    assert stream.response.stream(note) == [note]
     await asyncio.sleep(0.05)
     assert len(gw.db.usage()) == 1
     gw.db.assert_reconciled()
+
+
+async def test_a_new_call_under_a_refunded_id_takes_it_over(gw: Gw) -> None:
+    """As on streamable HTTP (pending.track): the answer to the id is the new call's, delivered and billed."""
+    stream = await open_session(gw)
+    flow = await post(gw, "/legacy-one/messages/?session_id=abc")
+    await accepted(gw, flow)
+    await asyncio.sleep(1.3)  # refunded at the timeout
+    await settled(gw)
+    again = await post(gw, "/legacy-one/messages/?session_id=abc")
+    await accepted(gw, again)
+    assert stream.response.stream(ANSWER) == [ANSWER]
+    await settled(gw)
+    assert sorted(r["billed_micro_cents"] for r in gw.db.usage()) == [0, PRICE]
+    assert gw.db.balance(1) == OPENING - PRICE
+    # That call answered, the id's answers are nobody's: they pass (nothing refunded under it now).
+    assert stream.response.stream(ANSWER) == [ANSWER]
+    gw.db.assert_reconciled()
+
+
+async def test_a_post_the_upstream_failed_gets_no_answer_on_the_stream(gw: Gw) -> None:
+    stream = await open_session(gw)
+    flow = await post(gw, "/legacy-one/messages/?session_id=abc")
+    flow.response = http.Response.make(500, b"boom", {"Content-Type": "text/plain"})
+    await gw.addon.responseheaders(flow)
+    await gw.addon.response(flow)
+    await settled(gw)
+    assert gw.db.balance(1) == OPENING and gw.db.usage()[0]["billed_micro_cents"] == 0
+    assert stream.response.stream(ANSWER) == [BLANKED]
+    gw.db.assert_reconciled()
+
+
+async def test_a_session_without_refunded_calls_holds_nothing_back(gw: Gw) -> None:
+    """The stream passes as it comes while no call of the session was refunded: an event in progress too."""
+    stream = await open_session(gw)
+    flow = await post(gw, "/legacy-one/messages/?session_id=abc")
+    await accepted(gw, flow)
+    assert stream.response.stream(ANSWER[:30]) == [ANSWER[:30]]
+    assert stream.response.stream(ANSWER[30:]) == [ANSWER[30:]]
+    await settled(gw)
+    assert gw.db.usage()[0]["billed_micro_cents"] == PRICE
+    # Another session's refunded call does not make this one hold its events.
+    other = await open_session(gw, "xyz")
+    late = await post(gw, "/legacy-one/messages/?session_id=xyz", rpc_id=7)
+    await accepted(gw, late)
+    await asyncio.sleep(1.3)
+    await settled(gw)
+    assert stream.response.stream(ANSWER[:30]) == [ANSWER[:30]]
+    assert other.response.stream(ANSWER.replace(b'"id": 1', b'"id": 7')) == [BLANKED]
 
 
 async def test_one_id_posted_twice_is_settled_once_per_answer(gw: Gw) -> None:

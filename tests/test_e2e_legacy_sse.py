@@ -6,6 +6,7 @@ rewrites the stream's `endpoint` under /<slug>/ and settles each call from that 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -73,3 +74,20 @@ async def _session_route(gateway: Gateway, s: str, consumer: object) -> str:
                     assert route.startswith(f"/{s}/"), route
                     return route
     raise AssertionError("no endpoint event")
+
+
+async def test_a_legacy_call_refunded_at_its_timeout_gets_no_result(
+        gateway: Gateway, backend: Backend, legacy_url: str) -> None:
+    """A tool made to outlast the listing's timeout: refunded, and its answer, when it comes on the
+    session's stream, is not delivered (else slowing a tool down would get results free)."""
+    s = slug("legacy")
+    backend.add_listing(s, f"{legacy_url}/legacy/sse", price=1000, transport="sse", timeout=1)
+    c = backend.add_consumer(credit=10_000)
+    async with Client(sse_client(f"{gateway.url}/{s}", headers=c.auth)) as mcp:
+        with pytest.raises(TimeoutError):  # the answer comes at 2 s, on the still open stream: blanked
+            await asyncio.wait_for(mcp.call_tool("sleep", {"seconds": 2}), 4)
+        result = await mcp.call_tool("echo", {"text": "after"})  # the session still works
+        assert not result.is_error and result.content[0].text == "after"
+    await eventually(lambda: len(backend.usage(c)) == 2)
+    assert sorted((u["tool_name"], u["billed"]) for u in backend.usage(c)) == [("echo", 1000), ("sleep", 0)]
+    assert backend.balance(c.user_id) == 9_000
