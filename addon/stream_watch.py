@@ -190,8 +190,10 @@ class StreamWatch:
 
     def settle_parked(self, flow: http.HTTPFlow, call: Call, failure: Failure | None = None) -> None:
         call.waits = None
-        if failure is not None:
-            call.failure = failure
+        if failure is not None:  # refunded (its timeout, a cancellation): marked now, not when its
+            call.failure = failure  # settlement gets there, after awaits an answer could pass in
+            if call.priced is not None and (scope := call.scope) is not None:
+                self.gw.pending.mark_refunded(scope, call.priced.rpc_id)
         self.gw.settlements.soon(flow, call)
         self.gw.finish(flow, call)
 

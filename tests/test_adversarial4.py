@@ -251,6 +251,20 @@ async def test_a_sessionless_call_refunded_while_its_stream_is_resumed_is_not_de
     assert usage_reasons(gw) == [(504, 1, "no_answer_by_timeout")]
 
 
+async def test_a_parked_call_refunded_at_its_timeout_is_blanked_before_its_settlement_runs(gw: Gw) -> None:
+    """The timeout decides the refund at once; its settlement runs later (a task, which awaits the circuit
+    breaker's record first: a Redis round trip in production). The marker was written only there: an
+    answer passing on a resumed stream in between went out whole, and the call was refunded."""
+    post, call = await sessionless_parked(gw)
+    get = await sessionless_get(gw)
+    gw.addon.streams.on_deadline(post, call)  # no await after it: the settlement has not run yet
+    assert sent(get.response.stream(ANSWER)) == b"id: 2\n\n"
+    await gw.addon.drain()
+    await end(gw, get)
+    assert usage_reasons(gw) == [(504, 1, "no_answer_by_timeout")]
+    gw.db.assert_reconciled()
+
+
 async def test_a_sessionless_call_cut_at_its_timeout_is_not_delivered_by_resumption(gw: Gw) -> None:
     """Its POST stream still open at the timeout: cut and refunded (upstream_timeout); a GET resuming after
     the last event it carried gets the answer blanked."""
