@@ -6,8 +6,11 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-# The scheme is case-insensitive (RFC 9110 §11.1), the token is not: its prefix is fixed lower-case.
-_BEARER = re.compile(r"^(?i:Bearer) +(mcpm_(live|test|oauth)_[A-Za-z0-9]{1,200})$")
+# A key: its fixed lower-case prefix, its kind (group 1), then one character of its secret; a quantifier
+# after it says how many (redaction.py finds keys in free text with the same pattern).
+KEY_PATTERN = r"mcpm_(live|test|oauth)_[A-Za-z0-9]"
+# The scheme is case-insensitive (RFC 9110 §11.1), the token is not.
+_BEARER = re.compile(rf"^(?i:Bearer) +({KEY_PATTERN}{{1,200}})$")
 
 
 @dataclass(frozen=True, slots=True)

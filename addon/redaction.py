@@ -16,7 +16,7 @@ from urllib.parse import unquote_plus
 
 from mitmproxy.http import Headers
 
-from .auth import Credential
+from .auth import KEY_PATTERN, Credential
 
 REDACTED = "(redacted)"
 # What a consumer may send that carries a credential; forwarding strips all of them.
@@ -29,7 +29,7 @@ GATEWAY_PREFIX = "x-mcpmeter-"
 _CREDENTIAL_NAMES = frozenset(name.encode() for name in CREDENTIAL_HEADERS)
 _FORWARDED_NAMES = frozenset(name.encode() for name in FORWARDED_CREDENTIAL_HEADERS)
 _REDACTED = REDACTED.encode()
-_KEY = re.compile(r"mcpm_(live|test|oauth)_[A-Za-z0-9]+")
+_KEY = re.compile(KEY_PATTERN + "+")
 
 
 def redact_credentials(headers: Headers, key_prefix: str | None = None) -> None:
