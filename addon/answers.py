@@ -42,16 +42,22 @@ def mark_refused(flow: http.HTTPFlow, call: Call, error: GatewayError) -> None:
 def stamp(flow: http.HTTPFlow, call: Call) -> None:
     """The metering headers, on a response whose headers have not been sent yet."""
     assert flow.response is not None
-    h = flow.response.headers
-    h["X-Mcpmeter-Request-Id"] = call.request_id
-    h["X-Mcpmeter-Billed"] = call.billed_header
-    h["X-Mcpmeter-Duration-Ms"] = str(call.elapsed_ms())
+    values = {"X-Mcpmeter-Request-Id": call.request_id, "X-Mcpmeter-Billed": call.billed_header,
+              "X-Mcpmeter-Duration-Ms": str(call.elapsed_ms())}
     if call.balance is not None:
-        h["X-Mcpmeter-Balance"] = str(call.balance)
+        values["X-Mcpmeter-Balance"] = str(call.balance)
     if call.refunded:
-        h["X-Mcpmeter-Refunded"] = "1"
-    for name, value in call.limit_headers.items():
-        h[name] = value
+        values["X-Mcpmeter-Refunded"] = "1"
+    values.update(call.limit_headers)
+    replace_headers(flow.response.headers, values)
+
+
+def replace_headers(headers: http.Headers, values: dict[str, str]) -> None:
+    """Set each of `values` as the one field of its name, in one pass over the fields: each
+    `headers[name] = value` is a pass of its own, lower-casing every name (17 µs for a stamp's 8)."""
+    drop = {name.lower().encode() for name in values}
+    headers.fields = (*(f for f in headers.fields if f[0].lower() not in drop),
+                      *((name.encode(), value.encode("utf-8", "surrogateescape")) for name, value in values.items()))
 
 
 _MARKS = {Label.BILLED: ":moneybag:", Label.FREE: ":gift:", Label.REFUNDED: ":leftwards_arrow_with_hook:",
