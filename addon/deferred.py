@@ -30,7 +30,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cachetools import LRUCache, TTLCache
 from mitmproxy import connection, http
 
 from .billing import Decision, Failure
@@ -39,6 +38,7 @@ from .decoding import TooLarge, decode_bounded
 from .errors import GatewayError
 from .jsonrpc import JsonId, Outcome, answer_messages
 from .scan import Message
+from .shares import Shares
 from .sse import SseParser
 
 log = logging.getLogger("mcpmeter")
@@ -275,22 +275,27 @@ class Deferred:
     # fetch a result it did not pay for).
     by_task: dict[tuple[int, str], dict[Scope, int]] = field(default_factory=dict)
     watched: Counter[Scope] = field(default_factory=Counter)  # held tasks per scope: whose answers are read
+    # The next three tables are bounded in all (MAX_HELD) and per consumer (MAX_HELD_PER_USER, by user
+    # id: shares.py): past its share a consumer's new entry evicts its own oldest, never another's.
     # Task-augmented calls charged, forwarded and not yet held, per scope: while there are some, a
     # terminal status of a task not held here may be theirs, and is remembered in `ended`. Removed at
-    # settlement (every charged call reaches `holds`), or with the call; at most MAX_HELD scopes.
-    awaiting: dict[Scope, weakref.WeakSet[Facts]] = field(default_factory=dict)
+    # settlement (every charged call reaches `holds`), or with the call. Evicted, a scope's calls are
+    # held without the statuses that passed early: they wait for a later one, or their limit.
+    awaiting: Shares[Scope, weakref.WeakSet[Facts]] = field(
+        default_factory=lambda: Shares(lambda: MAX_HELD, lambda: MAX_HELD_PER_USER))
     # Those statuses (the upstream's, read from notifications and Task answers: a tasks/result error,
     # which a client can provoke for an id of its choosing, is not one), with when they passed: a
     # hold takes one only if it passed after its own call was forwarded (a task cannot end before
-    # the request that creates it). Bounded in entries and in id length; an upstream flooding it
-    # evicts the oldest, which then wait for their own limit.
-    ended: TTLCache[tuple[Scope, str], tuple[Decision, float]] = field(
-        default_factory=lambda: TTLCache(MAX_HELD, ENDED_EARLY_SECONDS, timer=time.monotonic))
+    # the request that creates it). Owned by the scope's consumer; bounded also in id length; an
+    # upstream flooding it evicts the oldest, which then wait for their own limit.
+    ended: Shares[tuple[Scope, str], tuple[Decision, float]] = field(
+        default_factory=lambda: Shares(lambda: MAX_HELD, lambda: MAX_HELD_PER_USER, ENDED_EARLY_SECONDS))
     # tasks/result requests of a session for a held task, by the asking session's scope and the request's
     # id: the answer may come on a GET stream of that session resuming the request's own (Last-Event-ID),
     # after the client closed the POST stream or the server ended it. Taken by the answer, wherever it
-    # passes; bounded (the least recently asked go first: their answers then settle only on their POST).
-    asked: LRUCache[tuple[Scope, IdKey], Facts] = field(default_factory=lambda: LRUCache(MAX_HELD))
+    # passes; the least recently asked go first (their answers then settle only on their POST).
+    asked: Shares[tuple[Scope, IdKey], Facts] = field(
+        default_factory=lambda: Shares(lambda: MAX_HELD, lambda: MAX_HELD_PER_USER))
     # Held calls whose journal mark did not land (the database unavailable then), by request id, with
     # their mark: retried at each sweep (`mark_unmarked`). Only held calls: at most MAX_HELD.
     unmarked: dict[str, tuple[Any, str]] = field(default_factory=dict)
@@ -361,7 +366,7 @@ class Deferred:
         if result_for is not None and session and (scope, result_for) in self.tasks and (
                 rpc_id := _id_key(facts.rpc_id)) is not None:
             facts.asked = (call.listing.id, call.consumer.principal, session), rpc_id  # the asking session's
-            self.asked[facts.asked] = facts
+            self.asked.put(facts.asked, call.consumer.user_id, facts)
         if state is not None and priced is not None:
             key = state_key(scope, priced.tool_name, state)
             held = self._take(self.rounds, key)  # taken now: two retries with one state cannot both continue
@@ -378,15 +383,19 @@ class Deferred:
         facts = self.facts.get(call)
         if call.charged is None:  # a continuation, uncharged: settled with its first round, never held
             return
-        if facts is not None and facts.task and (facts.scope in self.awaiting or len(self.awaiting) < MAX_HELD):
-            self.awaiting.setdefault(facts.scope, weakref.WeakSet()).add(facts)
+        if facts is not None and facts.task:
+            calls = self.awaiting.get(facts.scope)
+            if calls is None:
+                calls = weakref.WeakSet()
+                self.awaiting.put(facts.scope, call.consumer.user_id, calls)
+            calls.add(facts)
 
     def _arrived(self, facts: Facts) -> None:
         calls = self.awaiting.get(facts.scope)
         if calls is not None:
             calls.discard(facts)
             if not calls:
-                del self.awaiting[facts.scope]
+                self.awaiting.pop(facts.scope)
 
     def not_forwarded(self, call: Any) -> None:
         """The gateway answered the request itself (a refusal, an Idempotency-Key replay): a round
@@ -504,7 +513,7 @@ class Deferred:
         if decision is None or asked.result_for is None:
             return
         if asked.asked is not None and self.asked.get(asked.asked) is asked:
-            del self.asked[asked.asked]
+            self.asked.pop(asked.asked)
         self._end_task(asked.scope, asked.result_for, decision, upstreams=False)
 
     def _end_task(self, scope: Scope, task_id: str, decision: Decision, upstreams: bool) -> None:
@@ -516,14 +525,15 @@ class Deferred:
                 # Refunded by an error answering its tasks/result, which the client may have provoked:
                 # its result, if the upstream has one, is not delivered afterwards.
                 self._forget_later(_undeliverable(scope, task_id), time.monotonic())
-        elif upstreams and len(task_id) <= MAX_TASK_ID_CHARS and self._awaits(scope):
-            self.ended[(scope, task_id)] = (decision, time.monotonic())  # perhaps a call's on its way to `hold`
+        elif upstreams and len(task_id) <= MAX_TASK_ID_CHARS and (owner := self._awaits(scope)) is not None:
+            self.ended.put((scope, task_id), owner, (decision, time.monotonic()))  # perhaps a call's on its way
 
-    def _awaits(self, scope: Scope) -> bool:
+    def _awaits(self, scope: Scope) -> int | None:
+        """The consumer (user id) whose task calls of `scope` are on their way, if any are."""
         calls = self.awaiting.get(scope)
         if calls is not None and not calls:
-            del self.awaiting[scope]
-        return bool(calls)
+            self.awaiting.pop(scope)
+        return self.awaiting.owner(scope) if calls else None
 
     # settlement ------------------------------------------------------------------------------
 
@@ -544,12 +554,7 @@ class Deferred:
                 # for, so its result is not delivered afterwards.
                 self._forget_later(_undeliverable(facts.scope, facts.task_id), time.monotonic())
             return None
-        if len(self.tasks) + len(self.rounds) >= MAX_HELD:
-            log.warning("mcpmeter: %d calls held already; %s settles now", MAX_HELD, call.request_id)
-            return None
-        if self.per_user[call.consumer.user_id] >= MAX_HELD_PER_USER:
-            log.warning("mcpmeter: user %s holds %d calls already; %s settles now", call.consumer.user_id,
-                        MAX_HELD_PER_USER, call.request_id)
+        if not self._room(call):
             return None
         # Limits count from the call's start, before its charge, as the journal's sweep counts them from
         # the charge: counted from the hold (its answer, up to the upstream timeout later), another
@@ -569,6 +574,17 @@ class Deferred:
                              Held(flow, call, start + config.round_settle_seconds, INPUT_PENDING))
             return INPUT_PENDING
         return None
+
+    def _room(self, call: Any) -> bool:
+        """Whether one more call of `call`'s consumer may be held (MAX_HELD, MAX_HELD_PER_USER)."""
+        if len(self.tasks) + len(self.rounds) >= MAX_HELD:
+            log.warning("mcpmeter: %d calls held already; %s settles now", MAX_HELD, call.request_id)
+            return False
+        if self.per_user[call.consumer.user_id] >= MAX_HELD_PER_USER:
+            log.warning("mcpmeter: user %s holds %d calls already; %s settles now", call.consumer.user_id,
+                        MAX_HELD_PER_USER, call.request_id)
+            return False
+        return True
 
     def _hold_round(self, key: tuple[Scope, str, str], held: Held) -> None:
         """A retry carrying that state continues one round only: a round held under it already is billed."""
@@ -591,7 +607,7 @@ class Deferred:
         facts = self.facts.get(call)
         if mark == TASK_PENDING and facts is not None and facts.task_id is not None:
             key = (facts.scope, facts.task_id)
-            ended = self.ended.pop(key, None)
+            ended = self.ended.pop(key)
             if (ended is not None and ended[1] >= (call.forwarded or float("inf"))
                     and self.tasks.get(key) is not None and self.tasks[key].call is call):
                 self._end_task(*key, ended[0], upstreams=True)  # it ended before it was held: as if it ended now
@@ -622,7 +638,7 @@ class Deferred:
         """Held calls past their limit: tasks refunded, rounds billed (see the module's rules)."""
         now = time.monotonic()
         for scope in [scope for scope, calls in self.awaiting.items() if not calls]:
-            del self.awaiting[scope]  # their calls went away unheld (refused, failed, ...)
+            self.awaiting.pop(scope)  # their calls went away unheld (refused, failed, ...)
         tables: tuple[tuple[dict[Any, Held], Decision], ...] = (  # keyed by (scope, task) and by state_key
             (self.tasks, Decision(True, TASK_EXPIRED)), (self.rounds, Decision(False, INPUT_ABANDONED)))
         for table, decision in tables:

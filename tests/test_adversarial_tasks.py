@@ -14,10 +14,11 @@ from mitmproxy import http
 from mitmproxy.flow import Error
 from mitmproxy.test import taddons
 
+from addon import deferred
 from addon.gateway import Mcpmeter
 from tests.refusals import refusal
 from tests.test_gateway_hooks import (  # noqa: F401  (fixtures)
-    ALICE, OPENING, PRICE, SEED, USERS, Db, Gw, forwarded, isolated, json_response, make_flow, rpc, sent,
+    ALICE, BOB, OPENING, PRICE, SEED, USERS, Db, Gw, forwarded, isolated, json_response, make_flow, rpc, sent,
     sse_response, upstream_answers, write_config,
 )
 
@@ -196,5 +197,48 @@ async def test_a_task_result_beside_an_error_that_is_not_an_object_bills_the_tas
     fetch = await send(gw, rpc("tasks/result", 2, taskId="T1"))
     await upstream_answers(gw, fetch, json_response({"jsonrpc": "2.0", "id": 2, "result": DONE, "error": error}))
     assert journal(gw) == [(0, 1, "task_completed")]
+    assert gw.db.balance(USERS[ALICE]) == OPENING - PRICE
+    gw.db.assert_reconciled()
+
+
+@pytest.fixture
+def small_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deferred.py's tables at 4 entries, 2 per consumer (set before the gateway makes them)."""
+    monkeypatch.setattr(deferred, "MAX_HELD", 4)
+    monkeypatch.setattr(deferred, "MAX_HELD_PER_USER", 2)
+
+
+@pytest.mark.usefixtures("small_tables")
+async def test_another_consumers_unanswered_tasks_result_requests_do_not_evict_alices(gw: Gw) -> None:
+    """Bob holds a task of his own and sends tasks/result requests for it that his upstream leaves
+    unanswered, as many as the gateway remembers. They pushed out Alice's tasks/result request, whose
+    answer she then took on her session's GET stream (resuming the request's stream): read there, it
+    settled nothing, and her task was refunded at its limit (task_expired), its result delivered."""
+    bob_session = {**SESSION, "Mcp-Session-Id": "s-bob"}
+    bob = make_flow(PATH, token=BOB, body=task_call(), headers=bob_session)
+    await gw.addon.request(bob)
+    bobs_task = {**CREATED, "result": {"task": {"taskId": "B1", "status": "working"}}}
+    await upstream_answers(gw, bob, json_response(bobs_task))
+    call = await send(gw, task_call(), SESSION)
+    await upstream_answers(gw, call, json_response(CREATED))
+    fetch = await send(gw, rpc("tasks/result", 2, taskId="T1"), SESSION)
+    assert forwarded(fetch)
+    fetch.response = sse_response()
+    await gw.addon.responseheaders(fetch)
+    sent(fetch.response.stream(b"id: e-1\ndata:\n\n"))
+    fetch.error = Error("Client disconnected.")
+    await gw.addon.error(fetch)
+    for rpc_id in range(10, 10 + deferred.MAX_HELD):  # Bob's, never answered
+        flood = make_flow(PATH, token=BOB, body=rpc("tasks/result", rpc_id, taskId="B1"), headers=bob_session)
+        await gw.addon.request(flood)
+        assert forwarded(flood)
+    resume = make_flow(PATH, method="GET", headers={**SESSION, "Last-Event-ID": "e-1"})
+    await gw.addon.request(resume)
+    resume.response = sse_response()
+    await gw.addon.responseheaders(resume)
+    event = b"id: e-2\ndata: " + json.dumps({"jsonrpc": "2.0", "id": 2, "result": DONE}).encode() + b"\n\n"
+    assert sent(resume.response.stream(event)) == event  # delivered
+    await gw.addon.drain()
+    assert journal(gw)[1] == (0, 1, "task_completed")  # Alice's: billed
     assert gw.db.balance(USERS[ALICE]) == OPENING - PRICE
     gw.db.assert_reconciled()

@@ -494,7 +494,8 @@ async def test_early_ends_are_bounded_and_forgotten(registry: Any, monkeypatch: 
     d = deferred.Deferred(d.settle, d.config, d.store)  # its TTL cache on the patched clock
     call = task_call(d)  # on its way: statuses of unknown tasks of its scope are remembered
     get_stream(d, [{**FAILED, "params": {"taskId": f"T{i}", "status": "failed"}} for i in range(3 * deferred.MAX_HELD)])
-    assert len(d.ended) == deferred.MAX_HELD  # an upstream naming endless tasks keeps only the newest
+    # an upstream naming endless tasks keeps only the newest, its consumer's share of them
+    assert len(d.ended) == deferred.MAX_HELD_PER_USER
     get_stream(d, [{**FAILED, "params": {"taskId": "x" * (deferred.MAX_TASK_ID_CHARS + 1), "status": "failed"}}])
     assert all(len(task_id) <= deferred.MAX_TASK_ID_CHARS for _, task_id in d.ended)  # a long id is not kept
     now[0] += deferred.ENDED_EARLY_SECONDS + 1
@@ -523,7 +524,7 @@ async def test_a_status_with_no_task_call_on_its_way_is_not_remembered(registry:
     otherwise settle a later task that reuses the id (counter ids, a restarted upstream)."""
     d, settled, _ = registry
     get_stream(d, [FAILED])
-    assert len(d.ended) == 0 and d.awaiting == {}
+    assert len(d.ended) == 0 and len(d.awaiting) == 0
     call = task_call(d)
     assert await d.hold(Flow(), call, Decision(False, "result"))
     assert settled == []
@@ -632,7 +633,7 @@ async def test_an_upstream_naming_every_task_alike_keeps_one_held(registry: Any)
         assert await d.hold(Flow(), call, Decision(False, "result"))
     assert settled == [(call, Decision(True, "task_replaced")) for call in calls[:-1]]
     assert len(d.tasks) == 1 and sum(d.watched.values()) == 1 and len(d.by_task) == 1
-    assert d.awaiting == {} and len(d.ended) == 0
+    assert len(d.awaiting) == 0 and len(d.ended) == 0
     next(iter(d.tasks.values())).expires = time.monotonic() - 1
     d.expire()
     assert settled[-1] == (calls[-1], Decision(True, "task_expired"))
@@ -705,3 +706,81 @@ async def test_a_held_call_keeps_nothing_of_its_stream(registry: Any) -> None:
     finally:
         tracemalloc.stop()
     assert list(d.tasks) == [((5, "key-1", "s1"), "T")]  # still held
+
+
+# --- one consumer's share of the tables that remember statuses, awaited calls and asked results ------
+
+
+def task_on_its_way(d: deferred.Deferred, principal: str = "key-1", session: str = "s1") -> Any:
+    """A task-augmented call charged and forwarded, its CreateTaskResult not read yet."""
+    call = make_call(principal)
+    request = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "task": {}}}
+    d.on_request(call, body(request), "tools/call", session)
+    forward(d, call)
+    return call
+
+
+def created(d: deferred.Deferred, call: Any, task_id: str = "T") -> None:
+    d.watch_body(call, response({"jsonrpc": "2.0", "id": 1, "result": {"task": {"taskId": task_id,
+                                                                                 "status": "working"}}}))
+
+
+@pytest.fixture
+def small_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(deferred, "MAX_HELD", 4)
+    monkeypatch.setattr(deferred, "MAX_HELD_PER_USER", 2)
+
+
+@pytest.mark.usefixtures("small_tables")
+async def test_one_consumers_calls_on_their_way_do_not_crowd_out_anothers(registry: Any) -> None:
+    """Another consumer keeps task calls on their way in as many sessions as the table has room for. A
+    user's task then completes before its CreateTaskResult is held (the status on its GET stream, the
+    result fetched at once): not remembered, the task waited for its limit and was refunded as
+    task_expired, its result delivered free."""
+    d, settled, _ = registry
+    hostile = [task_on_its_way(d, principal="key-2", session=f"h{i}") for i in range(deferred.MAX_HELD)]
+    call = task_on_its_way(d)
+    created(d, call)
+    get_stream(d, [{**FAILED, "params": {"taskId": "T", "status": "completed"}}])
+    poll(d, "tasks/result", {"jsonrpc": "2.0", "id": 2, "result": {"content": []}})  # not held yet: settles nothing
+    assert await d.hold(Flow(), call, Decision(False, "result"))
+    assert settled == [(call, Decision(False, "task_completed"))]
+    assert len(d.awaiting) == deferred.MAX_HELD_PER_USER and len(hostile) == deferred.MAX_HELD
+
+
+@pytest.mark.usefixtures("small_tables")
+async def test_one_consumers_early_ends_do_not_evict_anothers(registry: Any) -> None:
+    """Another consumer, with a task call of its own on its way, has statuses of many tasks pass (its
+    own tasks, cancelled and so refunded, polled with tasks/get): they evicted the status of a user's
+    task that completed before its answer was held, which then waited for its limit and was refunded."""
+    d, settled, _ = registry
+    call = task_on_its_way(d)
+    created(d, call)
+    get_stream(d, [{**FAILED, "params": {"taskId": "T", "status": "completed"}}])
+    other = task_on_its_way(d, principal="key-2")
+    get_stream(d, [{**FAILED, "params": {"taskId": f"X{i}", "status": "cancelled"}}
+                   for i in range(deferred.MAX_HELD)], principal="key-2")
+    assert len(d.ended) == 1 + deferred.MAX_HELD_PER_USER and other  # the other consumer's newest only
+    assert await d.hold(Flow(), call, Decision(False, "result"))
+    assert settled == [(call, Decision(False, "task_completed"))]
+
+
+@pytest.mark.usefixtures("small_tables")
+async def test_one_consumers_asked_results_do_not_evict_anothers(registry: Any) -> None:
+    """Another consumer holds a task and sends tasks/result requests for it, which its upstream leaves
+    unanswered: they evicted a user's tasks/result request, whose answer, resumed on the session's GET
+    stream, then settled nothing (its task refunded at its limit, its result delivered free)."""
+    d, settled, _ = registry
+    call = task_call(d)
+    await d.hold(Flow(), call, Decision(False, "result"))
+    asking = make_call(priced=False)
+    d.on_request(asking, body({"jsonrpc": "2.0", "id": 7, "method": "tasks/result", "params": {"taskId": "T"}}),
+                 "tasks/result", "s1")
+    await d.hold(Flow(), task_call(d, principal="key-2", session="s9"), Decision(False, "result"))
+    for rpc_id in range(100, 100 + deferred.MAX_HELD):
+        d.on_request(make_call("key-2", priced=False),
+                     body({"jsonrpc": "2.0", "id": rpc_id, "method": "tasks/result", "params": {"taskId": "T"}}),
+                     "tasks/result", "s9")
+    get_stream(d, [{"jsonrpc": "2.0", "id": 7, "result": {"content": []}}])  # the user's answer, resumed
+    assert settled == [(call, Decision(False, "task_completed"))]
+
