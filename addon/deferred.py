@@ -626,10 +626,13 @@ class Deferred:
         held, facts.continues = facts.continues, None
         if facts.input_required and facts.state is not None and not decision.refund:
             # Another round: held under the new state, within the first round's limit (the journal's
-            # sweep counts from the charge, so every round of one call must come within it).
-            self._hold_round(state_key(facts.scope, facts.tool, facts.state), held)
-            return True
-        if facts.input_required and not decision.refund:
+            # sweep counts from the charge, so every round of one call must come within it). Its slot
+            # was freed when its retry took it, and may be taken since: held again only where a first
+            # hold would be, else settled now as such a hold is (billed, its answer delivered).
+            if self._room(held.call):
+                self._hold_round(state_key(facts.scope, facts.tool, facts.state), held)
+                return True
+        elif facts.input_required and not decision.refund:
             decision = Decision(False, "input_required")  # asks again with no state to tie a retry to
         self.settle(held.flow, held.call, decision)
         return True

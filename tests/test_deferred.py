@@ -784,3 +784,32 @@ async def test_one_consumers_asked_results_do_not_evict_anothers(registry: Any) 
     get_stream(d, [{"jsonrpc": "2.0", "id": 7, "result": {"content": []}}])  # the user's answer, resumed
     assert settled == [(call, Decision(False, "task_completed"))]
 
+
+async def test_a_round_held_again_keeps_to_the_consumers_share(registry: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round taken by its retry frees its consumer's slot, which the consumer's next call takes; the
+    retry's answer asking for input again held the round again past the share (and past MAX_HELD):
+    repeated, one consumer held any number of calls. Held again only where a first hold would be;
+    else it settles now, as a first hold past the limits does."""
+    d, settled, _ = registry
+    monkeypatch.setattr(deferred, "MAX_HELD_PER_USER", 1)
+    first = round_one(d)
+    assert await d.hold(Flow(), first, Decision(False, "result"))
+    second, continues = retry(d, "S1")
+    assert continues
+    other = round_one(d, state="B")
+    assert await d.hold(Flow(), other, Decision(False, "result"))  # the slot the retry freed
+    d.watch_body(second, response({"jsonrpc": "2.0", "id": 2,
+                                   "result": {"resultType": "input_required", "requestState": "S2"}}))
+    assert d.round_over(second, Decision(False, "result"))
+    assert settled == [(first, Decision(False, "result"))]
+    assert_counted(d, {1: 1})
+    monkeypatch.setattr(deferred, "MAX_HELD", 1)  # the same for the table's own bound
+    third, continues = retry(d, "B", principal="key-1")
+    assert continues
+    held = round_one(d, principal="key-2", state="C")
+    assert await d.hold(Flow(), held, Decision(False, "result"))
+    d.watch_body(third, response({"jsonrpc": "2.0", "id": 2,
+                                  "result": {"resultType": "input_required", "requestState": "S3"}}))
+    assert d.round_over(third, Decision(False, "result"))
+    assert settled[1:] == [(other, Decision(False, "result"))]
+    assert len(d.rounds) == 1
