@@ -523,7 +523,7 @@ class SqlStore:
         With `held`, settle the calls held open under that mark instead (refunded or billed, `reason`)."""
         cutoff = utc(time.time() - older_than_seconds)
         stale = await self._submit(lambda ledger: ledger.stale_calls(cutoff, limit, held))
-        done = 0
+        done, failed, first, stopped = 0, 0, "", False
         for request_id in stale:
             def settle(ledger: Ledger, rid: str = request_id) -> bool:
                 return ledger.settle_stale(rid, fee_bps, refund, reason)
@@ -533,8 +533,28 @@ class SqlStore:
             except Exception as e:
                 # One call that cannot be written (its listing deleted, say) is skipped, not the
                 # calls after it: they are listed oldest first, so it would stop every later sweep.
-                log.error("mcpmeter: cannot settle the stale call %s: %s", request_id, e)
+                # Both adapters report any database error as StoreUnavailable, that call's own too:
+                # the sweep stops only if the database does not answer a trivial transaction either
+                # (every later call would fail alike); what is left waits for the next sweep.
+                failed, first = failed + 1, first or f"{request_id}: {e}"
+                if isinstance(e, StoreUnavailable) and not await self._answers():
+                    stopped = True
+                    break
+        if stopped:
+            log.error("mcpmeter: sweep (%s) stopped, the database unavailable: %d of %d stale call(s) settled,"
+                      " the rest left for the next sweep (first error, %s)", reason, done, len(stale), first)
+        elif failed:
+            log.error("mcpmeter: sweep (%s): %d of %d stale call(s) cannot be settled, left for the next sweep"
+                      " (first error, %s)", reason, failed, len(stale), first)
         return done
+
+    async def _answers(self) -> bool:
+        """Whether the database runs a trivial transaction: down, or one call's own error?"""
+        try:
+            await self._submit(lambda ledger: ledger.balance(0))
+        except StoreUnavailable:
+            return False
+        return True
 
     async def hold(self, request_id: str, mark: str) -> bool:
         return await self._submit(lambda ledger: ledger.hold(request_id, mark))
