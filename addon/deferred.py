@@ -673,6 +673,7 @@ class Deferred:
         config, store = self.config(), self.store()
         if not self.unmarked or config is None or store is None:
             return
+        failed, first = 0, ""  # logged once a sweep: the database down, every mark fails alike
         for request_id, (call, mark) in list(self.unmarked.items()):
             if call.decided is not None:  # settled meanwhile by a later message
                 del self.unmarked[request_id]
@@ -680,7 +681,7 @@ class Deferred:
             try:
                 marked: bool | None = await store.hold(request_id, mark)
             except Exception as e:
-                log.warning("mcpmeter: could not mark %s as %s again: %s", request_id, mark, e)
+                failed, first = failed + 1, first or f"{request_id} as {mark}: {e}"
                 marked = None
             if marked or (marked is None and time.monotonic() + sweep_interval(config)
                           < call.started + config.stale_call_seconds):
@@ -689,6 +690,9 @@ class Deferred:
                 continue
             del self.unmarked[request_id]
             self._let_go(call)
+        if failed:
+            log.warning("mcpmeter: could not mark %d held call(s) again, retried at the next sweep unless let go"
+                        " (first error, %s)", failed, first)
 
     def _let_go(self, call: Any) -> None:
         """Settle a held call now, refunded, as the journal's ordinary sweep would (see mark_unmarked)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import time
 import tracemalloc
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ from addon import deferred
 from addon.billing import Decision
 from addon.errors import GatewayError
 from addon.jsonrpc import Outcome, PricedCall
+from addon.store import StoreUnavailable
 
 
 def test_request_facts() -> None:
@@ -813,3 +815,28 @@ async def test_a_round_held_again_keeps_to_the_consumers_share(registry: Any, mo
     assert d.round_over(third, Decision(False, "result"))
     assert settled[1:] == [(other, Decision(False, "result"))]
     assert len(d.rounds) == 1
+
+
+async def test_marks_that_cannot_land_at_a_sweep_are_logged_once(
+        registry: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The database down at a sweep: each held call whose mark is retried logged its own line (up to
+    MAX_HELD a sweep). One line says how many, and the first error; each is retried at the next."""
+    d, _, store = registry
+
+    async def down(request_id: str, mark: str) -> bool:
+        raise StoreUnavailable("sqlite: disk I/O error")
+
+    store.hold = down
+    calls = [round_one(d, state=f"S{i}") for i in range(5)]
+    for n, call in enumerate(calls):
+        call.request_id, call.decided = f"r-{n}", None
+        assert await d.hold(Flow(), call, Decision(False, "result"))
+    assert len(d.unmarked) == 5
+    d.config().stale_call_seconds = 3600.0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mcpmeter"):
+        await d.mark_unmarked()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    assert "5 held call(s)" in lines[0] and "disk I/O error" in lines[0]
+    assert len(d.unmarked) == 5  # not let go: the plain sweep cannot take them before the next
