@@ -276,7 +276,8 @@ class Deferred:
     by_task: dict[tuple[int, str], dict[Scope, int]] = field(default_factory=dict)
     watched: Counter[Scope] = field(default_factory=Counter)  # held tasks per scope: whose answers are read
     # The next three tables are bounded in all (MAX_HELD) and per consumer (MAX_HELD_PER_USER, by user
-    # id: shares.py): past its share a consumer's new entry evicts its own oldest, never another's.
+    # id: shares.py): at its share a consumer's new entry evicts its own oldest, not another's (only a
+    # table full of ten consumers' shares or more evicts its oldest of all).
     # Task-augmented calls charged, forwarded and not yet held, per scope: while there are some, a
     # terminal status of a task not held here may be theirs, and is remembered in `ended`. Removed at
     # settlement (every charged call reaches `holds`), or with the call. Evicted, a scope's calls are
