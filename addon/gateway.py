@@ -313,14 +313,14 @@ class Mcpmeter:
         if flow.response or flow.error or not flow.live:
             return
         call = Call(request_id=str(uuid.uuid4()))
-        credential, wrapped, key_in_url = _credentials.pop(flow) if flow in _credentials else _redact(flow)
+        credential, wrapped, exposed = _credentials.pop(flow) if flow in _credentials else _redact(flow)
         if dryrun.is_replay(flow):
             return await dryrun.answer(self, flow, call)  # never forwarded, charged or counted
         self.replays.remember(flow, credential)
-        if key_in_url:  # refused before anything is looked up: never forwarded, never used
+        if exposed:  # refused before anything is looked up: never forwarded, never used
             await self._refuse(flow, call, GatewayError("invalid_request", reason=(
-                "the query holds what looks like a gateway key (mcpm_...): send it only as "
-                "'Authorization: Bearer', never in the URL, and consider it exposed")))
+                f"{exposed} holds what looks like a gateway key (mcpm_...): send it only as "
+                "'Authorization: Bearer', never in the URL or another header, and consider it exposed")))
             return
         if self.stopping:  # draining for a stop: take no new money
             await self._refuse(flow, call, GatewayError("gateway_stopping", headers={"Retry-After": "1"}))
@@ -527,21 +527,24 @@ def _drop_upstream_fields(headers: http.Headers, call: Call) -> None:
 # requestheaders -> request: the consumer's credential and the values of the credentials it wraps for
 # the upstream (X-Forward-Authorization...), kept off the flow (flow.metadata is saved with it). Weak
 # keys: an entry goes with its flow, whichever way the flow ends.
-# ... and whether the query held a bearer key (redacted on the flow, so only this says so).
-_credentials: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[Credential | None, list[str], bool]] = (
+# ... and where the request showed a bearer key elsewhere (redacted on the flow, so only this says so).
+_credentials: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[Credential | None, list[str], str | None]] = (
     weakref.WeakKeyDictionary())
 
 
-def _redact(flow: http.HTTPFlow) -> tuple[Credential | None, list[str], bool]:
+def _redact(flow: http.HTTPFlow) -> tuple[Credential | None, list[str], str | None]:
     """Keep the consumer's credentials, and those it wraps for the upstream, out of the flow mitmweb
-    shows (from this hook on) and saves; return the bearer key, the wrapped values and whether a
-    key was in the query (replaced on the flow: the request is refused)."""
+    shows (from this hook on) and saves; return the bearer key, the wrapped values and where else the
+    request held a key, if it did (the URL, a header: replaced on the flow; the request is refused)."""
     credential = parse_authorization(flow.request.headers.get("authorization"))
     redaction.redact_credentials(flow.request.headers, credential.prefix if credential else None)
-    redacted = redaction.redact_query_key(flow.request.path)
+    in_headers = redaction.redact_header_keys(flow.request.headers)
+    redacted = redaction.redact_target_key(flow.request.path)
     if redacted is not None:
         flow.request.path = redacted
-    return credential, redaction.take_forwarded_credentials(flow.request.headers), redacted is not None
+    exposed = ("the URL" if redacted is not None else
+               f"the {in_headers[0][:64]} header" if in_headers else None)
+    return credential, redaction.take_forwarded_credentials(flow.request.headers), exposed
 
 
 _closing: set[asyncio.Task[None]] = set()  # tasks must be referenced until done

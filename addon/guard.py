@@ -27,7 +27,7 @@ from typing import Any
 from mitmproxy import http
 
 from .errors import ERRORS
-from .redaction import redact_credentials, redact_query_key, take_forwarded_credentials
+from .redaction import redact_credentials, redact_header_keys, redact_target_key, take_forwarded_credentials
 
 log = logging.getLogger("mcpmeter")
 
@@ -51,7 +51,8 @@ class CredentialRedactor:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         redact_credentials(flow.request.headers)
         take_forwarded_credentials(flow.request.headers)  # nothing is forwarded without a meter
-        if (redacted := redact_query_key(flow.request.path)) is not None:
+        redact_header_keys(flow.request.headers)
+        if (redacted := redact_target_key(flow.request.path)) is not None:
             flow.request.path = redacted
 
 

@@ -103,16 +103,39 @@ def drop_echoed_secrets(headers: Headers, secrets: Iterable[str]) -> list[str]:
     return [name.decode("utf-8", "surrogateescape") for name in dropped]
 
 
-def redact_query_key(path: str) -> str | None:
-    """`path` (a request target) with its query replaced by REDACTED when the query holds what looks like
-    a bearer key, raw or percent-encoded (`?key=mcpm_live_...`, `?access_token=mcpm%5Flive%5F...`);
-    None when it holds none. The request is then refused, and its flow keeps no key."""
-    route, _, query = path.partition("?")
-    if "mcpm" not in query and "%" not in query:
-        return None  # the common case: no key could be spelled here
-    if _KEY.search(query) is None and _KEY.search(unquote_plus(query, errors="replace")) is None:
+def holds_key(text: str) -> bool:
+    """Whether `text` holds what looks like a bearer key, raw or percent-encoded (`mcpm%5Flive%5F...`)."""
+    if "mcpm" not in text and "%" not in text:
+        return False  # the common case: no key could be spelled here
+    return _KEY.search(text) is not None or _KEY.search(unquote_plus(text, errors="replace")) is not None
+
+
+def redact_target_key(path: str) -> str | None:
+    """`path` (a request target) with the part holding what looks like a bearer key replaced by REDACTED:
+    the query (`?key=mcpm_live_...`, `?access_token=mcpm%5Flive%5F...`), the path itself
+    (`/slug/mcpm_live_...`), or both; None when it holds none. The request is then refused, and its
+    flow keeps no key."""
+    route, mark, query = path.partition("?")
+    in_route, in_query = holds_key(route), holds_key(query)
+    if not (in_route or in_query):
         return None
-    return f"{route}?{REDACTED}"
+    return (f"/{REDACTED}" if in_route else route) + (f"?{REDACTED}" if in_query else mark + query)
+
+
+def redact_header_keys(headers: Headers) -> list[str]:
+    """Replace the value of every field holding what looks like a bearer key with REDACTED; return their
+    names. The credential headers are left to `redact_credentials` (Authorization carries the key, and
+    none is forwarded), the wrapped ones to `take_forwarded_credentials` (a consumer's credential for an
+    upstream, which may be another gateway's key on purpose). Any other header is forwarded as it is: a
+    key there (`X-Api-Key: mcpm_live_...`) would reach the publisher, so the request is refused."""
+    fields = headers.fields
+    found = [name for name, value in fields if name.lower() not in _CREDENTIAL_NAMES
+             and name.lower() not in _FORWARDED_NAMES and (b"mcpm" in value or b"%" in value)
+             and holds_key(value.decode("utf-8", "surrogateescape"))]
+    if found:
+        names = set(found)
+        headers.fields = tuple((name, _REDACTED if name in names else value) for name, value in fields)
+    return [name.decode("utf-8", "surrogateescape") for name in found]
 
 
 def scrub_keys(text: str) -> str:

@@ -172,6 +172,46 @@ async def test_a_gateway_key_in_the_query_is_refused_and_kept_nowhere(
     assert gw.db.balance() == 1_000_000
 
 
+@pytest.mark.parametrize("path,headers", [
+    (f"/echo-test/{URL_KEY}", {}),  # in the path after the slug: forwarded upstream as it is
+    (f"/echo-test/sub/{URL_KEY.replace('_', '%5F')}?cursor=1", {}),  # percent-encoded
+    ("/echo-test", {"X-Api-Key": URL_KEY}),  # a header the gateway does not read: forwarded as it is
+    ("/echo-test", {"X-Trace": f"k={URL_KEY.replace('_', '%5f')}"}),
+], ids=["path", "path-encoded", "header", "header-encoded"])
+async def test_a_gateway_key_in_the_path_or_another_header_is_refused_and_kept_nowhere(
+        gw: Gw, caplog: pytest.LogCaptureFixture, path: str, headers: dict[str, str]) -> None:
+    """Everything but the credential headers goes upstream: a key anywhere else in the request would
+    reach the publisher, who could spend with it, and stay in the flow. Refused, and redacted from the
+    first hook on, as a key in the query is."""
+    flow = make_flow(path, headers=headers)
+    gw.addon.requestheaders(flow)
+    assert URL_KEY[10:] not in repr(flow.request.get_state())
+    await gw.addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 400 and not forwarded(flow)
+    assert refusal(flow.response)["error"] == "invalid_request"
+    assert "gateway key" in refusal(flow.response)["reason"]
+    assert_no_secret(flow, caplog, URL_KEY, URL_KEY[10:])
+    assert gw.db.balance() == 1_000_000
+
+
+async def test_a_wrapped_credential_that_is_a_gateway_key_still_goes_upstream(gw: Gw) -> None:
+    """X-Forward-Authorization carries the consumer's own credential for the upstream, which may be
+    another gateway (a listing in front of a metered server): its key goes there on purpose."""
+    flow = make_flow(headers={"X-Forward-Authorization": f"Bearer {URL_KEY}"})
+    gw.addon.requestheaders(flow)
+    assert URL_KEY not in repr(flow.request.get_state())
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+
+
+def test_the_guards_redactor_takes_a_key_from_the_path_and_headers() -> None:
+    """While no meter is loaded the guard refuses everything; its redactor still keeps keys off flows."""
+    from addon.guard import CredentialRedactor
+    flow = make_flow(f"/echo-test/{URL_KEY}", headers={"X-Api-Key": URL_KEY})
+    CredentialRedactor().requestheaders(flow)
+    assert URL_KEY[10:] not in repr(flow.request.get_state())
+
+
 async def test_a_query_that_only_mentions_the_key_prefix_passes(gw: Gw) -> None:
     flow = make_flow("/echo-test?q=mcpm_live_&r=mcpm%2Dlive%2Dx")
     await gw.addon.request(flow)
