@@ -15,8 +15,8 @@
 --
 -- Do not load this file into a database the reference already created: point the gateway at it
 -- instead. At start it adds whatever of the above is missing (addon/store/mysql.py, ADDITIONS),
--- in place, touching no existing row. It also creates the stored procedures mcpmeter_charge_v2 (the
--- charge in one CALL, addon/store/mysql_trip.py CHARGE_DDL), mcpmeter_charge_batch_v2 (the same
+-- in place, touching no existing row. It also creates the stored procedures mcpmeter_charge_v3 (the
+-- charge in one CALL, addon/store/mysql_trip.py CHARGE_DDL), mcpmeter_charge_batch_v3 (the same
 -- without its COMMIT, for charges that share a transaction) and mcpmeter_settle_v1 (a settlement in
 -- one CALL, SETTLE_DDL) in either case: its MySQL user needs CREATE ROUTINE the first time (and when
 -- a new version brings new procedures), and EXECUTE.

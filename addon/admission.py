@@ -11,6 +11,7 @@ Any refusal is raised as a GatewayError for the request hook to answer.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
@@ -251,14 +252,18 @@ class Admission:
         call.charge = ChargeRequest(
             request_id=call.request_id, user_id=consumer.user_id, project_id=consumer.project_id,
             listing_id=listing.id, tool_name=priced.tool_name, price=price,
-            free_allowance=listing.free_calls_per_consumer, period=billing.period(call.called_at),
+            # The store's clock decides the month (the database's on MySQL, shared by every gateway).
+            free_allowance=listing.free_calls_per_consumer, period=None,
         )
         if shadow.applies(gw.config, listing):  # record what it would cost; charge nothing
             call.charge = await shadow.charge_request(gw.store, flow, call.charge)
         call.store = gw.store  # settled against this store, even if a reload replaces it meanwhile
         result = await gw.store.charge(call.charge)
+        # The settlement counts in the month the charge counted in (every store names it; this
+        # gateway's own month only were one not to).
+        call.charge = replace(call.charge, period=result.period or billing.period(call.called_at))
         if result.verdict is Verdict.FREE:  # tools/list shows this gateway's own claims at once
-            gw.free_used.pop((listing.id, consumer.user_id, call.charge.period), None)
+            gw.free_used.pop((listing.id, consumer.user_id, call.charge.month), None)
         call.balance = result.balance
         flow.metadata[META].update(tool=priced.tool_name, price=price)
         if not result.accepted:

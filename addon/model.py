@@ -104,7 +104,16 @@ class ChargeRequest:
     tool_name: str
     price: int  # µ¢; 0 records the call without charging it
     free_allowance: int  # the listing's monthly free calls per consumer
-    period: str  # 'YYYY-MM' (UTC) the free tier and the cap count in
+    # 'YYYY-MM' (UTC) the free tier and the cap count in. None: the store's clock decides (the
+    # database's on MySQL, shared by every gateway), and the charge's result says which month.
+    period: str | None
+
+    @property
+    def month(self) -> str:
+        """The period the charge counted in, which its settlement counts in too."""
+        if self.period is None:
+            raise ValueError(f"call {self.request_id}: no period (settled before its charge decided one)")
+        return self.period
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +121,8 @@ class ChargeResult:
     verdict: Verdict
     amount: int  # µ¢ actually debited (0 when free or refused)
     balance: int  # the consumer's balance after the transaction
+    # The month the charge counted in ('YYYY-MM'): the request's, or the one the store's clock decided.
+    period: str | None = field(default=None, compare=False)
 
     @property
     def accepted(self) -> bool:

@@ -249,7 +249,7 @@ class Settlements:
                 await asyncio.sleep(0.05 * 2**attempt)
         call.refunded = decided.refund
         if decided.refund and call.charged.verdict is Verdict.FREE:  # the slot came back
-            gw.free_used.pop((call.listing.id, call.consumer.user_id, call.charge.period), None)
+            gw.free_used.pop((call.listing.id, call.consumer.user_id, call.charge.month), None)
         answers.annotate(flow, call, decided, status, gw.results)
 
     # --- Idempotency-Key outcomes (addon/idempotency.py) ------------------------------------

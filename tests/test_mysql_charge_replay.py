@@ -289,9 +289,9 @@ def test_an_older_gateways_procedures_stay_in_place() -> None:
     """The procedure changed, so it has a new name: a gateway of the previous version, still running
     against the same database, keeps calling its own, which the new gateway's start leaves alone."""
     with scratch_database(SCHEMA) as settings, contextlib.closing(Db(settings)) as db:
-        db.execute("CREATE PROCEDURE mcpmeter_charge_v1() SELECT 'v1'")  # a stand-in for the old one
+        db.execute("CREATE PROCEDURE mcpmeter_charge_v2() SELECT 'old'")  # a stand-in for the old one
         MysqlStore(Config(store="mysql", mysql=settings)).close()
-        assert db.rows("SELECT ROUTINE_NAME, ROUTINE_DEFINITION LIKE '%%''v1''%%' FROM information_schema.ROUTINES"
+        assert db.rows("SELECT ROUTINE_NAME, ROUTINE_DEFINITION LIKE '%%''old''%%' FROM information_schema.ROUTINES"
                        " WHERE ROUTINE_SCHEMA = DATABASE() ORDER BY ROUTINE_NAME") == [
-            ("mcpmeter_charge_batch_v2", 0), ("mcpmeter_charge_v1", 1), ("mcpmeter_charge_v2", 0),
+            ("mcpmeter_charge_batch_v3", 0), ("mcpmeter_charge_v2", 1), ("mcpmeter_charge_v3", 0),
             ("mcpmeter_settle_v1", 0)]

@@ -58,7 +58,10 @@ class Store(Protocol):
         """What `charge` would decide now, without writing anything (shadow mode, dry runs)."""
 
     async def charge(self, request: ChargeRequest) -> ChargeResult:
-        """Claim a free-tier slot or debit the price (with its ledger row) in one transaction."""
+        """Claim a free-tier slot or debit the price (with its ledger row) in one transaction.
+
+        A request without a period counts in this month by the store's clock (the database's where
+        gateways share one); the result names the month either way, for the settlement."""
 
     async def settle(self, settlement: Settlement) -> int | None:
         """Record the call and refund it if told to, exactly once per request id; returns the balance
@@ -75,7 +78,9 @@ class Store(Protocol):
     async def sweep(self, older_than_seconds: float, fee_bps: int, limit: int = 100, held: str | None = None,
                     refund: bool = True, reason: str = "swept") -> int:
         """Refund priced calls left unsettled (their gateway died mid-call); returns how many. With
-        `held`, settle the calls held open under that mark (see `hold`) older than the limit instead."""
+        `held`, settle the calls held open under that mark (see `hold`) older than the limit instead.
+        A call's age is by the clock its journal row was dated with (the database's where gateways
+        share one), so a gateway whose own clock is skewed sweeps no call another still runs."""
 
     async def hold(self, request_id: str, mark: str) -> bool:
         """Mark a call's unsettled journal row as held open until a later message settles it (a task,

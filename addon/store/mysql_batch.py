@@ -100,7 +100,7 @@ def _text(chosen: list[Settlement], now: str, last_used: LastUsed) -> tuple[str,
     for s in chosen:
         assert s.taken is not None
         if s.taken.amount > 0:
-            key = (s.charge.user_id, s.charge.listing_id, s.charge.period)
+            key = (s.charge.user_id, s.charge.listing_id, s.charge.month)
             counts[key] = counts.get(key, 0) + 1
     if counts:
         # One row per (listing, consumer, month), in (user, listing, month) order: the lock order.

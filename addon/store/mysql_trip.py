@@ -56,10 +56,15 @@ from .sql import COUNT_BILLABLE, MYSQL, USAGE_EVENTS_INSERT, LastUsed, usage_eve
 # so a charge run again after its COMMIT landed answers what it decided (v1 decided again), and compares
 # the spend with the cap in DECIMAL: v1's cap (BIGINT UNSIGNED cents) past 1.8e13 cents, times 1,000,000
 # in BIGINT arithmetic, failed every charge of its project ("BIGINT UNSIGNED value is out of range").
-CHARGE_PROCEDURE = "mcpmeter_charge_v2"
+# v3 takes its time from the database's clock, not the gateway's (p_now is gone), and its month too
+# when p_period is NULL, and answers the month it counted in: the journal's created_at is what the
+# sweeper compares with the database's clock (sql.py `stale_calls`), so a gateway whose clock runs
+# ahead no longer refunds calls other gateways are still running, nor does one behind date its calls
+# in the past for the others to refund.
+CHARGE_PROCEDURE = "mcpmeter_charge_v3"
 # The same charge without its COMMIT, for charges that queue up under load: many CALLs of it and one
 # COMMIT share a transaction and a round trip (charge_batch below).
-CHARGE_BATCH_PROCEDURE = "mcpmeter_charge_batch_v2"
+CHARGE_BATCH_PROCEDURE = "mcpmeter_charge_batch_v3"
 # Text parameters are only stored, never compared, except the period and the request id (the
 # gateway's UUIDs), whose repertoire is ASCII: a column of any utf8mb4 collation compares with them
 # in its own collation (a parameter declared with one collation breaks charges on tables made with
@@ -68,9 +73,13 @@ _VARCHAR = "VARCHAR({n}) CHARACTER SET utf8mb4"
 _CHARGE_TEMPLATE = f"""CREATE PROCEDURE `{{name}}`(
   IN p_request VARCHAR(64) CHARACTER SET ascii, IN p_user BIGINT UNSIGNED, IN p_project BIGINT UNSIGNED,
   IN p_listing BIGINT UNSIGNED, IN p_tool {_VARCHAR.format(n=191)}, IN p_price BIGINT, IN p_allowance BIGINT,
-  IN p_period VARCHAR(7) CHARACTER SET ascii, IN p_now DATETIME, IN p_description {_VARCHAR.format(n=255)})
+  IN p_period VARCHAR(7) CHARACTER SET ascii, IN p_description {_VARCHAR.format(n=255)})
   MODIFIES SQL DATA SQL SECURITY INVOKER
 BEGIN
+  -- The database's clock, shared by every gateway (theirs may be skewed), in UTC whatever the
+  -- session's time_zone; the month is the caller's when it names one (the gateway names none).
+  DECLARE v_now DATETIME DEFAULT UTC_TIMESTAMP();
+  DECLARE v_period VARCHAR(7) CHARACTER SET ascii DEFAULT COALESCE(p_period, DATE_FORMAT(v_now, '%Y-%m'));
   DECLARE v_verdict VARCHAR(20) DEFAULT '{Verdict.INSUFFICIENT_CREDIT.value}';
   DECLARE v_spend INT DEFAULT 0;
   DECLARE v_balance BIGINT DEFAULT NULL;
@@ -87,8 +96,10 @@ BEGIN
   -- run's writes wait on its locks and its ledger or journal INSERT fails as a duplicate once it
   -- commits (a 503; the sweeper refunds the first). A settled row (its call served or refunded
   -- already) or another user's is not answered: those INSERTs refuse the request id as a duplicate.
-  -- MAX(): one row even when none matches (no "No data" warning).
-  SELECT MAX(verdict), COALESCE(MAX(amount_micro_cents), 0) INTO v_replay, v_amount FROM mcpmeter_calls
+  -- MAX(): one row even when none matches (no "No data" warning). A replay answers the month the
+  -- first run counted in, which its settlement must count in too.
+  SELECT MAX(verdict), COALESCE(MAX(amount_micro_cents), 0), COALESCE(MAX(period_year_month), v_period)
+    INTO v_replay, v_amount, v_period FROM mcpmeter_calls
     WHERE request_id = p_request AND user_id = p_user AND settled_at IS NULL;
   IF v_replay IS NOT NULL THEN
     SET v_verdict = v_replay;
@@ -97,14 +108,14 @@ BEGIN
     SET v_verdict = '{Verdict.UNPRICED.value}';
   ELSEIF p_allowance > 0 THEN
     INSERT IGNORE INTO mcp_consumer_usage (mcp_id, user_id, free_calls_used, period_year_month, billable_calls,
-      first_called_at, created_at, updated_at) VALUES (p_listing, p_user, 0, p_period, 0, p_now, p_now, p_now);
+      first_called_at, created_at, updated_at) VALUES (p_listing, p_user, 0, v_period, 0, v_now, v_now, v_now);
     UPDATE mcp_consumer_usage SET
-      billable_calls = CASE WHEN period_year_month = p_period THEN billable_calls ELSE 0 END,
-      free_calls_used = CASE WHEN period_year_month = p_period THEN free_calls_used ELSE 0 END + 1,
-      period_year_month = p_period, last_called_at = p_now, updated_at = p_now
+      billable_calls = CASE WHEN period_year_month = v_period THEN billable_calls ELSE 0 END,
+      free_calls_used = CASE WHEN period_year_month = v_period THEN free_calls_used ELSE 0 END + 1,
+      period_year_month = v_period, last_called_at = v_now, updated_at = v_now
       WHERE mcp_id = p_listing AND user_id = p_user
-      AND (period_year_month IS NULL OR period_year_month < p_period
-           OR (period_year_month = p_period AND free_calls_used < p_allowance));
+      AND (period_year_month IS NULL OR period_year_month < v_period
+           OR (period_year_month = v_period AND free_calls_used < p_allowance));
     IF ROW_COUNT() = 1 THEN
       SET v_verdict = '{Verdict.FREE.value}';
     END IF;
@@ -114,27 +125,27 @@ BEGIN
       WHERE id = p_user AND credit_micro_cents >= p_price;
     IF ROW_COUNT() = 1 THEN
       INSERT INTO mcpmeter_project_spend (project_id, period_year_month, spent_micro_cents)
-        VALUES (p_project, p_period, p_price)
+        VALUES (p_project, v_period, p_price)
         ON DUPLICATE KEY UPDATE spent_micro_cents = spent_micro_cents + VALUES(spent_micro_cents);
       SET v_spend = ROW_COUNT();  -- 1: this call made the month's row, 2: it updated it
       IF EXISTS (SELECT 1 FROM projects p JOIN mcpmeter_project_spend s
-                   ON s.project_id = p.id AND s.period_year_month = p_period
+                   ON s.project_id = p.id AND s.period_year_month = v_period
                  WHERE p.id = p_project AND p.spending_cap_cents_per_month IS NOT NULL
                    AND s.spent_micro_cents
                        > CAST(p.spending_cap_cents_per_month AS DECIMAL(20, 0)) * {MICRO_CENTS_PER_CENT}) THEN
         UPDATE users SET credit_micro_cents = credit_micro_cents + p_price WHERE id = p_user;
         IF v_spend = 1 THEN
-          DELETE FROM mcpmeter_project_spend WHERE project_id = p_project AND period_year_month = p_period;
+          DELETE FROM mcpmeter_project_spend WHERE project_id = p_project AND period_year_month = v_period;
         ELSE
           UPDATE mcpmeter_project_spend SET spent_micro_cents = spent_micro_cents - p_price
-            WHERE project_id = p_project AND period_year_month = p_period;
+            WHERE project_id = p_project AND period_year_month = v_period;
         END IF;
         SET v_verdict = '{Verdict.PROJECT_CAP_EXCEEDED.value}';
       ELSE
         SELECT credit_micro_cents INTO v_balance FROM users WHERE id = p_user;
         INSERT INTO credit_transactions (user_id, amount_micro_cents, type, reference_type,
           balance_after_micro_cents, description, request_id, created_at, updated_at)
-          VALUES (p_user, -p_price, 'usage', 'mcpmeter_call', v_balance, p_description, p_request, p_now, p_now);
+          VALUES (p_user, -p_price, 'usage', 'mcpmeter_call', v_balance, p_description, p_request, v_now, v_now);
         SET v_verdict = '{Verdict.DEBITED.value}', v_amount = p_price;
       END IF;
     END IF;
@@ -143,14 +154,14 @@ BEGIN
      AND v_verdict IN ('{Verdict.FREE.value}', '{Verdict.DEBITED.value}', '{Verdict.UNPRICED.value}') THEN
     INSERT INTO mcpmeter_calls (request_id, user_id, project_id, mcp_id, tool_name, verdict,
       amount_micro_cents, period_year_month, created_at)
-      VALUES (p_request, p_user, p_project, p_listing, p_tool, v_verdict, v_amount, p_period, p_now);
+      VALUES (p_request, p_user, p_project, p_listing, p_tool, v_verdict, v_amount, v_period, v_now);
   END IF;
   IF v_balance IS NULL THEN
     -- A SET's subquery reads under a shared lock: the latest balance (the one a refusal was decided
     -- on), not the snapshot of the journal read above, which may predate a lock wait.
     SET v_balance = COALESCE((SELECT credit_micro_cents FROM users WHERE id = p_user), 0);
   END IF;
-  SELECT v_verdict, v_balance, v_amount;
+  SELECT v_verdict, v_balance, v_amount, v_period;
   {{commit}}
 END"""
 CHARGE_DDL = _CHARGE_TEMPLATE.format(name=CHARGE_PROCEDURE, commit="COMMIT;")
@@ -234,23 +245,27 @@ BEGIN
   COMMIT;
 END"""
 PROCEDURES = {CHARGE_PROCEDURE: CHARGE_DDL, CHARGE_BATCH_PROCEDURE: CHARGE_BATCH_DDL, SETTLE_PROCEDURE: SETTLE_DDL}
-_CALL_ARGS = "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+_CALL_ARGS = "(%s, %s, %s, %s, %s, %s, %s, %s, %s)"
 
 
-def _charge_args(req: ChargeRequest, now: str) -> tuple[Any, ...]:
+def _charge_args(req: ChargeRequest) -> tuple[Any, ...]:
     return (req.request_id, req.user_id, req.project_id, req.listing_id, req.tool_name[:191], max(req.price, 0),
-            req.free_allowance, req.period, now, f"{req.tool_name} on mcp {req.listing_id}"[:255])
+            req.free_allowance, req.period, f"{req.tool_name} on mcp {req.listing_id}"[:255])
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else bytes(value).decode()
 
 
 def _outcome(row: Any) -> ChargeResult:
-    """The procedure's answer: the verdict, the balance, and the amount debited (the journal's)."""
-    verdict = Verdict(row[0] if isinstance(row[0], str) else bytes(row[0]).decode())
-    return ChargeResult(verdict, int(row[2]), int(row[1]))
+    """The procedure's answer: the verdict, the balance, the amount debited (the journal's) and the
+    month the charge counted in."""
+    return ChargeResult(Verdict(_text(row[0])), int(row[2]), int(row[1]), _text(row[3]))
 
 
 async def charge(conn: Any, req: ChargeRequest) -> ChargeResult:
     """Ledger.charge in one round trip (a CALL); the transaction is committed (a refusal wrote nothing)."""
-    _, row = await one_trip(conn, f"CALL `{CHARGE_PROCEDURE}`{_CALL_ARGS}", _charge_args(req, utc()))
+    _, row = await one_trip(conn, f"CALL `{CHARGE_PROCEDURE}`{_CALL_ARGS}", _charge_args(req))
     if row is None:
         raise RuntimeError("mysql: the charge procedure returned no outcome")
     return _outcome(row)
@@ -283,10 +298,9 @@ async def charge_batch(conn: Any, reqs: Sequence[ChargeRequest], order: Sequence
     batch's earlier debits; a refusal undoes its own writes in SQL, so one COMMIT ends them all. A
     failing statement (a duplicate request id, a deadlock) stops the text before the COMMIT: the
     caller rolls the whole batch back. Returns the outcomes in `reqs`' order."""
-    now = utc()
     args: list[Any] = []
     for i in order:
-        args += _charge_args(reqs[i], now)
+        args += _charge_args(reqs[i])
     cur = await conn.cursor()
     await cur.execute(";".join([f"CALL `{CHARGE_BATCH_PROCEDURE}`{_CALL_ARGS}"] * len(order) + ["COMMIT"]), args)
     rows = await selected(cur)
@@ -310,7 +324,7 @@ async def settle(conn: Any, s: Settlement, last_used: LastUsed) -> tuple[bool, i
     stamp_key = s.key_id if s.key_id is not None and last_used.due("api_keys", s.key_id) else None
     stamp_token = (s.token_id if stamp_key is None and s.token_id is not None
                    and last_used.due("oauth_access_tokens", s.token_id) else None)
-    args = (req.request_id, req.user_id, req.project_id, req.listing_id, req.period, now, int(s.refund), s.status,
+    args = (req.request_id, req.user_id, req.project_id, req.listing_id, req.month, now, int(s.refund), s.status,
             reason, taken.verdict.value, taken.amount,
             (f"refund: {req.tool_name} on mcp {req.listing_id}" + (f" ({reason})" if reason else ""))[:255],
             stamp_key, stamp_token, int(s.need_balance),

@@ -15,8 +15,10 @@ Money rules kept here (SPEC I1-I4):
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..auth import Credential
-from ..billing import split
+from ..billing import period as this_month, split
 from ..forwarding import header_problem
 from ..model import (
     MAX_MICRO_CENTS,
@@ -59,6 +61,10 @@ class Dialect:
 
     on_duplicate: str  # how an upsert starts its UPDATE part; {key} names the unique key's columns
     new_value: str  # how that UPDATE part names the value the INSERT proposed; {col} is the column
+    # The database's UTC time, where gateways share the database (MySQL): their own clocks may be
+    # skewed, and a gateway ahead would sweep, i.e. refund, calls another is still running. None where
+    # one process owns the database (SQLite): its own clock is the only one.
+    clock: str | None = None
 
     def sql(self, statement: str) -> str:
         statement = statement.replace("INSERT IGNORE", self.insert_ignore)
@@ -74,11 +80,21 @@ class Dialect:
         return f"{insert} {self.on_duplicate.format(key=key)} " + re.sub(
             r"NEW\((\w+)\)", lambda m: self.new_value.format(col=m.group(1)), sets)
 
+    def ago(self, seconds: float) -> tuple[str, Any]:
+        """A placeholder (or an expression with one) and its value: the time `seconds` ago, by the
+        database's clock where it has one for us, else by this process's."""
+        if self.clock is None:
+            return "%s", utc(time.time() - seconds)
+        # Whole seconds, rounded up (the columns hold whole seconds): never earlier than asked.
+        return f"{self.clock} - INTERVAL %s SECOND", math.ceil(seconds)
+
 
 T = TypeVar("T")
 log = logging.getLogger("mcpmeter")
 
-MYSQL = Dialect("%s", "INSERT IGNORE", "ON DUPLICATE KEY UPDATE", "VALUES({col})")
+# UTC_TIMESTAMP(), not NOW(): UTC whatever the session's time_zone (ours is '+00:00', mysql_conn.py,
+# so the TIMESTAMP columns read and write UTC too).
+MYSQL = Dialect("%s", "INSERT IGNORE", "ON DUPLICATE KEY UPDATE", "VALUES({col})", "UTC_TIMESTAMP()")
 SQLITE = Dialect("?", "INSERT OR IGNORE", "ON CONFLICT ({key}) DO UPDATE SET", "excluded.{col}")
 
 
@@ -247,12 +263,22 @@ class Ledger:
     def user_exists(self, user_id: int) -> bool:
         return self._one("SELECT id FROM users WHERE id = %s", (user_id,)) is not None
 
+    def with_period(self, req: ChargeRequest) -> ChargeRequest:
+        """`req` with its month: the one it names, else this month by the database's clock where it
+        has one for us (see Dialect.clock), else by this process's."""
+        if req.period is not None:
+            return req
+        if self.d.clock is None:
+            return dataclasses.replace(req, period=this_month())
+        return dataclasses.replace(req, period=str(self._one(f"SELECT DATE_FORMAT({self.d.clock}, '%%Y-%%m')")[0]))
+
     def preview(self, req: ChargeRequest) -> Preview:
         """What `charge` would decide now, read without writing anything."""
-        free_used = self.free_calls_used(req.listing_id, req.user_id, req.period)
+        req = self.with_period(req)
+        free_used = self.free_calls_used(req.listing_id, req.user_id, req.month)
         cap = self._one("SELECT spending_cap_cents_per_month FROM projects WHERE id = %s", (req.project_id,))
         spent = self._one("SELECT spent_micro_cents FROM mcpmeter_project_spend"
-                          " WHERE project_id = %s AND period_year_month = %s", (req.project_id, req.period))
+                          " WHERE project_id = %s AND period_year_month = %s", (req.project_id, req.month))
         return preview_decision(req, free_used, self.balance(req.user_id),
                                 None if cap is None or cap[0] is None else int(cap[0]), int(spent[0]) if spent else 0)
 
@@ -267,35 +293,39 @@ class Ledger:
     # --- money ---------------------------------------------------------------------------
 
     def charge(self, req: ChargeRequest) -> ChargeResult:
-        """Inside a transaction: pay for one call. Returns the verdict; refusals must be rolled back."""
-        now, price = utc(), req.price
+        """Inside a transaction: pay for one call. Returns the verdict; refusals must be rolled back.
+
+        Its times are this process's clock: the SQLite store's charge (one gateway). The MySQL store
+        charges through mysql_trip.py, whose times and month are the database's."""
+        req = self.with_period(req)
+        now, price, month = utc(), req.price, req.month
         if price <= 0:
             self._journal(req, Verdict.UNPRICED, 0, now)
-            return ChargeResult(Verdict.UNPRICED, 0, self.balance(req.user_id))
+            return ChargeResult(Verdict.UNPRICED, 0, self.balance(req.user_id), month)
         if req.free_allowance > 0 and self._claim_free(req, now):
             self._journal(req, Verdict.FREE, 0, now)
-            return ChargeResult(Verdict.FREE, 0, self.balance(req.user_id))
+            return ChargeResult(Verdict.FREE, 0, self.balance(req.user_id), month)
         debited = self._q(
             "UPDATE users SET credit_micro_cents = credit_micro_cents - %s"
             " WHERE id = %s AND credit_micro_cents >= %s",
             (price, req.user_id, price),
         ).rowcount
         if debited != 1:
-            return ChargeResult(Verdict.INSUFFICIENT_CREDIT, 0, self.balance(req.user_id))
-        self._add_spend(req.project_id, req.period, price)
+            return ChargeResult(Verdict.INSUFFICIENT_CREDIT, 0, self.balance(req.user_id), month)
+        self._add_spend(req.project_id, month, price)
         balance, cap, spent = self._one(
             "SELECT u.credit_micro_cents, p.spending_cap_cents_per_month, s.spent_micro_cents FROM users u"
             " JOIN projects p ON p.id = %s"
             " JOIN mcpmeter_project_spend s ON s.project_id = p.id AND s.period_year_month = %s WHERE u.id = %s",
-            (req.project_id, req.period, req.user_id),
+            (req.project_id, month, req.user_id),
         ) or (self.balance(req.user_id), None, 0)
         if cap is not None and int(spent) > int(cap) * MICRO_CENTS_PER_CENT:
-            return ChargeResult(Verdict.PROJECT_CAP_EXCEEDED, 0, int(balance) + price)  # caller rolls back
+            return ChargeResult(Verdict.PROJECT_CAP_EXCEEDED, 0, int(balance) + price, month)  # caller rolls back
         balance = int(balance)
         self._ledger_row(req.user_id, -price, "usage", balance, req.request_id,
                          f"{req.tool_name} on mcp {req.listing_id}", now)
         self._journal(req, Verdict.DEBITED, price, now)
-        return ChargeResult(Verdict.DEBITED, price, balance)
+        return ChargeResult(Verdict.DEBITED, price, balance, month)
 
     def settle(self, s: Settlement) -> int | None:
         """Inside a transaction: record the call, refund if due. Idempotent by request id.
@@ -327,12 +357,12 @@ class Ledger:
                 self._ledger_row(req.user_id, amount, "refund", self.balance(req.user_id), req.request_id,
                                  f"refund: {req.tool_name} on mcp {req.listing_id}"
                                  + (f" ({reason})" if reason else ""), now)
-            self._add_spend(req.project_id, req.period, -amount)
+            self._add_spend(req.project_id, req.month, -amount)
         elif s.refund and verdict is Verdict.FREE:
             self._q(
                 "UPDATE mcp_consumer_usage SET free_calls_used = free_calls_used - 1, updated_at = %s"
                 " WHERE mcp_id = %s AND user_id = %s AND period_year_month = %s AND free_calls_used > 0",
-                (now, req.listing_id, req.user_id, req.period),
+                (now, req.listing_id, req.user_id, req.month),
             )
         if billed > 0:
             self._count_billable(req, now)
@@ -384,7 +414,7 @@ class Ledger:
         self._q(self.d.upsert(
             "INSERT INTO mcp_consumer_usage (mcp_id, user_id, free_calls_used, period_year_month, billable_calls,"
             " first_called_at, last_called_at, created_at, updated_at) VALUES (%s, %s, 0, %s, 1, %s, %s, %s, %s)",
-            "mcp_id, user_id", COUNT_BILLABLE), (req.listing_id, req.user_id, req.period, now, now, now, now))
+            "mcp_id, user_id", COUNT_BILLABLE), (req.listing_id, req.user_id, req.month, now, now, now, now))
 
     def _add_spend(self, project_id: int, period: str, amount: int) -> None:
         """Move the project's spend this month (the cap is checked by the caller, in the same transaction)."""
@@ -404,12 +434,14 @@ class Ledger:
              request_id, now, now),
         )
 
-    def stale_calls(self, cutoff: str, limit: int, held: str | None = None) -> list[str]:
-        """Calls paid for before `cutoff` and never settled: their gateway stopped mid-call. Calls
-        held open on purpose (`hold`: a task, an input_required round) are left to their own
-        limit: `held` names the mark to sweep instead."""
+    def stale_calls(self, older_than_seconds: float, limit: int, held: str | None = None) -> list[str]:
+        """Calls paid for over `older_than_seconds` ago and never settled: their gateway stopped
+        mid-call. Calls held open on purpose (`hold`: a task, an input_required round) are left to
+        their own limit: `held` names the mark to sweep instead. The age is the database's where
+        it has a clock for us (Dialect.clock), as the journal's created_at is."""
+        before, cutoff = self.d.ago(older_than_seconds)
         mark = "reason = %s" if held else "(reason IS NULL OR reason NOT IN (%s, %s))"
-        rows = self._q("SELECT request_id FROM mcpmeter_calls WHERE settled_at IS NULL AND created_at < %s"
+        rows = self._q(f"SELECT request_id FROM mcpmeter_calls WHERE settled_at IS NULL AND created_at < {before}"
                        f" AND {mark} ORDER BY created_at LIMIT %s",
                        (cutoff, *((held,) if held else HELD), limit)).fetchall()
         return [str(r[0]) for r in rows]
@@ -521,8 +553,7 @@ class SqlStore:
                     refund: bool = True, reason: str = SWEPT) -> int:
         """Refund calls left unsettled for longer than any call may run; one transaction each.
         With `held`, settle the calls held open under that mark instead (refunded or billed, `reason`)."""
-        cutoff = utc(time.time() - older_than_seconds)
-        stale = await self._submit(lambda ledger: ledger.stale_calls(cutoff, limit, held))
+        stale = await self._submit(lambda ledger: ledger.stale_calls(older_than_seconds, limit, held))
         done, failed, first, stopped = 0, 0, "", False
         for request_id in stale:
             def settle(ledger: Ledger, rid: str = request_id) -> bool:
