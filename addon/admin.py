@@ -16,7 +16,6 @@ import math
 import re
 import secrets
 import string
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -325,16 +324,19 @@ class Admin:
                 "adds_up": totals["gross_micro_cents"] == int(billed)
                 and totals["fee_micro_cents"] + totals["payout_micro_cents"] == int(billed)}
 
-    def reconcile(self, now: float | None = None) -> list[Check]:
-        """Every money invariant the README states, checked against the database; each lists its discrepancies."""
+    def reconcile(self) -> list[Check]:
+        """Every money invariant the README states, checked against the database; each lists its discrepancies.
+
+        Ages are the sweeper's: by the database's clock on MySQL (this host's may be skewed)."""
         stale_limit = self.config.stale_call_seconds + sweep_interval(self.config)
-        cutoff = utc((time.time() if now is None else now) - stale_limit)
-        held_limits = [(mark, utc((time.time() if now is None else now) - seconds - 60 - sweep_interval(self.config)))
-                       for mark, seconds in zip(HELD, (self.config.task_settle_seconds,
-                                                       self.config.round_settle_seconds), strict=True)]
+        held_ages = [(mark, seconds + 60 + sweep_interval(self.config))
+                     for mark, seconds in zip(HELD, (self.config.task_settle_seconds,
+                                                     self.config.round_settle_seconds), strict=True)]
 
         def run(ledger: Ledger) -> list[Check]:
             q = ledger._q
+            before, cutoff = ledger.d.ago(stale_limit)
+            held = [(mark, *ledger.d.ago(age)) for mark, age in held_ages]
             checks = [
                 Check("I1", "balance == opening (0) + the sum of the user's ledger rows", [
                     f"user {u} ({e}): balance {int(b)} µ¢, ledger sums to {int(s)} µ¢"
@@ -383,15 +385,16 @@ class Admin:
                     f"call {r}: {v} {int(a)} µ¢ at {_stamp(c)}, never settled (is any gateway running?)"
                     for r, v, a, c in q(
                         "SELECT request_id, verdict, amount_micro_cents, created_at FROM mcpmeter_calls"
-                        " WHERE settled_at IS NULL AND created_at < %s AND (reason IS NULL OR reason NOT IN (%s, %s))"
-                        " ORDER BY created_at", (cutoff, *HELD)).fetchall()]),
+                        f" WHERE settled_at IS NULL AND created_at < {before}"
+                        " AND (reason IS NULL OR reason NOT IN (%s, %s)) ORDER BY created_at",
+                        (cutoff, *HELD)).fetchall()]),
                 Check("held", "no task or input_required round held past its own limit + one sweep "
                               "(task_settle_seconds, round_settle_seconds)", [
                     f"call {r}: {m} since {_stamp(c)}, never settled (is any gateway running?)"
-                    for mark, limit in held_limits for r, m, c in q(
+                    for mark, held_before, limit in held for r, m, c in q(
                         "SELECT request_id, reason, created_at FROM mcpmeter_calls"
-                        " WHERE settled_at IS NULL AND reason = %s AND created_at < %s ORDER BY created_at",
-                        (mark, limit)).fetchall()]),
+                        f" WHERE settled_at IS NULL AND reason = %s AND created_at < {held_before}"
+                        " ORDER BY created_at", (mark, limit)).fetchall()]),
             ]
             return checks
 

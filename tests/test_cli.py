@@ -383,6 +383,27 @@ def test_reconcile_leaves_held_tasks_to_their_own_limit(run: Run, backend: Backe
     assert js(run, "reconcile")["ok"] is True
 
 
+def test_reconcile_ages_calls_by_the_database_clock(run: Run, backend: Backend,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """On MySQL a call's age is the database's, as the sweeper's is: a host whose clock runs an hour
+    ahead does not report a call charged a moment ago as never settled."""
+    if backend.kind != "mysql":
+        pytest.skip("the embedded store has one clock, its process's")
+    user = js(run, "key", "create", "--email", f"c-{uuid.uuid4().hex[:8]}@example.test", "--credit", "100")
+    fresh = f"fresh-{uuid.uuid4().hex}"
+    backend.execute("INSERT INTO mcpmeter_calls (request_id, user_id, project_id, mcp_id, tool_name, verdict,"
+                    " amount_micro_cents, period_year_month, created_at)"
+                    " VALUES (%s, %s, %s, 1, 't', 'unpriced', 0, '2026-01', UTC_TIMESTAMP())",
+                    (fresh, user["user_id"], user["project_id"]))
+    real, ahead = time.time, [3600.0]
+    monkeypatch.setattr(time, "time", lambda: real() + ahead[0])
+    try:
+        assert js(run, "reconcile")["ok"] is True
+    finally:
+        ahead[0] = 0.0
+        backend.execute("DELETE FROM mcpmeter_calls WHERE request_id = %s", (fresh,))
+
+
 # --- the installed console script ------------------------------------------------------------
 
 
