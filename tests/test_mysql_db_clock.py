@@ -10,12 +10,15 @@ the Python clock of the gateway under test is pushed an hour off (time.time, whi
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from addon.model import Verdict
+from addon.store import mysql_trip
+from addon.store.mysql import MysqlStore
 
 from .test_store_contract import FEE_BPS, MysqlBackend, add_consumer, add_listing, call, outcome, reconcile
 from .test_store_contract import mysql_db  # noqa: F401  (a fixture: a scratch MariaDB database)
@@ -97,4 +100,23 @@ async def test_the_billing_month_of_a_charge_is_the_databases(mysql_db: MysqlBac
     assert mysql_db.rows("SELECT DISTINCT period_year_month FROM mcpmeter_calls") == [(month,)]
     assert mysql_db.rows("SELECT period_year_month, free_calls_used FROM mcp_consumer_usage") == [(month, 1)]
     assert mysql_db.rows("SELECT period_year_month, spent_micro_cents FROM mcpmeter_project_spend") == [(month, PRICE)]
+    reconcile(mysql_db)
+
+
+async def test_a_charge_run_again_answers_the_month_its_first_run_counted_in(mysql_db: MysqlBackend,  # noqa: F811
+                                                                              ) -> None:
+    """A charge whose COMMIT landed but whose answer was lost runs again (mysql_trip.py): it answers
+    the journal's month, in which its settlement must count, even if the database's clock has
+    moved to another month since (here: the first run named a month of its own)."""
+    who = add_consumer(mysql_db, 1, credit=10 * PRICE)
+    add_listing(mysql_db, 10, "w", price=PRICE)
+    store = mysql_db.store
+    assert isinstance(store, MysqlStore)
+    first = call(who, 10, PRICE, period="2030-01")
+    again = dataclasses.replace(first, period=None)
+    taken = [await store._hot.run(lambda conn, r=r: mysql_trip.charge(conn, r)) for r in (first, again)]
+    assert [(r.verdict, r.period) for r in taken] == [(Verdict.DEBITED, "2030-01")] * 2
+    await store.settle(dataclasses.replace(outcome(dataclasses.replace(again, period=taken[1].period), who),
+                                           refund=True, taken=taken[1]))
+    assert mysql_db.rows("SELECT period_year_month, spent_micro_cents FROM mcpmeter_project_spend") == [("2030-01", 0)]
     reconcile(mysql_db)
