@@ -24,7 +24,9 @@ with no deliverable answer is refunded, and a refunded call's answer is never de
   the client resumes after next.
 
 Scopes are (listing id, Mcp-Session-Id) or, without a session, (listing id, sha256 of the event id
-resumed); ids by their JSON type, so 1 and "1" differ.
+resumed). A call is settled only by an answer under its id as sent, of the same JSON type (`id_key`: 1 and
+"1" differ), but what is withheld from a client is matched as the SDK clients match an answer to their
+request (`client_key`: "1", "01" and 1.0 answer 1, rpc_ids.py): blanking only ever widens.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any, cast
 
 from mitmproxy import http
 
+from . import rpc_ids
 from .jsonrpc import JsonId, answer_messages, parse_strict
 
 SessionKey = tuple[int, str]  # (listing id, Mcp-Session-Id)
@@ -58,6 +61,16 @@ def id_key(rpc_id: Any) -> IdKey | None:
     if isinstance(rpc_id, bool) or not isinstance(rpc_id, (str, int, float)):
         return None
     return isinstance(rpc_id, str), rpc_id
+
+
+def client_key(rpc_id: Any) -> IdKey | None:
+    """The id as an SDK client matches an answer to its request: a string it reads as a number is that
+    number ("01" and 1 are one id to it, rpc_ids.py). What refunded markers are kept and matched by."""
+    key = id_key(rpc_id)
+    if key is None or not key[0]:
+        return key
+    number = rpc_ids.number(rpc_id)
+    return key if number is None else (False, number)
 
 
 def resume_key(listing_id: int, event_id: str) -> ResumeKey:
@@ -94,7 +107,10 @@ class Pending:
                  marker_seconds: float = REFUNDED_MARKER_SECONDS) -> None:
         self.tracked: dict[Scope, dict[IdKey, tuple[http.HTTPFlow, Any]]] = {}
         self.parked: dict[Scope, dict[IdKey, tuple[http.HTTPFlow, Any]]] = {}
-        self.refunded: OrderedDict[tuple[Scope, IdKey], float] = OrderedDict()
+        # scope -> client key -> the parked ids (id_key) spelled otherwise ("01" under 1): _foreign's index
+        self._spelled: dict[Scope, dict[IdKey, set[IdKey]]] = {}
+        # (scope, client key) -> (expiry, the refunded call's id_key): its answer withheld however spelled
+        self.refunded: OrderedDict[tuple[Scope, IdKey], tuple[float, IdKey]] = OrderedDict()
         self._marked: dict[Scope, int] = {}  # scope -> its markers in `refunded` (has_refunded, cheaply)
         # Without a session: an event resumed after -> the scope it continues (itself: a marked scope), with
         # its expiry. Bounded and expiring as the markers are.
@@ -109,13 +125,15 @@ class Pending:
             self.unmark(session, rpc_id)
 
     def untrack(self, session: Scope, rpc_id: JsonId, call: Any) -> None:
+        key = id_key(rpc_id)
         for table in (self.tracked, self.parked):
             calls = table.get(session)
-            key = id_key(rpc_id)
             if calls is not None and key in calls and calls[key][1] is call:
                 del calls[key]
                 if not calls:
                     del table[session]
+                if table is self.parked:
+                    self._respell(session, rpc_id, add=False)
 
     def in_flight(self, session: Scope, ids: Iterable[Any]) -> bool:
         """Whether one of these request ids names a priced call of the session still unanswered
@@ -149,7 +167,24 @@ class Pending:
         if held is not None and held[1] is not call and held[1].outcome is None and held[1].settlement is None:
             return False
         calls[key] = (flow, call)
+        self._respell(session, rpc_id, add=True)
         return True
+
+    def _respell(self, session: Scope, rpc_id: JsonId, add: bool) -> None:
+        """Keep _spelled: a parked id that an SDK client reads as another (a number spelled as a string)."""
+        key, spelled = id_key(rpc_id), client_key(rpc_id)
+        if key is None or spelled is None or spelled == key:
+            return
+        index = self._spelled.setdefault(session, {})
+        keys = index.setdefault(spelled, set())
+        if add:
+            keys.add(key)
+        else:
+            keys.discard(key)
+        if not keys:
+            del index[spelled]
+        if not index:
+            del self._spelled[session]
 
     def has_parked(self, session: Scope) -> bool:
         return session in self.parked
@@ -174,21 +209,22 @@ class Pending:
     # --- refunded answers, never delivered ------------------------------------------------------
 
     def mark_refunded(self, session: Scope, rpc_id: JsonId) -> None:
-        if (key := id_key(rpc_id)) is None:
+        if (key := client_key(rpc_id)) is None or (exact := id_key(rpc_id)) is None:
             return
         now = time.monotonic()
         if (session, key) not in self.refunded:
             self._marked[session] = self._marked.get(session, 0) + 1
-        for dropped in self._keep(self.refunded, (session, key), now + self.marker_seconds, now,
-                                  lambda expires: expires):
+        for dropped in self._keep(self.refunded, (session, key), (now + self.marker_seconds, exact), now,
+                                  lambda marker: marker[0]):
             self._unmarked(dropped[0])
         if isinstance(session[1], bytes):  # a call without a session: its scope stays resumable as long
             self._resumable(cast(ResumeKey, session), cast(ResumeKey, session), now)
 
     def unmark(self, session: Scope, rpc_id: JsonId) -> None:
-        """A new call under the id of a refunded one (ids must not be reused, but may be): answers
-        to that id are the new call's from now on, delivered and billed, not blanked."""
-        if (key := id_key(rpc_id)) is not None and self.refunded.pop((session, key), None) is not None:
+        """A new call under the id of a refunded one, however spelled (ids must not be reused, but may be):
+        answers to that id are the new call's from now on, not blanked (an SDK client takes any spelling
+        for its answer; one naming the id as it was sent settles it, billed)."""
+        if (key := client_key(rpc_id)) is not None and self.refunded.pop((session, key), None) is not None:
             self._unmarked(session)
 
     def has_refunded(self, session: Scope) -> bool:
@@ -237,16 +273,18 @@ class Pending:
         self._keep(self.resumes, key, (scope, now + self.marker_seconds), now, lambda entry: entry[1])
 
     def is_refunded(self, session: Scope, rpc_id: Any) -> bool:
-        if (key := id_key(rpc_id)) is None:
-            return False
-        expires = self.refunded.get((session, key))
-        if expires is None:
-            return False
-        if expires < time.monotonic():
+        """Whether an answer under this id, however spelled, would be a refunded call's to an SDK client."""
+        return self._marker(session, rpc_id) is not None
+
+    def _marker(self, session: Scope, rpc_id: Any) -> IdKey | None:
+        """The id_key of the refunded call an answer under this id would be taken for, if any."""
+        if (key := client_key(rpc_id)) is None or (marker := self.refunded.get((session, key))) is None:
+            return None
+        if marker[0] < time.monotonic():
             del self.refunded[(session, key)]
             self._unmarked(session)
-            return False
-        return True
+            return None
+        return marker[1]
 
     def blank_if_refunded(self, session: Scope, data: str, live: JsonId | None = None,
                           live_refunded: bool = False, principal: str | None = None) -> str | None:
@@ -266,29 +304,34 @@ class Pending:
             principal = None
         if not self.refunded and not live_refunded and (principal is None or session not in self.parked):
             return None
-        live_key = id_key(live)
+        live_key, live_client = id_key(live), client_key(live)
 
         def refunded(rpc_id: Any) -> bool:
-            # (live_key None: the stream carries no call; an answer without an id is nobody's)
-            own = live_refunded and live_key is not None and id_key(rpc_id) == live_key
+            # (live_client None: the stream carries no call; an answer without an id is nobody's)
+            own = live_refunded and live_client is not None and client_key(rpc_id) == live_client
             return own or self.is_refunded(session, rpc_id) or self._foreign(session, rpc_id, principal)
 
         messages = answer_messages(data.encode("utf-8", "surrogatepass"))
         answered = [m.id_value() for m in messages or () if not m.has_method and (m.has_result or m.has_error)]
         if not any(refunded(rpc_id) for rpc_id in answered):
             return None
-        keep = live is not None and not refunded(live) and any(id_key(rpc_id) == live_key for rpc_id in answered)
+        # The stream's own call, answered as sent, is billed for this event unless refunded itself (a marker
+        # left by another spelling of its id is another call's: a raw client may run 1 and "1" at once).
+        keep = (live is not None and any(id_key(rpc_id) == live_key for rpc_id in answered) and not live_refunded
+                and self._marker(session, live) != live_key and not self._foreign(session, live, principal))
         return None if keep else ""
 
     def _foreign(self, session: Scope, rpc_id: Any, principal: str | None) -> bool:
-        """Whether the call parked in the scope under this id is another key's than `principal`, unsettled."""
-        key = id_key(rpc_id) if principal is not None else None
-        entry = self.parked.get(session, {}).get(key) if key is not None else None
-        if entry is None:
+        """Whether a call parked in the scope under this id, however spelled (client_key), is another key's
+        than `principal`, unsettled."""
+        if principal is None or (calls := self.parked.get(session)) is None or (key := client_key(rpc_id)) is None:
             return False
-        call = entry[1]
-        return (call.consumer is not None and call.consumer.principal != principal
-                and call.outcome is None and call.settlement is None)
+        keys = {key, *self._spelled.get(session, {}).get(key, ())}
+        if (exact := id_key(rpc_id)) is not None:
+            keys.add(exact)
+        return any((entry := calls.get(k)) is not None and entry[1].consumer is not None
+                   and entry[1].consumer.principal != principal
+                   and entry[1].outcome is None and entry[1].settlement is None for k in keys)
 
 
 def cancelled_body(rpc_id: JsonId) -> bytes:

@@ -248,6 +248,24 @@ async def test_a_post_the_upstream_failed_gets_no_answer_on_the_stream(gw: Gw) -
     gw.db.assert_reconciled()
 
 
+@pytest.mark.parametrize("spelled", ['"1"', '"01"', '"1.0"', '"0x1"', "1.0"])
+async def test_a_refunded_calls_answer_is_blanked_however_its_id_is_spelled(gw: Gw, spelled: str) -> None:
+    """The SDK clients take an answer under "1" for call 1's (int(), Number()): withheld as call 1's."""
+    stream = await open_session(gw)
+    flow = await post(gw, "/legacy-one/messages/?session_id=abc")
+    flow.response = http.Response.make(500, b"boom", {"Content-Type": "text/plain"})
+    await gw.addon.responseheaders(flow)
+    await gw.addon.response(flow)
+    await settled(gw)
+    misspelled = ANSWER.replace(b'"id": 1', b'"id": ' + spelled.encode())
+    assert stream.response.stream(misspelled) == [BLANKED]
+    other = ANSWER.replace(b'"id": 1', b'"id": "2"')  # another id's: passes
+    assert stream.response.stream(other) == [other]
+    await asyncio.sleep(0.05)
+    assert gw.db.balance(1) == OPENING and [r["billed_micro_cents"] for r in gw.db.usage()] == [0]
+    gw.db.assert_reconciled()
+
+
 async def test_a_session_without_refunded_calls_holds_nothing_back(gw: Gw) -> None:
     """The stream passes as it comes while no call of the session was refunded: an event in progress too."""
     stream = await open_session(gw)

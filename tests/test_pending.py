@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from mitmproxy import http
 
 from addon import pending, stream_edit
-from addon.pending import Pending, cancelled_request_id, close_cancels, id_key
+from addon.pending import Pending, cancelled_request_id, client_key, close_cancels, id_key
 from addon.stream_edit import StreamEditor
 from addon.sse import SseParser
 
@@ -19,6 +21,16 @@ S = (1, "session-a")
 def test_ids_keep_their_json_type() -> None:
     assert id_key(1) == id_key(1.0) != id_key("1")
     assert id_key(True) is None and id_key(None) is None and id_key([1]) is None
+
+
+def test_an_id_is_withheld_as_the_sdk_clients_spell_it() -> None:
+    """client_key: what a client takes for one request's id ("01" and 1: the Python SDK's int(), JavaScript's
+    Number()); no spelling crosses between a number and a string no client reads as one."""
+    assert client_key(1) == client_key("1") == client_key("01") == client_key(" 1") == client_key(1.0)
+    assert client_key("1.0") == client_key("0x1") == client_key("1e0") == client_key("\u0661") == client_key(1)
+    assert client_key("07") == client_key(7) and client_key("") == client_key(0)
+    assert client_key("a") == id_key("a") != client_key("1") and client_key(True) is None
+    assert client_key(2) != client_key("1") != client_key("1x")
 
 
 def test_closing_the_stream_cancels_from_2026_07_28_on() -> None:
@@ -46,7 +58,7 @@ def test_refunded_markers_are_bounded_and_expire() -> None:
     for rpc_id in (1, 2, 3):
         p.mark_refunded(S, rpc_id)
     assert not p.is_refunded(S, 1) and p.is_refunded(S, 2) and p.is_refunded(S, 3)
-    assert not p.is_refunded(S, "3") and not p.is_refunded((2, "session-a"), 3)
+    assert not p.is_refunded(S, "three") and not p.is_refunded((2, "session-a"), 3)
     short = Pending(marker_seconds=0.0)
     short.mark_refunded(S, 1)
     time.sleep(0.01)
@@ -280,3 +292,59 @@ def test_the_events_a_sessionless_call_is_resumed_after_are_carried_only_while_i
     short.carry(scope, "e-2")
     time.sleep(0.01)
     assert short.resumed(pending.resume_key(1, "e-2")) == pending.resume_key(1, "e-2")  # expired
+
+
+REFUNDED_SPELLINGS = ['"1"', '"01"', '" 1"', '"+1"', '"1.0"', '"1e0"', '"0x1"', '"\\u0661"', "1.0", "1e0"]
+
+
+@pytest.mark.parametrize("spelled", REFUNDED_SPELLINGS)
+def test_a_refunded_calls_answer_is_blanked_however_the_upstream_spells_its_id(spelled: str) -> None:
+    """An SDK client takes an answer under "1" (or "01", "1.0"...) for its request 1's: so does the meter
+    when it withholds a refunded call's answer, though it never bills one under another spelling."""
+    p = Pending()
+    p.mark_refunded(S, 1)
+    answer = f'{{"jsonrpc":"2.0","id":{spelled},"result":{{}}}}'
+    assert p.blank_if_refunded(S, answer) == ""
+    assert p.blank_if_refunded(S, f'[{answer}, {{"jsonrpc":"2.0","id":2,"result":{{}}}}]', live=2) is None  # 2's
+    assert p.blank_if_refunded(S, '{"jsonrpc":"2.0","id":"2","result":{}}') is None
+    assert p.blank_if_refunded(S, '{"jsonrpc":"2.0","id":"1a","result":{}}') is None
+    own = Pending()  # a cancelled call's own stream, whatever markers say
+    assert own.blank_if_refunded(S, answer, live=1, live_refunded=True) == ""
+
+
+def test_a_refunded_string_ids_answer_is_blanked_under_its_number() -> None:
+    p = Pending()
+    p.mark_refunded(S, "07")  # the Python SDK keys a request "07" as 7
+    for spelled in ("7", '"7"', '"007"', '"07"', "7.0"):
+        assert p.blank_if_refunded(S, f'{{"jsonrpc":"2.0","id":{spelled},"result":{{}}}}') == "", spelled
+    p.track(S, 7, http_flow(), object())  # a new call under that id (spelled otherwise) takes it over
+    assert p.blank_if_refunded(S, '{"jsonrpc":"2.0","id":"07","result":{}}') is None
+    assert not p.has_refunded(S)
+
+
+def test_an_answer_to_another_keys_parked_call_is_blanked_however_spelled() -> None:
+    p, scope = Pending(), pending.resume_key(1, "e-1")
+    alice = Parked("k1")
+    assert p.park(scope, 1, http_flow(), alice) and p.park(scope, "08", http_flow(), alice)
+    for spelled in ('"1"', '"01"', "1.0", "8", '"8"', '"0x8"'):
+        answer = f'{{"jsonrpc":"2.0","id":{spelled},"result":{{}}}}'
+        assert p.blank_if_refunded(scope, answer, principal="k2") == "", spelled  # Bob's stream
+        assert p.blank_if_refunded(scope, answer, principal="k1") is None  # Alice's (settles only as sent)
+    p.untrack(scope, "08", alice)
+    assert p.blank_if_refunded(scope, '{"jsonrpc":"2.0","id":8,"result":{}}', principal="k2") is None
+    assert scope not in p._spelled  # (its index goes with the last call spelled otherwise)
+
+
+def test_a_live_calls_own_answer_goes_out_whole_though_another_spelling_of_its_id_was_refunded() -> None:
+    """Call "1" runs while call 1 of the session is refunded (the Python SDK would refuse the pair; a raw
+    client may send it): "1"'s answer on its own stream is billed (it names "1" as sent), so it goes out
+    whole; the answer under 1 is withheld. Only a marker of the stream's own call withholds its answer."""
+    p = Pending()
+    p.track(S, "1", http_flow(), object())
+    p.mark_refunded(S, 1)
+    own, other = '{"jsonrpc":"2.0","id":"1","result":{}}', '{"jsonrpc":"2.0","id":1,"result":{}}'
+    assert p.blank_if_refunded(S, own, live="1") is None
+    assert p.blank_if_refunded(S, other, live="1") == ""
+    assert p.blank_if_refunded(S, own) == ""  # on a stream of no call: nobody's to bill
+    p.mark_refunded(S, "1")  # the call itself refunded: its answer is withheld on its stream too
+    assert p.blank_if_refunded(S, own, live="1") == ""

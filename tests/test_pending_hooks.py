@@ -208,3 +208,42 @@ async def test_a_call_the_replaced_meter_refunds_at_the_end_of_its_grace_has_its
         assert not new.addon.pending.parked and not new.addon.pending.tracked
     finally:
         new.addon.done()
+
+
+def result_under(rpc_id: str) -> bytes:
+    """An answer to call 1 with its id spelled `rpc_id` (JSON), as a hostile upstream may send it."""
+    return b'id: 2\ndata: {"jsonrpc": "2.0", "id": ' + rpc_id.encode() + b', "result": {"content": []}}\n\n'
+
+
+@pytest.mark.parametrize("spelled", ['"1"', '"01"', '" 1"', '"1.0"', '"0x1"', "1.0"])
+async def test_a_cancelled_calls_answer_is_withheld_however_its_id_is_spelled(gw: Gw, spelled: str) -> None:
+    """The SDK clients take an answer under "1" for call 1's (int(), Number()): on the call's own stream and
+    on a resumed one, such an answer to a refunded call goes out blanked, and settles nothing."""
+    post, call = await post_primed(gw)
+    notice = make_flow(headers=SESSION, body=cancellation(1))
+    await gw.addon.request(notice)
+    await gw.addon.drain()
+    assert call.failure is not None  # refunded
+    assert sent(post.response.stream(result_under(spelled))) == b"id: 2\n\n"
+    post.response.stream(b"")
+    await gw.addon.response(post)
+    get = await resumed_get(gw)
+    assert sent(get.response.stream(result_under(spelled))) == b"id: 2\n\n"
+    other = result_under('"2"')  # another id's answer passes
+    assert sent(get.response.stream(other)) == other
+    await gw.addon.drain()
+    assert usage_reasons(gw) == [(499, 1, "cancelled")] and gw.db.balance(1) == OPENING
+    gw.db.assert_reconciled()
+
+
+async def test_a_parked_call_refunded_at_its_timeout_has_a_misspelled_answer_withheld(gw: Gw) -> None:
+    post, call = await post_primed(gw)
+    post.response.stream(b"")
+    await gw.addon.response(post)
+    assert call.waits is Wait.RESUMPTION
+    gw.addon.streams.on_deadline(post, call)  # its timeout
+    await gw.addon.drain()
+    get = await resumed_get(gw)
+    assert sent(get.response.stream(result_under('"1"'))) == b"id: 2\n\n"
+    await gw.addon.drain()
+    assert usage_reasons(gw) == [(504, 1, "no_answer_by_timeout")] and gw.db.balance(1) == OPENING
