@@ -3,8 +3,9 @@
 Every SSE event it sends carries an id and is kept in its session's log; a GET with `Last-Event-ID`
 replays the session's events after that id (waiting up to 8 s for one), then ends. Tools:
 
-- `closes` {delay}: a priming event (id, empty data), then the POST stream ends; the answer joins the
-  session's log after `delay` s, for a resumed GET to deliver.
+- `closes` {delay, spell}: a priming event (id, empty data), then the POST stream ends; the answer joins
+  the session's log after `delay` s, for a resumed GET to deliver (with `spell`, under the request's id
+  written as a string: `"8"` for `8`, which the SDK clients take for 8's answer).
 - `closes_twice` {delay}: as `closes`, with a progress notification logged half way: a GET resuming
   before the answer gets that event and ends, and the client resumes after it in turn.
 - `slow` {delay}: priming, then the answer on the POST stream after `delay` s (also logged). It ignores
@@ -77,7 +78,7 @@ async def mcp(request: Request) -> Response:
             _event(session, json.dumps({"jsonrpc": "2.0", "method": "notifications/progress",
                                         "params": {"progressToken": rpc_id, "progress": 1}}).encode())
         await asyncio.sleep(delay / 2 if name == "closes_twice" else delay)
-        _event(session, _answer(rpc_id, "resumed result"))
+        _event(session, _answer(str(rpc_id) if args.get("spell") else rpc_id, "resumed result"))
 
     async def closes():
         yield _event(session, b"")

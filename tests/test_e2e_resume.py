@@ -109,6 +109,25 @@ async def test_a_server_closed_stream_unanswered_by_its_timeout_is_refunded_and_
     assert journal(backend, c) == [("closes", 504, 1, "no_answer_by_timeout")]
 
 
+async def test_a_refunded_calls_answer_spelled_as_a_string_is_never_delivered_either(
+        gateway: Gateway, backend: Backend, resume_url: str) -> None:
+    """The upstream answers call 8 under "8", which the SDK clients take for 8's answer: not 8's to bill
+    (refunded at its timeout), and withheld from the resumed stream as 8's."""
+    s = slug("resume-spelled")
+    backend.add_listing(s, resume_url, price=1000, timeout=1)
+    c = backend.add_consumer(credit=10_000)
+    h = await session(gateway, f"/{s}", c)
+    r = await post(gateway, f"/{s}", call("closes", {"delay": 1.6, "spell": True}, rpc_id=8), headers=h)
+    primed = events(r.text)[0][0]
+    assert primed is not None and answers(r.text) == []
+    await eventually(lambda: journal(backend, c) == [("closes", 504, 1, "no_answer_by_timeout")], timeout=5)
+    text = await resume(gateway, f"/{s}", h, primed)
+    assert answers(text) == []  # its event comes with empty data, never dispatched
+    assert any(i is not None for i, _ in events(text))
+    assert journal(backend, c) == [("closes", 504, 1, "no_answer_by_timeout")]
+    assert backend.balance(c.user_id) == 10_000
+
+
 async def test_a_call_cut_at_its_timeout_is_refunded_and_a_resumed_stream_does_not_deliver_it(
         gateway: Gateway, backend: Backend, resume_url: str) -> None:
     s = slug("resume-cut")
