@@ -33,8 +33,13 @@ def gateway_settings() -> dict[str, object]:
     return {"allowed_origins": [APP]}
 
 
+LATE_ANSWER = (b'event: message\ndata: {"jsonrpc": "2.0", "id": "1", "result": {"content": '
+               b'[{"type": "text", "text": "late"}]}}\n\n')
+
+
 class Recorder(http.server.ThreadingHTTPServer):
-    """Records every request; a legacy server whose POSTs are accepted (202) and never answered."""
+    """Records every request; a legacy server whose POSTs are accepted (202) and never answered (under
+    /late/, the stream carries an answer to call 1 at 2.5 s, its id spelled "1")."""
 
     daemon_threads = True
 
@@ -66,11 +71,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
+        late = self.path.startswith("/late/")
         try:
-            self.wfile.write(b"event: endpoint\ndata: /legacy/messages/?session_id=s-1\n\n")
+            base = b"/late" if late else b"/legacy"
+            self.wfile.write(b"event: endpoint\ndata: " + base + b"/messages/?session_id=s-1\n\n")
             self.wfile.flush()
-            for _ in range(100):  # open for 20 s at most, never answering a call
+            for tick in range(100):  # open for 20 s at most, never answering a call
                 time.sleep(0.2)
+                if late and tick == 12:
+                    self.wfile.write(LATE_ANSWER)
                 self.wfile.write(b": ping\n\n")
                 self.wfile.flush()
         except OSError:
@@ -167,6 +176,31 @@ async def test_a_legacy_call_without_answer_is_refunded_at_the_timeout_while_the
             [row] = backend.usage(c)
             assert row["billed"] == 0 and row["status"] == 504
             assert await _next_nonblank(lines) == ": ping"  # the stream is still open
+
+
+async def test_a_refunded_legacy_calls_late_answer_spelled_as_a_string_is_not_delivered(
+        gateway: Gateway, backend: Backend, servers: tuple[Recorder, Recorder]) -> None:
+    """Call 1, refunded at its timeout; the upstream's answer comes later under "1", which the SDK clients
+    take for call 1's: it goes out blanked (its data line dropped), and settles nothing."""
+    upstream, _ = servers
+    s = slug("conf-late")
+    backend.add_listing(s, f"{upstream.url}/late/sse", price=1000, transport="sse", timeout=1)
+    c = backend.add_consumer(credit=10_000)
+    async with httpx2.AsyncClient(timeout=20) as client:
+        async with client.stream("GET", f"{gateway.url}/{s}", headers=c.auth) as stream:
+            lines = stream.aiter_lines()
+            route = await _endpoint(lines)
+            r = await post(gateway, route, call("echo", {"text": "x"}, rpc_id=1), c)
+            assert r.status_code == 202 and backend.balance(c.user_id) == 9_000
+            await eventually(lambda: backend.balance(c.user_id) == 10_000, timeout=8)  # before the answer
+            seen = []
+            async for line in lines:
+                seen.append(line)
+                if seen[-3:] == ["event: message", "", ": ping"]:
+                    break
+            assert not any(line.startswith("data:") for line in seen), seen  # blanked
+    [row] = backend.usage(c)
+    assert row["billed"] == 0 and row["status"] == 504 and backend.balance(c.user_id) == 10_000
 
 
 async def test_a_legacy_session_is_matched_by_identity_not_by_spelling(
