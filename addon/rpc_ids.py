@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 
 # What int() strips around its digits: str.isspace() but for U+001C..U+001F (checked in tests).
 _PY_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
@@ -34,8 +35,11 @@ def python_number(text: str) -> int | None:
     m = _PY_INT.fullmatch(text)
     if m is None:
         return None
-    digits = m.group(2).replace("_", "").lstrip("0")  # (leading zeros of other scripts are kept: rare)
-    if len(digits) > MAX_DIGITS:
+    digits = m.group(2).replace("_", "")
+    if not digits.isascii():  # other scripts' digits as ASCII ones, so their leading zeros go too
+        digits = digits.translate({ord(c): str(unicodedata.decimal(c)) for c in set(digits) if not c.isascii()})
+    digits = digits.lstrip("0")
+    if len(digits) > MAX_DIGITS:  # (under int()'s smallest limit, 640 digits: never refused, whatever the config)
         return None
     return int(m.group(1) + (digits or "0"))
 

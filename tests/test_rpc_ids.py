@@ -70,12 +70,13 @@ def test_where_both_read_a_number_it_is_the_same_and_python_s_is_kept() -> None:
     assert number("01") == number(" 1") == number("1.0") == number("0x1") == number("\u0661") == 1
     assert number("-0") == 0 and number("") == 0  # Number("") is 0
     assert number("abc") is None and number("Infinity") is None and number("0x") is None
+    assert number("\u0660" * 500 + "\u0661") == 1  # int() reads 501 digits of any script (its limit: 4300)
     assert number("9007199254740993") == 9007199254740993  # (JavaScript would round it: no client's id)
 
 
 def test_a_huge_id_costs_linear_time_and_reads_as_no_clients_id() -> None:
     for text in ("0" * 2_000_000 + "1", " " * 2_000_000 + "1", "1." + "0" * 2_000_000,
-                 "0x" + "0" * 2_000_000 + "1"):
+                 "0x" + "0" * 2_000_000 + "1", "\u0660" * 2_000_000 + "\u0661", "0_" * 1_000_000 + "1"):
         started = time.perf_counter()
         assert number(text) == 1
         assert time.perf_counter() - started < 1.0
