@@ -140,6 +140,8 @@ def _install_http2_answers() -> None:
 
     def handle_protocol_error(self: Any, event: Any) -> Generator[commands.Command, Any, None]:
         flow = getattr(self, "flow", None)
+        if flow is not None:
+            READING.release(flow)  # a body cut off (the client gone): mitmweb may keep its flow for ever
         if flow is not None and flow.request.is_http2:
             _h2_streams[flow] = self.stream_id  # read by answer_failed_flow, from the error hook
         return (yield from original_protocol_error(self, event))
@@ -317,21 +319,60 @@ def client_gone(flow: http.HTTPFlow) -> bool:
 
 # --- request bodies read with a ceiling, whatever their framing -----------------------------------
 
-# flow -> (limit, what makes the answer to send when the body passes it). Weak: gone with the flow,
-# as long as the value holds no reference to the flow (a closure over it would keep every flow alive).
-_body_limits: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[int, Callable[[http.HTTPFlow, int], http.Response]]] = (
+# flow -> (limit, what makes the answer to send when the body passes it, the budget of all bodies being
+# read, what makes the answer when that is spent). Weak: gone with the flow, as long as the values hold no
+# reference to the flow (a closure over it would keep every flow alive).
+_Refuse = Callable[[http.HTTPFlow, int], http.Response]
+_body_limits: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[int, _Refuse, int, _Refuse]] = (
     weakref.WeakKeyDictionary())
 
 
-def limit_request_body(flow: http.HTTPFlow, limit: int, refuse: Callable[[http.HTTPFlow, int], http.Response]) -> None:
-    """Stop reading `flow`'s request body once it passes `limit` bytes, and answer `refuse(flow, limit)`.
-    `refuse` must not hold the flow (the entry is weak on the flow only): a bound method, say.
+class _Reading:
+    """The request body bytes mitmproxy holds for flows still being read, all connections together.
+
+    `limit_request_body` bounds one body; connections are not bounded in number, so N slow uploads,
+    before anything is authenticated, would hold N times that. A flow's bytes count from its first
+    byte to the end of its body (its `request` hook then refuses or forwards it at once), or until it
+    fails or is freed, whichever comes first."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self._flows: dict[int, tuple[int, weakref.finalize]] = {}  # id(flow): bytes counted, its finalizer
+
+    def take(self, flow: http.HTTPFlow, n: int, budget: int) -> bool:
+        """Count `n` more bytes of `flow`'s body, unless that would pass `budget` (all flows' bytes)."""
+        if self.held + n > budget:
+            return False
+        key = id(flow)
+        counted, finalizer = self._flows.get(key) or (0, weakref.finalize(flow, self._gone, key))
+        self._flows[key] = (counted + n, finalizer)
+        self.held += n
+        return True
+
+    def release(self, flow: http.HTTPFlow) -> None:
+        if (entry := self._flows.pop(id(flow), None)) is not None:
+            self.held -= entry[0]
+            entry[1].detach()
+
+    def _gone(self, key: int) -> None:  # a flow freed while counted (id(flow) is unique while it lives)
+        if (entry := self._flows.pop(key, None)) is not None:
+            self.held -= entry[0]
+
+
+READING = _Reading()
+
+
+def limit_request_body(flow: http.HTTPFlow, limit: int, refuse: _Refuse, budget: int, busy: _Refuse) -> None:
+    """Stop reading `flow`'s request body once it passes `limit` bytes, and answer `refuse(flow, limit)`;
+    or once the bodies being read, all flows together, would pass `budget` bytes, and answer
+    `busy(flow, budget)`. The callables must not hold the flow (the entry is weak on the flow only):
+    bound methods, say.
 
     mitmproxy buffers a request body whole before the `request` hook; only a Content-Length
     can be checked earlier. A chunked (or HTTP/2) body has none, so the check is made as
     each piece arrives: the body buffered never passes the limit by more than one read.
     """
-    _body_limits[flow] = (limit, refuse)
+    _body_limits[flow] = (limit, refuse, budget, busy)
 
 
 def _install_request_body_limit() -> None:
@@ -342,13 +383,19 @@ def _install_request_body_limit() -> None:
 
     def state_consume_request_body(self: HttpStream, event: Any) -> Generator[commands.Command, Any, None]:
         bound = _body_limits.get(self.flow) if isinstance(event, RequestData) else None
-        if bound is not None and len(self.request_body_buf) + len(event.data) > bound[0]:
-            del _body_limits[self.flow]
-            self.request_body_buf.clear()
-            answer_failed_flow(self.flow, bound[1](self.flow, bound[0]))
-            self.flow.kill()
-            yield from self.check_killed(True)
-            return
+        if bound is not None:
+            limit, refuse, budget, busy = bound
+            over = len(self.request_body_buf) + len(event.data) > limit
+            if over or not READING.take(self.flow, len(event.data), budget):
+                del _body_limits[self.flow]
+                READING.release(self.flow)
+                self.request_body_buf.clear()
+                answer_failed_flow(self.flow, refuse(self.flow, limit) if over else busy(self.flow, budget))
+                self.flow.kill()
+                yield from self.check_killed(True)
+                return
+        elif not isinstance(event, RequestData):
+            READING.release(self.flow)  # the body is whole (or its trailers come): its hook comes next
         yield from original(self, event)
 
     HttpStream.state_consume_request_body = state_consume_request_body  # type: ignore[method-assign]

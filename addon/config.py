@@ -73,6 +73,9 @@ class Config:
     negative_cache_ttl_seconds: float = 30.0
     max_body_bytes: int = 10 * 1024 * 1024
     max_event_bytes: int = 16 * 1024 * 1024  # an SSE event held whole up to this; bigger ones are scanned
+    # Request bodies being read (before their request hook: unauthenticated), all connections together:
+    # past it a body is refused 503 gateway_busy. max_body_bytes bounds one; connections are unbounded.
+    max_reading_bytes: int = 256 * 1024 * 1024
     stale_call_seconds: float = 600.0  # a paid call unsettled this long lost its gateway: refund it
     # An upstream connection idle this long is not reused (0: always reused). Servers close idle
     # connections (uvicorn after 5 s, Node after 5 s); a call sent the moment one does fails.
@@ -234,9 +237,12 @@ def _build(raw: dict[str, Any]) -> Config:
     if cfg.cache not in ("memory", "redis"):
         raise ConfigError(f"cache (MCPMETER_CACHE) must be 'memory' or 'redis', not {cfg.cache!r}")
     for key in ("default_rpm", "default_rpd", "upstream_timeout_ms", "max_upstream_timeout_ms", "max_body_bytes",
-                "max_event_bytes"):
+                "max_event_bytes", "max_reading_bytes"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, not {getattr(cfg, key)}")
+    if cfg.max_reading_bytes < cfg.max_body_bytes:
+        raise ConfigError(f"max_reading_bytes ({cfg.max_reading_bytes}) must be at least max_body_bytes "
+                          f"({cfg.max_body_bytes}): else a body within its limit could never be read")
     for key in ("key_cache_ttl_seconds", "mcp_cache_ttl_seconds", "negative_cache_ttl_seconds"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must not be negative, not {getattr(cfg, key)}")

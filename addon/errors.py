@@ -44,6 +44,8 @@ _TABLE = [
     ErrorSpec(503, "mcp_paused", "The publisher has paused this listing."),
     ErrorSpec(503, "mcp_not_yet_live", "This listing is not live yet."),
     ErrorSpec(503, "store_unavailable", "The billing database is unavailable; the call was not forwarded."),
+    ErrorSpec(503, "gateway_busy", "The gateway is reading too many request bodies at once; retry after "
+              "Retry-After seconds. Nothing was forwarded or charged."),
     ErrorSpec(503, "gateway_stopping", "This gateway is stopping; the call was not forwarded. Retry shortly."),
     ErrorSpec(503, "meter_unavailable", "The meter is not loaded (a failed reload?); nothing is forwarded until it is back."),
     ErrorSpec(504, "upstream_timeout", "The MCP server did not answer in time; the call was refunded."),

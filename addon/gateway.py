@@ -290,7 +290,7 @@ class Mcpmeter:
         limit = self.config.max_body_bytes
         if not (length.isdigit() and int(length) > limit):
             # Chunked and HTTP/2 bodies have no length to check here: stop reading at the limit.
-            compat.limit_request_body(flow, limit, self._too_large)
+            compat.limit_request_body(flow, limit, self._too_large, self.config.max_reading_bytes, self._busy)
         else:
             answer = self._too_large(flow, limit)
             if int(length) <= HARD_BODY_LIMIT_FACTOR * limit:
@@ -307,6 +307,15 @@ class Mcpmeter:
         flow.metadata[META] = {"decision": Label.REFUSED, "error": "payload_too_large"}
         flow.comment, flow.marked = "refused 413 payload_too_large", ":no_entry:"
         return answers.error_response(GatewayError("payload_too_large", limit_bytes=limit),
+                                      Call(str(uuid.uuid4())), self._top_up_url())
+
+    def _busy(self, flow: http.HTTPFlow, budget: int) -> http.Response:
+        """The 503 for a body that would pass the bytes of all bodies being read (compat keeps it weakly)."""
+        flow.metadata[META] = {"decision": Label.REFUSED, "error": "gateway_busy"}
+        flow.comment, flow.marked = "refused 503 gateway_busy", ":no_entry:"
+        log.warning("mcpmeter: %d bytes of request bodies being read already (max_reading_bytes); refusing one",
+                    compat.READING.held)
+        return answers.error_response(GatewayError("gateway_busy", headers={"Retry-After": "1"}),
                                       Call(str(uuid.uuid4())), self._top_up_url())
 
     async def request(self, flow: http.HTTPFlow) -> None:

@@ -20,8 +20,8 @@ import pytest
 from tests.backends import Backend
 from tests.gateway_proc import Gateway, closed_port, start_gateway
 from tests.hostile_upstream import Canary, HostileUpstream, RawClient, rss_bytes
-from tests.test_adversarial import (CREDIT, _canary_starts_clean, canary, check, client, confined, gateway,  # noqa: F401
-                                    gateway_settings, hostile, make_listing, rpc)
+from tests.test_adversarial import (CREDIT, MAX_BODY, _canary_starts_clean, canary, check, client, confined,  # noqa: F401
+                                    gateway, gateway_settings, hostile, launch, make_listing, rpc)
 
 
 def _balance_back(backend: Backend, user_id: int, expected: int, wait: float = 10.0) -> int:
@@ -383,3 +383,56 @@ def test_a_client_gone_while_its_call_is_admitted_pays_only_for_calls_that_left(
     ran = len(hostile.ran(listing.slug))
     assert sum(1 for row in rows if row["billed"]) == ran, f"{ran} forwarded, billed {rows}"
     assert backend.balance(listing.consumer.user_id) == CREDIT - ran
+
+
+def _upload(addr: tuple[str, int], path: str, length: int, send: int) -> socket.socket:
+    """A connection that declares a `length`-byte body and sends `send` bytes of it, then waits."""
+    sock = socket.create_connection(addr, timeout=10)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: gateway.test\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {length}\r\n\r\n".encode() + b" " * send)
+    return sock
+
+
+def _answer(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    answer = b""
+    try:
+        while b"\r\n\r\n" not in answer and (more := sock.recv(65536)):
+            answer += more
+    except OSError:
+        pass
+    return answer
+
+
+def test_bodies_being_read_are_bounded_all_connections_together(
+        backend: Backend, hostile: HostileUpstream, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """max_body_bytes bounds one body, and mitmproxy holds a body whole before any hook can
+    authenticate it: N connections uploading slowly, no key needed, held N times the limit. The
+    bodies being read are bounded all together (max_reading_bytes): past it a body is refused 503
+    gateway_busy, and what a finished, failed or abandoned upload held is counted no more."""
+    listing = make_listing(backend, hostile)
+    gw = launch({**backend.config(), "max_body_bytes": MAX_BODY, "max_reading_bytes": 3 * MAX_BODY},
+                tmp_path_factory.mktemp("reading"), backend.env())
+    host, _, port = gw.url.removeprefix("http://").partition(":")
+    addr = (host, int(port))
+    holding: list[socket.socket] = []
+    try:
+        holding = [_upload(addr, listing.path, MAX_BODY - 1000, MAX_BODY - 10_000) for _ in range(3)]
+        time.sleep(1.0)  # read by the gateway: 2.97 MB held of the 3 MB
+        late = _upload(addr, listing.path, 200_000, 100_000)
+        answer = _answer(late)
+        late.close()
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:300]
+        assert b"gateway_busy" in answer and b"Retry-After: 1" in answer
+        holding.pop().close()  # an upload abandoned: what it held is free again
+        time.sleep(0.5)
+        for _ in range(30):  # whole bodies, no key: read, then refused 401; 3 MB in all, counted no more once read
+            done = _upload(addr, listing.path, 100_000, 100_000)
+            answer = _answer(done)
+            done.close()
+            assert answer.startswith(b"HTTP/1.1 401 "), answer[:300]
+        assert hostile.records(listing.slug) == []
+    finally:
+        for sock in holding:
+            sock.close()
+        gw.stop()
