@@ -34,9 +34,6 @@ from .ratelimit import headers as limit_headers, windows_for
 # here, not by the body limit. Upstreams issue UUID-like session ids; slugs are the reference's
 # `mcps.slug`, a VARCHAR(255).
 MAX_SESSION_ID_CHARS = 512
-# An answer that is not streamed (JSON, or anything but an event stream) is held up to this many times
-# max_body_bytes; the meter reads max_body_bytes of it decoded, a compressed one is passed on as sent.
-MAX_ANSWER_FACTOR = 4
 MAX_SLUG_CHARS = 255
 
 if TYPE_CHECKING:
@@ -304,7 +301,7 @@ class Admission:
         compat.hide_upstream_headers(flow.request, [*listing.upstream_headers, *redaction.CREDENTIAL_HEADERS])
         gw.streams.start_deadline(flow, call, gw.streams.timeout(listing))
         # An answer not streamed is buffered whole by mitmproxy: a ceiling, past which the call fails (refunded).
-        compat.limit_answer_body(flow, MAX_ANSWER_FACTOR * gw.config.max_body_bytes)
+        compat.limit_answer_body(flow, gw.config.max_answer_bytes, gw.config.max_holding_bytes)
         gw.calls[flow.id] = call
         call.flow = flow
         if call.session is not None and call.priced is not None:  # a notifications/cancelled can name it

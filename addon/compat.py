@@ -140,8 +140,9 @@ def _install_http2_answers() -> None:
 
     def handle_protocol_error(self: Any, event: Any) -> Generator[commands.Command, Any, None]:
         flow = getattr(self, "flow", None)
-        if flow is not None:
-            READING.release(flow)  # a body cut off (the client gone): mitmweb may keep its flow for ever
+        if flow is not None:  # a body cut off (a side gone): mitmweb may keep its flow for ever
+            READING.release(flow)
+            HOLDING.release(flow)
         if flow is not None and flow.request.is_http2:
             _h2_streams[flow] = self.stream_id  # read by answer_failed_flow, from the error hook
         return (yield from original_protocol_error(self, event))
@@ -327,13 +328,13 @@ _body_limits: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[int, _Refuse, int, 
     weakref.WeakKeyDictionary())
 
 
-class _Reading:
-    """The request body bytes mitmproxy holds for flows still being read, all connections together.
+class _Budget:
+    """Body bytes mitmproxy buffers for flows while it reads them, all connections together.
 
-    `limit_request_body` bounds one body; connections are not bounded in number, so N slow uploads,
-    before anything is authenticated, would hold N times that. A flow's bytes count from its first
-    byte to the end of its body (its `request` hook then refuses or forwards it at once), or until it
-    fails or is freed, whichever comes first."""
+    The per-flow limits bound one body; connections are not bounded in number, so N slow uploads
+    (before anything is authenticated), or N answers an upstream dribbles, would hold N times that. A
+    flow's bytes count from its first byte to the end of its body (its hook then handles it at once),
+    or until it fails or is freed, whichever comes first."""
 
     def __init__(self) -> None:
         self.held = 0
@@ -359,7 +360,8 @@ class _Reading:
             self.held -= entry[0]
 
 
-READING = _Reading()
+READING = _Budget()  # request bodies, before their `request` hook
+HOLDING = _Budget()  # answers not streamed, before their `response` hook
 
 
 def limit_request_body(flow: http.HTTPFlow, limit: int, refuse: _Refuse, budget: int, busy: _Refuse) -> None:
@@ -401,17 +403,19 @@ def _install_request_body_limit() -> None:
     HttpStream.state_consume_request_body = state_consume_request_body  # type: ignore[method-assign]
 
 
-# flow -> the most bytes of its answer mitmproxy may buffer (an answer not streamed). Weak: gone with the flow.
-_answer_limits: weakref.WeakKeyDictionary[http.HTTPFlow, int] = weakref.WeakKeyDictionary()
+# flow -> (the most bytes of its answer mitmproxy may buffer (an answer not streamed), the budget of all
+# such answers being read). Weak: gone with the flow.
+_answer_limits: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[int, int]] = weakref.WeakKeyDictionary()
 
 
-def limit_answer_body(flow: http.HTTPFlow, limit: int) -> None:
-    """Fail `flow` once the answer mitmproxy buffers for it (one not streamed) passes `limit` bytes.
+def limit_answer_body(flow: http.HTTPFlow, limit: int, budget: int) -> None:
+    """Fail `flow` once the answer mitmproxy buffers for it (one not streamed) passes `limit` bytes, or
+    the answers being read, all flows together, would pass `budget` bytes.
 
     mitmproxy holds such an answer whole before the `response` hook, however long. Past the limit the
     upstream connection is closed and the flow fails as an upstream failure: the `error` hook runs
     (nothing reached the client yet: a refund and the gateway's 502)."""
-    _answer_limits[flow] = limit
+    _answer_limits[flow] = (limit, budget)
 
 
 def _install_answer_body_limit() -> None:
@@ -420,14 +424,22 @@ def _install_answer_body_limit() -> None:
     original = HttpStream.state_consume_response_body
 
     def state_consume_response_body(self: HttpStream, event: Any) -> Generator[commands.Command, Any, None]:
-        limit = _answer_limits.get(self.flow) if isinstance(event, ResponseData) else None
-        if limit is not None and len(self.response_body_buf) + len(event.data) > limit:
-            del _answer_limits[self.flow]
-            self.response_body_buf.clear()
-            yield commands.CloseConnection(self.flow.server_conn)
-            yield from self.handle_protocol_error(ResponseProtocolError(
-                self.stream_id, f"an answer over {limit} bytes, not streamed", ErrorCode.GENERIC_SERVER_ERROR))
-            return
+        bound = _answer_limits.get(self.flow) if isinstance(event, ResponseData) else None
+        if bound is not None:
+            limit, budget = bound
+            over = len(self.response_body_buf) + len(event.data) > limit
+            if over or not HOLDING.take(self.flow, len(event.data), budget):
+                del _answer_limits[self.flow]
+                HOLDING.release(self.flow)
+                self.response_body_buf.clear()
+                yield commands.CloseConnection(self.flow.server_conn)
+                why = (f"an answer over {limit} bytes, not streamed" if over else
+                       f"answers being read, not streamed, over {budget} bytes in all")
+                yield from self.handle_protocol_error(ResponseProtocolError(
+                    self.stream_id, why, ErrorCode.GENERIC_SERVER_ERROR))
+                return
+        elif not isinstance(event, ResponseData):
+            HOLDING.release(self.flow)  # the answer is whole (or its trailers come): its hook comes next
         yield from original(self, event)
 
     HttpStream.state_consume_response_body = state_consume_response_body  # type: ignore[method-assign]

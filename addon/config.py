@@ -76,6 +76,9 @@ class Config:
     # Request bodies being read (before their request hook: unauthenticated), all connections together:
     # past it a body is refused 503 gateway_busy. max_body_bytes bounds one; connections are unbounded.
     max_reading_bytes: int = 256 * 1024 * 1024
+    # Answers not streamed being read (held whole before the response hook), all calls together: past it
+    # an answer fails as the upstream's (refunded, 502). One is bounded at max_answer_bytes.
+    max_holding_bytes: int = 1024 * 1024 * 1024
     stale_call_seconds: float = 600.0  # a paid call unsettled this long lost its gateway: refund it
     # An upstream connection idle this long is not reused (0: always reused). Servers close idle
     # connections (uvicorn after 5 s, Node after 5 s); a call sent the moment one does fails.
@@ -91,6 +94,16 @@ class Config:
     seed: Mapping[str, Any] = field(default_factory=dict)
     circuit_breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
+    @property
+    def max_answer_bytes(self) -> int:
+        """The most of one answer not streamed that is held whole (the meter reads max_body_bytes of it
+        decoded; a compressed one is passed on as sent)."""
+        return MAX_ANSWER_FACTOR * self.max_body_bytes
+
+
+# An answer that is not streamed (JSON, or anything but an event stream) is held up to this many times
+# max_body_bytes.
+MAX_ANSWER_FACTOR = 4
 
 _ENV_INT = {
     "UPSTREAM_TIMEOUT_MS": "upstream_timeout_ms",
@@ -237,12 +250,15 @@ def _build(raw: dict[str, Any]) -> Config:
     if cfg.cache not in ("memory", "redis"):
         raise ConfigError(f"cache (MCPMETER_CACHE) must be 'memory' or 'redis', not {cfg.cache!r}")
     for key in ("default_rpm", "default_rpd", "upstream_timeout_ms", "max_upstream_timeout_ms", "max_body_bytes",
-                "max_event_bytes", "max_reading_bytes"):
+                "max_event_bytes", "max_reading_bytes", "max_holding_bytes"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, not {getattr(cfg, key)}")
     if cfg.max_reading_bytes < cfg.max_body_bytes:
         raise ConfigError(f"max_reading_bytes ({cfg.max_reading_bytes}) must be at least max_body_bytes "
                           f"({cfg.max_body_bytes}): else a body within its limit could never be read")
+    if cfg.max_holding_bytes < cfg.max_answer_bytes:
+        raise ConfigError(f"max_holding_bytes ({cfg.max_holding_bytes}) must be at least {MAX_ANSWER_FACTOR} * "
+                          f"max_body_bytes ({cfg.max_answer_bytes}): else an answer within its limit is never read")
     for key in ("key_cache_ttl_seconds", "mcp_cache_ttl_seconds", "negative_cache_ttl_seconds"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must not be negative, not {getattr(cfg, key)}")

@@ -282,6 +282,13 @@ class HostileUpstream:
                                        chunk=int(args.get("chunk", 64 * 1024)))
             case "huge_json":
                 return await _send(writer, 200, _tool_result(rpc_id, "x" * int(mb * 1024 * 1024)))
+            case "stalled_json":  # a JSON answer of `mb` MB, of which `sent` MB come, then nothing for `seconds`
+                body = _tool_result(rpc_id, "x" * int(mb * 1024 * 1024))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                             % len(body) + body[:int(float(args.get("sent", 1)) * 1024 * 1024)])
+                await writer.drain()
+                await asyncio.sleep(float(args.get("seconds", 5)))
+                return False
             case "nested" | "nested_sse":
                 depth = int(args.get("depth", 100_000))
                 body = (b'{"jsonrpc":"2.0","id":' + json.dumps(rpc_id).encode()

@@ -20,7 +20,7 @@ import pytest
 from tests.backends import Backend
 from tests.gateway_proc import Gateway, closed_port, start_gateway
 from tests.hostile_upstream import Canary, HostileUpstream, RawClient, rss_bytes
-from tests.test_adversarial import (CREDIT, MAX_BODY, _canary_starts_clean, canary, check, client, confined,  # noqa: F401
+from tests.test_adversarial import (CREDIT, MAX_BODY, PRICES, _canary_starts_clean, canary, check, client, confined,  # noqa: F401
                                     gateway, gateway_settings, hostile, launch, make_listing, rpc)
 
 
@@ -435,4 +435,36 @@ def test_bodies_being_read_are_bounded_all_connections_together(
     finally:
         for sock in holding:
             sock.close()
+        gw.stop()
+
+
+def test_answers_being_read_are_bounded_all_calls_together(
+        backend: Backend, hostile: HostileUpstream, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """An answer not streamed is held whole before any hook, up to 4 x max_body_bytes; an upstream
+    that sends most of such answers and stalls made the gateway hold that much per call in flight, for
+    every listing. They are bounded all together (max_holding_bytes): past it an answer fails as the
+    upstream's (refunded 502), and what a finished or failed one held is counted no more."""
+    import concurrent.futures
+    listing = make_listing(backend, hostile, timeout=30)
+    gw = launch({**backend.config(), "max_body_bytes": MAX_BODY, "max_holding_bytes": 5 * MAX_BODY},
+                tmp_path_factory.mktemp("holding"), backend.env())
+    stalled = rpc(name="stalled_json", mb=3.5, sent=3, seconds=6)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(RawClient(gw.url).request, "POST", listing.path, listing.auth(), stalled)
+            time.sleep(1.5)  # 3 MB of its answer held
+            started = time.monotonic()
+            second = RawClient(gw.url).request("POST", listing.path, listing.auth(), stalled)
+            assert time.monotonic() - started < 4 and not first.done(), "the second answer waited for the first"
+            assert (second.status, second.error) == (502, "upstream_failed"), (second.status, second.body[:200])
+            assert second.header("X-Mcpmeter-Refunded") == "1"
+            r = first.result(timeout=20)  # cut by its upstream: refunded too
+            assert r.status == 502 and r.header("X-Mcpmeter-Refunded") == "1"
+        for _ in range(3):  # 9 MB held one after another: what each held is given back
+            r = RawClient(gw.url).request("POST", listing.path, listing.auth(**{"X-Hostile": "huge_json"}),
+                                          rpc(name="cheap", mb=3))
+            assert r.status == 200 and r.header("X-Mcpmeter-Billed") == "1", (r.status, r.body[:200])
+        billed = 3 * PRICES["cheap"]  # the stalled calls were refunded
+        assert _balance_back(backend, listing.consumer.user_id, CREDIT - billed) == CREDIT - billed
+    finally:
         gw.stop()
