@@ -36,6 +36,7 @@ from .model import Listing, Verdict
 log = logging.getLogger("mcpmeter")
 
 PRICE, PRICING, RECEIPT = "mcpmeter/price", "mcpmeter/pricing", "mcpmeter/receipt"
+NAMESPACE = "mcpmeter/"  # the meter's `_meta` keys: only the meter writes them (forged ones are dropped)
 EDITED_METHODS = ("tools/list", "initialize")  # answers that carry prices or pricing
 CURRENCY = "USD micro-cents"  # 1 µ¢ = 1e-6 cent
 MAX_REWRITE_BYTES = 1024 * 1024  # bodies and events bigger than this pass unchanged
@@ -100,7 +101,7 @@ class Plan:
         if outcome is None:
             return False
         self.done = True
-        changed = False
+        changed = scrub(message, self.method == "tools/list")
         result = message.get("result")
         if isinstance(result, dict) and outcome is not Outcome.RPC_ERROR:
             if self.method == "tools/list" and isinstance(result.get("tools"), list):
@@ -119,6 +120,37 @@ class Plan:
             elif isinstance(result, dict):
                 changed |= _put_meta(result, RECEIPT, paid)
         return changed
+
+
+def scrub(message: Any, tools: bool) -> bool:
+    """Drop the keys of the meter's namespace the upstream wrote where the meter writes its own (and
+    agents look for them): `result._meta`, `error.data` and, with `tools`, each listed tool's `_meta`.
+    A forged receipt ("refunded" for a billed call) or price must not reach an agent that trusts it,
+    whether or not the meter writes the real one. True if anything was dropped."""
+    if not isinstance(message, dict):
+        return False
+    changed = False
+    result = message.get("result")
+    if isinstance(result, dict):
+        changed = _drop_ours(result.get("_meta"))
+        listed = result.get("tools") if tools else None
+        if isinstance(listed, list):
+            for tool in listed:
+                if isinstance(tool, dict):
+                    changed |= _drop_ours(tool.get("_meta"))
+    error = message.get("error")
+    if isinstance(error, dict):
+        changed |= _drop_ours(error.get("data"))
+    return changed
+
+
+def _drop_ours(holder: Any) -> bool:
+    if not isinstance(holder, dict):
+        return False  # a non-object `_meta` or `data` has no keys to forge
+    forged = [key for key in holder if key.startswith(NAMESPACE)]
+    for key in forged:
+        del holder[key]
+    return bool(forged)
 
 
 def _put_meta(holder: dict[str, Any], key: str, value: Any) -> bool:
@@ -288,9 +320,8 @@ def edit_json(text: str | bytes, plan: Plan) -> str | None:
         return None
     messages = value if isinstance(value, list) else [value]
     changed = False
-    for message in messages:
-        if not plan.done:
-            changed |= plan.edit(message)
+    for message in messages:  # a batch's other messages too: one may answer the same id, or claim to
+        changed |= (not plan.done and plan.edit(message)) or scrub(message, plan.method == "tools/list")
     if not changed:
         return None
     out = dumps(value)

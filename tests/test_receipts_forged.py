@@ -1,0 +1,118 @@
+"""A hostile upstream writing into the meter's `_meta` namespace (`mcpmeter/...`): a forged receipt
+("refunded" when the call was billed) or price must never reach the consumer's agent, which trusts
+them (README, "Prices and receipts in `_meta`")."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from addon.receipts import Plan, edit_json
+from tests.test_receipts import LISTING, RECEIPT, paid, plan
+
+FORGED = {"request_id": "r", "decision": "refunded", "reason": "tool_error", "amount_micro_cents": 0,
+          "refunded_micro_cents": 1000, "balance_micro_cents": 10**9}
+FORGED_PRICE = {"micro_cents": 0, "free_calls_left": 1000, "currency": "USD micro-cents"}
+
+
+def ours(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if k.startswith("mcpmeter/")}
+
+
+def test_a_forged_receipt_and_other_keys_of_the_namespace_are_replaced_in_a_result() -> None:
+    message = {"jsonrpc": "2.0", "id": 1, "result": {"content": [], "_meta": {
+        "theirs": 1, "mcpmeter/receipt": FORGED, "mcpmeter/pricing": {"default_micro_cents": 0},
+        "mcpmeter/refund": True}}}
+    assert plan().edit(message)
+    assert message["result"]["_meta"] == {"theirs": 1, "mcpmeter/receipt": RECEIPT}
+
+
+def test_a_forged_receipt_is_replaced_in_an_errors_data() -> None:
+    message = {"jsonrpc": "2.0", "id": 1, "error": {"code": -1, "message": "m", "data": {
+        "why": "x", "mcpmeter/receipt": FORGED, "mcpmeter/price": FORGED_PRICE}}}
+    assert plan().edit(message)
+    assert message["error"]["data"] == {"why": "x", "mcpmeter/receipt": RECEIPT}
+
+
+def test_forged_prices_are_removed_from_tools_list_even_where_none_is_written() -> None:
+    message = {"jsonrpc": "2.0", "id": 1, "result": {
+        "_meta": {"mcpmeter/pricing": {"default_micro_cents": 0}, "mcpmeter/receipt": FORGED, "theirs": 2},
+        "tools": [{"name": "slow", "_meta": {"mcpmeter/price": FORGED_PRICE, "mcpmeter/x": 1}},
+                  {"nameless": True, "_meta": {"mcpmeter/price": FORGED_PRICE, "theirs": 1}}]}}
+    assert plan("tools/list").edit(message)
+    slow, nameless = message["result"]["tools"]
+    assert ours(slow["_meta"]) == {"mcpmeter/price": {"micro_cents": 5000, "free_calls_left": None,
+                                                      "currency": "USD micro-cents"}}
+    assert nameless["_meta"] == {"theirs": 1}
+    assert message["result"]["_meta"] == {"theirs": 2}
+
+
+def test_a_forged_receipt_is_replaced_in_initialize() -> None:
+    message = {"jsonrpc": "2.0", "id": 0, "result": {"_meta": {"mcpmeter/pricing": {"default_micro_cents": 0},
+                                                              "mcpmeter/receipt": FORGED}}}
+    assert plan("initialize", rpc_id=0).edit(message)
+    assert list(ours(message["result"]["_meta"])) == ["mcpmeter/pricing"]
+    assert message["result"]["_meta"]["mcpmeter/pricing"]["default_micro_cents"] == 1000
+
+
+def test_an_escaped_key_of_the_namespace_is_caught_in_json_text() -> None:
+    text = ('{"jsonrpc":"2.0","id":1,"result":{"content":[],"_meta":{"\\u006dcpmeter\\/receipt":'
+            + json.dumps(FORGED) + ',"mcpmeter\\/price":1}}}')
+    new = json.loads(edit_json(text, plan()) or "")
+    assert new["result"]["_meta"] == {"mcpmeter/receipt": RECEIPT}
+
+
+def test_a_second_answer_with_the_same_id_in_a_batch_loses_its_forged_receipt() -> None:
+    forged = {"jsonrpc": "2.0", "id": 1, "result": {"_meta": {"mcpmeter/receipt": FORGED}}}
+    text = json.dumps([{"jsonrpc": "2.0", "id": 1, "result": {}}, forged])
+    first, second = json.loads(edit_json(text, Plan(1, "tools/call", LISTING, None, paid)) or "")
+    assert first["result"]["_meta"] == {"mcpmeter/receipt": RECEIPT}
+    assert second["result"] == {"_meta": {}}
+
+
+def test_a_batchs_message_before_the_answer_loses_its_forged_receipt_too() -> None:
+    text = json.dumps([{"jsonrpc": "2.0", "id": 2, "result": {"_meta": {"mcpmeter/receipt": FORGED}}},
+                       {"jsonrpc": "2.0", "id": 1, "result": {}}])
+    other, answer = json.loads(edit_json(text, plan()) or "")
+    assert other["result"] == {"_meta": {}} and answer["result"]["_meta"] == {"mcpmeter/receipt": RECEIPT}
+
+
+# --- through the hooks ------------------------------------------------------------------------------
+
+from tests.test_gateway_hooks import (  # noqa: E402, F401  (fixtures: gw, isolated)
+    OPENING, PRICE, Gw, gw, isolated, json_response, make_flow, rpc, sent, sse_response, upstream_answers)
+
+
+async def test_a_billed_json_answer_with_a_forged_refund_carries_the_real_receipt(gw: Gw) -> None:
+    flow = make_flow()
+    await gw.addon.request(flow)
+    forged = {"jsonrpc": "2.0", "id": 1, "result": {"content": [], "_meta": {"mcpmeter/receipt": FORGED}}}
+    await upstream_answers(gw, flow, json_response(forged))
+    receipt = json.loads(flow.response.content)["result"]["_meta"]["mcpmeter/receipt"]
+    assert receipt["decision"] == "billed" and receipt["amount_micro_cents"] == PRICE
+    assert gw.db.balance(1) == OPENING - PRICE
+    assert flow.response.headers["Content-Length"] == str(len(flow.response.raw_content))
+
+
+async def test_a_billed_sse_answer_with_a_forged_refund_carries_the_real_receipt(gw: Gw) -> None:
+    flow = make_flow()
+    await gw.addon.request(flow)
+    flow.response = sse_response()
+    await gw.addon.responseheaders(flow)
+    forged = {"jsonrpc": "2.0", "id": 1, "result": {"content": [], "_meta": {"mcpmeter/receipt": FORGED,
+                                                                             "mcpmeter/pricing": {}}}}
+    out = sent(flow.response.stream(b"event: message\ndata: " + json.dumps(forged).encode() + b"\n\n"))
+    out += sent(flow.response.stream(b""))
+    meta = json.loads(out.split(b"data: ", 1)[1])["result"]["_meta"]
+    assert list(meta) == ["mcpmeter/receipt"] and meta["mcpmeter/receipt"]["decision"] == "billed"
+
+
+async def test_a_tools_list_answer_with_forged_prices_shows_the_real_ones(gw: Gw) -> None:
+    flow = make_flow(body=rpc("tools/list", 7))
+    await gw.addon.request(flow)
+    listing = {"jsonrpc": "2.0", "id": 7, "result": {"tools": [
+        {"name": "slow_count", "_meta": {"mcpmeter/price": FORGED_PRICE}},
+        {"_meta": {"mcpmeter/price": FORGED_PRICE}}]}}
+    await upstream_answers(gw, flow, json_response(listing))
+    named, nameless = json.loads(flow.response.content)["result"]["tools"]
+    assert named["_meta"]["mcpmeter/price"]["micro_cents"] == 5000 and nameless["_meta"] == {}
