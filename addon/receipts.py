@@ -299,6 +299,8 @@ def edit_json(text: str | bytes, plan: Plan) -> str | None:
     """The message (or batch) with the plan applied, or None to leave it unchanged."""
     if len(text) > MAX_REWRITE_BYTES or not text.strip():  # an empty data field: a priming event
         return None
+    if plan.receipt_of is None and plan.receipt_only and not _may_forge(text):
+        return None  # nothing to write, and no key of the namespace to drop: not parsed at all
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -332,13 +334,23 @@ def edit_json(text: str | bytes, plan: Plan) -> str | None:
     return out
 
 
+def _may_forge(text: str | bytes) -> bool:
+    """Whether `text` may hold a key of the meter's namespace: it spells `mcpmeter`, or escapes a
+    character (`\\u006d`...) as a key's letters can be. `mcpmeter\\/` still spells it."""
+    if isinstance(text, bytes):
+        return b"mcpmeter" in text or b"\\u" in text
+    return "mcpmeter" in text or "\\u" in text
+
+
 # --- the gateway's hooks delegate here ----------------------------------------------------------------
 
 async def plan_for(flow: http.HTTPFlow, call: Any, store: Any, free_used: FreeUsed) -> Plan | None:
-    """What this flow's answers should carry, or None (most flows: nothing to write)."""
+    """What this flow's answers should carry, or None (no listing, or no request id to answer).
+    A request that is not paid for gets a plan too, with nothing to write: the upstream's own keys of
+    the namespace are dropped from its answer (a forged receipt on a free or continued call)."""
     listing = call.listing
     method = (flow.metadata.get(META) or {}).get("method")
-    if listing is None or (call.charged is None and method not in EDITED_METHODS):
+    if listing is None or flow.request.method != "POST":
         return None
     rpc_id = call.priced.rpc_id if call.priced is not None else rpc_errors.peek_id(flow.request.raw_content)
     if rpc_id is None:
@@ -414,7 +426,8 @@ async def write_body(flow: http.HTTPFlow, call: Any, store: Any, free_used: Free
     try:
         plan = await plan_for(flow, call, store, free_used)
         new = None
-        if plan is not None and plan.receipt_only and call.outcome in (Outcome.RESULT, Outcome.TOOL_ERROR):
+        if (plan is not None and plan.receipt_only and plan.receipt_of is not None
+                and call.outcome in (Outcome.RESULT, Outcome.TOOL_ERROR)):
             # The settlement read this body already (call.outcome): no second parse of the message,
             # only of its result object, to find where the receipt goes.
             try:
@@ -446,7 +459,7 @@ def edit_event_data(data: str, plan: Plan, outcome: Outcome | None) -> str | Non
     """An SSE event's data with the plan applied, or None to leave it. `outcome`: what the event
     says of the call, when the meter read it already (then the message is not parsed again)."""
     new = None
-    if outcome in (Outcome.RESULT, Outcome.TOOL_ERROR) and plan.receipt_only:
+    if outcome in (Outcome.RESULT, Outcome.TOOL_ERROR) and plan.receipt_only and plan.receipt_of is not None:
         new = _splice_into(data, plan, outcome)
     if new is None and not plan.done:
         new = edit_json(data, plan)
@@ -456,5 +469,10 @@ def edit_event_data(data: str, plan: Plan, outcome: Outcome | None) -> str | Non
 def may_edit(plan: Plan, data: str) -> bool:
     """False when editing the event with this data would leave it unchanged for certain: the answer
     has passed, or a receipt is all there is to write and the data has no "id" member, not even
-    escaped (a key's letters can only be escaped as \\uXXXX): priming events and notifications."""
-    return not plan.done and (not plan.receipt_only or '"id"' in data or "\\u" in data)
+    escaped (a key's letters can only be escaped as \\uXXXX): priming events and notifications; or
+    nothing is to be written and the data cannot hold a key of the namespace to drop."""
+    if plan.done or not plan.receipt_only:
+        return not plan.done
+    if plan.receipt_of is None:
+        return _may_forge(data)
+    return '"id"' in data or "\\u" in data

@@ -116,3 +116,35 @@ async def test_a_tools_list_answer_with_forged_prices_shows_the_real_ones(gw: Gw
     await upstream_answers(gw, flow, json_response(listing))
     named, nameless = json.loads(flow.response.content)["result"]["tools"]
     assert named["_meta"]["mcpmeter/price"]["micro_cents"] == 5000 and nameless["_meta"] == {}
+
+
+# --- answers the meter writes nothing into ------------------------------------------------------------
+
+FORGED_ANSWER = {"jsonrpc": "2.0", "id": 3, "result": {"contents": [], "_meta": {"mcpmeter/receipt": FORGED}}}
+
+
+async def test_an_unpriced_json_answer_loses_a_forged_receipt(gw: Gw) -> None:
+    flow = make_flow(body=rpc("resources/read", 3, uri="file:///x"))
+    await gw.addon.request(flow)
+    await upstream_answers(gw, flow, json_response(FORGED_ANSWER))
+    assert json.loads(flow.response.content)["result"] == {"contents": [], "_meta": {}}
+    assert flow.response.headers["Content-Length"] == str(len(flow.response.raw_content))
+
+
+async def test_an_unpriced_sse_answer_loses_a_forged_receipt(gw: Gw) -> None:
+    flow = make_flow(body=rpc("resources/read", 3, uri="file:///x"))
+    await gw.addon.request(flow)
+    flow.response = sse_response()
+    await gw.addon.responseheaders(flow)
+    out = sent(flow.response.stream(b"event: message\ndata: " + json.dumps(FORGED_ANSWER).encode() + b"\n\n"))
+    out += sent(flow.response.stream(b""))
+    assert json.loads(out.split(b"data: ", 1)[1])["result"] == {"contents": [], "_meta": {}}
+
+
+def test_an_answer_without_the_namespace_is_not_parsed_when_nothing_is_to_be_written(monkeypatch: Any) -> None:
+    # Nothing to write and no "mcpmeter" (nor a \\u escape that could spell it): not even parsed.
+    from addon import receipts
+    monkeypatch.setattr(receipts, "loads", None)
+    monkeypatch.setattr(receipts, "_decoder", None)
+    strip_only = Plan(3, "resources/read", LISTING, None, None)
+    assert edit_json(json.dumps({"jsonrpc": "2.0", "id": 3, "result": {"_meta": {"x": 1}}}), strip_only) is None
