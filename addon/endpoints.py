@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
@@ -23,6 +25,36 @@ log = logging.getLogger("mcpmeter")
 
 PUBLIC_HEALTH_FIELDS = ("store", "cache", "ok", "degraded")
 RESOURCE_METADATA = "/.well-known/oauth-protected-resource"
+HEALTH_WAIT = 1.0  # seconds a /health request waits for a probe before reporting it failed
+PROBE_ABANDONED = 10.0  # seconds after which a probe still running is given up and a new one started
+Probe = Callable[[], Awaitable[dict[str, object]]]
+
+
+class Probes:
+    """At most one health probe of each store or cache in flight, shared by every /health request
+    that comes while it runs. /health is public: without this, each anonymous request would queue a
+    job for the store (the queue charges wait in) and a query for Redis."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, tuple[object, float, asyncio.Task[dict[str, object]]]] = {}
+
+    async def check(self, name: str, owner: object, probe: Probe) -> dict[str, Any]:
+        """`owner`'s probe (a reload may replace the store): the one in flight, else a new one."""
+        running = self._running.get(name)
+        now = time.monotonic()
+        if running is None or running[0] is not owner or now - running[1] > PROBE_ABANDONED:
+            if running is not None:
+                running[2].cancel()
+            task = asyncio.ensure_future(probe())
+            task.add_done_callback(lambda done: self._finished(name, done))
+            running = self._running[name] = (owner, now, task)
+        return dict(await asyncio.wait_for(asyncio.shield(running[2]), timeout=HEALTH_WAIT))
+
+    def _finished(self, name: str, task: asyncio.Task[dict[str, object]]) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved: a probe every waiter gave up on must not log "never retrieved"
+        if (running := self._running.get(name)) is not None and running[2] is task:
+            del self._running[name]
 
 
 async def answer(gw: Mcpmeter, flow: http.HTTPFlow, call: Call, credential: Credential | None) -> bool:
@@ -62,9 +94,9 @@ async def _health(gw: Mcpmeter, flow: http.HTTPFlow, call: Call) -> None:
     _only_get(flow)
     assert gw.store is not None and gw.cache is not None
     checks: dict[str, Any] = {}
-    for name, probe in (("store", gw.store.health), ("cache", gw.cache.health)):
+    for name, owner in (("store", gw.store), ("cache", gw.cache)):
         try:
-            check = await asyncio.wait_for(probe(), timeout=1.0)
+            check = await gw.probes.check(name, owner, owner.health)
         except Exception as e:  # health reports, it does not fail
             check = {"ok": False, "error": str(e) or type(e).__name__}
         if not check.get("ok"):

@@ -26,8 +26,8 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from . import (answers, commands, compat, deferred, display, dryrun, forwarding, gctune, guard, receipts, redaction,
-               rpc_errors)
+from . import (answers, commands, compat, deferred, display, dryrun, endpoints, forwarding, gctune, guard, receipts,
+               redaction, rpc_errors)
 from . import pending as resumption
 from .admission import Admission
 from .auth import Credential, parse_authorization
@@ -77,6 +77,7 @@ class Mcpmeter:
         self.addons = [self.commands]  # mitmproxy registers the sub-addon's commands
         self.results = self.commands.results  # the debugging commands' answers and this gateway's calls
         self.replays = dryrun.Originals()  # who made each flow, so replaying it is a dry run as them
+        self.probes = endpoints.Probes()  # /health's probes of the store and cache, one of each at a time
         # Tasks and input_required rounds: calls held until a later message settles them (addon/deferred.py).
         self.deferred = deferred.Deferred(self.settlements.held, lambda: self.config, lambda: self.store)
 
