@@ -11,7 +11,9 @@ Three `_meta` keys (documented in README, "Prices and receipts in `_meta`"):
 The editing is pure (messages in, messages out); the receipt is computed as the answer passes, from
 `billing.decide` and the charge's own result, so it needs no database. Rewriting is bounded: a body
 or an SSE event over `MAX_REWRITE_BYTES` passes unchanged, as does one the strict parse refuses
-(duplicate keys, NaN, nesting too deep to write back) or an encoded (gzip...) body. An SSE event is rewritten whole: its
+(duplicate keys, NaN, nesting too deep to write back) or an encoded (gzip...) body, except that the
+keys of the meter's namespace the upstream wrote are renamed in it (`_rename_ours`): only the meter
+writes `mcpmeter/...` keys (`scrub`). An SSE event is rewritten whole: its
 `id:`, `event:`, comment and `retry:` lines keep their place and line ends; its `data:` lines become
 one. At most one event is held back, and only until the answer has passed.
 """
@@ -319,7 +321,7 @@ def edit_json(text: str | bytes, plan: Plan) -> str | None:
     try:
         value = loads(text)
     except (ValueError, UnicodeDecodeError):
-        return None
+        return _rename_ours(text)  # not written back: only the namespace's keys are renamed in place
     messages = value if isinstance(value, list) else [value]
     changed = False
     for message in messages:  # a batch's other messages too: one may answer the same id, or claim to
@@ -330,8 +332,35 @@ def edit_json(text: str | bytes, plan: Plan) -> str | None:
     try:
         out.encode("utf-8")
     except UnicodeEncodeError:  # an escaped lone surrogate (\ud800) cannot be written back as UTF-8
-        return None
+        return _rename_ours(text)
     return out
+
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string token, escapes included (linear)
+_COLON = re.compile(r"[ \t\r\n]*:")
+RENAMED = "upstream/"  # what a key of the namespace becomes in a message that is not written back
+
+
+def _rename_ours(text: str) -> str | None:
+    """`text`, which the gateway cannot write back, with every object key of the namespace, at any
+    depth and however escaped, replaced by `"upstream/mcpmeter/..."` (ASCII-escaped); None if it has
+    none. Only whole string tokens are replaced, by string tokens: the framing and every other byte
+    stay as sent, so an agent reads the same message without a key it would take for the meter's."""
+    if not _may_forge(text):
+        return None
+    out, at = [], 0
+    for token in _STRING.finditer(text):
+        raw = token.group()
+        if ("mcpmeter" not in raw and "\\u" not in raw) or not _COLON.match(text, token.end()):
+            continue  # cannot spell the namespace, or a value rather than a key
+        try:
+            key = json.loads(raw) if "\\" in raw else raw[1:-1]
+        except ValueError:
+            continue
+        if isinstance(key, str) and key.startswith(NAMESPACE):
+            out += [text[at:token.start()], json.dumps(RENAMED + key)]
+            at = token.end()
+    return None if not out else "".join(out) + text[at:]
 
 
 def _may_forge(text: str | bytes) -> bool:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from mitmproxy import http
+
 from addon.receipts import Plan, edit_json
 from tests.test_receipts import LISTING, RECEIPT, paid, plan
 
@@ -148,3 +150,58 @@ def test_an_answer_without_the_namespace_is_not_parsed_when_nothing_is_to_be_wri
     monkeypatch.setattr(receipts, "_decoder", None)
     strip_only = Plan(3, "resources/read", LISTING, None, None)
     assert edit_json(json.dumps({"jsonrpc": "2.0", "id": 3, "result": {"_meta": {"x": 1}}}), strip_only) is None
+
+
+# --- what the strict parse refuses: keys of the namespace renamed in the upstream's own text ---------------
+
+FORGED_TEXT = json.dumps(FORGED, separators=(",", ":"))
+
+
+def test_a_forged_receipt_in_a_message_the_strict_parse_refuses_is_renamed_in_place() -> None:
+    # Duplicate keys: re-serialising would drop one, so the text is kept and only the key is renamed.
+    text = '{"jsonrpc":"2.0","id":1,"result":{"a":1,"a":2,"_meta":{"mcpmeter/receipt":' + FORGED_TEXT + "}}}"
+    new = edit_json(text, plan())
+    assert new == text.replace('"mcpmeter/receipt"', '"upstream/mcpmeter/receipt"')
+    assert json.loads(new)["result"]["_meta"] == {"upstream/mcpmeter/receipt": FORGED}
+
+
+def test_escaped_keys_are_renamed_and_values_and_other_keys_are_kept() -> None:
+    text = ('{"jsonrpc":"2.0","id":1,"result":{"x":NaN,"text":"mcpmeter/receipt","_meta":{'
+            '"\\u006dcpmeter\\/price" : 1,"mcpmeterx":2,"t":"\\ud800"}}}')
+    new = edit_json(text, plan())
+    assert new == text.replace('"\\u006dcpmeter\\/price"', '"upstream/mcpmeter/price"')
+
+
+def test_a_lone_surrogate_key_of_the_namespace_is_renamed_as_ascii() -> None:
+    text = '{"jsonrpc":"2.0","id":1,"result":{"_meta":{"mcpmeter/\\ud800":1,"mcpmeter/receipt":2}}}'
+    parsed = json.loads(edit_json(text, plan()) or "")  # parsed strictly: dropped, the receipt written
+    assert parsed["result"]["_meta"] == {"mcpmeter/receipt": RECEIPT}
+    text = text.replace('"result":{', '"result":{"a":1,"a":2,')  # refused: renamed in place
+    new = edit_json(text, plan())
+    assert new is not None and new.encode("ascii")
+    assert set(json.loads(new)["result"]["_meta"]) == {"upstream/mcpmeter/\ud800", "upstream/mcpmeter/receipt"}
+
+
+def test_a_refused_message_without_the_namespace_is_still_left_alone() -> None:
+    assert edit_json('{"jsonrpc":"2.0","id":1,"result":{"a":1,"a":2,"_meta":{"x":"\\u0041"}}}', plan()) is None
+
+
+async def test_a_billed_answer_hiding_a_forged_refund_behind_a_duplicate_key_loses_it(gw: Gw) -> None:
+    flow = make_flow()
+    await gw.addon.request(flow)
+    body = ('{"jsonrpc":"2.0","id":1,"result":{"a":1,"a":2,"_meta":{"mcpmeter/receipt":' + FORGED_TEXT + "}}}").encode()
+    await upstream_answers(gw, flow, http.Response.make(200, body, {"Content-Type": "application/json"}))
+    assert flow.response.raw_content == body.replace(b'"mcpmeter/receipt"', b'"upstream/mcpmeter/receipt"')
+    assert flow.response.headers["Content-Length"] == str(len(flow.response.raw_content))
+    assert gw.db.balance(1) == OPENING - PRICE  # billed, as the meter read it
+
+
+async def test_an_sse_answer_hiding_a_forged_refund_behind_a_duplicate_key_loses_it(gw: Gw) -> None:
+    flow = make_flow()
+    await gw.addon.request(flow)
+    flow.response = sse_response()
+    await gw.addon.responseheaders(flow)
+    data = '{"jsonrpc":"2.0","id":1,"result":{"a":1,"a":2,"_meta":{"mcpmeter/receipt":' + FORGED_TEXT + "}}}"
+    out = sent(flow.response.stream(b"event: message\ndata: " + data.encode() + b"\n\n"))
+    out += sent(flow.response.stream(b""))
+    assert out == b"event: message\ndata: " + data.replace('"mcpmeter/', '"upstream/mcpmeter/').encode() + b"\n\n"
