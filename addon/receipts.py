@@ -89,8 +89,10 @@ def call_receipt(call: Any, outcome: Outcome | None) -> dict[str, Any] | None:
 class Plan:
     """What to write into the answers of one request: prices, pricing, a receipt."""
 
-    def __init__(self, rpc_id: JsonId, method: str | None, listing: Listing, free_left: int | None = None,
+    def __init__(self, rpc_id: JsonId | None, method: str | None, listing: Listing, free_left: int | None = None,
                  receipt_of: Callable[[Outcome], dict[str, Any] | None] | None = None) -> None:
+        """`rpc_id` None: a stream that may carry answers to other requests (a session's GET stream):
+        nothing is written, the namespace's keys the upstream wrote are dropped from every message."""
         self.rpc_id, self.method, self.listing, self.free_left = rpc_id, method, listing, free_left
         self.receipt_of = receipt_of
         self.done = False  # the answer to rpc_id has passed (edited or not)
@@ -99,6 +101,8 @@ class Plan:
 
     def edit(self, message: Any) -> bool:
         """Edit `message` in place if it answers the request; True if it changed."""
+        if self.rpc_id is None:
+            return scrub(message, False)  # the stream's every message, and never done
         outcome = answer_outcome(message, self.rpc_id)
         if outcome is None:
             return False
@@ -254,21 +258,26 @@ def _splice_receipt(text: str, plan: Plan) -> Any:
     no `_meta`. The receipt is inserted into the upstream's own text, which is otherwise kept byte for
     byte. Returns the new text, _UNCHANGED (not the answer, or nothing to write) or _FALL_BACK (let
     the strict parse and re-serialisation decide)."""
+    rpc_id = plan.rpc_id
+    # Not the answer: unchanged, unless it may hold keys of the namespace (another id's answer) to drop.
+    other = _FALL_BACK if _may_forge(text) else _UNCHANGED
+    if rpc_id is None:
+        return _FALL_BACK
     located = _top_level_result(text)
     if located is None:  # no result member last (a notification, a request, an error...): parse it all
         try:
             message = _decoder.decode(text)
         except (ValueError, RecursionError):
             return _FALL_BACK
-        if isinstance(message, dict) and answer_outcome(message, plan.rpc_id) is None:
-            return _UNCHANGED  # a notification, a request, another call's answer
+        if isinstance(message, dict) and answer_outcome(message, rpc_id) is None:
+            return other  # a notification, a request, another call's answer
         return _FALL_BACK
     # The members before `result` are read as an object of their own (the result is parsed already):
     # with the result put back, the same message the whole parse gives (last duplicate wins in both).
     brace, result = located
     head = text[:text.rfind('"result"', 0, brace)].rstrip()
     if not head.endswith(","):
-        return _UNCHANGED  # `result` is the only member: no id, not an answer
+        return other  # `result` is the only member: no id, not an answer
     try:
         message = _decoder.decode(head[:-1] + "}")
     except (ValueError, RecursionError):
@@ -276,9 +285,9 @@ def _splice_receipt(text: str, plan: Plan) -> Any:
     if not isinstance(message, dict):
         return _FALL_BACK
     message["result"] = result
-    outcome = answer_outcome(message, plan.rpc_id)
+    outcome = answer_outcome(message, rpc_id)
     if outcome is None:
-        return _UNCHANGED  # another call's answer, or a request
+        return other  # another call's answer, or a request
     if outcome is Outcome.RPC_ERROR or not isinstance(result, dict) or "_meta" in result:
         return _FALL_BACK
     plan.done = True
@@ -310,7 +319,7 @@ def edit_json(text: str | bytes, plan: Plan) -> str | None:
             return None  # not UTF-8: no answer to the SDKs (jsonrpc.answer_messages), and left as sent
     if text.startswith("\ufeff"):
         return None  # a byte order mark: the same (rewriting it away would deliver what was refunded)
-    if plan.receipt_only and not plan.done:
+    if plan.receipt_only and not plan.done and plan.rpc_id is not None:
         if not may_edit(plan, text):
             return None  # no "id" member, even escaped: a notification (progress...), not the answer
         spliced = _splice_receipt(text, plan)
@@ -379,7 +388,11 @@ async def plan_for(flow: http.HTTPFlow, call: Any, store: Any, free_used: FreeUs
     the namespace are dropped from its answer (a forged receipt on a free or continued call)."""
     listing = call.listing
     method = (flow.metadata.get(META) or {}).get("method")
-    if listing is None or flow.request.method != "POST":
+    if listing is None:
+        return None
+    if flow.request.method == "GET":  # a session's stream (or a resumed one) carries parked calls' answers
+        return Plan(None, None, listing) if call.session is not None else None
+    if flow.request.method != "POST":
         return None
     rpc_id = call.priced.rpc_id if call.priced is not None else rpc_errors.peek_id(flow.request.raw_content)
     if rpc_id is None:

@@ -205,3 +205,33 @@ async def test_an_sse_answer_hiding_a_forged_refund_behind_a_duplicate_key_loses
     out = sent(flow.response.stream(b"event: message\ndata: " + data.encode() + b"\n\n"))
     out += sent(flow.response.stream(b""))
     assert out == b"event: message\ndata: " + data.replace('"mcpmeter/', '"upstream/mcpmeter/').encode() + b"\n\n"
+
+
+# --- a session's GET stream: the answers of calls parked on it (resumption) -------------------------------
+
+async def test_a_parked_calls_answer_on_a_resumed_stream_loses_a_forged_refund(gw: Gw) -> None:
+    from tests.test_pending_hooks import post_primed, resumed_get
+    post, call = await post_primed(gw)
+    get = await resumed_get(gw)
+    forged = {"jsonrpc": "2.0", "id": 1, "result": {"content": [], "_meta": {"mcpmeter/receipt": FORGED}}}
+    notice = {"jsonrpc": "2.0", "method": "notifications/message", "params": {"_meta": {"mcpmeter/receipt": 1}}}
+    out = sent(get.response.stream(b"id: 2\ndata: " + json.dumps(forged).encode() + b"\n\n"))
+    out += sent(get.response.stream(b"id: 3\ndata: " + json.dumps(notice).encode() + b"\n\n"))
+    answer, other = (json.loads(part.split(b"data: ", 1)[1]) for part in out.split(b"\n\n")[:2])
+    assert answer["result"] == {"content": [], "_meta": {}}  # billed: no forged "refunded" delivered
+    assert other == notice  # not a key where the meter writes: the upstream's
+    assert call.settlement is not None
+    post.response.stream(b"")
+    await gw.addon.response(post)
+    await gw.addon.drain()
+    assert gw.db.balance(1) == OPENING - PRICE
+
+
+def test_another_calls_answer_before_the_answer_loses_its_forged_receipt() -> None:
+    # On a POST's stream an SDK routes an answer by its id: one for another call is taken as that call's.
+    other = '{"jsonrpc":"2.0","id":2,"result":{"_meta":{"mcpmeter/receipt":' + FORGED_TEXT + "}}}"
+    p = plan()
+    assert json.loads(edit_json(other, p) or "")["result"] == {"_meta": {}} and not p.done
+    assert edit_json('{"jsonrpc":"2.0","id":2,"result":{"_meta":{"x":1}}}', p) is None  # nothing of ours: as sent
+    assert json.loads(edit_json('{"jsonrpc":"2.0","id":1,"result":{}}', p) or "")["result"]["_meta"] == {
+        "mcpmeter/receipt": RECEIPT}
