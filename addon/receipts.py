@@ -345,7 +345,7 @@ def edit_json(text: str | bytes, plan: Plan) -> str | None:
     return out
 
 
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string token, escapes included (linear)
+_STRING = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+"')  # a JSON string token, escapes included
 _COLON = re.compile(r"[ \t\r\n]*:")
 RENAMED = "upstream/"  # what a key of the namespace becomes in a message that is not written back
 
@@ -357,8 +357,11 @@ def _rename_ours(text: str) -> str | None:
     stay as sent, so an agent reads the same message without a key it would take for the meter's."""
     if not _may_forge(text):
         return None
-    out, at = [], 0
-    for token in _STRING.finditer(text):
+    out, at, pos = [], 0, 0
+    # Token by token from the start, never from inside one: finditer would try again at every quote a
+    # string left unterminated escapes (`"\\"\\"\\"...`), reading to the end each time (quadratic).
+    while (pos := text.find('"', pos)) >= 0 and (token := _STRING.match(text, pos)) is not None:
+        pos = token.end()
         raw = token.group()
         if ("mcpmeter" not in raw and "\\u" not in raw) or not _COLON.match(text, token.end()):
             continue  # cannot spell the namespace, or a value rather than a key

@@ -235,3 +235,17 @@ def test_another_calls_answer_before_the_answer_loses_its_forged_receipt() -> No
     assert edit_json('{"jsonrpc":"2.0","id":2,"result":{"_meta":{"x":1}}}', p) is None  # nothing of ours: as sent
     assert json.loads(edit_json('{"jsonrpc":"2.0","id":1,"result":{}}', p) or "")["result"]["_meta"] == {
         "mcpmeter/receipt": RECEIPT}
+
+
+def test_renaming_is_linear_in_a_string_left_unterminated() -> None:
+    """A message the strict parse refuses is tokenised to rename the namespace's keys: a string left
+    open whose quotes are all escaped (`"\\"\\"...`) made every quote a new start, read to the end
+    (32 KB took 2.5 s; a 1 MiB event, hours). One pass now."""
+    import time
+
+    from addon.receipts import _rename_ours
+    text = '{"mcpmeter/receipt":{"refunded":true},"x":"' + '\\"' * (512 * 1024)
+    started = time.process_time()
+    renamed = _rename_ours(text)
+    assert time.process_time() - started < 1.0
+    assert renamed is not None and renamed.startswith('{"upstream/mcpmeter/receipt":')
