@@ -204,10 +204,13 @@ async def test_requestheaders_bounds_a_body_without_content_length(gw: Gw) -> No
     flow.request.content = None
     gw.addon.requestheaders(flow)
     assert flow.response is None and flow.live  # nothing to decide before the body comes
-    limit, refuse = compat._body_limits[flow]
-    assert limit == MAX_BODY
+    limit, refuse, budget, busy = compat._body_limits[flow]
+    assert limit == MAX_BODY and budget == gw.addon.config.max_reading_bytes
     answer = refuse(flow, limit)
     assert answer.status_code == 413 and refusal(answer.content)["error"] == "payload_too_large"
+    answer = busy(flow, budget)
+    assert answer.status_code == 503 and refusal(answer.content)["error"] == "gateway_busy"
+    assert answer.headers["Retry-After"] == "1"
     assert ALICE not in flow.request.headers["authorization"]  # the flow dies before `request` redacts
 
 
