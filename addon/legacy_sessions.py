@@ -13,6 +13,7 @@ answering its id that comes later on the session's stream goes out without its d
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 from mitmproxy import http
@@ -29,6 +30,8 @@ from .stream_edit import StreamEditor, hold_limit
 
 if TYPE_CHECKING:
     from .gateway import Mcpmeter
+
+log = logging.getLogger("mcpmeter")
 
 
 def identity(listing_id: int, subpath: str, query: str) -> str:
@@ -122,21 +125,35 @@ class LegacySessions:
             # The parser and the editor read the rewritten stream from its endpoint event on: the
             # same offsets. b"": the end (the editor lets out what it held).
             for piece in [*out, b""] if ended else out:
-                events = stream.parser.feed(piece)
+                # (none past a cut settles a call: it is not delivered)
+                events = stream.editor.admit(stream.parser.feed(piece))
                 if edited := stream.editor.feed(piece, events, stream.parser.pending_from):
                     sent.append(edited)
                 blanked = stream.editor.blanked
                 self._answer(stream.legacy_session, [e for e in events if not any(e is b for b in blanked)])
+                if stream.editor.severed:
+                    self._sever(stream)
+                    break
         if ended:  # the final b"": a held-back chunk ([] returned) is not the end
             self.end_stream(stream)
         return sent
+
+    def _sever(self, stream: Call) -> None:
+        """The editor cut the session's stream (an event that may answer a refunded call, too big to
+        hold or begun before the refund): nothing more of it reaches the client, its upstream is closed,
+        and the calls still awaiting an answer there are refunded (none was delivered)."""
+        assert stream.rewriter is not None
+        stream.rewriter.cut("an event that may answer a refunded call could not be withheld")
+        if (flow := stream.flow) is not None and not compat.abort_upstream(flow):
+            log.error("mcpmeter: could not close the upstream of a legacy SSE stream after cutting it")
+        self.end_stream(stream)
 
     def _editor(self, scope: SessionKey) -> StreamEditor:
         """Blanks the answers to the session's refunded calls; holds nothing while it has none."""
         pending, config = self.gw.pending, self.gw.config
         max_event = config.max_event_bytes if config is not None else DEFAULT_MAX_EVENT_BYTES
-        return StreamEditor(None, lambda data: pending.blank_if_refunded(scope, data) is not None,
-                            hold_limit(max_event, blanking=True), lambda: pending.has_refunded(scope))
+        return StreamEditor(None, lambda event: pending.blank_event(scope, event),
+                            hold_limit(max_event, blanking=True), lambda: pending.may_blank(scope))
 
     def _answer(self, session: str, events: list[Event]) -> None:
         """Settle the calls these events answer (none sent out blanked: they answer a refunded call)."""

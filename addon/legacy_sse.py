@@ -192,9 +192,10 @@ class EndpointRewriter:
                     pos += 1
         return [bytes(out)] if out else []
 
-    def cut(self) -> None:
-        """Nothing more of this stream reaches the client (its meter stopped: see LegacySessions.cut)."""
-        self._close("the meter watching it stopped")
+    def cut(self, why: str = "the meter watching it stopped") -> None:
+        """Nothing more of this stream reaches the client (its meter stopped: see LegacySessions.cut; or
+        its editor cut it: LegacySessions._sever)."""
+        self._close(why)
 
     def _close(self, why: str) -> list[bytes]:
         log.warning("mcpmeter: legacy SSE stream to %s dropped: %s", self.slug, why)

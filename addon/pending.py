@@ -43,6 +43,8 @@ from mitmproxy import http
 
 from . import rpc_ids
 from .jsonrpc import JsonId, answer_messages, parse_strict
+from .scan import Message
+from .sse import Event
 
 SessionKey = tuple[int, str]  # (listing id, Mcp-Session-Id)
 ResumeKey = tuple[int, bytes]  # (listing id, sha256 of an event id): bytes, never equal to a session's str
@@ -286,6 +288,21 @@ class Pending:
             return None
         return marker[1]
 
+    def may_blank(self, session: Scope, principal: str | None = None) -> bool:
+        """Whether an answer on a stream of `session` (of `principal`'s key) can be one to blank now, the
+        stream's own call aside: a refund marker in the scope, or (without a session) another key's call
+        parked there. While not, a stream's events pass as they come (stream_edit.StreamEditor)."""
+        return self.has_refunded(session) or (isinstance(session[1], bytes) and principal is not None
+                                              and session in self.parked)
+
+    def blank_event(self, session: Scope, event: Event, live: JsonId | None = None,
+                    live_refunded: bool = False, principal: str | None = None) -> bool:
+        """Whether the event answers a refunded call (blank_if_refunded), read from its data, or from what
+        the parser's scanner read of it when it was too big to keep (sse.Event.oversized)."""
+        if not event.oversized:
+            return self.blank_if_refunded(session, event.data, live, live_refunded, principal) is not None
+        return self._blank(session, event.messages, live, live_refunded, principal) is not None
+
     def blank_if_refunded(self, session: Scope, data: str, live: JsonId | None = None,
                           live_refunded: bool = False, principal: str | None = None) -> str | None:
         """An event's data: "" (the event is not dispatched by clients) when it answers a refunded call,
@@ -300,9 +317,22 @@ class Pending:
         key is withheld as a refunded one's: that key cannot settle it, so it would be refunded at its
         timeout with its result out (a stateless server replays a stream to whoever names its event). A
         session's streams need no such check: another key presenting the session is refused (admission)."""
+        if not self._may_blank_any(session, live_refunded, principal):
+            return None
+        return self._blank(session, answer_messages(data.encode("utf-8", "surrogatepass")), live, live_refunded,
+                           principal)
+
+    def _may_blank_any(self, session: Scope, live_refunded: bool, principal: str | None) -> bool:
+        """A cheap first look: whether any answer could be blanked at all."""
         if not isinstance(session[1], bytes):
             principal = None
-        if not self.refunded and not live_refunded and (principal is None or session not in self.parked):
+        return bool(self.refunded) or live_refunded or (principal is not None and session in self.parked)
+
+    def _blank(self, session: Scope, messages: list[Message] | None, live: JsonId | None, live_refunded: bool,
+               principal: str | None) -> str | None:
+        if not isinstance(session[1], bytes):
+            principal = None
+        if not self._may_blank_any(session, live_refunded, principal):
             return None
         live_key, live_client = id_key(live), client_key(live)
 
@@ -311,7 +341,6 @@ class Pending:
             own = live_refunded and live_client is not None and client_key(rpc_id) == live_client
             return own or self.is_refunded(session, rpc_id) or self._foreign(session, rpc_id, principal)
 
-        messages = answer_messages(data.encode("utf-8", "surrogatepass"))
         answered = [m.id_value() for m in messages or () if not m.has_method and (m.has_result or m.has_error)]
         if not any(refunded(rpc_id) for rpc_id in answered):
             return None

@@ -6,9 +6,15 @@ Two edits, one parse (the stream watcher's SseParser, which gives each event's p
   `id:` line kept (clients do not dispatch an event without data, and their resumption point still
   advances): a refunded call's answer is never delivered (addon/pending.py).
 
-The editor holds back only the event not yet complete, at most `limit` bytes (a bigger one goes out
-unchanged as it comes), and nothing once there is nothing left to edit. Only an event to edit is
-split into fields again; a chunk of whole events none of which is to be edited goes out as it came.
+The editor holds back only the event not yet complete, at most `limit` bytes, and nothing once there
+is nothing left to edit. Only an event to edit is split into fields again; a chunk of whole events
+none of which is to be edited goes out as it came.
+
+Fail closed: while the stream may carry a refunded call's answer (`may_blank`), an event the editor
+cannot hold whole (it outgrows `limit` before it ends, or part of it went out before a refund made
+blanking possible and it then turns out to answer a refunded call) is not let out, nor anything after
+it: the stream is *severed* (`severed`), and the watcher cuts its upstream. The client never gets
+that event's end, so never dispatches it. Without anything to blank, a bigger event passes as it comes.
 """
 
 from __future__ import annotations
@@ -33,20 +39,22 @@ def hold_limit(max_event_bytes: int, blanking: bool) -> int:
     """How many bytes of an event in progress an editor holds. Receipts need the answer whole, up to
     MAX_REWRITE_BYTES. On a session's streams every event the meter reads whole (data up to
     max_event_bytes, sse.py) must be held whole, with its other lines: an answer to a refunded call
-    goes out blanked, and only one bigger than that (the meter scans it as it passes) is let through."""
+    goes out blanked. A bigger one severs the stream while it may carry a refunded call's answer."""
     return max(MAX_REWRITE_BYTES, max_event_bytes + OTHER_LINES_BYTES) if blanking else MAX_REWRITE_BYTES
 
 
 class StreamEditor:
-    def __init__(self, plan: Plan | None, blank: Callable[[str], bool] | None = None,
+    def __init__(self, plan: Plan | None, blank: Callable[[Event], bool] | None = None,
                  limit: int = MAX_REWRITE_BYTES, may_blank: Callable[[], bool] | None = None) -> None:
-        """`plan`: what to write into the answer (None: nothing); `blank(data)`: whether an event's
-        data answers a refunded call (None: not a session's stream); `may_blank()`: whether `blank` can
+        """`plan`: what to write into the answer (None: nothing); `blank(event)`: whether an event
+        answers a refunded call (None: not a session's stream); `may_blank()`: whether `blank` can
         say yes now (None: always). While it cannot, nothing is held: the stream passes as it comes."""
         self.plan, self.blank, self.limit, self.may_blank = plan, blank, limit, may_blank
         self.blanked: list[Event] = []  # the events the last `feed` sent out blanked
+        self.severed = False  # failed closed: nothing more of this stream goes out
         self._held = bytearray()
         self._from = 0  # the stream offset of _held[0]
+        self._cut_at: int | None = None  # where `admit` decided the stream is severed
 
     def discard(self) -> None:
         """The stream is over: the bytes held back (an unfinished event) are never sent."""
@@ -55,7 +63,23 @@ class StreamEditor:
     @property
     def finished(self) -> bool:
         """Nothing is left to edit: the rest of the stream goes untouched (and need not be parsed)."""
-        return (self.plan is None or self.plan.done) and self.blank is None and not self._held
+        return (self.plan is None or self.plan.done) and self.blank is None and not self._held and not self.severed
+
+    def admit(self, events: list[Event]) -> list[Event]:
+        """Before the watcher reads the events of a chunk (settles calls by them): those that will reach
+        the client. An event that began going out before blanking was possible (too big to hold, or no
+        refund yet) and answers a refunded call severs the stream at once: neither it nor anything after
+        it goes out, so nothing after it may settle a call as delivered. `feed` keeps to this (and decides
+        it itself if the watcher did not ask)."""
+        if self._cut_at is not None:  # (decided for this chunk already)
+            return [event for event in events if event.end <= self._cut_at]
+        if self.severed or self.blank is None or not self._blanking():
+            return events
+        for i, event in enumerate(events):
+            if event.start < self._from and self.blank(event):
+                self._cut_at = self._from
+                return events[:i]
+        return events
 
     def answered(self) -> None:
         """The call's answer has passed (edited, or too big to edit): the plan has nothing left to write."""
@@ -67,10 +91,14 @@ class StreamEditor:
         """`chunk` (b"": the end) and the events the parser found once it was fed; `pending_from` is
         the parser's (None: the stream was not parsed, so it all goes out, and the rest unedited);
         `answer`, the event the watcher read as the call's answer and what it said (not read again).
-        What may go out now. Never raises: on a failure everything held goes out."""
+        What may go out now. Never raises: on a failure (or without a parse) everything held goes out,
+        unless it may answer a refunded call: then the stream is severed."""
         self.blanked = []
+        if self.severed:
+            return b""
+        events = self.admit(events)
         edits = [(event, kind) for event in events if (kind := self._kind(event)) is not None]
-        if (not self._held and chunk and not edits and pending_from is not None
+        if (self._cut_at is None and not self._held and chunk and not edits and pending_from is not None
                 and (pending_from == self._from + len(chunk) or self._nothing_left())):
             self._from += len(chunk)  # whole events, or nothing to edit now, none to edit: out as they came
             return chunk
@@ -80,26 +108,36 @@ class StreamEditor:
             return self._release(edits, pending_from, not chunk, answer)
         except Exception:
             log.exception("mcpmeter: could not edit a stream")
+            if self.blank is not None and self._blanking():
+                self._sever()  # what is held may answer a refunded call: none of it goes out
+                return b""
             self._give_up()
             out = bytes(held)
             held.clear()
             return out
 
     def _kind(self, event: Event) -> str | None:
-        """How the event is to be edited: "blank", "plan" or not at all (None)."""
-        if event.oversized or event.end - event.start > self.limit:
-            return None
-        if self.blank is not None and (self.may_blank is None or self.may_blank()) and self.blank(event.data):
+        """How the event is to be edited: "blank", "plan" or not at all (None). An event held whole is
+        blanked whatever its size (one over max_event_bytes by what the parser's scanner read of it)."""
+        if self.blank is not None and self._blanking() and self.blank(event):
             return "blank"
-        if (self.plan is not None and event.event == "message" and event.end - event.start <= MAX_REWRITE_BYTES
-                and may_edit(self.plan, event.data)):
+        if (self.plan is not None and event.event == "message" and not event.oversized
+                and event.end - event.start <= min(self.limit, MAX_REWRITE_BYTES) and may_edit(self.plan, event.data)):
             return "plan"
         return None
 
+    def _blanking(self) -> bool:
+        """`blank` can say yes now."""
+        return self.may_blank is None or self.may_blank()
+
     def _nothing_left(self) -> bool:
         """Nothing to edit now: nothing is held back."""
-        return ((self.plan is None or self.plan.done)
-                and (self.blank is None or (self.may_blank is not None and not self.may_blank())))
+        return (self.plan is None or self.plan.done) and (self.blank is None or not self._blanking())
+
+    def _sever(self) -> None:
+        self.severed = True
+        self._held = bytearray()
+        self._cut_at = None
 
     def _give_up(self) -> None:
         self.answered()
@@ -113,7 +151,7 @@ class StreamEditor:
         for event, kind in edits:
             start, end = event.start - self._from, event.end - self._from
             if start < at:
-                continue  # part of it is out already (it outgrew the limit)
+                continue  # part of it is out already (too big to hold while nothing could be blanked)
             lines = _lines(bytes(held[start:end]))
             if kind == "blank":
                 edited: bytes | None = b"".join(text + ending for text, ending in lines if _name(text) != b"data")
@@ -128,14 +166,26 @@ class StreamEditor:
                 at = end
                 if kind == "blank":
                     self.blanked.append(event)
+        if self._cut_at is not None or (pending_from is None and self.blank is not None and self._blanking()):
+            # Severed: what comes before the cut goes out (edited), nothing after it.
+            cut_at = self._cut_at if self._cut_at is not None else self._from
+            out.append(held[at:max(at, cut_at - self._from)])
+            self._sever()
+            return b"".join(out)
         if pending_from is None:
             self._give_up()  # no parse to follow the stream by from here: it passes unedited
-        if self._nothing_left() or pending_from is None or final or pending_from < self._from:
+        blanking = self.blank is not None and self._blanking()
+        if self._nothing_left() or pending_from is None or final or (pending_from < self._from and not blanking):
             cut = len(held)  # nothing to edit, not parsed, the end, or the event in progress partly out already
         else:
-            cut = pending_from - self._from
+            # (0: the event in progress is partly out already; its rest is held until it ends: see `admit`)
+            cut = max(0, pending_from - self._from)
             if len(held) - cut > self.limit:
-                cut = len(held)  # the event in progress is too big to hold: it goes out as it comes
+                if blanking:  # too big to hold, and it may answer a refunded call: it never ends (fail closed)
+                    out.append(held[at:cut])
+                    self._sever()
+                    return b"".join(out)
+                cut = len(held)  # too big to hold, nothing to blank: it goes out as it comes
         out.append(held[at:cut])
         del held[:cut]
         self._from += cut

@@ -51,6 +51,8 @@ class StreamWatch:
                     log.exception("mcpmeter: stream watcher %s failed", call.request_id)
                 return out
             editor = call.editor
+            if editor is not None and editor.severed:
+                return []  # cut (fail closed): nothing more of it is read or sent
             editing = editor is not None and not editor.finished
             events: list[Event] = []
             parsed = False
@@ -62,6 +64,9 @@ class StreamWatch:
                     data = call.decoder.feed(chunk) if call.decoder is not None and chunk else chunk
                     events = call.parser.feed(data) if data or not chunk else []
                     parsed = call.decoder is None  # the parser's offsets are those of `chunk`
+                    if editing and parsed:
+                        assert editor is not None
+                        events = editor.admit(events)  # none past a cut settles a call: it is not delivered
                     for event in events:
                         if parked:  # answers to the session's parked calls settle them
                             self._answer_parked(call, event)
@@ -88,6 +93,8 @@ class StreamWatch:
             out = editor.feed(chunk, events, pending_from, answer)
             if call.outcome is not None:
                 editor.answered()  # (if its event could not be edited, it passed unedited)
+            if editor.severed:
+                self.sever(flow, call)
             return out or []
 
         return watch
@@ -112,16 +119,23 @@ class StreamWatch:
             live = call.priced.rpc_id if call.priced is not None else None
             principal = call.consumer.principal if call.consumer is not None else None
 
-            def blank(data: str) -> bool:
-                assert session is not None
+            def cancelled() -> bool:
                 # refunded while its stream stays open: cancelled, or refunded for an answer seen elsewhere
-                cancelled = call.failure is Failure.CANCELLED or call.withheld
-                return pending.blank_if_refunded(session, data, live, cancelled, principal) is not None
+                return call.failure is Failure.CANCELLED or call.withheld
+
+            def blank(event: Event) -> bool:
+                assert session is not None
+                return pending.blank_event(session, event, live, cancelled(), principal)
+
+            def may_blank() -> bool:
+                assert session is not None
+                return cancelled() or pending.may_blank(session, principal)
 
             if plan is not None or session is not None:
                 max_event = gw.config.max_event_bytes if gw.config else DEFAULT_MAX_EVENT_BYTES
                 call.editor = StreamEditor(plan, blank if session is not None else None,
-                                           hold_limit(max_event, blanking=session is not None))
+                                           hold_limit(max_event, blanking=session is not None),
+                                           may_blank if session is not None else None)
         unframe(flow)
         flow.response.stream = self.watcher(flow, call)
         gw.deferred.watch_stream(flow, call)  # task statuses, input_required (upstream bytes first)
@@ -129,6 +143,17 @@ class StreamWatch:
             display.keep_copy(flow)
         if call.idempotency is not None:  # the streamed answer's bytes, for a replay
             flow.response.stream = idempotency.capture(flow.response.stream, call.idempotency)
+
+    def sever(self, flow: http.HTTPFlow, call: Call) -> None:
+        """The editor cut the stream (it may carry a refunded call's answer it cannot withhold): its
+        upstream is closed, and its own call, unanswered, fails (refunded: its answer never reached the
+        client). Calls parked in its scope stay parked: a resumed stream may yet answer them."""
+        log.warning("mcpmeter: stream of %s cut: an event too big to hold, or begun before a refund, may "
+                    "answer a refunded call", call.request_id)
+        if call.priced is not None and call.outcome is None and call.settlement is None and call.failure is None:
+            call.failure = Failure.UPSTREAM
+        if not compat.abort_upstream(flow):
+            log.error("mcpmeter: could not close the upstream of %s after cutting its stream", call.request_id)
 
     # --- deadlines ------------------------------------------------------------------------
 

@@ -93,7 +93,7 @@ def test_an_editor_that_may_not_blank_holds_nothing() -> None:
     p = Pending()
     answer = b'data: {"jsonrpc":"2.0","id":5,"result":{}}\n\n'
     parser = SseParser()
-    editor = StreamEditor(None, lambda data: p.blank_if_refunded(S, data) is not None,
+    editor = StreamEditor(None, lambda event: p.blank_event(S, event),
                           may_blank=lambda: p.has_refunded(S))
     assert editor.feed(answer[:10], parser.feed(answer[:10]), parser.pending_from) == answer[:10]
     assert editor.feed(answer[10:], parser.feed(answer[10:]), parser.pending_from) == answer[10:]
@@ -131,7 +131,7 @@ class Blanking:
 
     def __init__(self, p: Pending, limit: int = 1 << 20) -> None:
         self.parser = SseParser()
-        self.editor = StreamEditor(None, lambda data: p.blank_if_refunded(S, data) is not None, limit)
+        self.editor = StreamEditor(None, lambda event: p.blank_event(S, event), limit)
 
     def feed(self, chunk: bytes) -> bytes:
         return self.editor.feed(chunk, self.parser.feed(chunk), self.parser.pending_from)
@@ -167,16 +167,45 @@ def test_blanking_is_linear_in_the_bytes_however_the_lines_fall() -> None:
     assert time.perf_counter() - started < 5  # quadratic would take minutes
 
 
-def test_an_event_over_the_limit_passes_as_it_comes_and_the_next_is_blanked_again() -> None:
+def test_an_event_over_the_limit_severs_a_stream_that_may_carry_a_refunded_answer() -> None:
+    """Fail closed: whom it answers is known only at its end, and it cannot be held that long. Events
+    before it go out (blanked if refunded); nothing from it on."""
     p = Pending()
     p.mark_refunded(S, 5)
     blanking = Blanking(p, limit=64)
-    big = b'data: {"jsonrpc":"2.0","id":5,"result":{"pad":"' + b"x" * 200 + b'"}}\n\n'
-    out = blanking.feed(big[:100]) + blanking.feed(big[100:])
-    assert out == big  # too big to hold: let out unchanged
     small = b'id: 9\ndata: {"jsonrpc":"2.0","id":5,"result":{}}\n\n'
-    assert blanking.feed(small) == b"id: 9\n\n"
     assert blanking.feed(b"data\ndata: {\"id\":5,\"result\":1}\n\n") == b"\n"  # a bare `data` field is data too
+    big = b'data: {"jsonrpc":"2.0","id":6,"result":{"pad":"' + b"x" * 200 + b'"}}\n\n'
+    assert blanking.feed(small + big[:100]) == b"id: 9\n\n" and blanking.editor.severed
+    assert blanking.feed(big[100:]) == b"" and blanking.feed(small) == b"" and blanking.feed(b"") == b""
+
+
+def test_an_event_over_the_limit_passes_as_it_comes_while_nothing_may_be_blanked() -> None:
+    p = Pending()
+    parser = SseParser()
+    editor = StreamEditor(None, lambda event: p.blank_event(S, event), 64, may_blank=lambda: p.has_refunded(S))
+    big = b'data: {"jsonrpc":"2.0","id":5,"result":{"pad":"' + b"x" * 200 + b'"}}\n\n'
+    out = b"".join(editor.feed(c, parser.feed(c), parser.pending_from) for c in (big[:100], big[100:]))
+    assert out == big and not editor.severed
+
+
+def test_an_event_begun_before_a_refund_and_answering_it_severs_the_stream() -> None:
+    """Its start went out while nothing could be blanked; its end (and all after it) never does. One
+    that answers no refunded call goes out."""
+    for answered, severed in ((5, True), (6, False)):
+        p = Pending()
+        parser = SseParser()
+        editor = StreamEditor(None, lambda event, p=p: p.blank_event(S, event), may_blank=lambda p=p: p.has_refunded(S))
+        answer = b'data: {"jsonrpc":"2.0","id":%d,"result":{}}\n\n' % answered
+        after = b'data: {"jsonrpc":"2.0","id":7,"result":{}}\n\n'
+        assert editor.feed(answer[:20], parser.feed(answer[:20]), parser.pending_from) == answer[:20]
+        p.mark_refunded(S, 5)
+        rest = answer[20:] + after
+        events = parser.feed(rest)
+        admitted = editor.admit(events)
+        out = editor.feed(rest, admitted, parser.pending_from)
+        assert editor.severed is severed
+        assert (out, admitted) == ((b"", []) if severed else (rest, events))
 
 
 def test_every_event_the_meter_reads_whole_is_held_whole_and_blanked_if_refunded() -> None:
@@ -192,7 +221,7 @@ def test_every_event_the_meter_reads_whole_is_held_whole_and_blanked_if_refunded
             p = Pending()
             p.mark_refunded(S, 5)
             parser = SseParser(max_event)
-            editor = StreamEditor(None, lambda d, p=p: p.blank_if_refunded(S, d) is not None,
+            editor = StreamEditor(None, lambda e, p=p: p.blank_event(S, e),
                                   stream_edit.hold_limit(max_event, blanking=True))
             out = b"".join(editor.feed(c, parser.feed(c), parser.pending_from)
                            for c in (event[:cut], event[cut:], b""))

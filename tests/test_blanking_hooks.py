@@ -1,0 +1,245 @@
+"""A refunded call's answer is never delivered, however big, however encoded (fail closed), through the hooks.
+
+The upstream here is the test: every byte of its streams is chosen, chunk by chunk. An answer the meter
+cannot hold whole to blank (bigger than its hold limit, or begun before its call was refunded) cuts the
+stream instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from mitmproxy import http
+
+from addon import stream_edit
+from addon.billing import Failure
+from addon.sse import SseParser
+from tests.mitm_fakes import FakeHandler, FakeProxyserver
+from tests.test_confinement_hooks import _gw, accepted, open_session, post, settled
+from tests.test_gateway_hooks import (  # noqa: F401  (isolated: an autouse fixture)
+    OPENING, PRICE, Gw, isolated, make_flow, sent, sse_response, tool_call, upstream_fails,
+)
+from tests.test_pending_hooks import PRIMING, SESSION, cancellation, usage_reasons
+
+pytestmark = pytest.mark.timeout(30)
+MAX_EVENT = 4096
+HOLD = stream_edit.hold_limit(MAX_EVENT, blanking=True)
+CHUNK = 64 * 1024
+
+
+@pytest.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[Gw]:
+    async for g in _gw(tmp_path, max_event_bytes=MAX_EVENT):
+        yield g
+
+
+def big_answer(rpc_id: int, size: int) -> bytes:
+    """An event answering `rpc_id` with a result of about `size` bytes, as one data line."""
+    text = "x" * size
+    return (b"id: 9\nevent: message\ndata: "
+            + json.dumps({"jsonrpc": "2.0", "id": rpc_id, "result": {"content": [{"type": "text", "text": text}]}})
+            .encode() + b"\n\n")
+
+
+def chunks(data: bytes) -> list[bytes]:
+    return [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)]
+
+
+def answers_in(out: bytes) -> list[object]:
+    """The ids a client reading `out` gets answers for (oversized events too: the parser's scanner reads them)."""
+    ids: list[object] = []
+    for event in SseParser(64 * 1024 * 1024).feed(out) + SseParser().feed(b""):
+        try:
+            message = json.loads(event.data)
+        except ValueError:
+            continue  # (a client cannot read it either: no answer)
+        ids.append(message.get("id"))
+    return ids
+
+
+def proxied(gw: Gw, flow: http.HTTPFlow) -> FakeHandler:
+    """mitmproxy's connection handler for the flow, so that cutting its upstream can be seen."""
+    proxyserver = gw.tctx.master.addons.get("proxyserver")
+    if proxyserver is None:
+        proxyserver = FakeProxyserver()
+        gw.tctx.master.addons.add(proxyserver)
+    handler = proxyserver.connections[flow.client_conn.id] = FakeHandler(flow.server_conn)
+    return handler
+
+
+async def post_primed(gw: Gw, rpc_id: int = 1) -> tuple[http.HTTPFlow, FakeHandler]:
+    flow = make_flow(headers=SESSION, body=tool_call(rpc_id=rpc_id))
+    handler = proxied(gw, flow)
+    await gw.addon.request(flow)
+    flow.response = sse_response()
+    await gw.addon.responseheaders(flow)
+    assert sent(flow.response.stream(PRIMING)) == PRIMING
+    return flow, handler
+
+
+async def cancel(gw: Gw, rpc_id: int) -> None:
+    notice = make_flow(headers=SESSION, body=cancellation(rpc_id))
+    await gw.addon.request(notice)
+    await gw.addon.drain()
+
+
+def stream(flow: http.HTTPFlow, pieces: list[bytes]) -> bytes:
+    assert flow.response is not None and callable(flow.response.stream)
+    return b"".join(sent(flow.response.stream(piece)) for piece in pieces)
+
+
+# --- streamable HTTP ------------------------------------------------------------------------------
+
+async def test_a_cancelled_calls_answer_bigger_than_the_hold_limit_is_not_delivered(gw: Gw) -> None:
+    post_flow, handler = await post_primed(gw)
+    await cancel(gw, 1)
+    answer = big_answer(1, HOLD + 100_000)
+    out = stream(post_flow, chunks(answer))
+    assert answers_in(PRIMING + out) == [] and b'"id": 1' not in out
+    assert handler.closed == [post_flow.server_conn]  # the stream is cut: nothing more of it comes
+    assert stream(post_flow, [b'data: {"jsonrpc": "2.0", "method": "notifications/progress"}\n\n', b""]) == b""
+    await upstream_fails(gw, post_flow, "Connection killed.")
+    await gw.addon.drain()
+    assert usage_reasons(gw) == [(499, 1, "cancelled")] and gw.db.balance(1) == OPENING
+    gw.db.assert_reconciled()
+
+
+async def test_a_big_answer_begun_before_its_call_was_cancelled_never_ends(gw: Gw) -> None:
+    """Its start went out (too big to hold while nothing could be blanked); its end never does."""
+    post_flow, handler = await post_primed(gw)
+    answer = big_answer(1, 3 * HOLD)
+    pieces = chunks(answer)
+    half = len(pieces) // 2
+    first = stream(post_flow, pieces[:half])
+    await cancel(gw, 1)
+    rest = stream(post_flow, pieces[half:] + [b""])
+    assert answers_in(PRIMING + first + rest) == []
+    assert handler.closed == [post_flow.server_conn]
+    await upstream_fails(gw, post_flow, "Connection killed.")
+    await gw.addon.drain()
+    assert usage_reasons(gw) == [(499, 1, "cancelled")] and gw.db.balance(1) == OPENING
+    gw.db.assert_reconciled()
+
+
+async def test_an_answer_the_meter_scans_but_holds_whole_is_blanked_when_refunded(gw: Gw) -> None:
+    """Data over max_event_bytes (read by the scanner, not kept) but the event under the hold limit."""
+    post_flow, handler = await post_primed(gw)
+    await cancel(gw, 1)
+    answer = big_answer(1, MAX_EVENT * 4)
+    out = stream(post_flow, chunks(answer))
+    assert out == b"id: 9\nevent: message\n\n" and handler.closed == []
+
+
+async def test_while_a_session_holds_a_refund_a_big_answer_to_another_call_cuts_the_stream_and_is_refunded(
+        gw: Gw) -> None:
+    """Fail closed: the meter cannot tell whom an event answers before it is whole, so it cannot let it
+    out. The stream's own call is refunded (its answer never reached the client), never billed."""
+    refunded_flow, _ = await post_primed(gw, rpc_id=1)
+    await cancel(gw, 1)
+    post_flow, handler = await post_primed(gw, rpc_id=2)
+    out = stream(post_flow, chunks(big_answer(2, HOLD + 100_000)))
+    assert answers_in(out) == [] and handler.closed == [post_flow.server_conn]
+    await upstream_fails(gw, post_flow, "Connection killed.")
+    await gw.addon.drain()
+    assert sorted(usage_reasons(gw)) == [(499, 1, "cancelled"), (502, 1, "upstream_failed")]
+    assert gw.db.balance(1) == OPENING
+    gw.db.assert_reconciled()
+
+
+async def test_without_a_refund_in_the_session_a_big_answer_passes_and_is_billed(gw: Gw) -> None:
+    post_flow, handler = await post_primed(gw)
+    answer = big_answer(1, HOLD + 100_000)
+    out = stream(post_flow, chunks(answer) + [b""])
+    assert answers_in(out) == [1] and handler.closed == []
+    await gw.addon.response(post_flow)
+    await gw.addon.drain()
+    assert usage_reasons(gw) == [(200, 0, "result")] and gw.db.balance(1) == OPENING - PRICE
+
+
+async def test_answers_before_the_cut_are_delivered_and_billed_those_after_it_are_not(gw: Gw) -> None:
+    """One chunk: a whole answer to the stream's call, then a big answer to a refunded one, then more."""
+    await post_primed(gw, rpc_id=1)
+    await cancel(gw, 1)
+    post_flow, handler = await post_primed(gw, rpc_id=2)
+    own = b'event: message\ndata: {"jsonrpc": "2.0", "id": 2, "result": {"content": []}}\n\n'
+    chunk = own + big_answer(1, HOLD + 10)[:HOLD + 5]
+    out = stream(post_flow, [chunk, b"\n\n" + own])
+    assert answers_in(out) == [2] and b'"id": 1' not in out and handler.closed == [post_flow.server_conn]
+    await upstream_fails(gw, post_flow, "Connection killed.")
+    await gw.addon.drain()
+    assert sorted(usage_reasons(gw)) == [(200, 0, "result"), (499, 1, "cancelled")]
+    assert gw.db.balance(1) == OPENING - PRICE
+    gw.db.assert_reconciled()
+
+
+async def test_an_answer_after_a_cut_in_the_same_chunk_settles_nothing(gw: Gw) -> None:
+    """A big answer to call 1 began on call 2's stream before call 1 was cancelled (nothing to blank then:
+    it went out as it came); its end and call 2's own answer come in one chunk after the cancellation.
+    The stream is cut at the first: call 2's answer never reaches the client, so it is refunded, not billed."""
+    await post_primed(gw, rpc_id=1)
+    post_flow, handler = await post_primed(gw, rpc_id=2)
+    answer = big_answer(1, HOLD + 50_000)
+    head = stream(post_flow, chunks(answer[:HOLD + 10]))
+    assert head == answer[:HOLD + 10]  # too big to hold, nothing to blank: out as it came
+    await cancel(gw, 1)
+    own = b'event: message\ndata: {"jsonrpc": "2.0", "id": 2, "result": {"content": []}}\n\n'
+    assert stream(post_flow, [answer[HOLD + 10:] + own]) == b""
+    assert handler.closed == [post_flow.server_conn]
+    await upstream_fails(gw, post_flow, "Connection killed.")
+    await gw.addon.drain()
+    assert sorted(usage_reasons(gw)) == [(499, 1, "cancelled"), (502, 1, "upstream_failed")]
+    assert gw.db.balance(1) == OPENING
+    gw.db.assert_reconciled()
+
+
+# --- legacy HTTP+SSE ------------------------------------------------------------------------------
+
+async def refunded_legacy_call(gw: Gw) -> tuple[http.HTTPFlow, FakeHandler]:
+    """A session stream whose call 1 the upstream failed (refunded: its answer must never come out)."""
+    session = await open_session(gw)
+    handler = proxied(gw, session)
+    flow = await post(gw, "/legacy-one/messages/?session_id=abc")
+    flow.response = http.Response.make(500, b"boom", {"Content-Type": "text/plain"})
+    await gw.addon.responseheaders(flow)
+    await gw.addon.response(flow)
+    await settled(gw)
+    return session, handler
+
+
+async def test_a_legacy_refunded_calls_big_answer_cuts_the_session_stream(gw: Gw) -> None:
+    session, handler = await refunded_legacy_call(gw)
+    waiting = await post(gw, "/legacy-one/messages/?session_id=abc", rpc_id=2)
+    await accepted(gw, waiting)
+    out = stream(session, chunks(big_answer(1, HOLD + 100_000)))
+    assert answers_in(out) == [] and handler.closed == [session.server_conn]
+    # Nothing more of the stream reaches the client; the call still waiting there is refunded.
+    assert stream(session, [b'event: message\ndata: {"jsonrpc": "2.0", "id": 2, "result": {}}\n\n', b""]) == b""
+    await upstream_fails(gw, session, "Connection killed.")
+    await settled(gw)
+    assert [r["billed_micro_cents"] for r in gw.db.usage()] == [0, 0] and gw.db.balance(1) == OPENING
+    gw.db.assert_reconciled()
+
+
+async def test_a_legacy_answer_begun_before_its_call_was_refunded_never_ends(gw: Gw) -> None:
+    session = await open_session(gw)
+    handler = proxied(gw, session)
+    flow = await post(gw, "/legacy-one/messages/?session_id=abc")
+    await accepted(gw, flow)
+    pieces = chunks(big_answer(1, 3 * HOLD)[:-2])  # the event, all but its blank line
+    first = stream(session, pieces[:2])
+    assert first  # no refund in the session: it passes as it comes
+    [(_, call)] = gw.addon.legacy.calls()
+    gw.addon.legacy.refund(flow, call, Failure.TIMEOUT)  # its deadline, as the timeout would
+    await settled(gw)
+    rest = stream(session, pieces[2:] + [b"\n\n"])
+    assert answers_in(first + rest) == [] and handler.closed == [session.server_conn]
+    assert gw.db.usage()[0]["billed_micro_cents"] == 0 and gw.db.balance(1) == OPENING
+
+
+async def test_a_legacy_scanned_answer_held_whole_is_blanked(gw: Gw) -> None:
+    session, handler = await refunded_legacy_call(gw)
+    out = stream(session, chunks(big_answer(1, MAX_EVENT * 4)))
+    assert out == b"id: 9\nevent: message\n\n" and handler.closed == []
