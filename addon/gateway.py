@@ -382,6 +382,8 @@ class Mcpmeter:
                 assert self.cache is not None
                 await self.cache.bind_session(session, call.consumer.principal)
             if media_type(flow.response.headers.get("content-type")) == SSE:  # as the SDKs tell it
+                if self.streams.refuse_unreadable(flow, call):
+                    return
                 await self.streams.attach(flow, call)  # the meter reads the stream as it passes
                 if call.priced is None:
                     call.cancel_deadline()

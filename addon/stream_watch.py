@@ -155,6 +155,26 @@ class StreamWatch:
         if not compat.abort_upstream(flow):
             log.error("mcpmeter: could not close the upstream of %s after cutting its stream", call.request_id)
 
+    def refuse_unreadable(self, flow: http.HTTPFlow, call: Call) -> bool:
+        """A compressed event stream (Content-Encoding other than identity: the gateway asks for identity)
+        on a stream that may carry a refunded call's answer: a session's (streamable HTTP) or a legacy
+        session's. The meter cannot find its events to withhold one, so it is refused at its head:
+        nothing of it is sent, the upstream is closed and the error hook answers 502 `upstream_failed`
+        (its call refunded). True if refused."""
+        assert flow.response is not None
+        codings = [c.strip().lower() for c in flow.response.headers.get("content-encoding", "").split(",")]
+        if all(c in ("", "identity") for c in codings):
+            return False
+        legacy = call.listing is not None and call.listing.transport is Transport.SSE
+        if call.session is None and not legacy:
+            return False  # nothing to withhold there: read through StreamDecoder as it passes
+        log.warning("mcpmeter: a compressed event stream of %s refused: its events could not be withheld",
+                    call.request_id)
+        call.failure = Failure.UPSTREAM
+        compat.abort_upstream(flow)
+        flow.kill()
+        return True
+
     # --- deadlines ------------------------------------------------------------------------
 
     def timeout(self, listing: Listing) -> float:

@@ -2,11 +2,12 @@
 
 The upstream here is the test: every byte of its streams is chosen, chunk by chunk. An answer the meter
 cannot hold whole to blank (bigger than its hold limit, or begun before its call was refunded) cuts the
-stream instead.
+stream instead; an event stream the meter cannot read (compressed) on a session is refused at its head.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from mitmproxy import http
 
-from addon import stream_edit
+from addon import compat, stream_edit
 from addon.billing import Failure
 from addon.sse import SseParser
 from tests.mitm_fakes import FakeHandler, FakeProxyserver
@@ -195,6 +196,37 @@ async def test_an_answer_after_a_cut_in_the_same_chunk_settles_nothing(gw: Gw) -
     gw.db.assert_reconciled()
 
 
+@pytest.mark.parametrize("coding", ["gzip", "br", "deflate", "zstd", "gzip, identity"])
+async def test_a_compressed_event_stream_of_a_session_is_refused_and_refunded(gw: Gw, coding: str) -> None:
+    flow = make_flow(headers=SESSION)
+    handler = proxied(gw, flow)
+    await gw.addon.request(flow)
+    flow.response = sse_response()
+    flow.response.headers["Content-Encoding"] = coding
+    await gw.addon.responseheaders(flow)
+    assert handler.closed == [flow.server_conn] and flow.error is not None
+    await upstream_fails(gw, flow, "Connection killed.")
+    answer, _ = compat._pending[flow.client_conn.id].split(b"\r\n\r\n", 1)
+    assert b" 502 " in answer.split(b"\r\n")[0]
+    await gw.addon.drain()
+    assert usage_reasons(gw) == [(502, 1, "upstream_failed")] and gw.db.balance(1) == OPENING
+    compat.forget(flow)
+
+
+async def test_a_compressed_event_stream_without_a_session_is_read_and_passes(gw: Gw) -> None:
+    flow = make_flow()
+    await gw.addon.request(flow)
+    flow.response = sse_response()
+    flow.response.headers["Content-Encoding"] = "gzip"
+    await gw.addon.responseheaders(flow)
+    assert flow.error is None
+    body = gzip.compress(b'event: message\ndata: {"jsonrpc": "2.0", "id": 1, "result": {"content": []}}\n\n')
+    assert stream(flow, [body, b""]) == body  # nothing to blank there: read as it passes, billed
+    await gw.addon.response(flow)
+    await gw.addon.drain()
+    assert usage_reasons(gw) == [(200, 0, "result")]
+
+
 # --- legacy HTTP+SSE ------------------------------------------------------------------------------
 
 async def refunded_legacy_call(gw: Gw) -> tuple[http.HTTPFlow, FakeHandler]:
@@ -243,3 +275,14 @@ async def test_a_legacy_scanned_answer_held_whole_is_blanked(gw: Gw) -> None:
     session, handler = await refunded_legacy_call(gw)
     out = stream(session, chunks(big_answer(1, MAX_EVENT * 4)))
     assert out == b"id: 9\nevent: message\n\n" and handler.closed == []
+
+
+async def test_a_compressed_legacy_session_stream_is_refused(gw: Gw) -> None:
+    session = make_flow("/legacy-one", method="GET")
+    handler = proxied(gw, session)
+    await gw.addon.request(session)
+    session.response = sse_response()
+    session.response.headers["Content-Encoding"] = "gzip"
+    await gw.addon.responseheaders(session)
+    assert handler.closed == [session.server_conn] and session.error is not None
+    compat.forget(session)
