@@ -10,10 +10,10 @@ behave the way real servers behind a gateway do when they disagree with the gate
 - a method-agnostic handler: a tools/call body runs whatever the HTTP method (`Seen.ran`);
 - misbehaving answers picked by tool name (first-wins view) or an `X-Hostile` request header:
   slow, huge SSE events, deeply nested results, gzip/deflate bombs sent despite
-  `Accept-Encoding: identity`, broken framing (a chunk line that never ends, trailers, a folded
-  line, both framings), a 101 or 103 unasked (after a 101, what comes through is run as a call:
-  `Seen.method` "TUNNEL"), its own `X-Mcpmeter-*` headers, an echo of every header it received,
-  and a minimal legacy HTTP+SSE session (GET .../sse).
+  `Accept-Encoding: identity` (and a gzip event stream, `gzip_sse`), broken framing (a chunk line that
+  never ends, trailers, a folded line, both framings), a 101 or 103 unasked (after a 101, what comes
+  through is run as a call: `Seen.method` "TUNNEL"), its own `X-Mcpmeter-*` headers, an echo of every
+  header it received, and a minimal legacy HTTP+SSE session (GET .../sse; its tool `late_big` answers big, and late).
 
 `Canary` is the same server answering anything on another port: any request it records came
 from a gateway that left its listing. `RawClient` is a keep-alive HTTP/1.1 client that sends
@@ -297,6 +297,9 @@ class HostileUpstream:
                 if mode == "nested_sse":
                     return await _send_sse(writer, [b"event: message\ndata: " + body + b"\n\n"])
                 return await _send(writer, 200, body)
+            case "gzip_sse":  # an event stream compressed despite Accept-Encoding: identity
+                body = gzip.compress(b"id: 0\ndata:\n\n" + _sse_event(ok))
+                return await _send(writer, 200, body, {"Content-Type": "text/event-stream", "Content-Encoding": "gzip"})
             case "gzip_bomb" | "deflate_bomb":
                 # Valid JSON padded with spaces: small on the wire, `mb` MB decoded. Sent whatever
                 # Accept-Encoding said (the gateway asks for identity).
@@ -434,7 +437,11 @@ class HostileUpstream:
             answer = _sse_event(_tool_result(rpc.get("id"), f"ran {seen.ran}"))
             if params.get("name") == "sse_other_event":  # under an event type MCP clients ignore
                 answer = answer.replace(b"event: message", b"event: debug", 1)
-            if params.get("name") != "no_answer":
+            args = params.get("arguments") if isinstance(params.get("arguments"), dict) else {}
+            if params.get("name") == "late_big":  # `mb` MB of result, `seconds` late (past a listing's timeout)
+                answer = _sse_event(_tool_result(rpc.get("id"), "big:" + "x" * int(float(args.get("mb", 2)) * 2**20)))
+                asyncio.get_running_loop().call_later(float(args.get("seconds", 2)), session.queue.put_nowait, answer)
+            elif params.get("name") != "no_answer":
                 session.queue.put_nowait(answer)
         elif "id" in rpc:
             session.queue.put_nowait(_sse_event(_result(rpc.get("id"), {"tools": []})))
