@@ -297,6 +297,13 @@ class HostileUpstream:
                 if mode == "nested_sse":
                     return await _send_sse(writer, [b"event: message\ndata: " + body + b"\n\n"])
                 return await _send(writer, 200, body)
+            case "late_big_sse":  # a priming event, then `seconds` later a result of `mb` MB
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n")
+                await _chunk(writer, b"id: 0\ndata:\n\n")
+                await asyncio.sleep(float(args.get("seconds", 2)))
+                return await _send_sse(writer, [_sse_event(_tool_result(rpc_id, "big:" + "x" * int(mb * 2**20)))],
+                                       head=False)
             case "gzip_sse":  # an event stream compressed despite Accept-Encoding: identity
                 body = gzip.compress(b"id: 0\ndata:\n\n" + _sse_event(ok))
                 return await _send(writer, 200, body, {"Content-Type": "text/event-stream", "Content-Encoding": "gzip"})
@@ -484,9 +491,12 @@ async def _chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
     await writer.drain()
 
 
-async def _send_sse(writer: asyncio.StreamWriter, events: list[bytes], chunk: int = 64 * 1024) -> bool:
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-    await _chunk(writer, b"id: 0\ndata:\n\n")
+async def _send_sse(writer: asyncio.StreamWriter, events: list[bytes], chunk: int = 64 * 1024,
+                    head: bool = True) -> bool:
+    """An event stream (`head`: its status, headers and priming event first), chunked, then its end."""
+    if head:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await _chunk(writer, b"id: 0\ndata:\n\n")
     for event in events:
         for i in range(0, len(event), chunk):
             await _chunk(writer, event[i:i + chunk])

@@ -42,13 +42,20 @@ def tool_call(name: str, rpc_id: int = 1, **arguments: object) -> bytes:
 
 
 class EventStream:
-    """A GET event stream read as it comes, byte for byte (framing included), on its own socket."""
+    """An event stream (a GET's, or a POST's answer) read as it comes, byte for byte (framing included),
+    on its own socket."""
 
-    def __init__(self, gateway: Gateway, path: str, key: str) -> None:
+    def __init__(self, gateway: Gateway, path: str, key: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         host, _, port = gateway.url.removeprefix("http://").partition(":")
         self.sock = socket.create_connection((host, int(port)), timeout=10)
-        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: gateway.test\r\nAccept: text/event-stream\r\n"
-                          f"Authorization: Bearer {key}\r\n\r\n".encode())
+        fields = {"Host": "gateway.test", "Accept": "application/json, text/event-stream",
+                  "Authorization": f"Bearer {key}", **(headers or {})}
+        if body is not None:
+            fields |= {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        head = f"{'GET' if body is None else 'POST'} {path} HTTP/1.1\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in fields.items()) + "\r\n"
+        self.sock.sendall(head.encode() + (body or b""))
         self.got = b""
 
     def until(self, marker: bytes) -> bytes:
@@ -94,6 +101,29 @@ def test_a_legacy_calls_big_answer_after_its_refund_cuts_the_session_stream(
     while time.monotonic() < deadline and len(backend.usage(consumer)) < 1:
         time.sleep(0.1)
     assert [u["billed"] for u in backend.usage(consumer)] == [0]
+    assert backend.balance(consumer.user_id) == CREDIT
+    client.close()
+
+
+def test_a_cancelled_calls_big_answer_cuts_its_post_stream(
+        gateway: Gateway, backend: Backend, hostile: HostileUpstream) -> None:
+    slug = f"blank-{uuid.uuid4().hex[:8]}"
+    backend.add_listing(slug, f"{hostile.url}/L-{slug}/mcp", price=PRICE)
+    consumer = backend.add_consumer(credit=CREDIT)
+    session = {"Mcp-Session-Id": f"s-{uuid.uuid4().hex}", "MCP-Protocol-Version": "2025-11-25"}
+    stream = EventStream(gateway, f"/{slug}", consumer.key, tool_call("late_big_sse", mb=2, seconds=2), session)
+    stream.until(b"id: 0")  # the priming event: the call is running
+    client = RawClient(gateway.url)
+    cancel = json.dumps({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}})
+    r = client.request("POST", f"/{slug}", [("Authorization", f"Bearer {consumer.key}"),
+                                            ("Content-Type", "application/json"), *session.items()], cancel.encode())
+    assert r.status == 202
+    assert stream.to_the_end(15)  # its 2 MiB answer at 2 s cuts the stream
+    assert b"big:" not in stream.got and b'"id": 1' not in stream.got
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(backend.usage(consumer)) < 1:
+        time.sleep(0.1)
+    assert [(u["billed"], u["status"]) for u in backend.usage(consumer)] == [(0, 499)]
     assert backend.balance(consumer.user_id) == CREDIT
     client.close()
 
