@@ -55,6 +55,7 @@ class StreamEditor:
         self._held = bytearray()
         self._from = 0  # the stream offset of _held[0]
         self._cut_at: int | None = None  # where `admit` decided the stream is severed
+        self._adrift = False  # no parse to follow the stream by any more: it passes, or is severed
 
     def discard(self) -> None:
         """The stream is over: the bytes held back (an unfinished event) are never sent."""
@@ -63,7 +64,7 @@ class StreamEditor:
     @property
     def finished(self) -> bool:
         """Nothing is left to edit: the rest of the stream goes untouched (and need not be parsed)."""
-        return (self.plan is None or self.plan.done) and self.blank is None and not self._held and not self.severed
+        return (self.plan is None or self.plan.done) and self.blank is None and not self._held
 
     def admit(self, events: list[Event]) -> list[Event]:
         """Before the watcher reads the events of a chunk (settles calls by them): those that will reach
@@ -75,6 +76,8 @@ class StreamEditor:
             return [event for event in events if event.end <= self._cut_at]
         if self.severed or self.blank is None or not self._blanking():
             return events
+        if self._adrift:  # unparsed: none of it goes out now (feed severs it)
+            return []
         for i, event in enumerate(events):
             if event.start < self._from and self.blank(event):
                 self._cut_at = self._from
@@ -96,6 +99,12 @@ class StreamEditor:
         self.blanked = []
         if self.severed:
             return b""
+        if self._adrift:  # unparsed: nothing can be found to withhold, so nothing passes once something might be
+            if self.blank is not None and self._blanking():
+                self._sever()
+                return b""
+            self._from += len(chunk)
+            return chunk
         events = self.admit(events)
         edits = [(event, kind) for event in events if (kind := self._kind(event)) is not None]
         if (self._cut_at is None and not self._held and chunk and not edits and pending_from is not None
@@ -140,8 +149,11 @@ class StreamEditor:
         self._cut_at = None
 
     def _give_up(self) -> None:
+        """No parse to follow the stream by from here (the watcher failed, or this did): nothing more is
+        edited. A session's stream stays watched (`finished` stays False): it is severed once it may carry a
+        refunded call's answer."""
         self.answered()
-        self.blank = None
+        self._adrift = True
 
     def _release(self, edits: list[tuple[Event, str]], pending_from: int | None, final: bool,
                  answer: tuple[Event, Outcome] | None) -> bytes:

@@ -377,3 +377,18 @@ def test_a_live_calls_own_answer_goes_out_whole_though_another_spelling_of_its_i
     assert p.blank_if_refunded(S, own) == ""  # on a stream of no call: nobody's to bill
     p.mark_refunded(S, "1")  # the call itself refunded: its answer is withheld on its stream too
     assert p.blank_if_refunded(S, own, live="1") == ""
+
+
+def test_a_session_stream_no_longer_parsed_is_severed_when_a_refund_comes() -> None:
+    """Without the meter's parse (the watcher failed) the editor cannot find an answer to withhold: the
+    stream passes while nothing can be withheld, and is cut as soon as something can (fail closed)."""
+    p = Pending()
+    editor = StreamEditor(None, lambda event: p.blank_event(S, event), may_blank=lambda: p.has_refunded(S))
+    answer = b'data: {"jsonrpc":"2.0","id":5,"result":{}}\n\n'
+    assert editor.feed(answer[:10], [], None) == answer[:10]
+    assert not editor.finished  # still watched: a refund may come
+    assert editor.feed(answer[10:], SseParser().feed(answer), len(answer)) == answer[10:]
+    p.mark_refunded(S, 5)
+    events = SseParser().feed(answer)
+    assert editor.admit(events) == []  # nothing of it settles a call: it is not delivered
+    assert editor.feed(answer, events, len(answer) * 2) == b"" and editor.severed
