@@ -92,7 +92,8 @@ class StreamEditor:
     def feed(self, chunk: bytes, events: list[Event], pending_from: int | None,
              answer: tuple[Event, Outcome] | None = None) -> bytes:
         """`chunk` (b"": the end) and the events the parser found once it was fed; `pending_from` is
-        the parser's (None: the stream was not parsed, so it all goes out, and the rest unedited);
+        the parser's (None: the stream was not parsed, so it all goes out, and the rest unedited, until
+        it may carry a refunded call's answer: then it is severed);
         `answer`, the event the watcher read as the call's answer and what it said (not read again).
         What may go out now. Never raises: on a failure (or without a parse) everything held goes out,
         unless it may answer a refunded call: then the stream is severed."""
