@@ -55,6 +55,7 @@ from mitmproxy.proxy import layers as _layers
 from mitmproxy.proxy.layers.http import (ErrorCode, HttpStream, RequestData, RequestHeaders, RequestProtocolError,
                                           ResponseData, ResponseProtocolError, _base, _http1, _http2, _http3)
 
+from .budget import HOLDING, READING
 from .errors import ERRORS
 from .redaction import REDACTED, KeyFilter
 
@@ -326,42 +327,6 @@ def client_gone(flow: http.HTTPFlow) -> bool:
 _Refuse = Callable[[http.HTTPFlow, int], http.Response]
 _body_limits: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[int, _Refuse, int, _Refuse]] = (
     weakref.WeakKeyDictionary())
-
-
-class _Budget:
-    """Body bytes mitmproxy buffers for flows while it reads them, all connections together.
-
-    The per-flow limits bound one body; connections are not bounded in number, so N slow uploads
-    (before anything is authenticated), or N answers an upstream dribbles, would hold N times that. A
-    flow's bytes count from its first byte to the end of its body (its hook then handles it at once),
-    or until it fails or is freed, whichever comes first."""
-
-    def __init__(self) -> None:
-        self.held = 0
-        self._flows: dict[int, tuple[int, weakref.finalize]] = {}  # id(flow): bytes counted, its finalizer
-
-    def take(self, flow: http.HTTPFlow, n: int, budget: int) -> bool:
-        """Count `n` more bytes of `flow`'s body, unless that would pass `budget` (all flows' bytes)."""
-        if self.held + n > budget:
-            return False
-        key = id(flow)
-        counted, finalizer = self._flows.get(key) or (0, weakref.finalize(flow, self._gone, key))
-        self._flows[key] = (counted + n, finalizer)
-        self.held += n
-        return True
-
-    def release(self, flow: http.HTTPFlow) -> None:
-        if (entry := self._flows.pop(id(flow), None)) is not None:
-            self.held -= entry[0]
-            entry[1].detach()
-
-    def _gone(self, key: int) -> None:  # a flow freed while counted (id(flow) is unique while it lives)
-        if (entry := self._flows.pop(key, None)) is not None:
-            self.held -= entry[0]
-
-
-READING = _Budget()  # request bodies, before their `request` hook
-HOLDING = _Budget()  # answers not streamed, before their `response` hook
 
 
 def limit_request_body(flow: http.HTTPFlow, limit: int, refuse: _Refuse, budget: int, busy: _Refuse) -> None:

@@ -32,6 +32,7 @@ from typing import Any
 
 from mitmproxy import connection, http
 
+from . import budget
 from .billing import Decision, Failure
 from .config import sweep_interval
 from .decoding import TooLarge, decode_bounded
@@ -428,7 +429,8 @@ class Deferred:
             facts = self.facts[call] = Facts(scope)
         # The parser lives with the stream, not on Facts, which a held call keeps: what a stream cut off
         # mid-event left in it (up to max_event_bytes) goes with the flow.
-        parser = SseParser(self.config().max_event_bytes)
+        config = self.config()
+        parser = SseParser(config.max_event_bytes, budget.Share(budget.HOLDING, config.max_holding_bytes))
         inner = response.stream
 
         def read(chunk: bytes) -> Any:

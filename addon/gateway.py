@@ -26,8 +26,8 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from . import (answers, commands, compat, deferred, display, dryrun, endpoints, forwarding, gctune, guard, receipts,
-               redaction, rpc_errors)
+from . import (answers, budget, commands, compat, deferred, display, dryrun, endpoints, forwarding, gctune, guard,
+               receipts, redaction, rpc_errors)
 from . import pending as resumption
 from .admission import Admission
 from .auth import Credential, parse_authorization
@@ -310,12 +310,12 @@ class Mcpmeter:
         return answers.error_response(GatewayError("payload_too_large", limit_bytes=limit),
                                       Call(str(uuid.uuid4())), self._top_up_url())
 
-    def _busy(self, flow: http.HTTPFlow, budget: int) -> http.Response:
+    def _busy(self, flow: http.HTTPFlow, limit: int) -> http.Response:
         """The 503 for a body that would pass the bytes of all bodies being read (compat keeps it weakly)."""
         flow.metadata[META] = {"decision": Label.REFUSED, "error": "gateway_busy"}
         flow.comment, flow.marked = "refused 503 gateway_busy", ":no_entry:"
-        log.warning("mcpmeter: %d bytes of request bodies being read already (max_reading_bytes); refusing one",
-                    compat.READING.held)
+        log.warning("mcpmeter: %d bytes of request bodies being read already (max_reading_bytes %d); refusing one",
+                    budget.READING.held, limit)
         return answers.error_response(GatewayError("gateway_busy", headers={"Retry-After": "1"}),
                                       Call(str(uuid.uuid4())), self._top_up_url())
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from . import compat, paths
+from . import budget, compat, paths
 from .billing import Failure
 from .call import Call, Wait, event_outcome
 from .errors import GatewayError
@@ -153,7 +153,8 @@ class LegacySessions:
         pending, config = self.gw.pending, self.gw.config
         max_event = config.max_event_bytes if config is not None else DEFAULT_MAX_EVENT_BYTES
         return StreamEditor(None, lambda event: pending.blank_event(scope, event),
-                            hold_limit(max_event, blanking=True), lambda: pending.may_blank(scope))
+                            hold_limit(max_event, blanking=True), lambda: pending.may_blank(scope),
+                            budget.Share(budget.HOLDING, config.max_holding_bytes) if config is not None else None)
 
     def _answer(self, session: str, events: list[Event]) -> None:
         """Settle the calls these events answer (none sent out blanked: they answer a refunded call)."""

@@ -9,16 +9,17 @@ of its blank line), and `pending_from` where the event not yet complete begins, 
 edit an event in place without splitting the stream again (receipts.StreamEditor).
 
 Linear in the bytes fed, with bounded memory: an event's data is held up to
-`max_event_bytes`; a bigger event is not held but read on the fly by a `MessageScanner`,
-so the event still comes out (with empty `data` and the scanner's `messages`) and the
-call it answers still settles. Other lines (comments, `event:`, `id:`) longer than the
-limit are skipped.
+`max_event_bytes`, and while its `share` of what all parsers hold allows (budget.py); a bigger
+event is not held but read on the fly by a `MessageScanner`, so the event still comes out
+(with empty `data` and the scanner's `messages`) and the call it answers still settles. Other
+lines (comments, `event:`, `id:`) longer than the limit are skipped.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .budget import Share
 from .scan import Message, MessageScanner
 
 DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
@@ -39,8 +40,11 @@ class Event:
 
 
 class SseParser:
-    def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+    def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, share: Share | None = None) -> None:
+        """`share`: what an event held across chunks takes of the bytes all parsers hold (None: unbounded).
+        Past it, an event is read by the scanner, as one over max_event_bytes is."""
         self.max_event_bytes = max_event_bytes
+        self.share = share
         self._buf = bytearray()
         self._searched = 0  # bytes of _buf known to hold no line end
         self._cr_pending = False  # the previous chunk ended with CR: a LF starting this one belongs to it
@@ -220,7 +224,7 @@ class SseParser:
             self._size += len(piece)
             return
         self._size += len(piece)
-        if self._size <= self.max_event_bytes:
+        if self._size <= self.max_event_bytes and (self.share is None or self.share.reserve(len(piece))):
             self._data.append(piece)
             return
         self._scanner = MessageScanner()  # from here on the event is read, not held
@@ -228,6 +232,8 @@ class SseParser:
             self._scanner.feed(held)
         self._scanner.feed(piece)
         self._data = []
+        if self.share is not None:
+            self.share.give_all()
 
     def _dispatch(self, ends_at: int) -> Event | None:
         event: Event | None
@@ -245,6 +251,8 @@ class SseParser:
     def _reset(self) -> None:
         self._data, self._lines, self._size, self._scanner, self._event = [], 0, 0, None, ""
         self._partial = None
+        if self.share is not None:
+            self.share.give_all()
 
 
 _LONG_LINE = 64 * 1024  # a line held longer than this is consumed as it comes

@@ -23,6 +23,7 @@ import logging
 import re
 from collections.abc import Callable
 
+from .budget import Share
 from .jsonrpc import Outcome
 from .receipts import MAX_REWRITE_BYTES, Plan, edit_event_data, may_edit
 from .sse import Event
@@ -45,11 +46,14 @@ def hold_limit(max_event_bytes: int, blanking: bool) -> int:
 
 class StreamEditor:
     def __init__(self, plan: Plan | None, blank: Callable[[Event], bool] | None = None,
-                 limit: int = MAX_REWRITE_BYTES, may_blank: Callable[[], bool] | None = None) -> None:
+                 limit: int = MAX_REWRITE_BYTES, may_blank: Callable[[], bool] | None = None,
+                 share: Share | None = None) -> None:
         """`plan`: what to write into the answer (None: nothing); `blank(event)`: whether an event
         answers a refunded call (None: not a session's stream); `may_blank()`: whether `blank` can
-        say yes now (None: always). While it cannot, nothing is held: the stream passes as it comes."""
-        self.plan, self.blank, self.limit, self.may_blank = plan, blank, limit, may_blank
+        say yes now (None: always). While it cannot, nothing is held: the stream passes as it comes.
+        `share`: what is held takes of the bytes all answers hold (budget.py; None: unbounded); past it an
+        event is too big to hold, as one over `limit` is."""
+        self.plan, self.blank, self.limit, self.may_blank, self.share = plan, blank, limit, may_blank, share
         self.blanked: list[Event] = []  # the events the last `feed` sent out blanked
         self.severed = False  # failed closed: nothing more of this stream goes out
         self._held = bytearray()
@@ -60,6 +64,7 @@ class StreamEditor:
     def discard(self) -> None:
         """The stream is over: the bytes held back (an unfinished event) are never sent."""
         self._held = bytearray()
+        self._keep(0)
 
     @property
     def finished(self) -> bool:
@@ -147,7 +152,15 @@ class StreamEditor:
     def _sever(self) -> None:
         self.severed = True
         self._held = bytearray()
+        self._keep(0)
         self._cut_at = None
+
+    def _keep(self, n: int) -> bool:
+        """Whether `n` bytes may stay held, within the share of all that answers hold (then counted)."""
+        if self.share is None:
+            return True
+        self.share.give_all()
+        return n == 0 or self.share.reserve(n)
 
     def _give_up(self) -> None:
         """No parse to follow the stream by from here (the watcher failed, or this did): nothing more is
@@ -193,7 +206,7 @@ class StreamEditor:
         else:
             # (0: the event in progress is partly out already; its rest is held until it ends: see `admit`)
             cut = max(0, pending_from - self._from)
-            if len(held) - cut > self.limit:
+            if len(held) - cut > self.limit or not self._keep(len(held) - cut):
                 if blanking:  # too big to hold, and it may answer a refunded call: it never ends (fail closed)
                     out.append(held[at:cut])
                     self._sever()
@@ -201,6 +214,8 @@ class StreamEditor:
                 cut = len(held)  # too big to hold, nothing to blank: it goes out as it comes
         out.append(held[at:cut])
         del held[:cut]
+        if not held:
+            self._keep(0)
         self._from += cut
         return b"".join(out)
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from . import compat, display, idempotency, legacy_sse, receipts
+from . import budget, compat, display, idempotency, legacy_sse, receipts
 from . import pending as resumption
 from .billing import Failure
 from .call import META, Call, Label, Wait, decision, event_outcome, upstream_timeout
@@ -104,7 +104,8 @@ class StreamWatch:
         mitmweb's copy and the Idempotency-Key's replay (in that order: the watcher sees upstream bytes)."""
         gw = self.gw
         assert flow.response is not None
-        call.parser = SseParser(gw.config.max_event_bytes if gw.config else DEFAULT_MAX_EVENT_BYTES)
+        call.parser = SseParser(gw.config.max_event_bytes if gw.config else DEFAULT_MAX_EVENT_BYTES,
+                                budget.Share(budget.HOLDING, gw.config.max_holding_bytes) if gw.config else None)
         coding = flow.response.headers.get("content-encoding", "").strip()
         if coding and coding.lower() != "identity" and gw.config is not None:  # asked for identity
             call.decoder = StreamDecoder(coding, gw.config.max_body_bytes)
@@ -135,7 +136,9 @@ class StreamWatch:
                 max_event = gw.config.max_event_bytes if gw.config else DEFAULT_MAX_EVENT_BYTES
                 call.editor = StreamEditor(plan, blank if session is not None else None,
                                            hold_limit(max_event, blanking=session is not None),
-                                           may_blank if session is not None else None)
+                                           may_blank if session is not None else None,
+                                           budget.Share(budget.HOLDING, gw.config.max_holding_bytes)
+                                           if gw.config is not None else None)
         unframe(flow)
         flow.response.stream = self.watcher(flow, call)
         gw.deferred.watch_stream(flow, call)  # task statuses, input_required (upstream bytes first)

@@ -404,23 +404,3 @@ def test_http2_flow_without_a_known_stream_registers_nothing() -> None:
     flow.request.http_version = "HTTP/2.0"
     compat.answer_failed_flow(flow, answer())
     assert flow.client_conn.id not in compat._pending and not compat._pending_h2
-
-
-def test_a_budget_counts_each_flows_bytes_until_released_or_freed() -> None:
-    """compat.READING, HOLDING: bytes of bodies being read, all flows together; a flow freed while counted
-    (its connection gone some way no hook saw) gives its bytes back too."""
-    import gc
-
-    from mitmproxy.test import tflow
-
-    from addon.compat import _Budget
-    reading = _Budget()
-    a, b = tflow.tflow(), tflow.tflow()
-    assert reading.take(a, 600, budget=1000) and reading.take(a, 300, budget=1000)
-    assert not reading.take(b, 200, budget=1000) and reading.held == 900  # refused: nothing counted
-    reading.release(a)
-    reading.release(a)  # twice: once counted
-    assert reading.held == 0 and reading.take(b, 1000, budget=1000)
-    del b
-    gc.collect()
-    assert reading.held == 0
