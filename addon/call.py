@@ -20,8 +20,9 @@ from . import billing, idempotency, legacy_sse, stream_edit
 from . import pending as resumption
 from .billing import Failure
 from .decoding import StreamDecoder
-from .jsonrpc import JsonId, Outcome, PricedCall, body_outcome, scanned_outcome
+from .jsonrpc import SDK_MAX_DEPTH, JsonId, Outcome, PricedCall, answer_messages, scanned_outcome, sdk_reads
 from .model import ChargeRequest, ChargeResult, Consumer, Listing, Transport, Verdict
+from .scan import Message, values_deeper
 from .sse import Event, SseParser
 from .store import Store
 
@@ -163,9 +164,22 @@ def decision(call: Call) -> tuple[billing.Decision, int]:
 
 def event_outcome(event: Event, rpc_id: JsonId) -> Outcome | None:
     """What an SSE message event says about the call `rpc_id`, if it answers it."""
-    if event.oversized:
-        return scanned_outcome(event.messages, rpc_id)
-    return body_outcome(event.data.encode("utf-8", "surrogatepass"), rpc_id)
+    return scanned_outcome(event_messages(event), rpc_id)
+
+
+def event_messages(event: Event) -> list[Message] | None:
+    """What an SSE event's data says, message by message (None: not one JSON value)."""
+    return event.messages if event.oversized else answer_messages(event.data.encode("utf-8", "surrogatepass"))
+
+
+def clients_read(event: Event, messages: list[Message] | None) -> bool:
+    """Whether the MCP Python SDK client reads the event's data (`messages`, event_messages) as a JSON-RPC
+    message: at the first message event it cannot, it ends the request whose stream carries it with a
+    parse error. The depth is checked here (the meter's json.loads reads deeper than the SDK's parser); an
+    event over max_event_bytes is judged by what the scanner sees of it."""
+    if not sdk_reads(messages):
+        return False
+    return event.oversized or not values_deeper(event.data.encode("utf-8", "surrogatepass"), SDK_MAX_DEPTH)
 
 
 def upstream_timeout(max_ms: int, default_ms: int, listing: Listing) -> float:

@@ -10,11 +10,12 @@ from enum import StrEnum
 from typing import Any
 
 from .errors import GatewayError
-from .scan import Message, scan
+from .scan import Message, scan, sdk_int
 
 JsonId = str | int | float
 
 MAX_DEPTH = 64  # deeper bodies are refused: no MCP call needs them, and parsers disagree past some depth
+SDK_MAX_DEPTH = 201  # the deepest value the MCP Python SDK client's JSON parser (jiter, in pydantic) reads
 MAX_SAFE_INTEGER = 2**53 - 1  # the largest id every JSON implementation (JavaScript's doubles) reads exactly
 MAX_STRING_ID = 200
 # MCP (2025-11-25) says tool names SHOULD be 1 to 128 characters; eight times that is refused. A held call
@@ -159,7 +160,7 @@ def parse_strict(body: bytes) -> Any:
     """
     try:
         text = body.decode("utf-8")  # strict: json.loads(bytes) would let encoded surrogates through
-        if _depth(body) > MAX_DEPTH:
+        if nests_deeper(body, MAX_DEPTH):
             raise _Unreadable(f"nesting deeper than {MAX_DEPTH}")
         message = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
         if _SURROGATE_ESCAPE.search(body):  # rare: only then pay for the full check
@@ -173,22 +174,21 @@ def parse_strict(body: bytes) -> Any:
     return message
 
 
-def _depth(body: bytes) -> int:
-    """How deep arrays and objects nest, in one pass that skips strings. Linear, never recursive."""
-    if body.count(b"[") + body.count(b"{") <= MAX_DEPTH:
-        return 0  # cannot nest deeper than the brackets it has: the common case costs two counts
-    depth = deepest = 0
+def nests_deeper(body: bytes, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` deep, in one pass that skips strings. Linear,
+    never recursive."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False  # cannot nest deeper than the brackets it has: the common case costs two counts
+    depth = 0
     for token in _TOKEN.finditer(body):
         t = token.group()
         if t in (b"[", b"{"):
             depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > MAX_DEPTH:
-                    break
+            if depth > limit:
+                return True
         elif t in (b"]", b"}"):
             depth -= 1
-    return deepest
+    return False
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -303,24 +303,44 @@ def answer_messages(body: bytes) -> list[Message] | None:
         return messages
     except (ValueError, UnicodeDecodeError):
         return None
-    messages = [_summary(m) for m in (parsed if isinstance(parsed, list) else [parsed])]
+    batched = isinstance(parsed, list)
+    messages = [_summary(m, batched) for m in (parsed if batched else [parsed])]
     if not strict:
         for m in messages:
             m.version_ok = False
     return messages
 
 
-def _summary(message: Any) -> Message:
+def sdk_reads(messages: list[Message] | None) -> bool:
+    """Whether the MCP Python SDK client reads an event's data (these are its messages) as a JSON-RPC
+    message, as its `jsonrpc_message_adapter` does: one object (a batch is none) with `"jsonrpc": "2.0"`
+    that is a request or a notification (a string `method`; `params` an object, null or absent), a response
+    (an id that is a string or an integer, a `result` object) or an error (such an id or null, an `error`
+    object with an integer `code` and a string `message`). Other members are ignored. The client ends
+    the request whose stream carries an event it cannot read (a parse error); values the scanner skips
+    are not checked here (call.clients_read)."""
+    if not messages or len(messages) != 1 or messages[0].batched:
+        return False
+    m = messages[0]
+    return m.version_ok and ((m.has_method and m.params_ok) or (m.result_obj and m.id_ok)
+                             or (m.error_ok and (m.id_ok or m.id_null)))
+
+
+def _summary(message: Any, batched: bool = False) -> Message:
     if not isinstance(message, dict):
-        return Message()
+        return Message(batched=batched)
     mid = message.get("id")
-    result = message.get("result")
+    result, error, params = message.get("result"), message.get("error"), message.get("params")
     return Message(
         id_raw=json.dumps(mid).encode() if isinstance(mid, (str, int, float)) and not isinstance(mid, bool) else None,
         has_method=isinstance(message.get("method"), str), has_error="error" in message,
         has_result="result" in message, is_error=isinstance(result, dict) and result.get("isError") is True,
         version_ok=message.get("jsonrpc") == "2.0", result_obj=isinstance(result, dict),
-        error_obj=isinstance(message.get("error"), dict),
+        error_obj=isinstance(error, dict), batched=batched, params_ok=params is None or isinstance(params, dict),
+        id_ok=isinstance(mid, str) or (isinstance(mid, int) and not isinstance(mid, bool)),
+        id_null="id" in message and mid is None,
+        error_ok=(isinstance(error, dict) and "code" in error and sdk_int(error["code"])
+                  and isinstance(error.get("message"), str)),
     )
 
 

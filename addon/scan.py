@@ -7,6 +7,12 @@ result or one nested ten thousand levels deep costs one pass and a few small buf
 never a recursion or a copy of the whole message.
 
 A top-level array (a batch, from 2025-03-26 servers) yields one summary per element.
+
+It also notes what the MCP Python SDK client needs to read a message at all (jsonrpc.sdk_reads): the
+kind of its id, whether its `params` is an object or null, and whether its `error` has an integer
+`code` and a string `message`. What it cannot see is in the values it skips: a lone surrogate's escape,
+an integer too long, nesting too deep (jsonrpc.answer_messages and call.clients_read check those on a
+parsed event).
 """
 
 from __future__ import annotations
@@ -22,6 +28,12 @@ from typing import Any
 MAX_MESSAGES = 1024  # summaries kept from one batch; a batch answering a single call needs one
 _MAX_KEY = 64  # raw bytes of a key worth reading: "isError" spelled with \u escapes is 42
 _MAX_SCALAR = 4096  # raw bytes of an id worth reading: 200 characters as \uXXXX surrogate pairs fit
+_INTEGER = re.compile(rb"-?(?:0|[1-9][0-9]*)")  # a JSON number without fraction or exponent
+# pydantic's lax integer from a string (ErrorData.code): spaces around, a sign, digits (single
+# underscores between them), an optional fraction of zeros; ASCII digits only, Python's 4300 at most
+_INT_TEXT = re.compile(r"[+-]?[0-9](?:_?[0-9])*(?:\.0+)?", re.ASCII)
+_MAX_INT_DIGITS = 4300
+_I64 = 2**63
 
 _WS = frozenset(b" \t\r\n")
 _SHALLOW = re.compile(rb'[{}\[\]:,"]|[^\s{}\[\]:,"]+')  # structure, strings, and runs of scalar bytes
@@ -51,6 +63,15 @@ class Message:
     version_ok: bool = False
     result_obj: bool = False
     error_obj: bool = False
+    # What the MCP Python SDK client requires of any message (jsonrpc.sdk_reads): an element of a batch is
+    # none; a `params` that is an object or null (or absent); an id it takes for a request or an answer (a
+    # string, or an integer without fraction or exponent), or null (an error's); an error object whose
+    # `code` is an integer as pydantic reads one (sdk_int) and whose `message` is a string.
+    batched: bool = False
+    params_ok: bool = True
+    id_ok: bool = False
+    id_null: bool = False
+    error_ok: bool = False
 
     def id_value(self) -> Any:
         """The id as JSON reads it, or None when absent or unreadable."""
@@ -72,6 +93,8 @@ class MessageScanner:
         self._level = 0  # the depth of message objects: 1 for a message, 2 for a batch's elements
         self._msg: Message | None = None
         self._result_obj = False  # the current message's result is an object (its keys are read)
+        self._error_obj = False  # the current message's error is an object (its keys are read)
+        self._code_ok = self._message_ok = False  # in it, an integer code and a string message
         self._ended = False  # the top-level value is complete
         self.malformed = False
         # a string or scalar split across pieces
@@ -204,11 +227,14 @@ class MessageScanner:
             return
         key = self._keys[-1] if self._keys else None
         if self._depth == self._level and c == 0x7B:
-            self._msg, self._result_obj = Message(), False
+            self._msg, self._result_obj, self._error_obj = Message(batched=self._level == 2), False, False
         elif self._depth == self._level + 1 and self._msg is not None and key == b"result":
             self._result_obj = self._msg.result_obj = c == 0x7B
         elif self._depth == self._level + 1 and self._msg is not None and key == b"error":
-            self._msg.error_obj = c == 0x7B
+            self._error_obj = self._msg.error_obj = c == 0x7B
+            self._code_ok = self._message_ok = False
+        elif self._depth == self._level + 1 and self._msg is not None and key == b"params":
+            self._msg.params_ok = c == 0x7B
         self._kinds.append(c)
         self._want_key.append(c == 0x7B)
         self._keys.append(None)
@@ -226,6 +252,9 @@ class MessageScanner:
         if opened != (0x7B if c == 0x7D else 0x5B):
             self.malformed = True
             return
+        if self._depth == self._level and self._error_obj and self._msg is not None and self._keys[-1] == b"error":
+            self._msg.error_ok = self._code_ok and self._message_ok  # the error object just closed
+            self._error_obj = False
         if self._depth + 1 == self._level and self._msg is not None:
             if len(self.messages) < MAX_MESSAGES:
                 self.messages.append(self._msg)
@@ -247,10 +276,16 @@ class MessageScanner:
             self._string_role, self._capture, self._capture_limit = "key", bytearray(b'"'), _MAX_KEY
         elif self._depth == self._level and self._keys[-1] == b"id":
             self._string_role, self._capture, self._capture_limit = "id", bytearray(b'"'), _MAX_SCALAR
+            if self._msg is not None:
+                self._msg.id_ok = True  # a string id, however long
         elif self._depth == self._level and self._keys[-1] == b"jsonrpc":
             self._string_role, self._capture, self._capture_limit = "jsonrpc", bytearray(b'"'), _MAX_KEY
         elif self._depth == self._level and self._keys[-1] == b"method" and self._msg is not None:
             self._msg.has_method = True  # a string method: a request or a notification
+        elif self._depth == self._level + 1 and self._error_obj and self._keys[-1] == b"code":
+            self._string_role, self._capture, self._capture_limit = "code", bytearray(b'"'), _MAX_SCALAR
+        elif self._depth == self._level + 1 and self._error_obj and self._keys[-1] == b"message":
+            self._message_ok = True
 
     def _string_part(self, data: bytes, pos: int) -> int:
         if self._escape:  # the byte after a backslash that ended the previous piece
@@ -276,7 +311,7 @@ class MessageScanner:
         return end + 1
 
     def _end_string(self, raw: bytes) -> None:
-        if self._string_role == "id":
+        if self._string_role in ("id", "code"):
             self._set_scalar(raw)
             return
         if self._string_role == "jsonrpc":
@@ -302,14 +337,21 @@ class MessageScanner:
             elif key == b"jsonrpc":
                 self._msg.version_ok = False  # until its value is "2.0"
             elif key == b"error":
-                self._msg.has_error, self._msg.error_obj = True, False
+                self._msg.has_error, self._msg.error_obj, self._msg.error_ok = True, False, False
+                self._error_obj = False
             elif key == b"result":
                 self._msg.has_result, self._msg.is_error, self._result_obj = True, False, False
                 self._msg.result_obj = False
             elif key == b"id":
-                self._msg.id_raw = None
+                self._msg.id_raw, self._msg.id_ok, self._msg.id_null = None, False, False
+            elif key == b"params":
+                self._msg.params_ok = False  # until its value is an object or null
         elif self._depth == self._level + 1 and self._result_obj and key == b"isError":
             self._msg.is_error = False
+        elif self._depth == self._level + 1 and self._error_obj and key == b"code":
+            self._code_ok = False  # until its value is an integer
+        elif self._depth == self._level + 1 and self._error_obj and key == b"message":
+            self._message_ok = False  # until its value is a string
 
     def _end_scalar(self) -> None:
         raw, self._scalar = bytes(self._scalar or b""), None
@@ -322,13 +364,67 @@ class MessageScanner:
         key = self._keys[-1]
         if self._depth == self._level and key == b"id":
             self._msg.id_raw = raw if len(raw) < _MAX_SCALAR else None
+            if raw[:1] != b'"':
+                self._msg.id_ok, self._msg.id_null = _INTEGER.fullmatch(raw) is not None, raw == b"null"
+        elif self._depth == self._level and key == b"params":
+            self._msg.params_ok = raw == b"null"
         elif self._depth == self._level + 1 and self._result_obj and key == b"isError":
             self._msg.is_error = raw == b"true"
+        elif self._depth == self._level + 1 and self._error_obj and key == b"code":
+            self._code_ok = _scalar_int(raw)
 
     @staticmethod
     def _grow(buf: bytearray, piece: bytes, limit: int) -> None:
         if len(buf) <= limit:
             buf += piece[: limit + 1 - len(buf)]
+
+
+def sdk_int(value: Any) -> bool:
+    """Whether pydantic reads this JSON value as an integer in lax mode (the Python SDK's ErrorData.code):
+    an integer or a boolean, a float that is a whole number in 64 bits, or a string that spells one."""
+    if isinstance(value, (bool, int)):
+        return True
+    if isinstance(value, float):
+        return value.is_integer() and -_I64 <= value < _I64
+    if isinstance(value, str):
+        text = value.strip()
+        return _INT_TEXT.fullmatch(text) is not None and sum(c.isdigit() for c in text) <= _MAX_INT_DIGITS
+    return False
+
+
+def _scalar_int(raw: bytes) -> bool:
+    if len(raw) > _MAX_SCALAR:
+        return False  # only part of it was kept
+    try:
+        return sdk_int(json.loads(raw))
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+_VALUE_OR_BRACKET = re.compile(_STRING + rb'|[{}\[\]]|[^\s{}\[\]",:]+', re.DOTALL)
+
+
+def values_deeper(data: bytes, limit: int) -> bool:
+    """Whether a value of this JSON text lies more than `limit` levels deep, the top-level value at level
+    1 (as jiter counts: an empty array at level `limit` is within it, a number inside it is not). The
+    brackets' depth is counted in C; a Python loop runs only when the deepest brackets are exactly at
+    `limit`, to see whether one of them holds anything."""
+    if data.count(b"[") + data.count(b"{") < limit:
+        return False
+    steps = _STRINGS.sub(b"", data).translate(_STEP, _NOT_BRACKET)  # 2 for an opening bracket, 0 a closing
+    deepest = max(map(operator.sub, itertools.accumulate(steps), itertools.count(1)), default=0)
+    if deepest != limit:
+        return deepest > limit
+    depth = 0
+    for m in _VALUE_OR_BRACKET.finditer(data):
+        c = m.group()[0]
+        if c in b"]}":
+            depth -= 1
+        elif depth == limit:
+            return True  # a value inside a container `limit` deep
+        elif c in b"[{":
+            depth += 1
+    return False
 
 
 def scan(data: bytes) -> list[Message] | None:

@@ -20,8 +20,10 @@ from mcp.shared.dispatcher import coerce_request_id
 from mcp_types.jsonrpc import JSONRPCError, JSONRPCResponse, jsonrpc_message_adapter
 from mitmproxy import http
 
+from addon.call import clients_read
 from addon.jsonrpc import Outcome, answer_messages, body_outcome, media_type, scanned_outcome
 from addon.scan import scan
+from addon.sse import Event
 from tests.test_gateway_hooks import (  # noqa: F401  # gw and isolated are fixtures
     Gw, gw, isolated, make_flow, meta, sent,
 )
@@ -29,6 +31,7 @@ from tests.test_gateway_hooks import (  # noqa: F401  # gw and isolated are fixt
 pytestmark = pytest.mark.timeout(30)
 
 GOOD = '{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"done"}]}}'
+NOTE = b'{"jsonrpc":"2.0","method":"notifications/progress","params":{}}'
 
 
 # --- the oracle: what mcp's streamable-HTTP client hands to the caller of request 1 -----------------
@@ -260,3 +263,66 @@ def test_answer_messages_still_sees_answers_the_meter_does_not_bill() -> None:
         assert messages is not None and len(messages) == 1
         m = messages[0]
         assert not m.has_method and m.has_result and m.id_value() == 1, json.loads(raw)
+
+
+# --- which events the SDK client reads at all: at the first it cannot, it ends the request --------------
+
+def _note(params: bytes) -> bytes:
+    return b'{"jsonrpc":"2.0","method":"notifications/progress","params":' + params + b"}"
+
+
+def _error(code: bytes, message: bytes = b'"m"', rpc_id: bytes = b"2") -> bytes:
+    return b'{"jsonrpc":"2.0","id":' + rpc_id + b',"error":{"code":' + code + b',"message":' + message + b"}}"
+
+
+EVENT_DATA = [m.encode() for m in MESSAGES] + [
+    NOTE, _note(b"null"), _note(b"[]"), _note(b'"x"'), _note(b"1"), NOTE.replace(b',"params":{}', b""),
+    NOTE.replace(b"{}}", b"{},}"),
+    b'{"jsonrpc":"2.0","method":"x","params":{},"params":[]}',
+    b'{"jsonrpc":"2.0","method":"x","params":[],"params":{}}',
+    b'{"jsonrpc":"2.0","method":"x","method":5}', b'{"jsonrpc":"2.0","method":5,"method":"x"}',
+    b'{"jsonrpc":"2.0","method":"x","id":1.0}', b'{"jsonrpc":"2.0","method":"x","id":{}}',
+    b'{"jsonrpc":"2.0","method":"x","id":null}', b'{"jsonrpc":"2.0","method":"x","params":[],"id":1,"result":{}}',
+    b'{"jsonrpc":"2.0","id":"s","method":"sampling/createMessage","params":{"a":[1,NaN,-Infinity,1e999]}}',
+    b'{"jsonrpc":"2.0","id":-0,"result":{}}', b'{"jsonrpc":"2.0","id":1e0,"result":{}}',
+    b'{"jsonrpc":"2.0","id":12345678901234567890123,"result":{}}', b'{"jsonrpc":"2.0","id":null,"result":{}}',
+    b'{"jsonrpc":"2.0","id":"' + b"a" * 10_000 + b'","result":{}}', b'{"jsonrpc":"2.0","id":[1],"result":{}}',
+    b'{"jsonrpc":"2.0","error":{"code":1,"message":"m"}}', _error(b"1", rpc_id=b"null"),
+    _error(b"1", rpc_id=b"1.5"),
+    *(_error(code) for code in (
+        b"1", b"-32603", b"1.0", b"1.5", b"1e3", b"1e300", b"true", b"false", b"null", b"[]", b"{}", b"NaN",
+        b"9007199254740993.0", b"123456789012345678901234567890", b'"1"', b'" +1 "', b'"\\t1\\n"', b'"1.00"',
+        b'"1."', b'"1_0"', b'"1__0"', b'"_1"', b'"0x10"', b'"1e3"', b'""', b'"-0"', b'"00012"', b'"\\u0661"',
+        b'"\\u00a01"', b'"1' + b"0" * 5000 + b'"')),
+    _error(b"1", b"5"), _error(b"1", b"null"), _error(b'1,"code":"x"'), _error(b'"x","code":1'),
+    _error(b"1", b'"m","message":5'), b'{"jsonrpc":"2.0","id":2,"error":{"message":"m"}}',
+    b'{"jsonrpc":"2.0","id":2,"error":{"code":1,"message":"m","data":{"code":"x","message":5}}}',
+    b'{"jsonrpc":"2.0","id":2,"result":{},"error":{"code":1}}', b'{"jsonrpc":"2.0","id":2,"result":[],"error":[]}',
+    b"[" + NOTE + b"]", b"[]", b"{}", b"5", b'"x"', b"null", b"hello", b" ", b"\t" + NOTE + b"\n", NOTE + b" x",
+    NOTE[:-1], b"\xef\xbb\xbf" + NOTE, _note(b'{"a":"\\ud800"}'), _note(b'{"a":"\\ud83d\\ude00"}'),
+    _note(b'{"a":"tab\there"}'), _note(b'{"a":01}'), _note(b'{"a":' + b"1" * 4300 + b"}"),
+    _note(b'{"a":' + b"1" * 4301 + b"}"), _note(b'{"a":1.' + b"1" * 5000 + b"}"),
+    *(_note(b'{"a":' + b"[" * d + inner + b"]" * d + b"}") for d in (197, 198, 199, 200)
+      for inner in (b"", b"1", b'"x"', b"[]", b"{}", b" ")),
+    *(_note(b'{"a":' + b'{"a":' * d + b"1" + b"}" * d + b"}") for d in (197, 198, 199)),
+]
+
+
+def _scanner_blind(raw: bytes) -> bool:
+    """What an event over max_event_bytes is not checked for: the scanner skips values and reads a scalar
+    as a run of bytes (lone surrogates, a byte order mark, control characters, long integers, depth, the
+    grammar of scalars and separators)."""
+    return (b"\\ud800" in raw or raw.startswith(b"\xef\xbb\xbf") or b"\there" in raw or b"1" * 4301 in raw
+            or raw.count(b"[") + raw.count(b"{") > 190 or raw.endswith((b" x", b",}")) or raw in (b"hello", b" ")
+            or b":01" in raw)
+
+
+@pytest.mark.parametrize("raw", EVENT_DATA, ids=range(len(EVENT_DATA)))
+def test_clients_read_is_the_sdk_reading(raw: bytes) -> None:
+    """An event is read by the meter as the SDK's message adapter reads it, parsed or scanned."""
+    sdk = _sdk_message(raw) != "invalid"
+    assert clients_read(Event("message", raw.decode("utf-8", "replace"), None), answer_messages(raw)) is sdk
+    if _scanner_blind(raw):
+        return
+    scanned = scan(raw)
+    assert clients_read(Event("message", "", None, messages=scanned, oversized=True), scanned) is sdk

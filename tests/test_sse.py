@@ -165,7 +165,7 @@ def test_an_oversized_event_is_scanned_not_held_and_parsing_continues() -> None:
     events = p.feed(b'data: {"id": 1,\ndata:  "result": {"isError": true}}\n\ndata: ok\n\n')
     big, small = events
     assert big.oversized and big.data == "" and big.messages == [
-        Message(id_raw=b"1", has_result=True, is_error=True, result_obj=True)]
+        Message(id_raw=b"1", has_result=True, is_error=True, result_obj=True, id_ok=True)]
     assert small == msg("ok")
 
 
@@ -177,7 +177,8 @@ def test_an_event_far_over_the_limit_is_read_at_any_split(size: int) -> None:
     p = SseParser(max_event_bytes=1000)
     events = [e for i in range(0, len(event), size) for e in p.feed(event[i : i + size])]
     [e] = events
-    assert e.messages == [Message(id_raw=b'"k"', has_result=True, is_error=True, version_ok=True, result_obj=True)]
+    assert e.messages == [Message(id_raw=b'"k"', has_result=True, is_error=True, version_ok=True, result_obj=True,
+                                  id_ok=True)]
     assert len(p._buf) <= 70_000 + size and not p._data  # never the whole event in memory
 
 
@@ -255,3 +256,4 @@ def test_an_event_line_too_long_to_hold_is_never_read_as_a_message(cut: int | No
     stream = b"event: " + b"x" * 70_000 + b'\ndata: {"jsonrpc":"2.0","id":1,"result":{}}\n\n'
     events = parse_whole(stream) if cut is None else parse_split(stream, cut)
     assert len(events) == 1 and events[0].event != "message"
+
