@@ -37,6 +37,8 @@ class Event:
     # what the event says: two events saying the same are equal wherever they were).
     start: int = field(default=-1, compare=False)
     end: int = field(default=-1, compare=False)
+    # The last `id:` before the event began: where a client that got every byte before `start` resumes.
+    resumes_after: str | None = field(default=None, compare=False)
 
 
 class SseParser:
@@ -55,6 +57,7 @@ class SseParser:
         self._scanner: MessageScanner | None = None  # the event outgrew the limit
         self._event = ""
         self._id: str | None = None
+        self._id_before: str | None = None  # the last id as the event being read began
         self._offset = 0  # stream offset of _buf[0]
         self._head: bytes | None = b""  # the stream's first bytes, until it is known they are no BOM
         self._event_start = 0  # stream offset where the event being read began
@@ -149,6 +152,7 @@ class SseParser:
         at = self._offset
         for block in chunk[:-2].split(b"\n\n"):
             data: list[bytes] = []
+            before = self._id
             for line in block.split(b"\n"):
                 if line[:1] != b":":  # a comment
                     name, value = _field(line)
@@ -159,10 +163,12 @@ class SseParser:
             end = at + len(block) + 2
             text = b"\n".join(data).decode("utf-8", "replace")
             if text:  # no data line, or a single empty one: a priming event, not dispatched
-                events.append(Event(event=self._event or "message", data=text, id=self._id, start=at, end=end))
+                events.append(Event(event=self._event or "message", data=text, id=self._id, start=at, end=end,
+                                    resumes_after=before))
             self._event = ""
             at = end
         self._offset = self._event_start = at
+        self._id_before = self._id
         return events
 
     # --- lines -----------------------------------------------------------------------------------
@@ -177,7 +183,7 @@ class SseParser:
             return None
         if not raw:
             event = self._dispatch(ends_at)
-            self._event_start = ends_at
+            self._event_start, self._id_before = ends_at, self._id
             return event
         if raw[:1] == b":":
             return None
@@ -238,13 +244,13 @@ class SseParser:
     def _dispatch(self, ends_at: int) -> Event | None:
         event: Event | None
         if self._scanner is not None:
-            event = Event(event=self._event or "message", data="", id=self._id,
-                          messages=self._scanner.finish(), oversized=True, start=self._event_start, end=ends_at)
+            event = Event(event=self._event or "message", data="", id=self._id, messages=self._scanner.finish(),
+                          oversized=True, start=self._event_start, end=ends_at, resumes_after=self._id_before)
         else:
             data = b"".join(self._data).decode("utf-8", "replace")
             # no data line, or a single empty one: a priming event
-            event = Event(event=self._event or "message", data=data, id=self._id,
-                          start=self._event_start, end=ends_at) if data else None
+            event = Event(event=self._event or "message", data=data, id=self._id, start=self._event_start,
+                          end=ends_at, resumes_after=self._id_before) if data else None
         self._reset()
         return event
 

@@ -257,3 +257,16 @@ def test_an_event_line_too_long_to_hold_is_never_read_as_a_message(cut: int | No
     events = parse_whole(stream) if cut is None else parse_split(stream, cut)
     assert len(events) == 1 and events[0].event != "message"
 
+
+def test_each_event_says_which_id_a_client_resumes_after_without_it() -> None:
+    """The last id before the event began (a priming event's too): where a client that got every byte
+    before the event resumes, if the stream is cut there."""
+    stream = (b"id: 1\ndata:\n\n" + b"data: a\n\n" + b"id: 3\ndata: b\n\n" + b"data: c\n\n"
+              + b"id: 5\ndata: " + b"d" * 300 + b"\n\n")
+    expected = ["1", "1", "3", "3"]  # the priming event is not dispatched: its id is before "a"
+    for cut in range(1, len(stream)):
+        parser = SseParser(max_event_bytes=100)  # the last event is scanned, not held
+        events = parser.feed(stream[:cut]) + parser.feed(stream[cut:]) + parser.feed(b"")
+        assert [e.resumes_after for e in events] == expected, cut
+    assert [e.resumes_after for e in parse_bytewise(stream)] == expected
+    assert [e.resumes_after for e in parse_whole(stream)] == expected
