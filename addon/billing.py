@@ -35,6 +35,9 @@ class Failure(StrEnum):
     CANCELLED = "cancelled"  # notifications/cancelled, or (2026-07-28) the POST stream closed before the answer
     NO_ANSWER_BY_TIMEOUT = "no_answer_by_timeout"  # a server-closed stream whose answer no resumption delivered
     UNEXPECTED_CONTENT_TYPE = "unexpected_content_type"  # a 2xx answer neither JSON nor SSE: clients reject it
+    # on the call's event stream, before its answer, a message event the MCP Python SDK client cannot read:
+    # it ends the call there (a parse error); the meter ends the stream there, an error in its place (stream_watch.py)
+    UNREADABLE_EVENT = "unreadable_event"
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,6 +84,10 @@ class Call:
     # --- a streamed answer (addon/stream_watch.py)
     parser: SseParser | None = None
     decoder: StreamDecoder | None = None  # a compressed stream, decoded for the meter with a ceiling
+    # The stream ended for the client before an event it could not read (Failure.UNREADABLE_EVENT): nothing
+    # from there on passes. The last event id the client got, which it resumes after (`scope`).
+    cut: bool = False
+    cut_after: str | None = None
     # --- a legacy SSE session (addon/legacy_sessions.py)
     legacy_session: str = ""  # the session's identity (legacy_sessions.identity), POSTs and stream
     rewriter: legacy_sse.EndpointRewriter | None = None  # the session's GET stream
@@ -116,10 +120,13 @@ class Call:
         (a stateless server keeping events replays that stream to a GET naming it). None: not resumable."""
         if self.session is not None:
             return self.session
-        if (self.parser is None or self.parser.last_event_id is None or self.listing is None
-                or self.listing.transport is Transport.SSE):
+        if self.cut:
+            last = self.cut_after  # the client got nothing from the unreadable event on
+        else:
+            last = self.parser.last_event_id if self.parser is not None else None
+        if last is None or self.listing is None or self.listing.transport is Transport.SSE:
             return None
-        return resumption.resume_key(self.listing.id, self.parser.last_event_id)
+        return resumption.resume_key(self.listing.id, last)
 
     def drop_stream_buffers(self) -> None:
         """Its flow's hooks are over: what its stream's readers hold of an unfinished event goes. A held

@@ -41,6 +41,7 @@ _TABLE = [
     ErrorSpec(400, "proxy_error", "The gateway's HTTP layer could not read or complete this request (the status says which)."),
     ErrorSpec(500, "internal_error", "The gateway failed to meter this call; it was not forwarded and not billed."),
     ErrorSpec(502, "upstream_failed", "The MCP server could not be reached or failed before answering; the call was refunded."),
+    ErrorSpec(502, "upstream_unreadable", "The MCP server sent, before its answer, a message MCP clients cannot read; the call was refunded and its stream ended."),
     ErrorSpec(503, "mcp_paused", "The publisher has paused this listing."),
     ErrorSpec(503, "mcp_not_yet_live", "This listing is not live yet."),
     ErrorSpec(503, "store_unavailable", "The billing database is unavailable; the call was not forwarded."),

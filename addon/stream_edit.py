@@ -61,6 +61,10 @@ class StreamEditor:
         self._cut_at: int | None = None  # where `admit` decided the stream is severed
         self._adrift = False  # no parse to follow the stream by any more: it passes, or is severed
 
+    def holds(self, offset: int) -> bool:
+        """Whether no byte of the stream from `offset` on has gone out yet."""
+        return self._from <= offset
+
     def discard(self) -> None:
         """The stream is over: the bytes held back (an unfinished event) are never sent."""
         self._held = bytearray()

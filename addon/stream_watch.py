@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from . import budget, compat, display, idempotency, legacy_sse, receipts
+from . import budget, compat, display, idempotency, legacy_sse, receipts, rpc_errors
 from . import pending as resumption
 from .billing import Failure
-from .call import META, Call, Label, Wait, decision, event_outcome, upstream_timeout
+from .call import META, Call, Label, Wait, clients_read, decision, event_messages, event_outcome, upstream_timeout
 from .decoding import StreamDecoder, TooLarge, decode_bounded
-from .jsonrpc import JSON, Outcome, answer_messages, body_outcome, media_type
+from .errors import GatewayError
+from .jsonrpc import JSON, Outcome, answer_messages, body_outcome, media_type, scanned_outcome
 from .model import Listing, Transport
 from .sse import DEFAULT_MAX_EVENT_BYTES, Event, SseParser
 from .stream_edit import StreamEditor, hold_limit
@@ -39,8 +40,11 @@ class StreamWatch:
     def watcher(self, flow: http.HTTPFlow, call: Call) -> Callable[[bytes], bytes | list[bytes]]:
         """mitmproxy calls this with each chunk as it passes; it must never raise."""
         gw = self.gw
+        fed = 0  # the bytes of the stream given so far: where `chunk` begins (the parser's offsets, undecoded)
 
         def watch(chunk: bytes) -> bytes | list[bytes]:
+            nonlocal fed
+            at, fed = fed, fed + len(chunk)
             if call.rewriter is not None:
                 out: bytes | list[bytes] = []  # the rewriter failing lets nothing of the stream out unrewritten
                 try:
@@ -50,6 +54,8 @@ class StreamWatch:
                 except Exception:
                     log.exception("mcpmeter: stream watcher %s failed", call.request_id)
                 return out
+            if call.cut:
+                return []  # ended for the client before an event it could not read
             editor = call.editor
             if editor is not None and editor.severed:
                 return []  # cut (fail closed): nothing more of it is read or sent
@@ -57,6 +63,7 @@ class StreamWatch:
             events: list[Event] = []
             parsed = False
             answer: tuple[Event, Outcome] | None = None
+            unreadable: Event | None = None
             try:
                 answering = call.priced is not None and call.outcome is None and call.settlement is None
                 parked = call.priced is None and call.session is not None  # a GET stream of a session (resumed)
@@ -72,18 +79,24 @@ class StreamWatch:
                             self._answer_parked(call, event)
                         elif answering and event.event == "message":  # MCP clients ignore other event types
                             assert call.priced is not None
-                            outcome = event_outcome(event, call.priced.rpc_id)
+                            messages = event_messages(event)
+                            outcome = scanned_outcome(messages, call.priced.rpc_id)
                             if outcome is not None:
                                 # Settle now: the answer is what was paid for, whatever the stream does next.
                                 call.outcome = outcome
                                 gw.settlements.start(flow, call)
                                 answering = False
                                 answer = event, outcome
+                            elif not clients_read(event, messages):
+                                unreadable = event
+                                break
             except Exception:
                 parsed = False
                 log.exception("mcpmeter: stream watcher %s failed", call.request_id)
                 if call.outcome is not None and call.settlement is None:  # seen, then something broke
                     call.settlement = gw.settlements.own(gw.settlements.now(flow, call))
+            if unreadable is not None:
+                return self._cut(flow, call, chunk, at, events, unreadable, parsed)
             if not editing:
                 return chunk
             assert editor is not None
@@ -98,6 +111,46 @@ class StreamWatch:
             return out or []
 
         return watch
+
+    def _cut(self, flow: http.HTTPFlow, call: Call, chunk: bytes, at: int, events: list[Event], unreadable: Event,
+             placed: bool) -> bytes:
+        """Before its answer, the call's stream carries a message event the MCP Python SDK client cannot
+        read (call.clients_read): that client ends the call there with a parse error and reads no further,
+        so the call is refunded, and the stream ends there for every client (the TypeScript SDK reports
+        the event and reads on: it must not get an answer nobody pays for). What goes out of `chunk` (which
+        starts at stream offset `at`) is what comes before that event (its events edited as usual), then in
+        its place a JSON-RPC error answering the call: both SDKs end the call with it, as the Python SDK
+        would with its parse error (a cut stream alone, with an event id seen, has them resume it again and
+        again). A compressed stream's places are not the chunk's (`placed` False): none of the chunk goes,
+        and nothing can be written into it. The upstream is closed. Never raises: whatever fails, nothing
+        more of the stream goes out."""
+        first = unreadable if placed else events[0]  # the first event the client does not get
+        call.cut, call.cut_after, call.failure = True, first.resumes_after, Failure.UNREADABLE_EVENT
+        out = b""
+        try:
+            log.info("mcpmeter: %s: the upstream sent an event MCP clients cannot read before the answer; "
+                     "the call is refunded and its stream ended there", call.request_id)
+            head = chunk[:max(first.start - at, 0)] if placed else b""
+            editor = call.editor
+            held = editor is not None and not editor.finished and editor.holds(first.start)
+            if held and head:  # (an editor that is not finished is fed every chunk: `placed`)
+                assert editor is not None
+                out = editor.feed(head, [e for e in events if e.end <= first.start], first.start)
+            elif not held:
+                out = head
+            if editor is not None:
+                editor.discard()
+            if placed and call.priced is not None:
+                error = GatewayError("upstream_unreadable")
+                # Ahead of it, the end of the event if some of its bytes went out already (one too big to hold)
+                ended = b"" if held or first.start >= at else b"\n\n"
+                out += ended + b"data: " + rpc_errors.refusal_body(error, call.request_id, call.priced.rpc_id) \
+                    + b"\n\n"
+            self.gw.settlements.start(flow, call)
+            asyncio.get_running_loop().call_soon(compat.abort_upstream, flow)
+        except Exception:
+            log.exception("mcpmeter: ending the stream of %s failed", call.request_id)
+        return out
 
     async def attach(self, flow: http.HTTPFlow, call: Call) -> None:
         """An SSE answer: watch it, and wrap its stream for the receipts, resumption, deferred calls,

@@ -93,6 +93,11 @@ async def mcp(request: Request) -> Response:
             return _sse_response(_sse(progress), die=True)
         case "sse_slow":
             return _sse_response(_sse(progress), delay=float(args.get("seconds", 5)))
+        case "sse_unreadable":  # before the answer, an event the Python SDK client cannot read; then open ~6 s
+            unreadable = (b'id: 2\nevent: message\ndata: {"jsonrpc":"2.0","method":"notifications/progress",'
+                          b'"params":[]}\n\n')
+            answer = f"id: 3\nevent: message\ndata: {json.dumps(_result(rpc_id, 'never read'))}\n\n".encode()
+            return _sse_response([*_sse(progress), unreadable, answer, *[b": still open\n\n"] * 24], delay=0.25)
         case "sse_whole":  # the whole stream at once, with a Content-Length (as a buffering server sends it)
             return Response(b"".join(_sse(progress, _result(rpc_id, "whole"))), media_type="text/event-stream")
         case "sse_big":  # one result event far over the gateway's max_event_bytes

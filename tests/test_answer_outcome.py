@@ -122,6 +122,13 @@ AGREE = {("result", "billed"), ("error", "refunded"), ("nothing", "refunded")}
     ("text/event-stream", b"data: \xef\xbb\xbf" + GOOD.encode() + b"\n\n"),
     ("text/event-stream", b'data: {"jsonrpc":"2.0","id":1.0,"result":{}}\n\n'),
     ("text/event-stream", b'data: {"id":1,"result":{}}\n\n'),
+    # an event the SDK client cannot read ends its request (PARSE_ERROR): the answer after it is never read
+    *(("text/event-stream", b"data: " + bad + b"\n\ndata: " + GOOD.encode() + b"\n\n") for bad in (
+        b"\xef\xbb\xbf" + NOTE, b'{"jsonrpc":"2.0","id":1.0,"result":{}}', NOTE.replace(b'"jsonrpc":"2.0",', b""),
+        NOTE.replace(b"{}", b"[]"), b"[" + NOTE + b"]", b"hello", b" ", NOTE[:-1],
+        NOTE.replace(b"{}", b'{"a":"\\ud800"}'),
+        NOTE.replace(b"{}", b"[" * 200 + b"]" * 200), NOTE.replace(b"{}", b'{"a":' + b"1" * 4301 + b"}"),
+        b'{"jsonrpc":"2.0","id":2,"error":{"code":1.5,"message":"m"}}', b'{"jsonrpc":"2.0","id":2,"result":[]}')),
     # refunded while the SDK client got the result
     ("application/json", b'{"jsonrpc":"2.0","id":1,"result":{"content":[]},"error":null}'),
     ("application/json", b'{"jsonrpc":"2.0","id":1,"result":{"content":[]},"error":"x"}'),
@@ -136,6 +143,13 @@ AGREE = {("result", "billed"), ("error", "refunded"), ("nothing", "refunded")}
     ("application/json", b'{"jsonrpc":"2.0","id":1,"result":{},"method":"sampling/createMessage"}'),
     ("text/event-stream", b'data: {"jsonrpc":"2.0","method":"notifications/message","params":{}}\n\ndata: '
      + GOOD.encode() + b"\n\n"),
+    # events the SDK client reads (or ignores) before the answer: the answer still counts
+    *(("text/event-stream", before + b"data: " + GOOD.encode() + b"\n\n") for before in (
+        b'data: {"jsonrpc":"2.0","id":1.0,"method":"notifications/progress"}\n\n',  # a notification, id ignored
+        b'data: {"jsonrpc":"2.0","id":"s1","method":"sampling/createMessage","params":{"a":[1,NaN]}}\n\n',
+        b'data: {"jsonrpc":"2.0","method":5,"method":"notifications/message","x":1e999}\n\n',
+        b'data: {"jsonrpc":"2.0","method":"x","params":{"a":' + b"[" * 199 + b"]" * 199 + b"}}\n\n",
+        b"event: other\ndata: hello\n\n", b"id: 7\ndata:\n\n", b": a comment\n\n")),
 ])
 async def test_meter_agrees_with_the_sdk_client(gw: Gw, content_type: str, body: bytes) -> None:
     flow, delivered = await meter_on(gw, content_type, body)

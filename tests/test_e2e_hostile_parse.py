@@ -9,17 +9,20 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import httpx2
 import pytest
+from mcp.shared.exceptions import MCPError
 
 from tests import fault_server
 from tests.backends import Backend
 from tests.gateway_proc import Gateway
 from tests.refusals import refusal
 from tests.test_e2e_gateway import MCP_HEADERS, assert_meter_headers, call, eventually, fault_listing, post  # noqa: F401
+from tests.test_e2e_mcp_client import client as sdk_client
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -161,3 +164,44 @@ async def test_an_sse_answer_with_a_content_length_reaches_the_client_whole_with
             assert answer["id"] == i and answer["result"]["content"][0]["text"] == "whole"
             assert answer["result"]["_meta"]["mcpmeter/receipt"]["decision"] == "billed"
     assert backend.balance(c.user_id) == 10_000 - 2 * 1000
+
+
+# --- an event MCP clients cannot read, before the answer ---------------------------------------------
+
+
+async def test_a_stream_with_an_unreadable_event_before_the_answer_ends_there_and_is_refunded(
+        gateway: Gateway, backend: Backend, fault_listing: Callable[..., tuple[str, int]]) -> None:
+    s, _ = fault_listing(price=1000)
+    c = backend.add_consumer(credit=10_000)
+    started, content = time.monotonic(), b""
+    async with httpx2.AsyncClient(timeout=20) as client:
+        async with client.stream("POST", f"{gateway.url}/{s}", content=json.dumps(call("sse_unreadable")).encode(),
+                                 headers={**MCP_HEADERS, **c.auth}) as r:
+            with pytest.raises(httpx2.RemoteProtocolError):  # cut, as a stream a timeout ends
+                async for piece in r.aiter_bytes():
+                    content += piece
+    elapsed = time.monotonic() - started
+    assert r.status_code == 200 and b"notifications/progress" in content  # what came before it
+    assert b'"params":[]' not in content and b"never read" not in content  # nothing from it on
+    last = json.loads(content.replace(b"\r\n", b"\n").split(b"\n\n")[-2].partition(b"data: ")[2])
+    assert (last["id"], last["error"]["data"]["error"]) == (1, "upstream_unreadable")  # in its place
+    assert elapsed < 4, elapsed  # the upstream (open ~7 s) was closed, not waited for
+    await eventually(lambda: [(u["status"], u["billed"]) for u in backend.usage(c)] == [(200, 0)])
+    assert backend.balance(c.user_id) == 10_000
+    reasons = backend.query("SELECT reason FROM mcpmeter_calls WHERE request_id = %s",
+                            (r.headers["X-Mcpmeter-Request-Id"],))
+    assert [str(why) for why, in reasons] == ["unreadable_event"]
+
+
+async def test_the_python_sdk_client_gets_an_error_and_pays_nothing(
+        gateway: Gateway, backend: Backend, fault_listing: Callable[..., tuple[str, int]]) -> None:
+    s, _ = fault_listing(price=1000)
+    c = backend.add_consumer(credit=10_000)
+    http, mcp = sdk_client(gateway, f"/{s}", c)
+    async with http, mcp:
+        started = time.monotonic()
+        with pytest.raises(MCPError, match="a message MCP clients cannot read"):
+            await mcp.call_tool("sse_unreadable", {})
+        assert time.monotonic() - started < 4  # ended by the error, not left resuming the stream
+    await eventually(lambda: [(u["status"], u["billed"]) for u in backend.usage(c)] == [(200, 0)])
+    assert backend.balance(c.user_id) == 10_000

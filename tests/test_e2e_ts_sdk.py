@@ -112,8 +112,10 @@ def polling() -> Iterator[NodeServer]:
     server.stop()
 
 
-async def ts_client(gw: Gateway, path: str, c: TestConsumer, calls: list[dict[str, Any]]) -> dict[str, Any]:
-    """Run tests/ts/client.mjs through the gateway; its summary (see that file)."""
+async def ts_client(gw: Gateway, path: str, c: TestConsumer, calls: list[dict[str, Any]],
+                    version: str = "2025-11-25") -> dict[str, Any]:
+    """Run tests/ts/client.mjs through the gateway; its summary (see that file). `version`: the protocol
+    revision the server agrees to."""
     proc = await asyncio.create_subprocess_exec(
         "node", "client.mjs", gw.url + path, json.dumps(calls), cwd=TS, env={**os.environ, "MCPMETER_KEY": c.key},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -125,7 +127,7 @@ async def ts_client(gw: Gateway, path: str, c: TestConsumer, calls: list[dict[st
         raise
     assert proc.returncode == 0, err.decode()
     summary: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-    assert summary["protocolVersion"] == "2025-11-25"
+    assert summary["protocolVersion"] == version
     return summary
 
 
@@ -250,3 +252,24 @@ async def test_a_parked_call_past_the_listing_timeout_is_refunded_and_its_late_a
     assert refunds(backend, c) == [(PRICE, f"refund: late-task on mcp {mcp} (no_answer_by_timeout)")]
     assert [(u["tool_name"], u["billed"]) for u in backend.usage(c)] == [("late-task", 0)]
     assert backend.balance(c.user_id) == 10_000
+
+
+# --- an event MCP clients cannot read, before the answer: the call ends with the meter's error ----------
+
+
+async def test_an_unreadable_event_before_the_answer_ends_the_ts_call_with_an_error_and_refunds_it(
+        gateway: Gateway, backend: Backend, fault_url: str) -> None:
+    """The TypeScript SDK reports such an event and reads on: the error the meter puts in its place ends the
+    call, and the answer after it never arrives (tests/test_e2e_hostile_parse.py: the Python SDK's side)."""
+    s = slug("ts-unreadable")
+    backend.add_listing(s, f"{fault_url}/mcp", price=PRICE)
+    c = backend.add_consumer(credit=10_000)
+    summary = await ts_client(gateway, f"/{s}", c, [{"tool": "sse_unreadable"}, {"tool": "ok"}],
+                              version="2025-06-18")  # the fault server's
+    unreadable, ok = summary["calls"]
+    assert unreadable["ok"] is False and unreadable["error"]["code"] == -32011
+    assert "a message MCP clients cannot read" in unreadable["error"]["message"]
+    assert ok["ok"] and ok["text"] == "ok"  # the session goes on
+    assert await eventually(lambda: sorted(journal(backend, c)) == [
+        ("ok", 200, 0, "result"), ("sse_unreadable", 200, 1, "unreadable_event")])
+    assert backend.balance(c.user_id) == 10_000 - PRICE
