@@ -53,27 +53,14 @@ HOLDING = Budget()  # answers: held whole before their `response` hook, or an SS
 
 
 class Share:
-    """One holder's part of a Budget under a limit (an SSE parser's event): what it reserved is given
-    back when it says so, or when it is freed."""
+    """One holder's part of a Budget under a limit (an SSE parser's event, an editor's held bytes): what
+    it reserved is given back when it says so, or when it is freed."""
 
     def __init__(self, budget: Budget, limit: int) -> None:
         self.budget, self.limit = budget, limit
-        self._held = [0]  # a cell: the finalizer reads it when the holder goes
-        self._finalizer: weakref.finalize | None = None
 
     def reserve(self, n: int) -> bool:
-        if not self.budget.reserve(n, self.limit):
-            return False
-        if self._finalizer is None:
-            self._finalizer = weakref.finalize(self, _give_cell, self.budget, self._held)
-        self._held[0] += n
-        return True
+        return self.budget.take(self, n, self.limit)
 
     def give_all(self) -> None:
-        self.budget.give(self._held[0])
-        self._held[0] = 0
-
-
-def _give_cell(budget: Budget, cell: list[int]) -> None:
-    budget.give(cell[0])
-    cell[0] = 0
+        self.budget.release(self)
