@@ -134,7 +134,7 @@ def registry() -> tuple[deferred.Deferred, list[tuple[Any, Decision]], Store]:
     settled: list[tuple[Any, Decision]] = []
     store = Store()
     config = SimpleNamespace(task_settle_seconds=3600.0, round_settle_seconds=900.0, max_body_bytes=1 << 20,
-                             max_event_bytes=1 << 20, platform_fee_bps=0)
+                             max_event_bytes=1 << 20, max_holding_bytes=1 << 30, platform_fee_bps=0)
     d = deferred.Deferred(lambda flow, call, decision: settled.append((call, decision)), lambda: config,
                           lambda: store)
     return d, settled, store
