@@ -238,6 +238,13 @@ def _build(raw: dict[str, Any]) -> Config:
             values[key] = _number(value, key, int)
         else:
             values[key] = _number(value, key, float)
+    # Unset, the bounds of all bodies being read take one body's (a file that raised max_body_bytes past
+    # them was valid before they came, and must still start); set, they are checked below.
+    defaults = {key: Config.__dataclass_fields__[key].default
+                for key in ("max_body_bytes", "max_reading_bytes", "max_holding_bytes")}
+    body = values.get("max_body_bytes", defaults["max_body_bytes"])
+    values.setdefault("max_reading_bytes", max(defaults["max_reading_bytes"], body))
+    values.setdefault("max_holding_bytes", max(defaults["max_holding_bytes"], MAX_ANSWER_FACTOR * body))
     cfg = Config(
         **values,
         mysql=_section(MysqlSettings, raw.get("mysql"), "mysql"),

@@ -483,3 +483,17 @@ def test_held_call_limits_are_validated(tmp_path: Path) -> None:
 def test_upstream_idle_seconds_is_bounded(tmp_path: Path, value: float) -> None:
     assert "upstream_idle_seconds must be between 0 and 3600" in error(tmp_path, {"upstream_idle_seconds": value})
     assert load_yaml(tmp_path, {"upstream_idle_seconds": 0}).upstream_idle_seconds == 0
+
+
+def test_the_bounds_of_all_bodies_being_read_follow_a_large_max_body_bytes_unless_set(tmp_path: Path) -> None:
+    """max_reading_bytes and max_holding_bytes came after max_body_bytes: a file that raised max_body_bytes
+    past 256 MiB was valid before them, and must not stop the gateway from starting after an upgrade.
+    Unset, they are at least what one body, or one answer held whole, may be; set, they are checked."""
+    big = 300 * 1024 * 1024
+    cfg = load_yaml(tmp_path, {"max_body_bytes": big})
+    assert (cfg.max_reading_bytes, cfg.max_holding_bytes) == (big, 4 * big)
+    assert (load(None, environ=NO_ENV).max_reading_bytes, load(None, environ=NO_ENV).max_holding_bytes) == (
+        256 * 1024 * 1024, 1024 * 1024 * 1024)  # the defaults, for the default max_body_bytes
+    assert "max_reading_bytes" in error(tmp_path, {"max_body_bytes": big, "max_reading_bytes": big - 1})
+    assert "max_holding_bytes" in error(tmp_path, {"max_body_bytes": big, "max_holding_bytes": 4 * big - 1})
+    assert "max_reading_bytes must be positive" in error(tmp_path, {"max_reading_bytes": 0})
