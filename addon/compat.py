@@ -357,6 +357,8 @@ def _install_request_body_limit() -> None:
                 del _body_limits[self.flow]
                 READING.release(self.flow)
                 self.request_body_buf.clear()
+                if self.flow.request.is_http2:  # the stream its answer goes to (no protocol error tells it here)
+                    _h2_streams[self.flow] = self.stream_id
                 answer_failed_flow(self.flow, refuse(self.flow, limit) if over else busy(self.flow, budget))
                 self.flow.kill()
                 yield from self.check_killed(True)

@@ -6,11 +6,14 @@ tests/test_adversarial.py's.
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -467,4 +470,33 @@ def test_answers_being_read_are_bounded_all_calls_together(
         billed = 3 * PRICES["cheap"]  # the stalled calls were refunded
         assert _balance_back(backend, listing.consumer.user_id, CREDIT - billed) == CREDIT - billed
     finally:
+        gw.stop()
+
+
+def _tls_gateway(backend: Backend, workdir: Path, config: dict[str, Any]) -> Gateway:
+    """A gateway serving TLS (so HTTP/2) with `config` over the backend's."""
+    return start_gateway({**backend.config(), **config}, workdir, env=backend.env(),
+                         reverse_target=f"https://127.0.0.1:{closed_port()}",
+                         extra_args=["--set", f"confdir={workdir / 'mitmproxy'}"])
+
+
+def test_an_http2_body_refused_while_read_gets_its_json_answer(
+        backend: Backend, hostile: HostileUpstream, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A body refused as it is read (503 gateway_busy, 413 payload_too_large) answers an HTTP/2 client with
+    the JSON error and its Retry-After, as an HTTP/1 one, not with a bare stream reset it cannot tell
+    from a failure (the stream of the flow was not known yet when its answer was registered)."""
+    listing = make_listing(backend, hostile)
+    gw = _tls_gateway(backend, tmp_path_factory.mktemp("h2-busy"),
+                      {"max_body_bytes": MAX_BODY, "max_reading_bytes": MAX_BODY})
+    host, _, port = gw.url.removeprefix("http://").removeprefix("https://").partition(":")
+    holding = _upload((host, int(port)), listing.path, MAX_BODY, MAX_BODY - 500)
+    try:
+        time.sleep(1.0)  # read: the budget is spent for a while
+        auth = [(k.lower(), v) for k, v in listing.auth()]
+        late = h2_request(gw, listing.path, auth, rpc(name="cheap", padding="x" * 1000))
+        assert late.status == 503 and json.loads(late.body)["error"] == "gateway_busy", late
+        assert late.headers.get(b"retry-after") == b"1"
+        assert hostile.records(listing.slug) == []
+    finally:
+        holding.close()
         gw.stop()
