@@ -48,7 +48,16 @@ class Probes:
             task = asyncio.ensure_future(probe())
             task.add_done_callback(lambda done: self._finished(name, done))
             running = self._running[name] = (owner, now, task)
-        return dict(await asyncio.wait_for(asyncio.shield(running[2]), timeout=HEALTH_WAIT))
+        probe_task = running[2]
+        try:
+            return dict(await asyncio.wait_for(asyncio.shield(probe_task), timeout=HEALTH_WAIT))
+        except asyncio.CancelledError:
+            # The probe given up for a newer one (too long, or a reload's store): a failed check, not
+            # this request's cancellation, which mitmproxy does not catch (its hook would never end).
+            current = asyncio.current_task()
+            if not probe_task.cancelled() or (current is not None and current.cancelling()):
+                raise
+            raise RuntimeError(f"the {name} probe was given up for a newer one") from None
 
     def _finished(self, name: str, task: asyncio.Task[dict[str, object]]) -> None:
         if not task.cancelled():

@@ -67,3 +67,31 @@ async def test_a_probe_running_too_long_is_given_up_for_a_new_one(gw: Gw, monkey
         await gw.addon.request(make_flow("/health", token=None, method="GET"))
     await asyncio.sleep(0)
     assert len(started) == 2 and started[0] is not None and started[0].cancelled()
+
+
+async def test_a_health_request_waiting_on_a_probe_given_up_still_gets_its_answer(gw: Gw, monkeypatch: Any) -> None:
+    """A probe is given up (cancelled) when it runs too long or a reload replaces the store; a /health
+    request waiting on it then got CancelledError out of its hook, which mitmproxy does not catch: the
+    hook never completed and the request hung until its connection timed out. It reports the store
+    down instead, at once."""
+    from addon import endpoints
+    monkeypatch.setattr(endpoints, "HEALTH_WAIT", 5.0)
+    monkeypatch.setattr(endpoints, "PROBE_ABANDONED", 0.05)
+    calls: list[int] = []
+
+    async def hung_then_fine() -> dict[str, Any]:
+        calls.append(1)
+        if len(calls) == 1:
+            await asyncio.Event().wait()
+        return {"ok": True}
+
+    gw.addon.store.health = hung_then_fine
+    first = make_flow("/health", token=None, method="GET")
+    waiting = asyncio.ensure_future(gw.addon.request(first))
+    await asyncio.sleep(0.1)  # its probe is past PROBE_ABANDONED: the next request gives it up
+    second = make_flow("/health", token=None, method="GET")
+    await gw.addon.request(second)
+    await asyncio.wait_for(waiting, timeout=1)
+    assert second.response.status_code == 200
+    assert first.response is not None and first.response.status_code == 503
+    assert json.loads(first.response.content)["store"] == {"ok": False}
