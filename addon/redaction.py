@@ -123,19 +123,26 @@ def redact_target_key(path: str) -> str | None:
 
 
 def redact_header_keys(headers: Headers) -> list[str]:
-    """Replace the value of every field holding what looks like a bearer key with REDACTED; return their
-    names. The credential headers are left to `redact_credentials` (Authorization carries the key, and
-    none is forwarded), the wrapped ones to `take_forwarded_credentials` (a consumer's credential for an
-    upstream, which may be another gateway's key on purpose). Any other header is forwarded as it is: a
-    key there (`X-Api-Key: mcpm_live_...`) would reach the publisher, so the request is refused."""
+    """Replace the value of every field holding what looks like a bearer key with REDACTED, and the name of
+    every field named with one (`mcpm_live_...: 1`, headers built the wrong way round); return their names
+    (REDACTED for the latter). The credential headers are left to `redact_credentials` (Authorization
+    carries the key, and none is forwarded), the wrapped ones to `take_forwarded_credentials` (a consumer's
+    credential for an upstream, which may be another gateway's key on purpose). Any other header is
+    forwarded as it is: a key there (`X-Api-Key: mcpm_live_...`) would reach the publisher, so the request
+    is refused."""
     fields = headers.fields
-    found = [name for name, value in fields if name.lower() not in _CREDENTIAL_NAMES
-             and name.lower() not in _FORWARDED_NAMES and (b"mcpm" in value or b"%" in value)
-             and holds_key(value.decode("utf-8", "surrogateescape"))]
+    named = {name for name, _ in fields if _holds_key_bytes(name)}
+    found = [name for name, value in fields if name in named or (
+        name.lower() not in _CREDENTIAL_NAMES and name.lower() not in _FORWARDED_NAMES and _holds_key_bytes(value))]
     if found:
         names = set(found)
-        headers.fields = tuple((name, _REDACTED if name in names else value) for name, value in fields)
-    return [name.decode("utf-8", "surrogateescape") for name in found]
+        headers.fields = tuple((_REDACTED if name in named else name, _REDACTED if name in names else value)
+                               for name, value in fields)
+    return [REDACTED if name in named else name.decode("utf-8", "surrogateescape") for name in found]
+
+
+def _holds_key_bytes(text: bytes) -> bool:
+    return (b"mcpm" in text or b"%" in text) and holds_key(text.decode("utf-8", "surrogateescape"))
 
 
 def scrub_keys(text: str) -> str:

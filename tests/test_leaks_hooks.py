@@ -177,7 +177,8 @@ async def test_a_gateway_key_in_the_query_is_refused_and_kept_nowhere(
     (f"/echo-test/sub/{URL_KEY.replace('_', '%5F')}?cursor=1", {}),  # percent-encoded
     ("/echo-test", {"X-Api-Key": URL_KEY}),  # a header the gateway does not read: forwarded as it is
     ("/echo-test", {"X-Trace": f"k={URL_KEY.replace('_', '%5f')}"}),
-], ids=["path", "path-encoded", "header", "header-encoded"])
+    ("/echo-test", {URL_KEY: "1"}),  # a header named with it (a client's headers built the wrong way round)
+], ids=["path", "path-encoded", "header", "header-encoded", "header-name"])
 async def test_a_gateway_key_in_the_path_or_another_header_is_refused_and_kept_nowhere(
         gw: Gw, caplog: pytest.LogCaptureFixture, path: str, headers: dict[str, str]) -> None:
     """Everything but the credential headers goes upstream: a key anywhere else in the request would
