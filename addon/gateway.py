@@ -111,6 +111,12 @@ class Mcpmeter:
         if "keep_host_header" in updated and not ctx.options.keep_host_header:
             # The client's Host names this gateway in the OAuth resource metadata URL.
             ctx.options.keep_host_header = True
+        if "stream_large_bodies" in updated and ctx.options.stream_large_bodies:
+            # A body over it goes upstream as it comes, before the `request` hook: to the reverse target,
+            # unmetered, past max_body_bytes and max_reading_bytes. The meter reads every body whole.
+            log.warning("mcpmeter: stream_large_bodies=%s is turned off: every request body is metered whole",
+                        ctx.options.stream_large_bodies)
+            ctx.options.stream_large_bodies = None
         if "mcpmeter_config" not in updated:
             return
         try:

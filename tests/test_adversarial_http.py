@@ -500,3 +500,25 @@ def test_an_http2_body_refused_while_read_gets_its_json_answer(
     finally:
         holding.close()
         gw.stop()
+
+
+def test_a_body_over_stream_large_bodies_is_still_metered_whole(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """mitmproxy's stream_large_bodies sends a body over it upstream as it comes, before the `request`
+    hook: to the reverse-mode target, with no key checked. The gateway turns it off, so such a body is
+    read whole and metered like any other."""
+    listing = make_listing(backend, hostile)
+    gw = launch({**backend.config(), "max_body_bytes": MAX_BODY}, tmp_path_factory.mktemp("stream-large"),
+                backend.env(), extra=["--set", "stream_large_bodies=1k"], reverse=canary.url)
+    body = rpc(name="cheap", padding="x" * 5000)
+    try:
+        c = RawClient(gw.url)
+        r = c.request("POST", listing.path, [("Content-Type", "application/json")], body)  # no key
+        assert r.status == 401, (r.status, r.body[:200])
+        r = c.request("POST", listing.path, listing.auth(), body)
+        assert r.status == 200 and r.header("X-Mcpmeter-Billed") == str(PRICES["cheap"]), (r.status, r.body[:200])
+        c.close()
+        assert canary.records() == [], "a body reached the reverse target unmetered"
+        assert [seen.body for seen in hostile.records(listing.slug)] == [body]
+    finally:
+        gw.stop()

@@ -1253,6 +1253,21 @@ def test_connection_strategy_is_forced_lazy_and_host_kept() -> None:
         assert tctx.options.connection_strategy == "lazy"
 
 
+def test_large_bodies_are_never_streamed_past_the_meter() -> None:
+    """mitmproxy's stream_large_bodies sends a body over it upstream as it comes, before the `request`
+    hook: to the reverse-mode target, unauthenticated, unmetered and unbounded by max_body_bytes or
+    max_reading_bytes (whose bytes it never gave back). The meter reads every body whole: it is turned off."""
+    addon = Mcpmeter()
+    with taddons.context(addon) as tctx:
+        # Declared by mitmproxy's proxyserver addon, which taddons does not load.
+        tctx.options.add_option("stream_large_bodies", str | None, None, "")
+        tctx.configure(addon, stream_large_bodies="1m")
+        assert tctx.options.stream_large_bodies is None
+        tctx.options.stream_large_bodies = "10k"  # at start-up configure sees every option
+        addon.configure({"stream_large_bodies"})
+        assert tctx.options.stream_large_bodies is None
+
+
 def test_load_installs_the_compat_patches() -> None:
     from mitmproxy.proxy.layers.http import _http1
 
