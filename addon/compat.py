@@ -126,6 +126,7 @@ def install() -> None:
     _base.format_error = _json_error_body
     _install_request_body_limit()
     _install_answer_body_limit()
+    READING.closer, HOLDING.closer = _close_client, _close_upstream  # a stalled holder closed to make room
     _install_head_limit()
     _install_buffer_limit()
     _install_trailer_drop()
@@ -329,6 +330,42 @@ _body_limits: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[int, _Refuse, int, 
     weakref.WeakKeyDictionary())
 
 
+def _http_layer(stream: HttpStream) -> Any:
+    """The HTTP layer a stream belongs to (its client connection's), found in its context's layer stack."""
+    return next((layer for layer in reversed(stream.context.layers) if isinstance(layer, _layers.http.HttpLayer)), None)
+
+
+def _close_client(owner: Any, layer: Any) -> Callable[[], None] | None:
+    """What closes the connection a stalled request body comes on, if every request on it is still being
+    read (an HTTP/2 client's other calls may be forwarded, paid for: they must not fail with it)."""
+    if not isinstance(owner, http.HTTPFlow) or layer is None:
+        return None
+    flow, handler = owner, _connection_handler(owner)
+    if handler is None or flow.client_conn not in handler.transports or any(
+            stream.client_state != stream.state_consume_request_body for stream in layer.streams.values()):
+        return None
+
+    def close() -> None:
+        log.warning("mcpmeter: closing %s, a request body read too slowly while the bodies being read are at "
+                    "max_reading_bytes", flow.client_conn.peername)
+        handler.close_connection(flow.client_conn)
+    return close
+
+
+def _close_upstream(owner: Any, layer: Any) -> Callable[[], None] | None:
+    """What fails an answer held whole that comes too slowly (its call is refunded, as an upstream failure).
+    Other holders (an SSE parser's event, an editor's) are not closed: they are bounded their own way."""
+    if not isinstance(owner, http.HTTPFlow):
+        return None
+    flow = owner
+
+    def close() -> None:
+        log.warning("mcpmeter: closing the upstream of %s, an answer read too slowly while the answers held are "
+                    "at max_holding_bytes", flow.request.host)
+        abort_upstream(flow)
+    return close
+
+
 def limit_request_body(flow: http.HTTPFlow, limit: int, refuse: _Refuse, budget: int, busy: _Refuse) -> None:
     """Stop reading `flow`'s request body once it passes `limit` bytes, and answer `refuse(flow, limit)`;
     or once the bodies being read, all flows together, would pass `budget` bytes, and answer
@@ -353,7 +390,7 @@ def _install_request_body_limit() -> None:
         if bound is not None:
             limit, refuse, budget, busy = bound
             over = len(self.request_body_buf) + len(event.data) > limit
-            if over or not READING.take(self.flow, len(event.data), budget):
+            if over or not READING.take(self.flow, len(event.data), budget, _http_layer(self)):
                 del _body_limits[self.flow]
                 READING.release(self.flow)
                 self.request_body_buf.clear()

@@ -522,3 +522,123 @@ def test_a_body_over_stream_large_bodies_is_still_metered_whole(
         assert [seen.body for seen in hostile.records(listing.slug)] == [body]
     finally:
         gw.stop()
+
+
+def test_stalled_uploads_do_not_keep_every_later_body_out(
+        backend: Backend, hostile: HostileUpstream, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Uploads that stall just under max_body_bytes, no key needed, spent max_reading_bytes until
+    mitmproxy closed their idle connections (10 minutes): every call meanwhile was refused 503. Once
+    they have gone on for EVICT_AFTER seconds below MIN_RATE, a body that finds the budget spent has
+    them closed instead, and is read, forwarded and billed as usual."""
+    from addon import budget
+    listing = make_listing(backend, hostile)
+    gw = launch({**backend.config(), "max_body_bytes": MAX_BODY, "max_reading_bytes": 3 * MAX_BODY},
+                tmp_path_factory.mktemp("stalled"), backend.env())
+    host, _, port = gw.url.removeprefix("http://").partition(":")
+    holding: list[socket.socket] = []
+    body = rpc(name="cheap", padding="x" * 3000)
+    try:
+        holding = [_upload((host, int(port)), listing.path, MAX_BODY, MAX_BODY - 500) for _ in range(3)]
+        time.sleep(1.0)  # read: 2,998,500 bytes held of 3,000,000, a call's body does not fit
+        r = RawClient(gw.url).request("POST", listing.path, listing.auth(), body)
+        assert (r.status, r.error) == (503, "gateway_busy"), (r.status, r.body[:200])  # not stalled long yet
+        time.sleep(budget.EVICT_AFTER)
+        r = RawClient(gw.url).request("POST", listing.path, listing.auth(), body)
+        assert r.status == 200 and r.header("X-Mcpmeter-Billed") == str(PRICES["cheap"]), (r.status, r.body[:200])
+        closed = 0
+        for sock in holding:
+            sock.settimeout(1)
+            try:
+                closed += sock.recv(65536) == b""
+            except TimeoutError:
+                pass  # still open: the one closed made room enough
+            except ConnectionResetError:
+                closed += 1
+        assert closed == 1, f"{closed} stalled uploads closed, one is room enough"
+        assert len(hostile.records(listing.slug)) == 1  # only the call: no stalled body was forwarded
+    finally:
+        for sock in holding:
+            sock.close()
+        gw.stop()
+
+
+def test_a_stalled_answer_does_not_keep_other_answers_out(
+        backend: Backend, hostile: HostileUpstream, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """An upstream that sends most of its answers and stalls (a publisher calling its own listing, every
+    call refunded) spent max_holding_bytes for its listing's timeout, up to 300 s, failing every other
+    listing's large answers meanwhile. Silent for EVICT_AFTER seconds, such an answer is cut when another
+    needs the room: its call fails as the upstream's (refunded 502), the other is delivered and billed."""
+    import concurrent.futures
+
+    from addon import budget
+    listing = make_listing(backend, hostile, timeout=60)
+    gw = launch({**backend.config(), "max_body_bytes": MAX_BODY, "max_holding_bytes": 5 * MAX_BODY},
+                tmp_path_factory.mktemp("stalled_answer"), backend.env())
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(RawClient(gw.url).request, "POST", listing.path, listing.auth(),
+                                rpc(name="stalled_json", mb=3.5, sent=3, seconds=30))
+            time.sleep(1.0 + budget.EVICT_AFTER)  # 3 MB of its answer held, then nothing
+            r = RawClient(gw.url).request("POST", listing.path, listing.auth(**{"X-Hostile": "huge_json"}),
+                                          rpc(name="cheap", mb=3))
+            assert r.status == 200 and r.header("X-Mcpmeter-Billed") == str(PRICES["cheap"]), (r.status, r.body[:200])
+            stalled = first.result(timeout=10)  # cut, long before its upstream's 30 s
+            assert (stalled.status, stalled.error) == (502, "upstream_failed")
+            assert stalled.header("X-Mcpmeter-Refunded") == "1"
+        assert _balance_back(backend, listing.consumer.user_id, CREDIT - PRICES["cheap"]) == CREDIT - PRICES["cheap"]
+    finally:
+        gw.stop()
+
+
+def test_a_stalled_http2_upload_is_not_closed_with_a_paid_call_on_its_connection(
+        backend: Backend, hostile: HostileUpstream, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Closing a stalled upload's connection to make room must not fail what else runs on it: an HTTP/2
+    client's other streams may be calls forwarded and paid for (a client gone after forwarding pays).
+    Such a connection stays open; the body that needed the room is refused 503, as before."""
+    from addon import budget
+    listing = make_listing(backend, hostile, timeout=60)
+    gw = _tls_gateway(backend, tmp_path_factory.mktemp("h2-stalled"),
+                      {"max_body_bytes": MAX_BODY, "max_reading_bytes": MAX_BODY})
+    host, port = gw.url.split("://")[1].split(":")
+    tls = ssl.create_default_context()
+    tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+    tls.set_alpn_protocols(["h2"])
+    auth = [(k.lower(), v) for k, v in listing.auth()]
+    head = [(":method", "POST"), (":path", listing.path), (":scheme", "https"), (":authority", "gateway.test"), *auth]
+    try:
+        with tls.wrap_socket(socket.create_connection((host, int(port)), timeout=20),
+                             server_hostname="localhost") as sock:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+            conn.initiate_connection()
+            paid = rpc(name="slow", seconds=budget.EVICT_AFTER + 4)
+            conn.send_headers(1, head)
+            conn.send_data(1, paid, end_stream=True)  # forwarded and paid, its answer comes in ~9 s
+            conn.send_headers(3, [*head, ("content-length", str(MAX_BODY))])
+            sock.sendall(conn.data_to_send())
+            events: list[Any] = []
+            left = MAX_BODY - 500
+            while left:  # as the flow-control windows allow
+                if (room := min(left, conn.local_flow_control_window(3), conn.max_outbound_frame_size)) > 0:
+                    conn.send_data(3, b" " * room)
+                    left -= room
+                else:
+                    events += conn.receive_data(sock.recv(65536))
+                sock.sendall(conn.data_to_send())
+            time.sleep(1.0 + budget.EVICT_AFTER)  # stream 3 stalled past EVICT_AFTER, the budget spent
+            late = h2_request(gw, listing.path, auth, rpc(name="cheap", padding="x" * 1000))
+            assert late.status == 503 and json.loads(late.body)["error"] == "gateway_busy", late
+            answer = b""
+            while not any(isinstance(e, h2.events.StreamEnded) and e.stream_id == 1 for e in events):
+                data = sock.recv(65536)
+                assert data, "the connection of a paid call was closed"
+                for event in conn.receive_data(data):
+                    events.append(event)
+                    if isinstance(event, h2.events.DataReceived) and event.stream_id == 1:
+                        answer += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                sock.sendall(conn.data_to_send())
+            [status] = [dict(e.headers)[b":status"] for e in events
+                        if isinstance(e, h2.events.ResponseReceived) and e.stream_id == 1]
+            assert status == b"200" and b"ran slow" in answer, (status, answer[:300])
+    finally:
+        gw.stop()

@@ -76,3 +76,42 @@ def test_an_editor_past_its_share_severs_a_stream_that_may_carry_a_refunded_answ
             out += editor.feed(piece, events, parser.pending_from)
         assert editor.severed is severed and (out == b"" if severed else out == event)
         assert budget.held == 29_000
+
+
+def test_a_full_budget_makes_room_by_closing_the_slowest_stalled_owners() -> None:
+    """Bytes held by stalled bodies must not refuse every later body for ever: N uploads (no key needed)
+    or answers (a publisher calling its own listing, refunded) that stall just under their limits spent
+    the budget until their connections went idle (mitmproxy: 10 minutes), a 503 or 502 for everyone
+    else meanwhile. When the budget is spent, owners that have gone on for EVICT_AFTER seconds below
+    MIN_RATE or silent for as long are closed, slowest first, if that makes room; owners going at a fair
+    rate are not."""
+    from addon import budget as budgets
+    now = [0.0]
+    closed: list[object] = []
+    budget = Budget(lambda flow, context: lambda: closed.append(flow), clock=lambda: now[0])
+    stalled, fast, young, late = (tflow.tflow() for _ in range(4))
+    assert budget.take(stalled, 400, limit=1000) and budget.take(fast, 100, limit=1000)
+    now[0] = budgets.EVICT_AFTER + 1
+    assert budget.take(young, 300, limit=1000)
+    fast_bytes = int(budgets.MIN_RATE * (budgets.EVICT_AFTER + 1))
+    assert budget.take(fast, fast_bytes, limit=10**9)  # its rate, from its first byte: above MIN_RATE
+    full = budget.held + 10**6
+    assert not budget.take(late, 10**6, limit=full - 401) and closed == []  # closing all the slow would not do
+    assert budget.take(late, 10**6, limit=full - 350) and closed == [stalled]  # the stalled one is enough
+    assert budget.held == 100 + fast_bytes + 300 + 10**6
+    budget.release(stalled)  # its connection's end, later: counted once
+    assert budget.held == 100 + fast_bytes + 300 + 10**6
+    assert not budget.take(tflow.tflow(), 10**10 + 1, limit=10**10) and closed == [stalled]  # no room: none closed
+
+    now[0], closed[:] = 0.0, []
+    silent = Budget(lambda flow, context: (lambda: closed.append(flow)) if context is None else None,
+                    clock=lambda: now[0])
+    burst = tflow.tflow()
+    kept = tflow.tflow()
+    assert silent.take(kept, 10**8, limit=2 * 10**8, context=silent)  # its closer refuses to close it (its context)
+    assert silent.take(burst, 10**8, limit=2 * 10**8)  # fast, then nothing: closed once silent long enough
+    now[0] = budgets.EVICT_AFTER - 0.1
+    assert not silent.take(tflow.tflow(), 1, limit=2 * 10**8) and closed == []
+    now[0] = budgets.EVICT_AFTER
+    assert not silent.take(tflow.tflow(), 10**8 + 1, limit=2 * 10**8) and closed == []  # kept cannot go
+    assert silent.take(tflow.tflow(), 1, limit=2 * 10**8) and closed == [burst] and silent.held == 10**8 + 1
