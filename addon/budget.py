@@ -82,7 +82,15 @@ class Budget:
         return holder
 
     def _make_room(self, need: int, own: int) -> bool:
-        """Close the slowest stalled owners holding at least `need` bytes, if there are such; else none."""
+        """Close the slowest stalled owners holding at least `need` bytes, if there are such; else none.
+        Owners whose flows ended where nothing released them (mitmproxy's body_size_limit...) hold no
+        buffer any more: they are forgotten first (mitmweb keeps flows, so they would count for ever)."""
+        for key, holder in list(itertools.islice(self._owners.items(), EVICT_SCAN)):
+            if key != own and not getattr(holder.owner(), "live", True):  # (a Share has no `live`)
+                self._drop(key)
+                need -= holder.counted
+        if need <= 0:
+            return True
         if self.closer is None:
             return False
         now = self._clock()

@@ -115,3 +115,19 @@ def test_a_full_budget_makes_room_by_closing_the_slowest_stalled_owners() -> Non
     now[0] = budgets.EVICT_AFTER
     assert not silent.take(tflow.tflow(), 10**8 + 1, limit=2 * 10**8) and closed == []  # kept cannot go
     assert silent.take(tflow.tflow(), 1, limit=2 * 10**8) and closed == [burst] and silent.held == 10**8 + 1
+
+
+def test_a_full_budget_forgets_owners_whose_flows_ended_unseen() -> None:
+    """A body cut off where no hook or protocol error tells the budget (mitmproxy's body_size_limit,
+    say) stays counted while its flow lives, and mitmweb keeps flows for ever: when the budget is spent,
+    owners whose flows are no longer live hold nothing and are forgotten, with no connection closed."""
+    closed: list[object] = []
+    budget = Budget(lambda flow, context: lambda: closed.append(flow))
+    ended, running = tflow.tflow(), tflow.tflow()
+    assert budget.take(ended, 600, limit=1000) and budget.take(running, 300, limit=1000)
+    ended.live = False  # mitmproxy gave up on it and cleared its buffer; the flow is kept
+    new = tflow.tflow()
+    assert budget.take(new, 600, limit=1000) and closed == [] and budget.held == 900
+    assert not budget.take(tflow.tflow(), 200, limit=1000)  # the running owners stay counted
+    share = Share(budget, 1000)  # not a flow: always live to the budget
+    assert not share.reserve(200) and budget.held == 900
