@@ -46,18 +46,9 @@ class Budget:
         self._clock = clock
         self._owners: dict[int, _Holder] = {}  # id(owner) -> what it holds; oldest first byte first
 
-    def reserve(self, n: int, limit: int) -> bool:
-        """Count `n` more bytes, unless that would pass `limit`; the caller gives them back (`give`)."""
-        if self.held + n > limit:
-            return False
-        self.held += n
-        return True
-
-    def give(self, n: int) -> None:
-        self.held -= n
-
     def take(self, owner: Any, n: int, limit: int, context: Any = None) -> bool:
-        """`reserve` for `owner` (a flow): its bytes are given back by `release(owner)`, or when it is freed.
+        """Count `n` more bytes of `owner` (a flow, a Share), unless that would pass `limit`: given back by
+        `release(owner)`, or when it is freed.
         Past `limit`, the slowest stalled owners are closed first if that makes room (`closer`)."""
         key = id(owner)
         if self.held + n > limit and not self._make_room(self.held + n - limit, key):
@@ -67,7 +58,7 @@ class Budget:
         if holder is None:
             holder = self._owners[key] = _Holder(0, self._clock(), 0.0, weakref.ref(owner),
                                                  None if context is None else weakref.ref(context),
-                                                 weakref.finalize(owner, self._gone, key))
+                                                 weakref.finalize(owner, self._drop, key))
         holder.counted += n
         holder.last = self._clock()
         return True
@@ -76,6 +67,8 @@ class Budget:
         self._drop(id(owner))
 
     def _drop(self, key: int) -> _Holder | None:
+        """Forget an owner: released, closed, or freed while counted (its finalizer: id(owner) is unique
+        while it lives, and detaching a finalizer that is running does nothing)."""
         if (holder := self._owners.pop(key, None)) is not None:
             self.held -= holder.counted
             holder.finalizer.detach()
@@ -114,10 +107,6 @@ class Budget:
             self._drop(key)
             close()
         return True
-
-    def _gone(self, key: int) -> None:  # an owner freed while counted (id(owner) is unique while it lives)
-        if (holder := self._owners.pop(key, None)) is not None:
-            self.held -= holder.counted
 
 
 READING = Budget()  # request bodies, before their `request` hook
