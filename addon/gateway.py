@@ -311,19 +311,19 @@ class Mcpmeter:
 
     def _too_large(self, flow: http.HTTPFlow, limit: int) -> http.Response:
         """The 413 for a request body over `limit` (a method: compat keeps it weakly by the flow)."""
-        flow.metadata[META] = {"decision": Label.REFUSED, "error": "payload_too_large"}
-        flow.comment, flow.marked = "refused 413 payload_too_large", ":no_entry:"
-        return answers.error_response(GatewayError("payload_too_large", limit_bytes=limit),
-                                      Call(str(uuid.uuid4())), self._top_up_url())
+        return self._unread(flow, GatewayError("payload_too_large", limit_bytes=limit))
 
     def _busy(self, flow: http.HTTPFlow, limit: int) -> http.Response:
         """The 503 for a body that would pass the bytes of all bodies being read (compat keeps it weakly)."""
-        flow.metadata[META] = {"decision": Label.REFUSED, "error": "gateway_busy"}
-        flow.comment, flow.marked = "refused 503 gateway_busy", ":no_entry:"
         log.warning("mcpmeter: %d bytes of request bodies being read already (max_reading_bytes %d); refusing one",
                     budget.READING.held, limit)
-        return answers.error_response(GatewayError("gateway_busy", headers={"Retry-After": "1"}),
-                                      Call(str(uuid.uuid4())), self._top_up_url())
+        return self._unread(flow, GatewayError("gateway_busy", headers={"Retry-After": "1"}))
+
+    def _unread(self, flow: http.HTTPFlow, error: GatewayError) -> http.Response:
+        """The answer to a request refused before its body was read (no call, no consumer known yet)."""
+        flow.metadata[META] = {"decision": Label.REFUSED, "error": error.spec.code}
+        flow.comment, flow.marked = f"refused {error.spec.status} {error.spec.code}", ":no_entry:"
+        return answers.error_response(error, Call(str(uuid.uuid4())), self._top_up_url())
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
