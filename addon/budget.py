@@ -125,3 +125,8 @@ class Share:
 
     def give_all(self) -> None:
         self.budget.release(self)
+
+
+def holding(config: Any) -> Share | None:
+    """A share of HOLDING under the gateway's `max_holding_bytes` (None: no config, nothing bounded)."""
+    return None if config is None else Share(HOLDING, config.max_holding_bytes)

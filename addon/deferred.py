@@ -430,7 +430,7 @@ class Deferred:
         # The parser lives with the stream, not on Facts, which a held call keeps: what a stream cut off
         # mid-event left in it (up to max_event_bytes) goes with the flow.
         config = self.config()
-        parser = SseParser(config.max_event_bytes, budget.Share(budget.HOLDING, config.max_holding_bytes))
+        parser = SseParser(config.max_event_bytes, budget.holding(config))
         inner = response.stream
 
         def read(chunk: bytes) -> Any:

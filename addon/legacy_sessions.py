@@ -154,7 +154,7 @@ class LegacySessions:
         max_event = config.max_event_bytes if config is not None else DEFAULT_MAX_EVENT_BYTES
         return StreamEditor(None, lambda event: pending.blank_event(scope, event),
                             hold_limit(max_event, blanking=True), lambda: pending.may_blank(scope),
-                            budget.Share(budget.HOLDING, config.max_holding_bytes) if config is not None else None)
+                            budget.holding(config))
 
     def _answer(self, session: str, events: list[Event]) -> None:
         """Settle the calls these events answer (none sent out blanked: they answer a refunded call)."""

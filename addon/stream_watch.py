@@ -158,7 +158,7 @@ class StreamWatch:
         gw = self.gw
         assert flow.response is not None
         call.parser = SseParser(gw.config.max_event_bytes if gw.config else DEFAULT_MAX_EVENT_BYTES,
-                                budget.Share(budget.HOLDING, gw.config.max_holding_bytes) if gw.config else None)
+                                budget.holding(gw.config))
         coding = flow.response.headers.get("content-encoding", "").strip()
         if coding and coding.lower() != "identity" and gw.config is not None:  # asked for identity
             call.decoder = StreamDecoder(coding, gw.config.max_body_bytes)
@@ -190,8 +190,7 @@ class StreamWatch:
                 call.editor = StreamEditor(plan, blank if session is not None else None,
                                            hold_limit(max_event, blanking=session is not None),
                                            may_blank if session is not None else None,
-                                           budget.Share(budget.HOLDING, gw.config.max_holding_bytes)
-                                           if gw.config is not None else None)
+                                           budget.holding(gw.config))
         unframe(flow)
         flow.response.stream = self.watcher(flow, call)
         gw.deferred.watch_stream(flow, call)  # task statuses, input_required (upstream bytes first)
