@@ -9,8 +9,10 @@ are settled (refunded if unanswered) and new calls are refused while the gateway
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -186,13 +188,24 @@ def reloaded(gw: Gw) -> Mcpmeter:
     return new
 
 
+@contextlib.asynccontextmanager
+async def reloaded_for(gw: Gw) -> AsyncIterator[Mcpmeter]:
+    """`reloaded`, and the new meter stopped at the end (its stop awaited), whatever the test did."""
+    new = reloaded(gw)
+    try:
+        yield new
+    finally:
+        task = new.done()
+        if task is not None:
+            await task
+
+
 async def test_a_script_reload_mid_call_bills_the_answer_delivered_through_the_new_meter(
         gw: Gw, tmp_path: Path) -> None:
     flow = make_flow()
     await gw.addon.request(flow)
     assert forwarded(flow)
-    new = reloaded(gw)
-    try:
+    async with reloaded_for(gw) as new:
         # The answer's hooks reach the meter that is loaded now, which did not charge the call.
         flow.response = json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}})
         await new.responseheaders(flow)
@@ -205,10 +218,6 @@ async def test_a_script_reload_mid_call_bills_the_answer_delivered_through_the_n
         assert all(settled for *_, settled in gw.db.journal())
         assert gw.db.balance() == OPENING - PRICE  # delivered: billed, never refunded
         gw.db.assert_reconciled()
-    finally:
-        task = new.done()
-        if task is not None:
-            await task
 
 
 async def test_a_script_reload_mid_call_refunds_an_upstream_failure_seen_by_the_new_meter(
@@ -216,8 +225,7 @@ async def test_a_script_reload_mid_call_refunds_an_upstream_failure_seen_by_the_
     flow = make_flow()
     await gw.addon.request(flow)
     assert forwarded(flow)
-    new = reloaded(gw)
-    try:
+    async with reloaded_for(gw) as new:
         flow.error = Error("peer closed connection without sending complete message")
         await new.error(flow)
         response, body = parse_raw(compat._pending[flow.client_conn.id])  # answered by the meter that charged it
@@ -228,10 +236,6 @@ async def test_a_script_reload_mid_call_refunds_an_upstream_failure_seen_by_the_
         assert usage["billed_micro_cents"] == 0 and usage["status"] == 502
         assert gw.db.balance() == OPENING
         gw.db.assert_reconciled()
-    finally:
-        task = new.done()
-        if task is not None:
-            await task
 
 
 async def test_a_shutdown_soon_after_a_script_reload_waits_for_the_old_meters_settlements(
