@@ -11,7 +11,6 @@ Any refusal is raised as a GatewayError for the request hook to answer.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
@@ -258,7 +257,7 @@ class Admission:
         result = await gw.store.charge(call.charge)
         # The settlement counts in the month the charge counted in (every store names it; this
         # gateway's own month only were one not to).
-        call.charge = replace(call.charge, period=result.period or billing.period(call.called_at))
+        call.charge = call.charge.in_period(result.period or billing.period(call.called_at))
         if result.verdict is Verdict.FREE:  # tools/list shows this gateway's own claims at once
             gw.free_used.pop((listing.id, consumer.user_id, call.charge.month), None)
         call.balance = result.balance

@@ -15,7 +15,6 @@ Money rules kept here (SPEC I1-I4):
 from __future__ import annotations
 
 import calendar
-import dataclasses
 import json
 import logging
 import math
@@ -269,8 +268,8 @@ class Ledger:
         if req.period is not None:
             return req
         if self.d.clock is None:
-            return dataclasses.replace(req, period=this_month())
-        return dataclasses.replace(req, period=str(self._one(f"SELECT DATE_FORMAT({self.d.clock}, '%%Y-%%m')")[0]))
+            return req.in_period(this_month())
+        return req.in_period(str(self._one(f"SELECT DATE_FORMAT({self.d.clock}, '%%Y-%%m')")[0]))
 
     def preview(self, req: ChargeRequest) -> Preview:
         """What `charge` would decide now, read without writing anything."""
