@@ -97,6 +97,7 @@ class MessageScanner:
         self._code_ok = self._message_ok = False  # in it, an integer code and a string message
         self._ended = False  # the top-level value is complete
         self.malformed = False
+        self.dropped = 0  # messages read past MAX_MESSAGES, not kept: `messages` does not say all it holds
         # a string or scalar split across pieces
         self._in_string = False
         self._escape = False
@@ -258,6 +259,8 @@ class MessageScanner:
         if self._depth + 1 == self._level and self._msg is not None:
             if len(self.messages) < MAX_MESSAGES:
                 self.messages.append(self._msg)
+            else:
+                self.dropped += 1
             self._msg = None
         if self._depth == 0:
             self._ended = True

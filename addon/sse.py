@@ -11,7 +11,7 @@ edit an event in place without splitting the stream again (receipts.StreamEditor
 Linear in the bytes fed, with bounded memory: an event's data is held up to
 `max_event_bytes`, and while its `share` of what all parsers hold allows (budget.py); a bigger
 event is not held but read on the fly by a `MessageScanner`, so the event still comes out
-(with empty `data` and the scanner's `messages`) and the call it answers still settles. Other
+(with empty `data`, the scanner's `messages` and how many it `dropped`) and the call it answers still settles. Other
 lines (comments, `event:`, `id:`) longer than the limit are skipped.
 """
 
@@ -33,6 +33,9 @@ class Event:
     # an event over max_event_bytes: its data is not kept, this is what it said (None: not one JSON value)
     messages: list[Message] | None = None
     oversized: bool = False
+    # of an oversized event, the messages the scanner read but did not keep (past scan.MAX_MESSAGES): a
+    # batch that long answers more than `messages` says (stream_edit.StreamEditor cannot judge it)
+    dropped: int = 0
     # Where its bytes lie in the stream: from its first line to just past its blank line (not part of
     # what the event says: two events saying the same are equal wherever they were).
     start: int = field(default=-1, compare=False)
@@ -245,7 +248,8 @@ class SseParser:
         event: Event | None
         if self._scanner is not None:
             event = Event(event=self._event or "message", data="", id=self._id, messages=self._scanner.finish(),
-                          oversized=True, start=self._event_start, end=ends_at, resumes_after=self._id_before)
+                          oversized=True, dropped=self._scanner.dropped, start=self._event_start, end=ends_at,
+                          resumes_after=self._id_before)
         else:
             data = b"".join(self._data).decode("utf-8", "replace")
             # no data line, or a single empty one: a priming event

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from addon.scan import Message
+from addon.scan import MAX_MESSAGES, Message
 from addon.sse import Event, SseParser
 
 
@@ -167,6 +169,15 @@ def test_an_oversized_event_is_scanned_not_held_and_parsing_continues() -> None:
     assert big.oversized and big.data == "" and big.messages == [
         Message(id_raw=b"1", has_result=True, is_error=True, result_obj=True, id_ok=True)]
     assert small == msg("ok")
+
+
+def test_an_oversized_batch_says_how_many_answers_the_scanner_did_not_keep() -> None:
+    """The scanner keeps MAX_MESSAGES summaries: the event says it answers more than its `messages` show."""
+    for count, dropped in ((MAX_MESSAGES, 0), (MAX_MESSAGES + 3, 3)):
+        batch = json.dumps([{"jsonrpc": "2.0", "id": i, "result": {}} for i in range(count)]).encode()
+        [event] = SseParser(max_event_bytes=1000).feed(b"data: " + batch + b"\n\n")
+        assert event.oversized and event.dropped == dropped
+        assert [m.id_value() for m in event.messages or []] == list(range(MAX_MESSAGES))
 
 
 @pytest.mark.parametrize("size", [1, 7, 4096, 70_000])
