@@ -298,7 +298,9 @@ class Pending:
     def blank_event(self, session: Scope, event: Event, live: JsonId | None = None,
                     live_refunded: bool = False, principal: str | None = None) -> bool:
         """Whether the event answers a refunded call (blank_if_refunded), read from its data, or from what
-        the parser's scanner read of it when it was too big to keep (sse.Event.oversized)."""
+        the parser's scanner read of it when it was too big to keep (sse.Event.oversized). One whose scanner
+        dropped summaries (sse.Event.dropped) is not judged: the editor cuts the stream there first
+        (stream_edit.StreamEditor.unjudged)."""
         if not event.oversized:
             return self.blank_if_refunded(session, event.data, live, live_refunded, principal) is not None
         return self._blank(session, event.messages, live, live_refunded, principal) is not None

@@ -12,9 +12,11 @@ none of which is to be edited goes out as it came.
 
 Fail closed: while the stream may carry a refunded call's answer (`may_blank`), an event the editor
 cannot hold whole (it outgrows `limit` before it ends, or part of it went out before a refund made
-blanking possible and it then turns out to answer a refunded call) is not let out, nor anything after
-it: the stream is *severed* (`severed`), and the watcher cuts its upstream. The client never gets
-that event's end, so never dispatches it. Without anything to blank, a bigger event passes as it comes.
+blanking possible and it then turns out to answer a refunded call) or cannot judge (a batch over
+max_event_bytes answering more calls than the parser's scanner keeps: sse.Event.dropped) is not let
+out, nor anything after it: the stream is *severed* (`severed`), and the watcher cuts its upstream.
+The client never gets that event's end, so never dispatches it. Without anything to blank, a bigger
+event passes as it comes.
 """
 
 from __future__ import annotations
@@ -78,9 +80,10 @@ class StreamEditor:
     def admit(self, events: list[Event]) -> list[Event]:
         """Before the watcher reads the events of a chunk (settles calls by them): those that will reach
         the client. An event that began going out before blanking was possible (too big to hold, or no
-        refund yet) and answers a refunded call severs the stream at once: neither it nor anything after
-        it goes out, so nothing after it may settle a call as delivered. `feed` keeps to this (and decides
-        it itself if the watcher did not ask)."""
+        refund yet) and answers a refunded call, or one that cannot be judged (`unjudged`), severs the
+        stream at once: neither it (what of it is still held) nor anything after it goes out, so nothing
+        from it on may settle a call as delivered. `feed` keeps to this (and decides it itself if the
+        watcher did not ask)."""
         if self._cut_at is not None:  # (decided for this chunk already)
             return [event for event in events if event.end <= self._cut_at]
         if self.severed or self.blank is None or not self._blanking():
@@ -88,10 +91,16 @@ class StreamEditor:
         if self._adrift:  # unparsed: none of it goes out now (feed severs it)
             return []
         for i, event in enumerate(events):
-            if event.start < self._from and self.blank(event):
-                self._cut_at = self._from
+            if self.unjudged(event) or (event.start < self._from and self.blank(event)):
+                self._cut_at = max(event.start, self._from)
                 return events[:i]
         return events
+
+    def unjudged(self, event: Event) -> bool:
+        """Whether `admit` cuts the stream at this event because it cannot tell whether it answers a
+        refunded call: the scanner read more answers in it than it keeps (sse.Event.dropped), while
+        the stream may carry one (fail closed, as for an event too big to hold)."""
+        return bool(event.dropped) and not self.severed and self.blank is not None and self._blanking()
 
     def answered(self) -> None:
         """The call's answer has passed (edited, or too big to edit): the plan has nothing left to write."""

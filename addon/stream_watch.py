@@ -203,8 +203,8 @@ class StreamWatch:
         """The editor cut the stream (it may carry a refunded call's answer it cannot withhold): its
         upstream is closed, and its own call, unanswered, fails (refunded: its answer never reached the
         client). Calls parked in its scope stay parked: a resumed stream may yet answer them."""
-        log.warning("mcpmeter: stream of %s cut: an event too big to hold, or begun before a refund, may "
-                    "answer a refunded call", call.request_id)
+        log.warning("mcpmeter: stream of %s cut: an event too big to hold, begun before a refund, or not read "
+                    "whole may answer a refunded call", call.request_id)
         if call.priced is not None and call.outcome is None and call.settlement is None and call.failure is None:
             call.failure = Failure.UPSTREAM
         if not compat.abort_upstream(flow):

@@ -17,6 +17,7 @@ from mitmproxy import http
 
 from addon import compat, stream_edit
 from addon.billing import Failure
+from addon.scan import MAX_MESSAGES
 from addon.sse import SseParser
 from tests.mitm_fakes import FakeHandler, FakeProxyserver
 from tests.test_confinement_hooks import _gw, accepted, open_session, post, settled
@@ -196,6 +197,44 @@ async def test_an_answer_after_a_cut_in_the_same_chunk_settles_nothing(gw: Gw) -
     gw.db.assert_reconciled()
 
 
+def long_batch(ids: list[int]) -> bytes:
+    """One event answering every id in `ids` (a JSON-RPC batch as one data line): over MAX_EVENT, held whole."""
+    batch = json.dumps([{"jsonrpc": "2.0", "id": i, "result": {"content": []}} for i in ids]).encode()
+    assert MAX_EVENT < len(batch) < HOLD - 1000
+    return b"id: 9\nevent: message\ndata: " + batch + b"\n\n"
+
+
+async def test_a_batch_answering_more_calls_than_the_meter_reads_cuts_a_stream_that_may_carry_a_refund(
+        gw: Gw) -> None:
+    """Past MAX_MESSAGES answers the scanner keeps no summary, so a refunded call's answer there could not
+    be found: the event cannot be judged, and is cut as one too big to hold would be. What came before it
+    was delivered and is billed; the refunded call stays refunded."""
+    await post_primed(gw, rpc_id=1)
+    await cancel(gw, 1)
+    post_flow, handler = await post_primed(gw, rpc_id=2)
+    own = b'event: message\ndata: {"jsonrpc": "2.0", "id": 2, "result": {"content": []}}\n\n'
+    batch = long_batch([*range(100, 100 + MAX_MESSAGES), 1])  # the refunded call's answer last
+    out = stream(post_flow, [own + batch[:1000], *chunks(batch[1000:])])
+    assert answers_in(out) == [2] and b'"id": 100' not in out and handler.closed == [post_flow.server_conn]
+    await upstream_fails(gw, post_flow, "Connection killed.")
+    await gw.addon.drain()
+    assert sorted(usage_reasons(gw)) == [(200, 0, "result"), (499, 1, "cancelled")]
+    assert gw.db.balance(1) == OPENING - PRICE
+    gw.db.assert_reconciled()
+
+
+async def test_a_batch_answering_more_calls_than_the_meter_reads_passes_while_nothing_may_be_withheld(
+        gw: Gw) -> None:
+    post_flow, handler = await post_primed(gw, rpc_id=2)
+    own = b'event: message\ndata: {"jsonrpc": "2.0", "id": 2, "result": {"content": []}}\n\n'
+    batch = long_batch([*range(100, 101 + MAX_MESSAGES)])
+    out = stream(post_flow, [own, *chunks(batch), b""])
+    assert out.endswith(b"\n\n" + batch) and answers_in(out[:-len(batch)]) == [2] and handler.closed == []
+    await gw.addon.response(post_flow)
+    await gw.addon.drain()
+    assert usage_reasons(gw) == [(200, 0, "result")] and gw.db.balance(1) == OPENING - PRICE
+
+
 @pytest.mark.parametrize("coding", ["gzip", "br", "deflate", "zstd", "gzip, identity"])
 async def test_a_compressed_event_stream_of_a_session_is_refused_and_refunded(gw: Gw, coding: str) -> None:
     flow = make_flow(headers=SESSION)
@@ -275,6 +314,20 @@ async def test_a_legacy_scanned_answer_held_whole_is_blanked(gw: Gw) -> None:
     session, handler = await refunded_legacy_call(gw)
     out = stream(session, chunks(big_answer(1, MAX_EVENT * 4)))
     assert out == b"id: 9\nevent: message\n\n" and handler.closed == []
+
+
+async def test_a_legacy_batch_answering_more_calls_than_the_meter_reads_cuts_the_session_stream(gw: Gw) -> None:
+    """Call 2's answer is among those read, the refunded call 1's is past them: nothing of it goes out, so
+    call 2 is refunded (never billed for an answer not delivered)."""
+    session, handler = await refunded_legacy_call(gw)
+    waiting = await post(gw, "/legacy-one/messages/?session_id=abc", rpc_id=2)
+    await accepted(gw, waiting)
+    out = stream(session, chunks(long_batch([2, *range(100, 100 + MAX_MESSAGES), 1])))
+    assert b'"id": 2' not in out and b'"id": 1,' not in out and handler.closed == [session.server_conn]
+    await upstream_fails(gw, session, "Connection killed.")
+    await settled(gw)
+    assert [r["billed_micro_cents"] for r in gw.db.usage()] == [0, 0] and gw.db.balance(1) == OPENING
+    gw.db.assert_reconciled()
 
 
 async def test_a_compressed_legacy_session_stream_is_refused(gw: Gw) -> None:

@@ -12,6 +12,7 @@ from mitmproxy import http
 
 from addon import pending, stream_edit
 from addon.pending import Pending, cancelled_request_id, client_key, close_cancels, id_key
+from addon.scan import MAX_MESSAGES
 from addon.stream_edit import StreamEditor
 from addon.sse import SseParser
 
@@ -392,3 +393,48 @@ def test_a_session_stream_no_longer_parsed_is_severed_when_a_refund_comes() -> N
     events = SseParser().feed(answer)
     assert editor.admit(events) == []  # nothing of it settles a call: it is not delivered
     assert editor.feed(answer, events, len(answer) * 2) == b"" and editor.severed
+
+
+def batch_event(ids: list[int]) -> bytes:
+    """One event answering each of `ids`, a batch as one data line."""
+    return b"id: 8\ndata: " + json.dumps([{"jsonrpc": "2.0", "id": i, "result": {}} for i in ids]).encode() + b"\n\n"
+
+
+@pytest.mark.parametrize("split", [None, 100, -3])
+def test_a_batch_answering_more_calls_than_the_scanner_keeps_severs_a_stream_that_may_carry_a_refund(
+        split: int | None) -> None:
+    """Over max_event_bytes the event is judged by the scanner's summaries, MAX_MESSAGES at most: an answer
+    past them is not read, so the event cannot be judged. Fail closed, as for an event too big to hold: the
+    events before it go out, neither it nor anything after it does, and none of them settles a call."""
+    p = Pending()
+    p.mark_refunded(S, 5)
+    before = b'data: {"jsonrpc":"2.0","id":6,"result":{}}\n\n'
+    batch = batch_event([*range(100, 100 + MAX_MESSAGES), 5])  # the refunded call's answer last
+    parser = SseParser(4096)
+    editor = StreamEditor(None, lambda event: p.blank_event(S, event), stream_edit.hold_limit(4096, blanking=True),
+                          may_blank=lambda: p.has_refunded(S))
+    stream = before + batch + before
+    pieces = [stream] if split is None else [stream[:len(before) + split], stream[len(before) + split:]]
+    out, admitted = b"", []
+    for piece in pieces:
+        events = parser.feed(piece)
+        admitted += editor.admit(events)
+        out += editor.feed(piece, events, parser.pending_from)
+    assert out == before and editor.severed
+    assert [e.data for e in admitted] == [before[6:-2].decode()]
+    assert editor.feed(b"", parser.feed(b""), parser.pending_from) == b""
+
+
+def test_a_batch_the_scanner_reads_whole_is_judged_and_one_too_long_passes_while_nothing_may_be_blanked() -> None:
+    """Up to MAX_MESSAGES answers: blanked if one answers a refunded call. Without a refund, any batch
+    passes as it came (nothing to withhold)."""
+    p = Pending()
+    parser = SseParser(4096)
+    editor = StreamEditor(None, lambda event: p.blank_event(S, event), stream_edit.hold_limit(4096, blanking=True),
+                          may_blank=lambda: p.has_refunded(S))
+    long = batch_event([*range(100, 100 + MAX_MESSAGES), 5])
+    assert editor.feed(long, editor.admit(parser.feed(long)), parser.pending_from) == long
+    p.mark_refunded(S, 5)
+    read = batch_event([*range(100, 99 + MAX_MESSAGES), 5])
+    assert editor.feed(read, editor.admit(parser.feed(read)), parser.pending_from) == b"id: 8\n\n"
+    assert not editor.severed
