@@ -437,7 +437,8 @@ class Deferred:
             try:
                 for event in parser.feed(chunk):
                     if event.oversized:  # not held whole: what the scanner read of it
-                        self._scanned_result(call, facts, event.messages)
+                        if call.editor is None or not call.editor.unjudged(event):  # (else cut there: not delivered)
+                            self._scanned_result(call, facts, event.messages)
                     elif (facts.result_for is not None or _worth_reading(event.data)
                           or (facts.rpc_id is None and self.asked)):  # perhaps a resumed tasks/result answer
                         self._messages(call, facts, _loads(event.data))

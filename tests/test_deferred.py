@@ -17,7 +17,9 @@ from addon import deferred
 from addon.billing import Decision
 from addon.errors import GatewayError
 from addon.jsonrpc import Outcome, PricedCall
+from addon.scan import MAX_MESSAGES
 from addon.store import StoreUnavailable
+from addon.stream_edit import StreamEditor
 
 
 def test_request_facts() -> None:
@@ -117,7 +119,7 @@ def make_call(principal: str = "key-1", tool: str = "t", rpc_id: Any = 1, priced
         consumer=SimpleNamespace(principal=principal, user_id={"key-1": 1, "token-1": 1}.get(principal, 2)),
         listing=SimpleNamespace(id=5, bill_tool_errors=False),
         priced=PricedCall("tools/call", rpc_id, tool) if priced else None, outcome=Outcome.RESULT, forwarded=None,
-        charged=None, failure=None, withheld=False, refunded=False, started=time.monotonic())
+        charged=None, failure=None, withheld=False, refunded=False, started=time.monotonic(), editor=None)
 
 
 class Store:
@@ -193,6 +195,27 @@ async def test_a_status_notification_settles(registry: Any, status: str, decisio
     poll(d, "tasks/list", {"jsonrpc": "2.0", "method": "notifications/tasks/status",
                            "params": {"taskId": "T", "status": status}})
     assert settled == [(call, decision)]
+
+
+@pytest.mark.parametrize("withholding", [False, True])
+async def test_a_tasks_result_in_a_batch_the_meter_cannot_judge_settles_only_if_it_is_delivered(
+        registry: Any, withholding: bool) -> None:
+    """An answer over max_event_bytes is read by the scanner, MAX_MESSAGES summaries at most. On a stream
+    that may carry a refunded answer, a batch answering more cannot be judged and is cut there (never
+    delivered: stream_edit.StreamEditor.unjudged), so the tasks/result answer in it settles nothing."""
+    d, settled, _ = registry
+    call = task_call(d)
+    await d.hold(Flow(), call, Decision(False, "result"))
+    d.config().max_event_bytes = 4096
+    asking, flow = make_call(priced=False), Flow()
+    d.on_request(asking, body({"jsonrpc": "2.0", "id": 2, "method": "tasks/result", "params": {"taskId": "T"}}),
+                 "tasks/result", "s1")
+    asking.editor = StreamEditor(None, lambda event: False, may_blank=lambda: withholding)
+    flow.response = SimpleNamespace(headers={}, stream=lambda chunk: chunk)
+    d.watch_stream(flow, asking)
+    batch = [{"jsonrpc": "2.0", "id": i, "result": {"content": []}} for i in (2, *range(100, 100 + MAX_MESSAGES))]
+    flow.response.stream(b"event: message\ndata: " + body(batch) + b"\n\n")
+    assert settled == ([] if withholding else [(call, Decision(False, "task_completed"))])
 
 
 async def test_tasks_result_error_refunds(registry: Any) -> None:
