@@ -305,8 +305,7 @@ class StreamWatch:
         if event.event != "message" or not pending.watching(stream.session):
             return  # MCP clients ignore other event types: not an answer they get
         principal = stream.consumer.principal if stream.consumer is not None else None
-        if not event.oversized and pending.blank_if_refunded(stream.session, event.data,
-                                                             principal=principal) is not None:
+        if pending.blank_event(stream.session, event, principal=principal):
             return  # it goes out blanked (it answers a refunded call, or another key's): nobody pays for it
         messages = event.messages if event.oversized else answer_messages(event.data.encode("utf-8", "surrogatepass"))
         for flow, call in pending.answered(stream.session, messages):

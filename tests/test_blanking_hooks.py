@@ -24,7 +24,7 @@ from tests.test_confinement_hooks import _gw, accepted, open_session, post, sett
 from tests.test_gateway_hooks import (  # noqa: F401  (isolated: an autouse fixture)
     OPENING, PRICE, Gw, isolated, make_flow, sent, sse_response, tool_call, upstream_fails,
 )
-from tests.test_pending_hooks import PRIMING, SESSION, cancellation, usage_reasons
+from tests.test_pending_hooks import PRIMING, SESSION, cancellation, resumed_get, usage_reasons
 
 pytestmark = pytest.mark.timeout(30)
 MAX_EVENT = 4096
@@ -233,6 +233,30 @@ async def test_a_batch_answering_more_calls_than_the_meter_reads_passes_while_no
     await gw.addon.response(post_flow)
     await gw.addon.drain()
     assert usage_reasons(gw) == [(200, 0, "result")] and gw.db.balance(1) == OPENING - PRICE
+
+
+async def test_a_parked_call_is_not_billed_for_a_scanned_batch_blanked_on_the_resumed_stream(gw: Gw) -> None:
+    """Call 1 is cancelled, call 2 parked; a resumed GET stream answers both in one batch whose data is over
+    max_event_bytes (judged by the scanner's summaries, held whole). It goes out blanked, so it settles no
+    call: call 2 is refunded at its timeout, never billed for an answer withheld."""
+    await post_primed(gw, rpc_id=1)
+    await cancel(gw, 1)
+    post_2, _ = await post_primed(gw, rpc_id=2)
+    assert post_2.response is not None and sent(post_2.response.stream(b"")) == b""
+    await gw.addon.response(post_2)
+    [(_, call_2)] = gw.addon.pending.parked_calls()
+    text = "x" * MAX_EVENT
+    batch = json.dumps([{"jsonrpc": "2.0", "id": i, "result": {"content": [{"type": "text", "text": text}]}}
+                        for i in (1, 2)]).encode()
+    get = await resumed_get(gw)
+    out = stream(get, [b"id: 2\nevent: message\ndata: " + batch + b"\n\n", b""])
+    assert out == b"id: 2\nevent: message\n\n" and call_2.settlement is None
+    await gw.addon.response(get)
+    gw.addon.streams.on_deadline(post_2, call_2)
+    await gw.addon.drain()
+    assert sorted(usage_reasons(gw)) == [(499, 1, "cancelled"), (504, 1, "no_answer_by_timeout")]
+    assert gw.db.balance(1) == OPENING
+    gw.db.assert_reconciled()
 
 
 @pytest.mark.parametrize("coding", ["gzip", "br", "deflate", "zstd", "gzip, identity"])
