@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import admin, forwarding
+from .display import escaped
 from .config import LISTING_STATUSES, SLUG_RE, TRANSPORTS, ConfigError, load
 from .model import MAX_MICRO_CENTS
 from .store.base import OutcomeUnknown, StoreUnavailable
@@ -267,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"mcpmeter: error: {message}", file=sys.stderr)
+    print(f"mcpmeter: error: {escaped(message)}", file=sys.stderr)
     return code
 
 
@@ -339,7 +340,7 @@ def _dispatch(a: admin.Admin, args: argparse.Namespace) -> int:
                            f"{len(c.discrepancies)} discrepancies"} for c in checks], ["invariant", "rule", "result"]))
         for c in bad:
             for d in c.discrepancies:
-                print(f"mcpmeter: discrepancy: {c.invariant}: {d}", file=sys.stderr)
+                print(f"mcpmeter: discrepancy: {c.invariant}: {escaped(d)}", file=sys.stderr)
         return REFUSED if bad else OK
     raise AssertionError(command)  # every parser branch is handled above
 
@@ -361,13 +362,15 @@ def _print_json(value: Any) -> None:
 
 
 def _cell(value: Any) -> str:
+    """A value as a table shows it. Text is escaped: much of it was chosen by others (a tool name is
+    whatever a consumer sent; emails and names come from the web app) and goes to a terminal."""
     if value is None:
         return "-"
     if isinstance(value, dict):
-        return ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        return escaped(", ".join(f"{k}={v}" for k, v in value.items())) or "-"
     if isinstance(value, list):
-        return ", ".join(map(str, value)) or "-"
-    return str(value)
+        return escaped(", ".join(map(str, value))) or "-"
+    return escaped(str(value))
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -56,10 +56,13 @@ def shown(name: str, limit: int = NAME_CHARS) -> str:
     """A client-chosen name (a tool's: any characters, up to 1,024 of them) as a comment, a log
     line or a command's answer shows it: cut at `limit` characters, control and other unprintable
     characters escaped, so it can neither run on nor start a line of its own."""
-    cut = name[:limit]
-    if not cut.isprintable():
-        cut = cut.encode("unicode_escape").decode("ascii")
-    return cut + ("…" if len(name) > limit else "")
+    return escaped(name[:limit]) + ("…" if len(name) > limit else "")
+
+
+def escaped(text: str) -> str:
+    """`text` as it is safe to print: a string with a control or other unprintable character (an
+    escape sequence, a bidirectional override) is shown escaped, whole; any other as it is."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def consumer_label(flow: http.HTTPFlow, user_id: int | None) -> str:

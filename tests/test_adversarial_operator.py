@@ -356,3 +356,23 @@ def test_a_header_value_can_be_given_on_standard_input(run: Run, backend: Backen
     run("listing", "set", s, "--header", "X-Api-Key", code=2)
     assert json.loads(backend.query("SELECT upstream_headers FROM mcps WHERE slug = %s", (s,))[0][0])[
         "X-Api-Key"] == "s3cret-from-stdin"
+
+
+# --- what the command prints: bytes others chose reach the operator's terminal escaped ----------
+
+
+async def test_usage_by_tool_escapes_a_consumer_chosen_tool_name(run: Run, backend: Backend) -> None:
+    """A tool name is whatever a consumer sent as params.name, kept in usage_events.tool_name. The
+    table printed it raw: `usage --by tool` wrote the consumer's escape sequences (clear the screen,
+    set the title, OSC 52 writes the clipboard) to the operator's terminal."""
+    from tests.test_cli import js, record_calls
+
+    s = "adv-" + uuid.uuid4().hex[:8]
+    run("listing", "add", s, "--upstream", "http://127.0.0.1:9/mcp", "--price", "1000")
+    user = js(run, "key", "create", "--email", _email(), "--credit", "10000")
+    hostile = "t\x1b]52;c;ZXZpbA==\x07\x1b[2J\u009b31m\u202eok"
+    await record_calls(backend, s, user, [(hostile, 0, False, 5)])
+    out, _ = run("usage", "--listing", s, "--by", "tool")
+    assert not any(not c.isprintable() for c in out.replace("\n", "")), repr(out)
+    assert "\\x1b]52;c;ZXZpbA==\\x07" in out  # shown, escaped
+    assert js(run, "usage", "--listing", s, "--by", "tool")[0]["tool"] == f"{s} · {hostile}"  # JSON: as stored
