@@ -442,10 +442,21 @@ def _find_user(ledger: Ledger, who: str) -> int:
     if (user_id := _row_id(who)) is not None:
         row = None if user_id > BIGINT_MAX else ledger._one("SELECT id FROM users WHERE id = %s", (user_id,))
     else:
-        row = ledger._one("SELECT id FROM users WHERE email = %s", (who,))
+        row = _by_email(ledger, who)
     if row is None:
         raise AdminError(f"no user {who!r}: nothing written")
     return int(row[0])
+
+
+def _by_email(ledger: Ledger, email: str) -> tuple[Any, ...] | None:
+    """The user (id, email) with this email, compared without case; AdminError if the database only
+    collates the two equal. MySQL's utf8mb4_unicode_ci ignores accents, width and ignorable characters:
+    'bób@x' finds 'bob@x', whose credit a key made for 'bób@x' would spend."""
+    row = ledger._one("SELECT id, email FROM users WHERE email = %s", (email,))
+    if row is not None and str(row[1]).lower() != email.lower():
+        raise AdminError(f"{email!r} is user {int(row[0])}'s {str(row[1])!r} to the database (MySQL's collation "
+                         "cannot tell them apart): give that address, or another; nothing written")
+    return row
 
 
 def _row_id(text: str) -> int | None:
@@ -454,7 +465,7 @@ def _row_id(text: str) -> int | None:
 
 
 def _user_id(ledger: Ledger, email: str, create_as: str) -> int:
-    row = ledger._one("SELECT id FROM users WHERE email = %s", (email,))
+    row = _by_email(ledger, email)
     if row is not None:
         return int(row[0])
     now = utc()

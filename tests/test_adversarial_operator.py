@@ -14,7 +14,7 @@ import pytest
 
 from addon.config import ConfigError, load
 from tests.backends import Backend
-from tests.test_cli import Run, run  # noqa: F401  (the `run` fixture)
+from tests.test_cli import Run, js, run  # noqa: F401  (the `run` fixture)
 
 BIGINT_MAX = 2**63 - 1
 
@@ -365,7 +365,7 @@ async def test_usage_by_tool_escapes_a_consumer_chosen_tool_name(run: Run, backe
     """A tool name is whatever a consumer sent as params.name, kept in usage_events.tool_name. The
     table printed it raw: `usage --by tool` wrote the consumer's escape sequences (clear the screen,
     set the title, OSC 52 writes the clipboard) to the operator's terminal."""
-    from tests.test_cli import js, record_calls
+    from tests.test_cli import record_calls
 
     s = "adv-" + uuid.uuid4().hex[:8]
     run("listing", "add", s, "--upstream", "http://127.0.0.1:9/mcp", "--price", "1000")
@@ -376,3 +376,27 @@ async def test_usage_by_tool_escapes_a_consumer_chosen_tool_name(run: Run, backe
     assert not any(not c.isprintable() for c in out.replace("\n", "")), repr(out)
     assert "\\x1b]52;c;ZXZpbA==\\x07" in out  # shown, escaped
     assert js(run, "usage", "--listing", s, "--by", "tool")[0]["tool"] == f"{s} · {hostile}"  # JSON: as stored
+
+
+# --- emails: MySQL's collation calls different addresses one ----------------------------------
+
+
+@pytest.mark.parametrize("twin", ["b\u00f3b", "\uff42\uff4f\uff42", "bo\u200bb"])  # accented, full-width, zero-width
+def test_an_email_the_database_only_collates_equal_is_not_another_users(run: Run, backend: Backend,
+                                                                       twin: str) -> None:
+    """MySQL's utf8mb4_unicode_ci compares without accents, width or ignorable characters: on MySQL
+    `key create --email bób@…` found bob@…'s account and gave a stranger a key that spends bob's
+    credit (printing the email as typed); `credit add bób@…` credited bob; `--publisher bób@…` paid
+    him. Each is refused there now, naming the address the database holds (SQLite tells them apart)."""
+    domain = f"{uuid.uuid4().hex[:8]}.example.test"
+    bob = js(run, "key", "create", "--email", f"bob@{domain}", "--credit", "100")
+    code = 1 if backend.kind == "mysql" else 0
+    for argv in (["key", "create", "--email", f"{twin}@{domain}"], ["credit", "add", f"{twin}@{domain}", "5"],
+                 ["listing", "add", "adv-" + uuid.uuid4().hex[:8], "--upstream", "http://h/mcp",
+                  "--publisher", f"{twin}@{domain}"]):
+        _, err = run(*argv, code=code)
+        if code:
+            assert f"bob@{domain}" in err
+    assert _balance(backend, f"bob@{domain}") == 100
+    assert backend.query("SELECT COUNT(*) FROM api_keys WHERE user_id = %s", (bob["user_id"],))[0][0] == 1
+    assert backend.query("SELECT COUNT(*) FROM mcps WHERE publisher_id = %s", (bob["user_id"],))[0][0] == 0
