@@ -101,7 +101,7 @@ class Admin:
                 raise AdminError(f"listing {slug!r} exists already: change it with `mcpmeter listing set {slug}`")
             now = utc()
             publisher = _user_id(ledger, change.publisher or DEFAULT_PUBLISHER, create_as="publisher")
-            headers = dict(change.headers)
+            headers = _merge_headers({}, change.headers)
             ledger._q(
                 "INSERT INTO mcps (publisher_id, slug, name, category, upstream_url, upstream_headers, transport,"
                 " status, free_calls_per_consumer, rate_limit_per_minute, rate_limit_per_day,"
@@ -143,7 +143,7 @@ class Admin:
                 lock = " FOR UPDATE" if ledger.d is MYSQL else ""
                 row = ledger._one("SELECT upstream_headers FROM mcps WHERE id = %s" + lock, (mcp_id,))
                 headers = {} if change.clear_headers else parse_upstream_headers(row[0])
-                sets.append(("upstream_headers", _headers_json({**headers, **change.headers})))
+                sets.append(("upstream_headers", _headers_json(_merge_headers(headers, change.headers))))
             sets.append(("updated_at", now))
             ledger._q(f"UPDATE mcps SET {', '.join(f'{c} = %s' for c, _ in sets)} WHERE id = %s",
                       [v for _, v in sets] + [mcp_id])
@@ -502,6 +502,16 @@ def _listing_row(ledger: Ledger, mcp_id: int) -> dict[str, Any]:
         "timeout_ms": None if listing.upstream_timeout_seconds is None else listing.upstream_timeout_seconds * 1000,
         "header_names": sorted(listing.upstream_headers), "publisher": publisher,
     }
+
+
+def _merge_headers(old: Mapping[str, str], new: Mapping[str, str]) -> dict[str, str]:
+    """`old` with each header of `new` set, later ones first dropping any of the same name in another
+    case: header names are case-insensitive, and the gateway would send the upstream both."""
+    merged = dict(old)
+    for name, value in new.items():
+        merged = {k: v for k, v in merged.items() if k.lower() != name.lower()}
+        merged[name] = value
+    return merged
 
 
 def _headers_json(headers: Mapping[str, str]) -> str | None:

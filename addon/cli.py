@@ -185,7 +185,8 @@ def parser() -> Command:
         p.add_argument("--timeout-ms", type=_int(0, 65535 * 1000), metavar="N",
                        help="upstream timeout in ms, a multiple of 1000 (0: the gateway's default)")
         p.add_argument("--header", type=header, action="append", default=[], metavar="NAME=VALUE|NAME",
-                       help="a header sent to the upstream (repeatable; values are never printed). NAME alone "
+                       help="a header sent to the upstream (repeatable; replaces one of the same name in any case; "
+                            "values are never printed). NAME alone "
                             "reads its value from standard input, one line per header: keeps a secret out of "
                             "the shell's history and the process list")
         p.add_argument("--publisher", type=email, metavar="EMAIL",

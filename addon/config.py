@@ -437,6 +437,8 @@ def _listing(x: Any, i: int) -> dict[str, Any]:
     for name, value in headers.items():
         if (problem := forwarding.header_problem(name, value)) is not None:
             raise ConfigError(f"{where}.upstream_headers: {problem}")
+    if len({name.lower() for name in headers}) < len(headers):  # the gateway would send each
+        raise ConfigError(f"{where}.upstream_headers names a header twice (names are case-insensitive)")
     if not isinstance(x.get("bill_tool_errors", False), bool):
         raise ConfigError(f"{where}.bill_tool_errors must be true or false, not {x['bill_tool_errors']!r}")
     prices = x.get("tool_prices") or {}

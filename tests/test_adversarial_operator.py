@@ -400,3 +400,26 @@ def test_an_email_the_database_only_collates_equal_is_not_another_users(run: Run
     assert _balance(backend, f"bob@{domain}") == 100
     assert backend.query("SELECT COUNT(*) FROM api_keys WHERE user_id = %s", (bob["user_id"],))[0][0] == 1
     assert backend.query("SELECT COUNT(*) FROM mcps WHERE publisher_id = %s", (bob["user_id"],))[0][0] == 0
+
+
+# --- header names are case-insensitive ---------------------------------------------------------
+
+
+def test_a_header_set_again_in_another_case_replaces_the_old_one(run: Run, backend: Backend) -> None:
+    """`listing set --header authorization=NEW` on a listing with `Authorization=OLD` kept both, and
+    the gateway sent the upstream both: the old secret (rotated, perhaps because it leaked) first."""
+    import json
+
+    s = "adv-" + uuid.uuid4().hex[:8]
+    run("listing", "add", s, "--upstream", "http://h/mcp", "--header", "Authorization=Bearer old",
+        "--header", "X-A=1", "--header", "x-a=2")
+    row = js(run, "listing", "set", s, "--header", "authorization=Bearer new")[0]
+    assert row["header_names"] == ["authorization", "x-a"]  # as the later one spells it
+    stored = json.loads(backend.query("SELECT upstream_headers FROM mcps WHERE slug = %s", (s,))[0][0])
+    assert stored == {"x-a": "2", "authorization": "Bearer new"}
+
+
+def test_seed_upstream_headers_named_twice_are_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        _load(tmp_path, "seed: {listings: [{slug: a, upstream_url: 'http://h/mcp', upstream_headers: "
+                        "{Authorization: a, authorization: b}}]}")
