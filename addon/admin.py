@@ -482,9 +482,21 @@ def _write_prices(ledger: Ledger, mcp_id: int, change: ListingChange, now: str) 
         if tool is None:
             ledger._q("DELETE FROM pricing_rules WHERE mcp_id = %s AND tool_name IS NULL", (mcp_id,))
         else:
+            _same_tool(ledger, mcp_id, tool)
             ledger._q("DELETE FROM pricing_rules WHERE mcp_id = %s AND tool_name = %s", (mcp_id, tool))
         ledger._q("INSERT INTO pricing_rules (mcp_id, tool_name, model, price_micro_cents, created_at, updated_at)"
                   " VALUES (%s, %s, 'per_call', %s, %s, %s)", (mcp_id, tool, price, now, now))
+
+
+def _same_tool(ledger: Ledger, mcp_id: int, tool: str) -> None:
+    """AdminError if the listing prices another tool that the database cannot tell from `tool`. The
+    gateway prices params.name exactly, but MySQL's collation ignores case, accents and trailing spaces:
+    its unique key would keep one of the two, and deleting `tool`'s price would delete the other's."""
+    for (other,) in ledger._q("SELECT tool_name FROM pricing_rules WHERE mcp_id = %s AND tool_name = %s",
+                              (mcp_id, tool)).fetchall():
+        if str(other) != tool:
+            raise AdminError(f"tool {tool!r} and the listing's {str(other)!r} are one name to the database "
+                             "(MySQL's collation): it cannot price both; nothing written")
 
 
 def _listing_row(ledger: Ledger, mcp_id: int) -> dict[str, Any]:

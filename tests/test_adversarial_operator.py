@@ -423,3 +423,33 @@ def test_seed_upstream_headers_named_twice_are_a_config_error(tmp_path: Path) ->
     with pytest.raises(ConfigError):
         _load(tmp_path, "seed: {listings: [{slug: a, upstream_url: 'http://h/mcp', upstream_headers: "
                         "{Authorization: a, authorization: b}}]}")
+
+
+# --- tool names: MySQL's collation calls different names one ------------------------------------
+
+
+@pytest.mark.parametrize("first, second", [("Echo", "echo"), ("echo", "echo "), ("cafe", "caf\u00e9")])
+def test_a_tool_price_mysql_cannot_tell_from_another_is_refused(run: Run, backend: Backend, first: str,
+                                                                second: str) -> None:
+    """Tool names are case- and byte-exact (the gateway prices params.name by exact match), but the
+    unique key (mcp_id, tool_name) and `DELETE ... WHERE tool_name = %s` use MySQL's collation, which
+    ignores case, accents and trailing spaces: `--tool-price Echo=1 --tool-price echo=5` kept only
+    echo's, and `listing set --tool-price 'echo =0'` (a stray space) deleted echo's own price, each
+    reported as done. On MySQL it is refused now, nothing written; SQLite keeps both names."""
+    s = "adv-" + uuid.uuid4().hex[:8]
+    code = 1 if backend.kind == "mysql" else 0
+    _, err = run("listing", "add", s, "--upstream", "http://h/mcp", "--tool-price", f"{first}=1",
+                 "--tool-price", f"{second}=5", code=code)
+    if code:
+        assert repr(first) in err and repr(second) in err
+        assert backend.query("SELECT COUNT(*) FROM mcps WHERE slug = %s", (s,))[0][0] == 0
+        run("listing", "add", s, "--upstream", "http://h/mcp", "--tool-price", f"{first}=1")
+        run("listing", "set", s, "--tool-price", f"{second}=5", code=1)
+        assert _prices(run, s) == {first: 1}
+    else:
+        assert _prices(run, s) == {first: 1, second: 5}
+    run("listing", "set", s, "--tool-price", f"{first}=7")  # the same name, exactly: replaced
+
+
+def _prices(run: Run, s: str) -> dict[str, int]:
+    return {x["slug"]: x for x in js(run, "listing", "list")}[s]["tool_prices"]
