@@ -79,8 +79,9 @@ def url(text: str) -> str:
 
 
 def email(text: str) -> str:
-    """Lower-cased: MySQL compares emails without case and SQLite with it; both then find the same user."""
-    if not admin.EMAIL_RE.match(text) or len(text) > 255:
+    """Lower-cased: MySQL compares emails without case and SQLite with it; both then find the same user.
+    Nothing unprintable: a control character is printed to terminals, an invisible one hides in MySQL's collation."""
+    if not admin.EMAIL_RE.match(text) or len(text) > 255 or not text.isprintable():
         raise argparse.ArgumentTypeError(f"{text!r} is not an email address")
     return text.lower()
 
