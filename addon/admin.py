@@ -217,11 +217,13 @@ class Admin:
                 rows = [r for r in rows if r[3] == token_hash(prefix)]
             else:
                 rows = [r for r in rows if str(r[1]).startswith(prefix)]
+            # A whole key is a secret: a message (which may be logged) shows its prefix only.
+            shown = prefix if len(prefix) <= KEY_PREFIX_LENGTH else prefix[:KEY_PREFIX_LENGTH] + "…"
             if not rows:
-                raise AdminError(f"no active key matches {prefix!r} (see `mcpmeter key list`)")
+                raise AdminError(f"no active key matches {shown!r} (see `mcpmeter key list`)")
             if len(rows) > 1:
                 names = ", ".join(f"#{r[0]} {r[1]} ({r[2]})" for r in rows[:10])
-                raise AdminError(f"{len(rows)} active keys match {prefix!r}: {names}; "
+                raise AdminError(f"{len(rows)} active keys match {shown!r}: {names}; "
                                  "give a longer prefix or the key's id")
             key_id, key_prefix, owner, _ = rows[0]
             now = utc()

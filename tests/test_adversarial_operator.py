@@ -463,3 +463,14 @@ def test_an_email_with_control_or_invisible_characters_is_refused(run: Run, back
     run("key", "create", "--email", address, code=2)
     run("credit", "add", address, "5", code=2)
     assert backend.query("SELECT COUNT(*) FROM users")[0][0] == users
+
+
+def test_key_revoke_never_repeats_a_whole_key(run: Run, backend: Backend) -> None:
+    """`key revoke KEY` on a key already revoked (or mistyped) repeated the whole key in its error,
+    into whatever logs the command's stderr (a script, CI): keys are shown once, at creation."""
+    key = js(run, "key", "create", "--email", _email())["key"]
+    run("key", "revoke", key)
+    _, err = run("key", "revoke", key, code=1)
+    assert key not in err and key[:14] in err
+    _, err = run("key", "revoke", key[:-1] + "Z", code=1)
+    assert key[:-1] not in err
