@@ -227,7 +227,7 @@ def _build(raw: dict[str, Any]) -> Config:
                 raise ConfigError(f"authorization_servers: {bad[0]!r} must be an http:// or https:// URL")
             values[key] = tuple(x.rstrip("/") if key == "authorization_servers" else x for x in value)
         elif key == "public_url":
-            values[key] = str(value).rstrip("/") if value else None
+            values[key] = _public_url(str(value)) if value else None
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"{key} must be true or false, not {value!r}")
@@ -307,6 +307,20 @@ def _origins(value: Any) -> tuple[str, ...]:
             raise ConfigError(f"allowed_origins: {v!r} is not an origin (scheme://host[:port], no path)")
         normalized.append(origin)
     return tuple(normalized)
+def _public_url(value: str) -> str:
+    """scheme://host[:port][/path], trailing '/' trimmed: reflected in every 401's WWW-Authenticate (a
+    quoted string) and the OAuth metadata, and its origin is the one browsers may use. Never repeated
+    when it may hold credentials."""
+    url = value.rstrip("/")
+    origin = re.match(r"(?i)https?://[^/?#]*", url)
+    path = url[origin.end():] if origin else ""
+    if origin is None or origins.of_url(url) is None or not re.fullmatch(r"(/[!$&'()*+,;=:@%.~\w-]*)*", path, re.ASCII):
+        shown = "" if "@" in value else f" {value!r}"
+        raise ConfigError(f"public_url{shown} must be http:// or https://, a host (no user:password@), an optional "
+                          "port and path, and nothing else (no query, quote or whitespace)")
+    return url
+
+
 def _flag(value: Any, key: str) -> bool:
     if isinstance(value, bool):
         return value

@@ -474,3 +474,29 @@ def test_key_revoke_never_repeats_a_whole_key(run: Run, backend: Backend) -> Non
     assert key not in err and key[:14] in err
     _, err = run("key", "revoke", key[:-1] + "Z", code=1)
     assert key[:-1] not in err
+
+
+@pytest.mark.parametrize("value", [
+    "gw.example",  # no scheme: the metadata's resource and the challenge named a relative URL, and the
+    #                public origin was never allowed (origins.of_url found none), without a word
+    "ftp://gw.example",
+    "https://user:pw@gw.example",  # credentials, reflected to every client
+    'https://gw.example/"x',  # ends the challenge's quoted resource_metadata
+    "https://gw.example/a b",
+    "https://gw.example/\r\nSet-Cookie: x=1",  # a header line of its own in every 401
+    "https://gw.example/?q=1",  # the metadata path would be appended to the query
+    "https://gw.example:99999",
+])
+def test_a_public_url_the_gateway_cannot_reflect_is_a_config_error(tmp_path: Path, value: str) -> None:
+    import json
+
+    with pytest.raises(ConfigError) as raised:
+        _load(tmp_path, f"public_url: {json.dumps(value)}")
+    assert "pw" not in str(raised.value)
+    with pytest.raises(ConfigError):
+        _load(tmp_path, "{}", {"MCPMETER_PUBLIC_URL": value})
+
+
+@pytest.mark.parametrize("value", ["https://gw.example/", "http://127.0.0.1:3010", "https://[::1]:8443/meter"])
+def test_a_public_url_with_a_path_or_a_port_is_kept(tmp_path: Path, value: str) -> None:
+    assert _load(tmp_path, "{}", {"MCPMETER_PUBLIC_URL": value}).public_url == value.rstrip("/")
