@@ -34,6 +34,7 @@ KEY_PREFIX_LENGTH = 14  # what api_keys.key_prefix holds, as the web app writes 
 UNRECORDED = "unrecorded"  # `usage --by reason` for calls settled before settlements kept their reason
 MAX_USAGE_ROWS = 2_000_000  # a usage report reads at most this many calls (percentiles are computed here)
 BIGINT_MAX = 2**63 - 1  # no row id is larger (SQLite cannot even be asked about one)
+HALF = 2**32  # reconcile sums each ledger row's amount in two parts, each sum far from overflowing
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\Z")
 
 
@@ -337,15 +338,20 @@ class Admin:
 
         def run(ledger: Ledger) -> list[Check]:
             q = ledger._q
+            # A ledger is summed in two halves (high and low 32 bits of each row): SQLite's SUM fails past
+            # 2**63 ('integer overflow'), which a broken ledger reaches, and that is a discrepancy to name.
+            upper = f"(t.amount_micro_cents {'DIV' if ledger.d is MYSQL else '/'} {HALF})"
             before, cutoff = ledger.d.ago(stale_limit)
             held = [(mark, *ledger.d.ago(age)) for mark, age in held_ages]
             checks = [
                 Check("I1", "balance == opening (0) + the sum of the user's ledger rows", [
-                    f"user {u} ({e}): balance {int(b)} µ¢, ledger sums to {int(s)} µ¢"
-                    for u, e, b, s in q(
-                        "SELECT u.id, u.email, u.credit_micro_cents, COALESCE(SUM(t.amount_micro_cents), 0)"
-                        " FROM users u LEFT JOIN credit_transactions t ON t.user_id = u.id"
-                        " GROUP BY u.id, u.email, u.credit_micro_cents").fetchall() if int(b) != int(s)]),
+                    f"user {u} ({e}): balance {int(b)} µ¢, ledger sums to {s} µ¢"
+                    for u, e, b, s in (
+                        (u, e, b, int(high) * HALF + int(low)) for u, e, b, high, low in q(
+                            f"SELECT u.id, u.email, u.credit_micro_cents, COALESCE(SUM({upper}), 0),"
+                            f" COALESCE(SUM(t.amount_micro_cents - {upper} * {HALF}), 0)"
+                            " FROM users u LEFT JOIN credit_transactions t ON t.user_id = u.id"
+                            " GROUP BY u.id, u.email, u.credit_micro_cents").fetchall()) if int(b) != s]),
                 Check("I3", "no balance below zero", [
                     f"user {u} ({e}): balance {int(b)} µ¢" for u, e, b in
                     q("SELECT id, email, credit_micro_cents FROM users WHERE credit_micro_cents < 0").fetchall()]),

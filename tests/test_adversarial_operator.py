@@ -500,3 +500,23 @@ def test_a_public_url_the_gateway_cannot_reflect_is_a_config_error(tmp_path: Pat
 @pytest.mark.parametrize("value", ["https://gw.example/", "http://127.0.0.1:3010", "https://[::1]:8443/meter"])
 def test_a_public_url_with_a_path_or_a_port_is_kept(tmp_path: Path, value: str) -> None:
     assert _load(tmp_path, "{}", {"MCPMETER_PUBLIC_URL": value}).public_url == value.rstrip("/")
+
+
+# --- reconcile on a broken ledger names what is wrong -------------------------------------------
+
+
+def test_reconcile_names_a_ledger_whose_sum_passes_bigint(run: Run, backend: Backend) -> None:
+    """Rows no command writes (a bad import, a hand-made adjustment) summing past 2**63: SQLite's SUM
+    raised 'integer overflow', and reconcile said "the database is unavailable" (exit 3) instead of
+    naming the user whose balance is not its ledger."""
+    user = js(run, "key", "create", "--email", _email(), "--credit", "100")
+    for _ in range(2):
+        backend.execute("INSERT INTO credit_transactions (user_id, amount_micro_cents, type, balance_after_micro_cents)"
+                        " VALUES (%s, %s, 'adjustment', 0)", (user["user_id"], BIGINT_MAX))
+    try:
+        _, err = run("reconcile", code=1)
+        assert (f"user {user['user_id']} ({user['email']}): balance 100 µ¢, ledger sums to {100 + 2 * BIGINT_MAX} µ¢"
+                in err)
+    finally:
+        backend.execute("DELETE FROM credit_transactions WHERE user_id = %s AND type = 'adjustment'",
+                        (user["user_id"],))
