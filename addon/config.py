@@ -307,6 +307,8 @@ def _origins(value: Any) -> tuple[str, ...]:
             raise ConfigError(f"allowed_origins: {v!r} is not an origin (scheme://host[:port], no path)")
         normalized.append(origin)
     return tuple(normalized)
+
+
 def _public_url(value: str) -> str:
     """scheme://host[:port][/path], trailing '/' trimmed: reflected in every 401's WWW-Authenticate (a
     quoted string) and the OAuth metadata, and its origin is the one browsers may use. Never repeated
