@@ -229,7 +229,9 @@ class Admission:
             raise GatewayError("idempotency_in_flight", headers={"Retry-After": idempotency.IN_FLIGHT_RETRY_AFTER},
                                retry_after=int(idempotency.IN_FLIGHT_RETRY_AFTER))
         answer = verdict.answer
-        flow.response = http.Response.make(answer.status, b"", [(k.encode(), v.encode()) for k, v in answer.headers])
+        # The upstream's header bytes as they came: mitmproxy read those that are not UTF-8 as surrogate escapes.
+        flow.response = http.Response.make(answer.status, b"", [
+            (k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in answer.headers])
         flow.response.raw_content = answer.body
         flow.response.headers["content-length"] = str(len(answer.body))
         flow.response.headers[idempotency.REPLAYED] = "true"

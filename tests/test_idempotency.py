@@ -175,3 +175,14 @@ async def test_in_process_records_stay_within_their_memory_budget(monkeypatch: p
     finally:
         tracemalloc.stop()
     assert 0.5 * budget < used <= 1.1 * budget, (used, budget)
+
+
+async def test_a_header_value_that_is_not_utf8_survives_the_store(make_cache: MakeCache) -> None:
+    # mitmproxy reads such bytes as surrogate escapes: the record (JSON, ASCII) keeps them on both caches.
+    cache = make_cache()
+    answer = idem.Answer(200, (("content-type", "text/plain; x=\udcff"),), b"x")
+    claim = idem.new_claim("idem:{1:k1}:u", b"b", 30)
+    assert await cache.idem_claim(claim.key, claim.value, 30) is None
+    await conclude(cache, claim, answer)
+    seen = await cache.idem_claim(claim.key, "x", 30)
+    assert seen is not None and idem.judge(seen, claim.fingerprint).answer == answer

@@ -71,3 +71,24 @@ async def test_a_call_refused_for_credit_releases_its_claim(gw: Gw) -> None:
     await gw.addon.drain()
     assert len(released) == 1 and claims(gw) == {}  # a retry after topping up runs normally
     gw.db.assert_reconciled()
+
+
+async def test_an_answer_header_that_is_not_utf8_is_replayed_as_its_bytes(gw: Gw) -> None:
+    # mitmproxy hands header bytes that are not UTF-8 over as surrogate escapes: the replay sends the
+    # upstream's own bytes back, rather than failing every retry with a 500 for the record's 24 hours.
+    from mitmproxy import http
+
+    flow = make_flow(headers=KEY)
+    await gw.addon.request(flow)
+    body = b'{"jsonrpc": "2.0", "id": 1, "result": {"content": []}}'
+    await upstream_answers(gw, flow, http.Response.make(200, body, [
+        (b"Content-Type", b"application/json; x=\xff"), (b"Mcp-Session-Id", b"s-\xe9")]))
+    retry = make_flow(headers=KEY)
+    await gw.addon.request(retry)
+    assert retry.response is not None and retry.response.status_code == 200 and not forwarded(retry)
+    assert retry.response.headers[idempotency.REPLAYED] == "true"
+    assert flow.response is not None and retry.response.raw_content == flow.response.raw_content
+    fields = dict(retry.response.headers.fields)
+    assert fields[b"Content-Type"] == b"application/json; x=\xff" and fields[b"Mcp-Session-Id"] == b"s-\xe9"
+    assert gw.db.balance() == OPENING - PRICE
+    gw.db.assert_reconciled()
