@@ -88,7 +88,7 @@ def inspect_request(
     if isinstance(method, str) and method.startswith("tasks/") and message.get("id") is None:
         # A held task is settled from the answer to this request, matched by its id (deferred.py):
         # without one, a lenient upstream's answer would pass unread.
-        raise GatewayError("invalid_request", reason=f"{method} must carry a JSON-RPC id")
+        raise GatewayError("invalid_request", reason=f"{method[:50]!r} must carry a JSON-RPC id")  # the client's: cut
     ids = _request_ids([message])
     if method is None or method not in billable:
         return Inspection(method=method, call=None, ids=ids)

@@ -229,6 +229,16 @@ def test_a_tasks_request_without_an_id_is_refused(method: str) -> None:
                            BILLABLE).method == method
 
 
+def test_a_refusal_names_the_method_it_refuses_in_a_few_characters() -> None:
+    """The method is the client's: a 'tasks/' one the size of the body is not echoed back whole."""
+    method = "tasks/" + "x" * 100_000
+    with pytest.raises(GatewayError) as e:
+        inspect_request(body({"jsonrpc": "2.0", "method": method}), BILLABLE)
+    reason = e.value.details["reason"]
+    assert len(reason) < 120 and reason.startswith("'tasks/xxx") and reason.endswith("must carry a JSON-RPC id")
+    assert len(e.value.body()) < 400
+
+
 @pytest.mark.parametrize("method", ["tasks/result", "tasks/get", "tasks/cancel", "tasks/list"])
 def test_batch_with_a_tasks_request_is_refused(method: str) -> None:
     """A held task settles from the answers to these, read one message at a time: a batched
