@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .budget import Share
+
 HEADER = "idempotency-key"
 REPLAYED = "Idempotent-Replayed"
 MAX_KEY_LENGTH = 255
@@ -85,7 +87,8 @@ class Claim:
     value: str  # the claim record exactly as stored: finishing or releasing compares it
     ttl_seconds: float
     captured: bytearray | None = None  # a streamed answer's bytes, as they passed
-    overflow: bool = False  # the answer was over MAX_STORED_BYTES: not stored
+    share: Share | None = None  # what `captured` holds of max_holding_bytes (budget.HOLDING)
+    overflow: bool = False  # the answer was over MAX_STORED_BYTES, or the budget: not stored
     ended: bool = False  # the claim was finished or released
 
 
@@ -136,9 +139,11 @@ def should_store(billed: bool, upstream_answered: bool) -> bool:
     return billed or upstream_answered
 
 
-def capture(stream: Any, claim: Claim) -> Callable[[bytes], Any]:
-    """Wrap a response's stream callable so the bytes that pass are kept, up to MAX_STORED_BYTES."""
-    claim.captured = bytearray()
+def capture(stream: Any, claim: Claim, share: Share | None = None) -> Callable[[bytes], Any]:
+    """Wrap a response's stream callable so the bytes that pass are kept, up to MAX_STORED_BYTES, and
+    while `share` (of what is held of answers, all calls together) takes them: calls in flight are not
+    bounded in number, the copies are."""
+    claim.captured, claim.share = bytearray(), share
 
     def watch(chunk: bytes) -> Any:
         out = stream(chunk) if callable(stream) else chunk
@@ -149,13 +154,26 @@ def capture(stream: Any, claim: Claim) -> Callable[[bytes], Any]:
             for part in [out] if isinstance(out, bytes) else out:
                 if buf is None or claim.overflow:
                     break
-                if len(buf) + len(part) > MAX_STORED_BYTES:
-                    claim.overflow, claim.captured = True, None
+                if len(buf) + len(part) > MAX_STORED_BYTES or not _room(share, len(part)):
+                    drop_capture(claim, overflow=True)
                     break
                 buf.extend(part)
         except Exception:  # capture only: never disturb the answer
-            claim.overflow, claim.captured = True, None
+            drop_capture(claim, overflow=True)
         return out
 
     return watch
 
+
+def _room(share: Share | None, n: int) -> bool:
+    """Take `n` bytes of `share` if they fit as things are: a copy for a replay gives way, it never
+    makes the budget close a stalled answer to make room for it."""
+    return share is None or (share.budget.held + n <= share.limit and share.reserve(n))
+
+
+def drop_capture(claim: Claim, overflow: bool = False) -> None:
+    """Let go of a streamed answer's copy, and of what it held of the budget."""
+    claim.captured = None
+    claim.overflow = claim.overflow or overflow
+    if claim.share is not None:
+        claim.share.give_all()

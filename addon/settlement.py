@@ -277,4 +277,5 @@ class Settlements:
                 if refund:
                     metering["X-Mcpmeter-Refunded"] = "1"
                 answer = idempotency.answer_of(response.status_code, response.headers.items(multi=True), body, metering)
+        idempotency.drop_capture(claim)  # (its bytes are the answer's now, if it is stored)
         return self.own(conclude_idempotency(self.gw.cache, claim, answer))

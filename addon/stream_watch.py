@@ -197,7 +197,8 @@ class StreamWatch:
         if gw.show_streams():
             display.keep_copy(flow)
         if call.idempotency is not None:  # the streamed answer's bytes, for a replay
-            flow.response.stream = idempotency.capture(flow.response.stream, call.idempotency)
+            flow.response.stream = idempotency.capture(flow.response.stream, call.idempotency,
+                                                       budget.holding(gw.config))
 
     def sever(self, flow: http.HTTPFlow, call: Call) -> None:
         """The editor cut the stream (it may carry a refunded call's answer it cannot withhold): its

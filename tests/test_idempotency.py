@@ -78,6 +78,24 @@ def test_capture_keeps_what_passes_and_gives_up_past_the_bound() -> None:
     assert big.overflow and big.captured is None
 
 
+def test_capture_takes_its_bytes_of_a_budget_and_gives_way_without_closing_anyone() -> None:
+    from addon.budget import Budget, Share
+
+    closed: list[object] = []
+    pool = Budget(closer=lambda owner, context: lambda: closed.append(owner))
+    limit = 100
+    claim = idem.new_claim("k", b"", 30)
+    watch = idem.capture(None, claim, Share(pool, limit))
+    watch(b"x" * 60)
+    assert pool.held == 60 and not claim.overflow
+    other = idem.new_claim("k", b"", 30)
+    watch_other = idem.capture(None, other, Share(pool, limit))
+    assert watch_other(b"y" * 50) == b"y" * 50  # passes; not kept: the budget has no room for it
+    assert other.overflow and other.captured is None and pool.held == 60 and closed == []
+    idem.drop_capture(claim)
+    assert pool.held == 0 and claim.captured is None
+
+
 # --- the cache contract (both caches) ------------------------------------------------------------
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import pytest
+from mitmproxy.test import taddons
 
 from addon import idempotency
-from addon.gateway import META
-from tests.test_gateway_hooks import (OPENING, POOR, PRICE, Gw, forwarded, gw, isolated, json_response,  # noqa: F401
+from addon.gateway import META, Mcpmeter
+from tests.test_gateway_hooks import (MAX_BODY, OPENING, POOR, PRICE, Gw, forwarded, gw, isolated, json_response,  # noqa: F401
                                       make_flow, tool_call, upstream_answers, upstream_fails)
 
 pytestmark = pytest.mark.timeout(30)
@@ -92,3 +95,51 @@ async def test_an_answer_header_that_is_not_utf8_is_replayed_as_its_bytes(gw: Gw
     assert fields[b"Content-Type"] == b"application/json; x=\xff" and fields[b"Mcp-Session-Id"] == b"s-\xe9"
     assert gw.db.balance() == OPENING - PRICE
     gw.db.assert_reconciled()
+
+
+async def test_streamed_answers_kept_for_replays_count_against_max_holding_bytes(tmp_path: Path) -> None:
+    # A streamed answer passes as it comes; only its copy for a replay (up to 1 MiB) stays in memory
+    # until the stream ends. Calls in flight are not bounded in number: the copies are, all together,
+    # with what else is held of answers. Past the budget a copy is given up (its answer still passes,
+    # not stored: a retry runs again, as one over MAX_STORED_BYTES does), and what one held comes back.
+    from mitmproxy import http
+
+    from addon import budget
+    from tests.test_gateway_hooks import Db, write_config
+
+    limit = 4 * MAX_BODY  # the least max_holding_bytes may be (4 x max_body_bytes)
+    progress = b"data: " + json.dumps({"jsonrpc": "2.0", "method": "notifications/progress",
+                                       "params": {"progressToken": "t", "progress": 1}}).encode() + b"\n\n"
+    addon = Mcpmeter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, mcpmeter_config=str(write_config(tmp_path, max_holding_bytes=limit)))
+        gw = Gw(addon, tctx, Db(tmp_path / "mcpmeter.db"))
+        held_before = budget.HOLDING.held
+        flows = [make_flow(headers={"Idempotency-Key": f"stream-{i}"}) for i in range(3)]
+        for flow in flows:
+            await addon.request(flow)
+            flow.response = http.Response.make(200, b"", {"Content-Type": "text/event-stream"})
+            await addon.responseheaders(flow)
+        calls = [addon.calls[f.id] for f in flows]
+        for flow in flows:
+            assert flow.response is not None and callable(flow.response.stream)
+            for _ in range(limit * 2 // 5 // len(progress)):  # 40% of the budget each: no room for a third
+                assert flow.response.stream(progress) == progress  # the answer passes, copy or not
+        kept = sum(len(c.idempotency.captured or b"") for c in calls if c.idempotency is not None)
+        assert kept <= limit and budget.HOLDING.held - held_before <= limit
+        assert [c.idempotency.overflow for c in calls if c.idempotency is not None] == [False, False, True]
+        answer = b"data: " + json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}).encode() + b"\n\n"
+        for flow in flows:
+            assert flow.response is not None and callable(flow.response.stream)
+            flow.response.stream(answer)
+            await addon.response(flow)
+        await addon.drain()
+        assert budget.HOLDING.held == held_before  # what the copies held is given back
+        replays = []
+        for i in range(3):
+            retry = make_flow(headers={"Idempotency-Key": f"stream-{i}"})
+            await addon.request(retry)
+            replays.append(retry.response is not None and retry.response.headers.get(idempotency.REPLAYED) == "true")
+        assert replays == [True, True, False]  # the copy given up was not stored: that retry runs
+        gw.db.assert_reconciled()
+        addon.done()
