@@ -10,7 +10,7 @@ from enum import StrEnum
 from typing import Any
 
 from .errors import GatewayError
-from .scan import Message, scan, sdk_int
+from .scan import Message, MessageScanner, sdk_int
 
 JsonId = str | int | float
 
@@ -273,8 +273,24 @@ def body_outcome(body: bytes, rpc_id: JsonId) -> Outcome | None:
     return scanned_outcome(answer_messages(body), rpc_id)
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What each top-level message of an answer says (None: not one JSON value), and how many messages it
+    holds past those: a body too deep for the json module is read by the scanner, which keeps
+    scan.MAX_MESSAGES summaries of a batch. A refunded call's answer may be among those `dropped`."""
+
+    messages: list[Message] | None
+    dropped: int = 0
+
+
 def answer_messages(body: bytes) -> list[Message] | None:
-    """What each top-level message of an answer says, or None if the body is not one JSON value.
+    """What each top-level message of an answer says, or None if the body is not one JSON value (read_answer:
+    for settling a call by its answer, an answer not kept is none)."""
+    return read_answer(body).messages
+
+
+def read_answer(body: bytes) -> Answer:
+    """What each top-level message of an answer says, and how many the scanner did not keep.
 
     Parsed by the json module (C speed) when it can; a body too deep for it is read by the scanner,
     which is linear in the body's size however deeply it nests (but runs at Python speed).
@@ -296,19 +312,21 @@ def answer_messages(body: bytes) -> list[Message] | None:
             except UnicodeError:
                 strict = False
     except RecursionError:
-        messages = scan(body)
+        scanner = MessageScanner()
+        scanner.feed(body)
+        messages = scanner.finish()
         if messages is not None and (not strict or _SURROGATE_ESCAPE.search(body)):
             for m in messages:  # the scanner does not read values: a lone surrogate's escape is not ruled out
                 m.version_ok = False
-        return messages
+        return Answer(messages, scanner.dropped if messages is not None else 0)
     except (ValueError, UnicodeDecodeError):
-        return None
+        return Answer(None)
     batched = isinstance(parsed, list)
     messages = [_summary(m, batched) for m in (parsed if batched else [parsed])]
     if not strict:
         for m in messages:
             m.version_ok = False
-    return messages
+    return Answer(messages)
 
 
 def sdk_reads(messages: list[Message] | None) -> bool:

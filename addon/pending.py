@@ -42,7 +42,7 @@ from typing import Any, cast
 from mitmproxy import http
 
 from . import rpc_ids
-from .jsonrpc import JsonId, answer_messages, parse_strict
+from .jsonrpc import JsonId, parse_strict, read_answer
 from .scan import Message
 from .sse import Event
 
@@ -303,13 +303,16 @@ class Pending:
         (stream_edit.StreamEditor.unjudged)."""
         if not event.oversized:
             return self.blank_if_refunded(session, event.data, live, live_refunded, principal) is not None
-        return self._blank(session, event.messages, live, live_refunded, principal) is not None
+        return self._blank(session, event.messages, event.dropped, live, live_refunded, principal) is not None
 
     def blank_if_refunded(self, session: Scope, data: str, live: JsonId | None = None,
                           live_refunded: bool = False, principal: str | None = None) -> str | None:
         """An event's data: "" (the event is not dispatched by clients) when it answers a refunded call,
         unless it also answers `live`, the call its stream carries, not refunded: a batch answering
-        both goes out whole (that call is billed for it; never billed for an answer withheld).
+        both goes out whole (that call is billed for it; never billed for an answer withheld). A batch too
+        deep for the json module, whose scanner did not keep every answer (jsonrpc.Answer.dropped), may
+        answer a refunded call unseen: while the scope may hold one, it is blanked whole, `live` or not
+        (fail closed; its watcher then settles no call by it: stream_edit.StreamEditor.withholds).
 
         `live_refunded`: the stream's own call was refunded (cancelled). Its answer is blanked whatever
         the session's markers say: a later call reusing its id takes the marker over (its answers are
@@ -321,8 +324,8 @@ class Pending:
         session's streams need no such check: another key presenting the session is refused (admission)."""
         if not self._may_blank_any(session, live_refunded, principal):
             return None
-        return self._blank(session, answer_messages(data.encode("utf-8", "surrogatepass")), live, live_refunded,
-                           principal)
+        answer = read_answer(data.encode("utf-8", "surrogatepass"))
+        return self._blank(session, answer.messages, answer.dropped, live, live_refunded, principal)
 
     def _may_blank_any(self, session: Scope, live_refunded: bool, principal: str | None) -> bool:
         """A cheap first look: whether any answer could be blanked at all."""
@@ -330,12 +333,14 @@ class Pending:
             principal = None
         return bool(self.refunded) or live_refunded or (principal is not None and session in self.parked)
 
-    def _blank(self, session: Scope, messages: list[Message] | None, live: JsonId | None, live_refunded: bool,
-               principal: str | None) -> str | None:
+    def _blank(self, session: Scope, messages: list[Message] | None, dropped: int, live: JsonId | None,
+               live_refunded: bool, principal: str | None) -> str | None:
         if not isinstance(session[1], bytes):
             principal = None
         if not self._may_blank_any(session, live_refunded, principal):
             return None
+        if dropped and (live_refunded or self.may_blank(session, principal)):
+            return ""  # answers not read: one may be a refunded call's (as the editor asks: may_blank)
         live_key, live_client = id_key(live), client_key(live)
 
         def refunded(rpc_id: Any) -> bool:

@@ -144,10 +144,15 @@ class StreamEditor:
             held.clear()
             return out
 
+    def withholds(self, event: Event) -> bool:
+        """Whether `feed` sends this (admitted) event out blanked: no call is settled by it, the client never
+        gets its data. An event held whole is blanked whatever its size (one over max_event_bytes by what
+        the parser's scanner read of it)."""
+        return self.blank is not None and self._blanking() and self.blank(event)
+
     def _kind(self, event: Event) -> str | None:
-        """How the event is to be edited: "blank", "plan" or not at all (None). An event held whole is
-        blanked whatever its size (one over max_event_bytes by what the parser's scanner read of it)."""
-        if self.blank is not None and self._blanking() and self.blank(event):
+        """How the event is to be edited: "blank", "plan" or not at all (None)."""
+        if self.withholds(event):
             return "blank"
         if (self.plan is not None and event.event == "message" and not event.oversized
                 and event.end - event.start <= min(self.limit, MAX_REWRITE_BYTES) and may_edit(self.plan, event.data)):

@@ -81,6 +81,8 @@ class StreamWatch:
                             assert call.priced is not None
                             messages = event_messages(event)
                             outcome = scanned_outcome(messages, call.priced.rpc_id)
+                            if outcome is not None and editing and editor is not None and editor.withholds(event):
+                                continue  # it goes out blanked (it may answer a refunded call): not delivered
                             if outcome is not None:
                                 # Settle now: the answer is what was paid for, whatever the stream does next.
                                 call.outcome = outcome

@@ -259,6 +259,63 @@ async def test_a_parked_call_is_not_billed_for_a_scanned_batch_blanked_on_the_re
     gw.db.assert_reconciled()
 
 
+def deep_batch(ids: list[int]) -> bytes:
+    """One event answering each of `ids` after an element nested 100,000 deep (json.loads gives up: the
+    scanner reads it, MAX_MESSAGES summaries at most), about 240 KB: held whole under DEEP_MAX_EVENT."""
+    answers = b",".join(b'{"jsonrpc": "2.0", "id": %d, "result": {"content": []}}' % i for i in ids)
+    return b"id: 2\nevent: message\ndata: [" + b"[" * 100_000 + b"]" * 100_000 + b"," + answers + b"]\n\n"
+
+
+DEEP_MAX_EVENT = 1 << 20
+
+
+@pytest.fixture
+async def gw_deep(tmp_path: Path) -> AsyncIterator[Gw]:
+    async for g in _gw(tmp_path, max_event_bytes=DEEP_MAX_EVENT):
+        yield g
+
+
+async def test_a_parked_call_is_not_billed_for_a_held_batch_not_read_whole(gw_deep: Gw) -> None:
+    """Call 1 is cancelled, call 2 parked; a resumed stream answers 2 among the answers the scanner keeps and
+    1 past them, in one batch under max_event_bytes, too deep for json: it cannot be told not to answer a
+    refunded call, so it goes out blanked (held whole) and settles no call: 2 is refunded at its timeout."""
+    gw = gw_deep
+    await post_primed(gw, rpc_id=1)
+    await cancel(gw, 1)
+    post_2, _ = await post_primed(gw, rpc_id=2)
+    assert post_2.response is not None and sent(post_2.response.stream(b"")) == b""
+    await gw.addon.response(post_2)
+    [(_, call_2)] = gw.addon.pending.parked_calls()
+    get = await resumed_get(gw)
+    out = stream(get, [*chunks(deep_batch([2, *range(100, 99 + MAX_MESSAGES), 1])), b""])
+    assert out == b"id: 2\nevent: message\n\n" and call_2.settlement is None
+    await gw.addon.response(get)
+    gw.addon.streams.on_deadline(post_2, call_2)
+    await gw.addon.drain()
+    assert sorted(usage_reasons(gw)) == [(499, 1, "cancelled"), (504, 1, "no_answer_by_timeout")]
+    assert gw.db.balance(1) == OPENING
+    gw.db.assert_reconciled()
+
+
+async def test_a_calls_answer_in_a_held_batch_not_read_whole_is_withheld_and_not_billed(gw_deep: Gw) -> None:
+    """On call 2's own stream, with call 1 refunded: a batch answering 2 (read) and 1 (past what the scanner
+    keeps) goes out blanked, so 2 is not billed for it; the answer that reaches the client bills it, once."""
+    gw = gw_deep
+    await post_primed(gw, rpc_id=1)
+    await cancel(gw, 1)
+    post_2, handler = await post_primed(gw, rpc_id=2)
+    own = b'event: message\ndata: {"jsonrpc": "2.0", "id": 2, "result": {"content": []}}\n\n'
+    out = stream(post_2, [*chunks(deep_batch([2, *range(100, 99 + MAX_MESSAGES), 1]))])
+    assert out == b"id: 2\nevent: message\n\n" and handler.closed == []
+    assert gw.addon.calls[post_2.id].outcome is None
+    assert answers_in(stream(post_2, [own, b""])) == [2]
+    await gw.addon.response(post_2)
+    await gw.addon.drain()
+    assert sorted(usage_reasons(gw)) == [(200, 0, "result"), (499, 1, "cancelled")]
+    assert gw.db.balance(1) == OPENING - PRICE
+    gw.db.assert_reconciled()
+
+
 @pytest.mark.parametrize("coding", ["gzip", "br", "deflate", "zstd", "gzip, identity"])
 async def test_a_compressed_event_stream_of_a_session_is_refused_and_refunded(gw: Gw, coding: str) -> None:
     flow = make_flow(headers=SESSION)

@@ -10,8 +10,9 @@ import pytest
 from addon.errors import ERRORS, GatewayError, error_body
 from addon.jsonrpc import (
     MAX_DEPTH, MAX_TOOL_NAME, Inspection, Outcome, PricedCall, answer_outcome, body_outcome, inspect_request,
-    parse_strict,
+    parse_strict, read_answer,
 )
+from addon.scan import MAX_MESSAGES
 
 BILLABLE = ("tools/call",)
 
@@ -484,3 +485,16 @@ def test_any_content_encoding_is_accepted_only_as_identity(values: list[str]) ->
         assert e.spec.code == "invalid_request"
         return
     assert all(c.strip().lower() in ("", "identity") for v in values for c in v.split(","))
+
+
+def test_a_batch_too_deep_for_json_says_how_many_answers_its_scanner_did_not_keep() -> None:
+    """json.loads gives up on a batch nested too deep; the scanner reads it, MAX_MESSAGES summaries at most:
+    the answer says how many more it holds (a refunded call's answer may be among them)."""
+    deep = b"[" * 100_000 + b"]" * 100_000  # an element json.loads cannot read: the whole batch is scanned
+    answers = [b'{"jsonrpc":"2.0","id":%d,"result":{}}' % i for i in range(100, 100 + MAX_MESSAGES + 1)]
+    answer = read_answer(b"[" + deep + b"," + b",".join(answers) + b"]")
+    assert answer.dropped == 1 and answer.messages is not None and len(answer.messages) == MAX_MESSAGES
+    kept = read_answer(b"[" + deep + b"," + b",".join(answers[:MAX_MESSAGES]) + b"]")
+    assert kept.dropped == 0 and kept.messages is not None and len(kept.messages) == MAX_MESSAGES
+    assert read_answer(b"[" + b",".join(answers) + b"]").dropped == 0  # parsed whole: nothing dropped
+    assert read_answer(b"[" + deep).dropped == 0  # not one JSON value: no answer at all

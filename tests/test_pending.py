@@ -438,3 +438,41 @@ def test_a_batch_the_scanner_reads_whole_is_judged_and_one_too_long_passes_while
     read = batch_event([*range(100, 99 + MAX_MESSAGES), 5])
     assert editor.feed(read, editor.admit(parser.feed(read)), parser.pending_from) == b"id: 8\n\n"
     assert not editor.severed
+
+
+def deep_batch(ids: list[int]) -> str:
+    """A batch json.loads cannot read (an element nested 100,000 deep) answering each of `ids` after it: held
+    whole (under max_event_bytes), read by the scanner, which keeps MAX_MESSAGES summaries."""
+    answers = ",".join(json.dumps({"jsonrpc": "2.0", "id": i, "result": {}}) for i in ids)
+    return "[" + "[" * 100_000 + "]" * 100_000 + "," + answers + "]"
+
+
+def test_a_batch_whose_answers_were_not_all_read_is_blanked_while_its_scope_may_hold_a_refund() -> None:
+    """The refunded call's answer past the scanner's summaries is not seen: fail closed, the event is
+    blanked whole, even when it answers the stream's own call (which is then not billed for it: the
+    watcher asks the editor, StreamEditor.withholds). A scope with no refund lets it pass."""
+    p = Pending()
+    p.mark_refunded(S, 5)
+    late = deep_batch([*range(100, 100 + MAX_MESSAGES), 5])  # the refunded call's answer last, not kept
+    assert p.blank_if_refunded(S, late) == ""
+    assert p.blank_if_refunded(S, deep_batch([1, *range(100, 100 + MAX_MESSAGES)]), live=1) == ""
+    assert p.blank_if_refunded(S, deep_batch([*range(100, 99 + MAX_MESSAGES), 5])) == ""  # all read: found
+    assert p.blank_if_refunded(S, deep_batch(list(range(100, 99 + MAX_MESSAGES)))) is None  # all read: none
+    assert p.blank_if_refunded((1, "other"), late) is None  # nothing refunded there
+    assert p.blank_if_refunded((1, "other"), late, live=1, live_refunded=True) == ""  # its own call cancelled
+
+
+def test_a_held_batch_not_read_whole_is_blanked_by_the_editor() -> None:
+    """Under max_event_bytes the event is held whole, so it can be blanked rather than cut: the stream goes
+    on, the events around it pass."""
+    p = Pending()
+    p.mark_refunded(S, 5)
+    parser = SseParser(1 << 20)
+    editor = StreamEditor(None, lambda event: p.blank_event(S, event), stream_edit.hold_limit(1 << 20, blanking=True),
+                          may_blank=lambda: p.has_refunded(S))
+    before = b'data: {"jsonrpc":"2.0","id":6,"result":{}}\n\n'
+    batch = b"id: 8\ndata: " + deep_batch([*range(100, 100 + MAX_MESSAGES), 5]).encode() + b"\n\n"
+    stream = before + batch + before
+    out = b"".join(editor.feed(c, editor.admit(parser.feed(c)), parser.pending_from)
+                   for c in (stream[:1000], stream[1000:], b""))
+    assert out == before + b"id: 8\n\n" + before and not editor.severed
