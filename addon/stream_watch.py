@@ -22,7 +22,7 @@ from .billing import Failure
 from .call import META, Call, Label, Wait, clients_read, decision, event_messages, event_outcome, upstream_timeout
 from .decoding import StreamDecoder, TooLarge, decode_bounded
 from .errors import GatewayError
-from .jsonrpc import JSON, Outcome, answer_messages, body_outcome, media_type, scanned_outcome
+from .jsonrpc import JSON, Answer, Outcome, answer_messages, media_type, read_answer, scanned_outcome
 from .model import Listing, Transport
 from .sse import DEFAULT_MAX_EVENT_BYTES, Event, SseParser
 from .stream_edit import StreamEditor, hold_limit
@@ -352,15 +352,24 @@ class StreamWatch:
         owner.settlements.soon(flow, call)
 
     def withhold(self, flow: http.HTTPFlow, call: Call) -> None:
-        """A JSON answer to a call cancelled (and refunded) while it ran: the client gets an error instead."""
+        """A JSON answer to a call cancelled (and refunded) while it ran: the client gets an error instead, as
+        for a batch whose answers were not all read (jsonrpc.Answer.dropped: one may be the call's)."""
         assert flow.response is not None and call.priced is not None
-        if self.body_outcome(flow.response, call) is not None:
+        answer = self._read_body(flow.response, call)
+        if answer is not None and (answer.dropped or scanned_outcome(answer.messages, call.priced.rpc_id) is not None):
             flow.response.headers.pop("content-encoding", None)
             flow.response.headers["content-type"] = "application/json"
             flow.response.content = resumption.cancelled_body(call.priced.rpc_id)
 
     def body_outcome(self, response: http.Response, call: Call) -> Outcome | None:
-        """What a buffered answer says, decoded by the meter with a ceiling (never by mitmproxy)."""
+        """What a buffered answer says about its call."""
+        assert call.priced is not None
+        answer = self._read_body(response, call)
+        return None if answer is None else scanned_outcome(answer.messages, call.priced.rpc_id)
+
+    def _read_body(self, response: http.Response, call: Call) -> Answer | None:
+        """A buffered answer's messages, decoded by the meter with a ceiling (never by mitmproxy); None: not
+        read (not JSON, or too large)."""
         assert self.gw.config is not None
         if media_type(response.headers.get("content-type")) != JSON:
             # The MCP SDK clients read a body only as application/json (or an event stream, not
@@ -376,8 +385,7 @@ class StreamWatch:
             log.warning("mcpmeter: a compressed answer inflates past max_body_bytes (%d); not read further", limit)
             call.unread = True  # delivered all the same: see billing.decide
             return None
-        assert call.priced is not None
-        return None if body is None else body_outcome(body, call.priced.rpc_id)
+        return None if body is None else read_answer(body)
 
 
 def unframe(flow: http.HTTPFlow) -> None:

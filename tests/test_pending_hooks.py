@@ -6,13 +6,16 @@ import asyncio
 import json
 
 import pytest
+from mitmproxy import http
 
 from addon import gateway as gateway_module
 from addon.call import Wait
 from addon.gateway import Mcpmeter
+from addon.scan import MAX_MESSAGES
 from tests.test_lifecycle import reloaded
 from tests.test_gateway_hooks import (  # noqa: F401  (fixtures)
-    OPENING, PRICE, RESULT, Gw, gw, isolated, make_flow, meta, sent, sse_response, tool_call, upstream_fails,
+    OPENING, PRICE, RESULT, Gw, gw, isolated, make_flow, meta, sent, sse_response, tool_call, upstream_answers,
+    upstream_fails,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -247,3 +250,24 @@ async def test_a_parked_call_refunded_at_its_timeout_has_a_misspelled_answer_wit
     assert sent(get.response.stream(result_under('"1"'))) == b"id: 2\n\n"
     await gw.addon.drain()
     assert usage_reasons(gw) == [(504, 1, "no_answer_by_timeout")] and gw.db.balance(1) == OPENING
+
+
+@pytest.mark.parametrize("late", [True, False])
+async def test_a_cancelled_calls_json_answer_in_a_batch_not_read_whole_is_withheld(gw: Gw, late: bool) -> None:
+    """A JSON answer too deep for json is read by the scanner, MAX_MESSAGES answers at most: the cancelled
+    call's answer past them cannot be told absent, so the client gets the cancellation error instead."""
+    flow = make_flow(headers=SESSION, body=tool_call(rpc_id=1))
+    await gw.addon.request(flow)
+    notice = make_flow(headers=SESSION, body=cancellation(1))
+    await gw.addon.request(notice)
+    await gw.addon.drain()
+    ids = [*range(100, 100 + MAX_MESSAGES), 1] if late else [*range(100, 99 + MAX_MESSAGES)]
+    batch = (b"[" + b"[" * 100_000 + b"]" * 100_000 + b","
+             + b",".join(b'{"jsonrpc":"2.0","id":%d,"result":{}}' % i for i in ids) + b"]")
+    await upstream_answers(gw, flow, http.Response.make(200, batch, {"Content-Type": "application/json"}))
+    assert flow.response is not None
+    assert (flow.response.content == batch) is not late
+    if late:
+        assert json.loads(flow.response.content or b"")["error"]["code"] == -32800
+    assert usage_reasons(gw) == [(499, 1, "cancelled")] and gw.db.balance(1) == OPENING
+    gw.db.assert_reconciled()
