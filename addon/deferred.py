@@ -435,13 +435,19 @@ class Deferred:
 
         def read(chunk: bytes) -> Any:
             try:
-                for event in parser.feed(chunk):
+                events = parser.feed(chunk)
+                # Read before the stream's editor: what it will let out of them, as it decides it for this chunk
+                # (a legacy stream's editor reads it rewritten, at other offsets: not asked)
+                editor = call.editor if call.rewriter is None else None
+                admitted = len(editor.admit(events)) if editor is not None else len(events)  # (a first few)
+                for i, event in enumerate(events):
+                    delivered = i < admitted  # else cut there: no result settles by it
                     if event.oversized:  # not held whole: what the scanner read of it
-                        if call.editor is None or not call.editor.unjudged(event):  # (else cut there: not delivered)
+                        if delivered:
                             self._scanned_result(call, facts, event.messages)
                     elif (facts.result_for is not None or _worth_reading(event.data)
                           or (facts.rpc_id is None and self.asked)):  # perhaps a resumed tasks/result answer
-                        self._messages(call, facts, _loads(event.data))
+                        self._messages(call, facts, _loads(event.data), delivered)
             except Exception:
                 log.exception("mcpmeter: reading task and round messages of %s failed", call.request_id)
             return inner(chunk)
@@ -467,7 +473,10 @@ class Deferred:
         except Exception:
             log.exception("mcpmeter: reading task and round messages of %s failed", call.request_id)
 
-    def _messages(self, call: Any, facts: Facts, parsed: Any) -> None:
+    def _messages(self, call: Any, facts: Facts, parsed: Any, delivered: bool = True) -> None:
+        """What these messages say of tasks and rounds. A `tasks/result` answer settles its task only if it
+        is `delivered` (an event the stream's editor cuts never reaches the client); a task's id and status
+        are the upstream's word either way."""
         for message in parsed if isinstance(parsed, list) else [parsed]:
             if not isinstance(message, Mapping):
                 continue
@@ -483,9 +492,9 @@ class Deferred:
                 required, state = input_required(message, facts.rpc_id)
                 if required:
                     facts.input_required, facts.state = True, state
-                if facts.result_for is not None and call.listing is not None:
+                if facts.result_for is not None and call.listing is not None and delivered:
                     self._result(facts, result_decision(message, facts.rpc_id, call.listing.bill_tool_errors))
-            elif (asked := self._asked(facts.scope, message)) is not None and call.listing is not None:
+            elif delivered and (asked := self._asked(facts.scope, message)) is not None and call.listing is not None:
                 assert asked.rpc_id is not None
                 self._result(asked, result_decision(message, asked.rpc_id, call.listing.bill_tool_errors))
             said = task_status(message)

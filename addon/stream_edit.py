@@ -84,9 +84,11 @@ class StreamEditor:
         stream at once: neither it (what of it is still held) nor anything after it goes out, so nothing
         from it on may settle a call as delivered. `feed` keeps to this (and decides it itself if the
         watcher did not ask)."""
-        if self._cut_at is not None:  # (decided for this chunk already)
+        if self._cut_at is not None:  # (decided for this chunk already: the task reader asks first, deferred.py)
             return [event for event in events if event.end <= self._cut_at]
-        if self.severed or self.blank is None or not self._blanking():
+        if self.severed:
+            return []  # nothing more goes out
+        if self.blank is None or not self._blanking():
             return events
         if self._adrift:  # unparsed: none of it goes out now (feed severs it)
             return []

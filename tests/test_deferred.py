@@ -18,6 +18,7 @@ from addon.billing import Decision
 from addon.errors import GatewayError
 from addon.jsonrpc import Outcome, PricedCall
 from addon.scan import MAX_MESSAGES
+from addon.sse import SseParser
 from addon.store import StoreUnavailable
 from addon.stream_edit import StreamEditor
 
@@ -119,7 +120,8 @@ def make_call(principal: str = "key-1", tool: str = "t", rpc_id: Any = 1, priced
         consumer=SimpleNamespace(principal=principal, user_id={"key-1": 1, "token-1": 1}.get(principal, 2)),
         listing=SimpleNamespace(id=5, bill_tool_errors=False),
         priced=PricedCall("tools/call", rpc_id, tool) if priced else None, outcome=Outcome.RESULT, forwarded=None,
-        charged=None, failure=None, withheld=False, refunded=False, started=time.monotonic(), editor=None)
+        charged=None, failure=None, withheld=False, refunded=False, started=time.monotonic(), editor=None,
+        rewriter=None)
 
 
 class Store:
@@ -216,6 +218,36 @@ async def test_a_tasks_result_in_a_batch_the_meter_cannot_judge_settles_only_if_
     batch = [{"jsonrpc": "2.0", "id": i, "result": {"content": []}} for i in (2, *range(100, 100 + MAX_MESSAGES))]
     flow.response.stream(b"event: message\ndata: " + body(batch) + b"\n\n")
     assert settled == ([] if withholding else [(call, Decision(False, "task_completed"))])
+
+
+@pytest.mark.parametrize("refunded", [False, True])
+async def test_a_tasks_result_begun_before_a_refund_settles_only_if_the_editor_lets_it_end(
+        registry: Any, refunded: bool) -> None:
+    """The answer's start went out while nothing could be withheld; a refund comes before its end. If it
+    turns out to answer a refunded call the editor cuts the stream there (StreamEditor.admit): the client
+    never gets it, so the task reader, reading the chunk first, settles nothing by it."""
+    d, settled, _ = registry
+    call = task_call(d)
+    await d.hold(Flow(), call, Decision(False, "result"))
+    asking, flow = make_call(priced=False), Flow()
+    d.on_request(asking, body({"jsonrpc": "2.0", "id": 2, "method": "tasks/result", "params": {"taskId": "T"}}),
+                 "tasks/result", "s1")
+    withholding = [False]
+    asking.editor = editor = StreamEditor(None, lambda event: refunded, may_blank=lambda: withholding[0])
+    parser = SseParser()
+
+    def watcher(chunk: bytes) -> bytes:  # what stream_watch does with each chunk, after the task reader
+        events = parser.feed(chunk)
+        return editor.feed(chunk, editor.admit(events), parser.pending_from)
+
+    flow.response = SimpleNamespace(headers={}, stream=watcher)
+    d.watch_stream(flow, asking)
+    answer = b"event: message\ndata: " + body({"jsonrpc": "2.0", "id": 2, "result": {"content": []}}) + b"\n\n"
+    assert flow.response.stream(answer[:30]) == answer[:30]  # nothing to withhold yet: out as it comes
+    withholding[0] = True  # a call of the session refunded meanwhile
+    out = flow.response.stream(answer[30:])
+    assert (out == b"" and editor.severed) is refunded
+    assert settled == ([] if refunded else [(call, Decision(False, "task_completed"))])
 
 
 async def test_tasks_result_error_refunds(registry: Any) -> None:
