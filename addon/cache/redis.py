@@ -8,7 +8,8 @@ and its windows' keys share the hash tag `{<bucket>}`, so the one script that to
 runs unchanged on Redis Cluster; every other operation touches a single key. Idempotency-Key
 records `idem:{<listing id>:<principal>}:<sha256>` are per key (addon/cache/idempotency.py).
 
-A rate-limit check is one EVALSHA of RATE_LIMIT_SCRIPT: decide over every window, then advance all
+A rate-limit check is one EVALSHA of RATE_LIMIT_SCRIPT (the checks of concurrent calls share one
+round trip: addon/cache/redis_scripts.py): decide over every window, then advance all
 of their TATs or none, atomically and on the server's clock, so any number of gateways share one
 limit, in O(1) memory per (listing, consumer) pair. The verdict is built from the TATs the script
 saw by `ratelimit.check` itself (tests prove the two agree call for call).
@@ -36,7 +37,7 @@ import redis.asyncio as aioredis
 from cachetools import TTLCache
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from ..config import Config
 from ..model import Consumer, Listing
@@ -45,6 +46,7 @@ from .base import MISS, _Miss
 from .breaker import RedisBreakers
 from .idempotency import RedisIdempotency
 from .memory import SESSION_TTL, MemoryCache
+from .redis_scripts import ScriptRuns
 
 log = logging.getLogger("mcpmeter")
 
@@ -121,6 +123,7 @@ class RedisCache(RedisBreakers, RedisIdempotency):
             # Redis must cost one short timeout, not a backoff schedule.
             retry=Retry(NoBackoff(), 0), decode_responses=True,
         ))
+        self._scripts = ScriptRuns(self._redis, RATE_LIMIT_SCRIPT, _SCRIPT_SHA)
         self._fallback = MemoryCache(config)
         # A near cache in front of Redis: a warm key or listing costs no round trip at all, and is
         # at most NEAR_CACHE_SECONDS staler than Redis (whose own TTLs bound the staleness anyway).
@@ -211,10 +214,7 @@ class RedisCache(RedisBreakers, RedisIdempotency):
         args: list[str] = ["" if now_us is None else str(now_us)]
         for w in windows:
             args += [str(w.limit), *((str(w.interval_us), str(w.tolerance_us)) if w.limit > 0 else ("0", "0"))]
-        try:
-            reply = await self._redis.evalsha(_SCRIPT_SHA, len(keys), *keys, *args)
-        except NoScriptError:  # a new or flushed server: EVAL sends the text and caches it
-            reply = await self._redis.eval(RATE_LIMIT_SCRIPT, len(keys), *keys, *args)
+        reply = await self._scripts.run(keys, args)  # with the concurrent calls' runs (redis_scripts.py)
         now = int(reply[1])
         v, _ = check(now, [int(x) for x in reply[2:]], windows)  # the verdict, from the TATs the script saw
         if v.allowed != bool(reply[0]):  # cannot happen: the same integer arithmetic on both sides
