@@ -75,6 +75,18 @@ def client_key(rpc_id: Any) -> IdKey | None:
     return key if number is None else (False, number)
 
 
+def answered_ids(messages: list[Message] | None) -> list[Any]:
+    """The ids these messages answer (a result or an error, not a request), as sent."""
+    return [m.id_value() for m in messages or () if not m.has_method and (m.has_result or m.has_error)]
+
+
+def answers(messages: list[Message] | None, rpc_id: Any) -> bool:
+    """Whether an SDK client takes one of these messages for the answer to its request `rpc_id`, however
+    the answer spells the id (client_key): what is withheld from it when the call is refunded."""
+    key = client_key(rpc_id)
+    return key is not None and any(client_key(answered) == key for answered in answered_ids(messages))
+
+
 def resume_key(listing_id: int, event_id: str) -> ResumeKey:
     """The scope of a call without a session, by the event its client resumes after. Hashed: an event id
     may be 64 KiB long (sse.py), and markers are kept by the hundred thousand. `surrogatepass`: the
@@ -341,15 +353,12 @@ class Pending:
             return None
         if dropped and (live_refunded or self.may_blank(session, principal)):
             return ""  # answers not read: one may be a refunded call's (as the editor asks: may_blank)
-        live_key, live_client = id_key(live), client_key(live)
-
-        def refunded(rpc_id: Any) -> bool:
-            # (live_client None: the stream carries no call; an answer without an id is nobody's)
-            own = live_refunded and live_client is not None and client_key(rpc_id) == live_client
-            return own or self.is_refunded(session, rpc_id) or self._foreign(session, rpc_id, principal)
-
-        answered = [m.id_value() for m in messages or () if not m.has_method and (m.has_result or m.has_error)]
-        if not any(refunded(rpc_id) for rpc_id in answered):
+        live_key = id_key(live)
+        answered = answered_ids(messages)
+        # (live None: the stream carries no call; an answer without an id is nobody's)
+        own = live_refunded and live is not None and answers(messages, live)
+        if not own and not any(self.is_refunded(session, rpc_id) or self._foreign(session, rpc_id, principal)
+                               for rpc_id in answered):
             return None
         # The stream's own call, answered as sent, is billed for this event unless refunded itself (a marker
         # left by another spelling of its id is another call's: a raw client may run 1 and "1" at once).

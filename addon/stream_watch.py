@@ -353,10 +353,12 @@ class StreamWatch:
 
     def withhold(self, flow: http.HTTPFlow, call: Call) -> None:
         """A JSON answer to a call cancelled (and refunded) while it ran: the client gets an error instead, as
-        for a batch whose answers were not all read (jsonrpc.Answer.dropped: one may be the call's)."""
+        for a batch whose answers were not all read (jsonrpc.Answer.dropped: one may be the call's). Its
+        answer is found under any spelling of its id an SDK client takes for it (pending.answers), as on a
+        stream: "1" answers 1."""
         assert flow.response is not None and call.priced is not None
         answer = self._read_body(flow.response, call)
-        if answer is not None and (answer.dropped or scanned_outcome(answer.messages, call.priced.rpc_id) is not None):
+        if answer is not None and (answer.dropped or resumption.answers(answer.messages, call.priced.rpc_id)):
             flow.response.headers.pop("content-encoding", None)
             flow.response.headers["content-type"] = "application/json"
             flow.response.content = resumption.cancelled_body(call.priced.rpc_id)

@@ -271,3 +271,21 @@ async def test_a_cancelled_calls_json_answer_in_a_batch_not_read_whole_is_withhe
         assert json.loads(flow.response.content or b"")["error"]["code"] == -32800
     assert usage_reasons(gw) == [(499, 1, "cancelled")] and gw.db.balance(1) == OPENING
     gw.db.assert_reconciled()
+
+
+@pytest.mark.parametrize("spelled", ['"1"', '"01"', '" 1 "', "1.0"])
+async def test_a_cancelled_calls_json_answer_is_withheld_under_any_spelling_of_its_id(gw: Gw, spelled: str) -> None:
+    """An SDK client takes "1", "01" or 1.0 for the answer to its request 1 (rpc_ids.py): a cancelled call's
+    JSON answer under any of them is withheld as on its stream, and the call stays refunded."""
+    flow = make_flow(headers=SESSION, body=tool_call(rpc_id=1))
+    await gw.addon.request(flow)
+    notice = make_flow(headers=SESSION, body=cancellation(1))
+    await gw.addon.request(notice)
+    await gw.addon.drain()
+    body = ('{"jsonrpc":"2.0","id":%s,"result":{"content":[{"type":"text","text":"done"}]}}' % spelled).encode()
+    await upstream_answers(gw, flow, http.Response.make(200, body, {"Content-Type": "application/json"}))
+    assert flow.response is not None and b"done" not in (flow.response.content or b"")
+    answer = json.loads(flow.response.content or b"")
+    assert answer["id"] == 1 and answer["error"]["code"] == -32800 and "result" not in answer
+    assert usage_reasons(gw) == [(499, 1, "cancelled")] and gw.db.balance(1) == OPENING
+    gw.db.assert_reconciled()
