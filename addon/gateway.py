@@ -418,7 +418,7 @@ class Mcpmeter:
                 if call.failure is Failure.CANCELLED and call.priced is not None:
                     self.streams.withhold(flow, call)
                 elif call.priced is not None and call.outcome is None:
-                    call.outcome = self.streams.body_outcome(flow.response, call)
+                    call.outcome = self.streams.body_outcome(flow, call)
                 if self.legacy.await_stream(flow, call):
                     answers.stamp(flow, call)
                     return

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from . import budget, compat, display, idempotency, legacy_sse, receipts, rpc_errors
+from . import answers, budget, compat, display, idempotency, legacy_sse, receipts, rpc_errors
 from . import pending as resumption
 from .billing import Failure
 from .call import META, Call, Label, Wait, clients_read, decision, event_messages, event_outcome, upstream_timeout
@@ -363,11 +363,29 @@ class StreamWatch:
             flow.response.headers["content-type"] = "application/json"
             flow.response.content = resumption.cancelled_body(call.priced.rpc_id)
 
-    def body_outcome(self, response: http.Response, call: Call) -> Outcome | None:
-        """What a buffered answer says about its call."""
-        assert call.priced is not None
-        answer = self._read_body(response, call)
-        return None if answer is None else scanned_outcome(answer.messages, call.priced.rpc_id)
+    def body_outcome(self, flow: http.HTTPFlow, call: Call) -> Outcome | None:
+        """What a buffered answer says about its call. A batch whose answers were not all read (jsonrpc.Answer.
+        dropped) and that answers the call in none of those kept may answer it past them, unread: where an
+        answer would be billed (a status under 400) it is not delivered (fail closed): the call fails
+        (refunded, `upstream_failed`) and the client gets the gateway's 502 instead, as for an upstream
+        that failed before answering."""
+        assert flow.response is not None and call.priced is not None
+        answer = self._read_body(flow.response, call)
+        if answer is None:
+            return None
+        outcome = scanned_outcome(answer.messages, call.priced.rpc_id)
+        if outcome is None and answer.dropped and flow.response.status_code < 400:
+            self._refuse_unread(flow, call)
+        return outcome
+
+    def _refuse_unread(self, flow: http.HTTPFlow, call: Call) -> None:
+        assert call.priced is not None and self.gw.config is not None
+        log.warning("mcpmeter: %s: a JSON answer holds more answers than the meter reads, not the call's among "
+                    "those read; refused (502) and refunded", call.request_id)
+        call.failure = call.failure or Failure.UPSTREAM
+        call.status, call.rpc_id = 502, call.priced.rpc_id
+        error = GatewayError("upstream_failed", request_id=call.request_id)
+        flow.response = answers.error_response(error, call, self.gw.config.top_up_url)
 
     def _read_body(self, response: http.Response, call: Call) -> Answer | None:
         """A buffered answer's messages, decoded by the meter with a ceiling (never by mitmproxy); None: not

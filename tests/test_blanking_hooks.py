@@ -22,7 +22,7 @@ from addon.sse import SseParser
 from tests.mitm_fakes import FakeHandler, FakeProxyserver
 from tests.test_confinement_hooks import _gw, accepted, open_session, post, settled
 from tests.test_gateway_hooks import (  # noqa: F401  (isolated: an autouse fixture)
-    OPENING, PRICE, Gw, isolated, make_flow, sent, sse_response, tool_call, upstream_fails,
+    OPENING, PRICE, Gw, isolated, make_flow, sent, sse_response, tool_call, upstream_answers, upstream_fails,
 )
 from tests.test_pending_hooks import PRIMING, SESSION, cancellation, resumed_get, usage_reasons
 
@@ -314,6 +314,48 @@ async def test_a_calls_answer_in_a_held_batch_not_read_whole_is_withheld_and_not
     assert sorted(usage_reasons(gw)) == [(200, 0, "result"), (499, 1, "cancelled")]
     assert gw.db.balance(1) == OPENING - PRICE
     gw.db.assert_reconciled()
+
+
+def deep_json_batch(ids: list[int]) -> bytes:
+    """deep_batch's batch as a JSON answer's body."""
+    return deep_batch(ids).partition(b"data: ")[2].removesuffix(b"\n\n")
+
+
+@pytest.mark.parametrize("status", [200, 202, 302])
+async def test_a_json_answer_not_read_whole_without_the_calls_answer_is_not_delivered(gw: Gw, status: int) -> None:
+    """A JSON answer too deep for json is read by the scanner, MAX_MESSAGES answers at most: the call's
+    answer past them cannot be read, so the call is refunded, and the client must not get it unpaid. It
+    gets the gateway's answer to an upstream that failed instead (502 upstream_failed)."""
+    flow = make_flow(body=tool_call(rpc_id=1))
+    await gw.addon.request(flow)
+    batch = deep_json_batch([*range(100, 100 + MAX_MESSAGES), 1])
+    await upstream_answers(gw, flow, http.Response.make(status, batch, {"Content-Type": "application/json"}))
+    assert flow.response is not None and flow.response.status_code == 502
+    answer = json.loads(flow.response.content or b"")
+    assert answer["id"] == 1 and answer["error"]["data"]["error"] == "upstream_failed" and "result" not in answer
+    assert flow.response.headers["X-Mcpmeter-Billed"] == "0" and flow.response.headers["X-Mcpmeter-Refunded"] == "1"
+    assert usage_reasons(gw) == [(502, 1, "upstream_failed")] and gw.db.balance(1) == OPENING
+    gw.db.assert_reconciled()
+
+
+async def test_a_json_answer_not_read_whole_with_the_calls_answer_read_is_delivered_and_billed(gw: Gw) -> None:
+    flow = make_flow(body=tool_call(rpc_id=1))
+    await gw.addon.request(flow)
+    batch = deep_json_batch([1, *range(100, 100 + MAX_MESSAGES)])
+    await upstream_answers(gw, flow, http.Response.make(200, batch, {"Content-Type": "application/json"}))
+    assert flow.response is not None and flow.response.status_code == 200 and flow.response.content == batch
+    assert usage_reasons(gw) == [(200, 0, "result")] and gw.db.balance(1) == OPENING - PRICE
+    gw.db.assert_reconciled()
+
+
+async def test_an_error_status_json_answer_not_read_whole_passes_refunded(gw: Gw) -> None:
+    """A 4xx or 5xx answer is refunded whatever its body says, and passed through (the refund table)."""
+    flow = make_flow(body=tool_call(rpc_id=1))
+    await gw.addon.request(flow)
+    batch = deep_json_batch([*range(100, 100 + MAX_MESSAGES), 1])
+    await upstream_answers(gw, flow, http.Response.make(500, batch, {"Content-Type": "application/json"}))
+    assert flow.response is not None and flow.response.status_code == 500 and flow.response.content == batch
+    assert usage_reasons(gw) == [(500, 1, "upstream_5xx")] and gw.db.balance(1) == OPENING
 
 
 @pytest.mark.parametrize("coding", ["gzip", "br", "deflate", "zstd", "gzip, identity"])
