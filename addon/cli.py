@@ -109,7 +109,8 @@ def _header_values(headers: list[tuple[str, str | None]]) -> dict[str, str] | st
         if value is None:
             line = sys.stdin.readline()
             if not line:
-                return f"--header {name}: no value on standard input (one line per header given as NAME alone)"
+                return (f"--header {forwarding.shown_name(name)}: no value on standard input (one line per header "
+                        "given as NAME alone)")
             value = line.removesuffix("\n").removesuffix("\r")
             if (problem := forwarding.header_problem(name, value)) is not None:
                 return problem  # names the header, never the value

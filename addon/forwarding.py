@@ -33,6 +33,8 @@ CHECKED_ON_REQUEST = frozenset({"content-type", "content-encoding", "mcp-protoco
 FRAMING = frozenset({"content-length", "transfer-encoding"})  # the gateway frames what it forwards
 WRAP_PREFIX = "x-forward-"
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_TOKEN_HEAD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]*")  # a header name up to what it cannot hold
+MAX_SHOWN_NAME = 64  # characters of a header name an error repeats
 _FOLD = re.compile(rb"[ \t]*[\r\n]+[ \t]*")
 # What a listing URL's netloc may be, being the upstream's Host: a name (mitmproxy checks its
 # labels) or an IPv6 literal in brackets, then an optional port. No zone id, no IPvFuture.
@@ -179,18 +181,33 @@ def unfold(headers: Headers) -> None:
 
 
 def header_problem(name: str, value: str) -> str | None:
-    """Why a publisher's upstream header cannot be sent as given (None: it can).
+    """Why a publisher's upstream header cannot be sent as given (None: it can). Never repeats the value,
+    nor what of a bad name follows its first character a name cannot hold: `Authorization: Bearer sk-...`
+    given for NAME=VALUE is all name (shown_name).
 
     Checked where headers are written (the command, the YAML seed) and again where the gateway
     reads them from the database: a value is written to the upstream byte for byte, so a CR or LF
     in it would start a header line of its own."""
     if not _TOKEN.match(name) or name.endswith("\n"):
-        return f"{name!r} is not a header name"
+        if not name:
+            return "a header has no name (NAME=VALUE)"
+        head = _TOKEN_HEAD.match(name)
+        assert head is not None  # (it matches the empty string)
+        who = f"header {shown_name(head.group())}" if head.end() else "a header"
+        if name[head.end()] == ":":
+            return (f"{who}: a name holds no ':' (give the name and the value apart: --header NAME=VALUE, "
+                    "or NAME: VALUE under upstream_headers)")
+        return f"{who}: a name holds only letters, digits and !#$%&'*+-.^_`|~ (what follows is not shown)"
     if name.lower() in NOT_UNWRAPPABLE:
-        return f"{name!r} is the gateway's to set (framing, Host, sessions): it is never sent"
+        return f"{shown_name(name)} is the gateway's to set (framing, Host, sessions): it is never sent"
     if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F for c in value):
-        return f"the value of header {name!r} contains a control character"
+        return f"the value of header {shown_name(name)} contains a control character"
     return None
+
+
+def shown_name(name: str) -> str:
+    """A header name (a token: printable ASCII) as an error repeats it: quoted, cut to MAX_SHOWN_NAME."""
+    return repr(name[:MAX_SHOWN_NAME]) + ("..." if len(name) > MAX_SHOWN_NAME else "")
 
 
 def upstream_url_problem(url: str) -> str | None:

@@ -89,6 +89,48 @@ def test_header_the_gateway_would_drop_is_refused(run: Run, backend: Backend, na
         code=2)
 
 
+@pytest.mark.parametrize("given", [
+    "Authorization: Bearer sk-s3cret",  # a colon instead of '='
+    "Authorization: Bearer sk-s3cret==",  # ... and the value's own '='
+    "Authorization:sk-s3cret",
+    "Authorization Bearer sk-s3cret",
+    "Authorization\tsk-s3cret=1",
+])
+def test_a_bad_header_is_named_never_its_value(run: Run, backend: Backend, given: str) -> None:
+    """`--header 'Authorization: Bearer sk-...'` was reported as a bad header name, the whole of it: the
+    secret went to stderr (a terminal, a CI log). The error names the header and says what is wrong."""
+    s = "adv-" + uuid.uuid4().hex[:8]
+    for argv in (("listing", "add", s, "--upstream", "http://h/mcp"), ("listing", "set", s)):
+        _, err = run(*argv, "--header", given, code=2)
+        assert "s3cret" not in err and "Bearer" not in err and "'Authorization'" in err
+    _, err = run("listing", "add", s, "--upstream", "http://h/mcp", "--header", given, code=2)
+    assert ("holds no ':'" in err) is (given[13] == ":")
+
+
+def test_a_header_error_names_a_long_header_cut(run: Run, backend: Backend) -> None:
+    for given in ("X" * 5000 + ": s3cret", "X" * 5000 + "=\x01s3cret", "Host" + "x" * 5000 + "\x1b[2Js3cret=1"):
+        _, err = run("listing", "add", "adv-" + uuid.uuid4().hex[:8], "--upstream", "http://h/mcp", "--header",
+                     given, code=2)
+        assert "s3cret" not in err and "\x1b" not in err and len(err) < 1000
+
+
+@pytest.mark.parametrize("headers", [
+    {"Authorization: Bearer sk-s3cret": "x"},
+    {"Authorization Bearer sk-s3cret": "x"},
+    {"X-Api-Key": "sk-s3cret\r\nX-Injected: 1"},
+    {"X" * 900 + " sk-s3cret": "x"},  # (YAML keys are at most 1,024 characters)
+])
+def test_a_bad_seed_header_is_named_never_its_value(tmp_path: Path, headers: dict[str, str]) -> None:
+    import json
+
+    text = ("seed: {listings: [{slug: a, upstream_url: 'http://h/mcp', upstream_headers: "
+            + json.dumps(headers) + "}]}")
+    with pytest.raises(ConfigError) as raised:
+        _load(tmp_path, text)
+    assert "s3cret" not in str(raised.value) and "Bearer" not in str(raised.value)
+    assert len(str(raised.value)) < 1000
+
+
 # --- configuration: a bad value is a ConfigError ----------------------------------------------
 
 
