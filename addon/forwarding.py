@@ -38,7 +38,7 @@ MAX_SHOWN_NAME = 64  # characters of a header name an error repeats
 _FOLD = re.compile(rb"[ \t]*[\r\n]+[ \t]*")
 # What a listing URL's netloc may be, being the upstream's Host: a name (mitmproxy checks its
 # labels) or an IPv6 literal in brackets, then an optional port. No zone id, no IPvFuture.
-_HOSTPORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[^\[\]:]+)(?::[0-9]*)?\Z")
+_HOSTPORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[^\[\]:]+)(?::([0-9]*))?\Z")
 
 
 def target_url(upstream_url: str, subpath: str, query: str) -> str:
@@ -83,14 +83,19 @@ def destination(url: str) -> Destination:
 
 @functools.lru_cache(maxsize=1024)  # keyed by the listings' upstream origins, the publishers', not client input
 def _origin(origin: str) -> tuple[bytes, str, int, bytes]:
+    netloc = origin.partition("://")[2]
+    hostport = _HOSTPORT.match(netloc)
+    # mitmproxy's parse reads port 0 as the scheme's default: the gateway would connect to 80 or 443 while
+    # its Host header (the URL's netloc) names port 0.
+    if hostport is not None and hostport.group(1) and not _valid_port(hostport.group(1)):
+        raise paths.InvalidPath("the upstream URL's port is not 1 to 65535")
     try:
         scheme, host, port, _ = mitm_url.parse(origin)
     except ValueError:  # a bad port, a name mitmproxy refuses (or a non-ASCII one: UnicodeError)
         raise paths.InvalidPath("the upstream URL's host or port is invalid") from None
     name = host.decode("idna")  # as the Request.host setter stores it
-    netloc = origin.partition("://")[2]
     # mitmproxy reads past what follows a literal (`[::1]x`) and takes `[1.2.3.4]` as an address.
-    if not _HOSTPORT.match(netloc) or netloc.startswith("[") != (":" in name):
+    if hostport is None or netloc.startswith("[") != (":" in name):
         raise paths.InvalidPath("the upstream URL's host is not a name, an IPv4 address or a bracketed IPv6 one")
     # An IPv6 literal keeps its brackets: mitmproxy's hostport (so the url setter) writes `::1:8080`,
     # which is no authority, and an HTTP/2 upstream refuses it beside the Host `[::1]:8080`.
@@ -101,6 +106,12 @@ def _origin(origin: str) -> tuple[bytes, str, int, bytes]:
     except UnicodeError:
         encoded = authority.encode("utf8", "surrogateescape")
     return scheme, name, port, encoded
+
+
+def _valid_port(digits: str) -> bool:
+    """A URL's port (ASCII digits) is 1 to 65535; read without converting a long run of digits."""
+    significant = digits.lstrip("0")
+    return 0 < len(significant) <= 5 and int(significant) <= 65535
 
 
 # Answer headers naming a URL. Location, Content-Location and Refresh reach the client only as a route

@@ -128,6 +128,7 @@ def count_rules(backend: Backend, s: str) -> int:
     ["listing", "add", "ok-slug", "--upstream", "ftp://h/mcp"],
     ["listing", "add", "ok-slug", "--upstream", "http:///mcp"],
     ["listing", "add", "ok-slug", "--upstream", "http://h:99999/mcp"],
+    ["listing", "add", "ok-slug", "--upstream", "http://h:0/mcp"],
     ["listing", "add", "ok-slug"],
     ["listing", "add", "ok-slug", "--upstream", "http://h/mcp", "--price", "-1"],
     ["listing", "add", "ok-slug", "--upstream", "http://h/mcp", "--price", "1.5"],

@@ -327,6 +327,8 @@ def test_seed_listing_defaults_and_values(tmp_path: Path) -> None:
     ({"slug": "ok", "upstream_url": "localhost:3011/mcp"}, "upstream_url"),
     ({"slug": "ok", "upstream_url": "http://"}, "upstream_url"),
     ({"slug": "ok", "upstream_url": 42}, "upstream_url"),
+    ({"slug": "ok", "upstream_url": "http://h:0/mcp"}, "upstream_url"),  # aimed at 80, Host h:0
+    ({"slug": "ok", "upstream_url": "http://h:65536/mcp"}, "upstream_url"),
     ({"slug": "ok", "price_micro_cents": -1}, "price_micro_cents"),
     ({"slug": "ok", "price_micro_cents": "cheap"}, "price_micro_cents"),
     ({"slug": "ok", "price_micro_cents": 1.5}, "price_micro_cents"),

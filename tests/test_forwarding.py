@@ -9,7 +9,7 @@ from mitmproxy.net.http import url as mitm_url
 from mitmproxy.test import tutils
 
 from addon.admission import aim
-from addon.forwarding import destination, target_url, upstream_headers
+from addon.forwarding import destination, target_url, upstream_headers, upstream_url_problem
 from addon.paths import InvalidPath
 
 HOST = "mcp.publisher.example:8443"
@@ -275,6 +275,10 @@ def test_a_listing_url_with_userinfo_is_not_aimed_at(url: str) -> None:
 
 @pytest.mark.parametrize("url", [
     "http://u:99999/mcp",  # port out of range
+    "http://u:65536/mcp",
+    "http://u:0/mcp",  # mitmproxy's parse reads port 0 as the scheme's default: 80 aimed at, Host `u:0` sent
+    "https://u:000/mcp",
+    "http://[::1]:0/mcp",
     "http://[::1/mcp",  # unclosed
     "http://u:80x/mcp",
     "http://[::1]x/mcp",  # what follows the literal is no port
@@ -290,6 +294,20 @@ def test_a_listing_url_with_a_bad_host_or_port_is_not_aimed_at(url: str) -> None
     """An InvalidPath (400 invalid_path before the charge), not another error (500 and a traceback)."""
     with pytest.raises(InvalidPath):
         destination(url)
+
+
+@pytest.mark.parametrize("url", ["http://u:0/mcp", "http://[::1]:00/mcp", "http://u:65536/mcp"])
+def test_a_listing_url_with_a_port_out_of_1_to_65535_is_refused(url: str) -> None:
+    """As the command and the seed check it (upstream_url_problem): never the gateway aiming at another port
+    than its Host names."""
+    assert "port" in (upstream_url_problem(url) or "")
+
+
+@pytest.mark.parametrize("url", ["http://u:1/mcp", "http://u:65535/mcp", "http://[::1]:8080/mcp", "http://u/mcp"])
+def test_a_listing_url_with_a_port_of_1_to_65535_is_aimed_at_it(url: str) -> None:
+    assert upstream_url_problem(url) is None
+    port = url.partition("]")[2] if "[" in url else url[len("http://u"):]
+    assert destination(url).port == (int(port[1:].partition("/")[0]) if port.startswith(":") else 80)
 
 
 @pytest.mark.parametrize("url", ["http://u/mcp/caf\u00e9", "http://u/mcp?q=\u00e9"])
