@@ -326,6 +326,7 @@ class Mcpmeter:
         return answers.error_response(error, Call(str(uuid.uuid4())), self._top_up_url())
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        redaction.redact_trailers(flow.request.trailers)  # set since requestheaders, answered or not
         if flow.response or flow.error or not flow.live:
             return
         call = Call(request_id=str(uuid.uuid4()))

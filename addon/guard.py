@@ -10,6 +10,7 @@ nobody has answered: a meter claims a flow only when it decided to forward it.
 A second small addon, right after the script loader (so after the meter, before mitmweb's view,
 which shows a flow from `requestheaders` on), redacts credential headers in that hook, the
 consumer's and those it wraps for the upstream, and a key in the query (a no-op after the meter did),
+and the same in a request's trailer fields in `request`,
 so a flow shown or saved while no meter is loaded holds no key either. The guard, last in the chain,
 keeps every answer to HEAD body-less: mitmproxy sends the body an addon put in an answer even to HEAD,
 and a keep-alive client would read those bytes as the next answer. Both import nothing that a reload or a broken
@@ -27,7 +28,8 @@ from typing import Any
 from mitmproxy import http
 
 from .errors import ERRORS
-from .redaction import redact_credentials, redact_header_keys, redact_target_key, take_forwarded_credentials
+from .redaction import (redact_credentials, redact_header_keys, redact_target_key, redact_trailers,
+                        take_forwarded_credentials)
 
 log = logging.getLogger("mcpmeter")
 
@@ -54,6 +56,9 @@ class CredentialRedactor:
         redact_header_keys(flow.request.headers)
         if (redacted := redact_target_key(flow.request.path)) is not None:
             flow.request.path = redacted
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        redact_trailers(flow.request.trailers)  # they come with the end of the body, after requestheaders
 
 
 class FailClosedGuard:

@@ -141,6 +141,16 @@ def redact_header_keys(headers: Headers) -> list[str]:
     return [REDACTED if name in named else name.decode("utf-8", "surrogateescape") for name in found]
 
 
+def redact_trailers(trailers: Headers | None) -> None:
+    """Redact a request's trailer fields as its header fields are. They come after `requestheaders`,
+    with the end of the body, and are never forwarded (admission drops them), so a key there is not
+    refused; but a refused flow kept them as sent, and is saved with them."""
+    if trailers:
+        redact_credentials(trailers)
+        take_forwarded_credentials(trailers)
+        redact_header_keys(trailers)
+
+
 def _holds_key_bytes(text: bytes) -> bool:
     return (b"mcpm" in text or b"%" in text) and holds_key(text.decode("utf-8", "surrogateescape"))
 

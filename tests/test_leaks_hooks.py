@@ -3,6 +3,7 @@ upstream (`X-Forward-Authorization`), and what /health would tell the public abo
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 
 from addon import compat
 from mitmproxy import http
+from mitmproxy.io import FlowWriter
 from tests.refusals import refusal
 from addon.model import Listing
 from tests.test_gateway_hooks import (  # noqa: F401  (gw and isolated are fixtures)
@@ -289,3 +291,44 @@ async def test_a_link_naming_the_upstream_or_credentials_is_dropped(gw: Gw) -> N
         answer.headers.add("Link", link)
     await upstream_answers(gw, flow, answer)
     assert flow.response is not None and flow.response.headers.get_all("link") == links[-2:]
+
+
+def saved_bytes(flow: http.HTTPFlow) -> bytes:
+    """The flow as `mitmdump -w` writes it."""
+    out = io.BytesIO()
+    FlowWriter(out).add(flow)
+    return out.getvalue()
+
+
+def credential_trailers() -> http.Headers:
+    return http.Headers([(b"authorization", f"Bearer {URL_KEY}".encode()),
+                         (b"x-forward-authorization", f"Bearer {UPSTREAM_TOKEN}".encode()),
+                         (b"x-api-key", URL_KEY.encode()), (b"x-checksum", b"abc")])
+
+
+@pytest.mark.parametrize("token", [None, ALICE], ids=["refused", "forwarded"])
+async def test_a_key_in_a_request_trailer_is_kept_nowhere(gw: Gw, caplog: pytest.LogCaptureFixture,
+                                                          token: str | None) -> None:
+    """An HTTP/2 (or chunked) request's trailer fields reach the flow after `requestheaders`, before
+    `request`; they are never forwarded, but a refused flow kept them as sent: a key or a wrapped credential
+    there was saved with it. They are redacted as header fields are."""
+    flow = make_flow(token=token)
+    gw.addon.requestheaders(flow)
+    flow.request.trailers = credential_trailers()  # as mitmproxy sets them, once the body has ended
+    await gw.addon.request(flow)
+    assert forwarded(flow) == (token is not None)
+    saved = saved_bytes(flow)
+    assert URL_KEY[10:].encode() not in saved and UPSTREAM_TOKEN.encode() not in saved
+    assert_no_secret(flow, caplog, URL_KEY, URL_KEY[10:], UPSTREAM_TOKEN)
+    if token is None:
+        assert flow.request.trailers is not None and flow.request.trailers["x-checksum"] == "abc"
+
+
+def test_the_guards_redactor_takes_a_key_from_request_trailers() -> None:
+    from addon.guard import CredentialRedactor
+    flow = make_flow()
+    redactor = CredentialRedactor()
+    redactor.requestheaders(flow)
+    flow.request.trailers = credential_trailers()
+    redactor.request(flow)
+    assert URL_KEY[10:].encode() not in saved_bytes(flow) and UPSTREAM_TOKEN.encode() not in saved_bytes(flow)
