@@ -287,6 +287,7 @@ class Admission:
         gw = self.gw
         assert gw.config is not None
         fields = redaction.reveal_forwarded_credentials(flow.request.headers.items(multi=True), wrapped)
+        call.wrapped = wrapped
         aim(flow.request, to)
         body = flow.request.raw_content or b""
         # Trailer fields (HTTP/2; HTTP/1 ones are dropped as read, compat) are nothing the meter checked, and

@@ -72,6 +72,9 @@ class Call:
     idempotency: idempotency.Claim | None = None  # this call's claim on its Idempotency-Key
     forwarded: float | None = None  # monotonic time the call left for the upstream
     probe: bool = False  # holds its half-open circuit's probe slot, under its request id (circuits.py)
+    # The credentials the consumer wrapped for the upstream (X-Forward-Authorization...), on the wire only:
+    # an answer field repeating one is dropped (gateway._drop_upstream_fields).
+    wrapped: list[str] = field(default_factory=list, repr=False)
     # Its flow (the `flow` property), set when forwarded: a stop settles it. Weak: a held call
     # (deferred.py) outlives its flow's hooks, and must not keep the flow and its bodies alive.
     flow_ref: weakref.ReferenceType[http.HTTPFlow] | None = field(default=None, repr=False)

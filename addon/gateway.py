@@ -535,12 +535,13 @@ class Mcpmeter:
 
 def _drop_upstream_fields(headers: http.Headers, call: Call) -> None:
     """What an upstream may not say in its answer's header or trailer fields: X-Mcpmeter-* (only the
-    gateway says those), and a field repeating one of the publisher's upstream header values."""
+    gateway says those), and a field repeating one of the publisher's upstream header values or of the
+    credentials the consumer wrapped for the upstream (both are on the wire only)."""
     redaction.drop_gateway_headers(headers)
-    if call.listing is not None and (
-            echoed := redaction.drop_echoed_secrets(headers, call.listing.upstream_headers.values())):
-        log.warning("mcpmeter: %s: the upstream's %s repeated a publisher header value; dropped",
-                    call.request_id, ", ".join(echoed))
+    secrets = [*(call.listing.upstream_headers.values() if call.listing is not None else ()), *call.wrapped]
+    if echoed := redaction.drop_echoed_secrets(headers, secrets):
+        log.warning("mcpmeter: %s: the upstream's %s repeated a publisher header value or a wrapped credential; "
+                    "dropped", call.request_id, ", ".join(echoed))
 
 
 # requestheaders -> request: the consumer's credential and the values of the credentials it wraps for

@@ -332,3 +332,24 @@ def test_the_guards_redactor_takes_a_key_from_request_trailers() -> None:
     flow.request.trailers = credential_trailers()
     redactor.request(flow)
     assert URL_KEY[10:].encode() not in saved_bytes(flow) and UPSTREAM_TOKEN.encode() not in saved_bytes(flow)
+
+
+@pytest.mark.parametrize("sse", [False, True], ids=["json", "sse"])
+async def test_an_upstream_echoing_a_wrapped_credential_does_not_save_it(gw: Gw, sse: bool) -> None:
+    """A credential the consumer wraps for the upstream is on the wire only, like a publisher header; an
+    upstream (a debugging echo, an error page) that repeats it in an answer header put it in the flow
+    mitmweb shows and `-w` saves. Those fields are dropped, as for a publisher's secret."""
+    flow = make_flow(headers=wrapped())
+    gw.addon.requestheaders(flow)
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    echoes = {"X-Echo-Authorization": f"Bearer {UPSTREAM_TOKEN}", "X-Echo-Cookie": COOKIE, "X-Kept": "fine"}
+    if sse:
+        flow.response = http.Response.make(200, b"", {"Content-Type": "text/event-stream", **echoes})
+        await gw.addon.responseheaders(flow)
+    else:
+        answer = json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}, headers=echoes)
+        await upstream_answers(gw, flow, answer)
+    assert flow.response is not None and flow.response.headers["X-Kept"] == "fine"
+    assert "x-echo-authorization" not in flow.response.headers and "x-echo-cookie" not in flow.response.headers
+    assert UPSTREAM_TOKEN.encode() not in saved_bytes(flow) and b"cookie-value-456" not in saved_bytes(flow)
