@@ -115,9 +115,11 @@ def _valid_port(digits: str) -> bool:
 
 
 # Answer headers naming a URL. Location, Content-Location and Refresh reach the client only as a route
-# back into the listing; a Link field naming the upstream's host or a URL's credentials is dropped.
+# back into the listing; a Link or WWW-Authenticate field naming the upstream's host or a URL's credentials
+# is dropped (MCP clients fetch a challenge's resource_metadata URL).
 ROUTED = ("location", "content-location")
-LINKING = frozenset({b"location", b"content-location", b"refresh", b"link"})
+NAMING = ("link", "www-authenticate")
+LINKING = frozenset({b"location", b"content-location", b"refresh", *(name.encode() for name in NAMING)})
 # `<delay>[;|,|space] [url=]<url>`, as browsers read it (HTML's "shared declarative refresh steps").
 _REFRESH = re.compile(r"\s*(\d[\d.]*)(?:[;,\s]\s*[;,]?\s*(?:url\s*=\s*)?(.*))?\Z", re.IGNORECASE | re.DOTALL)
 _AUTHORITY = re.compile(r"//([^/?#\s<>\"',;]*)")  # of every absolute or scheme-relative URL in a field
@@ -138,7 +140,8 @@ def client_links(headers: Headers, request_url: str, upstream_url: str, transpor
     names the upstream (its address, perhaps credentials) or, being relative, another route of the
     gateway, which the MCP SDKs follow within its origin with the same key and body (another listing
     would run the call and bill it). A Link field is dropped when a URL in it names the upstream's host
-    or carries credentials (user:pw@); other Links (relative, other hosts) pass, as clients rarely follow them."""
+    or carries credentials (user:pw@); other Links (relative, other hosts) pass, as clients rarely follow them.
+    So is a WWW-Authenticate challenge (an upstream's own 401): MCP clients fetch its resource_metadata URL."""
     def route(url: str) -> str | None:
         try:
             return paths.gateway_route(urljoin(request_url, url.strip()), upstream_url, transport, slug)
@@ -159,14 +162,15 @@ def client_links(headers: Headers, request_url: str, upstream_url: str, transpor
             elif (r := route(url)) is not None:
                 kept.append(f"{m.group(1)}; url={r}")
         headers.set_all("refresh", kept)
-    if "link" in headers:
+    if naming := [name for name in NAMING if name in headers]:
         try:
             upstream_host = (paths.split_upstream(upstream_url).hostname or "").lower()
         except paths.InvalidPath:  # not forwarded to (forwarding.destination refuses it): nothing to hide
             upstream_host = ""
-        headers.set_all("link", [value for value in headers.get_all("link")
-                                 if not any(_names(authority, upstream_host)
-                                            for authority in _AUTHORITY.findall(value))])
+        for name in naming:
+            headers.set_all(name, [value for value in headers.get_all(name)
+                                   if not any(_names(authority, upstream_host)
+                                              for authority in _AUTHORITY.findall(value))])
 
 
 def _names(authority: str, upstream_host: str) -> bool:

@@ -353,3 +353,26 @@ async def test_an_upstream_echoing_a_wrapped_credential_does_not_save_it(gw: Gw,
     assert flow.response is not None and flow.response.headers["X-Kept"] == "fine"
     assert "x-echo-authorization" not in flow.response.headers and "x-echo-cookie" not in flow.response.headers
     assert UPSTREAM_TOKEN.encode() not in saved_bytes(flow) and b"cookie-value-456" not in saved_bytes(flow)
+
+
+async def test_an_upstream_challenge_naming_the_upstream_is_dropped(gw: Gw) -> None:
+    """An upstream that wants OAuth of its own (the publisher's header expired, say) answers 401 with a
+    WWW-Authenticate whose resource_metadata names its own address: MCP clients fetch that URL, straight
+    from the upstream. A challenge naming the upstream's host (any port) or a URL's credentials is dropped,
+    as a Link is; others pass. The 401 itself passes, unbilled."""
+    challenges = [
+        'Bearer resource_metadata="http://127.0.0.1:1/.well-known/oauth-protected-resource"',
+        'Bearer error="invalid_token", error_uri="https://127.0.0.1:8443/errors"',
+        'Basic realm="x", Bearer resource_metadata="https://u:pw@auth.example/m"',
+        'Bearer realm="upstream", error="invalid_token"',
+        'Bearer resource_metadata="https://auth.example/.well-known/oauth-protected-resource"',
+    ]
+    flow = make_flow()
+    await gw.addon.request(flow)
+    answer = json_response({"error": "unauthorized"}, status=401)
+    for challenge in challenges:
+        answer.headers.add("WWW-Authenticate", challenge)
+    await upstream_answers(gw, flow, answer)
+    assert flow.response is not None and flow.response.status_code == 401
+    assert flow.response.headers.get_all("www-authenticate") == challenges[-2:]
+    gw.db.assert_reconciled()
