@@ -389,7 +389,7 @@ class Mcpmeter:
                 assert self.cache is not None
                 await self.cache.bind_session(session, call.consumer.principal)
             if media_type(flow.response.headers.get("content-type")) == SSE:  # as the SDKs tell it
-                if self.streams.refuse_unreadable(flow, call):
+                if self.streams.refuse_unreadable(flow, call) or self.streams.refuse_legacy_post(flow, call):
                     return
                 await self.streams.attach(flow, call)  # the meter reads the stream as it passes
                 if call.priced is None:

@@ -228,9 +228,23 @@ class StreamWatch:
             return False  # nothing to withhold there: read through StreamDecoder as it passes
         log.warning("mcpmeter: a compressed event stream of %s refused: its events could not be withheld",
                     call.request_id)
-        call.failure = Failure.UPSTREAM
-        compat.abort_upstream(flow)
-        flow.kill()
+        _refuse_stream(flow, call)
+        return True
+
+    def refuse_legacy_post(self, flow: http.HTTPFlow, call: Call) -> bool:
+        """A priced POST of a legacy (`sse`) listing answered with an event stream. That is not the legacy
+        transport (its POSTs are answered 202, their answers come on the session's GET stream) but, say,
+        streamable HTTP served beside it in the listing's directory (/sse, /messages and /mcp on one
+        server): its events would pass the endpoint rewriter as a stream's events before its endpoint,
+        settling nothing (the call refunded, its result delivered), and a GET naming one of their ids
+        would replay it where no answer is watched for. Refused at its head as a compressed stream is:
+        nothing of it is sent, the upstream is closed, 502 `upstream_failed`, refunded. True if refused."""
+        if (call.priced is None or call.listing is None or call.listing.transport is not Transport.SSE
+                or flow.request.method != "POST"):
+            return False
+        log.warning("mcpmeter: the event stream answering legacy SSE POST %s refused: its answers come on "
+                    "the session's stream", call.request_id)
+        _refuse_stream(flow, call)
         return True
 
     # --- deadlines ------------------------------------------------------------------------
@@ -406,6 +420,13 @@ class StreamWatch:
             call.unread = True  # delivered all the same: see billing.decide
             return None
         return None if body is None else read_answer(body)
+
+
+def _refuse_stream(flow: http.HTTPFlow, call: Call) -> None:
+    """An event stream refused at its head: the error hook answers 502 `upstream_failed`, its call refunded."""
+    call.failure = Failure.UPSTREAM
+    compat.abort_upstream(flow)
+    flow.kill()
 
 
 def unframe(flow: http.HTTPFlow) -> None:

@@ -1,0 +1,71 @@
+"""Adversarial review: the legacy HTTP+SSE transport (2024-11-05) and shadow mode, through the hooks.
+
+Same harness as tests/test_confinement_hooks.py (taddons/tflow, the embedded SQLite store).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from addon import compat
+from tests.test_blanking_hooks import proxied
+from tests.test_confinement_hooks import (  # noqa: F401  (isolated: an autouse fixture)
+    OPENING, PRICE, Gw, _gw, isolated, make_flow, open_session, post, settled, sse_response,
+)
+from tests.test_gateway_hooks import rpc, upstream_fails
+from tests.test_pending_hooks import usage_reasons
+
+pytestmark = pytest.mark.timeout(30)
+
+ANSWER = b'event: message\ndata: {"jsonrpc": "2.0", "id": 1, "result": {"content": []}}\n\n'
+
+
+@pytest.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[Gw]:
+    async for g in _gw(tmp_path):
+        yield g
+
+
+# --- a POST answered with an event stream (a server that also serves streamable HTTP beside /sse) -----
+
+@pytest.mark.parametrize("route", [
+    "/legacy-one/mcp?sessionId=abc",  # the owner's own session id, on the streamable endpoint beside /sse
+    "/legacy-one/messages/?session_id=abc",  # the session's own route
+    "/legacy-one",  # the listing URL itself: no session to own
+])
+async def test_a_priced_post_answered_with_an_event_stream_is_refused_not_delivered_free(gw: Gw, route: str) -> None:
+    """A server serving streamable HTTP beside its legacy endpoints (the TypeScript SDK's backwards-compatible
+    server: /sse, /messages and /mcp on one app) answers a POST on its own event stream. It passed the endpoint
+    rewriter as events before an endpoint, settling nothing: delivered, then refunded as unanswered. Now
+    nothing of it is sent: 502, refunded, the upstream closed."""
+    await open_session(gw)
+    flow = await post(gw, route)
+    assert flow.response is None and gw.db.balance(1) == OPENING - PRICE
+    handler = proxied(gw, flow)
+    flow.response = sse_response()
+    await gw.addon.responseheaders(flow)
+    assert handler.closed == [flow.server_conn] and flow.error is not None
+    assert not callable(flow.response.stream)  # nothing of it goes out
+    await upstream_fails(gw, flow, "Connection killed.")
+    answer, _ = compat._pending[flow.client_conn.id].split(b"\r\n\r\n", 1)
+    assert b" 502 " in answer.split(b"\r\n")[0]
+    compat.forget(flow)
+    await gw.addon.drain()
+    await settled(gw)
+    assert usage_reasons(gw) == [(502, 1, "upstream_failed")] and gw.db.balance(1) == OPENING
+    assert gw.addon.legacy.awaiting == {}
+    gw.db.assert_reconciled()
+
+
+async def test_an_unpriced_post_answered_with_an_event_stream_still_passes(gw: Gw) -> None:
+    """Only a priced call's stream is refused: an initialize or a tools/list there costs nothing."""
+    await open_session(gw)
+    listed = b'event: message\ndata: {"jsonrpc": "2.0", "id": 5, "result": {"tools": []}}\n\n'
+    flow = make_flow("/legacy-one/mcp?sessionId=abc", body=rpc("tools/list", 5))
+    await gw.addon.request(flow)
+    flow.response = sse_response()
+    await gw.addon.responseheaders(flow)
+    assert flow.error is None and flow.response.stream(listed) == [listed]
