@@ -31,6 +31,7 @@ _HEX2 = re.compile(r"[0-9A-Fa-f]{2}\Z")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _FORBIDDEN_ESCAPES = {"2f", "5c"}  # `/` and `\`: one segment to the gateway, two to many servers
 SESSION_PARAMS = ("sessionId", "session_id")  # TypeScript SDK, Python SDK
+_NOT_ALNUM = re.compile(r"[^0-9a-z]")
 
 
 class InvalidPath(ValueError):
@@ -169,9 +170,18 @@ def session_identity(subpath: str, query: str) -> str:
     when the session id is given more than once: the upstream could read another one.
     """
     pairs = parse_qsl(query, keep_blank_values=True)
-    ids = [value for name, value in pairs if name in SESSION_PARAMS]
+    ids = [value for name, value in pairs if name in SESSION_PARAMS or _names_session_id(name)]
     if len(ids) > 1:
         raise InvalidPath("the session id is given more than once")
     if ids:
         return f"session={ids[0]}"
     return f"route=/{subpath}?{sorted(pairs)!r}"
+
+
+def _names_session_id(name: str) -> bool:
+    """Whether a server may read the query parameter `name` (decoded) as its session id: `sessionId` or
+    `session_id` in any case (ASP.NET Core, under the C# SDK, looks names up ignoring case), with other
+    separators (PHP reads `session.id` and `session id` as `session_id`), or as an array (`sessionId[]=x`
+    in Express's qs, PHP, Rack; a JavaScript object indexed with ['x'] reads key 'x'). Given beside the
+    session id the meter reads, the upstream could run the call in another session."""
+    return any(_NOT_ALNUM.sub("", form.upper().lower()) == "sessionid" for form in (name, name.partition("[")[0]))

@@ -13,7 +13,7 @@ import pytest
 from addon import compat
 from tests.test_blanking_hooks import proxied
 from tests.test_confinement_hooks import (  # noqa: F401  (isolated: an autouse fixture)
-    OPENING, PRICE, Gw, _gw, isolated, make_flow, open_session, post, settled, sse_response,
+    OPENING, PRICE, Gw, _gw, error_of, isolated, make_flow, open_session, post, settled, sse_response,
 )
 from tests.test_gateway_hooks import rpc, upstream_fails
 from tests.test_pending_hooks import usage_reasons
@@ -69,3 +69,31 @@ async def test_an_unpriced_post_answered_with_an_event_stream_still_passes(gw: G
     flow.response = sse_response()
     await gw.addon.responseheaders(flow)
     assert flow.error is None and flow.response.stream(listed) == [listed]
+
+
+# --- a session id a server reads under another spelling of its parameter's name ------------------------
+
+@pytest.mark.parametrize("other", [
+    "SessionId=abc",  # ASP.NET Core (the C# SDK's SseHandler reads `sessionId`) looks names up ignoring case
+    "sessionid=abc", "SESSION_ID=abc",
+    "sessionId[]=abc",  # Express's qs, PHP, Rack: an array; transports[['abc']] is transports['abc'] in JS
+    "sessionId%5B0%5D=abc",
+    "session.id=abc", "session+id=abc",  # PHP reads both as `session_id`
+])
+async def test_a_second_session_id_under_another_name_is_refused(gw: Gw, other: str) -> None:
+    """The owner of two sessions names one to the meter and the other to the upstream: its call would run
+    in session abc, answered on abc's stream, where nothing awaits it (delivered), while the meter awaits
+    it in xyz and refunds it at the timeout. Another key could post into a session it does not own."""
+    await open_session(gw, "abc")
+    await open_session(gw, "xyz")
+    flow = await post(gw, f"/legacy-one/messages/?session_id=xyz&{other}")
+    assert flow.response is not None and flow.response.status_code == 400, "forwarded"
+    assert error_of(flow) == "invalid_request"
+    assert gw.db.balance(1) == OPENING and gw.db.journal() == []
+
+
+@pytest.mark.parametrize("other", ["x=1", "sessions=2", "session=3", "id=4", "session_idx=5"])
+async def test_other_parameters_beside_the_session_id_still_pass(gw: Gw, other: str) -> None:
+    await open_session(gw, "xyz")
+    flow = await post(gw, f"/legacy-one/messages/?session_id=xyz&{other}")
+    assert flow.response is None and gw.db.balance(1) == OPENING - PRICE
