@@ -5,6 +5,7 @@ Same harness as tests/test_confinement_hooks.py (taddons/tflow, the embedded SQL
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import pytest
 from addon import compat
 from tests.test_blanking_hooks import proxied
 from tests.test_confinement_hooks import (  # noqa: F401  (isolated: an autouse fixture)
-    OPENING, PRICE, Gw, _gw, error_of, isolated, make_flow, open_session, post, settled, sse_response,
+    BLANKED, OPENING, PRICE, Gw, _gw, accepted, error_of, isolated, make_flow, open_session, post, settled,
+    sse_response,
 )
 from tests.test_gateway_hooks import rpc, upstream_fails
 from tests.test_pending_hooks import usage_reasons
@@ -97,3 +99,34 @@ async def test_other_parameters_beside_the_session_id_still_pass(gw: Gw, other: 
     await open_session(gw, "xyz")
     flow = await post(gw, f"/legacy-one/messages/?session_id=xyz&{other}")
     assert flow.response is None and gw.db.balance(1) == OPENING - PRICE
+
+
+# --- shadow mode on a legacy listing ----------------------------------------------------------------------
+
+@pytest.fixture
+async def gw_shadow(tmp_path: Path) -> AsyncIterator[Gw]:
+    async for g in _gw(tmp_path, shadow_listings=["legacy-one"]):
+        yield g
+
+
+async def test_a_shadow_legacy_session_moves_no_money_and_records_what_it_would_have(gw_shadow: Gw) -> None:
+    """Answered, refunded at its timeout, failed by the stream's end: recorded at 0, no ledger row, reconciled."""
+    gw = gw_shadow
+    ledger = gw.db.ledger(1)
+    stream = await open_session(gw)
+    calls = [await post(gw, "/legacy-one/messages/?session_id=abc", rpc_id=i) for i in (1, 2, 3)]
+    for flow in calls:
+        assert flow.response is None
+        await accepted(gw, flow)
+    assert stream.response.stream(ANSWER) == [ANSWER]  # call 1 answered
+    await asyncio.sleep(1.3)  # call 2 and 3 past the listing's timeout
+    await settled(gw)
+    late = ANSWER.replace(b'"id": 1', b'"id": 2')
+    assert stream.response.stream(late) == [BLANKED]  # a refunded call's answer is withheld in shadow mode too
+    stream.response.stream(b"")
+    await gw.addon.drain()
+    await settled(gw)
+    assert gw.db.balance(1) == OPENING and gw.db.ledger(1) == ledger
+    assert [r["billed_micro_cents"] for r in gw.db.usage()] == [0, 0, 0]
+    assert sorted(why for *_, why in usage_reasons(gw)) == ["shadow:debited", "shadow:refunded", "shadow:refunded"]
+    gw.db.assert_reconciled()
