@@ -31,7 +31,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mcpmeter")
 
-SETTLE_ATTEMPTS = 5
+# The waits between a settlement's attempts. After a failed connect the MySQL store refuses at once for
+# DOWN_FOR (1 s, mysql_conn.py): the last wait is longer, so a cut shorter than the retries is outlasted
+# (retries that all fell within that window never reached the database, and the call went to the sweeper).
+SETTLE_BACKOFF = (0.05, 0.1, 0.2, 0.4, 1.2)
+SETTLE_ATTEMPTS = len(SETTLE_BACKOFF) + 1
 # Stores closed (a config reload retired them, or their meter stopped), for every meter of the process:
 # a held call (deferred.py) outlives the meter that charged it across a script reload.
 _closed: weakref.WeakSet[Store] = weakref.WeakSet()
@@ -246,7 +250,7 @@ class Settlements:
                     # unsettled: nothing is lost, the refund or usage row waits for reconciliation.
                     log.error("mcpmeter: could not settle %s (%s): %s", call.request_id, decided.reason, e)
                     return
-                await asyncio.sleep(0.05 * 2**attempt)
+                await asyncio.sleep(SETTLE_BACKOFF[attempt])
         call.refunded = decided.refund
         if decided.refund and call.charged.verdict is Verdict.FREE:  # the slot came back
             gw.free_used.pop((call.listing.id, call.consumer.user_id, call.charge.month), None)
