@@ -6,10 +6,13 @@ BEGIN EXCLUSIVE) or from a TCP relay switched off. Every case ends with `reconci
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import secrets
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,14 +24,33 @@ from mitmproxy.test import taddons
 
 from addon.config import Config, MysqlSettings
 from addon.gateway import Mcpmeter
-from addon.model import Verdict
+from addon.model import Settlement, Verdict
 from addon.store.base import StoreUnavailable
 from addon.store.mysql import MysqlStore
 
 from .dbutil import SCHEMA, Relay, connect, require_server, scratch_database
-from .test_mysql_loop import mysql  # noqa: F401  (a fixture: a scratch database, pool_size 4)
-from .test_gateway_hooks import isolated, json_response, make_flow, upstream_answers  # noqa: F401  (isolated: a fixture)
-from .test_store_contract import FEE_BPS, MysqlBackend, _prepare, add_consumer, add_listing, call, outcome, reconcile
+from .test_mysql_loop import hold_row, mysql, server_done, store_of  # noqa: F401  (mysql: a fixture, pool_size 4)
+from .test_gateway_hooks import (  # noqa: F401  (gw, isolated: fixtures)
+    Gw,
+    forwarded,
+    gw,
+    isolated,
+    json_response,
+    make_flow,
+    upstream_answers,
+    upstream_fails,
+)
+from .test_store_contract import (
+    FEE_BPS,
+    MysqlBackend,
+    Who,
+    _prepare,
+    add_consumer,
+    add_listing,
+    call,
+    outcome,
+    reconcile,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -153,3 +175,261 @@ async def test_a_read_only_server_refuses_calls_and_nothing_is_lost_once_it_is_w
             store.close()
     assert mysql.value("SELECT credit_micro_cents FROM users WHERE id = 1") == 9 * PRICE
     reconcile(mysql)
+
+
+# --- connections killed mid-transaction, locks held past the timeout -------------------------------------
+
+
+async def waiting_on_lock(db: MysqlBackend, statement: str) -> int:
+    """The id of the connection whose statement (its text starts with `statement`: a procedure's shows
+    the statement it runs) waits on a lock in the test database."""
+    for _ in range(250):
+        rows = db.rows("SELECT ID FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND COMMAND = 'Query'"
+                       " AND ID <> CONNECTION_ID() AND INFO LIKE %s AND TIME_MS > 50", (statement + "%",))
+        if rows:
+            return int(rows[0][0])
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no statement {statement!r} waits on a lock")
+
+
+def kill(db: MysqlBackend, connection_id: int) -> None:
+    admin(f"KILL CONNECTION {connection_id}")
+
+
+async def killed_while_waiting(db: MysqlBackend, table: str, key: str, value: object, statement: str,
+                               work: Any) -> Any:
+    """Run `work` while another session holds a row it needs; KILL its connection once its
+    `statement` waits on that row, then let the row go. Returns what `work` returned."""
+    holder = hold_row(db, table, key, value)
+    try:
+        task = asyncio.ensure_future(work)
+        kill(db, await waiting_on_lock(db, statement))
+        await asyncio.sleep(0.2)  # the store finds its connection dead and runs the work again: it waits
+    finally:
+        holder.commit()
+        holder.close()
+    result = await task
+    await server_done(db)
+    return result
+
+
+async def billed_settlements(db: MysqlBackend, store: MysqlStore, n: int) -> tuple[Who, list[Settlement]]:
+    """User 1 and their `n` charged calls' billed settlements (batchable: no balance needed)."""
+    who = add_consumer(db, 1, credit=100 * PRICE)
+    add_listing(db, 10, "w", price=PRICE)
+    out = []
+    for _ in range(n):
+        req = call(who, 10, PRICE)
+        taken = await store.charge(req)
+        assert taken.verdict is Verdict.DEBITED
+        out.append(dataclasses.replace(outcome(req, who), taken=taken, need_balance=False))
+    return who, out
+
+
+async def test_a_charge_batch_killed_mid_way_is_run_again_and_charges_each_once(
+        mysql: MysqlBackend) -> None:  # noqa: F811
+    """The batch's third CALL waits on user 3's row when its connection is killed: the server rolls the
+    first two back, and the batch runs again whole on a new connection. Each charge lands once."""
+    users = [add_consumer(mysql, u, credit=10 * PRICE) for u in (1, 2, 3)]
+    add_listing(mysql, 10, "w", price=PRICE, free=1)
+    store = store_of(mysql)
+    await store.charge(call(users[0], 10, 0))  # a pooled connection: the batch goes on it
+    reqs = [call(who, 10, PRICE, free=1) for who in users for _ in range(2)]
+    # (User 3's free call waits first: its balance is read under a shared lock.)
+    results = await killed_while_waiting(mysql, "users", "id", 3, "", store.charge_batch(reqs))
+    assert [r.verdict for r in results] == [Verdict.FREE, Verdict.DEBITED] * 3
+    assert mysql.rows("SELECT user_id, COUNT(*) FROM credit_transactions WHERE type = 'usage'"
+                      " GROUP BY user_id ORDER BY user_id") == [(1, 1), (2, 1), (3, 1)]
+    assert mysql.value("SELECT COUNT(*) FROM mcpmeter_calls") == 7
+    assert await store.sweep(-2, FEE_BPS) == 7
+    reconcile(mysql)
+
+
+async def test_a_billed_batch_killed_before_its_commit_is_written_once(mysql: MysqlBackend) -> None:  # noqa: F811
+    """The batch's writes wait on the consumer's usage row when the connection is killed: rolled back,
+    run again, every call billed once with one usage row, none counted twice."""
+    store = store_of(mysql)
+    _, jobs = await billed_settlements(mysql, store, 5)
+    await store.settle(jobs[0])  # the usage row exists
+    done = await killed_while_waiting(mysql, "mcp_consumer_usage", "user_id", 1, "INSERT INTO mcp_consumer_usage",
+                                      store.settle_billed(jobs[1:]))
+    assert done == [True] * 4
+    for s in jobs:  # settled again (a retry, a second gateway): nothing changes
+        assert await store.settle(s) is None
+    assert mysql.rows("SELECT COUNT(*), SUM(billed_micro_cents) FROM usage_events") == [(5, 5 * PRICE)]
+    assert mysql.value("SELECT billable_calls FROM mcp_consumer_usage WHERE user_id = 1") == 5
+    reconcile(mysql)
+
+
+async def test_a_refund_killed_mid_way_is_refunded_once(mysql: MysqlBackend) -> None:  # noqa: F811
+    store = store_of(mysql)
+    who = add_consumer(mysql, 1, credit=10 * PRICE)
+    add_listing(mysql, 10, "w", price=PRICE)
+    req = call(who, 10, PRICE)
+    taken = await store.charge(req)
+    refund = dataclasses.replace(outcome(req, who, refund=True, status=502), taken=taken)
+    # The settlement's refund waits on the consumer's row (the flip before it is rolled back with it).
+    assert await killed_while_waiting(mysql, "users", "id", 1, "UPDATE users", store.settle(refund)) == 10 * PRICE
+    assert await store.settle(refund) == 10 * PRICE
+    assert mysql.rows("SELECT type FROM credit_transactions WHERE request_id = %s ORDER BY id",
+                      (req.request_id,)) == [("usage",), ("refund",)]
+    reconcile(mysql)
+
+
+async def test_a_sweep_killed_mid_way_refunds_each_call_once(mysql: MysqlBackend) -> None:  # noqa: F811
+    store = store_of(mysql)
+    who = add_consumer(mysql, 1, credit=10 * PRICE)
+    add_listing(mysql, 10, "w", price=PRICE)
+    for _ in range(3):
+        await store.charge(call(who, 10, PRICE))
+    await store.balance(1)  # a worker's pooled connection: the sweep's refund runs again on a new one
+    assert await killed_while_waiting(mysql, "users", "id", 1, "UPDATE users", store.sweep(-2, FEE_BPS)) == 3
+    assert await store.sweep(-2, FEE_BPS) == 0
+    assert mysql.value("SELECT credit_micro_cents FROM users WHERE id = 1") == 10 * PRICE
+    reconcile(mysql)
+
+
+async def test_batches_past_the_lock_wait_timeout_run_again_exactly(mysql: MysqlBackend) -> None:  # noqa: F811
+    """A row held past the 2 s lock wait timeout, mid-batch: InnoDB rolls back only the statement that
+    waited, the store the rest, and the batch runs again from the start; nothing lands twice."""
+    store = store_of(mysql)
+    who, jobs = await billed_settlements(mysql, store, 5)
+    other = add_consumer(mysql, 2, credit=10 * PRICE)
+    await store.settle(jobs[0])
+    holder = hold_row(mysql, "mcp_consumer_usage", "user_id", 1)
+    try:
+        billed = asyncio.ensure_future(store.settle_billed(jobs[1:]))
+        # A charge batch whose second user's row is held: user 1's charges are in, user 2's waits.
+        second = hold_row(mysql, "users", "id", other.user_id)
+        try:
+            charges = asyncio.ensure_future(store.charge_batch(
+                [call(who, 10, PRICE), call(other, 10, PRICE)]))
+            await asyncio.sleep(2.5)  # past one lock wait timeout
+        finally:
+            second.commit()
+            second.close()
+    finally:
+        holder.commit()
+        holder.close()
+    assert await billed == [True] * 4
+    assert [r.verdict for r in await charges] == [Verdict.DEBITED] * 2
+    assert store.retries >= 2
+    assert mysql.rows("SELECT COUNT(*), SUM(billed_micro_cents) FROM usage_events") == [(5, 5 * PRICE)]
+    assert mysql.value("SELECT billable_calls FROM mcp_consumer_usage WHERE user_id = 1") == 5
+    assert mysql.value("SELECT COUNT(*) FROM credit_transactions WHERE type = 'usage'") == 7
+    assert await store.sweep(-2, FEE_BPS) == 2
+    reconcile(mysql)
+
+
+# --- two sweepers, and settlements after the sweep ---------------------------------------------------
+
+
+async def test_two_gateways_sweeping_the_same_calls_refund_each_once(mysql: MysqlBackend) -> None:  # noqa: F811
+    """Both sweepers list the same stale calls and queue on the consumer's row: whichever refunds a call
+    first settles it, the other's flip then matches nothing."""
+    who = add_consumer(mysql, 1, credit=10 * PRICE)
+    add_listing(mysql, 10, "w", price=PRICE, free=2)
+    a, b = store_of(mysql), mysql.open_store()
+    reqs = [call(who, 10, PRICE, free=2) for _ in range(6)]
+    for req in reqs:
+        assert (await a.charge(req)).accepted
+    holder = hold_row(mysql, "users", "id", 1)
+    try:
+        sweeps = asyncio.gather(a.sweep(-2, FEE_BPS), b.sweep(-2, FEE_BPS))
+        await asyncio.sleep(0.5)
+    finally:
+        holder.commit()
+        holder.close()
+    await sweeps
+    assert mysql.value("SELECT credit_micro_cents FROM users WHERE id = 1") == 10 * PRICE
+    assert mysql.value("SELECT COUNT(*) FROM credit_transactions WHERE type = 'refund'") == 4
+    assert mysql.value("SELECT free_calls_used FROM mcp_consumer_usage WHERE user_id = 1") == 0
+    assert mysql.value("SELECT COUNT(*) FROM usage_events") == 6
+    reconcile(mysql)
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["alone", "batched"])
+async def test_a_settlement_after_the_sweeper_refunded_its_call_changes_nothing(
+        mysql: MysqlBackend, background: bool) -> None:  # noqa: F811
+    """The sweeper refunded a call (its gateway seemed gone); its settlement comes after all, billed or
+    refunded, through the one-trip procedure or a batch: not billed again, not refunded twice."""
+    who = add_consumer(mysql, 1, credit=10 * PRICE)
+    add_listing(mysql, 10, "w", price=PRICE)
+    store = store_of(mysql)
+    reqs = [call(who, 10, PRICE) for _ in range(4)]
+    taken = [await store.charge(req) for req in reqs]
+    assert await mysql.open_store().sweep(-2, FEE_BPS) == 4
+    late = [dataclasses.replace(outcome(req, who, refund=refund, status=502 if refund else 200), taken=t,
+                                need_balance=not background, background=background)
+            for req, t, refund in zip(reqs, taken, (False, False, True, True), strict=True)]
+    await asyncio.gather(*(store.settle(s) for s in late))
+    assert mysql.value("SELECT credit_micro_cents FROM users WHERE id = 1") == 10 * PRICE
+    assert mysql.rows("SELECT refunded, reason FROM mcpmeter_calls GROUP BY refunded, reason") == [(1, "swept")]
+    assert mysql.rows("SELECT COUNT(*), SUM(billed_micro_cents) FROM usage_events") == [(4, 0)]
+    assert mysql.value("SELECT COUNT(*) FROM credit_transactions WHERE type = 'refund'") == 4
+    reconcile(mysql)
+
+
+# --- SQLite's file locked by another process ------------------------------------------------------------
+
+
+def lock_file(path: Path, seconds: float) -> threading.Thread:
+    """Another process's connection holding the database file's write lock (BEGIN EXCLUSIVE) for `seconds`."""
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN EXCLUSIVE")
+
+    def release() -> None:
+        time.sleep(seconds)
+        other.execute("COMMIT")
+        other.close()
+
+    thread = threading.Thread(target=release)
+    thread.start()
+    return thread
+
+
+RESULT = {"jsonrpc": "2.0", "id": 1, "result": {"content": []}}
+
+
+async def test_sqlite_locked_briefly_delays_a_call_and_loses_nothing(gw: Gw) -> None:  # noqa: F811
+    """Locked for less than the busy timeout (5 s): the charge waits for the lock, then the call goes."""
+    released = lock_file(gw.db.path, 1.0)
+    flow = make_flow()
+    await gw.addon.request(flow)
+    released.join()
+    assert forwarded(flow)
+    await upstream_answers(gw, flow, json_response(RESULT))
+    assert [(v, settled, refunded) for _, v, _, refunded, settled in gw.db.journal()] == [("debited", 1, 0)]
+    gw.db.assert_reconciled()
+
+
+async def test_sqlite_locked_past_the_busy_timeout_refuses_and_then_serves(gw: Gw) -> None:  # noqa: F811
+    """Locked past the busy timeout: the call is refused 503, never forwarded, nothing taken; once the
+    lock goes, the store serves again (no transaction was left open)."""
+    released = lock_file(gw.db.path, 6.0)
+    refused = make_flow()
+    await gw.addon.request(refused)
+    released.join()
+    assert refused.response is not None and refused.response.status_code == 503 and not forwarded(refused)
+    assert gw.db.journal() == [] and gw.db.balance(1) == 1_000_000
+    flow = make_flow()
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    await upstream_answers(gw, flow, json_response(RESULT))
+    assert gw.db.balance(1) == 1_000_000 - 1000
+    gw.db.assert_reconciled()
+
+
+async def test_sqlite_locked_while_a_refund_is_written_refunds_it_once(gw: Gw) -> None:  # noqa: F811
+    """Locked past the busy timeout while a failed call's refund is written: its first attempt fails,
+    a retry writes it once the lock goes."""
+    flow = make_flow()
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    released = lock_file(gw.db.path, 5.5)
+    await upstream_fails(gw, flow, "connection reset")
+    released.join()
+    await gw.addon.drain()
+    assert [(v, settled, refunded) for _, v, _, refunded, settled in gw.db.journal()] == [("debited", 1, 1)]
+    assert gw.db.balance(1) == 1_000_000
+    gw.db.assert_reconciled()
