@@ -326,7 +326,8 @@ async def test_batches_past_the_lock_wait_timeout_run_again_exactly(mysql: Mysql
 
 async def test_two_gateways_sweeping_the_same_calls_refund_each_once(mysql: MysqlBackend) -> None:  # noqa: F811
     """Both sweepers list the same stale calls and queue on the consumer's row: whichever refunds a call
-    first settles it, the other's flip then matches nothing."""
+    first settles it, the other's flip then matches nothing, and each reports only the calls it settled
+    (their log lines said every call twice)."""
     who = add_consumer(mysql, 1, credit=10 * PRICE)
     add_listing(mysql, 10, "w", price=PRICE, free=2)
     a, b = store_of(mysql), mysql.open_store()
@@ -340,7 +341,7 @@ async def test_two_gateways_sweeping_the_same_calls_refund_each_once(mysql: Mysq
     finally:
         holder.commit()
         holder.close()
-    await sweeps
+    assert sum(await sweeps) == 6
     assert mysql.value("SELECT credit_micro_cents FROM users WHERE id = 1") == 10 * PRICE
     assert mysql.value("SELECT COUNT(*) FROM credit_transactions WHERE type = 'refund'") == 4
     assert mysql.value("SELECT free_calls_used FROM mcp_consumer_usage WHERE user_id = 1") == 0

@@ -331,6 +331,11 @@ class Ledger:
 
         Returns the balance after, or None when `need_balance` is off.
         """
+        self.settle_once(s)
+        return self.balance(s.charge.user_id) if s.need_balance else None
+
+    def settle_once(self, s: Settlement) -> bool:
+        """`settle`, saying whether this settlement settled the call (False: settled before, or unknown)."""
         req, now = s.charge, utc()
         flip = ("UPDATE mcpmeter_calls SET settled_at = %s, refunded = %s, status = %s, reason = %s"
                 " WHERE request_id = %s AND settled_at IS NULL")
@@ -345,7 +350,7 @@ class Ledger:
                             (req.request_id,))
             verdict, amount = Verdict(row[0]), int(row[1])  # what was really taken, not what the caller thinks
         else:
-            return self.balance(req.user_id) if s.need_balance else None  # settled before, or unknown
+            return False  # settled before, or unknown
         billed = 0 if s.refund else amount
         if s.refund and verdict is Verdict.DEBITED and amount > 0:
             # A user deleted since the charge (the web app's ON DELETE CASCADE took their ledger too)
@@ -370,7 +375,7 @@ class Ledger:
             self._q("UPDATE api_keys SET last_used_at = %s WHERE id = %s", (now, s.key_id))
         elif s.token_id is not None and self.last_used.due("oauth_access_tokens", s.token_id):
             self._q("UPDATE oauth_access_tokens SET last_used_at = %s WHERE id = %s", (now, s.token_id))
-        return self.balance(req.user_id) if s.need_balance else None
+        return True
 
     def topup(self, user_id: int, amount: int, description: str) -> int:
         """Inside a transaction: credit and its `topup` row; UnknownUser (nothing written) for no such user."""
@@ -461,10 +466,11 @@ class Ledger:
         req = ChargeRequest(request_id=request_id, user_id=int(user_id), project_id=int(project_id),
                             listing_id=int(mcp_id), tool_name=str(tool), price=int(amount), free_allowance=0,
                             period=str(period))
-        self.settle(Settlement(charge=req, refund=refund, status=0, duration_ms=0,
-                               called_at=_epoch(created) or time.time(), key_id=None, token_id=None,
-                               client=None, user_agent=None, fee_bps=fee_bps, reason=reason))
-        return True
+        # Another gateway's sweeper may have settled it since the read above (it waited on that one's
+        # locks): only a call this one settled is counted.
+        return self.settle_once(Settlement(charge=req, refund=refund, status=0, duration_ms=0,
+                                           called_at=_epoch(created) or time.time(), key_id=None, token_id=None,
+                                           client=None, user_agent=None, fee_bps=fee_bps, reason=reason))
 
     def _journal(self, req: ChargeRequest, verdict: Verdict, amount: int, now: str) -> None:
         self._q(
