@@ -174,6 +174,16 @@ class Relay:
         self._listener: socket.socket | None = None
         self._socks: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._skip: int | None = None  # requests to let through before the one whose answer is lost
+        self._lose_next = False
+        self.lost = 0  # answers lost so far
+
+    def lose_answer(self, after: int = 0) -> None:
+        """The answer to the next request sent (on any connection) after `after` more never reaches the
+        client: the relay reads it to its end (the server ran the statements, COMMIT included, and
+        answered), then cuts that connection. What a network cut right after a COMMIT looks like."""
+        with self._lock:
+            self._skip, self._lose_next = after, False
 
     def start(self) -> None:
         listener = socket.socket()
@@ -201,6 +211,20 @@ class Relay:
                 pass
             s.close()
 
+    def _sent(self) -> None:
+        """A request goes to the server: the one whose answer is lost, or one more let through."""
+        with self._lock:
+            if self._skip == 0:
+                self._skip, self._lose_next = None, True
+            elif self._skip is not None:
+                self._skip -= 1
+
+    def _lose(self) -> bool:
+        with self._lock:
+            lose, self._lose_next = self._lose_next, False
+            self.lost += lose
+        return lose
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -215,13 +239,19 @@ class Relay:
             upstream.settimeout(None)
             with self._lock:
                 self._socks += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
         try:
             while data := src.recv(65536):
+                if not answers:
+                    self._sent()
+                elif self._lose():
+                    src.settimeout(0.3)
+                    while src.recv(65536):  # the rest of the answer, until the server is done
+                        pass
+                    break
                 dst.sendall(data)
         except OSError:
             pass

@@ -434,3 +434,101 @@ async def test_sqlite_locked_while_a_refund_is_written_refunds_it_once(gw: Gw) -
     assert [(v, settled, refunded) for _, v, _, refunded, settled in gw.db.journal()] == [("debited", 1, 1)]
     assert gw.db.balance(1) == 1_000_000
     gw.db.assert_reconciled()
+
+
+# --- the answer lost after the COMMIT (the outcome unknown to the client) ------------------------------
+
+
+@contextlib.contextmanager
+def gateway_behind(relay: Relay, settings: MysqlSettings, tmp_path: Path) -> Iterator[Mcpmeter]:
+    """A gateway (its hooks) whose MySQL connections all go through `relay`."""
+    config = tmp_path / "mcpmeter.yaml"
+    config.write_text(yaml.safe_dump({"store": "mysql", "mysql": {
+        "host": settings.host, "port": relay.port, "user": settings.user, "password": settings.password,
+        "database": settings.database, "pool_size": 2}}))
+    addon = Mcpmeter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, mcpmeter_config=str(config))
+        yield addon
+        addon.done()
+
+
+async def test_a_charge_whose_answer_is_lost_after_its_commit_is_forwarded_and_debited_once(
+        tmp_path: Path) -> None:
+    """The network cuts after the server committed the charge and answered: the gateway runs it again
+    on a new connection, which finds the committed charge and answers it. The call is forwarded (it
+    was paid for), debited once, billed once."""
+    with scratch_database(SCHEMA) as settings:
+        db = MysqlBackend(settings)
+        relay = Relay(settings)
+        relay.start()
+        try:
+            _prepare(db)
+            who = add_consumer(db, 1, credit=10 * PRICE)
+            add_listing(db, 10, "w", price=PRICE)
+            with gateway_behind(relay, settings, tmp_path) as addon:
+                flows = []
+                for lose in (False, True):  # the first call pools a connection and caches key and listing
+                    flow = make_flow("/w", token=who.key)
+                    if lose:
+                        relay.lose_answer()  # the charge's: the first statement this call sends
+                    await addon.request(flow)
+                    assert flow.response is None  # forwarded
+                    flows.append(flow)
+                assert relay.lost == 1
+                for flow in flows:
+                    await upstream_answers(SimpleNamespace(addon=addon), flow, json_response(RESULT))
+        finally:
+            relay.stop()
+        try:
+            assert db.value("SELECT COUNT(*) FROM credit_transactions WHERE type = 'usage'") == 2
+            assert db.rows("SELECT settled_at IS NOT NULL, refunded FROM mcpmeter_calls") == [(1, 0), (1, 0)]
+            assert db.rows("SELECT COUNT(*), SUM(billed_micro_cents) FROM usage_events") == [(2, 2 * PRICE)]
+            assert db.value("SELECT credit_micro_cents FROM users WHERE id = 1") == 8 * PRICE
+            reconcile(db)
+        finally:
+            db.close()
+
+
+@pytest.mark.parametrize("kind", ["billed", "refund", "billed batch", "charge batch"])
+async def test_work_whose_answer_is_lost_after_its_commit_lands_once(kind: str) -> None:
+    """A settlement (one CALL), a batch of billed settlements (two round trips) and a batch of charges
+    (one text of CALLs and a COMMIT), each answered by the server after its COMMIT, the answer lost:
+    run again on a new connection, they find their work done and do nothing twice."""
+    with scratch_database(SCHEMA) as settings:
+        db = MysqlBackend(settings)
+        relay = Relay(settings)
+        relay.start()
+        store = MysqlStore(Config(store="mysql", mysql=dataclasses.replace(settings, port=relay.port, pool_size=1)))
+        try:
+            _prepare(db)
+            who = add_consumer(db, 1, credit=10 * PRICE)
+            add_listing(db, 10, "w", price=PRICE)
+            reqs = [call(who, 10, PRICE) for _ in range(3)]
+            taken = [await store.charge(req) for req in reqs]  # the one loop connection, pooled
+            settles = [dataclasses.replace(outcome(req, who, refund=kind == "refund", status=502 if kind == "refund"
+                                                   else 200), taken=t, need_balance=False)
+                       for req, t in zip(reqs, taken, strict=True)]
+            relay.lose_answer(after=1 if kind == "billed batch" else 0)  # a billed batch: its second trip's
+            if kind == "charge batch":
+                again = [call(who, 10, PRICE) for _ in range(3)]
+                assert [r.verdict for r in await store.charge_batch(again)] == [Verdict.DEBITED] * 3
+                assert db.value("SELECT credit_micro_cents FROM users WHERE id = 1") == 4 * PRICE
+            elif kind == "billed batch":
+                assert await store.settle_billed(settles) == [False] * 3  # found settled: nothing written
+            else:
+                await store.settle(settles[0])
+            assert relay.lost == 1
+            for s in settles:  # (again, as a caller retrying would)
+                await store.settle(s)
+            assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL") == (
+                3 if kind == "charge batch" else 0)
+            await store.sweep(-2, FEE_BPS)
+            assert db.value("SELECT COUNT(*) FROM credit_transactions WHERE type = 'refund'") == (
+                3 if kind in ("refund", "charge batch") else 0)
+            assert db.value("SELECT COUNT(*) FROM usage_events") == db.value("SELECT COUNT(*) FROM mcpmeter_calls")
+            reconcile(db)
+        finally:
+            store.close()
+            relay.stop()
+            db.close()
