@@ -532,3 +532,32 @@ async def test_work_whose_answer_is_lost_after_its_commit_lands_once(kind: str) 
             store.close()
             relay.stop()
             db.close()
+
+
+async def test_a_charge_batch_chosen_as_a_deadlock_victim_runs_again_exactly(mysql: MysqlBackend) -> None:  # noqa: F811
+    """Another transaction, heavier (it wrote many rows), holds user 2's row and then asks for user 1's,
+    which the batch holds while it waits for user 2's: InnoDB rolls the lighter batch back whole (1213)
+    and the store runs it again once the other is done. Each charge lands once."""
+    users = [add_consumer(mysql, u, credit=10 * PRICE) for u in (1, 2)]
+    add_listing(mysql, 10, "w", price=PRICE)
+    store = store_of(mysql)
+    other = connect(mysql.db.settings)
+    other.autocommit(False)
+    try:
+        cur = other.cursor()
+        cur.executemany("INSERT INTO mcpmeter_project_spend (project_id, period_year_month, spent_micro_cents)"
+                        " VALUES (%s, '1999-01', 0)", [(n,) for n in range(1000, 1200)])  # its weight
+        cur.execute("SELECT id FROM users WHERE id = 2 FOR UPDATE")
+        charges = asyncio.ensure_future(store.charge_batch([call(who, 10, PRICE) for who in users]))
+        await waiting_on_lock(mysql, "UPDATE users")  # user 1 debited, user 2's row awaited
+        retries = store.retries
+        cur.execute("SELECT id FROM users WHERE id = 1 FOR UPDATE")  # the cycle: the batch is the victim
+        await asyncio.sleep(0.1)
+        other.rollback()
+    finally:
+        other.close()
+    assert [r.verdict for r in await charges] == [Verdict.DEBITED] * 2
+    assert store.retries == retries + 1
+    assert mysql.value("SELECT COUNT(*) FROM credit_transactions WHERE type = 'usage'") == 2
+    assert await store.sweep(-2, FEE_BPS) == 2
+    reconcile(mysql)
