@@ -40,7 +40,7 @@ from .errors import GatewayError
 from .jsonrpc import JsonId, Outcome, answer_messages
 from .scan import Message
 from .shares import Shares
-from .sse import SseParser
+from .sse import Event, SseParser
 
 log = logging.getLogger("mcpmeter")
 
@@ -425,6 +425,8 @@ class Deferred:
         if coding not in ("", "identity") or (facts is None and not self._watched(scope)
                                                and flow.request.method != "GET"):
             return
+        if call.rewriter is not None and flow.request.method == "GET":
+            return  # a legacy session's stream: read by legacy_sessions, in the session its endpoint names
         if facts is None:
             facts = self.facts[call] = Facts(scope)
         # The parser lives with the stream, not on Facts, which a held call keeps: what a stream cut off
@@ -441,18 +443,37 @@ class Deferred:
                 editor = call.editor if call.rewriter is None else None
                 admitted = len(editor.admit(events)) if editor is not None else len(events)  # (a first few)
                 for i, event in enumerate(events):
-                    delivered = i < admitted  # else cut there: no result settles by it
-                    if event.oversized:  # not held whole: what the scanner read of it
-                        if delivered:
-                            self._scanned_result(call, facts, event.messages)
-                    elif (facts.result_for is not None or _worth_reading(event.data)
-                          or (facts.rpc_id is None and self.asked)):  # perhaps a resumed tasks/result answer
-                        self._messages(call, facts, _loads(event.data), delivered)
+                    self._event(call, facts, event, delivered=i < admitted)  # else cut there: no result settles by it
             except Exception:
                 log.exception("mcpmeter: reading task and round messages of %s failed", call.request_id)
             return inner(chunk)
 
         response.stream = read
+
+    def watch_legacy(self, stream: Any, answered: Any, event: Event, scope: Scope) -> None:
+        """A message event delivered on a legacy session's stream (legacy_sessions.py), which carries the
+        answers to the session's POSTs: read as the answer of the POSTed call `answered` (its
+        CreateTaskResult or input_required), else as the stream's own messages, in the session's `scope`
+        (task statuses, the answers to the session's tasks/result requests), as a session's GET stream."""
+        facts = self.facts.get(answered) if answered is not None else None
+        call = answered
+        if facts is None:
+            call, facts = stream, self.facts.get(stream)
+            if facts is None:
+                facts = self.facts[stream] = Facts(scope)
+        try:
+            self._event(call, facts, event, delivered=True)
+        except Exception:
+            log.exception("mcpmeter: reading task and round messages of %s failed", call.request_id)
+
+    def _event(self, call: Any, facts: Facts, event: Event, delivered: bool) -> None:
+        """What one event of a stream says of tasks and rounds."""
+        if event.oversized:  # not held whole: what the scanner read of it
+            if delivered:
+                self._scanned_result(call, facts, event.messages)
+        elif (facts.result_for is not None or _worth_reading(event.data)
+              or (facts.rpc_id is None and self.asked)):  # perhaps a resumed tasks/result answer
+            self._messages(call, facts, _loads(event.data), delivered)
 
     def watch_body(self, call: Any, response: Any) -> None:
         """A buffered JSON answer, decoded with the meter's ceiling."""

@@ -8,6 +8,10 @@ A call refunded without its answer (its timeout, the meter's stop, an upstream f
 refunded marker for its session (addon/pending.py, scope (listing id, session identity)): an event
 answering its id that comes later on the session's stream goes out without its data lines
 (stream_edit.StreamEditor), and settles nothing. A new call under that id takes the id over.
+
+The stream's delivered message events are read for tasks and input_required rounds too (deferred.py),
+in the session's scope (listing, key, session identity): a POSTed call's CreateTaskResult or
+input_required answer holds it, and statuses and tasks/result answers settle it, as on streamable HTTP.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from . import budget, compat, paths
 from .billing import Failure
 from .call import Call, Wait, event_outcome
 from .errors import GatewayError
-from .jsonrpc import JsonId, answer_messages
+from .jsonrpc import JsonId, Outcome, answer_messages
 from .model import Transport
 from .pending import SessionKey
 from .sse import DEFAULT_MAX_EVENT_BYTES, Event
@@ -130,7 +134,7 @@ class LegacySessions:
                 if edited := stream.editor.feed(piece, events, stream.parser.pending_from):
                     sent.append(edited)
                 blanked = stream.editor.blanked
-                self._answer(stream.legacy_session, [e for e in events if not any(e is b for b in blanked)])
+                self._answer(stream, [e for e in events if not any(e is b for b in blanked)])
                 if stream.editor.severed:
                     self._sever(stream)
                     break
@@ -156,29 +160,43 @@ class LegacySessions:
                             hold_limit(max_event, blanking=True), lambda: pending.may_blank(scope),
                             budget.holding(config))
 
-    def _answer(self, session: str, events: list[Event]) -> None:
-        """Settle the calls these events answer (none sent out blanked: they answer a refunded call)."""
-        waiting = self.awaiting.get(session)
-        if not waiting:
-            return
+    def _answer(self, stream: Call, events: list[Event]) -> None:
+        """Settle the calls these events answer (none sent out blanked: they answer a refunded call), and
+        read them for tasks and rounds (deferred.py) as a streamable session's streams are read."""
+        session = stream.legacy_session
+        scope = ((stream.listing.id, stream.consumer.principal, session)  # (deferred.Scope) as its POSTs'
+                 if stream.listing is not None and stream.consumer is not None else None)
         for event in events:
             if event.event != "message":  # MCP clients ignore other event types: not an answer they get
                 continue
-            messages = (event.messages if event.oversized
-                        else answer_messages(event.data.encode("utf-8", "surrogatepass")))
-            ids = [m.id_value() for m in messages or () if not m.has_method]
-            rpc_id = next((i for i in ids if isinstance(i, (str, int, float)) and i in waiting), None)
-            if rpc_id is None:
+            answered = self._answered(session, event)
+            if scope is not None:  # before its settlement: a CreateTaskResult or input_required holds the call
+                self.gw.deferred.watch_legacy(stream, answered[1] if answered else None, event, scope)
+            if answered is None:
                 continue
-            flow, call = waiting[rpc_id][0]
-            assert call.priced is not None
-            if (outcome := event_outcome(event, call.priced.rpc_id)) is not None:
-                self.unregister(call)
-                call.outcome = outcome
-                # The answer may overtake the POST's own 202: then the response hook settles it.
-                if call.waits is Wait.STREAM:
-                    call.status = 200  # recorded as answered, not as the 202 that acknowledged the POST
-                    self.gw.settlements.soon(flow, call)
+            flow, call, outcome = answered
+            self.unregister(call)
+            call.outcome = outcome
+            # The answer may overtake the POST's own 202: then the response hook settles it.
+            if call.waits is Wait.STREAM:
+                call.status = 200  # recorded as answered, not as the 202 that acknowledged the POST
+                self.gw.settlements.soon(flow, call)
+
+    def _answered(self, session: str, event: Event) -> tuple[http.HTTPFlow, Call, Outcome] | None:
+        """The call awaiting its answer in the session that `event` answers, and how."""
+        waiting = self.awaiting.get(session)
+        if not waiting:
+            return None
+        messages = (event.messages if event.oversized
+                    else answer_messages(event.data.encode("utf-8", "surrogatepass")))
+        ids = [m.id_value() for m in messages or () if not m.has_method]
+        rpc_id = next((i for i in ids if isinstance(i, (str, int, float)) and i in waiting), None)
+        if rpc_id is None:
+            return None
+        flow, call = waiting[rpc_id][0]
+        assert call.priced is not None
+        outcome = event_outcome(event, call.priced.rpc_id)
+        return None if outcome is None else (flow, call, outcome)
 
     def unregister(self, call: Call) -> None:
         """The call no longer awaits an answer on its session's stream (a stream: is no longer open)."""
