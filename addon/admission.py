@@ -125,7 +125,7 @@ class Admission:
             # Retry-After and RateLimit-* from call.limit_headers, as on every refusal from here on
             raise GatewayError("rate_limited", scope=limit.scope, retry_after=limit.retry_after)
         # After the rate limit, like the task refusals below: probing other keys' session ids counts.
-        if session and await gw.cache.session_owner(session) not in (None, consumer.principal):
+        if session and await gw.cache.session_owner(listing.id, session) not in (None, consumer.principal):
             raise GatewayError("session_forbidden")
         if (call.session is not None and request_ids and gw.pending.watching(call.session)
                 and gw.pending.in_flight(call.session, request_ids)):

@@ -385,9 +385,9 @@ class Mcpmeter:
         try:
             call.status = flow.response.status_code
             session = flow.response.headers.get("mcp-session-id")
-            if session and call.consumer is not None:
+            if session and call.consumer is not None and call.listing is not None:
                 assert self.cache is not None
-                await self.cache.bind_session(session, call.consumer.principal)
+                await self.cache.bind_session(call.listing.id, session, call.consumer.principal)
             if media_type(flow.response.headers.get("content-type")) == SSE:  # as the SDKs tell it
                 if self.streams.refuse_unreadable(flow, call) or self.streams.refuse_legacy_post(flow, call):
                     return

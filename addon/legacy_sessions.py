@@ -122,7 +122,8 @@ class LegacySessions:
             if stream.consumer is not None:
                 # The session belongs to the key that opened the stream.
                 assert self.gw.cache is not None
-                asyncio.ensure_future(self.gw.cache.bind_session(stream.legacy_session, stream.consumer.principal))
+                asyncio.ensure_future(self.gw.cache.bind_session(stream.listing.id, stream.legacy_session,
+                                                                 stream.consumer.principal))
         sent = out
         if stream.rewriter.route is not None and stream.parser is not None and stream.editor is not None:
             sent = []

@@ -228,12 +228,24 @@ async def test_buckets_are_independent(make_cache: MakeCache) -> None:
 
 async def test_session_ownership(make_cache: MakeCache) -> None:
     cache = make_cache()
-    assert await cache.session_owner("s-1") is None
-    await cache.bind_session("s-1", "k9")
-    await cache.bind_session("s-2", "t12")
-    assert await cache.session_owner("s-1") == "k9"
-    assert await cache.session_owner("s-2") == "t12"
-    assert await cache.session_owner("s-3") is None
+    assert await cache.session_owner(3, "s-1") is None
+    await cache.bind_session(3, "s-1", "k9")
+    await cache.bind_session(3, "s-2", "t12")
+    assert await cache.session_owner(3, "s-1") == "k9"
+    assert await cache.session_owner(3, "s-2") == "t12"
+    assert await cache.session_owner(3, "s-3") is None
+
+
+async def test_a_session_id_is_owned_per_listing(make_cache: MakeCache) -> None:
+    """Upstreams choose session ids: two listings' can be the same, and are two sessions."""
+    cache = make_cache()
+    await cache.bind_session(3, "1", "k9")
+    await cache.bind_session(4, "1", "k5")  # listing 4's upstream hands out "1" too
+    for c in (cache, make_cache()) if isinstance(cache, RedisCache) else (cache,):  # (another gateway)
+        assert await c.session_owner(3, "1") == "k9"  # still its opener's, not the last binder's
+        assert await c.session_owner(4, "1") == "k5"
+    if not isinstance(cache, RedisCache):  # (on Redis, while LEGACY_SESSION_KEYS: see the rolling upgrade's test)
+        assert await cache.session_owner(5, "1") is None  # nor a third's
 
 
 async def test_health(make_cache: MakeCache) -> None:
@@ -365,19 +377,20 @@ async def test_keys_live_under_the_prefix_with_their_ttls(redis_settings: RedisS
         await cache.put_consumer("abc", CONSUMER)
         await cache.put_consumer("guess", None)
         await cache.put_listing("weather", LISTING)
-        await cache.bind_session("sess", "k9")
+        await cache.bind_session(3, "sess", "k9")
         windows = (Window("minute", 60, 1), Window("day", 86_400, 5))
         await cache.hit("3:k9", windows)
         await cache.hit("3:k9", windows)  # refused: adds nothing
         with redisutil.client(redis_settings) as r:
             assert redisutil.keys(redis_settings) == {
-                f"{p}key:abc", f"{p}key:guess", f"{p}mcp:weather", f"{p}session:sess",
+                f"{p}key:abc", f"{p}key:guess", f"{p}mcp:weather", f"{p}owner:{{3}}:sess", f"{p}session:sess",
                 f"{p}rl:{{3:k9}}:60", f"{p}rl:{{3:k9}}:86400"}
             ttl = {k.removeprefix(p): r.pttl(k) for k in redisutil.keys(redis_settings)}
             assert 59_000 < ttl["key:abc"] <= 60_000
             assert 29_000 < ttl["key:guess"] <= 30_000  # the negative TTL
             assert 119_000 < ttl["mcp:weather"] <= 120_000
-            assert 86_399_000 < ttl["session:sess"] <= 86_400_000
+            assert 86_399_000 < ttl["owner:{3}:sess"] <= 86_400_000
+            assert 86_399_000 < ttl["session:sess"] <= 86_400_000  # LEGACY_SESSION_KEYS
             # A TAT lives until it falls behind the clock: one cell after one call (60 s / 1, 86400 s / 5).
             assert 59_000 < ttl["rl:{3:k9}:60"] <= 60_000
             assert 17_279_000 < ttl["rl:{3:k9}:86400"] <= 17_280_000
@@ -398,18 +411,19 @@ class _Clock:
         return self.now
 
 
-def _count_session_commands(cache: RedisCache) -> list[str]:
-    """The session:* GETs and SETs the cache sends from now on."""
+def _count_session_commands(cache: RedisCache, family: str = "owner:") -> list[str]:
+    """The GETs and SETs of session owners (`owner:`, or the earlier versions' `session:`) the cache
+    sends from now on."""
     sent: list[str] = []
     real_get, real_set = cache._redis.get, cache._redis.set
 
     async def get(key: str, *a: object, **k: object) -> object:
-        if ":session:" in key:
+        if key.startswith(cache._prefix + family):
             sent.append("GET")
         return await real_get(key, *a, **k)
 
     async def set_(key: str, *a: object, **k: object) -> object:
-        if ":session:" in key:
+        if key.startswith(cache._prefix + family):
             sent.append("SET")
         return await real_set(key, *a, **k)
 
@@ -427,22 +441,22 @@ async def test_a_sessions_calls_cost_fewer_round_trips_for_its_owner(
     cache = RedisCache(_config(redis_settings))
     try:
         sent = _count_session_commands(cache)
-        await cache.bind_session("s-1", "k9")
+        await cache.bind_session(3, "s-1", "k9")
         for _ in range(5):  # calls in quick succession
-            assert await cache.session_owner("s-1") == "k9"
-            await cache.bind_session("s-1", "k9")
+            assert await cache.session_owner(3, "s-1") == "k9"
+            await cache.bind_session(3, "s-1", "k9")
         assert sent == ["SET"]
         clock.now += redis_module.NEAR_CACHE_SECONDS + 0.01
-        assert await cache.session_owner("s-1") == "k9"  # read again before forwarding ...
-        await cache.bind_session("s-1", "k9")  # ... but the answer is not held up by a rewrite
+        assert await cache.session_owner(3, "s-1") == "k9"  # read again before forwarding ...
+        await cache.bind_session(3, "s-1", "k9")  # ... but the answer is not held up by a rewrite
         assert sent == ["SET", "GET"]
-        await cache.bind_session("s-1", "t3")  # another principal: written at once (the last write wins)
-        assert sent == ["SET", "GET", "SET"] and await cache.session_owner("s-1") == "t3"
+        await cache.bind_session(3, "s-1", "t3")  # another principal: written at once (the last write wins)
+        assert sent == ["SET", "GET", "SET"] and await cache.session_owner(3, "s-1") == "t3"
         clock.now += redis_module.SESSION_REWRITE_SECONDS + 0.1
-        await cache.bind_session("s-1", "t3")  # a minute on: written again, its day-long TTL renewed
+        await cache.bind_session(3, "s-1", "t3")  # a minute on: written again, its day-long TTL renewed
         assert sent == ["SET", "GET", "SET", "SET"]
         with redisutil.client(redis_settings) as r:
-            assert r.get(f"{redis_settings.prefix}session:s-1") == "t3"
+            assert r.get(f"{redis_settings.prefix}owner:{{3}}:s-1") == "t3"
     finally:
         await cache.close()
 
@@ -453,15 +467,15 @@ async def test_another_gateways_binding_is_seen_at_once_or_within_the_near_cache
     monkeypatch.setattr(redis_module.time, "monotonic", clock)
     one, two = RedisCache(_config(redis_settings)), RedisCache(_config(redis_settings))
     try:
-        assert await two.session_owner("s-1") is None  # unbound: not near-cached
-        await one.bind_session("s-1", "k9")
-        assert await two.session_owner("s-1") == "k9"  # seen at once
+        assert await two.session_owner(3, "s-1") is None  # unbound: not near-cached
+        await one.bind_session(3, "s-1", "k9")
+        assert await two.session_owner(3, "s-1") == "k9"  # seen at once
         sent = _count_session_commands(two)
-        await two.bind_session("s-1", "t3")  # re-bound on the second gateway (a careless upstream)
+        await two.bind_session(3, "s-1", "t3")  # re-bound on the second gateway (a careless upstream)
         clock.now += redis_module.NEAR_CACHE_SECONDS + 0.01
-        assert await one.session_owner("s-1") == "t3"  # the writer of the old binding sees it too
-        await one.bind_session("s-1", "k9")  # and a binding it reads changed is written again
-        assert await two.session_owner("s-1") == "k9"  # its own write is 2 s old: read, the last write wins
+        assert await one.session_owner(3, "s-1") == "t3"  # the writer of the old binding sees it too
+        await one.bind_session(3, "s-1", "k9")  # and a binding it reads changed is written again
+        assert await two.session_owner(3, "s-1") == "k9"  # its own write is 2 s old: read, the last write wins
         assert sent == ["SET", "GET"]
     finally:
         await one.close()
@@ -476,14 +490,65 @@ async def test_a_binding_lost_in_redis_is_written_again_at_the_next_answer(
     monkeypatch.setattr(redis_module.time, "monotonic", clock)
     cache = RedisCache(_config(redis_settings))
     try:
-        await cache.bind_session("s-1", "k9")
+        await cache.bind_session(3, "s-1", "k9")
         with redisutil.client(redis_settings) as r:
-            r.delete(f"{redis_settings.prefix}session:s-1")
+            r.delete(f"{redis_settings.prefix}owner:{{3}}:s-1")
         clock.now += redis_module.NEAR_CACHE_SECONDS + 0.01
-        assert await cache.session_owner("s-1") == "k9"  # from this process's memory
-        await cache.bind_session("s-1", "k9")
+        assert await cache.session_owner(3, "s-1") == "k9"  # from this process's memory
+        await cache.bind_session(3, "s-1", "k9")
         with redisutil.client(redis_settings) as r:
-            assert r.get(f"{redis_settings.prefix}session:s-1") == "k9"
+            assert r.get(f"{redis_settings.prefix}owner:{{3}}:s-1") == "k9"
+    finally:
+        await cache.close()
+
+
+async def test_an_earlier_gateways_binding_is_honoured_during_a_rolling_upgrade(
+        redis_settings: RedisSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gateways from before owners were scoped by listing bind `session:<id>`. While both versions
+    share one Redis (LEGACY_SESSION_KEYS), a session opened through either is not anyone's on the other:
+    that key is read when a session has no binding of its own listing, and written too."""
+    clock = _Clock()
+    monkeypatch.setattr(redis_module.time, "monotonic", clock)
+    cache = RedisCache(_config(redis_settings))
+    p = redis_settings.prefix
+    try:
+        with redisutil.client(redis_settings) as r:
+            r.set(f"{p}session:s-old", "k9", ex=86_400)  # opened through an earlier gateway
+            r.set(f"{p}session:{{3}}:x", "t1", ex=86_400)  # an earlier gateway's binding of the id "{3}:x" ...
+            assert await cache.session_owner(3, "x") is None  # ... is not listing 3's "x"
+            legacy = _count_session_commands(cache, "session:")
+            for _ in range(2):  # not near-cached: this version's own binding is what counts
+                assert await cache.session_owner(3, "s-old") == "k9"
+            assert legacy == ["GET", "GET"]
+            await cache.bind_session(3, "s-old", "k9")  # its next answer binds it for this listing
+            assert r.get(f"{p}owner:{{3}}:s-old") == "k9" and legacy == ["GET", "GET", "SET"]
+            r.set(f"{p}session:s-old", "t1", ex=86_400)  # another listing's "s-old", bound by an earlier gateway
+            clock.now += redis_module.NEAR_CACHE_SECONDS + 0.01
+            assert await cache.session_owner(3, "s-old") == "k9"  # this listing's binding wins, and is enough
+            assert legacy == ["GET", "GET", "SET"]
+            await cache.bind_session(4, "s-new", "k5")  # written where the earlier gateways read it too
+            assert r.get(f"{p}session:s-new") == "k5" and r.ttl(f"{p}session:s-new") > 86_399
+            # The price, while it lasts: a session without a binding of its own listing (never opened
+            # through this version, or lost) takes the owner of the id's latest binding, whatever its listing.
+            assert await cache.session_owner(3, "s-new") == "k5"
+        assert cache._epoch == 0
+    finally:
+        await cache.close()
+
+
+async def test_without_legacy_session_keys_only_the_listings_binding_counts(
+        redis_settings: RedisSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_module, "LEGACY_SESSION_KEYS", False)
+    cache = RedisCache(_config(redis_settings))
+    p = redis_settings.prefix
+    try:
+        with redisutil.client(redis_settings) as r:
+            r.set(f"{p}session:s-1", "t1", ex=86_400)
+            assert await cache.session_owner(3, "s-1") is None
+            await cache.bind_session(3, "s-2", "k9")
+            assert await cache.session_owner(3, "s-2") == "k9"
+            assert await cache.session_owner(4, "s-2") is None  # not another listing's
+            assert r.get(f"{p}session:s-2") is None
     finally:
         await cache.close()
 
@@ -493,13 +558,13 @@ async def test_a_binding_redis_did_not_take_or_from_before_an_outage_is_not_trus
         settings = server.settings()
         cache = RedisCache(_config(settings))
         try:
-            await cache.bind_session("s-0", "k9")
+            await cache.bind_session(3, "s-0", "k9")
             server.stop()
-            await cache.bind_session("s-1", "k9")  # Redis down: kept in memory only
-            assert await cache.session_owner("s-1") == "k9"
-            assert "s-1" not in cache._owners
+            await cache.bind_session(3, "s-1", "k9")  # Redis down: kept in memory only
+            assert await cache.session_owner(3, "s-1") == "k9"
+            assert (3, "s-1") not in cache._owners
             # What this process knew from before the outage is not trusted across it.
-            assert cache._owners["s-0"].epoch != cache._epoch
+            assert cache._owners[3, "s-0"].epoch != cache._epoch
         finally:
             await cache.close()
 
@@ -553,10 +618,10 @@ async def test_redis_going_down_falls_back_to_memory_and_comes_back_by_itself(
         windows = windows_for(5, 100)
         try:
             assert (await cache.hit("b", windows)).remaining == 4
-            await cache.bind_session("s-1", "k9")
+            await cache.bind_session(3, "s-1", "k9")
             await cache.put_consumer("h", CONSUMER)
             assert await cache.get_consumer("h") == CONSUMER
-            assert len(redisutil.keys(settings)) == 4
+            assert len(redisutil.keys(settings)) == 5  # 2 windows, a key, a session's 2
 
             server.stop()
             started = time.monotonic()
@@ -570,9 +635,9 @@ async def test_redis_going_down_falls_back_to_memory_and_comes_back_by_itself(
             assert await cache.get_consumer("h") is MISS  # only Redis had it
             await cache.put_consumer("h", CONSUMER)
             assert await cache.get_consumer("h") == CONSUMER
-            assert await cache.session_owner("s-1") == "k9"  # sessions are also kept in memory
-            await cache.bind_session("s-2", "t1")
-            assert await cache.session_owner("s-2") == "t1"
+            assert await cache.session_owner(3, "s-1") == "k9"  # sessions are also kept in memory
+            await cache.bind_session(3, "s-2", "t1")
+            assert await cache.session_owner(3, "s-2") == "t1"
             assert time.monotonic() - started < 1.0
             health = await cache.health()
             assert health["ok"] is False and health["degraded"] is True and health["cache"] == "redis"

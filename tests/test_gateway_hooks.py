@@ -14,7 +14,7 @@ import logging
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import closing
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from addon import compat, config as config_module, forwarding
 from addon.errors import rpc_code
 from addon.gateway import META, Mcpmeter
+from tests import redisutil
 from tests.refusals import refusal
 from addon.store import StoreUnavailable
 from tests.mitm_fakes import FakeHandler, FakeProxyserver
@@ -857,16 +858,43 @@ async def test_session_belongs_to_the_key_that_opened_it(gw: Gw, caplog: pytest.
     assert own.response is None and forwarded(own)
 
 
-async def open_session(gw: Gw, session: str, token: str = ALICE) -> None:
-    init = make_flow(token=token, body=rpc("initialize", protocolVersion="2025-06-18", capabilities={},
-                                           clientInfo={"name": "t", "version": "1"}))
+async def open_session(gw: Gw, session: str, token: str = ALICE, path: str = "/echo-test") -> None:
+    init = make_flow(path, token=token, body=rpc("initialize", protocolVersion="2025-06-18", capabilities={},
+                                                 clientInfo={"name": "t", "version": "1"}))
     await gw.addon.request(init)
     await upstream_answers(gw, init, json_response({"jsonrpc": "2.0", "id": 1, "result": {}},
                                                    headers={"Mcp-Session-Id": session}))
 
 
+@pytest.mark.parametrize("cache", ["memory", "redis"])
+async def test_a_session_id_is_owned_per_listing(tmp_path: Path, cache: str) -> None:
+    """Upstreams choose session ids, and two listings' can hand out the same one (a server numbering
+    its sessions 1, 2, 3; a publisher copying ids it saw). Each listing's session is its own opener's:
+    neither refuses the other's owner nor lets the other's opener in."""
+    with ExitStack() as stack:
+        extra: dict[str, Any] = {}
+        if cache == "redis":
+            settings = stack.enter_context(redisutil.scratch_prefix())
+            extra = {"cache": "redis", "redis": dataclasses.asdict(settings)}
+        addon = Mcpmeter()
+        tctx = stack.enter_context(taddons.context(addon))
+        tctx.configure(addon, mcpmeter_config=str(write_config(tmp_path, **extra)))
+        gw = Gw(addon, tctx, Db(tmp_path / "mcpmeter.db"))
+        assert type(addon.cache).__name__ == ("RedisCache" if cache == "redis" else "MemoryCache")
+        await open_session(gw, "1")  # Alice's session "1" of echo-test ...
+        await open_session(gw, "1", token=BOB, path="/lenient")  # ... then Bob's, of another upstream
+        for path, token, allowed in (("/echo-test", ALICE, True), ("/lenient", BOB, True),
+                                     ("/echo-test", BOB, False), ("/lenient", ALICE, False)):
+            flow = make_flow(path, token=token, body=rpc("tools/list"), headers={"Mcp-Session-Id": "1"})
+            await addon.request(flow)
+            assert forwarded(flow) is allowed, (path, token)
+            if not allowed:
+                assert flow.response is not None and refusal(flow.response)["error"] == "session_forbidden"
+        addon.done()
+
+
 async def test_a_rate_limited_key_gets_429_not_session_forbidden(gw: Gw) -> None:
-    await open_session(gw, "sess-alice")
+    await open_session(gw, "sess-alice", path="/strict")
     spent = make_flow("/strict", token=BOB, body=rpc("tools/list"))  # Bob's one call a minute on /strict
     await gw.addon.request(spent)
     assert forwarded(spent)
@@ -881,7 +909,7 @@ async def test_a_refusal_of_a_call_shadow_mode_let_through_the_limit_says_no_ret
     with taddons.context(addon) as tctx:
         tctx.configure(addon, mcpmeter_config=str(write_config(tmp_path, shadow=True)))
         shadowed = Gw(addon, tctx, Db(tmp_path / "mcpmeter.db"))
-        await open_session(shadowed, "sess-alice")
+        await open_session(shadowed, "sess-alice", path="/strict")
         spent = make_flow("/strict", token=BOB, body=rpc("tools/list"))  # Bob's one call a minute on /strict
         await addon.request(spent)
         probe = make_flow("/strict", token=BOB, body=rpc("tools/list"), headers={"Mcp-Session-Id": "sess-alice"})
@@ -893,7 +921,7 @@ async def test_a_refusal_of_a_call_shadow_mode_let_through_the_limit_says_no_ret
 
 
 async def test_probing_session_ids_counts_against_the_rate_limit(gw: Gw) -> None:
-    await open_session(gw, "sess-alice")
+    await open_session(gw, "sess-alice", path="/strict")
     probe = make_flow("/strict", token=BOB, body=rpc("tools/list"), headers={"Mcp-Session-Id": "sess-alice"})
     await gw.addon.request(probe)
     assert probe.response is not None and probe.response.status_code == 403 and not forwarded(probe)

@@ -34,10 +34,11 @@ class Cache(CircuitStore, Protocol):
     async def hit(self, bucket: str, windows: Sequence[Window]) -> LimitVerdict:
         """Count one call in every window of `bucket` if all have room; refused calls don't count."""
 
-    async def bind_session(self, session_id: str, principal: str) -> None:
-        """Remember which consumer opened an MCP session."""
+    async def bind_session(self, listing_id: int, session_id: str, principal: str) -> None:
+        """Remember which consumer opened an MCP session of a listing. Per listing: session ids are
+        the upstreams', and two listings' upstreams may hand out the same one."""
 
-    async def session_owner(self, session_id: str) -> str | None: ...
+    async def session_owner(self, listing_id: int, session_id: str) -> str | None: ...
 
     # --- Idempotency-Key records (addon/cache/idempotency.py) ---------------------------------
 

@@ -26,7 +26,8 @@ class MemoryCache(MemoryBreakers, MemoryIdempotency):
         # One TAT per window of a bucket (GCRA, see addon.ratelimit). A TAT is at most one window
         # ahead of the clock, so a bucket idle for a day is back to full and can be forgotten.
         self._tats: TTLCache[str, tuple[tuple[int, int], ...]] = TTLCache(200_000, 86_400, timer=clock)
-        self._sessions: TTLCache[str, str] = TTLCache(100_000, SESSION_TTL, timer=clock)
+        # (listing id, session id) -> its owner: upstreams pick session ids, so two listings' may coincide.
+        self._sessions: TTLCache[tuple[int, str], str] = TTLCache(100_000, SESSION_TTL, timer=clock)
 
     async def get_consumer(self, key_hash: str) -> Consumer | None | _Miss:
         return self._get(self._consumers, "k:" + key_hash, key_hash)
@@ -63,11 +64,11 @@ class MemoryCache(MemoryBreakers, MemoryIdempotency):
             self._tats[bucket] = tuple((w.seconds, tat) for w, tat in zip(windows, tats, strict=True))
         return v
 
-    async def bind_session(self, session_id: str, principal: str) -> None:
-        self._sessions[session_id] = principal
+    async def bind_session(self, listing_id: int, session_id: str, principal: str) -> None:
+        self._sessions[listing_id, session_id] = principal
 
-    async def session_owner(self, session_id: str) -> str | None:
-        return self._sessions.get(session_id)
+    async def session_owner(self, listing_id: int, session_id: str) -> str | None:
+        return self._sessions.get((listing_id, session_id))
 
     async def health(self) -> dict[str, object]:
         return {"cache": "memory", "ok": True}

@@ -1,8 +1,9 @@
 """Redis caches and rate-limit windows, shared by every gateway instance; memory when Redis is down.
 
 Keys (all under the configured prefix): `key:<sha256>` and `mcp:<slug>` hold a Consumer or a
-Listing as JSON (`null` caches "no such key/listing" for the negative TTL), `session:<id>` the
-principal that opened an MCP session, `rl:{<bucket>}:<seconds>` the GCRA TAT of one rate window
+Listing as JSON (`null` caches "no such key/listing" for the negative TTL), `owner:{<listing id>}:<id>`
+the principal that opened an MCP session of a listing (and, while LEGACY_SESSION_KEYS, the unscoped
+`session:<id>` of earlier versions too), `rl:{<bucket>}:<seconds>` the GCRA TAT of one rate window
 (one integer, µs of Redis server time; see addon.ratelimit). A bucket is `<listing id>:u<user id>`
 and its windows' keys share the hash tag `{<bucket>}`, so the one script that touches them together
 runs unchanged on Redis Cluster; every other operation touches a single key. Idempotency-Key
@@ -59,6 +60,12 @@ NEAR_CACHE_SECONDS = 2.0  # how long a key, listing or session owner read or wri
 # A session binding this process wrote is not written again for this long (its Redis TTL is a day):
 # a session's answers then wait for no Redis round trip, except one refresh a minute.
 SESSION_REWRITE_SECONDS = 60.0
+# Gateways before owners were scoped by listing bound a session by its id alone, `session:<id>`. While
+# they share a Redis with this version (a rolling deploy, then the day those bindings live), each must
+# honour the other's bindings, or a session opened through one is anyone's on the other: this version
+# writes that key too, and reads it when a session has no binding of its own listing (README, "Rolling
+# upgrades"). Drop it once no earlier gateway has run for a day.
+LEGACY_SESSION_KEYS = True
 
 _T = TypeVar("_T")
 
@@ -130,8 +137,8 @@ class RedisCache(RedisBreakers, RedisIdempotency):
         self._near: TTLCache[str, Any] = TTLCache(
             100_000, min(NEAR_CACHE_SECONDS, config.key_cache_ttl_seconds, config.mcp_cache_ttl_seconds,
                          config.negative_cache_ttl_seconds) or 0.001)
-        # Session id -> its owner as this process last read or wrote it (see _Owner).
-        self._owners: TTLCache[str, _Owner] = TTLCache(100_000, SESSION_REWRITE_SECONDS)
+        # (listing id, session id) -> its owner as this process last read or wrote it (see _Owner).
+        self._owners: TTLCache[tuple[int, str], _Owner] = TTLCache(100_000, SESSION_REWRITE_SECONDS)
         self._degraded = False
         self._error: str | None = None
         self._epoch = 0  # bumped on every transition, so a failure from before one cannot undo it
@@ -223,41 +230,48 @@ class RedisCache(RedisBreakers, RedisIdempotency):
 
     # --- MCP sessions ---------------------------------------------------------------------------
 
-    async def bind_session(self, session_id: str, principal: str) -> None:
+    async def bind_session(self, listing_id: int, session_id: str, principal: str) -> None:
         # Also kept in memory, so that while Redis is down this process still knows its own sessions.
-        await self._fallback.bind_session(session_id, principal)
-        now = time.monotonic()
-        known = self._owners.get(session_id)
+        await self._fallback.bind_session(listing_id, session_id, principal)
+        now, scope = time.monotonic(), (listing_id, session_id)
+        known = self._owners.get(scope)
         if (known is not None and known.principal == principal and known.epoch == self._epoch
                 and known.written is not None and now - known.written < SESSION_REWRITE_SECONDS):
             return  # this process wrote it within the minute, and Redis still had it since
 
         async def write() -> bool:
-            await self._redis.set(f"{self._prefix}session:{session_id}", principal, ex=SESSION_TTL)
+            await self._redis.set(session_key(self._prefix, listing_id, session_id), principal, ex=SESSION_TTL)
+            if LEGACY_SESSION_KEYS:  # for the earlier gateways still running
+                await self._redis.set(f"{self._prefix}session:{session_id}", principal, ex=SESSION_TTL)
             return True
 
         epoch = self._epoch
         if await self._run(write, _false):  # only a binding Redis took counts as written
-            self._owners[session_id] = _Owner(principal, now, now, epoch)
+            self._owners[scope] = _Owner(principal, now, now, epoch)
         else:
-            self._owners.pop(session_id, None)
+            self._owners.pop(scope, None)
 
-    async def session_owner(self, session_id: str) -> str | None:
-        now, known = time.monotonic(), self._owners.get(session_id)
+    async def session_owner(self, listing_id: int, session_id: str) -> str | None:
+        scope = (listing_id, session_id)
+        now, known = time.monotonic(), self._owners.get(scope)
         if known is not None and known.epoch == self._epoch and now - known.seen < NEAR_CACHE_SECONDS:
             return known.principal
         epoch = self._epoch
-        owner = await self._run(lambda: self._redis.get(f"{self._prefix}session:{session_id}"), _none)
-        if self._owners.get(session_id) is not known:
+        owner = await self._run(lambda: self._redis.get(session_key(self._prefix, listing_id, session_id)), _none)
+        if self._owners.get(scope) is not known:
             pass  # a bind (or another read) during the GET knows better than this read
         elif owner is not None and epoch == self._epoch:
             # Only owners are near-cached: an unbound session must be seen bound at once.
             written = known.written if known is not None and known.principal == owner else None
-            self._owners[session_id] = _Owner(owner, now, written, epoch)
+            self._owners[scope] = _Owner(owner, now, written, epoch)
         else:  # unbound in Redis (lost, expired, or never bound there): the next answer binds it again
-            self._owners.pop(session_id, None)
+            self._owners.pop(scope, None)
         if owner is None:  # e.g. bound here while Redis was down
-            owner = await self._fallback.session_owner(session_id)
+            owner = await self._fallback.session_owner(listing_id, session_id)
+        if owner is None and LEGACY_SESSION_KEYS:
+            # Bound by an earlier gateway (not near-cached: this version's binding, at the session's
+            # next answer, is what counts). Last: unscoped, it may name another listing's session.
+            owner = await self._run(lambda: self._redis.get(f"{self._prefix}session:{session_id}"), _none)
         return owner
 
     # --- health and degradation -----------------------------------------------------------------
@@ -331,6 +345,14 @@ class RedisCache(RedisBreakers, RedisIdempotency):
                             self._where)
         finally:
             self._probe = None
+
+
+def session_key(prefix: str, listing_id: int, session_id: str) -> str:
+    """Where a session's owner is kept: per listing, since upstreams pick session ids and two may pick
+    the same. Not under `session:`, where an earlier version's key for the id `{3}:x` would be this
+    one's for listing 3's `x`. The tag `{<listing id>}` comes first, so an id holding braces cannot
+    choose the slot (single-key operations: any slot would do)."""
+    return f"{prefix}owner:{{{listing_id}}}:{session_id}"
 
 
 def rate_keys(prefix: str, bucket: str, windows: Sequence[Window]) -> list[str]:
