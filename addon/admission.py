@@ -68,6 +68,11 @@ class Admission:
         check_http_method(req.data.method.decode("ascii", "replace"), req.raw_content or b"")  # as sent: case counts
         if forwarding.folded(req.headers.fields):  # RFC 9112 §5.2: rejected, or unfolded before forwarding
             raise GatewayError("invalid_request", reason="a header field is folded over several lines (obs-fold)")
+        if forwarding.untokened(req.headers.fields) or req.trailers and forwarding.untokened(req.trailers.fields):
+            # RFC 9112 §5.1 (`Cookie : x`): rejected. Not repeated: the name is any bytes (its value is redacted).
+            raise GatewayError("invalid_request", reason=(
+                "a header or trailer field name is not a token (whitespace before the colon, a control or "
+                "non-ASCII character)"))
 
         consumer = await self.consumer(credential) if credential else None
         if consumer is None:

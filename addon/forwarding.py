@@ -36,6 +36,8 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _TOKEN_HEAD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]*")  # a header name up to what it cannot hold
 MAX_SHOWN_NAME = 64  # characters of a header name an error repeats
 _FOLD = re.compile(rb"[ \t]*[\r\n]+[ \t]*")
+# A message's names joined with ':', which no token holds: one match for all of them, linear.
+_TOKEN_NAMES = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?::[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
 # What a listing URL's netloc may be, being the upstream's Host: a name (mitmproxy checks its
 # labels) or an IPv6 literal in brackets, then an optional port. No zone id, no IPvFuture.
 _HOSTPORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[^\[\]:]+)(?::([0-9]*))?\Z")
@@ -193,6 +195,19 @@ def unfold(headers: Headers) -> None:
     a client that reads the continuation as a field of its own would take it from the upstream)."""
     if folded(headers.fields):
         headers.fields = tuple((name, _FOLD.sub(b" ", value)) for name, value in headers.fields)
+
+
+def untokened(fields: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a field's name is not a token (RFC 9110 §5.1): empty, or holding whitespace (`Cookie : x`),
+    a control character, a delimiter such as ':' or a non-ASCII byte. mitmproxy keeps the name as sent when its
+    validate_inbound_headers option is off (HTTP/1 and HTTP/2); the gateway's checks compare exact
+    names, and a server that trims the name (RFC 9112 §5.1 forbids the space) would read a
+    Content-Length, a session or a credential the gateway never checked."""
+    names = [name for name, _ in fields]
+    if not names:
+        return False
+    joined = b":".join(names)  # every request's names are asked (twice): one match, not one a name
+    return _TOKEN_NAMES.fullmatch(joined) is None or joined.count(b":") != len(names) - 1  # a name's own ':'
 
 
 def header_problem(name: str, value: str) -> str | None:

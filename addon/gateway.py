@@ -556,6 +556,8 @@ def _redact(flow: http.HTTPFlow) -> tuple[Credential | None, list[str], str | No
     """Keep the consumer's credentials, and those it wraps for the upstream, out of the flow mitmweb
     shows (from this hook on) and saves; return the bearer key, the wrapped values and where else the
     request held a key, if it did (the URL, a header: replaced on the flow; the request is refused)."""
+    if forwarding.untokened(flow.request.headers.fields):  # refused (admission), or by mitmproxy after this hook
+        redaction.redact_untokened(flow.request.headers)
     credential = parse_authorization(flow.request.headers.get("authorization"))
     redaction.redact_credentials(flow.request.headers, credential.prefix if credential else None)
     in_headers = redaction.redact_header_keys(flow.request.headers)

@@ -29,7 +29,7 @@ from mitmproxy import http
 
 from .errors import ERRORS
 from .redaction import (redact_credentials, redact_header_keys, redact_target_key, redact_trailers,
-                        take_forwarded_credentials)
+                        redact_untokened, take_forwarded_credentials)
 
 log = logging.getLogger("mcpmeter")
 
@@ -51,6 +51,7 @@ class CredentialRedactor:
     name = REDACTOR
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        redact_untokened(flow.request.headers)
         redact_credentials(flow.request.headers)
         take_forwarded_credentials(flow.request.headers)  # nothing is forwarded without a meter
         redact_header_keys(flow.request.headers)

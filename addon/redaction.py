@@ -30,6 +30,9 @@ _CREDENTIAL_NAMES = frozenset(name.encode() for name in CREDENTIAL_HEADERS)
 _FORWARDED_NAMES = frozenset(name.encode() for name in FORWARDED_CREDENTIAL_HEADERS)
 _REDACTED = REDACTED.encode()
 _KEY = re.compile(KEY_PATTERN + "+")
+# A field name (RFC 9110 §5.6.2), as forwarding.untokened reads it: not imported from there, the guard's
+# redactor uses this module and imports nothing a broken reload could take away.
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def redact_credentials(headers: Headers, key_prefix: str | None = None) -> None:
@@ -54,6 +57,15 @@ def redact_credentials(headers: Headers, key_prefix: str | None = None) -> None:
         elif low in shown:
             kept.append((name, shown.pop(low)))  # the first field of the header; the others go
     headers.fields = tuple(kept)
+
+
+def redact_untokened(headers: Headers) -> None:
+    """Replace the value of every field whose name is not a token (`Cookie : x`, `Authorization\t: ...`):
+    the request is refused (forwarding.untokened), but a server that trims the name would read a credential
+    there, and the flow is saved as it is."""
+    fields = headers.fields
+    if not all(_TOKEN.fullmatch(name) for name, _ in fields):
+        headers.fields = tuple((name, value if _TOKEN.fullmatch(name) else _REDACTED) for name, value in fields)
 
 
 def take_forwarded_credentials(headers: Headers) -> list[str]:
@@ -146,6 +158,7 @@ def redact_trailers(trailers: Headers | None) -> None:
     with the end of the body, and are never forwarded (admission drops them), so a key there is not
     refused; but a refused flow kept them as sent, and is saved with them."""
     if trailers:
+        redact_untokened(trailers)
         redact_credentials(trailers)
         take_forwarded_credentials(trailers)
         redact_header_keys(trailers)

@@ -212,15 +212,18 @@ class H2Answer:
 
 
 def h2_request(gw: Gateway, path: str, headers: list[tuple[str, str]], body: bytes,
-               trailers: list[tuple[str, str]] | None = None) -> H2Answer:
-    """One HTTP/2 request on its own connection, framed as given: no content-length unless in `headers`."""
+               trailers: list[tuple[str, str]] | None = None, validate: bool = True) -> H2Answer:
+    """One HTTP/2 request on its own connection, framed as given: no content-length unless in `headers`.
+    `validate`: False sends the fields as given, names h2 would refuse to send included."""
     host, port = gw.url.split("://")[1].split(":")
     tls = ssl.create_default_context()
     tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
     tls.set_alpn_protocols(["h2"])
     with tls.wrap_socket(socket.create_connection((host, int(port)), timeout=10), server_hostname="localhost") as sock:
         assert sock.selected_alpn_protocol() == "h2"
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=True, header_encoding=None, validate_outbound_headers=validate,
+            normalize_outbound_headers=validate))
         conn.initiate_connection()
         conn.send_headers(1, [(":method", "POST"), (":path", path), (":scheme", "https"),
                               (":authority", "gateway.test"), *headers], end_stream=not body and not trailers)
@@ -642,3 +645,76 @@ def test_a_stalled_http2_upload_is_not_closed_with_a_paid_call_on_its_connection
             assert status == b"200" and b"ran slow" in answer, (status, answer[:300])
     finally:
         gw.stop()
+
+
+
+# === field names that are not tokens =================================================================
+# mitmproxy keeps a field's name as sent (`Mcp-Session-Id `, its space too). Its validate_inbound_headers
+# option (on by default) refuses such a request (400 proxy_error) and fails such an answer (502); with it
+# off, the gateway's own checks must hold.
+
+
+@pytest.fixture(scope="module")
+def lax_gateway(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway whose operator turned mitmproxy's validate_inbound_headers off."""
+    gw = launch({**backend.config(), "max_body_bytes": MAX_BODY}, tmp_path_factory.mktemp("lax-gateway"),
+                backend.env(), ["--set", "validate_inbound_headers=false"])
+    yield gw
+    gw.stop()
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["validating", "lax"])
+@pytest.mark.parametrize("name", ["Mcp-Session-Id ", "Cookie\t", "X-Forward-Authorization ", "Content\x0bLength",
+                                  "X-Note\rContent-Length", "Authorizatión"])
+def test_a_request_with_a_field_name_that_is_not_a_token_is_refused(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, gateway: Gateway, lax_gateway: Gateway,
+        name: str, strict: bool) -> None:
+    """Forwarded as sent, the gateway's checks (exact names) passed it by: an upstream that trims the name
+    (RFC 9112 §5.1 forbids the whitespace) read a session, a cookie or a credential the meter never checked.
+    RFC 9112 §5.1: a server MUST reject it (400); nothing is charged or forwarded."""
+    listing = make_listing(backend, hostile)
+    client = RawClient((gateway if strict else lax_gateway).url)
+    try:
+        r = client.request("POST", listing.path, [*listing.auth(), (name, "other-session")], rpc(name="pricey"))
+    finally:
+        client.close()
+    assert (r.status, r.error) == (400, "proxy_error" if strict else "invalid_request"), (r.status, r.body[:300])
+    assert b"other-session" not in r.body
+    assert hostile.records(listing.slug) == []
+    assert backend.balance(listing.consumer.user_id) == CREDIT
+    check(backend, listing, hostile, canary)
+
+
+@pytest.fixture(scope="module")
+def lax_tls_gateway(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """tls_gateway (HTTP/2 clients) with mitmproxy's validate_inbound_headers off."""
+    workdir = tmp_path_factory.mktemp("lax-tls-gateway")
+    gw = start_gateway(backend.config(), workdir, env=backend.env(),
+                       reverse_target=f"https://127.0.0.1:{closed_port()}",
+                       extra_args=["--set", f"confdir={workdir / 'mitmproxy'}",
+                                   "--set", "validate_inbound_headers=false"])
+    yield gw
+    gw.stop()
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["validating", "lax"])
+@pytest.mark.parametrize("name", ["mcp-session-id ", "cookie\t", "x(y)", "x-note\r\ncontent-length", "authorizatión"])
+def test_an_http2_request_with_a_field_name_that_is_not_a_token_is_refused(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, tls_gateway: Gateway, lax_tls_gateway: Gateway,
+        name: str, strict: bool) -> None:
+    """HPACK carries any bytes in a name. Under validate_inbound_headers h2 refuses whitespace, control and
+    non-ASCII bytes (the connection is closed) and mitmproxy other non-tokens (400 proxy_error); with it off,
+    `x-note<CRLF>content-length` reached an HTTP/1 upstream as two header lines."""
+    listing = make_listing(backend, hostile)
+    answer = h2_request(tls_gateway if strict else lax_tls_gateway, listing.path,
+                        [*((k.lower(), v) for k, v in listing.auth()), (name, "other-session")], rpc(name="pricey"),
+                        validate=False)
+    refused = json.loads(answer.body) if answer.body else {}
+    code = (refused.get("error") or {}).get("data", {}).get("error") if "jsonrpc" in refused else refused.get("error")
+    if strict and name != "x(y)":
+        assert answer.status is None and not answer.body, answer
+    else:
+        assert (answer.status, code) == (400, "proxy_error" if strict else "invalid_request"), answer
+    assert hostile.records(listing.slug) == []
+    assert backend.balance(listing.consumer.user_id) == CREDIT
+    check(backend, listing, hostile, canary)

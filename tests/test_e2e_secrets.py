@@ -166,6 +166,34 @@ def test_client_gone_mid_upload_leaves_no_key_in_saved_flows(backend: Backend, t
     assert died.request.headers["authorization"].endswith("(redacted)")
 
 
+@pytest.mark.parametrize("strict", [True, False], ids=["validating", "lax"])
+def test_credentials_under_a_name_that_is_not_a_token_are_not_in_saved_flows(
+        backend: Backend, tmp_path: Path, strict: bool) -> None:
+    """`Cookie : x` is refused (by mitmproxy's validate_inbound_headers, or with it off by the gateway), but
+    the flow is saved with what requestheaders left of it: a server that trims the name reads a credential."""
+    consumer = backend.add_consumer(credit=1_000_000)
+    secrets = [f"secret-{uuid.uuid4().hex}" for _ in range(3)]
+    flows_file = tmp_path / "flows.mitm"
+    gw = start(backend, tmp_path, extra_args=["-w", str(flows_file),
+                                              *([] if strict else ["--set", "validate_inbound_headers=false"])])
+    try:
+        port = int(gw.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"POST /some-slug HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n"
+                         + f"Authorization: Bearer {consumer.key}\r\nCookie : {secrets[0]}\r\n"
+                           f"X-Forward-Authorization\t: {secrets[1]}\r\nAuthorization : Bearer {secrets[2]}\r\n"
+                           "\r\n{}".encode())
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        time.sleep(0.3)
+    finally:
+        gw.stop()
+    raw, flows = saved(flows_file)
+    assert [f for f in flows if f.request.path == "/some-slug"], "the refused flow was not saved"
+    for value in (consumer.key, *secrets):
+        assert value.encode() not in raw and value not in gw.log()
+
+
 def test_a_malformed_head_quoted_in_the_log_shows_no_key(tmp_path: Path) -> None:
     """mitmproxy refuses a head it cannot read and logs the offending line, as does the gateway with its
     JSON 400: a key on that line (a header with its colon missing) is shown by its prefix only."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -9,7 +11,7 @@ from mitmproxy.net.http import url as mitm_url
 from mitmproxy.test import tutils
 
 from addon.admission import aim
-from addon.forwarding import destination, target_url, upstream_headers, upstream_url_problem
+from addon.forwarding import destination, target_url, untokened, upstream_headers, upstream_url_problem
 from addon.paths import InvalidPath
 
 HOST = "mcp.publisher.example:8443"
@@ -323,3 +325,34 @@ def test_the_body_is_framed_by_its_length_whatever_the_client_sent() -> None:
     framing = [(k, v) for k, v in got if k.lower() in ("content-length", "transfer-encoding")]
     assert framing == [("Content-Length", "42")]
     assert [k.lower() for k, _ in upstream_headers(fields, {}, HOST)] == ["x-a", "host", "accept-encoding"]
+
+
+# --- field names that are not tokens ------------------------------------------------------------------
+
+TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # RFC 9110 §5.6.2
+NAMES = st.one_of(st.binary(max_size=12), st.text(TCHAR.decode(), min_size=1, max_size=12).map(str.encode),
+                  st.sampled_from([b"Content-Length ", b"Cookie\t", b"Mcp-Session-Id\x0b", b"a:b", b"", b"X\rY",
+                                   b"Authoriza\xc3\xa7\xc3\xa3o", b"(redacted)", b"x y"]))
+
+
+@given(st.lists(NAMES, max_size=6))
+def test_untokened_is_any_name_empty_or_holding_a_byte_no_token_holds(names: list[bytes]) -> None:
+    fields = [(name, b"v") for name in names]
+    assert untokened(fields) == any(not name or any(b not in TCHAR for b in name) for name in names)
+
+
+@pytest.mark.parametrize("name", [b"Content-Length ", b"Mcp-Session-Id\t", b"Cookie\x00", b"X-Forward-Authorization "])
+def test_a_name_padded_with_whitespace_or_a_control_character_is_untokened(name: bytes) -> None:
+    """mitmproxy (validate_inbound_headers off) keeps it as sent; a server trimming it reads the real field."""
+    assert untokened([(b"Host", b"h"), (name, b"5")])
+    assert not untokened([(b"Host", b"h"), (name.strip(b" \t\x00"), b"5")])
+
+
+def test_untokened_is_linear_in_the_names() -> None:
+    """Every request's names are asked: a long run of token bytes ending in one that is not, in one name
+    or many, is answered in one pass (no backtracking over the run)."""
+    started = time.perf_counter()
+    assert untokened([(b"a" * 1_000_000 + b" ", b"")])
+    assert untokened([(b"ab", b"")] * 200_000 + [(b"x y", b"")])
+    assert untokened([(b"a:b" * 300_000, b"")])
+    assert time.perf_counter() - started < 2

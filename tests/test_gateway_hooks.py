@@ -1539,3 +1539,39 @@ async def test_trailers_cross_the_gateway_in_neither_direction(gw: Gw) -> None:
     answer.trailers = http.Headers([(b"x-mcpmeter-billed", b"0"), (b"grpc-status", b"0")])
     await upstream_answers(gw, flow, answer)
     assert flow.response.headers["X-Mcpmeter-Billed"] == str(PRICE) and flow.response.trailers is None
+
+
+# Field names that are not tokens: mitmproxy keeps them as sent when its validate_inbound_headers option
+# is off, and a server that trims the name reads the real field.
+UNTOKENED = ["Mcp-Session-Id ", "Cookie\t", "X-Forward-Authorization ", "Authorization\x0b", "Content-Length ",
+             "x(y)", "Authorizati\u00f3n"]
+
+
+@pytest.mark.parametrize("name", UNTOKENED)
+async def test_a_field_name_that_is_not_a_token_is_refused_before_authentication_and_redacted(
+        gw: Gw, caplog: pytest.LogCaptureFixture, name: str) -> None:
+    secret = "consumer-secret-0123456789"
+    flow = make_flow(token=UNKNOWN, headers={name: secret})  # a known key is not needed to be refused
+    balances = gw.db.balances()
+    gw.addon.requestheaders(flow)
+    assert secret not in repr(flow.get_state())  # from the first hook on: the flow may die before `request`
+    await gw.addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 400
+    body = refusal(flow.response)
+    assert body["error"] == "invalid_request" and "not a token" in body["reason"]
+    assert name not in flow.response.text and name.strip() not in body["reason"]
+    assert not forwarded(flow)
+    assert gw.db.balances() == balances and gw.db.usage() == [] and gw.db.journal() == []
+    assert_no_secret(flow, caplog, *ALL_TOKENS, secret)
+
+
+async def test_a_trailer_field_name_that_is_not_a_token_is_refused_and_redacted(gw: Gw) -> None:
+    """HTTP/2 request trailers (never forwarded) are held to the same rule."""
+    flow = make_flow()
+    flow.request.trailers = http.Headers([(b"cookie ", b"consumer-secret-0123456789")])
+    await gw.addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 400
+    assert refusal(flow.response)["error"] == "invalid_request" and not forwarded(flow)
+    assert "consumer-secret" not in repr(flow.get_state())
+    assert gw.db.balance() == OPENING and gw.db.journal() == []
+

@@ -334,6 +334,15 @@ def test_the_guards_redactor_takes_a_key_from_request_trailers() -> None:
     assert URL_KEY[10:].encode() not in saved_bytes(flow) and UPSTREAM_TOKEN.encode() not in saved_bytes(flow)
 
 
+def test_the_guards_redactor_redacts_fields_whose_name_is_not_a_token() -> None:
+    """`Cookie : x` while no meter is loaded: a server trimming the name reads a credential there."""
+    from addon.guard import CredentialRedactor
+    flow = make_flow(headers={"Cookie ": "cookie-secret-0123", "X-Forward-Authorization\t": "wrapped-secret-0123"})
+    CredentialRedactor().requestheaders(flow)
+    assert b"cookie-secret" not in saved_bytes(flow) and b"wrapped-secret" not in saved_bytes(flow)
+    assert flow.request.headers["Cookie "] == "(redacted)"
+
+
 @pytest.mark.parametrize("sse", [False, True], ids=["json", "sse"])
 async def test_an_upstream_echoing_a_wrapped_credential_does_not_save_it(gw: Gw, sse: bool) -> None:
     """A credential the consumer wraps for the upstream is on the wire only, like a publisher header; an
