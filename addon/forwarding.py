@@ -36,6 +36,7 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _TOKEN_HEAD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]*")  # a header name up to what it cannot hold
 MAX_SHOWN_NAME = 64  # characters of a header name an error repeats
 _FOLD = re.compile(rb"[ \t]*[\r\n]+[ \t]*")
+_TOKEN_BYTES = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # A message's names joined with ':', which no token holds: one match for all of them, linear.
 _TOKEN_NAMES = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?::[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
 # What a listing URL's netloc may be, being the upstream's Host: a name (mitmproxy checks its
@@ -208,6 +209,13 @@ def untokened(fields: Iterable[tuple[bytes, bytes]]) -> bool:
         return False
     joined = b":".join(names)  # every request's names are asked (twice): one match, not one a name
     return _TOKEN_NAMES.fullmatch(joined) is None or joined.count(b":") != len(names) - 1  # a name's own ':'
+
+
+def drop_untokened(headers: Headers) -> None:
+    """Drop the fields whose name is not a token (an answer's: the gateway read none of them, so the client
+    gets the answer the meter read; see untokened)."""
+    if untokened(headers.fields):
+        headers.fields = tuple((name, value) for name, value in headers.fields if _TOKEN_BYTES.fullmatch(name))
 
 
 def header_problem(name: str, value: str) -> str | None:

@@ -373,6 +373,7 @@ class Mcpmeter:
             return
         if flow.response is not None:
             forwarding.unfold(flow.response.headers)  # before anything reads them
+            forwarding.drop_untokened(flow.response.headers)  # read by neither mitmproxy nor the gateway
         if (owner := self._replaced_owner(flow)) is not None:
             return await owner.responseheaders(flow)
         call = self.calls.get(flow.id)

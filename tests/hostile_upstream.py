@@ -11,9 +11,10 @@ behave the way real servers behind a gateway do when they disagree with the gate
 - misbehaving answers picked by tool name (first-wins view) or an `X-Hostile` request header:
   slow, huge SSE events, deeply nested results, gzip/deflate bombs sent despite
   `Accept-Encoding: identity` (and a gzip event stream, `gzip_sse`), broken framing (a chunk line that
-  never ends, trailers, a folded line, both framings), a 101 or 103 unasked (after a 101, what comes
-  through is run as a call: `Seen.method` "TUNNEL"), its own `X-Mcpmeter-*` headers, an echo of every
-  header it received, and a minimal legacy HTTP+SSE session (GET .../sse; its tool `late_big` answers big, and late).
+  never ends, trailers, a folded line, both framings), field names that are no tokens, a 101 or 103
+  unasked (after a 101, what comes through is run as a call: `Seen.method` "TUNNEL"), its own
+  `X-Mcpmeter-*` headers, an echo of every header it received, and a minimal legacy HTTP+SSE session
+  (GET .../sse; its tool `late_big` answers big, and late).
 
 `Canary` is the same server answering anything on another port: any request it records came
 from a gateway that left its listing. `RawClient` is a keep-alive HTTP/1.1 client that sends
@@ -350,6 +351,9 @@ class HostileUpstream:
                 return False
             case "folded_header":  # an obs-fold line: a continuation that a lax client reads as a field of its own
                 return await _send(writer, 200, ok, {"X-Note": "a\r\n X-Mcpmeter-Billed: 0"})
+            case "bad_names":  # field names that are no tokens, which a lax client reads trimmed
+                return await _send(writer, 200, ok, {"Mcp-Session-Id ": "forged-session", "X-Note\t": "a",
+                                                     "Set-Cookie\x0b": "forged=1", "X-Nöte": "b", "X-Kept": "c"})
             case "json_trailers":  # a chunked JSON answer that ends with a trailer field
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
                              b"Trailer: X-Checksum\r\n\r\n" + f"{len(ok):x}\r\n".encode() + ok

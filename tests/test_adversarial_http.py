@@ -685,6 +685,38 @@ def test_a_request_with_a_field_name_that_is_not_a_token_is_refused(
     check(backend, listing, hostile, canary)
 
 
+@pytest.mark.parametrize("strict", [True, False], ids=["validating", "lax"])
+def test_an_answer_field_name_that_is_not_a_token_never_reaches_the_client(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, gateway: Gateway, lax_gateway: Gateway,
+        strict: bool) -> None:
+    """A client that trims the name would take a session the gateway never bound to the consumer (or a
+    cookie); one that refuses the name would refuse the whole answer, paid for. mitmproxy's check fails
+    the call (refunded); with it off, the gateway drops the fields and delivers what the meter read."""
+    listing = make_listing(backend, hostile)
+    client = RawClient((gateway if strict else lax_gateway).url)
+    try:
+        r = client.request("POST", listing.path, listing.auth(**{"X-Hostile": "bad_names"}), rpc(name="cheap"))
+    finally:
+        client.close()
+    if strict:
+        assert (r.status, r.error) == (502, "upstream_failed"), (r.status, r.body[:300])
+        assert _balance_back(backend, listing.consumer.user_id, CREDIT) == CREDIT
+        assert [(u["status"], u["billed"]) for u in backend.usage(listing.consumer)] == [(502, 0)]
+        assert confined(listing, hostile, canary) == []  # ran upstream, refunded: `check` would call it unpaid
+    else:
+        assert r.status == 200 and b"ran cheap" in r.body, (r.status, r.body[:300])
+        assert [k for k, _ in r.headers if k.lower() in ("mcp-session-id", "x-note", "set-cookie")] == [], r.headers
+        assert not any(k.startswith("X-N") and k != "X-Kept" for k, _ in r.headers), r.headers
+        assert r.header("X-Kept") == "c" and r.header("X-Mcpmeter-Billed") == "1"
+        assert _balance_back(backend, listing.consumer.user_id, CREDIT - 1) == CREDIT - 1
+        deadline = time.monotonic() + 10  # the usage row is written after the answer
+        while not backend.usage(listing.consumer) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [(u["status"], u["billed"]) for u in backend.usage(listing.consumer)] == [(200, 1)]
+        check(backend, listing, hostile, canary)
+    assert backend.unreconciled() == []
+
+
 @pytest.fixture(scope="module")
 def lax_tls_gateway(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """tls_gateway (HTTP/2 clients) with mitmproxy's validate_inbound_headers off."""

@@ -7,11 +7,12 @@ import time
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from mitmproxy.http import Headers
 from mitmproxy.net.http import url as mitm_url
 from mitmproxy.test import tutils
 
 from addon.admission import aim
-from addon.forwarding import destination, target_url, untokened, upstream_headers, upstream_url_problem
+from addon.forwarding import destination, drop_untokened, target_url, untokened, upstream_headers, upstream_url_problem
 from addon.paths import InvalidPath
 
 HOST = "mcp.publisher.example:8443"
@@ -339,6 +340,14 @@ NAMES = st.one_of(st.binary(max_size=12), st.text(TCHAR.decode(), min_size=1, ma
 def test_untokened_is_any_name_empty_or_holding_a_byte_no_token_holds(names: list[bytes]) -> None:
     fields = [(name, b"v") for name in names]
     assert untokened(fields) == any(not name or any(b not in TCHAR for b in name) for name in names)
+
+
+@given(st.lists(NAMES, max_size=6))
+def test_dropping_untokened_fields_keeps_the_others_in_order(names: list[bytes]) -> None:
+    headers = Headers([(name, str(i).encode()) for i, name in enumerate(names)])
+    drop_untokened(headers)
+    assert headers.fields == tuple((name, str(i).encode()) for i, name in enumerate(names)
+                                   if name and all(b in TCHAR for b in name))
 
 
 @pytest.mark.parametrize("name", [b"Content-Length ", b"Mcp-Session-Id\t", b"Cookie\x00", b"X-Forward-Authorization "])

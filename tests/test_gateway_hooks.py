@@ -1575,3 +1575,20 @@ async def test_a_trailer_field_name_that_is_not_a_token_is_refused_and_redacted(
     assert "consumer-secret" not in repr(flow.get_state())
     assert gw.db.balance() == OPENING and gw.db.journal() == []
 
+
+async def test_answer_fields_whose_name_is_not_a_token_are_dropped_and_the_call_billed(gw: Gw) -> None:
+    """A client that trims such a name would take a session the gateway never bound to the consumer; one
+    that refuses it would refuse the whole answer, paid for. Neither mitmproxy nor the gateway read them:
+    dropped, the client gets the answer that was metered."""
+    flow = make_flow()
+    await gw.addon.request(flow)
+    answer = json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}})
+    answer.headers.fields += ((b"Mcp-Session-Id ", b"forged"), (b"Set-Cookie\x0b", b"a=1"), (b"X-N\xc3\xb6te", b"b"),
+                              (b"X-Kept", b"c"))
+    await upstream_answers(gw, flow, answer)
+    names = [name for name, _ in flow.response.headers.fields]
+    assert [name for name in names if name.lower().startswith((b"mcp-", b"set-", b"x-n"))] == [], names
+    assert flow.response.headers["X-Kept"] == "c" and flow.response.headers["X-Mcpmeter-Billed"] == str(PRICE)
+    assert await gw.addon.cache.session_owner("forged") is None
+    assert gw.db.balance() == OPENING - PRICE and [u["status"] for u in gw.db.usage()] == [200]
+    gw.db.assert_reconciled()
