@@ -1582,6 +1582,8 @@ async def test_answer_fields_whose_name_is_not_a_token_are_dropped_and_the_call_
     dropped, the client gets the answer that was metered."""
     flow = make_flow()
     await gw.addon.request(flow)
+    listing = gw.addon.calls[flow.id].listing
+    assert listing is not None
     answer = json_response({"jsonrpc": "2.0", "id": 1, "result": {"content": []}})
     answer.headers.fields += ((b"Mcp-Session-Id ", b"forged"), (b"Set-Cookie\x0b", b"a=1"), (b"X-N\xc3\xb6te", b"b"),
                               (b"X-Kept", b"c"))
@@ -1589,6 +1591,6 @@ async def test_answer_fields_whose_name_is_not_a_token_are_dropped_and_the_call_
     names = [name for name, _ in flow.response.headers.fields]
     assert [name for name in names if name.lower().startswith((b"mcp-", b"set-", b"x-n"))] == [], names
     assert flow.response.headers["X-Kept"] == "c" and flow.response.headers["X-Mcpmeter-Billed"] == str(PRICE)
-    assert await gw.addon.cache.session_owner("forged") is None
+    assert await gw.addon.cache.session_owner(listing.id, "forged") is None
     assert gw.db.balance() == OPENING - PRICE and [u["status"] for u in gw.db.usage()] == [200]
     gw.db.assert_reconciled()
