@@ -10,8 +10,9 @@ gateway close both gaps:
   the proxyserver's connection handler, which mitmproxy turns into the flow's `error`.
 
 - `Http2Server._handle_event` does the same for HTTP/2 clients, per stream (the stream of a
-  failed flow is learnt in `HttpStream.handle_protocol_error`), and answers failures the addon
-  did not register with a JSON body instead of mitmproxy's text/html page;
+  failed flow is learnt in `HttpStream.handle_protocol_error`, and whether the client's side failed:
+  an HTTP/2 client walks away by resetting its stream), and answers failures the addon did not
+  register with a JSON body instead of mitmproxy's text/html page;
 - `Http1Server.read_headers` / `Http1Client.read_headers` bound an HTTP/1 head at MAX_HEAD_BYTES:
   mitmproxy buffers a head until its blank line, however long ("FIXME: protect against header size
   DoS"), before any hook runs; HTTP/2 heads are bounded by h2 at the same 64 KiB;
@@ -72,6 +73,9 @@ _pending_h2: TTLCache[tuple[str, int], http.Response] = TTLCache(maxsize=100_000
 _h2_streams: weakref.WeakKeyDictionary[http.HTTPFlow, int] = weakref.WeakKeyDictionary()
 # A request on its way upstream -> the publisher's header values the flow shows as REDACTED.
 _hidden: weakref.WeakKeyDictionary[http.Request, list[tuple[str, str]]] = weakref.WeakKeyDictionary()
+# Flows that failed on the client's side: an HTTP/2 client resetting its stream leaves its connection open,
+# and mitmproxy's message ("stream reset by client") is the same for an upstream's reset.
+_client_failed: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
 _installed = False
 
 _INTERNALS: tuple[tuple[Any, str], ...] = (
@@ -145,6 +149,8 @@ def _install_http2_answers() -> None:
         if flow is not None:  # a body cut off (a side gone): mitmweb may keep its flow for ever
             READING.release(flow)
             HOLDING.release(flow)
+        if flow is not None and isinstance(event, RequestProtocolError):
+            _client_failed.add(flow)
         if flow is not None and flow.request.is_http2:
             _h2_streams[flow] = self.stream_id  # read by answer_failed_flow, from the error hook
         return (yield from original_protocol_error(self, event))
@@ -315,9 +321,11 @@ def request_sent(flow: http.HTTPFlow) -> bool:
 
 
 def client_gone(flow: http.HTTPFlow) -> bool:
-    """Whether the flow failed because the client went away (as opposed to the upstream)."""
+    """Whether the flow failed because the client went away (as opposed to the upstream): its connection
+    closed, or (HTTP/2) its stream reset by the client."""
     msg = flow.error.msg if flow.error else ""
-    return "Client disconnected" in msg or not (flow.client_conn.state & ConnectionState.CAN_WRITE)
+    return ("Client disconnected" in msg or flow in _client_failed
+            or not (flow.client_conn.state & ConnectionState.CAN_WRITE))
 
 
 # --- request bodies read with a ceiling, whatever their framing -----------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import pytest
 
@@ -278,6 +279,60 @@ def test_http2_request_trailers_are_not_forwarded(
     time.sleep(0.5)
     assert tls_gateway.log().count("mitmproxy has crashed") == crashes
     check(backend, listing, hostile, canary)
+
+
+def _reset_after_forwarding(gw: Gateway, listing: Any, **extra: str) -> None:
+    """An HTTP/2 client that sends a slow call and resets its stream (RST_STREAM CANCEL) while it runs upstream:
+    what an HTTP/2 client does when it walks away, its connection left open."""
+    host, port = gw.url.split("://")[1].split(":")
+    tls = ssl.create_default_context()
+    tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+    tls.set_alpn_protocols(["h2"])
+    with tls.wrap_socket(socket.create_connection((host, int(port)), timeout=10), server_hostname="localhost") as sock:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":path", listing.path), (":scheme", "https"),
+                              (":authority", "gateway.test"), *[(k.lower(), v) for k, v in listing.auth(**extra)]])
+        conn.send_data(1, rpc(name="slow", seconds=2), end_stream=True)
+        sock.sendall(conn.data_to_send())
+        time.sleep(1.0)  # admitted, forwarded, running upstream
+        conn.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+        sock.sendall(conn.data_to_send())
+        time.sleep(2.0)  # the upstream finishes; the connection stays open meanwhile
+
+
+def _reason(backend: Backend, listing: Any, wait: float = 10.0) -> tuple[Any, ...]:
+    deadline = time.monotonic() + wait
+    while not (rows := backend.query("SELECT u.status, u.billed_micro_cents, c.reason FROM usage_events u JOIN "
+                                     "mcpmeter_calls c ON c.request_id = u.request_id WHERE u.mcp_id = %s",
+                                     (listing.mcp_id,))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [row] = rows
+    return int(row[0]), int(row[1]), row[2]
+
+
+def test_an_http2_client_resetting_its_stream_after_forwarding_walked_away(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, tls_gateway: Gateway) -> None:
+    """The stream reset reached the error hook as a failure of the upstream's: the call ran upstream and was
+    refunded (502 upstream_failed, counted by the circuit breaker), where an HTTP/1 client closing its
+    connection pays (499 client_disconnected). An HTTP/2 client walks away by resetting its stream."""
+    listing = make_listing(backend, hostile, timeout=30)
+    _reset_after_forwarding(tls_gateway, listing)
+    assert [s.ran for s in hostile.ran(listing.slug)] == ["slow"]
+    assert _reason(backend, listing) == (499, 1000, "client_disconnected")
+    assert _balance_back(backend, listing.consumer.user_id, CREDIT - 1000) == CREDIT - 1000
+    check(backend, listing, hostile, canary)
+
+
+def test_an_http2_stream_reset_cancels_a_2026_call(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, tls_gateway: Gateway) -> None:
+    """From 2026-07-28 closing the POST stream cancels the call: refunded as cancelled, not as an upstream failure."""
+    listing = make_listing(backend, hostile, timeout=30)
+    revision = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": "slow"}
+    _reset_after_forwarding(tls_gateway, listing, **revision)
+    assert _reason(backend, listing) == (499, 0, "cancelled")
+    assert _balance_back(backend, listing.consumer.user_id, CREDIT) == CREDIT
+    assert confined(listing, hostile, canary) == []  # it ran, unpaid by design: the client cancelled it
 
 
 # === obsolete line folding ==========================================================================
