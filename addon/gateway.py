@@ -302,8 +302,11 @@ class Mcpmeter:
             answer = self._too_large(flow, limit)
             if int(length) <= HARD_BODY_LIMIT_FACTOR * limit:
                 # mitmproxy reads (and drops) the body, then sends this: clients that write their whole
-                # body before reading get a clean answer.
+                # body before reading get a clean answer. It is held meanwhile, so it counts among the bodies
+                # being read (an HTTP/2 connection carries many): past them it stops being read, refused so.
                 flow.response = answer
+                compat.limit_request_body(flow, int(length), self._announced_too_large,
+                                          self.config.max_reading_bytes, self._announced_too_large)
             else:
                 # Too big to even read: refuse at once; compat turns the kill into this answer.
                 compat.answer_failed_flow(flow, answer)
@@ -312,6 +315,10 @@ class Mcpmeter:
     def _too_large(self, flow: http.HTTPFlow, limit: int) -> http.Response:
         """The 413 for a request body over `limit` (a method: compat keeps it weakly by the flow)."""
         return self._unread(flow, GatewayError("payload_too_large", limit_bytes=limit))
+
+    def _announced_too_large(self, flow: http.HTTPFlow, _: int) -> http.Response:
+        """The 413 for a body whose Content-Length passed max_body_bytes, stopped while it was read and dropped."""
+        return self._too_large(flow, self.config.max_body_bytes if self.config else 0)
 
     def _busy(self, flow: http.HTTPFlow, limit: int) -> http.Response:
         """The 503 for a body that would pass the bytes of all bodies being read (compat keeps it weakly)."""

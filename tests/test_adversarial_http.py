@@ -499,6 +499,32 @@ def test_bodies_being_read_are_bounded_all_connections_together(
         gw.stop()
 
 
+def test_bodies_announced_too_large_count_among_the_bodies_being_read(
+        backend: Backend, hostile: HostileUpstream, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A body whose Content-Length passes max_body_bytes (up to 4x) is read and dropped before its 413; it was
+    held whole uncounted, so N such uploads, no key needed (an HTTP/2 connection carries a hundred), held
+    N x 4 x max_body_bytes past max_reading_bytes. Counted, it is refused once the budget is spent."""
+    listing = make_listing(backend, hostile)
+    gw = launch({**backend.config(), "max_body_bytes": MAX_BODY, "max_reading_bytes": 3 * MAX_BODY},
+                tmp_path_factory.mktemp("reading-413"), backend.env())
+    host, _, port = gw.url.removeprefix("http://").partition(":")
+    holding: list[socket.socket] = []
+    try:
+        holding = [_upload((host, int(port)), listing.path, 4 * MAX_BODY, 1_400_000) for _ in range(2)]
+        time.sleep(1.0)  # read by the gateway: 2.8 MB held of the 3 MB
+        late = _upload((host, int(port)), listing.path, 4 * MAX_BODY, 400_000)
+        answer = _answer(late)
+        late.close()
+        assert answer.startswith(b"HTTP/1.1 413 ") and b"payload_too_large" in answer, answer[:300]
+        r = RawClient(gw.url).request("POST", listing.path, listing.auth(), rpc(name="cheap", padding="x" * 300_000))
+        assert (r.status, r.error) == (503, "gateway_busy"), (r.status, r.body[:200])
+        assert hostile.records(listing.slug) == []
+    finally:
+        for sock in holding:
+            sock.close()
+        gw.stop()
+
+
 def test_answers_being_read_are_bounded_all_calls_together(
         backend: Backend, hostile: HostileUpstream, tmp_path_factory: pytest.TempPathFactory) -> None:
     """An answer not streamed is held whole before any hook, up to 4 x max_body_bytes; an upstream
