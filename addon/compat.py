@@ -23,6 +23,10 @@ gateway close both gaps:
   its limit (`limit_answer_body`): mitmproxy holds it whole, however long;
 - `_http1.make_body_reader` reads chunked bodies with their trailer section dropped: mitmproxy
   raises on HTTP/1 trailers, which crashes the connection;
+- `BufferedH2Connection` counts what it holds for an HTTP/2 client whose flow-control windows are closed,
+  and `ConnectionHandler.handle_connection` reads that client's upstreams only while it holds less than
+  MAX_BACKLOG_BYTES: mitmproxy keeps reading them and holds every byte, however many (an HTTP/1 client
+  that does not read stops the upstream: mitmproxy reads no more than it can write);
 - `Http1Client.send` / `_http2.format_h2_request_headers` put the publisher's upstream headers
   into the bytes sent upstream, so the flow (saved with `-w`, shown by mitmweb) only ever holds
   a redacted marker for them (`hide_upstream_headers`).
@@ -36,6 +40,7 @@ prefix only, in mitmproxy's connection log as in the gateway's (`redaction.KeyFi
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -46,15 +51,17 @@ from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
 import h11
+from h2 import events as h2_events
 from cachetools import TTLCache
 from h11._readers import ChunkedReader
 from mitmproxy import ctx, http, version
 from mitmproxy.connection import ConnectionState, Server
 from mitmproxy.net.http import http1
-from mitmproxy.proxy import commands, events
+from mitmproxy.proxy import commands, events, server
 from mitmproxy.proxy import layers as _layers
 from mitmproxy.proxy.layers.http import (ErrorCode, HttpStream, RequestData, RequestHeaders, RequestProtocolError,
-                                          ResponseData, ResponseProtocolError, _base, _http1, _http2, _http3)
+                                          ResponseData, ResponseProtocolError, _base, _http1, _http2, _http3,
+                                          _http_h2)
 
 from .budget import HOLDING, READING
 from .errors import ERRORS
@@ -84,7 +91,9 @@ _INTERNALS: tuple[tuple[Any, str], ...] = (
     (_http3, "format_error"), (_layers.http.HttpStream, "handle_protocol_error"),
     (_http1.Http1Server, "read_headers"), (_http1.Http1Client, "read_headers"), (_http1.Http1Connection, "done"),
     (_http1.Http1Connection, "_handle_event"), (_http1.Http1Connection, "read_body"), (_http1.Http1Connection, "wait"),
-    (_http1, "make_body_reader"),
+    (_http1, "make_body_reader"), (_http_h2.BufferedH2Connection, "send_data"),
+    (_http_h2.BufferedH2Connection, "stream_window_updated"), (_http_h2.BufferedH2Connection, "reset_stream"),
+    (_http_h2.BufferedH2Connection, "receive_data"), (server.ConnectionHandler, "handle_connection"),
 )
 # An HTTP/1 head (request or status line and the header fields) longer than this is refused: a
 # client's with a 431 and a closed connection, before any hook (no flow is made); an upstream's as
@@ -93,6 +102,9 @@ MAX_HEAD_BYTES = 64 * 1024
 # What an HTTP/1 client may send ahead of the answer it waits for (pipelined requests, held for later);
 # past it the connection is closed, as if the client had hung up. MCP clients never pipeline.
 MAX_AHEAD_BYTES = 1024 * 1024
+# What mitmproxy may hold for an HTTP/2 client that does not read (its flow-control windows closed), all its
+# streams together; past it, that client's upstream connections are not read until it reads some.
+MAX_BACKLOG_BYTES = 1024 * 1024
 
 
 def install() -> None:
@@ -134,6 +146,7 @@ def install() -> None:
     _install_head_limit()
     _install_buffer_limit()
     _install_trailer_drop()
+    _install_h2_backlog()
     # mitmproxy's connection log quotes client bytes it cannot parse; so may the gateway's own lines.
     for logger in ("mitmproxy.proxy.server", "mcpmeter"):
         logging.getLogger(logger).addFilter(KeyFilter())
@@ -156,6 +169,8 @@ def _install_http2_answers() -> None:
         return (yield from original_protocol_error(self, event))
 
     def h2_event(self: _http2.Http2Server, event: Any) -> Generator[commands.Command, Any, None]:
+        if self.conn.id not in _client_backlogs:  # what paces this client's upstreams
+            _client_backlogs[self.conn.id] = _backlog(self.h2_conn)
         if isinstance(event, ResponseProtocolError) and self.is_open_for_us(event.stream_id):
             stream = self.h2_conn.streams[event.stream_id]
             answer = _pending_h2.pop((self.conn.id, event.stream_id), None)
@@ -534,3 +549,119 @@ def _install_buffer_limit() -> None:
 
     _http1.Http1Connection._handle_event = handle_event  # type: ignore[method-assign]
 
+
+
+class _Backlog:
+    """What an HTTP/2 connection holds for its peer because the peer's flow-control windows are closed, per
+    stream and in all; `room` is set while that is at most MAX_BACKLOG_BYTES."""
+
+    def __init__(self) -> None:
+        self.streams: dict[int, int] = {}
+        self.total = 0
+        self.room = asyncio.Event()
+        self.room.set()
+
+    def add(self, stream_id: int, n: int) -> None:
+        if n:
+            self.streams[stream_id] = self.streams.get(stream_id, 0) + n
+            self._changed(n)
+
+    def drop(self, stream_id: int) -> None:
+        self._changed(-self.streams.pop(stream_id, 0))
+
+    def _changed(self, n: int) -> None:
+        self.total += n
+        if self.total > MAX_BACKLOG_BYTES:
+            self.room.clear()
+        else:
+            self.room.set()
+
+
+# HTTP/2 connections (both sides) -> their backlog; client connection ids -> their HTTP/2 connection's.
+_backlogs: weakref.WeakKeyDictionary[Any, _Backlog] = weakref.WeakKeyDictionary()
+_client_backlogs: weakref.WeakValueDictionary[str, _Backlog] = weakref.WeakValueDictionary()
+
+
+def _backlog(h2_conn: Any) -> _Backlog:
+    if (backlog := _backlogs.get(h2_conn)) is None:
+        backlog = _backlogs[h2_conn] = _Backlog()
+    return backlog
+
+
+def _window(h2_conn: Any, stream_id: int) -> int | None:
+    """What the peer lets be sent on the stream now (None: the stream is gone)."""
+    try:
+        return int(h2_conn.local_flow_control_window(stream_id))
+    except Exception:
+        return None
+
+
+class _PacedReader:
+    """An upstream connection's reader that reads nothing while its client holds a full backlog."""
+
+    def __init__(self, reader: asyncio.StreamReader, client_id: str) -> None:
+        self.reader, self.client_id = reader, client_id
+
+    async def read(self, n: int = -1) -> bytes:
+        while (backlog := _client_backlogs.get(self.client_id)) is not None and not backlog.room.is_set():
+            await backlog.room.wait()
+        return await self.reader.read(n)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.reader, name)
+
+
+def _install_h2_backlog() -> None:
+    """Count what a BufferedH2Connection buffers (each change O(1): from the stream's window before and after
+    sending), and pace the client's upstream connections by it."""
+    h2c = _http_h2.BufferedH2Connection
+    send_data, window_updated, reset_stream, receive_data = (
+        h2c.send_data, h2c.stream_window_updated, h2c.reset_stream, h2c.receive_data)
+
+    def send(self: Any, stream_id: int, data: bytes, end_stream: bool = False, pad_length: None = None) -> None:
+        if len(data) > self.max_outbound_frame_size:  # split into frames, each sent through this function
+            return send_data(self, stream_id, data, end_stream, pad_length)
+        before = _window(self, stream_id)
+        send_data(self, stream_id, data, end_stream, pad_length)
+        if stream_id in self.stream_buffers and before is not None:
+            after = _window(self, stream_id)
+            _backlog(self).add(stream_id, len(data) - (before - after if after is not None else 0))
+
+    def updated(self: Any, stream_id: int) -> bool:
+        before = _window(self, stream_id)
+        sent = bool(window_updated(self, stream_id))
+        if (backlog := _backlogs.get(self)) is not None and stream_id in backlog.streams:
+            after = _window(self, stream_id)
+            if stream_id not in self.stream_buffers or before is None or after is None:
+                backlog.drop(stream_id)
+            else:
+                backlog.add(stream_id, after - before)
+        return sent
+
+    def reset(self: Any, stream_id: int, error_code: int = 0) -> None:
+        reset_stream(self, stream_id, error_code)
+        if (backlog := _backlogs.get(self)) is not None:
+            backlog.drop(stream_id)
+
+    def receive(self: Any, data: Any) -> Any:
+        received = receive_data(self, data)
+        if (backlog := _backlogs.get(self)) is not None and backlog.streams:
+            for event in received:  # a stream reset or the connection ended: its buffers are dropped
+                if isinstance(event, h2_events.StreamReset):
+                    backlog.drop(event.stream_id)
+                elif isinstance(event, h2_events.ConnectionTerminated):
+                    for stream_id in list(backlog.streams):
+                        backlog.drop(stream_id)
+        return received
+
+    h2c.send_data, h2c.stream_window_updated, h2c.reset_stream, h2c.receive_data = (  # type: ignore[method-assign]
+        send, updated, reset, receive)
+    handle_connection = server.ConnectionHandler.handle_connection
+
+    async def paced(self: server.ConnectionHandler, connection: Any) -> None:
+        io = self.transports.get(connection)
+        if isinstance(connection, Server) and io is not None and isinstance(io.reader, asyncio.StreamReader):
+            io.reader = _PacedReader(io.reader, self.client.id)  # type: ignore[assignment]
+        await handle_connection(self, connection)
+
+    server.ConnectionHandler.handle_connection = paced  # type: ignore[method-assign]

@@ -728,7 +728,6 @@ def test_a_stalled_http2_upload_is_not_closed_with_a_paid_call_on_its_connection
         gw.stop()
 
 
-
 # === field names that are not tokens =================================================================
 # mitmproxy keeps a field's name as sent (`Mcp-Session-Id `, its space too). Its validate_inbound_headers
 # option (on by default) refuses such a request (400 proxy_error) and fails such an answer (502); with it
@@ -830,4 +829,31 @@ def test_an_http2_request_with_a_field_name_that_is_not_a_token_is_refused(
         assert (answer.status, code) == (400, "proxy_error" if strict else "invalid_request"), answer
     assert hostile.records(listing.slug) == []
     assert backend.balance(listing.consumer.user_id) == CREDIT
+
+
+def test_answers_an_http2_client_does_not_read_are_not_held_without_bound(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, tls_gateway: Gateway) -> None:
+    """An HTTP/1 client that reads nothing stops the upstream's answer (the gateway reads no more of it than it
+    can write). An HTTP/2 client that leaves its flow-control windows closed did not: mitmproxy read the
+    upstream on and kept every byte for the client, 3 x 60 MB event streams held whole in the gateway.
+    Past a backlog of compat.MAX_BACKLOG_BYTES for the client, its upstreams are not read until it reads."""
+    listing = make_listing(backend, hostile, timeout=60)
+    host, port = tls_gateway.url.split("://")[1].split(":")
+    tls = ssl.create_default_context()
+    tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+    tls.set_alpn_protocols(["h2"])
+    before = rss_bytes(tls_gateway.proc.pid)
+    with tls.wrap_socket(socket.create_connection((host, int(port)), timeout=10), server_hostname="localhost") as sock:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        conn.local_settings.initial_window_size = 0  # reads nothing of any answer
+        conn.initiate_connection()
+        head = [(":method", "POST"), (":path", listing.path), (":scheme", "https"), (":authority", "gateway.test"),
+                *[(k.lower(), v) for k, v in listing.auth(**{"X-Hostile": "huge_sse"})]]
+        for stream_id in (1, 3, 5):
+            conn.send_headers(stream_id, head)
+            conn.send_data(stream_id, rpc(name="cheap", mb=60), end_stream=True)
+        sock.sendall(conn.data_to_send())
+        time.sleep(6.0)  # the upstream writes as fast as the gateway reads
+        grown = rss_bytes(tls_gateway.proc.pid) - before
+    assert grown < 60 * 2**20, f"the gateway grew {grown / 2**20:.0f} MB for answers nobody read"
     check(backend, listing, hostile, canary)
