@@ -27,6 +27,9 @@ gateway close both gaps:
   and `ConnectionHandler.handle_connection` reads that client's upstreams only while it holds less than
   MAX_BACKLOG_BYTES: mitmproxy keeps reading them and holds every byte, however many (an HTTP/1 client
   that does not read stops the upstream: mitmproxy reads no more than it can write);
+- `HttpLayer.get_connection` never gives a call an upstream connection that carries another call in flight:
+  mitmproxy multiplexes an HTTP/2 client's calls onto one HTTP/2 upstream connection, and the gateway fails
+  a call by closing its connection (`abort_upstream`, an answer over its limit), which failed the others;
 - `Http1Client.send` / `_http2.format_h2_request_headers` put the publisher's upstream headers
   into the bytes sent upstream, so the flow (saved with `-w`, shown by mitmweb) only ever holds
   a redacted marker for them (`hide_upstream_headers`).
@@ -94,6 +97,7 @@ _INTERNALS: tuple[tuple[Any, str], ...] = (
     (_http1, "make_body_reader"), (_http_h2.BufferedH2Connection, "send_data"),
     (_http_h2.BufferedH2Connection, "stream_window_updated"), (_http_h2.BufferedH2Connection, "reset_stream"),
     (_http_h2.BufferedH2Connection, "receive_data"), (server.ConnectionHandler, "handle_connection"),
+    (_layers.http.HttpLayer, "get_connection"),
 )
 # An HTTP/1 head (request or status line and the header fields) longer than this is refused: a
 # client's with a 431 and a closed connection, before any hook (no flow is made); an upstream's as
@@ -147,6 +151,7 @@ def install() -> None:
     _install_buffer_limit()
     _install_trailer_drop()
     _install_h2_backlog()
+    _install_connection_per_call()
     # mitmproxy's connection log quotes client bytes it cannot parse; so may the gateway's own lines.
     for logger in ("mitmproxy.proxy.server", "mcpmeter"):
         logging.getLogger(logger).addFilter(KeyFilter())
@@ -665,3 +670,22 @@ def _install_h2_backlog() -> None:
         await handle_connection(self, connection)
 
     server.ConnectionHandler.handle_connection = paced  # type: ignore[method-assign]
+
+
+def _carrying(layer: Any, conn: Any) -> bool:
+    """Whether an upstream connection is being opened for a call, or carries one in flight (O(streams))."""
+    return conn in layer.waiting_for_establishment or any(
+        (flow := getattr(stream, "flow", None)) is not None and flow.live and flow.server_conn is conn
+        for stream in layer.streams.values())
+
+
+def _install_connection_per_call() -> None:
+    """One upstream connection per call in flight: an idle one is reused, a busy HTTP/2 one is not shared."""
+    original = _layers.http.HttpLayer.get_connection
+
+    def get_connection(self: Any, event: Any, *, reuse: bool = True) -> Commands:
+        matches = event.connection_spec_matches
+        event.connection_spec_matches = lambda conn: matches(conn) and not _carrying(self, conn)
+        return (yield from original(self, event, reuse=reuse))
+
+    _layers.http.HttpLayer.get_connection = get_connection  # type: ignore[method-assign]

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 import pytest
 
 from tests.backends import Backend
@@ -857,3 +860,134 @@ def test_answers_an_http2_client_does_not_read_are_not_held_without_bound(
         grown = rss_bytes(tls_gateway.proc.pid) - before
     assert grown < 60 * 2**20, f"the gateway grew {grown / 2**20:.0f} MB for answers nobody read"
     check(backend, listing, hostile, canary)
+
+
+# === HTTP/2 upstreams ================================================================================
+
+
+class SlowH2Upstream:
+    """HTTP/2 over TLS (ALPN h2 only): answers each tools/call after its `seconds` argument, streams in parallel."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.tls.load_cert_chain(cert, key)
+        self.tls.set_alpn_protocols(["h2"])
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.sock.getsockname()[1]}/mcp"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        lock = threading.Lock()
+
+        def answer(sock: ssl.SSLSocket, h2c: h2.connection.H2Connection, stream_id: int, body: bytes) -> None:
+            call = json.loads(body)
+            time.sleep(float(call["params"]["arguments"].get("seconds", 0)))
+            result = {"content": [{"type": "text", "text": f"ran {call['params']['name']}"}], "isError": False}
+            with lock:
+                try:
+                    h2c.send_headers(stream_id, [(":status", "200"), ("content-type", "application/json")])
+                    message = json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": result}).encode()
+                    h2c.send_data(stream_id, message, end_stream=True)
+                    sock.sendall(h2c.data_to_send())
+                except Exception:  # the stream or the connection is gone
+                    pass
+
+        try:
+            with self.tls.wrap_socket(raw, server_side=True) as sock:
+                h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+                with lock:
+                    h2c.initiate_connection()
+                    sock.sendall(h2c.data_to_send())
+                bodies: dict[int, bytes] = {}
+                while data := sock.recv(65536):
+                    with lock:
+                        events = h2c.receive_data(data)
+                        sock.sendall(h2c.data_to_send())
+                    for event in events:
+                        if isinstance(event, h2.events.DataReceived):
+                            bodies[event.stream_id] = bodies.get(event.stream_id, b"") + event.data
+                            with lock:
+                                h2c.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                        elif isinstance(event, h2.events.StreamEnded):
+                            body = bodies.pop(event.stream_id)
+                            args = (sock, h2c, event.stream_id, body)
+                            threading.Thread(target=answer, args=args, daemon=True).start()
+        except (OSError, ssl.SSLError, h2.exceptions.ProtocolError):
+            pass
+
+
+def test_a_call_failed_on_an_http2_upstream_fails_no_other_call(
+        backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """mitmproxy multiplexed an HTTP/2 client's calls to one upstream onto one HTTP/2 connection, and the gateway
+    fails a call by closing its upstream connection (its timeout, an answer over its limit): one listing's call
+    timing out failed another's healthy call beside it (502, refunded, its result never delivered). Each call
+    in flight has an upstream connection of its own; an idle one is reused."""
+    from tests.test_tls import make_pki
+    workdir = tmp_path_factory.mktemp("h2-upstream")
+    pki = make_pki(workdir, "upstream")
+    upstream = SlowH2Upstream(pki.cert, pki.key)
+    gw = start_gateway(backend.config(), workdir, env=backend.env(), reverse_target=f"https://127.0.0.1:{closed_port()}",
+                       extra_args=["--set", f"confdir={workdir / 'mitmproxy'}",
+                                   "--set", f"ssl_verify_upstream_trusted_ca={pki.ca}"])
+    consumer = backend.add_consumer(credit=CREDIT)
+    slugs = {}
+    for name, timeout in (("quick", 1), ("patient", 30)):
+        slugs[name] = f"h2up-{name}-{uuid.uuid4().hex[:6]}"
+        backend.add_listing(slugs[name], upstream.url, price=1000, timeout=timeout)
+    host, port = gw.url.split("://")[1].split(":")
+    tls = ssl.create_default_context()
+    tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+    tls.set_alpn_protocols(["h2"])
+    auth = [("authorization", f"Bearer {consumer.key}"), ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream")]
+    statuses: dict[int, bytes] = {}
+    bodies: dict[int, bytes] = {1: b"", 3: b"", 5: b""}
+
+    def call(sock: ssl.SSLSocket, conn: h2.connection.H2Connection, *calls: tuple[int, str, float]) -> None:
+        for stream_id, name, seconds in calls:
+            conn.send_headers(stream_id, [(":method", "POST"), (":path", f"/{slugs[name]}"), (":scheme", "https"),
+                                          (":authority", "gateway.test"), *auth])
+            conn.send_data(stream_id, rpc(name="slow", seconds=seconds), end_stream=True)
+        sock.sendall(conn.data_to_send())
+        ended: set[int] = set()
+        while ended != {stream_id for stream_id, _, _ in calls}:
+            data = sock.recv(65536)
+            assert data, "the gateway closed the client's connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    statuses[event.stream_id] = dict(event.headers)[b":status"]
+                elif isinstance(event, h2.events.DataReceived):
+                    bodies[event.stream_id] += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    ended.add(event.stream_id)
+            sock.sendall(conn.data_to_send())
+
+    try:
+        with tls.wrap_socket(socket.create_connection((host, int(port)), timeout=20),
+                             server_hostname="localhost") as sock:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+            conn.initiate_connection()
+            call(sock, conn, (1, "patient", 3), (3, "quick", 6))  # "quick" times out after 1 s
+            assert statuses[3] == b"504", (statuses, bodies[3][:200])
+            assert statuses[1] == b"200" and b"ran slow" in bodies[1], (statuses, bodies[1][:200])
+            call(sock, conn, (5, "patient", 0))  # on the idle connection of the first
+            assert statuses[5] == b"200", (statuses, bodies[5][:200])
+        assert upstream.connections == 2
+        assert _balance_back(backend, consumer.user_id, CREDIT - 2000) == CREDIT - 2000
+    finally:
+        gw.stop()
+        upstream.sock.close()
