@@ -175,15 +175,18 @@ class Relay:
         self._socks: list[socket.socket] = []
         self._lock = threading.Lock()
         self._skip: int | None = None  # requests to let through before the one whose answer is lost
-        self._lose_next = False
+        self._to: bytes | None = None  # only requests containing these bytes count
+        self._times = 0  # answers still to lose, one after the other
         self.lost = 0  # answers lost so far
 
-    def lose_answer(self, after: int = 0) -> None:
+    def lose_answer(self, after: int = 0, to: bytes | None = None, times: int = 1) -> None:
         """The answer to the next request sent (on any connection) after `after` more never reaches the
         client: the relay reads it to its end (the server ran the statements, COMMIT included, and
-        answered), then cuts that connection. What a network cut right after a COMMIT looks like."""
+        answered), then cuts that connection. What a network cut right after a COMMIT looks like.
+        With `to`, only requests whose bytes contain it count (a CALL of one procedure: the lookups,
+        the connection's handshake and its init_command go through); `times` such answers are lost."""
         with self._lock:
-            self._skip, self._lose_next = after, False
+            self._skip, self._to, self._times = after, to, times
 
     def start(self) -> None:
         listener = socket.socket()
@@ -211,19 +214,18 @@ class Relay:
                 pass
             s.close()
 
-    def _sent(self) -> None:
-        """A request goes to the server: the one whose answer is lost, or one more let through."""
+    def _sent(self, data: bytes) -> bool:
+        """A request goes to the server: True for one whose answer is lost (one more let through: False)."""
         with self._lock:
-            if self._skip == 0:
-                self._skip, self._lose_next = None, True
-            elif self._skip is not None:
+            if self._skip is None or (self._to is not None and self._to not in data):
+                return False
+            if self._skip > 0:
                 self._skip -= 1
-
-    def _lose(self) -> bool:
-        with self._lock:
-            lose, self._lose_next = self._lose_next, False
-            self.lost += lose
-        return lose
+                return False
+            self._times -= 1
+            if self._times <= 0:
+                self._skip = None
+            return True
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -239,15 +241,19 @@ class Relay:
             upstream.settimeout(None)
             with self._lock:
                 self._socks += [client, upstream]
-            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+            lose = threading.Event()  # set: this connection's next answer is lost
+            threading.Thread(target=self._pipe, args=(client, upstream, False, lose), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True, lose), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, answers: bool, lose: threading.Event) -> None:
         try:
             while data := src.recv(65536):
                 if not answers:
-                    self._sent()
-                elif self._lose():
+                    if self._sent(data):
+                        lose.set()
+                elif lose.is_set():
+                    with self._lock:
+                        self.lost += 1
                     src.settimeout(0.3)
                     while src.recv(65536):  # the rest of the answer, until the server is done
                         pass
