@@ -25,10 +25,12 @@ from mitmproxy.test import taddons
 from addon.config import Config, MysqlSettings
 from addon.gateway import Mcpmeter
 from addon.model import Settlement, Verdict
+from addon.store import mysql_trip
 from addon.store.base import StoreUnavailable
 from addon.store.mysql import MysqlStore
 
 from .dbutil import SCHEMA, Relay, connect, require_server, scratch_database
+from .test_mysql_charge_replay import REPLAYED, batch_world, batch_written, settle_all
 from .test_mysql_loop import hold_row, mysql, server_done, store_of  # noqa: F401  (mysql: a fixture, pool_size 4)
 from .test_gateway_hooks import (  # noqa: F401  (gw, isolated: fixtures)
     Gw,
@@ -527,6 +529,90 @@ async def test_work_whose_answer_is_lost_after_its_commit_lands_once(kind: str) 
             assert db.value("SELECT COUNT(*) FROM credit_transactions WHERE type = 'refund'") == (
                 3 if kind in ("refund", "charge batch") else 0)
             assert db.value("SELECT COUNT(*) FROM usage_events") == db.value("SELECT COUNT(*) FROM mcpmeter_calls")
+            reconcile(db)
+        finally:
+            store.close()
+            relay.stop()
+            db.close()
+
+
+CHARGE_CALL = f"CALL `{mysql_trip.CHARGE_PROCEDURE}`".encode()
+BATCH_CALL = f"CALL `{mysql_trip.CHARGE_BATCH_PROCEDURE}`".encode()
+
+
+@pytest.mark.parametrize("credit,losses", [(10 * PRICE, 1), (PRICE - 1, 1), (10 * PRICE, 2)],
+                         ids=["debited", "refused", "lost-twice"])
+async def test_a_charge_whose_answer_is_lost_on_a_new_connection_is_asked_again_once(
+        tmp_path: Path, credit: int, losses: int) -> None:
+    """The gateway's first call: its charge goes on a brand-new connection, and the server commits it
+    and answers, the answer lost. Asked again once, on another connection, the charge answers what
+    was committed: a debit is forwarded and debited once, a refusal refused with nothing taken. (Only
+    a pooled connection's charge was asked again: this one got a 503, its debit held until the
+    sweeper's refund.) Lost a second time, it is not asked a third: a 503, and the sweeper refunds."""
+    with scratch_database(SCHEMA) as settings:
+        db = MysqlBackend(settings)
+        relay = Relay(settings)
+        relay.start()
+        try:
+            _prepare(db)
+            who = add_consumer(db, 1, credit=credit)
+            add_listing(db, 10, "w", price=PRICE)
+            with gateway_behind(relay, settings, tmp_path) as addon:
+                assert isinstance(addon.store, MysqlStore) and not addon.store._hot.open  # no loop connection yet
+                relay.lose_answer(to=CHARGE_CALL, times=losses)
+                flow = make_flow("/w", token=who.key)
+                await addon.request(flow)
+                assert relay.lost == losses
+                status = flow.response.status_code if flow.response is not None else None  # None: forwarded
+                if losses == 2:
+                    assert status == 503
+                elif credit >= PRICE:
+                    assert status is None
+                    await upstream_answers(SimpleNamespace(addon=addon), flow, json_response(RESULT))
+                else:
+                    assert status == 402
+        finally:
+            relay.stop()
+        try:
+            debited = credit >= PRICE
+            assert db.value("SELECT COUNT(*) FROM credit_transactions WHERE type = 'usage'") == int(debited)
+            assert db.rows("SELECT verdict, amount_micro_cents FROM mcpmeter_calls") == (
+                [("debited", PRICE)] if debited else [])
+            if losses == 2:  # committed, refused to the client: nobody settles it but the sweeper
+                assert db.value("SELECT credit_micro_cents FROM users WHERE id = 1") == credit - PRICE
+                assert await db.open_store().sweep(-2, FEE_BPS) == 1
+                assert db.value("SELECT credit_micro_cents FROM users WHERE id = 1") == credit
+            else:
+                assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL") == 0
+                assert db.rows("SELECT COUNT(*), COALESCE(SUM(billed_micro_cents), 0) FROM usage_events") == [
+                    (int(debited), PRICE * debited)]
+                assert db.value("SELECT credit_micro_cents FROM users WHERE id = 1") == credit - PRICE * debited
+            reconcile(db)
+        finally:
+            db.close()
+
+
+async def test_a_charge_batch_whose_answer_is_lost_on_a_new_connection_answers_what_it_committed() -> None:
+    """A batch of charges (a free call, debits, one of a consumer's last credit, an unpriced call, a
+    refusal) on a brand-new connection, committed, its answer lost: asked again once, as a batch, on
+    another connection, each charge answers what the first run committed; nothing lands twice."""
+    with scratch_database(SCHEMA) as settings:
+        db = MysqlBackend(settings)
+        relay = Relay(settings)
+        relay.start()
+        store = MysqlStore(Config(store="mysql", mysql=dataclasses.replace(settings, port=relay.port, pool_size=1)))
+        try:
+            _prepare(db)
+            whos, reqs = batch_world(db)
+            assert not store._hot.open  # no loop connection yet
+            relay.lose_answer(to=BATCH_CALL)
+            results = await store.charge_batch(reqs)
+            assert relay.lost == 1
+            assert results == REPLAYED
+            batch_written(db, reqs)
+            await settle_all(store, whos, reqs, results)
+            assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL") == 0
+            assert db.rows("SELECT COUNT(*), SUM(billed_micro_cents) FROM usage_events") == [(4, 2 * PRICE)]
             reconcile(db)
         finally:
             store.close()

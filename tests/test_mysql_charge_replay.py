@@ -180,7 +180,7 @@ async def test_a_charge_whose_answer_was_lost_runs_again_and_is_debited_once(
     add_listing(mysql, 10, "w", price=PRICE)
     store = store_of(mysql)
     warm = call(who, 10, PRICE)
-    warm_taken = await store.charge(warm)  # a pooled connection: only a reused one is tried again
+    warm_taken = await store.charge(warm)  # a pooled connection: the charge is run again on a new one
     assert warm_taken.verdict is Verdict.DEBITED
     pooled = set(store._hot.open)
     assert len(pooled) == 1
@@ -261,7 +261,7 @@ async def test_a_batch_whose_answer_was_lost_answers_its_recorded_verdicts(
     alone (ChargeBatches). Either way each gets the verdict its first run committed."""
     whos, reqs = batch_world(mysql)
     store = store_of(mysql)
-    await store._hot.run(lambda conn: conn.ping())  # a pooled connection: only a reused one is tried again
+    await store._hot.run(lambda conn: conn.ping())  # a pooled connection: the batch is run again on a new one
     log: list[str] = []
     monkeypatch.setattr(mysql_trip, "charge_batch", lose_answer_after(mysql_trip.charge_batch, losses, log))
     if losses == 1:

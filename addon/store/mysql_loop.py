@@ -9,13 +9,14 @@ work to a worker thread and back. Measured with the store alone, 32 concurrent c
 1.7 times the charges per second. The Ledger's statement-by-statement work (sql.py: lookups,
 refunds the journal disagrees with, the sweeper, the commands) stays on the thread pool.
 
-The rules are the thread pool's (mysql.py `_transaction`): a deadlock victim or a lock wait
-timeout runs again, a pooled connection the server dropped runs the job again once, on a new
-connection (every job here is a whole transaction that is safe to run twice, even after its COMMIT
-landed: a settlement's flip then matches nothing, and a charge finds its request's journal row and
-answers what the first run decided, writing nothing; see mysql_trip.py),
-a failed connect marks the store down for DOWN_FOR seconds, and a job whose round trips take longer
-than IO_TIMEOUT each fails with its connection closed. A job runs to its end even if its caller is
+The rules are the thread pool's (mysql.py `_transaction`), with one difference: a deadlock victim
+or a lock wait timeout runs again; a lost connection, pooled or brand-new (the thread pool runs again
+only on a pooled one), runs the job again once, on a new connection: a job's COMMIT is in its text,
+so a lost answer may hide work that landed, which only running it again tells, and every job here is
+a whole transaction that is safe to run twice even then (a settlement's flip matches nothing, and a
+charge finds its request's journal row and answers what the first run decided, writing nothing; see
+mysql_trip.py); a failed connect marks the store down for DOWN_FOR seconds, and a job whose round
+trips take longer than IO_TIMEOUT each fails with its connection closed. A job runs to its end even if its caller is
 cancelled meanwhile, as on a worker thread, so a settlement is never cut off half-way; closing the
 store closes the idle connections, and those of jobs under way when they end. Only the loop's own
 shutdown cancels a job mid-way: its connection is closed, and what the server did with the text
@@ -75,7 +76,7 @@ class LoopConnections:
             attempt, started, reconnected, fresh = 0, time.monotonic(), False, False
             while True:
                 attempt += 1
-                conn, reused = await self._acquire(fresh)
+                conn = await self._acquire(fresh)
                 fresh = False
                 try:
                     async with asyncio.timeout(timeout):
@@ -89,8 +90,11 @@ class LoopConnections:
                         self._store.retries += 1
                         await asyncio.sleep(random.uniform(0.001, 0.005) * attempt)
                         continue
-                    if reused and lost and not reconnected and retry:
-                        reconnected = fresh = True  # a pooled connection the server dropped: once more, on a new one
+                    if lost and not reconnected and retry:
+                        # Pooled or brand-new, the connection is gone (dropped by the server, or cut after
+                        # it committed and answered): once more, on a new one. A charge so learns what
+                        # its first run committed instead of failing a call that may be paid.
+                        reconnected = fresh = True
                         continue
                     raise StoreUnavailable(f"mysql: {reason(error)}") from e
                 except BaseException:
@@ -108,13 +112,13 @@ class LoopConnections:
             self._idle.clear()
             self._loop, self._slots = loop, asyncio.Semaphore(self._size)
 
-    async def _acquire(self, fresh: bool) -> tuple[Any, bool]:
-        """An idle connection and True (unless `fresh`), or a new one and False; fails fast while
-        the server is down, and once the store is closed."""
+    async def _acquire(self, fresh: bool) -> Any:
+        """An idle connection (unless `fresh`), or a new one; fails fast while the server is down,
+        and once the store is closed."""
         if self._closed:
             raise StoreUnavailable("mysql store is closed")
         if self._idle and not fresh:
-            return self._idle.pop(), True
+            return self._idle.pop()
         store = self._store
         store.raise_if_down()
         await store.prepare()  # the schema, the charge procedure included, before the first CALL
@@ -128,7 +132,7 @@ class LoopConnections:
             store.mark_down(error)
             raise StoreUnavailable(f"mysql at {store.where} unreachable: {reason(error)}") from e
         self.open.add(conn)
-        return conn, False
+        return conn
 
     def _release(self, conn: Any) -> None:
         if self._closed:  # a job that was under way when the store closed: it ran to its end
