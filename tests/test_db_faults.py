@@ -78,13 +78,7 @@ async def test_a_settlement_outlasts_a_network_cut_shorter_than_its_retries(
             _prepare(db)
             who = add_consumer(db, 1, credit=10 * PRICE)
             add_listing(db, 10, "w", price=PRICE)
-            config = tmp_path / "mcpmeter.yaml"
-            config.write_text(yaml.safe_dump({"store": "mysql", "mysql": {
-                "host": settings.host, "port": relay.port, "user": settings.user, "password": settings.password,
-                "database": settings.database, "pool_size": 2}}))
-            addon = Mcpmeter()
-            with taddons.context(addon) as tctx:
-                tctx.configure(addon, mcpmeter_config=str(config))
+            with gateway_behind(relay, settings, tmp_path) as addon:
                 flow = make_flow("/w", token=who.key)
                 await addon.request(flow)
                 assert flow.response is None  # charged and forwarded
@@ -96,7 +90,6 @@ async def test_a_settlement_outlasts_a_network_cut_shorter_than_its_retries(
                                            json_response({"jsonrpc": "2.0", "id": 1, **answer}))
                 finally:
                     back.join()
-                addon.done()
             refunded = "error" in answer
             assert db.rows("SELECT settled_at IS NOT NULL, refunded FROM mcpmeter_calls") == [(1, int(refunded))]
             assert db.value("SELECT credit_micro_cents FROM users WHERE id = 1") == (10 - (not refunded)) * PRICE
