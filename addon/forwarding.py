@@ -13,6 +13,7 @@ from mitmproxy.http import Headers
 from mitmproxy.net.http import url as mitm_url
 
 from . import paths
+from .redaction import TCHAR, TOKEN
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) never cross the gateway; the body it forwards is framed by
 # its length (FRAMING, upstream_headers).
@@ -32,13 +33,12 @@ NOT_UNWRAPPABLE = HOP_BY_HOP | {"host", "content-length", "transfer-encoding", "
 CHECKED_ON_REQUEST = frozenset({"content-type", "content-encoding", "mcp-protocol-version", "last-event-id"})
 FRAMING = frozenset({"content-length", "transfer-encoding"})  # the gateway frames what it forwards
 WRAP_PREFIX = "x-forward-"
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_TOKEN_HEAD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]*")  # a header name up to what it cannot hold
+_TOKEN = re.compile(rf"^{TCHAR.decode()}+$")
+_TOKEN_HEAD = re.compile(rf"{TCHAR.decode()}*")  # a header name up to what it cannot hold
 MAX_SHOWN_NAME = 64  # characters of a header name an error repeats
 _FOLD = re.compile(rb"[ \t]*[\r\n]+[ \t]*")
-_TOKEN_BYTES = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # A message's names joined with ':', which no token holds: one match for all of them, linear.
-_TOKEN_NAMES = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?::[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
+_TOKEN_NAMES = re.compile(TCHAR + rb"+(?::" + TCHAR + rb"+)*")
 # What a listing URL's netloc may be, being the upstream's Host: a name (mitmproxy checks its
 # labels) or an IPv6 literal in brackets, then an optional port. No zone id, no IPvFuture.
 _HOSTPORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[^\[\]:]+)(?::([0-9]*))?\Z")
@@ -215,7 +215,7 @@ def drop_untokened(headers: Headers) -> None:
     """Drop the fields whose name is not a token (an answer's: the gateway read none of them, so the client
     gets the answer the meter read; see untokened)."""
     if untokened(headers.fields):
-        headers.fields = tuple((name, value) for name, value in headers.fields if _TOKEN_BYTES.fullmatch(name))
+        headers.fields = tuple((name, value) for name, value in headers.fields if TOKEN.fullmatch(name))
 
 
 def header_problem(name: str, value: str) -> str | None:

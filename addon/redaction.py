@@ -30,9 +30,10 @@ _CREDENTIAL_NAMES = frozenset(name.encode() for name in CREDENTIAL_HEADERS)
 _FORWARDED_NAMES = frozenset(name.encode() for name in FORWARDED_CREDENTIAL_HEADERS)
 _REDACTED = REDACTED.encode()
 _KEY = re.compile(KEY_PATTERN + "+")
-# A field name (RFC 9110 §5.6.2), as forwarding.untokened reads it: not imported from there, the guard's
-# redactor uses this module and imports nothing a broken reload could take away.
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# A field name's characters (RFC 9110 §5.6.2 tchar). Kept here, not in forwarding (which builds its own
+# patterns from it): the guard's redactor uses this module and imports nothing a broken reload could take away.
+TCHAR = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]"
+TOKEN = re.compile(TCHAR + rb"+")
 
 
 def redact_credentials(headers: Headers, key_prefix: str | None = None) -> None:
@@ -64,8 +65,8 @@ def redact_untokened(headers: Headers) -> None:
     the request is refused (forwarding.untokened), but a server that trims the name would read a credential
     there, and the flow is saved as it is."""
     fields = headers.fields
-    if not all(_TOKEN.fullmatch(name) for name, _ in fields):
-        headers.fields = tuple((name, value if _TOKEN.fullmatch(name) else _REDACTED) for name, value in fields)
+    if not all(TOKEN.fullmatch(name) for name, _ in fields):
+        headers.fields = tuple((name, value if TOKEN.fullmatch(name) else _REDACTED) for name, value in fields)
 
 
 def take_forwarded_credentials(headers: Headers) -> list[str]:

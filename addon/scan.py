@@ -428,10 +428,3 @@ def values_deeper(data: bytes, limit: int) -> bool:
         elif c in b"[{":
             depth += 1
     return False
-
-
-def scan(data: bytes) -> list[Message] | None:
-    """The messages in one complete JSON text, or None if it is not one."""
-    scanner = MessageScanner()
-    scanner.feed(data)
-    return scanner.finish()

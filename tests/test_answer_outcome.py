@@ -22,7 +22,7 @@ from mitmproxy import http
 
 from addon.call import clients_read
 from addon.jsonrpc import Outcome, answer_messages, body_outcome, media_type, scanned_outcome
-from addon.scan import scan
+from addon.scan import Message, MessageScanner
 from addon.sse import Event
 from tests.test_gateway_hooks import (  # noqa: F401  # gw and isolated are fixtures
     Gw, gw, isolated, make_flow, meta, sent,
@@ -224,6 +224,13 @@ MESSAGES = [
     '{"jsonrpc":"2.0","id":1,"result":{"a":"\\ud83d\\ude00"}}',
     '{"jsonrpc":"2.0","id":1,"result":"x","result":{}}',
 ]
+
+
+def scan(data: bytes) -> list[Message] | None:
+    """What the scanner alone reads of a whole JSON text (None: not one)."""
+    scanner = MessageScanner()
+    scanner.feed(data)
+    return scanner.finish()
 
 
 def _expected(raw: bytes) -> Outcome | None:
