@@ -302,6 +302,8 @@ CREATE TABLE `mcpmeter_calls` (
   `created_at` timestamp NOT NULL DEFAULT CURRENT_TIMESTAMP,
   `settled_at` timestamp NULL DEFAULT NULL,
   `reason` varchar(32) COLLATE utf8mb4_unicode_ci DEFAULT NULL,
+  -- the hold a wallet call spent from (wallets: true); NULL for calls charged one by one
+  `hold_id` bigint unsigned DEFAULT NULL,
   PRIMARY KEY (`request_id`),
   KEY `mcpmeter_calls_user_id_created_at_index` (`user_id`,`created_at`),
   KEY `mcpmeter_calls_settled_at_created_at_index` (`settled_at`,`created_at`)
@@ -314,4 +316,26 @@ CREATE TABLE `mcpmeter_project_spend` (
   `period_year_month` varchar(7) COLLATE utf8mb4_unicode_ci NOT NULL,
   `spent_micro_cents` bigint NOT NULL DEFAULT '0',
   PRIMARY KEY (`project_id`,`period_year_month`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+-- mcpmeter (wallets: true): credit held in bulk for a consumer's wallet in Redis. The balance went down
+-- by granted_micro_cents when it was made (a credit_transactions row of type 'adjustment',
+-- reference_type 'mcpmeter_hold', reference_id its id); returned_micro_cents came back while it was open
+-- (the wallet's left-over, refunds), rest_micro_cents when it settled. Settled: granted == spent +
+-- returned + rest, spent being what its billed calls (mcpmeter_calls.hold_id) cost.
+CREATE TABLE `mcpmeter_holds` (
+  `id` bigint unsigned NOT NULL AUTO_INCREMENT,
+  `user_id` bigint unsigned NOT NULL,
+  `project_id` bigint unsigned NOT NULL,
+  `period_year_month` varchar(7) COLLATE utf8mb4_unicode_ci NOT NULL,
+  `granted_micro_cents` bigint NOT NULL,
+  `spent_micro_cents` bigint NOT NULL DEFAULT '0',
+  `returned_micro_cents` bigint NOT NULL DEFAULT '0',
+  `rest_micro_cents` bigint DEFAULT NULL,
+  `created_at` timestamp NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  `closed_at` timestamp NULL DEFAULT NULL,
+  `settled_at` timestamp NULL DEFAULT NULL,
+  PRIMARY KEY (`id`),
+  KEY `mcpmeter_holds_user_id_index` (`user_id`),
+  KEY `mcpmeter_holds_settled_at_created_at_index` (`settled_at`,`created_at`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;

@@ -86,6 +86,10 @@ class Config:
     task_settle_seconds: float = 3600.0  # a task-augmented call not terminal this long: refunded (task_expired)
     round_settle_seconds: float = 900.0  # an input_required round not followed up this long: billed (addon/deferred.py)
     log_level: str = "info"
+    # Credit held in bulk and spent in Redis (addon/store/wallets.py): MySQL + Redis only.
+    wallets: bool = False
+    wallet_calls: int = 100  # one hold reserves this many calls' worth of the consumer's credit
+    wallet_seconds: float = 60.0  # a wallet is retired after this long (top-ups and a new month seen then)
     shadow: bool = False  # meter and record, but refuse and charge nothing (every listing)
     shadow_listings: tuple[str, ...] = ()  # slugs in shadow mode
     authorization_servers: tuple[str, ...] = ()  # named in the OAuth protected-resource metadata
@@ -186,6 +190,8 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
             raw[key] = [x.strip() for x in env[name].split(",") if x.strip()]
     if env.get("MCPMETER_SHADOW"):
         raw["shadow"] = env["MCPMETER_SHADOW"]
+    if env.get("MCPMETER_WALLETS"):
+        raw["wallets"] = env["MCPMETER_WALLETS"]
     for name, key in (_ENV_STR | _ENV_INT | _ENV_FLOAT).items():
         if env.get(name):
             raw[key] = env[name]
@@ -216,7 +222,7 @@ def _build(raw: dict[str, Any]) -> Config:
             values[key] = tuple(value)
         elif key == "allowed_origins":
             values[key] = _origins(value)
-        elif key == "shadow":
+        elif key in ("shadow", "wallets"):
             values[key] = _flag(value, key)
         elif key in ("shadow_listings", "authorization_servers"):
             if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
@@ -256,6 +262,14 @@ def _build(raw: dict[str, Any]) -> Config:
         raise ConfigError(f"store (MCPMETER_STORE) must be 'sqlite' or 'mysql', not {cfg.store!r}")
     if cfg.cache not in ("memory", "redis"):
         raise ConfigError(f"cache (MCPMETER_CACHE) must be 'memory' or 'redis', not {cfg.cache!r}")
+    if cfg.wallets and (cfg.store, cfg.cache) != ("mysql", "redis"):
+        raise ConfigError("wallets: true needs store: mysql and cache: redis (the wallets live in Redis)")
+    if not 1 <= cfg.wallet_calls <= 1_000_000:
+        raise ConfigError(f"wallet_calls must be between 1 and 1000000, not {cfg.wallet_calls}")
+    if not 1 <= cfg.wallet_seconds <= 3600:
+        raise ConfigError(f"wallet_seconds must be between 1 and 3600, not {cfg.wallet_seconds}")
+    if "{" in cfg.redis.prefix or "}" in cfg.redis.prefix:
+        raise ConfigError("redis.prefix must not hold { or }: the keys' hash tags follow it (Redis Cluster)")
     for key in ("default_rpm", "default_rpd", "upstream_timeout_ms", "max_upstream_timeout_ms", "max_body_bytes",
                 "max_event_bytes", "max_reading_bytes", "max_holding_bytes"):
         if getattr(cfg, key) <= 0:

@@ -245,6 +245,9 @@ class Mcpmeter:
         if not await self.settlements.drain(STOP_DRAIN_SECONDS):
             log.error("mcpmeter: stopping; %d settlement(s) still unwritten after %.0f s, left to the sweeper",
                       len(self.settlements.background), STOP_DRAIN_SECONDS)
+        if (drain := getattr(self.store, "drain", None)) is not None and not await drain(STOP_DRAIN_SECONDS):
+            log.error("mcpmeter: stopping; wallet settlements still unwritten after %.0f s: their holds give"
+                      " their price back when they settle", STOP_DRAIN_SECONDS)
         if self.cache is not None:
             try:
                 await asyncio.wait_for(self.cache.close(), 3.0)

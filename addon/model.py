@@ -129,6 +129,8 @@ class ChargeResult:
     balance: int  # the consumer's balance after the transaction
     # The month the charge counted in ('YYYY-MM'): the request's, or the one the store's clock decided.
     period: str | None = field(default=None, compare=False)
+    # The hold (wallets.py) a wallet charge spent from; None when the MySQL or SQLite ledger charged it.
+    hold: int | None = field(default=None, compare=False)
 
     @property
     def accepted(self) -> bool:

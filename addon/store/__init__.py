@@ -8,6 +8,10 @@ from .base import CreditLimit, Store, StoreUnavailable, UnknownUser
 
 def open_store(config: Config) -> Store:
     """Build the configured store; raises ConfigError if it cannot start."""
+    if config.store == "mysql" and config.wallets:
+        from .wallets import WalletStore
+
+        return WalletStore(config)
     if config.store == "mysql":
         from .mysql import MysqlStore
 

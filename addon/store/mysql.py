@@ -37,6 +37,7 @@ from .mysql_conn import (ATTEMPTS, CONNECT_TIMEOUT, DENIED, DOWN_FOR, IO_TIMEOUT
                          UNKNOWN_DB, code, connect_args, gone, reason)
 from .mysql_loop import LoopConnections
 from .sql import MYSQL, LastUsed, Ledger, SqlStore
+from .wallet_sql import HOLDS_DDL
 
 T = TypeVar("T")
 log = logging.getLogger("mcpmeter")
@@ -47,7 +48,9 @@ ADDED_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "mcps": [("bill_tool_errors", "`bill_tool_errors` tinyint(1) NOT NULL DEFAULT '0'")],
     "credit_transactions": [("request_id", "`request_id` varchar(64) COLLATE utf8mb4_unicode_ci DEFAULT NULL")],
     # A journal made before settlements kept their reason (a new journal is made with it, below).
-    "mcpmeter_calls": [("reason", "`reason` varchar(32) COLLATE utf8mb4_unicode_ci DEFAULT NULL")],
+    "mcpmeter_calls": [("reason", "`reason` varchar(32) COLLATE utf8mb4_unicode_ci DEFAULT NULL"),
+                       # The hold a wallet call spent from (wallets.py); NULL for calls the journal charged.
+                       ("hold_id", "`hold_id` bigint unsigned DEFAULT NULL")],
 }
 ADDED_UNIQUE_KEYS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "credit_transactions": [("credit_transactions_request_id_type_unique", ("request_id", "type"))],
@@ -68,6 +71,7 @@ ADDED_TABLES = [
   `created_at` timestamp NOT NULL DEFAULT CURRENT_TIMESTAMP,
   `settled_at` timestamp NULL DEFAULT NULL,
   `reason` varchar(32) COLLATE utf8mb4_unicode_ci DEFAULT NULL,
+  `hold_id` bigint unsigned DEFAULT NULL,
   PRIMARY KEY (`request_id`),
   KEY `mcpmeter_calls_user_id_created_at_index` (`user_id`,`created_at`),
   KEY `mcpmeter_calls_settled_at_created_at_index` (`settled_at`,`created_at`)
@@ -78,6 +82,7 @@ ADDED_TABLES = [
   `spent_micro_cents` bigint NOT NULL DEFAULT '0',
   PRIMARY KEY (`project_id`,`period_year_month`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci""",
+    HOLDS_DDL,
 ]
 # Reference tables the gateway reads or writes: without them the database was never initialised.
 REQUIRED_TABLES = ("users", "projects", "api_keys", "oauth_access_tokens", "mcps", "pricing_rules",

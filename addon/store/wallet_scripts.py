@@ -1,0 +1,55 @@
+"""The wallets' Lua scripts and key layout (addon/store/wallets.py).
+
+A wallet is one Redis hash per (consumer, project): the hold it spends from (a row of
+`mcpmeter_holds`, committed in MySQL before the wallet was funded), what is left of it, the month it
+counts in, when it goes stale (unix seconds) and the consumer's balance in MySQL when it was funded
+(for X-Mcpmeter-Balance). Every key of one consumer carries the hash tag `{u<user id>}`, so the keys a
+script touches together live in one slot and the gateway runs unchanged on Redis Cluster.
+
+Each script is atomic: a spend never takes a wallet below zero whatever the number of gateways, and a
+retired wallet is gone for every gateway at once (nobody spends from it after its rest was counted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+# KEYS[1] wallet. ARGV: price, now (unix s), month. -> {1, hold, left + rest} or {0} (no wallet, stale,
+# another month, or too little left: the caller asks MySQL for a new hold).
+SPEND = """
+local w = redis.call('HMGET', KEYS[1], 'hold', 'left', 'period', 'until', 'rest')
+if not w[1] or w[3] ~= ARGV[3] or tonumber(w[4]) <= tonumber(ARGV[2]) then return {0} end
+local price = tonumber(ARGV[1])
+if tonumber(w[2]) < price then return {0} end
+local left = redis.call('HINCRBY', KEYS[1], 'left', -price)
+return {1, tonumber(w[1]), left + tonumber(w[5])}
+"""
+
+# KEYS[1] wallet. ARGV: the hold to retire, or '' for whichever is there. -> {hold, left} or {} (none, or
+# another hold's). The wallet is deleted: no gateway spends from it again; `left` goes back in MySQL.
+RETIRE = """
+local w = redis.call('HMGET', KEYS[1], 'hold', 'left')
+if not w[1] or (ARGV[1] ~= '' and w[1] ~= ARGV[1]) then return {} end
+redis.call('DEL', KEYS[1])
+return {tonumber(w[1]), tonumber(w[2])}
+"""
+
+# KEYS[1] wallet. ARGV: hold, granted, month, until, rest, ttl (ms), price of the call that asked.
+# -> {1, left + rest} funded with that call paid, or {0} when a wallet is there already (another
+# gateway's grant won: this hold goes back whole, and the call spends from that wallet).
+FUND = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
+local left = tonumber(ARGV[2]) - tonumber(ARGV[7])
+redis.call('HSET', KEYS[1], 'hold', ARGV[1], 'left', left, 'period', ARGV[3], 'until', ARGV[4], 'rest', ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+return {1, left + tonumber(ARGV[5])}
+"""
+
+
+def sha(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
+def wallet_key(prefix: str, user_id: int, project_id: int) -> str:
+    """One consumer's wallet for one project, under the consumer's hash tag."""
+    return f"{prefix}w:{{u{user_id}}}:p{project_id}"

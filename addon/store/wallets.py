@@ -1,0 +1,291 @@
+"""Credit held in bulk and spent in Redis: MySQL leaves the per-call path (`wallets: true`).
+
+RFC 4006's credit control, TigerBeetle's pending/post/void: the MySQL store grants a consumer a hold
+of up to `wallet_calls` calls' worth of credit (one transaction: the balance goes down by it, with
+its ledger row), the gateway funds a wallet in Redis with it, and each paid call spends from the
+wallet in one Lua script (wallet_scripts.py), atomically across every gateway: no SQL before
+forwarding. After the answer, the settlement is an in-memory append; a flusher writes the settled
+calls to MySQL in batches, one transaction each (wallet_sql.py `record`). A wallet lives
+`wallet_seconds` (a top-up or a new month is seen at the next grant), then is retired: what is left
+goes back to the consumer at once, and once the longest call has passed the hold settles, giving
+back whatever no recorded call spent (the calls of a gateway that died, a wallet Redis lost).
+
+What this store does not take over goes to the MySQL store it wraps, unchanged: calls of listings
+with a free tier and zero-priced calls (charged by the one-trip procedure), lookups, top-ups, the
+sweeper of the call journal, the commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from ..auth import Credential
+from ..billing import period as this_month
+from ..config import Config, sweep_interval
+from ..model import CallRecord, ChargeRequest, ChargeResult, Consumer, Listing, Settlement, Verdict
+from ..preview import Preview
+from . import wallet_scripts as scripts, wallet_sql
+from .base import StoreUnavailable
+from .mysql import MysqlStore
+from ..cache.redis_scripts import ScriptRuns
+
+log = logging.getLogger("mcpmeter")
+
+POOL_SIZE = 16
+CONNECT_TIMEOUT = 0.25
+SOCKET_TIMEOUT = 0.5
+FLUSH_SECONDS = 0.02  # a settlement waits this long for others to share its transaction
+MAX_BATCH = 200  # settlements per transaction
+WAIT_SECONDS = 2.0  # how long a settlement a hook awaits waits for its batch (the batch is never dropped)
+GRANT_ATTEMPTS = 3
+_FAILURES = (RedisError, OSError, TimeoutError)
+
+
+class WalletStore:
+    def __init__(self, config: Config, mysql: MysqlStore | None = None) -> None:
+        self.config = config
+        self.mysql = mysql or MysqlStore(config)
+        s = config.redis
+        self._prefix = s.prefix
+        self._redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool(
+            max_connections=POOL_SIZE, timeout=SOCKET_TIMEOUT, host=s.host, port=s.port, db=s.db,
+            password=s.password or None, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=SOCKET_TIMEOUT,
+            # Never retried by the driver: a script sent twice could spend twice.
+            retry=Retry(NoBackoff(), 0), decode_responses=True))
+        self._spend = ScriptRuns(self._redis, scripts.SPEND, scripts.sha(scripts.SPEND))
+        self._locks: dict[str, asyncio.Lock] = {}  # wallet key -> the grant under way in this process
+        self._open: set[str] = set()  # calls charged here from a wallet, not settled yet
+        self._queue: deque[tuple[Settlement, asyncio.Future[None]]] = deque()
+        self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
+        # A hold settles once no call spent from it can still be recorded: the wallet's life, the
+        # longest call (held tasks and rounds included), and the sweeps that may come late.
+        self.settle_after = (config.wallet_seconds + 2 * sweep_interval(config) + 60.0
+                             + max(config.max_upstream_timeout_ms / 1000, config.task_settle_seconds,
+                                   config.round_settle_seconds, config.stale_call_seconds))
+        self.grants = 0
+        self.batches = 0
+        self.recorded = 0
+
+    # --- the hot path -------------------------------------------------------------------------
+
+    async def charge(self, request: ChargeRequest) -> ChargeResult:
+        if request.price <= 0 or request.free_allowance > 0:
+            return await self.mysql.charge(request)  # free tiers and unpriced calls: the journal's procedure
+        if self._closed:
+            raise StoreUnavailable("wallet store is closed")
+        period = request.period or this_month()
+        key = scripts.wallet_key(self._prefix, request.user_id, request.project_id)
+        result = await self._spend_from(key, request, period)
+        if result is None:
+            result = await self._grant(key, request, period)
+        if result.hold is not None:
+            self._open.add(request.request_id)
+        return result
+
+    async def _spend_from(self, key: str, request: ChargeRequest, period: str) -> ChargeResult | None:
+        try:
+            reply = await self._spend.run([key], [str(request.price), str(int(time.time())), period])
+        except _FAILURES as e:
+            raise StoreUnavailable(f"redis: {e or type(e).__name__}") from e
+        if int(reply[0]) != 1:
+            return None
+        return ChargeResult(Verdict.DEBITED, request.price, int(reply[2]), period, hold=int(reply[1]))
+
+    async def _grant(self, key: str, request: ChargeRequest, period: str) -> ChargeResult:
+        """The wallet cannot pay: retire it and hold more of the consumer's credit (one per process at a
+        time per wallet; calls that wait for it spend from what it funded)."""
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        waited = lock.locked()
+        try:
+            async with lock:
+                if waited and (spent := await self._spend_from(key, request, period)) is not None:
+                    return spent
+                for _ in range(GRANT_ATTEMPTS):
+                    result = await self._grant_once(key, request, period)
+                    if result is not None:
+                        return result
+                    if (spent := await self._spend_from(key, request, period)) is not None:
+                        return spent
+                raise StoreUnavailable("wallet: other gateways keep replacing this consumer's wallet")
+        finally:
+            if not lock.locked() and self._locks.get(key) is lock:
+                del self._locks[key]
+
+    async def _grant_once(self, key: str, request: ChargeRequest, period: str) -> ChargeResult | None:
+        retired = await self._script(scripts.RETIRE, key, "")
+        old = (int(retired[0]), int(retired[1])) if retired else None
+        want = wallet_sql.want(request.price, self.config.wallet_calls)
+
+        def grant(ledger: Any) -> wallet_sql.Grant:
+            return wallet_sql.grant(ledger, request.user_id, request.project_id, period, request.price, want, old)
+
+        granted = await self.mysql._run(grant)
+        self.grants += 1
+        if granted.hold is None:
+            return ChargeResult(granted.verdict, 0, granted.balance, period)
+        ttl = int(self.settle_after * 1000)
+        funded = await self._script(scripts.FUND, key, granted.hold, granted.granted, period,
+                                    int(time.time() + self.config.wallet_seconds), granted.balance, ttl, request.price)
+        if int(funded[0]) == 1:
+            return ChargeResult(Verdict.DEBITED, request.price, int(funded[1]), period, hold=granted.hold)
+        # Another gateway funded this wallet meanwhile: this hold goes back whole, its wallet never was.
+        hold = granted.hold
+        await self.mysql._run(lambda ledger: wallet_sql.close(ledger, hold, 0, give_back=True))
+        return None
+
+    async def _script(self, text: str, key: str, *args: Any) -> Any:
+        try:
+            try:
+                return await self._redis.evalsha(scripts.sha(text), 1, key, *args)
+            except NoScriptError:
+                return await self._redis.eval(text, 1, key, *args)
+        except _FAILURES as e:
+            raise StoreUnavailable(f"redis: {e or type(e).__name__}") from e
+
+    async def settle(self, settlement: Settlement) -> int | None:
+        taken = settlement.taken
+        if taken is None or taken.hold is None:
+            return await self.mysql.settle(settlement)
+        rid = settlement.charge.request_id
+        if rid in self._open:  # settled once: a settlement asked again (a retry) is the same one
+            self._open.discard(rid)
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._queue.append((settlement, future))
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.ensure_future(self._flush())
+            try:
+                await asyncio.wait_for(asyncio.shield(future),
+                                       None if settlement.background else WAIT_SECONDS)
+            except TimeoutError:
+                log.warning("mcpmeter: the settlement of %s is not written yet; it stays queued", rid)
+        if not settlement.need_balance:
+            return None
+        return taken.balance + (taken.amount if settlement.refund else 0)
+
+    async def _flush(self) -> None:
+        while self._queue:
+            if len(self._queue) < MAX_BATCH and not self._closed:
+                await asyncio.sleep(FLUSH_SECONDS)
+            batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+            settlements = [s for s, _ in batch]
+            delay = 0.05
+            while True:
+                try:
+                    self.recorded += await self.mysql._run(lambda ledger: wallet_sql.record(ledger, settlements))
+                    self.batches += 1
+                    break
+                except Exception as e:  # the database down: the same batch again (recorded ones are skipped)
+                    log.warning("mcpmeter: could not record %d wallet call(s), trying again: %s", len(batch), e)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait for the queued settlements to be written (a stop); False if some were still queued."""
+        end = time.monotonic() + timeout
+        while (self._queue or (self._flusher is not None and not self._flusher.done())) and time.monotonic() < end:
+            if self._flusher is not None and not self._flusher.done():
+                await asyncio.wait([self._flusher], timeout=max(0.0, end - time.monotonic()))
+            else:
+                self._flusher = asyncio.ensure_future(self._flush())
+        return not self._queue and (self._flusher is None or self._flusher.done())
+
+    # --- holds --------------------------------------------------------------------------------
+
+    async def settle_holds(self, limit: int = 200) -> int:
+        """Retire wallets past their life and settle holds past the longest call; returns holds settled."""
+        def due(ledger: Any) -> list[tuple[int, int, int, bool, bool]]:
+            return wallet_sql.due(ledger, self.config.wallet_seconds, self.settle_after, limit)
+
+        settled = 0
+        for hold, user, project, closed, settle_now in await self.mysql._run(due):
+            if not closed:
+                try:
+                    retired = await self._script(scripts.RETIRE, scripts.wallet_key(self._prefix, user, project),
+                                                 str(hold))
+                except StoreUnavailable:
+                    continue  # Redis down: its wallet may still be spent from; not closed, never settled
+                left = int(retired[1]) if retired else 0
+                await self.mysql._run(lambda ledger, h=hold, n=left: wallet_sql.close(ledger, h, n))
+            if settle_now:
+                settled += await self.mysql._run(lambda ledger, h=hold: wallet_sql.settle(ledger, h))
+        return settled
+
+    # --- the rest of the Store protocol -----------------------------------------------------------
+
+    async def sweep(self, older_than_seconds: float, fee_bps: int, limit: int = 100, held: str | None = None,
+                    refund: bool = True, reason: str = "swept") -> int:
+        done = await self.mysql.sweep(older_than_seconds, fee_bps, limit, held, refund, reason)
+        if held is None:
+            if settled := await self.settle_holds():
+                log.info("mcpmeter: %d hold(s) settled", settled)
+        return done
+
+    async def hold(self, request_id: str, mark: str) -> bool:
+        if request_id in self._open:
+            return True  # its money is in its hold, which outlives any held call (settle_after)
+        return await self.mysql.hold(request_id, mark)
+
+    async def find_consumer(self, credential: Credential) -> Consumer | None:
+        return await self.mysql.find_consumer(credential)
+
+    async def find_listing(self, slug: str) -> Listing | None:
+        return await self.mysql.find_listing(slug)
+
+    async def balance(self, user_id: int) -> int:
+        return await self.mysql.balance(user_id)
+
+    async def user_exists(self, user_id: int) -> bool:
+        return await self.mysql.user_exists(user_id)
+
+    async def free_calls_used(self, listing_id: int, user_id: int, period: str) -> int:
+        return await self.mysql.free_calls_used(listing_id, user_id, period)
+
+    async def preview(self, request: ChargeRequest) -> Preview:
+        return await self.mysql.preview(request)
+
+    async def topup(self, user_id: int, amount: int, description: str) -> int:
+        return await self.mysql.topup(user_id, amount, description)
+
+    async def recent_calls(self, limit: int) -> list[CallRecord]:
+        return await self.mysql.recent_calls(limit)
+
+    async def prepare(self) -> None:
+        await self.mysql.prepare()
+
+    async def health(self) -> dict[str, object]:
+        info = await self.mysql.health()
+        info["wallets"] = {"grants": self.grants, "batches": self.batches, "recorded": self.recorded,
+                           "queued": len(self._queue), "spend_round_trips": self._spend.round_trips}
+        try:
+            await self._redis.ping()
+        except _FAILURES as e:
+            return {**info, "ok": False, "error": f"redis: {e or type(e).__name__}"}
+        return info
+
+    def close(self) -> None:
+        self._closed = True
+        if self._queue:
+            log.error("mcpmeter: closing with %d wallet settlement(s) unwritten: their holds give their price"
+                      " back when they settle", len(self._queue))
+        if self._flusher is not None:
+            self._flusher.cancel()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            loop.create_task(self._redis.aclose())
+        self.mysql.close()
