@@ -24,6 +24,7 @@ from .auth import token_hash
 from .config import Config, sweep_interval
 from .store.base import CreditLimit, OutcomeUnknown, StoreUnavailable, UnknownUser
 from .store.sql import HELD, MYSQL, Ledger, SqlStore, parse_upstream_headers, utc
+from .store.wallet_sql import HOLD_SETTLED, settle_after
 
 T = TypeVar("T")
 
@@ -342,6 +343,12 @@ class Admin:
             # 2**63 ('integer overflow'), which a broken ledger reaches, and that is a discrepancy to name.
             upper = f"(t.amount_micro_cents {'DIV' if ledger.d is MYSQL else '/'} {HALF})"
             before, cutoff = ledger.d.ago(stale_limit)
+            # Wallet calls (MySQL, wallets.py) are debited by their hold, not one by one, and one recorded
+            # after its hold settled is refunded by the hold's rest, not by a refund row of its own.
+            wallets = ledger.d is MYSQL
+            by_call = " AND c.hold_id IS NULL" if wallets else ""
+            not_settled_hold = f" AND NOT (c.hold_id IS NOT NULL AND c.reason = '{HOLD_SETTLED}')" if wallets else ""
+            settled_hold = f" OR (c.hold_id IS NOT NULL AND c.reason = '{HOLD_SETTLED}')" if wallets else ""
             held = [(mark, *ledger.d.ago(age)) for mark, age in held_ages]
             checks = [
                 Check("I1", "balance == opening (0) + the sum of the user's ledger rows", [
@@ -360,7 +367,7 @@ class Admin:
                     for r, a, t in q(
                         "SELECT c.request_id, c.amount_micro_cents, t.amount_micro_cents FROM mcpmeter_calls c"
                         " LEFT JOIN credit_transactions t ON t.request_id = c.request_id AND t.type = 'usage'"
-                        " WHERE c.verdict = 'debited'"
+                        f" WHERE c.verdict = 'debited'{by_call}"
                         " AND (t.id IS NULL OR t.amount_micro_cents <> -c.amount_micro_cents)").fetchall()]),
                 Check("I4", "refunds exactly once: a refunded debit has one refund row, others none", [
                     f"call {r}: {'refunded' if int(f) else 'not refunded'}, refund row "
@@ -369,9 +376,10 @@ class Admin:
                         "SELECT c.request_id, c.amount_micro_cents, c.refunded, t.amount_micro_cents"
                         " FROM mcpmeter_calls c"
                         " LEFT JOIN credit_transactions t ON t.request_id = c.request_id AND t.type = 'refund'"
-                        " WHERE (c.refunded = 1 AND c.verdict = 'debited'"
+                        f" WHERE (c.refunded = 1 AND c.verdict = 'debited'{not_settled_hold}"
                         " AND (t.id IS NULL OR t.amount_micro_cents <> c.amount_micro_cents))"
-                        " OR ((c.refunded = 0 OR c.verdict <> 'debited') AND t.id IS NOT NULL)").fetchall()]),
+                        f" OR ((c.refunded = 0 OR c.verdict <> 'debited'{settled_hold}) AND t.id IS NOT NULL)"
+                        ).fetchall()]),
                 Check("usage", "one usage row per settled call, billing what was kept", [
                     f"call {r}: settled, " + ("no usage row" if e is None else
                                              f"usage row bills {int(e)} µ¢ instead of {int(want)} µ¢")
@@ -404,9 +412,35 @@ class Admin:
                         f" WHERE settled_at IS NULL AND reason = %s AND created_at < {held_before}"
                         " ORDER BY created_at", (mark, limit)).fetchall()]),
             ]
+            if wallets:
+                checks += self._holds(ledger)
             return checks
 
         return self._tx(run)
+
+    def _holds(self, ledger: Ledger) -> list[Check]:
+        """The wallets' holds (wallet_sql.py): each adds up, and none outlives its settlement."""
+        q = ledger._q
+        late, limit = ledger.d.ago(settle_after(self.config) + sweep_interval(self.config))
+        return [
+            Check("holds", "a hold's spent == what its billed calls cost; spent + returned <= granted; settled: "
+                           "granted == spent + returned + rest", [
+                f"hold {h} (user {u}): granted {int(g)}, spent {int(sp)}, returned {int(r)}, rest "
+                f"{'-' if rest is None else int(rest)}, its billed calls {int(b)} µ¢"
+                for h, u, g, sp, r, rest, b in q(
+                    "SELECT h.id, h.user_id, h.granted_micro_cents, h.spent_micro_cents, h.returned_micro_cents,"
+                    " h.rest_micro_cents, COALESCE(SUM(c.amount_micro_cents), 0) FROM mcpmeter_holds h"
+                    " LEFT JOIN mcpmeter_calls c ON c.hold_id = h.id AND c.refunded = 0"
+                    " GROUP BY h.id, h.user_id, h.granted_micro_cents, h.spent_micro_cents, h.returned_micro_cents,"
+                    " h.rest_micro_cents").fetchall()
+                if int(sp) != int(b) or int(sp) + int(r) > int(g)
+                or (rest is not None and int(g) != int(sp) + int(r) + int(rest))]),
+            Check("holds", "no hold left unsettled past the longest call + one sweep", [
+                f"hold {h} (user {u}): {int(g)} µ¢ held since {_stamp(c)}, never settled (is any gateway running?)"
+                for h, u, g, c in q("SELECT id, user_id, granted_micro_cents, created_at FROM mcpmeter_holds"
+                                    f" WHERE settled_at IS NULL AND created_at < {late} ORDER BY id",
+                                    (limit,)).fetchall()]),
+        ]
 
 
 @dataclass(frozen=True, slots=True)

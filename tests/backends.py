@@ -174,9 +174,10 @@ class ProductionBackend(Backend):
 
     kind = "mysql"
 
-    def __init__(self) -> None:
+    def __init__(self, wallets: bool = False) -> None:
         from contextlib import ExitStack
 
+        self.wallets = wallets  # credit held in Redis wallets (addon/store/wallets.py)
         from tests import dbutil, redisutil
 
         self._stack = ExitStack()
@@ -194,10 +195,21 @@ class ProductionBackend(Backend):
         return {"MCPMETER_STORE": "mysql", "MCPMETER_CACHE": "redis",
                 "DB_HOST": m.host, "DB_PORT": str(m.port), "DB_USER": m.user, "DB_PASSWORD": m.password,
                 "DB_NAME": m.database, "REDIS_HOST": r.host, "REDIS_PORT": str(r.port), "REDIS_DB": str(r.db),
-                "MCPMETER_REDIS_PREFIX": r.prefix}
+                "MCPMETER_REDIS_PREFIX": r.prefix, **({"MCPMETER_WALLETS": "1"} if self.wallets else {})}
 
     def config(self) -> dict[str, Any]:
         return {}
+
+    def balance(self, user_id: int) -> int:
+        """With wallets, what the consumer can spend: the balance in MySQL and what their wallets hold."""
+        balance = super().balance(user_id)
+        if self.wallets:
+            from tests import redisutil
+
+            with redisutil.client(self.redis) as r:
+                for key in r.scan_iter(match=f"{self.redis.prefix}w:{{u{user_id}}}:p*", count=1000):
+                    balance += int(r.hget(key, "left") or 0)
+        return balance
 
     def execute(self, sql: str, args: tuple[Any, ...] = ()) -> int:
         return self.db.execute(sql, args)

@@ -26,10 +26,10 @@ def _open_backend(kind: str, workdir: Path) -> Backend:
         return SqliteBackend(workdir / "mcpmeter.db")
     from tests.backends import ProductionBackend
 
-    return ProductionBackend()
+    return ProductionBackend(wallets=kind == "wallets")
 
 
-@pytest.fixture(scope="module", params=["sqlite", "mysql"], ids=["embedded", "mysql+redis"])
+@pytest.fixture(scope="module", params=["sqlite", "mysql", "wallets"], ids=["embedded", "mysql+redis", "wallets"])
 def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     """The store a module's gateway runs on: every behaviour test runs on both kinds."""
     b = _open_backend(request.param, tmp_path_factory.mktemp(f"store-{request.param}"))

@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..config import Config, sweep_interval
 from ..model import MAX_MICRO_CENTS, MICRO_CENTS_PER_CENT, Settlement, Verdict
 from .sql import COUNT_BILLABLE, MYSQL, USAGE_EVENT_VALUES, USAGE_EVENTS_INSERT, Ledger, usage_event, utc
 
@@ -245,6 +246,14 @@ def _ledger_row(ledger: Ledger, user_id: int, amount: int, balance: int, hold: i
 
 def _add_spend(ledger: Ledger, project_id: int, period: str, amount: int) -> None:
     ledger._add_spend(project_id, period, amount)
+
+
+def settle_after(config: Config) -> float:
+    """How old a hold is when it settles: no call spent from it can still be recorded then (the
+    wallet's life, the longest call, held tasks and rounds included, and sweeps that come late)."""
+    return (config.wallet_seconds + 2 * sweep_interval(config) + 60.0
+            + max(config.max_upstream_timeout_ms / 1000, config.task_settle_seconds, config.round_settle_seconds,
+                  config.stale_call_seconds))
 
 
 def want(price: int, calls: int) -> int:

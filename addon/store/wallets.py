@@ -18,6 +18,7 @@ sweeper of the call journal, the commands.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -30,7 +31,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from ..auth import Credential
 from ..billing import period as this_month
-from ..config import Config, sweep_interval
+from ..config import Config
 from ..model import CallRecord, ChargeRequest, ChargeResult, Consumer, Listing, Settlement, Verdict
 from ..preview import Preview
 from . import wallet_scripts as scripts, wallet_sql
@@ -67,11 +68,7 @@ class WalletStore:
         self._queue: deque[tuple[Settlement, asyncio.Future[None]]] = deque()
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
-        # A hold settles once no call spent from it can still be recorded: the wallet's life, the
-        # longest call (held tasks and rounds included), and the sweeps that may come late.
-        self.settle_after = (config.wallet_seconds + 2 * sweep_interval(config) + 60.0
-                             + max(config.max_upstream_timeout_ms / 1000, config.task_settle_seconds,
-                                   config.round_settle_seconds, config.stale_call_seconds))
+        self.settle_after = wallet_sql.settle_after(config)
         self.grants = 0
         self.batches = 0
         self.recorded = 0
@@ -177,11 +174,11 @@ class WalletStore:
             if len(self._queue) < MAX_BATCH and not self._closed:
                 await asyncio.sleep(FLUSH_SECONDS)
             batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
-            settlements = [s for s, _ in batch]
+            record = functools.partial(wallet_sql.record, batch=[s for s, _ in batch])
             delay = 0.05
             while True:
                 try:
-                    self.recorded += await self.mysql._run(lambda ledger: wallet_sql.record(ledger, settlements))
+                    self.recorded += await self.mysql._run(record)
                     self.batches += 1
                     break
                 except Exception as e:  # the database down: the same batch again (recorded ones are skipped)
@@ -218,9 +215,9 @@ class WalletStore:
                 except StoreUnavailable:
                     continue  # Redis down: its wallet may still be spent from; not closed, never settled
                 left = int(retired[1]) if retired else 0
-                await self.mysql._run(lambda ledger, h=hold, n=left: wallet_sql.close(ledger, h, n))
+                await self.mysql._run(functools.partial(wallet_sql.close, hold=hold, left=left))
             if settle_now:
-                settled += await self.mysql._run(lambda ledger, h=hold: wallet_sql.settle(ledger, h))
+                settled += await self.mysql._run(functools.partial(wallet_sql.settle, hold=hold))
         return settled
 
     # --- the rest of the Store protocol -----------------------------------------------------------

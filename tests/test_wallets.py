@@ -1,0 +1,273 @@
+"""The wallet store (wallets: true) on real MySQL and Redis: credit held in bulk, spent in Redis.
+
+Every scenario ends with `reconcile_holds`: each balance == opening + its ledger (I1), never below
+zero, and per hold spent == what its billed calls cost, spent + returned <= granted, and once settled
+granted == spent + returned + rest. Gateways are WalletStores sharing one database and one Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from addon.admin import Admin
+from addon.config import Config
+from addon.model import ChargeRequest, ChargeResult, Settlement, Verdict
+from addon.store import open_store, wallet_scripts
+from addon.store.base import StoreUnavailable
+from addon.store.wallets import WalletStore
+
+from . import redisutil
+from .dbutil import SCHEMA, scratch_database
+from .test_store_contract import MysqlBackend, Who, _prepare, add_consumer, add_listing, call, outcome
+
+PRICE = 1000
+
+
+class Wallets(MysqlBackend):
+    def __init__(self, settings: Any, redis: Any, **config: Any) -> None:
+        self.redis = redis
+        self.wallet_config = config
+        super().__init__(settings)
+
+    def open_store(self) -> WalletStore:
+        config = Config(store="mysql", cache="redis", mysql=self.config.mysql, redis=self.redis, wallets=True,
+                        **{"wallet_calls": 10, **self.wallet_config})
+        store = open_store(config)
+        assert isinstance(store, WalletStore)
+        self.stores.append(store)
+        return store
+
+
+@contextlib.contextmanager
+def wallets(**config: Any) -> Iterator[Wallets]:
+    with contextlib.ExitStack() as stack:
+        backend = Wallets(stack.enter_context(scratch_database(SCHEMA)),
+                          stack.enter_context(redisutil.scratch_prefix()), **config)
+        stack.callback(backend.close)
+        yield _prepare(backend)  # type: ignore[misc]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Wallets]:
+    with wallets() as backend:
+        yield backend
+
+
+def balance(db: Wallets, who: Who) -> int:
+    return int(db.value("SELECT credit_micro_cents FROM users WHERE id = %s", (who.user_id,)))
+
+
+def reconcile_holds(db: Wallets, settled: bool = False) -> None:
+    store = db.store
+    assert isinstance(store, WalletStore)
+    # `mcpmeter reconcile` agrees (its I1 counts from 0: these users opened with credit and no ledger row)
+    failed = [c for c in Admin(store.mysql, store.config).reconcile() if not c.ok and c.invariant != "I1"]
+    assert failed == [], failed
+    for user_id, credit in db.rows("SELECT id, credit_micro_cents FROM users"):
+        ledger = db.value("SELECT COALESCE(SUM(amount_micro_cents), 0) FROM credit_transactions WHERE user_id = %s",
+                          (user_id,))
+        assert int(credit) == db.opening.get(int(user_id), 0) + int(ledger), f"I1 broken for user {user_id}"
+        assert int(credit) >= 0
+    for hold, granted, spent, returned, rest, settled_at in db.rows(
+            "SELECT id, granted_micro_cents, spent_micro_cents, returned_micro_cents, rest_micro_cents, settled_at"
+            " FROM mcpmeter_holds"):
+        billed = db.value("SELECT COALESCE(SUM(amount_micro_cents), 0) FROM mcpmeter_calls"
+                          " WHERE hold_id = %s AND refunded = 0", (hold,))
+        assert int(spent) == int(billed), f"hold {hold}: spent {spent} but its billed calls cost {billed}"
+        assert int(spent) + int(returned) <= int(granted), f"hold {hold} gave back more than it held"
+        if settled_at is not None:
+            assert int(granted) == int(spent) + int(returned) + int(rest), f"hold {hold} does not add up"
+        else:
+            assert not settled, f"hold {hold} not settled"
+        events = db.value("SELECT COALESCE(SUM(e.billed_micro_cents), 0) FROM usage_events e JOIN mcpmeter_calls c"
+                          " ON c.request_id = e.request_id WHERE c.hold_id = %s", (hold,))
+        assert int(events) == int(billed), f"hold {hold}: usage rows bill {events}, its calls {billed}"
+    held = db.value("SELECT COALESCE(SUM(amount_micro_cents), 0) FROM credit_transactions"
+                    " WHERE reference_type = 'mcpmeter_hold'")
+    open_holds = db.value("SELECT COALESCE(SUM(granted_micro_cents - spent_micro_cents - returned_micro_cents"
+                          " - COALESCE(rest_micro_cents, 0)), 0) FROM mcpmeter_holds")
+    billed = db.value("SELECT COALESCE(SUM(spent_micro_cents), 0) FROM mcpmeter_holds")
+    refunded = db.value("SELECT COALESCE(SUM(t.amount_micro_cents), 0) FROM credit_transactions t JOIN mcpmeter_calls c"
+                        " ON c.request_id = t.request_id WHERE t.type = 'refund' AND c.hold_id IS NOT NULL")
+    # What the holds took from balances is what their calls were billed, what still is in them, and the
+    # refunds (paid back as refund rows of their own).
+    assert -int(held) == int(billed) + int(open_holds) + int(refunded)
+
+
+async def settle_all(store: WalletStore) -> None:
+    store.settle_after = 0.0
+    store.config = dataclasses.replace(store.config, wallet_seconds=0)
+    await asyncio.sleep(1.1)  # the holds' created_at has whole seconds
+    await store.settle_holds()
+
+
+class Calls:
+    """Charges through a store, remembered so that their settlements say what was taken (as the gateway's do)."""
+
+    def __init__(self) -> None:
+        self.taken: dict[str, ChargeResult] = {}
+
+    async def charge(self, store: WalletStore, req: ChargeRequest) -> ChargeResult:
+        self.taken[req.request_id] = result = await store.charge(req)
+        return result
+
+    def outcome(self, req: ChargeRequest, who: Who, refund: bool = False) -> Settlement:
+        return dataclasses.replace(outcome(req, who, refund=refund), taken=self.taken[req.request_id])
+
+
+def listing(db: Wallets) -> int:
+    return add_listing(db, 1, "search", price=PRICE)
+
+
+async def test_calls_spend_from_one_hold_and_settle_in_batches(db: Wallets) -> None:
+    listing(db)
+    who = add_consumer(db, 1, credit=100 * PRICE)
+    store = db.store
+    assert isinstance(store, WalletStore)
+    calls = Calls()
+    reqs = [call(who, 1, PRICE) for _ in range(25)]
+    results = [await calls.charge(store, r) for r in reqs]
+    assert all(r.verdict is Verdict.DEBITED and r.amount == PRICE and r.hold is not None for r in results)
+    assert store.grants == 3  # 10 calls' worth each
+    assert balance(db, who) == 100 * PRICE - 30 * PRICE  # three holds of 10 calls
+    assert results[-1].balance == 100 * PRICE - 25 * PRICE  # the wallet's left-over + the balance
+    await asyncio.gather(*(store.settle(calls.outcome(r, who, refund=i % 5 == 0)) for i, r in enumerate(reqs)))
+    assert store.batches <= 2 and store.recorded == 25
+    reconcile_holds(db)
+    await settle_all(store)
+    reconcile_holds(db, settled=True)
+    assert balance(db, who) == 100 * PRICE - 20 * PRICE  # 5 refunded
+    assert db.value("SELECT COUNT(*) FROM usage_events WHERE billed_micro_cents > 0") == 20
+    refunds = db.rows("SELECT amount_micro_cents FROM credit_transactions WHERE type = 'refund'")
+    assert [int(a) for a, in refunds] == [PRICE] * 5
+
+
+async def test_no_overspend_across_two_gateways_and_many_callers(db: Wallets) -> None:
+    listing(db)
+    who = add_consumer(db, 1, credit=37 * PRICE + 500)
+    a, b = db.store, db.open_store()
+    assert isinstance(a, WalletStore) and isinstance(b, WalletStore)
+    calls = Calls()
+    reqs = [call(who, 1, PRICE) for _ in range(80)]
+    charged_by = {r.request_id: a if i % 2 else b for i, r in enumerate(reqs)}
+    results = await asyncio.gather(*(calls.charge(charged_by[r.request_id], r) for r in reqs),
+                                   return_exceptions=True)
+    accepted = [(r, q) for r, q in zip(results, reqs, strict=True) if isinstance(r, ChargeResult) and r.accepted]
+    refused = [r for r in results if isinstance(r, ChargeResult) and not r.accepted]
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert len(accepted) == 37 and all(r.verdict is Verdict.INSUFFICIENT_CREDIT for r in refused)
+    await asyncio.gather(*(charged_by[q.request_id].settle(calls.outcome(q, who)) for _, q in accepted))
+    for store in (a, b):
+        assert await store.drain(5)
+    reconcile_holds(db)
+    for store in (a, b):
+        await settle_all(store)
+    reconcile_holds(db, settled=True)
+    assert balance(db, who) == 500
+
+
+async def test_a_crashed_gateways_unwritten_calls_come_back_to_the_consumer(db: Wallets) -> None:
+    listing(db)
+    who = add_consumer(db, 1, credit=50 * PRICE)
+    store = db.store
+    assert isinstance(store, WalletStore)
+    calls = Calls()
+    reqs = [call(who, 1, PRICE) for _ in range(6)]
+    for r in reqs:
+        await calls.charge(store, r)
+    await asyncio.gather(*(store.settle(calls.outcome(r, who)) for r in reqs[:4]))  # two never settled: the crash
+    store.close()  # nothing drained: as if SIGKILLed
+    survivor = db.open_store()
+    assert isinstance(survivor, WalletStore)
+    await settle_all(survivor)
+    reconcile_holds(db, settled=True)
+    assert balance(db, who) == 50 * PRICE - 4 * PRICE
+
+
+async def test_redis_losing_the_wallets_costs_the_consumer_nothing(db: Wallets) -> None:
+    listing(db)
+    who = add_consumer(db, 1, credit=50 * PRICE)
+    store = db.store
+    assert isinstance(store, WalletStore)
+    calls = Calls()
+    first = [call(who, 1, PRICE) for _ in range(3)]
+    for r in first:
+        await calls.charge(store, r)
+    redisutil.delete_prefix(db.redis)  # a Redis restart: every wallet gone
+    second = [call(who, 1, PRICE) for _ in range(3)]
+    for r in second:
+        assert (await calls.charge(store, r)).accepted  # a new hold
+    await asyncio.gather(*(store.settle(calls.outcome(r, who)) for r in first + second))
+    await settle_all(store)
+    reconcile_holds(db, settled=True)
+    assert balance(db, who) == 50 * PRICE - 6 * PRICE
+    assert store.grants == 2
+
+
+async def test_the_project_cap_bounds_the_holds(db: Wallets) -> None:
+    listing(db)
+    who = add_consumer(db, 1, credit=100 * PRICE, cap_cents=1)  # 1 cent = 1,000,000 µ¢ = 1000 calls
+    db.execute("UPDATE projects SET spending_cap_cents_per_month = 0 WHERE id = %s", (who.project_id,))
+    result = await db.store.charge(call(who, 1, PRICE))
+    assert result.verdict is Verdict.PROJECT_CAP_EXCEEDED and balance(db, who) == 100 * PRICE
+    db.execute("UPDATE projects SET spending_cap_cents_per_month = 1 WHERE id = %s", (who.project_id,))
+    db.execute("UPDATE mcpmeter_project_spend SET spent_micro_cents = %s WHERE project_id = %s",
+               (10**6 - 3 * PRICE, who.project_id))  # (the refused charge made the month's row)
+    results = [await db.store.charge(call(who, 1, PRICE)) for _ in range(5)]
+    assert [r.verdict for r in results] == [Verdict.DEBITED] * 3 + [Verdict.PROJECT_CAP_EXCEEDED] * 2
+    reconcile_holds(db)
+
+
+async def test_a_stale_wallet_is_retired_and_its_left_over_returned(db: Wallets) -> None:
+    listing(db)
+    who = add_consumer(db, 1, credit=100 * PRICE)
+    store = db.store
+    assert isinstance(store, WalletStore)
+    calls = Calls()
+    req = call(who, 1, PRICE)
+    await calls.charge(store, req)
+    assert balance(db, who) == 90 * PRICE
+    await store.settle(calls.outcome(req, who))
+    store.config = dataclasses.replace(store.config, wallet_seconds=0)
+    await asyncio.sleep(1.1)
+    await store.settle_holds()  # retired: the 9 calls' worth left comes back now; the hold is not settled yet
+    assert balance(db, who) == 99 * PRICE
+    key = wallet_scripts.wallet_key(db.redis.prefix, who.user_id, who.project_id)
+    assert key not in redisutil.keys(db.redis)
+    reconcile_holds(db)
+
+
+async def test_free_tiers_and_unpriced_calls_keep_the_journal(db: Wallets) -> None:
+    add_listing(db, 2, "free", price=PRICE, free=2)
+    who = add_consumer(db, 1, credit=10 * PRICE)
+    results = [await db.store.charge(call(who, 2, PRICE, free=2)) for _ in range(3)]
+    assert [r.verdict for r in results] == [Verdict.FREE, Verdict.FREE, Verdict.DEBITED]
+    assert all(r.hold is None for r in results)
+
+
+async def test_redis_down_refuses_before_forwarding(db: Wallets) -> None:
+    listing(db)
+    who = add_consumer(db, 1, credit=10 * PRICE)
+    config = dataclasses.replace(db.store.config, redis=dataclasses.replace(db.redis, port=redisutil_closed_port()))
+    store = WalletStore(config, db.store.mysql)  # type: ignore[attr-defined]
+    with pytest.raises(StoreUnavailable):
+        await store.charge(call(who, 1, PRICE))
+    assert balance(db, who) == 10 * PRICE
+
+
+def redisutil_closed_port() -> int:
+    from .dbutil import closed_port
+
+    return closed_port()
+
+
+def test_keys_of_one_consumer_share_a_hash_tag() -> None:
+    key = wallet_scripts.wallet_key("mcpmeter:", 42, 7)
+    assert key == "mcpmeter:w:{u42}:p7"
