@@ -24,13 +24,22 @@ under test on a free loopback port, warms it up, and drives it with the load gen
                       nginx) in front of two such gateways, the load generator talking to nginx
                       only; skipped, saying why, without nginx. nginx's CPU is reported beside the
                       database servers'.
+  gateway-wallets, gateway-wallets-x2, gateway-wallets-x2-nginx
+                      the three above with the wallet store on (MCPMETER_WALLETS=1): credit held in
+                      bulk from MySQL into Redis wallets, each paid call spent by one Redis script,
+                      settled calls written to MySQL in batches (addon/store/wallets.py).
 
 Every request is a paid JSON-RPC tools/call (1000 µ¢) by a consumer with ample credit, and
 rate limits far above what one core can send. After each gateway scenario the ledger is
 checked: every debit has its usage ledger row, every refund its refund row, every call is
-settled, and every balance equals the sum of its ledger. The table (requests/s, latency
-percentiles, CPU ms per request of the proxy process from /proc) is printed, then one more
-measurement and the targets of issue #8 with PASS/MISS for each, and everything is written as JSON.
+settled, and every balance equals the sum of its ledger. With wallets (checked once the gateways
+stopped, having drained their queues) a call has no debit row of its own: its hold's row is the
+debit. There usage_events must bill exactly the billed answers the load generator saw, every billed
+call be a journal row with its hold and not refunded, each hold's spent be what its calls cost and
+spent + returned stay within what it granted, and balances still equal their ledgers. The table
+(requests/s, latency percentiles, CPU ms per request of the proxy process from /proc) is printed,
+then one more measurement and the targets of issue #8 with PASS/MISS for each (the production
+ones again for gateway-wallets), and everything is written as JSON.
 
 Redis memory per (listing, consumer) pair: one production gateway, 4 listings x 8 consumers
 (32 pairs, one connection each), N calls (--redis-calls, default 500, --quick 200) and then 9N
@@ -104,8 +113,9 @@ LIMIT = 1_000_000_000  # rpm / rpd: far above what one core can send (fits MySQL
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 STARTUP_TIMEOUT = 30.0
+WALLETS = ("gateway-wallets", "gateway-wallets-x2", "gateway-wallets-x2-nginx")  # the production ones + wallets
 SCENARIOS = ("direct", "bare", "gateway-embedded", "gateway-production", "gateway-production-x2",
-             "gateway-production-x2-nginx")
+             "gateway-production-x2-nginx", *WALLETS)
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,14 @@ TARGETS = (
            base="gateway-production"),
     Target("nginx + production-x2 req/s at c=32 / production", "gateway-production-x2-nginx", "scaling",
            base="gateway-production"),
+    # The same on the wallet store (MCPMETER_WALLETS=1): MySQL off the per-call path.
+    Target("wallets req/s at c=32 / bare", "gateway-wallets", "rps_ratio", ">=", 0.6, 0.85),
+    Target("wallets p50 at c=1 - bare", "gateway-wallets", "p50_delta", "<=", 1.0, 0.5),
+    Target("wallets gateway CPU per paid call - bare (c=32)", "gateway-wallets", "cpu_delta", "<=", 0.6),
+    Target("wallets MariaDB CPU per paid call (c=32)", "gateway-wallets", "db_cpu", "<=", 0.3),
+    Target("wallets-x2 req/s at c=32 / wallets", "gateway-wallets-x2", "scaling", base="gateway-wallets"),
+    Target("wallets nginx + x2 req/s at c=32 / wallets", "gateway-wallets-x2-nginx", "scaling",
+           base="gateway-wallets"),
 )
 MEMORY_GROWTH_TARGET_MB = 20.0
 DB_SERVERS = ("mariadbd", "mysqld")
@@ -558,6 +576,115 @@ def check_ledger(query: Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]],
             "usage_events": usage_events, "billed_responses": billed_responses}
 
 
+Query = Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]]
+
+
+def ledger_check(query: Query, billed_responses: int, wallets: bool = False) -> dict[str, Any]:
+    """The journal's check, or with `wallets` the wallet store's."""
+    return check_wallet_ledger(query, billed_responses) if wallets else check_ledger(query, billed_responses)
+
+
+def check_wallet_ledger(query: Query, billed_responses: int, price: int = PRICE) -> dict[str, Any]:
+    """The ledger after a wallet run (the gateways stopped, so their queued settlements are written).
+
+    A call spent from a wallet has no debit row of its own: its hold's ledger row (type 'adjustment',
+    reference_type 'mcpmeter_hold', -granted) is the debit, and the call is a mcpmeter_calls row with
+    hold_id plus its usage_events row. Checked: I1 (every balance == the sum of its ledger, the opening
+    top-up being a ledger row); usage_events bill exactly the answers the load generator saw billed;
+    every billed call is a non-refunded wallet call and vice versa; each hold has its one debit row,
+    spent == what its non-refunded calls cost, and spent + returned (+ rest once settled) within granted
+    (== once settled); no call went the per-call way (the bench's listing has no free tier, a price > 0)."""
+
+    def one(sql: str) -> int:
+        return int(query(sql, ())[0][0] or 0)
+
+    holds = one("SELECT COUNT(*) FROM mcpmeter_holds")
+    wallet_calls = one("SELECT COUNT(*) FROM mcpmeter_calls WHERE hold_id IS NOT NULL")
+    per_call = one("SELECT COUNT(*) FROM mcpmeter_calls WHERE hold_id IS NULL AND verdict = 'debited'")
+    refunded = one("SELECT COUNT(*) FROM mcpmeter_calls WHERE hold_id IS NOT NULL AND refunded = 1")
+    # A call recorded after its hold settled is refunded by the hold's rest, without a refund row of its own.
+    refund_due = one("SELECT COUNT(*) FROM mcpmeter_calls"
+                     " WHERE refunded = 1 AND COALESCE(reason, '') <> 'hold_settled'")
+    refund_rows = one("SELECT COUNT(*) FROM credit_transactions WHERE type = 'refund'")
+    unsettled = one("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL")
+    usage_events = one("SELECT COUNT(*) FROM usage_events")
+    billed_micro_cents = one("SELECT SUM(billed_micro_cents) FROM usage_events")
+    without_event = one("SELECT COUNT(*) FROM mcpmeter_calls c WHERE NOT EXISTS"
+                        " (SELECT 1 FROM usage_events u WHERE u.request_id = c.request_id)")
+    billed_not_wallet = one(
+        "SELECT COUNT(*) FROM usage_events u WHERE u.billed_micro_cents > 0 AND NOT EXISTS (SELECT 1 FROM"
+        " mcpmeter_calls c WHERE c.request_id = u.request_id AND c.hold_id IS NOT NULL AND c.refunded = 0)")
+    kept_unbilled = one(
+        "SELECT COUNT(*) FROM mcpmeter_calls c JOIN usage_events u ON u.request_id = c.request_id"
+        " WHERE c.hold_id IS NOT NULL AND c.refunded = 0 AND u.billed_micro_cents <> c.amount_micro_cents")
+    unreconciled = [
+        (int(u), int(b), int(s)) for u, b, s in query(
+            "SELECT u.id, u.credit_micro_cents, COALESCE(SUM(t.amount_micro_cents), 0) FROM users u"
+            " LEFT JOIN credit_transactions t ON t.user_id = u.id GROUP BY u.id, u.credit_micro_cents", ())
+        if int(b) != int(s)
+    ]
+    # Per hold: (id, granted, spent, returned, rest, settled, cost of its non-refunded calls, debit rows, debited).
+    bad_holds = [
+        tuple(int(x) if x is not None else None for x in row) for row in query(
+            "SELECT h.id, h.granted_micro_cents, h.spent_micro_cents, h.returned_micro_cents, h.rest_micro_cents,"
+            " h.settled_at IS NOT NULL,"
+            " (SELECT COALESCE(SUM(c.amount_micro_cents), 0) FROM mcpmeter_calls c"
+            "   WHERE c.hold_id = h.id AND c.refunded = 0),"
+            " (SELECT COUNT(*) FROM credit_transactions t WHERE t.reference_type = 'mcpmeter_hold'"
+            "   AND t.reference_id = h.id AND t.amount_micro_cents < 0),"
+            " (SELECT COALESCE(SUM(t.amount_micro_cents), 0) FROM credit_transactions t"
+            "   WHERE t.reference_type = 'mcpmeter_hold' AND t.reference_id = h.id AND t.amount_micro_cents < 0)"
+            " FROM mcpmeter_holds h ORDER BY h.id", ())
+        if not _hold_ok(*row)
+    ]
+    problems = []
+    if unreconciled:
+        problems.append(f"balance != sum of ledger for (user, balance, ledger): {unreconciled[:5]}")
+    if billed_micro_cents != billed_responses * price:
+        problems.append(f"usage_events billed {billed_micro_cents} µ¢ but the load generator saw {billed_responses}"
+                        f" billed answers x {price} µ¢ = {billed_responses * price} µ¢")
+    if billed_not_wallet:
+        problems.append(f"{billed_not_wallet} billed usage_events without a non-refunded wallet call (hold_id)")
+    if kept_unbilled:
+        problems.append(f"{kept_unbilled} non-refunded wallet calls whose usage_events row bills another amount")
+    if refund_due != refund_rows:
+        problems.append(f"{refund_due} refunded calls but {refund_rows} refund ledger rows")
+    if unsettled:
+        problems.append(f"{unsettled} calls unsettled")
+    if without_event or usage_events != wallet_calls + per_call:
+        problems.append(f"{wallet_calls + per_call} calls but {usage_events} usage_events rows"
+                        f" ({without_event} calls without theirs)")
+    if per_call:
+        problems.append(f"{per_call} calls charged one by one, not from a wallet (is wallets on? a free tier?)")
+    if billed_responses and not holds:
+        problems.append(f"{billed_responses} billed answers but no hold")
+    if bad_holds:
+        problems.append("holds not adding up (id, granted, spent, returned, rest, settled, cost of its calls,"
+                        f" debit rows, debited): {bad_holds[:5]}")
+    return {"ok": not problems, "problems": problems, "kind": "wallets", "holds": holds,
+            "wallet_calls": wallet_calls, "per_call_debits": per_call, "refunded": refunded,
+            "refund_ledger_rows": refund_rows, "unsettled": unsettled, "usage_events": usage_events,
+            "billed_micro_cents": billed_micro_cents, "billed_responses": billed_responses}
+
+
+def _hold_ok(hold: int, granted: int, spent: int, returned: int, rest: int | None, settled: int, cost: int,
+             debit_rows: int, debited: int) -> bool:
+    """One hold: its one debit row of -granted, spent == its calls' cost, nothing back beyond granted."""
+    back = spent + returned + (rest or 0)
+    return (debit_rows == 1 and debited == -granted and spent == cost and spent >= 0 and returned >= 0
+            and (back == granted if settled else back <= granted))
+
+
+def ledger_detail(lg: dict[str, Any]) -> str:
+    """The counts a ledger check's line shows."""
+    if lg.get("kind") == "wallets":
+        return (f"{lg['holds']} holds, {lg['wallet_calls']} wallet calls ({lg['refunded']} refunded),"
+                f" {lg['per_call_debits']} per-call debits, {lg['unsettled']} unsettled,"
+                f" {lg['billed_micro_cents']} µ¢ billed, {lg['billed_responses']} billed responses")
+    return (f"{lg['debited']} debits, {lg['usage_ledger_rows']} usage ledger rows, {lg['refunded']} refunds,"
+            f" {lg['unsettled']} unsettled, {lg['billed_responses']} billed responses")
+
+
 def sqlite_query(path: Path) -> Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]]:
     def query(sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         conn = sqlite3.connect(path, timeout=10)
@@ -670,9 +797,14 @@ def split_sql(text: str) -> list[str]:
 
 
 def seed_production(db: dict[str, Any], upstream_port: int) -> str:
-    """The listing and the consumer, inserted by plain SQL as the reference's web app writes them."""
+    """The listing and the consumer, inserted by plain SQL as the reference's web app writes them.
+
+    No free tier and a price above 0: with wallets on, every call is then spent from a wallet (a free
+    tier or a zero price would send it through the per-call procedure instead)."""
+    assert PRICE > 0
     rows = _rows(db)
-    rows.add_listing(SLUG, f"http://127.0.0.1:{upstream_port}/mcp", price=PRICE, rpm=LIMIT, rpd=LIMIT, timeout=30)
+    rows.add_listing(SLUG, f"http://127.0.0.1:{upstream_port}/mcp", price=PRICE, free=0, rpm=LIMIT, rpd=LIMIT,
+                     timeout=30)
     return rows.add_consumer(credit=CREDIT).key
 
 
@@ -777,23 +909,12 @@ def run_scenario(name: str, s: Settings, procs: Processes, workdir: Path, upstre
             drive(sc, s, f"http://127.0.0.1:{port}/{SLUG}", proxy, upstream)
             procs.stop(proxy)
             sc.ledger = check_ledger(sqlite_query(db_path), billed_responses(sc))
-        elif name == "gateway-production":
-            with production_backend() as db:
-                key = seed_production(db, upstream_port)
-                try:
-                    proxy, port = start_gateway(procs, workdir, name, upstream_port,
-                                                gateway_config(upstream_port), production_env(db))
-                    servers = backend_pids()
-                    sc.background_cpu_ms_per_s = background_cpu(servers)
-                    drive(sc, s, f"http://127.0.0.1:{port}/{SLUG}", proxy, upstream, key, servers)
-                finally:
-                    if proxy is not None:
-                        procs.stop(proxy)  # before its database is dropped
-                sc.ledger = check_ledger(db["query"], billed_responses(sc))
-        elif name == "gateway-production-x2":
-            run_production_x2(sc, s, procs, workdir, upstream, upstream_port)
-        elif name == "gateway-production-x2-nginx":
-            run_production_x2(sc, s, procs, workdir, upstream, upstream_port, via_nginx=True)
+        elif name in ("gateway-production", "gateway-wallets"):
+            run_production(sc, s, procs, workdir, upstream, upstream_port, wallets=name in WALLETS)
+        elif name in ("gateway-production-x2", "gateway-wallets-x2"):
+            run_production_x2(sc, s, procs, workdir, upstream, upstream_port, wallets=name in WALLETS)
+        elif name in ("gateway-production-x2-nginx", "gateway-wallets-x2-nginx"):
+            run_production_x2(sc, s, procs, workdir, upstream, upstream_port, via_nginx=True, wallets=name in WALLETS)
         else:
             raise ValueError(name)
     except Skip as e:
@@ -806,8 +927,27 @@ def run_scenario(name: str, s: Settings, procs: Processes, workdir: Path, upstre
     return sc
 
 
-def production_env(db: dict[str, Any]) -> dict[str, str]:
-    """The environment that points a gateway at the scratch database and Redis prefix of `db`."""
+def run_production(sc: Scenario, s: Settings, procs: Processes, workdir: Path, upstream: Proc,
+                   upstream_port: int, wallets: bool = False) -> None:
+    """One gateway on MySQL + Redis (`wallets`: with the wallet store), then the ledger checked."""
+    proxy: Proc | None = None
+    with production_backend() as db:
+        key = seed_production(db, upstream_port)
+        try:
+            proxy, port = start_gateway(procs, workdir, sc.name, upstream_port,
+                                        gateway_config(upstream_port), production_env(db, wallets))
+            servers = backend_pids()
+            sc.background_cpu_ms_per_s = background_cpu(servers)
+            drive(sc, s, f"http://127.0.0.1:{port}/{SLUG}", proxy, upstream, key, servers)
+        finally:
+            if proxy is not None:
+                procs.stop(proxy)  # before its database is dropped; it drains its settlements first
+        sc.ledger = ledger_check(db["query"], billed_responses(sc), wallets)
+
+
+def production_env(db: dict[str, Any], wallets: bool = False) -> dict[str, str]:
+    """The environment that points a gateway at the scratch database and Redis prefix of `db`
+    (`wallets`: with the wallet store on, addon/store/wallets.py)."""
     return {
         "MCPMETER_STORE": "mysql", "MCPMETER_CACHE": "redis",
         "DB_HOST": db["mysql"]["host"], "DB_PORT": str(db["mysql"]["port"]),
@@ -815,6 +955,7 @@ def production_env(db: dict[str, Any]) -> dict[str, str]:
         "DB_NAME": db["database"], "REDIS_HOST": db["redis"]["host"],
         "REDIS_PORT": str(db["redis"]["port"]), "REDIS_DB": str(db["redis"]["db"]),
         "MCPMETER_REDIS_PREFIX": db["prefix"],
+        **({"MCPMETER_WALLETS": "1"} if wallets else {}),
     }
 
 
@@ -832,9 +973,10 @@ def x2_placement(s: Settings) -> tuple[set[int] | None, set[int] | None, str]:
 
 
 def run_production_x2(sc: Scenario, s: Settings, procs: Processes, workdir: Path, upstream: Proc,
-                      upstream_port: int, via_nginx: bool = False) -> None:
+                      upstream_port: int, via_nginx: bool = False, wallets: bool = False) -> None:
     """Two gateway processes on one database and one Redis prefix, the load spread over both:
-    by the load generator itself, or (`via_nginx`) by nginx running deploy/nginx.conf."""
+    by the load generator itself, or (`via_nginx`) by nginx running deploy/nginx.conf
+    (`wallets`: both with the wallet store on)."""
     from bench import nginx
 
     cpus_a, cpus_b, sc.placement = x2_placement(s)
@@ -850,7 +992,7 @@ def run_production_x2(sc: Scenario, s: Settings, procs: Processes, workdir: Path
     lb: nginx.Nginx | None = None
     with production_backend() as db:
         key = seed_production(db, upstream_port)
-        env = production_env(db)
+        env = production_env(db, wallets)
         # /metrics open on loopback, to count each gateway's calls behind nginx.
         config = gateway_config(upstream_port, metrics_public=True) if via_nginx else gateway_config(upstream_port)
         try:
@@ -871,7 +1013,7 @@ def run_production_x2(sc: Scenario, s: Settings, procs: Processes, workdir: Path
                 lb.stop()
             for proc in gateways:
                 procs.stop(proc)  # before their database is dropped
-        sc.ledger = check_ledger(db["query"], billed_responses(sc))
+        sc.ledger = ledger_check(db["query"], billed_responses(sc), wallets)
 
 
 def billed_calls(port: int) -> int:
@@ -1166,9 +1308,7 @@ def print_table(result: dict[str, Any]) -> None:
     for name, sc in result["scenarios"].items():
         if sc.get("ledger"):
             lg = sc["ledger"]
-            detail = (f"{lg['debited']} debits, {lg['usage_ledger_rows']} usage ledger rows, {lg['refunded']} refunds,"
-                      f" {lg['unsettled']} unsettled, {lg['billed_responses']} billed responses")
-            print(f"ledger {name}: {'OK' if lg['ok'] else 'FAIL'} ({detail})")
+            print(f"ledger {name}: {'OK' if lg['ok'] else 'FAIL'} ({ledger_detail(lg)})")
             for p in lg["problems"]:
                 print(f"    {p}")
 
