@@ -250,8 +250,12 @@ def _add_spend(ledger: Ledger, project_id: int, period: str, amount: int) -> Non
 
 def settle_after(config: Config) -> float:
     """How old a hold is when it settles: no call spent from it can still be recorded then (the
-    wallet's life, the longest call, held tasks and rounds included, and sweeps that come late)."""
-    return (config.wallet_seconds + 2 * sweep_interval(config) + 60.0
+    wallet's life, the longest call, held tasks and rounds included, and sweeps that come late).
+
+    Three sweeps: the one that retires the wallet may come a sweep late, the next one settles, and one
+    more of slack for the last settlements' batch (it was a fixed 60 s: the same at the defaults, where
+    a sweep is 60 s, but it kept holds of a short-lived configuration a minute longer than needed)."""
+    return (config.wallet_seconds + 3 * sweep_interval(config)
             + max(config.max_upstream_timeout_ms / 1000, config.task_settle_seconds, config.round_settle_seconds,
                   config.stale_call_seconds))
 
