@@ -25,6 +25,7 @@ from bench import nginx
 from tests.backends import Backend, ProductionBackend
 from tests.gateway_proc import Gateway, gateway_pair
 from tests.test_e2e_gateway import MCP_HEADERS, call, eventually, slug
+from tests.wallet_money import assert_settled_money, gateway_config, holds_settled
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -48,15 +49,43 @@ def prod() -> Iterator[Backend]:
 @pytest.fixture(scope="module")
 def pair(prod: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Gateway]]:
     """Two gateways on one database and one Redis prefix; /metrics open (loopback only) to count each one's calls."""
-    require_nginx()
-    workdir = tmp_path_factory.mktemp("scaleout")
-    with gateway_pair({"metrics_public": True}, workdir, prod.env()) as both:
-        yield both
+    yield from start_pair(prod, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def lb(pair: tuple[Gateway, Gateway], tmp_path_factory: pytest.TempPathFactory) -> Iterator[nginx.Nginx]:
     """nginx running deploy/nginx.conf in front of the pair."""
+    yield from start_lb(pair, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def wallet_prod() -> Iterator[ProductionBackend]:
+    """Another database and Redis prefix, for gateways running with wallets (addon/store/wallets.py)."""
+    b = ProductionBackend(wallets=True)
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def wallet_pair(wallet_prod: ProductionBackend,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Gateway]]:
+    """The pair with wallets, and short lives: their sweepers settle every hold within seconds."""
+    yield from start_pair(wallet_prod, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def wallet_lb(wallet_pair: tuple[Gateway, Gateway], tmp_path_factory: pytest.TempPathFactory) -> Iterator[nginx.Nginx]:
+    yield from start_lb(wallet_pair, tmp_path_factory)
+
+
+def start_pair(prod: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Gateway]]:
+    require_nginx()
+    workdir = tmp_path_factory.mktemp("scaleout")
+    with gateway_pair(gateway_config(prod, metrics_public=True), workdir, prod.env()) as both:
+        yield both
+
+
+def start_lb(pair: tuple[Gateway, Gateway], tmp_path_factory: pytest.TempPathFactory) -> Iterator[nginx.Nginx]:
     n = nginx.start([gw.url.removeprefix("http://") for gw in pair], tmp_path_factory.mktemp("nginx"))
     yield n
     n.stop()
@@ -80,10 +109,11 @@ def refusals(gw: Gateway, code: str) -> int:
 
 
 async def spray(url: str, auth: dict[str, str], n: int, tool: str = "ok",
-                concurrency: int | None = None) -> Counter[int]:
+                concurrency: int | None = None, seen: dict[str, int] | None = None) -> Counter[int]:
     """n calls to `url`, at most `concurrency` (default all) at once; the count of each status.
 
     Bodies of answers other than 200, 402 and 429 are printed: a failing assertion then shows who answered.
+    `seen` gets each 200's request id and X-Mcpmeter-Billed.
     """
     limits = httpx2.Limits(max_connections=n + 10, max_keepalive_connections=n + 10)
     gate = asyncio.Semaphore(concurrency or n)
@@ -94,6 +124,8 @@ async def spray(url: str, auth: dict[str, str], n: int, tool: str = "ok",
                                       headers={**MCP_HEADERS, **auth})
             if r.status_code not in (200, 402, 429):
                 print(f"spray: {r.status_code} {r.headers.get('server', '')!r} {r.text[:300]!r}")
+            if seen is not None and r.status_code == 200:
+                seen[r.headers["X-Mcpmeter-Request-Id"]] = int(r.headers["X-Mcpmeter-Billed"])
             return r.status_code
 
         return Counter(await asyncio.gather(*(one(i) for i in range(n))))
@@ -150,19 +182,29 @@ async def test_sse_progress_arrives_unbuffered_through_nginx(proxy: str, request
     assert_money_reconciles(prod)
 
 
+@pytest.mark.parametrize("stores", ["journal", "wallets"])
 async def test_paid_calls_through_nginx_reach_both_gateways_and_reconcile(
-        lb: nginx.Nginx, pair: tuple[Gateway, Gateway], prod: Backend, fault_url: str) -> None:
+        stores: str, request: pytest.FixtureRequest, fault_url: str) -> None:
+    wallets = stores == "wallets"
+    lb: nginx.Nginx = request.getfixturevalue("wallet_lb" if wallets else "lb")
+    pair: tuple[Gateway, Gateway] = request.getfixturevalue("wallet_pair" if wallets else "pair")
+    prod: Backend = request.getfixturevalue("wallet_prod" if wallets else "prod")
     s = slug("scale")
     prod.add_listing(s, fault_url + "/mcp", price=1000, rpm=10_000, rpd=100_000)
     c = prod.add_consumer(credit=150_000)
-    statuses = await spray(f"{lb.url}/{s}", c.auth, 200)
+    seen: dict[str, int] = {}
+    statuses = await spray(f"{lb.url}/{s}", c.auth, 200, seen=seen)
     # A balance for 150 calls: the two gateways together debit it exactly, never past zero.
     assert statuses == Counter({200: 150, 402: 50})
-    assert prod.balance(c.user_id) == 0
+    assert prod.balance(c.user_id) == 0  # with wallets: nothing left in MySQL nor in a wallet
     await eventually(lambda: len(prod.usage(c)) == 150, timeout=10)
     assert sum(u["billed"] for u in prod.usage(c)) == 150_000
-    assert [t for _, t, _ in prod.ledger(c.user_id)].count("usage") == 150
-    assert_money_reconciles(prod)
+    if isinstance(prod, ProductionBackend) and prod.wallets:  # debited by holds: reconciled once they settle
+        await holds_settled(prod)
+        assert_settled_money(prod, c, 150_000, 1000, seen)
+    else:
+        assert [t for _, t, _ in prod.ledger(c.user_id)].count("usage") == 150
+        assert_money_reconciles(prod)
     each = await eventually(lambda: (n := [billed_calls(gw, s) for gw in pair]) and sum(n) == 150 and n)
     assert all(n > 0 for n in each), f"nginx sent every call to one gateway: {each}"
 
