@@ -270,3 +270,45 @@ async def test_mysql_unreachable_answers_503_fast_and_recovers(prod: Backend, tm
     finally:
         gw.stop()
         relay.stop()
+
+
+@pytest.mark.parametrize("prod", ["wallets"], indirect=True)
+async def test_wallet_calls_a_killed_gateway_never_wrote_come_back_to_the_consumer(
+        prod: OwnRedisBackend, tmp_path: Path, fault_url: str) -> None:
+    """A gateway that cannot reach MySQL still spends from its funded wallet, and keeps the settled calls
+    queued; SIGKILLed, it never writes them. They stay unbilled and their price comes back to the consumer
+    when the other gateway's sweeper settles the hold (which a flush race can only sometimes show)."""
+    relay = dbutil.Relay(prod.mysql)
+    relay.start()
+    config = gateway_config(prod, wallet_seconds=8)  # the wallet outlives the test's calls on A
+    a = start_gateway(config, tmp_path, env={**prod.env(), "DB_PORT": str(relay.port)}, name="gateway-a")
+    try:
+        b = start_gateway(config, tmp_path, env=prod.env(), name="gateway-b")
+    except BaseException:
+        a.stop()
+        raise
+    try:
+        s = slug("prod")
+        prod.add_listing(s, fault_url + "/mcp", price=1000, rpm=10_000, rpd=100_000)
+        c = prod.add_consumer(credit=1_000_000)
+        written: dict[str, int] = {}
+        assert await spray((a,), f"/{s}", c.auth, 5, seen=written) == Counter({200: 5})  # A's wallet funded
+        await eventually(lambda: len(prod.usage(c)) == 5)
+        relay.stop()  # A can no longer write: what it settles stays queued
+        lost: dict[str, int] = {}
+        assert await spray((a,), f"/{s}", c.auth, 10, seen=lost) == Counter({200: 10})
+        assert all(billed == 1000 for billed in lost.values())
+        os.kill(a.proc.pid, signal.SIGKILL)
+        assert a.proc.wait(5) == -signal.SIGKILL
+        relay.start()  # (A is gone: nothing of it comes through)
+        after: dict[str, int] = {}
+        assert await spray((b,), f"/{s}", c.auth, 10, seen=after) == Counter({200: 10})
+        await holds_settled(prod, wallet_seconds=8)
+        assert_settled_money(prod, c, 1_000_000, 1000, {**written, **lost, **after}, lost=set(lost), wallet_seconds=8)
+        assert not set(lost) & {u["request_id"] for u in prod.usage(c)}
+        assert int(prod.query("SELECT SUM(rest_micro_cents) FROM mcpmeter_holds")[0][0]) == 10 * 1000
+        assert prod.balance(c.user_id) == 1_000_000 - 15 * 1000
+    finally:
+        a.stop()
+        b.stop()
+        relay.stop()

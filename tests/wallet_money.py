@@ -31,19 +31,19 @@ def uses_wallets(backend: Backend) -> bool:
 
 
 def gateway_config(backend: Backend, **others: Any) -> dict[str, Any]:
-    """The gateways' configuration: `others`, with the short lives when the backend runs wallets."""
-    return {**others, **(WALLET_SETTINGS if uses_wallets(backend) else {})}
+    """The gateways' configuration: `others`, over the short lives when the backend runs wallets."""
+    return {**(WALLET_SETTINGS if uses_wallets(backend) else {}), **others}
 
 
-def config(backend: ProductionBackend) -> Config:
-    """The gateways' configuration as `mcpmeter reconcile` reads it."""
+def config(backend: ProductionBackend, **others: Any) -> Config:
+    """The gateways' configuration (gateway_config's `others` included) as `mcpmeter reconcile` reads it."""
     return Config(store="mysql", cache="redis", mysql=backend.mysql, redis=backend.redis, wallets=True,
-                  **WALLET_SETTINGS)
+                  **{**WALLET_SETTINGS, **others})
 
 
-async def holds_settled(backend: ProductionBackend, timeout: float | None = None) -> None:
+async def holds_settled(backend: ProductionBackend, **others: Any) -> None:
     """Wait until the gateways' sweepers have settled every hold (at least one was granted)."""
-    deadline = time.monotonic() + (timeout or settle_after(config(backend)) + 15)
+    deadline = time.monotonic() + settle_after(config(backend, **others)) + 15
     while True:
         total, open_ = backend.query("SELECT COUNT(*), COUNT(*) - COUNT(settled_at) FROM mcpmeter_holds")[0]
         if int(total) > 0 and int(open_) == 0:
@@ -53,11 +53,12 @@ async def holds_settled(backend: ProductionBackend, timeout: float | None = None
 
 
 def assert_settled_money(backend: ProductionBackend, consumer: TestConsumer, opening: int, price: int,
-                         seen: Mapping[str, int], lost: Collection[str] = ()) -> None:
+                         seen: Mapping[str, int], lost: Collection[str] = (), **others: Any) -> None:
     """After every hold settled: the consumer paid exactly what their usage rows bill, each billed answer
     the clients saw (`seen`: request id -> X-Mcpmeter-Billed of each 200) is billed there, and `mcpmeter
     reconcile` finds nothing. `lost`: answers of a SIGKILLed gateway whose settlement may have died in its
-    queue: such a call is unbilled, never recorded, and its price came back with its hold's rest."""
+    queue: such a call is unbilled, never recorded, and its price came back with its hold's rest.
+    `others`: the gateways' settings besides WALLET_SETTINGS (gateway_config)."""
     assert backend.unreconciled() == [], "balances differ from their ledgers (I1)"
     assert backend.query("SELECT id, credit_micro_cents FROM users WHERE credit_micro_cents < 0") == []
     billed = {r for r, amount in seen.items() if amount > 0}
@@ -75,7 +76,7 @@ def assert_settled_money(backend: ProductionBackend, consumer: TestConsumer, ope
     final = int(backend.query("SELECT credit_micro_cents FROM users WHERE id = %s", (consumer.user_id,))[0][0])
     assert backend.balance(consumer.user_id) == final, "a wallet still holds credit after its hold settled"
     assert final == opening - sum(events.values())
-    settings = config(backend)
+    settings = config(backend, **others)
     store = MysqlStore(settings)
     try:
         failed = [(c.invariant, c.rule, c.discrepancies) for c in Admin(store, settings).reconcile() if not c.ok]
