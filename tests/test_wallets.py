@@ -271,3 +271,23 @@ def redisutil_closed_port() -> int:
 def test_keys_of_one_consumer_share_a_hash_tag() -> None:
     key = wallet_scripts.wallet_key("mcpmeter:", 42, 7)
     assert key == "mcpmeter:w:{u42}:p7"
+
+
+async def test_gateways_granting_at_once_never_replace_each_others_fresh_wallet() -> None:
+    """Every call needs a grant (a wallet of one call): two gateways granting at once retire only the
+    wallet that could not pay, so no call fails for churn and the money adds up."""
+    with wallets(wallet_calls=1) as db:
+        listing(db)
+        who = add_consumer(db, 1, credit=100 * PRICE)
+        a, b = db.store, db.open_store()
+        assert isinstance(a, WalletStore) and isinstance(b, WalletStore)
+        calls = Calls()
+        reqs = [call(who, 1, PRICE) for _ in range(40)]
+        by = {r.request_id: a if i % 2 else b for i, r in enumerate(reqs)}
+        results = await asyncio.gather(*(calls.charge(by[r.request_id], r) for r in reqs))
+        assert all(r.verdict is Verdict.DEBITED for r in results)
+        await asyncio.gather(*(by[r.request_id].settle(calls.outcome(r, who)) for r in reqs))
+        for store in (a, b):
+            await settle_all(store)
+        reconcile_holds(db, settled=True)
+        assert balance(db, who) == 60 * PRICE

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import hashlib
 
-# KEYS[1] wallet. ARGV: price, now (unix s), month. -> {1, hold, left + rest} or {0} (no wallet, stale,
-# another month, or too little left: the caller asks MySQL for a new hold).
+# KEYS[1] wallet. ARGV: price, now (unix s), month. -> {1, hold, left + rest}, or {0, hold} for a wallet
+# that cannot pay (stale, another month, too little left: the caller retires that hold, and no
+# other, and asks MySQL for a new one), or {0} for none.
 SPEND = """
 local w = redis.call('HMGET', KEYS[1], 'hold', 'left', 'period', 'until', 'rest')
-if not w[1] or w[3] ~= ARGV[3] or tonumber(w[4]) <= tonumber(ARGV[2]) then return {0} end
+if not w[1] then return {0} end
+if w[3] ~= ARGV[3] or tonumber(w[4]) <= tonumber(ARGV[2]) then return {0, tonumber(w[1])} end
 local price = tonumber(ARGV[1])
-if tonumber(w[2]) < price then return {0} end
+if tonumber(w[2]) < price then return {0, tonumber(w[1])} end
 local left = redis.call('HINCRBY', KEYS[1], 'left', -price)
 return {1, tonumber(w[1]), left + tonumber(w[5])}
 """

@@ -47,7 +47,7 @@ SOCKET_TIMEOUT = 0.5
 FLUSH_SECONDS = 0.02  # a settlement waits this long for others to share its transaction
 MAX_BATCH = 200  # settlements per transaction
 WAIT_SECONDS = 2.0  # how long a settlement a hook awaits waits for its batch (the batch is never dropped)
-GRANT_ATTEMPTS = 3
+GRANT_ATTEMPTS = 4
 _FAILURES = (RedisError, OSError, TimeoutError)
 
 
@@ -83,43 +83,53 @@ class WalletStore:
         period = request.period or this_month()
         key = scripts.wallet_key(self._prefix, request.user_id, request.project_id)
         result = await self._spend_from(key, request, period)
-        if result is None:
-            result = await self._grant(key, request, period)
+        if isinstance(result, str):
+            result = await self._grant(key, request, period, result)
         if result.hold is not None:
             self._open.add(request.request_id)
         return result
 
-    async def _spend_from(self, key: str, request: ChargeRequest, period: str) -> ChargeResult | None:
+    async def _spend_from(self, key: str, request: ChargeRequest, period: str) -> ChargeResult | str:
+        """The call paid from the wallet, or the hold of the wallet that cannot pay it ('' for none)."""
         try:
             reply = await self._spend.run([key], [str(request.price), str(int(time.time())), period])
         except _FAILURES as e:
             raise StoreUnavailable(f"redis: {e or type(e).__name__}") from e
         if int(reply[0]) != 1:
-            return None
+            return str(reply[1]) if len(reply) > 1 else ""
         return ChargeResult(Verdict.DEBITED, request.price, int(reply[2]), period, hold=int(reply[1]))
 
-    async def _grant(self, key: str, request: ChargeRequest, period: str) -> ChargeResult:
-        """The wallet cannot pay: retire it and hold more of the consumer's credit (one per process at a
-        time per wallet; calls that wait for it spend from what it funded)."""
+    async def _grant(self, key: str, request: ChargeRequest, period: str, stale: str) -> ChargeResult:
+        """The wallet (of hold `stale`) cannot pay: retire it and hold more of the consumer's credit. One
+        grant per process at a time per wallet; calls that waited for it spend from what it funded."""
         lock = self._locks.setdefault(key, asyncio.Lock())
         waited = lock.locked()
         try:
             async with lock:
-                if waited and (spent := await self._spend_from(key, request, period)) is not None:
-                    return spent
+                if waited:  # a grant of this process came first: spend from what it funded
+                    spent = await self._spend_from(key, request, period)
+                    if isinstance(spent, ChargeResult):
+                        return spent
+                    stale = spent
                 for _ in range(GRANT_ATTEMPTS):
-                    result = await self._grant_once(key, request, period)
+                    result = await self._grant_once(key, request, period, stale)
                     if result is not None:
                         return result
-                    if (spent := await self._spend_from(key, request, period)) is not None:
+                    spent = await self._spend_from(key, request, period)
+                    if isinstance(spent, ChargeResult):
                         return spent
+                    stale = spent
                 raise StoreUnavailable("wallet: other gateways keep replacing this consumer's wallet")
         finally:
             if not lock.locked() and self._locks.get(key) is lock:
                 del self._locks[key]
 
-    async def _grant_once(self, key: str, request: ChargeRequest, period: str) -> ChargeResult | None:
-        retired = await self._script(scripts.RETIRE, key, "")
+    async def _grant_once(self, key: str, request: ChargeRequest, period: str, stale: str) -> ChargeResult | None:
+        """Retire the wallet of hold `stale` (only that one: a wallet another gateway funded since is
+        spent from, not replaced), then grant and fund a new one; None if another gateway's wallet is there."""
+        retired = await self._script(scripts.RETIRE, key, stale) if stale else None
+        if stale and not retired:
+            return None  # replaced meanwhile (or retired by the sweeper): spend from what is there
         old = (int(retired[0]), int(retired[1])) if retired else None
         want = wallet_sql.want(request.price, self.config.wallet_calls)
 
