@@ -38,6 +38,8 @@ class Backend:
 
     kind: str
     placeholder = "%s"
+    # A call held open (a task, an input_required round) has its journal row, unsettled, from its charge.
+    journals_held_calls = True
 
     def env(self) -> dict[str, str]:
         raise NotImplementedError
@@ -121,6 +123,11 @@ class Backend:
             "SELECT amount_micro_cents, type, request_id FROM credit_transactions WHERE user_id = %s ORDER BY id",
             (user_id,))]
 
+    def call_debits(self, user_id: int) -> list[tuple[int, str, str | None]]:
+        """The money of each paid call, (amount, kind, request id): a 'usage' debit, then its 'refund'
+        if it was refunded. The journal store writes both as ledger rows (the debit when it charges)."""
+        return [row for row in self.ledger(user_id) if row[1] in ("usage", "refund")]
+
     def usage(self, consumer: TestConsumer) -> list[dict[str, Any]]:
         rows = self.query(
             "SELECT tool_name, status, billed_micro_cents, publisher_payout_micro_cents, platform_fee_micro_cents,"
@@ -178,6 +185,7 @@ class ProductionBackend(Backend):
         from contextlib import ExitStack
 
         self.wallets = wallets  # credit held in Redis wallets (addon/store/wallets.py)
+        self.journals_held_calls = not wallets  # a wallet call has no journal row until it settles
         from tests import dbutil, redisutil
 
         self._stack = ExitStack()
@@ -210,6 +218,25 @@ class ProductionBackend(Backend):
                 for key in r.scan_iter(match=f"{self.redis.prefix}w:{{u{user_id}}}:p*", count=1000):
                     balance += int(r.hget(key, "left") or 0)
         return balance
+
+    def call_debits(self, user_id: int) -> list[tuple[int, str, str | None]]:
+        """With wallets, a wallet call has no 'usage' row (its hold's one 'adjustment' row paid for it): its
+        debit is its recorded call, written when it settles; a refund is a 'refund' row as before. The
+        journal's calls (free tiers, unpriced) first, then the wallet calls in the order they were made."""
+        rows = super().call_debits(user_id)
+        if not self.wallets:
+            return rows
+        calls = [(str(r), int(a)) for r, a in self.query(
+            "SELECT request_id, amount_micro_cents FROM mcpmeter_calls WHERE user_id = %s AND hold_id IS NOT NULL"
+            " AND verdict = 'debited' ORDER BY created_at, request_id", (user_id,))]
+        wallet = {r for r, _ in calls}
+        refunds = {r: a for a, t, r in rows if t == "refund" and r in wallet}
+        debits = [row for row in rows if row[2] not in wallet]
+        for request_id, amount in calls:
+            debits.append((-amount, "usage", request_id))
+            if request_id in refunds:
+                debits.append((refunds[request_id], "refund", request_id))
+        return debits
 
     def execute(self, sql: str, args: tuple[Any, ...] = ()) -> int:
         return self.db.execute(sql, args)

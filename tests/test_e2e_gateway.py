@@ -71,6 +71,15 @@ def assert_meter_headers(r: httpx2.Response, balance: int | None = None) -> None
         assert int(r.headers["X-Mcpmeter-Balance"]) == balance
 
 
+def assert_calls_cost(backend: Backend, c: TestConsumer, credit: int,
+                      debits: list[tuple[int, str, str | None]], ordered: bool = True) -> None:
+    """The consumer's paid calls were debited and refunded exactly so (backend.call_debits), and what
+    they can spend is their top-ups less that: no money moved that no call accounts for."""
+    seen = backend.call_debits(c.user_id)
+    assert (seen if ordered else sorted(seen)) == (debits if ordered else sorted(debits))
+    assert backend.balance(c.user_id) == credit + sum(amount for amount, _, _ in seen)
+
+
 @pytest.fixture
 def fault_listing(backend: Backend, fault_url: str) -> Callable[..., tuple[str, int]]:
     def make(**kwargs: Any) -> tuple[str, int]:
@@ -171,7 +180,7 @@ async def test_paid_call_is_debited_recorded_and_headed(gateway: Gateway, backen
     s, _ = fault_listing(price=1000, tool_prices={"headers": 2500})
     c = backend.add_consumer(credit=10_000)
     before = fault_server.calls["ok"]
-    r = await post(gateway, f"/{s}", call("ok"), c)
+    first = r = await post(gateway, f"/{s}", call("ok"), c)
     assert r.status_code == 200 and r.json()["result"]["content"][0]["text"] == "ok"
     assert r.headers["X-Mcpmeter-Billed"] == "1000"
     assert_meter_headers(r, balance=9_000)
@@ -179,14 +188,17 @@ async def test_paid_call_is_debited_recorded_and_headed(gateway: Gateway, backen
     assert fault_server.calls["ok"] == before + 1
     r = await post(gateway, f"/{s}", call("headers"), c)
     assert r.headers["X-Mcpmeter-Billed"] == "2500"
+    ids = [first.headers["X-Mcpmeter-Request-Id"], r.headers["X-Mcpmeter-Request-Id"]]
     assert backend.balance(c.user_id) == 6_500  # the debit commits before the call is forwarded
     usage = await eventually(lambda: len(backend.usage(c)) == 2 and backend.usage(c))
     # Billed answers settle just after they are sent, so the two rows may be written in either order.
     usage.sort(key=lambda u: u["tool_name"] != "ok")
     assert [(u["tool_name"], u["status"], u["billed"]) for u in usage] == [("ok", 200, 1000), ("headers", 200, 2500)]
     assert usage[0]["payout"] == 800 and usage[0]["fee"] == 200
-    assert usage[0]["request_id"]
-    assert [t for _, t, _ in backend.ledger(c.user_id)] == ["topup", "usage", "usage"]
+    assert [u["request_id"] for u in usage] == ids
+    assert backend.ledger(c.user_id)[0] == (10_000, "topup", None)
+    # Settled in either order too (with wallets, a call's debit is written when it settles).
+    assert_calls_cost(backend, c, 10_000, [(-1000, "usage", ids[0]), (-2500, "usage", ids[1])], ordered=False)
 
 
 async def test_unpriced_methods_pass_through_unrecorded(gateway: Gateway, backend: Backend,
@@ -302,7 +314,8 @@ async def test_failed_answers_are_refunded(gateway: Gateway, backend: Backend,
     assert r.headers["X-Mcpmeter-Billed"] == "0"
     assert_meter_headers(r, balance=10_000)
     assert backend.balance(c.user_id) == 10_000
-    assert [t for _, t, _ in backend.ledger(c.user_id)] == ["topup", "usage", "refund"]
+    rid = r.headers["X-Mcpmeter-Request-Id"]  # a refund is written before the answer, on every store
+    assert_calls_cost(backend, c, 10_000, [(-1000, "usage", rid), (1000, "refund", rid)])
     assert [(u["status"], u["billed"]) for u in backend.usage(c)] == [(status, 0)]
 
 
@@ -407,7 +420,8 @@ async def test_failures_inside_sse_streams_are_refunded(gateway: Gateway, backen
     assert r.status_code == 200 and events
     await eventually(lambda: [u["billed"] for u in backend.usage(c)] == [0])
     assert backend.balance(c.user_id) == 10_000
-    assert [t for _, t, _ in backend.ledger(c.user_id)] == ["topup", "usage", "refund"]
+    rid = r.headers["X-Mcpmeter-Request-Id"]
+    assert_calls_cost(backend, c, 10_000, [(-1000, "usage", rid), (1000, "refund", rid)])
 
 
 async def test_stream_slower_than_timeout_is_cut_and_refunded(gateway: Gateway, backend: Backend,
@@ -512,7 +526,9 @@ async def test_50_concurrent_paid_calls_against_a_balance_for_20(gateway: Gatewa
     assert statuses.count(200) == 20 and statuses.count(402) == 30
     assert backend.balance(c.user_id) == 0
     await eventually(lambda: len([u for u in backend.usage(c) if u["billed"] == 1000]) == 20)
-    assert len(backend.ledger(c.user_id)) == 21
+    billed = {r.headers["X-Mcpmeter-Request-Id"] for r in responses if r.status_code == 200}
+    assert len(billed) == 20 and len(backend.usage(c)) == 20  # the 30 refused calls are recorded nowhere
+    assert_calls_cost(backend, c, 20_000, [(-1000, "usage", rid) for rid in billed], ordered=False)
 
 
 async def test_oauth_tokens_bill_the_users_oldest_project(gateway: Gateway, backend: Backend,

@@ -14,7 +14,7 @@ import pytest
 from tests import fault_server
 from tests.backends import Backend
 from tests.gateway_proc import Gateway
-from tests.test_e2e_gateway import call, eventually, post, slug
+from tests.test_e2e_gateway import assert_calls_cost, call, eventually, post, slug
 from tests.test_e2e_production import pair, prod, redis_proc  # noqa: F401  (fixtures: two gateways)
 
 pytestmark = pytest.mark.timeout(120)
@@ -25,7 +25,7 @@ def key() -> dict[str, str]:
 
 
 def debits(backend: Backend, user_id: int) -> list[int]:
-    return [a for a, t, _ in backend.ledger(user_id) if t == "usage"]
+    return [a for a, t, _ in backend.call_debits(user_id) if t == "usage"]
 
 
 async def test_same_key_twice_one_debit_same_answer(gateway: Gateway, backend: Backend, fault_url: str) -> None:
@@ -45,7 +45,7 @@ async def test_same_key_twice_one_debit_same_answer(gateway: Gateway, backend: B
     assert fault_server.calls["headers"] == before + 1
     assert backend.balance(c.user_id) == 9_000
     await eventually(lambda: len(backend.usage(c)) == 1)
-    assert debits(backend, c.user_id) == [-1000]
+    assert_calls_cost(backend, c, 10_000, [(-1000, "usage", first.headers["X-Mcpmeter-Request-Id"])])
     third = await post(gateway, f"/{s}", call("headers", rpc_id=7), c, headers=key())  # a new key: a new call
     assert third.status_code == 200 and "idempotent-replayed" not in third.headers
     assert backend.balance(c.user_id) == 8_000

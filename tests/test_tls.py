@@ -30,7 +30,7 @@ from tests.backends import Backend, TestConsumer
 from tests.demo_servers import serve_in_thread
 from tests.gateway_proc import Gateway, start_gateway
 from tests.refusals import refusal
-from tests.test_e2e_gateway import MCP_HEADERS, call, eventually, slug
+from tests.test_e2e_gateway import MCP_HEADERS, assert_calls_cost, call, eventually, slug
 
 PRICE = 1000
 
@@ -157,8 +157,12 @@ async def post(url: str, body: Any, consumer: TestConsumer, verify: ssl.SSLConte
 async def settled(backend: Backend, request_id: str) -> tuple[Any, ...]:
     """(status, refunded, reason) of the call once settled (a billed answer settles just after it is sent)."""
     def row() -> tuple[Any, ...] | None:
-        [(status, refunded, reason, done)] = backend.query(
+        rows = backend.query(  # with wallets, a billed call's row is written only when it settles
             "SELECT status, refunded, reason, settled_at FROM mcpmeter_calls WHERE request_id = %s", (request_id,))
+        assert len(rows) <= 1
+        if not rows:
+            return None
+        [(status, refunded, reason, done)] = rows
         return (int(status), int(refunded), reason) if done is not None else None
     return await eventually(row)
 
@@ -210,8 +214,10 @@ async def test_an_upstream_signed_by_a_trusted_private_ca_is_called_and_billed(
     assert r.headers["X-Mcpmeter-Billed"] == str(PRICE)
     assert fault_server.calls["ok"] == before + 1
     assert backend.balance(c.user_id) == 9000
-    assert [t for _, t, _ in backend.ledger(c.user_id)] == ["topup", "usage"]
-    assert await settled(backend, r.headers["X-Mcpmeter-Request-Id"]) == (200, 0, "result")
+    request_id = r.headers["X-Mcpmeter-Request-Id"]
+    assert await settled(backend, request_id) == (200, 0, "result")
+    assert backend.ledger(c.user_id)[0] == (10_000, "topup", None)
+    assert_calls_cost(backend, c, 10_000, [(-PRICE, "usage", request_id)])
 
 
 async def test_an_upstream_whose_ca_is_not_trusted_is_502_and_refunded(
@@ -227,9 +233,9 @@ async def test_an_upstream_whose_ca_is_not_trusted_is_502_and_refunded(
     assert r.headers["X-Mcpmeter-Refunded"] == "1" and r.headers["X-Mcpmeter-Balance"] == "10000"
     assert fault_server.calls["ok"] == before  # the call never reached the upstream
     assert backend.balance(c.user_id) == 10_000
-    ledger = backend.ledger(c.user_id)
-    assert [(a, t) for a, t, _ in ledger] == [(10_000, "topup"), (-PRICE, "usage"), (PRICE, "refund")]
     request_id = r.headers["X-Mcpmeter-Request-Id"]
+    assert backend.ledger(c.user_id)[0] == (10_000, "topup", None)
+    assert_calls_cost(backend, c, 10_000, [(-PRICE, "usage", request_id), (PRICE, "refund", request_id)])
     assert await settled(backend, request_id) == (502, 1, "upstream_failed")
     [(description,)] = backend.query("SELECT description FROM credit_transactions WHERE request_id = %s"
                                      " AND type = 'refund'", (request_id,))
