@@ -291,3 +291,20 @@ async def test_gateways_granting_at_once_never_replace_each_others_fresh_wallet(
             await settle_all(store)
         reconcile_holds(db, settled=True)
         assert balance(db, who) == 60 * PRICE
+
+
+async def test_the_balance_shown_counts_earlier_refunds(db: Wallets) -> None:
+    """X-Mcpmeter-Balance comes from the wallet (its left-over + the balance in MySQL when funded): a
+    refund, paid back in MySQL, shows in every later answer too, not only in its own."""
+    listing(db)
+    who = add_consumer(db, 1, credit=10 * PRICE)
+    store = db.store
+    assert isinstance(store, WalletStore)
+    calls, shown = Calls(), []
+    for refund in (True, True, False, False):
+        req = call(who, 1, PRICE)
+        shown.append((await calls.charge(store, req)).balance)
+        shown.append(await store.settle(dataclasses.replace(calls.outcome(req, who, refund=refund), need_balance=True)))
+    assert shown == [9 * PRICE, 10 * PRICE, 9 * PRICE, 10 * PRICE, 9 * PRICE, 9 * PRICE, 8 * PRICE, 8 * PRICE]
+    assert balance(db, who) == 2 * PRICE  # the two refunds; the hold took all ten, six are left in the wallet
+    reconcile_holds(db)

@@ -47,6 +47,15 @@ redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return {1, left + tonumber(ARGV[5])}
 """
 
+# KEYS[1] wallet. ARGV: hold, amount refunded. -> left + rest, or false when the wallet holds another
+# hold (or none). A refund goes back to the balance in MySQL (wallet_sql.record), which the wallet's
+# `rest` mirrors for X-Mcpmeter-Balance: without this, later answers showed the balance short of it.
+REFUNDED = """
+local w = redis.call('HMGET', KEYS[1], 'hold', 'left', 'rest')
+if w[1] ~= ARGV[1] then return false end
+return tonumber(w[2]) + redis.call('HINCRBY', KEYS[1], 'rest', ARGV[2])
+"""
+
 
 def sha(script: str) -> str:
     return hashlib.sha1(script.encode()).hexdigest()

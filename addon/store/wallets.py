@@ -164,20 +164,28 @@ class WalletStore:
         if taken is None or taken.hold is None:
             return await self.mysql.settle(settlement)
         rid = settlement.charge.request_id
-        if rid in self._open:  # settled once: a settlement asked again (a retry) is the same one
-            self._open.discard(rid)
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._queue.append((settlement, future))
-            if self._flusher is None or self._flusher.done():
-                self._flusher = asyncio.ensure_future(self._flush())
-            try:
-                await asyncio.wait_for(asyncio.shield(future),
-                                       None if settlement.background else WAIT_SECONDS)
-            except TimeoutError:
-                log.warning("mcpmeter: the settlement of %s is not written yet; it stays queued", rid)
-        if not settlement.need_balance:
-            return None
-        return taken.balance + (taken.amount if settlement.refund else 0)
+        if rid not in self._open:  # settled once: a settlement asked again (a retry) is the same one
+            return taken.balance if settlement.need_balance else None
+        self._open.discard(rid)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((settlement, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+        balance = taken.balance
+        if settlement.refund:
+            balance += taken.amount
+            key = scripts.wallet_key(self._prefix, settlement.charge.user_id, settlement.charge.project_id)
+            try:  # the balance shown from now on counts the refund (what it shows is all this changes)
+                shown = await self._script(scripts.REFUNDED, key, taken.hold, taken.amount)
+                balance = balance if shown is None else int(shown)
+            except StoreUnavailable:
+                log.warning("mcpmeter: could not note the refund of %s in its wallet; its balance shows short of it"
+                            " until the next grant", rid)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), None if settlement.background else WAIT_SECONDS)
+        except TimeoutError:
+            log.warning("mcpmeter: the settlement of %s is not written yet; it stays queued", rid)
+        return balance if settlement.need_balance else None
 
     async def _flush(self) -> None:
         while self._queue:
