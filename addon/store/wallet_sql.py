@@ -143,15 +143,18 @@ def recorded(ledger: Ledger, request_ids: Sequence[str]) -> set[str]:
     return {str(r[0]) for r in rows.fetchall()}
 
 
-def record(ledger: Ledger, batch: Sequence[Settlement]) -> int:
-    """Record a batch of settled wallet calls in one transaction; returns how many were new.
+def record(ledger: Ledger, batch: Sequence[Settlement], again: bool = False) -> int:
+    """Record a batch of settled wallet calls in one transaction; returns how many were new. A batch
+    written `again` (its first COMMIT may have landed, its answer lost) skips the calls recorded already;
+    a first one has none (each call is queued once) and saves the read.
 
     A billed call counts in its hold's spent; a refunded one's price comes back to the consumer (its
     refund row) and counts in the hold's returned; a call whose hold settled before it came is
     recorded unbilled (the hold's rest gave its price back already)."""
     now = utc()
-    done = recorded(ledger, [s.charge.request_id for s in batch])
-    batch = [s for s in batch if s.charge.request_id not in done]
+    if again:
+        done = recorded(ledger, [s.charge.request_id for s in batch])
+        batch = [s for s in batch if s.charge.request_id not in done]
     if not batch:
         return 0
     holds = sorted({_hold(s) for s in batch})

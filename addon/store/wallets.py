@@ -44,7 +44,9 @@ log = logging.getLogger("mcpmeter")
 POOL_SIZE = 16
 CONNECT_TIMEOUT = 0.25
 SOCKET_TIMEOUT = 0.5
-FLUSH_SECONDS = 0.02  # a settlement waits this long for others to share its transaction
+# A settlement waits this long for others to share its transaction: what a SIGKILL may cost the
+# publisher (those calls are never recorded; their price goes back to the consumer with the hold's rest).
+FLUSH_SECONDS = 0.05
 MAX_BATCH = 200  # settlements per transaction
 WAIT_SECONDS = 2.0  # how long a settlement a hook awaits waits for its batch (the batch is never dropped)
 GRANT_ATTEMPTS = 4
@@ -192,15 +194,17 @@ class WalletStore:
             if len(self._queue) < MAX_BATCH and not self._closed:
                 await asyncio.sleep(FLUSH_SECONDS)
             batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
-            record = functools.partial(wallet_sql.record, batch=[s for s, _ in batch])
-            delay = 0.05
+            settlements = [s for s, _ in batch]
+            delay, again = 0.05, False
             while True:
                 try:
-                    self.recorded += await self.mysql._run(record)
+                    self.recorded += await self.mysql._run(
+                        functools.partial(wallet_sql.record, batch=settlements, again=again))
                     self.batches += 1
                     break
                 except Exception as e:  # the database down: the same batch again (recorded ones are skipped)
                     log.warning("mcpmeter: could not record %d wallet call(s), trying again: %s", len(batch), e)
+                    again = True
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
             for _, future in batch:
