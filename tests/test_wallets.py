@@ -271,3 +271,33 @@ def redisutil_closed_port() -> int:
 def test_keys_of_one_consumer_share_a_hash_tag() -> None:
     key = wallet_scripts.wallet_key("mcpmeter:", 42, 7)
     assert key == "mcpmeter:w:{u42}:p7"
+
+
+# --- adversarial review (revwallets) -------------------------------------------------------------------
+
+
+async def test_a_call_that_cannot_be_written_does_not_stop_the_others(db: Wallets) -> None:
+    """A consumer deleted between charge and record (ON DELETE CASCADE): their usage row breaks the
+    foreign key. Their call alone is given up; the batch it shared is written, and the flusher goes on."""
+    listing(db)
+    gone, who = add_consumer(db, 1, credit=10 * PRICE), add_consumer(db, 2, credit=10 * PRICE)
+    store = db.store
+    assert isinstance(store, WalletStore)
+    calls = Calls()
+    lost, kept = call(gone, 1, PRICE), call(who, 1, PRICE)
+    for r in (lost, kept):
+        assert (await calls.charge(store, r)).accepted
+    db.execute("DELETE FROM users WHERE id = %s", (gone.user_id,))
+    del db.opening[gone.user_id]
+    await asyncio.gather(store.settle(calls.outcome(lost, gone)), store.settle(calls.outcome(kept, who)))
+    assert await store.drain(10), "the flusher is stuck on a batch that can never be written"
+    assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE request_id = %s", (kept.request_id,)) == 1
+    later = call(who, 1, PRICE)
+    await calls.charge(store, later)
+    await store.settle(calls.outcome(later, who, refund=True))
+    assert await store.drain(5)
+    assert balance(db, who) == PRICE  # the refund written (the rest of its hold is in the wallet)
+    await settle_all(store)
+    assert balance(db, who) == 9 * PRICE
+    assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE request_id = %s", (lost.request_id,)) == 0
+

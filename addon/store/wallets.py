@@ -48,6 +48,7 @@ FLUSH_SECONDS = 0.02  # a settlement waits this long for others to share its tra
 MAX_BATCH = 200  # settlements per transaction
 WAIT_SECONDS = 2.0  # how long a settlement a hook awaits waits for its batch (the batch is never dropped)
 GRANT_ATTEMPTS = 3
+GIVE_UP_AFTER = 3  # failures of a batch, the database answering, before its calls go one by one
 _FAILURES = (RedisError, OSError, TimeoutError)
 
 
@@ -174,20 +175,36 @@ class WalletStore:
             if len(self._queue) < MAX_BATCH and not self._closed:
                 await asyncio.sleep(FLUSH_SECONDS)
             batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
-            record = functools.partial(wallet_sql.record, batch=[s for s, _ in batch])
-            delay = 0.05
-            while True:
-                try:
-                    self.recorded += await self.mysql._run(record)
-                    self.batches += 1
-                    break
-                except Exception as e:  # the database down: the same batch again (recorded ones are skipped)
-                    log.warning("mcpmeter: could not record %d wallet call(s), trying again: %s", len(batch), e)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+            await self._write([s for s, _ in batch])
             for _, future in batch:
                 if not future.done():
                     future.set_result(None)
+
+    async def _write(self, batch: list[Settlement]) -> None:
+        """Record a batch, trying again while the database is down (recorded calls are skipped). A batch
+        that fails while the database answers holds a call that cannot be written (its consumer or
+        listing deleted: a foreign key): its calls go one by one, and one that still fails is given up
+        (its price comes back to the consumer when its hold settles) rather than stop every later one."""
+        record = functools.partial(wallet_sql.record, batch=batch)
+        delay, failures = 0.05, 0
+        while True:
+            try:
+                self.recorded += await self.mysql._run(record)
+                self.batches += 1
+                return
+            except Exception as e:
+                failures += 1
+                if failures >= GIVE_UP_AFTER and await self.mysql._answers():
+                    if len(batch) > 1:
+                        for s in batch:
+                            await self._write([s])
+                        return
+                    log.error("mcpmeter: wallet call %s cannot be recorded, given up (its hold gives its price"
+                              " back when it settles): %s", batch[0].charge.request_id, e)
+                    return
+                log.warning("mcpmeter: could not record %d wallet call(s), trying again: %s", len(batch), e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def drain(self, timeout: float) -> bool:
         """Wait for the queued settlements to be written (a stop); False if some were still queued."""
