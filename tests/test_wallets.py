@@ -301,3 +301,28 @@ async def test_a_call_that_cannot_be_written_does_not_stop_the_others(db: Wallet
     assert balance(db, who) == 9 * PRICE
     assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE request_id = %s", (lost.request_id,)) == 0
 
+
+async def test_a_call_settled_on_the_store_a_reload_made_is_recorded_once(db: Wallets) -> None:
+    """A held call outlives a reload: settlement.py settles it on the new store (the old one closed)."""
+    listing(db)
+    who = add_consumer(db, 1, credit=10 * PRICE)
+    old = db.store
+    assert isinstance(old, WalletStore)
+    calls = Calls()
+    billed, refunded = call(who, 1, PRICE), call(who, 1, PRICE)
+    for r in (billed, refunded):
+        await calls.charge(old, r)
+    old.close()
+    new = db.open_store()
+    assert isinstance(new, WalletStore)
+    # each twice, at once: recorded once all the same
+    await asyncio.gather(*(new.settle(calls.outcome(r, who, refund=r is refunded))
+                           for r in (billed, refunded, billed, refunded)))
+    assert await new.drain(5)
+    assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE request_id IN (%s, %s)",
+                    (billed.request_id, refunded.request_id)) == 2
+    assert db.value("SELECT COUNT(*) FROM usage_events WHERE billed_micro_cents = %s", (PRICE,)) == 1
+    db.store = new
+    await settle_all(new)
+    reconcile_holds(db, settled=True)
+    assert balance(db, who) == 9 * PRICE

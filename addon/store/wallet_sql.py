@@ -151,7 +151,11 @@ def record(ledger: Ledger, batch: Sequence[Settlement]) -> int:
     recorded unbilled (the hold's rest gave its price back already)."""
     now = utc()
     done = recorded(ledger, [s.charge.request_id for s in batch])
-    batch = [s for s in batch if s.charge.request_id not in done]
+    first: dict[str, Settlement] = {}  # the first of a call's settlements counts (asked twice, one batch)
+    for s in batch:
+        if s.charge.request_id not in done:
+            first.setdefault(s.charge.request_id, s)
+    batch = list(first.values())
     if not batch:
         return 0
     holds = sorted({_hold(s) for s in batch})

@@ -155,17 +155,18 @@ class WalletStore:
         if taken is None or taken.hold is None:
             return await self.mysql.settle(settlement)
         rid = settlement.charge.request_id
-        if rid in self._open:  # settled once: a settlement asked again (a retry) is the same one
-            self._open.discard(rid)
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._queue.append((settlement, future))
-            if self._flusher is None or self._flusher.done():
-                self._flusher = asyncio.ensure_future(self._flush())
-            try:
-                await asyncio.wait_for(asyncio.shield(future),
-                                       None if settlement.background else WAIT_SECONDS)
-            except TimeoutError:
-                log.warning("mcpmeter: the settlement of %s is not written yet; it stays queued", rid)
+        # Queued even when another store of this process charged it (a held call settled after a reload:
+        # settlement.py): a settlement asked again is the same one, recorded once (wallet_sql.record).
+        self._open.discard(rid)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((settlement, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+        try:
+            await asyncio.wait_for(asyncio.shield(future),
+                                   None if settlement.background else WAIT_SECONDS)
+        except TimeoutError:
+            log.warning("mcpmeter: the settlement of %s is not written yet; it stays queued", rid)
         if not settlement.need_balance:
             return None
         return taken.balance + (taken.amount if settlement.refund else 0)
