@@ -326,3 +326,22 @@ async def test_a_call_settled_on_the_store_a_reload_made_is_recorded_once(db: Wa
     await settle_all(new)
     reconcile_holds(db, settled=True)
     assert balance(db, who) == 9 * PRICE
+
+
+async def test_holds_waiting_to_settle_do_not_keep_stale_wallets_open(db: Wallets) -> None:
+    """The sweeper's page of due holds is not filled by closed holds too young to settle."""
+    listing(db)
+    first, second = add_consumer(db, 1, credit=10 * PRICE), add_consumer(db, 2, credit=10 * PRICE)
+    store = db.store
+    assert isinstance(store, WalletStore)
+    await store.charge(call(first, 1, PRICE))
+    store.config = dataclasses.replace(store.config, wallet_seconds=0)
+    await asyncio.sleep(1.1)
+    assert await store.settle_holds(limit=1) == 0  # the first hold closed (its wallet's 9 calls back)
+    assert balance(db, first) == 9 * PRICE
+    store.config = dataclasses.replace(store.config, wallet_seconds=60)
+    await store.charge(call(second, 1, PRICE))
+    store.config = dataclasses.replace(store.config, wallet_seconds=0)
+    await asyncio.sleep(1.1)
+    await store.settle_holds(limit=1)
+    assert balance(db, second) == 9 * PRICE, "the stale wallet's left-over was never returned"

@@ -130,8 +130,10 @@ def due(ledger: Ledger, open_for: float, settle_after: float, limit: int) -> lis
     settled_before, limit_cutoff = MYSQL.ago(settle_after)
     rows = ledger._q(
         f"SELECT id, user_id, project_id, closed_at IS NOT NULL, created_at < {settled_before} FROM mcpmeter_holds"
-        f" WHERE settled_at IS NULL AND created_at < {opened} ORDER BY id LIMIT %s",
-        (limit_cutoff, cutoff, limit)).fetchall()
+        f" WHERE settled_at IS NULL AND created_at < {opened}"
+        # Closed holds too young to settle are not due: they would fill the page and keep stale wallets open.
+        f" AND (closed_at IS NULL OR created_at < {settled_before}) ORDER BY id LIMIT %s",
+        (limit_cutoff, cutoff, limit_cutoff, limit)).fetchall()
     return [(int(r[0]), int(r[1]), int(r[2]), bool(r[3]), bool(r[4])) for r in rows]
 
 
