@@ -345,3 +345,22 @@ async def test_holds_waiting_to_settle_do_not_keep_stale_wallets_open(db: Wallet
     await asyncio.sleep(1.1)
     await store.settle_holds(limit=1)
     assert balance(db, second) == 9 * PRICE, "the stale wallet's left-over was never returned"
+
+
+async def test_wallets_of_huge_prices_add_up_to_the_micro_cent(db: Wallets) -> None:
+    """Past 2**53 µ¢ a Lua number (a double) is not exact: the wallet's arithmetic must be Redis's integers."""
+    price = 2**50 + 3  # 9 calls of it left in a wallet: 2 µ¢ more, as a double
+    add_listing(db, 1, "search", price=price)
+    who = add_consumer(db, 1, credit=2**62)
+    store = db.store
+    assert isinstance(store, WalletStore)
+    calls = Calls()
+    reqs = [call(who, 1, price) for _ in range(20)]
+    results = [await calls.charge(store, r) for r in reqs]
+    assert all(r.accepted for r in results)
+    assert results[0].balance == 2**62 - price  # the wallet's left + the balance in MySQL, exactly
+    await asyncio.gather(*(store.settle(calls.outcome(r, who)) for r in reqs))
+    assert await store.drain(5)
+    await settle_all(store)
+    reconcile_holds(db, settled=True)
+    assert balance(db, who) == 2**62 - 20 * price

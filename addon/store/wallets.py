@@ -97,7 +97,8 @@ class WalletStore:
             raise StoreUnavailable(f"redis: {e or type(e).__name__}") from e
         if int(reply[0]) != 1:
             return None
-        return ChargeResult(Verdict.DEBITED, request.price, int(reply[2]), period, hold=int(reply[1]))
+        return ChargeResult(Verdict.DEBITED, request.price, int(reply[2]) + int(reply[3]), period,
+                            hold=int(reply[1]))
 
     async def _grant(self, key: str, request: ChargeRequest, period: str) -> ChargeResult:
         """The wallet cannot pay: retire it and hold more of the consumer's credit (one per process at a
@@ -135,7 +136,8 @@ class WalletStore:
         funded = await self._script(scripts.FUND, key, granted.hold, granted.granted, period,
                                     int(time.time() + self.config.wallet_seconds), granted.balance, ttl, request.price)
         if int(funded[0]) == 1:
-            return ChargeResult(Verdict.DEBITED, request.price, int(funded[1]), period, hold=granted.hold)
+            return ChargeResult(Verdict.DEBITED, request.price, int(funded[1]) + int(funded[2]), period,
+                                hold=granted.hold)
         # Another gateway funded this wallet meanwhile: this hold goes back whole, its wallet never was.
         hold = granted.hold
         await self.mysql._run(lambda ledger: wallet_sql.close(ledger, hold, 0, give_back=True))
