@@ -364,3 +364,30 @@ async def test_wallets_of_huge_prices_add_up_to_the_micro_cent(db: Wallets) -> N
     await settle_all(store)
     reconcile_holds(db, settled=True)
     assert balance(db, who) == 2**62 - 20 * price
+
+
+async def test_wallets_turned_off_neither_strand_the_holds_nor_drop_their_calls(db: Wallets) -> None:
+    """Gateways without wallets share the database (README, "Mixing modes"): when none with wallets is
+    left (turned off, by a restart or a reload), a wallet call settles on the journal's store, and the
+    holds still settle, their credit back to the consumer."""
+    from addon.store.mysql import MysqlStore
+
+    listing(db)
+    who = add_consumer(db, 1, credit=10 * PRICE)
+    store = db.store
+    assert isinstance(store, WalletStore)
+    calls = Calls()
+    billed, refunded = call(who, 1, PRICE), call(who, 1, PRICE)
+    for r in (billed, refunded):
+        await calls.charge(store, r)
+    store.close()
+    journal = MysqlStore(dataclasses.replace(store.config, wallets=False))
+    db.stores.append(journal)
+    for r in (billed, refunded):
+        await journal.settle(dataclasses.replace(calls.outcome(r, who, refund=r is refunded), need_balance=False))
+    assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE hold_id IS NOT NULL") == 2
+    db.execute("UPDATE mcpmeter_holds SET created_at = created_at - INTERVAL 30 DAY")  # long abandoned
+    await journal.sweep(3600, 0)
+    assert db.value("SELECT COUNT(*) FROM mcpmeter_holds WHERE settled_at IS NULL") == 0
+    assert balance(db, who) == 9 * PRICE
+    reconcile_holds(db, settled=True)

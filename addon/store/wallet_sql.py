@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..config import Config, sweep_interval
 from ..model import MAX_MICRO_CENTS, MICRO_CENTS_PER_CENT, Settlement, Verdict
@@ -135,6 +135,19 @@ def due(ledger: Ledger, open_for: float, settle_after: float, limit: int) -> lis
         f" AND (closed_at IS NULL OR created_at < {settled_before}) ORDER BY id LIMIT %s",
         (limit_cutoff, cutoff, limit_cutoff, limit)).fetchall()
     return [(int(r[0]), int(r[1]), int(r[2]), bool(r[3]), bool(r[4])) for r in rows]
+
+
+def abandoned(ledger: Ledger, older_than: float, limit: int = 200) -> list[int]:
+    """Holds this old and not settled: no gateway with wallets settled them (wallets turned off)."""
+    before, cutoff = MYSQL.ago(older_than)
+    return [int(r[0]) for r in ledger._q(f"SELECT id FROM mcpmeter_holds WHERE settled_at IS NULL"
+                                         f" AND created_at < {before} ORDER BY id LIMIT %s", (cutoff, limit))]
+
+
+def abandon(ledger: Ledger, hold: int) -> bool:
+    """Close (nothing returned: Redis is not asked, its wallet expired long ago) and settle a hold."""
+    close(ledger, hold, 0)
+    return settle(ledger, hold)
 
 
 def recorded(ledger: Ledger, request_ids: Sequence[str]) -> set[str]:
@@ -260,6 +273,12 @@ def settle_after(config: Config) -> float:
     return (config.wallet_seconds + 2 * sweep_interval(config) + 60.0
             + max(config.max_upstream_timeout_ms / 1000, config.task_settle_seconds, config.round_settle_seconds,
                   config.stale_call_seconds))
+
+
+def abandoned_after(config: Config) -> float:
+    """How old a hold is when a gateway settles it without Redis (no gateway with wallets did): past
+    any wallet's expiry (settle_after, whatever wallet_seconds its gateway had), and a day more."""
+    return settle_after(replace(config, wallet_seconds=3600.0)) + 86400.0
 
 
 def want(price: int, calls: int) -> int:
