@@ -391,3 +391,32 @@ async def test_wallets_turned_off_neither_strand_the_holds_nor_drop_their_calls(
     assert db.value("SELECT COUNT(*) FROM mcpmeter_holds WHERE settled_at IS NULL") == 0
     assert balance(db, who) == 9 * PRICE
     reconcile_holds(db, settled=True)
+
+
+async def test_a_wallet_restored_stale_by_redis_never_spends_more_than_its_hold(db: Wallets) -> None:
+    """Redis restarted from a snapshot (or failed over to a lagging replica) brings a wallet back with
+    more left than it had: the calls it pays beyond its hold are recorded unbilled, and its retired
+    left-over gives back no more than the hold still has."""
+    listing(db)
+    who = add_consumer(db, 1, credit=100 * PRICE)
+    store = db.store
+    assert isinstance(store, WalletStore)
+    calls = Calls()
+    key = wallet_scripts.wallet_key(db.redis.prefix, who.user_id, who.project_id)
+    reqs = [call(who, 1, PRICE) for _ in range(11)]
+    await calls.charge(store, reqs[0])
+    with redisutil.client(db.redis) as r:
+        snapshot = r.hgetall(key)
+    for req in reqs[1:6]:
+        await calls.charge(store, req)
+    await asyncio.gather(*(store.settle(calls.outcome(req, who)) for req in reqs[:6]))
+    with redisutil.client(db.redis) as r:
+        r.hset(key, mapping=snapshot)  # 9 calls left again, though 4 are
+    for req in reqs[6:]:
+        await calls.charge(store, req)
+    await asyncio.gather(*(store.settle(calls.outcome(req, who, refund=req is reqs[-1])) for req in reqs[6:]))
+    assert await store.drain(5)
+    assert store.grants == 1
+    await settle_all(store)
+    reconcile_holds(db, settled=True)
+    assert balance(db, who) == 90 * PRICE  # the hold's 10 calls, no more and no less

@@ -24,6 +24,8 @@ from .sql import COUNT_BILLABLE, MYSQL, USAGE_EVENT_VALUES, USAGE_EVENTS_INSERT,
 
 HOLD = "mcpmeter_hold"  # credit_transactions.reference_type of a hold's rows (reference_id: the hold)
 HOLD_SETTLED = "hold_settled"  # the reason of a call recorded after its hold settled: never billed
+HOLD_OVERDRAWN = "hold_overdrawn"  # a call its hold had no room left for (a stale wallet): never billed
+UNBILLED = (HOLD_SETTLED, HOLD_OVERDRAWN)  # reasons of wallet calls neither billed nor refunded by a row
 
 HOLDS_DDL = """CREATE TABLE IF NOT EXISTS `mcpmeter_holds` (
   `id` bigint unsigned NOT NULL AUTO_INCREMENT,
@@ -93,12 +95,13 @@ def close(ledger: Ledger, hold: int, left: int, now: str | None = None, give_bac
     with `give_back`: a grant whose wallet never existed). Nothing for a hold settled already: its
     rest counted what the wallet held."""
     now = now or utc()
-    row = ledger._one("SELECT user_id, project_id, period_year_month, granted_micro_cents, settled_at"
-                      " FROM mcpmeter_holds WHERE id = %s FOR UPDATE", (hold,))
+    row = ledger._one("SELECT user_id, project_id, period_year_month, granted_micro_cents, settled_at,"
+                      " spent_micro_cents, returned_micro_cents FROM mcpmeter_holds WHERE id = %s FOR UPDATE", (hold,))
     if row is None or row[4] is not None:
         return
     user_id, project_id, period, granted = int(row[0]), int(row[1]), str(row[2]), int(row[3])
-    left = granted if give_back else max(0, min(left, granted))
+    # Never more than the hold still has (a wallet Redis brought back staler than it was holds more).
+    left = granted if give_back else max(0, min(left, granted - int(row[5]) - int(row[6])))
     ledger._q(f"UPDATE mcpmeter_holds SET returned_micro_cents = returned_micro_cents + %s,"
               f" closed_at = COALESCE(closed_at, {MYSQL.clock}) WHERE id = %s", (left, hold))
     if left > 0:
@@ -175,8 +178,11 @@ def record(ledger: Ledger, batch: Sequence[Settlement]) -> int:
         return 0
     holds = sorted({_hold(s) for s in batch})
     marks = ", ".join(["%s"] * len(holds))
-    live = {int(r[0]) for r in ledger._q(f"SELECT id, settled_at FROM mcpmeter_holds WHERE id IN ({marks})"
-                                         " ORDER BY id FOR UPDATE", holds).fetchall() if r[1] is None}
+    # What each live hold has left to pay with: a wallet Redis brought back staler than it was (a
+    # snapshot, a lagging replica) pays calls beyond its hold, which are not the consumer's to pay.
+    room = {int(r[0]): int(r[2]) - int(r[3]) - int(r[4]) for r in ledger._q(
+        "SELECT id, settled_at, granted_micro_cents, spent_micro_cents, returned_micro_cents FROM mcpmeter_holds"
+        f" WHERE id IN ({marks}) ORDER BY id FOR UPDATE", holds).fetchall() if r[1] is None}
     calls, events = [], []
     billable: dict[tuple[int, int, str], int] = defaultdict(int)
     spent: dict[int, int] = defaultdict(int)
@@ -186,16 +192,20 @@ def record(ledger: Ledger, batch: Sequence[Settlement]) -> int:
     for s in batch:
         req, hold, amount = s.charge, _hold(s), _amount(s)
         reason = (s.reason or "")[:32] or None
-        if hold not in live:
+        if hold not in room:
             billed, refunded, reason = 0, True, HOLD_SETTLED
+        elif room[hold] < amount:
+            billed, refunded, reason = 0, True, HOLD_OVERDRAWN
         elif s.refund:
             billed, refunded = 0, True
             returned[hold] += amount
+            room[hold] -= amount
             refunds[req.user_id].append(s)
             unspent[(req.project_id, req.month)] += amount
         else:
             billed, refunded = amount, False
             spent[hold] += amount
+            room[hold] -= amount
             billable[(req.listing_id, req.user_id, req.month)] += 1
         calls.append((req.request_id, req.user_id, req.project_id, req.listing_id, req.tool_name[:191],
                       Verdict.DEBITED.value, amount, req.month, s.status, int(refunded), utc(s.called_at), now,
