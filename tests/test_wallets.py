@@ -420,3 +420,43 @@ async def test_a_wallet_restored_stale_by_redis_never_spends_more_than_its_hold(
     await settle_all(store)
     reconcile_holds(db, settled=True)
     assert balance(db, who) == 90 * PRICE  # the hold's 10 calls, no more and no less
+
+
+async def test_grants_records_sweeps_and_journal_calls_of_one_consumer_at_once(db: Wallets) -> None:
+    """Lock order: two gateways granting and recording (refunds too), a third settling holds, and the
+    journal's one-trip charges and settlements (a free tier), all for one consumer, at once."""
+    listing(db)
+    add_listing(db, 2, "free", price=PRICE, free=5)
+    who = add_consumer(db, 1, credit=60 * PRICE)
+    stores = [db.store, db.open_store(), db.open_store()]
+    a, b, sweeper = stores
+    assert isinstance(a, WalletStore) and isinstance(b, WalletStore) and isinstance(sweeper, WalletStore)
+    for store in stores:
+        store.config = dataclasses.replace(store.config, wallet_calls=2)
+    sweeper.config = dataclasses.replace(sweeper.config, wallet_seconds=0)
+    calls = Calls()
+
+    async def gateway(store: WalletStore, n: int) -> list[ChargeRequest]:
+        done = []
+        for i in range(n):
+            req = call(who, 2 if i % 7 == 0 else 1, PRICE, free=5 if i % 7 == 0 else 0)
+            if (await calls.charge(store, req)).accepted:
+                await store.settle(dataclasses.replace(calls.outcome(req, who, refund=i % 3 == 0),
+                                                       need_balance=False))
+                done.append(req)
+        return done
+
+    async def sweep() -> None:
+        for _ in range(20):
+            await sweeper.settle_holds()
+            await asyncio.sleep(0.05)
+
+    results = await asyncio.gather(gateway(a, 40), gateway(b, 40), gateway(a, 40), gateway(b, 40), sweep(),
+                                   return_exceptions=True)
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    for store in (a, b):
+        assert await store.drain(5)
+    await settle_all(sweeper)
+    reconcile_holds(db, settled=True)
+    billed = db.value("SELECT COALESCE(SUM(billed_micro_cents), 0) FROM usage_events")
+    assert balance(db, who) == 60 * PRICE - int(billed)
