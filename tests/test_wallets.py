@@ -460,3 +460,39 @@ async def test_grants_records_sweeps_and_journal_calls_of_one_consumer_at_once(d
     reconcile_holds(db, settled=True)
     billed = db.value("SELECT COALESCE(SUM(billed_micro_cents), 0) FROM usage_events")
     assert balance(db, who) == 60 * PRICE - int(billed)
+
+
+async def test_commits_whose_answers_are_lost_cost_the_consumer_nothing(db: Wallets) -> None:
+    """A grant's COMMIT lands but its answer is lost (OutcomeUnknown): the call is refused and its
+    hold, never funded, comes back whole. A batch's: written again, its calls skipped (refunds once)."""
+    from .dbutil import Relay
+
+    listing(db)
+    who = add_consumer(db, 1, credit=20 * PRICE)
+    relay = Relay(db.config.mysql)
+    relay.start()
+    try:
+        store = WalletStore(dataclasses.replace(db.store.config, mysql=dataclasses.replace(
+            db.config.mysql, port=relay.port, pool_size=1)))
+        db.stores.append(store)
+        await store.prepare()
+        calls = Calls()
+        relay.lose_answer(to=b"\x03COMMIT")
+        with pytest.raises(StoreUnavailable):
+            await store.charge(call(who, 1, PRICE))  # the grant committed, unknown to it
+        assert relay.lost == 1 and balance(db, who) == 10 * PRICE
+        reqs = [call(who, 1, PRICE) for _ in range(4)]
+        for r in reqs:
+            assert (await calls.charge(store, r)).accepted  # a second hold
+        relay.lose_answer(to=b"\x03COMMIT")
+        await asyncio.gather(*(store.settle(calls.outcome(r, who, refund=r is reqs[0])) for r in reqs))
+        assert await store.drain(10)
+        assert relay.lost == 2
+    finally:
+        relay.stop()
+    assert db.value("SELECT COUNT(*) FROM mcpmeter_calls") == 4
+    assert db.value("SELECT COUNT(*) FROM credit_transactions WHERE type = 'refund'") == 1
+    db.store = db.open_store()
+    await settle_all(db.store)  # type: ignore[arg-type]
+    reconcile_holds(db, settled=True)
+    assert balance(db, who) == 17 * PRICE
