@@ -496,3 +496,33 @@ async def test_commits_whose_answers_are_lost_cost_the_consumer_nothing(db: Wall
     await settle_all(db.store)  # type: ignore[arg-type]
     reconcile_holds(db, settled=True)
     assert balance(db, who) == 17 * PRICE
+
+
+async def test_a_store_a_reload_closes_writes_what_it_had_queued(db: Wallets) -> None:
+    """settlement.py closes a store a reload replaced once its settlement tasks are done; a refund's
+    task is done after WAIT_SECONDS even if the database was away, its settlement still queued."""
+    from .dbutil import Relay
+
+    listing(db)
+    who = add_consumer(db, 1, credit=10 * PRICE)
+    relay = Relay(db.config.mysql)
+    relay.start()
+    try:
+        store = WalletStore(dataclasses.replace(db.store.config, mysql=dataclasses.replace(
+            db.config.mysql, port=relay.port, pool_size=1)))
+        db.stores.append(store)
+        calls = Calls()
+        req = call(who, 1, PRICE)
+        await calls.charge(store, req)
+        relay.stop()  # the database away
+        await store.settle(calls.outcome(req, who, refund=True))  # gave up waiting: still queued
+        store.close()
+        relay.start()
+        for _ in range(100):
+            if db.value("SELECT COUNT(*) FROM credit_transactions WHERE type = 'refund'"):
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        relay.stop()
+    assert db.value("SELECT COUNT(*) FROM credit_transactions WHERE type = 'refund'") == 1
+    assert balance(db, who) == PRICE

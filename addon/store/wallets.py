@@ -46,6 +46,7 @@ CONNECT_TIMEOUT = 0.25
 SOCKET_TIMEOUT = 0.5
 FLUSH_SECONDS = 0.02  # a settlement waits this long for others to share its transaction
 MAX_BATCH = 200  # settlements per transaction
+CLOSE_DRAIN_SECONDS = 60.0  # how long a closed store goes on writing what it had queued
 WAIT_SECONDS = 2.0  # how long a settlement a hook awaits waits for its batch (the batch is never dropped)
 GRANT_ATTEMPTS = 3
 GIVE_UP_AFTER = 3  # failures of a batch, the database answering, before its calls go one by one
@@ -69,6 +70,7 @@ class WalletStore:
         self._queue: deque[tuple[Settlement, asyncio.Future[None]]] = deque()
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
+        self._closing: asyncio.Task[None] | None = None  # close() waiting for the queue to be written
         self.settle_after = wallet_sql.settle_after(config)
         self.grants = 0
         self.batches = 0
@@ -293,7 +295,23 @@ class WalletStore:
         return info
 
     def close(self) -> None:
+        """Refuse charges from now on; settlements still queued (a store a reload replaced: settlement.py
+        closes it once its settlement tasks are done, a refund's after WAIT_SECONDS) are written first."""
         self._closed = True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None and (self._queue or (self._flusher is not None and not self._flusher.done())):
+            self._closing = loop.create_task(self._close_after(CLOSE_DRAIN_SECONDS))
+            return
+        self._close_now()
+
+    async def _close_after(self, timeout: float) -> None:
+        await self.drain(timeout)
+        self._close_now()
+
+    def _close_now(self) -> None:
         if self._queue:
             log.error("mcpmeter: closing with %d wallet settlement(s) unwritten: their holds give their price"
                       " back when they settle", len(self._queue))
