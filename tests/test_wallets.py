@@ -526,3 +526,27 @@ async def test_a_store_a_reload_closes_writes_what_it_had_queued(db: Wallets) ->
         relay.stop()
     assert db.value("SELECT COUNT(*) FROM credit_transactions WHERE type = 'refund'") == 1
     assert balance(db, who) == PRICE
+
+
+async def test_a_new_month_retires_the_old_months_wallet_and_counts_apart(db: Wallets) -> None:
+    """A call of a new month never spends from last month's wallet: a new hold counts in the new
+    month's spend (and cap), and last month's keeps what its calls cost there."""
+    listing(db)
+    who = add_consumer(db, 1, credit=100 * PRICE, cap_cents=1)
+    store = db.store
+    assert isinstance(store, WalletStore)
+    calls = Calls()
+    old = [dataclasses.replace(call(who, 1, PRICE), period="2026-11") for _ in range(3)]
+    new = [dataclasses.replace(call(who, 1, PRICE), period="2026-12") for _ in range(2)]
+    results = [await calls.charge(store, r) for r in old + new]
+    assert all(r.accepted for r in results) and store.grants == 2
+    assert {r.hold for r in results[:3]} != {r.hold for r in results[3:]}
+    await asyncio.gather(*(store.settle(calls.outcome(r, who, refund=r is new[0])) for r in old + new))
+    assert await store.drain(5)
+    spend = dict(db.rows("SELECT period_year_month, spent_micro_cents FROM mcpmeter_project_spend"
+                         " WHERE project_id = %s", (who.project_id,)))
+    assert int(spend["2026-11"]) == 3 * PRICE  # the old wallet's left-over came back when it was retired
+    assert int(spend["2026-12"]) == 10 * PRICE - PRICE  # the new hold whole, less the refund
+    await settle_all(store)
+    reconcile_holds(db, settled=True)
+    assert balance(db, who) == 96 * PRICE
