@@ -550,3 +550,21 @@ async def test_a_new_month_retires_the_old_months_wallet_and_counts_apart(db: Wa
     await settle_all(store)
     reconcile_holds(db, settled=True)
     assert balance(db, who) == 96 * PRICE
+
+
+async def test_one_sweep_goes_through_every_page_of_due_holds(db: Wallets) -> None:
+    """Every hold made must be settled by a sweep: a sweep that took one page would fall behind the
+    gateways granting more holds than that a sweep interval, for ever."""
+    listing(db)
+    who = [add_consumer(db, i, credit=10 * PRICE) for i in (1, 2, 3)]
+    store = db.store
+    assert isinstance(store, WalletStore)
+    for w in who:
+        await store.charge(call(w, 1, PRICE))
+    store.config = dataclasses.replace(store.config, wallet_seconds=0)
+    await asyncio.sleep(1.1)
+    await store.settle_holds(limit=1)
+    assert [balance(db, w) for w in who] == [9 * PRICE] * 3  # every stale wallet retired
+    store.settle_after = 0.0
+    assert await store.settle_holds(limit=1) == 3
+    reconcile_holds(db, settled=True)

@@ -49,6 +49,7 @@ MAX_BATCH = 200  # settlements per transaction
 CLOSE_DRAIN_SECONDS = 60.0  # how long a closed store goes on writing what it had queued
 WAIT_SECONDS = 2.0  # how long a settlement a hook awaits waits for its batch (the batch is never dropped)
 GRANT_ATTEMPTS = 3
+HOLD_PAGES = 50  # pages of due holds one sweep goes through at most
 GIVE_UP_AFTER = 3  # failures of a batch, the database answering, before its calls go one by one
 _FAILURES = (RedisError, OSError, TimeoutError)
 
@@ -223,23 +224,32 @@ class WalletStore:
 
     # --- holds --------------------------------------------------------------------------------
 
-    async def settle_holds(self, limit: int = 200) -> int:
-        """Retire wallets past their life and settle holds past the longest call; returns holds settled."""
+    async def settle_holds(self, limit: int = 200, pages: int = HOLD_PAGES) -> int:
+        """Retire wallets past their life and settle holds past the longest call; returns holds settled.
+        Page after page (every hold made must be settled by a sweep: one page a sweep would fall behind
+        a gateway granting more than `limit` holds a sweep interval), until a page is short or does nothing."""
         def due(ledger: Any) -> list[tuple[int, int, int, bool, bool]]:
             return wallet_sql.due(ledger, self.config.wallet_seconds, self.settle_after, limit)
 
         settled = 0
-        for hold, user, project, closed, settle_now in await self.mysql._run(due):
-            if not closed:
-                try:
-                    retired = await self._script(scripts.RETIRE, scripts.wallet_key(self._prefix, user, project),
-                                                 str(hold))
-                except StoreUnavailable:
-                    continue  # Redis down: its wallet may still be spent from; not closed, never settled
-                left = int(retired[1]) if retired else 0
-                await self.mysql._run(functools.partial(wallet_sql.close, hold=hold, left=left))
-            if settle_now:
-                settled += await self.mysql._run(functools.partial(wallet_sql.settle, hold=hold))
+        for _ in range(pages):
+            rows = await self.mysql._run(due)
+            done = 0
+            for hold, user, project, closed, settle_now in rows:
+                if not closed:
+                    try:
+                        retired = await self._script(scripts.RETIRE, scripts.wallet_key(self._prefix, user, project),
+                                                     str(hold))
+                    except StoreUnavailable:
+                        continue  # Redis down: its wallet may still be spent from; not closed, never settled
+                    left = int(retired[1]) if retired else 0
+                    await self.mysql._run(functools.partial(wallet_sql.close, hold=hold, left=left))
+                    done += 1
+                if settle_now:
+                    n = await self.mysql._run(functools.partial(wallet_sql.settle, hold=hold))
+                    settled, done = settled + n, done + n
+            if len(rows) < limit or not done:
+                break
         return settled
 
     # --- the rest of the Store protocol -----------------------------------------------------------
