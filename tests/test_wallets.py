@@ -568,3 +568,27 @@ async def test_one_sweep_goes_through_every_page_of_due_holds(db: Wallets) -> No
     store.settle_after = 0.0
     assert await store.settle_holds(limit=1) == 3
     reconcile_holds(db, settled=True)
+
+
+async def test_gateways_granting_at_once_never_refuse_a_consumer_who_can_pay(db: Wallets) -> None:
+    """A grant whose FUND lost to another gateway's used to give its hold back and spend from the
+    winner's wallet, which the winner's other calls could empty first, three times running: the call
+    was refused (StoreUnavailable) though the consumer could pay. It is paid from its own hold now."""
+    listing(db)
+    who = add_consumer(db, 1, credit=10**6 * PRICE)
+    stores = [db.store] + [db.open_store() for _ in range(5)]
+    for store in stores:
+        assert isinstance(store, WalletStore)
+        store.config = dataclasses.replace(store.config, wallet_calls=1)  # a grant for every call: the worst case
+    calls = Calls()
+    reqs = [call(who, 1, PRICE) for _ in range(600)]
+    results = await asyncio.gather(*(calls.charge(stores[i % 6], r)  # type: ignore[arg-type]
+                                     for i, r in enumerate(reqs)), return_exceptions=True)
+    assert [r for r in results if not isinstance(r, ChargeResult) or not r.accepted] == []
+    await asyncio.gather(*(stores[i % 6].settle(calls.outcome(r, who)) for i, r in enumerate(reqs)))
+    for store in stores:
+        assert await store.drain(10)  # type: ignore[attr-defined]
+    db.store = stores[0]
+    await settle_all(stores[0])  # type: ignore[arg-type]
+    reconcile_holds(db, settled=True)
+    assert balance(db, who) == (10**6 - 600) * PRICE

@@ -36,6 +36,24 @@ redis.call('DEL', KEYS[1])
 return {w[1], w[2]}
 """
 
+# KEYS[1] wallet. ARGV: price, now (unix s), month. -> {1, hold, left, rest} paid from the wallet there
+# (another gateway's grant funded it since this one's SPEND), {2, hold, left} retired as RETIRE does (it
+# cannot pay this call: stale, another month, too little left), or {0} (none). A grant starts with it:
+# a wallet that can pay is never retired, so gateways granting at once do not retire each other's.
+TAKE = """
+local w = redis.call('HMGET', KEYS[1], 'hold', 'period', 'until', 'rest')
+if not w[1] then return {0} end
+if w[2] == ARGV[3] and tonumber(w[3]) > tonumber(ARGV[2]) then
+  if redis.call('HINCRBY', KEYS[1], 'left', '-' .. ARGV[1]) >= 0 then
+    return {1, w[1], redis.call('HGET', KEYS[1], 'left'), w[4]}
+  end
+  redis.call('HINCRBY', KEYS[1], 'left', ARGV[1])
+end
+local left = redis.call('HGET', KEYS[1], 'left')
+redis.call('DEL', KEYS[1])
+return {2, w[1], left}
+"""
+
 # KEYS[1] wallet. ARGV: hold, granted, month, until, rest, ttl (ms), price of the call that asked.
 # -> {1, left, rest} funded with that call paid, or {0} when a wallet is there already (another
 # gateway's grant won: this hold goes back whole, and the call spends from that wallet).

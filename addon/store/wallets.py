@@ -124,8 +124,11 @@ class WalletStore:
                 del self._locks[key]
 
     async def _grant_once(self, key: str, request: ChargeRequest, period: str) -> ChargeResult | None:
-        retired = await self._script(scripts.RETIRE, key, "")
-        old = (int(retired[0]), int(retired[1])) if retired else None
+        taken = await self._script(scripts.TAKE, key, request.price, int(time.time()), period)
+        if int(taken[0]) == 1:  # another gateway's grant funded a wallet that pays this call
+            return ChargeResult(Verdict.DEBITED, request.price, int(taken[2]) + int(taken[3]), period,
+                                hold=int(taken[1]))
+        old = (int(taken[1]), int(taken[2])) if int(taken[0]) == 2 else None
         want = wallet_sql.want(request.price, self.config.wallet_calls)
 
         def grant(ledger: Any) -> wallet_sql.Grant:
@@ -141,10 +144,12 @@ class WalletStore:
         if int(funded[0]) == 1:
             return ChargeResult(Verdict.DEBITED, request.price, int(funded[1]) + int(funded[2]), period,
                                 hold=granted.hold)
-        # Another gateway funded this wallet meanwhile: this hold goes back whole, its wallet never was.
-        hold = granted.hold
-        await self.mysql._run(lambda ledger: wallet_sql.close(ledger, hold, 0, give_back=True))
-        return None
+        # Another gateway funded this wallet meanwhile (a wallet its other calls may empty before this one
+        # spends from it, again and again): this call is paid from this hold, committed, and the rest of
+        # it goes back at once, its wallet never funded.
+        hold, left = granted.hold, granted.granted - request.price
+        await self.mysql._run(lambda ledger: wallet_sql.close(ledger, hold, left))
+        return ChargeResult(Verdict.DEBITED, request.price, granted.balance + left, period, hold=hold)
 
     async def _script(self, text: str, key: str, *args: Any) -> Any:
         try:
