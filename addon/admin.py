@@ -24,7 +24,7 @@ from .auth import token_hash
 from .config import Config, sweep_interval
 from .store.base import CreditLimit, OutcomeUnknown, StoreUnavailable, UnknownUser
 from .store.sql import HELD, MYSQL, Ledger, SqlStore, parse_upstream_headers, utc
-from .store.wallet_sql import HOLD_SETTLED, settle_after
+from .store.wallet_sql import UNBILLED, settle_after
 
 T = TypeVar("T")
 
@@ -347,8 +347,9 @@ class Admin:
             # after its hold settled is refunded by the hold's rest, not by a refund row of its own.
             wallets = ledger.d is MYSQL
             by_call = " AND c.hold_id IS NULL" if wallets else ""
-            not_settled_hold = f" AND NOT (c.hold_id IS NOT NULL AND c.reason = '{HOLD_SETTLED}')" if wallets else ""
-            settled_hold = f" OR (c.hold_id IS NOT NULL AND c.reason = '{HOLD_SETTLED}')" if wallets else ""
+            unbilled = ", ".join(f"'{r}'" for r in UNBILLED)
+            not_settled_hold = f" AND NOT (c.hold_id IS NOT NULL AND c.reason IN ({unbilled}))" if wallets else ""
+            settled_hold = f" OR (c.hold_id IS NOT NULL AND c.reason IN ({unbilled}))" if wallets else ""
             held = [(mark, *ledger.d.ago(age)) for mark, age in held_ages]
             checks = [
                 Check("I1", "balance == opening (0) + the sum of the user's ledger rows", [

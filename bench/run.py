@@ -602,9 +602,10 @@ def check_wallet_ledger(query: Query, billed_responses: int, price: int = PRICE)
     wallet_calls = one("SELECT COUNT(*) FROM mcpmeter_calls WHERE hold_id IS NOT NULL")
     per_call = one("SELECT COUNT(*) FROM mcpmeter_calls WHERE hold_id IS NULL AND verdict = 'debited'")
     refunded = one("SELECT COUNT(*) FROM mcpmeter_calls WHERE hold_id IS NOT NULL AND refunded = 1")
-    # A call recorded after its hold settled is refunded by the hold's rest, without a refund row of its own.
+    # A call recorded after its hold settled (or beyond it: a stale wallet) is refunded by the hold's rest,
+    # without a refund row of its own.
     refund_due = one("SELECT COUNT(*) FROM mcpmeter_calls"
-                     " WHERE refunded = 1 AND COALESCE(reason, '') <> 'hold_settled'")
+                     " WHERE refunded = 1 AND COALESCE(reason, '') NOT IN ('hold_settled', 'hold_overdrawn')")
     refund_rows = one("SELECT COUNT(*) FROM credit_transactions WHERE type = 'refund'")
     unsettled = one("SELECT COUNT(*) FROM mcpmeter_calls WHERE settled_at IS NULL")
     usage_events = one("SELECT COUNT(*) FROM usage_events")

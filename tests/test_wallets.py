@@ -296,6 +296,104 @@ async def test_gateways_granting_at_once_never_replace_each_others_fresh_wallet(
 async def test_the_balance_shown_counts_earlier_refunds(db: Wallets) -> None:
     """X-Mcpmeter-Balance comes from the wallet (its left-over + the balance in MySQL when funded): a
     refund, paid back in MySQL, shows in every later answer too, not only in its own."""
+
+
+# --- adversarial review (revwallets) -------------------------------------------------------------------
+
+
+async def test_a_call_that_cannot_be_written_does_not_stop_the_others(db: Wallets) -> None:
+    """A consumer deleted between charge and record (ON DELETE CASCADE): their usage row breaks the
+    foreign key. Their call alone is given up; the batch it shared is written, and the flusher goes on."""
+    listing(db)
+    gone, who = add_consumer(db, 1, credit=10 * PRICE), add_consumer(db, 2, credit=10 * PRICE)
+    store = db.store
+    assert isinstance(store, WalletStore)
+    calls = Calls()
+    lost, kept = call(gone, 1, PRICE), call(who, 1, PRICE)
+    for r in (lost, kept):
+        assert (await calls.charge(store, r)).accepted
+    db.execute("DELETE FROM users WHERE id = %s", (gone.user_id,))
+    del db.opening[gone.user_id]
+    await asyncio.gather(store.settle(calls.outcome(lost, gone)), store.settle(calls.outcome(kept, who)))
+    assert await store.drain(10), "the flusher is stuck on a batch that can never be written"
+    assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE request_id = %s", (kept.request_id,)) == 1
+    later = call(who, 1, PRICE)
+    await calls.charge(store, later)
+    await store.settle(calls.outcome(later, who, refund=True))
+    assert await store.drain(5)
+    assert balance(db, who) == PRICE  # the refund written (the rest of its hold is in the wallet)
+    await settle_all(store)
+    assert balance(db, who) == 9 * PRICE
+    assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE request_id = %s", (lost.request_id,)) == 0
+
+
+async def test_a_call_settled_on_the_store_a_reload_made_is_recorded_once(db: Wallets) -> None:
+    """A held call outlives a reload: settlement.py settles it on the new store (the old one closed)."""
+    listing(db)
+    who = add_consumer(db, 1, credit=10 * PRICE)
+    old = db.store
+    assert isinstance(old, WalletStore)
+    calls = Calls()
+    billed, refunded = call(who, 1, PRICE), call(who, 1, PRICE)
+    for r in (billed, refunded):
+        await calls.charge(old, r)
+    old.close()
+    new = db.open_store()
+    assert isinstance(new, WalletStore)
+    # each twice, at once: recorded once all the same
+    await asyncio.gather(*(new.settle(calls.outcome(r, who, refund=r is refunded))
+                           for r in (billed, refunded, billed, refunded)))
+    assert await new.drain(5)
+    assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE request_id IN (%s, %s)",
+                    (billed.request_id, refunded.request_id)) == 2
+    assert db.value("SELECT COUNT(*) FROM usage_events WHERE billed_micro_cents = %s", (PRICE,)) == 1
+    db.store = new
+    await settle_all(new)
+    reconcile_holds(db, settled=True)
+    assert balance(db, who) == 9 * PRICE
+
+
+async def test_holds_waiting_to_settle_do_not_keep_stale_wallets_open(db: Wallets) -> None:
+    """The sweeper's page of due holds is not filled by closed holds too young to settle."""
+    listing(db)
+    first, second = add_consumer(db, 1, credit=10 * PRICE), add_consumer(db, 2, credit=10 * PRICE)
+    store = db.store
+    assert isinstance(store, WalletStore)
+    await store.charge(call(first, 1, PRICE))
+    store.config = dataclasses.replace(store.config, wallet_seconds=0)
+    await asyncio.sleep(1.1)
+    assert await store.settle_holds(limit=1) == 0  # the first hold closed (its wallet's 9 calls back)
+    assert balance(db, first) == 9 * PRICE
+    store.config = dataclasses.replace(store.config, wallet_seconds=60)
+    await store.charge(call(second, 1, PRICE))
+    store.config = dataclasses.replace(store.config, wallet_seconds=0)
+    await asyncio.sleep(1.1)
+    await store.settle_holds(limit=1)
+    assert balance(db, second) == 9 * PRICE, "the stale wallet's left-over was never returned"
+
+
+async def test_wallets_of_huge_prices_add_up_to_the_micro_cent(db: Wallets) -> None:
+    """Past 2**53 µ¢ a Lua number (a double) is not exact: the wallet's arithmetic must be Redis's integers."""
+    price = 2**50 + 3  # 9 calls of it left in a wallet: 2 µ¢ more, as a double
+    add_listing(db, 1, "search", price=price)
+    who = add_consumer(db, 1, credit=2**62)
+    store = db.store
+    assert isinstance(store, WalletStore)
+    calls = Calls()
+    reqs = [call(who, 1, price) for _ in range(20)]
+    results = [await calls.charge(store, r) for r in reqs]
+    assert all(r.accepted for r in results)
+    assert results[0].balance == 2**62 - price  # the wallet's left + the balance in MySQL, exactly
+    await asyncio.gather(*(store.settle(calls.outcome(r, who)) for r in reqs))
+    assert await store.drain(5)
+    await settle_all(store)
+    reconcile_holds(db, settled=True)
+    assert balance(db, who) == 2**62 - 20 * price
+
+
+async def test_the_balance_shown_counts_earlier_refunds(db: Wallets) -> None:
+    """X-Mcpmeter-Balance comes from the wallet (its left-over + the balance in MySQL when funded): a
+    refund, paid back in MySQL, shows in every later answer too, not only in its own."""
     listing(db)
     who = add_consumer(db, 1, credit=10 * PRICE)
     store = db.store
@@ -308,3 +406,231 @@ async def test_the_balance_shown_counts_earlier_refunds(db: Wallets) -> None:
     assert shown == [9 * PRICE, 10 * PRICE, 9 * PRICE, 10 * PRICE, 9 * PRICE, 9 * PRICE, 8 * PRICE, 8 * PRICE]
     assert balance(db, who) == 2 * PRICE  # the two refunds; the hold took all ten, six are left in the wallet
     reconcile_holds(db)
+
+
+async def test_wallets_turned_off_neither_strand_the_holds_nor_drop_their_calls(db: Wallets) -> None:
+    """Gateways without wallets share the database (README, "Mixing modes"): when none with wallets is
+    left (turned off, by a restart or a reload), a wallet call settles on the journal's store, and the
+    holds still settle, their credit back to the consumer."""
+    from addon.store.mysql import MysqlStore
+
+    listing(db)
+    who = add_consumer(db, 1, credit=10 * PRICE)
+    store = db.store
+    assert isinstance(store, WalletStore)
+    calls = Calls()
+    billed, refunded = call(who, 1, PRICE), call(who, 1, PRICE)
+    for r in (billed, refunded):
+        await calls.charge(store, r)
+    store.close()
+    journal = MysqlStore(dataclasses.replace(store.config, wallets=False))
+    db.stores.append(journal)
+    for r in (billed, refunded):
+        await journal.settle(dataclasses.replace(calls.outcome(r, who, refund=r is refunded), need_balance=False))
+    assert db.value("SELECT COUNT(*) FROM mcpmeter_calls WHERE hold_id IS NOT NULL") == 2
+    db.execute("UPDATE mcpmeter_holds SET created_at = created_at - INTERVAL 30 DAY")  # long abandoned
+    await journal.sweep(3600, 0)
+    assert db.value("SELECT COUNT(*) FROM mcpmeter_holds WHERE settled_at IS NULL") == 0
+    assert balance(db, who) == 9 * PRICE
+    reconcile_holds(db, settled=True)
+
+
+async def test_a_wallet_restored_stale_by_redis_never_spends_more_than_its_hold(db: Wallets) -> None:
+    """Redis restarted from a snapshot (or failed over to a lagging replica) brings a wallet back with
+    more left than it had: the calls it pays beyond its hold are recorded unbilled, and its retired
+    left-over gives back no more than the hold still has."""
+    listing(db)
+    who = add_consumer(db, 1, credit=100 * PRICE)
+    store = db.store
+    assert isinstance(store, WalletStore)
+    calls = Calls()
+    key = wallet_scripts.wallet_key(db.redis.prefix, who.user_id, who.project_id)
+    reqs = [call(who, 1, PRICE) for _ in range(11)]
+    await calls.charge(store, reqs[0])
+    with redisutil.client(db.redis) as r:
+        snapshot = r.hgetall(key)
+    for req in reqs[1:6]:
+        await calls.charge(store, req)
+    await asyncio.gather(*(store.settle(calls.outcome(req, who)) for req in reqs[:6]))
+    with redisutil.client(db.redis) as r:
+        r.hset(key, mapping=snapshot)  # 9 calls left again, though 4 are
+    for req in reqs[6:]:
+        await calls.charge(store, req)
+    await asyncio.gather(*(store.settle(calls.outcome(req, who, refund=req is reqs[-1])) for req in reqs[6:]))
+    assert await store.drain(5)
+    assert store.grants == 1
+    await settle_all(store)
+    reconcile_holds(db, settled=True)
+    assert balance(db, who) == 90 * PRICE  # the hold's 10 calls, no more and no less
+
+
+async def test_grants_records_sweeps_and_journal_calls_of_one_consumer_at_once(db: Wallets) -> None:
+    """Lock order: two gateways granting and recording (refunds too), a third settling holds, and the
+    journal's one-trip charges and settlements (a free tier), all for one consumer, at once."""
+    listing(db)
+    add_listing(db, 2, "free", price=PRICE, free=5)
+    who = add_consumer(db, 1, credit=60 * PRICE)
+    stores = [db.store, db.open_store(), db.open_store()]
+    a, b, sweeper = stores
+    assert isinstance(a, WalletStore) and isinstance(b, WalletStore) and isinstance(sweeper, WalletStore)
+    for store in stores:
+        store.config = dataclasses.replace(store.config, wallet_calls=2)
+    sweeper.config = dataclasses.replace(sweeper.config, wallet_seconds=0)
+    calls = Calls()
+
+    async def gateway(store: WalletStore, n: int) -> list[ChargeRequest]:
+        done = []
+        for i in range(n):
+            req = call(who, 2 if i % 7 == 0 else 1, PRICE, free=5 if i % 7 == 0 else 0)
+            if (await calls.charge(store, req)).accepted:
+                await store.settle(dataclasses.replace(calls.outcome(req, who, refund=i % 3 == 0),
+                                                       need_balance=False))
+                done.append(req)
+        return done
+
+    async def sweep() -> None:
+        for _ in range(20):
+            await sweeper.settle_holds()
+            await asyncio.sleep(0.05)
+
+    results = await asyncio.gather(gateway(a, 40), gateway(b, 40), gateway(a, 40), gateway(b, 40), sweep(),
+                                   return_exceptions=True)
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    for store in (a, b):
+        assert await store.drain(5)
+    await settle_all(sweeper)
+    reconcile_holds(db, settled=True)
+    billed = db.value("SELECT COALESCE(SUM(billed_micro_cents), 0) FROM usage_events")
+    assert balance(db, who) == 60 * PRICE - int(billed)
+
+
+async def test_commits_whose_answers_are_lost_cost_the_consumer_nothing(db: Wallets) -> None:
+    """A grant's COMMIT lands but its answer is lost (OutcomeUnknown): the call is refused and its
+    hold, never funded, comes back whole. A batch's: written again, its calls skipped (refunds once)."""
+    from .dbutil import Relay
+
+    listing(db)
+    who = add_consumer(db, 1, credit=20 * PRICE)
+    relay = Relay(db.config.mysql)
+    relay.start()
+    try:
+        store = WalletStore(dataclasses.replace(db.store.config, mysql=dataclasses.replace(
+            db.config.mysql, port=relay.port, pool_size=1)))
+        db.stores.append(store)
+        await store.prepare()
+        calls = Calls()
+        relay.lose_answer(to=b"\x03COMMIT")
+        with pytest.raises(StoreUnavailable):
+            await store.charge(call(who, 1, PRICE))  # the grant committed, unknown to it
+        assert relay.lost == 1 and balance(db, who) == 10 * PRICE
+        reqs = [call(who, 1, PRICE) for _ in range(4)]
+        for r in reqs:
+            assert (await calls.charge(store, r)).accepted  # a second hold
+        relay.lose_answer(to=b"\x03COMMIT")
+        await asyncio.gather(*(store.settle(calls.outcome(r, who, refund=r is reqs[0])) for r in reqs))
+        assert await store.drain(10)
+        assert relay.lost == 2
+    finally:
+        relay.stop()
+    assert db.value("SELECT COUNT(*) FROM mcpmeter_calls") == 4
+    assert db.value("SELECT COUNT(*) FROM credit_transactions WHERE type = 'refund'") == 1
+    db.store = db.open_store()
+    await settle_all(db.store)  # type: ignore[arg-type]
+    reconcile_holds(db, settled=True)
+    assert balance(db, who) == 17 * PRICE
+
+
+async def test_a_store_a_reload_closes_writes_what_it_had_queued(db: Wallets) -> None:
+    """settlement.py closes a store a reload replaced once its settlement tasks are done; a refund's
+    task is done after WAIT_SECONDS even if the database was away, its settlement still queued."""
+    from .dbutil import Relay
+
+    listing(db)
+    who = add_consumer(db, 1, credit=10 * PRICE)
+    relay = Relay(db.config.mysql)
+    relay.start()
+    try:
+        store = WalletStore(dataclasses.replace(db.store.config, mysql=dataclasses.replace(
+            db.config.mysql, port=relay.port, pool_size=1)))
+        db.stores.append(store)
+        calls = Calls()
+        req = call(who, 1, PRICE)
+        await calls.charge(store, req)
+        relay.stop()  # the database away
+        await store.settle(calls.outcome(req, who, refund=True))  # gave up waiting: still queued
+        store.close()
+        relay.start()
+        for _ in range(100):
+            if db.value("SELECT COUNT(*) FROM credit_transactions WHERE type = 'refund'"):
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        relay.stop()
+    assert db.value("SELECT COUNT(*) FROM credit_transactions WHERE type = 'refund'") == 1
+    assert balance(db, who) == PRICE
+
+
+async def test_a_new_month_retires_the_old_months_wallet_and_counts_apart(db: Wallets) -> None:
+    """A call of a new month never spends from last month's wallet: a new hold counts in the new
+    month's spend (and cap), and last month's keeps what its calls cost there."""
+    listing(db)
+    who = add_consumer(db, 1, credit=100 * PRICE, cap_cents=1)
+    store = db.store
+    assert isinstance(store, WalletStore)
+    calls = Calls()
+    old = [dataclasses.replace(call(who, 1, PRICE), period="2026-11") for _ in range(3)]
+    new = [dataclasses.replace(call(who, 1, PRICE), period="2026-12") for _ in range(2)]
+    results = [await calls.charge(store, r) for r in old + new]
+    assert all(r.accepted for r in results) and store.grants == 2
+    assert {r.hold for r in results[:3]} != {r.hold for r in results[3:]}
+    await asyncio.gather(*(store.settle(calls.outcome(r, who, refund=r is new[0])) for r in old + new))
+    assert await store.drain(5)
+    spend = dict(db.rows("SELECT period_year_month, spent_micro_cents FROM mcpmeter_project_spend"
+                         " WHERE project_id = %s", (who.project_id,)))
+    assert int(spend["2026-11"]) == 3 * PRICE  # the old wallet's left-over came back when it was retired
+    assert int(spend["2026-12"]) == 10 * PRICE - PRICE  # the new hold whole, less the refund
+    await settle_all(store)
+    reconcile_holds(db, settled=True)
+    assert balance(db, who) == 96 * PRICE
+
+
+async def test_one_sweep_goes_through_every_page_of_due_holds(db: Wallets) -> None:
+    """Every hold made must be settled by a sweep: a sweep that took one page would fall behind the
+    gateways granting more holds than that a sweep interval, for ever."""
+    listing(db)
+    who = [add_consumer(db, i, credit=10 * PRICE) for i in (1, 2, 3)]
+    store = db.store
+    assert isinstance(store, WalletStore)
+    for w in who:
+        await store.charge(call(w, 1, PRICE))
+    store.config = dataclasses.replace(store.config, wallet_seconds=0)
+    await asyncio.sleep(1.1)
+    await store.settle_holds(limit=1)
+    assert [balance(db, w) for w in who] == [9 * PRICE] * 3  # every stale wallet retired
+    store.settle_after = 0.0
+    assert await store.settle_holds(limit=1) == 3
+    reconcile_holds(db, settled=True)
+
+
+async def test_gateways_granting_at_once_never_refuse_a_consumer_who_can_pay(db: Wallets) -> None:
+    """A grant whose FUND lost to another gateway's used to give its hold back and spend from the
+    winner's wallet, which the winner's other calls could empty first, three times running: the call
+    was refused (StoreUnavailable) though the consumer could pay. It is paid from its own hold now."""
+    listing(db)
+    who = add_consumer(db, 1, credit=10**6 * PRICE)
+    stores = [db.store] + [db.open_store() for _ in range(5)]
+    for store in stores:
+        assert isinstance(store, WalletStore)
+        store.config = dataclasses.replace(store.config, wallet_calls=1)  # a grant for every call: the worst case
+    calls = Calls()
+    reqs = [call(who, 1, PRICE) for _ in range(600)]
+    results = await asyncio.gather(*(calls.charge(stores[i % 6], r)  # type: ignore[arg-type]
+                                     for i, r in enumerate(reqs)), return_exceptions=True)
+    assert [r for r in results if not isinstance(r, ChargeResult) or not r.accepted] == []
+    await asyncio.gather(*(stores[i % 6].settle(calls.outcome(r, who)) for i, r in enumerate(reqs)))
+    for store in stores:
+        assert await store.drain(10)  # type: ignore[attr-defined]
+    db.store = stores[0]
+    await settle_all(stores[0])  # type: ignore[arg-type]
+    reconcile_holds(db, settled=True)
+    assert balance(db, who) == (10**6 - 600) * PRICE

@@ -18,6 +18,7 @@ additive columns, keys and tables (ADDITIONS, mirrored in schema.sql) are added 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import threading
@@ -37,6 +38,8 @@ from .mysql_conn import (ATTEMPTS, CONNECT_TIMEOUT, DENIED, DOWN_FOR, IO_TIMEOUT
                          UNKNOWN_DB, code, connect_args, gone, reason)
 from .mysql_loop import LoopConnections
 from .sql import MYSQL, LastUsed, Ledger, SqlStore
+from . import wallet_sql
+from .sql import SWEPT
 from .wallet_sql import HOLDS_DDL
 
 T = TypeVar("T")
@@ -115,6 +118,7 @@ class MysqlStore(SqlStore):
         self._schema_ready = False
         self._closed = False
         self._billed: BilledBatches | None = None
+        self._abandoned_after = wallet_sql.abandoned_after(config)
         self._hot = LoopConnections(self, self.settings.pool_size)  # the per-call transactions (mysql_loop.py)
         self._charges = ChargeBatches(self)
         if config.seed.get("listings") or config.seed.get("consumers"):
@@ -278,12 +282,26 @@ class MysqlStore(SqlStore):
         return await self._hot.run(lambda conn: mysql_trip.charge_batch(conn, batch, order))
 
     async def settle(self, settlement: Settlement) -> int | None:
+        if settlement.taken is not None and settlement.taken.hold is not None:
+            # A wallet call (wallets.py) whose store closed since, wallets turned off: recorded as its store would.
+            await self._run(functools.partial(wallet_sql.record, batch=[settlement]))
+            return await self.balance(settlement.charge.user_id) if settlement.need_balance else None
         if mysql_batch.batchable(settlement):
             if self._billed is None:
                 self._billed = BilledBatches(self)
             if await self._billed.submit(settlement):
                 return None
         return await self._settle(settlement)
+
+    async def sweep(self, older_than_seconds: float, fee_bps: int, limit: int = 100, held: str | None = None,
+                    refund: bool = True, reason: str = SWEPT) -> int:
+        done = await super().sweep(older_than_seconds, fee_bps, limit, held, refund, reason)
+        if held is None:
+            # Holds no gateway with wallets settled (wallets turned off): their credit back to the consumer.
+            holds = await self._run(functools.partial(wallet_sql.abandoned, older_than=self._abandoned_after))
+            if settled := sum([await self._run(functools.partial(wallet_sql.abandon, hold=h)) for h in holds]):
+                log.warning("mcpmeter: %d abandoned wallet hold(s) settled", settled)
+        return done
 
     async def settle_billed(self, batch: list[Settlement]) -> list[bool]:
         """Billed settlements in one transaction (mysql_batch.py); one alone takes the one-trip path."""

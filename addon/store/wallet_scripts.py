@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import hashlib
 
-# KEYS[1] wallet. ARGV: price, now (unix s), month. -> {1, hold, left + rest}, or {0, hold} for a wallet
-# that cannot pay (stale, another month, too little left: the caller retires that hold, and no
-# other, and asks MySQL for a new one), or {0} for none.
+# KEYS[1] wallet. ARGV: price, now (unix s), month. -> {1, hold, left, rest} or {0} (no wallet, stale,
+# another month, or too little left: the caller asks MySQL for a new hold). Amounts stay Redis's
+# 64-bit integers and strings: a Lua number is a double, inexact past 2**53 µ¢.
 SPEND = """
-local w = redis.call('HMGET', KEYS[1], 'hold', 'left', 'period', 'until', 'rest')
-if not w[1] then return {0} end
-if w[3] ~= ARGV[3] or tonumber(w[4]) <= tonumber(ARGV[2]) then return {0, tonumber(w[1])} end
-local price = tonumber(ARGV[1])
-if tonumber(w[2]) < price then return {0, tonumber(w[1])} end
-local left = redis.call('HINCRBY', KEYS[1], 'left', -price)
-return {1, tonumber(w[1]), left + tonumber(w[5])}
+local w = redis.call('HMGET', KEYS[1], 'hold', 'period', 'until', 'rest')
+if not w[1] or w[2] ~= ARGV[3] or tonumber(w[3]) <= tonumber(ARGV[2]) then return {0} end
+if redis.call('HINCRBY', KEYS[1], 'left', '-' .. ARGV[1]) < 0 then
+  redis.call('HINCRBY', KEYS[1], 'left', ARGV[1])
+  return {0}
+end
+return {1, w[1], redis.call('HGET', KEYS[1], 'left'), w[4]}
 """
 
 # KEYS[1] wallet. ARGV: the hold to retire, or '' for whichever is there. -> {hold, left} or {} (none, or
@@ -33,27 +33,45 @@ RETIRE = """
 local w = redis.call('HMGET', KEYS[1], 'hold', 'left')
 if not w[1] or (ARGV[1] ~= '' and w[1] ~= ARGV[1]) then return {} end
 redis.call('DEL', KEYS[1])
-return {tonumber(w[1]), tonumber(w[2])}
+return {w[1], w[2]}
+"""
+
+# KEYS[1] wallet. ARGV: price, now (unix s), month. -> {1, hold, left, rest} paid from the wallet there
+# (another gateway's grant funded it since this one's SPEND), {2, hold, left} retired as RETIRE does (it
+# cannot pay this call: stale, another month, too little left), or {0} (none). A grant starts with it:
+# a wallet that can pay is never retired, so gateways granting at once do not retire each other's.
+TAKE = """
+local w = redis.call('HMGET', KEYS[1], 'hold', 'period', 'until', 'rest')
+if not w[1] then return {0} end
+if w[2] == ARGV[3] and tonumber(w[3]) > tonumber(ARGV[2]) then
+  if redis.call('HINCRBY', KEYS[1], 'left', '-' .. ARGV[1]) >= 0 then
+    return {1, w[1], redis.call('HGET', KEYS[1], 'left'), w[4]}
+  end
+  redis.call('HINCRBY', KEYS[1], 'left', ARGV[1])
+end
+local left = redis.call('HGET', KEYS[1], 'left')
+redis.call('DEL', KEYS[1])
+return {2, w[1], left}
 """
 
 # KEYS[1] wallet. ARGV: hold, granted, month, until, rest, ttl (ms), price of the call that asked.
-# -> {1, left + rest} funded with that call paid, or {0} when a wallet is there already (another
+# -> {1, left, rest} funded with that call paid, or {0} when a wallet is there already (another
 # gateway's grant won: this hold goes back whole, and the call spends from that wallet).
 FUND = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
-local left = tonumber(ARGV[2]) - tonumber(ARGV[7])
-redis.call('HSET', KEYS[1], 'hold', ARGV[1], 'left', left, 'period', ARGV[3], 'until', ARGV[4], 'rest', ARGV[5])
+redis.call('HSET', KEYS[1], 'hold', ARGV[1], 'left', ARGV[2], 'period', ARGV[3], 'until', ARGV[4], 'rest', ARGV[5])
+redis.call('HINCRBY', KEYS[1], 'left', '-' .. ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
-return {1, left + tonumber(ARGV[5])}
+return {1, redis.call('HGET', KEYS[1], 'left'), ARGV[5]}
 """
 
-# KEYS[1] wallet. ARGV: hold, amount refunded. -> left + rest, or false when the wallet holds another
-# hold (or none). A refund goes back to the balance in MySQL (wallet_sql.record), which the wallet's
-# `rest` mirrors for X-Mcpmeter-Balance: without this, later answers showed the balance short of it.
+# KEYS[1] wallet. ARGV: hold, amount refunded. -> {left, rest}, or {} when the wallet holds another hold
+# (or none). A refund goes back to the balance in MySQL (wallet_sql.record), which the wallet's `rest`
+# mirrors for X-Mcpmeter-Balance: without this, later answers showed the balance short of it.
 REFUNDED = """
-local w = redis.call('HMGET', KEYS[1], 'hold', 'left', 'rest')
-if w[1] ~= ARGV[1] then return false end
-return tonumber(w[2]) + redis.call('HINCRBY', KEYS[1], 'rest', ARGV[2])
+if redis.call('HGET', KEYS[1], 'hold') ~= ARGV[1] then return {} end
+local rest = redis.call('HINCRBY', KEYS[1], 'rest', ARGV[2])
+return {redis.call('HGET', KEYS[1], 'left'), tostring(rest)}
 """
 
 

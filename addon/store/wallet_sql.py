@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..config import Config, sweep_interval
 from ..model import MAX_MICRO_CENTS, MICRO_CENTS_PER_CENT, Settlement, Verdict
@@ -24,6 +24,8 @@ from .sql import COUNT_BILLABLE, MYSQL, USAGE_EVENT_VALUES, USAGE_EVENTS_INSERT,
 
 HOLD = "mcpmeter_hold"  # credit_transactions.reference_type of a hold's rows (reference_id: the hold)
 HOLD_SETTLED = "hold_settled"  # the reason of a call recorded after its hold settled: never billed
+HOLD_OVERDRAWN = "hold_overdrawn"  # a call its hold had no room left for (a stale wallet): never billed
+UNBILLED = (HOLD_SETTLED, HOLD_OVERDRAWN)  # reasons of wallet calls neither billed nor refunded by a row
 
 HOLDS_DDL = """CREATE TABLE IF NOT EXISTS `mcpmeter_holds` (
   `id` bigint unsigned NOT NULL AUTO_INCREMENT,
@@ -93,12 +95,13 @@ def close(ledger: Ledger, hold: int, left: int, now: str | None = None, give_bac
     with `give_back`: a grant whose wallet never existed). Nothing for a hold settled already: its
     rest counted what the wallet held."""
     now = now or utc()
-    row = ledger._one("SELECT user_id, project_id, period_year_month, granted_micro_cents, settled_at"
-                      " FROM mcpmeter_holds WHERE id = %s FOR UPDATE", (hold,))
+    row = ledger._one("SELECT user_id, project_id, period_year_month, granted_micro_cents, settled_at,"
+                      " spent_micro_cents, returned_micro_cents FROM mcpmeter_holds WHERE id = %s FOR UPDATE", (hold,))
     if row is None or row[4] is not None:
         return
     user_id, project_id, period, granted = int(row[0]), int(row[1]), str(row[2]), int(row[3])
-    left = granted if give_back else max(0, min(left, granted))
+    # Never more than the hold still has (a wallet Redis brought back staler than it was holds more).
+    left = granted if give_back else max(0, min(left, granted - int(row[5]) - int(row[6])))
     ledger._q(f"UPDATE mcpmeter_holds SET returned_micro_cents = returned_micro_cents + %s,"
               f" closed_at = COALESCE(closed_at, {MYSQL.clock}) WHERE id = %s", (left, hold))
     if left > 0:
@@ -130,9 +133,24 @@ def due(ledger: Ledger, open_for: float, settle_after: float, limit: int) -> lis
     settled_before, limit_cutoff = MYSQL.ago(settle_after)
     rows = ledger._q(
         f"SELECT id, user_id, project_id, closed_at IS NOT NULL, created_at < {settled_before} FROM mcpmeter_holds"
-        f" WHERE settled_at IS NULL AND created_at < {opened} ORDER BY id LIMIT %s",
-        (limit_cutoff, cutoff, limit)).fetchall()
+        f" WHERE settled_at IS NULL AND created_at < {opened}"
+        # Closed holds too young to settle are not due: they would fill the page and keep stale wallets open.
+        f" AND (closed_at IS NULL OR created_at < {settled_before}) ORDER BY id LIMIT %s",
+        (limit_cutoff, cutoff, limit_cutoff, limit)).fetchall()
     return [(int(r[0]), int(r[1]), int(r[2]), bool(r[3]), bool(r[4])) for r in rows]
+
+
+def abandoned(ledger: Ledger, older_than: float, limit: int = 200) -> list[int]:
+    """Holds this old and not settled: no gateway with wallets settled them (wallets turned off)."""
+    before, cutoff = MYSQL.ago(older_than)
+    return [int(r[0]) for r in ledger._q(f"SELECT id FROM mcpmeter_holds WHERE settled_at IS NULL"
+                                         f" AND created_at < {before} ORDER BY id LIMIT %s", (cutoff, limit))]
+
+
+def abandon(ledger: Ledger, hold: int) -> bool:
+    """Close (nothing returned: Redis is not asked, its wallet expired long ago) and settle a hold."""
+    close(ledger, hold, 0)
+    return settle(ledger, hold)
 
 
 def recorded(ledger: Ledger, request_ids: Sequence[str]) -> set[str]:
@@ -143,24 +161,28 @@ def recorded(ledger: Ledger, request_ids: Sequence[str]) -> set[str]:
     return {str(r[0]) for r in rows.fetchall()}
 
 
-def record(ledger: Ledger, batch: Sequence[Settlement], again: bool = False) -> int:
-    """Record a batch of settled wallet calls in one transaction; returns how many were new. A batch
-    written `again` (its first COMMIT may have landed, its answer lost) skips the calls recorded already;
-    a first one has none (each call is queued once) and saves the read.
+def record(ledger: Ledger, batch: Sequence[Settlement]) -> int:
+    """Record a batch of settled wallet calls in one transaction; returns how many were new.
 
     A billed call counts in its hold's spent; a refunded one's price comes back to the consumer (its
     refund row) and counts in the hold's returned; a call whose hold settled before it came is
     recorded unbilled (the hold's rest gave its price back already)."""
     now = utc()
-    if again:
-        done = recorded(ledger, [s.charge.request_id for s in batch])
-        batch = [s for s in batch if s.charge.request_id not in done]
+    done = recorded(ledger, [s.charge.request_id for s in batch])
+    first: dict[str, Settlement] = {}  # the first of a call's settlements counts (asked twice, one batch)
+    for s in batch:
+        if s.charge.request_id not in done:
+            first.setdefault(s.charge.request_id, s)
+    batch = list(first.values())
     if not batch:
         return 0
     holds = sorted({_hold(s) for s in batch})
     marks = ", ".join(["%s"] * len(holds))
-    live = {int(r[0]) for r in ledger._q(f"SELECT id, settled_at FROM mcpmeter_holds WHERE id IN ({marks})"
-                                         " ORDER BY id FOR UPDATE", holds).fetchall() if r[1] is None}
+    # What each live hold has left to pay with: a wallet Redis brought back staler than it was (a
+    # snapshot, a lagging replica) pays calls beyond its hold, which are not the consumer's to pay.
+    room = {int(r[0]): int(r[2]) - int(r[3]) - int(r[4]) for r in ledger._q(
+        "SELECT id, settled_at, granted_micro_cents, spent_micro_cents, returned_micro_cents FROM mcpmeter_holds"
+        f" WHERE id IN ({marks}) ORDER BY id FOR UPDATE", holds).fetchall() if r[1] is None}
     calls, events = [], []
     billable: dict[tuple[int, int, str], int] = defaultdict(int)
     spent: dict[int, int] = defaultdict(int)
@@ -170,16 +192,20 @@ def record(ledger: Ledger, batch: Sequence[Settlement], again: bool = False) -> 
     for s in batch:
         req, hold, amount = s.charge, _hold(s), _amount(s)
         reason = (s.reason or "")[:32] or None
-        if hold not in live:
+        if hold not in room:
             billed, refunded, reason = 0, True, HOLD_SETTLED
+        elif room[hold] < amount:
+            billed, refunded, reason = 0, True, HOLD_OVERDRAWN
         elif s.refund:
             billed, refunded = 0, True
             returned[hold] += amount
+            room[hold] -= amount
             refunds[req.user_id].append(s)
             unspent[(req.project_id, req.month)] += amount
         else:
             billed, refunded = amount, False
             spent[hold] += amount
+            room[hold] -= amount
             billable[(req.listing_id, req.user_id, req.month)] += 1
         calls.append((req.request_id, req.user_id, req.project_id, req.listing_id, req.tool_name[:191],
                       Verdict.DEBITED.value, amount, req.month, s.status, int(refunded), utc(s.called_at), now,
@@ -261,6 +287,12 @@ def settle_after(config: Config) -> float:
     return (config.wallet_seconds + 3 * sweep_interval(config)
             + max(config.max_upstream_timeout_ms / 1000, config.task_settle_seconds, config.round_settle_seconds,
                   config.stale_call_seconds))
+
+
+def abandoned_after(config: Config) -> float:
+    """How old a hold is when a gateway settles it without Redis (no gateway with wallets did): past
+    any wallet's expiry (settle_after, whatever wallet_seconds its gateway had), and a day more."""
+    return settle_after(replace(config, wallet_seconds=3600.0)) + 86400.0
 
 
 def want(price: int, calls: int) -> int:
