@@ -293,11 +293,6 @@ async def test_gateways_granting_at_once_never_replace_each_others_fresh_wallet(
         assert balance(db, who) == 60 * PRICE
 
 
-async def test_the_balance_shown_counts_earlier_refunds(db: Wallets) -> None:
-    """X-Mcpmeter-Balance comes from the wallet (its left-over + the balance in MySQL when funded): a
-    refund, paid back in MySQL, shows in every later answer too, not only in its own."""
-
-
 # --- adversarial review (revwallets) -------------------------------------------------------------------
 
 
