@@ -88,7 +88,7 @@ class Config:
     log_level: str = "info"
     # Credit held in bulk and spent in Redis (addon/store/wallets.py): MySQL + Redis only.
     wallets: bool = False
-    wallet_calls: int = 100  # one hold reserves this many calls' worth of the consumer's credit
+    wallet_calls: int = 1000  # one hold reserves this many calls' worth of the consumer's credit
     wallet_seconds: float = 60.0  # a wallet is retired after this long (top-ups and a new month seen then)
     shadow: bool = False  # meter and record, but refuse and charge nothing (every listing)
     shadow_listings: tuple[str, ...] = ()  # slugs in shadow mode
