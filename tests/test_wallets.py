@@ -269,8 +269,16 @@ def redisutil_closed_port() -> int:
 
 
 def test_keys_of_one_consumer_share_a_hash_tag() -> None:
+    """Redis Cluster: each script touches one wallet key, and a consumer's wallets (one per project)
+    share its slot, whatever the prefix (a prefix may not hold braces: config)."""
+    from redis.crc import key_slot
+
     key = wallet_scripts.wallet_key("mcpmeter:", 42, 7)
     assert key == "mcpmeter:w:{u42}:p7"
+    slots = {key_slot(wallet_scripts.wallet_key(prefix, 42, project).encode())
+             for prefix in ("mcpmeter:", "staging:x:", "") for project in (1, 7, 10**12)}
+    assert slots == {key_slot(b"u42")}
+    assert key_slot(wallet_scripts.wallet_key("mcpmeter:", 43, 7).encode()) == key_slot(b"u43")
 
 
 async def test_gateways_granting_at_once_never_replace_each_others_fresh_wallet() -> None:
