@@ -499,3 +499,26 @@ def test_the_bounds_of_all_bodies_being_read_follow_a_large_max_body_bytes_unles
     assert "max_reading_bytes" in error(tmp_path, {"max_body_bytes": big, "max_reading_bytes": big - 1})
     assert "max_holding_bytes" in error(tmp_path, {"max_body_bytes": big, "max_holding_bytes": 4 * big - 1})
     assert "max_reading_bytes must be positive" in error(tmp_path, {"max_reading_bytes": 0})
+
+
+ON = {"store": "mysql", "cache": "redis", "wallets": True}
+
+
+@pytest.mark.parametrize(("data", "env", "error"), [
+    ({"wallets": True}, {}, "wallets: true needs store: mysql and cache: redis"),
+    ({"wallets": True, "store": "mysql"}, {}, "wallets: true needs store: mysql and cache: redis"),
+    ({}, {"MCPMETER_WALLETS": "1", "MCPMETER_STORE": "mysql"}, "wallets: true needs"),
+    ({**ON, "wallet_calls": 0}, {}, "wallet_calls must be between"),
+    ({**ON, "wallet_seconds": 0.5}, {}, "wallet_seconds must be between"),
+    ({"redis": {"prefix": "a{b}:"}}, {}, "redis.prefix must not hold { or }"),
+    ({"wallets": "yes please"}, {}, "wallets"),
+])
+def test_wallet_settings_are_checked(tmp_path: Path, data: dict[str, Any], env: dict[str, str], error: str) -> None:
+    with pytest.raises(ConfigError, match=error.replace("{", r"\{").replace("}", r"\}")):
+        load_yaml(tmp_path, data, env)
+
+
+def test_wallets_on_from_the_environment(tmp_path: Path) -> None:
+    c = load_yaml(tmp_path, {}, {"MCPMETER_WALLETS": "1", "MCPMETER_STORE": "mysql", "MCPMETER_CACHE": "redis"})
+    assert c.wallets and c.wallet_calls == 1000 and c.wallet_seconds == 60.0
+    assert not load_yaml(tmp_path, {}).wallets
