@@ -126,12 +126,16 @@ def listing(db: Wallets) -> int:
     return add_listing(db, 1, "search", price=PRICE)
 
 
-async def test_calls_spend_from_one_hold_and_settle_in_batches(db: Wallets) -> None:
+def consumer(db: Wallets, credit: int, **options: Any) -> tuple[Who, WalletStore, Calls]:
+    """The priced listing, one consumer with `credit`, the store and a record of its charges."""
     listing(db)
-    who = add_consumer(db, 1, credit=100 * PRICE)
-    store = db.store
-    assert isinstance(store, WalletStore)
-    calls = Calls()
+    who = add_consumer(db, 1, credit=credit, **options)
+    assert isinstance(db.store, WalletStore)
+    return who, db.store, Calls()
+
+
+async def test_calls_spend_from_one_hold_and_settle_in_batches(db: Wallets) -> None:
+    who, store, calls = consumer(db, 100 * PRICE)
     reqs = [call(who, 1, PRICE) for _ in range(25)]
     results = [await calls.charge(store, r) for r in reqs]
     assert all(r.verdict is Verdict.DEBITED and r.amount == PRICE and r.hold is not None for r in results)
@@ -174,11 +178,7 @@ async def test_no_overspend_across_two_gateways_and_many_callers(db: Wallets) ->
 
 
 async def test_a_crashed_gateways_unwritten_calls_come_back_to_the_consumer(db: Wallets) -> None:
-    listing(db)
-    who = add_consumer(db, 1, credit=50 * PRICE)
-    store = db.store
-    assert isinstance(store, WalletStore)
-    calls = Calls()
+    who, store, calls = consumer(db, 50 * PRICE)
     reqs = [call(who, 1, PRICE) for _ in range(6)]
     for r in reqs:
         await calls.charge(store, r)
@@ -192,11 +192,7 @@ async def test_a_crashed_gateways_unwritten_calls_come_back_to_the_consumer(db: 
 
 
 async def test_redis_losing_the_wallets_costs_the_consumer_nothing(db: Wallets) -> None:
-    listing(db)
-    who = add_consumer(db, 1, credit=50 * PRICE)
-    store = db.store
-    assert isinstance(store, WalletStore)
-    calls = Calls()
+    who, store, calls = consumer(db, 50 * PRICE)
     first = [call(who, 1, PRICE) for _ in range(3)]
     for r in first:
         await calls.charge(store, r)
@@ -226,11 +222,7 @@ async def test_the_project_cap_bounds_the_holds(db: Wallets) -> None:
 
 
 async def test_a_stale_wallet_is_retired_and_its_left_over_returned(db: Wallets) -> None:
-    listing(db)
-    who = add_consumer(db, 1, credit=100 * PRICE)
-    store = db.store
-    assert isinstance(store, WalletStore)
-    calls = Calls()
+    who, store, calls = consumer(db, 100 * PRICE)
     req = call(who, 1, PRICE)
     await calls.charge(store, req)
     assert balance(db, who) == 90 * PRICE
@@ -397,10 +389,7 @@ async def test_wallets_of_huge_prices_add_up_to_the_micro_cent(db: Wallets) -> N
 async def test_the_balance_shown_counts_earlier_refunds(db: Wallets) -> None:
     """X-Mcpmeter-Balance comes from the wallet (its left-over + the balance in MySQL when funded): a
     refund, paid back in MySQL, shows in every later answer too, not only in its own."""
-    listing(db)
-    who = add_consumer(db, 1, credit=10 * PRICE)
-    store = db.store
-    assert isinstance(store, WalletStore)
+    who, store, _ = consumer(db, 10 * PRICE)
     calls, shown = Calls(), []
     for refund in (True, True, False, False):
         req = call(who, 1, PRICE)
@@ -417,11 +406,7 @@ async def test_wallets_turned_off_neither_strand_the_holds_nor_drop_their_calls(
     holds still settle, their credit back to the consumer."""
     from addon.store.mysql import MysqlStore
 
-    listing(db)
-    who = add_consumer(db, 1, credit=10 * PRICE)
-    store = db.store
-    assert isinstance(store, WalletStore)
-    calls = Calls()
+    who, store, calls = consumer(db, 10 * PRICE)
     billed, refunded = call(who, 1, PRICE), call(who, 1, PRICE)
     for r in (billed, refunded):
         await calls.charge(store, r)
@@ -442,11 +427,7 @@ async def test_a_wallet_restored_stale_by_redis_never_spends_more_than_its_hold(
     """Redis restarted from a snapshot (or failed over to a lagging replica) brings a wallet back with
     more left than it had: the calls it pays beyond its hold are recorded unbilled, and its retired
     left-over gives back no more than the hold still has."""
-    listing(db)
-    who = add_consumer(db, 1, credit=100 * PRICE)
-    store = db.store
-    assert isinstance(store, WalletStore)
-    calls = Calls()
+    who, store, calls = consumer(db, 100 * PRICE)
     key = wallet_scripts.wallet_key(db.redis.prefix, who.user_id, who.project_id)
     reqs = [call(who, 1, PRICE) for _ in range(11)]
     await calls.charge(store, reqs[0])
@@ -576,11 +557,7 @@ async def test_a_store_a_reload_closes_writes_what_it_had_queued(db: Wallets) ->
 async def test_a_new_month_retires_the_old_months_wallet_and_counts_apart(db: Wallets) -> None:
     """A call of a new month never spends from last month's wallet: a new hold counts in the new
     month's spend (and cap), and last month's keeps what its calls cost there."""
-    listing(db)
-    who = add_consumer(db, 1, credit=100 * PRICE, cap_cents=1)
-    store = db.store
-    assert isinstance(store, WalletStore)
-    calls = Calls()
+    who, store, calls = consumer(db, 100 * PRICE, cap_cents=1)
     old = [dataclasses.replace(call(who, 1, PRICE), period="2026-11") for _ in range(3)]
     new = [dataclasses.replace(call(who, 1, PRICE), period="2026-12") for _ in range(2)]
     results = [await calls.charge(store, r) for r in old + new]
