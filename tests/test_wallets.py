@@ -614,3 +614,28 @@ async def test_gateways_granting_at_once_never_refuse_a_consumer_who_can_pay(db:
     await settle_all(stores[0])  # type: ignore[arg-type]
     reconcile_holds(db, settled=True)
     assert balance(db, who) == (10**6 - 600) * PRICE
+
+
+async def test_a_consumer_whose_credit_sits_in_another_projects_wallet_is_not_refused(db: Wallets) -> None:
+    """A consumer's projects share one balance, each with a wallet of its own: a grant for one project
+    took all of a small balance, and the other project's calls were refused 402 (balance 0) for a
+    wallet's life though the consumer could pay. A grant refused for credit retires the consumer's
+    other wallets (their left-overs back to the balance) and tries once more."""
+    listing(db)
+    a = add_consumer(db, 1, credit=10 * PRICE)
+    b = add_consumer(db, 1)  # a second project of the same user
+    store = db.store
+    assert isinstance(store, WalletStore)
+    calls = Calls()
+    first = call(a, 1, PRICE)
+    assert (await calls.charge(store, first)).accepted
+    assert balance(db, a) == 0  # project a's wallet holds it all
+    other = call(b, 1, PRICE)
+    result = await calls.charge(store, other)
+    assert result.verdict is Verdict.DEBITED and result.balance == 8 * PRICE
+    assert (await calls.charge(store, call(a, 1, PRICE))).accepted  # and project a goes on paying
+    assert (await store.charge(call(b, 1, 8 * PRICE))).verdict is Verdict.INSUFFICIENT_CREDIT
+    refused = await store.charge(call(b, 1, 8 * PRICE))
+    assert (refused.verdict, refused.balance) == (Verdict.INSUFFICIENT_CREDIT, 7 * PRICE)
+    reconcile_holds(db)
+

@@ -140,6 +140,13 @@ def due(ledger: Ledger, open_for: float, settle_after: float, limit: int) -> lis
     return [(int(r[0]), int(r[1]), int(r[2]), bool(r[3]), bool(r[4])) for r in rows]
 
 
+def open_holds(ledger: Ledger, user_id: int, but_project: int) -> list[tuple[int, int]]:
+    """The consumer's holds not closed yet, of projects other than this one: (id, project)."""
+    rows = ledger._q("SELECT id, project_id FROM mcpmeter_holds WHERE user_id = %s AND project_id <> %s"
+                     " AND closed_at IS NULL ORDER BY id", (user_id, but_project))
+    return [(int(r[0]), int(r[1])) for r in rows.fetchall()]
+
+
 def abandoned(ledger: Ledger, older_than: float, limit: int = 200) -> list[int]:
     """Holds this old and not settled: no gateway with wallets settled them (wallets turned off)."""
     before, cutoff = MYSQL.ago(older_than)

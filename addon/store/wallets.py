@@ -139,6 +139,10 @@ class WalletStore:
 
         granted = await self.mysql._run(grant)
         self.grants += 1
+        if granted.verdict is Verdict.INSUFFICIENT_CREDIT and await self._retire_others(request):
+            old = None  # closed by the first grant's transaction: its left-over is in the balance now
+            granted = await self.mysql._run(grant)
+            self.grants += 1
         if granted.hold is None:
             return ChargeResult(granted.verdict, 0, granted.balance, period)
         ttl = int(self.settle_after * 1000)
@@ -153,6 +157,24 @@ class WalletStore:
         hold, left = granted.hold, granted.granted - request.price
         await self.mysql._run(lambda ledger: wallet_sql.close(ledger, hold, left))
         return ChargeResult(Verdict.DEBITED, request.price, granted.balance + left, period, hold=hold)
+
+    async def _retire_others(self, request: ChargeRequest) -> bool:
+        """Retire the wallets of the consumer's other projects (their left-overs back to the balance,
+        which all the consumer's projects share): one of them may hold the credit this call needs.
+        True if one gave something back."""
+        def others(ledger: Any) -> list[tuple[int, int]]:
+            return wallet_sql.open_holds(ledger, request.user_id, request.project_id)
+
+        returned = False
+        for hold, project in await self.mysql._run(others):
+            retired = await self._script(scripts.RETIRE, scripts.wallet_key(self._prefix, request.user_id, project),
+                                         str(hold))
+            if not retired:
+                continue  # its wallet is gone or holds another hold: the sweeper closes this one
+            left = int(retired[1])
+            await self.mysql._run(functools.partial(wallet_sql.close, hold=hold, left=left))
+            returned = returned or left > 0
+        return returned
 
     async def _script(self, text: str, key: str, *args: Any) -> Any:
         try:
