@@ -639,3 +639,20 @@ async def test_a_consumer_whose_credit_sits_in_another_projects_wallet_is_not_re
     assert (refused.verdict, refused.balance) == (Verdict.INSUFFICIENT_CREDIT, 7 * PRICE)
     reconcile_holds(db)
 
+
+async def test_a_preview_counts_the_credit_in_the_consumers_wallet(db: Wallets) -> None:
+    """Shadow mode and dry runs ask `preview`: it read the balance and the month's spend in MySQL only,
+    where an open hold is taken whole, so a consumer whose wallet pays was shown insufficient_credit
+    (or project_cap_exceeded) and a balance short of what the wallet holds."""
+    listing(db)
+    who = add_consumer(db, 1, credit=10 * PRICE, cap_cents=1)
+    store = db.store
+    assert isinstance(store, WalletStore)
+    assert (await store.charge(call(who, 1, PRICE))).accepted
+    assert balance(db, who) == 0
+    seen = await store.preview(call(who, 1, PRICE))
+    assert (seen.verdict, seen.balance, seen.spent) == (Verdict.DEBITED, 9 * PRICE, PRICE)
+    charged = await store.charge(call(who, 1, PRICE))
+    assert charged.balance == seen.balance - PRICE  # the charge decides as the preview said
+    too_much = await store.preview(call(who, 1, 9 * PRICE))
+    assert (too_much.verdict, too_much.balance) == (Verdict.INSUFFICIENT_CREDIT, 8 * PRICE)

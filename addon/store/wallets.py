@@ -33,7 +33,7 @@ from ..auth import Credential
 from ..billing import period as this_month
 from ..config import Config
 from ..model import CallRecord, ChargeRequest, ChargeResult, Consumer, Listing, Settlement, Verdict
-from ..preview import Preview
+from ..preview import Preview, decide
 from . import wallet_scripts as scripts, wallet_sql
 from .base import StoreUnavailable
 from .mysql import MysqlStore
@@ -322,7 +322,23 @@ class WalletStore:
         return await self.mysql.free_calls_used(listing_id, user_id, period)
 
     async def preview(self, request: ChargeRequest) -> Preview:
-        return await self.mysql.preview(request)
+        """The journal's preview, counting what the consumer's wallet holds: in MySQL an open hold is
+        out of the balance and in the month's spend whole, while its left-over pays calls (or comes
+        back at the next grant)."""
+        seen = await self.mysql.preview(request)
+        if request.price <= 0 or request.free_allowance > 0:
+            return seen  # charged by the journal's procedure
+        period = request.period or this_month()
+        key = scripts.wallet_key(self._prefix, request.user_id, request.project_id)
+        try:
+            hold, left, month = await self._redis.hmget(key, ["hold", "left", "period"])
+        except _FAILURES:
+            return seen  # (a preview only informs: shadow mode and dry runs answer all the same)
+        if hold is None or left is None:
+            return seen
+        unspent = max(0, int(left))
+        spent = seen.spent - unspent if month == period else seen.spent
+        return decide(request.in_period(period), 0, seen.balance + unspent, seen.cap_cents, max(0, spent))
 
     async def topup(self, user_id: int, amount: int, description: str) -> int:
         return await self.mysql.topup(user_id, amount, description)
