@@ -38,8 +38,6 @@ class Backend:
 
     kind: str
     placeholder = "%s"
-    # A call held open (a task, an input_required round) has its journal row, unsettled, from its charge.
-    journals_held_calls = True
 
     def env(self) -> dict[str, str]:
         raise NotImplementedError
@@ -185,7 +183,6 @@ class ProductionBackend(Backend):
         from contextlib import ExitStack
 
         self.wallets = wallets  # credit held in Redis wallets (addon/store/wallets.py)
-        self.journals_held_calls = not wallets  # a wallet call has no journal row until it settles
         from tests import dbutil, redisutil
 
         self._stack = ExitStack()

@@ -101,13 +101,6 @@ def journal(backend: Backend, c: TestConsumer) -> list[tuple[str, int, str | Non
     return [(t, int(r or 0), why, settled is not None) for t, r, why, settled in rows]
 
 
-def held(backend: Backend, *rows: tuple[str, int, str | None, bool]) -> list[tuple[str, int, str | None, bool]]:
-    """The journal of calls held open: the journal store writes each one's row, unsettled, when it
-    charges; a wallet call has none until it settles (its claim is the wallet's spend, which
-    backend.balance counts): there, nothing is settled either."""
-    return list(rows) if backend.journals_held_calls else []
-
-
 def settled(backend: Backend, c: TestConsumer, n: int) -> Any:
     return lambda: sum(row[3] for row in journal(backend, c)) == n and journal(backend, c)
 
@@ -128,7 +121,7 @@ async def test_a_completed_task_is_billed_once_on_its_terminal_state(
     s = await Session(gateway, listing, c).open()
     task_id = await s.task("finish")
     await asyncio.sleep(0.3)
-    assert journal(backend, c) == held(backend, ("finish", 0, "task_pending", False))  # held, the money claimed
+    assert journal(backend, c) == [("finish", 0, "task_pending", False)]  # held, the money claimed
     assert backend.balance(c.user_id) == 9_000
     r = await s.send("tasks/get", {"taskId": task_id})
     assert r.json()["result"]["status"] == "completed"
@@ -160,7 +153,7 @@ async def test_a_tasks_result_the_upstream_calls_invalid_settles_nothing(
     r = await s.send("tasks/result", {"taskId": task_id})
     assert r.json()["error"]["code"] == -32600
     await asyncio.sleep(0.5)
-    assert journal(backend, c) == held(backend, ("linger", 0, "task_pending", False))  # still held, still claimed
+    assert journal(backend, c) == [("linger", 0, "task_pending", False)]  # still held, still claimed
     assert backend.balance(c.user_id) == 9_000
 
 
@@ -210,7 +203,7 @@ async def test_another_key_polling_the_task_cannot_settle_it(
     r = await theirs.send("tasks/get", {"taskId": task_id})  # the careless upstream answers anyone
     assert r.json()["result"]["status"] == "failed"
     await asyncio.sleep(0.5)
-    assert journal(backend, owner) == held(backend, ("crash", 0, "task_pending", False))
+    assert journal(backend, owner) == [("crash", 0, "task_pending", False)]
     assert backend.balance(owner.user_id) == 9_000 and backend.balance(other.user_id) == 10_000
     await mine.send("tasks/get", {"taskId": task_id})
     assert await eventually(settled(backend, owner, 1)) == [("crash", 1, "task_failed", True)]
@@ -224,7 +217,7 @@ async def test_a_task_never_seen_ending_outlives_the_stale_sweep_then_is_refunde
     task_id = await s.task("linger")
     started = time.monotonic()
     await asyncio.sleep(7)  # past stale_call_seconds (4 s) and one sweep: a plain call would be refunded
-    assert journal(backend, c) == held(backend, ("linger", 0, "task_pending", False))
+    assert journal(backend, c) == [("linger", 0, "task_pending", False)]
     assert backend.balance(c.user_id) == 9_000
     assert await eventually(settled(backend, c, 1), timeout=12) == [("linger", 1, "task_expired", True)]
     assert time.monotonic() - started >= 10 - 0.5
@@ -299,7 +292,7 @@ async def test_an_abandoned_round_is_billed_by_the_sweeper(gateway: Gateway, bac
     r = await s.send("tools/call", {"name": "ask", "arguments": {}})
     assert r.json()["result"]["resultType"] == "input_required"
     await asyncio.sleep(0.3)
-    assert journal(backend, c) == held(backend, ("ask", 0, "input_pending", False))
+    assert journal(backend, c) == [("ask", 0, "input_pending", False)]
     assert backend.balance(c.user_id) == 9_000
     assert await eventually(settled(backend, c, 1), timeout=12) == [("ask", 0, "input_abandoned", True)]
     assert backend.balance(c.user_id) == 9_000
@@ -341,8 +334,7 @@ async def test_streamed_task_creation_and_rounds_are_held_too(gateway: Gateway, 
     r = await s.send("tools/call", {"name": "ask", "arguments": {"stream": True}})
     state = json.loads(r.text.strip().split("data: ")[-1])["result"]["requestState"]
     await asyncio.sleep(0.3)
-    assert sorted(journal(backend, c)) == held(backend, ("ask", 0, "input_pending", False),
-                                               ("crash", 0, "task_pending", False))
+    assert sorted(journal(backend, c)) == [("ask", 0, "input_pending", False), ("crash", 0, "task_pending", False)]
     assert backend.balance(c.user_id) == 8_000  # both claimed
     r = await s.send("tools/call", {"name": "ask", "arguments": {"stream": True}, "requestState": state,
                                     "inputResponses": answer_of("Ann")})

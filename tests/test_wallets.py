@@ -658,13 +658,11 @@ async def test_a_preview_counts_the_credit_in_the_consumers_wallet(db: Wallets) 
     assert (too_much.verdict, too_much.balance) == (Verdict.INSUFFICIENT_CREDIT, 8 * PRICE)
 
 
-@pytest.mark.xfail(strict=True, reason="a held wallet call has no journal row: a gateway stopped while holding it"
-                   " leaves nothing for another gateway's held sweep, and the hold's settlement refunds it")
 async def test_an_input_required_round_held_by_a_stopped_gateway_is_billed_by_the_next(db: Wallets) -> None:
-    """The journal store marks a held call's row (`hold`): when the gateway holding it stops (a deploy),
-    any gateway's held sweep settles it by the round's rule, billed (input_abandoned: its answer was
-    delivered). A wallet call is written only when it settles, so it is never billed: the hold gives
-    its price back, and the publisher loses every round held across a restart."""
+    """A held wallet call gets its journal row, marked (`hold`), as the journal store's: when the gateway
+    holding it stops (a deploy), any gateway's held sweep settles it by the round's rule, billed
+    (input_abandoned: its answer was delivered), against its hold. Without the row the hold gave its
+    price back, and the publisher lost every round held across a restart."""
     listing(db)
     who = add_consumer(db, 1, credit=10 * PRICE)
     stopped = db.store
@@ -680,3 +678,28 @@ async def test_an_input_required_round_held_by_a_stopped_gateway_is_billed_by_th
     await survivor.sweep(0.0, 0, held="input_pending", refund=False, reason="input_abandoned")
     await settle_all(survivor)
     assert balance(db, who) == 9 * PRICE  # billed, as the journal bills an abandoned round
+
+
+async def test_held_wallet_calls_settle_once_by_their_gateway_or_by_the_sweep(db: Wallets) -> None:
+    """A held call's marked row is flipped by its own gateway's settlement (not inserted twice), or by
+    the held sweep when that comes first; either way once, against its hold, and the other finds it settled."""
+    who, store, calls = consumer(db, 10 * PRICE)
+    task, round_ = call(who, 1, PRICE), call(who, 1, PRICE)
+    for r in (task, round_):
+        assert (await calls.charge(store, r)).accepted
+    assert await store.hold(task.request_id, "task_pending") and await store.hold(round_.request_id, "input_pending")
+    assert db.rows("SELECT reason, settled_at FROM mcpmeter_calls ORDER BY reason") == [
+        ("input_pending", None), ("task_pending", None)]
+    await store.settle(calls.outcome(round_, who))  # its continuation came: billed by its gateway
+    await asyncio.sleep(1.1)
+    assert await store.sweep(0.0, 0, held="task_pending", refund=True, reason="task_expired") == 1
+    await store.settle(calls.outcome(task, who, refund=True))  # too late: the sweep settled it
+    assert await store.drain(5)
+    rows = db.rows("SELECT request_id, refunded, reason, settled_at IS NOT NULL FROM mcpmeter_calls ORDER BY reason")
+    assert rows == [(round_.request_id, 0, None, 1), (task.request_id, 1, "task_expired", 1)]
+    assert db.value("SELECT COUNT(*) FROM usage_events") == 2
+    refunds = db.rows("SELECT amount_micro_cents FROM credit_transactions WHERE type = 'refund'")
+    assert [int(a) for a, in refunds] == [PRICE]
+    await settle_all(store)
+    reconcile_holds(db, settled=True)
+    assert balance(db, who) == 9 * PRICE

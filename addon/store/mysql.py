@@ -303,6 +303,11 @@ class MysqlStore(SqlStore):
                 log.warning("mcpmeter: %d abandoned wallet hold(s) settled", settled)
         return done
 
+    def _settle_stale(self, ledger: Ledger, request_id: str, fee_bps: int, refund: bool, reason: str) -> bool:
+        # A wallet call's row (held, wallet_sql.mark_held) settles against its hold, not the balance.
+        done = wallet_sql.settle_stale(ledger, request_id, fee_bps, refund, reason)
+        return ledger.settle_stale(request_id, fee_bps, refund, reason) if done is None else done
+
     async def settle_billed(self, batch: list[Settlement]) -> list[bool]:
         """Billed settlements in one transaction (mysql_batch.py); one alone takes the one-trip path."""
         if len(batch) == 1:

@@ -562,7 +562,7 @@ class SqlStore:
         done, failed, first, stopped = 0, 0, "", False
         for request_id in stale:
             def settle(ledger: Ledger, rid: str = request_id) -> bool:
-                return ledger.settle_stale(rid, fee_bps, refund, reason)
+                return self._settle_stale(ledger, rid, fee_bps, refund, reason)
 
             try:
                 done += await self._submit(settle)
@@ -583,6 +583,10 @@ class SqlStore:
             log.error("mcpmeter: sweep (%s): %d of %d stale call(s) cannot be settled, left for the next sweep"
                       " (first error, %s)", reason, failed, len(stale), first)
         return done
+
+    def _settle_stale(self, ledger: Ledger, request_id: str, fee_bps: int, refund: bool, reason: str) -> bool:
+        """One stale (or held past its limit) call's settlement, inside a transaction."""
+        return ledger.settle_stale(request_id, fee_bps, refund, reason)
 
     async def _answers(self) -> bool:
         """Whether the database runs a trivial transaction: down, or one call's own error?"""

@@ -14,13 +14,14 @@ its credit_transactions row, so I1 (balance == opening + ledger) holds as before
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from ..config import Config, sweep_interval
-from ..model import MAX_MICRO_CENTS, MICRO_CENTS_PER_CENT, Settlement, Verdict
-from .sql import COUNT_BILLABLE, MYSQL, USAGE_EVENT_VALUES, USAGE_EVENTS_INSERT, Ledger, usage_event, utc
+from ..model import MAX_MICRO_CENTS, MICRO_CENTS_PER_CENT, ChargeRequest, ChargeResult, Settlement, Verdict
+from .sql import COUNT_BILLABLE, MYSQL, USAGE_EVENT_VALUES, USAGE_EVENTS_INSERT, Ledger, _epoch, usage_event, utc
 
 HOLD = "mcpmeter_hold"  # credit_transactions.reference_type of a hold's rows (reference_id: the hold)
 HOLD_SETTLED = "hold_settled"  # the reason of a call recorded after its hold settled: never billed
@@ -160,12 +161,46 @@ def abandon(ledger: Ledger, hold: int) -> bool:
     return settle(ledger, hold)
 
 
-def recorded(ledger: Ledger, request_ids: Sequence[str]) -> set[str]:
-    """Which of these calls are in the journal already (a batch written again after its COMMIT's
-    answer was lost)."""
+def recorded(ledger: Ledger, request_ids: Sequence[str]) -> tuple[set[str], set[str]]:
+    """Which of these calls the journal holds settled already (a batch written again after its
+    COMMIT's answer was lost), and which unsettled: held calls (`mark_held`), settled by a flip."""
     marks = ", ".join(["%s"] * len(request_ids))
-    rows = ledger._q(f"SELECT request_id FROM mcpmeter_calls WHERE request_id IN ({marks})", request_ids)
-    return {str(r[0]) for r in rows.fetchall()}
+    rows = ledger._q(f"SELECT request_id, settled_at FROM mcpmeter_calls WHERE request_id IN ({marks})",
+                     request_ids).fetchall()
+    return {str(r[0]) for r in rows if r[1] is not None}, {str(r[0]) for r in rows if r[1] is None}
+
+
+def mark_held(ledger: Ledger, req: ChargeRequest, taken: ChargeResult, mark: str) -> bool:
+    """A wallet call held open (a task, an input_required round: addon/deferred.py) gets its journal row
+    now, unsettled and marked, as the journal store's charge would have written it: if its gateway stops
+    before it settles, any gateway's held sweep settles it by its rule (`settle_stale`), instead of the
+    hold giving its price back unrecorded."""
+    ledger._q("INSERT IGNORE INTO mcpmeter_calls (request_id, user_id, project_id, mcp_id, tool_name, verdict,"
+              " amount_micro_cents, period_year_month, created_at, reason, hold_id)"
+              f" VALUES (%s, %s, %s, %s, %s, %s, %s, %s, {MYSQL.clock}, %s, %s)",
+              (req.request_id, req.user_id, req.project_id, req.listing_id, req.tool_name[:191],
+               Verdict.DEBITED.value, taken.amount, taken.period or req.month, mark, taken.hold))
+    return ledger._q("UPDATE mcpmeter_calls SET reason = %s WHERE request_id = %s AND settled_at IS NULL",
+                     (mark, req.request_id)).rowcount == 1
+
+
+def settle_stale(ledger: Ledger, request_id: str, fee_bps: int, refund: bool, reason: str) -> bool | None:
+    """The sweeper's settlement of a wallet call's unsettled row (one `mark_held` wrote); None for a row
+    of the journal store's own (the Ledger settles those)."""
+    row = ledger._one("SELECT user_id, project_id, mcp_id, tool_name, amount_micro_cents, period_year_month,"
+                      " created_at, hold_id FROM mcpmeter_calls WHERE request_id = %s AND settled_at IS NULL",
+                      (request_id,))
+    if row is None or row[7] is None:
+        return None
+    user_id, project_id, mcp_id, tool, amount, period, created, hold = row
+    req = ChargeRequest(request_id=request_id, user_id=int(user_id), project_id=int(project_id),
+                        listing_id=int(mcp_id), tool_name=str(tool), price=int(amount), free_allowance=0,
+                        period=str(period))
+    taken = ChargeResult(Verdict.DEBITED, int(amount), 0, str(period), hold=int(hold))
+    return record(ledger, [Settlement(charge=req, refund=refund, status=0, duration_ms=0,
+                                      called_at=_epoch(created) or time.time(), key_id=None, token_id=None,
+                                      client=None, user_agent=None, fee_bps=fee_bps, taken=taken,
+                                      reason=reason)]) == 1
 
 
 def record(ledger: Ledger, batch: Sequence[Settlement]) -> int:
@@ -175,7 +210,7 @@ def record(ledger: Ledger, batch: Sequence[Settlement]) -> int:
     refund row) and counts in the hold's returned; a call whose hold settled before it came is
     recorded unbilled (the hold's rest gave its price back already)."""
     now = utc()
-    done = recorded(ledger, [s.charge.request_id for s in batch])
+    done, held = recorded(ledger, [s.charge.request_id for s in batch])
     first: dict[str, Settlement] = {}  # the first of a call's settlements counts (asked twice, one batch)
     for s in batch:
         if s.charge.request_id not in done:
@@ -190,7 +225,14 @@ def record(ledger: Ledger, batch: Sequence[Settlement]) -> int:
     room = {int(r[0]): int(r[2]) - int(r[3]) - int(r[4]) for r in ledger._q(
         "SELECT id, settled_at, granted_micro_cents, spent_micro_cents, returned_micro_cents FROM mcpmeter_holds"
         f" WHERE id IN ({marks}) ORDER BY id FOR UPDATE", holds).fetchall() if r[1] is None}
-    calls, events = [], []
+    # A held call's row is taken by its flip: one another gateway's sweep settled meanwhile is not ours.
+    flipped = {rid for rid in sorted(held & first.keys()) if ledger._q(
+        "UPDATE mcpmeter_calls SET settled_at = %s WHERE request_id = %s AND settled_at IS NULL",
+        (now, rid)).rowcount == 1}
+    batch = [s for s in batch if s.charge.request_id not in held or s.charge.request_id in flipped]
+    if not batch:
+        return 0
+    calls, events, flips = [], [], []
     billable: dict[tuple[int, int, str], int] = defaultdict(int)
     spent: dict[int, int] = defaultdict(int)
     returned: dict[int, int] = defaultdict(int)
@@ -214,14 +256,21 @@ def record(ledger: Ledger, batch: Sequence[Settlement]) -> int:
             spent[hold] += amount
             room[hold] -= amount
             billable[(req.listing_id, req.user_id, req.month)] += 1
-        calls.append((req.request_id, req.user_id, req.project_id, req.listing_id, req.tool_name[:191],
-                      Verdict.DEBITED.value, amount, req.month, s.status, int(refunded), utc(s.called_at), now,
-                      reason, hold))
+        if req.request_id in flipped:
+            flips.append((s.status, int(refunded), reason, req.request_id))
+        else:
+            calls.append((req.request_id, req.user_id, req.project_id, req.listing_id, req.tool_name[:191],
+                          Verdict.DEBITED.value, amount, req.month, s.status, int(refunded), utc(s.called_at), now,
+                          reason, hold))
         events.append(usage_event(s, billed, now))
-    ledger._q("INSERT INTO mcpmeter_calls (request_id, user_id, project_id, mcp_id, tool_name, verdict,"
-              " amount_micro_cents, period_year_month, status, refunded, created_at, settled_at, reason, hold_id)"
-              " VALUES " + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"] * len(calls)),
-              [v for row in calls for v in row])
+    if calls:
+        ledger._q("INSERT INTO mcpmeter_calls (request_id, user_id, project_id, mcp_id, tool_name, verdict,"
+                  " amount_micro_cents, period_year_month, status, refunded, created_at, settled_at, reason,"
+                  " hold_id) VALUES "
+                  + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"] * len(calls)),
+                  [v for row in calls for v in row])
+    for flip in flips:
+        ledger._q("UPDATE mcpmeter_calls SET status = %s, refunded = %s, reason = %s WHERE request_id = %s", flip)
     for (listing, user, period), n in sorted(billable.items()):
         ledger._q(MYSQL.upsert(
             "INSERT INTO mcp_consumer_usage (mcp_id, user_id, free_calls_used, period_year_month, billable_calls,"

@@ -70,7 +70,7 @@ class WalletStore:
             retry=Retry(NoBackoff(), 0), decode_responses=True))
         self._spend = ScriptRuns(self._redis, scripts.SPEND, scripts.sha(scripts.SPEND))
         self._locks: dict[str, asyncio.Lock] = {}  # wallet key -> the grant under way in this process
-        self._open: set[str] = set()  # calls charged here from a wallet, not settled yet
+        self._open: dict[str, tuple[ChargeRequest, ChargeResult]] = {}  # wallet calls charged here, unsettled
         self._queue: deque[tuple[Settlement, asyncio.Future[None]]] = deque()
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
@@ -93,7 +93,7 @@ class WalletStore:
         if result is None:
             result = await self._grant(key, request, period)
         if result.hold is not None:
-            self._open.add(request.request_id)
+            self._open[request.request_id] = request, result
         return result
 
     async def _spend_from(self, key: str, request: ChargeRequest, period: str) -> ChargeResult | None:
@@ -193,7 +193,7 @@ class WalletStore:
         # Queued even when another store of this process charged it (a held call settled after a reload:
         # settlement.py): a settlement asked again is the same one, recorded once (wallet_sql.record).
         first = rid in self._open  # (the first settlement of a call this store charged)
-        self._open.discard(rid)
+        self._open.pop(rid, None)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append((settlement, future))
         if self._flusher is None or self._flusher.done():
@@ -302,9 +302,13 @@ class WalletStore:
         return done
 
     async def hold(self, request_id: str, mark: str) -> bool:
-        if request_id in self._open:
-            return True  # its money is in its hold, which outlives any held call (settle_after)
-        return await self.mysql.hold(request_id, mark)
+        """A wallet call held open gets its journal row, marked (wallet_sql.mark_held): a gateway that
+        stops while holding it leaves it to any gateway's held sweep, as the journal store's calls."""
+        if (charged := self._open.get(request_id)) is None:
+            return await self.mysql.hold(request_id, mark)
+        request, result = charged
+        return bool(await self.mysql._run(functools.partial(wallet_sql.mark_held, req=request, taken=result,
+                                                            mark=mark)))
 
     async def find_consumer(self, credential: Credential) -> Consumer | None:
         return await self.mysql.find_consumer(credential)
