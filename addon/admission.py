@@ -11,6 +11,8 @@ Any refusal is raised as a GatewayError for the request hook to answer.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
@@ -27,7 +29,8 @@ from .jsonrpc import (JsonId, PricedCall, check_http_method, check_request_chars
                       inspect_request)
 from .legacy_sessions import identity as legacy_identity
 from .model import ChargeRequest, Consumer, ConsumerStatus, Listing, ListingStatus, Transport, Verdict
-from .ratelimit import headers as limit_headers, windows_for
+from .ratelimit import LimitVerdict, Window, bucket, headers as limit_headers, windows_for
+from .store.wallets import WalletStore
 
 # Kept per call and per session (refund markers, session owners, the unknown-listing cache): bounded
 # here, not by the body limit. Upstreams issue UUID-like session ids; slugs are the reference's
@@ -118,38 +121,43 @@ class Admission:
             call.priced, request_ids = inspection.call, inspection.ids
             method = flow.metadata[META]["method"] = inspection.method
 
-        windows = windows_for(listing.rate_limit_per_minute or gw.config.default_rpm,
-                              listing.rate_limit_per_day or gw.config.default_rpd)
-        # Per (listing, consumer): the user, not the key or OAuth token, else every key a consumer mints
-        # (and every access token an OAuth client refreshes) would come with a fresh allowance.
-        limit = await gw.cache.hit(f"{listing.id}:u{consumer.user_id}", windows)
-        call.limit_headers = limit_headers(limit, windows)
-        if not limit.allowed and shadow.applies(gw.config, listing):
-            shadow.note_refusal(flow, "rate_limited")  # shadow mode: recorded, let through
-        elif not limit.allowed:
-            # Retry-After and RateLimit-* from call.limit_headers, as on every refusal from here on
-            raise GatewayError("rate_limited", scope=limit.scope, retry_after=limit.retry_after)
-        # After the rate limit, like the task refusals below: probing other keys' session ids counts.
-        if session and await gw.cache.session_owner(listing.id, session) not in (None, consumer.principal):
-            raise GatewayError("session_forbidden")
-        if (call.session is not None and request_ids and gw.pending.watching(call.session)
-                and gw.pending.in_flight(call.session, request_ids)):
-            raise GatewayError("invalid_request", reason="a call of this session with this id is still running")
-        if call.legacy_session and req.method == "POST" and not gw.legacy.open_for(call.legacy_session,
-                                                                                   consumer.principal):
-            # A legacy POST reaches only a session this key holds open here (legacy_sessions.open_for).
-            raise GatewayError("session_forbidden")
-        continues = False  # a retry carrying a requestState this key was issued: its first round paid
-        if req.method == "POST":  # after the rate limit: its task refusals (403, 410) must not probe ids for free
-            continues = gw.deferred.on_request(call, req.raw_content or b"", method, session)
-        if await self._idempotent(flow, call, listing):  # a replay counts against the rate limit, like any request
-            return  # answered with the first attempt's stored outcome: not forwarded, not charged
-
-        to = self._destination(listing, subpath, query)  # before the charge: a refusal here costs nothing
-        call.probe = await gw.circuits.admit(listing, priced=call.priced is not None, token=call.request_id)
+        limit = _Limit(bucket(listing.id, consumer.user_id),
+                       windows_for(listing.rate_limit_per_minute or gw.config.default_rpm,
+                                   listing.rate_limit_per_day or gw.config.default_rpd))
+        # A call paid from a wallet is counted by the script that spends for it (one round trip before
+        # forwarding): its limit is judged at the charge, after the checks below; a check that refuses
+        # it counts it on the way out, so that ids are not probed faster than the limit allows either way.
+        at_charge = self._limited_at_charge(flow, call, listing)
+        if not at_charge:
+            await self._rate_limit(flow, call, limit)
+        try:
+            # After the rate limit: probing other keys' session ids counts.
+            if session and await gw.cache.session_owner(listing.id, session) not in (None, consumer.principal):
+                raise GatewayError("session_forbidden")
+            if (call.session is not None and request_ids and gw.pending.watching(call.session)
+                    and gw.pending.in_flight(call.session, request_ids)):
+                raise GatewayError("invalid_request",
+                                   reason="a call of this session with this id is still running")
+            if call.legacy_session and req.method == "POST" and not gw.legacy.open_for(call.legacy_session,
+                                                                                       consumer.principal):
+                # A legacy POST reaches only a session this key holds open here (legacy_sessions.open_for).
+                raise GatewayError("session_forbidden")
+            continues = False  # a retry carrying a requestState this key was issued: its first round paid
+            if req.method == "POST":  # after the rate limit: its task refusals (403, 410) must not probe ids for free
+                continues = gw.deferred.on_request(call, req.raw_content or b"", method, session)
+            if await self._idempotent(flow, call, listing):  # a replay counts against the rate limit, like any
+                return  # answered with the first attempt's stored outcome: not forwarded, not charged
+            to = self._destination(listing, subpath, query)  # before the charge: a refusal here costs nothing
+            call.probe = await gw.circuits.admit(listing, priced=call.priced is not None, token=call.request_id)
+        except GatewayError:
+            if at_charge:
+                await self._rate_limit(flow, call, limit)  # over the limit: answered 429, as if judged first
+            raise
         try:
             if call.priced is not None and not continues:
-                await self._charge(flow, call, consumer, listing, call.priced)
+                await self._charge(flow, call, consumer, listing, call.priced, limit if at_charge else None)
+            elif at_charge:
+                await self._rate_limit(flow, call, limit)  # continues a held round: counted, not charged
             # Unpriced traffic (initialize, lists, GET streams) never reaches the database: no balance read.
             if call.session is not None and flow.metadata[META].get("method") == resumption.CANCELLED_METHOD:
                 gw.streams.cancel(call, req.raw_content or b"")  # and the notification goes on to the upstream
@@ -159,6 +167,34 @@ class Admission:
                 call.probe = False
                 await gw.circuits.release(listing, call.request_id)
             raise
+
+    # --- the rate limit ------------------------------------------------------------------------
+
+    def _limited_at_charge(self, flow: http.HTTPFlow, call: Call, listing: Listing) -> bool:
+        """Whether the charge judges this call's rate limit too: a call paid from a wallet (its store
+        spends in Redis, where the limit is), neither in shadow mode (refusals let through, the charge
+        recorded only) nor carrying an Idempotency-Key (whose claim must not outlive a 429)."""
+        gw = self.gw
+        assert gw.config is not None
+        return (call.priced is not None and isinstance(gw.store, WalletStore)
+                and gw.store.in_wallet(billing.price_of(listing, call.priced.tool_name),
+                                       listing.free_calls_per_consumer)
+                and not shadow.applies(gw.config, listing) and idempotency.HEADER not in flow.request.headers)
+
+    async def _rate_limit(self, flow: http.HTTPFlow, call: Call, limit: _Limit) -> None:
+        gw = self.gw
+        assert gw.cache is not None
+        self._judged(flow, call, limit, await gw.cache.hit(limit.bucket, limit.windows))
+
+    def _judged(self, flow: http.HTTPFlow, call: Call, limit: _Limit, verdict: LimitVerdict) -> None:
+        gw = self.gw
+        assert gw.config is not None and call.listing is not None
+        call.limit_headers = limit_headers(verdict, limit.windows)
+        if not verdict.allowed and shadow.applies(gw.config, call.listing):
+            shadow.note_refusal(flow, "rate_limited")  # shadow mode: recorded, let through
+        elif not verdict.allowed:
+            # Retry-After and RateLimit-* from call.limit_headers, as on every refusal from here on
+            raise GatewayError("rate_limited", scope=verdict.scope, retry_after=verdict.retry_after)
 
     # --- who and what (dryrun.py asks the same) --------------------------------------------
 
@@ -248,7 +284,8 @@ class Admission:
         return True
 
     async def _charge(self, flow: http.HTTPFlow, call: Call, consumer: Consumer, listing: Listing,
-                      priced: PricedCall) -> None:
+                      priced: PricedCall, limit: _Limit | None) -> None:
+        """Charge the call; with `limit`, judge its rate limit in the same round trip (a wallet call)."""
         gw = self.gw
         assert gw.config is not None and gw.store is not None
         price = billing.price_of(listing, priced.tool_name)
@@ -261,7 +298,14 @@ class Admission:
         if shadow.applies(gw.config, listing):  # record what it would cost; charge nothing
             call.charge = await shadow.charge_request(gw.store, flow, call.charge)
         call.store = gw.store  # settled against this store, even if a reload replaces it meanwhile
-        result = await gw.store.charge(call.charge)
+        if limit is not None:
+            assert isinstance(gw.store, WalletStore)
+            verdict, charged = await gw.store.charge_limited(call.charge, limit.bucket, limit.windows)
+            self._judged(flow, call, limit, verdict)
+            assert charged is not None  # (a call the limit refused is refused above)
+            result = charged
+        else:
+            result = await gw.store.charge(call.charge)
         # The settlement counts in the month the charge counted in (every store names it; this
         # gateway's own month only were one not to).
         call.charge = call.charge.in_period(result.period or billing.period(call.called_at))
@@ -342,3 +386,10 @@ def _check_live(listing: Listing | None) -> None:
         raise GatewayError("mcp_paused")
     if listing.status is not ListingStatus.LIVE or not listing.upstream_url:
         raise GatewayError("mcp_not_yet_live")
+
+
+@dataclass(frozen=True, slots=True)
+class _Limit:
+    """A call's rate-limit bucket (the user's, per listing) and its windows."""
+    bucket: str
+    windows: Sequence[Window]

@@ -71,6 +71,14 @@ def windows_for(per_minute: int, per_day: int) -> tuple[Window, ...]:
     return (Window("minute", 60, per_minute), Window("day", 86_400, per_day))
 
 
+def bucket(listing_id: int, user_id: int) -> str:
+    """One (listing, consumer) pair's rate-limit bucket: the user, not the key or OAuth token, else every
+    key a consumer mints (and every token an OAuth client refreshes) would come with a fresh allowance.
+    The user comes first: it is the hash tag its Redis keys share with the user's wallets (rate_keys in
+    addon/cache/redis.py)."""
+    return f"u{user_id}:{listing_id}"
+
+
 def decide(now: int, tat: int, w: Window) -> Decision:
     """GCRA for one window: `tat` is the stored TAT (0 or any past time for an idle window)."""
     if w.limit <= 0:

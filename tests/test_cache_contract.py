@@ -361,8 +361,8 @@ async def test_two_gateways_share_one_limit_exactly(redis_settings: RedisSetting
         assert sorted(v.remaining for v in allowed) == list(range(30))  # each slot handed out once
         assert all(v.scope == "minute" and v.retry_after in (1, 2) for v in verdicts if not v.allowed)  # 1 cell: 2 s
         with redisutil.client(redis_settings) as r:  # 30 cells ahead of the first call in each window
-            tat_minute = int(r.get(f"{redis_settings.prefix}rl:{{7:k1}}:60"))
-            tat_day = int(r.get(f"{redis_settings.prefix}rl:{{7:k1}}:86400"))
+            tat_minute = int(r.get(f"{redis_settings.prefix}rl:{{7}}:k1:60"))
+            tat_day = int(r.get(f"{redis_settings.prefix}rl:{{7}}:k1:86400"))
             assert tat_day - tat_minute == 30 * (86_400 * US // 1000) - 30 * (60 * US // 30)
         assert [g._epoch for g in gateways] == [0, 0]
     finally:
@@ -384,7 +384,7 @@ async def test_keys_live_under_the_prefix_with_their_ttls(redis_settings: RedisS
         with redisutil.client(redis_settings) as r:
             assert redisutil.keys(redis_settings) == {
                 f"{p}key:abc", f"{p}key:guess", f"{p}mcp:weather", f"{p}owner:{{3}}:sess", f"{p}session:sess",
-                f"{p}rl:{{3:k9}}:60", f"{p}rl:{{3:k9}}:86400"}
+                f"{p}rl:{{3}}:k9:60", f"{p}rl:{{3}}:k9:86400"}
             ttl = {k.removeprefix(p): r.pttl(k) for k in redisutil.keys(redis_settings)}
             assert 59_000 < ttl["key:abc"] <= 60_000
             assert 29_000 < ttl["key:guess"] <= 30_000  # the negative TTL
@@ -392,9 +392,9 @@ async def test_keys_live_under_the_prefix_with_their_ttls(redis_settings: RedisS
             assert 86_399_000 < ttl["owner:{3}:sess"] <= 86_400_000
             assert 86_399_000 < ttl["session:sess"] <= 86_400_000  # LEGACY_SESSION_KEYS
             # A TAT lives until it falls behind the clock: one cell after one call (60 s / 1, 86400 s / 5).
-            assert 59_000 < ttl["rl:{3:k9}:60"] <= 60_000
-            assert 17_279_000 < ttl["rl:{3:k9}:86400"] <= 17_280_000
-            assert r.get(f"{p}rl:{{3:k9}}:60").isdigit() and r.get(f"{p}rl:{{3:k9}}:86400").isdigit()
+            assert 59_000 < ttl["rl:{3}:k9:60"] <= 60_000
+            assert 17_279_000 < ttl["rl:{3}:k9:86400"] <= 17_280_000
+            assert r.get(f"{p}rl:{{3}}:k9:60").isdigit() and r.get(f"{p}rl:{{3}}:k9:86400").isdigit()
             assert r.get(f"{p}key:guess") == "null"
         assert cache._epoch == 0
     finally:
@@ -784,7 +784,7 @@ async def test_redis_memory_per_pair_is_constant_whatever_the_limits_and_the_cal
             assert (await cache.hit("3:k9", windows)).allowed
         with redisutil.client(redis_settings) as r:
             keys = redisutil.keys(redis_settings)
-            assert keys == {f"{p}rl:{{3:k9}}:60", f"{p}rl:{{3:k9}}:86400"}
+            assert keys == {f"{p}rl:{{3}}:k9:60", f"{p}rl:{{3}}:k9:86400"}
             assert all(r.type(k) == "string" and r.strlen(k) <= 16 for k in keys)
             after_500 = {k: r.memory_usage(k) for k in keys}
         # (A TAT a few ms ahead may already have expired when measured after one call.)

@@ -273,6 +273,23 @@ def test_keys_of_one_consumer_share_a_hash_tag() -> None:
     assert key_slot(wallet_scripts.wallet_key("mcpmeter:", 43, 7).encode()) == key_slot(b"u43")
 
 
+def test_a_calls_rate_keys_share_its_wallets_slot() -> None:
+    """Redis Cluster: RATE_SPEND touches a (listing, consumer) bucket's rate keys and the consumer's
+    wallet together, so all of them carry the consumer's hash tag, whatever the listing or prefix."""
+    from redis.crc import key_slot
+
+    from addon.cache.redis import rate_keys
+    from addon.ratelimit import bucket, windows_for
+
+    assert rate_keys("mcpmeter:", bucket(3, 42), windows_for(60, 10_000)) == [
+        "mcpmeter:rl:{u42}:3:60", "mcpmeter:rl:{u42}:3:86400"]
+    for prefix in ("mcpmeter:", "staging:x:", ""):
+        for listing_id in (1, 3, 10**12):
+            keys = [*rate_keys(prefix, bucket(listing_id, 42), windows_for(60, 10_000)),
+                    wallet_scripts.wallet_key(prefix, 42, 7)]
+            assert {key_slot(k.encode()) for k in keys} == {key_slot(b"u42")}, keys
+
+
 async def test_gateways_granting_at_once_never_replace_each_others_fresh_wallet() -> None:
     """Every call needs a grant (a wallet of one call): two gateways granting at once retire only the
     wallet that could not pay, so no call fails for churn and the money adds up."""
@@ -703,3 +720,67 @@ async def test_held_wallet_calls_settle_once_by_their_gateway_or_by_the_sweep(db
     await settle_all(store)
     reconcile_holds(db, settled=True)
     assert balance(db, who) == 9 * PRICE
+
+
+async def test_the_rate_limit_and_the_spend_share_one_round_trip(db: Wallets) -> None:
+    """charge_limited: one script run per call counts it and spends for it; a call the limit refuses
+    spends nothing, and the limit is the very one RedisCache.hit judges (the same keys)."""
+    from addon.cache.redis import RedisCache
+    from addon.ratelimit import bucket, windows_for
+
+    who, store, calls = consumer(db, 100 * PRICE)
+    windows, where = windows_for(3, 1000), bucket(1, who.user_id)
+    results = []
+    for _ in range(4):
+        req = call(who, 1, PRICE)
+        verdict, result = await store.charge_limited(req, where, windows)
+        results.append((verdict, result))
+        if result is not None:
+            calls.taken[req.request_id] = result
+    assert [v.allowed for v, _ in results] == [True, True, True, False]
+    assert [v.remaining for v, _ in results[:3]] == [2, 1, 0] and results[3][0].retry_after >= 1
+    assert results[3][1] is None  # refused: nothing spent
+    assert all(r is not None and r.verdict is Verdict.DEBITED and r.hold is not None for _, r in results[:3])
+    assert store._rate_spend.round_trips == 4 and store._spend.round_trips == 0
+    assert store.grants == 1  # the first call's wallet was empty: one grant, then spent from it
+    wallet = scripts_key(store, who)
+    with redisutil.client(store.config.redis) as r:
+        assert int(r.hget(wallet, "left")) == 10 * PRICE - 3 * PRICE
+    cache = RedisCache(store.config)
+    try:
+        assert not (await cache.hit(where, windows)).allowed  # the limit the gateway's other calls see
+        assert (await cache.hit(bucket(2, who.user_id), windows)).allowed  # another listing: its own
+    finally:
+        await cache.close()
+    await settle_all(store)
+    reconcile_holds(db, settled=True)
+
+
+async def test_a_call_the_limit_counted_and_a_grant_paid_is_counted_once(db: Wallets) -> None:
+    """A wallet too empty to pay: the script counted the call, the grant pays it without counting it
+    again (a wallet of one call: every call needs a grant)."""
+    from addon.ratelimit import bucket, windows_for
+
+    with wallets(wallet_calls=1) as one:
+        who, store, _ = consumer(one, 100 * PRICE)
+        windows = windows_for(2, 1000)
+        verdicts = [await store.charge_limited(call(who, 1, PRICE), bucket(1, who.user_id), windows)
+                    for _ in range(3)]
+        assert [v.allowed for v, _ in verdicts] == [True, True, False]
+        assert [r is not None and r.verdict is Verdict.DEBITED for _, r in verdicts] == [True, True, False]
+        assert store.grants == 2
+
+
+async def test_a_consumer_who_cannot_pay_is_counted_and_refused(db: Wallets) -> None:
+    from addon.ratelimit import bucket, windows_for
+
+    who, store, _ = consumer(db, PRICE // 2)
+    verdict, result = await store.charge_limited(call(who, 1, PRICE), bucket(1, who.user_id), windows_for(5, 1000))
+    assert verdict.allowed and verdict.remaining == 4  # counted, as when the limit was judged before the charge
+    assert result is not None and result.verdict is Verdict.INSUFFICIENT_CREDIT and result.hold is None
+    assert balance(db, who) == PRICE // 2
+    reconcile_holds(db)
+
+
+def scripts_key(store: WalletStore, who: Who) -> str:
+    return wallet_scripts.wallet_key(store.config.redis.prefix, who.user_id, who.project_id)

@@ -3,10 +3,11 @@
 Keys (all under the configured prefix): `key:<sha256>` and `mcp:<slug>` hold a Consumer or a
 Listing as JSON (`null` caches "no such key/listing" for the negative TTL), `owner:{<listing id>}:<id>`
 the principal that opened an MCP session of a listing (and, while LEGACY_SESSION_KEYS, the unscoped
-`session:<id>` of earlier versions too), `rl:{<bucket>}:<seconds>` the GCRA TAT of one rate window
-(one integer, µs of Redis server time; see addon.ratelimit). A bucket is `<listing id>:u<user id>`
-and its windows' keys share the hash tag `{<bucket>}`, so the one script that touches them together
-runs unchanged on Redis Cluster; every other operation touches a single key. Idempotency-Key
+`session:<id>` of earlier versions too), `rl:{u<user id>}:<listing id>:<seconds>` the GCRA TAT of
+one rate window of a (listing, consumer) bucket (one integer, µs of Redis server time; see
+addon.ratelimit). A bucket's keys share the hash tag of the user's wallets, so the scripts that touch
+them together (the rate limit's, and the wallets' RATE_SPEND) run unchanged on Redis Cluster; every
+other operation touches a single key. Idempotency-Key
 records `idem:{<listing id>:<principal>}:<sha256>` are per key (addon/cache/idempotency.py).
 
 A rate-limit check is one EVALSHA of RATE_LIMIT_SCRIPT (the checks of concurrent calls share one
@@ -71,13 +72,14 @@ _T = TypeVar("_T")
 
 # GCRA over every window of one bucket, the same arithmetic as `ratelimit.decide` (all integers in
 # µs; Lua's doubles hold them exactly until the year 2255).
-# KEYS[i]  window i's TAT (a string of µs), `rl:{<bucket>}:<seconds>`: one hash tag, one slot.
+# KEYS[i]  window i's TAT (a string of µs), rate_keys: one hash tag, one slot.
 # ARGV[1]  "now" in µs, or "" for the server's TIME.
 # ARGV[3i-1], ARGV[3i], ARGV[3i+1]  window i's limit, emission interval T and tolerance tau (µs).
-# Returns {allowed (1/0), now, then each window's TAT as it was before this call (0 if none)}.
+# `out` = {allowed (1/0), now, then each window's TAT as it was before this call (0 if none)}.
 # Only when every window conforms are the new TATs written, each expiring when it falls behind
-# `now` (then it means the same as no key): refused calls change nothing.
-RATE_LIMIT_SCRIPT = """
+# `now` (then it means the same as no key): refused calls change nothing. GCRA_LUA judges the first
+# `n` keys: RATE_LIMIT_SCRIPT all of them, the wallets' RATE_SPEND all but its wallet's.
+GCRA_LUA = """
 local now
 if ARGV[1] ~= '' then
   now = tonumber(ARGV[1])
@@ -87,7 +89,7 @@ else
 end
 local out = {1, now}
 local base = {}
-for i = 1, #KEYS do
+for i = 1, n do
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0') or 0
   local limit = tonumber(ARGV[3 * i - 1])
   local tau = tonumber(ARGV[3 * i + 1])
@@ -98,13 +100,13 @@ for i = 1, #KEYS do
   out[#out + 1] = tat
 end
 if out[1] == 1 then
-  for i = 1, #KEYS do
+  for i = 1, n do
     local new = base[i] + tonumber(ARGV[3 * i])
     redis.call('SET', KEYS[i], string.format('%d', new), 'PX', string.format('%d', math.ceil((new - now) / 1000)))
   end
 end
-return out
 """
+RATE_LIMIT_SCRIPT = "local n = #KEYS\n" + GCRA_LUA + "return out\n"
 _SCRIPT_SHA = hashlib.sha1(RATE_LIMIT_SCRIPT.encode()).hexdigest()
 
 _CONSUMER_FIELDS = frozenset(f.name for f in fields(Consumer))
@@ -217,16 +219,9 @@ class RedisCache(RedisBreakers, RedisIdempotency):
         into the future for everyone (nor one running behind grant extra calls), and a TAT written
         by one gateway means the same to all. Redis >= 5 replicates a script's effects, not the
         script, so calling TIME in a script that writes is allowed."""
-        keys = rate_keys(self._prefix, bucket, windows)
-        args: list[str] = ["" if now_us is None else str(now_us)]
-        for w in windows:
-            args += [str(w.limit), *((str(w.interval_us), str(w.tolerance_us)) if w.limit > 0 else ("0", "0"))]
-        reply = await self._scripts.run(keys, args)  # with the concurrent calls' runs (redis_scripts.py)
-        now = int(reply[1])
-        v, _ = check(now, [int(x) for x in reply[2:]], windows)  # the verdict, from the TATs the script saw
-        if v.allowed != bool(reply[0]):  # cannot happen: the same integer arithmetic on both sides
-            raise RedisError(f"rate-limit script and ratelimit.check disagree for {bucket!r}")
-        return v, now
+        reply = await self._scripts.run(rate_keys(self._prefix, bucket, windows),
+                                        rate_args(windows, now_us))  # with the concurrent calls' runs
+        return rate_verdict(reply, windows, bucket), int(reply[1])
 
     # --- MCP sessions ---------------------------------------------------------------------------
 
@@ -356,11 +351,32 @@ def session_key(prefix: str, listing_id: int, session_id: str) -> str:
 
 
 def rate_keys(prefix: str, bucket: str, windows: Sequence[Window]) -> list[str]:
-    """The keys of one bucket's windows. `{bucket}` is a Redis Cluster hash tag: only the text
-    between the first `{` and the next `}` is hashed, and every key here starts with the same
-    `<prefix>rl:{<bucket>`, so all land in one slot (whatever the bucket holds, `}` included, and
-    as long as the prefix has no braces of its own; with them, the prefix's tag rules: one slot)."""
-    return [f"{prefix}rl:{{{bucket}}}:{w.seconds}" for w in windows]
+    """The keys of one bucket's windows, `<prefix>rl:{<tag>}:<rest>:<seconds>` where the bucket is
+    `<tag>:<rest>` (or all tag). `{<tag>}` is a Redis Cluster hash tag: only the text between the
+    first `{` and the next `}` is hashed, so a bucket's keys land in one slot, and the gateway's
+    buckets (`u<user id>:<listing id>`) in the slot of the user's wallets (`w:{u<user id>}:...`,
+    addon/store/wallet_scripts.py), which one script spends from after judging the limit. (A `}` in
+    the tag ends it early, still one slot for the bucket; a prefix with braces of its own rules:
+    one slot for all.)"""
+    tag, sep, rest = bucket.partition(":")
+    return [f"{prefix}rl:{{{tag}}}{sep}{rest}:{w.seconds}" for w in windows]
+
+
+def rate_args(windows: Sequence[Window], now_us: int | None = None) -> list[str]:
+    """GCRA_LUA's arguments: now ("" for Redis's clock), then each window's limit, T and tau."""
+    args: list[str] = ["" if now_us is None else str(now_us)]
+    for w in windows:
+        args += [str(w.limit), *((str(w.interval_us), str(w.tolerance_us)) if w.limit > 0 else ("0", "0"))]
+    return args
+
+
+def rate_verdict(reply: Sequence[Any], windows: Sequence[Window], bucket: str) -> LimitVerdict:
+    """The verdict, from the time and the TATs GCRA_LUA saw (reply[1], reply[2:2 + len(windows)])."""
+    now = int(reply[1])
+    v, _ = check(now, [int(x) for x in reply[2:2 + len(windows)]], windows)
+    if v.allowed != bool(int(reply[0])):  # cannot happen: the same integer arithmetic on both sides
+        raise RedisError(f"rate-limit script and ratelimit.check disagree for {bucket!r}")
+    return v
 
 
 def _encode_listing(listing: Listing) -> dict[str, Any]:

@@ -14,17 +14,38 @@ from __future__ import annotations
 
 import hashlib
 
-# KEYS[1] wallet. ARGV: price, now (unix s), month. -> {1, hold, left, rest} or {0} (no wallet, stale,
-# another month, or too little left: the caller asks MySQL for a new hold). Amounts stay Redis's
-# 64-bit integers and strings: a Lua number is a double, inexact past 2**53 µ¢.
-SPEND = """
-local w = redis.call('HMGET', KEYS[1], 'hold', 'period', 'until', 'rest')
-if not w[1] or w[2] ~= ARGV[3] or tonumber(w[3]) <= tonumber(ARGV[2]) then return {0} end
-if redis.call('HINCRBY', KEYS[1], 'left', '-' .. ARGV[1]) < 0 then
-  redis.call('HINCRBY', KEYS[1], 'left', ARGV[1])
-  return {0}
+from ..cache.redis import GCRA_LUA
+
+# spend(wallet, price, now (unix s), month) -> {1, hold, left, rest} or {0} (no wallet, stale, another
+# month, or too little left: the caller asks MySQL for a new hold). Amounts stay Redis's 64-bit
+# integers and strings: a Lua number is a double, inexact past 2**53 µ¢.
+_SPEND_LUA = """
+local function spend(key, price, now, month)
+  local w = redis.call('HMGET', key, 'hold', 'period', 'until', 'rest')
+  if not w[1] or w[2] ~= month or tonumber(w[3]) <= tonumber(now) then return {0} end
+  if redis.call('HINCRBY', key, 'left', '-' .. price) < 0 then
+    redis.call('HINCRBY', key, 'left', price)
+    return {0}
+  end
+  return {1, w[1], redis.call('HGET', key, 'left'), w[4]}
 end
-return {1, w[1], redis.call('HGET', KEYS[1], 'left'), w[4]}
+"""
+
+# KEYS[1] wallet. ARGV: price, now (unix s), month. -> spend's reply.
+SPEND = _SPEND_LUA + "return spend(KEYS[1], ARGV[1], ARGV[2], ARGV[3])\n"
+
+# The rate limit and the spend of one call in one round trip (wallets.charge_limited): the rate
+# limit's GCRA over KEYS[1..n] with its ARGV[1..3n+1] (addon/cache/redis.py), then, only if the call
+# is allowed, spend from the wallet KEYS[n+1] with the three ARGV after them. The rate keys carry the
+# wallet's hash tag `{u<user id>}` (redis.rate_keys): one slot. -> the rate limit's reply followed by
+# spend's when allowed. A call counted whose wallet cannot pay stays counted, as when the rate limit
+# was judged before a charge refused it.
+RATE_SPEND = "local n = #KEYS - 1\n" + GCRA_LUA + _SPEND_LUA + """
+if out[1] == 1 then
+  local a = 3 * n + 2
+  for _, v in ipairs(spend(KEYS[n + 1], ARGV[a], ARGV[a + 1], ARGV[a + 2])) do out[#out + 1] = v end
+end
+return out
 """
 
 # KEYS[1] wallet. ARGV: the hold to retire, or '' for whichever is there. -> {hold, left} or {} (none, or

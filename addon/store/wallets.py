@@ -22,6 +22,7 @@ import functools
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -37,7 +38,9 @@ from ..preview import Preview, decide
 from . import wallet_scripts as scripts, wallet_sql
 from .base import StoreUnavailable
 from .mysql import MysqlStore
+from ..cache.redis import rate_args, rate_keys, rate_verdict
 from ..cache.redis_scripts import ScriptRuns
+from ..ratelimit import LimitVerdict, Window
 
 log = logging.getLogger("mcpmeter")
 
@@ -69,6 +72,7 @@ class WalletStore:
             # Never retried by the driver: a script sent twice could spend twice.
             retry=Retry(NoBackoff(), 0), decode_responses=True))
         self._spend = ScriptRuns(self._redis, scripts.SPEND, scripts.sha(scripts.SPEND))
+        self._rate_spend = ScriptRuns(self._redis, scripts.RATE_SPEND, scripts.sha(scripts.RATE_SPEND))
         self._locks: dict[str, asyncio.Lock] = {}  # wallet key -> the grant under way in this process
         self._open: dict[str, tuple[ChargeRequest, ChargeResult]] = {}  # wallet calls charged here, unsettled
         self._queue: deque[tuple[Settlement, asyncio.Future[None]]] = deque()
@@ -82,29 +86,68 @@ class WalletStore:
 
     # --- the hot path -------------------------------------------------------------------------
 
+    @staticmethod
+    def in_wallet(price: int, free_allowance: int) -> bool:
+        """Whether a call at this price is paid from a wallet (else by the journal's procedure)."""
+        return price > 0 and free_allowance <= 0
+
     async def charge(self, request: ChargeRequest) -> ChargeResult:
-        if request.price <= 0 or request.free_allowance > 0:
+        if not self.in_wallet(request.price, request.free_allowance):
             return await self.mysql.charge(request)  # free tiers and unpriced calls: the journal's procedure
+        key, period = self._wallet(request)
+        result = await self._spend_from(key, request, period)
+        return await self._paid(key, request, period, result)
+
+    async def charge_limited(self, request: ChargeRequest, bucket: str,
+                             windows: Sequence[Window]) -> tuple[LimitVerdict, ChargeResult | None]:
+        """A wallet call's rate limit (the (listing, consumer) `bucket`, judged as RedisCache.hit judges
+        it) and its charge in one Redis round trip (RATE_SPEND), so that a call pays one round trip
+        before it is forwarded: the limit's verdict, and the charge's result (None when the limit
+        refused the call: nothing counted, nothing spent)."""
+        assert self.in_wallet(request.price, request.free_allowance)
+        key, period = self._wallet(request)
+        reply = await self._run(self._rate_spend, [*rate_keys(self._prefix, bucket, windows), key],
+                                [*rate_args(windows), *self._spend_args(request, period)])
+        try:
+            verdict = rate_verdict(reply, windows, bucket)
+        except RedisError as e:
+            raise StoreUnavailable(str(e)) from e
+        if not verdict.allowed:
+            return verdict, None
+        return verdict, await self._paid(key, request, period, self._spent(reply[2 + len(windows):], request, period))
+
+    def _wallet(self, request: ChargeRequest) -> tuple[str, str]:
         if self._closed:
             raise StoreUnavailable("wallet store is closed")
-        period = request.period or this_month()
-        key = scripts.wallet_key(self._prefix, request.user_id, request.project_id)
-        result = await self._spend_from(key, request, period)
-        if result is None:
-            result = await self._grant(key, request, period)
+        return scripts.wallet_key(self._prefix, request.user_id, request.project_id), request.period or this_month()
+
+    async def _paid(self, key: str, request: ChargeRequest, period: str, spent: ChargeResult | None) -> ChargeResult:
+        result = spent or await self._grant(key, request, period)
         if result.hold is not None:
             self._open[request.request_id] = request, result
         return result
 
     async def _spend_from(self, key: str, request: ChargeRequest, period: str) -> ChargeResult | None:
-        try:
-            reply = await self._spend.run([key], [str(request.price), str(int(time.time())), period])
-        except _FAILURES as e:
-            raise StoreUnavailable(f"redis: {e or type(e).__name__}") from e
+        return self._spent(await self._run(self._spend, [key], self._spend_args(request, period)), request, period)
+
+    @staticmethod
+    def _spend_args(request: ChargeRequest, period: str) -> list[str]:
+        return [str(request.price), str(int(time.time())), period]
+
+    @staticmethod
+    def _spent(reply: Sequence[Any], request: ChargeRequest, period: str) -> ChargeResult | None:
+        """SPEND's reply as a charge's result; None when the wallet could not pay."""
         if int(reply[0]) != 1:
             return None
         return ChargeResult(Verdict.DEBITED, request.price, int(reply[2]) + int(reply[3]), period,
                             hold=int(reply[1]))
+
+    @staticmethod
+    async def _run(runs: ScriptRuns, keys: list[str], args: list[str]) -> Any:
+        try:
+            return await runs.run(keys, args)
+        except _FAILURES as e:
+            raise StoreUnavailable(f"redis: {e or type(e).__name__}") from e
 
     async def _grant(self, key: str, request: ChargeRequest, period: str) -> ChargeResult:
         """The wallet cannot pay: retire it and hold more of the consumer's credit (one per process at a
