@@ -289,26 +289,28 @@ class Admission:
         gw = self.gw
         assert gw.config is not None and gw.store is not None
         price = billing.price_of(listing, priced.tool_name)
-        call.charge = ChargeRequest(
+        request = ChargeRequest(
             request_id=call.request_id, user_id=consumer.user_id, project_id=consumer.project_id,
             listing_id=listing.id, tool_name=priced.tool_name, price=price,
             # The store's clock decides the month (the database's on MySQL, shared by every gateway).
             free_allowance=listing.free_calls_per_consumer, period=None,
         )
         if shadow.applies(gw.config, listing):  # record what it would cost; charge nothing
-            call.charge = await shadow.charge_request(gw.store, flow, call.charge)
-        call.store = gw.store  # settled against this store, even if a reload replaces it meanwhile
+            request = await shadow.charge_request(gw.store, flow, request)
+        call.charge, call.store = request, gw.store  # settled against this store, even after a reload
         if limit is not None:
             assert isinstance(gw.store, WalletStore)
-            verdict, charged = await gw.store.charge_limited(call.charge, limit.bucket, limit.windows)
+            verdict, charged = await gw.store.charge_limited(request, limit.bucket, limit.windows)
+            if charged is None:  # the limit refused it: nothing was charged
+                call.charge = None
             self._judged(flow, call, limit, verdict)
-            assert charged is not None  # (a call the limit refused is refused above)
+            assert charged is not None  # (a call the limit refused is refused by _judged)
             result = charged
         else:
-            result = await gw.store.charge(call.charge)
+            result = await gw.store.charge(request)
         # The settlement counts in the month the charge counted in (every store names it; this
         # gateway's own month only were one not to).
-        call.charge = call.charge.in_period(result.period or billing.period(call.called_at))
+        call.charge = request.in_period(result.period or billing.period(call.called_at))
         if result.verdict is Verdict.FREE:  # tools/list shows this gateway's own claims at once
             gw.free_used.pop((listing.id, consumer.user_id, call.charge.month), None)
         call.balance = result.balance
