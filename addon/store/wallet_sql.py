@@ -87,14 +87,13 @@ def grant(ledger: Ledger, user_id: int, project_id: int, period: str, price: int
     ledger._q("UPDATE users SET credit_micro_cents = credit_micro_cents - %s WHERE id = %s", (granted, user_id))
     balance = credit - granted
     _ledger_row(ledger, user_id, -granted, balance, hold, f"credit held for calls (hold {hold})", now)
-    _add_spend(ledger, project_id, period, granted)
+    ledger._add_spend(project_id, period, granted)
     return Grant(hold, granted, balance, Verdict.DEBITED)
 
 
-def close(ledger: Ledger, hold: int, left: int, now: str | None = None, give_back: bool = False) -> None:
-    """A hold's wallet retired with `left` in it: that much back to the consumer now (all of the hold
-    with `give_back`: a grant whose wallet never existed). Nothing for a hold settled already: its
-    rest counted what the wallet held."""
+def close(ledger: Ledger, hold: int, left: int, now: str | None = None) -> None:
+    """A hold's wallet retired with `left` in it: that much back to the consumer now. Nothing for a
+    hold settled already: its rest counted what the wallet held."""
     now = now or utc()
     row = ledger._one("SELECT user_id, project_id, period_year_month, granted_micro_cents, settled_at,"
                       " spent_micro_cents, returned_micro_cents FROM mcpmeter_holds WHERE id = %s FOR UPDATE", (hold,))
@@ -102,12 +101,12 @@ def close(ledger: Ledger, hold: int, left: int, now: str | None = None, give_bac
         return
     user_id, project_id, period, granted = int(row[0]), int(row[1]), str(row[2]), int(row[3])
     # Never more than the hold still has (a wallet Redis brought back staler than it was holds more).
-    left = granted if give_back else max(0, min(left, granted - int(row[5]) - int(row[6])))
+    left = max(0, min(left, granted - int(row[5]) - int(row[6])))
     ledger._q(f"UPDATE mcpmeter_holds SET returned_micro_cents = returned_micro_cents + %s,"
               f" closed_at = COALESCE(closed_at, {MYSQL.clock}) WHERE id = %s", (left, hold))
     if left > 0:
         _credit(ledger, user_id, left, hold, f"unspent credit of hold {hold} returned", now)
-        _add_spend(ledger, project_id, period, -left)
+        ledger._add_spend(project_id, period, -left)
 
 
 def settle(ledger: Ledger, hold: int) -> bool:
@@ -124,7 +123,7 @@ def settle(ledger: Ledger, hold: int) -> bool:
               (rest, hold))
     if rest > 0:
         _credit(ledger, user_id, rest, hold, f"hold {hold} settled: credit of calls never recorded returned", utc())
-        _add_spend(ledger, project_id, period, -rest)
+        ledger._add_spend(project_id, period, -rest)
     return True
 
 
@@ -294,7 +293,7 @@ def record(ledger: Ledger, batch: Sequence[Settlement]) -> int:
                       " returned_micro_cents = returned_micro_cents + %s WHERE id = %s",
                       (spent[hold], returned[hold], hold))
     for (project, period), amount in sorted(unspent.items()):
-        _add_spend(ledger, project, period, -amount)
+        ledger._add_spend(project, period, -amount)
     ledger._q(f"{USAGE_EVENTS_INSERT} VALUES " + ", ".join([USAGE_EVENT_VALUES] * len(events)),
               [v for row in events for v in row])
     for s in batch:
@@ -327,10 +326,6 @@ def _ledger_row(ledger: Ledger, user_id: int, amount: int, balance: int, hold: i
               " balance_after_micro_cents, description, created_at, updated_at)"
               " VALUES (%s, %s, 'adjustment', %s, %s, %s, %s, %s, %s)",
               (user_id, amount, HOLD, hold, balance, description, now, now))
-
-
-def _add_spend(ledger: Ledger, project_id: int, period: str, amount: int) -> None:
-    ledger._add_spend(project_id, period, amount)
 
 
 def settle_after(config: Config) -> float:

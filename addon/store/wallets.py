@@ -28,7 +28,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from ..auth import Credential
 from ..billing import period as this_month
@@ -54,7 +54,6 @@ FLUSH_SECONDS = 0.05
 MAX_BATCH = 200  # settlements per transaction
 CLOSE_DRAIN_SECONDS = 60.0  # how long a closed store goes on writing what it had queued
 WAIT_SECONDS = 2.0  # how long a settlement a hook awaits waits for its batch (the batch is never dropped)
-GRANT_ATTEMPTS = 3
 HOLD_PAGES = 50  # pages of due holds one sweep goes through at most
 GIVE_UP_AFTER = 3  # failures of a batch, the database answering, before its calls go one by one
 _FAILURES = (RedisError, OSError, TimeoutError)
@@ -73,6 +72,7 @@ class WalletStore:
             retry=Retry(NoBackoff(), 0), decode_responses=True))
         self._spend = ScriptRuns(self._redis, scripts.SPEND, scripts.sha(scripts.SPEND))
         self._rate_spend = ScriptRuns(self._redis, scripts.RATE_SPEND, scripts.sha(scripts.RATE_SPEND))
+        self._runs: dict[str, ScriptRuns] = {}  # the other scripts' (grants, refunds, retirements)
         self._locks: dict[str, asyncio.Lock] = {}  # wallet key -> the grant under way in this process
         self._open: dict[str, tuple[ChargeRequest, ChargeResult]] = {}  # wallet calls charged here, unsettled
         self._queue: deque[tuple[Settlement, asyncio.Future[None]]] = deque()
@@ -158,18 +158,12 @@ class WalletStore:
             async with lock:
                 if waited and (spent := await self._spend_from(key, request, period)) is not None:
                     return spent
-                for _ in range(GRANT_ATTEMPTS):
-                    result = await self._grant_once(key, request, period)
-                    if result is not None:
-                        return result
-                    if (spent := await self._spend_from(key, request, period)) is not None:
-                        return spent
-                raise StoreUnavailable("wallet: other gateways keep replacing this consumer's wallet")
+                return await self._grant_once(key, request, period)
         finally:
             if not lock.locked() and self._locks.get(key) is lock:
                 del self._locks[key]
 
-    async def _grant_once(self, key: str, request: ChargeRequest, period: str) -> ChargeResult | None:
+    async def _grant_once(self, key: str, request: ChargeRequest, period: str) -> ChargeResult:
         taken = await self._script(scripts.TAKE, key, request.price, int(time.time()), period)
         if int(taken[0]) == 1:  # another gateway's grant funded a wallet that pays this call
             return ChargeResult(Verdict.DEBITED, request.price, int(taken[2]) + int(taken[3]), period,
@@ -220,13 +214,11 @@ class WalletStore:
         return returned
 
     async def _script(self, text: str, key: str, *args: Any) -> Any:
-        try:
-            try:
-                return await self._redis.evalsha(scripts.sha(text), 1, key, *args)
-            except NoScriptError:
-                return await self._redis.eval(text, 1, key, *args)
-        except _FAILURES as e:
-            raise StoreUnavailable(f"redis: {e or type(e).__name__}") from e
+        """One run of a wallet script on one key (the runs of concurrent calls share a round trip)."""
+        runs = self._runs.get(text)
+        if runs is None:
+            runs = self._runs[text] = ScriptRuns(self._redis, text, scripts.sha(text))
+        return await self._run(runs, [key], [str(a) for a in args])
 
     async def settle(self, settlement: Settlement) -> int | None:
         taken = settlement.taken
