@@ -94,8 +94,13 @@ def _same_id(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+# The requests that name a task: another user's held task is refused to them (Deferred.on_request).
+NAMING_TASKS = ("tasks/result", "tasks/get", "tasks/cancel")
+
+
 def request_facts(body: bytes) -> tuple[bool, str | None, str | None]:
-    """(a task is asked for, the requestState carried, the taskId of a tasks/result) of a request body."""
+    """(a task is asked for, the requestState carried, the taskId a tasks/result, tasks/get or
+    tasks/cancel names) of a request body."""
     if b'"task' not in body and b'"requestState"' not in body and b"\\u" not in body:
         return False, None, None  # the common case: not parsed a second time (an escape can spell any key)
     try:
@@ -106,7 +111,7 @@ def request_facts(body: bytes) -> tuple[bool, str | None, str | None]:
     method = message.get("method") if isinstance(message, Mapping) else None
     task = method == "tools/call" and isinstance(params.get("task"), Mapping)
     state = params.get("requestState") if method == "tools/call" else None
-    task_id = params.get("taskId") if method == "tasks/result" else None
+    task_id = params.get("taskId") if method in NAMING_TASKS else None
     return (task, state if isinstance(state, str) else None, task_id if isinstance(task_id, str) else None)
 
 
@@ -347,14 +352,14 @@ class Deferred:
         if call.consumer is None or call.listing is None:
             return False
         scope = (call.listing.id, call.consumer.principal, session or "")
-        task, state, result_for = request_facts(body)
+        task, state, named = request_facts(body)
+        result_for = named if method == "tasks/result" else None
         priced = call.priced
-        if result_for is not None and (scope, result_for) not in self.tasks and (
-                holders := self.by_task.get((scope[0], result_for))):
+        if named is not None and (scope, named) not in self.tasks and (holders := self.by_task.get((scope[0], named))):
             mine = [holder for holder, user in holders.items() if user == call.consumer.user_id]
-            if not mine:
-                raise GatewayError("task_forbidden", task_id=result_for)
-            if len(mine) == 1:
+            if not mine:  # another user's task: not theirs to read, poll or cancel (the upstream cannot tell)
+                raise GatewayError("task_forbidden", task_id=named)
+            if len(mine) == 1 and result_for is not None:
                 scope = mine[0]  # the same user in another session or with another key: settles it too
         if (result_for is not None and (scope, result_for) not in self.tasks
                 and self.expired.get(_undeliverable(scope, result_for), 0.0) > time.monotonic()):

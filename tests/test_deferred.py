@@ -31,6 +31,9 @@ def test_request_facts() -> None:
     assert deferred.request_facts(json.dumps(call).encode()) == (False, "abc", None)
     get = {"jsonrpc": "2.0", "id": 2, "method": "tasks/result", "params": {"taskId": "T1"}}
     assert deferred.request_facts(json.dumps(get).encode()) == (False, None, "T1")
+    for method in ("tasks/get", "tasks/cancel"):  # the other requests naming a task
+        assert deferred.request_facts(json.dumps({**get, "method": method}).encode()) == (False, None, "T1")
+    assert deferred.request_facts(json.dumps({**get, "method": "tasks/list"}).encode()) == (False, None, None)
     # not a tools/call: neither a task nor a state counts; a task param that is not an object neither
     other = {"jsonrpc": "2.0", "id": 3, "method": "prompts/get", "params": {"task": {}, "requestState": "x"}}
     assert deferred.request_facts(json.dumps(other).encode()) == (False, None, None)
@@ -263,7 +266,8 @@ async def test_another_key_or_session_cannot_settle_a_task(registry: Any) -> Non
     call = task_call(d)
     await d.hold(Flow(), call, Decision(False, "result"))
     failed = {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "failed"}}
-    poll(d, "tasks/get", failed, principal="key-2")
+    with pytest.raises(GatewayError):  # another user's poll: refused (task_forbidden), settles nothing
+        poll(d, "tasks/get", failed, principal="key-2")
     poll(d, "tasks/get", failed, session="s2")
     assert settled == []
 
@@ -620,6 +624,27 @@ def test_an_error_code_of_any_type_is_read_safely() -> None:
     for code in ([1], {"a": 1}, None, True, "x", 1.5):
         assert deferred.result_decision({"jsonrpc": "2.0", "id": 1, "error": {"code": code}}, 1, False) == \
             Decision(True, "task_failed")
+
+
+@pytest.mark.parametrize("method", ["tasks/get", "tasks/cancel"])
+async def test_another_users_poll_or_cancel_of_a_held_task_is_refused(registry: Any, method: str) -> None:
+    """The upstream cannot tell consumers apart (they share the publisher's credentials): another user
+    naming a held task could read its status or cancel it, the owner's paid call then failing. Refused
+    as its result is; the owner's other sessions and keys still poll and cancel it."""
+    d, settled, _ = registry
+    call = task_call(d)
+    await d.hold(Flow(), call, Decision(False, "result"))
+    with pytest.raises(GatewayError) as refused:
+        poll(d, method, {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "cancelled"}},
+             principal="key-2")
+    assert refused.value.spec.code == "task_forbidden" and refused.value.spec.status == 403
+    # The owner from another session: passes, and (a poll from another session) settles nothing.
+    poll(d, method, {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "working"}}, session="s2")
+    poll(d, method, {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "working"}},
+         params={"taskId": "unknown"}, principal="key-2")  # a task nobody holds here: passes
+    assert settled == []
+    poll(d, method, {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "T", "status": "cancelled"}})
+    assert settled == [(call, Decision(True, "task_cancelled"))]
 
 
 async def test_a_held_tasks_result_is_refused_to_another_key_and_settles_from_another_session(registry: Any) -> None:

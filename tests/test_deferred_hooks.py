@@ -390,3 +390,17 @@ async def test_a_held_call_whose_mark_never_lands_is_refunded_before_the_sweep_c
     assert gw.db.balance(USERS[ALICE]) == OPENING
     assert refused(await result_request(gw, ALICE)) == (410, "task_expired")  # refunded: never delivered
     gw.db.assert_reconciled()
+
+
+@pytest.mark.parametrize("method", ["tasks/get", "tasks/cancel"])
+async def test_another_user_cannot_poll_or_cancel_a_held_task(gw: Gw, method: str) -> None:
+    """The upstream cannot tell consumers apart: Bob's tasks/cancel would cancel Alice's paid task
+    (her call then refunded, the publisher's work lost), his tasks/get read its status."""
+    await held_task(gw)
+    probe = make_flow(PATH, token=BOB, body=rpc(method, 5, taskId="T1"))
+    await gw.addon.request(probe)
+    assert refused(probe) == (403, "task_forbidden")
+    own = make_flow(PATH, body=rpc(method, 6, taskId="T1"))  # Alice's own passes
+    await gw.addon.request(own)
+    assert forwarded(own)
+    assert gw.db.balance(USERS[BOB]) == OPENING

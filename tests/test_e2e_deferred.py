@@ -21,6 +21,7 @@ from mcp_types import ElicitRequest, ElicitRequestFormParams, ElicitResult, Inpu
 from tests import deferred_server
 from tests.backends import Backend, TestConsumer
 from tests.demo_servers import serve_in_thread
+from tests.refusals import refusal
 from tests.gateway_proc import Gateway
 from tests.test_e2e_gateway import MCP_HEADERS, eventually, slug
 
@@ -194,14 +195,15 @@ async def test_a_status_notification_on_the_get_stream_settles(
     assert backend.balance(c.user_id) == 10_000
 
 
-async def test_another_key_polling_the_task_cannot_settle_it(
+async def test_another_user_can_neither_poll_nor_cancel_the_task(
         gateway: Gateway, backend: Backend, listing: str) -> None:
     owner, other = backend.add_consumer(credit=10_000), backend.add_consumer(credit=10_000)
     mine = await Session(gateway, listing, owner).open()
     task_id = await mine.task("crash")
     theirs = await Session(gateway, listing, other).open()
-    r = await theirs.send("tasks/get", {"taskId": task_id})  # the careless upstream answers anyone
-    assert r.json()["result"]["status"] == "failed"
+    for method in ("tasks/get", "tasks/cancel"):  # the careless upstream would answer anyone
+        r = await theirs.send(method, {"taskId": task_id})
+        assert r.status_code == 403 and refusal(r)["error"] == "task_forbidden", r.text
     await asyncio.sleep(0.5)
     assert journal(backend, owner) == [("crash", 0, "task_pending", False)]
     assert backend.balance(owner.user_id) == 9_000 and backend.balance(other.user_id) == 10_000

@@ -173,10 +173,10 @@ async def test_another_keys_session_settles_nothing(gw: Gw) -> None:
     stream, _ = await held_task(gw)
     other = await open_session(gw, session_id="bob", token=BOB)
     bobs = "/legacy-one/messages/?session_id=bob"
-    probe = make_flow(bobs, token=BOB, body=rpc("tasks/result", 2, taskId="T1"))
-    await gw.addon.request(probe)
-    assert probe.response is not None and refusal(probe.response)["error"] == "task_forbidden"
-    await posted(gw, rpc("tasks/get", 2, taskId="T1"), token=BOB, route=bobs)
+    for method in ("tasks/result", "tasks/get", "tasks/cancel"):  # Bob naming Alice's task: refused
+        probe = make_flow(bobs, token=BOB, body=rpc(method, 2, taskId="T1"))
+        await gw.addon.request(probe)
+        assert probe.response is not None and refusal(probe.response)["error"] == "task_forbidden"
     await posted(gw, rpc("tasks/result", 2, taskId="T1"))  # Alice's, answered on her stream only
     # On Bob's stream, under the ids Alice's and Bob's requests carry: neither settles Alice's task.
     on_stream(other, {"id": 2, "result": {"content": []}})
