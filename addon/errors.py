@@ -67,6 +67,9 @@ _TABLE += [  # Idempotency-Key (addon/idempotency.py)
               "Retry-After seconds to get its answer. This request was not forwarded and not charged."),
     ErrorSpec(422, "idempotency_key_reused", "This Idempotency-Key was used for a different request body; "
               "use a new key for a new call. This request was not forwarded and not charged."),
+    ErrorSpec(410, "idempotency_answer_lost", "The call with this Idempotency-Key ran and was billed, but its "
+              "client closed the connection before the answer, which was not kept. This request was not "
+              "forwarded and not charged; use a new key to call again."),
 ]
 
 ERRORS: dict[str, ErrorSpec] = {e.code: e for e in _TABLE}
@@ -123,6 +126,7 @@ RPC_CODE_OVERRIDES: dict[str, int] = {
     "invalid_json": -32700,  # Parse error (standard)
     "header_mismatch": -32020,  # the MCP spec's HEADER_MISMATCH
     "task_expired": -32016,  # a task refunded at its limit: its result is not delivered afterwards
+    "idempotency_answer_lost": -32017,  # the keyed call ran and was billed, its answer lost with its client
 }
 
 

@@ -22,6 +22,7 @@ from .billing import Failure
 from .cache.idempotency import conclude as conclude_idempotency
 from .call import META, Call, Label, decision
 from .clients import classify
+from .errors import GatewayError
 from .jsonrpc import Outcome
 from .model import Settlement, Verdict
 from .store import Store, StoreUnavailable
@@ -270,16 +271,30 @@ class Settlements:
             return None
         answer = None
         response = flow.response
-        if not refused and call.charged is not None and call.listing is not None and response is not None:
+        if (not refused and call.charged is not None and call.listing is not None and response is None
+                and call.failure is Failure.CLIENT_GONE and not decision(call)[0].refund):
+            # Billed with no answer: the client left before it, and the upstream ran the tool. A retry must
+            # neither run it again nor pay again (the key's purpose): it is told the answer was lost.
+            call.rpc_id = call.priced.rpc_id if call.priced else None  # a JSON-RPC error, as its refusals are
+            lost = answers.error_response(GatewayError("idempotency_answer_lost"), call, None)
+            answer = idempotency.answer_of(lost.status_code, lost.headers.items(multi=True), lost.raw_content or b"",
+                                           {"X-Mcpmeter-Request-Id": call.request_id,
+                                            "X-Mcpmeter-Billed": _billed(call)})
+        elif not refused and call.charged is not None and call.listing is not None and response is not None:
             refund = decision(call)[0].refund
             if (idempotency.should_store(billed=not refund, upstream_answered=call.failure is None)
                     and not claim.overflow):
                 body = bytes(claim.captured) if claim.captured is not None else (response.raw_content or b"")
-                billed = "0" if refund else (
-                    "free" if call.charged.verdict is Verdict.FREE else str(call.charged.amount))
-                metering = {"X-Mcpmeter-Request-Id": call.request_id, "X-Mcpmeter-Billed": billed}
+                metering = {"X-Mcpmeter-Request-Id": call.request_id,
+                            "X-Mcpmeter-Billed": "0" if refund else _billed(call)}
                 if refund:
                     metering["X-Mcpmeter-Refunded"] = "1"
                 answer = idempotency.answer_of(response.status_code, response.headers.items(multi=True), body, metering)
         idempotency.drop_capture(claim)  # (its bytes are the answer's now, if it is stored)
         return self.own(conclude_idempotency(self.gw.cache, claim, answer))
+
+
+def _billed(call: Call) -> str:
+    """X-Mcpmeter-Billed of a billed call, as its replay says it."""
+    assert call.charged is not None
+    return "free" if call.charged.verdict is Verdict.FREE else str(call.charged.amount)

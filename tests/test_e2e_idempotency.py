@@ -102,6 +102,31 @@ async def test_concurrent_retry_is_409_then_replayed(gateway: Gateway, backend: 
     await eventually(lambda: len(backend.usage(c)) == 1)
 
 
+async def test_a_walked_away_keyed_call_is_neither_run_nor_charged_again(gateway: Gateway, backend: Backend,
+                                                                          fault_url: str) -> None:
+    """The client hangs up while its keyed call runs: billed (the upstream ran it), answer lost. Its
+    retries are told so (410), never forwarded, never charged; the tool ran once."""
+    s = slug("idem")
+    backend.add_listing(s, fault_url + "/mcp", price=1000)
+    c = backend.add_consumer(credit=10_000)
+    k, body, before = key(), call("slow", {"seconds": 1.5}, rpc_id="w"), fault_server.calls["slow"]
+    first = asyncio.ensure_future(post(gateway, f"/{s}", body, c, headers=k))
+    await eventually(lambda: fault_server.calls["slow"] == before + 1)  # forwarded: the tool is running
+    first.cancel()  # the client walks away
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await eventually(lambda: len(backend.usage(c)) == 1, timeout=10)
+    assert backend.balance(c.user_id) == 9_000  # a walk-away is billed
+    for _ in range(2):
+        retry = await post(gateway, f"/{s}", body, c, headers=k)
+        assert retry.status_code == 410 and retry.headers["Idempotent-Replayed"] == "true", retry.text
+        assert retry.json()["error"]["data"]["error"] == "idempotency_answer_lost" and retry.json()["id"] == "w"
+        assert retry.headers["X-Mcpmeter-Billed"] == "1000"
+    await asyncio.sleep(1.5)
+    assert fault_server.calls["slow"] == before + 1 and backend.balance(c.user_id) == 9_000
+    assert len(backend.usage(c)) == 1
+
+
 async def test_refunded_call_is_replayed_refunded(gateway: Gateway, backend: Backend, fault_url: str) -> None:
     s = slug("idem")
     backend.add_listing(s, fault_url + "/mcp", price=1000)  # tool errors are refunded

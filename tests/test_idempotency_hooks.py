@@ -143,3 +143,45 @@ async def test_streamed_answers_kept_for_replays_count_against_max_holding_bytes
         assert replays == [True, True, False]  # the copy given up was not stored: that retry runs
         gw.db.assert_reconciled()
         addon.done()
+
+
+async def test_a_keyed_call_whose_client_walked_away_is_neither_run_nor_charged_again(gw: Gw) -> None:
+    """The client left after its call was forwarded (billed: the upstream ran the tool), so it never
+    got the answer, which the gateway did not read either. A retry with the same key must not run the
+    tool a second time nor pay twice: it is told, every time, that the billed answer was lost."""
+    flow = make_flow(headers=KEY)
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    await upstream_fails(gw, flow, "Client disconnected.")
+    await gw.addon.drain()
+    assert gw.db.balance() == OPENING - PRICE  # a walk-away is billed
+    first = flow.metadata[META]["request_id"]
+    for _ in range(2):
+        retry = make_flow(headers=KEY)
+        await gw.addon.request(retry)
+        assert retry.response is not None and not forwarded(retry)
+        assert retry.response.status_code == 410 and retry.response.headers[idempotency.REPLAYED] == "true"
+        assert retry.response.headers["X-Mcpmeter-Billed"] == str(PRICE)  # what the first call was billed
+        assert retry.response.headers["X-Mcpmeter-Request-Id"] == first
+        error = json.loads(retry.response.content)["error"]
+        assert error["data"]["error"] == "idempotency_answer_lost" and error["code"] == -32017
+        assert error["data"]["request_id"] == first
+    assert gw.db.balance() == OPENING - PRICE and len(gw.db.usage()) == 1
+    other = make_flow(headers={"Idempotency-Key": "agent-retry-2"})  # a new key calls again
+    await gw.addon.request(other)
+    assert forwarded(other)
+    gw.db.assert_reconciled()
+
+
+async def test_a_keyed_call_cancelled_by_its_client_releases_its_key(gw: Gw) -> None:
+    """Gone before its call left (cancelled, refunded): nothing ran, so a retry runs and pays once."""
+    flow = make_flow(headers=KEY)
+    flow.server_conn.timestamp_start = None
+    await gw.addon.request(flow)
+    await upstream_fails(gw, flow, "Client disconnected.")
+    await gw.addon.drain()
+    assert gw.db.balance() == OPENING and claims(gw) == {}
+    retry = make_flow(headers=KEY)
+    await gw.addon.request(retry)
+    assert forwarded(retry)
+    gw.db.assert_reconciled()
