@@ -271,10 +271,13 @@ class Settlements:
             return None
         answer = None
         response = flow.response
-        if (not refused and call.charged is not None and call.listing is not None and response is None
+        if (not refused and call.charged is not None and call.listing is not None and call.outcome is None
                 and call.failure is Failure.CLIENT_GONE and not decision(call)[0].refund):
             # Billed with no answer: the client left before it, and the upstream ran the tool. A retry must
-            # neither run it again nor pay again (the key's purpose): it is told the answer was lost.
+            # neither run it again nor pay again (the key's purpose): it is told the answer was lost. So
+            # too when the answer's head had come (a buffered body still being read: nothing to replay but
+            # an empty body) or a stream had begun (what passed ends without the answer: a replay of it
+            # leaves the retrying client waiting for an answer that never comes).
             call.rpc_id = call.priced.rpc_id if call.priced else None  # a JSON-RPC error, as its refusals are
             lost = answers.error_response(GatewayError("idempotency_answer_lost"), call, None)
             answer = idempotency.answer_of(lost.status_code, lost.headers.items(multi=True), lost.raw_content or b"",

@@ -185,3 +185,77 @@ async def test_a_keyed_call_cancelled_by_its_client_releases_its_key(gw: Gw) -> 
     await gw.addon.request(retry)
     assert forwarded(retry)
     gw.db.assert_reconciled()
+
+
+async def _retry_is_answer_lost(gw: Gw, first: str) -> None:
+    retry = make_flow(headers=KEY)
+    await gw.addon.request(retry)
+    assert retry.response is not None and not forwarded(retry)
+    assert retry.response.status_code == 410, (retry.response.status_code, retry.response.content)
+    assert retry.response.headers[idempotency.REPLAYED] == "true"
+    assert retry.response.headers["X-Mcpmeter-Billed"] == str(PRICE)
+    assert retry.response.headers["X-Mcpmeter-Request-Id"] == first
+    message = json.loads(retry.response.content)
+    assert message["id"] == 1 and message["error"]["data"]["error"] == "idempotency_answer_lost"
+
+
+async def test_a_walk_away_after_a_buffered_answers_head_is_not_replayed_as_an_empty_answer(gw: Gw) -> None:
+    """The upstream's head came (200, application/json) and its body was still being read when the client
+    left: billed, no answer. Its retry must be told the answer was lost, not be replayed a 200 with an
+    empty JSON body (which no client can read) as if it were the answer paid for."""
+    from mitmproxy import http
+
+    flow = make_flow(headers=KEY)
+    await gw.addon.request(flow)
+    flow.response = http.Response.make(200, b"", {"Content-Type": "application/json"})
+    flow.response.content = None  # mitmproxy's buffered answer before its body came
+    await gw.addon.responseheaders(flow)
+    await upstream_fails(gw, flow, "Client disconnected.")
+    await gw.addon.drain()
+    assert gw.db.balance() == OPENING - PRICE  # a walk-away is billed
+    await _retry_is_answer_lost(gw, flow.metadata[META]["request_id"])
+    assert gw.db.balance() == OPENING - PRICE and len(gw.db.usage()) == 1
+    gw.db.assert_reconciled()
+
+
+async def test_a_walk_away_mid_stream_before_the_answer_is_not_replayed_as_a_stream_without_it(gw: Gw) -> None:
+    """An SSE answer's head and a progress event went out, then the client left before the answer: billed,
+    answer lost. Replaying the bytes that passed (a 200 stream that ends without the answer) leaves the
+    retrying SDK waiting for an answer that never comes: its retry is told the answer was lost."""
+    from mitmproxy import http
+
+    flow = make_flow(headers=KEY)
+    await gw.addon.request(flow)
+    flow.response = http.Response.make(200, b"", {"Content-Type": "text/event-stream"})
+    await gw.addon.responseheaders(flow)
+    assert flow.response is not None and callable(flow.response.stream)
+    progress = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": "t", "progress": 1}}
+    flow.response.stream(b"id: 1\ndata: " + json.dumps(progress).encode() + b"\n\n")
+    await upstream_fails(gw, flow, "Client disconnected.")
+    await gw.addon.drain()
+    assert gw.db.balance() == OPENING - PRICE  # a walk-away is billed
+    await _retry_is_answer_lost(gw, flow.metadata[META]["request_id"])
+    assert gw.db.balance() == OPENING - PRICE and len(gw.db.usage()) == 1
+    gw.db.assert_reconciled()
+
+
+async def test_a_walk_away_mid_stream_after_the_answer_is_replayed_with_it(gw: Gw) -> None:
+    """The answer's event passed before the client left: what was streamed holds the answer, replayed."""
+    from mitmproxy import http
+
+    flow = make_flow(headers=KEY)
+    await gw.addon.request(flow)
+    flow.response = http.Response.make(200, b"", {"Content-Type": "text/event-stream"})
+    await gw.addon.responseheaders(flow)
+    assert flow.response is not None and callable(flow.response.stream)
+    answer = b"data: " + json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}).encode() + b"\n\n"
+    flow.response.stream(answer)
+    await upstream_fails(gw, flow, "Client disconnected.")
+    await gw.addon.drain()
+    assert gw.db.balance() == OPENING - PRICE
+    retry = make_flow(headers=KEY)
+    await gw.addon.request(retry)
+    assert retry.response is not None and not forwarded(retry) and retry.response.status_code == 200
+    assert b'"result"' in (retry.response.content or b"") and retry.response.headers[idempotency.REPLAYED] == "true"
+    assert gw.db.balance() == OPENING - PRICE and len(gw.db.usage()) == 1
+    gw.db.assert_reconciled()
