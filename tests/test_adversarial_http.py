@@ -991,3 +991,32 @@ def test_a_call_failed_on_an_http2_upstream_fails_no_other_call(
     finally:
         gw.stop()
         upstream.sock.close()
+
+
+@pytest.mark.parametrize("revision", [{}, {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call",
+                                           "Mcp-Name": "slow"}], ids=["walked-away", "2026-cancelled"])
+def test_an_http2_stream_reset_with_an_idempotency_key(
+        backend: Backend, hostile: HostileUpstream, canary: Canary, tls_gateway: Gateway,
+        revision: dict[str, str]) -> None:
+    """A reset after forwarding is a walk-away (billed): the key keeps that, and a retry is answered 410
+    idempotency_answer_lost as a JSON-RPC error, neither run nor charged. From 2026-07-28 the reset cancels
+    (refunded): the key is released, and the retry runs and pays once."""
+    listing = make_listing(backend, hostile, timeout=30)
+    key = {"Idempotency-Key": f"h2-{uuid.uuid4().hex}", **revision}
+    _reset_after_forwarding(tls_gateway, listing, **key)
+    cancelled = bool(revision)
+    assert _reason(backend, listing) == ((499, 0, "cancelled") if cancelled else (499, 1000, "client_disconnected"))
+    retry = h2_request(tls_gateway, listing.path, [(k.lower(), v) for k, v in listing.auth(**key)],
+                       rpc(name="slow", seconds=2))
+    if cancelled:
+        assert retry.status == 200 and b"ran slow" in retry.body, (retry.status, retry.body[:300])
+        assert [s.ran for s in hostile.ran(listing.slug)] == ["slow", "slow"]
+        assert _balance_back(backend, listing.consumer.user_id, CREDIT - 1000) == CREDIT - 1000
+    else:
+        assert retry.status == 410, (retry.status, retry.body[:300])
+        message = json.loads(retry.body)
+        assert message["id"] == 1 and message["error"]["code"] == -32017
+        assert message["error"]["data"]["error"] == "idempotency_answer_lost"
+        assert retry.headers[b"x-mcpmeter-billed"] == b"1000" and retry.headers[b"idempotent-replayed"] == b"true"
+        assert [s.ran for s in hostile.ran(listing.slug)] == ["slow"]
+        assert _balance_back(backend, listing.consumer.user_id, CREDIT - 1000) == CREDIT - 1000
