@@ -271,7 +271,12 @@ class Settlements:
             return None
         answer = None
         response = flow.response
-        if (not refused and call.charged is not None and call.listing is not None and call.outcome is None
+        # Paid for: charged, or (forwarded uncharged) the retry that continues a held input_required round,
+        # whose answer settles the round it continues: retried with its key, it must not run again as an
+        # ordinary call (its state is used up) and pay a second time for one logical call.
+        continues = call.charged is None and call.forwarded is not None and call.priced is not None
+        paid = call.charged is not None or continues
+        if (not refused and paid and call.listing is not None and call.outcome is None
                 and call.failure is Failure.CLIENT_GONE and not decision(call)[0].refund):
             # Billed with no answer: the client left before it, and the upstream ran the tool. A retry must
             # neither run it again nor pay again (the key's purpose): it is told the answer was lost. So
@@ -283,7 +288,7 @@ class Settlements:
             answer = idempotency.answer_of(lost.status_code, lost.headers.items(multi=True), lost.raw_content or b"",
                                            {"X-Mcpmeter-Request-Id": call.request_id,
                                             "X-Mcpmeter-Billed": _billed(call)})
-        elif not refused and call.charged is not None and call.listing is not None and response is not None:
+        elif not refused and paid and call.listing is not None and response is not None:
             refund = decision(call)[0].refund
             if (idempotency.should_store(billed=not refund, upstream_answered=call.failure is None)
                     and not claim.overflow):
@@ -298,6 +303,7 @@ class Settlements:
 
 
 def _billed(call: Call) -> str:
-    """X-Mcpmeter-Billed of a billed call, as its replay says it."""
-    assert call.charged is not None
+    """X-Mcpmeter-Billed of a billed call, as its replay says it (0: a round's continuation, forwarded free)."""
+    if call.charged is None:
+        return "0"
     return "free" if call.charged.verdict is Verdict.FREE else str(call.charged.amount)

@@ -404,3 +404,33 @@ async def test_another_user_cannot_poll_or_cancel_a_held_task(gw: Gw, method: st
     await gw.addon.request(own)
     assert forwarded(own)
     assert gw.db.balance(USERS[BOB]) == OPENING
+
+
+@pytest.mark.parametrize("walks_away", [False, True], ids=["answered", "walked-away"])
+async def test_a_keyed_retry_continuing_a_round_is_neither_run_nor_charged_again(gw: Gw, walks_away: bool) -> None:
+    """The retry that continues a held round carries an Idempotency-Key: forwarded free, its answer settles
+    the first round. Retried with the same key, it must get that outcome (its answer; or, its client gone
+    before the answer, 410 idempotency_answer_lost), not run again as an ordinary call (its state is used
+    up) and pay a second time for one logical call."""
+    from tests.test_gateway_hooks import upstream_fails
+
+    key = {"Idempotency-Key": "continue-1"}
+    await held_round(gw)
+    retry = make_flow(ROUNDS, body=ask(2, "S1"), headers=key)
+    await gw.addon.request(retry)
+    assert forwarded(retry)
+    if walks_away:
+        await upstream_fails(gw, retry, "Client disconnected.")
+    else:
+        await upstream_answers(gw, retry, json_response({"jsonrpc": "2.0", "id": 2, "result": {"content": []}}))
+    await gw.addon.drain()
+    assert gw.db.balance(USERS[ALICE]) == OPENING - PRICE  # the first round billed, the retry free
+    again = make_flow(ROUNDS, body=ask(2, "S1"), headers=key)
+    await gw.addon.request(again)
+    assert again.response is not None and not forwarded(again), "ran again"
+    assert again.response.headers[idempotency.REPLAYED] == "true"
+    assert again.response.headers["X-Mcpmeter-Billed"] == "0"  # as the continuation itself said
+    assert again.response.status_code == (410 if walks_away else 200)
+    await gw.addon.drain()
+    assert gw.db.balance(USERS[ALICE]) == OPENING - PRICE
+    gw.db.assert_reconciled()
