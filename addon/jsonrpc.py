@@ -89,6 +89,12 @@ def inspect_request(
         # A held task is settled from the answer to this request, matched by its id (deferred.py):
         # without one, a lenient upstream's answer would pass unread.
         raise GatewayError("invalid_request", reason=f"{method[:50]!r} must carry a JSON-RPC id")  # the client's: cut
+    if (method in ("tasks/get", "tasks/result", "tasks/cancel") and isinstance(params, dict)
+            and "taskId" in params and not isinstance(params["taskId"], str)):
+        # A task id is a string (both SDKs' servers reject another type). Another one names no task the
+        # gateway can tell held (another user's is refused, deferred.py), while a lenient upstream may
+        # look it up as the string it spells (a JavaScript object's key: String(123) is "123").
+        raise GatewayError("invalid_request", reason=f"{method}: params.taskId must be a string")
     ids = _request_ids([message])
     if method is None or method not in billable:
         return Inspection(method=method, call=None, ids=ids)

@@ -434,3 +434,20 @@ async def test_a_keyed_retry_continuing_a_round_is_neither_run_nor_charged_again
     await gw.addon.drain()
     assert gw.db.balance(USERS[ALICE]) == OPENING - PRICE
     gw.db.assert_reconciled()
+
+
+@pytest.mark.parametrize("spelt", [123, 123.0, ["123"], {"id": "123"}], ids=["int", "float", "list", "object"])
+async def test_a_task_named_by_a_value_that_is_not_a_string_is_refused(gw: Gw, spelt: Any) -> None:
+    """A taskId is a string (both SDKs' servers reject another type): one that is not names no task the
+    gateway can tell held, so Bob's request naming Alice's held task "123" by 123 passed the task_forbidden
+    check, and an upstream that looks tasks up leniently (a JavaScript object's key: String(123) is "123",
+    String(["123"]) too) would cancel her paid task. Refused before it is forwarded, whoever sends it."""
+    await held_task(gw, task_id="123")
+    for method in ("tasks/get", "tasks/cancel", "tasks/result"):
+        probe = make_flow(PATH, token=BOB, body=rpc(method, 5, taskId=spelt))
+        await gw.addon.request(probe)
+        assert probe.response is not None and not forwarded(probe), method
+        assert probe.response.status_code == 400 and refusal(probe.response)["error"] == "invalid_request"
+    own = make_flow(PATH, body=rpc("tasks/get", 6, taskId="123"))  # the string passes, for its owner
+    await gw.addon.request(own)
+    assert forwarded(own)
