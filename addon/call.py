@@ -106,6 +106,7 @@ class Call:
     # --- settlement (addon/settlement.py)
     settlement: asyncio.Future[None] | None = None
     refunded: bool = False
+    landed: bool = False  # its settlement was written (else it waits in the journal for the sweeper, refunded)
     decided: billing.Decision | None = None  # a held call's settlement, decided by a later message (deferred.py)
 
     @property

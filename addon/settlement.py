@@ -244,6 +244,7 @@ class Settlements:
             try:
                 balance = await store.settle(settlement)
                 call.balance = call.balance if balance is None else balance
+                call.landed = True
                 break
             except StoreUnavailable as e:
                 if attempt == SETTLE_ATTEMPTS - 1:
@@ -276,8 +277,11 @@ class Settlements:
         # ordinary call (its state is used up) and pay a second time for one logical call.
         continues = call.charged is None and call.forwarded is not None and call.priced is not None
         paid = call.charged is not None or continues
-        if (not refused and paid and call.listing is not None and call.outcome is None
-                and call.failure is Failure.CLIENT_GONE and not decision(call)[0].refund):
+        walked_away = (not refused and paid and call.listing is not None and call.outcome is None
+                       and call.failure is Failure.CLIENT_GONE and not decision(call)[0].refund)
+        if walked_away and not (continues or call.landed):
+            pass  # its settlement unwritten, the journal's sweeper refunds it: released, as a refund with no answer
+        elif walked_away:
             # Billed with no answer: the client left before it, and the upstream ran the tool. A retry must
             # neither run it again nor pay again (the key's purpose): it is told the answer was lost. So
             # too when the answer's head had come (a buffered body still being read: nothing to replay but

@@ -259,3 +259,37 @@ async def test_a_walk_away_mid_stream_after_the_answer_is_replayed_with_it(gw: G
     assert b'"result"' in (retry.response.content or b"") and retry.response.headers[idempotency.REPLAYED] == "true"
     assert gw.db.balance() == OPENING - PRICE and len(gw.db.usage()) == 1
     gw.db.assert_reconciled()
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["no-answer", "mid-stream"])
+async def test_a_walk_away_whose_settlement_did_not_land_does_not_lock_its_key_as_billed(
+        gw: Gw, monkeypatch: pytest.MonkeyPatch, streamed: bool) -> None:
+    """The walk-away's settlement cannot be written (the database down through every attempt): its journal
+    row stays unsettled, and the sweeper refunds it. A record saying it was billed (410, X-Mcpmeter-Billed:
+    the price) would be wrong about the money and keep the key from a retry for 24 hours, the consumer
+    paying nothing and getting nothing: the key is released, as for a call refunded without an answer."""
+    from addon import settlement
+    from addon.store import StoreUnavailable
+
+    async def down(*_: object, **__: object) -> None:
+        raise StoreUnavailable("down")
+
+    monkeypatch.setattr(settlement, "SETTLE_BACKOFF", (0.0,) * len(settlement.SETTLE_BACKOFF))
+    from mitmproxy import http
+
+    flow = make_flow(headers=KEY)
+    await gw.addon.request(flow)
+    assert forwarded(flow)
+    if streamed:  # a stream begun, the answer not yet: not replayed either
+        flow.response = http.Response.make(200, b"", {"Content-Type": "text/event-stream"})
+        await gw.addon.responseheaders(flow)
+        assert flow.response is not None and callable(flow.response.stream)
+        flow.response.stream(b": keep-alive\n\n")
+    with monkeypatch.context() as patched:
+        patched.setattr(gw.addon.store, "settle", down)
+        await upstream_fails(gw, flow, "Client disconnected.")
+        await gw.addon.drain()
+    assert claims(gw) == {}  # released: nothing says what the call cost yet
+    retry = make_flow(headers=KEY)
+    await gw.addon.request(retry)
+    assert forwarded(retry)
