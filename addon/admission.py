@@ -149,7 +149,7 @@ class Admission:
                 return  # answered with the first attempt's stored outcome: not forwarded, not charged
             to = self._destination(listing, subpath, query)  # before the charge: a refusal here costs nothing
             call.probe = await gw.circuits.admit(listing, priced=call.priced is not None, token=call.request_id)
-        except GatewayError:
+        except Exception:  # a refusal, or a check that failed (500, 503): counted as if judged first
             if at_charge:
                 await self._rate_limit(flow, call, limit)  # over the limit: answered 429, as if judged first
             raise

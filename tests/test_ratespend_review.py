@@ -1,0 +1,94 @@
+"""Adversarial review of a wallet call's rate limit judged at its charge (RATE_SPEND, admission.py).
+
+A wallet call's limit is judged by the script that spends for it, after the checks; the journal's
+calls judge it first. Whatever a client does, both must count a call once, never count a call the
+limit refused, and refuse the same calls the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from addon.store.wallets import WalletStore
+from tests import redisutil
+from tests.refusals import refusal
+from tests.test_gateway_hooks import forwarded, rpc
+from tests.test_wallet_hooks import PER_MINUTE, PRICE, WalletGw, answered, wgw  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def listing_id(gw: WalletGw, slug: str = "paid") -> int:
+    listing = await gw.addon.admission.listing(slug)
+    assert listing is not None
+    return listing.id
+
+
+async def test_a_check_failing_unexpectedly_still_counts_the_call(wgw: WalletGw,  # noqa: F811
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check that fails with something else than a refusal (a bug, an internal error: answered 500,
+    never forwarded) counted the call when the limit was judged first; a wallet call must not become
+    an uncounted probe either (its limit is judged after the checks)."""
+    async def broken(*args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("a check failed")
+
+    monkeypatch.setattr(wgw.addon.circuits, "admit", broken)
+    for _ in range(PER_MINUTE):
+        failed = await wgw.call(wgw.alice)
+        assert not forwarded(failed) and failed.response.status_code == 500
+    past = await wgw.call(wgw.alice)
+    assert not forwarded(past) and refusal(past.response)["error"] == "rate_limited"
+    monkeypatch.undo()
+    refused = await wgw.call(wgw.alice)  # the limit is spent: by the calls that failed
+    assert not forwarded(refused) and refusal(refused.response)["error"] == "rate_limited"
+    assert wgw.backend.balance(wgw.alice.user_id) == 100 * PRICE
+
+
+async def test_a_flushed_script_cache_still_counts_and_spends_once(wgw: WalletGw) -> None:  # noqa: F811
+    """SCRIPT FLUSH (a restarted Redis, a failover): the script is sent again as EVAL, once."""
+    assert forwarded(first := await wgw.call(wgw.alice))  # the wallet is granted
+    await answered(wgw, first)
+    with redisutil.client(wgw.store.config.redis) as r:
+        r.script_flush()
+    flow = await wgw.call(wgw.alice)
+    assert forwarded(flow)
+    await answered(wgw, flow)
+    assert flow.response.headers["RateLimit-Remaining"] == str(PER_MINUTE - 2)
+    await wgw.addon.drain()
+    assert wgw.backend.balance(wgw.alice.user_id) == 100 * PRICE - 2 * PRICE  # two calls spent, once each
+
+
+@pytest.mark.parametrize("fault", ["connection", "script_error"])
+async def test_redis_failing_at_the_charge_refuses_503_and_forwards_nothing(
+        wgw: WalletGw, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:  # noqa: F811
+    from redis.exceptions import ConnectionError as RedisConnectionError, ResponseError
+
+    assert forwarded(first := await wgw.call(wgw.alice))
+    await answered(wgw, first)
+    error = RedisConnectionError("gone") if fault == "connection" else ResponseError("ERR user_script:1: boom")
+
+    async def failing(keys: list[str], args: list[str]) -> Any:
+        raise error
+
+    monkeypatch.setattr(wgw.store._rate_spend, "run", failing)
+    flow = await wgw.call(wgw.alice)
+    assert not forwarded(flow) and flow.response.status_code == 503
+    assert refusal(flow.response)["error"] == "store_unavailable"
+    assert flow.response.headers.get("Retry-After") == "1"
+    monkeypatch.undo()
+    await wgw.addon.drain()
+    assert isinstance(wgw.addon.store, WalletStore) and not wgw.store._open
+    assert forwarded(again := await wgw.call(wgw.alice))
+    await answered(wgw, again)
+    assert again.response.headers["RateLimit-Remaining"] == str(PER_MINUTE - 2)  # the failed one: not counted
+
+
+async def test_unpriced_and_priced_calls_share_one_bucket_on_the_wallet_path(wgw: WalletGw) -> None:  # noqa: F811
+    """The plain script (tools/list, refusals) and RATE_SPEND (paid calls) count in the same keys."""
+    assert forwarded(await wgw.call(wgw.alice, body=rpc("tools/list")))
+    assert forwarded(await wgw.call(wgw.alice))
+    assert forwarded(await wgw.call(wgw.alice, body=rpc("tools/list")))
+    assert refusal((await wgw.call(wgw.alice)).response)["error"] == "rate_limited"
+    assert refusal((await wgw.call(wgw.alice, body=rpc("tools/list"))).response)["error"] == "rate_limited"
