@@ -297,17 +297,25 @@ class Admission:
         )
         if shadow.applies(gw.config, listing):  # record what it would cost; charge nothing
             request = await shadow.charge_request(gw.store, flow, request)
-        call.charge, call.store = request, gw.store  # settled against this store, even after a reload
+        store = gw.store
+        if limit is not None and not (isinstance(store, WalletStore) and store.in_wallet(request.price,
+                                                                                          request.free_allowance)
+                                      and not shadow.applies(gw.config, listing)):
+            # A reload since the checks turned wallets (or shadow mode) off: the limit judged alone, as
+            # for a call the wallet does not pay, then the charge by the store there is now.
+            await self._rate_limit(flow, call, limit)
+            limit = None
+        call.charge, call.store = request, store  # settled against this store, even after a reload
         if limit is not None:
-            assert isinstance(gw.store, WalletStore)
-            verdict, charged = await gw.store.charge_limited(request, limit.bucket, limit.windows)
+            assert isinstance(store, WalletStore)
+            verdict, charged = await store.charge_limited(request, limit.bucket, limit.windows)
             if charged is None:  # the limit refused it: nothing was charged
                 call.charge = None
             self._judged(flow, call, limit, verdict)
             assert charged is not None  # (a call the limit refused is refused by _judged)
             result = charged
         else:
-            result = await gw.store.charge(request)
+            result = await store.charge(request)
         # The settlement counts in the month the charge counted in (every store names it; this
         # gateway's own month only were one not to).
         call.charge = request.in_period(result.period or billing.period(call.called_at))

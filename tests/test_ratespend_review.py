@@ -46,6 +46,31 @@ async def test_a_check_failing_unexpectedly_still_counts_the_call(wgw: WalletGw,
     assert wgw.backend.balance(wgw.alice.user_id) == 100 * PRICE
 
 
+async def test_a_store_replaced_by_a_reload_mid_admission_is_charged_normally(
+        wgw: WalletGw, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """A reload turning wallets off while a wallet call is between its checks and its charge: the
+    call is judged and charged by the store that is there at its charge, not answered 500."""
+    wallet = wgw.store
+    admit = wgw.addon.circuits.admit
+
+    async def reloaded(*args: Any, **kwargs: Any) -> bool:
+        wgw.addon.store = wallet.mysql  # what open_store gives for `wallets: false`
+        return await admit(*args, **kwargs)
+
+    monkeypatch.setattr(wgw.addon.circuits, "admit", reloaded)
+    try:
+        flows = [await wgw.call(wgw.alice) for _ in range(PER_MINUTE + 1)]
+        assert [forwarded(f) for f in flows] == [True] * PER_MINUTE + [False]
+        assert refusal(flows[-1].response)["error"] == "rate_limited"
+        for f in flows[:-1]:
+            await answered(wgw, f)
+            assert f.response.status_code == 200
+        await wgw.addon.drain()
+        assert wgw.backend.balance(wgw.alice.user_id) == 100 * PRICE - PER_MINUTE * PRICE
+    finally:
+        wgw.addon.store = wallet
+
+
 async def test_a_flushed_script_cache_still_counts_and_spends_once(wgw: WalletGw) -> None:  # noqa: F811
     """SCRIPT FLUSH (a restarted Redis, a failover): the script is sent again as EVAL, once."""
     assert forwarded(first := await wgw.call(wgw.alice))  # the wallet is granted
