@@ -148,6 +148,11 @@ class Admission:
             if await self._idempotent(flow, call, listing):  # a replay counts against the rate limit, like any
                 return  # answered with the first attempt's stored outcome: not forwarded, not charged
             to = self._destination(listing, subpath, query)  # before the charge: a refusal here costs nothing
+            if at_charge and not await gw.circuits.closed(listing):
+                # A circuit not closed may hand this call its one probe slot: a call past its limit must not
+                # hold it (every other consumer refused 503 meanwhile), so the limit is judged first here.
+                at_charge = False
+                await self._rate_limit(flow, call, limit)
             call.probe = await gw.circuits.admit(listing, priced=call.priced is not None, token=call.request_id)
         except Exception:  # a refusal, or a check that failed (500, 503): counted as if judged first
             if at_charge:

@@ -58,6 +58,14 @@ class Circuits:
         retry = max(1, math.ceil(circuit.open_until - now)) if current is CircuitState.OPEN else 1
         raise GatewayError("upstream_unavailable", headers={"Retry-After": str(retry)}, retry_after=retry)
 
+    async def closed(self, listing: Listing) -> bool:
+        """Whether `admit` lets a priced call of this listing through without a probe slot or a refusal:
+        no breaker, or its circuit closed (the near copy `admit` reads too)."""
+        config, cache = self._config(), self._cache()
+        if config is None or cache is None or config.for_listing(listing.slug).failures <= 0:
+            return True
+        return state(await self._read(cache, listing), self._clock()) is CircuitState.CLOSED
+
     async def release(self, listing: Listing, token: str) -> None:
         """Free the probe slot `token` holds, if it still does. Never raises."""
         try:

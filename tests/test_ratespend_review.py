@@ -7,10 +7,12 @@ limit refused, and refuse the same calls the same way.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
+from addon.breaker import BreakerSettings
 from addon.store.wallets import WalletStore
 from tests import redisutil
 from tests.refusals import refusal
@@ -71,6 +73,36 @@ async def test_a_store_replaced_by_a_reload_mid_admission_is_charged_normally(
         wgw.addon.store = wallet
 
 
+async def test_an_over_the_limit_call_does_not_take_a_half_open_circuits_probe(wgw: WalletGw) -> None:  # noqa: F811
+    """Judged first, a call over its limit never reached the circuit breaker. Judged at the charge, it
+    took the half-open circuit's one probe slot until its 429: a consumer past its limit, refused at
+    no cost, kept every other consumer's call to a recovering upstream refused 503 meanwhile."""
+    for _ in range(PER_MINUTE):
+        assert forwarded(await wgw.call(wgw.alice))
+    lid = await listing_id(wgw)
+    settings = BreakerSettings()
+    now = time.time()
+    for consumer in range(settings.failures):
+        await wgw.cache.circuit_failed(lid, settings, now, consumer + 100)
+    wgw.addon.circuits._clock = lambda: time.time() + settings.cooldown_seconds + 1  # half-open now
+    wgw.addon.circuits._near.clear()  # (read closed by Alice's calls a moment ago)
+
+    charge_limited = wgw.store.charge_limited
+    bobs: list[Any] = []
+
+    async def meanwhile(request: Any, bucket: str, windows: Any) -> Any:
+        if request.user_id == wgw.alice.user_id:  # while Alice's call (over its limit) is being judged
+            bobs.append(await wgw.call(wgw.bob))
+        return await charge_limited(request, bucket, windows)
+
+    wgw.store.charge_limited = meanwhile  # type: ignore[method-assign]
+    alice = await wgw.call(wgw.alice)
+    assert refusal(alice.response)["error"] == "rate_limited"
+    if not bobs:  # (judged before the circuit, Alice's call never reached the charge)
+        bobs.append(await wgw.call(wgw.bob))
+    assert forwarded(bobs[0]), (bobs[0].response.status_code, refusal(bobs[0].response))
+
+
 async def test_a_flushed_script_cache_still_counts_and_spends_once(wgw: WalletGw) -> None:  # noqa: F811
     """SCRIPT FLUSH (a restarted Redis, a failover): the script is sent again as EVAL, once."""
     assert forwarded(first := await wgw.call(wgw.alice))  # the wallet is granted
@@ -117,3 +149,14 @@ async def test_unpriced_and_priced_calls_share_one_bucket_on_the_wallet_path(wgw
     assert forwarded(await wgw.call(wgw.alice, body=rpc("tools/list")))
     assert refusal((await wgw.call(wgw.alice)).response)["error"] == "rate_limited"
     assert refusal((await wgw.call(wgw.alice, body=rpc("tools/list"))).response)["error"] == "rate_limited"
+
+
+async def test_an_open_circuits_refusals_of_wallet_calls_count_once_each(wgw: WalletGw) -> None:  # noqa: F811
+    lid = await listing_id(wgw)
+    settings = BreakerSettings()
+    for consumer in range(settings.failures):
+        await wgw.cache.circuit_failed(lid, settings, time.time(), consumer + 100)
+    wgw.addon.circuits._near.clear()
+    answers = [refusal((await wgw.call(wgw.bob)).response)["error"] for _ in range(PER_MINUTE + 1)]
+    assert answers == ["upstream_unavailable"] * PER_MINUTE + ["rate_limited"]
+    assert wgw.store._rate_spend.round_trips == 0 and wgw.backend.balance(wgw.bob.user_id) == 100 * PRICE
