@@ -16,7 +16,7 @@ from addon.breaker import BreakerSettings
 from addon.store.wallets import WalletStore
 from tests import redisutil
 from tests.refusals import refusal
-from tests.test_gateway_hooks import forwarded, rpc
+from tests.test_gateway_hooks import forwarded, json_response, rpc, upstream_answers
 from tests.test_wallet_hooks import PER_MINUTE, PRICE, WalletGw, answered, wgw  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.timeout(60)
@@ -160,3 +160,34 @@ async def test_an_open_circuits_refusals_of_wallet_calls_count_once_each(wgw: Wa
     answers = [refusal((await wgw.call(wgw.bob)).response)["error"] for _ in range(PER_MINUTE + 1)]
     assert answers == ["upstream_unavailable"] * PER_MINUTE + ["rate_limited"]
     assert wgw.store._rate_spend.round_trips == 0 and wgw.backend.balance(wgw.bob.user_id) == 100 * PRICE
+
+
+def ask(rpc_id: int, state: str | None = None) -> dict[str, Any]:
+    params: dict[str, Any] = {"name": "ask", "arguments": {}}
+    if state is not None:
+        params.update(requestState=state, inputResponses={})
+    return rpc("tools/call", rpc_id, **params)
+
+
+async def held_round(gw: WalletGw, state: str) -> None:
+    flow = await gw.call(gw.alice, body=ask(1))
+    assert forwarded(flow)
+    await upstream_answers(gw, flow, json_response(
+        {"jsonrpc": "2.0", "id": 1, "result": {"resultType": "input_required", "requestState": state}}))
+    assert flow.response.headers["X-Mcpmeter-Billed"] == str(PRICE)
+
+
+async def test_a_retry_continuing_a_held_round_counts_once_and_a_429_gives_the_round_back(
+        wgw: WalletGw) -> None:  # noqa: F811
+    await held_round(wgw, "S1")  # 1
+    retry = await wgw.call(wgw.alice, body=ask(2, "S1"))  # 2: counted, not charged
+    assert forwarded(retry)
+    await upstream_answers(wgw, retry, json_response({"jsonrpc": "2.0", "id": 2, "result": {"content": []}}))
+    assert retry.response.headers["X-Mcpmeter-Billed"] == "0"
+    await held_round(wgw, "S2")  # 3
+    refused = await wgw.call(wgw.alice, body=ask(3, "S2"))  # past the limit: its round is given back
+    assert refusal(refused.response)["error"] == "rate_limited"
+    assert len(wgw.addon.deferred.rounds) == 1
+    await wgw.addon.drain()
+    assert wgw.backend.balance(wgw.alice.user_id) == 100 * PRICE - 2 * PRICE
+
