@@ -191,3 +191,10 @@ async def test_a_retry_continuing_a_held_round_counts_once_and_a_429_gives_the_r
     await wgw.addon.drain()
     assert wgw.backend.balance(wgw.alice.user_id) == 100 * PRICE - 2 * PRICE
 
+
+async def test_health_counts_the_spends_made_with_the_rate_limit(wgw: WalletGw) -> None:  # noqa: F811
+    for _ in range(2):
+        assert forwarded(await wgw.call(wgw.alice))
+    wallets = (await wgw.store.health())["wallets"]
+    assert isinstance(wallets, dict)
+    assert wallets["spend_round_trips"] == 2 and wallets["rate_spend_round_trips"] == 2

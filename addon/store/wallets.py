@@ -391,7 +391,11 @@ class WalletStore:
     async def health(self) -> dict[str, object]:
         info = await self.mysql.health()
         info["wallets"] = {"grants": self.grants, "batches": self.batches, "recorded": self.recorded,
-                           "queued": len(self._queue), "spend_round_trips": self._spend.round_trips}
+                           "queued": len(self._queue),
+                           # a call's spend: RATE_SPEND (with its rate limit), or SPEND alone (a grant's retry,
+                           # a call whose limit was judged first)
+                           "spend_round_trips": self._spend.round_trips + self._rate_spend.round_trips,
+                           "rate_spend_round_trips": self._rate_spend.round_trips}
         try:
             await self._redis.ping()
         except _FAILURES as e:
