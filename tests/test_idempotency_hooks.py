@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,16 @@ async def _retry_is_answer_lost(gw: Gw, first: str) -> None:
     assert message["id"] == 1 and message["error"]["data"]["error"] == "idempotency_answer_lost"
 
 
+async def _walks_away_and_its_answer_is_lost(gw: Gw, flow: Any) -> None:
+    """The client leaves: billed once, and its retries are told the answer was lost, never charged."""
+    await upstream_fails(gw, flow, "Client disconnected.")
+    await gw.addon.drain()
+    assert gw.db.balance() == OPENING - PRICE  # a walk-away is billed
+    await _retry_is_answer_lost(gw, flow.metadata[META]["request_id"])
+    assert gw.db.balance() == OPENING - PRICE and len(gw.db.usage()) == 1
+    gw.db.assert_reconciled()
+
+
 async def test_a_walk_away_after_a_buffered_answers_head_is_not_replayed_as_an_empty_answer(gw: Gw) -> None:
     """The upstream's head came (200, application/json) and its body was still being read when the client
     left: billed, no answer. Its retry must be told the answer was lost, not be replayed a 200 with an
@@ -210,12 +221,7 @@ async def test_a_walk_away_after_a_buffered_answers_head_is_not_replayed_as_an_e
     flow.response = http.Response.make(200, b"", {"Content-Type": "application/json"})
     flow.response.content = None  # mitmproxy's buffered answer before its body came
     await gw.addon.responseheaders(flow)
-    await upstream_fails(gw, flow, "Client disconnected.")
-    await gw.addon.drain()
-    assert gw.db.balance() == OPENING - PRICE  # a walk-away is billed
-    await _retry_is_answer_lost(gw, flow.metadata[META]["request_id"])
-    assert gw.db.balance() == OPENING - PRICE and len(gw.db.usage()) == 1
-    gw.db.assert_reconciled()
+    await _walks_away_and_its_answer_is_lost(gw, flow)
 
 
 async def test_a_walk_away_mid_stream_before_the_answer_is_not_replayed_as_a_stream_without_it(gw: Gw) -> None:
@@ -231,12 +237,7 @@ async def test_a_walk_away_mid_stream_before_the_answer_is_not_replayed_as_a_str
     assert flow.response is not None and callable(flow.response.stream)
     progress = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": "t", "progress": 1}}
     flow.response.stream(b"id: 1\ndata: " + json.dumps(progress).encode() + b"\n\n")
-    await upstream_fails(gw, flow, "Client disconnected.")
-    await gw.addon.drain()
-    assert gw.db.balance() == OPENING - PRICE  # a walk-away is billed
-    await _retry_is_answer_lost(gw, flow.metadata[META]["request_id"])
-    assert gw.db.balance() == OPENING - PRICE and len(gw.db.usage()) == 1
-    gw.db.assert_reconciled()
+    await _walks_away_and_its_answer_is_lost(gw, flow)
 
 
 async def test_a_walk_away_mid_stream_after_the_answer_is_replayed_with_it(gw: Gw) -> None:
