@@ -445,7 +445,10 @@ async def test_e2e_listing_and_key_from_the_command(run: Run, backend: Backend, 
     r = await paid_call(gateway, f"/{s}", user["key"])
     assert r.status_code == 200, r.text
     assert r.headers["X-Mcpmeter-Billed"] == "1000" and r.headers["X-Mcpmeter-Balance"] == "9000"
-    usage = js(run, "usage", "--listing", s)
+    # A billed answer goes out before its usage row is written (a flush interval later, longer under load).
+    deadline = time.monotonic() + 10
+    while not (usage := js(run, "usage", "--listing", s)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
     assert [(u["calls"], u["billed"], u["billed_micro_cents"]) for u in usage] == [(1, 1, 1000)]
     assert js(run, "reconcile")["ok"] is True
 
