@@ -37,7 +37,7 @@ from .billing import Decision, Failure
 from .config import sweep_interval
 from .decoding import TooLarge, decode_bounded
 from .errors import GatewayError
-from .jsonrpc import JsonId, Outcome, answer_messages
+from .jsonrpc import NAMING_TASKS, JsonId, Outcome, answer_messages
 from .scan import Message
 from .shares import Shares
 from .sse import Event, SseParser
@@ -92,10 +92,6 @@ def _params(message: Any) -> Mapping[str, Any]:
 
 def _same_id(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
-
-
-# The requests that name a task: another user's held task is refused to them (Deferred.on_request).
-NAMING_TASKS = ("tasks/result", "tasks/get", "tasks/cancel")
 
 
 def request_facts(body: bytes) -> tuple[bool, str | None, str | None]:

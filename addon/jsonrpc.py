@@ -14,6 +14,9 @@ from .scan import Message, MessageScanner, sdk_int
 
 JsonId = str | int | float
 
+# The requests that name a task by its taskId (a string): another user's held task is refused to them
+# (deferred.Deferred.on_request).
+NAMING_TASKS = ("tasks/result", "tasks/get", "tasks/cancel")
 MAX_DEPTH = 64  # deeper bodies are refused: no MCP call needs them, and parsers disagree past some depth
 SDK_MAX_DEPTH = 201  # the deepest value the MCP Python SDK client's JSON parser (jiter, in pydantic) reads
 MAX_SAFE_INTEGER = 2**53 - 1  # the largest id every JSON implementation (JavaScript's doubles) reads exactly
@@ -89,7 +92,7 @@ def inspect_request(
         # A held task is settled from the answer to this request, matched by its id (deferred.py):
         # without one, a lenient upstream's answer would pass unread.
         raise GatewayError("invalid_request", reason=f"{method[:50]!r} must carry a JSON-RPC id")  # the client's: cut
-    if (method in ("tasks/get", "tasks/result", "tasks/cancel") and isinstance(params, dict)
+    if (method in NAMING_TASKS and isinstance(params, dict)
             and "taskId" in params and not isinstance(params["taskId"], str)):
         # A task id is a string (both SDKs' servers reject another type). Another one names no task the
         # gateway can tell held (another user's is refused, deferred.py), while a lenient upstream may
