@@ -365,7 +365,7 @@ class WalletStore:
         out of the balance and in the month's spend whole, while its left-over pays calls (or comes
         back at the next grant)."""
         seen = await self.mysql.preview(request)
-        if request.price <= 0 or request.free_allowance > 0:
+        if not self.in_wallet(request.price, request.free_allowance):
             return seen  # charged by the journal's procedure
         period = request.period or this_month()
         key = scripts.wallet_key(self._prefix, request.user_id, request.project_id)
